@@ -1,0 +1,105 @@
+// Fernet (spec version 0x80) on node:crypto: AES-128-CBC + HMAC-SHA256, with key rotation and an optional TTL.
+import { createCipheriv, createDecipheriv, createHmac, randomBytes, timingSafeEqual } from "node:crypto";
+import { InvalidToken } from "./errors.ts";
+
+const VERSION = 0x80;
+const HEADER = 1 + 8 + 16; // version ‖ timestamp ‖ IV
+const MAC = 32;
+/** The spec's allowance for a token stamped slightly in the future by a skewed clock. */
+const MAX_CLOCK_SKEW_S = 60;
+const BASE64URL = /^[A-Za-z0-9_-]*={0,2}$/;
+
+interface KeyPair {
+  signing: Buffer;
+  encryption: Buffer;
+}
+
+function parseKey(key: string): KeyPair {
+  const raw = BASE64URL.test(key.trim()) ? Buffer.from(key.trim(), "base64url") : Buffer.alloc(0);
+  if (raw.length !== 32) throw new TypeError("a Fernet key must be url-safe base64 of 32 bytes");
+  return { signing: raw.subarray(0, 16), encryption: raw.subarray(16) };
+}
+
+/** A new random key, as url-safe base64 with padding (the format Python's cryptography uses). */
+export function generateFernetKey(): string {
+  return randomBytes(32).toString("base64url") + "=";
+}
+
+export interface EncryptOptions {
+  /** Seconds since the epoch; defaults to now. */
+  now?: number;
+  /** Only for test vectors: a fixed IV. */
+  iv?: Uint8Array;
+}
+
+export interface DecryptOptions {
+  /** Maximum token age in seconds; without it, age is not checked. */
+  ttl?: number;
+  /** Seconds since the epoch; defaults to now. */
+  now?: number;
+}
+
+/**
+ * Encrypts with the first key and decrypts with any, so keys rotate by prepending the new one.
+ *
+ * @example
+ * const f = new Fernet([newKey, oldKey]);
+ * f.decryptText(f.encrypt("hello")); // "hello"
+ */
+export class Fernet {
+  readonly #keys: KeyPair[];
+
+  constructor(keys: string | readonly string[]) {
+    const list = typeof keys === "string" ? [keys] : keys;
+    if (list.length === 0) throw new TypeError("Fernet needs at least one key");
+    this.#keys = list.map(parseKey);
+  }
+
+  encrypt(message: string | Uint8Array, options: EncryptOptions = {}): string {
+    const { signing, encryption } = this.#keys[0]!;
+    const iv = options.iv ? Buffer.from(options.iv) : randomBytes(16);
+    const cipher = createCipheriv("aes-128-cbc", encryption, iv);
+    const ciphertext = Buffer.concat([cipher.update(message), cipher.final()]);
+    const token = Buffer.allocUnsafe(HEADER + ciphertext.length + MAC);
+    token[0] = VERSION;
+    token.writeBigUInt64BE(BigInt(Math.floor(options.now ?? Date.now() / 1000)), 1);
+    iv.copy(token, 9);
+    ciphertext.copy(token, HEADER);
+    const body = token.subarray(0, HEADER + ciphertext.length);
+    createHmac("sha256", signing).update(body).digest().copy(token, body.length);
+    return token.toString("base64url") + "=".repeat((3 - (token.length % 3)) % 3);
+  }
+
+  decrypt(token: string, options: DecryptOptions = {}): Buffer {
+    // Canonical padded base64url only, as Python's urlsafe_b64decode requires.
+    if (typeof token !== "string" || token.length % 4 !== 0 || !BASE64URL.test(token)) throw new InvalidToken();
+    const raw = Buffer.from(token, "base64url");
+    if (raw.length < HEADER + 16 + MAC || raw[0] !== VERSION) throw new InvalidToken();
+    const ciphertextLength = raw.length - HEADER - MAC;
+    if (ciphertextLength % 16 !== 0) throw new InvalidToken();
+
+    const timestamp = Number(raw.readBigUInt64BE(1));
+    if (options.ttl !== undefined) {
+      const now = options.now ?? Math.floor(Date.now() / 1000);
+      if (timestamp + options.ttl < now || timestamp > now + MAX_CLOCK_SKEW_S) throw new InvalidToken();
+    }
+
+    const body = raw.subarray(0, raw.length - MAC);
+    const mac = raw.subarray(raw.length - MAC);
+    for (const key of this.#keys) {
+      const expected = createHmac("sha256", key.signing).update(body).digest();
+      if (!timingSafeEqual(expected, mac)) continue;
+      try {
+        const decipher = createDecipheriv("aes-128-cbc", key.encryption, raw.subarray(9, HEADER));
+        return Buffer.concat([decipher.update(raw.subarray(HEADER, raw.length - MAC)), decipher.final()]);
+      } catch {
+        throw new InvalidToken();
+      }
+    }
+    throw new InvalidToken();
+  }
+
+  decryptText(token: string, options?: DecryptOptions): string {
+    return new TextDecoder("utf-8", { fatal: true }).decode(this.decrypt(token, options));
+  }
+}
