@@ -1,0 +1,89 @@
+// Command-line and environment configuration shared by every role: flags, --help, one-line errors, PKI paths.
+import { readFileSync } from "node:fs";
+import { dirname, join, resolve } from "node:path";
+import { parseArgs } from "node:util";
+import { ConfigError } from "./errors.ts";
+
+/** The repository root, so roles find certs/ and data/ wherever they are started from. */
+export const REPO_ROOT = resolve(dirname(new URL(import.meta.url).pathname), "..");
+
+export type FlagSpec = Record<string, { type: "string" | "boolean"; short?: string; multiple?: boolean }>;
+
+export interface Parsed<T extends FlagSpec> {
+  values: { [K in keyof T]?: T[K]["type"] extends "boolean" ? boolean : T[K]["multiple"] extends true ? string[] : string };
+  positionals: string[];
+}
+
+/**
+ * Parses flags strictly; `--help` prints `usage` and exits 0, and any mistake exits 2 with one line.
+ * @example const { values } = parseFlags("server", usage, { port: { type: "string" } });
+ */
+export function parseFlags<T extends FlagSpec>(role: string, usage: string, spec: T, argv = Bun.argv.slice(2)): Parsed<T> {
+  try {
+    const { values, positionals } = parseArgs({
+      args: argv,
+      options: { ...spec, help: { type: "boolean", short: "h" } },
+      allowPositionals: true,
+      strict: true,
+    });
+    if (values.help) {
+      console.log(usage.trim());
+      process.exit(0);
+    }
+    return { values: values as Parsed<T>["values"], positionals };
+  } catch (error) {
+    return exitWithConfigError(role, new ConfigError(`${(error as Error).message} (see --help)`));
+  }
+}
+
+/** Prints `role: message` on one line and exits; for configuration that cannot work. */
+export function exitWithConfigError(role: string, error: unknown): never {
+  const message = error instanceof Error ? error.message : String(error);
+  console.error(`${role}: ${message.split("\n")[0]}`);
+  process.exit(2);
+}
+
+/** A TCP port from a flag or variable; 0 asks the OS for a free one. */
+export function parsePort(value: string | undefined, name: string, fallback?: number): number {
+  if (value === undefined || value === "") {
+    if (fallback === undefined) throw new ConfigError(`${name} is required`);
+    return fallback;
+  }
+  const port = Number(value);
+  if (!Number.isInteger(port) || port < 0 || port > 65535) throw new ConfigError(`${name} must be a port number from 0 to 65535, not '${value}'`);
+  return port;
+}
+
+/** A positive duration or count from a flag or variable. */
+export function parsePositive(value: string | undefined, name: string, fallback: number): number {
+  if (value === undefined || value === "") return fallback;
+  const n = Number(value);
+  if (!Number.isFinite(n) || n <= 0) throw new ConfigError(`${name} must be a positive number, not '${value}'`);
+  return n;
+}
+
+/** Where pki.sh wrote its material: --pki, then $PKI_DIR, then certs/ in the repository. */
+export function pkiDir(flag?: string): string {
+  return resolve(flag ?? process.env.PKI_DIR ?? join(REPO_ROOT, "certs"));
+}
+
+/** Reads a file the PKI should hold, turning a missing or unreadable file into a one-line fix. */
+export function readPkiFile(dir: string, file: string): string {
+  const path = join(dir, file);
+  try {
+    return readFileSync(path, "utf8");
+  } catch (error) {
+    const code = (error as NodeJS.ErrnoException).code;
+    if (code === "ENOENT") throw new ConfigError(`missing ${path}: run ./pki.sh (or set PKI_DIR)`);
+    if (code === "EACCES") throw new ConfigError(`cannot read ${path}: permission denied`);
+    throw new ConfigError(`cannot read ${path}: ${code ?? (error as Error).message}`);
+  }
+}
+
+/** The Fernet keys: $FERNET_KEY, else encryption_key.txt in the PKI; one key per line, newest first. */
+export function loadFernetKeys(dir: string): string[] {
+  const text = process.env.FERNET_KEY ?? readPkiFile(dir, "encryption_key.txt");
+  const keys = text.split(/[\s,]+/).filter(Boolean);
+  if (keys.length === 0) throw new ConfigError(`no Fernet key in ${join(dir, "encryption_key.txt")}: run ./pki.sh`);
+  return keys;
+}

@@ -1,0 +1,113 @@
+// The Elysia base every role builds on: JSON errors with stable codes, body limits, access log, and a safe listen.
+import { Elysia } from "elysia";
+import { BadRequest, ConfigError, MeshError } from "./errors.ts";
+import { describeError, type Logger } from "./log.ts";
+
+/** Bodies above this get a 413 before any handler runs. */
+export const DEFAULT_BODY_LIMIT = 64 * 1024;
+
+export interface AppOptions {
+  logger: Logger;
+  bodyLimit?: number;
+}
+
+const remoteAddress = new WeakMap<Request, string>();
+
+function errorBody(status: number, error: string, code: string) {
+  return new Response(JSON.stringify({ error, code }), {
+    status,
+    headers: { "content-type": "application/json; charset=utf-8" },
+  });
+}
+
+/**
+ * A new Elysia app with securemesh's error mapping and access log. Unknown routes get 404 JSON, known paths with
+ * the wrong method 405 JSON, and no error reaches the client as a stack trace.
+ */
+export function createApp({ logger, bodyLimit = DEFAULT_BODY_LIMIT }: AppOptions) {
+  const app = new Elysia({ serve: { maxRequestBodySize: bodyLimit } })
+    .onRequest(({ request, server }) => {
+      remoteAddress.set(request, server?.requestIP(request)?.address ?? "-");
+      const length = Number(request.headers.get("content-length") ?? 0);
+      if (length > bodyLimit) return errorBody(413, `request body over the ${bodyLimit}-byte limit`, "ERR_BODY_TOO_LARGE");
+      return undefined;
+    })
+    .onError(({ code, error, request, set }) => {
+      if (error instanceof MeshError) {
+        set.status = error.status;
+        return errorBody(error.status, error.message, error.code);
+      }
+      switch (code) {
+        case "NOT_FOUND": {
+          const path = new URL(request.url).pathname;
+          if (app.routes.some((route) => route.path === path)) {
+            return errorBody(405, `method ${request.method} not allowed on ${path}`, "ERR_METHOD_NOT_ALLOWED");
+          }
+          return errorBody(404, `no route for ${request.method} ${path}`, "ERR_NOT_FOUND");
+        }
+        case "PARSE":
+          return errorBody(400, "request body is not valid JSON", "ERR_BAD_REQUEST");
+        case "VALIDATION":
+          return errorBody(400, "request body has the wrong shape", "ERR_BAD_REQUEST");
+        default:
+          logger.error(`internal error on ${request.method} ${new URL(request.url).pathname}: ${describeError(error)}`);
+          return errorBody(500, "internal error", "ERR_INTERNAL");
+      }
+    })
+    .onAfterResponse(({ request, set }) => {
+      const status = typeof set.status === "number" ? set.status : 200;
+      logger.access(remoteAddress.get(request) ?? "-", request.method, new URL(request.url).pathname, status);
+    });
+  return app;
+}
+
+/** Bun.serve's TLS options, as Elysia's listen takes them. */
+export interface ServerTls {
+  cert: string;
+  key: string;
+  ca?: string;
+  requestCert?: boolean;
+  rejectUnauthorized?: boolean;
+}
+
+/**
+ * Listens with reusePort off (Elysia defaults it on, so two servers could silently share a port) and turns
+ * a port in use into a one-line ConfigError. Returns the bound port, which matters when asked for port 0.
+ */
+export function listen(app: { listen: (options: object) => unknown; server: { port?: number } | null }, options: { port: number; hostname: string; tls: ServerTls }): number {
+  try {
+    app.listen({ port: options.port, hostname: options.hostname, reusePort: false, tls: options.tls });
+  } catch (error) {
+    if ((error as { code?: string }).code === "EADDRINUSE") throw new ConfigError(`port ${options.port} on ${options.hostname} is already in use`);
+    throw new ConfigError(`cannot listen on ${options.hostname}:${options.port}: ${describeError(error)}`);
+  }
+  return app.server?.port ?? options.port;
+}
+
+/**
+ * Checks that a request carries a JSON object with exactly the given string fields (optional ones end in "?").
+ * @example const { data, proof } = readJsonFields(request, body, ["data", "proof"]);
+ */
+export function readJsonFields<F extends string>(
+  request: Request,
+  body: unknown,
+  fields: readonly F[],
+): { [K in F as K extends `${infer N}?` ? N : K]: K extends `${string}?` ? string | undefined : string } {
+  const type = request.headers.get("content-type") ?? "";
+  if (!type.toLowerCase().startsWith("application/json")) {
+    throw new MeshError("ERR_UNSUPPORTED_MEDIA_TYPE", 415, "Content-Type must be application/json");
+  }
+  if (typeof body !== "object" || body === null || Array.isArray(body)) throw new BadRequest("request body must be a JSON object");
+  const allowed = new Set(fields.map((f) => f.replace(/\?$/, "")));
+  const extra = Object.keys(body).filter((k) => !allowed.has(k));
+  if (extra.length > 0) throw new BadRequest(`unexpected field: ${extra[0]}`);
+  const out: Record<string, string | undefined> = {};
+  for (const field of fields) {
+    const name = field.replace(/\?$/, "");
+    const value = (body as Record<string, unknown>)[name];
+    if (value === undefined && field.endsWith("?")) continue;
+    if (typeof value !== "string" || value.length === 0) throw new BadRequest(`field '${name}' must be a non-empty string`);
+    out[name] = value;
+  }
+  return out as never;
+}

@@ -1,0 +1,74 @@
+// The one log format of every role: plain lines (Flask-style access lines) or, with LOG_FORMAT=json, JSON lines.
+
+export type Level = "info" | "warn" | "error";
+
+export interface Logger {
+  readonly role: string;
+  info(message: string, fields?: Record<string, unknown>): void;
+  warn(message: string, fields?: Record<string, unknown>): void;
+  error(message: string, fields?: Record<string, unknown>): void;
+  /** One access line per HTTP request, in the seed's Flask/werkzeug format. */
+  access(remote: string, method: string, path: string, status: number): void;
+}
+
+export interface LoggerOptions {
+  format?: "text" | "json";
+  color?: boolean;
+  write?: (line: string) => void;
+  now?: () => Date;
+}
+
+const COLORS: Record<Level, string> = { info: "", warn: "\x1b[33m", error: "\x1b[31m" };
+const MONTHS = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"];
+
+/** werkzeug's access-log date: 22/Nov/2026 23:19:42 */
+export function accessDate(d: Date): string {
+  const pad = (n: number) => String(n).padStart(2, "0");
+  return `${pad(d.getDate())}/${MONTHS[d.getMonth()]}/${d.getFullYear()} ${pad(d.getHours())}:${pad(d.getMinutes())}:${pad(d.getSeconds())}`;
+}
+
+function defaultColor(): boolean {
+  if (process.env.NO_COLOR) return false;
+  return Boolean(process.env.FORCE_COLOR) || Boolean(process.stdout.isTTY);
+}
+
+export function createLogger(role: string, options: LoggerOptions = {}): Logger {
+  const format = options.format ?? (process.env.LOG_FORMAT === "json" ? "json" : "text");
+  const color = options.color ?? defaultColor();
+  const write = options.write ?? ((line: string) => process.stdout.write(line + "\n"));
+  const now = options.now ?? (() => new Date());
+
+  const emit = (level: Level, message: string, fields: Record<string, unknown> = {}) => {
+    if (format === "json") {
+      write(JSON.stringify({ time: now().toISOString(), level, role, msg: message, ...fields }));
+    } else if (color && COLORS[level]) {
+      write(`${COLORS[level]}${message}\x1b[0m`);
+    } else {
+      write(message);
+    }
+  };
+
+  return {
+    role,
+    info: (message, fields) => emit("info", message, fields),
+    warn: (message, fields) => emit("warn", message, fields),
+    error: (message, fields) => emit("error", message, fields),
+    access(remote, method, path, status) {
+      if (format === "json") {
+        emit("info", "access", { remote, method, path, status });
+        return;
+      }
+      const line = `${remote} - - [${accessDate(now())}] "${method} ${path} HTTP/1.1" ${status} -`;
+      emit(status >= 500 ? "error" : status >= 400 ? "warn" : "info", line);
+    },
+  };
+}
+
+/** Describes a caught error without its stack or payload, for a log line. */
+export function describeError(error: unknown): string {
+  if (error instanceof Error) {
+    const code = (error as { code?: unknown }).code;
+    return typeof code === "string" && code !== error.message ? `${code}: ${error.message}` : error.message;
+  }
+  return String(error);
+}

@@ -1,0 +1,99 @@
+// RecordStore on MySQL/MariaDB through a mysql2 pool, with parameterized queries only.
+import mysql from "mysql2/promise";
+import { IdempotencyConflict, ProofRejected, Unavailable } from "./errors.ts";
+import { checkTableName, type InsertResult, type NewRecord, type RecordStore, type StoreOptions, type StoredRecord } from "./store.ts";
+
+export class MysqlStore implements RecordStore {
+  readonly kind = "mysql" as const;
+  readonly #pool: mysql.Pool;
+  readonly #table: string;
+
+  private constructor(pool: mysql.Pool, table: string) {
+    this.#pool = pool;
+    this.#table = table;
+  }
+
+  static async open(url: string, options: StoreOptions = {}): Promise<MysqlStore> {
+    const table = checkTableName(options.table ?? "records");
+    const pool = mysql.createPool({ uri: url, connectionLimit: 8, connectTimeout: 2000, enableKeepAlive: true });
+    const store = new MysqlStore(pool, table);
+    try {
+      await pool.query(`CREATE TABLE IF NOT EXISTS ${table} (
+        id BIGINT AUTO_INCREMENT PRIMARY KEY,
+        sender VARCHAR(128) NOT NULL,
+        token MEDIUMTEXT NOT NULL,
+        jti VARCHAR(128) NOT NULL UNIQUE,
+        idempotency_key VARCHAR(128) NULL UNIQUE,
+        digest CHAR(43) NOT NULL,
+        server INT NOT NULL,
+        created_at BIGINT NOT NULL
+      ) ENGINE=InnoDB`);
+    } catch (error) {
+      await pool.end().catch(() => {});
+      throw new Unavailable(`cannot open MySQL record store: ${(error as { code?: string }).code ?? (error as Error).message}`, { cause: error });
+    }
+    return store;
+  }
+
+  async insert(record: NewRecord): Promise<InsertResult> {
+    try {
+      const [result] = await this.#pool.execute<mysql.ResultSetHeader>(
+        `INSERT INTO ${this.#table} (sender, token, jti, idempotency_key, digest, server, created_at) VALUES (?, ?, ?, ?, ?, ?, ?)`,
+        [record.sender, record.token, record.jti, record.idempotencyKey ?? null, record.digest, record.server, Date.now()],
+      );
+      return { id: result.insertId, server: record.server, repeated: false };
+    } catch (error) {
+      if ((error as { code?: string }).code !== "ER_DUP_ENTRY") throw unavailable(error);
+      return this.#resolveConflict(record);
+    }
+  }
+
+  async #resolveConflict(record: NewRecord): Promise<InsertResult> {
+    const earlier = record.idempotencyKey
+      ? (await this.#rows<{ id: number; digest: string; server: number }>(
+          `SELECT id, digest, server FROM ${this.#table} WHERE idempotency_key = ?`, [record.idempotencyKey],
+        ))[0]
+      : undefined;
+    if (!earlier) throw new ProofRejected("proof already used (replayed jti)");
+    if (earlier.digest !== record.digest) throw new IdempotencyConflict();
+    return { id: Number(earlier.id), server: earlier.server, repeated: true };
+  }
+
+  async count(): Promise<number> {
+    const [row] = await this.#rows<{ n: number }>(`SELECT COUNT(*) AS n FROM ${this.#table}`);
+    return Number(row?.n ?? 0);
+  }
+
+  async latest(limit: number): Promise<StoredRecord[]> {
+    const rows = await this.#rows<{ id: number; sender: string; token: string; server: number; created_at: number }>(
+      `SELECT id, sender, token, server, created_at FROM ${this.#table} ORDER BY id DESC LIMIT ?`, [String(limit)],
+    );
+    return rows.map((r) => ({ id: Number(r.id), sender: r.sender, token: r.token, server: r.server, createdAt: Number(r.created_at) }));
+  }
+
+  async countsBySender(): Promise<Record<string, number>> {
+    const rows = await this.#rows<{ sender: string; n: number }>(`SELECT sender, COUNT(*) AS n FROM ${this.#table} GROUP BY sender ORDER BY sender`);
+    return Object.fromEntries(rows.map((r) => [r.sender, Number(r.n)]));
+  }
+
+  async ping(): Promise<void> {
+    await this.#rows("SELECT 1");
+  }
+
+  async close(): Promise<void> {
+    await this.#pool.end();
+  }
+
+  async #rows<T>(sql: string, params: unknown[] = []): Promise<T[]> {
+    try {
+      const [rows] = await this.#pool.execute(sql, params);
+      return rows as T[];
+    } catch (error) {
+      throw unavailable(error);
+    }
+  }
+}
+
+function unavailable(error: unknown): Unavailable {
+  return new Unavailable("record store unavailable", { cause: error });
+}

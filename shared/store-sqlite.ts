@@ -1,0 +1,118 @@
+// RecordStore on bun:sqlite in WAL mode: one file shared by every server process on the machine.
+import { Database, type Statement } from "bun:sqlite";
+import { mkdirSync } from "node:fs";
+import { dirname } from "node:path";
+import { IdempotencyConflict, ProofRejected, Unavailable } from "./errors.ts";
+import { checkTableName, type InsertResult, type NewRecord, type RecordStore, type StoreOptions, type StoredRecord } from "./store.ts";
+
+interface Row {
+  id: number;
+  sender: string;
+  token: string;
+  server: number;
+  created_at: number;
+}
+
+export class SqliteStore implements RecordStore {
+  readonly kind = "sqlite" as const;
+  readonly #db: Database;
+  readonly #table: string;
+  readonly #insert: Statement;
+  readonly #byKey: Statement<{ id: number; digest: string; server: number }>;
+
+  private constructor(db: Database, table: string) {
+    this.#db = db;
+    this.#table = table;
+    this.#insert = db.prepare(
+      `INSERT INTO ${table} (sender, token, jti, idempotency_key, digest, server, created_at) VALUES (?, ?, ?, ?, ?, ?, ?) RETURNING id`,
+    );
+    this.#byKey = db.prepare(`SELECT id, digest, server FROM ${table} WHERE idempotency_key = ?`);
+  }
+
+  static open(path: string, options: StoreOptions = {}): SqliteStore {
+    const table = checkTableName(options.table ?? "records");
+    try {
+      if (path !== ":memory:") mkdirSync(dirname(path), { recursive: true });
+      const db = new Database(path, { create: true, strict: true });
+      // WAL lets every server read while one writes; FULL sync makes an acknowledged commit survive power loss.
+      db.exec("PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA busy_timeout = 5000;");
+      db.exec(`CREATE TABLE IF NOT EXISTS ${table} (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        sender TEXT NOT NULL,
+        token TEXT NOT NULL,
+        jti TEXT NOT NULL UNIQUE,
+        idempotency_key TEXT UNIQUE,
+        digest TEXT NOT NULL,
+        server INTEGER NOT NULL,
+        created_at INTEGER NOT NULL
+      )`);
+      return new SqliteStore(db, table);
+    } catch (error) {
+      throw new Unavailable(`cannot open sqlite record store at ${path}: ${(error as Error).message}`, { cause: error });
+    }
+  }
+
+  async insert(record: NewRecord): Promise<InsertResult> {
+    try {
+      const row = this.#insert.get(
+        record.sender, record.token, record.jti, record.idempotencyKey ?? null, record.digest, record.server, Date.now(),
+      ) as { id: number };
+      return { id: row.id, server: record.server, repeated: false };
+    } catch (error) {
+      if ((error as { code?: string }).code !== "SQLITE_CONSTRAINT_UNIQUE") throw unavailable(error);
+      return this.#resolveConflict(record);
+    }
+  }
+
+  #resolveConflict(record: NewRecord): InsertResult {
+    const earlier = record.idempotencyKey ? this.#byKey.get(record.idempotencyKey) : null;
+    if (!earlier) throw new ProofRejected("proof already used (replayed jti)");
+    if (earlier.digest !== record.digest) throw new IdempotencyConflict();
+    return { id: earlier.id, server: earlier.server, repeated: true };
+  }
+
+  async count(): Promise<number> {
+    return this.#read(() => (this.#db.query(`SELECT COUNT(*) AS n FROM ${this.#table}`).get() as { n: number }).n);
+  }
+
+  async latest(limit: number): Promise<StoredRecord[]> {
+    return this.#read(() =>
+      (this.#db.query(`SELECT id, sender, token, server, created_at FROM ${this.#table} ORDER BY id DESC LIMIT ?`).all(limit) as Row[]).map(fromRow),
+    );
+  }
+
+  async countsBySender(): Promise<Record<string, number>> {
+    return this.#read(() => {
+      const rows = this.#db.query(`SELECT sender, COUNT(*) AS n FROM ${this.#table} GROUP BY sender ORDER BY sender`).all() as { sender: string; n: number }[];
+      return Object.fromEntries(rows.map((r) => [r.sender, r.n]));
+    });
+  }
+
+  async ping(): Promise<void> {
+    // BEGIN IMMEDIATE takes the write lock, so a read-only or vanished file shows up here and not on a client's write.
+    this.#read(() => {
+      this.#db.exec("BEGIN IMMEDIATE");
+      this.#db.exec("ROLLBACK");
+    });
+  }
+
+  async close(): Promise<void> {
+    this.#db.close();
+  }
+
+  #read<T>(fn: () => T): T {
+    try {
+      return fn();
+    } catch (error) {
+      throw unavailable(error);
+    }
+  }
+}
+
+function fromRow(row: Row): StoredRecord {
+  return { id: row.id, sender: row.sender, token: row.token, server: row.server, createdAt: row.created_at };
+}
+
+function unavailable(error: unknown): Unavailable {
+  return new Unavailable("record store unavailable", { cause: error });
+}

@@ -1,0 +1,80 @@
+// The record store every server shares: one interface, bun:sqlite by default, MySQL when given a mysql:// URL.
+import { join } from "node:path";
+import { REPO_ROOT } from "./config.ts";
+
+export interface NewRecord {
+  sender: string;
+  /** The Fernet token as received: records stay encrypted at rest. */
+  token: string;
+  /** The sender proof's jti; unique across all servers, so a replayed proof is refused everywhere. */
+  jti: string;
+  idempotencyKey?: string;
+  /** sha256 of the token, to tell a retry from a different request under the same Idempotency-Key. */
+  digest: string;
+  server: number;
+}
+
+export interface StoredRecord {
+  id: number;
+  sender: string;
+  token: string;
+  server: number;
+  createdAt: number;
+}
+
+/** What an insert did: a new record, or the one an earlier request with the same Idempotency-Key made. */
+export interface InsertResult {
+  id: number;
+  server: number;
+  repeated: boolean;
+}
+
+export interface RecordStore {
+  readonly kind: "sqlite" | "mysql";
+  /** Commits the record before it resolves. Throws ProofRejected on a reused jti, IdempotencyConflict, or Unavailable. */
+  insert(record: NewRecord): Promise<InsertResult>;
+  count(): Promise<number>;
+  latest(limit: number): Promise<StoredRecord[]>;
+  countsBySender(): Promise<Record<string, number>>;
+  /** A cheap round trip, for health checks. Throws Unavailable when the database is not reachable or writable. */
+  ping(): Promise<void>;
+  close(): Promise<void>;
+}
+
+export interface StoreOptions {
+  /** Table name, so tests can share one database without meeting each other. */
+  table?: string;
+}
+
+export const DEFAULT_SQLITE_PATH = join(REPO_ROOT, "data", "records.db");
+
+/** Table names are interpolated into SQL, so only plain identifiers are accepted. */
+export function checkTableName(table: string): string {
+  if (!/^[A-Za-z_][A-Za-z0-9_]{0,63}$/.test(table)) throw new TypeError(`invalid table name '${table}'`);
+  return table;
+}
+
+/**
+ * Opens the store that `url` names: `mysql://user:pass@host:port/db`, `sqlite:path`, a plain path, or nothing for
+ * the embedded default (data/records.db). The schema is created if missing.
+ */
+export async function openStore(url: string | undefined, options: StoreOptions = {}): Promise<RecordStore> {
+  if (url?.startsWith("mysql://")) {
+    const { MysqlStore } = await import("./store-mysql.ts");
+    return MysqlStore.open(url, options);
+  }
+  const { SqliteStore } = await import("./store-sqlite.ts");
+  return SqliteStore.open(url ? url.replace(/^sqlite:(\/\/)?/, "") : DEFAULT_SQLITE_PATH, options);
+}
+
+/** A safe description of a store URL for logs: never the password. */
+export function describeStoreUrl(url: string | undefined): string {
+  if (!url) return `sqlite ${DEFAULT_SQLITE_PATH}`;
+  if (!url.startsWith("mysql://")) return `sqlite ${url.replace(/^sqlite:(\/\/)?/, "")}`;
+  try {
+    const u = new URL(url);
+    return `mysql ${u.hostname}:${u.port || 3306}${u.pathname}`;
+  } catch {
+    return "mysql (unparseable URL)";
+  }
+}

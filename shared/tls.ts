@@ -1,0 +1,69 @@
+// The one place TLS is configured: mutual-TLS server options, client options for fetch, and the environment guard.
+import { X509Certificate, createPrivateKey } from "node:crypto";
+import { ConfigError } from "./errors.ts";
+import { readPkiFile } from "./config.ts";
+
+export interface Identity {
+  name: string;
+  cert: string;
+  key: string;
+  ca: string;
+}
+
+/** Loads `<name>_cert.pem`, `<name>_key.pem` and the CA from the PKI, checking that the key fits the certificate. */
+export function loadIdentity(dir: string, name: string): Identity {
+  const cert = readPkiFile(dir, `${name}_cert.pem`);
+  const key = readPkiFile(dir, `${name}_key.pem`);
+  const ca = readPkiFile(dir, "ca_cert.pem");
+  let x509: X509Certificate;
+  try {
+    x509 = new X509Certificate(cert);
+  } catch {
+    throw new ConfigError(`${dir}/${name}_cert.pem is not a PEM certificate`);
+  }
+  try {
+    if (!x509.checkPrivateKey(createPrivateKey(key))) throw new Error("mismatch");
+  } catch {
+    throw new ConfigError(`${dir}/${name}_key.pem does not match ${name}_cert.pem or is not a PEM private key`);
+  }
+  return { name, cert, key, ca };
+}
+
+/**
+ * Refuses to run where the environment would weaken TLS: with NODE_TLS_REJECT_UNAUTHORIZED=0, Bun has been seen
+ * to stop enforcing client certificates on a server (oven-sh/bun#35240), so a role stops rather than run open.
+ */
+export function assertSafeTlsEnvironment(): void {
+  if (process.env.NODE_TLS_REJECT_UNAUTHORIZED === "0") {
+    throw new ConfigError(
+      "NODE_TLS_REJECT_UNAUTHORIZED=0 is set; it can switch off client-certificate checks (oven-sh/bun#35240), so this role will not start: unset it",
+    );
+  }
+}
+
+/** Options for Bun.serve / Elysia: only clients with a certificate from our CA complete the handshake. */
+export function mutualTlsServerOptions(identity: Identity) {
+  return {
+    cert: identity.cert,
+    key: identity.key,
+    ca: identity.ca,
+    requestCert: true,
+    rejectUnauthorized: true,
+  } as const;
+}
+
+/** Options for fetch: present our certificate and trust only our CA. */
+export function mutualTlsClientOptions(identity: Identity) {
+  return {
+    cert: identity.cert,
+    key: identity.key,
+    ca: identity.ca,
+    rejectUnauthorized: true,
+  } as const;
+}
+
+/** The identity a certificate names: its subject CN. */
+export function certificateName(x509: X509Certificate): string {
+  const match = /(?:^|\n)CN=([^\n]+)/.exec(x509.subject);
+  return match?.[1] ?? "";
+}
