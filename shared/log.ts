@@ -68,7 +68,7 @@ export function createLogger(role: string, options: LoggerOptions = {}): Logger 
 export function describeError(error: unknown): string {
   if (error instanceof Error) {
     const code = (error as { code?: unknown }).code;
-    return typeof code === "string" && code !== error.message ? `${code}: ${error.message}` : error.message;
+    return typeof code === "string" && !error.message.startsWith(code) ? `${code}: ${error.message}` : error.message;
   }
   return String(error);
 }

@@ -34,8 +34,10 @@ export class SqliteStore implements RecordStore {
     try {
       if (path !== ":memory:") mkdirSync(dirname(path), { recursive: true });
       const db = new Database(path, { create: true, strict: true });
+      // busy_timeout first: servers starting together would otherwise fail on each other's WAL switch.
+      db.exec("PRAGMA busy_timeout = 5000");
       // WAL lets every server read while one writes; FULL sync makes an acknowledged commit survive power loss.
-      db.exec("PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA busy_timeout = 5000;");
+      db.exec("PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL;");
       db.exec(`CREATE TABLE IF NOT EXISTS ${table} (
         id INTEGER PRIMARY KEY AUTOINCREMENT,
         sender TEXT NOT NULL,

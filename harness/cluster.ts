@@ -1,0 +1,215 @@
+// Starts real role processes, tees their logs to files, waits for readiness by health checks, and stops them all.
+import { createWriteStream, mkdirSync, type WriteStream } from "node:fs";
+import { join } from "node:path";
+import { REPO_ROOT, loadFernetKeys } from "../shared/config.ts";
+import { Fernet } from "../shared/fernet.ts";
+import { MeshClient } from "../shared/mesh-client.ts";
+import { loadIdentity, mutualTlsClientOptions } from "../shared/tls.ts";
+
+export class ExpectationFailed extends Error {}
+
+/** Fails the scenario with what was seen. */
+export function expectThat(condition: unknown, message: string): asserts condition {
+  if (!condition) throw new ExpectationFailed(message);
+}
+
+/** Polls `check` until it returns a value other than undefined/false, or fails after `timeoutMs` naming `what`. */
+export async function waitFor<T>(what: string, check: () => Promise<T | undefined | false> | T | undefined | false, timeoutMs = 15_000): Promise<T> {
+  const deadline = Date.now() + timeoutMs;
+  let delay = 20;
+  for (;;) {
+    const value = await check();
+    if (value !== undefined && value !== false) return value as T;
+    if (Date.now() > deadline) throw new ExpectationFailed(`timed out after ${timeoutMs} ms waiting for ${what}`);
+    await Bun.sleep(delay); // a poll interval between checks of a condition, not a wait for time to pass
+    delay = Math.min(delay * 2, 200);
+  }
+}
+
+export class RoleProcess {
+  readonly lines: string[] = [];
+  /** Resolves once stdout and stderr are read to the end and written to the log file. */
+  readonly drained: Promise<void>;
+  #waiters: { pattern: RegExp; resolve: (line: string) => void }[] = [];
+  #exited = false;
+
+  constructor(readonly name: string, readonly proc: Bun.Subprocess<"ignore", "pipe", "pipe">, readonly logFile: string, log: WriteStream) {
+    this.drained = Promise.all([this.#pump(proc.stdout, log), this.#pump(proc.stderr, log)]).then(() => {
+      log.end();
+    });
+    void proc.exited.then(() => {
+      this.#exited = true;
+    });
+  }
+
+  async #pump(stream: ReadableStream<Uint8Array>, log: WriteStream): Promise<void> {
+    const decoder = new TextDecoder();
+    let partial = "";
+    for await (const chunk of stream) {
+      log.write(chunk);
+      partial += decoder.decode(chunk, { stream: true });
+      const parts = partial.split("\n");
+      partial = parts.pop()!;
+      for (const line of parts) this.#line(line);
+    }
+    if (partial) this.#line(partial);
+  }
+
+  #line(line: string): void {
+    this.lines.push(line);
+    this.#waiters = this.#waiters.filter((w) => {
+      if (!w.pattern.test(line)) return true;
+      w.resolve(line);
+      return false;
+    });
+  }
+
+  get running(): boolean {
+    return !this.#exited;
+  }
+
+  /** Resolves with the first log line (past or future) matching `pattern`; fails if the process exits first. */
+  waitForLine(pattern: RegExp, timeoutMs = 15_000): Promise<string> {
+    const seen = this.lines.find((l) => pattern.test(l));
+    if (seen) return Promise.resolve(seen);
+    return new Promise((resolve, reject) => {
+      const timer = setTimeout(() => reject(new ExpectationFailed(`${this.name}: no log line matching ${pattern} within ${timeoutMs} ms; last lines:\n${this.tail()}`)), timeoutMs);
+      this.#waiters.push({ pattern, resolve: (line) => { clearTimeout(timer); resolve(line); } });
+      void this.proc.exited.then((code) => {
+        clearTimeout(timer);
+        reject(new ExpectationFailed(`${this.name} exited (${code}) before logging ${pattern}; last lines:\n${this.tail()}`));
+      });
+    });
+  }
+
+  tail(n = 8): string {
+    return this.lines.slice(-n).map((l) => `    ${l}`).join("\n");
+  }
+
+  signal(signal: NodeJS.Signals): void {
+    if (this.running) this.proc.kill(signal);
+  }
+}
+
+export interface ClusterOptions {
+  logDir: string;
+  pki: string;
+  /** Extra environment for every role, e.g. DATABASE_URL. */
+  env?: Record<string, string>;
+}
+
+export interface ClientRun {
+  exitCode: number;
+  lines: string[];
+}
+
+/**
+ * A set of role processes for one scenario or test. Use with `await using`, or call stop(): every process it
+ * started is killed, also when the scenario throws.
+ */
+export class Cluster implements AsyncDisposable {
+  readonly roles = new Map<string, RoleProcess>();
+  readonly #options: ClusterOptions;
+  readonly #probeTls: ReturnType<typeof mutualTlsClientOptions>;
+
+  constructor(options: ClusterOptions) {
+    this.#options = options;
+    mkdirSync(options.logDir, { recursive: true });
+    this.#probeTls = mutualTlsClientOptions(loadIdentity(options.pki, "client1"));
+  }
+
+  /** Spawns `bun roles/<script>.ts args`, logging to <logDir>/<name>.log; returns once it logs its port. */
+  async spawn(name: string, script: string, args: string[], env: Record<string, string> = {}): Promise<{ role: RoleProcess; port: number }> {
+    const logFile = join(this.#options.logDir, `${name}.log`);
+    const log = createWriteStream(logFile, { flags: "a" });
+    const proc = Bun.spawn([process.execPath, join(REPO_ROOT, "roles", `${script}.ts`), ...args], {
+      cwd: REPO_ROOT,
+      env: { ...process.env, PKI_DIR: this.#options.pki, ...this.#options.env, ...env },
+      stdin: "ignore",
+      stdout: "pipe",
+      stderr: "pipe",
+    });
+    const role = new RoleProcess(name, proc, logFile, log);
+    this.roles.set(name, role);
+    const ready = await role.waitForLine(/listening on https:\/\/[^ ]+:(\d+)/);
+    return { role, port: Number(/listening on https:\/\/[^ ]+:(\d+)/.exec(ready)![1]) };
+  }
+
+  async startServer(name: string, port: number, args: string[] = []): Promise<string> {
+    const { port: bound } = await this.spawn(name, "server", [String(port), ...args]);
+    const url = `https://127.0.0.1:${bound}`;
+    await this.waitHealthy(url);
+    return url;
+  }
+
+  async startCoordinator(name: string, port: number, servers: string[], args: string[] = []): Promise<string> {
+    const { port: bound } = await this.spawn(name, "coordinator", [String(port), "--servers", servers.join(","), ...args]);
+    const url = `https://127.0.0.1:${bound}`;
+    await this.waitHealthy(url);
+    return url;
+  }
+
+  /** Status and body of GET <url>/health over mutual TLS, or undefined while it cannot be reached. */
+  async health(url: string): Promise<{ status: number; body: Record<string, unknown> } | undefined> {
+    try {
+      const response = await fetch(`${url}/health`, { tls: this.#probeTls, signal: AbortSignal.timeout(2000) });
+      return { status: response.status, body: (await response.json()) as Record<string, unknown> };
+    } catch {
+      return undefined;
+    }
+  }
+
+  waitHealthy(url: string, timeoutMs?: number): Promise<unknown> {
+    return waitFor(`${url}/health to answer 200`, async () => (await this.health(url))?.status === 200, timeoutMs);
+  }
+
+  /** Runs roles/client.ts to completion, its output logged to <logDir>/<logName>.log. */
+  async runClient(logName: string, args: string[]): Promise<ClientRun> {
+    const logFile = join(this.#options.logDir, `${logName}.log`);
+    const log = createWriteStream(logFile, { flags: "a" });
+    const proc = Bun.spawn([process.execPath, join(REPO_ROOT, "roles", "client.ts"), ...args], {
+      cwd: REPO_ROOT,
+      env: { ...process.env, PKI_DIR: this.#options.pki, ...this.#options.env },
+      stdin: "ignore",
+      stdout: "pipe",
+      stderr: "pipe",
+    });
+    const role = new RoleProcess(logName, proc, logFile, log);
+    const exitCode = await proc.exited;
+    await role.drained;
+    return { exitCode, lines: role.lines };
+  }
+
+  /** A client that talks to the cluster in-process, through the same module the client role uses. */
+  client(name: string, coordinators: string[]): MeshClient {
+    return new MeshClient({ identity: loadIdentity(this.#options.pki, name), fernet: new Fernet(loadFernetKeys(this.#options.pki)), coordinators });
+  }
+
+  role(name: string): RoleProcess {
+    const role = this.roles.get(name);
+    if (!role) throw new Error(`no role named ${name}`);
+    return role;
+  }
+
+  /** SIGKILLs a role and waits until it is gone. */
+  async kill(name: string): Promise<void> {
+    const role = this.role(name);
+    role.signal("SIGKILL");
+    await role.proc.exited;
+  }
+
+  async stop(): Promise<void> {
+    await Promise.all([...this.roles.values()].map(async (role) => {
+      role.signal("SIGCONT"); // a stopped process cannot act on SIGTERM
+      role.signal("SIGTERM");
+      const timer = setTimeout(() => role.signal("SIGKILL"), 3000);
+      await role.proc.exited;
+      clearTimeout(timer);
+    }));
+    this.roles.clear();
+  }
+
+  async [Symbol.asyncDispose](): Promise<void> {
+    await this.stop();
+  }
+}

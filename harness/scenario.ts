@@ -1,0 +1,36 @@
+// What a scenario is: data plus small steps (start, act, expect), run against a Cluster.
+import type { Cluster } from "./cluster.ts";
+
+export interface Ports {
+  server1: number;
+  server2: number;
+  coordinator: number;
+}
+
+export interface ScenarioContext {
+  cluster: Cluster;
+  ports: Ports;
+  /** Prints one progress line. */
+  step(message: string): void;
+  /** Lines for the closing summary. */
+  summary: string[];
+}
+
+export interface Scenario {
+  name: string;
+  description: string;
+  run(ctx: ScenarioContext): Promise<void>;
+}
+
+/** The seed's ports, shifted together by --base-port (5000 keeps them as they are). */
+export function seedPorts(basePort = 5000): Ports {
+  const shift = basePort - 5000;
+  return { server1: 5001 + shift, server2: 5002 + shift, coordinator: 8000 + shift };
+}
+
+export const url = (port: number) => `https://127.0.0.1:${port}`;
+
+/** The JSON after "Success: " in a client's output line. */
+export function successBodies(lines: string[]): { result: string; id: number; server: number }[] {
+  return lines.filter((l) => / Success: /.test(l)).map((l) => JSON.parse(l.slice(l.indexOf("Success: ") + 9)));
+}

@@ -1,0 +1,32 @@
+// The lab's demo: two servers, the coordinator, and two clients printing success lines.
+import { expectThat } from "../cluster.ts";
+import { successBodies, url, type Scenario } from "../scenario.ts";
+
+export const demo: Scenario = {
+  name: "demo",
+  description: "two servers, the coordinator, and two clients sending encrypted data",
+  async run({ cluster, ports, step, summary }) {
+    step("starting server 1, server 2 and the coordinator");
+    const servers = await Promise.all([
+      cluster.startServer("server1", ports.server1),
+      cluster.startServer("server2", ports.server2),
+    ]);
+    const coordinator = await cluster.startCoordinator("coordinator", ports.coordinator, servers);
+
+    step("client1 and client2 send their messages");
+    const runs = await Promise.all(["client1", "client2"].map((name) =>
+      cluster.runClient(name, ["--name", name, "--message", `Hello from ${name}`, "--count", "2", "--coordinator", coordinator])));
+    for (const [i, run] of runs.entries()) {
+      const name = `client${i + 1}`;
+      expectThat(run.exitCode === 0, `${name} exited ${run.exitCode}:\n${run.lines.join("\n")}`);
+      expectThat(successBodies(run.lines).length === 2, `${name} printed no success lines:\n${run.lines.join("\n")}`);
+      summary.push(...run.lines);
+    }
+    const served = new Set(runs.flatMap((r) => successBodies(r.lines).map((b) => b.server)));
+    expectThat(served.size === 2, `expected both servers to serve requests, saw ${[...served].join(", ")}`);
+    for (const [name, port] of [["server1", ports.server1], ["server2", ports.server2]] as const) {
+      await cluster.role(name).waitForLine(/Decrypted data: Hello from client\d \(from client\d\)/);
+      summary.push(`${name} (${url(port)}) logged its decrypted messages`);
+    }
+  },
+};

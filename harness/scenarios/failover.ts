@@ -1,0 +1,44 @@
+// Failover: server 1 is killed, the next request still succeeds through server 2, then server 1 rejoins.
+import { expectThat, waitFor } from "../cluster.ts";
+import { successBodies, url, type Scenario } from "../scenario.ts";
+
+export const failover: Scenario = {
+  name: "failover",
+  description: "kill server 1; requests keep succeeding through server 2; server 1 rejoins",
+  async run({ cluster, ports, step, summary }) {
+    step("starting server 1, server 2 and the coordinator");
+    const servers = await Promise.all([
+      cluster.startServer("server1", ports.server1),
+      cluster.startServer("server2", ports.server2),
+    ]);
+    const coordinator = await cluster.startCoordinator("coordinator", ports.coordinator, servers, ["--health-interval", "500"]);
+    const send = async (message: string, count: number) => {
+      const run = await cluster.runClient("client1", ["--message", message, "--count", String(count), "--coordinator", coordinator]);
+      expectThat(run.exitCode === 0, `client1 failed (exit ${run.exitCode}):\n${run.lines.join("\n")}`);
+      summary.push(...run.lines);
+      return successBodies(run.lines);
+    };
+
+    step("a request is served while both servers are up");
+    await send("before the failure", 1);
+
+    step(`server 1 (${url(ports.server1)}) is killed with SIGKILL`);
+    await cluster.kill("server1");
+
+    step("the next requests still succeed, through server 2");
+    const after = await send("after the failure", 2);
+    expectThat(after.every((b) => b.server === ports.server2), `expected server 2 to serve, got ${JSON.stringify(after)}`);
+    const failed = await cluster.role("coordinator").waitForLine(new RegExp(`Server ${url(ports.server1).replace(/\./g, "\\.")} failed: `));
+    summary.push(`coordinator: ${failed}`);
+
+    step("server 1 restarts and rejoins the rotation");
+    await cluster.startServer("server1", ports.server1);
+    await waitFor("server 1 to be back in the coordinator's rotation", async () => {
+      const servers = (await cluster.health(coordinator))?.body.servers as { url: string; up: boolean }[] | undefined;
+      return servers?.find((s) => s.url === url(ports.server1))?.up;
+    });
+    const rejoined = await send("after the restart", 2);
+    expectThat(rejoined.some((b) => b.server === ports.server1), `server 1 served none of ${JSON.stringify(rejoined)}`);
+    summary.push(`server 1 is back in rotation and served record ${rejoined.find((b) => b.server === ports.server1)!.id}`);
+  },
+};

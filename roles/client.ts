@@ -1,0 +1,90 @@
+// A securemesh client: sends Fernet-encrypted messages with a sender proof to the coordinator over mutual TLS.
+import { exitWithConfigError, loadFernetKeys, parseFlags, parsePositive, pkiDir } from "../shared/config.ts";
+import { ConfigError } from "../shared/errors.ts";
+import { Fernet } from "../shared/fernet.ts";
+import { describeError } from "../shared/log.ts";
+import { MeshClient } from "../shared/mesh-client.ts";
+import { assertSafeTlsEnvironment, loadIdentity } from "../shared/tls.ts";
+
+const USAGE = `
+Usage: bun roles/client.ts [options]
+
+Encrypts each message with Fernet, signs a sender proof with the client's certificate key,
+and sends it over mutual TLS to the coordinator. Exits 1 if any message fails.
+
+Options:
+  --name NAME          client identity; uses certs/NAME_cert.pem and NAME_key.pem (default client1)
+  --message TEXT       message to send (default "Hello from NAME")
+  --count N            send the message N times (default 1)
+  --coordinator URL    coordinator URL; repeat it for failover (default https://127.0.0.1:8000)
+  --timeout MS         per-request timeout (default 5000)
+  --pki DIR            PKI folder from pki.sh (default $PKI_DIR, else certs/)
+  -h, --help           show this help
+`;
+
+export interface ClientConfig {
+  name: string;
+  message: string;
+  count: number;
+  coordinators: string[];
+  timeoutMs: number;
+  pki: string;
+}
+
+export function parseClientConfig(argv: string[]): ClientConfig {
+  const { values } = parseFlags("client", USAGE, {
+    name: { type: "string" },
+    message: { type: "string" },
+    count: { type: "string" },
+    coordinator: { type: "string", multiple: true },
+    timeout: { type: "string" },
+    pki: { type: "string" },
+  }, argv);
+  const name = values.name ?? "client1";
+  if (!/^[A-Za-z0-9_-]+$/.test(name)) throw new ConfigError(`--name: '${name}' may hold letters, digits, - and _ only`);
+  const count = parsePositive(values.count, "--count", 1);
+  if (!Number.isInteger(count)) throw new ConfigError("--count must be a whole number");
+  return {
+    name,
+    message: values.message ?? `Hello from ${name}`,
+    count,
+    coordinators: values.coordinator?.length ? values.coordinator : ["https://127.0.0.1:8000"],
+    timeoutMs: parsePositive(values.timeout, "--timeout", 5000),
+    pki: pkiDir(values.pki),
+  };
+}
+
+async function main(): Promise<void> {
+  let config: ClientConfig;
+  let client: MeshClient;
+  try {
+    assertSafeTlsEnvironment();
+    config = parseClientConfig(Bun.argv.slice(2));
+    client = new MeshClient({
+      identity: loadIdentity(config.pki, config.name),
+      fernet: new Fernet(loadFernetKeys(config.pki)),
+      coordinators: config.coordinators,
+      timeoutMs: config.timeoutMs,
+    });
+  } catch (error) {
+    exitWithConfigError("client", error);
+  }
+  let failed = 0;
+  for (let i = 0; i < config.count; i++) {
+    try {
+      const { status, body } = await client.sendData(config.message);
+      if (status === 200) {
+        console.log(`[${config.name}] Success: ${JSON.stringify(body)}`);
+      } else {
+        failed += 1;
+        console.log(`[${config.name}] Error ${status}: ${(body as { error?: string }).error ?? JSON.stringify(body)}`);
+      }
+    } catch (error) {
+      failed += 1;
+      console.log(`[${config.name}] Error: ${describeError(error)}`);
+    }
+  }
+  process.exit(failed === 0 ? 0 : 1);
+}
+
+if (import.meta.main) await main();

@@ -1,0 +1,129 @@
+// The coordinator: terminates clients' mutual TLS and forwards /api/* to healthy servers, failing over between them.
+import { ConfigError } from "../shared/errors.ts";
+import { exitWithConfigError, parseFlags, parsePort, parsePositive, pkiDir } from "../shared/config.ts";
+import { createApp, listen } from "../shared/http.ts";
+import { createLogger, type Logger } from "../shared/log.ts";
+import { assertSafeTlsEnvironment, loadIdentity, mutualTlsClientOptions, mutualTlsServerOptions } from "../shared/tls.ts";
+import { UpstreamPool } from "../shared/upstream.ts";
+
+const USAGE = `
+Usage: bun roles/coordinator.ts [PORT] [options]
+
+Accepts clients over mutual TLS on PORT (default 8000) and forwards /api/* over mutual TLS to the servers,
+round-robin over the healthy ones, failing over when one fails. It holds no Fernet key.
+
+Options:
+  --servers URLS         comma-separated server URLs (default $SERVERS, else
+                         https://127.0.0.1:5001,https://127.0.0.1:5002)
+  --host HOST            address to bind (default 127.0.0.1)
+  --timeout MS           per-attempt upstream timeout (default 2000)
+  --health-interval MS   active health-check interval (default 1000)
+  --health-timeout MS    health-check timeout (default 1000)
+  --fall N               failed checks before a server leaves rotation (default 2)
+  --rise N               good checks before it returns (default 2)
+  --pki DIR              PKI folder from pki.sh (default $PKI_DIR, else certs/)
+  -h, --help             show this help
+`;
+
+export interface CoordinatorConfig {
+  port: number;
+  host: string;
+  servers: string[];
+  pki: string;
+  timeoutMs: number;
+  health: { intervalMs: number; timeoutMs: number; fall: number; rise: number };
+}
+
+export function parseCoordinatorConfig(argv: string[]): CoordinatorConfig {
+  const { values, positionals } = parseFlags("coordinator", USAGE, {
+    servers: { type: "string" },
+    host: { type: "string" },
+    timeout: { type: "string" },
+    "health-interval": { type: "string" },
+    "health-timeout": { type: "string" },
+    fall: { type: "string" },
+    rise: { type: "string" },
+    pki: { type: "string" },
+    port: { type: "string" },
+  }, argv);
+  const servers = (values.servers ?? process.env.SERVERS ?? "https://127.0.0.1:5001,https://127.0.0.1:5002")
+    .split(",").map((s) => s.trim()).filter(Boolean);
+  for (const server of servers) {
+    let url: URL;
+    try {
+      url = new URL(server);
+    } catch {
+      throw new ConfigError(`--servers: '${server}' is not a URL (expected https://host:port)`);
+    }
+    if (url.protocol !== "https:") throw new ConfigError(`--servers: '${server}' must use https://`);
+  }
+  if (servers.length === 0) throw new ConfigError("--servers: at least one server URL is needed");
+  return {
+    port: parsePort(values.port ?? positionals[0] ?? process.env.PORT, "PORT", 8000),
+    host: values.host ?? "127.0.0.1",
+    servers,
+    pki: pkiDir(values.pki),
+    timeoutMs: parsePositive(values.timeout, "--timeout", 2000),
+    health: {
+      intervalMs: parsePositive(values["health-interval"], "--health-interval", 1000),
+      timeoutMs: parsePositive(values["health-timeout"], "--health-timeout", 1000),
+      fall: parsePositive(values.fall, "--fall", 2),
+      rise: parsePositive(values.rise, "--rise", 2),
+    },
+  };
+}
+
+export function createCoordinatorApp({ pool, logger }: { pool: UpstreamPool; logger: Logger }) {
+  return createApp({ logger })
+    .get("/health", ({ set }) => {
+      const servers = pool.snapshot().map(({ url, up, lastCheckedAt, latencyMs, requests, failures, lastError }) =>
+        ({ url, up, lastCheckedAt, latencyMs, requests, failures, lastError }));
+      const up = servers.filter((s) => s.up).length;
+      if (up === 0) set.status = 503;
+      return { status: up > 0 ? "ok" : "no server up", role: "coordinator", serversUp: up, servers };
+    })
+    .all("/api/*", async ({ request }) => {
+      const url = new URL(request.url);
+      const body = request.method === "GET" || request.method === "HEAD" ? undefined : await request.arrayBuffer();
+      const result = await pool.forward({ method: request.method, path: url.pathname + url.search, headers: request.headers, body });
+      return new Response(result.body, {
+        status: result.status,
+        headers: { "content-type": result.headers.get("content-type") ?? "application/json", "x-securemesh-upstream": result.upstream },
+      });
+    }, { parse: "none" });
+}
+
+async function main(): Promise<void> {
+  const logger = createLogger("coordinator");
+  let config: CoordinatorConfig;
+  let pool: UpstreamPool;
+  let tls;
+  try {
+    assertSafeTlsEnvironment();
+    config = parseCoordinatorConfig(Bun.argv.slice(2));
+    const identity = loadIdentity(config.pki, "coordinator");
+    tls = mutualTlsServerOptions(identity);
+    pool = new UpstreamPool({ servers: config.servers, tls: mutualTlsClientOptions(identity), logger, timeoutMs: config.timeoutMs, health: config.health });
+  } catch (error) {
+    exitWithConfigError("coordinator", error);
+  }
+  const app = createCoordinatorApp({ pool, logger });
+  let port: number;
+  try {
+    port = listen(app, { port: config.port, hostname: config.host, tls });
+  } catch (error) {
+    exitWithConfigError("coordinator", error);
+  }
+  pool.start();
+  logger.info(`coordinator listening on https://${config.host}:${port}, servers: ${config.servers.join(", ")}`);
+
+  const shutdown = async () => {
+    pool.stop();
+    await app.stop();
+    process.exit(0);
+  };
+  process.once("SIGTERM", shutdown);
+  process.once("SIGINT", shutdown);
+}
+
+if (import.meta.main) await main();

@@ -1,0 +1,110 @@
+import { beforeAll, describe, expect, test } from "bun:test";
+import { join } from "node:path";
+import { mkdtempSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { loadFernetKeys } from "../shared/config.ts";
+import { Fernet } from "../shared/fernet.ts";
+import { createLogger } from "../shared/log.ts";
+import { ProofSigner, ProofVerifier } from "../shared/proof.ts";
+import { openStore, type RecordStore } from "../shared/store.ts";
+import { testPki } from "../shared/testing/pki.ts";
+import { runPython } from "../shared/testing/python.ts";
+import { loadIdentity } from "../shared/tls.ts";
+import { createServerApp } from "./server.ts";
+
+let pki: string;
+let store: RecordStore;
+let fernet: Fernet;
+let signer: ProofSigner;
+let app: ReturnType<typeof createServerApp>;
+const logs: string[] = [];
+
+beforeAll(async () => {
+  pki = await testPki();
+  store = await openStore(join(mkdtempSync(join(tmpdir(), "securemesh-server-")), "r.db"));
+  fernet = new Fernet(loadFernetKeys(pki));
+  signer = new ProofSigner(loadIdentity(pki, "client1"));
+  const logger = createLogger("server", { format: "text", color: false, write: (l) => logs.push(l) });
+  app = createServerApp({ port: 5001, store, fernet, verifier: new ProofVerifier(loadIdentity(pki, "server").ca), logger, ttl: 300 });
+});
+
+async function post(body: unknown, headers: Record<string, string> = {}) {
+  const response = await app.handle(new Request("http://localhost/api/data", {
+    method: "POST",
+    headers: { "content-type": "application/json", ...headers },
+    body: typeof body === "string" ? body : JSON.stringify(body),
+  }));
+  return { status: response.status, body: await response.json() };
+}
+
+async function signed(message: string, token = fernet.encrypt(message)) {
+  return { data: token, proof: await signer.sign({ method: "POST", path: "/api/data", payload: token }) };
+}
+
+describe("POST /api/data", () => {
+  test("stores the record, logs the plaintext and answers after commit", async () => {
+    const before = await store.count();
+    const res = await post(await signed("hello from client1"));
+    expect(res.status).toBe(200);
+    expect(res.body).toEqual({ result: "ok", id: expect.any(Number), server: 5001 });
+    expect(await store.count()).toBe(before + 1);
+    expect(logs).toContain("Decrypted data: hello from client1 (from client1)");
+  });
+
+  test("a token made by Python's cryptography is stored and logged", async () => {
+    const key = loadFernetKeys(pki)[0]!;
+    const token = await runPython(`from cryptography.fernet import Fernet\nprint(Fernet(${JSON.stringify(key)}.encode()).encrypt(b"made in python").decode())`);
+    const res = await post(await signed("", token));
+    expect(res.status).toBe(200);
+    expect(logs).toContain("Decrypted data: made in python (from client1)");
+  });
+
+  test("the same Idempotency-Key stores once and answers the same", async () => {
+    const body = await signed("only once");
+    const first = await post(body, { "idempotency-key": "k-123" });
+    const again = await post(body, { "idempotency-key": "k-123" });
+    expect(again).toEqual(first);
+    expect(logs.filter((l) => l.includes("Decrypted data: only once"))).toHaveLength(1);
+  });
+
+  test("a replayed proof gets 401", async () => {
+    const body = await signed("replay me");
+    expect((await post(body)).status).toBe(200);
+    expect(await post(body)).toEqual({ status: 401, body: { error: "proof already used (replayed jti)", code: "ERR_PROOF" } });
+  });
+
+  test("a missing or forged proof gets 401 JSON", async () => {
+    const token = fernet.encrypt("x");
+    expect(await post({ data: token })).toEqual({ status: 401, body: { error: "sender proof missing", code: "ERR_PROOF" } });
+    const other = new ProofSigner(loadIdentity(await testPki("other"), "client1"));
+    const forged = await post({ data: token, proof: await other.sign({ method: "POST", path: "/api/data", payload: token }) });
+    expect(forged).toEqual({ status: 401, body: { error: "proof certificate is not issued by our CA", code: "ERR_PROOF" } });
+  });
+
+  test("bad input gets a clear 4xx JSON error", async () => {
+    expect(await post("{not json")).toEqual({ status: 400, body: { error: "request body is not valid JSON", code: "ERR_BAD_REQUEST" } });
+    expect((await post({ ...(await signed("x")), extra: 1 })).body.error).toBe("unexpected field: extra");
+    const wrongType = await app.handle(new Request("http://localhost/api/data", { method: "POST", headers: { "content-type": "text/plain" }, body: "hi" }));
+    expect(wrongType.status).toBe(415);
+    const wrongKey = await post(await signed("", new Fernet("cw_0x689RpI-jtRR7oE8h_eQsKImvJapLeSbXpwF4e4=").encrypt("x")));
+    expect(wrongKey).toEqual({ status: 400, body: { error: "invalid or expired token", code: "ERR_INVALID_TOKEN" } });
+    expect((await post(await signed("x"), { "idempotency-key": "bad key\n" })).status).toBe(400);
+  });
+
+  test("unknown routes get 404 and wrong methods 405", async () => {
+    const missing = await app.handle(new Request("http://localhost/nope"));
+    expect([missing.status, (await missing.json()).code]).toEqual([404, "ERR_NOT_FOUND"]);
+    const wrong = await app.handle(new Request("http://localhost/api/data"));
+    expect([wrong.status, (await wrong.json()).code]).toEqual([405, "ERR_METHOD_NOT_ALLOWED"]);
+  });
+
+  test("log lines cannot be forged with control characters", async () => {
+    await post(await signed("line1\nFAKE line"));
+    expect(logs).toContain("Decrypted data: line1\\x0aFAKE line (from client1)");
+  });
+});
+
+test("GET /health reports the server and its store", async () => {
+  const res = await app.handle(new Request("http://localhost/health"));
+  expect(await res.json()).toEqual({ status: "ok", role: "server", server: 5001, store: "sqlite" });
+});

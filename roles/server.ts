@@ -1,0 +1,140 @@
+// A securemesh server: receives Fernet payloads with a sender proof over mutual TLS and commits them to the store.
+import { exitWithConfigError, loadFernetKeys, parseFlags, parsePort, parsePositive, pkiDir } from "../shared/config.ts";
+import { BadRequest, InvalidToken, ProofRejected } from "../shared/errors.ts";
+import { Fernet } from "../shared/fernet.ts";
+import { createApp, listen, readJsonFields } from "../shared/http.ts";
+import { createLogger, type Logger } from "../shared/log.ts";
+import { payloadDigest, ProofVerifier } from "../shared/proof.ts";
+import { describeStoreUrl, openStore, type RecordStore } from "../shared/store.ts";
+import { assertSafeTlsEnvironment, loadIdentity, mutualTlsServerOptions } from "../shared/tls.ts";
+
+const USAGE = `
+Usage: bun roles/server.ts PORT [options]
+
+Receives Fernet-encrypted data over mutual TLS, checks the sender proof, and stores each record.
+
+Options:
+  --host HOST        address to bind (default 127.0.0.1)
+  --db URL           record store: mysql://user:pass@host:3306/db, or a sqlite path
+                     (default $DATABASE_URL, else data/records.db)
+  --pki DIR          PKI folder from pki.sh (default $PKI_DIR, else certs/)
+  --ttl SECONDS      oldest Fernet token accepted (default $FERNET_TTL, else 300)
+  -h, --help         show this help
+
+Environment: LOG_FORMAT=json for JSON log lines, NO_COLOR to turn colours off.
+`;
+
+export interface ServerConfig {
+  port: number;
+  host: string;
+  db: string | undefined;
+  pki: string;
+  ttl: number;
+}
+
+export function parseServerConfig(argv: string[]): ServerConfig {
+  const { values, positionals } = parseFlags("server", USAGE, {
+    host: { type: "string" },
+    db: { type: "string" },
+    pki: { type: "string" },
+    ttl: { type: "string" },
+  }, argv);
+  return {
+    port: parsePort(positionals[0] ?? process.env.PORT, "PORT (first argument)"),
+    host: values.host ?? "127.0.0.1",
+    db: values.db ?? process.env.DATABASE_URL,
+    pki: pkiDir(values.pki),
+    ttl: parsePositive(values.ttl ?? process.env.FERNET_TTL, "--ttl", 300),
+  };
+}
+
+export interface ServerDeps {
+  port: number;
+  store: RecordStore;
+  fernet: Fernet;
+  verifier: ProofVerifier;
+  logger: Logger;
+  ttl: number;
+}
+
+const IDEMPOTENCY_KEY = /^[A-Za-z0-9_.:-]{1,128}$/;
+
+/** Keeps one log line one line: a payload cannot forge log entries with newlines or escapes. */
+function printable(text: string): string {
+  return text.replace(/[\u0000-\u001f\u007f-\u009f]/g, (c) => `\\x${c.charCodeAt(0).toString(16).padStart(2, "0")}`);
+}
+
+/** Handlers read `deps.port` per request, so a role started on port 0 can fill it in once bound. */
+export function createServerApp(deps: ServerDeps) {
+  const { store, fernet, verifier, logger, ttl } = deps;
+  return createApp({ logger })
+    .get("/health", async ({ set }) => {
+      try {
+        await store.ping();
+        return { status: "ok", role: "server", server: deps.port, store: store.kind };
+      } catch {
+        set.status = 503;
+        return { status: "degraded", role: "server", server: deps.port, store: store.kind, error: "record store unavailable" };
+      }
+    })
+    .post("/api/data", async ({ request, body }) => {
+      const { data, proof } = readJsonFields(request, body, ["data", "proof?"]);
+      if (proof === undefined) throw new ProofRejected("sender proof missing");
+      const idempotencyKey = request.headers.get("idempotency-key") ?? undefined;
+      if (idempotencyKey !== undefined && !IDEMPOTENCY_KEY.test(idempotencyKey)) {
+        throw new BadRequest("Idempotency-Key must be 1-128 characters of letters, digits and _.:-");
+      }
+      const { sender, jti } = await verifier.verify(proof, { method: "POST", path: "/api/data", payload: data });
+      const text = decryptText(fernet, data, ttl);
+      const stored = await store.insert({ sender, token: data, jti, idempotencyKey, digest: payloadDigest(data), server: deps.port });
+      if (!stored.repeated) logger.info(`Decrypted data: ${printable(text)} (from ${sender})`);
+      return { result: "ok", id: stored.id, server: stored.server };
+    });
+}
+
+function decryptText(fernet: Fernet, token: string, ttl: number): string {
+  const bytes = fernet.decrypt(token, { ttl });
+  try {
+    return new TextDecoder("utf-8", { fatal: true }).decode(bytes);
+  } catch {
+    throw new InvalidToken();
+  }
+}
+
+async function main(): Promise<void> {
+  const logger = createLogger("server");
+  let config: ServerConfig;
+  let deps: Omit<ServerDeps, "store" | "logger">;
+  let tls;
+  try {
+    assertSafeTlsEnvironment();
+    config = parseServerConfig(Bun.argv.slice(2));
+    const identity = loadIdentity(config.pki, "server");
+    tls = mutualTlsServerOptions(identity);
+    deps = { port: config.port, fernet: new Fernet(loadFernetKeys(config.pki)), verifier: new ProofVerifier(identity.ca), ttl: config.ttl };
+  } catch (error) {
+    exitWithConfigError("server", error);
+  }
+  const store = await openStore(config.db).catch((error) => exitWithConfigError("server", error));
+  const serverDeps: ServerDeps = { ...deps, store, logger };
+  const app = createServerApp(serverDeps);
+  let port: number;
+  try {
+    port = listen(app, { port: config.port, hostname: config.host, tls });
+  } catch (error) {
+    exitWithConfigError("server", error);
+  }
+  // With port 0 the bound port is only known now; records must name the real one.
+  serverDeps.port = port;
+  logger.info(`server listening on https://${config.host}:${port} (store: ${describeStoreUrl(config.db)})`);
+
+  const shutdown = async () => {
+    await app.stop();
+    await store.close();
+    process.exit(0);
+  };
+  process.once("SIGTERM", shutdown);
+  process.once("SIGINT", shutdown);
+}
+
+if (import.meta.main) await main();

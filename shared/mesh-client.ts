@@ -1,0 +1,78 @@
+// The client side of the request path: Fernet-encrypt, sign a sender proof, send over mutual TLS to a coordinator.
+import { randomUUID } from "node:crypto";
+import { MeshError } from "./errors.ts";
+import type { Fernet } from "./fernet.ts";
+import { describeError } from "./log.ts";
+import { ProofSigner } from "./proof.ts";
+import { mutualTlsClientOptions, type Identity } from "./tls.ts";
+
+export interface MeshClientOptions {
+  identity: Identity;
+  fernet: Fernet;
+  /** Coordinator base URLs, tried in order; the next is used when one cannot be reached. */
+  coordinators: readonly string[];
+  timeoutMs?: number;
+  /** Rounds over all coordinators before giving up. */
+  attempts?: number;
+  backoffMs?: number;
+}
+
+export interface MeshResponse<T = Record<string, unknown>> {
+  status: number;
+  body: T;
+  coordinator: string;
+}
+
+export class MeshClient {
+  readonly name: string;
+  readonly #options: Required<MeshClientOptions>;
+  readonly #signer: ProofSigner;
+  readonly #tls: ReturnType<typeof mutualTlsClientOptions>;
+
+  constructor(options: MeshClientOptions) {
+    if (options.coordinators.length === 0) throw new TypeError("at least one coordinator URL is needed");
+    this.#options = { timeoutMs: 5000, attempts: 3, backoffMs: 200, ...options };
+    this.#signer = new ProofSigner(options.identity);
+    this.#tls = mutualTlsClientOptions(options.identity);
+    this.name = options.identity.name;
+  }
+
+  /** Encrypts `message`, proves who sent it, and posts it; one Idempotency-Key covers every retry. */
+  async sendData(message: string): Promise<MeshResponse> {
+    const data = this.#options.fernet.encrypt(message);
+    const proof = await this.#signer.sign({ method: "POST", path: "/api/data", payload: data });
+    return this.request("POST", "/api/data", { data, proof }, { "idempotency-key": randomUUID() });
+  }
+
+  /**
+   * Sends one request, failing over between coordinators on connection failures and on 503, with backoff
+   * between rounds. Any other answer, success or error, is returned as it is.
+   */
+  async request<T = Record<string, unknown>>(method: string, path: string, body?: unknown, headers: Record<string, string> = {}): Promise<MeshResponse<T>> {
+    const { coordinators, attempts, backoffMs, timeoutMs } = this.#options;
+    let last = "";
+    for (let round = 0; round < attempts; round++) {
+      if (round > 0) await Bun.sleep(backoffMs * 2 ** (round - 1));
+      for (const coordinator of coordinators) {
+        try {
+          const response = await fetch(coordinator.replace(/\/+$/, "") + path, {
+            method,
+            headers: body === undefined ? headers : { "content-type": "application/json", ...headers },
+            body: body === undefined ? undefined : JSON.stringify(body),
+            tls: this.#tls,
+            signal: AbortSignal.timeout(timeoutMs),
+          });
+          const parsed = (await response.json().catch(() => ({ error: `non-JSON answer (${response.status})` }))) as T;
+          if (response.status === 503) {
+            last = `${coordinator} answered 503: ${(parsed as { error?: string }).error ?? ""}`;
+            continue;
+          }
+          return { status: response.status, body: parsed, coordinator };
+        } catch (error) {
+          last = `${coordinator}: ${(error as { name?: string }).name === "TimeoutError" ? "timeout" : describeError(error)}`;
+        }
+      }
+    }
+    throw new MeshError("ERR_UNREACHABLE", 503, `no coordinator could serve the request (${last})`);
+  }
+}

@@ -1,0 +1,242 @@
+// The upstream pool: round-robin over healthy servers, failover, active health checks with fall/rise counts.
+import { MeshError, Unavailable } from "./errors.ts";
+import { describeError, type Logger } from "./log.ts";
+
+export interface ClientTls {
+  cert: string;
+  key: string;
+  ca: string;
+  rejectUnauthorized: boolean;
+}
+
+export interface HealthCheckOptions {
+  intervalMs: number;
+  timeoutMs: number;
+  /** Consecutive failed probes before an up server is taken out of rotation. */
+  fall: number;
+  /** Consecutive good probes before a down server is put back. */
+  rise: number;
+}
+
+export interface UpstreamOptions {
+  servers: readonly string[];
+  tls: ClientTls;
+  logger: Logger;
+  /** Per-attempt timeout, covering connect, request and response body. */
+  timeoutMs?: number;
+  health?: Partial<HealthCheckOptions>;
+}
+
+export interface UpstreamState {
+  url: string;
+  up: boolean;
+  lastCheckedAt: number | null;
+  latencyMs: number | null;
+  requests: number;
+  failures: number;
+  lastError: string | null;
+  /** The server's own /health body from the last good probe. */
+  health: Record<string, unknown> | null;
+}
+
+export interface ForwardRequest {
+  method: string;
+  /** Path and query, e.g. /api/data */
+  path: string;
+  headers: Headers;
+  body?: ArrayBuffer;
+}
+
+export interface ForwardResult {
+  status: number;
+  headers: Headers;
+  body: ArrayBuffer;
+  upstream: string;
+}
+
+export const DEFAULT_HEALTH: HealthCheckOptions = { intervalMs: 1000, timeoutMs: 1000, fall: 2, rise: 2 };
+const FORWARDED_HEADERS = ["content-type", "accept", "idempotency-key", "x-request-id"];
+/** Failures where the request provably never reached the server's application, so any method may be re-sent. */
+const NEVER_REACHED = new Set(["ECONNREFUSED", "ENOTFOUND", "EHOSTUNREACH", "ENETUNREACH", "EPROTO", "ConnectionRefused"]);
+
+interface Server extends UpstreamState {
+  okStreak: number;
+  failStreak: number;
+}
+
+export function neverReachedServer(error: unknown): boolean {
+  return NEVER_REACHED.has((error as { code?: string }).code ?? "");
+}
+
+function reason(error: unknown): string {
+  if ((error as { name?: string }).name === "TimeoutError") return "timeout";
+  return describeError(error);
+}
+
+export class UpstreamPool {
+  readonly #servers: Server[];
+  readonly #tls: ClientTls;
+  readonly #logger: Logger;
+  readonly #timeoutMs: number;
+  readonly #health: HealthCheckOptions;
+  #next = 0;
+  #timer: ReturnType<typeof setTimeout> | null = null;
+  #stopped = true;
+
+  constructor(options: UpstreamOptions) {
+    if (options.servers.length === 0) throw new TypeError("the pool needs at least one server");
+    this.#servers = options.servers.map((url) => ({
+      url: url.replace(/\/+$/, ""),
+      up: true, // optimistic until the first probe: a dead server costs one failover, not an outage at start
+      lastCheckedAt: null,
+      latencyMs: null,
+      requests: 0,
+      failures: 0,
+      lastError: null,
+      health: null,
+      okStreak: 0,
+      failStreak: 0,
+    }));
+    this.#tls = options.tls;
+    this.#logger = options.logger;
+    this.#timeoutMs = options.timeoutMs ?? 2000;
+    this.#health = { ...DEFAULT_HEALTH, ...options.health };
+  }
+
+  get servers(): readonly string[] {
+    return this.#servers.map((s) => s.url);
+  }
+
+  snapshot(): UpstreamState[] {
+    return this.#servers.map(({ okStreak: _ok, failStreak: _fail, ...state }) => ({ ...state }));
+  }
+
+  /** The healthy servers in round-robin order, starting one further each call. */
+  #rotation(): Server[] {
+    const healthy = this.#servers.filter((s) => s.up);
+    if (healthy.length === 0) return [];
+    const start = this.#next++ % healthy.length;
+    return [...healthy.slice(start), ...healthy.slice(0, start)];
+  }
+
+  /**
+   * Sends the request to the next healthy server, failing over on refusal, reset or timeout. A request that may
+   * have reached a server is re-sent only when it is safe: GET/HEAD, or carrying an Idempotency-Key.
+   */
+  async forward(request: ForwardRequest): Promise<ForwardResult> {
+    const order = this.#rotation();
+    if (order.length === 0) throw new Unavailable("no server is up");
+    const replayable = request.method === "GET" || request.method === "HEAD" || request.headers.has("idempotency-key");
+    const headers = new Headers();
+    for (const name of FORWARDED_HEADERS) {
+      const value = request.headers.get(name);
+      if (value !== null) headers.set(name, value);
+    }
+    let lastReason = "";
+    for (const server of order) {
+      try {
+        const result = await this.#send(server.url, request.method, request.path, headers, request.body);
+        server.requests += 1;
+        return result;
+      } catch (error) {
+        lastReason = reason(error);
+        this.#markFailed(server, lastReason);
+        if (!replayable && !neverReachedServer(error)) {
+          throw new MeshError("ERR_UPSTREAM_UNCERTAIN", 502,
+            "the server failed after the request may have reached it; not re-sent without an Idempotency-Key");
+        }
+      }
+    }
+    throw new Unavailable(`every server failed (last: ${lastReason})`);
+  }
+
+  /** Sends the same request to every configured server in parallel, up or not; reports each outcome. */
+  async broadcast(method: string, path: string, headers: Headers = new Headers(), body?: ArrayBuffer) {
+    return Promise.all(this.#servers.map(async (server) => {
+      try {
+        const result = await this.#send(server.url, method, path, headers, body);
+        return { server: server.url, ok: result.status < 300, status: result.status, body: result.body } as const;
+      } catch (error) {
+        const why = reason(error);
+        this.#markFailed(server, why);
+        return { server: server.url, ok: false, status: null, error: why } as const;
+      }
+    }));
+  }
+
+  async #send(base: string, method: string, path: string, headers: Headers, body?: ArrayBuffer): Promise<ForwardResult> {
+    const response = await fetch(base + path, {
+      method,
+      headers,
+      body: body && body.byteLength > 0 ? body : undefined,
+      tls: this.#tls,
+      signal: AbortSignal.timeout(this.#timeoutMs),
+    });
+    return { status: response.status, headers: response.headers, body: await response.arrayBuffer(), upstream: base };
+  }
+
+  #markFailed(server: Server, why: string): void {
+    server.failures += 1;
+    server.lastError = why;
+    server.okStreak = 0;
+    this.#logger.warn(`Server ${server.url} failed: ${why}`, { upstream: server.url });
+    // A failed request is proof enough to take the server out now; the probes decide when it comes back.
+    if (server.up) {
+      server.up = false;
+      server.failStreak = this.#health.fall;
+    }
+  }
+
+  /** Starts the active health checks; the first round runs at once. */
+  start(): void {
+    if (!this.#stopped) return;
+    this.#stopped = false;
+    const loop = async () => {
+      await this.checkAll();
+      if (!this.#stopped) this.#timer = setTimeout(loop, this.#health.intervalMs);
+    };
+    void loop();
+  }
+
+  stop(): void {
+    this.#stopped = true;
+    if (this.#timer) clearTimeout(this.#timer);
+  }
+
+  /** One round of probes to every server, in parallel. */
+  async checkAll(): Promise<void> {
+    await Promise.all(this.#servers.map((server) => this.#probe(server)));
+  }
+
+  async #probe(server: Server): Promise<void> {
+    const started = performance.now();
+    let failure: string | null = null;
+    try {
+      const response = await fetch(`${server.url}/health`, { tls: this.#tls, signal: AbortSignal.timeout(this.#health.timeoutMs) });
+      const body = (await response.json().catch(() => null)) as Record<string, unknown> | null;
+      if (response.status === 200) server.health = body;
+      else failure = `health check answered ${response.status}`;
+    } catch (error) {
+      failure = reason(error);
+    }
+    server.lastCheckedAt = Date.now();
+    server.latencyMs = Math.round((performance.now() - started) * 10) / 10;
+    if (failure === null) {
+      server.failStreak = 0;
+      server.okStreak += 1;
+      server.lastError = null;
+      if (!server.up && server.okStreak >= this.#health.rise) {
+        server.up = true;
+        this.#logger.info(`Server ${server.url} is back in rotation`, { upstream: server.url });
+      }
+    } else {
+      server.okStreak = 0;
+      server.failStreak += 1;
+      server.lastError = failure;
+      if (server.up && server.failStreak >= this.#health.fall) {
+        server.up = false;
+        this.#logger.warn(`Server ${server.url} failed: ${failure} (health check); out of rotation`, { upstream: server.url });
+      }
+    }
+  }
+}
