@@ -34,7 +34,7 @@ async function post(body: unknown, headers: Record<string, string> = {}) {
     headers: { "content-type": "application/json", ...headers },
     body: typeof body === "string" ? body : JSON.stringify(body),
   }));
-  return { status: response.status, body: await response.json() };
+  return { status: response.status, body: (await response.json()) as Record<string, any> };
 }
 
 async function signed(message: string, token = fernet.encrypt(message)) {
@@ -93,9 +93,9 @@ describe("POST /api/data", () => {
 
   test("unknown routes get 404 and wrong methods 405", async () => {
     const missing = await app.handle(new Request("http://localhost/nope"));
-    expect([missing.status, (await missing.json()).code]).toEqual([404, "ERR_NOT_FOUND"]);
+    expect([missing.status, ((await missing.json()) as { code: string }).code]).toEqual([404, "ERR_NOT_FOUND"]);
     const wrong = await app.handle(new Request("http://localhost/api/data"));
-    expect([wrong.status, (await wrong.json()).code]).toEqual([405, "ERR_METHOD_NOT_ALLOWED"]);
+    expect([wrong.status, ((await wrong.json()) as { code: string }).code]).toEqual([405, "ERR_METHOD_NOT_ALLOWED"]);
   });
 
   test("log lines cannot be forged with control characters", async () => {

@@ -26,7 +26,7 @@ export function parseFlags<T extends FlagSpec>(role: string, usage: string, spec
       allowPositionals: true,
       strict: true,
     });
-    if (values.help) {
+    if ((values as { help?: boolean }).help) {
       console.log(usage.trim());
       process.exit(0);
     }

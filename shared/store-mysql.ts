@@ -84,7 +84,7 @@ export class MysqlStore implements RecordStore {
     await this.#pool.end();
   }
 
-  async #rows<T>(sql: string, params: unknown[] = []): Promise<T[]> {
+  async #rows<T>(sql: string, params: (string | number | null)[] = []): Promise<T[]> {
     try {
       const [rows] = await this.#pool.execute(sql, params);
       return rows as T[];

@@ -1,0 +1,203 @@
+// Integration tests: real role processes on free ports, real mutual TLS, a real sqlite file.
+import { afterEach, beforeAll, describe, expect, setDefaultTimeout, test } from "bun:test";
+import { mkdtempSync, readFileSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { REPO_ROOT, loadFernetKeys } from "../shared/config.ts";
+import { Fernet } from "../shared/fernet.ts";
+import { ProofSigner } from "../shared/proof.ts";
+import { openStore } from "../shared/store.ts";
+import { testPki } from "../shared/testing/pki.ts";
+import { runPython } from "../shared/testing/python.ts";
+import { loadIdentity, mutualTlsClientOptions } from "../shared/tls.ts";
+import { Cluster, waitFor } from "./cluster.ts";
+
+setDefaultTimeout(30_000);
+
+let pki: string;
+let otherPki: string;
+const clusters: Cluster[] = [];
+
+beforeAll(async () => {
+  [pki, otherPki] = await Promise.all([testPki("main"), testPki("other")]);
+});
+
+afterEach(async () => {
+  await Promise.all(clusters.splice(0).map((c) => c.stop()));
+});
+
+/** Two servers and a coordinator on free ports, sharing a fresh sqlite file. */
+async function startMesh(coordinatorArgs: string[] = []) {
+  const dir = mkdtempSync(join(tmpdir(), "securemesh-mesh-"));
+  const db = join(dir, "records.db");
+  const cluster = new Cluster({ logDir: dir, pki, env: { DATABASE_URL: db, NO_COLOR: "1" } });
+  clusters.push(cluster);
+  const servers = await Promise.all([cluster.startServer("server1", 0), cluster.startServer("server2", 0)]);
+  const coordinator = await cluster.startCoordinator("coordinator", 0, servers, coordinatorArgs);
+  return { cluster, servers, coordinator, db, client: cluster.client("client1", [coordinator]) };
+}
+
+async function fetchStatus(url: string, tls: object): Promise<number | string> {
+  try {
+    return (await fetch(url, { tls, signal: AbortSignal.timeout(5000) } as RequestInit)).status;
+  } catch (error) {
+    return (error as { code?: string }).code ?? "error";
+  }
+}
+
+describe("mutual TLS", () => {
+  test("valid client certificates are accepted; none, or one from another CA, fail the handshake", async () => {
+    const { servers, coordinator } = await startMesh();
+    const ca = readFileSync(join(pki, "ca_cert.pem"), "utf8");
+    const valid = mutualTlsClientOptions(loadIdentity(pki, "client1"));
+    const foreign = { ...mutualTlsClientOptions(loadIdentity(otherPki, "client1")), ca };
+    for (const url of [coordinator, servers[0]!]) {
+      expect(await fetchStatus(`${url}/health`, valid)).toBe(200);
+      expect(await fetchStatus(`${url}/health`, { ca })).not.toBe(200);
+      expect(await fetchStatus(`${url}/health`, foreign)).not.toBe(200);
+    }
+  });
+
+  test("curl, a client no one here wrote, gets in with a certificate and not without", async () => {
+    const { coordinator } = await startMesh();
+    const port = new URL(coordinator).port;
+    const curl = async (...args: string[]) => {
+      await using proc = Bun.spawn(["curl", "-sS", "--max-time", "5", "--cacert", join(pki, "ca_cert.pem"), ...args, `https://localhost:${port}/health`], { stdout: "pipe", stderr: "pipe" });
+      const [stdout, exitCode] = await Promise.all([new Response(proc.stdout).text(), proc.exited]);
+      return { exitCode, stdout };
+    };
+    const ok = await curl("--cert", join(pki, "client1_cert.pem"), "--key", join(pki, "client1_key.pem"));
+    expect(ok.exitCode).toBe(0);
+    expect(JSON.parse(ok.stdout)).toMatchObject({ status: "ok", role: "coordinator", serversUp: 2 });
+    expect((await curl()).exitCode).not.toBe(0);
+    expect((await curl("--cert", join(otherPki, "client1_cert.pem"), "--key", join(otherPki, "client1_key.pem"))).exitCode).not.toBe(0);
+  });
+});
+
+describe("request path", () => {
+  test("a Python client sends a Python-made Fernet token with a valid proof; a server logs the plaintext", async () => {
+    const { cluster, coordinator } = await startMesh();
+    const key = loadFernetKeys(pki)[0]!;
+    const token = await runPython(`from cryptography.fernet import Fernet\nprint(Fernet(${JSON.stringify(key)}.encode()).encrypt("from python requests".encode()).decode())`);
+    const proof = await new ProofSigner(loadIdentity(pki, "client2")).sign({ method: "POST", path: "/api/data", payload: token });
+    const out = await runPython(`
+import json, os, requests
+r = requests.post(os.environ["URL"] + "/api/data", json={"data": os.environ["TOKEN"], "proof": os.environ["PROOF"]},
+                  cert=(os.environ["CERT"], os.environ["KEY"]), verify=os.environ["CA"], timeout=10)
+print(json.dumps({"status": r.status_code, "body": r.json()}))`, "", {
+      URL: coordinator, TOKEN: token, PROOF: proof,
+      CERT: join(pki, "client2_cert.pem"), KEY: join(pki, "client2_key.pem"), CA: join(pki, "ca_cert.pem"),
+    });
+    const { status, body } = JSON.parse(out);
+    expect(status).toBe(200);
+    expect(body).toMatchObject({ result: "ok" });
+    const logged = await Promise.race(["server1", "server2"].map((n) => cluster.role(n).waitForLine(/Decrypted data: from python requests \(from client2\)/)));
+    expect(logged).toBe("Decrypted data: from python requests (from client2)");
+  });
+
+  test("the sender proof is accepted, then refused when forged, expired or replayed", async () => {
+    const { client } = await startMesh();
+    const signer = new ProofSigner(loadIdentity(pki, "client1"));
+    const forger = new ProofSigner(loadIdentity(otherPki, "client1"));
+    const token = new Fernet(loadFernetKeys(pki)).encrypt("proof test");
+    const target = { method: "POST", path: "/api/data", payload: token };
+    const post = (proof: string) => client.request("POST", "/api/data", { data: token, proof });
+
+    const good = await signer.sign(target);
+    expect((await post(good)).status).toBe(200);
+    expect(await post(good)).toMatchObject({ status: 401, body: { error: "proof already used (replayed jti)" } });
+    expect(await post(await forger.sign(target))).toMatchObject({ status: 401, body: { error: "proof certificate is not issued by our CA" } });
+    expect(await post(await signer.sign(target, Date.now() / 1000 - 3600))).toMatchObject({ status: 401, body: { error: "proof expired" } });
+    expect(await client.request("POST", "/api/data", { data: token })).toMatchObject({ status: 401, body: { error: "sender proof missing" } });
+  });
+});
+
+describe("failover", () => {
+  test("a killed server's requests go to the other one, and the coordinator logs the failure", async () => {
+    const { cluster, servers, client } = await startMesh(["--health-interval", "60000"]);
+    await cluster.kill("server1");
+    const results = await Promise.all([1, 2, 3, 4].map((i) => client.sendData(`after kill ${i}`)));
+    expect(results.map((r) => r.status)).toEqual([200, 200, 200, 200]);
+    expect(new Set(results.map((r) => r.body.server))).toEqual(new Set([Number(new URL(servers[1]!).port)]));
+    await cluster.role("coordinator").waitForLine(new RegExp(`Server ${servers[0]!.replace(/\./g, "\\.")} failed: `));
+  });
+
+  test("with every server down the coordinator answers 503 JSON at once", async () => {
+    const { cluster, coordinator } = await startMesh(["--health-interval", "60000"]);
+    await Promise.all([cluster.kill("server1"), cluster.kill("server2")]);
+    const tls = mutualTlsClientOptions(loadIdentity(pki, "client1"));
+    const started = performance.now();
+    // The first request finds both dead (each refused at once); the next is refused without trying.
+    for (let i = 0; i < 2; i++) {
+      const response = await fetch(`${coordinator}/api/data`, { method: "POST", tls, headers: { "content-type": "application/json" }, body: "{}" });
+      expect(response.status).toBe(503);
+      expect(((await response.json()) as { code: string }).code).toBe("ERR_UNAVAILABLE");
+    }
+    expect(performance.now() - started).toBeLessThan(2000);
+  });
+});
+
+describe("retry safety", () => {
+  test("a hung server: a POST with an Idempotency-Key fails over and is stored once", async () => {
+    const { cluster, client, db } = await startMesh(["--health-interval", "60000", "--timeout", "500"]);
+    cluster.role("server1").signal("SIGSTOP");
+    // Consecutive requests start at alternating servers, so one of the two meets the hung server first.
+    const results = [await client.sendData("idempotent 1"), await client.sendData("idempotent 2")];
+    expect(results.map((r) => r.status)).toEqual([200, 200]);
+    await cluster.role("coordinator").waitForLine(/failed: timeout/);
+    cluster.role("server1").signal("SIGCONT");
+    // server 1 now handles the request it held; the Idempotency-Key makes it a repeat, not a second record.
+    await cluster.role("server1").waitForLine(/"POST \/api\/data HTTP\/1.1" 200/);
+    const store = await openStore(db);
+    expect(await store.count()).toBe(2);
+    await store.close();
+  });
+
+  test("a hung server: a POST without an Idempotency-Key is not re-sent (502)", async () => {
+    const { cluster, coordinator } = await startMesh(["--health-interval", "60000", "--timeout", "500"]);
+    cluster.role("server1").signal("SIGSTOP");
+    const bare = cluster.client("client1", [coordinator]);
+    const signer = new ProofSigner(loadIdentity(pki, "client1"));
+    const fernet = new Fernet(loadFernetKeys(pki));
+    const statuses: number[] = [];
+    for (let i = 0; i < 2; i++) {
+      const data = fernet.encrypt(`no key ${i}`);
+      const proof = await signer.sign({ method: "POST", path: "/api/data", payload: data });
+      statuses.push((await bare.request("POST", "/api/data", { data, proof })).status);
+    }
+    expect(statuses.sort()).toEqual([200, 502]);
+    cluster.role("server1").signal("SIGCONT");
+  });
+});
+
+describe("role start-up", () => {
+  async function runRole(args: string[], env: Record<string, string> = {}) {
+    await using proc = Bun.spawn([process.execPath, join(REPO_ROOT, "roles", "server.ts"), ...args], {
+      env: { ...process.env, PKI_DIR: pki, DATABASE_URL: join(mkdtempSync(join(tmpdir(), "sm-")), "r.db"), ...env },
+      stdout: "pipe",
+      stderr: "pipe",
+    });
+    const [stdout, stderr, exitCode] = await Promise.all([new Response(proc.stdout).text(), new Response(proc.stderr).text(), proc.exited]);
+    return { stdout, stderr: stderr.trim(), exitCode };
+  }
+
+  test("NODE_TLS_REJECT_UNAUTHORIZED=0 stops a role before it listens", async () => {
+    const result = await runRole(["0"], { NODE_TLS_REJECT_UNAUTHORIZED: "0" });
+    expect(result.exitCode).toBe(2);
+    expect(result.stderr).toStartWith("server: NODE_TLS_REJECT_UNAUTHORIZED=0 is set");
+    expect(result.stdout).not.toContain("listening");
+  });
+
+  test("bad configuration gets one line: missing certificate, port in use", async () => {
+    const missing = await runRole(["0"], { PKI_DIR: "/nonexistent" });
+    expect([missing.exitCode, missing.stderr]).toEqual([2, "server: missing /nonexistent/server_cert.pem: run ./pki.sh (or set PKI_DIR)"]);
+    const { servers } = await startMesh();
+    const port = new URL(servers[0]!).port;
+    const busy = await runRole([port]);
+    expect([busy.exitCode, busy.stderr]).toEqual([2, `server: port ${port} on 127.0.0.1 is already in use`]);
+  });
+});
+
+test("waitFor fails with what it waited for", async () => {
+  await expect(waitFor("the impossible", () => false, 50)).rejects.toThrow("timed out after 50 ms waiting for the impossible");
+});
