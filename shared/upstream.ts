@@ -68,9 +68,17 @@ export function neverReachedServer(error: unknown): boolean {
   return NEVER_REACHED.has((error as { code?: string }).code ?? "");
 }
 
+const REASONS: Record<string, string> = {
+  ECONNREFUSED: "connection refused",
+  ConnectionRefused: "connection refused",
+  ECONNRESET: "connection reset",
+  EPROTO: "TLS handshake failed",
+};
+
 function reason(error: unknown): string {
   if ((error as { name?: string }).name === "TimeoutError") return "timeout";
-  return describeError(error);
+  const code = (error as { code?: string }).code;
+  return code && REASONS[code] ? `${REASONS[code]} (${code})` : describeError(error);
 }
 
 export class UpstreamPool {
