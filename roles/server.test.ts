@@ -10,6 +10,7 @@ import { openStore, type RecordStore } from "../shared/store.ts";
 import { testPki } from "../shared/testing/pki.ts";
 import { runPython } from "../shared/testing/python.ts";
 import { loadIdentity } from "../shared/tls.ts";
+import { CachedDataView, type DataSnapshot } from "../shared/data-view.ts";
 import { createServerApp } from "./server.ts";
 
 let pki: string;
@@ -17,7 +18,10 @@ let store: RecordStore;
 let fernet: Fernet;
 let signer: ProofSigner;
 let app: ReturnType<typeof createServerApp>;
+let verifier: ProofVerifier;
 const logs: string[] = [];
+let clockMs = 1_000_000;
+const clock = () => clockMs;
 
 beforeAll(async () => {
   pki = await testPki();
@@ -25,7 +29,9 @@ beforeAll(async () => {
   fernet = new Fernet(loadFernetKeys(pki));
   signer = new ProofSigner(loadIdentity(pki, "client1"));
   const logger = createLogger("server", { format: "text", color: false, write: (l) => logs.push(l) });
-  app = createServerApp({ port: 5001, store, fernet, verifier: new ProofVerifier(loadIdentity(pki, "server").ca), logger, ttl: 300 });
+  verifier = new ProofVerifier(loadIdentity(pki, "server").ca);
+  const view = new CachedDataView({ store, fernet, logger, ttlMs: 30_000, now: clock });
+  app = createServerApp({ port: 5001, store, view, fernet, verifier, logger, ttl: 300 });
 });
 
 async function post(body: unknown, headers: Record<string, string> = {}) {
@@ -104,7 +110,87 @@ describe("POST /api/data", () => {
   });
 });
 
-test("GET /health reports the server and its store", async () => {
+test("GET /health reports the server, its store and its cache", async () => {
   const res = await app.handle(new Request("http://localhost/health"));
-  expect(await res.json()).toEqual({ status: "ok", role: "server", server: 5001, store: "sqlite" });
+  expect(await res.json()).toMatchObject({ status: "ok", role: "server", server: 5001, store: "sqlite", cache: { generation: expect.any(Number) } });
+});
+
+describe("cache routes", () => {
+  interface CachedAnswer { cached: boolean; age_ms: number; server: number; generation: number; data: string }
+  const read = async (target = app, headers: Record<string, string> = {}) => {
+    const res = await target.handle(new Request("http://localhost/api/get_cached_data", { headers }));
+    expect(res.status).toBe(200);
+    const body = (await res.json()) as CachedAnswer;
+    return { ...body, view: JSON.parse(fernet.decryptText(body.data)) as DataSnapshot };
+  };
+  const invalidate = async (proof?: string) => {
+    const res = await app.handle(new Request("http://localhost/api/invalidate_cache", {
+      method: "POST", headers: { "content-type": "application/json" }, body: JSON.stringify(proof ? { proof } : {}),
+    }));
+    return { status: res.status, body: (await res.json()) as Record<string, unknown> };
+  };
+
+  test("a miss reads through, then a hit returns the cached copy with its age", async () => {
+    await read(app, { "cache-control": "no-cache" });
+    clockMs += 1200;
+    const hit = await read();
+    expect([hit.cached, hit.age_ms, hit.server]).toEqual([true, 1200, 5001]);
+    expect(hit.view.total).toBe(await store.count());
+    expect(logs.filter((l) => /^Cache hit \(age 1\.2 s, generation \d+\)$/.test(l))).toHaveLength(1);
+  });
+
+  test("the data is Fernet-encrypted: without the key it is unreadable", async () => {
+    const answer = await read();
+    expect(answer.data).toStartWith("gAAAAA");
+    expect(JSON.stringify(answer)).not.toContain("Decrypted");
+  });
+
+  test("a write makes the next read a miss that includes it", async () => {
+    await read();
+    const written = await post(await signed("fresh write"));
+    const after = await read();
+    expect(after.cached).toBe(false);
+    expect(after.view.latest[0]).toMatchObject({ id: written.body.id, text: "fresh write", sender: "client1" });
+  });
+
+  test("a server that missed a write (partitioned) does not serve its old copy", async () => {
+    const otherLogs: string[] = [];
+    const otherLogger = createLogger("server", { format: "text", color: false, write: (l) => otherLogs.push(l) });
+    const other = createServerApp({
+      port: 5002, store, fernet, verifier, logger: otherLogger, ttl: 300,
+      view: new CachedDataView({ store, fernet, logger: otherLogger, ttlMs: 30_000, now: clock }),
+    });
+    await read(other);
+    expect((await read(other)).cached).toBe(true);
+    const written = await post(await signed("written while 5002 was away"));
+    const after = await read(other);
+    expect(after.cached).toBe(false);
+    expect(after.view.latest[0]!.id).toBe(written.body.id as number);
+  });
+
+  test("invalidation needs a sender proof, then clears and moves the generation on", async () => {
+    expect(await invalidate()).toEqual({ status: 401, body: { error: "sender proof missing", code: "ERR_PROOF" } });
+    await read();
+    const before = (await read()).generation;
+    const proof = await signer.sign({ method: "POST", path: "/api/invalidate_cache", payload: "" });
+    expect(await invalidate(proof)).toEqual({ status: 200, body: { result: "ok", server: 5001, generation: before + 1 } });
+    const after = await read();
+    expect([after.cached, after.generation]).toEqual([false, before + 1]);
+    expect(logs).toContain(`Cache invalidated by client1 (generation ${before + 1})`);
+  });
+
+  test("the TTL expires entries (injected clock)", async () => {
+    await read();
+    expect((await read()).cached).toBe(true);
+    clockMs += 30_000;
+    expect((await read()).cached).toBe(false);
+  });
+
+  test("GET /api/cache_stats reports hits, misses, entries and generation", async () => {
+    const res = await app.handle(new Request("http://localhost/api/cache_stats"));
+    expect(await res.json()).toMatchObject({
+      server: 5001, hits: expect.any(Number), misses: expect.any(Number), entries: expect.any(Number),
+      evictions: expect.any(Number), invalidations: 1, hitRatio: expect.any(Number), generation: expect.any(Number),
+    });
+  });
 });

@@ -3,6 +3,7 @@ import { exitWithConfigError, loadFernetKeys, parseFlags, parsePort, parsePositi
 import { BadRequest, InvalidToken, ProofRejected } from "../shared/errors.ts";
 import { Fernet } from "../shared/fernet.ts";
 import { createApp, listen, readJsonFields } from "../shared/http.ts";
+import { CachedDataView } from "../shared/data-view.ts";
 import { createLogger, type Logger } from "../shared/log.ts";
 import { payloadDigest, ProofVerifier } from "../shared/proof.ts";
 import { describeStoreUrl, openStore, type RecordStore } from "../shared/store.ts";
@@ -19,6 +20,8 @@ Options:
                      (default $DATABASE_URL, else data/records.db)
   --pki DIR          PKI folder from pki.sh (default $PKI_DIR, else certs/)
   --ttl SECONDS      oldest Fernet token accepted (default $FERNET_TTL, else 300)
+  --cache-ttl MS     how long get_data() stays cached (default 30000)
+  --cache-entries N  cache bound, least recently used evicted first (default 16)
   -h, --help         show this help
 
 Environment: LOG_FORMAT=json for JSON log lines, NO_COLOR to turn colours off.
@@ -30,6 +33,8 @@ export interface ServerConfig {
   db: string | undefined;
   pki: string;
   ttl: number;
+  cacheTtlMs: number;
+  cacheEntries: number;
 }
 
 export function parseServerConfig(argv: string[]): ServerConfig {
@@ -38,6 +43,8 @@ export function parseServerConfig(argv: string[]): ServerConfig {
     db: { type: "string" },
     pki: { type: "string" },
     ttl: { type: "string" },
+    "cache-ttl": { type: "string" },
+    "cache-entries": { type: "string" },
   }, argv);
   return {
     port: parsePort(positionals[0] ?? process.env.PORT, "PORT (first argument)"),
@@ -45,12 +52,15 @@ export function parseServerConfig(argv: string[]): ServerConfig {
     db: values.db ?? process.env.DATABASE_URL,
     pki: pkiDir(values.pki),
     ttl: parsePositive(values.ttl ?? process.env.FERNET_TTL, "--ttl", 300),
+    cacheTtlMs: parsePositive(values["cache-ttl"], "--cache-ttl", 30_000),
+    cacheEntries: parsePositive(values["cache-entries"], "--cache-entries", 16),
   };
 }
 
 export interface ServerDeps {
   port: number;
   store: RecordStore;
+  view: CachedDataView;
   fernet: Fernet;
   verifier: ProofVerifier;
   logger: Logger;
@@ -66,12 +76,12 @@ function printable(text: string): string {
 
 /** Handlers read `deps.port` per request, so a role started on port 0 can fill it in once bound. */
 export function createServerApp(deps: ServerDeps) {
-  const { store, fernet, verifier, logger, ttl } = deps;
+  const { store, view, fernet, verifier, logger, ttl } = deps;
   return createApp({ logger })
     .get("/health", async ({ set }) => {
       try {
         await store.ping();
-        return { status: "ok", role: "server", server: deps.port, store: store.kind };
+        return { status: "ok", role: "server", server: deps.port, store: store.kind, cache: await view.stats() };
       } catch {
         set.status = 503;
         return { status: "degraded", role: "server", server: deps.port, store: store.kind, error: "record store unavailable" };
@@ -89,7 +99,22 @@ export function createServerApp(deps: ServerDeps) {
       const stored = await store.insert({ sender, token: data, jti, idempotencyKey, digest: payloadDigest(data), server: deps.port });
       if (!stored.repeated) logger.info(`Decrypted data: ${printable(text)} (from ${sender})`);
       return { result: "ok", id: stored.id, server: stored.server };
-    });
+    })
+    .get("/api/get_cached_data", async ({ request }) => {
+      const refresh = /no-cache/i.test(request.headers.get("cache-control") ?? "");
+      const { snapshot, cached, ageMs } = await view.read(refresh);
+      // Encrypted for the client, so the coordinator in between cannot read the view.
+      return { cached, age_ms: ageMs, server: deps.port, generation: snapshot.generation, data: fernet.encrypt(JSON.stringify(snapshot)) };
+    })
+    .post("/api/invalidate_cache", async ({ request, body }) => {
+      const { proof } = readJsonFields(request, body, ["proof?"]);
+      if (proof === undefined) throw new ProofRejected("sender proof missing");
+      const { sender } = await verifier.verify(proof, { method: "POST", path: "/api/invalidate_cache", payload: "" });
+      const generation = await view.invalidate();
+      logger.info(`Cache invalidated by ${sender} (generation ${generation})`);
+      return { result: "ok", server: deps.port, generation };
+    })
+    .get("/api/cache_stats", async () => ({ server: deps.port, ...(await view.stats()) }));
 }
 
 function decryptText(fernet: Fernet, token: string, ttl: number): string {
@@ -104,7 +129,7 @@ function decryptText(fernet: Fernet, token: string, ttl: number): string {
 async function main(): Promise<void> {
   const logger = createLogger("server");
   let config: ServerConfig;
-  let deps: Omit<ServerDeps, "store" | "logger">;
+  let deps: Omit<ServerDeps, "store" | "logger" | "view">;
   let tls;
   try {
     assertSafeTlsEnvironment();
@@ -116,7 +141,8 @@ async function main(): Promise<void> {
     exitWithConfigError("server", error);
   }
   const store = await openStore(config.db).catch((error) => exitWithConfigError("server", error));
-  const serverDeps: ServerDeps = { ...deps, store, logger };
+  const view = new CachedDataView({ store, fernet: deps.fernet, logger, ttlMs: config.cacheTtlMs, maxEntries: config.cacheEntries });
+  const serverDeps: ServerDeps = { ...deps, store, view, logger };
   const app = createServerApp(serverDeps);
   let port: number;
   try {

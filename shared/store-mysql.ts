@@ -28,6 +28,8 @@ export class MysqlStore implements RecordStore {
         server INT NOT NULL,
         created_at BIGINT NOT NULL
       ) ENGINE=InnoDB`);
+      await pool.query(`CREATE TABLE IF NOT EXISTS ${table}_generation (id TINYINT PRIMARY KEY, value BIGINT NOT NULL) ENGINE=InnoDB`);
+      await pool.query(`INSERT IGNORE INTO ${table}_generation (id, value) VALUES (1, 0)`);
     } catch (error) {
       await pool.end().catch(() => {});
       throw new Unavailable(`cannot open MySQL record store: ${(error as { code?: string }).code ?? (error as Error).message}`, { cause: error });
@@ -36,16 +38,39 @@ export class MysqlStore implements RecordStore {
   }
 
   async insert(record: NewRecord): Promise<InsertResult> {
+    let conn: mysql.PoolConnection;
     try {
-      const [result] = await this.#pool.execute<mysql.ResultSetHeader>(
+      conn = await this.#pool.getConnection();
+    } catch (error) {
+      throw unavailable(error);
+    }
+    try {
+      await conn.beginTransaction();
+      const [result] = await conn.execute<mysql.ResultSetHeader>(
         `INSERT INTO ${this.#table} (sender, token, jti, idempotency_key, digest, server, created_at) VALUES (?, ?, ?, ?, ?, ?, ?)`,
         [record.sender, record.token, record.jti, record.idempotencyKey ?? null, record.digest, record.server, Date.now()],
       );
+      // The generation row's lock also orders commits, so generations follow commit order, not id order.
+      await conn.execute(`UPDATE ${this.#table}_generation SET value = value + 1 WHERE id = 1`);
+      await conn.commit();
       return { id: result.insertId, server: record.server, repeated: false };
     } catch (error) {
+      await conn.rollback().catch(() => {});
       if ((error as { code?: string }).code !== "ER_DUP_ENTRY") throw unavailable(error);
       return this.#resolveConflict(record);
+    } finally {
+      conn.release();
     }
+  }
+
+  async generation(): Promise<number> {
+    const [row] = await this.#rows<{ value: number }>(`SELECT value FROM ${this.#table}_generation WHERE id = 1`);
+    return Number(row?.value ?? 0);
+  }
+
+  async bumpGeneration(): Promise<number> {
+    await this.#rows(`UPDATE ${this.#table}_generation SET value = value + 1 WHERE id = 1`);
+    return this.generation();
   }
 
   async #resolveConflict(record: NewRecord): Promise<InsertResult> {

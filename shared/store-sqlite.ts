@@ -18,7 +18,10 @@ export class SqliteStore implements RecordStore {
   readonly #db: Database;
   readonly #table: string;
   readonly #insert: Statement;
+  readonly #bump: Statement;
+  readonly #generation: Statement<{ value: number }>;
   readonly #byKey: Statement<{ id: number; digest: string; server: number }>;
+  readonly #insertAndBump: (record: NewRecord) => number;
 
   private constructor(db: Database, table: string) {
     this.#db = db;
@@ -27,6 +30,15 @@ export class SqliteStore implements RecordStore {
       `INSERT INTO ${table} (sender, token, jti, idempotency_key, digest, server, created_at) VALUES (?, ?, ?, ?, ?, ?, ?) RETURNING id`,
     );
     this.#byKey = db.prepare(`SELECT id, digest, server FROM ${table} WHERE idempotency_key = ?`);
+    this.#bump = db.prepare(`UPDATE ${table}_generation SET value = value + 1 WHERE id = 1`);
+    this.#generation = db.prepare(`SELECT value FROM ${table}_generation WHERE id = 1`);
+    const insertAndBump = db.transaction((r: NewRecord) => {
+      const row = this.#insert.get(r.sender, r.token, r.jti, r.idempotencyKey ?? null, r.digest, r.server, Date.now()) as { id: number };
+      this.#bump.run();
+      return row.id;
+    });
+    // IMMEDIATE takes the write lock up front, so two servers never deadlock upgrading read locks.
+    this.#insertAndBump = (r) => insertAndBump.immediate(r);
   }
 
   static open(path: string, options: StoreOptions = {}): SqliteStore {
@@ -48,6 +60,8 @@ export class SqliteStore implements RecordStore {
         server INTEGER NOT NULL,
         created_at INTEGER NOT NULL
       )`);
+      db.exec(`CREATE TABLE IF NOT EXISTS ${table}_generation (id INTEGER PRIMARY KEY CHECK (id = 1), value INTEGER NOT NULL)`);
+      db.exec(`INSERT OR IGNORE INTO ${table}_generation (id, value) VALUES (1, 0)`);
       return new SqliteStore(db, table);
     } catch (error) {
       throw new Unavailable(`cannot open sqlite record store at ${path}: ${(error as Error).message}`, { cause: error });
@@ -56,10 +70,7 @@ export class SqliteStore implements RecordStore {
 
   async insert(record: NewRecord): Promise<InsertResult> {
     try {
-      const row = this.#insert.get(
-        record.sender, record.token, record.jti, record.idempotencyKey ?? null, record.digest, record.server, Date.now(),
-      ) as { id: number };
-      return { id: row.id, server: record.server, repeated: false };
+      return { id: this.#insertAndBump(record), server: record.server, repeated: false };
     } catch (error) {
       if ((error as { code?: string }).code !== "SQLITE_CONSTRAINT_UNIQUE") throw unavailable(error);
       return this.#resolveConflict(record);
@@ -71,6 +82,17 @@ export class SqliteStore implements RecordStore {
     if (!earlier) throw new ProofRejected("proof already used (replayed jti)");
     if (earlier.digest !== record.digest) throw new IdempotencyConflict();
     return { id: earlier.id, server: earlier.server, repeated: true };
+  }
+
+  async generation(): Promise<number> {
+    return this.#read(() => this.#generation.get()!.value);
+  }
+
+  async bumpGeneration(): Promise<number> {
+    return this.#read(() => {
+      this.#bump.run();
+      return this.#generation.get()!.value;
+    });
   }
 
   async count(): Promise<number> {

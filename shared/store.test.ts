@@ -23,7 +23,7 @@ afterAll(async () => {
   await Promise.all(stores.map((s) => s.close()));
   if (mysqlTables.length === 0) return;
   const conn = await mysql.createConnection(TEST_MYSQL_URL);
-  for (const table of mysqlTables) await conn.query(`DROP TABLE IF EXISTS ${table}`);
+  for (const table of mysqlTables) await conn.query(`DROP TABLE IF EXISTS ${table}, ${table}_generation`);
   await conn.end();
 });
 
@@ -76,6 +76,19 @@ describe.each(Object.keys(backends))("%s record store", (kind) => {
     await expect(store.insert({ ...first, token: "other" })).rejects.toBeInstanceOf(ProofRejected);
     await expect(store.insert({ ...first, idempotencyKey: "fresh" })).rejects.toBeInstanceOf(ProofRejected);
     expect(await store.count()).toBe(1);
+  });
+
+  test("the generation moves with every new record and every invalidation, not with repeats", async () => {
+    const store = await open();
+    const g0 = await store.generation();
+    const first = record({ idempotencyKey: "gen-key" });
+    await store.insert(first);
+    expect(await store.generation()).toBe(g0 + 1);
+    await store.insert({ ...first, server: 5002 });
+    expect(await store.generation()).toBe(g0 + 1);
+    expect(await store.bumpGeneration()).toBe(g0 + 2);
+    await expect(store.insert({ ...record(), jti: first.jti })).rejects.toBeInstanceOf(ProofRejected);
+    expect(await store.generation()).toBe(g0 + 2);
   });
 
   test("SQL metacharacters are stored verbatim", async () => {

@@ -31,8 +31,18 @@ export interface InsertResult {
 
 export interface RecordStore {
   readonly kind: "sqlite" | "mysql";
-  /** Commits the record before it resolves. Throws ProofRejected on a reused jti, IdempotencyConflict, or Unavailable. */
+  /**
+   * Commits the record, and bumps the cache generation in the same transaction, before it resolves.
+   * Throws ProofRejected on a reused jti, IdempotencyConflict, or Unavailable.
+   */
   insert(record: NewRecord): Promise<InsertResult>;
+  /**
+   * The cache generation every server shares: it changes with every new record and every invalidation, so a
+   * server that missed an invalidation (hung, partitioned) still sees that its cached view is old.
+   */
+  generation(): Promise<number>;
+  /** Moves the generation on (an explicit invalidation); returns the new value. */
+  bumpGeneration(): Promise<number>;
   count(): Promise<number>;
   latest(limit: number): Promise<StoredRecord[]>;
   countsBySender(): Promise<Record<string, number>>;

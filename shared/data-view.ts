@@ -1,0 +1,98 @@
+// get_data(), the servers' view of the stored records, and the cache in front of it.
+import { Cache, type CacheStats } from "./cache.ts";
+import type { Fernet } from "./fernet.ts";
+import type { Logger } from "./log.ts";
+import type { RecordStore } from "./store.ts";
+
+export interface RecordView {
+  id: number;
+  sender: string;
+  server: number;
+  createdAt: number;
+  text: string;
+}
+
+export interface DataSnapshot {
+  total: number;
+  bySender: Record<string, number>;
+  latest: RecordView[];
+  /** The store generation read before the view was computed: the view is at least this new. */
+  generation: number;
+}
+
+export const LATEST_RECORDS = 20;
+
+/** The expensive path: counts over every record plus the latest ones, decrypted. Every server reads the same store. */
+export async function getData(store: RecordStore, fernet: Fernet, generation: number): Promise<DataSnapshot> {
+  const [total, bySender, latest] = await Promise.all([store.count(), store.countsBySender(), store.latest(LATEST_RECORDS)]);
+  return {
+    total,
+    bySender,
+    latest: latest.map((r) => ({ id: r.id, sender: r.sender, server: r.server, createdAt: r.createdAt, text: readable(fernet, r.token) })),
+    generation,
+  };
+}
+
+function readable(fernet: Fernet, token: string): string {
+  try {
+    return fernet.decryptText(token);
+  } catch {
+    return "(unreadable: encrypted under a retired key)";
+  }
+}
+
+export interface CachedRead {
+  snapshot: DataSnapshot;
+  cached: boolean;
+  ageMs: number;
+}
+
+export interface ViewStats extends CacheStats {
+  generation: number;
+}
+
+/**
+ * get_data() behind a cache. Before a hit is served, the store's generation is read (one indexed row), and
+ * entries are keyed by it: a write or invalidation this server never heard of still makes its copy a miss.
+ * Keying by generation also keeps single-flight honest: a reader never joins a fill begun at an older one.
+ */
+export class CachedDataView {
+  readonly #store: RecordStore;
+  readonly #fernet: Fernet;
+  readonly #cache: Cache<DataSnapshot>;
+  readonly #logger: Logger;
+
+  constructor(options: { store: RecordStore; fernet: Fernet; logger: Logger; ttlMs: number; maxEntries?: number; now?: () => number }) {
+    this.#store = options.store;
+    this.#fernet = options.fernet;
+    this.#logger = options.logger;
+    this.#cache = new Cache({ ttlMs: options.ttlMs, maxEntries: options.maxEntries ?? 16, now: options.now });
+  }
+
+  /** `refresh` recomputes and refills even when a fresh entry exists (Cache-Control: no-cache). */
+  async read(refresh = false): Promise<CachedRead> {
+    const generation = await this.#store.generation();
+    const started = performance.now();
+    const lookup = await this.#cache.getOrCompute(
+      `get_data@${generation}`,
+      () => getData(this.#store, this.#fernet, generation),
+      () => !refresh,
+    );
+    if (lookup.cached) {
+      this.#logger.info(`Cache hit (age ${(lookup.ageMs / 1000).toFixed(1)} s, generation ${generation})`);
+    } else {
+      this.#logger.info(`Cache miss: get_data() read ${lookup.value.total} records in ${(performance.now() - started).toFixed(1)} ms (generation ${lookup.value.generation})`);
+    }
+    return { snapshot: lookup.value, cached: lookup.cached, ageMs: lookup.ageMs };
+  }
+
+  /** Clears this server's cache and moves the shared generation on, so every other server's copy is old too. */
+  async invalidate(): Promise<number> {
+    this.#cache.clear();
+    return this.#store.bumpGeneration();
+  }
+
+  async stats(): Promise<ViewStats> {
+    return { ...this.#cache.stats(), generation: await this.#store.generation() };
+  }
+}
