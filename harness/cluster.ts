@@ -185,6 +185,10 @@ export class Cluster implements AsyncDisposable {
     return new MeshClient({ identity: loadIdentity(this.#options.pki, name), fernet: new Fernet(loadFernetKeys(this.#options.pki)), coordinators });
   }
 
+  get pki(): string {
+    return this.#options.pki;
+  }
+
   role(name: string): RoleProcess {
     const role = this.roles.get(name);
     if (!role) throw new Error(`no role named ${name}`);

@@ -5,10 +5,11 @@ import { parseArgs } from "node:util";
 import { REPO_ROOT, pkiDir } from "../shared/config.ts";
 import { Cluster, ExpectationFailed } from "./cluster.ts";
 import { seedPorts, type Scenario } from "./scenario.ts";
+import { cache } from "./scenarios/cache.ts";
 import { demo } from "./scenarios/demo.ts";
 import { failover } from "./scenarios/failover.ts";
 
-const SCENARIOS: Scenario[] = [demo, failover];
+const SCENARIOS: Scenario[] = [demo, failover, cache];
 
 const USAGE = `
 Usage: bun harness <scenario> [options]
@@ -72,7 +73,7 @@ async function main(): Promise<number> {
 
   console.log(`harness: ${scenario.name} — ${scenario.description}`);
   try {
-    await scenario.run({ cluster, ports: seedPorts(basePort), summary, step: (m) => console.log(`  • ${m}`) });
+    await scenario.run({ cluster, ports: seedPorts(basePort), db, summary, step: (m) => console.log(`  • ${m}`) });
   } catch (error) {
     console.error(`\nharness: ${scenario.name} FAILED: ${error instanceof ExpectationFailed ? error.message : (error as Error).stack}`);
     console.error(`logs: ${logDir}`);

@@ -170,6 +170,55 @@ describe("retry safety", () => {
   });
 });
 
+describe("cache across servers", () => {
+  test("invalidation with one server down: the report names the failed server", async () => {
+    const { cluster, servers, client } = await startMesh(["--health-interval", "60000"]);
+    await cluster.kill("server2");
+    const report = await client.invalidateCache();
+    expect(report.status).toBe(200);
+    expect(report.body).toEqual({
+      result: "ok",
+      complete: false,
+      acknowledged: [servers[0]],
+      failed: [{ server: servers[1], status: null, error: "connection refused (ECONNREFUSED)" }],
+    });
+  });
+
+  test("invalidation without a proof is refused by every server", async () => {
+    const { client } = await startMesh();
+    const report = await client.request("POST", "/api/invalidate_cache", {});
+    expect(report.status).toBe(401);
+    expect(report.body).toMatchObject({ result: "failed", acknowledged: [] });
+  });
+
+  test("a server hung (SIGSTOP) through a write does not serve its old copy when it resumes", async () => {
+    const { cluster, servers, client } = await startMesh(["--health-interval", "60000", "--timeout", "500"]);
+    const direct = cluster.client("client1", [servers[1]!]);
+    await direct.readCachedData();
+    expect((await direct.readCachedData()).cached).toBe(true);
+    cluster.role("server2").signal("SIGSTOP");
+    const writes = [await client.sendData("while server 2 hung"), await client.sendData("still hung")];
+    expect(writes.map((w) => w.status)).toEqual([200, 200]);
+    cluster.role("server2").signal("SIGCONT");
+    const after = await direct.readCachedData();
+    expect(after.cached).toBe(false);
+    expect(after.snapshot.latest.map((r) => r.id)).toEqual(expect.arrayContaining(writes.map((w) => w.body.id as number)));
+  });
+
+  test("a cached read through the coordinator reports its server and age, and a write invalidates it", async () => {
+    const { client } = await startMesh();
+    const first = [await client.readCachedData(), await client.readCachedData()];
+    const second = [await client.readCachedData(), await client.readCachedData()];
+    expect(first.map((a) => a.cached)).toEqual([false, false]);
+    expect(second.map((a) => a.cached)).toEqual([true, true]);
+    const written = await client.sendData("visible at once");
+    for (let i = 0; i < 2; i++) {
+      const read = await client.readCachedData();
+      expect(read.snapshot.latest[0]).toMatchObject({ id: written.body.id, text: "visible at once" });
+    }
+  });
+});
+
 describe("role start-up", () => {
   async function runRole(args: string[], env: Record<string, string> = {}) {
     await using proc = Bun.spawn([process.execPath, join(REPO_ROOT, "roles", "server.ts"), ...args], {

@@ -10,6 +10,8 @@ export interface Ports {
 export interface ScenarioContext {
   cluster: Cluster;
   ports: Ports;
+  /** The servers' record store URL or sqlite path. */
+  db: string;
   /** Prints one progress line. */
   step(message: string): void;
   /** Lines for the closing summary. */

@@ -3,7 +3,7 @@ import { exitWithConfigError, loadFernetKeys, parseFlags, parsePositive, pkiDir 
 import { ConfigError } from "../shared/errors.ts";
 import { Fernet } from "../shared/fernet.ts";
 import { describeError } from "../shared/log.ts";
-import { MeshClient } from "../shared/mesh-client.ts";
+import { describeSnapshot, MeshClient } from "../shared/mesh-client.ts";
 import { assertSafeTlsEnvironment, loadIdentity } from "../shared/tls.ts";
 
 const USAGE = `
@@ -16,6 +16,7 @@ Options:
   --name NAME          client identity; uses certs/NAME_cert.pem and NAME_key.pem (default client1)
   --message TEXT       message to send (default "Hello from NAME")
   --count N            send the message N times (default 1)
+  --no-cache-check     do not read the servers' cached data before sending
   --coordinator URL    coordinator URL; repeat it for failover (default https://127.0.0.1:8000)
   --timeout MS         per-request timeout (default 5000)
   --pki DIR            PKI folder from pki.sh (default $PKI_DIR, else certs/)
@@ -29,6 +30,7 @@ export interface ClientConfig {
   coordinators: string[];
   timeoutMs: number;
   pki: string;
+  cacheCheck: boolean;
 }
 
 export function parseClientConfig(argv: string[]): ClientConfig {
@@ -39,6 +41,7 @@ export function parseClientConfig(argv: string[]): ClientConfig {
     coordinator: { type: "string", multiple: true },
     timeout: { type: "string" },
     pki: { type: "string" },
+    "no-cache-check": { type: "boolean" },
   }, argv);
   const name = values.name ?? "client1";
   if (!/^[A-Za-z0-9_-]+$/.test(name)) throw new ConfigError(`--name: '${name}' may hold letters, digits, - and _ only`);
@@ -51,7 +54,22 @@ export function parseClientConfig(argv: string[]): ClientConfig {
     coordinators: values.coordinator?.length ? values.coordinator : ["https://127.0.0.1:8000"],
     timeoutMs: parsePositive(values.timeout, "--timeout", 5000),
     pki: pkiDir(values.pki),
+    cacheCheck: !values["no-cache-check"],
   };
+}
+
+/** The lab's variant 6: look at the servers' cached view before sending. A failed check does not stop the send. */
+async function checkCache(client: MeshClient, name: string): Promise<void> {
+  try {
+    const answer = await client.readCachedData();
+    if (answer.cached) {
+      console.log(`[${name}] Cache hit (server ${answer.server}, age ${(answer.ageMs / 1000).toFixed(1)} s): ${describeSnapshot(answer.snapshot)}`);
+    } else {
+      console.log(`[${name}] Cache miss (server ${answer.server} read through get_data()): ${describeSnapshot(answer.snapshot)}`);
+    }
+  } catch (error) {
+    console.log(`[${name}] Cache check failed: ${describeError(error)}`);
+  }
 }
 
 async function main(): Promise<void> {
@@ -71,6 +89,7 @@ async function main(): Promise<void> {
   }
   let failed = 0;
   for (let i = 0; i < config.count; i++) {
+    if (config.cacheCheck) await checkCache(client, config.name);
     try {
       const { status, body } = await client.sendData(config.message);
       if (status === 200) {

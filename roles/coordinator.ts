@@ -82,6 +82,24 @@ export function createCoordinatorApp({ pool, logger }: { pool: UpstreamPool; log
       if (up === 0) set.status = 503;
       return { status: up > 0 ? "ok" : "no server up", role: "coordinator", serversUp: up, servers };
     })
+    .post("/api/invalidate_cache", async ({ request, set }) => {
+      // Every configured server, in parallel, up or not: a server marked down may only be slow.
+      const headers = new Headers({ "content-type": request.headers.get("content-type") ?? "application/json" });
+      const outcomes = await pool.broadcast("POST", "/api/invalidate_cache", headers, await request.arrayBuffer());
+      const acknowledged = outcomes.filter((o) => o.ok).map((o) => o.server);
+      const failed = outcomes.filter((o) => !o.ok).map((o) =>
+        o.status === null ? { server: o.server, status: null, error: o.error } : { server: o.server, status: o.status, error: errorText(o.body) });
+      for (const f of failed) logger.warn(`Invalidation not acknowledged by ${f.server}: ${f.error}`);
+      // Nobody acknowledged: if every server answered (say, 401 for a bad proof), their answer is the answer.
+      if (acknowledged.length === 0) set.status = failed.every((f) => f.status !== null) ? failed[0]!.status! : 503;
+      return { result: acknowledged.length > 0 ? "ok" : "failed", complete: failed.length === 0, acknowledged, failed };
+    }, { parse: "none" })
+    .get("/api/cache_stats", async () => {
+      const outcomes = await pool.broadcast("GET", "/api/cache_stats");
+      return {
+        servers: outcomes.map((o) => (o.ok ? { url: o.server, ...JSON.parse(new TextDecoder().decode(o.body)) } : { url: o.server, error: o.status === null ? o.error : `answered ${o.status}` })),
+      };
+    })
     .all("/api/*", async ({ request }) => {
       const url = new URL(request.url);
       const body = request.method === "GET" || request.method === "HEAD" ? undefined : await request.arrayBuffer();
@@ -91,6 +109,15 @@ export function createCoordinatorApp({ pool, logger }: { pool: UpstreamPool; log
         headers: { "content-type": result.headers.get("content-type") ?? "application/json", "x-securemesh-upstream": result.upstream },
       });
     }, { parse: "none" });
+}
+
+/** The `error` field of a server's JSON answer, for a report line. */
+function errorText(body: ArrayBuffer): string {
+  try {
+    return String((JSON.parse(new TextDecoder().decode(body)) as { error?: unknown }).error ?? "no error text");
+  } catch {
+    return "non-JSON answer";
+  }
 }
 
 async function main(): Promise<void> {

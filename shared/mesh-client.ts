@@ -1,6 +1,7 @@
 // The client side of the request path: Fernet-encrypt, sign a sender proof, send over mutual TLS to a coordinator.
 import { randomUUID } from "node:crypto";
 import { MeshError } from "./errors.ts";
+import type { DataSnapshot } from "./data-view.ts";
 import type { Fernet } from "./fernet.ts";
 import { describeError } from "./log.ts";
 import { ProofSigner } from "./proof.ts";
@@ -15,6 +16,20 @@ export interface MeshClientOptions {
   /** Rounds over all coordinators before giving up. */
   attempts?: number;
   backoffMs?: number;
+}
+
+export interface CachedDataAnswer {
+  cached: boolean;
+  ageMs: number;
+  server: number;
+  generation: number;
+  snapshot: DataSnapshot;
+}
+
+/** One line on a get_data() view: how many records, and the newest. */
+export function describeSnapshot(snapshot: DataSnapshot): string {
+  const newest = snapshot.latest[0];
+  return `${snapshot.total} record${snapshot.total === 1 ? "" : "s"}${newest ? `, newest #${newest.id} "${newest.text}" from ${newest.sender}` : ""}`;
 }
 
 export interface MeshResponse<T = Record<string, unknown>> {
@@ -42,6 +57,27 @@ export class MeshClient {
     const data = this.#options.fernet.encrypt(message);
     const proof = await this.#signer.sign({ method: "POST", path: "/api/data", payload: data });
     return this.request("POST", "/api/data", { data, proof }, { "idempotency-key": randomUUID() });
+  }
+
+  /** Reads get_data() through the coordinator and decrypts it; `refresh` asks the server to skip its cache. */
+  async readCachedData(refresh = false): Promise<CachedDataAnswer> {
+    const { status, body } = await this.request<Record<string, unknown>>("GET", "/api/get_cached_data", undefined, refresh ? { "cache-control": "no-cache" } : {});
+    if (status !== 200 || typeof body.data !== "string") {
+      throw new MeshError("ERR_CACHE_READ", status, `cache read failed (${status}): ${String(body.error ?? "no data")}`);
+    }
+    return {
+      cached: body.cached === true,
+      ageMs: Number(body.age_ms),
+      server: Number(body.server),
+      generation: Number(body.generation),
+      snapshot: JSON.parse(this.#options.fernet.decryptText(body.data)) as DataSnapshot,
+    };
+  }
+
+  /** Asks the coordinator to invalidate every server's cache, proving who asks. */
+  async invalidateCache(): Promise<MeshResponse> {
+    const proof = await this.#signer.sign({ method: "POST", path: "/api/invalidate_cache", payload: "" });
+    return this.request("POST", "/api/invalidate_cache", { proof });
   }
 
   /**

@@ -55,7 +55,7 @@ export interface ForwardResult {
 }
 
 export const DEFAULT_HEALTH: HealthCheckOptions = { intervalMs: 1000, timeoutMs: 1000, fall: 2, rise: 2 };
-const FORWARDED_HEADERS = ["content-type", "accept", "idempotency-key", "x-request-id"];
+const FORWARDED_HEADERS = ["content-type", "accept", "cache-control", "idempotency-key", "x-request-id"];
 /** Failures where the request provably never reached the server's application, so any method may be re-sent. */
 const NEVER_REACHED = new Set(["ECONNREFUSED", "ENOTFOUND", "EHOSTUNREACH", "ENETUNREACH", "EPROTO", "ConnectionRefused"]);
 
