@@ -41,30 +41,29 @@ export class SqliteStore implements RecordStore {
     this.#insertAndBump = (r) => insertAndBump.immediate(r);
   }
 
-  static open(path: string, options: StoreOptions = {}): SqliteStore {
+  static async open(path: string, options: StoreOptions = {}): Promise<SqliteStore> {
     const table = checkTableName(options.table ?? "records");
-    try {
-      if (path !== ":memory:") mkdirSync(dirname(path), { recursive: true });
-      const db = new Database(path, { create: true, strict: true });
-      // busy_timeout first: servers starting together would otherwise fail on each other's WAL switch.
-      db.exec("PRAGMA busy_timeout = 5000");
-      // WAL lets every server read while one writes; FULL sync makes an acknowledged commit survive power loss.
-      db.exec("PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL;");
-      db.exec(`CREATE TABLE IF NOT EXISTS ${table} (
-        id INTEGER PRIMARY KEY AUTOINCREMENT,
-        sender TEXT NOT NULL,
-        token TEXT NOT NULL,
-        jti TEXT NOT NULL UNIQUE,
-        idempotency_key TEXT UNIQUE,
-        digest TEXT NOT NULL,
-        server INTEGER NOT NULL,
-        created_at INTEGER NOT NULL
-      )`);
-      db.exec(`CREATE TABLE IF NOT EXISTS ${table}_generation (id INTEGER PRIMARY KEY CHECK (id = 1), value INTEGER NOT NULL)`);
-      db.exec(`INSERT OR IGNORE INTO ${table}_generation (id, value) VALUES (1, 0)`);
-      return new SqliteStore(db, table);
-    } catch (error) {
-      throw new Unavailable(`cannot open sqlite record store at ${path}: ${(error as Error).message}`, { cause: error });
+    if (path !== ":memory:") mkdirSync(dirname(path), { recursive: true });
+    // Servers starting together race to create the file; SQLite may answer BUSY at once (without waiting
+    // for busy_timeout) to avoid a lock deadlock, so set-up is retried a bounded number of times.
+    for (let attempt = 1; ; attempt++) {
+      let db: Database | undefined;
+      try {
+        db = new Database(path, { create: true, strict: true });
+        db.exec("PRAGMA busy_timeout = 5000");
+        // WAL lets every server read while one writes; FULL sync makes an acknowledged commit survive power loss.
+        db.exec("PRAGMA journal_mode = WAL");
+        db.exec("PRAGMA synchronous = FULL");
+        db.transaction(() => createSchema(db!, table)).immediate();
+        return new SqliteStore(db, table);
+      } catch (error) {
+        db?.close();
+        const code = (error as { code?: string }).code ?? "";
+        if (!code.startsWith("SQLITE_BUSY") || attempt >= 50) {
+          throw new Unavailable(`cannot open sqlite record store at ${path}: ${(error as Error).message}`, { cause: error });
+        }
+        await Bun.sleep(10 * Math.min(attempt, 10));
+      }
     }
   }
 
@@ -131,6 +130,21 @@ export class SqliteStore implements RecordStore {
       throw unavailable(error);
     }
   }
+}
+
+function createSchema(db: Database, table: string): void {
+  db.exec(`CREATE TABLE IF NOT EXISTS ${table} (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    sender TEXT NOT NULL,
+    token TEXT NOT NULL,
+    jti TEXT NOT NULL UNIQUE,
+    idempotency_key TEXT UNIQUE,
+    digest TEXT NOT NULL,
+    server INTEGER NOT NULL,
+    created_at INTEGER NOT NULL
+  )`);
+  db.exec(`CREATE TABLE IF NOT EXISTS ${table}_generation (id INTEGER PRIMARY KEY CHECK (id = 1), value INTEGER NOT NULL)`);
+  db.exec(`INSERT OR IGNORE INTO ${table}_generation (id, value) VALUES (1, 0)`);
 }
 
 function fromRow(row: Row): StoredRecord {
