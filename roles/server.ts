@@ -4,7 +4,7 @@ import { BadRequest, InvalidToken, ProofRejected } from "../shared/errors.ts";
 import { Fernet } from "../shared/fernet.ts";
 import { createApp, listen, readJsonFields } from "../shared/http.ts";
 import { CachedDataView } from "../shared/data-view.ts";
-import { createLogger, type Logger } from "../shared/log.ts";
+import { createLogger, printable, type Logger } from "../shared/log.ts";
 import { payloadDigest, ProofVerifier } from "../shared/proof.ts";
 import { describeStoreUrl, openStore, type RecordStore } from "../shared/store.ts";
 import { assertSafeTlsEnvironment, loadIdentity, mutualTlsServerOptions } from "../shared/tls.ts";
@@ -68,11 +68,6 @@ export interface ServerDeps {
 }
 
 const IDEMPOTENCY_KEY = /^[A-Za-z0-9_.:-]{1,128}$/;
-
-/** Keeps one log line one line: a payload cannot forge log entries with newlines or escapes. */
-function printable(text: string): string {
-  return text.replace(/[\u0000-\u001f\u007f-\u009f]/g, (c) => `\\x${c.charCodeAt(0).toString(16).padStart(2, "0")}`);
-}
 
 /** Handlers read `deps.port` per request, so a role started on port 0 can fill it in once bound. */
 export function createServerApp(deps: ServerDeps) {

@@ -6,6 +6,9 @@ import { describeError, type Logger } from "./log.ts";
 /** Bodies above this get a 413 before any handler runs. */
 export const DEFAULT_BODY_LIMIT = 64 * 1024;
 
+/** Set by the peer-identity listener (shared/peer-tls.ts), where Bun's requestIP is not available. */
+export const PEER_ADDRESS_HEADER = "x-securemesh-peer-address";
+
 export interface AppOptions {
   logger: Logger;
   bodyLimit?: number;
@@ -27,7 +30,8 @@ function errorBody(status: number, error: string, code: string) {
 export function createApp({ logger, bodyLimit = DEFAULT_BODY_LIMIT }: AppOptions) {
   const app = new Elysia({ serve: { maxRequestBodySize: bodyLimit } })
     .onRequest(({ request, server }) => {
-      remoteAddress.set(request, server?.requestIP(request)?.address ?? "-");
+      // Without a Bun server the request came through the peer-identity listener, which sets this header itself.
+      remoteAddress.set(request, server ? server.requestIP(request)?.address ?? "-" : request.headers.get(PEER_ADDRESS_HEADER) ?? "-");
       const length = Number(request.headers.get("content-length") ?? 0);
       if (length > bodyLimit) return errorBody(413, `request body over the ${bodyLimit}-byte limit`, "ERR_BODY_TOO_LARGE");
       return undefined;

@@ -72,3 +72,8 @@ export function describeError(error: unknown): string {
   }
   return String(error);
 }
+
+/** Keeps one log line one line: caller-supplied text cannot forge log entries with newlines or escapes. */
+export function printable(text: string): string {
+  return text.replace(/[\u0000-\u001f\u007f-\u009f]/g, (c) => `\\x${c.charCodeAt(0).toString(16).padStart(2, "0")}`);
+}

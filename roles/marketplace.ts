@@ -1,0 +1,78 @@
+// A stand-in for the external marketplace API: HTTPS, and a fixed item for the one right Bearer token.
+import { timingSafeEqual, createHash } from "node:crypto";
+import { readFileSync } from "node:fs";
+import { exitWithConfigError, parseFlags, parsePort, pkiDir } from "../shared/config.ts";
+import { ConfigError, MeshError } from "../shared/errors.ts";
+import { createApp, listen } from "../shared/http.ts";
+import { createLogger, type Logger } from "../shared/log.ts";
+import { assertSafeTlsEnvironment, loadIdentity } from "../shared/tls.ts";
+
+const USAGE = `
+Usage: bun roles/marketplace.ts [PORT] --token-file FILE [options]
+
+An external API stand-in over HTTPS (server certificate 'marketplace'; no client certificate needed, as for
+a public API). GET /api/item answers 401 without the right Bearer token, and the fixed item with it.
+
+Options:
+  --token-file FILE   file holding the one accepted token (default $MARKETPLACE_TOKEN_FILE)
+  --host HOST         address to bind (default 127.0.0.1)
+  --pki DIR           PKI folder from pki.sh (default $PKI_DIR, else certs/)
+  -h, --help          show this help
+`;
+
+export const ITEM = { item: { id: 1, name: "Test item", price: 10.0, currency: "EUR" } };
+
+/** Compares SHA-256 digests in constant time, so neither content nor length leaks through timing. */
+export function bearerMatches(header: string | null, expected: string): boolean {
+  const match = /^Bearer (.+)$/.exec(header ?? "");
+  if (!match) return false;
+  const digest = (s: string) => createHash("sha256").update(s).digest();
+  return timingSafeEqual(digest(match[1]!), digest(expected));
+}
+
+export function createMarketplaceApp({ token, logger }: { token: string; logger: Logger }) {
+  return createApp({ logger })
+    .get("/health", () => ({ status: "ok", role: "marketplace" }))
+    .get("/api/item", ({ request, set }) => {
+      if (!bearerMatches(request.headers.get("authorization"), token)) {
+        set.headers["www-authenticate"] = 'Bearer realm="marketplace"';
+        throw new MeshError("ERR_UNAUTHORIZED", 401, "missing or invalid bearer token");
+      }
+      return ITEM;
+    });
+}
+
+async function main(): Promise<void> {
+  const logger = createLogger("marketplace");
+  let app;
+  let port: number;
+  let host: string;
+  try {
+    assertSafeTlsEnvironment();
+    const { values, positionals } = parseFlags("marketplace", USAGE, { "token-file": { type: "string" }, host: { type: "string" }, pki: { type: "string" } });
+    const tokenFile = values["token-file"] ?? process.env.MARKETPLACE_TOKEN_FILE;
+    if (!tokenFile) throw new ConfigError("--token-file is required (the token the API accepts)");
+    let token: string;
+    try {
+      token = readFileSync(tokenFile, "utf8").trim();
+    } catch {
+      throw new ConfigError(`cannot read --token-file ${tokenFile}`);
+    }
+    if (!token) throw new ConfigError(`--token-file ${tokenFile} is empty`);
+    const identity = loadIdentity(pkiDir(values.pki), "marketplace");
+    host = values.host ?? "127.0.0.1";
+    app = createMarketplaceApp({ token, logger });
+    port = listen(app, { port: parsePort(positionals[0] ?? process.env.PORT, "PORT", 5005), hostname: host, tls: { cert: identity.cert, key: identity.key } });
+  } catch (error) {
+    exitWithConfigError("marketplace", error);
+  }
+  logger.info(`marketplace listening on https://${host}:${port}`);
+  const shutdown = async () => {
+    await app.stop();
+    process.exit(0);
+  };
+  process.once("SIGTERM", shutdown);
+  process.once("SIGINT", shutdown);
+}
+
+if (import.meta.main) await main();
