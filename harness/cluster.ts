@@ -142,6 +142,14 @@ export class Cluster implements AsyncDisposable {
     return url;
   }
 
+  /** Spawns a role and waits until its /health answers 200 over mutual TLS. */
+  async startRole(name: string, script: string, args: string[], env: Record<string, string> = {}): Promise<string> {
+    const { port } = await this.spawn(name, script, args, env);
+    const url = `https://127.0.0.1:${port}`;
+    await this.waitHealthy(url);
+    return url;
+  }
+
   async startCoordinator(name: string, port: number, servers: string[], args: string[] = []): Promise<string> {
     const { port: bound } = await this.spawn(name, "coordinator", [String(port), "--servers", servers.join(","), ...args]);
     const url = `https://127.0.0.1:${bound}`;
@@ -163,21 +171,25 @@ export class Cluster implements AsyncDisposable {
     return waitFor(`${url}/health to answer 200`, async () => (await this.health(url))?.status === 200, timeoutMs);
   }
 
-  /** Runs roles/client.ts to completion, its output logged to <logDir>/<logName>.log. */
-  async runClient(logName: string, args: string[]): Promise<ClientRun> {
+  /** Runs roles/<script>.ts to completion, its output logged to <logDir>/<logName>.log. */
+  async run(logName: string, script: string, args: string[], options: { stdin?: string } = {}): Promise<ClientRun> {
     const logFile = join(this.#options.logDir, `${logName}.log`);
     const log = createWriteStream(logFile, { flags: "a" });
-    const proc = Bun.spawn([process.execPath, join(REPO_ROOT, "roles", "client.ts"), ...args], {
+    const proc = Bun.spawn([process.execPath, join(REPO_ROOT, "roles", `${script}.ts`), ...args], {
       cwd: REPO_ROOT,
       env: { ...process.env, PKI_DIR: this.#options.pki, ...this.#options.env },
-      stdin: "ignore",
+      stdin: options.stdin === undefined ? "ignore" : new TextEncoder().encode(options.stdin),
       stdout: "pipe",
       stderr: "pipe",
     });
-    const role = new RoleProcess(logName, proc, logFile, log);
+    const role = new RoleProcess(logName, proc as Bun.Subprocess<"ignore", "pipe", "pipe">, logFile, log);
     const exitCode = await proc.exited;
     await role.drained;
     return { exitCode, lines: role.lines };
+  }
+
+  runClient(logName: string, args: string[]): Promise<ClientRun> {
+    return this.run(logName, "client", args);
   }
 
   /** A client that talks to the cluster in-process, through the same module the client role uses. */
@@ -187,6 +199,10 @@ export class Cluster implements AsyncDisposable {
 
   get pki(): string {
     return this.#options.pki;
+  }
+
+  get logDir(): string {
+    return this.#options.logDir;
   }
 
   role(name: string): RoleProcess {

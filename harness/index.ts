@@ -8,8 +8,9 @@ import { seedPorts, type Scenario } from "./scenario.ts";
 import { cache } from "./scenarios/cache.ts";
 import { demo } from "./scenarios/demo.ts";
 import { failover } from "./scenarios/failover.ts";
+import { tokens } from "./scenarios/tokens.ts";
 
-const SCENARIOS: Scenario[] = [demo, failover, cache];
+const SCENARIOS: Scenario[] = [demo, failover, cache, tokens];
 
 const USAGE = `
 Usage: bun harness <scenario> [options]
@@ -19,8 +20,8 @@ ${SCENARIOS.map((s) => `  ${s.name.padEnd(10)} ${s.description}`).join("\n")}
 
 Options:
   --base-port N   shift the seed's ports (servers 5001, 5002, coordinator 8000) by N-5000 (default 5000)
-  --db URL        record store for the servers, e.g. mysql://root@127.0.0.1:3306/test
-                  (default: a fresh sqlite file in the scenario's log folder)
+  --db URL        record store for the servers and token store for the KeyServer,
+                  e.g. mysql://root@127.0.0.1:3306/test (default: fresh sqlite files in the log folder)
   -h, --help      show this help
 
 Logs go to harness/logs/<scenario>/<role>.log.
@@ -59,6 +60,7 @@ async function main(): Promise<number> {
   const logDir = join(REPO_ROOT, "harness", "logs", scenario.name);
   rmSync(logDir, { recursive: true, force: true });
   const db = values.db ?? join(logDir, "records.db");
+  const tokenDb = values.db ?? join(logDir, "tokens.db");
   const cluster = new Cluster({ logDir, pki, env: { DATABASE_URL: db, NO_COLOR: "1" } });
   const started = performance.now();
   const summary: string[] = [];
@@ -73,7 +75,7 @@ async function main(): Promise<number> {
 
   console.log(`harness: ${scenario.name} — ${scenario.description}`);
   try {
-    await scenario.run({ cluster, ports: seedPorts(basePort), db, summary, step: (m) => console.log(`  • ${m}`) });
+    await scenario.run({ cluster, ports: seedPorts(basePort), db, tokenDb, summary, step: (m) => console.log(`  • ${m}`) });
   } catch (error) {
     console.error(`\nharness: ${scenario.name} FAILED: ${error instanceof ExpectationFailed ? error.message : (error as Error).stack}`);
     console.error(`logs: ${logDir}`);

@@ -5,6 +5,9 @@ export interface Ports {
   server1: number;
   server2: number;
   coordinator: number;
+  keyserver: number;
+  secureproxy: number;
+  marketplace: number;
 }
 
 export interface ScenarioContext {
@@ -12,6 +15,8 @@ export interface ScenarioContext {
   ports: Ports;
   /** The servers' record store URL or sqlite path. */
   db: string;
+  /** The KeyServer's token store URL or sqlite path. */
+  tokenDb: string;
   /** Prints one progress line. */
   step(message: string): void;
   /** Lines for the closing summary. */
@@ -27,7 +32,10 @@ export interface Scenario {
 /** The seed's ports, shifted together by --base-port (5000 keeps them as they are). */
 export function seedPorts(basePort = 5000): Ports {
   const shift = basePort - 5000;
-  return { server1: 5001 + shift, server2: 5002 + shift, coordinator: 8000 + shift };
+  return {
+    server1: 5001 + shift, server2: 5002 + shift, coordinator: 8000 + shift,
+    keyserver: 5003 + shift, secureproxy: 5004 + shift, marketplace: 5005 + shift,
+  };
 }
 
 export const url = (port: number) => `https://127.0.0.1:${port}`;

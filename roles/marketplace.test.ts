@@ -1,0 +1,17 @@
+import { expect, test } from "bun:test";
+import { createLogger } from "../shared/log.ts";
+import { createMarketplaceApp, ITEM } from "./marketplace.ts";
+
+const app = createMarketplaceApp({ token: "right-token", logger: createLogger("marketplace", { write: () => {} }) });
+const get = (authorization?: string) =>
+  app.handle(new Request("http://localhost/api/item", { headers: authorization ? { authorization } : {} }));
+
+test("401 without a Bearer token or with a wrong one, the item with the right one", async () => {
+  for (const header of [undefined, "Bearer wrong-token", "Basic right-token", "Bearer right-tokenX"]) {
+    const response = await get(header);
+    expect(response.status).toBe(401);
+    expect(response.headers.get("www-authenticate")).toBe('Bearer realm="marketplace"');
+  }
+  const ok = await get("Bearer right-token");
+  expect([ok.status, await ok.json()]).toEqual([200, ITEM]);
+});

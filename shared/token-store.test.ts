@@ -1,0 +1,98 @@
+import { afterAll, describe, expect, test } from "bun:test";
+import { Database } from "bun:sqlite";
+import { chmodSync, mkdtempSync, statSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import mysql from "mysql2/promise";
+import { ConfigError } from "./errors.ts";
+import { MasterKeyring, SealBroken } from "./keyring.ts";
+import { TEST_MYSQL_URL, uniqueTable } from "./testing/mysql.ts";
+import { openTokenStore, TokenVault, type TokenStore } from "./token-store.ts";
+
+const TOKEN = "marketplace-token-0123456789";
+const mysqlTables: string[] = [];
+const stores: TokenStore[] = [];
+
+afterAll(async () => {
+  await Promise.all(stores.map((s) => s.close()));
+  if (mysqlTables.length === 0) return;
+  const conn = await mysql.createConnection(TEST_MYSQL_URL);
+  for (const table of mysqlTables) await conn.query(`DROP TABLE IF EXISTS ${table}`);
+  await conn.end();
+});
+
+const tmp = () => mkdtempSync(join(tmpdir(), "securemesh-vault-"));
+
+/** Each backend with a way to read the raw `storage` rows, as an attacker with the database would. */
+const backends: Record<string, () => Promise<{ store: TokenStore; rawRows: () => Promise<Record<string, unknown>[]> }>> = {
+  sqlite: async () => {
+    const path = join(tmp(), "tokens.db");
+    const store = await openTokenStore(path);
+    return { store, rawRows: async () => new Database(path, { readonly: true }).query("SELECT * FROM storage").all() as Record<string, unknown>[] };
+  },
+  mysql: async () => {
+    const table = uniqueTable("storage");
+    mysqlTables.push(table);
+    const store = await openTokenStore(TEST_MYSQL_URL, { table });
+    return {
+      store,
+      rawRows: async () => {
+        const conn = await mysql.createConnection(TEST_MYSQL_URL);
+        const [rows] = await conn.query(`SELECT * FROM ${table}`);
+        await conn.end();
+        return rows as Record<string, unknown>[];
+      },
+    };
+  },
+};
+
+describe.each(Object.keys(backends))("%s token vault", (kind) => {
+  const open = async () => {
+    const backend = await backends[kind]!();
+    stores.push(backend.store);
+    return { ...backend, vault: new TokenVault(backend.store, MasterKeyring.open(join(tmp(), "master_keys.json"))) };
+  };
+
+  test("tokens are sealed at rest: a raw SELECT shows no plaintext", async () => {
+    const { vault, rawRows } = await open();
+    await vault.add("client1", "marketplace", TOKEN);
+    await vault.add("client2", "marketplace", TOKEN);
+    const rows = await rawRows();
+    expect(rows).toHaveLength(2);
+    expect(JSON.stringify(rows)).not.toContain(TOKEN);
+    expect(JSON.stringify(rows)).not.toContain(Buffer.from(TOKEN).toString("base64"));
+    // Same token, two rows: random nonces make the ciphertexts differ.
+    expect(rows[0]!.token).not.toBe(rows[1]!.token);
+    expect(await vault.reveal("client1", "marketplace")).toBe(TOKEN);
+    expect(await vault.reveal("client1", "other")).toBeUndefined();
+  });
+
+  test("master-key rotation keeps every token readable and retires the old key", async () => {
+    const { vault } = await open();
+    for (let i = 0; i < 5; i++) await vault.add(`client${i}`, "marketplace", `${TOKEN}-${i}`);
+    expect(await vault.rotate()).toEqual({ version: 2, resealed: 5, retired: [1] });
+    expect((await vault.store.all()).map((r) => r.keyVersion)).toEqual([2, 2, 2, 2, 2]);
+    for (let i = 0; i < 5; i++) expect(await vault.reveal(`client${i}`, "marketplace")).toBe(`${TOKEN}-${i}`);
+    expect(vault.keyring.versions).toEqual([2]);
+  });
+
+  test("a sealed token moved to another row does not open", async () => {
+    const { vault, store } = await open();
+    await vault.add("client1", "marketplace", TOKEN);
+    const row = (await store.get("client1", "marketplace"))!;
+    await store.put({ ...row, clientId: "client2" });
+    await expect(vault.reveal("client2", "marketplace")).rejects.toBeInstanceOf(SealBroken);
+  });
+});
+
+describe("MasterKeyring", () => {
+  test("is created mode 0600, reloads the same keys, and refuses a file others can read", () => {
+    const path = join(tmp(), "keys", "master_keys.json");
+    const first = MasterKeyring.open(path);
+    expect(statSync(path).mode & 0o777).toBe(0o600);
+    const sealed = first.seal("secret", "ctx");
+    expect(MasterKeyring.open(path).open(sealed, "ctx")).toBe("secret");
+    chmodSync(path, 0o644);
+    expect(() => MasterKeyring.open(path)).toThrow(ConfigError);
+  });
+});
