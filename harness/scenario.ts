@@ -44,3 +44,10 @@ export const url = (port: number) => `https://127.0.0.1:${port}`;
 export function successBodies(lines: string[]): { result: string; id: number; server: number }[] {
   return lines.filter((l) => / Success: /.test(l)).map((l) => JSON.parse(l.slice(l.indexOf("Success: ") + 9)));
 }
+
+/** Servers 1 and 2 and a coordinator in front of them, on the scenario's ports; returns the coordinator URL. */
+export async function startMesh({ cluster, ports, step }: ScenarioContext, coordinatorArgs: string[] = []): Promise<string> {
+  step("starting server 1, server 2 and the coordinator");
+  const servers = await Promise.all([cluster.startServer("server1", ports.server1), cluster.startServer("server2", ports.server2)]);
+  return cluster.startCoordinator("coordinator", ports.coordinator, servers, coordinatorArgs);
+}

@@ -1,6 +1,6 @@
 // The coordinator: terminates clients' mutual TLS and forwards /api/* to healthy servers, failing over between them.
 import { ConfigError } from "../shared/errors.ts";
-import { exitWithConfigError, parseFlags, parsePort, parsePositive, pkiDir } from "../shared/config.ts";
+import { exitWithConfigError, parseFlags, parsePort, parsePositive, pkiDir, exitOnSignals } from "../shared/config.ts";
 import { createApp, listen } from "../shared/http.ts";
 import { createLogger, type Logger } from "../shared/log.ts";
 import { assertSafeTlsEnvironment, loadIdentity, mutualTlsClientOptions, mutualTlsServerOptions } from "../shared/tls.ts";
@@ -144,13 +144,10 @@ async function main(): Promise<void> {
   pool.start();
   logger.info(`coordinator listening on https://${config.host}:${port}, servers: ${config.servers.join(", ")}`);
 
-  const shutdown = async () => {
+  exitOnSignals(async () => {
     pool.stop();
     await app.stop();
-    process.exit(0);
-  };
-  process.once("SIGTERM", shutdown);
-  process.once("SIGINT", shutdown);
+  });
 }
 
 if (import.meta.main) await main();

@@ -1,6 +1,6 @@
 // The KeyServer: releases API tokens, sealed at rest, only to SecureProxy callers, through a hybrid exchange.
 import { join } from "node:path";
-import { exitWithConfigError, parseFlags, parsePort, pkiDir, REPO_ROOT } from "../shared/config.ts";
+import { exitWithConfigError, parseFlags, parsePort, pkiDir, REPO_ROOT, exitOnSignals } from "../shared/config.ts";
 import { ConfigError, Forbidden, MeshError } from "../shared/errors.ts";
 import { createApp } from "../shared/http.ts";
 import { MasterKeyring } from "../shared/keyring.ts";
@@ -194,13 +194,10 @@ async function main(): Promise<void> {
   const listener = await listenWithPeerIdentity(app, { port: config.port, hostname: config.host, tls }).catch((error) => exitWithConfigError("keyserver", error));
   logger.info(`keyserver listening on https://${config.host}:${listener.port} (tokens: ${describeStoreUrl(config.db)}; callers: ${config.allowedCallers.join(", ")})`);
 
-  const shutdown = async () => {
+  exitOnSignals(async () => {
     await listener.close();
     await deps.vault.store.close().catch((error) => logger.warn(`closing the token store: ${describeError(error)}`));
-    process.exit(0);
-  };
-  process.once("SIGTERM", shutdown);
-  process.once("SIGINT", shutdown);
+  });
 }
 
 if (import.meta.main) await main();

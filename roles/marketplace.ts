@@ -1,7 +1,7 @@
 // A stand-in for the external marketplace API: HTTPS, and a fixed item for the one right Bearer token.
 import { timingSafeEqual, createHash } from "node:crypto";
 import { readFileSync } from "node:fs";
-import { exitWithConfigError, parseFlags, parsePort, pkiDir } from "../shared/config.ts";
+import { exitWithConfigError, parseFlags, parsePort, pkiDir, exitOnSignals } from "../shared/config.ts";
 import { ConfigError, MeshError } from "../shared/errors.ts";
 import { createApp, listen } from "../shared/http.ts";
 import { createLogger, type Logger } from "../shared/log.ts";
@@ -67,12 +67,7 @@ async function main(): Promise<void> {
     exitWithConfigError("marketplace", error);
   }
   logger.info(`marketplace listening on https://${host}:${port}`);
-  const shutdown = async () => {
-    await app.stop();
-    process.exit(0);
-  };
-  process.once("SIGTERM", shutdown);
-  process.once("SIGINT", shutdown);
+  exitOnSignals(() => app.stop());
 }
 
 if (import.meta.main) await main();

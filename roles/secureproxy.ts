@@ -2,7 +2,7 @@
 import type { KeyObject } from "node:crypto";
 import { createPublicKey } from "node:crypto";
 import { basename, dirname, resolve } from "node:path";
-import { exitWithConfigError, parseFlags, parsePort, parsePositive, pkiDir, readPkiFile } from "../shared/config.ts";
+import { exitWithConfigError, parseFlags, parsePort, parsePositive, pkiDir, readPkiFile, exitOnSignals } from "../shared/config.ts";
 import { BadRequest, ConfigError, Forbidden, MeshError, Unavailable } from "../shared/errors.ts";
 import { createApp, listen, readJsonFields } from "../shared/http.ts";
 import { createLogger, printable, type Logger } from "../shared/log.ts";
@@ -190,12 +190,7 @@ async function main(): Promise<void> {
     exitWithConfigError("secureproxy", error);
   }
   logger.info(`secureproxy listening on https://${config.host}:${port} (keyserver ${config.keyserver}, format ${config.format})`);
-  const shutdown = async () => {
-    await app.stop();
-    process.exit(0);
-  };
-  process.once("SIGTERM", shutdown);
-  process.once("SIGINT", shutdown);
+  exitOnSignals(() => app.stop());
 }
 
 if (import.meta.main) await main();

@@ -1,5 +1,5 @@
 // A securemesh server: receives Fernet payloads with a sender proof over mutual TLS and commits them to the store.
-import { exitWithConfigError, loadFernetKeys, parseFlags, parsePort, parsePositive, pkiDir } from "../shared/config.ts";
+import { exitWithConfigError, loadFernetKeys, parseFlags, parsePort, parsePositive, pkiDir, exitOnSignals } from "../shared/config.ts";
 import { BadRequest, InvalidToken, ProofRejected } from "../shared/errors.ts";
 import { Fernet } from "../shared/fernet.ts";
 import { createApp, listen, readJsonFields } from "../shared/http.ts";
@@ -149,13 +149,10 @@ async function main(): Promise<void> {
   serverDeps.port = port;
   logger.info(`server listening on https://${config.host}:${port} (store: ${describeStoreUrl(config.db)})`);
 
-  const shutdown = async () => {
+  exitOnSignals(async () => {
     await app.stop();
     await store.close();
-    process.exit(0);
-  };
-  process.once("SIGTERM", shutdown);
-  process.once("SIGINT", shutdown);
+  });
 }
 
 if (import.meta.main) await main();

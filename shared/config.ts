@@ -87,3 +87,13 @@ export function loadFernetKeys(dir: string): string[] {
   if (keys.length === 0) throw new ConfigError(`no Fernet key in ${join(dir, "encryption_key.txt")}: run ./pki.sh`);
   return keys;
 }
+
+/** Runs `cleanup` once on SIGTERM or SIGINT, then exits 0: every role stops the same way. */
+export function exitOnSignals(cleanup: () => Promise<unknown> | unknown): void {
+  const stop = async () => {
+    await cleanup();
+    process.exit(0);
+  };
+  process.once("SIGTERM", stop);
+  process.once("SIGINT", stop);
+}

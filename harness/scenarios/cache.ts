@@ -6,7 +6,7 @@ import type { MeshClient } from "../../shared/mesh-client.ts";
 import { payloadDigest } from "../../shared/proof.ts";
 import { openStore } from "../../shared/store.ts";
 import { expectThat, waitFor, type Cluster } from "../cluster.ts";
-import { successBodies, url, type Scenario } from "../scenario.ts";
+import { startMesh, successBodies, url, type Scenario } from "../scenario.ts";
 
 const SEEDED_RECORDS = 1000;
 const TIMED_READS = 200;
@@ -44,10 +44,9 @@ async function timeReads(client: MeshClient, refresh: boolean, count: number): P
 export const cache: Scenario = {
   name: "cache",
   description: "get_data() caching: miss, hit, write, invalidation, and a server hung through a write",
-  async run({ cluster, ports, step, summary, db }) {
-    step("starting server 1, server 2 and the coordinator");
-    const servers = await Promise.all([cluster.startServer("server1", ports.server1), cluster.startServer("server2", ports.server2)]);
-    const coordinator = await cluster.startCoordinator("coordinator", ports.coordinator, servers, ["--timeout", "1000", "--health-interval", "500"]);
+  async run(ctx) {
+    const { cluster, ports, step, summary, db } = ctx;
+    const coordinator = await startMesh(ctx, ["--timeout", "1000", "--health-interval", "500"]);
     const client = cluster.client("client1", [coordinator]);
 
     step("first reads miss on each server, the next ones hit");

@@ -1,17 +1,13 @@
 // The lab's demo: two servers, the coordinator, and two clients printing success lines.
 import { expectThat } from "../cluster.ts";
-import { successBodies, url, type Scenario } from "../scenario.ts";
+import { startMesh, successBodies, url, type Scenario } from "../scenario.ts";
 
 export const demo: Scenario = {
   name: "demo",
   description: "two servers, the coordinator, and two clients sending encrypted data",
-  async run({ cluster, ports, step, summary }) {
-    step("starting server 1, server 2 and the coordinator");
-    const servers = await Promise.all([
-      cluster.startServer("server1", ports.server1),
-      cluster.startServer("server2", ports.server2),
-    ]);
-    const coordinator = await cluster.startCoordinator("coordinator", ports.coordinator, servers);
+  async run(ctx) {
+    const { cluster, ports, step, summary } = ctx;
+    const coordinator = await startMesh(ctx);
 
     step("client1 and client2 send their messages");
     const runs = await Promise.all(["client1", "client2"].map((name) =>
