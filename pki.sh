@@ -5,11 +5,13 @@
 #   ./pki.sh --force                 regenerate everything
 #   ./pki.sh --rsa                   RSA-2048 keys instead of ECDSA P-256
 #   ./pki.sh issue NAME --client|--server|--both   add one identity
+#            [--not-before YYYYMMDDHHMMSSZ] [--not-after YYYYMMDDHHMMSSZ] [--force]
+#   ./pki.sh revoke NAME             revoke NAME's certificate and rewrite crl.pem (restart the roles to load it)
 #
 # Output goes to $PKI_DIR, or certs/ beside this script.
 set -euo pipefail
 
-usage() { sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'; }
 
 command -v openssl >/dev/null 2>&1 || { echo "pki.sh: openssl not found; install it (apt-get install openssl)" >&2; exit 1; }
 
@@ -20,6 +22,8 @@ key_type=ec
 action=all
 issue_name=""
 issue_kind=""
+not_before=""
+not_after=""
 
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -29,6 +33,9 @@ while [ $# -gt 0 ]; do
     --server) issue_kind=server ;;
     --both) issue_kind=both ;;
     issue) action=issue; shift; issue_name=${1:-} ;;
+    revoke) action=revoke; shift; issue_name=${1:-} ;;
+    --not-before) shift; not_before=${1:-} ;;
+    --not-after) shift; not_after=${1:-} ;;
     -h|--help) usage; exit 0 ;;
     *) echo "pki.sh: unknown argument '$1' (see ./pki.sh --help)" >&2; exit 2 ;;
   esac
@@ -56,6 +63,33 @@ make_ca() {
     -addext "subjectKeyIdentifier=hash" \
     -out "$dir/ca_cert.pem" 2>/dev/null
   chmod 644 "$dir/ca_cert.pem"
+  rm -rf "$dir/ca_db" "$dir/crl.pem"
+}
+
+# openssl ca keeps an index of what it issued, which revocation and the CRL need.
+ensure_ca_db() {
+  mkdir -p "$dir/ca_db"
+  [ -f "$dir/ca_db/index.txt" ] || : >"$dir/ca_db/index.txt"
+  [ -f "$dir/ca_db/crlnumber" ] || echo 1000 >"$dir/ca_db/crlnumber"
+  cat >"$dir/ca_db/ca.cnf" <<EOF
+[ ca ]
+default_ca = securemesh_ca
+[ securemesh_ca ]
+database = $dir/ca_db/index.txt
+new_certs_dir = $dir/ca_db
+certificate = $dir/ca_cert.pem
+private_key = $dir/ca_key.pem
+crlnumber = $dir/ca_db/crlnumber
+rand_serial = yes
+default_md = sha256
+default_crl_days = 3650
+policy = policy_any
+unique_subject = no
+copy_extensions = none
+[ policy_any ]
+organizationName = optional
+commonName = supplied
+EOF
 }
 
 # kind: server | client | both. Servers get the loopback SANs, clients a DNS SAN with their name.
@@ -80,12 +114,25 @@ subjectAltName=$sans
 subjectKeyIdentifier=hash
 authorityKeyIdentifier=keyid
 EOF
-  openssl req -new -key "$dir/${name}_key.pem" -subj "/O=securemesh/CN=$name" 2>/dev/null |
-    openssl x509 -req -CA "$dir/ca_cert.pem" -CAkey "$dir/ca_key.pem" \
-      -set_serial "0x$(openssl rand -hex 16)" -days 397 -sha256 -extfile "$ext" \
-      -out "$dir/${name}_cert.pem" 2>/dev/null
-  rm -f "$ext"
+  local dates=(-days 397)
+  [ -n "$not_before" ] && dates+=(-startdate "$not_before")
+  [ -n "$not_after" ] && dates=(-enddate "$not_after") && [ -n "$not_before" ] && dates+=(-startdate "$not_before")
+  ensure_ca_db
+  openssl req -new -key "$dir/${name}_key.pem" -subj "/O=securemesh/CN=$name" -out "$dir/${name}.csr" 2>/dev/null
+  if ! openssl ca -batch -config "$dir/ca_db/ca.cnf" -extfile "$ext" -notext "${dates[@]}" \
+      -in "$dir/${name}.csr" -out "$dir/${name}_cert.pem" >/dev/null 2>"$ext.err"; then
+    echo "pki.sh: issuing $name failed: $(tail -1 "$ext.err")" >&2
+    rm -f "$ext" "$ext.err" "$dir/${name}.csr"
+    exit 1
+  fi
+  rm -f "$ext" "$ext.err" "$dir/${name}.csr"
   chmod 644 "$dir/${name}_cert.pem"
+}
+
+write_crl() {
+  ensure_ca_db
+  openssl ca -batch -config "$dir/ca_db/ca.cnf" -gencrl -out "$dir/crl.pem" 2>/dev/null
+  chmod 644 "$dir/crl.pem"
 }
 
 ensure_leaf() { # name kind
@@ -99,6 +146,17 @@ if [ "$force" = 1 ] || [ ! -s "$dir/ca_cert.pem" ] || [ ! -s "$dir/ca_key.pem" ]
   make_ca
   force=1 # a new CA invalidates every leaf
   echo "pki.sh: created CA in $dir"
+fi
+
+if [ "$action" = revoke ]; then
+  [ -s "$dir/${issue_name}_cert.pem" ] || { echo "pki.sh: no certificate $dir/${issue_name}_cert.pem to revoke" >&2; exit 2; }
+  ensure_ca_db
+  openssl ca -batch -config "$dir/ca_db/ca.cnf" -revoke "$dir/${issue_name}_cert.pem" >/dev/null 2>&1 || true
+  serial=$(openssl x509 -in "$dir/${issue_name}_cert.pem" -noout -serial | cut -d= -f2)
+  grep -qi "^R.*	${serial}	" "$dir/ca_db/index.txt" || { echo "pki.sh: revoking $issue_name failed" >&2; exit 1; }
+  write_crl
+  echo "pki.sh: revoked $issue_name; wrote $dir/crl.pem (restart the roles to load it)"
+  exit 0
 fi
 
 if [ "$action" = issue ]; then
@@ -116,6 +174,7 @@ ensure_leaf client2 client
 ensure_leaf keyserver server
 ensure_leaf secureproxy both
 ensure_leaf marketplace server
+[ -s "$dir/crl.pem" ] || write_crl
 
 if [ "$force" = 1 ] || [ ! -s "$dir/encryption_key.txt" ]; then
   # Fernet key: url-safe base64 of 32 random bytes (16 signing, 16 encryption).

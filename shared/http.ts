@@ -70,6 +70,7 @@ export interface ServerTls {
   cert: string;
   key: string;
   ca?: string;
+  crl?: string;
   requestCert?: boolean;
   rejectUnauthorized?: boolean;
 }

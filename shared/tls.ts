@@ -1,5 +1,7 @@
 // The one place TLS is configured: mutual-TLS server options, client options for fetch, and the environment guard.
 import { X509Certificate, createPrivateKey } from "node:crypto";
+import { existsSync } from "node:fs";
+import { join } from "node:path";
 import { ConfigError } from "./errors.ts";
 import { readPkiFile } from "./config.ts";
 
@@ -8,6 +10,8 @@ export interface Identity {
   cert: string;
   key: string;
   ca: string;
+  /** The CA's revocation list from `./pki.sh revoke`, when there is one. */
+  crl?: string;
 }
 
 /** Loads `<name>_cert.pem`, `<name>_key.pem` and the CA from the PKI, checking that the key fits the certificate. */
@@ -26,7 +30,8 @@ export function loadIdentity(dir: string, name: string): Identity {
   } catch {
     throw new ConfigError(`${dir}/${name}_key.pem does not match ${name}_cert.pem or is not a PEM private key`);
   }
-  return { name, cert, key, ca };
+  const crl = existsSync(join(dir, "crl.pem")) ? readPkiFile(dir, "crl.pem") : undefined;
+  return { name, cert, key, ca, crl };
 }
 
 /**
@@ -41,12 +46,16 @@ export function assertSafeTlsEnvironment(): void {
   }
 }
 
-/** Options for Bun.serve / Elysia: only clients with a certificate from our CA complete the handshake. */
+/**
+ * Options for Bun.serve / Elysia and node:tls: only clients with an unrevoked, valid certificate from our CA,
+ * with the clientAuth EKU, complete the handshake.
+ */
 export function mutualTlsServerOptions(identity: Identity) {
   return {
     cert: identity.cert,
     key: identity.key,
     ca: identity.ca,
+    ...(identity.crl ? { crl: identity.crl } : {}),
     requestCert: true,
     rejectUnauthorized: true,
   } as const;
