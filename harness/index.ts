@@ -8,9 +8,10 @@ import { seedPorts, type Scenario } from "./scenario.ts";
 import { cache } from "./scenarios/cache.ts";
 import { demo } from "./scenarios/demo.ts";
 import { failover } from "./scenarios/failover.ts";
+import { security } from "./scenarios/security.ts";
 import { tokens } from "./scenarios/tokens.ts";
 
-const SCENARIOS: Scenario[] = [demo, failover, cache, tokens];
+const SCENARIOS: Scenario[] = [demo, failover, cache, tokens, security];
 
 const USAGE = `
 Usage: bun harness <scenario> [options]
@@ -30,7 +31,7 @@ Logs go to harness/logs/<scenario>/<role>.log.
 async function ensurePki(dir: string): Promise<void> {
   if (existsSync(join(dir, "ca_cert.pem"))) return;
   console.log(`harness: no PKI in ${dir}; running pki.sh`);
-  await using proc = Bun.spawn(["bash", join(REPO_ROOT, "pki.sh")], { env: { ...process.env, PKI_DIR: dir }, stdout: "inherit", stderr: "inherit" });
+  await using proc = Bun.spawn(["bash", join(REPO_ROOT, "pki.sh")], { env: { ...process.env, PKI_DIR: dir }, stdout: "ignore", stderr: "inherit" });
   if ((await proc.exited) !== 0) throw new ExpectationFailed("pki.sh failed");
 }
 
@@ -55,10 +56,10 @@ async function main(): Promise<number> {
     return 2;
   }
 
-  const pki = pkiDir();
-  await ensurePki(pki);
   const logDir = join(REPO_ROOT, "harness", "logs", scenario.name);
   rmSync(logDir, { recursive: true, force: true });
+  const pki = scenario.ownPki ? join(logDir, "pki") : pkiDir();
+  await ensurePki(pki);
   const db = values.db ?? join(logDir, "records.db");
   const tokenDb = values.db ?? join(logDir, "tokens.db");
   const cluster = new Cluster({ logDir, pki, env: { DATABASE_URL: db, NO_COLOR: "1" } });

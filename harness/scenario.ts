@@ -26,6 +26,8 @@ export interface ScenarioContext {
 export interface Scenario {
   name: string;
   description: string;
+  /** Runs on a fresh PKI in its log folder, because it issues and revokes certificates. */
+  ownPki?: boolean;
   run(ctx: ScenarioContext): Promise<void>;
 }
 

@@ -5,6 +5,8 @@ import { describeError, type Logger } from "./log.ts";
 
 /** Bodies above this get a 413 before any handler runs. */
 export const DEFAULT_BODY_LIMIT = 64 * 1024;
+/** Seconds a connection may sit idle, or dribble its headers (slowloris), before it is closed. */
+export const IDLE_TIMEOUT_S = 10;
 
 /** Set by the peer-identity listener (shared/peer-tls.ts), where Bun's requestIP is not available. */
 export const PEER_ADDRESS_HEADER = "x-securemesh-peer-address";
@@ -28,7 +30,9 @@ function errorBody(status: number, error: string, code: string) {
  * the wrong method 405 JSON, and no error reaches the client as a stack trace.
  */
 export function createApp({ logger, bodyLimit = DEFAULT_BODY_LIMIT }: AppOptions) {
-  const app = new Elysia({ serve: { maxRequestBodySize: bodyLimit } })
+  // Bun's own limit answers a bare 413 before any handler runs, so it sits above ours as a backstop for bodies
+  // sent without Content-Length; ours, checked first, answers with JSON.
+  const app = new Elysia({ serve: { maxRequestBodySize: bodyLimit * 4, idleTimeout: IDLE_TIMEOUT_S } })
     .onRequest(({ request, server }) => {
       // Without a Bun server the request came through the peer-identity listener, which sets this header itself.
       remoteAddress.set(request, server ? server.requestIP(request)?.address ?? "-" : request.headers.get(PEER_ADDRESS_HEADER) ?? "-");

@@ -3,7 +3,7 @@
 import http from "node:http";
 import tls from "node:tls";
 import { ConfigError } from "./errors.ts";
-import { DEFAULT_BODY_LIMIT, PEER_ADDRESS_HEADER, type ServerTls } from "./http.ts";
+import { DEFAULT_BODY_LIMIT, IDLE_TIMEOUT_S, PEER_ADDRESS_HEADER, type ServerTls } from "./http.ts";
 
 /** Set by the listener from the verified certificate, after any client-sent copy is dropped. */
 export const PEER_HEADER = "x-securemesh-peer";
@@ -67,6 +67,8 @@ export function listenWithPeerIdentity(app: PeerAwareApp, options: { port: numbe
       socket.destroy();
       return;
     }
+    // The same idle limit as Bun.serve's: a caller dribbling its headers (slowloris) is cut off.
+    socket.setTimeout(IDLE_TIMEOUT_S * 1000, () => socket.destroy());
     parser.emit("connection", socket);
   });
   server.on("tlsClientError", () => {}); // a refused handshake is the point, not an error to crash on

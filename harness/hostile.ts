@@ -1,0 +1,142 @@
+// Hostile inputs, counted: each case runs N attempts and records every outcome that was not a refusal.
+import { mkdirSync } from "node:fs";
+import { join } from "node:path";
+import tls from "node:tls";
+import { REPO_ROOT } from "../shared/config.ts";
+import { readPkiFile } from "../shared/config.ts";
+
+export interface CaseResult {
+  role: string;
+  name: string;
+  attempts: number;
+  refused: number;
+  unexpected: string[];
+}
+
+/** Runs cases and keeps their counts; `attempt` returns null for the expected refusal, or what happened instead. */
+export class Tally {
+  readonly results: CaseResult[] = [];
+  constructor(private readonly progress: (line: string) => void = () => {}) {}
+
+  async run(role: string, name: string, attempts: number, attempt: (i: number) => Promise<string | null>, parallel = 1): Promise<CaseResult> {
+    const result: CaseResult = { role, name, attempts, refused: 0, unexpected: [] };
+    let next = 0;
+    await Promise.all(Array.from({ length: parallel }, async () => {
+      while (next < attempts) {
+        const i = next++;
+        let outcome: string | null;
+        try {
+          outcome = await attempt(i);
+        } catch (error) {
+          outcome = `threw: ${(error as Error).message}`;
+        }
+        if (outcome === null) result.refused += 1;
+        else if (result.unexpected.length < 5) result.unexpected.push(outcome); // a few examples are enough to act on
+      }
+    }));
+    this.results.push(result);
+    this.progress(`${result.refused === attempts ? "ok  " : "FAIL"} ${role.padEnd(12)} ${name} ${result.refused}/${attempts}`);
+    return result;
+  }
+
+  get failures(): CaseResult[] {
+    return this.results.filter((r) => r.refused !== r.attempts);
+  }
+
+  /** The table the scenario prints: case, attempts, refused, unexpected outcomes. */
+  table(): string {
+    const rows = this.results.map((r) => [r.role, r.name, String(r.attempts), String(r.refused), r.unexpected.length ? r.unexpected[0]! : "0"]);
+    const header = ["role", "case", "attempts", "refused", "unexpected"];
+    const widths = header.map((h, i) => Math.max(h.length, ...rows.map((r) => r[i]!.length)));
+    const line = (cells: string[]) => `| ${cells.map((c, i) => c.padEnd(widths[i]!)).join(" | ")} |`;
+    return [line(header), line(widths.map((w) => "-".repeat(w))), ...rows.map(line)].join("\n");
+  }
+}
+
+export interface TlsMaterial {
+  cert?: string;
+  key?: string;
+  ca: string;
+}
+
+async function sh(args: string[], env: Record<string, string> = {}): Promise<void> {
+  await using proc = Bun.spawn(args, { env: { ...process.env, ...env }, stdout: "pipe", stderr: "pipe" });
+  const [stderr, code] = await Promise.all([new Response(proc.stderr).text(), proc.exited]);
+  if (code !== 0) throw new Error(`${args.join(" ")} failed: ${stderr.trim()}`);
+}
+
+/**
+ * Client certificates no role may accept, issued by pki.sh into the roles' own PKI (so the revoked one is on its
+ * CRL) before the roles start, plus a client of another CA and a self-signed one.
+ */
+export async function hostileCertificates(pki: string, otherPki: string): Promise<Record<string, TlsMaterial>> {
+  const pkiSh = join(REPO_ROOT, "pki.sh");
+  const env = { PKI_DIR: pki };
+  await sh(["bash", pkiSh, "issue", "expired-client", "--client", "--not-before", "20200101000000Z", "--not-after", "20200201000000Z"], env);
+  await sh(["bash", pkiSh, "issue", "future-client", "--client", "--not-before", "20400101000000Z", "--not-after", "20410101000000Z"], env);
+  await sh(["bash", pkiSh, "issue", "revoked-client", "--client"], env);
+  await sh(["bash", pkiSh, "revoke", "revoked-client"], env);
+  const selfDir = join(pki, "self-signed");
+  mkdirSync(selfDir, { recursive: true });
+  await sh(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-days", "30",
+    "-subj", "/O=securemesh/CN=client1", "-addext", "extendedKeyUsage=clientAuth",
+    "-keyout", join(selfDir, "client1_key.pem"), "-out", join(selfDir, "client1_cert.pem")]);
+  const ca = readPkiFile(pki, "ca_cert.pem");
+  const pair = (dir: string, name: string) => ({ cert: readPkiFile(dir, `${name}_cert.pem`), key: readPkiFile(dir, `${name}_key.pem`), ca });
+  return {
+    "no certificate": { ca },
+    "another CA": pair(otherPki, "client1"),
+    "expired": pair(pki, "expired-client"),
+    "not yet valid": pair(pki, "future-client"),
+    "self-signed": pair(selfDir, "client1"),
+    "server cert as client (EKU)": pair(pki, "server"),
+    "revoked": pair(pki, "revoked-client"),
+  };
+}
+
+/** null when the handshake (or the connection) was refused; otherwise what the role answered. */
+export async function tlsRefused(url: string, material: TlsMaterial): Promise<string | null> {
+  try {
+    const response = await fetch(`${url}/health`, { tls: material, signal: AbortSignal.timeout(5000), keepalive: false });
+    await response.arrayBuffer();
+    return `accepted: ${response.status}`;
+  } catch (error) {
+    return (error as { name?: string }).name === "TimeoutError" ? "timeout instead of a refusal" : null;
+  }
+}
+
+/**
+ * Opens a TLS connection with a valid certificate, sends half a request line and headers, then nothing:
+ * null when the role closes it within `limitMs`.
+ */
+export function slowHeadersClosed(url: string, material: TlsMaterial, limitMs: number): Promise<string | null> {
+  const { hostname, port } = new URL(url);
+  return new Promise((resolve) => {
+    const started = Date.now();
+    const socket = tls.connect({ host: hostname, port: Number(port), cert: material.cert, key: material.key, ca: material.ca, servername: "localhost" }, () => {
+      socket.write("POST /api/data HTTP/1.1\r\nHost: localhost\r\nX-Slow: ");
+    });
+    const timer = setTimeout(() => {
+      socket.destroy();
+      resolve(`still open after ${limitMs} ms`);
+    }, limitMs);
+    socket.on("error", () => {});
+    socket.on("close", () => {
+      clearTimeout(timer);
+      resolve(Date.now() - started <= limitMs ? null : "closed too late");
+    });
+  });
+}
+
+/** null for a 4xx with a JSON {"error": …} body; otherwise a description. */
+export async function clear4xx(response: Response, expected?: number): Promise<string | null> {
+  const text = await response.text();
+  if (expected !== undefined && response.status !== expected) return `status ${response.status} (wanted ${expected}): ${text.slice(0, 80)}`;
+  if (response.status < 400 || response.status >= 500) return `status ${response.status}: ${text.slice(0, 80)}`;
+  try {
+    const body = JSON.parse(text) as { error?: unknown };
+    return typeof body.error === "string" ? null : `no error field: ${text.slice(0, 80)}`;
+  } catch {
+    return `status ${response.status} without JSON: ${text.slice(0, 80)}`;
+  }
+}

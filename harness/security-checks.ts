@@ -1,0 +1,197 @@
+// The hostile cases of `bun harness security`, shared with harness/security.test.ts (which runs fewer attempts).
+import { readdirSync, readFileSync } from "node:fs";
+import { join } from "node:path";
+import { loadFernetKeys } from "../shared/config.ts";
+import { Fernet } from "../shared/fernet.ts";
+import { ProofSigner } from "../shared/proof.ts";
+import { loadIdentity, mutualTlsClientOptions } from "../shared/tls.ts";
+import { prepareLegacyRequest, RsaKeyPair } from "../shared/token-exchange.ts";
+import type { Cluster } from "./cluster.ts";
+import { clear4xx, slowHeadersClosed, tlsRefused, type Tally, type TlsMaterial } from "./hostile.ts";
+import type { TokenStack } from "./token-stack.ts";
+
+export interface SecurityTargets {
+  cluster: Cluster;
+  otherPki: string;
+  server: string;
+  coordinator: string;
+  stack: TokenStack;
+  hostileCerts: Record<string, TlsMaterial>;
+}
+
+export interface SecurityOptions {
+  tlsAttempts: number;
+  httpAttempts: number;
+  slowloris: boolean;
+}
+
+/** Marks the plaintext of hostile payloads, so the log scan can tell where it appears. */
+export const PLAINTEXT_MARKER = "plaintext-marker-7f3a";
+
+type Json = Record<string, unknown>;
+
+export async function runSecurityChecks(t: SecurityTargets, tally: Tally, options: SecurityOptions): Promise<void> {
+  const { cluster } = t;
+  const pki = cluster.pki;
+  const client1 = mutualTlsClientOptions(loadIdentity(pki, "client1"));
+  const proxyCert = mutualTlsClientOptions(loadIdentity(pki, "secureproxy"));
+  const roles: [string, string, TlsMaterial][] = [
+    ["server", t.server, client1], ["coordinator", t.coordinator, client1], ["keyserver", t.stack.keyserver, proxyCert], ["secureproxy", t.stack.secureproxy, client1],
+  ];
+
+  // ---- TLS: refused at the handshake, every time (oven-sh/bun#27985 once let about 20% through)
+  for (const [role, url, valid] of roles) {
+    // The control: were every attempt failing for some other reason, this case would say so.
+    await tally.run(role, "TLS control: a valid certificate connects", options.httpAttempts, async () =>
+      (await tlsRefused(url, valid)) === null ? "a valid certificate was refused" : null);
+    for (const [name, material] of Object.entries(t.hostileCerts)) {
+      await tally.run(role, `TLS: ${name}`, options.tlsAttempts, () => tlsRefused(url, material), 4);
+    }
+  }
+
+  // ---- HTTP: a clear 4xx JSON error for every malformed request
+  const post = (url: string, tls: TlsMaterial, body: string | Uint8Array, type = "application/json", headers: Record<string, string> = {}) =>
+    fetch(url, { method: "POST", headers: { "content-type": type, ...headers }, body, tls, signal: AbortSignal.timeout(10_000) });
+  const jsonRoutes: [string, string, TlsMaterial, string][] = [
+    ["server", `${t.server}/api/data`, client1, JSON.stringify({ data: "x", proof: "y", extra: 1 })],
+    ["coordinator", `${t.coordinator}/api/data`, client1, JSON.stringify({ data: "x", proof: "y", extra: 1 })],
+    ["keyserver", `${t.stack.keyserver}/`, proxyCert, JSON.stringify({ sessionKey: "a", clientId: "b", tokenType: "c", extra: 1 })],
+    ["secureproxy", `${t.stack.secureproxy}/request_api`, client1, JSON.stringify({ ClientId: "a", TokenType: "b", ApiUri: "c", extra: 1 })],
+  ];
+  const big = new Uint8Array(100 * 1024).fill(0x61);
+  for (const [role, url, tls, extraFields] of jsonRoutes) {
+    const base = url.slice(0, url.indexOf("/", 8));
+    const n = options.httpAttempts;
+    await tally.run(role, "HTTP: malformed JSON", n, async () => clear4xx(await post(url, tls, "{not json"), 400));
+    await tally.run(role, "HTTP: wrong content type", n, async () => clear4xx(await post(url, tls, "hello", "text/plain"), 415));
+    await tally.run(role, "HTTP: missing fields", n, async () => clear4xx(await post(url, tls, "{}"), 400));
+    await tally.run(role, "HTTP: extra field", n, async () => clear4xx(await post(url, tls, extraFields), 400));
+    await tally.run(role, "HTTP: body over the limit", n, async () => clear4xx(await post(url, tls, big), 413));
+    await tally.run(role, "HTTP: huge headers (431)", n, async () => {
+      try {
+        const response = await fetch(`${base}/health`, { headers: { "x-huge": "h".repeat(64 * 1024) }, tls, signal: AbortSignal.timeout(10_000) });
+        // Bun's HTTP parser answers 431 before any handler runs, so this one refusal cannot carry a JSON body.
+        return response.status === 431 ? null : await clear4xx(response);
+      } catch {
+        return null; // the connection was closed on the oversized header: refused
+      }
+    });
+    await tally.run(role, "HTTP: unknown route", n, async () => clear4xx(await fetch(`${base}/no/such/route`, { tls }), 404));
+    await tally.run(role, "HTTP: wrong method", n, async () => clear4xx(await fetch(`${base}/health`, { method: "DELETE", tls }), 405));
+  }
+  if (options.slowloris) {
+    await Promise.all(roles.map(([role, url, tls]) => tally.run(role, "HTTP: slow headers (slowloris)", 3, () => slowHeadersClosed(url, tls, 15_000), 3)));
+  }
+
+  // ---- Crypto and application, through the coordinator
+  const fernet = new Fernet(loadFernetKeys(pki));
+  const signer = new ProofSigner(loadIdentity(pki, "client1"));
+  const forger = new ProofSigner(loadIdentity(t.otherPki, "client1"));
+  const coordinatorData = `${t.coordinator}/api/data`;
+  const send = async (data: string, proof?: string, headers: Record<string, string> = {}) =>
+    post(coordinatorData, client1, JSON.stringify(proof === undefined ? { data } : { data, proof }), "application/json", headers);
+  const proofFor = (data: string, now?: number) => signer.sign({ method: "POST", path: "/api/data", payload: data }, now);
+  const n = options.httpAttempts;
+  const secret = (i: number) => `${PLAINTEXT_MARKER} ${i}`;
+
+  await tally.run("server", "crypto: tampered Fernet token", n, async (i) => {
+    const token = fernet.encrypt(secret(i));
+    const tampered = token.slice(0, 40) + (token[40] === "A" ? "B" : "A") + token.slice(41);
+    return clear4xx(await send(tampered, await proofFor(tampered)), 400);
+  });
+  await tally.run("server", "crypto: wrong Fernet key", n, async (i) => {
+    const token = new Fernet("cw_0x689RpI-jtRR7oE8h_eQsKImvJapLeSbXpwF4e4=").encrypt(secret(i));
+    return clear4xx(await send(token, await proofFor(token)), 400);
+  });
+  await tally.run("server", "crypto: expired Fernet TTL", n, async (i) => {
+    const token = fernet.encrypt(secret(i), { now: Date.now() / 1000 - 3600 });
+    return clear4xx(await send(token, await proofFor(token)), 400);
+  });
+  await tally.run("server", "proof: forged (another CA)", n, async (i) => {
+    const token = fernet.encrypt(secret(i));
+    return clear4xx(await send(token, await forger.sign({ method: "POST", path: "/api/data", payload: token })), 401);
+  });
+  await tally.run("server", "proof: expired", n, async (i) => {
+    const token = fernet.encrypt(secret(i));
+    return clear4xx(await send(token, await proofFor(token, Date.now() / 1000 - 3600)), 401);
+  });
+  await tally.run("server", "proof: replayed jti", n, async (i) => {
+    const token = fernet.encrypt(`replay ${i}`);
+    const proof = await proofFor(token);
+    const first = await send(token, proof);
+    if (first.status !== 200) return `first use answered ${first.status}`;
+    return clear4xx(await send(token, proof), 401);
+  });
+  await tally.run("server", "SQL metacharacters (stored verbatim)", n, async (i) => {
+    const token = fernet.encrypt(`'; DROP TABLE records; -- ${i} " \\ %`);
+    const response = await send(token, await proofFor(token));
+    return response.status === 200 ? null : `status ${response.status}`;
+  });
+  await tally.run("server", "SQL metacharacters in Idempotency-Key", n, async (i) => {
+    const token = fernet.encrypt(`idem ${i}`);
+    return clear4xx(await send(token, await proofFor(token), { "idempotency-key": `x' OR '1'='1` }), 400);
+  });
+  await tally.run("server", "oversized token", n, async () => {
+    const token = "gAAAAA" + "A".repeat(80 * 1024);
+    return clear4xx(await send(token, "y"), 413);
+  });
+
+  // ---- KeyServer and SecureProxy
+  const keys = await RsaKeyPair.loadOrCreate(join(t.stack.dataDir, "rsa_key.pem"));
+  const keyserverPost = (body: string) => post(`${t.stack.keyserver}/`, proxyCert, body);
+  await tally.run("keyserver", "SQL metacharacters in clientId/tokenType", n, async () => {
+    const prepared = await prepareLegacyRequest(keys.publicKey, "' OR '1'='1", "x'; DROP TABLE storage; --");
+    return clear4xx(await keyserverPost(prepared.body), 404);
+  });
+  await tally.run("keyserver", "oversized clientId", n, async () => {
+    const prepared = JSON.parse((await prepareLegacyRequest(keys.publicKey, "client1", "marketplace")).body) as Json;
+    return clear4xx(await keyserverPost(JSON.stringify({ ...prepared, clientId: "c".repeat(5000) })), 400);
+  });
+  await tally.run("keyserver", "tampered session key", n, async () => {
+    const prepared = JSON.parse((await prepareLegacyRequest(keys.publicKey, "client1", "marketplace")).body) as Json;
+    const wrapped = Buffer.from(String(prepared.sessionKey), "base64");
+    wrapped[7]! ^= 0x55;
+    return clear4xx(await keyserverPost(JSON.stringify({ ...prepared, sessionKey: wrapped.toString("base64") })), 400);
+  });
+  await tally.run("keyserver", "client certificate (not the proxy)", n, async () => clear4xx(await post(`${t.stack.keyserver}/`, client1, "{}"), 403));
+  const marketPort = new URL(t.stack.marketplace).port;
+  const badUris = [
+    "https://attacker.example/collect", `https://169.254.169.254/latest/meta-data/`, `${t.stack.keyserver}/`, `https://[::1]:${marketPort}/api/item`,
+    `http://localhost:${marketPort}/api/item`, `https://user:pw@localhost:${marketPort}/api/item`, `https://localhost:22/`, "file:///etc/passwd",
+  ];
+  await tally.run("secureproxy", "ApiUri off the allowlist or internal", badUris.length * n, async (i) => {
+    const { status, body } = await t.stack.requestApi({ ClientId: "client1", TokenType: "marketplace", ApiUri: badUris[i % badUris.length]! });
+    return status === 403 && typeof body.error === "string" ? null : `${badUris[i % badUris.length]}: ${status} ${JSON.stringify(body)}`;
+  });
+  await tally.run("secureproxy", "SQL metacharacters in ClientId/TokenType", n, async () => {
+    const { status } = await t.stack.requestApi({ ClientId: "x' OR 1=1 --", TokenType: "marketplace", ApiUri: `https://localhost:${marketPort}/api/item` });
+    return status === 404 ? null : `status ${status}`;
+  });
+}
+
+/** Every role still answers /health with 200. */
+export async function rolesHealthy(cluster: Cluster, urls: string[]): Promise<string[]> {
+  const sick: string[] = [];
+  for (const url of urls) if ((await cluster.health(url))?.status !== 200) sick.push(url);
+  return sick;
+}
+
+/**
+ * Scans every log for what must never be there: private keys, the Fernet key, the API token, hostile
+ * plaintext outside the server's intended "Decrypted data:" line, and any 5xx answer.
+ */
+export function scanLogs(logDir: string, secrets: { fernetKeys: string[]; apiToken: string }): string[] {
+  const findings: string[] = [];
+  for (const file of readdirSync(logDir).filter((f) => f.endsWith(".log"))) {
+    const lines = readFileSync(join(logDir, file), "utf8").split("\n");
+    for (const [i, line] of lines.entries()) {
+      const where = `${file}:${i + 1}`;
+      if (line.includes("PRIVATE KEY")) findings.push(`${where}: a private key`);
+      if (secrets.fernetKeys.some((k) => line.includes(k.replace(/=+$/, "")))) findings.push(`${where}: the Fernet key`);
+      if (line.includes(secrets.apiToken)) findings.push(`${where}: the API token`);
+      if (line.includes(PLAINTEXT_MARKER) && !line.startsWith("Decrypted data: ")) findings.push(`${where}: plaintext outside the demo line`);
+      if (/" 5\d\d -$/.test(line)) findings.push(`${where}: a 5xx answer: ${line}`);
+    }
+  }
+  return findings;
+}
