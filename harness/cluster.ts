@@ -167,6 +167,11 @@ export class Cluster implements AsyncDisposable {
     }
   }
 
+  /** fetch over mutual TLS as client1. */
+  request(url: string, init: RequestInit = {}): Promise<Response> {
+    return fetch(url, { ...init, tls: this.#probeTls, signal: AbortSignal.timeout(10_000) });
+  }
+
   waitHealthy(url: string, timeoutMs?: number): Promise<unknown> {
     return waitFor(`${url}/health to answer 200`, async () => (await this.health(url))?.status === 200, timeoutMs);
   }

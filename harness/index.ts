@@ -7,11 +7,12 @@ import { Cluster, ExpectationFailed } from "./cluster.ts";
 import { seedPorts, type Scenario } from "./scenario.ts";
 import { cache } from "./scenarios/cache.ts";
 import { demo } from "./scenarios/demo.ts";
+import { chaos } from "./scenarios/chaos.ts";
 import { failover } from "./scenarios/failover.ts";
 import { security } from "./scenarios/security.ts";
 import { tokens } from "./scenarios/tokens.ts";
 
-const SCENARIOS: Scenario[] = [demo, failover, cache, tokens, security];
+const SCENARIOS: Scenario[] = [demo, failover, cache, tokens, security, chaos];
 
 const USAGE = `
 Usage: bun harness <scenario> [options]

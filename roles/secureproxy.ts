@@ -131,6 +131,7 @@ export function createProxyApp(deps: ProxyDeps) {
     const prepared = deps.format === "jose" ? await prepareJoseRequest(key, clientId, tokenType) : await prepareLegacyRequest(key, clientId, tokenType);
     const response = await keyserverFetch("/", { method: "POST", headers: { "content-type": prepared.contentType }, body: prepared.body });
     if (response.status === 404) throw new MeshError("ERR_NOT_FOUND", 404, "no token for that ClientId and TokenType");
+    if (response.status === 503) throw new Unavailable("KeyServer unavailable (its token store is down)");
     if (response.status !== 200) {
       if (response.status === 400) publicKey = undefined; // perhaps the KeyServer's key changed
       throw new MeshError("ERR_KEYSERVER", 502, `KeyServer refused the token request (${response.status})`);
