@@ -1,7 +1,7 @@
 // The coordinator: terminates clients' mutual TLS and forwards /api/* to healthy servers, failing over between them.
 import { ConfigError } from "../shared/errors.ts";
 import { exitWithConfigError, parseFlags, parsePort, parsePositive, pkiDir, exitOnSignals } from "../shared/config.ts";
-import { createApp, listen } from "../shared/http.ts";
+import { createApp, listenOrExit } from "../shared/http.ts";
 import { createLogger, type Logger } from "../shared/log.ts";
 import { assertSafeTlsEnvironment, loadIdentity, mutualTlsClientOptions, mutualTlsServerOptions } from "../shared/tls.ts";
 import { UpstreamPool } from "../shared/upstream.ts";
@@ -135,12 +135,7 @@ async function main(): Promise<void> {
     exitWithConfigError("coordinator", error);
   }
   const app = createCoordinatorApp({ pool, logger });
-  let port: number;
-  try {
-    port = listen(app, { port: config.port, hostname: config.host, tls });
-  } catch (error) {
-    exitWithConfigError("coordinator", error);
-  }
+  const port = listenOrExit("coordinator", app, { port: config.port, hostname: config.host, tls });
   pool.start();
   logger.info(`coordinator listening on https://${config.host}:${port}, servers: ${config.servers.join(", ")}`);
 

@@ -4,7 +4,7 @@ import { createPublicKey } from "node:crypto";
 import { basename, dirname, resolve } from "node:path";
 import { exitWithConfigError, parseFlags, parsePort, parsePositive, pkiDir, readPkiFile, exitOnSignals } from "../shared/config.ts";
 import { BadRequest, ConfigError, Forbidden, MeshError, Unavailable } from "../shared/errors.ts";
-import { createApp, listen, readJsonFields } from "../shared/http.ts";
+import { createApp, listenOrExit, readJsonFields } from "../shared/http.ts";
 import { createLogger, printable, type Logger } from "../shared/log.ts";
 import { assertSafeTlsEnvironment, loadIdentity, mutualTlsClientOptions, mutualTlsServerOptions } from "../shared/tls.ts";
 import { openJoseResponse, openLegacyResponse, prepareJoseRequest, prepareLegacyRequest } from "../shared/token-exchange.ts";
@@ -184,12 +184,7 @@ async function main(): Promise<void> {
     exitWithConfigError("secureproxy", error);
   }
   const app = createProxyApp(deps);
-  let port: number;
-  try {
-    port = listen(app, { port: config.port, hostname: config.host, tls });
-  } catch (error) {
-    exitWithConfigError("secureproxy", error);
-  }
+  const port = listenOrExit("secureproxy", app, { port: config.port, hostname: config.host, tls });
   logger.info(`secureproxy listening on https://${config.host}:${port} (keyserver ${config.keyserver}, format ${config.format})`);
   exitOnSignals(() => app.stop());
 }

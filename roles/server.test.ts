@@ -31,7 +31,8 @@ beforeAll(async () => {
   const logger = createLogger("server", { format: "text", color: false, write: (l) => logs.push(l) });
   verifier = new ProofVerifier(loadIdentity(pki, "server").ca);
   const view = new CachedDataView({ store, fernet, logger, ttlMs: 30_000, now: clock });
-  app = createServerApp({ port: 5001, store, view, fernet, verifier, logger, ttl: 300 });
+  // app.handle needs no socket: the port is only the server number the answers carry.
+  app = createServerApp({ port: 7001, store, view, fernet, verifier, logger, ttl: 300 });
 });
 
 async function post(body: unknown, headers: Record<string, string> = {}) {
@@ -52,7 +53,7 @@ describe("POST /api/data", () => {
     const before = await store.count();
     const res = await post(await signed("hello from client1"));
     expect(res.status).toBe(200);
-    expect(res.body).toEqual({ result: "ok", id: expect.any(Number), server: 5001 });
+    expect(res.body).toEqual({ result: "ok", id: expect.any(Number), server: 7001 });
     expect(await store.count()).toBe(before + 1);
     expect(logs).toContain("Decrypted data: hello from client1 (from client1)");
   });
@@ -112,7 +113,7 @@ describe("POST /api/data", () => {
 
 test("GET /health reports the server, its store and its cache", async () => {
   const res = await app.handle(new Request("http://localhost/health"));
-  expect(await res.json()).toMatchObject({ status: "ok", role: "server", server: 5001, store: "sqlite", cache: { generation: expect.any(Number) } });
+  expect(await res.json()).toMatchObject({ status: "ok", role: "server", server: 7001, store: "sqlite", cache: { generation: expect.any(Number) } });
 });
 
 describe("cache routes", () => {
@@ -134,7 +135,7 @@ describe("cache routes", () => {
     await read(app, { "cache-control": "no-cache" });
     clockMs += 1200;
     const hit = await read();
-    expect([hit.cached, hit.age_ms, hit.server]).toEqual([true, 1200, 5001]);
+    expect([hit.cached, hit.age_ms, hit.server]).toEqual([true, 1200, 7001]);
     expect(hit.view.total).toBe(await store.count());
     expect(logs.filter((l) => /^Cache hit \(age 1\.2 s, generation \d+\)$/.test(l))).toHaveLength(1);
   });
@@ -157,7 +158,7 @@ describe("cache routes", () => {
     const otherLogs: string[] = [];
     const otherLogger = createLogger("server", { format: "text", color: false, write: (l) => otherLogs.push(l) });
     const other = createServerApp({
-      port: 5002, store, fernet, verifier, logger: otherLogger, ttl: 300,
+      port: 7002, store, fernet, verifier, logger: otherLogger, ttl: 300,
       view: new CachedDataView({ store, fernet, logger: otherLogger, ttlMs: 30_000, now: clock }),
     });
     await read(other);
@@ -173,7 +174,7 @@ describe("cache routes", () => {
     await read();
     const before = (await read()).generation;
     const proof = await signer.sign({ method: "POST", path: "/api/invalidate_cache", payload: "" });
-    expect(await invalidate(proof)).toEqual({ status: 200, body: { result: "ok", server: 5001, generation: before + 1 } });
+    expect(await invalidate(proof)).toEqual({ status: 200, body: { result: "ok", server: 7001, generation: before + 1 } });
     const after = await read();
     expect([after.cached, after.generation]).toEqual([false, before + 1]);
     expect(logs).toContain(`Cache invalidated by client1 (generation ${before + 1})`);
@@ -189,7 +190,7 @@ describe("cache routes", () => {
   test("GET /api/cache_stats reports hits, misses, entries and generation", async () => {
     const res = await app.handle(new Request("http://localhost/api/cache_stats"));
     expect(await res.json()).toMatchObject({
-      server: 5001, hits: expect.any(Number), misses: expect.any(Number), entries: expect.any(Number),
+      server: 7001, hits: expect.any(Number), misses: expect.any(Number), entries: expect.any(Number),
       evictions: expect.any(Number), invalidations: 1, hitRatio: expect.any(Number), generation: expect.any(Number),
     });
   });

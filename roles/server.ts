@@ -2,7 +2,7 @@
 import { exitWithConfigError, loadFernetKeys, parseFlags, parsePort, parsePositive, pkiDir, exitOnSignals } from "../shared/config.ts";
 import { BadRequest, InvalidToken, ProofRejected } from "../shared/errors.ts";
 import { Fernet } from "../shared/fernet.ts";
-import { createApp, listen, readJsonFields } from "../shared/http.ts";
+import { createApp, listenOrExit, readJsonFields } from "../shared/http.ts";
 import { CachedDataView } from "../shared/data-view.ts";
 import { createLogger, printable, type Logger } from "../shared/log.ts";
 import { payloadDigest, ProofVerifier } from "../shared/proof.ts";
@@ -139,12 +139,7 @@ async function main(): Promise<void> {
   const view = new CachedDataView({ store, fernet: deps.fernet, logger, ttlMs: config.cacheTtlMs, maxEntries: config.cacheEntries });
   const serverDeps: ServerDeps = { ...deps, store, view, logger };
   const app = createServerApp(serverDeps);
-  let port: number;
-  try {
-    port = listen(app, { port: config.port, hostname: config.host, tls });
-  } catch (error) {
-    exitWithConfigError("server", error);
-  }
+  const port = listenOrExit("server", app, { port: config.port, hostname: config.host, tls });
   // With port 0 the bound port is only known now; records must name the real one.
   serverDeps.port = port;
   logger.info(`server listening on https://${config.host}:${port} (store: ${describeStoreUrl(config.db)})`);

@@ -1,6 +1,7 @@
 // The Elysia base every role builds on: JSON errors with stable codes, body limits, access log, and a safe listen.
 import { Elysia } from "elysia";
 import { BadRequest, ConfigError, MeshError } from "./errors.ts";
+import { exitWithConfigError } from "./config.ts";
 import { describeError, type Logger } from "./log.ts";
 
 /** Bodies above this get a 413 before any handler runs. */
@@ -91,6 +92,15 @@ export function listen(app: { listen: (options: object) => unknown; server: { po
     throw new ConfigError(`cannot listen on ${options.hostname}:${options.port}: ${describeError(error)}`);
   }
   return app.server?.port ?? options.port;
+}
+
+/** listen(), or the role exits with the one-line reason (a port in use, say). */
+export function listenOrExit(role: string, app: Parameters<typeof listen>[0], options: Parameters<typeof listen>[1]): number {
+  try {
+    return listen(app, options);
+  } catch (error) {
+    return exitWithConfigError(role, error);
+  }
 }
 
 /**
