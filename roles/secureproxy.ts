@@ -5,7 +5,7 @@ import { basename, dirname, resolve } from "node:path";
 import { exitWithConfigError, parseFlags, parsePort, parsePositive, pkiDir, readPkiFile, exitOnSignals } from "../shared/config.ts";
 import { BadRequest, ConfigError, Forbidden, MeshError, Unavailable } from "../shared/errors.ts";
 import { createApp, listenOrExit, readJsonFields } from "../shared/http.ts";
-import { createLogger, printable, type Logger } from "../shared/log.ts";
+import { createLogger, describeNetworkError as reason, printable, type Logger } from "../shared/log.ts";
 import { assertSafeTlsEnvironment, loadIdentity, mutualTlsClientOptions, mutualTlsServerOptions } from "../shared/tls.ts";
 import { openJoseResponse, openLegacyResponse, prepareJoseRequest, prepareLegacyRequest } from "../shared/token-exchange.ts";
 
@@ -98,11 +98,6 @@ export interface ProxyDeps {
   apiTls: { ca: string };
   timeoutMs: number;
   logger: Logger;
-}
-
-function reason(error: unknown): string {
-  if ((error as { name?: string }).name === "TimeoutError") return "timeout";
-  return (error as { code?: string }).code ?? "network error";
 }
 
 export function createProxyApp(deps: ProxyDeps) {

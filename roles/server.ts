@@ -1,6 +1,6 @@
 // A securemesh server: receives Fernet payloads with a sender proof over mutual TLS and commits them to the store.
 import { exitWithConfigError, loadFernetKeys, parseFlags, parsePort, parsePositive, pkiDir, exitOnSignals } from "../shared/config.ts";
-import { BadRequest, InvalidToken, ProofRejected } from "../shared/errors.ts";
+import { BadRequest, ProofRejected } from "../shared/errors.ts";
 import { Fernet } from "../shared/fernet.ts";
 import { createApp, listenOrExit, readJsonFields } from "../shared/http.ts";
 import { CachedDataView } from "../shared/data-view.ts";
@@ -90,7 +90,7 @@ export function createServerApp(deps: ServerDeps) {
         throw new BadRequest("Idempotency-Key must be 1-128 characters of letters, digits and _.:-");
       }
       const { sender, jti } = await verifier.verify(proof, { method: "POST", path: "/api/data", payload: data });
-      const text = decryptText(fernet, data, ttl);
+      const text = fernet.decryptText(data, { ttl });
       const stored = await store.insert({ sender, token: data, jti, idempotencyKey, digest: payloadDigest(data), server: deps.port });
       if (!stored.repeated) logger.info(`Decrypted data: ${printable(text)} (from ${sender})`);
       return { result: "ok", id: stored.id, server: stored.server };
@@ -110,15 +110,6 @@ export function createServerApp(deps: ServerDeps) {
       return { result: "ok", server: deps.port, generation };
     })
     .get("/api/cache_stats", async () => ({ server: deps.port, ...(await view.stats()) }));
-}
-
-function decryptText(fernet: Fernet, token: string, ttl: number): string {
-  const bytes = fernet.decrypt(token, { ttl });
-  try {
-    return new TextDecoder("utf-8", { fatal: true }).decode(bytes);
-  } catch {
-    throw new InvalidToken();
-  }
 }
 
 async function main(): Promise<void> {

@@ -71,6 +71,11 @@ describe("Fernet", () => {
     expect(() => new Fernet(oldKey).decrypt(rotated.encrypt("after"))).toThrow(InvalidToken);
   });
 
+  test("decryptText: a plaintext that is not UTF-8 is an InvalidToken", () => {
+    const f = new Fernet(generateFernetKey());
+    expect(() => f.decryptText(f.encrypt(new Uint8Array([0xff, 0xfe])))).toThrow(InvalidToken);
+  });
+
   test("rejects malformed keys", () => {
     expect(() => new Fernet("short")).toThrow("32 bytes");
     expect(() => new Fernet([])).toThrow("at least one key");

@@ -99,7 +99,13 @@ export class Fernet {
     throw new InvalidToken();
   }
 
+  /** As decrypt, for text: a plaintext that is not UTF-8 is one more InvalidToken, not a different error. */
   decryptText(token: string, options?: DecryptOptions): string {
-    return new TextDecoder("utf-8", { fatal: true }).decode(this.decrypt(token, options));
+    const bytes = this.decrypt(token, options);
+    try {
+      return new TextDecoder("utf-8", { fatal: true }).decode(bytes);
+    } catch {
+      throw new InvalidToken();
+    }
   }
 }

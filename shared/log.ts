@@ -73,6 +73,20 @@ export function describeError(error: unknown): string {
   return String(error);
 }
 
+const NETWORK_REASONS: Record<string, string> = {
+  ECONNREFUSED: "connection refused",
+  ConnectionRefused: "connection refused",
+  ECONNRESET: "connection reset",
+  EPROTO: "TLS handshake failed",
+};
+
+/** Why a fetch failed, short enough for a log line or an error: "timeout", "connection refused (ECONNREFUSED)", … */
+export function describeNetworkError(error: unknown): string {
+  if ((error as { name?: string }).name === "TimeoutError") return "timeout";
+  const code = (error as { code?: string }).code;
+  return code && NETWORK_REASONS[code] ? `${NETWORK_REASONS[code]} (${code})` : describeError(error);
+}
+
 /** Keeps one log line one line: caller-supplied text cannot forge log entries with newlines or escapes. */
 export function printable(text: string): string {
   return text.replace(/[\u0000-\u001f\u007f-\u009f]/g, (c) => `\\x${c.charCodeAt(0).toString(16).padStart(2, "0")}`);

@@ -3,7 +3,7 @@ import { randomUUID } from "node:crypto";
 import { MeshError } from "./errors.ts";
 import type { DataSnapshot } from "./data-view.ts";
 import type { Fernet } from "./fernet.ts";
-import { describeError } from "./log.ts";
+import { describeNetworkError } from "./log.ts";
 import { ProofSigner } from "./proof.ts";
 import { mutualTlsClientOptions, type Identity } from "./tls.ts";
 
@@ -105,7 +105,7 @@ export class MeshClient {
           }
           return { status: response.status, body: parsed, coordinator };
         } catch (error) {
-          last = `${coordinator}: ${(error as { name?: string }).name === "TimeoutError" ? "timeout" : describeError(error)}`;
+          last = `${coordinator}: ${describeNetworkError(error)}`;
         }
       }
     }

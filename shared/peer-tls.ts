@@ -3,12 +3,12 @@
 import http from "node:http";
 import tls from "node:tls";
 import { ConfigError } from "./errors.ts";
+import { CLIENT_AUTH_OID } from "./tls.ts";
 import { DEFAULT_BODY_LIMIT, IDLE_TIMEOUT_S, PEER_ADDRESS_HEADER, type ServerTls } from "./http.ts";
 
 /** Set by the listener from the verified certificate, after any client-sent copy is dropped. */
 export const PEER_HEADER = "x-securemesh-peer";
 
-const CLIENT_AUTH_OID = "1.3.6.1.5.5.7.3.2";
 
 export interface PeerAwareApp {
   handle(request: Request): Promise<Response>;

@@ -3,13 +3,12 @@
 import { createHash, createPrivateKey, randomUUID, X509Certificate, type KeyObject } from "node:crypto";
 import { decodeProtectedHeader, jwtVerify, SignJWT } from "jose";
 import { ProofRejected } from "./errors.ts";
-import { certificateName, type Identity } from "./tls.ts";
+import { certificateName, CLIENT_AUTH_OID, type Identity } from "./tls.ts";
 
 export const PROOF_TYPE = "securemesh-proof+jwt";
 /** How long a proof lives: long enough for failover retries, short enough to make a stolen proof useless. */
 export const PROOF_LIFETIME_S = 60;
 const CLOCK_SKEW_S = 30;
-const CLIENT_AUTH_OID = "1.3.6.1.5.5.7.3.2";
 
 /** What a proof binds: the request line and a digest of the payload it travels with. */
 export interface ProofTarget {

@@ -5,6 +5,9 @@ import { join } from "node:path";
 import { ConfigError } from "./errors.ts";
 import { readPkiFile } from "./config.ts";
 
+/** The extendedKeyUsage a certificate needs to act as a client. */
+export const CLIENT_AUTH_OID = "1.3.6.1.5.5.7.3.2";
+
 export interface Identity {
   name: string;
   cert: string;

@@ -1,6 +1,6 @@
 // The upstream pool: round-robin over healthy servers, failover, active health checks with fall/rise counts.
 import { MeshError, Unavailable } from "./errors.ts";
-import { describeError, type Logger } from "./log.ts";
+import { describeNetworkError as reason, type Logger } from "./log.ts";
 
 export interface ClientTls {
   cert: string;
@@ -68,18 +68,6 @@ export function neverReachedServer(error: unknown): boolean {
   return NEVER_REACHED.has((error as { code?: string }).code ?? "");
 }
 
-const REASONS: Record<string, string> = {
-  ECONNREFUSED: "connection refused",
-  ConnectionRefused: "connection refused",
-  ECONNRESET: "connection reset",
-  EPROTO: "TLS handshake failed",
-};
-
-function reason(error: unknown): string {
-  if ((error as { name?: string }).name === "TimeoutError") return "timeout";
-  const code = (error as { code?: string }).code;
-  return code && REASONS[code] ? `${REASONS[code]} (${code})` : describeError(error);
-}
 
 export class UpstreamPool {
   readonly #servers: Server[];
