@@ -118,21 +118,26 @@ export class Cluster implements AsyncDisposable {
     this.#probeTls = mutualTlsClientOptions(loadIdentity(options.pki, "client1"));
   }
 
-  /** Spawns `bun roles/<script>.ts args`, logging to <logDir>/<name>.log; returns once it logs its port. */
-  async spawn(name: string, script: string, args: string[], env: Record<string, string> = {}): Promise<{ role: RoleProcess; port: number }> {
+  /** Starts `bun roles/<script>.ts args` with the cluster's PKI and environment, teeing its output to <logDir>/<name>.log. */
+  #launch(name: string, script: string, args: string[], options: { env?: Record<string, string>; stdin?: string } = {}): RoleProcess {
     const logFile = join(this.#options.logDir, `${name}.log`);
-    const log = createWriteStream(logFile, { flags: "a" });
     const proc = Bun.spawn([process.execPath, join(REPO_ROOT, "roles", `${script}.ts`), ...args], {
       cwd: REPO_ROOT,
-      env: { ...process.env, PKI_DIR: this.#options.pki, ...this.#options.env, ...env },
-      stdin: "ignore",
+      env: { ...process.env, PKI_DIR: this.#options.pki, ...this.#options.env, ...options.env },
+      stdin: options.stdin === undefined ? "ignore" : new TextEncoder().encode(options.stdin),
       stdout: "pipe",
       stderr: "pipe",
     });
-    const role = new RoleProcess(name, proc, logFile, log);
+    return new RoleProcess(name, proc as Bun.Subprocess<"ignore", "pipe", "pipe">, logFile, createWriteStream(logFile, { flags: "a" }));
+  }
+
+  /** Spawns a long-running role; returns once it logs the port it listens on. */
+  async spawn(name: string, script: string, args: string[], env: Record<string, string> = {}): Promise<{ role: RoleProcess; port: number }> {
+    const role = this.#launch(name, script, args, { env });
     this.roles.set(name, role);
-    const ready = await role.waitForLine(/listening on https:\/\/[^ ]+:(\d+)/);
-    return { role, port: Number(/listening on https:\/\/[^ ]+:(\d+)/.exec(ready)![1]) };
+    const listening = /listening on https:\/\/[^ ]+:(\d+)/;
+    const ready = await role.waitForLine(listening);
+    return { role, port: Number(listening.exec(ready)![1]) };
   }
 
   async startServer(name: string, port: number, args: string[] = []): Promise<string> {
@@ -178,17 +183,8 @@ export class Cluster implements AsyncDisposable {
 
   /** Runs roles/<script>.ts to completion, its output logged to <logDir>/<logName>.log. */
   async run(logName: string, script: string, args: string[], options: { stdin?: string } = {}): Promise<ClientRun> {
-    const logFile = join(this.#options.logDir, `${logName}.log`);
-    const log = createWriteStream(logFile, { flags: "a" });
-    const proc = Bun.spawn([process.execPath, join(REPO_ROOT, "roles", `${script}.ts`), ...args], {
-      cwd: REPO_ROOT,
-      env: { ...process.env, PKI_DIR: this.#options.pki, ...this.#options.env },
-      stdin: options.stdin === undefined ? "ignore" : new TextEncoder().encode(options.stdin),
-      stdout: "pipe",
-      stderr: "pipe",
-    });
-    const role = new RoleProcess(logName, proc as Bun.Subprocess<"ignore", "pipe", "pipe">, logFile, log);
-    const exitCode = await proc.exited;
+    const role = this.#launch(logName, script, args, options);
+    const exitCode = await role.proc.exited;
     await role.drained;
     return { exitCode, lines: role.lines };
   }
