@@ -112,11 +112,9 @@ export class SqliteStore implements RecordStore {
   }
 
   async ping(): Promise<void> {
-    // BEGIN IMMEDIATE takes the write lock, so a read-only or vanished file shows up here and not on a client's write.
-    this.#read(() => {
-      this.#db.exec("BEGIN IMMEDIATE");
-      this.#db.exec("ROLLBACK");
-    });
+    // A read, never the write lock: a health check must not wait behind another server's commit, which a frozen
+    // (SIGSTOPped) server can hold indefinitely.
+    this.#read(() => this.#generation.get());
   }
 
   async close(): Promise<void> {

@@ -26,7 +26,7 @@ export const chaos: Scenario = {
 
     step("kill -9 server 1 while 4 clients send 500 requests each");
     record(await killNineUnderLoad(mesh, 4, 500));
-    step("SIGSTOP server 2 during 6 s of load (coordinator timeout 2000 ms), then SIGCONT");
+    step("SIGSTOP server 2 during 6 s of read load (coordinator timeout 2000 ms), then SIGCONT");
     record(await hangUnderLoad(mesh, 4, 2000, 6000));
     step("every server down, then back");
     record(await allServersDown(mesh));
