@@ -162,6 +162,12 @@ export class Cluster implements AsyncDisposable {
     return url;
   }
 
+  /** The admin URL a coordinator started with --admin-port logged, e.g. http://127.0.0.1:41234 */
+  async adminUrl(name: string): Promise<string> {
+    const line = await this.role(name).waitForLine(/admin .* on http:\/\/\S+\//);
+    return /(http:\/\/\S+?)\/?$/.exec(line)![1]!;
+  }
+
   /** Status and body of GET <url>/health over mutual TLS, or undefined while it cannot be reached. */
   async health(url: string): Promise<{ status: number; body: Record<string, unknown> } | undefined> {
     try {

@@ -3,6 +3,8 @@ import { ConfigError } from "../shared/errors.ts";
 import { exitWithConfigError, parseFlags, parsePort, parsePositive, pkiDir, exitOnSignals } from "../shared/config.ts";
 import { createApp, listenOrExit } from "../shared/http.ts";
 import { createLogger, type Logger } from "../shared/log.ts";
+import { Metrics } from "../shared/metrics.ts";
+import { createAdminApp } from "../shared/status-page.ts";
 import { assertSafeTlsEnvironment, loadIdentity, mutualTlsClientOptions, mutualTlsServerOptions } from "../shared/tls.ts";
 import { UpstreamPool } from "../shared/upstream.ts";
 
@@ -21,6 +23,9 @@ Options:
   --health-timeout MS    health-check timeout (default 1000)
   --fall N               failed checks before a server leaves rotation (default 2)
   --rise N               good checks before it returns (default 2)
+  --admin-port PORT      serve the live status page (/), /status, /events and /metrics over plain HTTP
+                         on this port (off unless given; 0 picks a free port)
+  --admin-host HOST      address for the admin listener (default 127.0.0.1: keep it off the network)
   --pki DIR              PKI folder from pki.sh (default $PKI_DIR, else certs/)
   -h, --help             show this help
 `;
@@ -32,6 +37,7 @@ export interface CoordinatorConfig {
   pki: string;
   timeoutMs: number;
   health: { intervalMs: number; timeoutMs: number; fall: number; rise: number };
+  admin: { port: number; host: string } | null;
 }
 
 export function parseCoordinatorConfig(argv: string[]): CoordinatorConfig {
@@ -43,6 +49,8 @@ export function parseCoordinatorConfig(argv: string[]): CoordinatorConfig {
     "health-timeout": { type: "string" },
     fall: { type: "string" },
     rise: { type: "string" },
+    "admin-port": { type: "string" },
+    "admin-host": { type: "string" },
     pki: { type: "string" },
     port: { type: "string" },
   }, argv);
@@ -70,11 +78,13 @@ export function parseCoordinatorConfig(argv: string[]): CoordinatorConfig {
       fall: parsePositive(values.fall, "--fall", 2),
       rise: parsePositive(values.rise, "--rise", 2),
     },
+    admin: values["admin-port"] === undefined ? null : { port: parsePort(values["admin-port"], "--admin-port"), host: values["admin-host"] ?? "127.0.0.1" },
   };
 }
 
-export function createCoordinatorApp({ pool, logger }: { pool: UpstreamPool; logger: Logger }) {
-  return createApp({ logger })
+export function createCoordinatorApp({ pool, logger, metrics = new Metrics() }: { pool: UpstreamPool; logger: Logger; metrics?: Metrics }) {
+  // /metrics is on the admin listener, next to the status page, as Envoy serves its stats.
+  return createApp({ logger, metrics, metricsRoute: false })
     .get("/health", ({ set }) => {
       const servers = pool.snapshot().map(({ url, up, lastCheckedAt, latencyMs, requests, failures, lastError }) =>
         ({ url, up, lastCheckedAt, latencyMs, requests, failures, lastError }));
@@ -134,14 +144,21 @@ async function main(): Promise<void> {
   } catch (error) {
     exitWithConfigError("coordinator", error);
   }
-  const app = createCoordinatorApp({ pool, logger });
+  const metrics = new Metrics();
+  pool.exportMetrics(metrics);
+  const app = createCoordinatorApp({ pool, logger, metrics });
   const port = listenOrExit("coordinator", app, { port: config.port, hostname: config.host, tls });
+  const admin = config.admin && createAdminApp({ pool, logger, metrics });
+  if (admin && config.admin) {
+    const adminPort = listenOrExit("coordinator", admin, { port: config.admin.port, hostname: config.admin.host });
+    logger.info(`coordinator admin (status page, /metrics) on http://${config.admin.host}:${adminPort}/`);
+  }
   pool.start();
   logger.info(`coordinator listening on https://${config.host}:${port}, servers: ${config.servers.join(", ")}`);
 
   exitOnSignals(async () => {
     pool.stop();
-    await app.stop();
+    await Promise.all([app.stop(), admin?.stop()]);
   });
 }
 

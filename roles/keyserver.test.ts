@@ -11,6 +11,7 @@ import {
   openJoseResponse, openLegacyResponse, prepareJoseRequest, prepareLegacyRequest, RsaKeyPair, type PreparedRequest,
 } from "../shared/token-exchange.ts";
 import { openTokenStore, TokenVault } from "../shared/token-store.ts";
+import { scrape } from "../shared/testing/prometheus.ts";
 import { createKeyserverApp } from "./keyserver.ts";
 
 const TOKEN = "mkt-token-never-logged-42";
@@ -107,6 +108,16 @@ describe("token release", () => {
     expect(audit.some((l) => / outcome=replay$/.test(l))).toBe(true);
     expect(audit.some((l) => / outcome=decrypt_error$/.test(l))).toBe(true);
     expect(logs.join("\n")).not.toContain(TOKEN);
+  });
+
+  test("/metrics counts releases by outcome, one for each audit line", async () => {
+    const metrics = await scrape(app);
+    const audit = logs.filter((l) => l.startsWith("AUDIT "));
+    for (const outcome of ["released", "forbidden", "replay", "decrypt_error", "not_found"]) {
+      const lines = audit.filter((l) => l.endsWith(` outcome=${outcome}`)).length;
+      expect(lines).toBeGreaterThan(0);
+      expect(metrics.value("securemesh_token_releases_total", { outcome })).toBe(lines);
+    }
   });
 });
 

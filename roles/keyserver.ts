@@ -5,6 +5,7 @@ import { ConfigError, Forbidden, MeshError } from "../shared/errors.ts";
 import { createApp } from "../shared/http.ts";
 import { MasterKeyring } from "../shared/keyring.ts";
 import { createLogger, describeError, printable, type Logger } from "../shared/log.ts";
+import { Metrics } from "../shared/metrics.ts";
 import { listenWithPeerIdentity, PEER_HEADER } from "../shared/peer-tls.ts";
 import { NonceMemory } from "../shared/replay.ts";
 import { describeStoreUrl } from "../shared/store.ts";
@@ -80,6 +81,7 @@ export interface KeyserverDeps {
   nonces: NonceMemory;
   logger: Logger;
   allowedCallers: readonly string[];
+  metrics?: Metrics;
 }
 
 type Outcome = "released" | "forbidden" | "not_found" | "replay" | "decrypt_error" | "bad_request" | "error";
@@ -95,14 +97,16 @@ function outcomeOf(error: unknown): Outcome {
   }
 }
 
-export function createKeyserverApp({ vault, keys, nonces, logger, allowedCallers }: KeyserverDeps) {
+export function createKeyserverApp({ vault, keys, nonces, logger, allowedCallers, metrics = new Metrics() }: KeyserverDeps) {
+  const releases = metrics.counter("securemesh_token_releases_total", "Token release attempts, by outcome.", ["outcome"]);
   /** One line per release attempt; never the token, and only printable caller-supplied text. */
   const audit = (caller: string, request: Partial<TokenRequest>, outcome: Outcome) => {
+    releases.inc({ outcome });
     const fields = { caller, clientId: request.clientId ?? "-", tokenType: request.tokenType ?? "-", outcome };
     logger.info(`AUDIT ${new Date().toISOString()} caller=${printable(fields.caller || "-")} client=${printable(fields.clientId)} type=${printable(fields.tokenType)} outcome=${outcome}`, { audit: fields });
   };
 
-  return createApp({ logger })
+  return createApp({ logger, metrics })
     .get("/health", async () => {
       await vault.store.ping();
       return { status: "ok", role: "keyserver", store: vault.store.kind };

@@ -1,5 +1,6 @@
 import { expect, test } from "bun:test";
 import { createLogger } from "../shared/log.ts";
+import { scrape } from "../shared/testing/prometheus.ts";
 import { createMarketplaceApp, ITEM } from "./marketplace.ts";
 
 const app = createMarketplaceApp({ token: "right-token", logger: createLogger("marketplace", { write: () => {} }) });
@@ -14,4 +15,10 @@ test("401 without a Bearer token or with a wrong one, the item with the right on
   }
   const ok = await get("Bearer right-token");
   expect([ok.status, await ok.json()]).toEqual([200, ITEM]);
+});
+
+test("/metrics parses as Prometheus text and counts the 401s", async () => {
+  await get();
+  const metrics = await scrape(app);
+  expect(metrics.value("securemesh_http_requests_total", { route: "/api/item", status: "401" })).toBeGreaterThan(0);
 });

@@ -1,6 +1,7 @@
 import { expect, test } from "bun:test";
 import { Forbidden } from "../shared/errors.ts";
 import { createLogger } from "../shared/log.ts";
+import { scrape } from "../shared/testing/prometheus.ts";
 import { checkApiUri, createProxyApp, parseAllowlist } from "./secureproxy.ts";
 
 const allow = parseAllowlist(["marketplace=localhost:5005,127.0.0.1:5005"]);
@@ -32,4 +33,6 @@ test("a disallowed ApiUri is refused before the KeyServer is asked", async () =>
   }));
   expect(response.status).toBe(403);
   expect(await response.json()).toEqual({ error: "ApiUri host evil.example:443 is not allowed for token type 'marketplace'", code: "ERR_FORBIDDEN" });
+  const metrics = await scrape(app);
+  expect(metrics.value("securemesh_http_requests_total", { route: "/request_api", method: "POST", status: "403" })).toBe(1);
 });

@@ -8,6 +8,7 @@ import { createLogger } from "../shared/log.ts";
 import { ProofSigner, ProofVerifier } from "../shared/proof.ts";
 import { openStore, type RecordStore } from "../shared/store.ts";
 import { testPki } from "../shared/testing/pki.ts";
+import { scrape } from "../shared/testing/prometheus.ts";
 import { runPython } from "../shared/testing/python.ts";
 import { loadIdentity } from "../shared/tls.ts";
 import { CachedDataView, type DataSnapshot } from "../shared/data-view.ts";
@@ -193,5 +194,18 @@ describe("cache routes", () => {
       server: 7001, hits: expect.any(Number), misses: expect.any(Number), entries: expect.any(Number),
       evictions: expect.any(Number), invalidations: 1, hitRatio: expect.any(Number), generation: expect.any(Number),
     });
+  });
+});
+
+describe("GET /metrics", () => {
+  test("parses as Prometheus text with requests by route and status, latency and cache counters", async () => {
+    const stats = (await (await app.handle(new Request("http://localhost/api/cache_stats"))).json()) as { hits: number; misses: number };
+    const metrics = await scrape(app);
+    expect(metrics.value("securemesh_http_requests_total", { route: "/api/data", method: "POST", status: "200" })).toBeGreaterThan(0);
+    expect(metrics.value("securemesh_http_requests_total", { route: "/api/data", status: "401" })).toBeGreaterThan(0);
+    expect(metrics.value("securemesh_http_requests_total", { route: "unmatched", status: "404" })).toBeGreaterThan(0);
+    expect(metrics.value("securemesh_http_request_duration_seconds", { route: "/api/get_cached_data" })).toBeGreaterThan(0);
+    expect(metrics.value("securemesh_cache_hits_total")).toBe(stats.hits);
+    expect(metrics.value("securemesh_cache_misses_total")).toBe(stats.misses);
   });
 });

@@ -5,6 +5,7 @@ import { Fernet } from "../shared/fernet.ts";
 import { createApp, listenOrExit, readJsonFields } from "../shared/http.ts";
 import { CachedDataView } from "../shared/data-view.ts";
 import { createLogger, printable, type Logger } from "../shared/log.ts";
+import { Metrics } from "../shared/metrics.ts";
 import { payloadDigest, ProofVerifier } from "../shared/proof.ts";
 import { describeStoreUrl, openStore, type RecordStore } from "../shared/store.ts";
 import { assertSafeTlsEnvironment, loadIdentity, mutualTlsServerOptions } from "../shared/tls.ts";
@@ -65,14 +66,16 @@ export interface ServerDeps {
   verifier: ProofVerifier;
   logger: Logger;
   ttl: number;
+  metrics?: Metrics;
 }
 
 const IDEMPOTENCY_KEY = /^[A-Za-z0-9_.:-]{1,128}$/;
 
 /** Handlers read `deps.port` per request, so a role started on port 0 can fill it in once bound. */
 export function createServerApp(deps: ServerDeps) {
-  const { store, view, fernet, verifier, logger, ttl } = deps;
-  return createApp({ logger })
+  const { store, view, fernet, verifier, logger, ttl, metrics = new Metrics() } = deps;
+  view.exportMetrics(metrics);
+  return createApp({ logger, metrics })
     .get("/health", async ({ set }) => {
       try {
         await store.ping();

@@ -2,6 +2,7 @@
 import { Cache, type CacheStats } from "./cache.ts";
 import type { Fernet } from "./fernet.ts";
 import type { Logger } from "./log.ts";
+import type { Metrics } from "./metrics.ts";
 import type { RecordStore } from "./store.ts";
 
 export interface RecordView {
@@ -90,6 +91,13 @@ export class CachedDataView {
   async invalidate(): Promise<number> {
     this.#cache.clear();
     return this.#store.bumpGeneration();
+  }
+
+  /** Exposes the cache's counters on a role's /metrics. */
+  exportMetrics(metrics: Metrics): void {
+    metrics.collect("securemesh_cache_hits_total", "get_data() reads served from the cache.", "counter", () => [{ value: this.#cache.stats().hits }]);
+    metrics.collect("securemesh_cache_misses_total", "get_data() reads computed from the store.", "counter", () => [{ value: this.#cache.stats().misses }]);
+    metrics.collect("securemesh_cache_entries", "Entries held in the cache.", "gauge", () => [{ value: this.#cache.stats().entries }]);
   }
 
   async stats(): Promise<ViewStats> {

@@ -3,6 +3,7 @@ import { Elysia } from "elysia";
 import { BadRequest, ConfigError, MeshError } from "./errors.ts";
 import { exitWithConfigError } from "./config.ts";
 import { describeError, type Logger } from "./log.ts";
+import { Metrics } from "./metrics.ts";
 
 /** Bodies above this get a 413 before any handler runs. */
 export const DEFAULT_BODY_LIMIT = 64 * 1024;
@@ -15,9 +16,14 @@ export const PEER_ADDRESS_HEADER = "x-securemesh-peer-address";
 export interface AppOptions {
   logger: Logger;
   bodyLimit?: number;
+  /** Where request counts and latencies go; a role passes its own to add families of its own. */
+  metrics?: Metrics;
+  /** Serve GET /metrics on this app (the coordinator serves it on its admin listener instead). */
+  metricsRoute?: boolean;
 }
 
 const remoteAddress = new WeakMap<Request, string>();
+const receivedAt = new WeakMap<Request, number>();
 
 function errorBody(status: number, error: string, code: string) {
   return new Response(JSON.stringify({ error, code }), {
@@ -30,43 +36,56 @@ function errorBody(status: number, error: string, code: string) {
  * A new Elysia app with securemesh's error mapping and access log. Unknown routes get 404 JSON, known paths with
  * the wrong method 405 JSON, and no error reaches the client as a stack trace.
  */
-export function createApp({ logger, bodyLimit = DEFAULT_BODY_LIMIT }: AppOptions) {
+export function createApp({ logger, bodyLimit = DEFAULT_BODY_LIMIT, metrics = new Metrics(), metricsRoute = true }: AppOptions) {
+  // Labelled by route pattern, not path, so a scan of random paths cannot grow the series without bound.
+  const requests = metrics.counter("securemesh_http_requests_total", "HTTP requests answered, by route, method and status.", ["route", "method", "status"]);
+  const latency = metrics.histogram("securemesh_http_request_duration_seconds", "Time from request to response, by route.", ["route"]);
   // Bun's own limit answers a bare 413 before any handler runs, so it sits above ours as a backstop for bodies
   // sent without Content-Length; ours, checked first, answers with JSON.
   const app = new Elysia({ serve: { maxRequestBodySize: bodyLimit * 4, idleTimeout: IDLE_TIMEOUT_S } })
-    .onRequest(({ request, server }) => {
+    .onRequest(({ request, server, set }) => {
+      receivedAt.set(request, performance.now());
       // Without a Bun server the request came through the peer-identity listener, which sets this header itself.
       remoteAddress.set(request, server ? server.requestIP(request)?.address ?? "-" : request.headers.get(PEER_ADDRESS_HEADER) ?? "-");
       const length = Number(request.headers.get("content-length") ?? 0);
-      if (length > bodyLimit) return errorBody(413, `request body over the ${bodyLimit}-byte limit`, "ERR_BODY_TOO_LARGE");
-      return undefined;
+      if (length <= bodyLimit) return undefined;
+      set.status = 413;
+      return errorBody(413, `request body over the ${bodyLimit}-byte limit`, "ERR_BODY_TOO_LARGE");
     })
     .onError(({ code, error, request, set }) => {
-      if (error instanceof MeshError) {
-        set.status = error.status;
-        return errorBody(error.status, error.message, error.code);
-      }
-      switch (code) {
-        case "NOT_FOUND": {
-          const path = new URL(request.url).pathname;
-          if (app.routes.some((route) => route.path === path)) {
-            return errorBody(405, `method ${request.method} not allowed on ${path}`, "ERR_METHOD_NOT_ALLOWED");
-          }
-          return errorBody(404, `no route for ${request.method} ${path}`, "ERR_NOT_FOUND");
-        }
-        case "PARSE":
-          return errorBody(400, "request body is not valid JSON", "ERR_BAD_REQUEST");
-        case "VALIDATION":
-          return errorBody(400, "request body has the wrong shape", "ERR_BAD_REQUEST");
-        default:
-          logger.error(`internal error on ${request.method} ${new URL(request.url).pathname}: ${describeError(error)}`);
-          return errorBody(500, "internal error", "ERR_INTERNAL");
-      }
+      const answer = errorAnswer(code, error, request);
+      set.status = answer.status; // for the access log and metrics, which read the status from here
+      return answer;
     })
-    .onAfterResponse(({ request, set }) => {
+    .onAfterResponse((context) => {
+      const { request, set } = context;
       const status = typeof set.status === "number" ? set.status : 200;
       logger.access(remoteAddress.get(request) ?? "-", request.method, new URL(request.url).pathname, status);
+      const route = "route" in context && context.route ? context.route : "unmatched";
+      requests.inc({ route, method: request.method, status: String(status) });
+      latency.observe({ route }, (performance.now() - (receivedAt.get(request) ?? performance.now())) / 1000);
     });
+  if (metricsRoute) app.get("/metrics", () => metrics.response());
+
+  function errorAnswer(code: string | number, error: unknown, request: Request): Response {
+    if (error instanceof MeshError) return errorBody(error.status, error.message, error.code);
+    switch (code) {
+      case "NOT_FOUND": {
+        const path = new URL(request.url).pathname;
+        if (app.routes.some((route) => route.path === path)) {
+          return errorBody(405, `method ${request.method} not allowed on ${path}`, "ERR_METHOD_NOT_ALLOWED");
+        }
+        return errorBody(404, `no route for ${request.method} ${path}`, "ERR_NOT_FOUND");
+      }
+      case "PARSE":
+        return errorBody(400, "request body is not valid JSON", "ERR_BAD_REQUEST");
+      case "VALIDATION":
+        return errorBody(400, "request body has the wrong shape", "ERR_BAD_REQUEST");
+      default:
+        logger.error(`internal error on ${request.method} ${new URL(request.url).pathname}: ${describeError(error)}`);
+        return errorBody(500, "internal error", "ERR_INTERNAL");
+    }
+  }
   return app;
 }
 
@@ -84,7 +103,7 @@ export interface ServerTls {
  * Listens with reusePort off (Elysia defaults it on, so two servers could silently share a port) and turns
  * a port in use into a one-line ConfigError. Returns the bound port, which matters when asked for port 0.
  */
-export function listen(app: { listen: (options: object) => unknown; server: { port?: number } | null }, options: { port: number; hostname: string; tls: ServerTls }): number {
+export function listen(app: { listen: (options: object) => unknown; server: { port?: number } | null }, options: { port: number; hostname: string; tls?: ServerTls }): number {
   try {
     app.listen({ port: options.port, hostname: options.hostname, reusePort: false, tls: options.tls });
   } catch (error) {

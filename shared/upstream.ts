@@ -1,6 +1,7 @@
 // The upstream pool: round-robin over healthy servers, failover, active health checks with fall/rise counts.
 import { MeshError, Unavailable } from "./errors.ts";
 import { describeNetworkError as reason, type Logger } from "./log.ts";
+import type { Metrics } from "./metrics.ts";
 
 export interface ClientTls {
   cert: string;
@@ -76,6 +77,7 @@ export class UpstreamPool {
   readonly #timeoutMs: number;
   readonly #health: HealthCheckOptions;
   #next = 0;
+  #retries = 0;
   #timer: ReturnType<typeof setTimeout> | null = null;
   #stopped = true;
 
@@ -107,6 +109,17 @@ export class UpstreamPool {
     return this.#servers.map(({ okStreak: _ok, failStreak: _fail, ...state }) => ({ ...state }));
   }
 
+  /** Exposes per-server state and the retry count on a role's /metrics, read at scrape time. */
+  exportMetrics(metrics: Metrics): void {
+    const perServer = (read: (s: Server) => number) => () => this.#servers.map((s) => ({ labels: { upstream: s.url }, value: read(s) }));
+    metrics.collect("securemesh_upstream_up", "1 while the server is in rotation.", "gauge", perServer((s) => (s.up ? 1 : 0)));
+    metrics.collect("securemesh_upstream_requests_total", "Requests a server answered.", "counter", perServer((s) => s.requests));
+    metrics.collect("securemesh_upstream_failures_total", "Requests and broadcasts to a server that failed (refused, reset, timed out).", "counter", perServer((s) => s.failures));
+    metrics.collect("securemesh_upstream_retries_total", "Requests re-sent to the next server after one failed.", "counter", () => [{ value: this.#retries }]);
+    metrics.collect("securemesh_upstream_check_latency_seconds", "Latency of the last health check.", "gauge", () =>
+      this.#servers.filter((s) => s.latencyMs !== null).map((s) => ({ labels: { upstream: s.url }, value: s.latencyMs! / 1000 })));
+  }
+
   /** The healthy servers in round-robin order, starting one further each call. */
   #rotation(): Server[] {
     const healthy = this.#servers.filter((s) => s.up);
@@ -129,7 +142,8 @@ export class UpstreamPool {
       if (value !== null) headers.set(name, value);
     }
     let lastReason = "";
-    for (const server of order) {
+    for (const [attempt, server] of order.entries()) {
+      if (attempt > 0) this.#retries += 1;
       try {
         const result = await this.#send(server.url, request.method, request.path, headers, request.body);
         server.requests += 1;

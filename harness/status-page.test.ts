@@ -1,0 +1,92 @@
+// The coordinator's admin listener on real processes: /metrics on every role, and the live status page in Chromium.
+import { afterAll, beforeAll, describe, expect, setDefaultTimeout, test } from "bun:test";
+import { existsSync, mkdtempSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { chromium, type Browser, type Locator } from "playwright-core";
+import { STATUS_PUSH_MS } from "../shared/status-page.ts";
+import { testPki } from "../shared/testing/pki.ts";
+import { parsePrometheus } from "../shared/testing/prometheus.ts";
+import { CHROMIUM, launchChromium } from "./browser.ts";
+import { Cluster } from "./cluster.ts";
+
+setDefaultTimeout(60_000);
+
+const HEALTH_INTERVAL_MS = 1000;
+let cluster: Cluster;
+let servers: string[];
+let coordinator: string;
+let admin: string;
+
+beforeAll(async () => {
+  const pki = await testPki("main");
+  const dir = mkdtempSync(join(tmpdir(), "securemesh-status-"));
+  cluster = new Cluster({ logDir: dir, pki, env: { DATABASE_URL: join(dir, "records.db"), NO_COLOR: "1" } });
+  servers = await Promise.all([cluster.startServer("server1", 0), cluster.startServer("server2", 0)]);
+  // fall 1: one failed probe takes a server out, so the page must show it within one interval.
+  coordinator = await cluster.startCoordinator("coordinator", 0, servers, ["--admin-port", "0", "--health-interval", String(HEALTH_INTERVAL_MS), "--fall", "1"]);
+  admin = await cluster.adminUrl("coordinator");
+});
+
+afterAll(() => cluster.stop());
+
+describe("/metrics", () => {
+  test("every role's /metrics parses as Prometheus text; the coordinator's is on its admin listener", async () => {
+    const client = cluster.client("client1", [coordinator]);
+    await client.sendData("metrics test");
+    for (let i = 0; i < 4; i++) await client.readCachedData(); // round-robin: two reads per server, a miss then a hit
+
+    const coordinatorMetrics = parsePrometheus(await (await fetch(`${admin}/metrics`)).text());
+    for (const server of servers) expect(coordinatorMetrics.value("securemesh_upstream_up", { upstream: server })).toBe(1);
+    expect(coordinatorMetrics.value("securemesh_upstream_retries_total")).toBe(0);
+    expect(coordinatorMetrics.value("securemesh_http_requests_total", { route: "/api/*", method: "POST", status: "200" })).toBe(1);
+    // Not on the mutual-TLS listener: operators scrape the loopback admin port.
+    expect((await cluster.request(`${coordinator}/metrics`)).status).toBe(404);
+
+    let hits = 0;
+    for (const server of servers) {
+      const response = await cluster.request(`${server}/metrics`);
+      expect(response.headers.get("content-type")).toStartWith("text/plain; version=0.0.4");
+      const metrics = parsePrometheus(await response.text());
+      hits += metrics.value("securemesh_cache_hits_total")!;
+      expect(metrics.value("securemesh_http_request_duration_seconds", { route: "/health" })).toBeGreaterThan(0);
+    }
+    expect(hits).toBeGreaterThanOrEqual(1);
+  });
+
+  test("the admin listener binds to loopback only", () => {
+    expect(new URL(admin).hostname).toBe("127.0.0.1");
+  });
+});
+
+describe("status page in Chromium", () => {
+  let browser: Browser;
+  beforeAll(async () => {
+    if (!existsSync(CHROMIUM)) throw new Error(`${CHROMIUM} is missing: apt-get install chromium (.ci/run does)`);
+    browser = await launchChromium(chromium);
+  });
+  afterAll(() => browser?.close());
+
+  test("shows every server up, then a killed server down within the health-check interval, without a reload", async () => {
+    const page = await browser.newPage();
+    await page.goto(admin);
+    const row = (server: string) => page.locator(`tr[data-server="${server}"]`);
+    const shows = (selector: Locator, text: string, timeout = 10_000) => selector.filter({ hasText: text }).waitFor({ timeout });
+    for (const server of servers) await shows(row(server).locator(".state"), "up");
+    await shows(page.locator("#summary"), "2 of 2 servers up");
+    expect(await row(servers[0]!).locator("td").nth(2).textContent()).toMatch(/s ago$/);
+
+    const navigations: string[] = [];
+    page.on("framenavigated", (frame) => navigations.push(frame.url()));
+    const killedAt = performance.now();
+    await cluster.kill("server2");
+    await shows(row(servers[1]!).locator(".state"), "down", HEALTH_INTERVAL_MS + STATUS_PUSH_MS + 1000);
+    const shownAfterMs = performance.now() - killedAt;
+    console.log(`status page showed server 2 down ${shownAfterMs.toFixed(0)} ms after kill -9 (interval ${HEALTH_INTERVAL_MS} ms)`);
+    expect(shownAfterMs).toBeLessThanOrEqual(HEALTH_INTERVAL_MS + STATUS_PUSH_MS + 1000);
+    await shows(page.locator("#summary"), "1 of 2 servers up");
+    expect(await row(servers[0]!).locator(".state").textContent()).toBe("up");
+    expect(await row(servers[1]!).locator(".error").textContent()).toContain("connection refused");
+    expect(navigations).toEqual([]);
+  });
+});

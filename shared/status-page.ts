@@ -1,0 +1,155 @@
+// The coordinator's admin listener: a live status page (server-sent events), its JSON, and /metrics.
+import { createApp } from "./http.ts";
+import type { Logger } from "./log.ts";
+import type { Metrics } from "./metrics.ts";
+import type { UpstreamPool, UpstreamState } from "./upstream.ts";
+
+export interface ServerStatus {
+  url: string;
+  up: boolean;
+  lastCheckedAt: number | null;
+  latencyMs: number | null;
+  requests: number;
+  failures: number;
+  lastError: string | null;
+  cache: { hits: number; misses: number; hitRatio: number } | null;
+}
+
+export interface ClusterStatus {
+  /** The coordinator's clock, so the page says "checked 0.4 s ago" without trusting the browser's clock. */
+  now: number;
+  serversUp: number;
+  servers: ServerStatus[];
+}
+
+/** How often an open page is sent the state when it changed; well under any health-check interval. */
+export const STATUS_PUSH_MS = 250;
+/** A comment line this often keeps idle proxies and Bun's idle timeout from closing a quiet stream. */
+const KEEPALIVE_MS = 5000;
+
+function cacheOf(health: UpstreamState["health"]): ServerStatus["cache"] {
+  const cache = health?.cache as { hits?: unknown; misses?: unknown; hitRatio?: unknown } | undefined;
+  if (typeof cache?.hits !== "number" || typeof cache.misses !== "number") return null;
+  return { hits: cache.hits, misses: cache.misses, hitRatio: typeof cache.hitRatio === "number" ? cache.hitRatio : 0 };
+}
+
+export function clusterStatus(pool: UpstreamPool, now = Date.now()): ClusterStatus {
+  const servers = pool.snapshot().map(({ health, ...state }) => ({ ...state, cache: cacheOf(health) }));
+  return { now, serversUp: servers.filter((s) => s.up).length, servers };
+}
+
+/** A stream of `data: <status JSON>` events, sent at once and then whenever the status changes. */
+function statusEvents(pool: UpstreamPool, signal: AbortSignal): Response {
+  const encoder = new TextEncoder();
+  let timer: ReturnType<typeof setInterval> | undefined;
+  const stream = new ReadableStream<Uint8Array>({
+    start(controller) {
+      let last = "";
+      let lastSentAt = 0;
+      const push = () => {
+        const { now: _now, ...state } = clusterStatus(pool);
+        const current = JSON.stringify(state);
+        try {
+          if (current !== last) {
+            controller.enqueue(encoder.encode(`data: ${JSON.stringify(clusterStatus(pool))}\n\n`));
+            last = current;
+            lastSentAt = Date.now();
+          } else if (Date.now() - lastSentAt > KEEPALIVE_MS) {
+            controller.enqueue(encoder.encode(": keep-alive\n\n"));
+            lastSentAt = Date.now();
+          }
+        } catch {
+          clearInterval(timer); // the page went away
+        }
+      };
+      push();
+      timer = setInterval(push, STATUS_PUSH_MS);
+      signal.addEventListener("abort", () => clearInterval(timer));
+    },
+    cancel() {
+      clearInterval(timer);
+    },
+  });
+  return new Response(stream, { headers: { "content-type": "text/event-stream", "cache-control": "no-store" } });
+}
+
+export function createAdminApp({ pool, logger, metrics }: { pool: UpstreamPool; logger: Logger; metrics: Metrics }) {
+  return createApp({ logger, metrics })
+    .get("/", () => new Response(STATUS_PAGE, { headers: { "content-type": "text/html; charset=utf-8", "cache-control": "no-store" } }))
+    .get("/status", () => clusterStatus(pool))
+    .get("/events", ({ request }) => statusEvents(pool, request.signal));
+}
+
+// A static page: no framework, no build step, nothing fetched from elsewhere.
+const STATUS_PAGE = `<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<title>securemesh coordinator</title>
+<style>
+  body { font: 14px/1.4 system-ui, sans-serif; margin: 24px; color: #1d1f21; background: #fafafa; }
+  h1 { font-size: 18px; margin: 0 0 4px; }
+  #summary { color: #555; margin-bottom: 16px; }
+  table { border-collapse: collapse; background: #fff; box-shadow: 0 1px 3px #0002; }
+  th, td { padding: 8px 14px; text-align: left; border-bottom: 1px solid #eee; white-space: nowrap; }
+  th { font-weight: 600; color: #555; background: #f3f3f3; }
+  td.num { text-align: right; font-variant-numeric: tabular-nums; }
+  .state { font-weight: 700; text-transform: uppercase; }
+  tr.up .state { color: #1a7f37; }
+  tr.down .state { color: #cf222e; }
+  tr.down { background: #fff5f5; }
+  .error { color: #cf222e; font-size: 12px; }
+  #connection { font-size: 12px; color: #888; margin-top: 12px; }
+</style>
+</head>
+<body>
+<h1>securemesh coordinator</h1>
+<div id="summary">connecting…</div>
+<table>
+  <thead><tr><th>Server</th><th>State</th><th>Last checked</th><th>Latency</th><th>Requests</th><th>Failures</th><th>Cache hit ratio</th><th>Last error</th></tr></thead>
+  <tbody id="servers"></tbody>
+</table>
+<div id="connection"></div>
+<script>
+  const rows = document.getElementById("servers");
+  const summary = document.getElementById("summary");
+  const connection = document.getElementById("connection");
+  let status = null, skew = 0;
+
+  function cell(row, text, cls) {
+    const td = document.createElement("td");
+    td.textContent = text;
+    if (cls) td.className = cls;
+    row.appendChild(td);
+  }
+  function ago(at) {
+    if (at === null) return "not yet";
+    const s = Math.max(0, (Date.now() + skew - at) / 1000);
+    return s < 60 ? s.toFixed(1) + " s ago" : Math.round(s / 60) + " min ago";
+  }
+  function render() {
+    if (!status) return;
+    summary.textContent = status.serversUp + " of " + status.servers.length + " servers up";
+    rows.replaceChildren(...status.servers.map((s) => {
+      const row = document.createElement("tr");
+      row.className = s.up ? "up" : "down";
+      row.dataset.server = s.url;
+      cell(row, s.url);
+      cell(row, s.up ? "up" : "down", "state");
+      cell(row, ago(s.lastCheckedAt));
+      cell(row, s.latencyMs === null ? "–" : s.latencyMs.toFixed(1) + " ms", "num");
+      cell(row, String(s.requests), "num");
+      cell(row, String(s.failures), "num");
+      cell(row, s.cache ? (s.cache.hitRatio * 100).toFixed(1) + " % (" + s.cache.hits + "/" + (s.cache.hits + s.cache.misses) + ")" : "–", "num");
+      cell(row, s.lastError || "", "error");
+      return row;
+    }));
+  }
+  const events = new EventSource("events");
+  events.onmessage = (e) => { status = JSON.parse(e.data); skew = status.now - Date.now(); render(); connection.textContent = "live"; };
+  events.onerror = () => { connection.textContent = "connection to the coordinator lost; retrying…"; };
+  setInterval(render, 500); // keeps "last checked" ticking between events
+</script>
+</body>
+</html>
+`;
