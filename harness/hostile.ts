@@ -128,6 +128,22 @@ export function slowHeadersClosed(url: string, material: TlsMaterial, limitMs: n
   });
 }
 
+/** Sends `request` as raw bytes over a mutual-TLS connection and resolves with everything the role answers. */
+export function rawHttp(url: string, material: TlsMaterial, request: string, limitMs = 10_000): Promise<string> {
+  const { hostname, port } = new URL(url);
+  return new Promise((resolve) => {
+    let answer = "";
+    const socket = tls.connect({ host: hostname, port: Number(port), cert: material.cert, key: material.key, ca: material.ca, servername: "localhost" }, () => socket.write(request));
+    const timer = setTimeout(() => socket.destroy(), limitMs);
+    socket.on("data", (chunk) => (answer += chunk.toString("latin1")));
+    socket.on("error", () => {});
+    socket.on("close", () => {
+      clearTimeout(timer);
+      resolve(answer);
+    });
+  });
+}
+
 /** null for a 4xx with a JSON {"error": …} body; otherwise a description. */
 export async function clear4xx(response: Response, expected?: number): Promise<string | null> {
   const text = await response.text();

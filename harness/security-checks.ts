@@ -7,7 +7,7 @@ import { ProofSigner } from "../shared/proof.ts";
 import { loadIdentity, mutualTlsClientOptions } from "../shared/tls.ts";
 import { prepareLegacyRequest, RsaKeyPair } from "../shared/token-exchange.ts";
 import type { Cluster } from "./cluster.ts";
-import { clear4xx, slowHeadersClosed, tlsRefused, type Tally, type TlsMaterial } from "./hostile.ts";
+import { clear4xx, rawHttp, slowHeadersClosed, tlsRefused, type Tally, type TlsMaterial } from "./hostile.ts";
 import type { TokenStack } from "./token-stack.ts";
 
 export interface SecurityTargets {
@@ -75,6 +75,11 @@ export async function runSecurityChecks(t: SecurityTargets, tally: Tally, option
       } catch {
         return null; // the connection was closed on the oversized header: refused
       }
+    });
+    // HAProxy's default health check is HTTP/1.0 with no Host header: it once crashed the roles (URL "/health").
+    await tally.run(role, "HTTP: HTTP/1.0 without Host", n, async () => {
+      const answer = await rawHttp(base, tls, "GET /no/such/route HTTP/1.0\r\n\r\n");
+      return /^HTTP\/1\.[01] 4\d\d /.test(answer) && /"error":/.test(answer) ? null : `answered: ${answer.slice(0, 80) || "nothing"}`;
     });
     await tally.run(role, "HTTP: unknown route", n, async () => clear4xx(await fetch(`${base}/no/such/route`, { tls }), 404));
     await tally.run(role, "HTTP: wrong method", n, async () => clear4xx(await fetch(`${base}/health`, { method: "DELETE", tls }), 405));

@@ -1,7 +1,7 @@
 // The coordinator: terminates clients' mutual TLS and forwards /api/* to healthy servers, failing over between them.
 import { ConfigError } from "../shared/errors.ts";
 import { exitWithConfigError, parseFlags, parsePort, parsePositive, pkiDir, exitOnSignals } from "../shared/config.ts";
-import { createApp, listenOrExit } from "../shared/http.ts";
+import { createApp, listenOrExit, requestUrl } from "../shared/http.ts";
 import { createLogger, type Logger } from "../shared/log.ts";
 import { Metrics } from "../shared/metrics.ts";
 import { createAdminApp } from "../shared/status-page.ts";
@@ -111,7 +111,7 @@ export function createCoordinatorApp({ pool, logger, metrics = new Metrics() }: 
       };
     })
     .all("/api/*", async ({ request }) => {
-      const url = new URL(request.url);
+      const url = requestUrl(request);
       const body = request.method === "GET" || request.method === "HEAD" ? undefined : await request.arrayBuffer();
       const result = await pool.forward({ method: request.method, path: url.pathname + url.search, headers: request.headers, body });
       return new Response(result.body, {

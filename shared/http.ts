@@ -33,6 +33,16 @@ function errorBody(status: number, error: string, code: string) {
 }
 
 /**
+ * Path and query of a request. An HTTP/1.0 request without a Host header (HAProxy's default health check sends one)
+ * reaches Bun with a bare "/path" as its URL, which `new URL` alone rejects.
+ */
+export function requestUrl(request: Request): URL {
+  return new URL(request.url, "http://localhost");
+}
+
+const requestPath = (request: Request) => requestUrl(request).pathname;
+
+/**
  * A new Elysia app with securemesh's error mapping and access log. Unknown routes get 404 JSON, known paths with
  * the wrong method 405 JSON, and no error reaches the client as a stack trace.
  */
@@ -60,7 +70,7 @@ export function createApp({ logger, bodyLimit = DEFAULT_BODY_LIMIT, metrics = ne
     .onAfterResponse((context) => {
       const { request, set } = context;
       const status = typeof set.status === "number" ? set.status : 200;
-      logger.access(remoteAddress.get(request) ?? "-", request.method, new URL(request.url).pathname, status);
+      logger.access(remoteAddress.get(request) ?? "-", request.method, requestPath(request), status);
       const route = "route" in context && context.route ? context.route : "unmatched";
       requests.inc({ route, method: request.method, status: String(status) });
       latency.observe({ route }, (performance.now() - (receivedAt.get(request) ?? performance.now())) / 1000);
@@ -71,7 +81,7 @@ export function createApp({ logger, bodyLimit = DEFAULT_BODY_LIMIT, metrics = ne
     if (error instanceof MeshError) return errorBody(error.status, error.message, error.code);
     switch (code) {
       case "NOT_FOUND": {
-        const path = new URL(request.url).pathname;
+        const path = requestPath(request);
         if (app.routes.some((route) => route.path === path)) {
           return errorBody(405, `method ${request.method} not allowed on ${path}`, "ERR_METHOD_NOT_ALLOWED");
         }
@@ -82,7 +92,7 @@ export function createApp({ logger, bodyLimit = DEFAULT_BODY_LIMIT, metrics = ne
       case "VALIDATION":
         return errorBody(400, "request body has the wrong shape", "ERR_BAD_REQUEST");
       default:
-        logger.error(`internal error on ${request.method} ${new URL(request.url).pathname}: ${describeError(error)}`);
+        logger.error(`internal error on ${request.method} ${requestPath(request)}: ${describeError(error)}`);
         return errorBody(500, "internal error", "ERR_INTERNAL");
     }
   }
