@@ -2,6 +2,8 @@
 import type { MeshClient } from "../shared/mesh-client.ts";
 import { openStore } from "../shared/store.ts";
 import { expectThat, waitFor, type Cluster } from "./cluster.ts";
+import { percentile } from "./load.ts";
+import { countRecords } from "./scenario.ts";
 
 export interface LoadResult {
   acks: number[];
@@ -15,12 +17,6 @@ export interface FaultRow {
   requests: number;
   failed: number;
   detail: string;
-}
-
-export function percentile(values: number[], p: number): number {
-  if (values.length === 0) return 0;
-  const sorted = [...values].sort((a, b) => a - b);
-  return sorted[Math.min(sorted.length - 1, Math.ceil((p / 100) * sorted.length) - 1)]!;
 }
 
 /**
@@ -66,14 +62,6 @@ export async function checkRecords(db: string, before: number, acks: number[]): 
   }
 }
 
-async function countRecords(db: string): Promise<number> {
-  const store = await openStore(db);
-  try {
-    return await store.count();
-  } finally {
-    await store.close();
-  }
-}
 
 export interface MeshHandles {
   cluster: Cluster;

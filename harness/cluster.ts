@@ -28,6 +28,8 @@ export async function waitFor<T>(what: string, check: () => Promise<T | undefine
 
 export class RoleProcess {
   readonly lines: string[] = [];
+  /** The port it listens on, once it said so. */
+  port: number | undefined;
   /** Resolves once stdout and stderr are read to the end and written to the log file. */
   readonly drained: Promise<void>;
   #waiters: { pattern: RegExp; resolve: (line: string) => void }[] = [];
@@ -109,6 +111,8 @@ export interface ClientRun {
  */
 export class Cluster implements AsyncDisposable {
   readonly roles = new Map<string, RoleProcess>();
+  /** Every log this cluster wrote, in the order first started; kept after stop() for screenshots. */
+  readonly launched: { name: string; logFile: string; port?: number }[] = [];
   readonly #options: ClusterOptions;
   readonly #probeTls: ReturnType<typeof mutualTlsClientOptions>;
 
@@ -120,8 +124,13 @@ export class Cluster implements AsyncDisposable {
 
   /** Starts `bun roles/<script>.ts args` with the cluster's PKI and environment, teeing its output to <logDir>/<name>.log. */
   #launch(name: string, script: string, args: string[], options: { env?: Record<string, string>; stdin?: string } = {}): RoleProcess {
+    return this.#launchCommand(name, [process.execPath, join(REPO_ROOT, "roles", `${script}.ts`), ...args], options);
+  }
+
+  #launchCommand(name: string, argv: string[], options: { env?: Record<string, string>; stdin?: string } = {}): RoleProcess {
     const logFile = join(this.#options.logDir, `${name}.log`);
-    const proc = Bun.spawn([process.execPath, join(REPO_ROOT, "roles", `${script}.ts`), ...args], {
+    if (!this.launched.some((l) => l.name === name)) this.launched.push({ name, logFile });
+    const proc = Bun.spawn(argv, {
       cwd: REPO_ROOT,
       env: { ...process.env, PKI_DIR: this.#options.pki, ...this.#options.env, ...options.env },
       stdin: options.stdin === undefined ? "ignore" : new TextEncoder().encode(options.stdin),
@@ -137,7 +146,16 @@ export class Cluster implements AsyncDisposable {
     this.roles.set(name, role);
     const listening = /listening on https:\/\/[^ ]+:(\d+)/;
     const ready = await role.waitForLine(listening);
-    return { role, port: Number(listening.exec(ready)![1]) };
+    role.port = Number(listening.exec(ready)![1]);
+    this.launched.find((l) => l.name === name)!.port = role.port;
+    return { role, port: role.port };
+  }
+
+  /** A process that is not a role (HAProxy, say), logged and stopped with the rest. */
+  startCommand(name: string, argv: string[]): RoleProcess {
+    const role = this.#launchCommand(name, argv);
+    this.roles.set(name, role);
+    return role;
   }
 
   async startServer(name: string, port: number, args: string[] = []): Promise<string> {

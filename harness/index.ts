@@ -1,33 +1,54 @@
-// bun harness <scenario>: runs a scenario against real role processes and exits non-zero when it fails.
-import { existsSync, rmSync } from "node:fs";
-import { join } from "node:path";
+// bun harness <scenario>|bench|screenshots: runs real role processes and exits non-zero when something fails.
+import { existsSync, mkdirSync, rmSync, writeFileSync } from "node:fs";
+import { join, relative } from "node:path";
 import { parseArgs } from "node:util";
 import { REPO_ROOT, pkiDir } from "../shared/config.ts";
+import { runBench } from "./bench.ts";
+import { renderChart, renderTable } from "./bench-report.ts";
 import { Cluster, ExpectationFailed } from "./cluster.ts";
-import { seedPorts, type Scenario } from "./scenario.ts";
+import { Progress } from "./progress.ts";
+import { seedPorts, startMesh, type Ports, type Scenario } from "./scenario.ts";
+import { recordScenario, SCREENSHOT_DIR, statusPageScreenshot } from "./screenshots.ts";
 import { cache } from "./scenarios/cache.ts";
-import { demo } from "./scenarios/demo.ts";
 import { chaos } from "./scenarios/chaos.ts";
+import { demo } from "./scenarios/demo.ts";
 import { failover } from "./scenarios/failover.ts";
 import { security } from "./scenarios/security.ts";
 import { tokens } from "./scenarios/tokens.ts";
 
 const SCENARIOS: Scenario[] = [demo, failover, cache, tokens, security, chaos];
+/** The scenarios whose pictures the README shows. */
+const DOCUMENTED = [demo, failover, cache, tokens, security];
 
 const USAGE = `
-Usage: bun harness <scenario> [options]
+Usage: bun harness <scenario> [--record] [options]
+       bun harness bench [--duration S] [--concurrency C] [--json] [--out DIR]
+       bun harness screenshots
 
 Scenarios:
-${SCENARIOS.map((s) => `  ${s.name.padEnd(10)} ${s.description}`).join("\n")}
+${SCENARIOS.map((s) => `  ${s.name.padEnd(12)} ${s.description}`).join("\n")}
+  bench        coordinator vs HAProxy vs direct, Fernet vs Python, KeyServer vs its RSA bound, cache, failover
+  screenshots  runs ${DOCUMENTED.map((s) => s.name).join(", ")} with --record, and shoots the status page
 
 Options:
-  --base-port N   shift the seed's ports (servers 5001, 5002, coordinator 8000) by N-5000 (default 5000)
-  --db URL        record store for the servers and token store for the KeyServer,
-                  e.g. mysql://root@127.0.0.1:3306/test (default: fresh sqlite files in the log folder)
-  -h, --help      show this help
+  --base-port N      shift the seed's ports (servers 5001, 5002, coordinator 8000) by N-5000 (default 5000)
+  --db URL           record store for the servers and token store for the KeyServer,
+                     e.g. mysql://root@127.0.0.1:3306/test (default: fresh sqlite files in the log folder)
+  --record           draw the scenario's logs as docs/screenshots/<scenario>.svg
+  --duration S       bench: seconds per case, split into interleaved rounds (default 10)
+  --concurrency C    bench: concurrent workers (default 16)
+  --json             bench: print the results JSON instead of the table
+  --out DIR          bench: write DIR/bench/results.json and DIR/docs/bench.svg (default: the repository)
+  -h, --help         show this help
 
 Logs go to harness/logs/<scenario>/<role>.log.
 `;
+
+interface RunOptions {
+  basePort: number;
+  db?: string;
+  record: boolean;
+}
 
 async function ensurePki(dir: string): Promise<void> {
   if (existsSync(join(dir, "ca_cert.pem"))) return;
@@ -36,37 +57,17 @@ async function ensurePki(dir: string): Promise<void> {
   if ((await proc.exited) !== 0) throw new ExpectationFailed("pki.sh failed");
 }
 
-async function main(): Promise<number> {
-  let parsed;
-  try {
-    parsed = parseArgs({ args: Bun.argv.slice(2), allowPositionals: true, options: { "base-port": { type: "string" }, db: { type: "string" }, help: { type: "boolean", short: "h" } } });
-  } catch (error) {
-    console.error(`harness: ${(error as Error).message} (see --help)`);
-    return 2;
-  }
-  const { values, positionals } = parsed;
-  const scenario = SCENARIOS.find((s) => s.name === positionals[0]);
-  if (values.help || !scenario) {
-    if (!values.help) console.error(positionals[0] ? `harness: unknown scenario '${positionals[0]}'` : "harness: name a scenario");
-    console.log(USAGE.trim());
-    return values.help ? 0 : 2;
-  }
-  const basePort = Number(values["base-port"] ?? 5000);
-  if (!Number.isInteger(basePort) || basePort < 1 || basePort + 3000 > 65535) {
-    console.error("harness: --base-port must be a whole number from 1 to 62535");
-    return 2;
-  }
-
-  const logDir = join(REPO_ROOT, "harness", "logs", scenario.name);
+/** A fresh log folder, PKI and cluster for one run; `body` runs against it, and every process is stopped after. */
+async function withCluster(name: string, options: RunOptions & { ownPki?: boolean }, body: (ctx: { cluster: Cluster; ports: Ports; db: string; tokenDb: string }) => Promise<void>): Promise<{ ok: boolean; cluster: Cluster }> {
+  const logDir = join(REPO_ROOT, "harness", "logs", name);
   rmSync(logDir, { recursive: true, force: true });
-  const pki = scenario.ownPki ? join(logDir, "pki") : pkiDir();
+  const pki = options.ownPki ? join(logDir, "pki") : pkiDir();
   await ensurePki(pki);
-  const db = values.db ?? join(logDir, "records.db");
-  const tokenDb = values.db ?? join(logDir, "tokens.db");
-  const cluster = new Cluster({ logDir, pki, env: { DATABASE_URL: db, NO_COLOR: "1" } });
-  const started = performance.now();
-  const summary: string[] = [];
-
+  const db = options.db ?? join(logDir, "records.db");
+  const tokenDb = options.db ?? join(logDir, "tokens.db");
+  // Recorded runs keep their colours for the pictures; other runs write plain logs.
+  const colour: Record<string, string> = options.record ? { FORCE_COLOR: "1" } : { NO_COLOR: "1" };
+  const cluster = new Cluster({ logDir, pki, env: { DATABASE_URL: db, ...colour } });
   const interrupt = async () => {
     console.error("\nharness: interrupted; stopping every role");
     await cluster.stop();
@@ -74,21 +75,123 @@ async function main(): Promise<number> {
   };
   process.once("SIGINT", interrupt);
   process.once("SIGTERM", interrupt);
-
-  console.log(`harness: ${scenario.name} — ${scenario.description}`);
   try {
-    await scenario.run({ cluster, ports: seedPorts(basePort), db, tokenDb, summary, step: (m) => console.log(`  • ${m}`) });
+    await body({ cluster, ports: seedPorts(options.basePort), db, tokenDb });
+    return { ok: true, cluster };
   } catch (error) {
-    console.error(`\nharness: ${scenario.name} FAILED: ${error instanceof ExpectationFailed ? error.message : (error as Error).stack}`);
+    console.error(`\nharness: ${name} FAILED: ${error instanceof ExpectationFailed ? error.message : (error as Error).stack}`);
     console.error(`logs: ${logDir}`);
+    return { ok: false, cluster };
+  } finally {
     await cluster.stop();
-    return 1;
+    process.off("SIGINT", interrupt);
+    process.off("SIGTERM", interrupt);
   }
-  await cluster.stop();
+}
+
+async function runScenario(scenario: Scenario, options: RunOptions): Promise<boolean> {
+  const started = performance.now();
+  const summary: string[] = [];
+  console.log(`harness: ${scenario.name} — ${scenario.description}`);
+  const { ok, cluster } = await withCluster(scenario.name, { ...options, ownPki: scenario.ownPki }, ({ cluster, ports, db, tokenDb }) =>
+    scenario.run({ cluster, ports, db, tokenDb, summary, step: (m) => console.log(`  • ${m}`) }));
+  if (!ok) return false;
   console.log("\nSummary:");
   for (const line of summary) console.log(`  ${line}`);
+  if (options.record) console.log(`\nharness: drew ${relative(REPO_ROOT, recordScenario(cluster, scenario.name))}`);
   console.log(`\nharness: ${scenario.name} passed in ${((performance.now() - started) / 1000).toFixed(1)} s; logs in harness/logs/${scenario.name}/`);
-  return 0;
+  return true;
+}
+
+async function bench(options: RunOptions & { durationS: number; concurrency: number; json: boolean; out: string }): Promise<boolean> {
+  const progress = new Progress({ stream: options.json ? process.stderr : process.stdout });
+  let report;
+  const { ok } = await withCluster("bench", options, async ({ cluster, ports, db, tokenDb }) => {
+    report = await runBench({ cluster, ports, db, tokenDb, progress, durationS: options.durationS, concurrency: options.concurrency });
+  });
+  progress.clear();
+  if (!ok || !report) return false;
+  const resultsFile = join(options.out, "bench", "results.json");
+  const chartFile = join(options.out, "docs", "bench.svg");
+  mkdirSync(join(options.out, "bench"), { recursive: true });
+  mkdirSync(join(options.out, "docs"), { recursive: true });
+  writeFileSync(resultsFile, JSON.stringify(report, null, 2) + "\n");
+  writeFileSync(chartFile, renderChart(report));
+  if (options.json) {
+    console.log(JSON.stringify(report, null, 2));
+  } else {
+    console.log("");
+    for (const line of renderTable(report)) console.log(line);
+    console.log(`\nharness: wrote ${resultsFile} and ${chartFile} in ${progress.elapsed()}`);
+  }
+  return true;
+}
+
+async function screenshots(options: RunOptions): Promise<boolean> {
+  for (const scenario of DOCUMENTED) {
+    if (!(await runScenario(scenario, { ...options, record: true }))) return false;
+  }
+  console.log("harness: the status page in Chromium, with server 2 killed");
+  const file = join(SCREENSHOT_DIR, "status-page.png");
+  const { ok } = await withCluster("status-page", options, async ({ cluster, ports, db, tokenDb }) => {
+    const ctx = { cluster, ports, db, tokenDb, summary: [], step: (m: string) => console.log(`  • ${m}`) };
+    const coordinator = await startMesh(ctx, ["--admin-port", "0", "--health-interval", "1000"]);
+    const client = cluster.client("client1", [coordinator]);
+    for (let i = 0; i < 6; i++) await client.sendData(`status page message ${i}`);
+    for (let i = 0; i < 6; i++) await client.readCachedData();
+    const shownAfterMs = await statusPageScreenshot(cluster, await cluster.adminUrl("coordinator"), { role: "server2", url: `https://127.0.0.1:${ports.server2}` }, file);
+    console.log(`  • the page showed server 2 down ${shownAfterMs.toFixed(0)} ms after kill -9; saved ${relative(REPO_ROOT, file)}`);
+  });
+  return ok;
+}
+
+function positiveNumber(value: string | undefined, name: string, fallback: number): number {
+  if (value === undefined) return fallback;
+  const n = Number(value);
+  if (!Number.isFinite(n) || n <= 0) throw new ExpectationFailed(`${name} must be a positive number`);
+  return n;
+}
+
+async function main(): Promise<number> {
+  let parsed;
+  try {
+    parsed = parseArgs({
+      args: Bun.argv.slice(2), allowPositionals: true,
+      options: {
+        "base-port": { type: "string" }, db: { type: "string" }, record: { type: "boolean" }, help: { type: "boolean", short: "h" },
+        duration: { type: "string" }, concurrency: { type: "string" }, json: { type: "boolean" }, out: { type: "string" },
+      },
+    });
+  } catch (error) {
+    console.error(`harness: ${(error as Error).message} (see --help)`);
+    return 2;
+  }
+  const { values, positionals } = parsed;
+  const command = positionals[0];
+  const scenario = SCENARIOS.find((s) => s.name === command);
+  if (values.help || !(scenario || command === "bench" || command === "screenshots")) {
+    if (!values.help) console.error(command ? `harness: unknown scenario '${command}'` : "harness: name a scenario");
+    console.log(USAGE.trim());
+    return values.help ? 0 : 2;
+  }
+  const basePort = Number(values["base-port"] ?? 5000);
+  if (!Number.isInteger(basePort) || basePort < 1 || basePort + 3080 > 65535) {
+    console.error("harness: --base-port must be a whole number from 1 to 62455");
+    return 2;
+  }
+  const options: RunOptions = { basePort, db: values.db, record: Boolean(values.record) };
+  if (scenario) return (await runScenario(scenario, options)) ? 0 : 1;
+  if (command === "screenshots") return (await screenshots(options)) ? 0 : 1;
+  let durationS: number;
+  let concurrency: number;
+  try {
+    durationS = positiveNumber(values.duration, "--duration", 10);
+    concurrency = Math.round(positiveNumber(values.concurrency, "--concurrency", 16));
+  } catch (error) {
+    console.error(`harness: ${(error as Error).message}`);
+    return 2;
+  }
+  return (await bench({ ...options, durationS, concurrency, json: Boolean(values.json), out: values.out ?? REPO_ROOT })) ? 0 : 1;
 }
 
 process.exit(await main());

@@ -1,4 +1,9 @@
 // What a scenario is: data plus small steps (start, act, expect), run against a Cluster.
+import { randomUUID } from "node:crypto";
+import { loadFernetKeys } from "../shared/config.ts";
+import { Fernet } from "../shared/fernet.ts";
+import { payloadDigest } from "../shared/proof.ts";
+import { openStore } from "../shared/store.ts";
 import type { Cluster } from "./cluster.ts";
 
 export interface Ports {
@@ -8,6 +13,7 @@ export interface Ports {
   keyserver: number;
   secureproxy: number;
   marketplace: number;
+  haproxy: number;
 }
 
 export interface ScenarioContext {
@@ -36,7 +42,7 @@ export function seedPorts(basePort = 5000): Ports {
   const shift = basePort - 5000;
   return {
     server1: 5001 + shift, server2: 5002 + shift, coordinator: 8000 + shift,
-    keyserver: 5003 + shift, secureproxy: 5004 + shift, marketplace: 5005 + shift,
+    keyserver: 5003 + shift, secureproxy: 5004 + shift, marketplace: 5005 + shift, haproxy: 8080 + shift,
   };
 }
 
@@ -52,4 +58,27 @@ export async function startMesh({ cluster, ports, step }: ScenarioContext, coord
   step("starting server 1, server 2 and the coordinator");
   const servers = await Promise.all([cluster.startServer("server1", ports.server1), cluster.startServer("server2", ports.server2)]);
   return cluster.startCoordinator("coordinator", ports.coordinator, servers, coordinatorArgs);
+}
+
+/** Writes records straight into the servers' store, as earlier traffic would have. */
+export async function seedRecords(db: string, pki: string, count: number): Promise<void> {
+  const store = await openStore(db);
+  const fernet = new Fernet(loadFernetKeys(pki));
+  try {
+    for (let i = 0; i < count; i++) {
+      const token = fernet.encrypt(`seeded record ${i}`);
+      await store.insert({ sender: i % 2 ? "client1" : "client2", token, jti: randomUUID(), digest: payloadDigest(token), server: 0 });
+    }
+  } finally {
+    await store.close();
+  }
+}
+
+export async function countRecords(db: string): Promise<number> {
+  const store = await openStore(db);
+  try {
+    return await store.count();
+  } finally {
+    await store.close();
+  }
 }

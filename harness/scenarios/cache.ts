@@ -1,12 +1,7 @@
 // Caching of get_data(): miss, hit, write, invalidation, and no stale read from a server hung through it all.
-import { randomUUID } from "node:crypto";
-import { loadFernetKeys } from "../../shared/config.ts";
-import { Fernet } from "../../shared/fernet.ts";
 import type { MeshClient } from "../../shared/mesh-client.ts";
-import { payloadDigest } from "../../shared/proof.ts";
-import { openStore } from "../../shared/store.ts";
 import { expectThat, waitFor, type Cluster } from "../cluster.ts";
-import { startMesh, successBodies, url, type Scenario } from "../scenario.ts";
+import { seedRecords, startMesh, successBodies, url, type Scenario } from "../scenario.ts";
 
 const SEEDED_RECORDS = 1000;
 const TIMED_READS = 200;
@@ -84,7 +79,7 @@ export const cache: Scenario = {
     await cluster.role("server2").waitForLine(/Cache miss/);
 
     step(`seeding ${SEEDED_RECORDS} records, then timing ${TIMED_READS} uncached and ${TIMED_READS} cached reads, interleaved`);
-    await seed(db, cluster.pki, SEEDED_RECORDS);
+    await seedRecords(db, cluster.pki, SEEDED_RECORDS);
     await client.readCachedData(true);
     let uncached = 0;
     let cached = 0;
@@ -99,17 +94,3 @@ export const cache: Scenario = {
     expectThat(ratio > 1, `a cached read should be cheaper than an uncached one (ratio ${ratio.toFixed(2)})`);
   },
 };
-
-/** Writes records straight into the servers' store, as earlier traffic would have. */
-async function seed(db: string, pki: string, count: number): Promise<void> {
-  const store = await openStore(db);
-  const fernet = new Fernet(loadFernetKeys(pki));
-  try {
-    for (let i = 0; i < count; i++) {
-      const token = fernet.encrypt(`seeded record ${i}`);
-      await store.insert({ sender: i % 2 ? "client1" : "client2", token, jti: randomUUID(), digest: payloadDigest(token), server: 0 });
-    }
-  } finally {
-    await store.close();
-  }
-}

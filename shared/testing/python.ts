@@ -3,9 +3,9 @@
 /** The interpreter with `cryptography` and `requests`; CI may point PYTHON at /usr/bin/python3. */
 export const PYTHON = process.env.PYTHON ?? "python3";
 
-/** Runs a Python snippet with `stdin`, returning trimmed stdout; throws with stderr when it exits non-zero. */
-export async function runPython(code: string, stdin = "", env: Record<string, string> = {}): Promise<string> {
-  await using proc = Bun.spawn([PYTHON, "-c", code], {
+/** Runs a Python snippet with `stdin` (and sys.argv[1:] = args), returning trimmed stdout; throws with stderr when it exits non-zero. */
+export async function runPython(code: string, stdin = "", env: Record<string, string> = {}, args: string[] = []): Promise<string> {
+  await using proc = Bun.spawn([PYTHON, "-c", code, ...args], {
     stdin: new TextEncoder().encode(stdin),
     stdout: "pipe",
     stderr: "pipe",

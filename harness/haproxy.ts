@@ -1,0 +1,79 @@
+// HAProxy set up as the coordinator is: mutual TLS in front, mutual TLS to the servers, round-robin with health checks.
+import { execFileSync } from "node:child_process";
+import { chmodSync, readFileSync, writeFileSync } from "node:fs";
+import { join } from "node:path";
+import type { Cluster } from "./cluster.ts";
+
+export const HAPROXY = process.env.HAPROXY_PATH ?? "haproxy";
+
+/** "2.6.12-1+deb12u4", or null when HAProxy is not installed. */
+export function haproxyVersion(): string | null {
+  try {
+    return /version (\S+)/.exec(execFileSync(HAPROXY, ["-v"], { encoding: "utf8" }))?.[1] ?? null;
+  } catch {
+    return null;
+  }
+}
+
+/** Installs Debian's haproxy when it is missing, as the bench promises; returns its version. */
+export function ensureHaproxy(log: (line: string) => void): string {
+  const found = haproxyVersion();
+  if (found) return found;
+  log("bench: haproxy not found; installing Debian's haproxy with apt-get");
+  execFileSync("bash", ["-c", "apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq haproxy >/dev/null"], { stdio: "inherit" });
+  const installed = haproxyVersion();
+  if (!installed) throw new Error("haproxy is still missing after apt-get install haproxy");
+  return installed;
+}
+
+export interface HaproxyOptions {
+  pki: string;
+  /** Where the config and the cert+key bundle (0600) are written. */
+  dir: string;
+  port: number;
+  servers: string[];
+  health: { intervalMs: number; fall: number; rise: number; timeoutMs: number };
+}
+
+export function haproxyConfig({ pki, dir, port, servers, health }: HaproxyOptions): string {
+  // HAProxy wants certificate and key in one file; it gets the coordinator's identity, as the coordinator has.
+  const bundle = join(dir, "coordinator_bundle.pem");
+  writeFileSync(bundle, readFileSync(join(pki, "coordinator_cert.pem"), "utf8") + readFileSync(join(pki, "coordinator_key.pem"), "utf8"), { mode: 0o600 });
+  chmodSync(bundle, 0o600);
+  const ca = join(pki, "ca_cert.pem");
+  const backends = servers.map((url, i) => {
+    const { hostname, port: serverPort } = new URL(url);
+    return `  server s${i + 1} ${hostname}:${serverPort} ssl crt ${bundle} ca-file ${ca} verify required check inter ${health.intervalMs} fall ${health.fall} rise ${health.rise}`;
+  });
+  return [
+    "global",
+    "  maxconn 4096",
+    "  ssl-server-verify required",
+    "defaults",
+    "  mode http",
+    "  timeout connect 2s",
+    "  timeout client 10s",
+    `  timeout server 2s`,
+    `  timeout check ${health.timeoutMs}ms`,
+    "  retries 2",
+    "  option redispatch",
+    "frontend mesh",
+    `  bind 127.0.0.1:${port} ssl crt ${bundle} ca-file ${ca} verify required`,
+    "  default_backend servers",
+    "backend servers",
+    "  balance roundrobin",
+    "  option httpchk GET /health",
+    ...backends,
+    "",
+  ].join("\n");
+}
+
+/** Starts HAProxy in the foreground under the cluster, and waits until its front answers /health over mutual TLS. */
+export async function startHaproxy(cluster: Cluster, options: HaproxyOptions): Promise<string> {
+  const configFile = join(options.dir, "haproxy.cfg");
+  writeFileSync(configFile, haproxyConfig(options));
+  cluster.startCommand("haproxy", [HAPROXY, "-db", "-f", configFile]);
+  const url = `https://127.0.0.1:${options.port}`;
+  await cluster.waitHealthy(url);
+  return url;
+}
