@@ -31,7 +31,7 @@ afterAll(() => cluster?.stop());
 test("bench: every case runs with no errors, and the table, JSON and chart carry the figures", async () => {
   const pki = await testPki("main");
   cluster = new Cluster({ logDir: dir, pki, env: { DATABASE_URL: join(dir, "records.db"), NO_COLOR: "1" } });
-  const ports = { server1: 0, server2: 0, coordinator: 0, keyserver: 0, secureproxy: 0, marketplace: 0, haproxy: await freePort() };
+  const ports = { server1: 0, server2: 0, coordinator: 0, keyserver: 0, secureproxy: 0, marketplace: 0, haproxy: await freePort(), coordinatorAdmin: 0 };
   const lines: string[] = [];
   const progress = new Progress({ stream: { isTTY: false, write: (text: string) => lines.push(text) } });
   const report: BenchReport = await runBench({ cluster, ports, db: join(dir, "records.db"), tokenDb: join(dir, "tokens.db"), progress, durationS: 1, concurrency: 4 });

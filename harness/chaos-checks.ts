@@ -23,7 +23,7 @@ export interface FaultRow {
  * Each client sends messages one after another: `perClient` of them, or until `untilMs`. `during(elapsedMs, acks)`
  * is polled between requests so a fault can be injected part-way.
  */
-export async function runLoad(clients: MeshClient[], limit: { perClient?: number; untilMs?: number }, during?: (elapsedMs: number, acks: number) => void, kind: "write" | "read" = "write"): Promise<LoadResult> {
+export async function runLoad(clients: MeshClient[], limit: { perClient?: number; untilMs?: number }, during?: (elapsedMs: number, acks: number) => void, kind: "write" | "read" = "write", status?: (text: string) => void): Promise<LoadResult> {
   const result: LoadResult = { acks: [], failures: [], samples: [] };
   const started = performance.now();
   await Promise.all(clients.map(async (client, c) => {
@@ -45,6 +45,7 @@ export async function runLoad(clients: MeshClient[], limit: { perClient?: number
         result.failures.push((error as Error).message);
       }
       result.samples.push([t0 - started, performance.now() - t0]);
+      status?.(`${kind}s: ${result.samples.length} requests, ${result.acks.length} acknowledged, ${result.failures.length} failed`);
     }
   }));
   return result;
@@ -70,6 +71,8 @@ export interface MeshHandles {
   servers: { name: string; port: number }[];
   db: string;
   client(name: string, coordinators?: string[]): MeshClient;
+  /** Running counts while a load runs (a TTY status line in the scenario). */
+  status?(text: string): void;
 }
 
 function clientsFor(mesh: MeshHandles, count: number, coordinators = [mesh.coordinator]): MeshClient[] {
@@ -86,7 +89,7 @@ export async function killNineUnderLoad(mesh: MeshHandles, clients: number, perC
       killed = true;
       void mesh.cluster.kill(victim.name);
     }
-  });
+  }, "write", mesh.status);
   expectThat(killed, "the load finished before the kill");
   const { records, lost, duplicates } = await checkRecords(mesh.db, before, load.acks);
   await mesh.cluster.startServer(victim.name, victim.port);
@@ -108,7 +111,7 @@ export async function hangUnderLoad(mesh: MeshHandles, clients: number, timeoutM
   const load = await runLoad(clientsFor(mesh, clients), { untilMs: durationMs }, (elapsed) => {
     if (phase === 0 && elapsed >= stopAt) { phase = 1; role.signal("SIGSTOP"); }
     if (phase === 1 && elapsed >= resumeAt) { phase = 2; role.signal("SIGCONT"); }
-  }, "read");
+  }, "read", mesh.status);
   role.signal("SIGCONT");
   const during = load.samples.filter(([start]) => start >= stopAt && start < resumeAt).map(([, latency]) => latency);
   const p99 = percentile(during, 99);
@@ -186,7 +189,7 @@ export async function coordinatorFailover(mesh: MeshHandles, second: string, cli
       killed = true;
       void mesh.cluster.kill("coordinator");
     }
-  });
+  }, "write", mesh.status);
   const { records, lost, duplicates } = await checkRecords(mesh.db, before, load.acks);
   expectThat(killed, "the load finished before the coordinator was killed");
   expectThat(load.failures.length === 0, `${load.failures.length} requests failed, e.g. ${load.failures[0]}`);

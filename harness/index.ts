@@ -175,8 +175,8 @@ async function main(): Promise<number> {
     return values.help ? 0 : 2;
   }
   const basePort = Number(values["base-port"] ?? 5000);
-  if (!Number.isInteger(basePort) || basePort < 1 || basePort + 3080 > 65535) {
-    console.error("harness: --base-port must be a whole number from 1 to 62455");
+  if (!Number.isInteger(basePort) || basePort < 1 || basePort + 4901 > 65535) {
+    console.error("harness: --base-port must be a whole number from 1 to 60634");
     return 2;
   }
   const options: RunOptions = { basePort, db: values.db, record: Boolean(values.record) };

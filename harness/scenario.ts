@@ -14,6 +14,8 @@ export interface Ports {
   secureproxy: number;
   marketplace: number;
   haproxy: number;
+  /** The coordinator's admin listener (status page, /metrics), where a scenario turns it on. */
+  coordinatorAdmin: number;
 }
 
 export interface ScenarioContext {
@@ -43,6 +45,7 @@ export function seedPorts(basePort = 5000): Ports {
   return {
     server1: 5001 + shift, server2: 5002 + shift, coordinator: 8000 + shift,
     keyserver: 5003 + shift, secureproxy: 5004 + shift, marketplace: 5005 + shift, haproxy: 8080 + shift,
+    coordinatorAdmin: 9901 + shift,
   };
 }
 

@@ -1,5 +1,6 @@
 // Faults on a bad day: kill -9 and SIGSTOP under load, every server down, a database outage, a coordinator lost.
 import { allServersDown, coordinatorFailover, databaseOutage, faultTable, hangUnderLoad, killNineUnderLoad, type FaultRow, type MeshHandles } from "../chaos-checks.ts";
+import { Progress } from "../progress.ts";
 import { startMesh, type Scenario } from "../scenario.ts";
 import { TcpRelay } from "../tcp-relay.ts";
 import { startTokenStack } from "../token-stack.ts";
@@ -13,15 +14,17 @@ export const chaos: Scenario = {
   async run(ctx) {
     const { cluster, ports, step, summary } = ctx;
     const coordinator = await startMesh(ctx, ["--health-interval", "500"]);
+    const progress = new Progress();
     const mesh: MeshHandles = {
       cluster, coordinator, db: ctx.db,
       servers: [{ name: "server1", port: ports.server1 }, { name: "server2", port: ports.server2 }],
       client: (name, coordinators = [coordinator]) => cluster.client(name, coordinators),
+      status: (text) => progress.status(`    ${text}`),
     };
     const rows: FaultRow[] = [];
     const record = (row: FaultRow) => {
       rows.push(row);
-      console.log(`    ok   ${row.fault}: ${row.requests} requests, ${row.failed} failed; ${row.detail}`);
+      progress.line(`    ok   ${row.fault}: ${row.requests} requests, ${row.failed} failed; ${row.detail} (${progress.elapsed()})`);
     };
 
     step("kill -9 server 1 while 4 clients send 500 requests each");

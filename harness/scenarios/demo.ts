@@ -7,7 +7,7 @@ export const demo: Scenario = {
   description: "two servers, the coordinator, and two clients sending encrypted data",
   async run(ctx) {
     const { cluster, ports, step, summary } = ctx;
-    const coordinator = await startMesh(ctx);
+    const coordinator = await startMesh(ctx, ["--admin-port", String(ports.coordinatorAdmin)]);
 
     step("client1 and client2 send their messages");
     const runs = await Promise.all(["client1", "client2"].map((name) =>
@@ -24,5 +24,6 @@ export const demo: Scenario = {
       await cluster.role(name).waitForLine(/Decrypted data: Hello from client\d \(from client\d\)/);
       summary.push(`${name} (${url(port)}) logged its decrypted messages`);
     }
+    summary.push(`status page and /metrics: ${await cluster.adminUrl("coordinator")}/ (live while a scenario runs)`);
   },
 };

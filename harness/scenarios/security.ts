@@ -3,6 +3,7 @@ import { join } from "node:path";
 import { REPO_ROOT, loadFernetKeys } from "../../shared/config.ts";
 import { expectThat } from "../cluster.ts";
 import { hostileCertificates, Tally } from "../hostile.ts";
+import { Progress } from "../progress.ts";
 import { startMesh, type Scenario } from "../scenario.ts";
 import { rolesHealthy, runSecurityChecks, scanLogs } from "../security-checks.ts";
 import { startTokenStack } from "../token-stack.ts";
@@ -27,8 +28,8 @@ export const security: Scenario = {
     const server = `https://127.0.0.1:${ports.server1}`;
 
     step("running the hostile cases (TLS cases 200 times each, on every mutual-TLS role)");
-    const started = Date.now();
-    const tally = new Tally((line) => console.log(`    ${line}  (${((Date.now() - started) / 1000).toFixed(0)} s)`));
+    const progress = new Progress();
+    const tally = new Tally((line) => progress.line(`    ${line}  (${progress.elapsed()})`), (text) => progress.status(`    ${text}`));
     await runSecurityChecks({ cluster, otherPki, server, coordinator, stack, hostileCerts }, tally, { tlsAttempts: 200, httpAttempts: 20, slowloris: true });
 
     step("NODE_TLS_REJECT_UNAUTHORIZED=0 in a role's environment: the role refuses to start");
