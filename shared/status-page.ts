@@ -4,16 +4,8 @@ import type { Logger } from "./log.ts";
 import type { Metrics } from "./metrics.ts";
 import type { UpstreamPool, UpstreamState } from "./upstream.ts";
 
-export interface ServerStatus {
-  url: string;
-  up: boolean;
-  lastCheckedAt: number | null;
-  latencyMs: number | null;
-  requests: number;
-  failures: number;
-  lastError: string | null;
-  cache: { hits: number; misses: number; hitRatio: number } | null;
-}
+/** The pool's view of a server, with the cache counters picked out of its last /health answer. */
+export type ServerStatus = Omit<UpstreamState, "health"> & { cache: { hits: number; misses: number; hitRatio: number } | null };
 
 export interface ClusterStatus {
   /** The coordinator's clock, so the page says "checked 0.4 s ago" without trusting the browser's clock. */
