@@ -147,7 +147,7 @@ export async function runBench(options: BenchOptions): Promise<BenchReport> {
 
   // Each worker speaks with its own client's certificate, alternating client1 and client2.
   const identities = ["client1", "client2"].map((name) => loadIdentity(cluster.pki, name));
-  const tlsByWorker = (worker: number) => mutualTlsClientOptions(identities[worker % 2]!);
+  const clientTls = identities.map(mutualTlsClientOptions);
   const fernet = new Fernet(loadFernetKeys(cluster.pki));
   const writers = (target: string) => identities.map((identity) => new MeshClient({ identity, fernet, coordinators: [target], attempts: 1 }));
   const writerFor = new Map([servers[0]!, coordinator, haproxy].map((target) => [target, writers(target)] as const));
@@ -155,7 +155,7 @@ export async function runBench(options: BenchOptions): Promise<BenchReport> {
   const read = (target: string, refresh: boolean) => async (worker: number) => {
     const response = await fetch(`${target}/api/get_cached_data`, {
       headers: refresh ? { "cache-control": "no-cache" } : {},
-      tls: tlsByWorker(worker),
+      tls: clientTls[worker % 2],
       signal: AbortSignal.timeout(5000),
     });
     const body = (await response.json()) as { cached?: boolean };

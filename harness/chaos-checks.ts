@@ -23,7 +23,7 @@ export interface FaultRow {
  * Each client sends messages one after another: `perClient` of them, or until `untilMs`. `during(elapsedMs, acks)`
  * is polled between requests so a fault can be injected part-way.
  */
-export async function runLoad(clients: MeshClient[], limit: { perClient?: number; untilMs?: number }, during?: (elapsedMs: number, acks: number) => void, kind: "write" | "read" = "write", status?: (text: string) => void): Promise<LoadResult> {
+export async function runLoad(clients: MeshClient[], limit: { perClient?: number; untilMs?: number }, during?: (elapsedMs: number, acks: number) => void, kind: "write" | "read" = "write", status?: (text: () => string) => void): Promise<LoadResult> {
   const result: LoadResult = { acks: [], failures: [], samples: [] };
   const started = performance.now();
   await Promise.all(clients.map(async (client, c) => {
@@ -45,7 +45,7 @@ export async function runLoad(clients: MeshClient[], limit: { perClient?: number
         result.failures.push((error as Error).message);
       }
       result.samples.push([t0 - started, performance.now() - t0]);
-      status?.(`${kind}s: ${result.samples.length} requests, ${result.acks.length} acknowledged, ${result.failures.length} failed`);
+      status?.(() => `${kind}s: ${result.samples.length} requests, ${result.acks.length} acknowledged, ${result.failures.length} failed`);
     }
   }));
   return result;
@@ -71,8 +71,8 @@ export interface MeshHandles {
   servers: { name: string; port: number }[];
   db: string;
   client(name: string, coordinators?: string[]): MeshClient;
-  /** Running counts while a load runs (a TTY status line in the scenario). */
-  status?(text: string): void;
+  /** Running counts while a load runs (a TTY status line in the scenario); built only when drawn. */
+  status?(text: () => string): void;
 }
 
 function clientsFor(mesh: MeshHandles, count: number, coordinators = [mesh.coordinator]): MeshClient[] {

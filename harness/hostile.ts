@@ -17,7 +17,7 @@ export interface CaseResult {
 export class Tally {
   readonly results: CaseResult[] = [];
   /** `progress` gets a line per finished case; `status`, if given, a running count after every attempt. */
-  constructor(private readonly progress: (line: string) => void = () => {}, private readonly status?: (text: string) => void) {}
+  constructor(private readonly progress: (line: string) => void = () => {}, private readonly status?: (text: () => string) => void) {}
 
   async run(role: string, name: string, attempts: number, attempt: (i: number) => Promise<string | null>, parallel = 1): Promise<CaseResult> {
     const result: CaseResult = { role, name, attempts, refused: 0, unexpected: [] };
@@ -33,7 +33,7 @@ export class Tally {
         }
         if (outcome === null) result.refused += 1;
         else if (result.unexpected.length < 5) result.unexpected.push(outcome); // a few examples are enough to act on
-        this.status?.(`${role} ${name}: ${i + 1}/${attempts}, ${this.results.length} cases done`);
+        this.status?.(() => `${role} ${name}: ${i + 1}/${attempts}, ${this.results.length} cases done`);
       }
     }));
     this.results.push(result);

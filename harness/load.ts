@@ -80,7 +80,7 @@ export async function runLoad(options: LoadOptions): Promise<LoadRun> {
       }
       run.latencies.add(performance.now() - t0);
       run.requests += 1;
-      options.progress?.status(`${options.label ?? "load"}: ${run.requests.toLocaleString("en")} requests, ${run.errors} errors`);
+      options.progress?.status(() => `${options.label ?? "load"}: ${run.requests.toLocaleString("en")} requests, ${run.errors} errors`);
     }
   }));
   run.elapsedMs = performance.now() - started;

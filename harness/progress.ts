@@ -32,13 +32,16 @@ export class Progress {
     return `${((this.#now() - this.#started) / 1000).toFixed(1)} s`;
   }
 
-  /** The live status (counts, rates): redrawn in place on a TTY, at most every redrawMs; nothing off a TTY. */
-  status(text: string): void {
+  /**
+   * The live status (counts, rates): redrawn in place on a TTY, at most every redrawMs; nothing off a TTY. Callers
+   * in a load loop pass a function, so the text is only built when it is drawn.
+   */
+  status(text: string | (() => string)): void {
     if (!this.tty) return;
     const now = this.#now();
     if (now - this.#lastDraw < this.#redrawMs) return;
     this.#lastDraw = now;
-    this.#stream.write(`\r\x1b[2K${text} · ${this.elapsed()}`);
+    this.#stream.write(`\r\x1b[2K${typeof text === "function" ? text() : text} · ${this.elapsed()}`);
     this.#statusShown = true;
   }
 

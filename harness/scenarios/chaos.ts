@@ -19,7 +19,7 @@ export const chaos: Scenario = {
       cluster, coordinator, db: ctx.db,
       servers: [{ name: "server1", port: ports.server1 }, { name: "server2", port: ports.server2 }],
       client: (name, coordinators = [coordinator]) => cluster.client(name, coordinators),
-      status: (text) => progress.status(`    ${text}`),
+      status: (text) => progress.status(() => `    ${text()}`),
     };
     const rows: FaultRow[] = [];
     const record = (row: FaultRow) => {

@@ -29,7 +29,7 @@ export const security: Scenario = {
 
     step("running the hostile cases (TLS cases 200 times each, on every mutual-TLS role)");
     const progress = new Progress();
-    const tally = new Tally((line) => progress.line(`    ${line}  (${progress.elapsed()})`), (text) => progress.status(`    ${text}`));
+    const tally = new Tally((line) => progress.line(`    ${line}  (${progress.elapsed()})`), (text) => progress.status(() => `    ${text()}`));
     await runSecurityChecks({ cluster, otherPki, server, coordinator, stack, hostileCerts }, tally, { tlsAttempts: 200, httpAttempts: 20, slowloris: true });
 
     step("NODE_TLS_REJECT_UNAUTHORIZED=0 in a role's environment: the role refuses to start");
