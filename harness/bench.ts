@@ -235,7 +235,7 @@ export async function runBench(options: BenchOptions): Promise<BenchReport> {
 
 function summarize(id: string, label: string, unit: CaseResult["unit"], parts: Slice[]): CaseResult {
   const count = parts.reduce((n, s) => n + s.count, 0);
-  // The rate over all slices: total work over total time, each slice having run the same time.
+  // The mean of the slices' rates: every slice ran the same time, so this is total work over total time.
   const rate = parts.reduce((n, s) => n + s.rate, 0) / parts.length;
   const withLatency = parts.filter((s) => s.latencies);
   let latency: LatencySummary | null = null;

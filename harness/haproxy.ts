@@ -53,7 +53,7 @@ export function haproxyConfig({ pki, dir, port, servers, health }: HaproxyOption
     "  mode http",
     "  timeout connect 2s",
     "  timeout client 10s",
-    `  timeout server 2s`,
+    "  timeout server 2s",
     `  timeout check ${health.timeoutMs}ms`,
     "  retries 2",
     "  option redispatch",

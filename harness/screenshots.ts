@@ -7,7 +7,7 @@ import type { Cluster } from "./cluster.ts";
 import { renderTerminals } from "./terminal-svg.ts";
 
 export const SCREENSHOT_DIR = join(REPO_ROOT, "docs", "screenshots");
-/** Five panes, as the seed's screenshot of five terminals; a scenario with more logs shows its first five roles. */
+/** About the seed's screenshot of five terminals; a scenario with more logs shows its first six. */
 const MAX_PANES = 6;
 
 /** Renders every log the cluster wrote, one pane per role titled with its port, to docs/screenshots/<name>.svg. */

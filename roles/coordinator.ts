@@ -148,10 +148,11 @@ async function main(): Promise<void> {
   pool.exportMetrics(metrics);
   const app = createCoordinatorApp({ pool, logger, metrics });
   const port = listenOrExit("coordinator", app, { port: config.port, hostname: config.host, tls });
-  const admin = config.admin && createAdminApp({ pool, logger, metrics });
-  if (admin && config.admin) {
-    const adminPort = listenOrExit("coordinator", admin, { port: config.admin.port, hostname: config.admin.host });
-    logger.info(`coordinator admin (status page, /metrics) on http://${config.admin.host}:${adminPort}/`);
+  let admin: ReturnType<typeof createAdminApp> | null = null;
+  if (config.admin) {
+    admin = createAdminApp({ pool, logger, metrics });
+    const bound = listenOrExit("coordinator", admin, { port: config.admin.port, hostname: config.admin.host });
+    logger.info(`coordinator admin (status page, /metrics) on http://${config.admin.host}:${bound}/`);
   }
   pool.start();
   logger.info(`coordinator listening on https://${config.host}:${port}, servers: ${config.servers.join(", ")}`);

@@ -22,8 +22,8 @@ export interface AppOptions {
   metricsRoute?: boolean;
 }
 
-const remoteAddress = new WeakMap<Request, string>();
-const receivedAt = new WeakMap<Request, number>();
+/** What the access log and the latency histogram need from a request's arrival. */
+const arrivals = new WeakMap<Request, { remote: string; at: number }>();
 
 function errorBody(status: number, error: string, code: string) {
   return new Response(JSON.stringify({ error, code }), {
@@ -54,9 +54,9 @@ export function createApp({ logger, bodyLimit = DEFAULT_BODY_LIMIT, metrics = ne
   // sent without Content-Length; ours, checked first, answers with JSON.
   const app = new Elysia({ serve: { maxRequestBodySize: bodyLimit * 4, idleTimeout: IDLE_TIMEOUT_S } })
     .onRequest(({ request, server, set }) => {
-      receivedAt.set(request, performance.now());
       // Without a Bun server the request came through the peer-identity listener, which sets this header itself.
-      remoteAddress.set(request, server ? server.requestIP(request)?.address ?? "-" : request.headers.get(PEER_ADDRESS_HEADER) ?? "-");
+      const remote = server ? server.requestIP(request)?.address ?? "-" : request.headers.get(PEER_ADDRESS_HEADER) ?? "-";
+      arrivals.set(request, { remote, at: performance.now() });
       const length = Number(request.headers.get("content-length") ?? 0);
       if (length <= bodyLimit) return undefined;
       set.status = 413;
@@ -70,10 +70,11 @@ export function createApp({ logger, bodyLimit = DEFAULT_BODY_LIMIT, metrics = ne
     .onAfterResponse((context) => {
       const { request, set } = context;
       const status = typeof set.status === "number" ? set.status : 200;
-      logger.access(remoteAddress.get(request) ?? "-", request.method, requestPath(request), status);
+      const arrival = arrivals.get(request);
+      logger.access(arrival?.remote ?? "-", request.method, requestPath(request), status);
       const route = "route" in context && context.route ? context.route : "unmatched";
       requests.inc({ route, method: request.method, status: String(status) });
-      latency.observe({ route }, (performance.now() - (receivedAt.get(request) ?? performance.now())) / 1000);
+      if (arrival) latency.observe({ route }, (performance.now() - arrival.at) / 1000);
     });
   if (metricsRoute) app.get("/metrics", () => metrics.response());
 

@@ -43,10 +43,6 @@ export class Counter<L extends string = never> implements Family {
     else this.#series.set(key, { labels: { ...labels }, value: by });
   }
 
-  value(labels: Record<L, string> = {} as Record<L, string>): number {
-    return this.#series.get(seriesKey(this.labelNames, labels))?.value ?? 0;
-  }
-
   render(): string[] {
     return [...this.#series.values()].map((s) => `${this.name}${formatLabels(s.labels)} ${formatValue(s.value)}`);
   }

@@ -39,11 +39,12 @@ function statusEvents(pool: UpstreamPool, signal: AbortSignal): Response {
       let last = "";
       let lastSentAt = 0;
       const push = () => {
-        const { now: _now, ...state } = clusterStatus(pool);
+        const status = clusterStatus(pool);
+        const { now: _now, ...state } = status; // the clock alone is no change
         const current = JSON.stringify(state);
         try {
           if (current !== last) {
-            controller.enqueue(encoder.encode(`data: ${JSON.stringify(clusterStatus(pool))}\n\n`));
+            controller.enqueue(encoder.encode(`data: ${JSON.stringify(status)}\n\n`));
             last = current;
             lastSentAt = Date.now();
           } else if (Date.now() - lastSentAt > KEEPALIVE_MS) {
