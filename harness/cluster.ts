@@ -28,8 +28,6 @@ export async function waitFor<T>(what: string, check: () => Promise<T | undefine
 
 export class RoleProcess {
   readonly lines: string[] = [];
-  /** The port it listens on, once it said so. */
-  port: number | undefined;
   /** Resolves once stdout and stderr are read to the end and written to the log file. */
   readonly drained: Promise<void>;
   #waiters: { pattern: RegExp; resolve: (line: string) => void }[] = [];
@@ -146,9 +144,9 @@ export class Cluster implements AsyncDisposable {
     this.roles.set(name, role);
     const listening = /listening on https:\/\/[^ ]+:(\d+)/;
     const ready = await role.waitForLine(listening);
-    role.port = Number(listening.exec(ready)![1]);
-    this.launched.find((l) => l.name === name)!.port = role.port;
-    return { role, port: role.port };
+    const port = Number(listening.exec(ready)![1]);
+    this.launched.find((l) => l.name === name)!.port = port;
+    return { role, port };
   }
 
   /** A process that is not a role (HAProxy, say), logged and stopped with the rest. */
