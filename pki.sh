@@ -4,11 +4,13 @@
 #   ./pki.sh                         create whatever is missing (existing material is kept)
 #   ./pki.sh --force                 regenerate everything
 #   ./pki.sh --rsa                   RSA-2048 keys instead of ECDSA P-256
-#   ./pki.sh issue NAME --client|--server|--both   add one identity
+#   ./pki.sh issue NAME KIND         add one identity; KIND is one of
+#            --client --server --coordinator --keyserver --secureproxy --marketplace (--both: kind "service")
 #            [--not-before YYYYMMDDHHMMSSZ] [--not-after YYYYMMDDHHMMSSZ] [--force]
-#   ./pki.sh revoke NAME             revoke NAME's certificate and rewrite crl.pem (restart the roles to load it)
+#   ./pki.sh revoke NAME             revoke NAME's certificate and rewrite crl.pem (running roles reload it)
 #
-# Output goes to $PKI_DIR, or certs/ beside this script.
+# Each leaf names its identity twice: CN=NAME, and a URI SAN spiffe://securemesh/KIND/NAME that the
+# policy (roles/policy.json) refers to. Output goes to $PKI_DIR, or certs/ beside this script.
 set -euo pipefail
 
 usage() { sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'; }
@@ -29,9 +31,7 @@ while [ $# -gt 0 ]; do
   case "$1" in
     --force) force=1 ;;
     --rsa) key_type=rsa ;;
-    --client) issue_kind=client ;;
-    --server) issue_kind=server ;;
-    --both) issue_kind=both ;;
+    --client|--server|--both|--coordinator|--keyserver|--secureproxy|--marketplace) issue_kind=${1#--} ;;
     issue) action=issue; shift; issue_name=${1:-} ;;
     revoke) action=revoke; shift; issue_name=${1:-} ;;
     --not-before) shift; not_before=${1:-} ;;
@@ -92,16 +92,22 @@ commonName = supplied
 EOF
 }
 
-# kind: server | client | both. Servers get the loopback SANs, clients a DNS SAN with their name.
+# The trust domain of every SPIFFE ID this PKI issues.
+trust_domain=securemesh
+
+# kind decides the EKU and the SPIFFE path. Anything that serves gets the loopback SANs, clients a DNS SAN
+# with their name. The coordinator and the SecureProxy both serve and call onward, so they get both EKUs.
 make_leaf() { # name kind
-  local name=$1 kind=$2 eku sans usage ext
+  local name=$1 kind=$2 eku sans usage ext spiffe_kind=$2
   case "$kind" in
-    server) eku=serverAuth ;;
+    server|keyserver|marketplace) eku=serverAuth ;;
     client) eku=clientAuth ;;
-    both) eku=serverAuth,clientAuth ;;
-    *) echo "pki.sh: identity kind must be --client, --server or --both" >&2; exit 2 ;;
+    coordinator|secureproxy) eku=serverAuth,clientAuth ;;
+    both) eku=serverAuth,clientAuth; spiffe_kind=service ;;
+    *) echo "pki.sh: identity kind must be --client, --server, --coordinator, --keyserver, --secureproxy, --marketplace or --both" >&2; exit 2 ;;
   esac
   if [ "$kind" = client ]; then sans="DNS:$name"; else sans="DNS:localhost,IP:127.0.0.1,IP:::1"; fi
+  sans="URI:spiffe://$trust_domain/$spiffe_kind/$name,$sans"
   usage=digitalSignature
   [ "$key_type" = rsa ] && usage=digitalSignature,keyEncipherment
   new_key "$dir/${name}_key.pem"
@@ -155,25 +161,25 @@ if [ "$action" = revoke ]; then
   serial=$(openssl x509 -in "$dir/${issue_name}_cert.pem" -noout -serial | cut -d= -f2)
   grep -qi "^R.*	${serial}	" "$dir/ca_db/index.txt" || { echo "pki.sh: revoking $issue_name failed" >&2; exit 1; }
   write_crl
-  echo "pki.sh: revoked $issue_name; wrote $dir/crl.pem (restart the roles to load it)"
+  echo "pki.sh: revoked $issue_name; wrote crl.pem (running roles reload it within seconds)"
   exit 0
 fi
 
 if [ "$action" = issue ]; then
   [ -n "$issue_name" ] || { echo "pki.sh: issue needs a NAME" >&2; exit 2; }
   [[ "$issue_name" =~ ^[A-Za-z0-9_-]+$ ]] || { echo "pki.sh: NAME may hold letters, digits, - and _ only" >&2; exit 2; }
-  [ -n "$issue_kind" ] || { echo "pki.sh: issue $issue_name needs --client, --server or --both" >&2; exit 2; }
+  [ -n "$issue_kind" ] || { echo "pki.sh: issue $issue_name needs a kind: --client, --server, --coordinator, --keyserver, --secureproxy, --marketplace or --both" >&2; exit 2; }
   ensure_leaf "$issue_name" "$issue_kind"
   exit 0
 fi
 
 ensure_leaf server server
-ensure_leaf coordinator both
+ensure_leaf coordinator coordinator
 ensure_leaf client1 client
 ensure_leaf client2 client
-ensure_leaf keyserver server
-ensure_leaf secureproxy both
-ensure_leaf marketplace server
+ensure_leaf keyserver keyserver
+ensure_leaf secureproxy secureproxy
+ensure_leaf marketplace marketplace
 [ -s "$dir/crl.pem" ] || write_crl
 
 if [ "$force" = 1 ] || [ ! -s "$dir/encryption_key.txt" ]; then

@@ -1,6 +1,6 @@
 // Command-line and environment configuration shared by every role: flags, --help, one-line errors, PKI paths.
 import { readFileSync } from "node:fs";
-import { dirname, join, resolve } from "node:path";
+import { dirname, isAbsolute, join, relative, resolve } from "node:path";
 import { parseArgs } from "node:util";
 import { ConfigError } from "./errors.ts";
 
@@ -96,4 +96,15 @@ export function exitOnSignals(cleanup: () => Promise<unknown> | unknown): void {
   };
   process.once("SIGTERM", stop);
   process.once("SIGINT", stop);
+}
+
+/** A path for a log line or a doc: relative to the repository when inside it, so no machine's layout leaks. */
+export function displayPath(path: string): string {
+  const inside = relative(REPO_ROOT, path);
+  return inside && !inside.startsWith("..") && !isAbsolute(inside) ? inside : path;
+}
+
+/** The authorization policy: --policy, then $SECUREMESH_POLICY, then roles/policy.json in the repository. */
+export function policyPath(flag?: string): string {
+  return resolve(flag ?? process.env.SECUREMESH_POLICY ?? join(REPO_ROOT, "roles", "policy.json"));
 }

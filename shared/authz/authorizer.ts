@@ -1,0 +1,86 @@
+// The policy a role enforces right now: loaded at start, reloaded on change, every decision audited and counted.
+import { readFileSync } from "node:fs";
+import { displayPath } from "../config.ts";
+import { ConfigError } from "../errors.ts";
+import { describeError, type Logger } from "../log.ts";
+import { Metrics } from "../metrics.ts";
+import { watchFiles, type Watch } from "../watch.ts";
+import { decide, parsePolicy, PermissionDenied, type Action, type Decision, type Policy } from "./policy.ts";
+
+export class Authorizer {
+  #policy: Policy;
+  readonly #path: string;
+  readonly #logger: Logger;
+  readonly #decisions;
+  #watch: Watch | null = null;
+
+  /** Reads and checks the policy file; a policy that does not parse stops the role at start (ConfigError). */
+  constructor(path: string, logger: Logger, metrics: Metrics = new Metrics()) {
+    this.#path = path;
+    this.#logger = logger;
+    this.#policy = Authorizer.#read(path);
+    this.#decisions = metrics.counter("securemesh_authz_decisions_total", "Authorization decisions, by identity, action and outcome.", ["identity", "action", "decision"]);
+  }
+
+  static #read(path: string): Policy {
+    let text: string;
+    try {
+      text = readFileSync(path, "utf8");
+    } catch (error) {
+      throw new ConfigError(`cannot read policy ${displayPath(path)}: ${(error as NodeJS.ErrnoException).code ?? describeError(error)}`);
+    }
+    try {
+      return parsePolicy(text);
+    } catch (error) {
+      throw new ConfigError(`policy ${displayPath(path)}: ${(error as Error).message}`);
+    }
+  }
+
+  get policy(): Policy {
+    return this.#policy;
+  }
+
+  /** Re-reads the file. A policy that does not parse leaves the running one in force, with one clear line. */
+  reload(): boolean {
+    try {
+      this.#policy = Authorizer.#read(this.#path);
+      this.#logger.info(`policy reloaded: ${this.#policy.rules.length} rules`);
+      return true;
+    } catch (error) {
+      this.#logger.error(`policy NOT reloaded, the previous one stays in force: ${(error as Error).message}`);
+      return false;
+    }
+  }
+
+  /** Reloads on SIGHUP and whenever the file changes. */
+  watch(): this {
+    this.#watch ??= watchFiles([this.#path], () => this.reload());
+    return this;
+  }
+
+  stop(): void {
+    this.#watch?.stop();
+  }
+
+  /** Whether the policy allows it, without an audit line: for choosing between two permissions before require(). */
+  allows(identity: string, action: Action, resource = ""): boolean {
+    return decide(this.#policy, identity, action, resource).allow;
+  }
+
+  /** Decides, writes one audit line, counts it. */
+  decide(identity: string, action: Action, resource = ""): Decision {
+    const decision = decide(this.#policy, identity, action, resource);
+    const outcome = decision.allow ? "allow" : "deny";
+    this.#decisions.inc({ identity: identity || "-", action, decision: outcome });
+    const fields = { identity: identity || "-", action, resource: resource || "-", decision: outcome };
+    this.#logger.info(`AUTHZ ${outcome} identity=${fields.identity} action=${action} resource=${fields.resource} (${decision.reason})`, { authz: fields });
+    return decision;
+  }
+
+  /** decide(), throwing PermissionDenied (403 naming the identity and the missing permission) on deny. */
+  require(identity: string, action: Action, resource = ""): Decision {
+    const decision = this.decide(identity, action, resource);
+    if (!decision.allow) throw new PermissionDenied(decision);
+    return decision;
+  }
+}

@@ -1,0 +1,150 @@
+import { describe, expect, test } from "bun:test";
+import { mkdtempSync, readFileSync, renameSync, writeFileSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { waitFor } from "../../harness/cluster.ts";
+import { policyPath } from "../config.ts";
+import { createLogger } from "../log.ts";
+import { Metrics } from "../metrics.ts";
+import { Authorizer } from "./authorizer.ts";
+import { identityOf } from "./identity.ts";
+import { decide, parsePolicy, PolicyInvalid } from "./policy.ts";
+
+const client1 = "spiffe://securemesh/client/client1";
+const client2 = "spiffe://securemesh/client/client2";
+const coordinator = "spiffe://securemesh/coordinator/coordinator";
+const secureproxy = "spiffe://securemesh/secureproxy/secureproxy";
+const server = "spiffe://securemesh/server/server";
+
+describe("the repository's default policy", () => {
+  const policy = parsePolicy(readFileSync(policyPath(), "utf8"));
+  const allowed = (identity: string, action: Parameters<typeof decide>[2], resource = "") => decide(policy, identity, action, resource).allow;
+
+  test("keeps the demo working: clients write and read the shared view, only the coordinator forwards, only the proxy fetches tokens", () => {
+    const table = [client1, client2, coordinator, secureproxy, server].map((id) => [
+      id.split("/").pop(),
+      allowed(id, "records.write"), allowed(id, "view.read", "all"), allowed(id, "cache.invalidate"), allowed(id, "forward"), allowed(id, "tokens.fetch"),
+    ]);
+    expect(table).toEqual([
+      ["client1", true, true, true, false, false],
+      ["client2", true, true, true, false, false],
+      ["coordinator", false, false, false, true, false],
+      ["secureproxy", false, false, false, false, true],
+      ["server", false, false, false, false, false],
+    ]);
+  });
+
+  test("each client uses only its own ClientId through the SecureProxy", () => {
+    expect(allowed(client1, "proxy.use", "client1/marketplace")).toBe(true);
+    expect(allowed(client2, "proxy.use", "client1/marketplace")).toBe(false);
+    expect(allowed(client1, "proxy.use", "client1/other-type")).toBe(false);
+    expect(allowed(coordinator, "proxy.use", "client1/marketplace")).toBe(false);
+  });
+
+  test("default deny: an unknown identity, or none, may do nothing", () => {
+    expect(decide(policy, "spiffe://securemesh/client/client3", "records.write")).toMatchObject({ allow: false, reason: "no rule allows it" });
+    expect(decide(policy, "", "records.write")).toMatchObject({ allow: false, reason: "no verified identity" });
+  });
+});
+
+describe("policy format", () => {
+  test("wildcards: an identity prefix and a resource prefix", () => {
+    const policy = parsePolicy(JSON.stringify({ rules: [{ identity: "spiffe://securemesh/client/*", allow: ["view.read:own", "proxy.use:shared/*"] }] }));
+    expect(decide(policy, client2, "view.read", "own").allow).toBe(true);
+    expect(decide(policy, client2, "view.read", "all").allow).toBe(false);
+    expect(decide(policy, client2, "proxy.use", "shared/marketplace").allow).toBe(true);
+    expect(decide(policy, "spiffe://securemesh/clients/x", "view.read", "own").allow).toBe(false);
+  });
+
+  test("mistakes are named with their place", () => {
+    const bad = (policy: unknown) => {
+      try {
+        parsePolicy(typeof policy === "string" ? policy : JSON.stringify(policy));
+        return "accepted";
+      } catch (error) {
+        expect(error).toBeInstanceOf(PolicyInvalid);
+        return (error as Error).message;
+      }
+    };
+    expect(bad("{")).toStartWith("policy is not valid JSON");
+    expect(bad({ rule: [] })).toBe('policy must be a JSON object with a "rules" array');
+    expect(bad({ rules: [], extra: 1 })).toBe('unknown top-level key "extra" (expected "rules", "comment")');
+    expect(bad({ rules: [{ identity: "client1", allow: [] }] })).toStartWith("rules[0].identity must be a SPIFFE ID");
+    expect(bad({ rules: [{ identity: "spiffe://securemesh/*/x", allow: [] }] })).toStartWith("rules[0].identity must be a SPIFFE ID");
+    expect(bad({ rules: [{ identity: client1, allow: ["records.delete"] }] })).toStartWith('rules[0]: unknown action "records.delete"');
+    expect(bad({ rules: [{ identity: client1, allow: "records.write" }] })).toBe("rules[0].allow must be an array of strings");
+    expect(bad({ rules: [{ identity: client1, allow: [], deny: [] }] })).toBe('rules[0] has an unknown key "deny"');
+  });
+});
+
+describe("Authorizer", () => {
+  const setup = () => {
+    const dir = mkdtempSync(join(tmpdir(), "securemesh-authz-"));
+    const path = join(dir, "policy.json");
+    const write = (rules: unknown[]) => {
+      // As an editor saves: a new file renamed over the old one.
+      writeFileSync(`${path}.tmp`, JSON.stringify({ rules }));
+      renameSync(`${path}.tmp`, path);
+    };
+    write([{ identity: client1, allow: ["records.write"] }]);
+    const lines: string[] = [];
+    const metrics = new Metrics();
+    const authz = new Authorizer(path, createLogger("t", { color: false, format: "text", write: (l) => lines.push(l) }), metrics);
+    return { path, write, lines, metrics, authz };
+  };
+
+  test("require() throws a 403 naming identity and permission, and every decision is an audit line", () => {
+    const { authz, lines } = setup();
+    expect(authz.require(client1, "records.write").allow).toBe(true);
+    expect(() => authz.require(client2, "proxy.use", "client1/marketplace")).toThrow(`${client2} lacks permission proxy.use:client1/marketplace`);
+    expect(lines).toEqual([
+      `AUTHZ allow identity=${client1} action=records.write resource=- (${client1} may records.write)`,
+      `AUTHZ deny identity=${client2} action=proxy.use resource=client1/marketplace (no rule allows it)`,
+    ]);
+  });
+
+  test("a policy edit takes effect on reload; one that does not parse leaves the old one in force with one clear line", () => {
+    const { authz, write, path, lines } = setup();
+    write([{ identity: client2, allow: ["records.write"] }]);
+    expect(authz.reload()).toBe(true);
+    expect(authz.allows(client2, "records.write")).toBe(true);
+    expect(authz.allows(client1, "records.write")).toBe(false);
+    writeFileSync(path, '{"rules": [ {"identity": ');
+    expect(authz.reload()).toBe(false);
+    expect(authz.allows(client2, "records.write")).toBe(true);
+    expect(lines.filter((l) => l.startsWith("policy NOT reloaded"))).toHaveLength(1);
+  });
+
+  test("watch(): a file change is picked up without a restart", async () => {
+    const { authz, write } = setup();
+    authz.watch();
+    try {
+      write([{ identity: client2, allow: ["forward"] }]);
+      await waitFor("the edited policy to be in force", () => authz.allows(client2, "forward"), 5000);
+    } finally {
+      authz.stop();
+    }
+  });
+
+  test("a policy that does not parse at start stops the role with a ConfigError", () => {
+    const { path } = setup();
+    writeFileSync(path, "nope");
+    expect(() => new Authorizer(path, createLogger("t", { write: () => {} }))).toThrow(/^policy .*policy\.json: policy is not valid JSON/);
+  });
+});
+
+describe("identityOf", () => {
+  test("the SPIFFE URI SAN names the identity; more than one is ambiguous", () => {
+    expect(identityOf({ subject: "O=securemesh\nCN=x", subjectAltName: "URI:spiffe://securemesh/client/client1, DNS:client1", clientAuth: true })).toBe(client1);
+    expect(identityOf({ subjectaltname: "URI:spiffe://securemesh/client/a, URI:spiffe://securemesh/client/b", clientAuth: true })).toBe("");
+    expect(identityOf({ subjectaltname: "URI:spiffe://securemesh/client/a b", clientAuth: true })).toBe("");
+  });
+
+  test("without the SAN, the CN is the documented fallback", () => {
+    expect(identityOf({ subject: "O=securemesh\nCN=client1", subjectAltName: "DNS:client1", clientAuth: true })).toBe(client1);
+    expect(identityOf({ subject: { CN: "coordinator" }, clientAuth: true })).toBe(coordinator);
+    expect(identityOf({ subject: { CN: "server" }, clientAuth: false })).toBe(server);
+    expect(identityOf({ subject: { CN: ["a", "b"] }, clientAuth: true })).toBe("");
+    expect(identityOf({ subject: "CN=evil/../x", clientAuth: true })).toBe("");
+  });
+});

@@ -1,0 +1,117 @@
+// Authorization as data: one default-deny policy file names identities and what each may do, and every
+// decision in every role goes through decide() (compare Envoy RBAC, Istio AuthorizationPolicy, Vault policies).
+import { MeshError } from "../errors.ts";
+
+/**
+ * What can be allowed. A permission is "action" or "action:resource"; the resource narrows it:
+ * - records.write          store a record (POST /api/data), as the sender the proof names
+ * - view.read:all|own      read get_data(): every sender's records, or only your own
+ * - cache.invalidate       invalidate every server's get_data() cache
+ * - cache.stats            read the servers' cache counters
+ * - forward                call the servers on a caller's behalf (the coordinator)
+ * - tokens.fetch           fetch API tokens from the KeyServer (the SecureProxy)
+ * - proxy.use:CLIENT/TYPE  have the SecureProxy call an API with ClientId CLIENT's token of TokenType TYPE
+ */
+export const ACTIONS = ["records.write", "view.read", "cache.invalidate", "cache.stats", "forward", "tokens.fetch", "proxy.use"] as const;
+export type Action = (typeof ACTIONS)[number];
+
+export interface Rule {
+  /** A SPIFFE ID, or a prefix ending in "*" (spiffe://securemesh/client/*). */
+  identity: string;
+  allow: string[];
+}
+
+export interface Policy {
+  rules: readonly Rule[];
+}
+
+export interface Decision {
+  allow: boolean;
+  identity: string;
+  action: Action;
+  resource: string;
+  /** The permission that allowed it, or why it was denied. */
+  reason: string;
+}
+
+export class PolicyInvalid extends MeshError {
+  constructor(message: string) {
+    super("ERR_POLICY_INVALID", 500, message);
+  }
+}
+
+/** An authenticated caller without the permission: 403, naming the identity and what it lacks. */
+export class PermissionDenied extends MeshError {
+  constructor(decision: Decision) {
+    const wanted = decision.resource ? `${decision.action}:${decision.resource}` : decision.action;
+    super("ERR_FORBIDDEN", 403, `${decision.identity || "an unidentified caller"} lacks permission ${wanted}`);
+  }
+}
+
+const RESOURCE = /^[A-Za-z0-9_.*/-]{1,128}$/;
+const IDENTITY = /^spiffe:\/\/[A-Za-z0-9._-]+\/[A-Za-z0-9_/*-]+$/;
+
+/** Checks a parsed policy file; every mistake is named with its place, so a bad edit says what to fix. */
+export function parsePolicy(text: string): Policy {
+  let raw: unknown;
+  try {
+    raw = JSON.parse(text);
+  } catch (error) {
+    throw new PolicyInvalid(`policy is not valid JSON (${(error as Error).message})`);
+  }
+  if (typeof raw !== "object" || raw === null || !Array.isArray((raw as { rules?: unknown }).rules)) {
+    throw new PolicyInvalid("policy must be a JSON object with a \"rules\" array");
+  }
+  const topLevelExtra = Object.keys(raw).find((k) => k !== "rules" && k !== "comment");
+  if (topLevelExtra) throw new PolicyInvalid(`unknown top-level key ${JSON.stringify(topLevelExtra.slice(0, 32))} (expected "rules", "comment")`);
+  const rules = (raw as { rules: unknown[] }).rules.map((rule, i): Rule => {
+    const where = `rules[${i}]`;
+    if (typeof rule !== "object" || rule === null) throw new PolicyInvalid(`${where} must be an object`);
+    const { identity, allow, ...extra } = rule as Record<string, unknown>;
+    const unknownKey = Object.keys(extra).find((k) => k !== "comment");
+    if (unknownKey) throw new PolicyInvalid(`${where} has an unknown key ${JSON.stringify(unknownKey.slice(0, 32))}`);
+    if (typeof identity !== "string" || !IDENTITY.test(identity) || (identity.includes("*") && identity.indexOf("*") !== identity.length - 1)) {
+      throw new PolicyInvalid(`${where}.identity must be a SPIFFE ID such as spiffe://securemesh/client/client1, "*" only at the end`);
+    }
+    if (!Array.isArray(allow) || allow.some((p) => typeof p !== "string")) throw new PolicyInvalid(`${where}.allow must be an array of strings`);
+    for (const permission of allow as string[]) {
+      const [action, resource] = splitPermission(permission);
+      if (!(ACTIONS as readonly string[]).includes(action)) {
+        throw new PolicyInvalid(`${where}: unknown action ${JSON.stringify(action.slice(0, 32))} (known: ${ACTIONS.join(", ")})`);
+      }
+      if (resource !== "" && !RESOURCE.test(resource)) throw new PolicyInvalid(`${where}: bad resource in ${JSON.stringify(permission.slice(0, 64))}`);
+    }
+    return { identity, allow: allow as string[] };
+  });
+  return { rules };
+}
+
+function splitPermission(permission: string): [string, string] {
+  const colon = permission.indexOf(":");
+  return colon === -1 ? [permission, ""] : [permission.slice(0, colon), permission.slice(colon + 1)];
+}
+
+/** "*" at the end matches any rest; otherwise the whole string must match. */
+function matches(pattern: string, value: string): boolean {
+  return pattern.endsWith("*") ? value.startsWith(pattern.slice(0, -1)) : pattern === value;
+}
+
+/**
+ * The one authorization decision. Default deny: allowed only when a rule for this identity grants the action
+ * on this resource. A permission without a resource grants the action on every resource.
+ * @example decide(policy, "spiffe://securemesh/client/client1", "proxy.use", "client1/marketplace")
+ */
+export function decide(policy: Policy, identity: string, action: Action, resource = ""): Decision {
+  if (identity) {
+    for (const rule of policy.rules) {
+      if (!matches(rule.identity, identity)) continue;
+      for (const permission of rule.allow) {
+        const [allowedAction, allowedResource] = splitPermission(permission);
+        if (allowedAction === action && (allowedResource === "" || matches(allowedResource, resource))) {
+          return { allow: true, identity, action, resource, reason: `${rule.identity} may ${permission}` };
+        }
+      }
+    }
+  }
+  return { allow: false, identity, action, resource, reason: identity ? "no rule allows it" : "no verified identity" };
+}
