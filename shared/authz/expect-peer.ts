@@ -1,0 +1,26 @@
+// Internal hops check whom they reached, not only that the CA signed it: any certificate of our CA with the
+// right address would otherwise pass as a server or the KeyServer (#11, hardening).
+import tls from "node:tls";
+import { CLIENT_AUTH_OID } from "../tls.ts";
+import { identityOf } from "./identity.ts";
+
+
+/** Why a hop refused the identity it reached; the pool treats it like a failed handshake (never reached). */
+export class UnexpectedPeer extends Error {
+  readonly code = "ERR_UNEXPECTED_PEER";
+}
+
+/**
+ * A checkServerIdentity for fetch/tls options: the usual hostname check, then the peer's SPIFFE ID must match
+ * `expected` (exact, or a prefix ending in "*").
+ * @example fetch(url, { tls: { ...mutualTlsClientOptions(id), checkServerIdentity: expectPeer("spiffe://securemesh/server/*") } })
+ */
+export function expectPeer(expected: string) {
+  return (hostname: string, cert: tls.PeerCertificate): Error | undefined => {
+    const hostError = tls.checkServerIdentity(hostname, cert);
+    if (hostError) return hostError;
+    const id = identityOf({ subject: cert.subject as unknown as Record<string, unknown>, subjectaltname: cert.subjectaltname, clientAuth: (cert.ext_key_usage ?? []).includes(CLIENT_AUTH_OID) });
+    const ok = expected.endsWith("*") ? id.startsWith(expected.slice(0, -1)) : id === expected;
+    return ok ? undefined : new UnexpectedPeer(`reached ${id || "a certificate without an identity"}, expected ${expected}`);
+  };
+}
