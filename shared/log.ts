@@ -38,13 +38,15 @@ export function createLogger(role: string, options: LoggerOptions = {}): Logger 
   const write = options.write ?? ((line: string) => process.stdout.write(line + "\n"));
   const now = options.now ?? (() => new Date());
 
+  // Every line goes out through here, escaped (#11 L1): messages carry caller-supplied text (a server's error text,
+  // a request path), which must not start a line of its own or reach the terminal as an escape sequence.
   const emit = (level: Level, message: string, fields: Record<string, unknown> = {}) => {
     if (format === "json") {
-      write(JSON.stringify({ time: now().toISOString(), level, role, msg: message, ...fields }));
+      write(jsonLine({ time: now().toISOString(), level, role, msg: message }, fields));
     } else if (color && COLORS[level]) {
-      write(`${COLORS[level]}${message}\x1b[0m`);
+      write(`${COLORS[level]}${printable(message)}\x1b[0m`); // only the logger's own colour codes stay real
     } else {
-      write(message);
+      write(printable(message));
     }
   };
 
@@ -62,6 +64,15 @@ export function createLogger(role: string, options: LoggerOptions = {}): Logger 
       emit(status >= 500 ? "error" : status >= 400 ? "warn" : "info", line);
     },
   };
+}
+
+/**
+ * One JSON line. JSON.stringify escapes control characters but not U+2028/U+2029, which some viewers break lines
+ * at; a bigint would make it throw. The logger's own keys come first and cannot be overwritten by a field.
+ */
+function jsonLine(own: Record<string, unknown>, fields: Record<string, unknown>): string {
+  const text = JSON.stringify({ ...own, ...fields, ...own }, (_key, value: unknown) => (typeof value === "bigint" ? String(value) : value));
+  return text.replace(/[\u2028\u2029]/g, (c) => `\\u${c.charCodeAt(0).toString(16)}`);
 }
 
 /** Describes a caught error without its stack or payload, for a log line. */
@@ -87,7 +98,14 @@ export function describeNetworkError(error: unknown): string {
   return code && NETWORK_REASONS[code] ? `${NETWORK_REASONS[code]} (${code})` : describeError(error);
 }
 
-/** Keeps one log line one line: caller-supplied text cannot forge log entries with newlines or escapes. */
+/**
+ * Keeps one log line one line: caller-supplied text cannot forge log entries with newlines or escapes. C0 and C1
+ * controls become \xNN; the Unicode line and paragraph separators, which some viewers break lines at, \uNNNN.
+ */
 export function printable(text: string): string {
-  return text.replace(/[\u0000-\u001f\u007f-\u009f]/g, (c) => `\\x${c.charCodeAt(0).toString(16).padStart(2, "0")}`);
+  // Bidi overrides and isolates too: they cannot break a line, but can make one read as something else.
+  return text.replace(/[\u0000-\u001f\u007f-\u009f\u2028\u2029\u202a-\u202e\u2066-\u2069]/g, (c) => {
+    const code = c.charCodeAt(0);
+    return code > 0xff ? `\\u${code.toString(16)}` : `\\x${code.toString(16).padStart(2, "0")}`;
+  });
 }

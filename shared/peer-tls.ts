@@ -1,65 +1,193 @@
 // A mutual-TLS listener whose handlers know who called: Bun.serve hides the client certificate (oven-sh/bun#14097),
 // but node:tls exposes it, and node:http can parse requests on that TLS socket. Requests go on to an Elysia app.
 import http from "node:http";
+import type net from "node:net";
 import tls from "node:tls";
-import { ConfigError } from "./errors.ts";
+import { ConfigError, MeshError } from "./errors.ts";
 import { CLIENT_AUTH_OID } from "./tls.ts";
 import { DEFAULT_BODY_LIMIT, IDLE_TIMEOUT_S, PEER_ADDRESS_HEADER, type ServerTls } from "./http.ts";
+import { describeError } from "./log.ts";
 
 /** Set by the listener from the verified certificate, after any client-sent copy is dropped. */
 export const PEER_HEADER = "x-securemesh-peer";
 
+/**
+ * Time from accept for the TLS handshake and the whole request head together, as HAProxy's `timeout http-request`:
+ * the socket's idle timeout restarts with every byte, so one header byte every few seconds held a connection
+ * open forever (#11 M2). The same budget applies between requests on a keep-alive connection.
+ */
+export const HEADER_DEADLINE_MS = 10_000;
+/** Time for a request body once its head is in: a body dribbled byte by byte is cut off with a 408. */
+export const BODY_DEADLINE_MS = 30_000;
+/** Open connections one remote address may hold; more are closed at accept (#11 M2). */
+export const MAX_CONNECTIONS_PER_ADDRESS = 32;
 
 export interface PeerAwareApp {
   handle(request: Request): Promise<Response>;
 }
 
+export interface PeerListenerOptions {
+  port: number;
+  hostname: string;
+  tls: ServerTls;
+  bodyLimit?: number;
+  /** See HEADER_DEADLINE_MS; tests shorten it. */
+  headerDeadlineMs?: number;
+  /** See BODY_DEADLINE_MS. */
+  bodyDeadlineMs?: number;
+  /** See MAX_CONNECTIONS_PER_ADDRESS. */
+  maxConnectionsPerAddress?: number;
+  /**
+   * Asked on every request with the peer certificate's serial number (hex, as node:tls gives it): a revoked peer's
+   * open keep-alive connection is refused too, not only its next handshake (#11).
+   */
+  isRevoked?: (serialHex: string) => boolean;
+  /** The caller's identity for PEER_HEADER; by default the certificate's CN. */
+  identify?: (peer: tls.PeerCertificate) => string;
+}
+
 export interface PeerListener {
   port: number;
+  /** New certificate, key, CA or CRL for handshakes from now on; open connections keep theirs (see isRevoked). */
+  reload(tls: ServerTls): Promise<void>;
   close(): Promise<void>;
 }
 
-function jsonError(res: http.ServerResponse, status: number, error: string, code: string): void {
-  res.writeHead(status, { "content-type": "application/json; charset=utf-8" });
-  res.end(JSON.stringify({ error, code }));
+/** The CN, or no identity at all when the certificate has several CNs (node:tls gives an array then). */
+export function commonName(peer: tls.PeerCertificate): string {
+  const cn = peer.subject?.CN as unknown;
+  return typeof cn === "string" ? cn : "";
+}
+
+/** What the listener knows about one open connection. */
+interface Connection {
+  /** Closes the connection when the TLS handshake and a request head, or the next one, are late. */
+  headTimer: ReturnType<typeof setTimeout> | undefined;
+  requestsInFlight: number;
+}
+
+/** "::ffff:10.0.0.1" and "10.0.0.1" are one client. */
+const addressOf = (socket: net.Socket) => socket.remoteAddress?.replace(/^::ffff:(?=\d+\.\d+\.\d+\.\d+$)/, "");
+
+/** Answers with JSON, unless the connection is already gone; `close` ends the connection once it is sent. */
+function reply(res: http.ServerResponse, status: number, error: string, code: string, close = false): void {
+  if (res.headersSent || res.destroyed || res.writableEnded) {
+    res.destroy();
+    return;
+  }
+  const body = Buffer.from(JSON.stringify({ error, code }));
+  res.writeHead(status, {
+    "content-type": "application/json; charset=utf-8",
+    "content-length": String(body.length),
+    ...(close ? { connection: "close" } : {}),
+  });
+  res.end(body, () => {
+    if (close) res.socket?.end();
+  });
 }
 
 /**
- * Serves `app` over mutual TLS; each request carries the caller's certificate CN in PEER_HEADER. A certificate
- * without the clientAuth EKU is dropped at the handshake.
+ * The body, read within the byte limit and the deadline. Rejects with a MeshError (413, 408) the listener answers,
+ * or with any other error when the client went away mid-body (#11 H2: that used to be an unhandled rejection).
  */
-export function listenWithPeerIdentity(app: PeerAwareApp, options: { port: number; hostname: string; tls: ServerTls; bodyLimit?: number }): Promise<PeerListener> {
-  const bodyLimit = options.bodyLimit ?? DEFAULT_BODY_LIMIT;
-  const parser = http.createServer({ maxHeaderSize: 16 * 1024 }, async (req, res) => {
-    const peer = (req.socket as tls.TLSSocket).getPeerCertificate();
+function readBody(req: http.IncomingMessage, limit: number, deadlineMs: number): Promise<Buffer> {
+  return new Promise((resolve, reject) => {
     const chunks: Buffer[] = [];
     let size = 0;
-    for await (const chunk of req) {
-      size += (chunk as Buffer).length;
-      if (size > bodyLimit) return jsonError(res, 413, `request body over the ${bodyLimit}-byte limit`, "ERR_BODY_TOO_LARGE");
-      chunks.push(chunk as Buffer);
-    }
-    const headers = new Headers();
-    for (const [name, value] of Object.entries(req.headers)) {
-      if (value !== undefined) headers.set(name, Array.isArray(value) ? value.join(", ") : value);
-    }
-    const cn = peer.subject?.CN;
-    headers.set(PEER_HEADER, typeof cn === "string" ? cn : ""); // several CNs: no identity at all
-    headers.set(PEER_ADDRESS_HEADER, req.socket.remoteAddress ?? "-");
-    const method = req.method ?? "GET";
-    const request = new Request(`https://${options.hostname}${req.url ?? "/"}`, {
-      method,
-      headers,
-      body: method === "GET" || method === "HEAD" ? undefined : Buffer.concat(chunks),
-    });
-    const response = await app.handle(request);
-    response.headers.forEach((value, name) => res.setHeader(name, value));
-    res.writeHead(response.status);
-    res.end(Buffer.from(await response.arrayBuffer()));
-    return undefined;
+    const finish = (error: Error | null) => {
+      clearTimeout(timer);
+      req.off("data", onData).off("end", onEnd).off("error", finish).off("close", onClose);
+      if (error) {
+        req.pause();
+        reject(error);
+      } else {
+        resolve(Buffer.concat(chunks));
+      }
+    };
+    const timer = setTimeout(() => finish(new MeshError("ERR_TIMEOUT", 408, "request body not received in time")), deadlineMs);
+    const onData = (chunk: Buffer) => {
+      size += chunk.length;
+      if (size > limit) finish(new MeshError("ERR_BODY_TOO_LARGE", 413, `request body over the ${limit}-byte limit`));
+      else chunks.push(chunk);
+    };
+    const onEnd = () => finish(null);
+    const onClose = () => finish(new Error("the client closed the connection mid-body"));
+    req.on("data", onData).on("end", onEnd).on("error", finish).on("close", onClose);
   });
-  parser.headersTimeout = 10_000;
-  parser.requestTimeout = 30_000;
+}
+
+/**
+ * Serves `app` over mutual TLS; each request carries the caller's identity (by default the certificate CN) in
+ * PEER_HEADER. A certificate without the clientAuth EKU is dropped at the handshake. No client can stop the
+ * listener: every error of a request or its connection ends that request or connection only (#11 H2).
+ */
+export function listenWithPeerIdentity(app: PeerAwareApp, options: PeerListenerOptions): Promise<PeerListener> {
+  const bodyLimit = options.bodyLimit ?? DEFAULT_BODY_LIMIT;
+  const headerDeadlineMs = options.headerDeadlineMs ?? HEADER_DEADLINE_MS;
+  const keepAliveDeadlineMs = Math.min(headerDeadlineMs, IDLE_TIMEOUT_S * 1000);
+  const bodyDeadlineMs = options.bodyDeadlineMs ?? BODY_DEADLINE_MS;
+  const maxPerAddress = options.maxConnectionsPerAddress ?? MAX_CONNECTIONS_PER_ADDRESS;
+  const identify = options.identify ?? commonName;
+
+  const connections = new Map<net.Socket, Connection>();
+  const perAddress = new Map<string, number>();
+
+  const expectHeadWithin = (socket: net.Socket, connection: Connection, ms: number) => {
+    clearTimeout(connection.headTimer);
+    connection.headTimer = setTimeout(() => socket.destroy(), ms);
+  };
+
+  async function serve(req: http.IncomingMessage, res: http.ServerResponse): Promise<void> {
+    try {
+      const socket = req.socket as tls.TLSSocket;
+      const peer = socket.getPeerCertificate();
+      if (options.isRevoked?.(peer.serialNumber ?? "")) return reply(res, 403, "certificate revoked", "ERR_REVOKED", true);
+      const method = req.method ?? "GET";
+      const body = method === "GET" || method === "HEAD" ? undefined : await readBody(req, bodyLimit, bodyDeadlineMs);
+      const headers = new Headers();
+      for (const [name, value] of Object.entries(req.headers)) {
+        if (value !== undefined) headers.set(name, Array.isArray(value) ? value.join(", ") : value);
+      }
+      headers.set(PEER_HEADER, identify(peer));
+      headers.set(PEER_ADDRESS_HEADER, socket.remoteAddress ?? "-");
+      const response = await app.handle(new Request(`https://${options.hostname}${req.url ?? "/"}`, { method, headers, body }));
+      const payload = Buffer.from(await response.arrayBuffer());
+      if (res.destroyed || res.writableEnded) return undefined;
+      response.headers.forEach((value, name) => {
+        if (name !== "content-length" && name !== "transfer-encoding" && name !== "connection") res.setHeader(name, value);
+      });
+      res.setHeader("content-length", String(payload.length));
+      res.writeHead(response.status);
+      res.end(method === "HEAD" ? undefined : payload);
+    } catch (error) {
+      if (error instanceof MeshError) return reply(res, error.status, error.message, error.code, true);
+      if (res.destroyed || req.socket.destroyed) return undefined; // the client went away: nobody to answer
+      reply(res, 500, "internal error", "ERR_INTERNAL", true); // the app logs its own failures; this is the last resort
+    }
+    return undefined;
+  }
+
+  // node:http's headersTimeout and requestTimeout do not fire on Bun's node:http (a header byte every 5 s kept a
+  // connection for over 100 s), so the deadlines above are kept here, per connection.
+  const parser = http.createServer({ maxHeaderSize: 16 * 1024 });
+  parser.on("request", (req: http.IncomingMessage, res: http.ServerResponse) => {
+    const connection = connections.get(req.socket);
+    if (connection) {
+      clearTimeout(connection.headTimer);
+      connection.requestsInFlight++;
+    }
+    let done = false;
+    const finished = () => {
+      if (done) return;
+      done = true;
+      if (!connection) return;
+      connection.requestsInFlight--;
+      if (connection.requestsInFlight === 0 && !req.socket.destroyed) expectHeadWithin(req.socket, connection, keepAliveDeadlineMs);
+    };
+    res.once("finish", finished).once("close", finished).on("error", () => {});
+    req.on("error", () => {});
+    void serve(req, res);
+  });
 
   const server = tls.createServer({ ...options.tls, requestCert: true, rejectUnauthorized: true }, (socket) => {
     const usages = (socket.getPeerCertificate() as { ext_key_usage?: string[] }).ext_key_usage ?? [];
@@ -67,9 +195,31 @@ export function listenWithPeerIdentity(app: PeerAwareApp, options: { port: numbe
       socket.destroy();
       return;
     }
-    // The same idle limit as Bun.serve's: a caller dribbling its headers (slowloris) is cut off.
+    // Inactivity while a request is read or answered; the deadlines bound the head and the body.
     socket.setTimeout(IDLE_TIMEOUT_S * 1000, () => socket.destroy());
     parser.emit("connection", socket);
+  });
+  // On Bun, 'connection' hands over the TLSSocket itself, before its handshake (measured on 1.4.5): the header
+  // deadline and the per-address count start at the TCP accept, so a stalled handshake is cut off too.
+  server.on("connection", (socket: net.Socket) => {
+    socket.on("error", () => {}); // a reset or a bad record ends this connection, never the listener
+    const address = addressOf(socket);
+    const open = address === undefined ? Infinity : perAddress.get(address) ?? 0;
+    if (open >= maxPerAddress) {
+      socket.destroy();
+      return;
+    }
+    perAddress.set(address!, open + 1);
+    const connection: Connection = { headTimer: undefined, requestsInFlight: 0 };
+    connections.set(socket, connection);
+    expectHeadWithin(socket, connection, headerDeadlineMs);
+    socket.once("close", () => {
+      clearTimeout(connection.headTimer);
+      connections.delete(socket);
+      const left = (perAddress.get(address!) ?? 1) - 1;
+      if (left > 0) perAddress.set(address!, left);
+      else perAddress.delete(address!);
+    });
   });
   server.on("tlsClientError", () => {}); // a refused handshake is the point, not an error to crash on
 
@@ -82,9 +232,17 @@ export function listenWithPeerIdentity(app: PeerAwareApp, options: { port: numbe
     server.listen(options.port, options.hostname, () => {
       resolve({
         port: (server.address() as { port: number }).port,
+        async reload(next: ServerTls) {
+          try {
+            server.setSecureContext({ ...next });
+          } catch (error) {
+            throw new ConfigError(`cannot load the new TLS material: ${describeError(error)}`);
+          }
+        },
         close: () => new Promise<void>((done) => {
           server.close(() => done());
           parser.closeAllConnections();
+          for (const socket of connections.keys()) socket.destroy();
         }),
       });
     });

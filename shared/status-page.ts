@@ -1,5 +1,6 @@
 // The coordinator's admin listener: a live status page (server-sent events), its JSON, and /metrics.
-import { createApp } from "./http.ts";
+import { MeshError } from "./errors.ts";
+import { createApp, requestUrl } from "./http.ts";
 import type { Logger } from "./log.ts";
 import type { Metrics } from "./metrics.ts";
 import type { UpstreamPool, UpstreamState } from "./upstream.ts";
@@ -66,8 +67,48 @@ function statusEvents(pool: UpstreamPool, signal: AbortSignal): Response {
   return new Response(stream, { headers: { "content-type": "text/event-stream", "cache-control": "no-store" } });
 }
 
-export function createAdminApp({ pool, logger, metrics }: { pool: UpstreamPool; logger: Logger; metrics: Metrics }) {
+/** Names of this machine's loopback: always allowed in the admin listener's Host header, with any port. */
+export const LOOPBACK_HOSTS = ["127.0.0.1", "localhost", "[::1]"] as const;
+
+/** "Example:80" → "example:80", "::1" → "[::1]": one spelling per host to compare. */
+function normalHost(host: string): string {
+  const lower = host.trim().toLowerCase();
+  return lower.includes(":") && !lower.startsWith("[") && lower.indexOf(":") !== lower.lastIndexOf(":") ? `[${lower}]` : lower;
+}
+
+/** The host part of a Host header, without its port ("[::1]:9901" → "[::1]"). */
+function withoutPort(host: string): string {
+  return host.startsWith("[") ? host.slice(0, host.indexOf("]") + 1) : host.replace(/:\d*$/, "");
+}
+
+/**
+ * A web page can reach a loopback listener through DNS rebinding: its own name, re-resolved to 127.0.0.1, is
+ * still what the browser puts in Host. So the admin listener answers only Host names that mean this machine's
+ * loopback, or the ones it was configured with (`allowedHosts`, e.g. its --admin-host, with or without a port).
+ */
+function hostAllowed(host: string, allowedHosts: readonly string[]): boolean {
+  const given = normalHost(host);
+  const name = withoutPort(given);
+  if ((LOOPBACK_HOSTS as readonly string[]).includes(name)) return true;
+  return allowedHosts.some((entry) => {
+    const allowed = normalHost(entry);
+    return allowed === withoutPort(allowed) ? allowed === name : allowed === given;
+  });
+}
+
+export function createAdminApp({ pool, logger, metrics, allowedHosts = [] }: {
+  pool: UpstreamPool;
+  logger: Logger;
+  metrics: Metrics;
+  /** Host names (host or host:port) answered besides LOOPBACK_HOSTS: the admin listener's own, when not loopback. */
+  allowedHosts?: readonly string[];
+}) {
   return createApp({ logger, metrics })
+    .onRequest(({ request }) => {
+      // An HTTP/1.0 request without Host (a health checker) cannot come from a browser, so it gets through.
+      const host = request.headers.get("host") ?? requestUrl(request).host;
+      if (!hostAllowed(host, allowedHosts)) throw new MeshError("ERR_HOST_NOT_ALLOWED", 421, "Host header not allowed on the admin listener");
+    })
     .get("/", () => new Response(STATUS_PAGE, { headers: { "content-type": "text/html; charset=utf-8", "cache-control": "no-store" } }))
     .get("/status", () => clusterStatus(pool))
     .get("/events", ({ request }) => statusEvents(pool, request.signal));

@@ -1,0 +1,221 @@
+import { afterEach, describe, expect, setDefaultTimeout, test } from "bun:test";
+import { mkdtempSync, readFileSync, rmSync } from "node:fs";
+import net from "node:net";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { pkiDir, REPO_ROOT } from "./config.ts";
+import { ConfigError, MeshError } from "./errors.ts";
+import { createApp, DEFAULT_BODY_LIMIT, listen, listenReloadable, readBodyLimited, readJsonFields } from "./http.ts";
+import { createLogger } from "./log.ts";
+import { Metrics } from "./metrics.ts";
+import { scrape } from "./testing/prometheus.ts";
+import { loadIdentity, mutualTlsServerOptions, type Identity } from "./tls.ts";
+
+setDefaultTimeout(30_000);
+
+const cleanups: (() => unknown)[] = [];
+afterEach(async () => {
+  for (const cleanup of cleanups.splice(0).reverse()) await cleanup();
+});
+
+function testLogger() {
+  const lines: string[] = [];
+  return { lines, logger: createLogger("t", { format: "text", color: false, write: (l) => lines.push(l) }) };
+}
+
+/** `total` bytes of "a", in chunks, with no length known up front: what a chunked upload looks like to a server. */
+function streamOf(total: number, chunk = 16 * 1024): ReadableStream<Uint8Array> {
+  let sent = 0;
+  return new ReadableStream({
+    pull(controller) {
+      if (sent >= total) return controller.close();
+      const n = Math.min(chunk, total - sent);
+      controller.enqueue(new Uint8Array(n).fill(0x61));
+      sent += n;
+    },
+  });
+}
+
+const streamed = (path: string, body: ReadableStream<Uint8Array>, headers: Record<string, string> = {}) =>
+  new Request(`http://localhost${path}`, { method: "POST", headers, body, duplex: "half" } as RequestInit);
+
+const TOO_LARGE = { error: `request body over the ${DEFAULT_BODY_LIMIT}-byte limit`, code: "ERR_BODY_TOO_LARGE" };
+
+describe("body limit counts the bytes read (#11 L6)", () => {
+  test("a body sent without Content-Length is cut off at the limit, whatever its type", async () => {
+    let reached = 0;
+    const app = createApp(testLogger()).post("/x", () => {
+      reached++;
+      return { ok: true };
+    });
+    const types: Record<string, string>[] = [{}, { "content-type": "application/json" }, { "content-type": "text/plain" }, { "content-type": "application/octet-stream" }];
+    for (const headers of types) {
+      const response = await app.handle(streamed("/x", streamOf(200 * 1024), headers));
+      expect({ headers, status: response.status }).toEqual({ headers, status: 413 });
+      expect(await response.json()).toEqual(TOO_LARGE);
+    }
+    expect(reached).toBe(0);
+  });
+
+  test("bodies within the limit parse as before: JSON, bad JSON, the wrong type", async () => {
+    const app = createApp(testLogger()).post("/x", ({ request, body }) => readJsonFields(request, body, ["a"]));
+    const json = { "content-type": "application/json" };
+    const bytes = (text: string) => new Response(text).body!;
+    const ok = await app.handle(streamed("/x", bytes('{"a":"hi"}'), json));
+    expect([ok.status, await ok.json()]).toEqual([200, { a: "hi" }]);
+    const exact = await app.handle(new Request("http://localhost/x", { method: "POST", headers: json, body: `{"a":"${"b".repeat(DEFAULT_BODY_LIMIT - 8)}"}` }));
+    expect(exact.status).toBe(200);
+    const bad = await app.handle(streamed("/x", bytes("{nope"), json));
+    expect([bad.status, await bad.json()]).toEqual([400, { error: "request body is not valid JSON", code: "ERR_BAD_REQUEST" }]);
+    const text = await app.handle(streamed("/x", bytes('{"a":"hi"}'), { "content-type": "text/plain" }));
+    expect([text.status, ((await text.json()) as { code: string }).code]).toEqual([415, "ERR_UNSUPPORTED_MEDIA_TYPE"]);
+  });
+
+  test("routes with { parse: 'none' } keep their body, and readBodyLimited enforces the limit for them", async () => {
+    const raw = async ({ request }: { request: Request }) => new TextDecoder().decode(await readBodyLimited(request));
+    const app = createApp(testLogger()).post("/raw", raw, { parse: "none" }).all("/api/*", raw, { parse: "none" });
+    for (const [method, path] of [["POST", "/raw"], ["PUT", "/api/x"]] as const) {
+      const small = await app.handle(new Request(`http://localhost${path}`, { method, headers: { "content-type": "application/json" }, body: "{not json", duplex: "half" } as RequestInit));
+      expect([path, small.status, await small.text()]).toEqual([path, 200, "{not json"]);
+      const large = await app.handle(new Request(`http://localhost${path}`, { method, headers: { "content-type": "application/jose" }, body: streamOf(200 * 1024), duplex: "half" } as RequestInit));
+      expect([path, large.status, await large.json()]).toEqual([path, 413, TOO_LARGE]);
+    }
+
+    await expect(readBodyLimited(new Request("http://localhost/", { method: "POST", body: "12345" }), 4)).rejects.toBeInstanceOf(MeshError);
+    expect(new TextDecoder().decode(await readBodyLimited(new Request("http://localhost/", { method: "POST", body: "1234" }), 4))).toBe("1234");
+    expect(await readBodyLimited(new Request("http://localhost/"))).toEqual(new Uint8Array(0));
+  });
+
+  test("a chunked upload to a real listener gets 413 JSON", async () => {
+    const app = createApp(testLogger())
+      .post("/x", () => ({ ok: true }))
+      .post("/raw", async ({ request }) => ({ length: (await readBodyLimited(request)).length }), { parse: "none" });
+    const port = listen(app, { port: 0, hostname: "127.0.0.1" });
+    cleanups.push(() => app.stop(true));
+    for (const path of ["/x", "/raw"]) {
+      const response = await fetch(`http://127.0.0.1:${port}${path}`, {
+        method: "POST", headers: { "content-type": "application/json" }, body: streamOf(200 * 1024), duplex: "half",
+      } as RequestInit);
+      expect({ path, status: response.status }).toEqual({ path, status: 413 });
+      expect(await response.json()).toEqual(TOO_LARGE);
+    }
+  });
+});
+
+test("a body cut short by the client is a 499 in the log, not an internal error", async () => {
+  const { lines, logger } = testLogger();
+  let arrived = () => {};
+  const app = createApp({ logger })
+    .onRequest(() => arrived())
+    .post("/x", ({ body }) => ({ got: body }))
+    .post("/raw", async ({ request }) => ({ length: (await request.arrayBuffer()).byteLength }), { parse: "none" });
+  const port = listen(app, { port: 0, hostname: "127.0.0.1" });
+  cleanups.push(() => app.stop(true));
+  for (const path of ["/x", "/raw"]) {
+    const socket = net.connect(port, "127.0.0.1");
+    socket.on("error", () => {});
+    await new Promise((resolve) => socket.once("connect", resolve));
+    const headRead = new Promise<void>((resolve) => (arrived = resolve));
+    socket.write(`POST ${path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{"a":`);
+    await headRead;
+    socket.destroy();
+    while (!lines.some((l) => l.includes(`"POST ${path} HTTP/1.1"`))) await new Promise((resolve) => setImmediate(resolve));
+  }
+  expect(lines.filter((l) => l.includes('"POST '))).toEqual([expect.stringMatching(/"POST \/x HTTP\/1\.1" 499 -$/), expect.stringMatching(/"POST \/raw HTTP\/1\.1" 499 -$/)]);
+  expect(lines.filter((l) => l.includes("internal error"))).toEqual([]);
+});
+
+test("readJsonFields quotes an unexpected field name and cuts it short (#11 L1)", async () => {
+  const app = createApp(testLogger()).post("/x", ({ request, body }) => readJsonFields(request, body, ["a"]));
+  const name = `x\n127.0.0.1 - - [x] "GET / HTTP/1.1" 200 -\x1b[2J${"y".repeat(100)}`;
+  const response = await app.handle(new Request("http://localhost/x", {
+    method: "POST", headers: { "content-type": "application/json" }, body: JSON.stringify({ a: "1", [name]: 1 }),
+  }));
+  expect(response.status).toBe(400);
+  expect(((await response.json()) as { error: string }).error).toBe(`unexpected field: ${JSON.stringify(name.slice(0, 64))}`);
+});
+
+test("a handler's own Response status reaches the access log and the metrics (#11 L2)", async () => {
+  const { lines, logger } = testLogger();
+  const metrics = new Metrics();
+  const app = createApp({ logger, metrics }).get("/r", () => new Response("x", { status: 401 }));
+  expect((await app.handle(new Request("http://localhost/r"))).status).toBe(401);
+  const exposition = await scrape(app);
+  expect(lines.filter((l) => l.includes('"GET /r HTTP/1.1"'))).toEqual([expect.stringMatching(/"GET \/r HTTP\/1\.1" 401 -$/)]);
+  expect(exposition.value("securemesh_http_requests_total", { route: "/r", method: "GET", status: "401" })).toBe(1);
+  expect(exposition.value("securemesh_http_requests_total", { route: "/r", status: "200" })).toBeUndefined();
+});
+
+/** A PKI of its own with an extra client X: the CRL before X is revoked, and the one after. */
+async function revocationPki(): Promise<{ dir: string; crlBefore: string; crlAfter: string }> {
+  const dir = mkdtempSync(join(tmpdir(), "securemesh-http-reload-"));
+  cleanups.push(() => rmSync(dir, { recursive: true, force: true }));
+  const pki = async (...args: string[]) => {
+    await using proc = Bun.spawn(["bash", join(REPO_ROOT, "pki.sh"), ...args], { env: { ...process.env, PKI_DIR: dir }, stdout: "pipe", stderr: "pipe" });
+    const [stderr, code] = await Promise.all([new Response(proc.stderr).text(), proc.exited]);
+    if (code !== 0) throw new Error(`pki.sh ${args.join(" ")} failed (${code}): ${stderr}`);
+  };
+  await pki();
+  await pki("issue", "x", "--client");
+  const crlBefore = readFileSync(join(dir, "crl.pem"), "utf8");
+  await pki("revoke", "x");
+  return { dir, crlBefore, crlAfter: readFileSync(join(dir, "crl.pem"), "utf8") };
+}
+
+describe("listenReloadable (#11)", () => {
+  test("a reload with a new CRL refuses the revoked client at once, keeps the others, and lets requests in flight finish", async () => {
+    const { dir, crlBefore, crlAfter } = await revocationPki();
+    const server = loadIdentity(dir, "server");
+    const tlsWith = (crl: string) => ({ ...mutualTlsServerOptions(server), crl });
+    const as = (identity: Identity) => ({ tls: { cert: identity.cert, key: identity.key, ca: identity.ca }, keepalive: false });
+    const x = loadIdentity(dir, "x");
+    const client1 = loadIdentity(dir, "client1");
+
+    let release!: () => void;
+    const gate = new Promise<void>((resolve) => (release = resolve));
+    let entered!: () => void;
+    const inHandler = new Promise<void>((resolve) => (entered = resolve));
+    const { lines, logger } = testLogger();
+    const app = createApp({ logger })
+      .get("/who", () => "ok")
+      .get("/slow", async () => {
+        entered();
+        await gate;
+        return "slow done";
+      });
+    const listener = await listenReloadable(app, { port: 0, hostname: "127.0.0.1", tls: tlsWith(crlBefore) });
+    cleanups.push(() => listener.stop());
+    const url = `https://127.0.0.1:${listener.port}`;
+
+    expect((await fetch(`${url}/who`, as(x))).status).toBe(200);
+    const inFlight = fetch(`${url}/slow`, as(client1));
+    await inHandler;
+
+    await listener.reload(tlsWith(crlAfter));
+    await expect(fetch(`${url}/who`, as(x))).rejects.toThrow();
+    const after = await fetch(`${url}/who`, as(client1));
+    expect([after.status, await after.text()]).toEqual([200, "ok"]);
+    release();
+    const slow = await inFlight;
+    expect([slow.status, await slow.text()]).toEqual([200, "slow done"]);
+    // The new server is the app's: the access log still knows the caller's address.
+    while (lines.length < 3) await new Promise((resolve) => setImmediate(resolve)); // logged once each answer is sent
+    expect(lines.filter((l) => l.includes('"GET /who HTTP/1.1" 200'))).toEqual([expect.stringMatching(/^127\.0\.0\.1 /), expect.stringMatching(/^127\.0\.0\.1 /)]);
+  });
+
+  test("a port already in use is a ConfigError, even though the listener itself shares its port with its successor", async () => {
+    const tls = mutualTlsServerOptions(loadIdentity(pkiDir(), "server"));
+    const first = await listenReloadable(createApp(testLogger()), { port: 0, hostname: "127.0.0.1", tls });
+    cleanups.push(() => first.stop());
+    const inUse = `port ${first.port} on 127.0.0.1 is already in use`;
+    const second = listenReloadable(createApp(testLogger()), { port: first.port, hostname: "127.0.0.1", tls });
+    await expect(second).rejects.toBeInstanceOf(ConfigError);
+    await expect(second).rejects.toThrow(inUse);
+    expect(() => listen(createApp(testLogger()), { port: first.port, hostname: "127.0.0.1", tls })).toThrow(inUse);
+    // And the other way round: a port held by listen() is refused too.
+    const plain = createApp(testLogger());
+    const held = listen(plain, { port: 0, hostname: "127.0.0.1" });
+    cleanups.push(() => plain.stop(true));
+    await expect(listenReloadable(createApp(testLogger()), { port: held, hostname: "127.0.0.1", tls })).rejects.toThrow(`port ${held} on 127.0.0.1 is already in use`);
+  });
+});

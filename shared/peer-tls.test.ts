@@ -1,0 +1,336 @@
+import { afterEach, describe, expect, setDefaultTimeout, test } from "bun:test";
+import { X509Certificate } from "node:crypto";
+import { mkdtempSync, readFileSync, rmSync } from "node:fs";
+import net from "node:net";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import tls from "node:tls";
+import { pkiDir, REPO_ROOT } from "./config.ts";
+import { listenWithPeerIdentity, PEER_HEADER, type PeerListener } from "./peer-tls.ts";
+import { loadIdentity, mutualTlsServerOptions, type Identity } from "./tls.ts";
+
+setDefaultTimeout(30_000);
+
+const keyserverTls = () => mutualTlsServerOptions(loadIdentity(pkiDir(), "keyserver"));
+const client1 = loadIdentity(pkiDir(), "client1");
+/** Answers every request with the identity the listener put in PEER_HEADER. */
+const echoApp = { handle: async (request: Request) => new Response(`ok ${request.headers.get(PEER_HEADER)}`) };
+
+const cleanups: (() => unknown)[] = [];
+afterEach(async () => {
+  for (const cleanup of cleanups.splice(0).reverse()) await cleanup();
+});
+
+async function startListener(options: Partial<Parameters<typeof listenWithPeerIdentity>[1]> = {}, app = echoApp): Promise<PeerListener> {
+  const listener = await listenWithPeerIdentity(app, { port: 0, hostname: "127.0.0.1", tls: keyserverTls(), ...options });
+  cleanups.push(() => listener.close());
+  return listener;
+}
+
+/** A mutual-TLS socket to the listener, open once the handshake is done. */
+function connect(port: number, identity: Identity = client1): Promise<tls.TLSSocket> {
+  return new Promise((resolve, reject) => {
+    const socket = tls.connect({ host: "127.0.0.1", port, servername: "localhost", cert: identity.cert, key: identity.key, ca: identity.ca }, () => resolve(socket));
+    socket.once("error", reject);
+    socket.once("close", () => reject(new Error("closed before the handshake completed")));
+    cleanups.push(() => socket.destroy());
+  });
+}
+
+const closed = (socket: net.Socket) => new Promise<void>((resolve) => (socket.destroyed && !socket.connecting ? resolve() : socket.once("close", () => resolve())));
+
+/** Resolves with the time the socket closed, or rejects once `limitMs` has passed (the test's failure bound). */
+function closedWithin(socket: net.Socket, limitMs: number): Promise<number> {
+  return new Promise((resolve, reject) => {
+    const timer = setTimeout(() => reject(new Error(`still open after ${limitMs} ms`)), limitMs);
+    socket.once("close", () => {
+      clearTimeout(timer);
+      resolve(performance.now());
+    });
+  });
+}
+
+interface RawResponse { status: number; headers: Record<string, string>; body: string }
+
+/** Sends one HTTP/1.1 request on an open socket and reads one response (Content-Length or chunked). */
+function exchange(socket: net.Socket, request: string): Promise<RawResponse> {
+  return new Promise((resolve, reject) => {
+    let data = Buffer.alloc(0);
+    const onData = (chunk: Buffer) => {
+      data = Buffer.concat([data, chunk]);
+      const response = parseResponse(data);
+      if (response) {
+        socket.off("data", onData);
+        socket.off("close", onClose);
+        resolve(response);
+      }
+    };
+    const onClose = () => reject(new Error(`connection closed before a whole response: ${JSON.stringify(data.toString())}`));
+    socket.on("data", onData);
+    socket.once("close", onClose);
+    socket.write(request);
+  });
+}
+
+function parseResponse(data: Buffer): RawResponse | null {
+  const end = data.indexOf("\r\n\r\n");
+  if (end < 0) return null;
+  const [statusLine, ...lines] = data.subarray(0, end).toString().split("\r\n");
+  const headers = Object.fromEntries(lines.map((l) => [l.slice(0, l.indexOf(":")).toLowerCase(), l.slice(l.indexOf(":") + 1).trim()]));
+  const rest = data.subarray(end + 4);
+  const status = Number(statusLine!.split(" ")[1]);
+  if (headers["content-length"] !== undefined) {
+    const length = Number(headers["content-length"]);
+    return rest.length >= length ? { status, headers, body: rest.subarray(0, length).toString() } : null;
+  }
+  if (headers["transfer-encoding"] === "chunked") {
+    let body = "";
+    let at = 0;
+    for (;;) {
+      const lineEnd = rest.indexOf("\r\n", at);
+      if (lineEnd < 0) return null;
+      const size = parseInt(rest.subarray(at, lineEnd).toString(), 16);
+      if (rest.length < lineEnd + 2 + size + 2) return null;
+      if (size === 0) return { status, headers, body };
+      body += rest.subarray(lineEnd + 2, lineEnd + 2 + size).toString();
+      at = lineEnd + 2 + size + 2;
+    }
+  }
+  return { status, headers, body: rest.toString() };
+}
+
+const GET = "GET / HTTP/1.1\r\nHost: localhost\r\n\r\n";
+
+async function fetchAs(port: number, identity: Identity = client1, path = "/") {
+  return fetch(`https://127.0.0.1:${port}${path}`, { tls: { cert: identity.cert, key: identity.key, ca: identity.ca }, keepalive: false });
+}
+
+describe("a client cannot take the listener down (#11 H2)", () => {
+  // The listener runs in a child process: if a client can crash it, this test sees the crash instead of dying of it.
+  const FIXTURE = `
+    import { listenWithPeerIdentity } from ${JSON.stringify(join(import.meta.dir, "peer-tls.ts"))};
+    import { loadIdentity, mutualTlsServerOptions } from ${JSON.stringify(join(import.meta.dir, "tls.ts"))};
+    import { pkiDir } from ${JSON.stringify(join(import.meta.dir, "config.ts"))};
+    const app = {
+      async handle(request) {
+        const path = new URL(request.url).pathname;
+        if (path === "/throw") throw new Error("the app failed");
+        if (path === "/broken-body") return new Response(new ReadableStream({ pull(c) { c.error(new Error("body failed")); } }));
+        return new Response("ok");
+      },
+    };
+    const tls = mutualTlsServerOptions(loadIdentity(pkiDir(), "keyserver"));
+    const listener = await listenWithPeerIdentity(app, { port: 0, hostname: "127.0.0.1", tls, headerDeadlineMs: 1000, bodyDeadlineMs: 1000 });
+    console.log(listener.port);
+  `;
+
+  async function startChild() {
+    const child = Bun.spawn([process.execPath, "-e", FIXTURE], { stdout: "pipe", stderr: "pipe" });
+    cleanups.push(async () => {
+      child.kill();
+      await child.exited;
+    });
+    const reader = child.stdout.getReader();
+    let text = "";
+    while (!text.includes("\n")) {
+      const { done, value } = await reader.read();
+      if (done) throw new Error(`the fixture exited before listening: ${await new Response(child.stderr).text()}`);
+      text += new TextDecoder().decode(value);
+    }
+    reader.releaseLock();
+    return { child, port: Number(text.trim()) };
+  }
+
+  /** The head of a POST promising 1000 bytes; the 100 Continue answer says the listener is reading the body. */
+  async function startBody(port: number): Promise<tls.TLSSocket> {
+    const socket = await connect(port);
+    socket.on("error", () => {});
+    await new Promise<void>((resolve) => {
+      socket.once("data", () => resolve());
+      socket.write("POST / HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: 1000\r\nExpect: 100-continue\r\n\r\n");
+    });
+    socket.write("hello");
+    return socket;
+  }
+
+  async function expectAlive(child: Bun.Subprocess, port: number) {
+    const response = await fetchAs(port).catch((error: Error) => error);
+    expect(response instanceof Response ? await response.text() : `${response} (exit code ${child.exitCode})`).toBe("ok");
+    expect(child.exitCode).toBeNull();
+  }
+
+  /** Nothing went to stderr either: no error was left for the runtime to report. */
+  async function expectQuietExit(child: Bun.Subprocess<"ignore", "pipe", "pipe">) {
+    child.kill();
+    await child.exited;
+    expect(await new Response(child.stderr).text()).toBe("");
+  }
+
+  test("a body cut short by a close", async () => {
+    const { child, port } = await startChild();
+    await expectAlive(child, port);
+    const socket = await startBody(port);
+    socket.destroy();
+    await closed(socket);
+    await expectAlive(child, port);
+    await expectQuietExit(child);
+  });
+
+  test("a body cut short by a reset", async () => {
+    const { child, port } = await startChild();
+    const socket = await startBody(port);
+    socket.resetAndDestroy();
+    await closed(socket);
+    await expectAlive(child, port);
+    await expectQuietExit(child);
+  });
+
+  test("a body stalled until the deadline gets 408 and a close", async () => {
+    const { child, port } = await startChild();
+    const socket = await startBody(port);
+    const answer: Buffer[] = [];
+    socket.on("data", (chunk: Buffer) => answer.push(chunk));
+    await closedWithin(socket, 5000);
+    expect(Buffer.concat(answer).toString()).toStartWith("HTTP/1.1 408");
+    await expectAlive(child, port);
+    await expectQuietExit(child);
+  });
+
+  test("an app that throws, or a response body that fails", async () => {
+    const { child, port } = await startChild();
+    const thrown = await fetchAs(port, client1, "/throw");
+    expect([thrown.status, await thrown.json()]).toEqual([500, { error: "internal error", code: "ERR_INTERNAL" }]);
+    await fetchAs(port, client1, "/broken-body").then((r) => r.text()).catch(() => "refused");
+    await expectAlive(child, port);
+    await expectQuietExit(child);
+  });
+});
+
+describe("slow clients are cut off, and no address holds too many connections (#11 M2)", () => {
+  test("headers dribbled one byte every 300 ms are cut off at the header deadline", async () => {
+    const listener = await startListener({ headerDeadlineMs: 1500 });
+    const start = performance.now();
+    const socket = await connect(listener.port);
+    socket.on("error", () => {});
+    socket.write("GET / HTTP/1.1\r\nHost: localhost\r\nX-Slow: ");
+    const dribble = setInterval(() => socket.writable && socket.write("a"), 300);
+    cleanups.push(() => clearInterval(dribble));
+    const elapsed = (await closedWithin(socket, 3000)) - start;
+    expect(elapsed).toBeGreaterThan(1000);
+    expect(elapsed).toBeLessThan(3000);
+  });
+
+  test("a connection that never starts its TLS handshake is cut off at the same deadline", async () => {
+    const listener = await startListener({ headerDeadlineMs: 1500 });
+    const start = performance.now();
+    const socket = net.connect(listener.port, "127.0.0.1");
+    socket.on("error", () => {});
+    cleanups.push(() => socket.destroy());
+    const elapsed = (await closedWithin(socket, 3000)) - start;
+    expect(elapsed).toBeGreaterThan(1000);
+    expect(elapsed).toBeLessThan(3000);
+  });
+
+  test("after a response, the next request's head must arrive within the deadline too", async () => {
+    const listener = await startListener({ headerDeadlineMs: 1500 });
+    const socket = await connect(listener.port);
+    socket.on("error", () => {});
+    expect((await exchange(socket, GET)).body).toBe("ok client1");
+    const answered = performance.now();
+    expect((await exchange(socket, GET)).body).toBe("ok client1"); // keep-alive works
+    socket.write("GET / HTTP/1.1\r\nHost: loc");
+    const elapsed = (await closedWithin(socket, 3000)) - answered;
+    expect(elapsed).toBeGreaterThan(1000);
+    expect(elapsed).toBeLessThan(3000);
+  });
+
+  test("one address gets at most maxConnectionsPerAddress connections; a closed one frees its place", async () => {
+    const listener = await startListener({ maxConnectionsPerAddress: 3 });
+    const open = await Promise.all([connect(listener.port), connect(listener.port), connect(listener.port)]);
+    for (const socket of open) expect((await exchange(socket, GET)).status).toBe(200);
+
+    const extra = tls.connect({ host: "127.0.0.1", port: listener.port, servername: "localhost", cert: client1.cert, key: client1.key, ca: client1.ca });
+    extra.on("error", () => {});
+    cleanups.push(() => extra.destroy());
+    await closedWithin(extra, 5000);
+    for (const socket of open) expect((await exchange(socket, GET)).status).toBe(200); // the others are untouched
+
+    open[0]!.end();
+    await closed(open[0]!);
+    // The listener sees the close a moment after the client does: the place frees up within a few attempts.
+    let accepted = false;
+    for (let attempt = 0; attempt < 50 && !accepted; attempt++) {
+      const socket = await connect(listener.port).catch(() => null);
+      accepted = socket !== null && (await exchange(socket, GET).then((r) => r.status === 200, () => false));
+    }
+    expect(accepted).toBe(true);
+  });
+});
+
+/** A PKI of its own with an extra client X: the CRL before X is revoked, and the one after. */
+async function revocationPki(): Promise<{ dir: string; crlBefore: string; crlAfter: string }> {
+  const dir = mkdtempSync(join(tmpdir(), "securemesh-peer-reload-"));
+  cleanups.push(() => rmSync(dir, { recursive: true, force: true }));
+  const pki = async (...args: string[]) => {
+    await using proc = Bun.spawn(["bash", join(REPO_ROOT, "pki.sh"), ...args], { env: { ...process.env, PKI_DIR: dir }, stdout: "pipe", stderr: "pipe" });
+    const [stderr, code] = await Promise.all([new Response(proc.stderr).text(), proc.exited]);
+    if (code !== 0) throw new Error(`pki.sh ${args.join(" ")} failed (${code}): ${stderr}`);
+  };
+  await pki();
+  await pki("issue", "x", "--client");
+  const crlBefore = readFileSync(join(dir, "crl.pem"), "utf8");
+  await pki("revoke", "x");
+  return { dir, crlBefore, crlAfter: readFileSync(join(dir, "crl.pem"), "utf8") };
+}
+
+describe("revocation without a restart (#11)", () => {
+  test("reload() refuses the revoked certificate at new handshakes; isRevoked ends its open keep-alive connection", async () => {
+    const { dir, crlBefore, crlAfter } = await revocationPki();
+    const keyserver = loadIdentity(dir, "keyserver");
+    const x = loadIdentity(dir, "x");
+    const other = loadIdentity(dir, "client1");
+    const hex = (serial: string) => serial.toUpperCase().replace(/^0+/, "");
+    const revoked = new Set<string>();
+    const listener = await startListener({
+      tls: { ...mutualTlsServerOptions(keyserver), crl: crlBefore },
+      isRevoked: (serial) => revoked.has(hex(serial)),
+      identify: (peer) => `id:${peer.subject.CN}`,
+    });
+
+    const kept = await connect(listener.port, x);
+    kept.on("error", () => {});
+    expect((await exchange(kept, GET)).body).toBe("ok id:x");
+
+    await listener.reload({ ...mutualTlsServerOptions(keyserver), crl: crlAfter });
+    revoked.add(hex(new X509Certificate(x.cert).serialNumber));
+
+    const refused = await exchange(kept, GET);
+    expect([refused.status, JSON.parse(refused.body)]).toEqual([403, { error: "certificate revoked", code: "ERR_REVOKED" }]);
+    await closed(kept);
+    await expect(fetchAs(listener.port, x).then((r) => r.text())).rejects.toThrow();
+    expect(await (await fetchAs(listener.port, other)).text()).toBe("ok id:client1");
+  });
+
+});
+
+describe("requests through the listener", () => {
+  test("a body is passed on whole, over keep-alive too; one over the limit gets 413 JSON", async () => {
+    const listener = await startListener({ bodyLimit: 1000 }, { handle: async (request) => new Response(`got ${(await request.arrayBuffer()).byteLength}`) });
+    const socket = await connect(listener.port);
+    const post = (body: string, chunked = false) => exchange(socket, chunked
+      ? `POST / HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n\r\n${body.length.toString(16)}\r\n${body}\r\n0\r\n\r\n`
+      : `POST / HTTP/1.1\r\nHost: localhost\r\nContent-Length: ${body.length}\r\n\r\n${body}`);
+    expect((await post("x".repeat(1000))).body).toBe("got 1000");
+    expect((await post("y".repeat(999), true)).body).toBe("got 999");
+    const fetched = await fetch(`https://127.0.0.1:${listener.port}/`, { method: "POST", body: "z".repeat(500), tls: { cert: client1.cert, key: client1.key, ca: client1.ca } });
+    expect(await fetched.text()).toBe("got 500");
+    const tooLarge = await post("x".repeat(1001), true);
+    expect([tooLarge.status, JSON.parse(tooLarge.body)]).toEqual([413, { error: "request body over the 1000-byte limit", code: "ERR_BODY_TOO_LARGE" }]);
+  });
+
+  test("by default PEER_HEADER carries the certificate's CN, and a client-sent copy is dropped", async () => {
+    const listener = await startListener();
+    const socket = await connect(listener.port);
+    expect((await exchange(socket, `GET / HTTP/1.1\r\nHost: localhost\r\n${PEER_HEADER}: secureproxy\r\n\r\n`)).body).toBe("ok client1");
+  });
+});

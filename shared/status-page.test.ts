@@ -1,0 +1,40 @@
+import { expect, test } from "bun:test";
+import { createLogger } from "./log.ts";
+import { Metrics } from "./metrics.ts";
+import { createAdminApp } from "./status-page.ts";
+import { UpstreamPool } from "./upstream.ts";
+
+const logger = createLogger("t", { write: () => {}, color: false });
+const pool = new UpstreamPool({ servers: ["https://127.0.0.1:1"], tls: { cert: "", key: "", ca: "", rejectUnauthorized: true }, logger });
+
+const get = (app: ReturnType<typeof createAdminApp>, host: string | null, path = "/status") =>
+  app.handle(new Request(`http://127.0.0.1:9901${path}`, { headers: host === null ? {} : { host } }));
+
+// (#11) A page on evil.example whose name now resolves to 127.0.0.1 reaches the admin listener
+// with its own name in Host; only names that mean this machine's loopback (or the configured host) are answered.
+test("the admin listener answers loopback Host names only", async () => {
+  const app = createAdminApp({ pool, logger, metrics: new Metrics() });
+  for (const host of ["evil.example", "evil.example:9901", "127.0.0.1.evil.example", "localhost.evil.example:9901", "[::2]:9901", "10.0.0.5:9901"]) {
+    for (const path of ["/status", "/", "/metrics", "/events", "/nowhere"]) {
+      const response = await get(app, host, path);
+      expect({ host, path, status: response.status }).toEqual({ host, path, status: 421 });
+      expect(await response.json()).toEqual({ error: "Host header not allowed on the admin listener", code: "ERR_HOST_NOT_ALLOWED" });
+    }
+  }
+  for (const host of ["127.0.0.1:9901", "127.0.0.1", "localhost", "LOCALHOST:9901", "[::1]:9901", "[::1]"]) {
+    const response = await get(app, host);
+    expect({ host, status: response.status }).toEqual({ host, status: 200 });
+    expect(((await response.json()) as { servers: unknown[] }).servers).toHaveLength(1);
+  }
+});
+
+test("the configured admin host is allowed as well, with its port when given", async () => {
+  const app = createAdminApp({ pool, logger, metrics: new Metrics(), allowedHosts: ["admin.internal:9901", "10.0.0.5", "::1"] });
+  expect((await get(app, "admin.internal:9901")).status).toBe(200);
+  expect((await get(app, "admin.internal:80")).status).toBe(421);
+  expect((await get(app, "admin.internal")).status).toBe(421);
+  expect((await get(app, "10.0.0.5:9901")).status).toBe(200);
+  expect((await get(app, "[::1]:9901")).status).toBe(200);
+  expect((await get(app, "localhost")).status).toBe(200);
+  expect((await get(app, "evil.example")).status).toBe(421);
+});
