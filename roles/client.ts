@@ -2,7 +2,7 @@
 import { exitWithConfigError, loadFernetKeys, parseFlags, parsePositive, pkiDir } from "../shared/config.ts";
 import { ConfigError } from "../shared/errors.ts";
 import { Fernet } from "../shared/fernet.ts";
-import { describeError } from "../shared/log.ts";
+import { describeError, printable } from "../shared/log.ts";
 import { describeSnapshot, MeshClient } from "../shared/mesh-client.ts";
 import { assertSafeTlsEnvironment, loadIdentity } from "../shared/tls.ts";
 
@@ -77,7 +77,7 @@ async function main(): Promise<void> {
   let client: MeshClient;
   try {
     assertSafeTlsEnvironment();
-    config = parseClientConfig(Bun.argv.slice(2));
+    config = parseClientConfig(process.argv.slice(2));
     client = new MeshClient({
       identity: loadIdentity(config.pki, config.name),
       fernet: new Fernet(loadFernetKeys(config.pki)),
@@ -96,7 +96,8 @@ async function main(): Promise<void> {
         console.log(`[${config.name}] Success: ${JSON.stringify(body)}`);
       } else {
         failed += 1;
-        console.log(`[${config.name}] Error ${status}: ${(body as { error?: string }).error ?? JSON.stringify(body)}`);
+        // The error text comes from the other side: printed through printable() so it cannot drive this terminal.
+        console.log(`[${config.name}] Error ${status}: ${printable(String((body as { error?: unknown }).error ?? JSON.stringify(body)))}`);
       }
     } catch (error) {
       failed += 1;

@@ -1,18 +1,22 @@
 // The coordinator: terminates clients' mutual TLS and forwards /api/* to healthy servers, failing over between them.
+import { expectPeer, parseSpiffeId, TrustMaterial } from "../shared/authz/index.ts";
 import { ConfigError } from "../shared/errors.ts";
 import { exitWithConfigError, parseFlags, parsePort, parsePositive, pkiDir, exitOnSignals } from "../shared/config.ts";
-import { createApp, listenOrExit, requestUrl } from "../shared/http.ts";
+import { createApp, listenOrExit, listenReloadable, readBodyLimited, requestUrl } from "../shared/http.ts";
 import { createLogger, type Logger } from "../shared/log.ts";
 import { Metrics } from "../shared/metrics.ts";
+import { PROOF_HEADER, ProofSigner } from "../shared/proof.ts";
 import { createAdminApp } from "../shared/status-page.ts";
-import { assertSafeTlsEnvironment, loadIdentity, mutualTlsClientOptions, mutualTlsServerOptions } from "../shared/tls.ts";
-import { UpstreamPool } from "../shared/upstream.ts";
+import { assertSafeTlsEnvironment, mutualTlsClientOptions, mutualTlsServerOptions, type Identity } from "../shared/tls.ts";
+import { UpstreamPool, type ClientTls } from "../shared/upstream.ts";
 
 const USAGE = `
 Usage: bun roles/coordinator.ts [PORT] [options]
 
 Accepts clients over mutual TLS on PORT (default 8000) and forwards /api/* over mutual TLS to the servers,
-round-robin over the healthy ones, failing over when one fails. It holds no Fernet key.
+round-robin over the healthy ones, failing over when one fails. It holds no Fernet key. Each forwarded request
+carries its forwarder assertion; the servers decide every request by the policy. Certificates and the CRL
+reload on change and on SIGHUP.
 
 Options:
   --servers URLS         comma-separated server URLs (default $SERVERS, else
@@ -26,6 +30,7 @@ Options:
   --admin-port PORT      serve the live status page (/), /status, /events and /metrics over plain HTTP
                          on this port (off unless given; 0 picks a free port)
   --admin-host HOST      address for the admin listener (default 127.0.0.1: keep it off the network)
+  --expect-server ID     identity the servers must present (default spiffe://securemesh/server/*)
   --pki DIR              PKI folder from pki.sh (default $PKI_DIR, else certs/)
   -h, --help             show this help
 `;
@@ -34,6 +39,7 @@ export interface CoordinatorConfig {
   port: number;
   host: string;
   servers: string[];
+  expectServer: string;
   pki: string;
   timeoutMs: number;
   health: { intervalMs: number; timeoutMs: number; fall: number; rise: number };
@@ -53,7 +59,10 @@ export function parseCoordinatorConfig(argv: string[]): CoordinatorConfig {
     "admin-host": { type: "string" },
     pki: { type: "string" },
     port: { type: "string" },
+    "expect-server": { type: "string" },
   }, argv);
+  const expectServer = values["expect-server"] ?? "spiffe://securemesh/server/*";
+  if (!parseSpiffeId(expectServer.replace(/\*$/, "x"))) throw new ConfigError(`--expect-server: '${expectServer}' is not a SPIFFE ID such as spiffe://securemesh/server/*`);
   const servers = (values.servers ?? process.env.SERVERS ?? "https://127.0.0.1:5001,https://127.0.0.1:5002")
     .split(",").map((s) => s.trim()).filter(Boolean);
   for (const server of servers) {
@@ -70,6 +79,7 @@ export function parseCoordinatorConfig(argv: string[]): CoordinatorConfig {
     port: parsePort(values.port ?? positionals[0] ?? process.env.PORT, "PORT", 8000),
     host: values.host ?? "127.0.0.1",
     servers,
+    expectServer,
     pki: pkiDir(values.pki),
     timeoutMs: parsePositive(values.timeout, "--timeout", 2000),
     health: {
@@ -95,7 +105,7 @@ export function createCoordinatorApp({ pool, logger, metrics = new Metrics() }: 
     .post("/api/invalidate_cache", async ({ request, set }) => {
       // Every configured server, in parallel, up or not: a server marked down may only be slow.
       const headers = new Headers({ "content-type": request.headers.get("content-type") ?? "application/json" });
-      const outcomes = await pool.broadcast("POST", "/api/invalidate_cache", headers, await request.arrayBuffer());
+      const outcomes = await pool.broadcast("POST", "/api/invalidate_cache", headers, await readForwardedBody(request));
       const acknowledged = outcomes.filter((o) => o.ok).map((o) => o.server);
       const failed = outcomes.filter((o) => !o.ok).map((o) =>
         o.status === null ? { server: o.server, status: null, error: o.error } : { server: o.server, status: o.status, error: errorText(o.body) });
@@ -104,21 +114,28 @@ export function createCoordinatorApp({ pool, logger, metrics = new Metrics() }: 
       if (acknowledged.length === 0) set.status = failed.every((f) => f.status !== null) ? failed[0]!.status! : 503;
       return { result: acknowledged.length > 0 ? "ok" : "failed", complete: failed.length === 0, acknowledged, failed };
     }, { parse: "none" })
-    .get("/api/cache_stats", async () => {
-      const outcomes = await pool.broadcast("GET", "/api/cache_stats");
+    .get("/api/cache_stats", async ({ request }) => {
+      const proof = request.headers.get(PROOF_HEADER);
+      const outcomes = await pool.broadcast("GET", "/api/cache_stats", new Headers(proof ? { [PROOF_HEADER]: proof } : {}));
       return {
         servers: outcomes.map((o) => (o.ok ? { url: o.server, ...JSON.parse(new TextDecoder().decode(o.body)) } : { url: o.server, error: o.status === null ? o.error : `answered ${o.status}` })),
       };
     })
     .all("/api/*", async ({ request }) => {
       const url = requestUrl(request);
-      const body = request.method === "GET" || request.method === "HEAD" ? undefined : await request.arrayBuffer();
+      const body = request.method === "GET" || request.method === "HEAD" ? undefined : await readForwardedBody(request);
       const result = await pool.forward({ method: request.method, path: url.pathname + url.search, headers: request.headers, body });
       return new Response(result.body, {
         status: result.status,
         headers: { "content-type": result.headers.get("content-type") ?? "application/json", "x-securemesh-upstream": result.upstream },
       });
     }, { parse: "none" });
+}
+
+/** The body to forward, counted as it is read: a chunked body cannot slip past the limit (#11 L6). */
+async function readForwardedBody(request: Request): Promise<ArrayBuffer> {
+  const bytes = await readBodyLimited(request);
+  return bytes.buffer.slice(bytes.byteOffset, bytes.byteOffset + bytes.byteLength) as ArrayBuffer;
 }
 
 /** The `error` field of a server's JSON answer, for a report line. */
@@ -134,23 +151,37 @@ async function main(): Promise<void> {
   const logger = createLogger("coordinator");
   let config: CoordinatorConfig;
   let pool: UpstreamPool;
-  let tls;
+  let trust: TrustMaterial;
+  let signer: ProofSigner;
+  // Only a server identity may answer for a server: the handshake to anything else is refused.
+  const upstreamTls = (identity: Identity): ClientTls => ({ ...mutualTlsClientOptions(identity), checkServerIdentity: expectPeer(config.expectServer) });
   try {
     assertSafeTlsEnvironment();
-    config = parseCoordinatorConfig(Bun.argv.slice(2));
-    const identity = loadIdentity(config.pki, "coordinator");
-    tls = mutualTlsServerOptions(identity);
-    pool = new UpstreamPool({ servers: config.servers, tls: mutualTlsClientOptions(identity), logger, timeoutMs: config.timeoutMs, health: config.health });
+    config = parseCoordinatorConfig(process.argv.slice(2));
+    trust = TrustMaterial.open(config.pki, "coordinator");
+    signer = new ProofSigner(trust.identity);
+    pool = new UpstreamPool({
+      servers: config.servers, tls: upstreamTls(trust.identity), logger, timeoutMs: config.timeoutMs, health: config.health,
+      forwarderAssertion: () => signer.forwarderAssertion(),
+    });
   } catch (error) {
     exitWithConfigError("coordinator", error);
   }
   const metrics = new Metrics();
   pool.exportMetrics(metrics);
   const app = createCoordinatorApp({ pool, logger, metrics });
-  const port = listenOrExit("coordinator", app, { port: config.port, hostname: config.host, tls });
+  const listener = await listenReloadable(app, { port: config.port, hostname: config.host, tls: mutualTlsServerOptions(trust.identity) })
+    .catch((error) => exitWithConfigError("coordinator", error));
+  const port = listener.port;
+  trust.onReload(async (identity) => {
+    signer = new ProofSigner(identity);
+    pool.setTls(upstreamTls(identity));
+    await listener.reload(mutualTlsServerOptions(identity));
+  }).watch(logger);
   let admin: ReturnType<typeof createAdminApp> | null = null;
   if (config.admin) {
-    admin = createAdminApp({ pool, logger, metrics });
+    // A non-loopback --admin-host is the one other Host the admin page answers to (DNS rebinding, #11).
+    admin = createAdminApp({ pool, logger, metrics, allowedHosts: [config.admin.host] });
     const bound = listenOrExit("coordinator", admin, { port: config.admin.port, hostname: config.admin.host });
     logger.info(`coordinator admin (status page, /metrics) on http://${config.admin.host}:${bound}/`);
   }
@@ -159,7 +190,8 @@ async function main(): Promise<void> {
 
   exitOnSignals(async () => {
     pool.stop();
-    await Promise.all([app.stop(), admin?.stop()]);
+    trust.stop();
+    await Promise.all([listener.stop(), admin?.stop()]);
   });
 }
 

@@ -1,11 +1,13 @@
 import { beforeAll, describe, expect, test } from "bun:test";
 import { join } from "node:path";
-import { mkdtempSync } from "node:fs";
+import { mkdtempSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
-import { loadFernetKeys } from "../shared/config.ts";
+import { Authorizer } from "../shared/authz/index.ts";
+import { loadFernetKeys, policyPath } from "../shared/config.ts";
 import { Fernet } from "../shared/fernet.ts";
 import { createLogger } from "../shared/log.ts";
-import { ProofSigner, ProofVerifier } from "../shared/proof.ts";
+import { Metrics } from "../shared/metrics.ts";
+import { FORWARDER_HEADER, PROOF_HEADER, ProofSigner, ProofVerifier } from "../shared/proof.ts";
 import { openStore, type RecordStore } from "../shared/store.ts";
 import { testPki } from "../shared/testing/pki.ts";
 import { scrape } from "../shared/testing/prometheus.ts";
@@ -18,8 +20,12 @@ let pki: string;
 let store: RecordStore;
 let fernet: Fernet;
 let signer: ProofSigner;
+let client2: ProofSigner;
 let app: ReturnType<typeof createServerApp>;
 let verifier: ProofVerifier;
+let authz: Authorizer;
+/** What the coordinator sends with every request it forwards. */
+let forwarded: Record<string, string>;
 const logs: string[] = [];
 let clockMs = 1_000_000;
 const clock = () => clockMs;
@@ -29,25 +35,32 @@ beforeAll(async () => {
   store = await openStore(join(mkdtempSync(join(tmpdir(), "securemesh-server-")), "r.db"));
   fernet = new Fernet(loadFernetKeys(pki));
   signer = new ProofSigner(loadIdentity(pki, "client1"));
+  client2 = new ProofSigner(loadIdentity(pki, "client2"));
+  forwarded = { [FORWARDER_HEADER]: await new ProofSigner(loadIdentity(pki, "coordinator")).forwarderAssertion() };
   const logger = createLogger("server", { format: "text", color: false, write: (l) => logs.push(l) });
   verifier = new ProofVerifier(loadIdentity(pki, "server").ca);
+  // The repository's own default policy: these tests pin down what it allows.
+  const metrics = new Metrics();
+  authz = new Authorizer(policyPath(), logger, metrics);
   const view = new CachedDataView({ store, fernet, logger, ttlMs: 30_000, now: clock });
   // app.handle needs no socket: the port is only the server number the answers carry.
-  app = createServerApp({ port: 7001, store, view, fernet, verifier, logger, ttl: 300 });
+  app = createServerApp({ port: 7001, store, view, fernet, verifier, authz, logger, ttl: 300, metrics });
 });
 
-async function post(body: unknown, headers: Record<string, string> = {}) {
-  const response = await app.handle(new Request("http://localhost/api/data", {
+async function post(body: unknown, headers: Record<string, string> = {}, target = app) {
+  const response = await target.handle(new Request("http://localhost/api/data", {
     method: "POST",
-    headers: { "content-type": "application/json", ...headers },
+    headers: { "content-type": "application/json", ...forwarded, ...headers },
     body: typeof body === "string" ? body : JSON.stringify(body),
   }));
   return { status: response.status, body: (await response.json()) as Record<string, any> };
 }
 
-async function signed(message: string, token = fernet.encrypt(message)) {
-  return { data: token, proof: await signer.sign({ method: "POST", path: "/api/data", payload: token }) };
+async function signed(message: string, token = fernet.encrypt(message), by = signer) {
+  return { data: token, proof: await by.sign({ method: "POST", path: "/api/data", payload: token }) };
 }
+
+const readHeaders = async (by = signer, path = "/api/get_cached_data") => ({ ...forwarded, [PROOF_HEADER]: await by.sign({ method: "GET", path, payload: "" }) });
 
 describe("POST /api/data", () => {
   test("stores the record, logs the plaintext and answers after commit", async () => {
@@ -91,8 +104,8 @@ describe("POST /api/data", () => {
 
   test("bad input gets a clear 4xx JSON error", async () => {
     expect(await post("{not json")).toEqual({ status: 400, body: { error: "request body is not valid JSON", code: "ERR_BAD_REQUEST" } });
-    expect((await post({ ...(await signed("x")), extra: 1 })).body.error).toBe("unexpected field: extra");
-    const wrongType = await app.handle(new Request("http://localhost/api/data", { method: "POST", headers: { "content-type": "text/plain" }, body: "hi" }));
+    expect((await post({ ...(await signed("x")), extra: 1 })).body.error).toBe('unexpected field: "extra"');
+    const wrongType = await app.handle(new Request("http://localhost/api/data", { method: "POST", headers: { "content-type": "text/plain", ...forwarded }, body: "hi" }));
     expect(wrongType.status).toBe(415);
     const wrongKey = await post(await signed("", new Fernet("cw_0x689RpI-jtRR7oE8h_eQsKImvJapLeSbXpwF4e4=").encrypt("x")));
     expect(wrongKey).toEqual({ status: 400, body: { error: "invalid or expired token", code: "ERR_INVALID_TOKEN" } });
@@ -120,14 +133,14 @@ test("GET /health reports the server, its store and its cache", async () => {
 describe("cache routes", () => {
   interface CachedAnswer { cached: boolean; age_ms: number; server: number; generation: number; data: string }
   const read = async (target = app, headers: Record<string, string> = {}) => {
-    const res = await target.handle(new Request("http://localhost/api/get_cached_data", { headers }));
+    const res = await target.handle(new Request("http://localhost/api/get_cached_data", { headers: { ...(await readHeaders()), ...headers } }));
     expect(res.status).toBe(200);
     const body = (await res.json()) as CachedAnswer;
     return { ...body, view: JSON.parse(fernet.decryptText(body.data)) as DataSnapshot };
   };
   const invalidate = async (proof?: string) => {
     const res = await app.handle(new Request("http://localhost/api/invalidate_cache", {
-      method: "POST", headers: { "content-type": "application/json" }, body: JSON.stringify(proof ? { proof } : {}),
+      method: "POST", headers: { "content-type": "application/json", ...forwarded }, body: JSON.stringify(proof ? { proof } : {}),
     }));
     return { status: res.status, body: (await res.json()) as Record<string, unknown> };
   };
@@ -159,7 +172,7 @@ describe("cache routes", () => {
     const otherLogs: string[] = [];
     const otherLogger = createLogger("server", { format: "text", color: false, write: (l) => otherLogs.push(l) });
     const other = createServerApp({
-      port: 7002, store, fernet, verifier, logger: otherLogger, ttl: 300,
+      port: 7002, store, fernet, verifier, authz, logger: otherLogger, ttl: 300,
       view: new CachedDataView({ store, fernet, logger: otherLogger, ttlMs: 30_000, now: clock }),
     });
     await read(other);
@@ -179,6 +192,9 @@ describe("cache routes", () => {
     const after = await read();
     expect([after.cached, after.generation]).toEqual([false, before + 1]);
     expect(logs).toContain(`Cache invalidated by client1 (generation ${before + 1})`);
+    // Single use (#11 L3): the same proof again is a replay, here and however often it is sent.
+    expect(await invalidate(proof)).toEqual({ status: 401, body: { error: "proof already used (replayed jti)", code: "ERR_PROOF" } });
+    expect((await read()).generation).toBe(before + 1);
   });
 
   test("the TTL expires entries (injected clock)", async () => {
@@ -189,7 +205,7 @@ describe("cache routes", () => {
   });
 
   test("GET /api/cache_stats reports hits, misses, entries and generation", async () => {
-    const res = await app.handle(new Request("http://localhost/api/cache_stats"));
+    const res = await app.handle(new Request("http://localhost/api/cache_stats", { headers: await readHeaders(signer, "/api/cache_stats") }));
     expect(await res.json()).toMatchObject({
       server: 7001, hits: expect.any(Number), misses: expect.any(Number), entries: expect.any(Number),
       evictions: expect.any(Number), invalidations: 1, hitRatio: expect.any(Number), generation: expect.any(Number),
@@ -199,7 +215,7 @@ describe("cache routes", () => {
 
 describe("GET /metrics", () => {
   test("parses as Prometheus text with requests by route and status, latency and cache counters", async () => {
-    const stats = (await (await app.handle(new Request("http://localhost/api/cache_stats"))).json()) as { hits: number; misses: number };
+    const stats = (await (await app.handle(new Request("http://localhost/api/cache_stats", { headers: await readHeaders(signer, "/api/cache_stats") }))).json()) as { hits: number; misses: number };
     const metrics = await scrape(app);
     expect(metrics.value("securemesh_http_requests_total", { route: "/api/data", method: "POST", status: "200" })).toBeGreaterThan(0);
     expect(metrics.value("securemesh_http_requests_total", { route: "/api/data", status: "401" })).toBeGreaterThan(0);
@@ -207,5 +223,97 @@ describe("GET /metrics", () => {
     expect(metrics.value("securemesh_http_request_duration_seconds", { route: "/api/get_cached_data" })).toBeGreaterThan(0);
     expect(metrics.value("securemesh_cache_hits_total")).toBe(stats.hits);
     expect(metrics.value("securemesh_cache_misses_total")).toBe(stats.misses);
+  });
+});
+
+describe("authorization (#11): every request decided by the policy against a verified identity", () => {
+  const coordinator = () => new ProofSigner(loadIdentity(pki, "coordinator"));
+  const denied = (identity: string, permission: string) => ({ error: `spiffe://securemesh/${identity} lacks permission ${permission}`, code: "ERR_FORBIDDEN" });
+
+  test("L4: a request that did not come through an identity allowed to forward is refused", async () => {
+    const body = await signed("sent straight to a server");
+    expect(await post(body, { [FORWARDER_HEADER]: "" })).toEqual({ status: 403, body: { error: "an unidentified caller lacks permission forward", code: "ERR_FORBIDDEN" } });
+    const selfForwarded = { [FORWARDER_HEADER]: await signer.forwarderAssertion() };
+    expect(await post(body, selfForwarded)).toEqual({ status: 403, body: denied("client/client1", "forward") });
+    const forged = { [FORWARDER_HEADER]: await new ProofSigner(loadIdentity(await testPki("other"), "coordinator")).forwarderAssertion() };
+    expect((await post(body, forged)).status).toBe(401);
+  });
+
+  test("L4: identities that are not clients cannot write, even with a valid proof", async () => {
+    for (const [name, expected] of [["coordinator", "coordinator/coordinator"], ["secureproxy", "secureproxy/secureproxy"]] as const) {
+      const body = await signed(`written by ${name}`, undefined, new ProofSigner(loadIdentity(pki, name)));
+      expect(await post(body)).toEqual({ status: 403, body: denied(expected, "records.write") });
+    }
+  });
+
+  test("every decision is one audit line and a counter", async () => {
+    const lines = logs.length;
+    await post(await signed("audited"));
+    const audit = logs.slice(lines).filter((l) => l.startsWith("AUTHZ "));
+    expect(audit).toEqual([
+      "AUTHZ allow identity=spiffe://securemesh/coordinator/coordinator action=forward resource=- (spiffe://securemesh/coordinator/coordinator may forward)",
+      "AUTHZ allow identity=spiffe://securemesh/client/client1 action=records.write resource=- (spiffe://securemesh/client/client1 may records.write)",
+    ]);
+    const metrics = await scrape(app);
+    expect(metrics.value("securemesh_authz_decisions_total", { identity: "spiffe://securemesh/client/client1", action: "records.write", decision: "allow" })).toBeGreaterThan(0);
+  });
+
+  test("M5: reads need a proof, and a coordinator's proof reads nothing", async () => {
+    const noProof = await app.handle(new Request("http://localhost/api/get_cached_data", { headers: forwarded }));
+    expect([noProof.status, await noProof.json()]).toEqual([401, { error: "sender proof missing", code: "ERR_PROOF" }]);
+    const asCoordinator = await app.handle(new Request("http://localhost/api/get_cached_data", { headers: await readHeaders(coordinator()) }));
+    expect([asCoordinator.status, await asCoordinator.json()]).toEqual([403, denied("coordinator/coordinator", "view.read:own")]);
+    const proofForWrite = { ...forwarded, [PROOF_HEADER]: await signer.sign({ method: "POST", path: "/api/data", payload: "" }) };
+    expect((await app.handle(new Request("http://localhost/api/get_cached_data", { headers: proofForWrite }))).status).toBe(401);
+  });
+
+  test("M5: an identity allowed view.read:own sees only its own records", async () => {
+    const policy = join(mkdtempSync(join(tmpdir(), "securemesh-policy-")), "policy.json");
+    writeFileSync(policy, JSON.stringify({ rules: [
+      { identity: "spiffe://securemesh/coordinator/coordinator", allow: ["forward"] },
+      { identity: "spiffe://securemesh/client/client1", allow: ["records.write", "view.read:all"] },
+      { identity: "spiffe://securemesh/client/client2", allow: ["records.write", "view.read:own"] },
+    ] }));
+    const logger = createLogger("server", { format: "text", color: false, write: () => {} });
+    const narrow = createServerApp({
+      port: 7003, store, fernet, verifier, authz: new Authorizer(policy, logger), logger, ttl: 300,
+      view: new CachedDataView({ store, fernet, logger, ttlMs: 30_000, now: clock }),
+    });
+    const mine = await post(await signed("client2's own", undefined, client2), {}, narrow);
+    await post(await signed("client1's, not for client2"), {}, narrow);
+    const view = async (by: ProofSigner) => {
+      const res = await narrow.handle(new Request("http://localhost/api/get_cached_data", { headers: await readHeaders(by) }));
+      return JSON.parse(fernet.decryptText(((await res.json()) as { data: string }).data)) as DataSnapshot;
+    };
+    const own = await view(client2);
+    expect(own.latest.every((r) => r.sender === "client2")).toBe(true);
+    expect(own.latest[0]!.id).toBe(mine.body.id);
+    expect(Object.keys(own.bySender)).toEqual(["client2"]);
+    const all = await view(signer);
+    expect(all.latest[0]!.sender).toBe("client1");
+    expect(all.total).toBe(await store.count());
+  });
+
+  test("L5: Idempotency-Keys belong to their sender", async () => {
+    const same = fernet.encrypt("D");
+    const byClient2 = await post(await signed("", same, client2), { "idempotency-key": "shared-K" });
+    expect(byClient2.status).toBe(200);
+    // client1 sending the same D under K is its own, new request, not client2's record.
+    const byClient1 = await post(await signed("", same), { "idempotency-key": "shared-K" });
+    expect(byClient1.status).toBe(200);
+    expect(byClient1.body.id).not.toBe(byClient2.body.id);
+    // client1's retry of its own request is recognised; a different payload under its own key is a conflict.
+    expect((await post(await signed("", same), { "idempotency-key": "shared-K" })).body.id).toBe(byClient1.body.id);
+    expect((await post(await signed("D prime"), { "idempotency-key": "shared-K" })).status).toBe(409);
+  });
+
+  test("a denial is a 403 JSON naming the identity and the permission", async () => {
+    const invalidation = await app.handle(new Request("http://localhost/api/invalidate_cache", {
+      method: "POST", headers: { "content-type": "application/json", ...forwarded },
+      body: JSON.stringify({ proof: await coordinator().sign({ method: "POST", path: "/api/invalidate_cache", payload: "" }) }),
+    }));
+    expect([invalidation.status, await invalidation.json()]).toEqual([403, denied("coordinator/coordinator", "cache.invalidate")]);
+    const stats = await app.handle(new Request("http://localhost/api/cache_stats", { headers: await readHeaders(coordinator(), "/api/cache_stats") }));
+    expect([stats.status, await stats.json()]).toEqual([403, denied("coordinator/coordinator", "cache.stats")]);
   });
 });

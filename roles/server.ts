@@ -1,25 +1,31 @@
 // A securemesh server: receives Fernet payloads with a sender proof over mutual TLS and commits them to the store.
-import { exitWithConfigError, loadFernetKeys, parseFlags, parsePort, parsePositive, pkiDir, exitOnSignals } from "../shared/config.ts";
+import { createHash } from "node:crypto";
+import { Authorizer, senderName, TrustMaterial } from "../shared/authz/index.ts";
+import { exitWithConfigError, loadFernetKeys, parseFlags, parsePort, parsePositive, pkiDir, policyPath, displayPath, exitOnSignals } from "../shared/config.ts";
 import { BadRequest, ProofRejected } from "../shared/errors.ts";
 import { Fernet } from "../shared/fernet.ts";
-import { createApp, listenOrExit, readJsonFields } from "../shared/http.ts";
+import { createApp, listenReloadable, readJsonFields } from "../shared/http.ts";
 import { CachedDataView } from "../shared/data-view.ts";
 import { createLogger, printable, type Logger } from "../shared/log.ts";
 import { Metrics } from "../shared/metrics.ts";
-import { payloadDigest, ProofVerifier } from "../shared/proof.ts";
+import { FORWARDER_HEADER, payloadDigest, PROOF_HEADER, ProofVerifier } from "../shared/proof.ts";
 import { describeStoreUrl, openStore, type RecordStore } from "../shared/store.ts";
-import { assertSafeTlsEnvironment, loadIdentity, mutualTlsServerOptions } from "../shared/tls.ts";
+import { assertSafeTlsEnvironment, mutualTlsServerOptions } from "../shared/tls.ts";
 
 const USAGE = `
 Usage: bun roles/server.ts PORT [options]
 
 Receives Fernet-encrypted data over mutual TLS, checks the sender proof, and stores each record.
+Every request must come through an identity the policy lets forward (the coordinator), and every
+action is decided against the sender proof's identity by the policy.
 
 Options:
   --host HOST        address to bind (default 127.0.0.1)
   --db URL           record store: mysql://user:pass@host:3306/db, or a sqlite path
                      (default $DATABASE_URL, else data/records.db)
   --pki DIR          PKI folder from pki.sh (default $PKI_DIR, else certs/)
+  --policy FILE      authorization policy (default $SECUREMESH_POLICY, else roles/policy.json);
+                     it, the certificates and the CRL reload on change and on SIGHUP
   --ttl SECONDS      oldest Fernet token accepted (default $FERNET_TTL, else 300)
   --cache-ttl MS     how long get_data() stays cached (default 30000)
   --cache-entries N  cache bound, least recently used evicted first (default 16)
@@ -33,6 +39,7 @@ export interface ServerConfig {
   host: string;
   db: string | undefined;
   pki: string;
+  policy: string;
   ttl: number;
   cacheTtlMs: number;
   cacheEntries: number;
@@ -43,6 +50,7 @@ export function parseServerConfig(argv: string[]): ServerConfig {
     host: { type: "string" },
     db: { type: "string" },
     pki: { type: "string" },
+    policy: { type: "string" },
     ttl: { type: "string" },
     "cache-ttl": { type: "string" },
     "cache-entries": { type: "string" },
@@ -52,6 +60,7 @@ export function parseServerConfig(argv: string[]): ServerConfig {
     host: values.host ?? "127.0.0.1",
     db: values.db ?? process.env.DATABASE_URL,
     pki: pkiDir(values.pki),
+    policy: policyPath(values.policy),
     ttl: parsePositive(values.ttl ?? process.env.FERNET_TTL, "--ttl", 300),
     cacheTtlMs: parsePositive(values["cache-ttl"], "--cache-ttl", 30_000),
     cacheEntries: parsePositive(values["cache-entries"], "--cache-entries", 16),
@@ -64,6 +73,7 @@ export interface ServerDeps {
   view: CachedDataView;
   fernet: Fernet;
   verifier: ProofVerifier;
+  authz: Authorizer;
   logger: Logger;
   ttl: number;
   metrics?: Metrics;
@@ -71,10 +81,31 @@ export interface ServerDeps {
 
 const IDEMPOTENCY_KEY = /^[A-Za-z0-9_.:-]{1,128}$/;
 
+/** Idempotency keys belong to their sender: the same key from two senders names two requests (#11 L5). */
+export function senderIdempotencyKey(sender: string, key: string): string {
+  return createHash("sha256").update(`${sender}\u0000${key}`).digest("base64url");
+}
+
 /** Handlers read `deps.port` per request, so a role started on port 0 can fill it in once bound. */
 export function createServerApp(deps: ServerDeps) {
-  const { store, view, fernet, verifier, logger, ttl, metrics = new Metrics() } = deps;
+  const { store, view, fernet, verifier, authz, logger, ttl, metrics = new Metrics() } = deps;
   view.exportMetrics(metrics);
+
+  /**
+   * Bun.serve hides the TLS peer (oven-sh/bun#14097), so the hop's identity comes from its forwarder assertion.
+   * Without one, or from an identity that may not forward (a client calling directly), nothing is served (#11 L4).
+   */
+  const requireForwarder = async (request: Request) => {
+    const assertion = request.headers.get(FORWARDER_HEADER);
+    authz.require(assertion ? await verifier.verifyForwarder(assertion) : "", "forward");
+  };
+  /** Reads carry their proof in a header: a GET has no body to put it in. */
+  const verifyHeaderProof = (request: Request, path: string) => {
+    const proof = request.headers.get(PROOF_HEADER);
+    if (!proof) throw new ProofRejected("sender proof missing");
+    return verifier.verify(proof, { method: "GET", path, payload: "" });
+  };
+
   return createApp({ logger, metrics })
     .get("/health", async ({ set }) => {
       try {
@@ -86,6 +117,7 @@ export function createServerApp(deps: ServerDeps) {
       }
     })
     .post("/api/data", async ({ request, body }) => {
+      await requireForwarder(request);
       const { data, proof } = readJsonFields(request, body, ["data", "proof?"]);
       if (proof === undefined) throw new ProofRejected("sender proof missing");
       const idempotencyKey = request.headers.get("idempotency-key") ?? undefined;
@@ -93,39 +125,60 @@ export function createServerApp(deps: ServerDeps) {
         throw new BadRequest("Idempotency-Key must be 1-128 characters of letters, digits and _.:-");
       }
       const { sender, jti } = await verifier.verify(proof, { method: "POST", path: "/api/data", payload: data });
+      authz.require(sender, "records.write");
       const text = fernet.decryptText(data, { ttl });
-      const stored = await store.insert({ sender, token: data, jti, idempotencyKey, digest: payloadDigest(data), server: deps.port });
-      if (!stored.repeated) logger.info(`Decrypted data: ${printable(text)} (from ${sender})`);
+      const name = senderName(sender);
+      const stored = await store.insert({
+        sender: name, token: data, jti, digest: payloadDigest(data), server: deps.port,
+        idempotencyKey: idempotencyKey === undefined ? undefined : senderIdempotencyKey(sender, idempotencyKey),
+      });
+      if (!stored.repeated) logger.info(`Decrypted data: ${printable(text)} (from ${name})`);
       return { result: "ok", id: stored.id, server: stored.server };
     })
     .get("/api/get_cached_data", async ({ request }) => {
+      await requireForwarder(request);
+      const { sender } = await verifyHeaderProof(request, "/api/get_cached_data");
+      // Everyone's records, or only your own: the policy says which (#11 M5).
+      const everyone = authz.allows(sender, "view.read", "all");
+      authz.require(sender, "view.read", everyone ? "all" : "own");
       const refresh = /no-cache/i.test(request.headers.get("cache-control") ?? "");
-      const { snapshot, cached, ageMs } = await view.read(refresh);
+      const { snapshot, cached, ageMs } = await view.read(refresh, everyone ? undefined : senderName(sender));
       // Encrypted for the client, so the coordinator in between cannot read the view.
       return { cached, age_ms: ageMs, server: deps.port, generation: snapshot.generation, data: fernet.encrypt(JSON.stringify(snapshot)) };
     })
     .post("/api/invalidate_cache", async ({ request, body }) => {
+      await requireForwarder(request);
       const { proof } = readJsonFields(request, body, ["proof?"]);
       if (proof === undefined) throw new ProofRejected("sender proof missing");
-      const { sender } = await verifier.verify(proof, { method: "POST", path: "/api/invalidate_cache", payload: "" });
-      const generation = await view.invalidate();
-      logger.info(`Cache invalidated by ${sender} (generation ${generation})`);
+      const { sender, jti, expiresAt } = await verifier.verify(proof, { method: "POST", path: "/api/invalidate_cache", payload: "" });
+      authz.require(sender, "cache.invalidate");
+      const generation = await view.invalidate({ jti, server: deps.port, expiresAt });
+      logger.info(`Cache invalidated by ${senderName(sender)} (generation ${generation})`);
       return { result: "ok", server: deps.port, generation };
     })
-    .get("/api/cache_stats", async () => ({ server: deps.port, ...(await view.stats()) }));
+    .get("/api/cache_stats", async ({ request }) => {
+      await requireForwarder(request);
+      const { sender } = await verifyHeaderProof(request, "/api/cache_stats");
+      authz.require(sender, "cache.stats");
+      return { server: deps.port, ...(await view.stats()) };
+    });
 }
 
 async function main(): Promise<void> {
   const logger = createLogger("server");
+  const metrics = new Metrics();
   let config: ServerConfig;
   let deps: Omit<ServerDeps, "store" | "logger" | "view">;
-  let tls;
+  let trust: TrustMaterial;
   try {
     assertSafeTlsEnvironment();
-    config = parseServerConfig(Bun.argv.slice(2));
-    const identity = loadIdentity(config.pki, "server");
-    tls = mutualTlsServerOptions(identity);
-    deps = { port: config.port, fernet: new Fernet(loadFernetKeys(config.pki)), verifier: new ProofVerifier(identity.ca), ttl: config.ttl };
+    config = parseServerConfig(process.argv.slice(2));
+    trust = TrustMaterial.open(config.pki, "server");
+    deps = {
+      port: config.port, fernet: new Fernet(loadFernetKeys(config.pki)), ttl: config.ttl, metrics,
+      verifier: new ProofVerifier(trust.identity.ca, { isRevoked: (serial) => trust.isRevoked(serial) }),
+      authz: new Authorizer(config.policy, logger, metrics),
+    };
   } catch (error) {
     exitWithConfigError("server", error);
   }
@@ -133,13 +186,18 @@ async function main(): Promise<void> {
   const view = new CachedDataView({ store, fernet: deps.fernet, logger, ttlMs: config.cacheTtlMs, maxEntries: config.cacheEntries });
   const serverDeps: ServerDeps = { ...deps, store, view, logger };
   const app = createServerApp(serverDeps);
-  const port = listenOrExit("server", app, { port: config.port, hostname: config.host, tls });
+  const listener = await listenReloadable(app, { port: config.port, hostname: config.host, tls: mutualTlsServerOptions(trust.identity) })
+    .catch((error) => exitWithConfigError("server", error));
   // With port 0 the bound port is only known now; records must name the real one.
-  serverDeps.port = port;
-  logger.info(`server listening on https://${config.host}:${port} (store: ${describeStoreUrl(config.db)})`);
+  serverDeps.port = listener.port;
+  trust.onReload((identity) => listener.reload(mutualTlsServerOptions(identity))).watch(logger);
+  deps.authz.watch();
+  logger.info(`server listening on https://${config.host}:${listener.port} (store: ${describeStoreUrl(config.db)}; policy: ${displayPath(config.policy)})`);
 
   exitOnSignals(async () => {
-    await app.stop();
+    trust.stop();
+    deps.authz.stop();
+    await listener.stop();
     await store.close();
   });
 }

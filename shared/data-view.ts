@@ -3,7 +3,7 @@ import { Cache, type CacheStats } from "./cache.ts";
 import type { Fernet } from "./fernet.ts";
 import type { Logger } from "./log.ts";
 import type { Metrics } from "./metrics.ts";
-import type { RecordStore } from "./store.ts";
+import type { ProofUse, RecordStore } from "./store.ts";
 
 export interface RecordView {
   id: number;
@@ -23,12 +23,16 @@ export interface DataSnapshot {
 
 export const LATEST_RECORDS = 20;
 
-/** The expensive path: counts over every record plus the latest ones, decrypted. Every server reads the same store. */
-export async function getData(store: RecordStore, fernet: Fernet, generation: number): Promise<DataSnapshot> {
-  const [total, bySender, latest] = await Promise.all([store.count(), store.countsBySender(), store.latest(LATEST_RECORDS)]);
+/**
+ * The expensive path: counts over every record plus the latest ones, decrypted. Every server reads the same store.
+ * With `sender`, only that sender's records: the view of a caller allowed to read its own records only (#11).
+ */
+export async function getData(store: RecordStore, fernet: Fernet, generation: number, sender?: string): Promise<DataSnapshot> {
+  const [total, bySender, latest] = await Promise.all([store.count(), store.countsBySender(), store.latest(LATEST_RECORDS, sender)]);
+  const own = sender === undefined ? null : bySender[sender] ?? 0;
   return {
-    total,
-    bySender,
+    total: own ?? total,
+    bySender: own === null ? bySender : { [sender!]: own },
     latest: latest.map((r) => ({ id: r.id, sender: r.sender, server: r.server, createdAt: r.createdAt, text: readable(fernet, r.token) })),
     generation,
   };
@@ -70,13 +74,16 @@ export class CachedDataView {
     this.#cache = new Cache({ ttlMs: options.ttlMs, maxEntries: options.maxEntries ?? 16, now: options.now });
   }
 
-  /** `refresh` recomputes and refills even when a fresh entry exists (Cache-Control: no-cache). */
-  async read(refresh = false): Promise<CachedRead> {
+  /**
+   * `refresh` recomputes and refills even when a fresh entry exists (Cache-Control: no-cache); `sender` narrows
+   * the view to that sender's own records, cached apart from the full view.
+   */
+  async read(refresh = false, sender?: string): Promise<CachedRead> {
     const generation = await this.#store.generation();
     const started = performance.now();
     const lookup = await this.#cache.getOrCompute(
-      `get_data@${generation}`,
-      () => getData(this.#store, this.#fernet, generation),
+      sender === undefined ? `get_data@${generation}` : `get_data@${generation}@${sender}`,
+      () => getData(this.#store, this.#fernet, generation, sender),
       () => !refresh,
     );
     if (lookup.cached) {
@@ -87,10 +94,14 @@ export class CachedDataView {
     return { snapshot: lookup.value, cached: lookup.cached, ageMs: lookup.ageMs };
   }
 
-  /** Clears this server's cache and moves the shared generation on, so every other server's copy is old too. */
-  async invalidate(): Promise<number> {
+  /**
+   * Clears this server's cache and moves the shared generation on, so every other server's copy is old too.
+   * `proof` is used up in the same transaction, so the same invalidation proof cannot be replayed here.
+   */
+  async invalidate(proof?: ProofUse): Promise<number> {
+    const generation = await this.#store.bumpGeneration(proof);
     this.#cache.clear();
-    return this.#store.bumpGeneration();
+    return generation;
   }
 
   /** Exposes the cache's counters on a role's /metrics. */

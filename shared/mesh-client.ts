@@ -1,10 +1,11 @@
 // The client side of the request path: Fernet-encrypt, sign a sender proof, send over mutual TLS to a coordinator.
 import { randomUUID } from "node:crypto";
+import { setTimeout } from "node:timers/promises";
 import { MeshError } from "./errors.ts";
 import type { DataSnapshot } from "./data-view.ts";
 import type { Fernet } from "./fernet.ts";
-import { describeNetworkError } from "./log.ts";
-import { ProofSigner } from "./proof.ts";
+import { describeNetworkError, printable } from "./log.ts";
+import { PROOF_HEADER, ProofSigner } from "./proof.ts";
 import { mutualTlsClientOptions, type Identity } from "./tls.ts";
 
 export interface MeshClientOptions {
@@ -16,6 +17,8 @@ export interface MeshClientOptions {
   /** Rounds over all coordinators before giving up. */
   attempts?: number;
   backoffMs?: number;
+  /** Sent with every request; the bench's direct path sends the coordinator's forwarder assertion this way. */
+  headers?: Record<string, string>;
 }
 
 export interface CachedDataAnswer {
@@ -26,10 +29,13 @@ export interface CachedDataAnswer {
   snapshot: DataSnapshot;
 }
 
-/** One line on a get_data() view: how many records, and the newest. */
+/**
+ * One line on a get_data() view: how many records, and the newest. The text is another client's, so it goes
+ * through printable(): it cannot clear this terminal, retitle it or fake a line (#11 L7).
+ */
 export function describeSnapshot(snapshot: DataSnapshot): string {
   const newest = snapshot.latest[0];
-  return `${snapshot.total} record${snapshot.total === 1 ? "" : "s"}${newest ? `, newest #${newest.id} "${newest.text}" from ${newest.sender}` : ""}`;
+  return `${snapshot.total} record${snapshot.total === 1 ? "" : "s"}${newest ? `, newest #${newest.id} "${printable(newest.text)}" from ${printable(newest.sender)}` : ""}`;
 }
 
 export interface MeshResponse<T = Record<string, unknown>> {
@@ -46,7 +52,7 @@ export class MeshClient {
 
   constructor(options: MeshClientOptions) {
     if (options.coordinators.length === 0) throw new TypeError("at least one coordinator URL is needed");
-    this.#options = { timeoutMs: 5000, attempts: 3, backoffMs: 200, ...options };
+    this.#options = { timeoutMs: 5000, attempts: 3, backoffMs: 200, headers: {}, ...options };
     this.#signer = new ProofSigner(options.identity);
     this.#tls = mutualTlsClientOptions(options.identity);
     this.name = options.identity.name;
@@ -59,9 +65,18 @@ export class MeshClient {
     return this.request("POST", "/api/data", { data, proof }, { "idempotency-key": randomUUID() });
   }
 
+  /**
+   * A proof for a read, in a header (a GET has no body). Servers cache verified proofs, so a client that reuses
+   * one for its lifetime costs them one signature check, not one per read.
+   */
+  async readProof(path: string): Promise<Record<string, string>> {
+    return { [PROOF_HEADER]: await this.#signer.sign({ method: "GET", path, payload: "" }) };
+  }
+
   /** Reads get_data() through the coordinator and decrypts it; `refresh` asks the server to skip its cache. */
   async readCachedData(refresh = false): Promise<CachedDataAnswer> {
-    const { status, body } = await this.request<Record<string, unknown>>("GET", "/api/get_cached_data", undefined, refresh ? { "cache-control": "no-cache" } : {});
+    const headers = { ...(await this.readProof("/api/get_cached_data")), ...(refresh ? { "cache-control": "no-cache" } : {}) };
+    const { status, body } = await this.request<Record<string, unknown>>("GET", "/api/get_cached_data", undefined, headers);
     if (status !== 200 || typeof body.data !== "string") {
       throw new MeshError("ERR_CACHE_READ", status, `cache read failed (${status}): ${String(body.error ?? "no data")}`);
     }
@@ -72,6 +87,11 @@ export class MeshClient {
       generation: Number(body.generation),
       snapshot: JSON.parse(this.#options.fernet.decryptText(body.data)) as DataSnapshot,
     };
+  }
+
+  /** Every server's cache counters, through the coordinator. */
+  async cacheStats(): Promise<MeshResponse> {
+    return this.request("GET", "/api/cache_stats", undefined, await this.readProof("/api/cache_stats"));
   }
 
   /** Asks the coordinator to invalidate every server's cache, proving who asks. */
@@ -88,12 +108,12 @@ export class MeshClient {
     const { coordinators, attempts, backoffMs, timeoutMs } = this.#options;
     let last = "";
     for (let round = 0; round < attempts; round++) {
-      if (round > 0) await Bun.sleep(backoffMs * 2 ** (round - 1));
+      if (round > 0) await setTimeout(backoffMs * 2 ** (round - 1));
       for (const coordinator of coordinators) {
         try {
           const response = await fetch(coordinator.replace(/\/+$/, "") + path, {
             method,
-            headers: body === undefined ? headers : { "content-type": "application/json", ...headers },
+            headers: { ...this.#options.headers, ...(body === undefined ? {} : { "content-type": "application/json" }), ...headers },
             body: body === undefined ? undefined : JSON.stringify(body),
             tls: this.#tls,
             signal: AbortSignal.timeout(timeoutMs),

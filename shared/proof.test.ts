@@ -2,8 +2,10 @@ import { beforeAll, describe, expect, test } from "bun:test";
 import { readFileSync } from "node:fs";
 import { join } from "node:path";
 import { ProofRejected } from "./errors.ts";
-import { ProofSigner, ProofVerifier } from "./proof.ts";
+import { parseCrl } from "./authz/crl.ts";
+import { CLOCK_SKEW_S, PROOF_LIFETIME_S, ProofSigner, ProofVerifier } from "./proof.ts";
 import { testPki } from "./testing/pki.ts";
+import { REPO_ROOT } from "./config.ts";
 import { loadIdentity } from "./tls.ts";
 
 let main: string;
@@ -30,7 +32,7 @@ describe("sender proof", () => {
   test("a client's proof verifies and names the client", async () => {
     const proof = await new ProofSigner(loadIdentity(main, "client1")).sign(target);
     const verified = await verifier().verify(proof, target);
-    expect(verified.sender).toBe("client1");
+    expect(verified.sender).toBe("spiffe://securemesh/client/client1");
     expect(verified.jti).toMatch(/^[0-9a-f-]{36}$/);
   });
 
@@ -38,7 +40,7 @@ describe("sender proof", () => {
     const rsa = await testPki("rsa", ["--rsa"]);
     const proof = await new ProofSigner(loadIdentity(rsa, "client2")).sign(target);
     const v = new ProofVerifier(readFileSync(join(rsa, "ca_cert.pem"), "utf8"));
-    expect((await v.verify(proof, target)).sender).toBe("client2");
+    expect((await v.verify(proof, target)).sender).toBe("spiffe://securemesh/client/client2");
   });
 
   test("a proof signed by a client of another CA is forged", async () => {
@@ -74,5 +76,47 @@ describe("sender proof", () => {
     expect(await rejection(verifier().verify("not.a.jws", target))).toBe("proof is not a compact JWS");
     const header = Buffer.from(JSON.stringify({ alg: "ES256" })).toString("base64url");
     expect(await rejection(verifier().verify(`${header}.e30.sig`, target))).toBe("proof carries no x5c certificate");
+  });
+});
+
+describe("revocation, lifetime and forwarder assertions (#11)", () => {
+  test("M1: a proof signed by a revoked certificate is refused, and the CRL is asked on every verification", async () => {
+    const pki = await testPki("revocation");
+    const pkiSh = (...args: string[]) => Bun.spawn(["bash", join(REPO_ROOT, "pki.sh"), ...args], { env: { ...process.env, PKI_DIR: pki }, stdout: "ignore", stderr: "inherit" }).exited;
+    expect(await pkiSh("issue", "client3", "--client")).toBe(0);
+    const ca = readFileSync(join(pki, "ca_cert.pem"), "utf8");
+    let crl = parseCrl(readFileSync(join(pki, "crl.pem"), "utf8"), ca);
+    const v = new ProofVerifier(ca, { isRevoked: (serial) => crl.isRevoked(serial) });
+    const signer = new ProofSigner(loadIdentity(pki, "client3"));
+    expect((await v.verify(await signer.sign(target), target)).sender).toBe("spiffe://securemesh/client/client3");
+    const proof = await signer.sign(target);
+    expect(await pkiSh("revoke", "client3")).toBe(0);
+    crl = parseCrl(readFileSync(join(pki, "crl.pem"), "utf8"), ca); // what a reload does
+    expect(await rejection(v.verify(proof, target))).toBe("proof certificate is revoked");
+    expect(await rejection(v.verify(await signer.sign(target), target))).toBe("proof certificate is revoked");
+  });
+
+  test("L3: a proof is accepted at most its 60 s lifetime plus the clock skew after signing, and cannot choose a longer one", async () => {
+    const signer = new ProofSigner(loadIdentity(main, "client1"));
+    const signedAt = Date.now() / 1000;
+    const proof = await signer.sign(target, signedAt);
+    expect((await verifier().verify(proof, target, signedAt + PROOF_LIFETIME_S + CLOCK_SKEW_S - 1)).sender).toContain("client1");
+    expect(await rejection(verifier().verify(proof, target, signedAt + PROOF_LIFETIME_S + CLOCK_SKEW_S + 1))).toBe("proof expired");
+    // Before #11 a proof was accepted 120 s after signing; 75 s was seen working in an attack.
+    expect(await rejection(verifier().verify(proof, target, signedAt + 75))).toBe("proof expired");
+    // A cached, verified proof expires all the same.
+    const v = verifier();
+    await v.verify(proof, target, signedAt + 1);
+    expect(await rejection(v.verify(proof, target, signedAt + 75))).toBe("proof expired");
+  });
+
+  test("a forwarder assertion names the forwarding identity; it is re-used, not re-signed per request", async () => {
+    const coordinator = new ProofSigner(loadIdentity(main, "coordinator"));
+    const first = await coordinator.forwarderAssertion();
+    expect(await coordinator.forwarderAssertion()).toBe(first);
+    expect(await verifier().verifyForwarder(first)).toBe("spiffe://securemesh/coordinator/coordinator");
+    // A sender proof is not a forwarder assertion, nor the other way round.
+    expect(await rejection(verifier().verifyForwarder(await new ProofSigner(loadIdentity(main, "client1")).sign(target)))).toBe("forwarder assertion signature or claims are invalid");
+    expect(await rejection(verifier().verify(first, target))).toBe("proof signature or claims are invalid");
   });
 });

@@ -1,7 +1,7 @@
 // RecordStore on MySQL/MariaDB through a mysql2 pool, with parameterized queries only.
 import mysql from "mysql2/promise";
 import { IdempotencyConflict, ProofRejected, Unavailable } from "./errors.ts";
-import { checkTableName, type InsertResult, type NewRecord, type RecordStore, type StoreOptions, type StoredRecord } from "./store.ts";
+import { checkTableName, type InsertResult, type NewRecord, type ProofUse, type RecordStore, type StoreOptions, type StoredRecord } from "./store.ts";
 
 export class MysqlStore implements RecordStore {
   readonly kind = "mysql" as const;
@@ -26,7 +26,11 @@ export class MysqlStore implements RecordStore {
         idempotency_key VARCHAR(128) NULL UNIQUE,
         digest CHAR(43) NOT NULL,
         server INT NOT NULL,
-        created_at BIGINT NOT NULL
+        created_at BIGINT NOT NULL,
+        INDEX ${table}_by_sender (sender, id)
+      ) ENGINE=InnoDB`);
+      await pool.query(`CREATE TABLE IF NOT EXISTS ${table}_used_proofs (
+        jti VARCHAR(128) NOT NULL, server INT NOT NULL, expires_at BIGINT NOT NULL, PRIMARY KEY (jti, server)
       ) ENGINE=InnoDB`);
       await pool.query(`CREATE TABLE IF NOT EXISTS ${table}_generation (id TINYINT PRIMARY KEY, value BIGINT NOT NULL) ENGINE=InnoDB`);
       await pool.query(`INSERT IGNORE INTO ${table}_generation (id, value) VALUES (1, 0)`);
@@ -68,9 +72,30 @@ export class MysqlStore implements RecordStore {
     return Number(row?.value ?? 0);
   }
 
-  async bumpGeneration(): Promise<number> {
-    await this.#rows(`UPDATE ${this.#table}_generation SET value = value + 1 WHERE id = 1`);
-    return this.generation();
+  async bumpGeneration(proof?: ProofUse): Promise<number> {
+    let conn: mysql.PoolConnection;
+    try {
+      conn = await this.#pool.getConnection();
+    } catch (error) {
+      throw unavailable(error);
+    }
+    try {
+      await conn.beginTransaction();
+      if (proof) {
+        await conn.execute(`DELETE FROM ${this.#table}_used_proofs WHERE expires_at < ?`, [Math.floor(Date.now() / 1000)]);
+        await conn.execute(`INSERT INTO ${this.#table}_used_proofs (jti, server, expires_at) VALUES (?, ?, ?)`, [proof.jti, proof.server, proof.expiresAt]);
+      }
+      await conn.execute(`UPDATE ${this.#table}_generation SET value = value + 1 WHERE id = 1`);
+      const [rows] = await conn.execute<mysql.RowDataPacket[]>(`SELECT value FROM ${this.#table}_generation WHERE id = 1`);
+      await conn.commit();
+      return Number(rows[0]?.value ?? 0);
+    } catch (error) {
+      await conn.rollback().catch(() => {});
+      if ((error as { code?: string }).code === "ER_DUP_ENTRY") throw new ProofRejected("proof already used (replayed jti)");
+      throw unavailable(error);
+    } finally {
+      conn.release();
+    }
   }
 
   async #resolveConflict(record: NewRecord): Promise<InsertResult> {
@@ -89,9 +114,11 @@ export class MysqlStore implements RecordStore {
     return Number(row?.n ?? 0);
   }
 
-  async latest(limit: number): Promise<StoredRecord[]> {
+  async latest(limit: number, sender?: string): Promise<StoredRecord[]> {
+    const columns = `SELECT id, sender, token, server, created_at FROM ${this.#table}`;
     const rows = await this.#rows<{ id: number; sender: string; token: string; server: number; created_at: number }>(
-      `SELECT id, sender, token, server, created_at FROM ${this.#table} ORDER BY id DESC LIMIT ?`, [String(limit)],
+      sender === undefined ? `${columns} ORDER BY id DESC LIMIT ?` : `${columns} WHERE sender = ? ORDER BY id DESC LIMIT ?`,
+      sender === undefined ? [String(limit)] : [sender, String(limit)],
     );
     return rows.map((r) => ({ id: Number(r.id), sender: r.sender, token: r.token, server: r.server, createdAt: Number(r.created_at) }));
   }

@@ -3,7 +3,7 @@ import { Database, type Statement } from "bun:sqlite";
 import { mkdirSync } from "node:fs";
 import { dirname } from "node:path";
 import { IdempotencyConflict, ProofRejected, Unavailable } from "./errors.ts";
-import { checkTableName, type InsertResult, type NewRecord, type RecordStore, type StoreOptions, type StoredRecord } from "./store.ts";
+import { checkTableName, type InsertResult, type NewRecord, type ProofUse, type RecordStore, type StoreOptions, type StoredRecord } from "./store.ts";
 
 interface Row {
   id: number;
@@ -87,20 +87,34 @@ export class SqliteStore implements RecordStore {
     return this.#read(() => this.#generation.get()!.value);
   }
 
-  async bumpGeneration(): Promise<number> {
-    return this.#read(() => {
+  async bumpGeneration(proof?: ProofUse): Promise<number> {
+    const table = this.#table;
+    const bump = this.#db.transaction(() => {
+      if (proof) {
+        this.#db.query(`DELETE FROM ${table}_used_proofs WHERE expires_at < ?`).run(Math.floor(Date.now() / 1000));
+        this.#db.query(`INSERT INTO ${table}_used_proofs (jti, server, expires_at) VALUES (?, ?, ?)`).run(proof.jti, proof.server, proof.expiresAt);
+      }
       this.#bump.run();
       return this.#generation.get()!.value;
     });
+    try {
+      return bump.immediate();
+    } catch (error) {
+      if ((error as { code?: string }).code === "SQLITE_CONSTRAINT_PRIMARYKEY") throw new ProofRejected("proof already used (replayed jti)");
+      throw unavailable(error);
+    }
   }
 
   async count(): Promise<number> {
     return this.#read(() => (this.#db.query(`SELECT COUNT(*) AS n FROM ${this.#table}`).get() as { n: number }).n);
   }
 
-  async latest(limit: number): Promise<StoredRecord[]> {
+  async latest(limit: number, sender?: string): Promise<StoredRecord[]> {
+    const columns = `SELECT id, sender, token, server, created_at FROM ${this.#table}`;
     return this.#read(() =>
-      (this.#db.query(`SELECT id, sender, token, server, created_at FROM ${this.#table} ORDER BY id DESC LIMIT ?`).all(limit) as Row[]).map(fromRow),
+      (sender === undefined
+        ? this.#db.query(`${columns} ORDER BY id DESC LIMIT ?`).all(limit) as Row[]
+        : this.#db.query(`${columns} WHERE sender = ? ORDER BY id DESC LIMIT ?`).all(sender, limit) as Row[]).map(fromRow),
     );
   }
 
@@ -143,6 +157,8 @@ function createSchema(db: Database, table: string): void {
   )`);
   db.exec(`CREATE TABLE IF NOT EXISTS ${table}_generation (id INTEGER PRIMARY KEY CHECK (id = 1), value INTEGER NOT NULL)`);
   db.exec(`INSERT OR IGNORE INTO ${table}_generation (id, value) VALUES (1, 0)`);
+  db.exec(`CREATE INDEX IF NOT EXISTS ${table}_by_sender ON ${table} (sender, id)`);
+  db.exec(`CREATE TABLE IF NOT EXISTS ${table}_used_proofs (jti TEXT NOT NULL, server INTEGER NOT NULL, expires_at INTEGER NOT NULL, PRIMARY KEY (jti, server))`);
 }
 
 function fromRow(row: Row): StoredRecord {

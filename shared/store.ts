@@ -1,6 +1,6 @@
 // The record store every server shares: one interface, bun:sqlite by default, MySQL when given a mysql:// URL.
-import { join } from "node:path";
-import { REPO_ROOT } from "./config.ts";
+import { join, resolve } from "node:path";
+import { displayPath, REPO_ROOT } from "./config.ts";
 
 export interface NewRecord {
   sender: string;
@@ -41,14 +41,29 @@ export interface RecordStore {
    * server that missed an invalidation (hung, partitioned) still sees that its cached view is old.
    */
   generation(): Promise<number>;
-  /** Moves the generation on (an explicit invalidation); returns the new value. */
-  bumpGeneration(): Promise<number>;
+  /**
+   * Moves the generation on (an explicit invalidation); returns the new value. With `proof`, the invalidation
+   * proof is used up in the same transaction: the same proof at the same server again throws ProofRejected.
+   */
+  bumpGeneration(proof?: ProofUse): Promise<number>;
   count(): Promise<number>;
-  latest(limit: number): Promise<StoredRecord[]>;
+  /** The newest records, all senders' or only `sender`'s. */
+  latest(limit: number, sender?: string): Promise<StoredRecord[]>;
   countsBySender(): Promise<Record<string, number>>;
   /** A cheap round trip, for health checks. Throws Unavailable when the database is not reachable or writable. */
   ping(): Promise<void>;
   close(): Promise<void>;
+}
+
+/**
+ * One server's use of an invalidation proof. The coordinator sends the same proof to every server, so a proof is
+ * used up once per server: a replay is refused by every server it reached (#11 L3).
+ */
+export interface ProofUse {
+  jti: string;
+  server: number;
+  /** When the proof expires (seconds); the row can be forgotten after that, as the proof is refused anyway. */
+  expiresAt: number;
 }
 
 export interface StoreOptions {
@@ -77,10 +92,10 @@ export async function openStore(url: string | undefined, options: StoreOptions =
   return SqliteStore.open(url ? url.replace(/^sqlite:(\/\/)?/, "") : DEFAULT_SQLITE_PATH, options);
 }
 
-/** A safe description of a store URL for logs: never the password. */
+/** A safe description of a store URL for logs: never the password, and a repository-relative path. */
 export function describeStoreUrl(url: string | undefined): string {
-  if (!url) return `sqlite ${DEFAULT_SQLITE_PATH}`;
-  if (!url.startsWith("mysql://")) return `sqlite ${url.replace(/^sqlite:(\/\/)?/, "")}`;
+  if (!url) return `sqlite ${displayPath(DEFAULT_SQLITE_PATH)}`;
+  if (!url.startsWith("mysql://")) return `sqlite ${displayPath(resolve(url.replace(/^sqlite:(\/\/)?/, "")))}`;
   try {
     const u = new URL(url);
     return `mysql ${u.hostname}:${u.port || 3306}${u.pathname}`;

@@ -1,13 +1,17 @@
 // The upstream pool: round-robin over healthy servers, failover, active health checks with fall/rise counts.
+import type { PeerCertificate } from "node:tls";
 import { MeshError, Unavailable } from "./errors.ts";
 import { describeNetworkError as reason, type Logger } from "./log.ts";
 import type { Metrics } from "./metrics.ts";
+import { FORWARDER_HEADER, PROOF_HEADER } from "./proof.ts";
 
 export interface ClientTls {
   cert: string;
   key: string;
   ca: string;
   rejectUnauthorized: boolean;
+  /** Which identity the upstream must present (see shared/authz/expect-peer.ts). */
+  checkServerIdentity?: (hostname: string, cert: PeerCertificate) => Error | undefined;
 }
 
 export interface HealthCheckOptions {
@@ -25,6 +29,8 @@ export interface UpstreamOptions {
   logger: Logger;
   /** Per-attempt timeout, covering connect, request and response body. */
   timeoutMs?: number;
+  /** The forwarder assertion sent with every forwarded request, so servers know who forwards (#11). */
+  forwarderAssertion?: () => Promise<string>;
   health?: Partial<HealthCheckOptions>;
 }
 
@@ -56,9 +62,13 @@ export interface ForwardResult {
 }
 
 export const DEFAULT_HEALTH: HealthCheckOptions = { intervalMs: 1000, timeoutMs: 1000, fall: 2, rise: 2 };
-const FORWARDED_HEADERS = ["content-type", "accept", "cache-control", "idempotency-key", "x-request-id"];
-/** Failures where the request provably never reached the server's application, so any method may be re-sent. */
-const NEVER_REACHED = new Set(["ECONNREFUSED", "ENOTFOUND", "EHOSTUNREACH", "ENETUNREACH", "EPROTO", "ConnectionRefused"]);
+/** An allowlist: nothing else a caller sends reaches a server, so no caller can forge a forwarder assertion. */
+const FORWARDED_HEADERS = ["content-type", "accept", "cache-control", "idempotency-key", "x-request-id", PROOF_HEADER];
+/**
+ * Failures where the request provably never reached the server's application, so any method may be re-sent.
+ * A server presenting the wrong identity was refused at the handshake: nothing was sent to it.
+ */
+const NEVER_REACHED = new Set(["ECONNREFUSED", "ENOTFOUND", "EHOSTUNREACH", "ENETUNREACH", "EPROTO", "ConnectionRefused", "ERR_UNEXPECTED_PEER"]);
 
 interface Server extends UpstreamState {
   okStreak: number;
@@ -72,7 +82,8 @@ export function neverReachedServer(error: unknown): boolean {
 
 export class UpstreamPool {
   readonly #servers: Server[];
-  readonly #tls: ClientTls;
+  #tls: ClientTls;
+  readonly #forwarderAssertion: (() => Promise<string>) | undefined;
   readonly #logger: Logger;
   readonly #timeoutMs: number;
   readonly #health: HealthCheckOptions;
@@ -96,9 +107,15 @@ export class UpstreamPool {
       failStreak: 0,
     }));
     this.#tls = options.tls;
+    this.#forwarderAssertion = options.forwarderAssertion;
     this.#logger = options.logger;
     this.#timeoutMs = options.timeoutMs ?? 2000;
     this.#health = { ...DEFAULT_HEALTH, ...options.health };
+  }
+
+  /** New client certificate or CA (a reload): later requests and probes use it. */
+  setTls(tls: ClientTls): void {
+    this.#tls = tls;
   }
 
   get servers(): readonly string[] {
@@ -175,6 +192,7 @@ export class UpstreamPool {
   }
 
   async #send(base: string, method: string, path: string, headers: Headers, body?: ArrayBuffer): Promise<ForwardResult> {
+    if (this.#forwarderAssertion) headers.set(FORWARDER_HEADER, await this.#forwarderAssertion());
     const response = await fetch(base + path, {
       method,
       headers,

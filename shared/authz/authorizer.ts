@@ -2,7 +2,7 @@
 import { readFileSync } from "node:fs";
 import { displayPath } from "../config.ts";
 import { ConfigError } from "../errors.ts";
-import { describeError, type Logger } from "../log.ts";
+import { describeError, printable, type Logger } from "../log.ts";
 import { Metrics } from "../metrics.ts";
 import { watchFiles, type Watch } from "../watch.ts";
 import { decide, parsePolicy, PermissionDenied, type Action, type Decision, type Policy } from "./policy.ts";
@@ -72,8 +72,9 @@ export class Authorizer {
     const decision = decide(this.#policy, identity, action, resource);
     const outcome = decision.allow ? "allow" : "deny";
     this.#decisions.inc({ identity: identity || "-", action, decision: outcome });
-    const fields = { identity: identity || "-", action, resource: resource || "-", decision: outcome };
-    this.#logger.info(`AUTHZ ${outcome} identity=${fields.identity} action=${action} resource=${fields.resource} (${decision.reason})`, { authz: fields });
+    // Identity and resource can be caller-supplied text (a ClientId, an on-behalf-of header): escaped here, once.
+    const fields = { identity: printable(identity || "-"), action, resource: printable(resource || "-"), decision: outcome };
+    this.#logger.info(`AUTHZ ${outcome} identity=${fields.identity} action=${action} resource=${fields.resource} (${printable(decision.reason)})`, { authz: fields });
     return decision;
   }
 

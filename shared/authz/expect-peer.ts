@@ -10,6 +10,11 @@ export class UnexpectedPeer extends Error {
   readonly code = "ERR_UNEXPECTED_PEER";
 }
 
+/** The SPIFFE ID a TLS peer's verified certificate names (node:tls's and Bun's peer certificate objects). */
+export function tlsPeerIdentity(peer: tls.PeerCertificate): string {
+  return identityOf({ subject: peer.subject as unknown as Record<string, unknown> | undefined, subjectaltname: peer.subjectaltname, clientAuth: (peer.ext_key_usage ?? []).includes(CLIENT_AUTH_OID) });
+}
+
 /**
  * A checkServerIdentity for fetch/tls options: the usual hostname check, then the peer's SPIFFE ID must match
  * `expected` (exact, or a prefix ending in "*").
@@ -19,7 +24,7 @@ export function expectPeer(expected: string) {
   return (hostname: string, cert: tls.PeerCertificate): Error | undefined => {
     const hostError = tls.checkServerIdentity(hostname, cert);
     if (hostError) return hostError;
-    const id = identityOf({ subject: cert.subject as unknown as Record<string, unknown>, subjectaltname: cert.subjectaltname, clientAuth: (cert.ext_key_usage ?? []).includes(CLIENT_AUTH_OID) });
+    const id = tlsPeerIdentity(cert);
     const ok = expected.endsWith("*") ? id.startsWith(expected.slice(0, -1)) : id === expected;
     return ok ? undefined : new UnexpectedPeer(`reached ${id || "a certificate without an identity"}, expected ${expected}`);
   };

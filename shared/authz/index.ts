@@ -4,4 +4,4 @@ export { ACTIONS, decide, parsePolicy, PermissionDenied, PolicyInvalid } from ".
 export type { Action, Decision, Policy, Rule } from "./policy.ts";
 export { Authorizer } from "./authorizer.ts";
 export { TrustMaterial } from "./trust.ts";
-export { expectPeer, UnexpectedPeer } from "./expect-peer.ts";
+export { expectPeer, tlsPeerIdentity, UnexpectedPeer } from "./expect-peer.ts";
