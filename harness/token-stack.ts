@@ -13,7 +13,7 @@ export interface TokenStack {
   /** The seeded token; only tests look at it, to prove it appears nowhere it should not. */
   token: string;
   dataDir: string;
-  /** POST /request_api on the proxy as `caller` (an application certificate). */
+  /** POST /request_api on the proxy as `caller` (the name of a certificate in the PKI; the policy decides). */
   requestApi(body: Record<string, string>, caller?: string): Promise<{ status: number; body: Record<string, unknown> }>;
 }
 
@@ -23,7 +23,14 @@ export interface TokenStackPorts {
   marketplace: number;
 }
 
-export async function startTokenStack(cluster: Cluster, ports: TokenStackPorts, tokenDb: string, proxyArgs: string[] = []): Promise<TokenStack> {
+export interface TokenStackOptions {
+  /** Extra flags for the KeyServer, e.g. ["--legacy-replay", "allow"]. */
+  keyserverArgs?: string[];
+  /** Extra flags for the SecureProxy, e.g. ["--format", "legacy"]. */
+  proxyArgs?: string[];
+}
+
+export async function startTokenStack(cluster: Cluster, ports: TokenStackPorts, tokenDb: string, options: TokenStackOptions = {}): Promise<TokenStack> {
   const secrets = mkdtempSync(join(tmpdir(), "securemesh-tokens-"));
   const dataDir = join(secrets, "keyserver");
   const token = `mkt_${randomBytes(18).toString("base64url")}`;
@@ -34,12 +41,12 @@ export async function startTokenStack(cluster: Cluster, ports: TokenStackPorts, 
   expectThat(seeded.exitCode === 0, `token add failed:\n${seeded.lines.join("\n")}`);
 
   const [keyserver, marketplace] = await Promise.all([
-    cluster.startRole("keyserver", "keyserver", [String(ports.keyserver), "--data", dataDir, "--db", tokenDb]),
+    cluster.startRole("keyserver", "keyserver", [String(ports.keyserver), "--data", dataDir, "--db", tokenDb, ...(options.keyserverArgs ?? [])]),
     cluster.startRole("marketplace", "marketplace", [String(ports.marketplace), "--token-file", tokenFile]),
   ]);
   const marketPort = new URL(marketplace).port;
   const secureproxy = await cluster.startRole("secureproxy", "secureproxy", [
-    String(ports.secureproxy), "--keyserver", keyserver, "--allow", `marketplace=localhost:${marketPort},127.0.0.1:${marketPort}`, ...proxyArgs,
+    String(ports.secureproxy), "--keyserver", keyserver, "--allow", `marketplace=localhost:${marketPort},127.0.0.1:${marketPort}`, ...(options.proxyArgs ?? []),
   ]);
 
   return {

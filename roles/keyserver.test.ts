@@ -1,42 +1,72 @@
 import { beforeAll, describe, expect, test } from "bun:test";
-import { mkdtempSync, statSync } from "node:fs";
+import { mkdtempSync, statSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { createPublicKey } from "node:crypto";
+import { Authorizer } from "../shared/authz/authorizer.ts";
+import { policyPath } from "../shared/config.ts";
 import { MasterKeyring } from "../shared/keyring.ts";
 import { createLogger } from "../shared/log.ts";
+import { Metrics } from "../shared/metrics.ts";
 import { PEER_HEADER } from "../shared/peer-tls.ts";
 import { NonceMemory } from "../shared/replay.ts";
 import {
-  openJoseResponse, openLegacyResponse, prepareJoseRequest, prepareLegacyRequest, RsaKeyPair, type PreparedRequest,
+  ON_BEHALF_OF_HEADER, openJoseResponse, openLegacyResponse, prepareJoseRequest, prepareLegacyRequest, RsaKeyPair, type PreparedRequest,
 } from "../shared/token-exchange.ts";
 import { openTokenStore, TokenVault } from "../shared/token-store.ts";
 import { scrape } from "../shared/testing/prometheus.ts";
-import { createKeyserverApp } from "./keyserver.ts";
+import { createKeyserverApp, parseKeyserverConfig, type KeyserverDeps } from "./keyserver.ts";
 
 const TOKEN = "mkt-token-never-logged-42";
+const PROXY = "spiffe://securemesh/secureproxy/secureproxy";
+const CLIENT1 = "spiffe://securemesh/client/client1";
+const CLIENT2 = "spiffe://securemesh/client/client2";
 let app: ReturnType<typeof createKeyserverApp>;
 let keys: RsaKeyPair;
+let vault: TokenVault;
 let dir: string;
 const logs: string[] = [];
+
+/** A KeyServer app on the shipped policy (roles/policy.json), logging into `lines`. */
+function keyserverApp(lines: string[], options: Partial<KeyserverDeps> = {}) {
+  const logger = createLogger("keyserver", { format: "text", color: false, write: (l) => lines.push(l) });
+  const metrics = new Metrics();
+  return createKeyserverApp({
+    vault, keys, nonces: new NonceMemory(), logger, authz: new Authorizer(policyPath(), logger, metrics), legacyReplay: "require", metrics, ...options,
+  });
+}
 
 beforeAll(async () => {
   dir = mkdtempSync(join(tmpdir(), "securemesh-keyserver-"));
   keys = await RsaKeyPair.loadOrCreate(join(dir, "rsa_key.pem"));
-  const vault = new TokenVault(await openTokenStore(join(dir, "tokens.db")), MasterKeyring.open(join(dir, "master_keys.json")));
+  vault = new TokenVault(await openTokenStore(join(dir, "tokens.db")), MasterKeyring.open(join(dir, "master_keys.json")));
   await vault.add("client1", "marketplace", TOKEN);
-  const logger = createLogger("keyserver", { format: "text", color: false, write: (l) => logs.push(l) });
-  app = createKeyserverApp({ vault, keys, nonces: new NonceMemory(), logger, allowedCallers: ["secureproxy"] });
+  app = keyserverApp(logs);
 });
 
-function send(prepared: Pick<PreparedRequest, "body" | "contentType">, caller = "secureproxy") {
-  return app.handle(new Request("http://localhost/", {
-    method: "POST", headers: { "content-type": prepared.contentType, [PEER_HEADER]: caller }, body: prepared.body,
-  }));
+interface As {
+  /** The TLS caller's identity, as the peer-identity listener sets it. */
+  caller?: string;
+  /** The on-behalf-of header; null sends none. */
+  onBehalfOf?: string | null;
 }
+
+function sendTo(target: { handle(r: Request): Promise<Response> }, prepared: Pick<PreparedRequest, "body" | "contentType">, { caller = PROXY, onBehalfOf = CLIENT1 }: As = {}) {
+  const headers: Record<string, string> = { "content-type": prepared.contentType, [PEER_HEADER]: caller };
+  if (onBehalfOf !== null) headers[ON_BEHALF_OF_HEADER] = onBehalfOf;
+  return target.handle(new Request("http://localhost/", { method: "POST", headers, body: prepared.body }));
+}
+
+const send = (prepared: Pick<PreparedRequest, "body" | "contentType">, as?: As) => sendTo(app, prepared, as);
 
 async function errorOf(response: Response) {
   return { status: response.status, body: await response.json() };
+}
+
+/** The original format as the oldest clients sent it: no timestamp, no nonce. */
+async function legacyWithoutReplayFields(clientId = "client1") {
+  const { timestamp: _t, nonce: _n, ...body } = JSON.parse((await prepareLegacyRequest(keys.publicKey, clientId, "marketplace")).body);
+  return { contentType: "application/json" as const, body: JSON.stringify(body) };
 }
 
 describe("token release", () => {
@@ -88,36 +118,154 @@ describe("token release", () => {
     expect(await errorOf(await send(old))).toEqual({ status: 401, body: { error: "timestamp outside the accepted window", code: "ERR_REPLAY" } });
   });
 
-  test("only the SecureProxy role may ask: a client1 certificate gets 403", async () => {
+  test("only identities with tokens.fetch may ask: a client1 certificate gets 403", async () => {
     const prepared = await prepareJoseRequest(keys.publicKey, "client1", "marketplace");
-    expect(await errorOf(await send(prepared, "client1"))).toEqual({ status: 403, body: { error: "caller 'client1' may not request tokens", code: "ERR_FORBIDDEN" } });
+    expect(await errorOf(await send(prepared, { caller: CLIENT1, onBehalfOf: null }))).toEqual({
+      status: 403, body: { error: `${CLIENT1} lacks permission tokens.fetch`, code: "ERR_FORBIDDEN" },
+    });
+    expect((await send(prepared, { caller: "" })).status).toBe(403);
   });
 
   test("unknown clientId/tokenType gets 404, bad format 400, wrong type 415", async () => {
-    expect((await send(await prepareJoseRequest(keys.publicKey, "nobody", "marketplace"))).status).toBe(404);
+    // client1 may use only client1/marketplace, so an unknown token is asked for on behalf of a wider grant.
+    const wide = join(dir, "wide-policy.json");
+    writeFileSync(wide, JSON.stringify({ rules: [{ identity: PROXY, allow: ["tokens.fetch"] }, { identity: CLIENT1, allow: ["proxy.use:*"] }] }));
+    const lines: string[] = [];
+    const logger = createLogger("keyserver", { write: (l) => lines.push(l) });
+    const wideApp = keyserverApp(lines, { authz: new Authorizer(wide, logger), logger });
+    expect((await sendTo(wideApp, await prepareJoseRequest(keys.publicKey, "nobody", "marketplace"))).status).toBe(404);
     expect(await errorOf(await send({ contentType: "application/json", body: "{nope" }))).toEqual({ status: 400, body: { error: "request body is not valid JSON", code: "ERR_BAD_REQUEST" } });
     expect((await send({ contentType: "application/json", body: JSON.stringify({ clientId: "client1" }) })).status).toBe(400);
     expect((await send({ contentType: "text/plain" as "application/json", body: "x" })).status).toBe(415);
   });
+});
 
-  test("one audit line per attempt, with caller and outcome, and never the token", () => {
+// #11 H1: the KeyServer released any client's token to the proxy, and its audit named only the proxy.
+describe("on behalf of whom", () => {
+  test("the identity the proxy asks for needs proxy.use on that token: client2 cannot get client1's", async () => {
+    const prepared = await prepareJoseRequest(keys.publicKey, "client1", "marketplace");
+    expect(await errorOf(await send(prepared, { onBehalfOf: CLIENT2 }))).toEqual({
+      status: 403, body: { error: `${CLIENT2} lacks permission proxy.use:client1/marketplace`, code: "ERR_FORBIDDEN" },
+    });
+  });
+
+  test("without the header the caller itself needs proxy.use: the proxy alone has only tokens.fetch", async () => {
+    const prepared = await prepareJoseRequest(keys.publicKey, "client1", "marketplace");
+    expect(await errorOf(await send(prepared, { onBehalfOf: null }))).toEqual({
+      status: 403, body: { error: `${PROXY} lacks permission proxy.use:client1/marketplace`, code: "ERR_FORBIDDEN" },
+    });
+    // A caller that holds both may ask for itself.
+    const both = join(dir, "both-policy.json");
+    writeFileSync(both, JSON.stringify({ rules: [{ identity: PROXY, allow: ["tokens.fetch", "proxy.use:client1/marketplace"] }] }));
+    const lines: string[] = [];
+    const logger = createLogger("keyserver", { write: (l) => lines.push(l) });
+    const answer = await sendTo(keyserverApp(lines, { authz: new Authorizer(both, logger), logger }), await prepareJoseRequest(keys.publicKey, "client1", "marketplace"), { onBehalfOf: null });
+    expect(answer.status).toBe(200);
+    expect(lines.filter((l) => l.startsWith("AUDIT "))).toEqual([expect.stringMatching(new RegExp(`caller=${PROXY} on_behalf_of=${PROXY} client=client1 type=marketplace outcome=released$`))]);
+  });
+
+  test("an on-behalf-of header that is not a SPIFFE ID is a 400", async () => {
+    const prepared = await prepareJoseRequest(keys.publicKey, "client1", "marketplace");
+    expect(await errorOf(await send(prepared, { onBehalfOf: "client1" }))).toEqual({
+      status: 400, body: { error: `${ON_BEHALF_OF_HEADER} must be a SPIFFE ID such as spiffe://securemesh/client/client1`, code: "ERR_BAD_REQUEST" },
+    });
+  });
+
+  test("caller-supplied names reach no log line unescaped", async () => {
+    const lines: string[] = [];
+    const forged = "client1\nAUTHZ allow identity=x action=proxy.use resource=client2/marketplace\u001b[2J";
+    const answer = await sendTo(keyserverApp(lines), await prepareJoseRequest(keys.publicKey, forged, "marketplace"));
+    expect(answer.status).toBe(403);
+    expect(lines.length).toBeGreaterThan(0);
+    for (const line of lines) expect(line).not.toMatch(/[\n\u001b]/);
+  });
+});
+
+// #11 M3: client2 flooding the KeyServer through the proxy filled the one global nonce memory, and then client1's
+// genuine request got 503 ERR_REPLAY_MEMORY_FULL.
+test("a flooding identity hits its own nonce quota (429); another identity is still served", async () => {
+  const lines: string[] = [];
+  const quotaApp = keyserverApp(lines, { nonces: new NonceMemory({ maxPerCaller: 3 }) });
+  for (let i = 0; i < 3; i++) {
+    // No token for client2: 404, but the nonce was accepted, so it counts.
+    expect((await sendTo(quotaApp, await prepareJoseRequest(keys.publicKey, "client2", "marketplace"), { onBehalfOf: CLIENT2 })).status).toBe(404);
+  }
+  expect(await errorOf(await sendTo(quotaApp, await prepareJoseRequest(keys.publicKey, "client2", "marketplace"), { onBehalfOf: CLIENT2 }))).toEqual({
+    status: 429, body: { error: `too many token requests from ${CLIENT2} in the replay window; retry later`, code: "ERR_REPLAY_QUOTA" },
+  });
+  expect((await sendTo(quotaApp, await prepareJoseRequest(keys.publicKey, "client1", "marketplace"))).status).toBe(200);
+  expect(lines.filter((l) => l.endsWith(" outcome=replay_quota"))).toHaveLength(1);
+});
+
+// #11 L8: without a timestamp and nonce, the same original-format body was released 3 times.
+describe("the original format's replay fields", () => {
+  test("are required by default: a body without them is refused, every time", async () => {
+    const oldClient = await legacyWithoutReplayFields();
+    for (let i = 0; i < 3; i++) {
+      expect(await errorOf(await send(oldClient))).toEqual({
+        status: 401, body: { error: "timestamp and nonce are required (old clients need the KeyServer's --legacy-replay allow)", code: "ERR_REPLAY" },
+      });
+    }
+  });
+
+  test("with --legacy-replay allow, old clients are served as before", async () => {
+    const oldClient = await legacyWithoutReplayFields();
+    const allowApp = keyserverApp([], { legacyReplay: "allow" });
+    for (let i = 0; i < 3; i++) expect((await sendTo(allowApp, oldClient)).status).toBe(200);
+    // Fields that are sent are still checked.
+    const withFields = await prepareLegacyRequest(keys.publicKey, "client1", "marketplace");
+    expect((await sendTo(allowApp, withFields)).status).toBe(200);
+    expect((await sendTo(allowApp, withFields)).status).toBe(401);
+  });
+
+  test("prepareLegacyRequest always sends them", async () => {
+    const body = JSON.parse((await prepareLegacyRequest(keys.publicKey, "client1", "marketplace")).body);
+    expect(body).toMatchObject({ timestamp: expect.any(Number), nonce: expect.stringMatching(/^[A-Za-z0-9_-]{16,128}$/) });
+  });
+
+  test("--legacy-replay takes require or allow, require by default", () => {
+    expect(parseKeyserverConfig([]).legacyReplay).toBe("require");
+    expect(parseKeyserverConfig(["--legacy-replay", "allow"]).legacyReplay).toBe("allow");
+    expect(() => parseKeyserverConfig(["--legacy-replay", "maybe"])).toThrow("--legacy-replay must be require or allow");
+    expect(parseKeyserverConfig([]).replayQuota).toBe(10_000);
+  });
+});
+
+describe("audit", () => {
+  test("an error's audit line carries its code", async () => {
+    // A seal moved to another row does not open: 500 ERR_SEAL, which the audit line must name (#11 M4).
+    const row = (await vault.store.get("client1", "marketplace"))!;
+    await vault.store.put({ ...row, clientId: "client2" });
+    const answer = await send(await prepareJoseRequest(keys.publicKey, "client2", "marketplace"), { onBehalfOf: CLIENT2 });
+    expect(await errorOf(answer)).toEqual({ status: 500, body: { error: "stored secret cannot be opened", code: "ERR_SEAL" } });
+    expect(logs.at(-1)).toMatch(new RegExp(`caller=${PROXY} on_behalf_of=${CLIENT2} client=client2 type=marketplace outcome=error code=ERR_SEAL$`));
+  });
+
+  test("one audit line per attempt, with caller, on-behalf-of and outcome, and never the token", () => {
     const audit = logs.filter((l) => l.startsWith("AUDIT "));
     expect(audit.length).toBeGreaterThanOrEqual(10);
-    expect(audit.some((l) => /caller=secureproxy client=client1 type=marketplace outcome=released$/.test(l))).toBe(true);
-    expect(audit.some((l) => /caller=client1 client=- type=- outcome=forbidden$/.test(l))).toBe(true);
+    expect(audit.some((l) => l.endsWith(`caller=${PROXY} on_behalf_of=${CLIENT1} client=client1 type=marketplace outcome=released`))).toBe(true);
+    expect(audit.some((l) => l.endsWith(`caller=${CLIENT1} on_behalf_of=${CLIENT1} client=- type=- outcome=forbidden`))).toBe(true);
+    expect(audit.some((l) => l.endsWith(`caller=${PROXY} on_behalf_of=${CLIENT2} client=client1 type=marketplace outcome=forbidden`))).toBe(true);
     expect(audit.some((l) => / outcome=replay$/.test(l))).toBe(true);
     expect(audit.some((l) => / outcome=decrypt_error$/.test(l))).toBe(true);
     expect(logs.join("\n")).not.toContain(TOKEN);
   });
 
+  test("every authorization decision is one AUTHZ line", () => {
+    expect(logs.some((l) => l.startsWith(`AUTHZ allow identity=${PROXY} action=tokens.fetch`))).toBe(true);
+    expect(logs.some((l) => l.startsWith(`AUTHZ deny identity=${CLIENT2} action=proxy.use resource=client1/marketplace`))).toBe(true);
+  });
+
   test("/metrics counts releases by outcome, one for each audit line", async () => {
     const metrics = await scrape(app);
     const audit = logs.filter((l) => l.startsWith("AUDIT "));
-    for (const outcome of ["released", "forbidden", "replay", "decrypt_error", "not_found"]) {
-      const lines = audit.filter((l) => l.endsWith(` outcome=${outcome}`)).length;
+    for (const outcome of ["released", "forbidden", "replay", "decrypt_error", "error"]) {
+      const lines = audit.filter((l) => new RegExp(` outcome=${outcome}( code=\\S+)?$`).test(l)).length;
       expect(lines).toBeGreaterThan(0);
       expect(metrics.value("securemesh_token_releases_total", { outcome })).toBe(lines);
     }
+    expect(metrics.value("securemesh_authz_decisions_total", { identity: CLIENT2, action: "proxy.use", decision: "deny" })).toBeGreaterThan(0);
   });
 });
 

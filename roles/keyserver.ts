@@ -1,19 +1,22 @@
-// The KeyServer: releases API tokens, sealed at rest, only to SecureProxy callers, through a hybrid exchange.
+// The KeyServer: releases API tokens, sealed at rest, to the callers the policy names, through a hybrid exchange.
 import { join } from "node:path";
-import { exitWithConfigError, parseFlags, parsePort, pkiDir, REPO_ROOT, exitOnSignals } from "../shared/config.ts";
-import { ConfigError, Forbidden, MeshError } from "../shared/errors.ts";
-import { createApp } from "../shared/http.ts";
+import { Authorizer, parseSpiffeId, tlsPeerIdentity, TrustMaterial } from "../shared/authz/index.ts";
+import { exitWithConfigError, parseFlags, parsePort, parsePositive, pkiDir, policyPath, REPO_ROOT, exitOnSignals } from "../shared/config.ts";
+import { BadRequest, ConfigError, MeshError } from "../shared/errors.ts";
+import { createApp, readBodyLimited } from "../shared/http.ts";
 import { MasterKeyring } from "../shared/keyring.ts";
 import { createLogger, describeError, printable, type Logger } from "../shared/log.ts";
 import { Metrics } from "../shared/metrics.ts";
 import { listenWithPeerIdentity, PEER_HEADER } from "../shared/peer-tls.ts";
-import { NonceMemory } from "../shared/replay.ts";
+import { NonceMemory, ReplayRejected } from "../shared/replay.ts";
 import { describeStoreUrl } from "../shared/store.ts";
-import { assertSafeTlsEnvironment, loadIdentity, mutualTlsServerOptions } from "../shared/tls.ts";
+import { assertSafeTlsEnvironment, mutualTlsServerOptions } from "../shared/tls.ts";
 import {
-  openJoseRequest, openLegacyRequest, RsaKeyPair, sealJoseResponse, sealLegacyResponse, type TokenRequest,
+  ON_BEHALF_OF_HEADER, openJoseRequest, openLegacyRequest, proxyResource, RsaKeyPair, sealJoseResponse, sealLegacyResponse,
+  type TokenRequest,
 } from "../shared/token-exchange.ts";
 import { openTokenStore, TokenVault } from "../shared/token-store.ts";
+import { watchFiles, type Watch } from "../shared/watch.ts";
 
 const USAGE = `
 Usage: bun roles/keyserver.ts [PORT] [options]             serve (default port 5003)
@@ -21,19 +24,27 @@ Usage: bun roles/keyserver.ts [PORT] [options]             serve (default port 5
        bun roles/keyserver.ts token list
        bun roles/keyserver.ts token rotate-key
 
-Releases API tokens over mutual TLS, only to callers whose certificate CN is allowed (default: secureproxy).
-Tokens are sealed at rest with AES-256-GCM under a versioned master key kept outside the database.
+Releases API tokens over mutual TLS. The policy decides: the TLS caller needs tokens.fetch (by default only the
+SecureProxy), and the identity it asks for (header x-securemesh-on-behalf-of, else the caller itself) needs
+proxy.use:CLIENTID/TOKENTYPE. Tokens are sealed at rest with AES-256-GCM under a versioned master key kept outside
+the database; the running KeyServer picks up 'token rotate-key', the policy, the CRL and its certificate without
+a restart.
 
 Options:
-  --db URL            token store: mysql://user:pass@host:3306/db, or a sqlite path
-                      (default $KEYSERVER_DB, else data/keyserver/tokens.db)
-  --data DIR          where the RSA key and master keyring live (default data/keyserver), both mode 0600
-  --allow-callers CN  comma-separated certificate CNs allowed to fetch tokens (default secureproxy)
-  --host HOST         address to bind (default 127.0.0.1)
-  --pki DIR           PKI folder from pki.sh (default $PKI_DIR, else certs/)
-  --token T           with 'token add': the token, or - to read it from stdin (keeps it out of ps)
-  -h, --help          show this help
+  --db URL              token store: mysql://user:pass@host:3306/db, or a sqlite path
+                        (default $KEYSERVER_DB, else data/keyserver/tokens.db)
+  --data DIR            where the RSA key and master keyring live (default data/keyserver), both mode 0600
+  --policy FILE         authorization policy (default $SECUREMESH_POLICY, else roles/policy.json)
+  --legacy-replay MODE  require (default): the original JSON format must carry timestamp and nonce, like JOSE;
+                        allow: accept it without them, for old clients (replayable)
+  --replay-quota N      live nonces one identity may hold in the replay window (default 10000)
+  --host HOST           address to bind (default 127.0.0.1)
+  --pki DIR             PKI folder from pki.sh (default $PKI_DIR, else certs/)
+  --token T             with 'token add': the token, or - to read it from stdin (keeps it out of ps)
+  -h, --help            show this help
 `;
+
+export type LegacyReplay = "require" | "allow";
 
 export interface KeyserverConfig {
   command: "serve" | "add" | "list" | "rotate-key";
@@ -42,7 +53,9 @@ export interface KeyserverConfig {
   db: string;
   dataDir: string;
   pki: string;
-  allowedCallers: string[];
+  policy: string;
+  legacyReplay: LegacyReplay;
+  replayQuota: number;
   client?: string;
   type?: string;
   token?: string;
@@ -50,8 +63,9 @@ export interface KeyserverConfig {
 
 export function parseKeyserverConfig(argv: string[]): KeyserverConfig {
   const { values, positionals } = parseFlags("keyserver", USAGE, {
-    db: { type: "string" }, data: { type: "string" }, "allow-callers": { type: "string" }, host: { type: "string" },
-    pki: { type: "string" }, client: { type: "string" }, type: { type: "string" }, token: { type: "string" },
+    db: { type: "string" }, data: { type: "string" }, policy: { type: "string" }, "legacy-replay": { type: "string" },
+    "replay-quota": { type: "string" }, host: { type: "string" }, pki: { type: "string" }, client: { type: "string" },
+    type: { type: "string" }, token: { type: "string" },
   }, argv);
   const dataDir = values.data ?? join(REPO_ROOT, "data", "keyserver");
   let command: KeyserverConfig["command"] = "serve";
@@ -61,6 +75,10 @@ export function parseKeyserverConfig(argv: string[]): KeyserverConfig {
     command = sub;
     if (sub === "add" && !(values.client && values.type && values.token)) throw new ConfigError("token add needs --client, --type and --token");
   }
+  const legacyReplay = values["legacy-replay"] ?? "require";
+  if (legacyReplay !== "require" && legacyReplay !== "allow") throw new ConfigError("--legacy-replay must be require or allow");
+  const replayQuota = parsePositive(values["replay-quota"], "--replay-quota", 10_000);
+  if (!Number.isInteger(replayQuota)) throw new ConfigError(`--replay-quota must be a whole number, not '${values["replay-quota"]}'`);
   return {
     command,
     port: command === "serve" ? parsePort(positionals[0] ?? process.env.PORT, "PORT", 5003) : 0,
@@ -68,7 +86,9 @@ export function parseKeyserverConfig(argv: string[]): KeyserverConfig {
     db: values.db ?? process.env.KEYSERVER_DB ?? join(dataDir, "tokens.db"),
     dataDir,
     pki: pkiDir(values.pki),
-    allowedCallers: (values["allow-callers"] ?? "secureproxy").split(",").map((s) => s.trim()).filter(Boolean),
+    policy: policyPath(values.policy),
+    legacyReplay,
+    replayQuota,
     client: values.client,
     type: values.type,
     token: values.token,
@@ -80,30 +100,50 @@ export interface KeyserverDeps {
   keys: RsaKeyPair;
   nonces: NonceMemory;
   logger: Logger;
-  allowedCallers: readonly string[];
+  /** Decides tokens.fetch for the TLS caller and proxy.use for whom it asks. */
+  authz: Authorizer;
+  /** Whether the original JSON format may come without timestamp and nonce (#11 L8). */
+  legacyReplay: LegacyReplay;
   metrics?: Metrics;
 }
 
-type Outcome = "released" | "forbidden" | "not_found" | "replay" | "decrypt_error" | "bad_request" | "error";
+type Outcome = "released" | "forbidden" | "not_found" | "replay" | "replay_quota" | "decrypt_error" | "bad_request" | "error";
 
 function outcomeOf(error: unknown): Outcome {
   switch ((error as MeshError).code) {
     case "ERR_FORBIDDEN": return "forbidden";
     case "ERR_DECRYPT": return "decrypt_error";
     case "ERR_REPLAY": return "replay";
+    case "ERR_REPLAY_QUOTA": return "replay_quota";
     case "ERR_NOT_FOUND": return "not_found";
     case "ERR_BAD_REQUEST": case "ERR_UNSUPPORTED_MEDIA_TYPE": return "bad_request";
     default: return "error";
   }
 }
 
-export function createKeyserverApp({ vault, keys, nonces, logger, allowedCallers, metrics = new Metrics() }: KeyserverDeps) {
+/** Whom the caller asks for: the on-behalf-of header, which must be a SPIFFE ID, or else the caller itself. */
+function onBehalfOf(request: Request, caller: string): string {
+  const named = request.headers.get(ON_BEHALF_OF_HEADER);
+  if (named === null) return caller;
+  if (!parseSpiffeId(named)) throw new BadRequest(`${ON_BEHALF_OF_HEADER} must be a SPIFFE ID such as spiffe://securemesh/client/client1`);
+  return named;
+}
+
+export function createKeyserverApp({ vault, keys, nonces, logger, authz, legacyReplay, metrics = new Metrics() }: KeyserverDeps) {
   const releases = metrics.counter("securemesh_token_releases_total", "Token release attempts, by outcome.", ["outcome"]);
-  /** One line per release attempt; never the token, and only printable caller-supplied text. */
-  const audit = (caller: string, request: Partial<TokenRequest>, outcome: Outcome) => {
+  /**
+   * One line per release attempt: the TLS caller and whom it asked for (#11 H1), and on an error its code (#11
+   * M4: "outcome=error" alone said nothing). Never the token, and only printable caller-supplied text.
+   */
+  const audit = (who: { caller: string; onBehalfOf: string }, request: Partial<TokenRequest>, outcome: Outcome, error?: unknown) => {
     releases.inc({ outcome });
-    const fields = { caller, clientId: request.clientId ?? "-", tokenType: request.tokenType ?? "-", outcome };
-    logger.info(`AUDIT ${new Date().toISOString()} caller=${printable(fields.caller || "-")} client=${printable(fields.clientId)} type=${printable(fields.tokenType)} outcome=${outcome}`, { audit: fields });
+    const code = outcome === "error" ? String((error as { code?: unknown })?.code ?? (error as Error)?.name ?? "unknown") : undefined;
+    const fields = { caller: who.caller || "-", onBehalfOf: who.onBehalfOf || "-", clientId: request.clientId ?? "-", tokenType: request.tokenType ?? "-", outcome, ...(code ? { code } : {}) };
+    logger.info(
+      `AUDIT ${new Date().toISOString()} caller=${printable(fields.caller)} on_behalf_of=${printable(fields.onBehalfOf)} ` +
+        `client=${printable(fields.clientId)} type=${printable(fields.tokenType)} outcome=${outcome}${code ? ` code=${printable(code)}` : ""}`,
+      { audit: fields },
+    );
   };
 
   return createApp({ logger, metrics })
@@ -115,29 +155,48 @@ export function createKeyserverApp({ vault, keys, nonces, logger, allowedCallers
     .post("/public_key", () => ({ public_key: keys.publicPem }), { parse: "none" })
     .get("/.well-known/jwks.json", () => ({ keys: [keys.jwk] }))
     .post("/", async ({ request }) => {
+      // Set by the peer-identity listener from the verified certificate: the caller's SPIFFE ID.
       const caller = request.headers.get(PEER_HEADER) ?? "";
+      // What the audit line names until the header is checked; onBehalfOf() then says whom the request is for.
+      const who = { caller, onBehalfOf: request.headers.get(ON_BEHALF_OF_HEADER) ?? caller };
       let parsed: Partial<TokenRequest> = {};
       try {
-        if (!allowedCallers.includes(caller)) throw new Forbidden(`caller '${caller || "unknown"}' may not request tokens`);
+        authz.require(who.caller, "tokens.fetch");
+        who.onBehalfOf = onBehalfOf(request, who.caller);
         const type = (request.headers.get("content-type") ?? "").toLowerCase();
         const jose = type.startsWith("application/jose");
         if (!jose && !type.startsWith("application/json")) throw new MeshError("ERR_UNSUPPORTED_MEDIA_TYPE", 415, "Content-Type must be application/json or application/jose");
-        const text = await request.text();
+        const text = new TextDecoder().decode(await readBodyLimited(request));
         parsed = jose ? await openJoseRequest(keys, text) : await openLegacyRequest(keys, parseJson(text));
-        // JOSE requests always carry the replay fields; the original format has them optional, for old clients.
-        if (jose || parsed.timestamp !== undefined || parsed.nonce !== undefined) nonces.accept(parsed.timestamp, parsed.nonce);
+        // Defence in depth (#11 H1): the proxy checked this too, against the same policy.
+        authz.require(who.onBehalfOf, "proxy.use", proxyResource(parsed.clientId!, parsed.tokenType!));
+        checkReplay(nonces, parsed, { jose, legacyReplay, caller: who.onBehalfOf });
         const token = await vault.reveal(parsed.clientId!, parsed.tokenType!);
         if (token === undefined) throw new MeshError("ERR_NOT_FOUND", 404, "no token for that clientId and tokenType");
         const answer = jose
           ? new Response(await sealJoseResponse(token, parsed.sessionKey!), { headers: { "content-type": "application/jose" } })
           : Response.json({ token: sealLegacyResponse(token, parsed.sessionKey!) });
-        audit(caller, parsed, "released");
+        audit(who, parsed, "released");
         return answer;
       } catch (error) {
-        audit(caller, parsed, outcomeOf(error));
+        audit(who, parsed, outcomeOf(error), error);
         throw error;
       }
     }, { parse: "none" });
+}
+
+/**
+ * JOSE requests always carry the replay fields. The original format had them optional, so the same body could be
+ * released again and again (#11 L8); now they are required there too, unless the KeyServer runs with
+ * `--legacy-replay allow` for old clients. The nonce counts against the quota of whom the token is for (#11 M3).
+ */
+function checkReplay(nonces: NonceMemory, request: Partial<TokenRequest>, options: { jose: boolean; legacyReplay: LegacyReplay; caller: string }): void {
+  const carriesFields = request.timestamp !== undefined || request.nonce !== undefined;
+  if (!options.jose && !carriesFields) {
+    if (options.legacyReplay === "allow") return;
+    throw new ReplayRejected("timestamp and nonce are required (old clients need the KeyServer's --legacy-replay allow)");
+  }
+  nonces.accept(request.timestamp, request.nonce, options.caller);
 }
 
 function parseJson(text: string): unknown {
@@ -185,22 +244,52 @@ async function main(): Promise<void> {
   } catch (error) {
     exitWithConfigError("keyserver", error);
   }
+  const metrics = new Metrics();
   let deps: KeyserverDeps;
-  let tls;
+  let trust: TrustMaterial;
   try {
-    tls = mutualTlsServerOptions(loadIdentity(config.pki, "keyserver"));
+    trust = TrustMaterial.open(config.pki, "keyserver");
+    const authz = new Authorizer(config.policy, logger, metrics);
     const keys = await RsaKeyPair.loadOrCreate(join(config.dataDir, "rsa_key.pem"));
-    deps = { vault: await openVault(config), keys, nonces: new NonceMemory(), logger, allowedCallers: config.allowedCallers };
+    const nonces = new NonceMemory({ maxPerCaller: config.replayQuota });
+    deps = { vault: await openVault(config), keys, nonces, logger, authz, legacyReplay: config.legacyReplay, metrics };
   } catch (error) {
     exitWithConfigError("keyserver", error);
   }
   const app = createKeyserverApp(deps);
-  const listener = await listenWithPeerIdentity(app, { port: config.port, hostname: config.host, tls }).catch((error) => exitWithConfigError("keyserver", error));
-  logger.info(`keyserver listening on https://${config.host}:${listener.port} (tokens: ${describeStoreUrl(config.db)}; callers: ${config.allowedCallers.join(", ")})`);
+  const listener = await listenWithPeerIdentity(app, {
+    port: config.port, hostname: config.host, tls: mutualTlsServerOptions(trust.identity),
+    identify: tlsPeerIdentity,
+    isRevoked: (serial) => trust.isRevoked(serial),
+  }).catch((error) => exitWithConfigError("keyserver", error));
+  // Revocation, a renewed certificate and policy edits take effect without a restart (#11).
+  trust.onReload((identity) => listener.reload(mutualTlsServerOptions(identity)).catch((error) => logger.error(`TLS listener kept its old material: ${describeError(error)}`))).watch(logger);
+  deps.authz.watch();
+  const keyring = watchKeyring(deps.vault, logger);
+  logger.info(`keyserver listening on https://${config.host}:${listener.port} (tokens: ${describeStoreUrl(config.db)}; policy: ${config.policy}; legacy replay: ${config.legacyReplay})`);
 
   exitOnSignals(async () => {
+    keyring.stop();
+    deps.authz.stop();
+    trust.stop();
     await listener.close();
     await deps.vault.store.close().catch((error) => logger.warn(`closing the token store: ${describeError(error)}`));
+  });
+}
+
+/**
+ * `token rotate-key` runs as another process and rewrites the keyring file; the running KeyServer re-reads it when
+ * it changes (#11 M4). A seal that does not open also re-reads it at once (TokenVault.reveal), so no release
+ * waits for this poll.
+ */
+function watchKeyring(vault: TokenVault, logger: Logger): Watch {
+  return watchFiles([vault.keyring.path], () => {
+    try {
+      vault.keyring.reload();
+      logger.info(`master keyring reloaded: versions ${vault.keyring.versions.join(", ")} (current v${vault.keyring.currentVersion})`);
+    } catch (error) {
+      logger.error(`master keyring NOT reloaded, the keys in memory stay in use: ${describeError(error).replace(/^ERR_CONFIG: /, "")}`);
+    }
   });
 }
 

@@ -1,10 +1,71 @@
-import { expect, test } from "bun:test";
+import { afterAll, beforeAll, describe, expect, test } from "bun:test";
+import { X509Certificate } from "node:crypto";
+import { mkdtempSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { Authorizer } from "../shared/authz/authorizer.ts";
+import { policyPath } from "../shared/config.ts";
 import { Forbidden } from "../shared/errors.ts";
 import { createLogger } from "../shared/log.ts";
+import { PEER_HEADER } from "../shared/peer-tls.ts";
+import { testPki } from "../shared/testing/pki.ts";
 import { scrape } from "../shared/testing/prometheus.ts";
-import { checkApiUri, createProxyApp, parseAllowlist } from "./secureproxy.ts";
+import { loadIdentity } from "../shared/tls.ts";
+import { ON_BEHALF_OF_HEADER, RsaKeyPair } from "../shared/token-exchange.ts";
+import { checkApiUri, createProxyApp, outboundTls, parseAllowlist } from "./secureproxy.ts";
 
 const allow = parseAllowlist(["marketplace=localhost:5005,127.0.0.1:5005"]);
+const CLIENT1 = "spiffe://securemesh/client/client1";
+const CLIENT2 = "spiffe://securemesh/client/client2";
+const COORDINATOR = "spiffe://securemesh/coordinator/coordinator";
+const ITEM = "https://localhost:5005/api/item";
+
+let pki: string;
+let keys: RsaKeyPair;
+
+/** A stand-in KeyServer serving with `name`'s certificate; it records what the proxy sends and answers `answer`. */
+function fakeKeyserver(name: string, answer: () => Response = () => Response.json({ error: "no token for that clientId and tokenType", code: "ERR_NOT_FOUND" }, { status: 404 })) {
+  const identity = loadIdentity(pki, name);
+  const seen: { method: string; path: string; onBehalfOf: string | null }[] = [];
+  const server = Bun.serve({
+    port: 0, hostname: "127.0.0.1",
+    tls: { cert: identity.cert, key: identity.key, ca: identity.ca, requestCert: true, rejectUnauthorized: true },
+    fetch(request) {
+      seen.push({ method: request.method, path: new URL(request.url).pathname, onBehalfOf: request.headers.get(ON_BEHALF_OF_HEADER) });
+      return new URL(request.url).pathname === "/public_key" ? Response.json({ public_key: keys.publicPem }) : answer();
+    },
+  });
+  servers.push(server);
+  return { url: `https://127.0.0.1:${server.port}`, seen };
+}
+const servers: ReturnType<typeof Bun.serve>[] = [];
+
+function proxy(keyserver = "https://127.0.0.1:1", lines: string[] = [], isRevoked?: (serialHex: string) => boolean) {
+  const logger = createLogger("secureproxy", { format: "text", color: false, write: (l) => lines.push(l) });
+  return createProxyApp({
+    keyserver, allow, format: "jose", timeoutMs: 5000, logger,
+    tls: outboundTls(loadIdentity(pki, "secureproxy"), undefined, isRevoked), authz: new Authorizer(policyPath(), logger),
+  });
+}
+
+function requestApi(app: ReturnType<typeof proxy>, body: Record<string, string>, caller: string | null = CLIENT1) {
+  const headers: Record<string, string> = { "content-type": "application/json" };
+  if (caller !== null) headers[PEER_HEADER] = caller;
+  return app.handle(new Request("http://localhost/request_api", { method: "POST", headers, body: JSON.stringify(body) }));
+}
+
+async function answerOf(response: Response) {
+  return { status: response.status, body: await response.json() };
+}
+
+beforeAll(async () => {
+  pki = await testPki();
+  keys = await RsaKeyPair.loadOrCreate(join(mkdtempSync(join(tmpdir(), "securemesh-proxy-")), "rsa_key.pem"));
+});
+
+afterAll(() => {
+  for (const server of servers) server.stop(true);
+});
 
 test("ApiUri must be https, without credentials, on the token type's allowlist", () => {
   expect(checkApiUri("https://localhost:5005/api/item", "marketplace", allow).href).toBe("https://localhost:5005/api/item");
@@ -22,17 +83,84 @@ test("ApiUri must be https, without credentials, on the token type's allowlist",
 });
 
 test("a disallowed ApiUri is refused before the KeyServer is asked", async () => {
-  const app = createProxyApp({
-    keyserver: "https://127.0.0.1:1", allow, format: "jose", timeoutMs: 1000,
-    keyserverTls: { cert: "", key: "", ca: "", rejectUnauthorized: true }, apiTls: { ca: "" },
-    logger: createLogger("secureproxy", { write: () => {} }),
-  });
-  const response = await app.handle(new Request("http://localhost/request_api", {
-    method: "POST", headers: { "content-type": "application/json" },
-    body: JSON.stringify({ ClientId: "client1", TokenType: "marketplace", ApiUri: "https://evil.example/" }),
-  }));
-  expect(response.status).toBe(403);
-  expect(await response.json()).toEqual({ error: "ApiUri host evil.example:443 is not allowed for token type 'marketplace'", code: "ERR_FORBIDDEN" });
+  const keyserver = fakeKeyserver("keyserver");
+  const app = proxy(keyserver.url);
+  const response = await requestApi(app, { ClientId: "client1", TokenType: "marketplace", ApiUri: "https://evil.example/" });
+  expect(await answerOf(response)).toEqual({ status: 403, body: { error: "ApiUri host evil.example:443 is not allowed for token type 'marketplace'", code: "ERR_FORBIDDEN" } });
+  expect(keyserver.seen).toEqual([]);
   const metrics = await scrape(app);
   expect(metrics.value("securemesh_http_requests_total", { route: "/request_api", method: "POST", status: "403" })).toBe(1);
+});
+
+// #11 H1: with client2's certificate, or the coordinator's, {"ClientId":"client1"} got client1's marketplace item.
+describe("the caller's identity decides which token it may use", () => {
+  test.each([
+    ["client2, asking for client1's token", CLIENT2, `${CLIENT2} lacks permission proxy.use:client1/marketplace`],
+    ["the coordinator", COORDINATOR, `${COORDINATOR} lacks permission proxy.use:client1/marketplace`],
+    ["a caller without an identity", "", "an unidentified caller lacks permission proxy.use:client1/marketplace"],
+  ])("%s: 403 naming identity and permission, and the KeyServer is never asked", async (_label, caller, error) => {
+    const keyserver = fakeKeyserver("keyserver");
+    const lines: string[] = [];
+    const response = await requestApi(proxy(keyserver.url, lines), { ClientId: "client1", TokenType: "marketplace", ApiUri: ITEM }, caller);
+    expect(await answerOf(response)).toEqual({ status: 403, body: { error, code: "ERR_FORBIDDEN" } });
+    expect(keyserver.seen).toEqual([]);
+    expect(lines.filter((l) => l.startsWith("AUTHZ "))).toEqual([expect.stringMatching(/^AUTHZ deny identity=\S+ action=proxy\.use resource=client1\/marketplace /)]);
+  });
+
+  test("a client with the permission gets through, and the KeyServer is told on whose behalf", async () => {
+    const keyserver = fakeKeyserver("keyserver");
+    const response = await requestApi(proxy(keyserver.url), { ClientId: "client1", TokenType: "marketplace", ApiUri: ITEM });
+    // The stand-in KeyServer has no token: its 404 comes back as the proxy's.
+    expect(await answerOf(response)).toEqual({ status: 404, body: { error: "no token for that ClientId and TokenType", code: "ERR_NOT_FOUND" } });
+    expect(keyserver.seen).toEqual([
+      { method: "GET", path: "/public_key", onBehalfOf: null },
+      { method: "POST", path: "/", onBehalfOf: CLIENT1 },
+    ]);
+  });
+
+  test("a ClientId holding control characters is refused and logged escaped", async () => {
+    const lines: string[] = [];
+    const response = await requestApi(proxy(undefined, lines), { ClientId: "client1\nAUTHZ allow identity=x\u001b[2J", TokenType: "marketplace", ApiUri: ITEM });
+    expect(response.status).toBe(403);
+    for (const line of lines) expect(line).not.toMatch(/[\n\u001b]/);
+  });
+});
+
+// #11 Hardening: any certificate from the CA with the right address passed as the KeyServer.
+test("a KeyServer address answered by another identity is refused before anything is sent", async () => {
+  const impostor = fakeKeyserver("marketplace");
+  const lines: string[] = [];
+  const response = await requestApi(proxy(impostor.url, lines), { ClientId: "client1", TokenType: "marketplace", ApiUri: ITEM });
+  const refusal = `refused the KeyServer at ${new URL(impostor.url).host}: reached spiffe://securemesh/marketplace/marketplace, expected spiffe://securemesh/keyserver/*`;
+  expect(await answerOf(response)).toEqual({ status: 502, body: { error: refusal, code: "ERR_KEYSERVER_IDENTITY" } });
+  expect(impostor.seen).toEqual([]);
+  expect(lines).toContain(refusal);
+
+  // The right identity, but its certificate is on the CRL, which fetch itself does not read.
+  const revoked = fakeKeyserver("keyserver");
+  const serial = new X509Certificate(loadIdentity(pki, "keyserver").cert).serialNumber;
+  const answer = await answerOf(await requestApi(proxy(revoked.url, [], (s) => s.toUpperCase() === serial.toUpperCase()), { ClientId: "client1", TokenType: "marketplace", ApiUri: ITEM }));
+  expect(answer).toMatchObject({ status: 502, body: { code: "ERR_KEYSERVER_IDENTITY", error: expect.stringContaining("reached a revoked certificate") } });
+  expect(revoked.seen).toEqual([]);
+});
+
+test("the KeyServer's answers mean the same at the proxy: 429 quota, 403, and 502 naming the code", async () => {
+  const cases: [() => Response, number, Record<string, string>][] = [
+    [() => Response.json({ error: `too many token requests from ${CLIENT1} in the replay window; retry later`, code: "ERR_REPLAY_QUOTA" }, { status: 429 }), 429,
+      { error: `too many token requests from ${CLIENT1} in the replay window; retry later`, code: "ERR_REPLAY_QUOTA" }],
+    [() => Response.json({ error: `${CLIENT1} lacks permission proxy.use:client1/marketplace`, code: "ERR_FORBIDDEN" }, { status: 403 }), 403,
+      { error: `the KeyServer refused: ${CLIENT1} lacks permission proxy.use:client1/marketplace`, code: "ERR_FORBIDDEN" }],
+    [() => Response.json({ error: "stored secret cannot be opened", code: "ERR_SEAL" }, { status: 500 }), 502,
+      { error: "KeyServer refused the token request (500 ERR_SEAL)", code: "ERR_KEYSERVER" }],
+  ];
+  for (const [answer, status, body] of cases) {
+    const keyserver = fakeKeyserver("keyserver", answer);
+    expect(await answerOf(await requestApi(proxy(keyserver.url), { ClientId: "client1", TokenType: "marketplace", ApiUri: ITEM }))).toEqual({ status, body });
+  }
+});
+
+test("both outbound hops set rejectUnauthorized: true explicitly", () => {
+  const outbound = outboundTls(loadIdentity(pki, "secureproxy"), undefined);
+  expect([outbound.keyserver.rejectUnauthorized, outbound.api.rejectUnauthorized]).toEqual([true, true]);
+  expect(outbound.api.ca).toBe(loadIdentity(pki, "secureproxy").ca);
 });

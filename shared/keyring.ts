@@ -41,7 +41,16 @@ export class MasterKeyring {
       keyring.#save();
       return keyring;
     }
-    const mode = statSync(path).mode & 0o777;
+    return new MasterKeyring(path, MasterKeyring.#read(path));
+  }
+
+  static #read(path: string): KeyringFile {
+    let mode: number;
+    try {
+      mode = statSync(path).mode & 0o777;
+    } catch (error) {
+      throw new ConfigError(`cannot read ${path}: ${(error as NodeJS.ErrnoException).code ?? "unreadable"}`);
+    }
     if (mode & 0o077) throw new ConfigError(`${path} is readable by others (mode ${mode.toString(8)}): chmod 600 it`);
     let file: KeyringFile;
     try {
@@ -50,7 +59,20 @@ export class MasterKeyring {
       throw new ConfigError(`${path} is not a securemesh master keyring`);
     }
     if (!file.keys?.[String(file.current)]) throw new ConfigError(`${path} has no key for its current version ${file.current}`);
-    return new MasterKeyring(path, file);
+    return file;
+  }
+
+  get path(): string {
+    return this.#path;
+  }
+
+  /**
+   * Re-reads the file another process (`token rotate-key`) may have changed, so a running KeyServer learns new
+   * versions and forgets retired ones without a restart (#11 M4). A file that does not read keeps the keys in
+   * memory and throws ConfigError.
+   */
+  reload(): void {
+    this.#file = MasterKeyring.#read(this.#path);
   }
 
   get currentVersion(): number {

@@ -5,6 +5,7 @@ import { chmodSync, existsSync, mkdirSync, readFileSync, writeFileSync } from "n
 import { dirname } from "node:path";
 import { calculateJwkThumbprint, CompactEncrypt, compactDecrypt, exportJWK, type JWK } from "jose";
 import { BadRequest, MeshError } from "./errors.ts";
+import { printable } from "./log.ts";
 
 /** Every decryption failure, whatever its cause, is this one error: no padding or format oracle. */
 export class DecryptFailed extends MeshError {
@@ -63,12 +64,29 @@ function requireString(body: Record<string, unknown>, field: string, max = 256):
 function checkFields(body: unknown, allowed: string[]): Record<string, unknown> {
   if (typeof body !== "object" || body === null || Array.isArray(body)) throw new BadRequest("request must be a JSON object");
   const extra = Object.keys(body).filter((k) => !allowed.includes(k));
-  if (extra.length > 0) throw new BadRequest(`unexpected field: ${extra[0]}`);
+  if (extra.length > 0) throw new BadRequest(`unexpected field: ${JSON.stringify(extra[0]!.slice(0, 64))}`);
   return body as Record<string, unknown>;
 }
 
 function optionalReplayFields(body: Record<string, unknown>): Pick<TokenRequest, "timestamp" | "nonce"> {
   return { timestamp: body.timestamp as number | undefined, nonce: body.nonce as string | undefined };
+}
+
+// ---- Who is asking, on both sides ----------------------------------------------------------------------------
+
+/**
+ * The SecureProxy names, to the KeyServer, the identity it asks for (#11 H1): the KeyServer then checks that this
+ * identity may use the token, as well as that the TLS caller may fetch tokens at all.
+ */
+export const ON_BEHALF_OF_HEADER = "x-securemesh-on-behalf-of";
+
+/**
+ * The policy resource of `proxy.use` for a token: CLIENTID/TOKENTYPE. The Authorizer writes it into its audit line
+ * as given, and both parts come from a caller, so it goes through printable(): one line stays one line. That never
+ * widens a grant: a policy resource cannot hold the backslash printable() writes.
+ */
+export function proxyResource(clientId: string, tokenType: string): string {
+  return printable(`${clientId}/${tokenType}`);
 }
 
 // ---- KeyServer side ------------------------------------------------------------------------------------------

@@ -76,6 +76,35 @@ describe.each(Object.keys(backends))("%s token vault", (kind) => {
     expect(vault.keyring.versions).toEqual([2]);
   });
 
+  // #11 M4: `token rotate-key` runs as its own process; the running KeyServer kept the old keyring in memory,
+  // so every release failed (502 at the proxy) until it was restarted.
+  test("a vault whose keyring another process rotated still reveals, even a row read just before the rotation", async () => {
+    const { store } = await open();
+    const keyringPath = join(tmp(), "master_keys.json");
+    const running = new TokenVault(store, MasterKeyring.open(keyringPath));
+    await running.add("client1", "marketplace", TOKEN);
+    expect(await running.reveal("client1", "marketplace")).toBe(TOKEN);
+
+    const rotate = () => new TokenVault(store, MasterKeyring.open(keyringPath)).rotate();
+    expect(await rotate()).toEqual({ version: 2, resealed: 1, retired: [1] });
+    expect(running.keyring.versions).toEqual([1]); // nothing told the running vault
+    expect(await running.reveal("client1", "marketplace")).toBe(TOKEN);
+    expect(running.keyring.versions).toEqual([2]);
+
+    // A row read under v2, then v2 is retired and the running vault's watcher reloads before the row is opened.
+    const stale = (await store.get("client1", "marketplace"))!;
+    expect(await rotate()).toEqual({ version: 3, resealed: 1, retired: [2] });
+    running.keyring.reload();
+    let reads = 0;
+    const staleOnce: TokenStore = {
+      kind: store.kind,
+      get: async (clientId, tokenType) => (reads++ === 0 ? stale : store.get(clientId, tokenType)),
+      put: (row) => store.put(row), all: () => store.all(), ping: () => store.ping(), close: async () => {},
+    };
+    expect(await new TokenVault(staleOnce, running.keyring).reveal("client1", "marketplace")).toBe(TOKEN);
+    expect(reads).toBe(2);
+  });
+
   test("a sealed token moved to another row does not open", async () => {
     const { vault, store } = await open();
     await vault.add("client1", "marketplace", TOKEN);

@@ -4,7 +4,7 @@ import { mkdirSync } from "node:fs";
 import { dirname } from "node:path";
 import mysql from "mysql2/promise";
 import { Unavailable } from "./errors.ts";
-import type { MasterKeyring, Sealed } from "./keyring.ts";
+import { SealBroken, type MasterKeyring, type Sealed } from "./keyring.ts";
 import { checkTableName } from "./store.ts";
 
 export interface TokenRow extends Sealed {
@@ -163,10 +163,28 @@ export class TokenVault {
     await this.store.put({ clientId, tokenType, ...sealed, updatedAt: Date.now() });
   }
 
-  /** The plaintext token, or undefined for an unknown client/type. */
+  /**
+   * The plaintext token, or undefined for an unknown client/type. A seal that does not open with the keys in
+   * memory may be newer or older than them: `token rotate-key`, another process, adds a version, re-seals every
+   * row and retires the old version. So the keyring is re-read from its file and the row once more from the
+   * store, and only a seal that still does not open is an error (#11 M4: no release fails during a rotation).
+   */
   async reveal(clientId: string, tokenType: string): Promise<string | undefined> {
+    const context = TokenVault.context(clientId, tokenType);
     const row = await this.store.get(clientId, tokenType);
-    return row && this.keyring.open(row, TokenVault.context(clientId, tokenType));
+    if (!row) return undefined;
+    try {
+      return this.keyring.open(row, context);
+    } catch (error) {
+      if (!(error instanceof SealBroken)) throw error;
+    }
+    try {
+      this.keyring.reload();
+    } catch {
+      throw new SealBroken(); // the KeyServer's keyring watcher logs why the file does not read
+    }
+    const again = await this.store.get(clientId, tokenType);
+    return again && this.keyring.open(again, context);
   }
 
   /** Re-seals every token under a new master key version, then retires versions no row uses. */

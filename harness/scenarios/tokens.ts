@@ -1,35 +1,39 @@
-// The token path: KeyServer releases a sealed token only to the SecureProxy, which calls the marketplace with it.
+// The token path: KeyServer releases a sealed token only to the SecureProxy, on behalf of a caller the policy
+// allows, and the proxy calls the marketplace with it.
 import { readdirSync, readFileSync } from "node:fs";
 import { join } from "node:path";
 import { loadIdentity, mutualTlsClientOptions } from "../../shared/tls.ts";
-import { expectThat } from "../cluster.ts";
+import { expectThat, waitFor } from "../cluster.ts";
 import type { Scenario } from "../scenario.ts";
 import { startTokenStack } from "../token-stack.ts";
 
 export const tokens: Scenario = {
   name: "tokens",
-  description: "KeyServer + SecureProxy + marketplace: tokens sealed at rest, released only to the proxy",
+  description: "KeyServer + SecureProxy + marketplace: tokens sealed at rest, released only to the proxy, for the caller the policy allows",
   async run({ cluster, ports, tokenDb, step, summary }) {
     step("seeding a token with the KeyServer's admin CLI, starting KeyServer, marketplace and SecureProxy");
     const stack = await startTokenStack(cluster, ports, tokenDb);
     const listed = await cluster.run("keyserver-admin", "keyserver", ["token", "list", "--data", stack.dataDir, "--db", tokenDb]);
     summary.push(...listed.lines.map((l) => `token list: ${l.trim()}`));
     const itemUri = `${stack.marketplace.replace("127.0.0.1", "localhost")}/api/item`;
+    const item = { ClientId: "client1", TokenType: "marketplace", ApiUri: itemUri };
 
     step("client1's application asks the proxy to call the marketplace");
-    const ok = await stack.requestApi({ ClientId: "client1", TokenType: "marketplace", ApiUri: itemUri });
-    summary.push(`proxy → marketplace: ${ok.status} ${JSON.stringify(ok.body)}`);
+    const ok = await stack.requestApi(item);
+    summary.push(`client1 → proxy → marketplace: ${ok.status} ${JSON.stringify(ok.body)}`);
     expectThat(ok.status === 200 && (ok.body.item as { id?: number })?.id === 1, `expected 200 with the item, got ${ok.status} ${JSON.stringify(ok.body)}`);
 
-    step("an unknown client gets 404; ApiUri off the allowlist, or internal, gets 403 and nothing is sent");
-    const expectations: [string, Record<string, string>, number][] = [
-      ["unknown client", { ClientId: "nobody", TokenType: "marketplace", ApiUri: itemUri }, 404],
-      ["host off the allowlist", { ClientId: "client1", TokenType: "marketplace", ApiUri: "https://attacker.example/steal" }, 403],
-      ["internal address", { ClientId: "client1", TokenType: "marketplace", ApiUri: "https://169.254.169.254/latest/meta-data/" }, 403],
-      ["plain http", { ClientId: "client1", TokenType: "marketplace", ApiUri: itemUri.replace("https:", "http:") }, 403],
+    step("other identities asking for client1's token get 403; ApiUri off the allowlist, or internal, gets 403; nothing is sent");
+    const expectations: [string, Record<string, string>, string, number][] = [
+      ["client2 asks for client1's token", item, "client2", 403],
+      ["the coordinator asks for client1's token", item, "coordinator", 403],
+      ["client1 asks for an unknown client's token", { ...item, ClientId: "nobody" }, "client1", 403],
+      ["host off the allowlist", { ...item, ApiUri: "https://attacker.example/steal" }, "client1", 403],
+      ["internal address", { ...item, ApiUri: "https://169.254.169.254/latest/meta-data/" }, "client1", 403],
+      ["plain http", { ...item, ApiUri: itemUri.replace("https:", "http:") }, "client1", 403],
     ];
-    for (const [label, body, status] of expectations) {
-      const answer = await stack.requestApi(body);
+    for (const [label, body, caller, status] of expectations) {
+      const answer = await stack.requestApi(body, caller);
       summary.push(`${label}: ${answer.status} ${JSON.stringify(answer.body)}`);
       expectThat(answer.status === status, `${label}: expected ${status}, got ${answer.status} ${JSON.stringify(answer.body)}`);
     }
@@ -42,13 +46,39 @@ export const tokens: Scenario = {
     summary.push(`client1 → KeyServer: ${direct.status} ${await direct.text()}`);
     expectThat(direct.status === 403, `expected 403 for client1 at the KeyServer, got ${direct.status}`);
 
+    step("token rotate-key twice while client1's calls keep going: none may fail");
+    let released = 0;
+    const failed: string[] = [];
+    let rotating = true;
+    const traffic = (async () => {
+      while (rotating) {
+        const answer = await stack.requestApi(item);
+        if (answer.status === 200) released++;
+        else failed.push(`${answer.status} ${JSON.stringify(answer.body)}`);
+      }
+    })();
+    for (const round of [1, 2]) {
+      const rotated = await cluster.run(`keyserver-rotate-${round}`, "keyserver", ["token", "rotate-key", "--data", stack.dataDir, "--db", tokenDb]);
+      expectThat(rotated.exitCode === 0, `token rotate-key failed:\n${rotated.lines.join("\n")}`);
+      summary.push(`token rotate-key: ${rotated.lines.join(" ").trim()}`);
+      const before = released + failed.length;
+      await waitFor(`calls after rotation ${round}`, () => released + failed.length >= before + 3);
+    }
+    rotating = false;
+    await traffic;
+    summary.push(`calls during the rotations: ${released} released, ${failed.length} failed`);
+    expectThat(failed.length === 0, `calls failed during rotate-key: ${failed.slice(0, 3).join("; ")}`);
+    const after = await cluster.run("keyserver-admin", "keyserver", ["token", "list", "--data", stack.dataDir, "--db", tokenDb]);
+    summary.push(...after.lines.map((l) => `token list: ${l.trim()}`));
+
     step("no log holds the token");
     const marketplaceCalls = cluster.role("marketplace").lines.filter((l) => l.includes("GET /api/item"));
-    expectThat(marketplaceCalls.length === 1, `the marketplace should have been called once, saw ${marketplaceCalls.length}`);
+    expectThat(marketplaceCalls.length === 1 + released, `the marketplace should have been called ${1 + released} times, saw ${marketplaceCalls.length}`);
     const logDir = cluster.logDir;
     for (const file of readdirSync(logDir).filter((f) => f.endsWith(".log"))) {
       expectThat(!readFileSync(join(logDir, file), "utf8").includes(stack.token), `${file} contains the token`);
     }
-    summary.push(`audit: ${cluster.role("keyserver").lines.filter((l) => l.startsWith("AUDIT")).length} release attempts logged, no token in any log`);
+    const audit = cluster.role("keyserver").lines.filter((l) => l.startsWith("AUDIT"));
+    summary.push(`audit: ${audit.length} release attempts logged, no token in any log; the first: ${audit[0]?.replace(/^AUDIT \S+ /, "")}`);
   },
 };
