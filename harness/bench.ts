@@ -6,9 +6,10 @@ import { join } from "node:path";
 import { loadFernetKeys } from "../shared/config.ts";
 import { Fernet } from "../shared/fernet.ts";
 import { MeshClient } from "../shared/mesh-client.ts";
+import { FORWARDER_HEADER, FORWARDER_LIFETIME_S, PROOF_HEADER, PROOF_LIFETIME_S, ProofSigner } from "../shared/proof.ts";
 import { runPython, PYTHON } from "../shared/testing/python.ts";
 import { loadIdentity, mutualTlsClientOptions } from "../shared/tls.ts";
-import { openJoseResponse, prepareJoseRequest } from "../shared/token-exchange.ts";
+import { ON_BEHALF_OF_HEADER, openJoseResponse, prepareJoseRequest } from "../shared/token-exchange.ts";
 import { expectThat, type Cluster } from "./cluster.ts";
 import { ensureHaproxy, startHaproxy } from "./haproxy.ts";
 import { Latencies, runLoad, type LatencySummary } from "./load.ts";
@@ -133,6 +134,9 @@ export async function runBench(options: BenchOptions): Promise<BenchReport> {
   const rounds = Math.max(1, Math.min(5, Math.floor(durationS / 2)));
   const sliceMs = (durationS * 1000) / rounds;
 
+  // HAProxy carries one forwarder assertion for the whole run; it must not run out part-way.
+  const estimatedS = 15 * durationS + 60;
+  expectThat(estimatedS < FORWARDER_LIFETIME_S, `--duration ${durationS}: the run takes about ${estimatedS} s, longer than the ${FORWARDER_LIFETIME_S} s the HAProxy baseline's forwarder assertion lives; use --duration 15 or less`);
   const haproxyVersion = ensureHaproxy((line) => progress.line(line));
   const pythonVersions = await runPython("import sys, cryptography; print(sys.version.split()[0], cryptography.__version__)");
   const [pythonVersion, cryptographyVersion] = pythonVersions.split(" ");
@@ -142,19 +146,34 @@ export async function runBench(options: BenchOptions): Promise<BenchReport> {
   const servers = await Promise.all([cluster.startServer("server1", ports.server1), cluster.startServer("server2", ports.server2)]);
   const healthArgs = ["--health-interval", String(HEALTH.intervalMs), "--health-timeout", String(HEALTH.timeoutMs), "--fall", String(HEALTH.fall), "--rise", String(HEALTH.rise)];
   const coordinator = await cluster.startCoordinator("coordinator", ports.coordinator, servers, healthArgs);
-  const haproxy = await startHaproxy(cluster, { pki: cluster.pki, dir: cluster.logDir, port: ports.haproxy, servers, health: HEALTH });
-  const tokens = await startTokenStack(cluster, ports, options.tokenDb);
+  // The direct path and HAProxy forward as the coordinator does: with its forwarder assertion (#11).
+  const forwarded = { [FORWARDER_HEADER]: await new ProofSigner(loadIdentity(cluster.pki, "coordinator")).forwarderAssertion() };
+  const haproxy = await startHaproxy(cluster, { pki: cluster.pki, dir: cluster.logDir, port: ports.haproxy, servers, health: HEALTH, forwarderAssertion: forwarded[FORWARDER_HEADER] });
+  // The load generator asks for client1 far faster than any real client: a per-caller nonce quota fit for it.
+  const tokens = await startTokenStack(cluster, ports, options.tokenDb, { keyserverArgs: ["--replay-quota", "1000000"] });
 
   // Each worker speaks with its own client's certificate, alternating client1 and client2.
   const identities = ["client1", "client2"].map((name) => loadIdentity(cluster.pki, name));
   const clientTls = identities.map(mutualTlsClientOptions);
   const fernet = new Fernet(loadFernetKeys(cluster.pki));
-  const writers = (target: string) => identities.map((identity) => new MeshClient({ identity, fernet, coordinators: [target], attempts: 1 }));
-  const writerFor = new Map([servers[0]!, coordinator, haproxy].map((target) => [target, writers(target)] as const));
+  const direct = servers[0]!;
+  const writers = (target: string) => identities.map((identity) => new MeshClient({ identity, fernet, coordinators: [target], attempts: 1, headers: target === direct ? forwarded : {} }));
+  const writerFor = new Map([direct, coordinator, haproxy].map((target) => [target, writers(target)] as const));
 
+  // A client re-uses a read proof while it is young, as servers cache verified proofs: one signature per proof.
+  const readers = writerFor.get(coordinator)!;
+  const readProofs = readers.map(() => ({ headers: {} as Record<string, string>, signedAt: -Infinity }));
+  const readProof = async (worker: number) => {
+    const proof = readProofs[worker % 2]!;
+    if (performance.now() - proof.signedAt > (PROOF_LIFETIME_S * 1000) / 2) {
+      proof.signedAt = performance.now();
+      proof.headers = await readers[worker % 2]!.readProof("/api/get_cached_data");
+    }
+    return proof.headers[PROOF_HEADER]!;
+  };
   const read = (target: string, refresh: boolean) => async (worker: number) => {
     const response = await fetch(`${target}/api/get_cached_data`, {
-      headers: refresh ? { "cache-control": "no-cache" } : {},
+      headers: { [PROOF_HEADER]: await readProof(worker), ...(target === direct ? forwarded : {}), ...(refresh ? { "cache-control": "no-cache" } : {}) },
       tls: clientTls[worker % 2],
       signal: AbortSignal.timeout(5000),
     });
@@ -171,7 +190,9 @@ export async function runBench(options: BenchOptions): Promise<BenchReport> {
   const keyserverKey = createPublicKey(publicPem);
   const release = async () => {
     const prepared = await prepareJoseRequest(keyserverKey, "client1", "marketplace");
-    const response = await fetch(tokens.keyserver, { method: "POST", headers: { "content-type": prepared.contentType }, body: prepared.body, tls: keyserverTls, signal: AbortSignal.timeout(5000) });
+    // As the SecureProxy asks: for client1, whose proxy.use the KeyServer checks again (#11).
+    const headers = { "content-type": prepared.contentType, [ON_BEHALF_OF_HEADER]: "spiffe://securemesh/client/client1" };
+    const response = await fetch(tokens.keyserver, { method: "POST", headers, body: prepared.body, tls: keyserverTls, signal: AbortSignal.timeout(5000) });
     if (response.status !== 200) return `answered ${response.status}`;
     return (await openJoseResponse(await response.text(), prepared.sessionKey)) === tokens.token || "wrong token";
   };

@@ -2,6 +2,7 @@
 import { execFileSync } from "node:child_process";
 import { chmodSync, readFileSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
+import { FORWARDER_HEADER } from "../shared/proof.ts";
 import type { Cluster } from "./cluster.ts";
 
 export const HAPROXY = process.env.HAPROXY_PATH ?? "haproxy";
@@ -33,9 +34,14 @@ export interface HaproxyOptions {
   port: number;
   servers: string[];
   health: { intervalMs: number; fall: number; rise: number; timeoutMs: number };
+  /**
+   * The coordinator's forwarder assertion, set on every request HAProxy forwards (replacing any a client sent):
+   * servers serve only requests forwarded by an identity the policy lets forward (#11), and HAProxy cannot sign.
+   */
+  forwarderAssertion: string;
 }
 
-export function haproxyConfig({ pki, dir, port, servers, health }: HaproxyOptions): string {
+export function haproxyConfig({ pki, dir, port, servers, health, forwarderAssertion }: HaproxyOptions): string {
   // HAProxy wants certificate and key in one file; it gets the coordinator's identity, as the coordinator has.
   const bundle = join(dir, "coordinator_bundle.pem");
   writeFileSync(bundle, readFileSync(join(pki, "coordinator_cert.pem"), "utf8") + readFileSync(join(pki, "coordinator_key.pem"), "utf8"), { mode: 0o600 });
@@ -59,6 +65,7 @@ export function haproxyConfig({ pki, dir, port, servers, health }: HaproxyOption
     "  option redispatch",
     "frontend mesh",
     `  bind 127.0.0.1:${port} ssl crt ${bundle} ca-file ${ca} verify required`,
+    `  http-request set-header ${FORWARDER_HEADER} ${forwarderAssertion}`,
     "  default_backend servers",
     "backend servers",
     "  balance roundrobin",
