@@ -147,7 +147,8 @@ export async function runBench(options: BenchOptions): Promise<BenchReport> {
   const healthArgs = ["--health-interval", String(HEALTH.intervalMs), "--health-timeout", String(HEALTH.timeoutMs), "--fall", String(HEALTH.fall), "--rise", String(HEALTH.rise)];
   const coordinator = await cluster.startCoordinator("coordinator", ports.coordinator, servers, healthArgs);
   // The direct path and HAProxy forward as the coordinator does: with its forwarder assertion (#11).
-  const forwarded = { [FORWARDER_HEADER]: await new ProofSigner(loadIdentity(cluster.pki, "coordinator")).forwarderAssertion() };
+  const coordinatorIdentity = loadIdentity(cluster.pki, "coordinator");
+  const forwarded = { [FORWARDER_HEADER]: await new ProofSigner(coordinatorIdentity).forwarderAssertion() };
   const haproxy = await startHaproxy(cluster, { pki: cluster.pki, dir: cluster.logDir, port: ports.haproxy, servers, health: HEALTH, forwarderAssertion: forwarded[FORWARDER_HEADER] });
   // The load generator asks for client1 far faster than any real client: a per-caller nonce quota fit for it.
   const tokens = await startTokenStack(cluster, ports, options.tokenDb, { keyserverArgs: ["--replay-quota", "1000000"] });
@@ -157,7 +158,8 @@ export async function runBench(options: BenchOptions): Promise<BenchReport> {
   const clientTls = identities.map(mutualTlsClientOptions);
   const fernet = new Fernet(loadFernetKeys(cluster.pki));
   const direct = servers[0]!;
-  const writers = (target: string) => identities.map((identity) => new MeshClient({ identity, fernet, coordinators: [target], attempts: 1, headers: target === direct ? forwarded : {} }));
+  const writers = (target: string) => identities.map((identity) =>
+    new MeshClient({ identity, fernet, coordinators: [target], attempts: 1, forwardedBy: target === direct ? coordinatorIdentity : undefined }));
   const writerFor = new Map([direct, coordinator, haproxy].map((target) => [target, writers(target)] as const));
 
   // A client re-uses a read proof while it is young, as servers cache verified proofs: one signature per proof.

@@ -216,8 +216,16 @@ export class Cluster implements AsyncDisposable {
   }
 
   /** A client that talks to the cluster in-process, through the same module the client role uses. */
-  client(name: string, coordinators: string[]): MeshClient {
-    return new MeshClient({ identity: loadIdentity(this.#options.pki, name), fernet: new Fernet(loadFernetKeys(this.#options.pki)), coordinators });
+  /**
+   * A client of the named identity. `forwardedBy` names an identity whose forwarder assertion every request
+   * carries, so a test can talk to one server directly, as the coordinator would forward to it.
+   */
+  client(name: string, coordinators: string[], options: { forwardedBy?: string } = {}): MeshClient {
+    const pki = this.#options.pki;
+    return new MeshClient({
+      identity: loadIdentity(pki, name), fernet: new Fernet(loadFernetKeys(pki)), coordinators,
+      forwardedBy: options.forwardedBy === undefined ? undefined : loadIdentity(pki, options.forwardedBy),
+    });
   }
 
   get pki(): string {

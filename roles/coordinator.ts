@@ -7,8 +7,8 @@ import { createLogger, type Logger } from "../shared/log.ts";
 import { Metrics } from "../shared/metrics.ts";
 import { PROOF_HEADER, ProofSigner } from "../shared/proof.ts";
 import { createAdminApp } from "../shared/status-page.ts";
-import { assertSafeTlsEnvironment, mutualTlsClientOptions, mutualTlsServerOptions, type Identity } from "../shared/tls.ts";
-import { UpstreamPool, type ClientTls } from "../shared/upstream.ts";
+import { assertSafeTlsEnvironment, mutualTlsClientOptions, mutualTlsServerOptions } from "../shared/tls.ts";
+import { UpstreamPool } from "../shared/upstream.ts";
 
 const USAGE = `
 Usage: bun roles/coordinator.ts [PORT] [options]
@@ -153,16 +153,16 @@ async function main(): Promise<void> {
   let pool: UpstreamPool;
   let trust: TrustMaterial;
   let signer: ProofSigner;
-  // Only a server identity may answer for a server: the handshake to anything else is refused.
-  const upstreamTls = (identity: Identity): ClientTls => ({ ...mutualTlsClientOptions(identity), checkServerIdentity: expectPeer(config.expectServer) });
   try {
     assertSafeTlsEnvironment();
     config = parseCoordinatorConfig(process.argv.slice(2));
     trust = TrustMaterial.open(config.pki, "coordinator");
     signer = new ProofSigner(trust.identity);
     pool = new UpstreamPool({
-      servers: config.servers, tls: upstreamTls(trust.identity), logger, timeoutMs: config.timeoutMs, health: config.health,
+      servers: config.servers, tls: mutualTlsClientOptions(trust.identity), logger, timeoutMs: config.timeoutMs, health: config.health,
       forwarderAssertion: () => signer.forwarderAssertion(),
+      // Only a server identity may answer for a server: a probe meeting anything else takes it out of rotation.
+      expectIdentity: expectPeer(config.expectServer),
     });
   } catch (error) {
     exitWithConfigError("coordinator", error);
@@ -175,7 +175,7 @@ async function main(): Promise<void> {
   const port = listener.port;
   trust.onReload(async (identity) => {
     signer = new ProofSigner(identity);
-    pool.setTls(upstreamTls(identity));
+    pool.setTls(mutualTlsClientOptions(identity));
     await listener.reload(mutualTlsServerOptions(identity));
   }).watch(logger);
   let admin: ReturnType<typeof createAdminApp> | null = null;

@@ -5,7 +5,7 @@ import { MeshError } from "./errors.ts";
 import type { DataSnapshot } from "./data-view.ts";
 import type { Fernet } from "./fernet.ts";
 import { describeNetworkError, printable } from "./log.ts";
-import { PROOF_HEADER, ProofSigner } from "./proof.ts";
+import { FORWARDER_HEADER, PROOF_HEADER, ProofSigner } from "./proof.ts";
 import { mutualTlsClientOptions, type Identity } from "./tls.ts";
 
 export interface MeshClientOptions {
@@ -17,8 +17,11 @@ export interface MeshClientOptions {
   /** Rounds over all coordinators before giving up. */
   attempts?: number;
   backoffMs?: number;
-  /** Sent with every request; the bench's direct path sends the coordinator's forwarder assertion this way. */
-  headers?: Record<string, string>;
+  /**
+   * Talk to a server directly, as this forwarding identity would (the bench's direct path, tests of one server):
+   * every request carries its forwarder assertion. Needs that identity's key, as a coordinator has.
+   */
+  forwardedBy?: Identity;
 }
 
 export interface CachedDataAnswer {
@@ -46,14 +49,16 @@ export interface MeshResponse<T = Record<string, unknown>> {
 
 export class MeshClient {
   readonly name: string;
-  readonly #options: Required<MeshClientOptions>;
+  readonly #options: Required<Omit<MeshClientOptions, "forwardedBy">>;
   readonly #signer: ProofSigner;
+  readonly #forwarder: ProofSigner | null;
   readonly #tls: ReturnType<typeof mutualTlsClientOptions>;
 
   constructor(options: MeshClientOptions) {
     if (options.coordinators.length === 0) throw new TypeError("at least one coordinator URL is needed");
-    this.#options = { timeoutMs: 5000, attempts: 3, backoffMs: 200, headers: {}, ...options };
+    this.#options = { timeoutMs: 5000, attempts: 3, backoffMs: 200, ...options };
     this.#signer = new ProofSigner(options.identity);
+    this.#forwarder = options.forwardedBy ? new ProofSigner(options.forwardedBy) : null;
     this.#tls = mutualTlsClientOptions(options.identity);
     this.name = options.identity.name;
   }
@@ -106,6 +111,7 @@ export class MeshClient {
    */
   async request<T = Record<string, unknown>>(method: string, path: string, body?: unknown, headers: Record<string, string> = {}): Promise<MeshResponse<T>> {
     const { coordinators, attempts, backoffMs, timeoutMs } = this.#options;
+    const forwarded: Record<string, string> = this.#forwarder ? { [FORWARDER_HEADER]: await this.#forwarder.forwarderAssertion() } : {};
     let last = "";
     for (let round = 0; round < attempts; round++) {
       if (round > 0) await setTimeout(backoffMs * 2 ** (round - 1));
@@ -113,7 +119,7 @@ export class MeshClient {
         try {
           const response = await fetch(coordinator.replace(/\/+$/, "") + path, {
             method,
-            headers: { ...this.#options.headers, ...(body === undefined ? {} : { "content-type": "application/json" }), ...headers },
+            headers: { ...forwarded, ...(body === undefined ? {} : { "content-type": "application/json" }), ...headers },
             body: body === undefined ? undefined : JSON.stringify(body),
             tls: this.#tls,
             signal: AbortSignal.timeout(timeoutMs),

@@ -1,4 +1,5 @@
 import { afterAll, beforeAll, expect, test } from "bun:test";
+import { expectPeer } from "./authz/expect-peer.ts";
 import { createLogger } from "./log.ts";
 import { testPki } from "./testing/pki.ts";
 import { loadIdentity, mutualTlsClientOptions, mutualTlsServerOptions } from "./tls.ts";
@@ -51,4 +52,21 @@ test("with every server out of rotation, forward answers 503 without trying", as
   await pool.checkAll();
   await expect(pool.forward({ method: "GET", path: "/x", headers: new Headers() })).rejects.toMatchObject({ status: 503, message: "no server is up" });
   healthStatus = 200;
+});
+
+test("#11: a server enters rotation only once a probe has seen the expected identity, and leaves at once on another", async () => {
+  const pki = await testPki();
+  const expecting = (expected: string) => new UpstreamPool({
+    servers: [`https://127.0.0.1:${server.port}`], tls: mutualTlsClientOptions(loadIdentity(pki, "coordinator")),
+    logger: createLogger("coordinator", { format: "text", color: false, write: () => {} }),
+    health: { fall: 2, rise: 2, timeoutMs: 1000 }, expectIdentity: expectPeer(expected),
+  });
+  const right = expecting("spiffe://securemesh/server/*");
+  expect(right.snapshot()[0]!.up).toBe(false); // not before its identity is seen
+  await right.checkAll();
+  expect(right.snapshot()[0]!.up).toBe(true); // the first good probe is enough at start
+  const wrong = expecting("spiffe://securemesh/keyserver/*");
+  await wrong.checkAll();
+  expect(wrong.snapshot()[0]).toMatchObject({ up: false, lastError: "ERR_UNEXPECTED_PEER: reached spiffe://securemesh/server/server, expected spiffe://securemesh/keyserver/*" });
+  await expect(wrong.forward({ method: "GET", path: "/x", headers: new Headers() })).rejects.toMatchObject({ status: 503 });
 });

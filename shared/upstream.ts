@@ -10,9 +10,10 @@ export interface ClientTls {
   key: string;
   ca: string;
   rejectUnauthorized: boolean;
-  /** Which identity the upstream must present (see shared/authz/expect-peer.ts). */
-  checkServerIdentity?: (hostname: string, cert: PeerCertificate) => Error | undefined;
 }
+
+/** A checkServerIdentity: undefined when the certificate is the one expected (see shared/authz/expect-peer.ts). */
+export type IdentityCheck = (hostname: string, cert: PeerCertificate) => Error | undefined;
 
 export interface HealthCheckOptions {
   intervalMs: number;
@@ -31,6 +32,13 @@ export interface UpstreamOptions {
   timeoutMs?: number;
   /** The forwarder assertion sent with every forwarded request, so servers know who forwards (#11). */
   forwarderAssertion?: () => Promise<string>;
+  /**
+   * Which identity a server must present. Bun's fetch opens a new TLS connection for every request that carries
+   * a checkServerIdentity (measured: 1.6 ms against 0.27 ms per request), so the check runs in the health probes,
+   * each on a fresh handshake: a server enters rotation only once a probe has seen its identity, and leaves it
+   * at once when a probe meets another. Forwarded requests then use the kept-alive connections.
+   */
+  expectIdentity?: IdentityCheck;
   health?: Partial<HealthCheckOptions>;
 }
 
@@ -73,6 +81,8 @@ const NEVER_REACHED = new Set(["ECONNREFUSED", "ENOTFOUND", "EHOSTUNREACH", "ENE
 interface Server extends UpstreamState {
   okStreak: number;
   failStreak: number;
+  /** A probe has seen the expected identity (always true without expectIdentity). */
+  verified: boolean;
 }
 
 export function neverReachedServer(error: unknown): boolean {
@@ -84,6 +94,7 @@ export class UpstreamPool {
   readonly #servers: Server[];
   #tls: ClientTls;
   readonly #forwarderAssertion: (() => Promise<string>) | undefined;
+  readonly #expectIdentity: IdentityCheck | undefined;
   readonly #logger: Logger;
   readonly #timeoutMs: number;
   readonly #health: HealthCheckOptions;
@@ -96,7 +107,10 @@ export class UpstreamPool {
     if (options.servers.length === 0) throw new TypeError("the pool needs at least one server");
     this.#servers = options.servers.map((url) => ({
       url: url.replace(/\/+$/, ""),
-      up: true, // optimistic until the first probe: a dead server costs one failover, not an outage at start
+      // Optimistic until the first probe (a dead server costs one failover, not an outage at start), unless its
+      // identity must be seen first.
+      up: !options.expectIdentity,
+      verified: !options.expectIdentity,
       lastCheckedAt: null,
       latencyMs: null,
       requests: 0,
@@ -108,6 +122,7 @@ export class UpstreamPool {
     }));
     this.#tls = options.tls;
     this.#forwarderAssertion = options.forwarderAssertion;
+    this.#expectIdentity = options.expectIdentity;
     this.#logger = options.logger;
     this.#timeoutMs = options.timeoutMs ?? 2000;
     this.#health = { ...DEFAULT_HEALTH, ...options.health };
@@ -123,7 +138,7 @@ export class UpstreamPool {
   }
 
   snapshot(): UpstreamState[] {
-    return this.#servers.map(({ okStreak: _ok, failStreak: _fail, ...state }) => ({ ...state }));
+    return this.#servers.map(({ okStreak: _ok, failStreak: _fail, verified: _verified, ...state }) => ({ ...state }));
   }
 
   /** Exposes per-server state and the retry count on a role's /metrics, read at scrape time. */
@@ -240,12 +255,18 @@ export class UpstreamPool {
     const started = performance.now();
     let failure: string | null = null;
     try {
-      const response = await fetch(`${server.url}/health`, { tls: this.#tls, signal: AbortSignal.timeout(this.#health.timeoutMs) });
+      const tls = this.#expectIdentity ? { ...this.#tls, checkServerIdentity: this.#expectIdentity } : this.#tls;
+      const response = await fetch(`${server.url}/health`, { tls, signal: AbortSignal.timeout(this.#health.timeoutMs) });
       const body = (await response.json().catch(() => null)) as Record<string, unknown> | null;
       if (response.status === 200) server.health = body;
       else failure = `health check answered ${response.status}`;
     } catch (error) {
       failure = reason(error);
+      if ((error as { code?: string }).code === "ERR_UNEXPECTED_PEER") {
+        // Not a flap: whatever answers there is not a server. Out at once, and its identity must be seen again.
+        server.verified = false;
+        server.failStreak = this.#health.fall;
+      }
     }
     server.lastCheckedAt = Date.now();
     server.latencyMs = Math.round((performance.now() - started) * 10) / 10;
@@ -253,7 +274,9 @@ export class UpstreamPool {
       server.failStreak = 0;
       server.okStreak += 1;
       server.lastError = null;
-      if (!server.up && server.okStreak >= this.#health.rise) {
+      const firstVerified = !server.verified;
+      server.verified = true;
+      if (!server.up && (firstVerified || server.okStreak >= this.#health.rise)) {
         server.up = true;
         this.#logger.info(`Server ${server.url} is back in rotation`, { upstream: server.url });
       }

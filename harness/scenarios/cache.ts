@@ -72,7 +72,7 @@ export const cache: Scenario = {
     await waitFor("server 2 back in rotation", async () =>
       ((await cluster.health(coordinator))?.body.servers as { url: string; up: boolean }[] | undefined)?.find((s) => s.url === url(ports.server2))?.up);
 
-    const direct = cluster.client("client1", [url(ports.server2)]);
+    const direct = cluster.client("client1", [url(ports.server2)], { forwardedBy: "coordinator" });
     const afterPartition = await direct.readCachedData();
     summary.push(`read from server 2 after SIGCONT: ${afterPartition.cached ? "hit" : "miss"}, newest #${afterPartition.snapshot.latest[0]?.id}`);
     expectThat(afterPartition.snapshot.latest.some((r) => r.id === hidden.id), `server 2 served a view without record ${hidden.id}: stale read after partition`);
