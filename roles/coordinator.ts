@@ -114,9 +114,11 @@ export function createCoordinatorApp({ pool, logger, metrics = new Metrics() }: 
       if (acknowledged.length === 0) set.status = failed.every((f) => f.status !== null) ? failed[0]!.status! : 503;
       return { result: acknowledged.length > 0 ? "ok" : "failed", complete: failed.length === 0, acknowledged, failed };
     }, { parse: "none" })
-    .get("/api/cache_stats", async ({ request }) => {
+    .get("/api/cache_stats", async ({ request, set }) => {
       const proof = request.headers.get(PROOF_HEADER);
       const outcomes = await pool.broadcast("GET", "/api/cache_stats", new Headers(proof ? { [PROOF_HEADER]: proof } : {}));
+      // No server answered: if every one refused (401, 403), their answer is the answer, as for invalidation.
+      if (!outcomes.some((o) => o.ok)) set.status = outcomes.every((o) => o.status !== null) ? outcomes[0]!.status! : 503;
       return {
         servers: outcomes.map((o) => (o.ok ? { url: o.server, ...JSON.parse(new TextDecoder().decode(o.body)) } : { url: o.server, error: o.status === null ? o.error : `answered ${o.status}` })),
       };

@@ -190,7 +190,10 @@ async function main(): Promise<void> {
     .catch((error) => exitWithConfigError("server", error));
   // With port 0 the bound port is only known now; records must name the real one.
   serverDeps.port = listener.port;
-  trust.onReload((identity) => listener.reload(mutualTlsServerOptions(identity))).watch(logger);
+  // Revocation needs no TLS swap here: every request's forwarder assertion and proof are checked against the live
+  // CRL. A swap closes the coordinator's kept-alive connections (requests on them were reset), so it is kept for a
+  // new certificate, key or CA.
+  trust.onReload((identity, changed) => (changed.certificate ? listener.reload(mutualTlsServerOptions(identity)) : undefined)).watch(logger);
   deps.authz.watch();
   logger.info(`server listening on https://${config.host}:${listener.port} (store: ${describeStoreUrl(config.db)}; policy: ${displayPath(config.policy)})`);
 

@@ -81,11 +81,13 @@ export class MysqlStore implements RecordStore {
     }
     try {
       await conn.beginTransaction();
+      // The generation row's lock first: concurrent invalidations (and writes) queue on it, so the DELETE's gap
+      // locks never interleave with another transaction's INSERT (that was ER_LOCK_DEADLOCK, a 503).
+      await conn.execute(`UPDATE ${this.#table}_generation SET value = value + 1 WHERE id = 1`);
       if (proof) {
         await conn.execute(`DELETE FROM ${this.#table}_used_proofs WHERE expires_at < ?`, [Math.floor(Date.now() / 1000)]);
         await conn.execute(`INSERT INTO ${this.#table}_used_proofs (jti, server, expires_at) VALUES (?, ?, ?)`, [proof.jti, proof.server, proof.expiresAt]);
       }
-      await conn.execute(`UPDATE ${this.#table}_generation SET value = value + 1 WHERE id = 1`);
       const [rows] = await conn.execute<mysql.RowDataPacket[]>(`SELECT value FROM ${this.#table}_generation WHERE id = 1`);
       await conn.commit();
       return Number(rows[0]?.value ?? 0);

@@ -6,11 +6,17 @@ import { loadIdentity, type Identity } from "../tls.ts";
 import { watchFiles, type Watch } from "../watch.ts";
 import { parseCrl, type RevocationList } from "./crl.ts";
 
+/** What a reload changed: the role's own certificate, key or CA, and the CA's revocation list. */
+export interface TrustChange {
+  certificate: boolean;
+  revocations: boolean;
+}
+
 export class TrustMaterial {
   #identity: Identity;
   #revocations: RevocationList | null;
   readonly #dir: string;
-  readonly #listeners: ((identity: Identity) => unknown)[] = [];
+  readonly #listeners: ((identity: Identity, changed: TrustChange) => unknown)[] = [];
   #watch: Watch | null = null;
 
   private constructor(dir: string, identity: Identity, revocations: RevocationList | null) {
@@ -35,7 +41,7 @@ export class TrustMaterial {
   }
 
   /** Called with the new material after every successful reload: listeners swap their TLS contexts. */
-  onReload(listener: (identity: Identity) => unknown): this {
+  onReload(listener: (identity: Identity, changed: TrustChange) => unknown): this {
     this.#listeners.push(listener);
     return this;
   }
@@ -51,9 +57,14 @@ export class TrustMaterial {
       logger.error(`TLS material NOT reloaded, the previous one stays in force: ${(error as Error).message}`);
       return false;
     }
+    const before = this.#identity;
+    const changed: TrustChange = {
+      certificate: identity.cert !== before.cert || identity.key !== before.key || identity.ca !== before.ca,
+      revocations: identity.crl !== before.crl,
+    };
     this.#identity = identity;
     this.#revocations = revocations;
-    for (const listener of this.#listeners) await listener(identity);
+    for (const listener of this.#listeners) await listener(identity, changed);
     logger.info(`TLS material reloaded: ${revocations?.revoked.size ?? 0} revoked certificate(s) on the CRL`);
     return true;
   }
