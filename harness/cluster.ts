@@ -120,6 +120,11 @@ export class Cluster implements AsyncDisposable {
     this.#probeTls = mutualTlsClientOptions(loadIdentity(options.pki, "client1"));
   }
 
+  /** Adds to the environment of every role started from now on (a scenario's own policy file, say). */
+  addEnv(env: Record<string, string>): void {
+    this.#options.env = { ...this.#options.env, ...env };
+  }
+
   /** Starts `bun roles/<script>.ts args` with the cluster's PKI and environment, teeing its output to <logDir>/<name>.log. */
   #launch(name: string, script: string, args: string[], options: { env?: Record<string, string>; stdin?: string } = {}): RoleProcess {
     return this.#launchCommand(name, [process.execPath, join(REPO_ROOT, "roles", `${script}.ts`), ...args], options);

@@ -1,6 +1,8 @@
-// Hostile inputs, counted: each case runs N attempts and records every outcome that was not a refusal.
+// Hostile inputs, counted: each case runs N attempts and records every outcome that was not the expected one
+// (a refusal for most cases; an allow, a 403 or a measured bound for the regression cases of #11).
 import { mkdirSync } from "node:fs";
 import { join } from "node:path";
+import net from "node:net";
 import tls from "node:tls";
 import { REPO_ROOT } from "../shared/config.ts";
 import { readPkiFile } from "../shared/config.ts";
@@ -9,18 +11,21 @@ export interface CaseResult {
   role: string;
   name: string;
   attempts: number;
-  refused: number;
+  /** Attempts whose outcome was the expected one (for most cases: refused). */
+  asExpected: number;
   unexpected: string[];
 }
 
-/** Runs cases and keeps their counts; `attempt` returns null for the expected refusal, or what happened instead. */
+/** Runs cases and keeps their counts; `attempt` returns null for the expected outcome, or what happened instead. */
 export class Tally {
   readonly results: CaseResult[] = [];
+  /** Measured figures worth a line in the summary (how long until a slow connection was closed, …). */
+  readonly notes: string[] = [];
   /** `progress` gets a line per finished case; `status`, if given, a running count after every attempt. */
   constructor(private readonly progress: (line: string) => void = () => {}, private readonly status?: (text: () => string) => void) {}
 
   async run(role: string, name: string, attempts: number, attempt: (i: number) => Promise<string | null>, parallel = 1): Promise<CaseResult> {
-    const result: CaseResult = { role, name, attempts, refused: 0, unexpected: [] };
+    const result: CaseResult = { role, name, attempts, asExpected: 0, unexpected: [] };
     let next = 0;
     await Promise.all(Array.from({ length: parallel }, async () => {
       while (next < attempts) {
@@ -31,24 +36,24 @@ export class Tally {
         } catch (error) {
           outcome = `threw: ${(error as Error).message}`;
         }
-        if (outcome === null) result.refused += 1;
+        if (outcome === null) result.asExpected += 1;
         else if (result.unexpected.length < 5) result.unexpected.push(outcome); // a few examples are enough to act on
         this.status?.(() => `${role} ${name}: ${i + 1}/${attempts}, ${this.results.length} cases done`);
       }
     }));
     this.results.push(result);
-    this.progress(`${result.refused === attempts ? "ok  " : "FAIL"} ${role.padEnd(12)} ${name} ${result.refused}/${attempts}`);
+    this.progress(`${result.asExpected === attempts ? "ok  " : "FAIL"} ${role.padEnd(12)} ${name} ${result.asExpected}/${attempts}`);
     return result;
   }
 
   get failures(): CaseResult[] {
-    return this.results.filter((r) => r.refused !== r.attempts);
+    return this.results.filter((r) => r.asExpected !== r.attempts);
   }
 
-  /** The table the scenario prints: case, attempts, refused, unexpected outcomes. */
+  /** The table the scenario prints: case, attempts, how many came out as expected, the first unexpected outcome. */
   table(): string {
-    const rows = this.results.map((r) => [r.role, r.name, String(r.attempts), String(r.refused), r.unexpected.length ? r.unexpected[0]! : "0"]);
-    const header = ["role", "case", "attempts", "refused", "unexpected"];
+    const rows = this.results.map((r) => [r.role, r.name, String(r.attempts), String(r.asExpected), r.unexpected.length ? r.unexpected[0]! : "0"]);
+    const header = ["role", "case", "attempts", "as expected", "unexpected"];
     const widths = header.map((h, i) => Math.max(h.length, ...rows.map((r) => r[i]!.length)));
     const line = (cells: string[]) => `| ${cells.map((c, i) => c.padEnd(widths[i]!)).join(" | ")} |`;
     return [line(header), line(widths.map((w) => "-".repeat(w))), ...rows.map(line)].join("\n");
@@ -157,4 +162,131 @@ export async function clear4xx(response: Response, expected?: number): Promise<s
   } catch {
     return `status ${response.status} without JSON: ${text.slice(0, 80)}`;
   }
+}
+
+/** A mutual-TLS connection to `url` with `material`, once the handshake is done (rejects if it is refused). */
+export function connectTls(url: string, material: TlsMaterial): Promise<tls.TLSSocket> {
+  const { hostname, port } = new URL(url);
+  return new Promise((resolve, reject) => {
+    const socket = tls.connect({ host: hostname, port: Number(port), cert: material.cert, key: material.key, ca: material.ca, servername: "localhost" }, () => resolve(socket));
+    socket.once("error", reject);
+  });
+}
+
+/** Resolves with the time (performance.now()) at which `socket` closed, or null if it is still open after `limitMs`. */
+export function closedWithin(socket: net.Socket, limitMs: number): Promise<number | null> {
+  if (socket.destroyed) return Promise.resolve(performance.now());
+  return new Promise((resolve) => {
+    const timer = setTimeout(() => resolve(null), limitMs);
+    socket.once("close", () => {
+      clearTimeout(timer);
+      resolve(performance.now());
+    });
+  });
+}
+
+/**
+ * Opens a connection, sends the start of a request, then one more header byte every `everyMs`: how long until the
+ * role closes it (ms), or null when it is still open after `limitMs` (#11 M2: a deadline from accept, not an idle timer).
+ */
+export async function dribbleClosedAfter(url: string, material: TlsMaterial, everyMs: number, limitMs: number): Promise<number | null> {
+  const started = performance.now();
+  const socket = await connectTls(url, material);
+  socket.on("error", () => {});
+  socket.write("GET /health HTTP/1.1\r\nHost: localhost\r\nX-Slow: ");
+  const dribble = setInterval(() => {
+    if (socket.writable) socket.write("a");
+  }, everyMs);
+  try {
+    const closedAt = await closedWithin(socket, limitMs);
+    return closedAt === null ? null : closedAt - started;
+  } finally {
+    clearInterval(dribble);
+    socket.destroy();
+  }
+}
+
+export interface RawAnswer {
+  status: number;
+  headers: Record<string, string>;
+  body: string;
+}
+
+/** Parses one HTTP/1.1 answer as bytes read off the socket (Content-Length or chunked); null when there is none. */
+export function parseHttpAnswer(raw: string): RawAnswer | null {
+  const end = raw.indexOf("\r\n\r\n");
+  if (end < 0) return null;
+  const [statusLine, ...headerLines] = raw.slice(0, end).split("\r\n");
+  const status = Number(/^HTTP\/1\.[01] (\d{3})/.exec(statusLine ?? "")?.[1]);
+  if (!status) return null;
+  const headers: Record<string, string> = {};
+  for (const line of headerLines) {
+    const colon = line.indexOf(":");
+    if (colon > 0) headers[line.slice(0, colon).trim().toLowerCase()] = line.slice(colon + 1).trim();
+  }
+  let body = raw.slice(end + 4);
+  if (/chunked/i.test(headers["transfer-encoding"] ?? "")) {
+    let decoded = "";
+    for (let rest = body; ;) {
+      const lineEnd = rest.indexOf("\r\n");
+      const size = parseInt(rest.slice(0, lineEnd), 16);
+      if (lineEnd < 0 || !Number.isFinite(size) || size === 0) break;
+      decoded += rest.slice(lineEnd + 2, lineEnd + 2 + size);
+      rest = rest.slice(lineEnd + 2 + size + 2);
+    }
+    body = decoded;
+  } else if (headers["content-length"] !== undefined) {
+    body = body.slice(0, Number(headers["content-length"]));
+  }
+  return { status, headers, body };
+}
+
+/**
+ * Sends `head` and then `body` in chunked transfer encoding (no Content-Length: the role must count the bytes it
+ * reads), `chunkSize` bytes a chunk; resolves with everything the role answered before it closed or `limitMs`.
+ */
+export async function sendChunked(url: string, material: TlsMaterial, head: string, body: Uint8Array, chunkSize = 8192, limitMs = 10_000): Promise<string> {
+  const socket = await connectTls(url, material);
+  let answer = "";
+  socket.on("data", (chunk: Buffer) => (answer += chunk.toString("latin1")));
+  socket.on("error", () => {});
+  const closed = closedWithin(socket, limitMs);
+  socket.write(`${head.replace(/\r\n$/, "")}\r\nTransfer-Encoding: chunked\r\n\r\n`);
+  for (let at = 0; at < body.length && socket.writable; at += chunkSize) {
+    const chunk = body.subarray(at, at + chunkSize);
+    socket.write(`${chunk.length.toString(16)}\r\n`);
+    socket.write(chunk);
+    if (!socket.write("\r\n")) await new Promise((r) => socket.once("drain", r).once("close", r));
+  }
+  if (socket.writable) socket.write("0\r\n\r\n");
+  // The answer is complete when its declared length has arrived; the role may keep the connection open.
+  let over = false;
+  void closed.then(() => (over = true));
+  while (!over && !socket.destroyed) {
+    const parsed = parseHttpAnswer(answer);
+    if (parsed && (parsed.headers["content-length"] === undefined || parsed.body.length >= Number(parsed.headers["content-length"]))) break;
+    await Promise.race([closed, new Promise((r) => socket.once("data", r))]);
+  }
+  socket.destroy();
+  return answer;
+}
+
+/** Plain HTTP to a loopback listener with a chosen Host header (the admin listener's DNS-rebinding check). */
+export function plainHttp(url: string, request: string, limitMs = 5000): Promise<string> {
+  const { hostname, port } = new URL(url);
+  return new Promise((resolve) => {
+    let answer = "";
+    const socket = net.connect(Number(port), hostname, () => socket.write(request));
+    const timer = setTimeout(() => socket.destroy(), limitMs);
+    socket.on("data", (chunk) => {
+      answer += chunk.toString("latin1");
+      const parsed = parseHttpAnswer(answer);
+      if (parsed && parsed.headers["content-length"] !== undefined && parsed.body.length >= Number(parsed.headers["content-length"])) socket.destroy();
+    });
+    socket.on("error", () => {});
+    socket.on("close", () => {
+      clearTimeout(timer);
+      resolve(answer);
+    });
+  });
 }

@@ -1,12 +1,16 @@
-// The hostile cases of `bun harness security`, shared with harness/security.test.ts (which runs fewer attempts).
+// The hostile cases of `bun harness security`, shared with harness/security.test.ts (which runs fewer attempts):
+// hostile TLS and HTTP, crypto and application input, the authorization matrix and one case per finding of #11.
 import { readdirSync, readFileSync } from "node:fs";
 import { join } from "node:path";
 import { loadFernetKeys } from "../shared/config.ts";
 import { Fernet } from "../shared/fernet.ts";
-import { ProofSigner } from "../shared/proof.ts";
+import { MAX_CONNECTIONS_PER_ADDRESS } from "../shared/peer-tls.ts";
+import { FORWARDER_HEADER, ProofSigner } from "../shared/proof.ts";
 import { loadIdentity, mutualTlsClientOptions } from "../shared/tls.ts";
-import { prepareLegacyRequest, RsaKeyPair } from "../shared/token-exchange.ts";
+import { ON_BEHALF_OF_HEADER, prepareLegacyRequest, RsaKeyPair } from "../shared/token-exchange.ts";
+import { matrixIdentities, runAuthzMatrix, type MatrixResult } from "./authz-matrix.ts";
 import type { Cluster } from "./cluster.ts";
+import { runConnectionCapCase, runFindingCases, runSlowFindingCases, type FindingTargets, type Measurement } from "./findings.ts";
 import { clear4xx, rawHttp, slowHeadersClosed, tlsRefused, type Tally, type TlsMaterial } from "./hostile.ts";
 import type { TokenStack } from "./token-stack.ts";
 
@@ -22,8 +26,10 @@ export interface SecurityTargets {
 export interface SecurityOptions {
   tlsAttempts: number;
   httpAttempts: number;
-  slowloris: boolean;
 }
+
+/** Logs of roles started to be refused (a coordinator whose "servers" are not servers, …): their 5xx is the point. */
+export const REFUSING_ROLES = /^(refuses-|keyserver-quota)/;
 
 /** Marks the plaintext of hostile payloads, so the log scan can tell where it appears. */
 export const PLAINTEXT_MARKER = "plaintext-marker-7f3a";
@@ -52,21 +58,24 @@ export async function runSecurityChecks(t: SecurityTargets, tally: Tally, option
   // ---- HTTP: a clear 4xx JSON error for every malformed request
   const post = (url: string, tls: TlsMaterial, body: string | Uint8Array, type = "application/json", headers: Record<string, string> = {}) =>
     fetch(url, { method: "POST", headers: { "content-type": type, ...headers }, body, tls, signal: AbortSignal.timeout(10_000) });
-  const jsonRoutes: [string, string, TlsMaterial, string][] = [
-    ["server", `${t.server}/api/data`, client1, JSON.stringify({ data: "x", proof: "y", extra: 1 })],
-    ["coordinator", `${t.coordinator}/api/data`, client1, JSON.stringify({ data: "x", proof: "y", extra: 1 })],
-    ["keyserver", `${t.stack.keyserver}/`, proxyCert, JSON.stringify({ sessionKey: "a", clientId: "b", tokenType: "c", extra: 1 })],
-    ["secureproxy", `${t.stack.secureproxy}/request_api`, client1, JSON.stringify({ ClientId: "a", TokenType: "b", ApiUri: "c", extra: 1 })],
+  // A server serves only what a forwarder sends (#11 L4): the malformed input comes with the coordinator's assertion,
+  // so it reaches the parsing it is meant to test rather than stopping at the 403.
+  const forwarded = { [FORWARDER_HEADER]: await new ProofSigner(loadIdentity(pki, "coordinator")).forwarderAssertion() };
+  const jsonRoutes: [string, string, TlsMaterial, string, Record<string, string>][] = [
+    ["server", `${t.server}/api/data`, client1, JSON.stringify({ data: "x", proof: "y", extra: 1 }), forwarded],
+    ["coordinator", `${t.coordinator}/api/data`, client1, JSON.stringify({ data: "x", proof: "y", extra: 1 }), {}],
+    ["keyserver", `${t.stack.keyserver}/`, proxyCert, JSON.stringify({ sessionKey: "a", clientId: "b", tokenType: "c", extra: 1 }), {}],
+    ["secureproxy", `${t.stack.secureproxy}/request_api`, client1, JSON.stringify({ ClientId: "a", TokenType: "b", ApiUri: "c", extra: 1 }), {}],
   ];
   const big = new Uint8Array(100 * 1024).fill(0x61);
-  for (const [role, url, tls, extraFields] of jsonRoutes) {
+  for (const [role, url, tls, extraFields, headers] of jsonRoutes) {
     const base = url.slice(0, url.indexOf("/", 8));
     const n = options.httpAttempts;
-    await tally.run(role, "HTTP: malformed JSON", n, async () => clear4xx(await post(url, tls, "{not json"), 400));
-    await tally.run(role, "HTTP: wrong content type", n, async () => clear4xx(await post(url, tls, "hello", "text/plain"), 415));
-    await tally.run(role, "HTTP: missing fields", n, async () => clear4xx(await post(url, tls, "{}"), 400));
-    await tally.run(role, "HTTP: extra field", n, async () => clear4xx(await post(url, tls, extraFields), 400));
-    await tally.run(role, "HTTP: body over the limit", n, async () => clear4xx(await post(url, tls, big), 413));
+    await tally.run(role, "HTTP: malformed JSON", n, async () => clear4xx(await post(url, tls, "{not json", undefined, headers), 400));
+    await tally.run(role, "HTTP: wrong content type", n, async () => clear4xx(await post(url, tls, "hello", "text/plain", headers), 415));
+    await tally.run(role, "HTTP: missing fields", n, async () => clear4xx(await post(url, tls, "{}", undefined, headers), 400));
+    await tally.run(role, "HTTP: extra field", n, async () => clear4xx(await post(url, tls, extraFields, undefined, headers), 400));
+    await tally.run(role, "HTTP: body over the limit", n, async () => clear4xx(await post(url, tls, big, undefined, headers), 413));
     await tally.run(role, "HTTP: huge headers (431)", n, async () => {
       try {
         const response = await fetch(`${base}/health`, { headers: { "x-huge": "h".repeat(64 * 1024) }, tls, signal: AbortSignal.timeout(10_000) });
@@ -83,9 +92,6 @@ export async function runSecurityChecks(t: SecurityTargets, tally: Tally, option
     });
     await tally.run(role, "HTTP: unknown route", n, async () => clear4xx(await fetch(`${base}/no/such/route`, { tls }), 404));
     await tally.run(role, "HTTP: wrong method", n, async () => clear4xx(await fetch(`${base}/health`, { method: "DELETE", tls }), 405));
-  }
-  if (options.slowloris) {
-    await Promise.all(roles.map(([role, url, tls]) => tally.run(role, "HTTP: slow headers (slowloris)", 3, () => slowHeadersClosed(url, tls, 15_000), 3)));
   }
 
   // ---- Crypto and application, through the coordinator
@@ -143,10 +149,13 @@ export async function runSecurityChecks(t: SecurityTargets, tally: Tally, option
 
   // ---- KeyServer and SecureProxy
   const keys = await RsaKeyPair.loadOrCreate(join(t.stack.dataDir, "rsa_key.pem"));
-  const keyserverPost = (body: string) => post(`${t.stack.keyserver}/`, proxyCert, body);
+  const keyserverPost = (body: string, headers: Record<string, string> = {}) => post(`${t.stack.keyserver}/`, proxyCert, body, "application/json", headers);
+  // The policy decides before the token store is asked: sql-prober (harness policy: proxy.use:*) lets the
+  // metacharacters reach the query, as an allowed caller's would.
+  const prober = { [ON_BEHALF_OF_HEADER]: "spiffe://securemesh/client/sql-prober" };
   await tally.run("keyserver", "SQL metacharacters in clientId/tokenType", n, async () => {
     const prepared = await prepareLegacyRequest(keys.publicKey, "' OR '1'='1", "x'; DROP TABLE storage; --");
-    return clear4xx(await keyserverPost(prepared.body), 404);
+    return clear4xx(await keyserverPost(prepared.body, prober), 404);
   });
   await tally.run("keyserver", "oversized clientId", n, async () => {
     const prepared = JSON.parse((await prepareLegacyRequest(keys.publicKey, "client1", "marketplace")).body) as Json;
@@ -158,7 +167,11 @@ export async function runSecurityChecks(t: SecurityTargets, tally: Tally, option
     wrapped[7]! ^= 0x55;
     return clear4xx(await keyserverPost(JSON.stringify({ ...prepared, sessionKey: wrapped.toString("base64") })), 400);
   });
-  await tally.run("keyserver", "client certificate (not the proxy)", n, async () => clear4xx(await post(`${t.stack.keyserver}/`, client1, "{}"), 403));
+  await tally.run("keyserver", "client certificate (not the proxy): the policy's 403", n, async () => {
+    const response = await post(`${t.stack.keyserver}/`, client1, "{}");
+    const text = await response.clone().text();
+    return (await clear4xx(response, 403)) ?? (text.includes("spiffe://securemesh/client/client1 lacks permission tokens.fetch") ? null : `403 without the policy's reason: ${text.slice(0, 100)}`);
+  });
   const marketPort = new URL(t.stack.marketplace).port;
   const badUris = [
     "https://attacker.example/collect", `https://169.254.169.254/latest/meta-data/`, `${t.stack.keyserver}/`, `https://[::1]:${marketPort}/api/item`,
@@ -169,9 +182,55 @@ export async function runSecurityChecks(t: SecurityTargets, tally: Tally, option
     return status === 403 && typeof body.error === "string" ? null : `${badUris[i % badUris.length]}: ${status} ${JSON.stringify(body)}`;
   });
   await tally.run("secureproxy", "SQL metacharacters in ClientId/TokenType", n, async () => {
-    const { status } = await t.stack.requestApi({ ClientId: "x' OR 1=1 --", TokenType: "marketplace", ApiUri: `https://localhost:${marketPort}/api/item` });
+    const { status } = await t.stack.requestApi({ ClientId: "x' OR 1=1 --", TokenType: "marketplace", ApiUri: `https://localhost:${marketPort}/api/item` }, "sql-prober");
     return status === 404 ? null : `status ${status}`;
   });
+}
+
+export interface SuiteTargets extends SecurityTargets, Omit<FindingTargets, "cluster" | "stack" | "hostileCerts" | "coordinator"> {
+  /** client1's seeded token, to check a release in the matrix is really that token. */
+  client1Token: string;
+}
+
+export interface SuiteOptions extends SecurityOptions {
+  /** Attempts per matrix cell. */
+  matrixAttempts: number;
+  /** The harness's full run: more attempts per finding, and M3/M4 with processes of their own. */
+  full: boolean;
+  onMatrixCell?: () => void;
+}
+
+export interface SuiteResult {
+  matrix: MatrixResult;
+  measurements: Measurement[];
+}
+
+/**
+ * Everything `bun harness security` and harness/security.test.ts run, in an order that keeps it short and sound:
+ * the cases that wait for a deadline run beside the rest; the matrix runs while the policy file is as written;
+ * the per-address connection cap runs last and alone, since every connection from 127.0.0.1 counts against it.
+ */
+export async function runSecuritySuite(t: SuiteTargets, tally: Tally, options: SuiteOptions): Promise<SuiteResult> {
+  const roles: [string, string][] = [["server", t.server], ["coordinator", t.coordinator], ["keyserver", t.stack.keyserver], ["secureproxy", t.stack.secureproxy]];
+  const client1 = mutualTlsClientOptions(loadIdentity(t.cluster.pki, "client1"));
+  const slow = Promise.all([
+    ...roles.map(([role, url]) => tally.run(role, "HTTP: slow headers (slowloris)", 3, () => slowHeadersClosed(url, client1, 15_000), 3)),
+    runSlowFindingCases(t, tally),
+  ]);
+  try {
+    await runSecurityChecks(t, tally, options);
+    const matrix = await runAuthzMatrix({
+      pki: t.cluster.pki, policyFile: t.policyFile, coordinator: t.coordinator, server: t.server, secureproxy: t.stack.secureproxy,
+      keyserver: t.stack.keyserver, apiUri: `${t.stack.marketplace.replace("127.0.0.1", "localhost")}/api/item`, client1Token: t.client1Token,
+      identities: matrixIdentities(t.cluster.pki, t.hostileCerts),
+    }, { attempts: options.matrixAttempts, onCell: options.onMatrixCell });
+    const measurements = await runFindingCases(t, tally, { full: options.full });
+    await slow;
+    await runConnectionCapCase(t, tally, MAX_CONNECTIONS_PER_ADDRESS);
+    return { matrix, measurements };
+  } finally {
+    await slow.catch(() => {});
+  }
 }
 
 /** Every role still answers /health with 200. */
@@ -181,21 +240,49 @@ export async function rolesHealthy(cluster: Cluster, urls: string[]): Promise<st
   return sick;
 }
 
+const ACCESS_LINE = /^\S+ - - \[(\d\d)\/(\w{3})\/(\d{4}) (\d\d):(\d\d):(\d\d)\] "[A-Z]+ \S+ HTTP\/1\.1" \d{3} -$/;
+const MONTHS = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"];
+
 /**
- * Scans every log for what must never be there: private keys, the Fernet key, the API token, hostile
- * plaintext outside the server's intended "Decrypted data:" line, and any 5xx answer.
+ * A line that is not one log entry of its own: one that starts with the L1 case's forged text (once escape
+ * sequences are taken off; findings.ts's FORGED_MARKER names it, but a role may cut the echo short before the marker), or any
+ * access line dated more than a day away from now (a real one is written as it happens).
  */
-export function scanLogs(logDir: string, secrets: { fernetKeys: string[]; apiToken: string }): string[] {
+export function forgedLine(line: string, now = Date.now()): boolean {
+  const bare = line.replace(/\u001b\[[0-9;?]*[A-Za-z]|\u001b\][^\u0007]*\u0007/g, "");
+  if (/^127\.0\.0\.1 - - \[01\/Jan\/2030 00:00:00\]/.test(bare) || /^Server https:\/\/127\.0\.0\.1:1 is back/.test(bare)) return true;
+  const access = ACCESS_LINE.exec(bare);
+  if (!access) return false;
+  const [, day, month, year, hour, minute, second] = access;
+  const at = new Date(Number(year), MONTHS.indexOf(month!), Number(day), Number(hour), Number(minute), Number(second)).getTime();
+  return !(Math.abs(at - now) < 86_400_000);
+}
+
+/** The colours the logger itself writes (FORCE_COLOR, for the recorded pictures): yellow, red, reset. */
+const LOGGER_COLOURS = /\u001b\[(?:0|31|33)m/g;
+
+/**
+ * Scans every log for what must never be there: private keys, the Fernet key, the API tokens, hostile
+ * plaintext outside the server's intended "Decrypted data:" line, any 5xx answer (except /health's 503 while not
+ * ready, and in `allow5xx` logs, of roles that are meant to fail), any escape sequence or control byte the logger
+ * did not write itself, and a forged line (#11 L1: one log line is one log entry; see forgedLine).
+ */
+export function scanLogs(logDir: string, secrets: { fernetKeys: string[]; apiToken: string; otherTokens?: string[] }, options: { allow5xx?: RegExp } = {}): string[] {
   const findings: string[] = [];
+  const tokens = [secrets.apiToken, ...(secrets.otherTokens ?? [])];
   for (const file of readdirSync(logDir).filter((f) => f.endsWith(".log"))) {
     const lines = readFileSync(join(logDir, file), "utf8").split("\n");
-    for (const [i, line] of lines.entries()) {
+    for (const [i, coloured] of lines.entries()) {
       const where = `${file}:${i + 1}`;
+      const line = coloured.replace(LOGGER_COLOURS, ""); // a recorded run (FORCE_COLOR) wraps lines in colours
       if (line.includes("PRIVATE KEY")) findings.push(`${where}: a private key`);
       if (secrets.fernetKeys.some((k) => line.includes(k.replace(/=+$/, "")))) findings.push(`${where}: the Fernet key`);
-      if (line.includes(secrets.apiToken)) findings.push(`${where}: the API token`);
+      if (tokens.some((token) => line.includes(token))) findings.push(`${where}: the API token`);
       if (line.includes(PLAINTEXT_MARKER) && !line.startsWith("Decrypted data: ")) findings.push(`${where}: plaintext outside the demo line`);
-      if (/" 5\d\d -$/.test(line)) findings.push(`${where}: a 5xx answer: ${line}`);
+      // /health's 503 is its answer while not ready (a coordinator before its first round of checks), not a failure.
+      if (/" 5\d\d -$/.test(line) && !/"GET \/health HTTP\/1\.1" 503 -$/.test(line) && !options.allow5xx?.test(file)) findings.push(`${where}: a 5xx answer: ${line}`);
+      if (/[\u0000-\u0008\u000b-\u001f\u007f\u009b]/.test(line)) findings.push(`${where}: an escape sequence or control byte: ${JSON.stringify(line.slice(0, 120))}`);
+      if (forgedLine(line)) findings.push(`${where}: a forged log line: ${JSON.stringify(line.slice(0, 120))}`);
     }
   }
   return findings;

@@ -1,36 +1,46 @@
-// Hostile input against every role: TLS refusals, malformed HTTP, crypto and application attacks, leaked secrets.
+// Hostile input against every role: TLS refusals, malformed HTTP, crypto and application attacks, the authorization
+// matrix (#11 Part 6), one regression case per finding of #11, and the logs scanned for secrets and forged lines.
 import { join } from "node:path";
 import { REPO_ROOT, loadFernetKeys } from "../../shared/config.ts";
+import { matrixSummary, matrixTable } from "../authz-matrix.ts";
 import { expectThat } from "../cluster.ts";
+import { measurementLines, prepareHarnessIdentities, seedClient2Token } from "../findings.ts";
 import { hostileCertificates, Tally } from "../hostile.ts";
 import { Progress } from "../progress.ts";
 import { startMesh, type Scenario } from "../scenario.ts";
-import { rolesHealthy, runSecurityChecks, scanLogs } from "../security-checks.ts";
+import { REFUSING_ROLES, rolesHealthy, runSecuritySuite, scanLogs } from "../security-checks.ts";
 import { startTokenStack } from "../token-stack.ts";
 
 const ROLE_SCRIPTS = ["server", "coordinator", "keyserver", "secureproxy", "marketplace", "client"];
 
 export const security: Scenario = {
   name: "security",
-  description: "hostile TLS, HTTP, crypto and application input against every role; logs scanned for secrets",
+  description: "hostile TLS, HTTP, crypto and application input against every role; authorization matrix; #11 findings; logs scanned",
   ownPki: true,
   async run(ctx) {
     const { cluster, ports, step, summary, tokenDb } = ctx;
-    step("issuing hostile certificates (expired, not yet valid, revoked, …) before the roles start");
+    step("issuing hostile certificates (expired, not yet valid, revoked, …) and the harness's identities before the roles start");
     const otherPki = join(cluster.logDir, "other-pki");
     await using pkiRun = Bun.spawn(["bash", join(REPO_ROOT, "pki.sh")], { env: { ...process.env, PKI_DIR: otherPki }, stdout: "ignore", stderr: "inherit" });
     expectThat((await pkiRun.exited) === 0, "pki.sh for the other CA failed");
     const hostileCerts = await hostileCertificates(cluster.pki, otherPki);
+    const policyFile = join(cluster.logDir, "policy.json");
+    const rules = await prepareHarnessIdentities(cluster.pki, policyFile);
+    cluster.addEnv({ SECUREMESH_POLICY: policyFile });
 
-    const coordinator = await startMesh(ctx);
-    step("starting KeyServer, marketplace and SecureProxy");
+    const coordinator = await startMesh(ctx, ["--admin-port", "0"]);
+    const admin = await cluster.adminUrl("coordinator");
+    step("starting KeyServer, marketplace and SecureProxy; seeding a token for client2 too");
     const stack = await startTokenStack(cluster, ports, tokenDb);
-    const server = `https://127.0.0.1:${ports.server1}`;
+    const client2Token = await seedClient2Token(cluster, stack, tokenDb);
+    const servers: [string, string] = [`https://127.0.0.1:${ports.server1}`, `https://127.0.0.1:${ports.server2}`];
 
-    step("running the hostile cases (TLS cases 200 times each, on every mutual-TLS role)");
+    step("hostile cases (TLS 200 times each on every mutual-TLS role), the authorization matrix, a case per finding of #11");
     const progress = new Progress();
     const tally = new Tally((line) => progress.line(`    ${line}  (${progress.elapsed()})`), (text) => progress.status(() => `    ${text()}`));
-    await runSecurityChecks({ cluster, otherPki, server, coordinator, stack, hostileCerts }, tally, { tlsAttempts: 200, httpAttempts: 20, slowloris: true });
+    const { matrix, measurements } = await runSecuritySuite({
+      cluster, otherPki, server: servers[0], servers, coordinator, admin, stack, tokenDb, policyFile, rules, hostileCerts, client1Token: stack.token,
+    }, tally, { tlsAttempts: 200, httpAttempts: 20, matrixAttempts: 3, full: true });
 
     step("NODE_TLS_REJECT_UNAUTHORIZED=0 in a role's environment: the role refuses to start");
     for (const script of ROLE_SCRIPTS) {
@@ -43,15 +53,24 @@ export const security: Scenario = {
       });
     }
 
-    step("every role is still up and healthy; no log holds a secret or a 5xx");
-    const sick = await rolesHealthy(cluster, [server, `https://127.0.0.1:${ports.server2}`, coordinator, stack.keyserver, stack.secureproxy, stack.marketplace]);
-    const findings = scanLogs(cluster.logDir, { fernetKeys: loadFernetKeys(cluster.pki), apiToken: stack.token });
+    step("every role is still up and healthy; no log holds a secret, a 5xx, an escape sequence or a forged line");
+    const sick = await rolesHealthy(cluster, [...servers, coordinator, stack.keyserver, stack.secureproxy, stack.marketplace]);
+    const findings = scanLogs(cluster.logDir, { fernetKeys: loadFernetKeys(cluster.pki), apiToken: stack.token, otherTokens: [client2Token] }, { allow5xx: REFUSING_ROLES });
 
-    summary.push(...tally.table().split("\n"));
+    progress.clear();
+    summary.push(...tally.table().split("\n"), "");
+    summary.push(...matrixTable(matrix), ...matrixSummary(matrix), "");
+    summary.push(...measurementLines(measurements).map((l) => `measured: ${l}`), ...tally.notes.map((l) => `measured: ${l}`));
+    summary.push("M3 and M4 are also covered by bun test: roles/keyserver.test.ts (per-identity nonce quota), harness/tokens.test.ts (rotate-key under load)");
     const attempts = tally.results.reduce((n, r) => n + r.attempts, 0);
-    summary.push(`${tally.results.length} cases, ${attempts} attempts, ${tally.failures.length} cases with unexpected outcomes; roles unhealthy afterwards: ${sick.length}; log findings: ${findings.length}`);
+    const matrixUnexpected = matrix.cells.filter((c) => c.asExpected !== c.attempts);
+    summary.push(`${tally.results.length} cases, ${attempts} attempts, ${tally.failures.length} cases with unexpected outcomes; ` +
+      `matrix: ${matrix.cells.length} cells, ${matrix.cells.length - matrixUnexpected.length} as expected, ${matrixUnexpected.length} unexpected; ` +
+      `roles unhealthy afterwards: ${sick.length}; log findings: ${findings.length}`);
+    if (tally.failures.length || matrixUnexpected.length || sick.length || findings.length) for (const line of summary) console.log(`  ${line}`);
     expectThat(tally.failures.length === 0, `unexpected outcomes:\n${tally.failures.map((f) => `  ${f.role} ${f.name}: ${f.unexpected.join("; ")}`).join("\n")}`);
+    expectThat(matrixUnexpected.length === 0, `unexpected matrix cells:\n${matrixSummary(matrix).slice(1).join("\n")}`);
     expectThat(sick.length === 0, `roles not healthy afterwards: ${sick.join(", ")}`);
-    expectThat(findings.length === 0, `secrets or 5xx in the logs:\n${findings.slice(0, 10).join("\n")}`);
+    expectThat(findings.length === 0, `secrets, 5xx, escapes or forged lines in the logs:\n${findings.slice(0, 10).join("\n")}`);
   },
 };
