@@ -4,8 +4,7 @@ import { join } from "node:path";
 import { ProofRejected } from "./errors.ts";
 import { parseCrl } from "./authz/crl.ts";
 import { CLOCK_SKEW_S, PROOF_LIFETIME_S, ProofSigner, ProofVerifier } from "./proof.ts";
-import { testPki } from "./testing/pki.ts";
-import { REPO_ROOT } from "./config.ts";
+import { runPkiSh, testPki } from "./testing/pki.ts";
 import { loadIdentity } from "./tls.ts";
 
 let main: string;
@@ -82,15 +81,14 @@ describe("sender proof", () => {
 describe("revocation, lifetime and forwarder assertions (#11)", () => {
   test("M1: a proof signed by a revoked certificate is refused, and the CRL is asked on every verification", async () => {
     const pki = await testPki("revocation");
-    const pkiSh = (...args: string[]) => Bun.spawn(["bash", join(REPO_ROOT, "pki.sh"), ...args], { env: { ...process.env, PKI_DIR: pki }, stdout: "ignore", stderr: "inherit" }).exited;
-    expect(await pkiSh("issue", "client3", "--client")).toBe(0);
+    await runPkiSh(pki, "issue", "client3", "--client");
     const ca = readFileSync(join(pki, "ca_cert.pem"), "utf8");
     let crl = parseCrl(readFileSync(join(pki, "crl.pem"), "utf8"), ca);
     const v = new ProofVerifier(ca, { isRevoked: (serial) => crl.isRevoked(serial) });
     const signer = new ProofSigner(loadIdentity(pki, "client3"));
     expect((await v.verify(await signer.sign(target), target)).sender).toBe("spiffe://securemesh/client/client3");
     const proof = await signer.sign(target);
-    expect(await pkiSh("revoke", "client3")).toBe(0);
+    await runPkiSh(pki, "revoke", "client3");
     crl = parseCrl(readFileSync(join(pki, "crl.pem"), "utf8"), ca); // what a reload does
     expect(await rejection(v.verify(proof, target))).toBe("proof certificate is revoked");
     expect(await rejection(v.verify(await signer.sign(target), target))).toBe("proof certificate is revoked");
@@ -118,5 +116,12 @@ describe("revocation, lifetime and forwarder assertions (#11)", () => {
     // A sender proof is not a forwarder assertion, nor the other way round.
     expect(await rejection(verifier().verifyForwarder(await new ProofSigner(loadIdentity(main, "client1")).sign(target)))).toBe("forwarder assertion signature or claims are invalid");
     expect(await rejection(verifier().verify(first, target))).toBe("proof signature or claims are invalid");
+  });
+
+  test("a proof verified once (and cached) still does not pass as a forwarder assertion", async () => {
+    const v = verifier();
+    const proof = await new ProofSigner(loadIdentity(main, "client1")).sign(target);
+    await v.verify(proof, target);
+    expect(await rejection(v.verifyForwarder(proof))).toBe("forwarder assertion signature or claims are invalid");
   });
 });

@@ -6,7 +6,7 @@ import { createHash, createPrivateKey, randomUUID, X509Certificate, type KeyObje
 import { decodeProtectedHeader, jwtVerify, SignJWT } from "jose";
 import { ProofRejected } from "./errors.ts";
 import { identityOf } from "./authz/identity.ts";
-import { CLIENT_AUTH_OID, type Identity } from "./tls.ts";
+import { CLIENT_AUTH_OID, SERVER_AUTH_OID, type Identity } from "./tls.ts";
 
 export const PROOF_TYPE = "securemesh-proof+jwt";
 export const FORWARDER_TYPE = "securemesh-forwarder+jwt";
@@ -17,8 +17,11 @@ export const FORWARDER_HEADER = "x-securemesh-forwarder";
 export const PROOF_LIFETIME_S = 60;
 /** Clock difference tolerated between hosts; a proof is accepted at most PROOF_LIFETIME_S + this after signing. */
 export const CLOCK_SKEW_S = 10;
-/** A forwarder assertion is re-signed well before this runs out, so a server never sees an expired one. */
-export const FORWARDER_LIFETIME_S = 300;
+/**
+ * A forwarder assertion is a bearer credential between the coordinator and the servers: short-lived, so one that
+ * leaks is of little use for long; re-signed after two thirds of it, so a server never sees an expired one.
+ */
+export const FORWARDER_LIFETIME_S = 60;
 
 /** What a proof binds: the request line and a digest of the payload it travels with. */
 export interface ProofTarget {
@@ -57,7 +60,7 @@ export class ProofSigner {
     const cert = new X509Certificate(identity.cert);
     this.#x5c = [cert.raw.toString("base64")];
     this.#alg = algorithmFor(this.#key);
-    this.#id = identityOf({ subject: cert.subject, subjectAltName: cert.subjectAltName, clientAuth: hasClientAuth(cert) });
+    this.#id = identityOf({ subject: cert.subject, subjectAltName: cert.subjectAltName, clientAuth: hasUsage(cert, CLIENT_AUTH_OID), serverAuth: hasUsage(cert, SERVER_AUTH_OID) });
   }
 
   sign(target: ProofTarget, now = Date.now() / 1000): Promise<string> {
@@ -87,9 +90,9 @@ export class ProofSigner {
   }
 }
 
-function hasClientAuth(cert: X509Certificate): boolean {
+function hasUsage(cert: X509Certificate, oid: string): boolean {
   // Bun's X509Certificate.keyUsage lists the extended key usages (its EKU OIDs).
-  return ((cert as X509Certificate & { keyUsage?: string[] }).keyUsage ?? []).includes(CLIENT_AUTH_OID);
+  return ((cert as X509Certificate & { keyUsage?: string[] }).keyUsage ?? []).includes(oid);
 }
 
 interface TrustedCertificate {
@@ -146,7 +149,9 @@ export class ProofVerifier {
 
   async #verifyToken(token: string, typ: string, lifetimeS: number, now: number): Promise<VerifiedToken> {
     const what = typ === PROOF_TYPE ? "proof" : "forwarder assertion";
-    let verified = this.#verified.get(token);
+    // Keyed by type too: a proof verified once must not pass later as a forwarder assertion, or the reverse.
+    const cacheKey = `${typ}\u0000${token}`;
+    let verified = this.#verified.get(cacheKey);
     if (!verified) {
       const cert = this.#trust(token, what);
       let payload: Record<string, unknown>;
@@ -166,7 +171,7 @@ export class ProofVerifier {
       // A signer choosing its own exp cannot stretch the lifetime (#11 L3).
       if (Number(payload.exp) - Number(payload.iat) > lifetimeS) throw new ProofRejected(`${what} lives longer than ${lifetimeS} s`);
       verified = { cert, payload };
-      this.#remember(this.#verified, token, verified);
+      this.#remember(this.#verified, cacheKey, verified);
     }
     const { cert, payload } = verified;
     if (now < cert.notBefore || now > cert.notAfter) throw new ProofRejected(`${what} certificate is expired or not yet valid`);
@@ -196,8 +201,8 @@ export class ProofVerifier {
     }
     if (!cert.checkIssued(this.#ca) || !cert.verify(this.#ca.publicKey)) throw new ProofRejected(`${what} certificate is not issued by our CA`);
     if (cert.ca) throw new ProofRejected(`${what} certificate is a CA certificate`);
-    if (!hasClientAuth(cert)) throw new ProofRejected(`${what} certificate is not for client authentication`);
-    const identity = identityOf({ subject: cert.subject, subjectAltName: cert.subjectAltName, clientAuth: true });
+    if (!hasUsage(cert, CLIENT_AUTH_OID)) throw new ProofRejected(`${what} certificate is not for client authentication`);
+    const identity = identityOf({ subject: cert.subject, subjectAltName: cert.subjectAltName, clientAuth: true, serverAuth: hasUsage(cert, SERVER_AUTH_OID) });
     if (!identity) throw new ProofRejected(`${what} certificate names no identity`);
 
     const trusted: TrustedCertificate = {
