@@ -7,6 +7,8 @@ import { readPkiFile } from "./config.ts";
 
 /** The extendedKeyUsage a certificate needs to act as a client. */
 export const CLIENT_AUTH_OID = "1.3.6.1.5.5.7.3.2";
+/** The extendedKeyUsage of a certificate that serves. */
+export const SERVER_AUTH_OID = "1.3.6.1.5.5.7.3.1";
 
 export interface Identity {
   name: string;

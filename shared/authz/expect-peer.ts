@@ -1,7 +1,7 @@
 // Internal hops check whom they reached, not only that the CA signed it: any certificate of our CA with the
 // right address would otherwise pass as a server or the KeyServer (#11, hardening).
 import tls from "node:tls";
-import { CLIENT_AUTH_OID } from "../tls.ts";
+import { CLIENT_AUTH_OID, SERVER_AUTH_OID } from "../tls.ts";
 import { identityOf } from "./identity.ts";
 
 
@@ -12,7 +12,11 @@ export class UnexpectedPeer extends Error {
 
 /** The SPIFFE ID a TLS peer's verified certificate names (node:tls's and Bun's peer certificate objects). */
 export function tlsPeerIdentity(peer: tls.PeerCertificate): string {
-  return identityOf({ subject: peer.subject as unknown as Record<string, unknown> | undefined, subjectaltname: peer.subjectaltname, clientAuth: (peer.ext_key_usage ?? []).includes(CLIENT_AUTH_OID) });
+  const usages = peer.ext_key_usage ?? [];
+  return identityOf({
+    subject: peer.subject as unknown as Record<string, unknown> | undefined, subjectaltname: peer.subjectaltname,
+    clientAuth: usages.includes(CLIENT_AUTH_OID), serverAuth: usages.includes(SERVER_AUTH_OID),
+  });
 }
 
 /**

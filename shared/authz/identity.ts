@@ -28,22 +28,27 @@ function commonName(subject: string | Record<string, unknown> | undefined): stri
 /**
  * The identity a certificate proves. Takes what both X509Certificate (subject, subjectAltName) and a TLS peer
  * certificate (subject, subjectaltname) carry. More than one securemesh URI SAN is ambiguous: no identity.
- * Without one, the CN decides: a role's own name (pki.sh's default identities) is that role's kind, any other
- * name with the clientAuth EKU a client, the rest a server.
+ * The CN is the fallback only for a certificate with no URI SAN at all (one naming another trust domain is not
+ * ours to reinterpret). Then a role's own name is that role only on a certificate that serves (serverAuth, as
+ * pki.sh issues every role's): a client certificate named "coordinator" stays a client. Any other name with the
+ * clientAuth EKU is a client, the rest a server.
  */
 export function identityOf(cert: {
   subject?: string | Record<string, unknown>;
   subjectAltName?: string;
   subjectaltname?: string;
   clientAuth: boolean;
+  serverAuth?: boolean;
 }): string {
   const sans = (cert.subjectAltName ?? cert.subjectaltname ?? "").split(/,\s*/);
-  const uris = sans.filter((s) => s.startsWith(`URI:spiffe://${TRUST_DOMAIN}/`)).map((s) => s.slice(4));
-  if (uris.length > 1) return "";
-  if (uris.length === 1) return parseSpiffeId(uris[0]!) ? uris[0]! : "";
+  const uris = sans.filter((s) => s.startsWith("URI:")).map((s) => s.slice(4));
+  const ours = uris.filter((uri) => uri.startsWith(`spiffe://${TRUST_DOMAIN}/`));
+  if (ours.length > 1) return "";
+  if (ours.length === 1) return parseSpiffeId(ours[0]!) ? ours[0]! : "";
+  if (uris.length > 0) return "";
   const cn = commonName(cert.subject);
   if (!/^[A-Za-z0-9_-]{1,64}$/.test(cn)) return "";
-  if ((IDENTITY_KINDS as readonly string[]).includes(cn) && cn !== "client" && cn !== "service") return spiffeId(cn, cn);
+  if (cert.serverAuth && (IDENTITY_KINDS as readonly string[]).includes(cn) && cn !== "client" && cn !== "service") return spiffeId(cn, cn);
   return spiffeId(cert.clientAuth ? "client" : "server", cn);
 }
 

@@ -142,8 +142,12 @@ describe("identityOf", () => {
 
   test("without the SAN, the CN is the documented fallback", () => {
     expect(identityOf({ subject: "O=securemesh\nCN=client1", subjectAltName: "DNS:client1", clientAuth: true })).toBe(client1);
-    expect(identityOf({ subject: { CN: "coordinator" }, clientAuth: true })).toBe(coordinator);
-    expect(identityOf({ subject: { CN: "server" }, clientAuth: false })).toBe(server);
+    expect(identityOf({ subject: { CN: "coordinator" }, clientAuth: true, serverAuth: true })).toBe(coordinator);
+    expect(identityOf({ subject: { CN: "server" }, clientAuth: false, serverAuth: true })).toBe(server);
+    // Found by attack: a client certificate named after a role stays a client, and a certificate with a URI SAN
+    // of another trust domain is not read through its CN at all.
+    expect(identityOf({ subject: { CN: "secureproxy" }, clientAuth: true })).toBe("spiffe://securemesh/client/secureproxy");
+    expect(identityOf({ subject: { CN: "coordinator" }, subjectaltname: "URI:spiffe://partner.example/client/x", clientAuth: true, serverAuth: true })).toBe("");
     expect(identityOf({ subject: { CN: ["a", "b"] }, clientAuth: true })).toBe("");
     expect(identityOf({ subject: "CN=evil/../x", clientAuth: true })).toBe("");
   });
