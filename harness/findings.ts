@@ -624,7 +624,7 @@ export async function runSlowFindingCases(t: Pick<FindingTargets, "cluster" | "c
 export async function runConnectionCapCase(t: Pick<FindingTargets, "cluster" | "stack">, tally: Tally, cap: number, extra = 5): Promise<void> {
   const client1 = mutualTlsClientOptions(loadIdentity(t.cluster.pki, "client1"));
   for (const [role, url] of [["keyserver", t.stack.keyserver], ["secureproxy", t.stack.secureproxy]] as const) {
-    await tally.run(role, `M2: ${cap + extra} idle connections from one address → those over the cap of ${cap} closed`, 1, async () => {
+    await tally.run(role, `M2: ${cap + extra} idle connections of one identity → those over the cap of ${cap} closed`, 1, async () => {
       const sockets = (await Promise.all(Array.from({ length: cap + extra }, () => connectTls(url, client1).catch(() => null)))).filter((s) => s !== null);
       try {
         for (const s of sockets) s.on("error", () => {});
@@ -633,7 +633,7 @@ export async function runConnectionCapCase(t: Pick<FindingTargets, "cluster" | "
         // This process holds a few keep-alive connections of its own from the same address (fetch's pool), so
         // slightly more than `extra` may go; but no more than the cap stay, and not far fewer.
         const open = cap + extra - closedCount();
-        tally.notes.push(`M2: ${role} kept ${open} of ${cap + extra} idle connections from 127.0.0.1 (cap ${cap}; this process held a few more of its own)`);
+        tally.notes.push(`M2: ${role} kept ${open} of ${cap + extra} idle connections of client1 (cap ${cap} per identity; this process held a few more of its own)`);
         if (open > cap || open < cap - 8) return `${open} of ${cap + extra} stayed open, wanted at most ${cap} and at least ${cap - 8}`;
       } finally {
         for (const s of sockets) s.destroy();

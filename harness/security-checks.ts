@@ -4,7 +4,7 @@ import { readdirSync, readFileSync } from "node:fs";
 import { join } from "node:path";
 import { loadFernetKeys } from "../shared/config.ts";
 import { Fernet } from "../shared/fernet.ts";
-import { MAX_CONNECTIONS_PER_ADDRESS } from "../shared/peer-tls.ts";
+import { MAX_CONNECTIONS_PER_IDENTITY } from "../shared/peer-tls.ts";
 import { FORWARDER_HEADER, ProofSigner } from "../shared/proof.ts";
 import { loadIdentity, mutualTlsClientOptions } from "../shared/tls.ts";
 import { ON_BEHALF_OF_HEADER, prepareLegacyRequest, RsaKeyPair } from "../shared/token-exchange.ts";
@@ -150,12 +150,17 @@ export async function runSecurityChecks(t: SecurityTargets, tally: Tally, option
   // ---- KeyServer and SecureProxy
   const keys = await RsaKeyPair.loadOrCreate(join(t.stack.dataDir, "rsa_key.pem"));
   const keyserverPost = (body: string, headers: Record<string, string> = {}) => post(`${t.stack.keyserver}/`, proxyCert, body, "application/json", headers);
-  // The policy decides before the token store is asked: sql-prober (harness policy: proxy.use:*) lets the
-  // metacharacters reach the query, as an allowed caller's would.
+  // sql-prober (harness policy: proxy.use:*) may ask for any token, so only the name check stands between the
+  // metacharacters and the query: they are refused as names before any query (the store itself is parameterized
+  // and tested with them in shared/token-store.test.ts).
   const prober = { [ON_BEHALF_OF_HEADER]: "spiffe://securemesh/client/sql-prober" };
-  await tally.run("keyserver", "SQL metacharacters in clientId/tokenType", n, async () => {
+  await tally.run("keyserver", "SQL metacharacters in clientId/tokenType: refused as names (400)", n, async () => {
     const prepared = await prepareLegacyRequest(keys.publicKey, "' OR '1'='1", "x'; DROP TABLE storage; --");
-    return clear4xx(await keyserverPost(prepared.body, prober), 404);
+    return clear4xx(await keyserverPost(prepared.body, prober), 400);
+  });
+  await tally.run("keyserver", "a '/' inside ClientId cannot reach another row through a wildcard grant (400)", n, async () => {
+    const prepared = await prepareLegacyRequest(keys.publicKey, "client1/marketplace", "x");
+    return clear4xx(await keyserverPost(prepared.body, prober), 400);
   });
   await tally.run("keyserver", "oversized clientId", n, async () => {
     const prepared = JSON.parse((await prepareLegacyRequest(keys.publicKey, "client1", "marketplace")).body) as Json;
@@ -181,9 +186,9 @@ export async function runSecurityChecks(t: SecurityTargets, tally: Tally, option
     const { status, body } = await t.stack.requestApi({ ClientId: "client1", TokenType: "marketplace", ApiUri: badUris[i % badUris.length]! });
     return status === 403 && typeof body.error === "string" ? null : `${badUris[i % badUris.length]}: ${status} ${JSON.stringify(body)}`;
   });
-  await tally.run("secureproxy", "SQL metacharacters in ClientId/TokenType", n, async () => {
+  await tally.run("secureproxy", "SQL metacharacters in ClientId/TokenType: refused as names (400)", n, async () => {
     const { status } = await t.stack.requestApi({ ClientId: "x' OR 1=1 --", TokenType: "marketplace", ApiUri: `https://localhost:${marketPort}/api/item` }, "sql-prober");
-    return status === 404 ? null : `status ${status}`;
+    return status === 400 ? null : `status ${status}`;
   });
 }
 
@@ -226,7 +231,7 @@ export async function runSecuritySuite(t: SuiteTargets, tally: Tally, options: S
     }, { attempts: options.matrixAttempts, onCell: options.onMatrixCell });
     const measurements = await runFindingCases(t, tally, { full: options.full });
     await slow;
-    await runConnectionCapCase(t, tally, MAX_CONNECTIONS_PER_ADDRESS);
+    await runConnectionCapCase(t, tally, MAX_CONNECTIONS_PER_IDENTITY);
     return { matrix, measurements };
   } finally {
     await slow.catch(() => {});

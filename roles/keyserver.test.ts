@@ -175,7 +175,7 @@ describe("on behalf of whom", () => {
     const lines: string[] = [];
     const forged = "client1\nAUTHZ allow identity=x action=proxy.use resource=client2/marketplace\u001b[2J";
     const answer = await sendTo(keyserverApp(lines), await prepareJoseRequest(keys.publicKey, forged, "marketplace"));
-    expect(answer.status).toBe(403);
+    expect(answer.status).toBe(400); // not a plain name: refused before the policy is even asked
     expect(lines.length).toBeGreaterThan(0);
     for (const line of lines) expect(line).not.toMatch(/[\n\u001b]/);
   });

@@ -121,7 +121,7 @@ describe("the caller's identity decides which token it may use", () => {
   test("a ClientId holding control characters is refused and logged escaped", async () => {
     const lines: string[] = [];
     const response = await requestApi(proxy(undefined, lines), { ClientId: "client1\nAUTHZ allow identity=x\u001b[2J", TokenType: "marketplace", ApiUri: ITEM });
-    expect(response.status).toBe(403);
+    expect(response.status).toBe(400); // not a plain name: refused before the policy is even asked
     for (const line of lines) expect(line).not.toMatch(/[\n\u001b]/);
   });
 });

@@ -1,12 +1,12 @@
 import { afterEach, describe, expect, setDefaultTimeout, test } from "bun:test";
 import { X509Certificate } from "node:crypto";
-import { mkdtempSync, readFileSync, rmSync } from "node:fs";
 import net from "node:net";
-import { tmpdir } from "node:os";
 import { join } from "node:path";
 import tls from "node:tls";
-import { pkiDir, REPO_ROOT } from "./config.ts";
+import { pkiDir } from "./config.ts";
+import { waitFor } from "../harness/cluster.ts";
 import { listenWithPeerIdentity, PEER_HEADER, type PeerListener } from "./peer-tls.ts";
+import { revocationPki } from "./testing/pki.ts";
 import { loadIdentity, mutualTlsServerOptions, type Identity } from "./tls.ts";
 
 setDefaultTimeout(30_000);
@@ -244,8 +244,8 @@ describe("slow clients are cut off, and no address holds too many connections (#
     expect(elapsed).toBeLessThan(3000);
   });
 
-  test("one address gets at most maxConnectionsPerAddress connections; a closed one frees its place", async () => {
-    const listener = await startListener({ maxConnectionsPerAddress: 3 });
+  test("one identity gets at most maxConnectionsPerIdentity connections; a closed one frees its place", async () => {
+    const listener = await startListener({ maxConnectionsPerIdentity: 3 });
     const open = await Promise.all([connect(listener.port), connect(listener.port), connect(listener.port)]);
     for (const socket of open) expect((await exchange(socket, GET)).status).toBe(200);
 
@@ -267,25 +267,44 @@ describe("slow clients are cut off, and no address holds too many connections (#
   });
 });
 
-/** A PKI of its own with an extra client X: the CRL before X is revoked, and the one after. */
-async function revocationPki(): Promise<{ dir: string; crlBefore: string; crlAfter: string }> {
-  const dir = mkdtempSync(join(tmpdir(), "securemesh-peer-reload-"));
-  cleanups.push(() => rmSync(dir, { recursive: true, force: true }));
-  const pki = async (...args: string[]) => {
-    await using proc = Bun.spawn(["bash", join(REPO_ROOT, "pki.sh"), ...args], { env: { ...process.env, PKI_DIR: dir }, stdout: "pipe", stderr: "pipe" });
-    const [stderr, code] = await Promise.all([new Response(proc.stderr).text(), proc.exited]);
-    if (code !== 0) throw new Error(`pki.sh ${args.join(" ")} failed (${code}): ${stderr}`);
-  };
-  await pki();
-  await pki("issue", "x", "--client");
-  const crlBefore = readFileSync(join(dir, "crl.pem"), "utf8");
-  await pki("revoke", "x");
-  return { dir, crlBefore, crlAfter: readFileSync(join(dir, "crl.pem"), "utf8") };
-}
+
+// Found by attack on #11: counted per address at accept, bare TCP connections (no certificate, no handshake) from
+// the SecureProxy's own address held every place for 10 s each, and the proxy's calls were refused.
+test("bare TCP connections flooding from one address push out each other, not a client that completes its handshake", async () => {
+  const listener = await startListener({ maxHandshakesPerAddress: 4, maxConnectionsPerIdentity: 4 });
+  const flood: net.Socket[] = [];
+  const openBare = () => new Promise<void>((resolve) => {
+    const socket = net.connect(listener.port, "127.0.0.1", () => resolve());
+    socket.on("error", () => {});
+    flood.push(socket);
+    cleanups.push(() => socket.destroy());
+  });
+  for (let i = 0; i < 12; i++) await openBare();
+  // Three times the places, and still a real client gets in and is served, while the flood goes on.
+  for (let i = 0; i < 3; i++) {
+    const socket = await connect(listener.port);
+    expect((await exchange(socket, GET)).body).toBe("ok client1");
+    socket.destroy();
+    await openBare();
+  }
+  // The oldest bare sockets were the ones closed.
+  await waitFor("the oldest bare connections to be closed", () => flood.slice(0, 8).every((s) => s.destroyed || s.closed), 5000);
+});
+
+test("a socket that never starts its handshake is closed after the handshake deadline", async () => {
+  const listener = await startListener({ handshakeDeadlineMs: 500 });
+  const socket = net.connect(listener.port, "127.0.0.1");
+  socket.on("error", () => {});
+  cleanups.push(() => socket.destroy());
+  await new Promise((resolve) => socket.once("connect", resolve));
+  const started = performance.now();
+  const elapsed = (await closedWithin(socket, 3000)) - started;
+  expect(elapsed).toBeLessThan(1500);
+});
 
 describe("revocation without a restart (#11)", () => {
   test("reload() refuses the revoked certificate at new handshakes; isRevoked ends its open keep-alive connection", async () => {
-    const { dir, crlBefore, crlAfter } = await revocationPki();
+    const { dir, crlBefore, crlAfter } = await revocationPki("peer-reload");
     const keyserver = loadIdentity(dir, "keyserver");
     const x = loadIdentity(dir, "x");
     const other = loadIdentity(dir, "client1");

@@ -19,12 +19,21 @@ export const PEER_HEADER = "x-securemesh-peer";
 export const HEADER_DEADLINE_MS = 10_000;
 /** Time for a request body once its head is in: a body dribbled byte by byte is cut off with a 408. */
 export const BODY_DEADLINE_MS = 30_000;
+/** Time from accept for the TLS handshake alone: a socket that never starts one holds its place only this long. */
+export const HANDSHAKE_DEADLINE_MS = 3_000;
 /**
- * Open connections one remote address may hold; more are closed at accept (#11 M2). Sized for the SecureProxy,
- * the KeyServer's one legitimate caller: it checks the KeyServer's identity on every call, so Bun's fetch opens a
- * connection per call, and 60 concurrent releases were seen to lose 29 of them under a cap of 32.
+ * Connections from one address still in their TLS handshake, before anyone is known. When a new one comes, the
+ * oldest of them is closed, not the newcomer: a flood of bare TCP connections from the proxy's own address held
+ * every place and shut the proxy out, with no certificate at all (found by attack on #11). A real handshake takes
+ * milliseconds, so it is done long before 32 newer connections push it out.
  */
-export const MAX_CONNECTIONS_PER_ADDRESS = 128;
+export const MAX_HANDSHAKES_PER_ADDRESS = 32;
+/**
+ * Open connections one verified identity may hold; more are closed once the handshake says who they are (#11 M2).
+ * Sized for the SecureProxy, the KeyServer's one legitimate caller: it checks the KeyServer's identity on every
+ * call, so Bun's fetch opens a connection per call, and 60 concurrent releases lost 29 of them under a cap of 32.
+ */
+export const MAX_CONNECTIONS_PER_IDENTITY = 128;
 
 export interface PeerAwareApp {
   handle(request: Request): Promise<Response>;
@@ -39,8 +48,12 @@ export interface PeerListenerOptions {
   headerDeadlineMs?: number;
   /** See BODY_DEADLINE_MS. */
   bodyDeadlineMs?: number;
-  /** See MAX_CONNECTIONS_PER_ADDRESS. */
-  maxConnectionsPerAddress?: number;
+  /** See HANDSHAKE_DEADLINE_MS. */
+  handshakeDeadlineMs?: number;
+  /** See MAX_HANDSHAKES_PER_ADDRESS. */
+  maxHandshakesPerAddress?: number;
+  /** See MAX_CONNECTIONS_PER_IDENTITY. */
+  maxConnectionsPerIdentity?: number;
   /**
    * Asked on every request with the peer certificate's serial number (hex, as node:tls gives it): a revoked peer's
    * open keep-alive connection is refused too, not only its next handshake (#11).
@@ -67,6 +80,8 @@ export function commonName(peer: tls.PeerCertificate): string {
 interface Connection {
   /** Closes the connection when the TLS handshake and a request head, or the next one, are late. */
   headTimer: ReturnType<typeof setTimeout> | undefined;
+  /** Closes it when the handshake alone is late. */
+  handshakeTimer: ReturnType<typeof setTimeout> | undefined;
   requestsInFlight: number;
 }
 
@@ -130,11 +145,15 @@ export function listenWithPeerIdentity(app: PeerAwareApp, options: PeerListenerO
   const headerDeadlineMs = options.headerDeadlineMs ?? HEADER_DEADLINE_MS;
   const keepAliveDeadlineMs = Math.min(headerDeadlineMs, IDLE_TIMEOUT_S * 1000);
   const bodyDeadlineMs = options.bodyDeadlineMs ?? BODY_DEADLINE_MS;
-  const maxPerAddress = options.maxConnectionsPerAddress ?? MAX_CONNECTIONS_PER_ADDRESS;
+  const handshakeDeadlineMs = options.handshakeDeadlineMs ?? HANDSHAKE_DEADLINE_MS;
+  const maxHandshakesPerAddress = options.maxHandshakesPerAddress ?? MAX_HANDSHAKES_PER_ADDRESS;
+  const maxPerIdentity = options.maxConnectionsPerIdentity ?? MAX_CONNECTIONS_PER_IDENTITY;
   const identify = options.identify ?? commonName;
 
   const connections = new Map<net.Socket, Connection>();
-  const perAddress = new Map<string, number>();
+  /** Sockets still in their handshake, per address, oldest first (a Set keeps insertion order). */
+  const handshaking = new Map<string, Set<net.Socket>>();
+  const perIdentity = new Map<string, number>();
 
   const expectHeadWithin = (socket: net.Socket, connection: Connection, ms: number) => {
     clearTimeout(connection.headTimer);
@@ -194,35 +213,59 @@ export function listenWithPeerIdentity(app: PeerAwareApp, options: PeerListenerO
   });
 
   const server = tls.createServer({ ...options.tls, requestCert: true, rejectUnauthorized: true }, (socket) => {
-    const usages = (socket.getPeerCertificate() as { ext_key_usage?: string[] }).ext_key_usage ?? [];
+    leaveHandshake(socket);
+    const peer = socket.getPeerCertificate();
+    const usages = (peer as { ext_key_usage?: string[] }).ext_key_usage ?? [];
     if (!socket.authorized || !usages.includes(CLIENT_AUTH_OID)) {
       socket.destroy();
       return;
     }
+    // Counted by who it is, now that it is known: one identity's connections never take another's places.
+    const identity = identify(peer);
+    const open = perIdentity.get(identity) ?? 0;
+    if (open >= maxPerIdentity) {
+      socket.destroy();
+      return;
+    }
+    perIdentity.set(identity, open + 1);
+    socket.once("close", () => {
+      const left = (perIdentity.get(identity) ?? 1) - 1;
+      if (left > 0) perIdentity.set(identity, left);
+      else perIdentity.delete(identity);
+    });
     // Inactivity while a request is read or answered; the deadlines bound the head and the body.
     socket.setTimeout(IDLE_TIMEOUT_S * 1000, () => socket.destroy());
     parser.emit("connection", socket);
   });
-  // On Bun, 'connection' hands over the TLSSocket itself, before its handshake (measured on 1.4.5): the header
-  // deadline and the per-address count start at the TCP accept, so a stalled handshake is cut off too.
+
+  const leaveHandshake = (socket: net.Socket) => {
+    const connection = connections.get(socket);
+    if (connection) clearTimeout(connection.handshakeTimer);
+    const address = addressOf(socket);
+    const pending = address === undefined ? undefined : handshaking.get(address);
+    if (!pending?.delete(socket) || pending.size > 0) return;
+    handshaking.delete(address!);
+  };
+
+  // On Bun, 'connection' hands over the TLSSocket itself, before its handshake (measured on 1.4.5): the deadlines
+  // start at the TCP accept, so a stalled handshake is cut off too.
   server.on("connection", (socket: net.Socket) => {
     socket.on("error", () => {}); // a reset or a bad record ends this connection, never the listener
-    const address = addressOf(socket);
-    const open = address === undefined ? Infinity : perAddress.get(address) ?? 0;
-    if (open >= maxPerAddress) {
-      socket.destroy();
-      return;
-    }
-    perAddress.set(address!, open + 1);
-    const connection: Connection = { headTimer: undefined, requestsInFlight: 0 };
+    const connection: Connection = { headTimer: undefined, handshakeTimer: undefined, requestsInFlight: 0 };
     connections.set(socket, connection);
+    const address = addressOf(socket);
+    if (address !== undefined) {
+      const pending = handshaking.get(address) ?? new Set<net.Socket>();
+      handshaking.set(address, pending);
+      if (pending.size >= maxHandshakesPerAddress) pending.values().next().value!.destroy(); // the oldest goes
+      pending.add(socket);
+    }
+    connection.handshakeTimer = setTimeout(() => socket.destroy(), handshakeDeadlineMs);
     expectHeadWithin(socket, connection, headerDeadlineMs);
     socket.once("close", () => {
       clearTimeout(connection.headTimer);
+      leaveHandshake(socket);
       connections.delete(socket);
-      const left = (perAddress.get(address!) ?? 1) - 1;
-      if (left > 0) perAddress.set(address!, left);
-      else perAddress.delete(address!);
     });
   });
   server.on("tlsClientError", () => {}); // a refused handshake is the point, not an error to crash on

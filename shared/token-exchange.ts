@@ -5,7 +5,6 @@ import { chmodSync, existsSync, mkdirSync, readFileSync, writeFileSync } from "n
 import { dirname } from "node:path";
 import { calculateJwkThumbprint, CompactEncrypt, compactDecrypt, exportJWK, type JWK } from "jose";
 import { BadRequest, MeshError } from "./errors.ts";
-import { printable } from "./log.ts";
 
 /** Every decryption failure, whatever its cause, is this one error: no padding or format oracle. */
 export class DecryptFailed extends MeshError {
@@ -80,13 +79,18 @@ function optionalReplayFields(body: Record<string, unknown>): Pick<TokenRequest,
  */
 export const ON_BEHALF_OF_HEADER = "x-securemesh-on-behalf-of";
 
+const TOKEN_NAME = /^[A-Za-z0-9_.-]{1,64}$/;
+
 /**
- * The policy resource of `proxy.use` for a token: CLIENTID/TOKENTYPE. The Authorizer writes it into its audit line
- * as given, and both parts come from a caller, so it goes through printable(): one line stays one line. That never
- * widens a grant: a policy resource cannot hold the backslash printable() writes.
+ * The policy resource of `proxy.use` for a token: CLIENTID/TOKENTYPE. Both parts come from a caller and are held to
+ * plain names first: a "/" or "*" inside one could otherwise reach another row through a wildcard grant such as
+ * `proxy.use:client1/*` (found by attack on #11), and a control character could bend the audit line.
  */
 export function proxyResource(clientId: string, tokenType: string): string {
-  return printable(`${clientId}/${tokenType}`);
+  if (!TOKEN_NAME.test(clientId) || !TOKEN_NAME.test(tokenType)) {
+    throw new BadRequest("ClientId and TokenType may hold 1-64 letters, digits, '_', '.' and '-' only");
+  }
+  return `${clientId}/${tokenType}`;
 }
 
 // ---- KeyServer side ------------------------------------------------------------------------------------------

@@ -53,6 +53,15 @@ describe.each(Object.keys(backends))("%s token vault", (kind) => {
     return { ...backend, vault: new TokenVault(backend.store, MasterKeyring.open(join(tmp(), "master_keys.json"))) };
   };
 
+  test("SQL metacharacters in clientId and tokenType are stored and found verbatim (the KeyServer refuses them before; the store must not depend on it)", async () => {
+    const { vault } = await open();
+    const clientId = `' OR '1'='1`;
+    const tokenType = `x'; DROP TABLE storage; -- "\\`;
+    await vault.add(clientId, tokenType, TOKEN);
+    expect(await vault.reveal(clientId, tokenType)).toBe(TOKEN);
+    expect(await vault.reveal("client1", tokenType)).toBeUndefined();
+  });
+
   test("tokens are sealed at rest: a raw SELECT shows no plaintext", async () => {
     const { vault, rawRows } = await open();
     await vault.add("client1", "marketplace", TOKEN);
