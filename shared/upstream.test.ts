@@ -69,4 +69,9 @@ test("#11: a server enters rotation only once a probe has seen the expected iden
   await wrong.checkAll();
   expect(wrong.snapshot()[0]).toMatchObject({ up: false, lastError: "ERR_UNEXPECTED_PEER: reached spiffe://securemesh/server/server, expected spiffe://securemesh/keyserver/*" });
   await expect(wrong.forward({ method: "GET", path: "/x", headers: new Headers() })).rejects.toMatchObject({ status: 503 });
+  // A broadcast goes to every server, up or not; one presenting another identity is refused at the handshake.
+  expect(await wrong.broadcast("GET", "/x")).toEqual([{
+    server: `https://127.0.0.1:${server.port}`, ok: false, status: null,
+    error: "ERR_UNEXPECTED_PEER: reached spiffe://securemesh/server/server, expected spiffe://securemesh/keyserver/*",
+  }]);
 });

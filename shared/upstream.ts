@@ -192,11 +192,16 @@ export class UpstreamPool {
     throw new Unavailable(`every server failed (last: ${lastReason})`);
   }
 
-  /** Sends the same request to every configured server in parallel, up or not; reports each outcome. */
+  /**
+   * Sends the same request to every configured server in parallel, up or not; reports each outcome. A server out
+   * of rotation may be anything by now, and the request carries the forwarder assertion and the caller's proof: each
+   * call checks the identity on its own handshake (broadcasts are rare; an impostor on a dead server's port
+   * received both before, found by attack on #11).
+   */
   async broadcast(method: string, path: string, headers: Headers = new Headers(), body?: ArrayBuffer) {
     return Promise.all(this.#servers.map(async (server) => {
       try {
-        const result = await this.#send(server.url, method, path, headers, body);
+        const result = await this.#send(server.url, method, path, headers, body, this.#identityCheckedTls());
         return { server: server.url, ok: result.status < 300, status: result.status, body: result.body } as const;
       } catch (error) {
         const why = reason(error);
@@ -206,13 +211,18 @@ export class UpstreamPool {
     }));
   }
 
-  async #send(base: string, method: string, path: string, headers: Headers, body?: ArrayBuffer): Promise<ForwardResult> {
+  /** The TLS options that check the server's identity on the handshake (a new connection each time, in Bun). */
+  #identityCheckedTls() {
+    return this.#expectIdentity ? { ...this.#tls, checkServerIdentity: this.#expectIdentity } : this.#tls;
+  }
+
+  async #send(base: string, method: string, path: string, headers: Headers, body?: ArrayBuffer, tls = this.#tls): Promise<ForwardResult> {
     if (this.#forwarderAssertion) headers.set(FORWARDER_HEADER, await this.#forwarderAssertion());
     const response = await fetch(base + path, {
       method,
       headers,
       body: body && body.byteLength > 0 ? body : undefined,
-      tls: this.#tls,
+      tls,
       signal: AbortSignal.timeout(this.#timeoutMs),
     });
     return { status: response.status, headers: response.headers, body: await response.arrayBuffer(), upstream: base };
@@ -255,8 +265,7 @@ export class UpstreamPool {
     const started = performance.now();
     let failure: string | null = null;
     try {
-      const tls = this.#expectIdentity ? { ...this.#tls, checkServerIdentity: this.#expectIdentity } : this.#tls;
-      const response = await fetch(`${server.url}/health`, { tls, signal: AbortSignal.timeout(this.#health.timeoutMs) });
+      const response = await fetch(`${server.url}/health`, { tls: this.#identityCheckedTls(), signal: AbortSignal.timeout(this.#health.timeoutMs) });
       const body = (await response.json().catch(() => null)) as Record<string, unknown> | null;
       if (response.status === 200) server.health = body;
       else failure = `health check answered ${response.status}`;
