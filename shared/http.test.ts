@@ -1,14 +1,13 @@
 import { afterEach, describe, expect, setDefaultTimeout, test } from "bun:test";
-import { mkdtempSync, readFileSync, rmSync } from "node:fs";
 import net from "node:net";
-import { tmpdir } from "node:os";
-import { join } from "node:path";
-import { pkiDir, REPO_ROOT } from "./config.ts";
+import { connect as tlsConnect } from "node:tls";
+import { pkiDir } from "./config.ts";
 import { ConfigError, MeshError } from "./errors.ts";
 import { createApp, DEFAULT_BODY_LIMIT, listen, listenReloadable, readBodyLimited, readJsonFields } from "./http.ts";
 import { createLogger } from "./log.ts";
 import { Metrics } from "./metrics.ts";
 import { scrape } from "./testing/prometheus.ts";
+import { revocationPki } from "./testing/pki.ts";
 import { loadIdentity, mutualTlsServerOptions, type Identity } from "./tls.ts";
 
 setDefaultTimeout(30_000);
@@ -146,25 +145,10 @@ test("a handler's own Response status reaches the access log and the metrics (#1
   expect(exposition.value("securemesh_http_requests_total", { route: "/r", status: "200" })).toBeUndefined();
 });
 
-/** A PKI of its own with an extra client X: the CRL before X is revoked, and the one after. */
-async function revocationPki(): Promise<{ dir: string; crlBefore: string; crlAfter: string }> {
-  const dir = mkdtempSync(join(tmpdir(), "securemesh-http-reload-"));
-  cleanups.push(() => rmSync(dir, { recursive: true, force: true }));
-  const pki = async (...args: string[]) => {
-    await using proc = Bun.spawn(["bash", join(REPO_ROOT, "pki.sh"), ...args], { env: { ...process.env, PKI_DIR: dir }, stdout: "pipe", stderr: "pipe" });
-    const [stderr, code] = await Promise.all([new Response(proc.stderr).text(), proc.exited]);
-    if (code !== 0) throw new Error(`pki.sh ${args.join(" ")} failed (${code}): ${stderr}`);
-  };
-  await pki();
-  await pki("issue", "x", "--client");
-  const crlBefore = readFileSync(join(dir, "crl.pem"), "utf8");
-  await pki("revoke", "x");
-  return { dir, crlBefore, crlAfter: readFileSync(join(dir, "crl.pem"), "utf8") };
-}
 
 describe("listenReloadable (#11)", () => {
   test("a reload with a new CRL refuses the revoked client at once, keeps the others, and lets requests in flight finish", async () => {
-    const { dir, crlBefore, crlAfter } = await revocationPki();
+    const { dir, crlBefore, crlAfter } = await revocationPki("http-reload");
     const server = loadIdentity(dir, "server");
     const tlsWith = (crl: string) => ({ ...mutualTlsServerOptions(server), crl });
     const as = (identity: Identity) => ({ tls: { cert: identity.cert, key: identity.key, ca: identity.ca }, keepalive: false });
@@ -218,4 +202,22 @@ describe("listenReloadable (#11)", () => {
     cleanups.push(() => plain.stop(true));
     await expect(listenReloadable(createApp(testLogger()), { port: held, hostname: "127.0.0.1", tls })).rejects.toThrow(`port ${held} on 127.0.0.1 is already in use`);
   });
+});
+
+// Found by attack on #11: Elysia's fetch reads the path at a fixed offset into the URL, so over https a Host of one
+// or two characters routed GET /zz/health to /health. Only a path routed as written is served.
+test("a request whose routed path is not its path (a 1-2 character Host over https) gets 400, never another route", async () => {
+  const app = createApp({ logger: createLogger("t", { write: () => {} }) }).get("/health", () => "health").get("/zz/health", () => "zz");
+  const listener = await listenReloadable(app, { port: 0, hostname: "127.0.0.1", tls: { cert: loadIdentity(pkiDir(), "server").cert, key: loadIdentity(pkiDir(), "server").key } });
+  cleanups.push(() => listener.stop());
+  const ca = loadIdentity(pkiDir(), "server").ca;
+  const get = (host: string) => new Promise<string>((resolve) => {
+    const socket = tlsConnect({ port: listener.port, host: "127.0.0.1", ca, servername: "localhost" }, () => socket.write(`GET /zz/health HTTP/1.1\r\nHost: ${host}\r\nConnection: close\r\n\r\n`));
+    let answer = "";
+    socket.on("data", (chunk) => (answer += chunk));
+    socket.on("close", () => resolve(`${answer.split("\r\n")[0]} ${answer.split("\r\n\r\n")[1]}`));
+  });
+  expect(await get("localhost")).toBe("HTTP/1.1 200 OK zz");
+  expect(await get("ab")).toStartWith("HTTP/1.1 400 Bad Request {\"error\":\"request path cannot be routed as written\"");
+  expect(await get("a")).toStartWith("HTTP/1.1 400 Bad Request");
 });

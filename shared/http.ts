@@ -122,10 +122,20 @@ export function createApp({ logger, bodyLimit = DEFAULT_BODY_LIMIT, metrics = ne
   // with JSON: on Content-Length at once, else by counting the bytes read (#11 L6: a 201,387-byte chunked body got
   // past the Content-Length check alone).
   const app = new Elysia({ serve: { maxRequestBodySize: bodyLimit * 4, idleTimeout: IDLE_TIMEOUT_S } })
-    .onRequest(({ request, server, set }) => {
+    .onRequest((context) => {
+      const { request, server, set } = context;
+      // Elysia sets the routed path on the context before this hook runs; its types leave it out here.
+      const { path } = context as unknown as { path: string };
       // Without a Bun server the request came through the peer-identity listener, which sets this header itself.
       const remote = server ? server.requestIP(request)?.address ?? "-" : request.headers.get(PEER_ADDRESS_HEADER) ?? "-";
       arrivals.set(request, { remote, at: performance.now() });
+      // Elysia's fetch finds the path at a fixed offset into the URL, so an https request with a 1-2 character Host
+      // was routed to another handler than its path names (found by attack on #11). Only a path routed as written
+      // is served.
+      if (path !== requestPath(request)) {
+        set.status = 400;
+        return errorBody(400, "request path cannot be routed as written", "ERR_BAD_REQUEST");
+      }
       const length = Number(request.headers.get("content-length") ?? 0);
       if (length <= bodyLimit) return undefined;
       set.status = 413;
