@@ -2,7 +2,8 @@
 import { execFileSync } from "node:child_process";
 import { chmodSync, readFileSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
-import { FORWARDER_HEADER } from "../shared/proof.ts";
+import { connect } from "node:net";
+import { FORWARDER_HEADER, FORWARDER_LIFETIME_S } from "../shared/proof.ts";
 import type { Cluster } from "./cluster.ts";
 
 export const HAPROXY = process.env.HAPROXY_PATH ?? "haproxy";
@@ -35,13 +36,22 @@ export interface HaproxyOptions {
   servers: string[];
   health: { intervalMs: number; fall: number; rise: number; timeoutMs: number };
   /**
-   * The coordinator's forwarder assertion, set on every request HAProxy forwards (replacing any a client sent):
-   * servers serve only requests forwarded by an identity the policy lets forward (#11), and HAProxy cannot sign.
+   * The coordinator's current forwarder assertion, set on every request HAProxy forwards (replacing any a client
+   * sent): servers serve only requests forwarded by an identity the policy lets forward (#11), and HAProxy cannot
+   * sign. HAProxy reads it from a map that is updated through its runtime API, as the assertion is re-signed.
    */
-  forwarderAssertion: string;
+  forwarderAssertion: () => Promise<string>;
 }
 
-export function haproxyConfig({ pki, dir, port, servers, health, forwarderAssertion }: HaproxyOptions): string {
+export interface Haproxy {
+  url: string;
+  /** Stops updating the forwarder assertion; the process itself stops with the cluster. */
+  close(): void;
+}
+
+const FORWARDER_KEY = "forwarder";
+
+export function haproxyConfig({ pki, dir, port, servers, health }: Omit<HaproxyOptions, "forwarderAssertion">): string {
   // HAProxy wants certificate and key in one file; it gets the coordinator's identity, as the coordinator has.
   const bundle = join(dir, "coordinator_bundle.pem");
   writeFileSync(bundle, readFileSync(join(pki, "coordinator_cert.pem"), "utf8") + readFileSync(join(pki, "coordinator_key.pem"), "utf8"), { mode: 0o600 });
@@ -54,6 +64,7 @@ export function haproxyConfig({ pki, dir, port, servers, health, forwarderAssert
   return [
     "global",
     "  maxconn 4096",
+    `  stats socket ${join(dir, "haproxy.sock")} mode 600 level admin`,
     "  ssl-server-verify required",
     "defaults",
     "  mode http",
@@ -65,7 +76,7 @@ export function haproxyConfig({ pki, dir, port, servers, health, forwarderAssert
     "  option redispatch",
     "frontend mesh",
     `  bind 127.0.0.1:${port} ssl crt ${bundle} ca-file ${ca} verify required`,
-    `  http-request set-header ${FORWARDER_HEADER} ${forwarderAssertion}`,
+    `  http-request set-header ${FORWARDER_HEADER} %[str(${FORWARDER_KEY}),map(${join(dir, "forwarder.map")})]`,
     "  default_backend servers",
     "backend servers",
     "  balance roundrobin",
@@ -75,12 +86,32 @@ export function haproxyConfig({ pki, dir, port, servers, health, forwarderAssert
   ].join("\n");
 }
 
-/** Starts HAProxy in the foreground under the cluster, and waits until its front answers /health over mutual TLS. */
-export async function startHaproxy(cluster: Cluster, options: HaproxyOptions): Promise<string> {
+/** Sends one command to HAProxy's runtime API and resolves with its answer. */
+function runtimeCommand(socketPath: string, command: string): Promise<string> {
+  return new Promise((resolve, reject) => {
+    let answer = "";
+    const socket = connect(socketPath, () => socket.end(`${command}\n`));
+    socket.on("data", (chunk) => (answer += chunk));
+    socket.on("error", reject);
+    socket.on("close", () => resolve(answer.trim()));
+  });
+}
+
+/**
+ * Starts HAProxy in the foreground under the cluster, and waits until its front answers /health over mutual TLS.
+ * Its forwarder assertion is replaced at a third of the assertion's lifetime, before a server could refuse it.
+ */
+export async function startHaproxy(cluster: Cluster, options: HaproxyOptions): Promise<Haproxy> {
   const configFile = join(options.dir, "haproxy.cfg");
+  const mapFile = join(options.dir, "forwarder.map");
+  writeFileSync(mapFile, `${FORWARDER_KEY} ${await options.forwarderAssertion()}\n`, { mode: 0o600 });
   writeFileSync(configFile, haproxyConfig(options));
   cluster.startCommand("haproxy", [HAPROXY, "-db", "-f", configFile]);
   const url = `https://127.0.0.1:${options.port}`;
   await cluster.waitHealthy(url);
-  return url;
+  const refresh = setInterval(async () => {
+    const answer = await runtimeCommand(join(options.dir, "haproxy.sock"), `set map ${mapFile} ${FORWARDER_KEY} ${await options.forwarderAssertion()}`).catch((error: Error) => error.message);
+    if (answer !== "") console.error(`haproxy: the forwarder assertion was not updated: ${answer}`);
+  }, (FORWARDER_LIFETIME_S * 1000) / 3);
+  return { url, close: () => clearInterval(refresh) };
 }
