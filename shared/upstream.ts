@@ -277,6 +277,7 @@ export class UpstreamPool {
         server.failStreak = this.#health.fall;
       }
     }
+    const firstProbe = server.lastCheckedAt === null;
     server.lastCheckedAt = Date.now();
     server.latencyMs = Math.round((performance.now() - started) * 10) / 10;
     if (failure === null) {
@@ -287,7 +288,8 @@ export class UpstreamPool {
       server.verified = true;
       if (!server.up && (firstVerified || server.okStreak >= this.#health.rise)) {
         server.up = true;
-        this.#logger.info(`Server ${server.url} is back in rotation`, { upstream: server.url });
+        // Entering rotation at start, once its identity is seen, is not a return from a failure.
+        this.#logger.info(firstProbe ? `Server ${server.url} is in rotation (identity checked)` : `Server ${server.url} is back in rotation`, { upstream: server.url });
       }
     } else {
       server.okStreak = 0;
