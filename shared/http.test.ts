@@ -1,16 +1,21 @@
-import { afterEach, describe, expect, setDefaultTimeout, test } from "bun:test";
+import { afterEach, beforeAll, describe, expect, setDefaultTimeout, test } from "bun:test";
 import net from "node:net";
 import { connect as tlsConnect } from "node:tls";
-import { pkiDir } from "./config.ts";
 import { ConfigError, MeshError } from "./errors.ts";
 import { createApp, DEFAULT_BODY_LIMIT, listen, listenReloadable, readBodyLimited, readJsonFields } from "./http.ts";
 import { createLogger } from "./log.ts";
 import { Metrics } from "./metrics.ts";
 import { scrape } from "./testing/prometheus.ts";
-import { revocationPki } from "./testing/pki.ts";
+import { revocationPki, testPki } from "./testing/pki.ts";
 import { loadIdentity, mutualTlsServerOptions, type Identity } from "./tls.ts";
 
 setDefaultTimeout(30_000);
+
+/** A PKI of the tests' own: a fresh clone has no certs/ (and the tests must not depend on one). */
+let pki: string;
+beforeAll(async () => {
+  pki = await testPki();
+});
 
 const cleanups: (() => unknown)[] = [];
 afterEach(async () => {
@@ -188,7 +193,7 @@ describe("listenReloadable (#11)", () => {
   });
 
   test("a port already in use is a ConfigError, even though the listener itself shares its port with its successor", async () => {
-    const tls = mutualTlsServerOptions(loadIdentity(pkiDir(), "server"));
+    const tls = mutualTlsServerOptions(loadIdentity(pki, "server"));
     const first = await listenReloadable(createApp(testLogger()), { port: 0, hostname: "127.0.0.1", tls });
     cleanups.push(() => first.stop());
     const inUse = `port ${first.port} on 127.0.0.1 is already in use`;
@@ -208,9 +213,9 @@ describe("listenReloadable (#11)", () => {
 // or two characters routed GET /zz/health to /health. Only a path routed as written is served.
 test("a request whose routed path is not its path (a 1-2 character Host over https) gets 400, never another route", async () => {
   const app = createApp({ logger: createLogger("t", { write: () => {} }) }).get("/health", () => "health").get("/zz/health", () => "zz");
-  const listener = await listenReloadable(app, { port: 0, hostname: "127.0.0.1", tls: { cert: loadIdentity(pkiDir(), "server").cert, key: loadIdentity(pkiDir(), "server").key } });
+  const listener = await listenReloadable(app, { port: 0, hostname: "127.0.0.1", tls: { cert: loadIdentity(pki, "server").cert, key: loadIdentity(pki, "server").key } });
   cleanups.push(() => listener.stop());
-  const ca = loadIdentity(pkiDir(), "server").ca;
+  const ca = loadIdentity(pki, "server").ca;
   const get = (host: string) => new Promise<string>((resolve) => {
     const socket = tlsConnect({ port: listener.port, host: "127.0.0.1", ca, servername: "localhost" }, () => socket.write(`GET /zz/health HTTP/1.1\r\nHost: ${host}\r\nConnection: close\r\n\r\n`));
     let answer = "";

@@ -1,18 +1,23 @@
-import { afterEach, describe, expect, setDefaultTimeout, test } from "bun:test";
+import { afterEach, beforeAll, describe, expect, setDefaultTimeout, test } from "bun:test";
 import { X509Certificate } from "node:crypto";
 import net from "node:net";
 import { join } from "node:path";
 import tls from "node:tls";
-import { pkiDir } from "./config.ts";
 import { waitFor } from "../harness/cluster.ts";
 import { listenWithPeerIdentity, PEER_HEADER, type PeerListener } from "./peer-tls.ts";
-import { revocationPki } from "./testing/pki.ts";
+import { revocationPki, testPki } from "./testing/pki.ts";
 import { loadIdentity, mutualTlsServerOptions, type Identity } from "./tls.ts";
 
 setDefaultTimeout(30_000);
 
-const keyserverTls = () => mutualTlsServerOptions(loadIdentity(pkiDir(), "keyserver"));
-const client1 = loadIdentity(pkiDir(), "client1");
+/** A PKI of the tests' own: a fresh clone has no certs/ (and the tests must not depend on one). */
+let pki: string;
+let client1: Identity;
+beforeAll(async () => {
+  pki = await testPki();
+  client1 = loadIdentity(pki, "client1");
+});
+const keyserverTls = () => mutualTlsServerOptions(loadIdentity(pki, "keyserver"));
 /** Answers every request with the identity the listener put in PEER_HEADER. */
 const echoApp = { handle: async (request: Request) => new Response(`ok ${request.headers.get(PEER_HEADER)}`) };
 
@@ -125,7 +130,7 @@ describe("a client cannot take the listener down (#11 H2)", () => {
   `;
 
   async function startChild() {
-    const child = Bun.spawn([process.execPath, "-e", FIXTURE], { stdout: "pipe", stderr: "pipe" });
+    const child = Bun.spawn([process.execPath, "-e", FIXTURE], { env: { ...process.env, PKI_DIR: pki }, stdout: "pipe", stderr: "pipe" });
     cleanups.push(async () => {
       child.kill();
       await child.exited;
