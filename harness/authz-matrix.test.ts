@@ -4,7 +4,7 @@ import { readFileSync } from "node:fs";
 import { join } from "node:path";
 import { parseCrl } from "../shared/authz/crl.ts";
 import { parsePolicy } from "../shared/authz/policy.ts";
-import { policyPath } from "../shared/config.ts";
+import { policyPath } from "../shared/platform/config.ts";
 import { testPki } from "../shared/testing/pki.ts";
 import { COLUMNS, expectCell, identityFacts, matrixSummary, matrixTable, mismatch, type Hops, type IdentityFacts, type MatrixResult } from "./authz-matrix.ts";
 

@@ -8,11 +8,11 @@ import { join } from "node:path";
 import { parseCrl, type RevocationList } from "../shared/authz/crl.ts";
 import { identityOf } from "../shared/authz/identity.ts";
 import { decide, parsePolicy, type Action, type Policy } from "../shared/authz/policy.ts";
-import { loadFernetKeys } from "../shared/config.ts";
-import { Fernet } from "../shared/fernet.ts";
-import { FORWARDER_HEADER, PROOF_HEADER, ProofSigner } from "../shared/proof.ts";
-import { CLIENT_AUTH_OID, type Identity } from "../shared/tls.ts";
-import { ON_BEHALF_OF_HEADER, openJoseResponse, prepareJoseRequest } from "../shared/token-exchange.ts";
+import { loadFernetKeys } from "../shared/platform/config.ts";
+import { Fernet } from "../shared/request-path/fernet.ts";
+import { FORWARDER_HEADER, PROOF_HEADER, ProofSigner } from "../shared/request-path/proof.ts";
+import { CLIENT_AUTH_OID, type Identity } from "../shared/platform/tls.ts";
+import { ON_BEHALF_OF_HEADER, openJoseResponse, prepareJoseRequest } from "../shared/token-path/token-exchange.ts";
 import type { TlsMaterial } from "./hostile.ts";
 
 // ---- What a cell can come to -----------------------------------------------------------------------------------

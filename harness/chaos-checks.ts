@@ -1,6 +1,6 @@
 // The faults of `bun harness chaos`, shared with harness/chaos.test.ts (which runs smaller loads).
-import type { MeshClient } from "../shared/mesh-client.ts";
-import { openStore } from "../shared/store.ts";
+import type { MeshClient } from "../shared/request-path/mesh-client.ts";
+import { openStore } from "../shared/request-path/store.ts";
 import { expectThat, waitFor, type Cluster } from "./cluster.ts";
 import { percentile } from "./load.ts";
 import { countRecords } from "./scenario.ts";

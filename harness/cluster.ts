@@ -1,10 +1,10 @@
 // Starts real role processes, tees their logs to files, waits for readiness by health checks, and stops them all.
 import { createWriteStream, mkdirSync, type WriteStream } from "node:fs";
 import { join } from "node:path";
-import { REPO_ROOT, loadFernetKeys } from "../shared/config.ts";
-import { Fernet } from "../shared/fernet.ts";
-import { MeshClient } from "../shared/mesh-client.ts";
-import { loadIdentity, mutualTlsClientOptions } from "../shared/tls.ts";
+import { REPO_ROOT, loadFernetKeys } from "../shared/platform/config.ts";
+import { Fernet } from "../shared/request-path/fernet.ts";
+import { MeshClient } from "../shared/request-path/mesh-client.ts";
+import { loadIdentity, mutualTlsClientOptions } from "../shared/platform/tls.ts";
 
 export class ExpectationFailed extends Error {}
 

@@ -3,7 +3,7 @@ import { execFileSync } from "node:child_process";
 import { chmodSync, readFileSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { connect } from "node:net";
-import { FORWARDER_HEADER, FORWARDER_LIFETIME_S } from "../shared/proof.ts";
+import { FORWARDER_HEADER, FORWARDER_LIFETIME_S } from "../shared/request-path/proof.ts";
 import type { Cluster } from "./cluster.ts";
 
 export const HAPROXY = process.env.HAPROXY_PATH ?? "haproxy";

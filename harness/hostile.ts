@@ -4,8 +4,8 @@ import { mkdirSync } from "node:fs";
 import { join } from "node:path";
 import net from "node:net";
 import tls from "node:tls";
-import { REPO_ROOT } from "../shared/config.ts";
-import { readPkiFile } from "../shared/config.ts";
+import { REPO_ROOT } from "../shared/platform/config.ts";
+import { readPkiFile } from "../shared/platform/config.ts";
 
 export interface CaseResult {
   role: string;

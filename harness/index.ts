@@ -2,7 +2,7 @@
 import { existsSync, mkdirSync, rmSync, writeFileSync } from "node:fs";
 import { join, relative } from "node:path";
 import { parseArgs } from "node:util";
-import { REPO_ROOT, pkiDir } from "../shared/config.ts";
+import { REPO_ROOT, pkiDir } from "../shared/platform/config.ts";
 import { runBench } from "./bench.ts";
 import { renderChart, renderTable } from "./bench-report.ts";
 import { Cluster, ExpectationFailed } from "./cluster.ts";

@@ -3,13 +3,13 @@ import { afterEach, beforeAll, describe, expect, setDefaultTimeout, test } from 
 import { mkdtempSync, readFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { REPO_ROOT, loadFernetKeys } from "../shared/config.ts";
-import { Fernet } from "../shared/fernet.ts";
-import { ProofSigner } from "../shared/proof.ts";
-import { openStore } from "../shared/store.ts";
+import { REPO_ROOT, loadFernetKeys } from "../shared/platform/config.ts";
+import { Fernet } from "../shared/request-path/fernet.ts";
+import { ProofSigner } from "../shared/request-path/proof.ts";
+import { openStore } from "../shared/request-path/store.ts";
 import { testPki } from "../shared/testing/pki.ts";
 import { runPython } from "../shared/testing/python.ts";
-import { loadIdentity, mutualTlsClientOptions } from "../shared/tls.ts";
+import { loadIdentity, mutualTlsClientOptions } from "../shared/platform/tls.ts";
 import { Cluster, waitFor } from "./cluster.ts";
 
 setDefaultTimeout(30_000);

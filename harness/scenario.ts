@@ -1,9 +1,9 @@
 // What a scenario is: data plus small steps (start, act, expect), run against a Cluster.
 import { randomUUID } from "node:crypto";
-import { loadFernetKeys } from "../shared/config.ts";
-import { Fernet } from "../shared/fernet.ts";
-import { payloadDigest } from "../shared/proof.ts";
-import { openStore } from "../shared/store.ts";
+import { loadFernetKeys } from "../shared/platform/config.ts";
+import { Fernet } from "../shared/request-path/fernet.ts";
+import { payloadDigest } from "../shared/request-path/proof.ts";
+import { openStore } from "../shared/request-path/store.ts";
 import type { Cluster } from "./cluster.ts";
 
 export interface Ports {

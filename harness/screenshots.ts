@@ -1,7 +1,7 @@
 // Pictures drawn from real runs: a scenario's role logs as terminal panes (SVG), and the status page in Chromium (PNG).
 import { existsSync, mkdirSync, readFileSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
-import { REPO_ROOT } from "../shared/config.ts";
+import { REPO_ROOT } from "../shared/platform/config.ts";
 import { launchChromium } from "./browser.ts";
 import type { Cluster } from "./cluster.ts";
 import { renderTerminals } from "./terminal-svg.ts";

@@ -2,12 +2,12 @@
 // hostile TLS and HTTP, crypto and application input, the authorization matrix and one case per finding of #11.
 import { readdirSync, readFileSync } from "node:fs";
 import { join } from "node:path";
-import { loadFernetKeys } from "../shared/config.ts";
-import { Fernet } from "../shared/fernet.ts";
-import { MAX_CONNECTIONS_PER_IDENTITY } from "../shared/peer-tls.ts";
-import { FORWARDER_HEADER, ProofSigner } from "../shared/proof.ts";
-import { loadIdentity, mutualTlsClientOptions } from "../shared/tls.ts";
-import { ON_BEHALF_OF_HEADER, prepareLegacyRequest, RsaKeyPair } from "../shared/token-exchange.ts";
+import { loadFernetKeys } from "../shared/platform/config.ts";
+import { Fernet } from "../shared/request-path/fernet.ts";
+import { MAX_CONNECTIONS_PER_IDENTITY } from "../shared/platform/peer-tls.ts";
+import { FORWARDER_HEADER, ProofSigner } from "../shared/request-path/proof.ts";
+import { loadIdentity, mutualTlsClientOptions } from "../shared/platform/tls.ts";
+import { ON_BEHALF_OF_HEADER, prepareLegacyRequest, RsaKeyPair } from "../shared/token-path/token-exchange.ts";
 import { matrixIdentities, runAuthzMatrix, type MatrixResult } from "./authz-matrix.ts";
 import type { Cluster } from "./cluster.ts";
 import { runConnectionCapCase, runFindingCases, runSlowFindingCases, type FindingTargets, type Measurement } from "./findings.ts";

@@ -4,7 +4,7 @@ import { existsSync, mkdtempSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { chromium, type Browser, type Locator } from "playwright-core";
-import { STATUS_PUSH_MS } from "../shared/status-page.ts";
+import { STATUS_PUSH_MS } from "../shared/ops/status-page.ts";
 import { testPki } from "../shared/testing/pki.ts";
 import { parsePrometheus } from "../shared/testing/prometheus.ts";
 import { CHROMIUM, launchChromium } from "./browser.ts";

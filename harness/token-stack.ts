@@ -3,7 +3,7 @@ import { randomBytes } from "node:crypto";
 import { mkdtempSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { loadIdentity, mutualTlsClientOptions } from "../shared/tls.ts";
+import { loadIdentity, mutualTlsClientOptions } from "../shared/platform/tls.ts";
 import { expectThat, type Cluster } from "./cluster.ts";
 
 export interface TokenStack {

@@ -3,11 +3,11 @@ import { afterEach, beforeAll, describe, expect, setDefaultTimeout, test } from 
 import { copyFileSync, mkdtempSync, readdirSync, readFileSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { REPO_ROOT } from "../shared/config.ts";
+import { REPO_ROOT } from "../shared/platform/config.ts";
 import { testPki } from "../shared/testing/pki.ts";
 import { runPython } from "../shared/testing/python.ts";
-import { loadIdentity, mutualTlsClientOptions } from "../shared/tls.ts";
-import { ON_BEHALF_OF_HEADER } from "../shared/token-exchange.ts";
+import { loadIdentity, mutualTlsClientOptions } from "../shared/platform/tls.ts";
+import { ON_BEHALF_OF_HEADER } from "../shared/token-path/token-exchange.ts";
 import { Cluster, waitFor } from "./cluster.ts";
 import { startTokenStack, type TokenStackOptions } from "./token-stack.ts";
 

@@ -1,10 +1,10 @@
 // A securemesh client: sends Fernet-encrypted messages with a sender proof to the coordinator over mutual TLS.
-import { exitWithConfigError, loadFernetKeys, parseFlags, parsePositive, pkiDir } from "../shared/config.ts";
-import { ConfigError } from "../shared/errors.ts";
-import { Fernet } from "../shared/fernet.ts";
-import { describeError, printable } from "../shared/log.ts";
-import { describeSnapshot, MeshClient } from "../shared/mesh-client.ts";
-import { assertSafeTlsEnvironment, loadIdentity } from "../shared/tls.ts";
+import { exitWithConfigError, loadFernetKeys, parseFlags, parsePositive, pkiDir } from "../shared/platform/config.ts";
+import { ConfigError } from "../shared/platform/errors.ts";
+import { Fernet } from "../shared/request-path/fernet.ts";
+import { describeError, printable } from "../shared/ops/log.ts";
+import { describeSnapshot, MeshClient } from "../shared/request-path/mesh-client.ts";
+import { assertSafeTlsEnvironment, loadIdentity } from "../shared/platform/tls.ts";
 
 const USAGE = `
 Usage: bun roles/client.ts [options]

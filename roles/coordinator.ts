@@ -1,14 +1,14 @@
 // The coordinator: terminates clients' mutual TLS and forwards /api/* to healthy servers, failing over between them.
 import { expectPeer, parseSpiffeId, TrustMaterial } from "../shared/authz/index.ts";
-import { ConfigError } from "../shared/errors.ts";
-import { exitWithConfigError, parseFlags, parsePort, parsePositive, pkiDir, exitOnSignals } from "../shared/config.ts";
-import { createApp, listenOrExit, listenReloadable, readBodyLimited, requestUrl } from "../shared/http.ts";
-import { createLogger, type Logger } from "../shared/log.ts";
-import { Metrics } from "../shared/metrics.ts";
-import { PROOF_HEADER, ProofSigner } from "../shared/proof.ts";
-import { createAdminApp } from "../shared/status-page.ts";
-import { assertSafeTlsEnvironment, mutualTlsClientOptions, mutualTlsServerOptions } from "../shared/tls.ts";
-import { UpstreamPool } from "../shared/upstream.ts";
+import { ConfigError } from "../shared/platform/errors.ts";
+import { exitWithConfigError, parseFlags, parsePort, parsePositive, pkiDir, exitOnSignals } from "../shared/platform/config.ts";
+import { createApp, listenOrExit, listenReloadable, readBodyLimited, requestUrl } from "../shared/platform/http.ts";
+import { createLogger, type Logger } from "../shared/ops/log.ts";
+import { Metrics } from "../shared/ops/metrics.ts";
+import { PROOF_HEADER, ProofSigner } from "../shared/request-path/proof.ts";
+import { createAdminApp } from "../shared/ops/status-page.ts";
+import { assertSafeTlsEnvironment, mutualTlsClientOptions, mutualTlsServerOptions } from "../shared/platform/tls.ts";
+import { UpstreamPool } from "../shared/request-path/upstream.ts";
 
 const USAGE = `
 Usage: bun roles/coordinator.ts [PORT] [options]

@@ -4,16 +4,16 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { createPublicKey } from "node:crypto";
 import { Authorizer } from "../shared/authz/authorizer.ts";
-import { policyPath } from "../shared/config.ts";
-import { MasterKeyring } from "../shared/keyring.ts";
-import { createLogger } from "../shared/log.ts";
-import { Metrics } from "../shared/metrics.ts";
-import { PEER_HEADER } from "../shared/peer-tls.ts";
-import { NonceMemory } from "../shared/replay.ts";
+import { policyPath } from "../shared/platform/config.ts";
+import { MasterKeyring } from "../shared/token-path/keyring.ts";
+import { createLogger } from "../shared/ops/log.ts";
+import { Metrics } from "../shared/ops/metrics.ts";
+import { PEER_HEADER } from "../shared/platform/peer-tls.ts";
+import { NonceMemory } from "../shared/token-path/replay.ts";
 import {
   ON_BEHALF_OF_HEADER, openJoseResponse, openLegacyResponse, prepareJoseRequest, prepareLegacyRequest, RsaKeyPair, type PreparedRequest,
-} from "../shared/token-exchange.ts";
-import { openTokenStore, TokenVault } from "../shared/token-store.ts";
+} from "../shared/token-path/token-exchange.ts";
+import { openTokenStore, TokenVault } from "../shared/token-path/token-store.ts";
 import { scrape } from "../shared/testing/prometheus.ts";
 import { createKeyserverApp, parseKeyserverConfig, type KeyserverDeps } from "./keyserver.ts";
 

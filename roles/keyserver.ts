@@ -1,22 +1,22 @@
 // The KeyServer: releases API tokens, sealed at rest, to the callers the policy names, through a hybrid exchange.
 import { join } from "node:path";
 import { Authorizer, parseSpiffeId, tlsPeerIdentity, TrustMaterial } from "../shared/authz/index.ts";
-import { exitWithConfigError, parseFlags, parsePort, parsePositive, pkiDir, policyPath, REPO_ROOT, exitOnSignals } from "../shared/config.ts";
-import { BadRequest, ConfigError, MeshError } from "../shared/errors.ts";
-import { createApp, readBodyLimited } from "../shared/http.ts";
-import { MasterKeyring } from "../shared/keyring.ts";
-import { createLogger, describeError, printable, type Logger } from "../shared/log.ts";
-import { Metrics } from "../shared/metrics.ts";
-import { listenWithPeerIdentity, PEER_HEADER } from "../shared/peer-tls.ts";
-import { NonceMemory, ReplayRejected } from "../shared/replay.ts";
-import { describeStoreUrl } from "../shared/store.ts";
-import { assertSafeTlsEnvironment, mutualTlsServerOptions } from "../shared/tls.ts";
+import { exitWithConfigError, parseFlags, parsePort, parsePositive, pkiDir, policyPath, REPO_ROOT, exitOnSignals } from "../shared/platform/config.ts";
+import { BadRequest, ConfigError, MeshError } from "../shared/platform/errors.ts";
+import { createApp, readBodyLimited } from "../shared/platform/http.ts";
+import { MasterKeyring } from "../shared/token-path/keyring.ts";
+import { createLogger, describeError, printable, type Logger } from "../shared/ops/log.ts";
+import { Metrics } from "../shared/ops/metrics.ts";
+import { listenWithPeerIdentity, PEER_HEADER } from "../shared/platform/peer-tls.ts";
+import { NonceMemory, ReplayRejected } from "../shared/token-path/replay.ts";
+import { describeStoreUrl } from "../shared/request-path/store.ts";
+import { assertSafeTlsEnvironment, mutualTlsServerOptions } from "../shared/platform/tls.ts";
 import {
   ON_BEHALF_OF_HEADER, openJoseRequest, openLegacyRequest, proxyResource, RsaKeyPair, sealJoseResponse, sealLegacyResponse,
   type TokenRequest,
-} from "../shared/token-exchange.ts";
-import { openTokenStore, TokenVault } from "../shared/token-store.ts";
-import { watchFiles, type Watch } from "../shared/watch.ts";
+} from "../shared/token-path/token-exchange.ts";
+import { openTokenStore, TokenVault } from "../shared/token-path/token-store.ts";
+import { watchFiles, type Watch } from "../shared/platform/watch.ts";
 
 const USAGE = `
 Usage: bun roles/keyserver.ts [PORT] [options]             serve (default port 5003)

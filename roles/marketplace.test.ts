@@ -1,5 +1,5 @@
 import { expect, test } from "bun:test";
-import { createLogger } from "../shared/log.ts";
+import { createLogger } from "../shared/ops/log.ts";
 import { scrape } from "../shared/testing/prometheus.ts";
 import { createMarketplaceApp, ITEM } from "./marketplace.ts";
 

@@ -1,11 +1,11 @@
 // A stand-in for the external marketplace API: HTTPS, and a fixed item for the one right Bearer token.
 import { timingSafeEqual, createHash } from "node:crypto";
 import { readFileSync } from "node:fs";
-import { exitWithConfigError, parseFlags, parsePort, pkiDir, exitOnSignals } from "../shared/config.ts";
-import { ConfigError, MeshError } from "../shared/errors.ts";
-import { createApp, listen } from "../shared/http.ts";
-import { createLogger, type Logger } from "../shared/log.ts";
-import { assertSafeTlsEnvironment, loadIdentity } from "../shared/tls.ts";
+import { exitWithConfigError, parseFlags, parsePort, pkiDir, exitOnSignals } from "../shared/platform/config.ts";
+import { ConfigError, MeshError } from "../shared/platform/errors.ts";
+import { createApp, listen } from "../shared/platform/http.ts";
+import { createLogger, type Logger } from "../shared/ops/log.ts";
+import { assertSafeTlsEnvironment, loadIdentity } from "../shared/platform/tls.ts";
 
 const USAGE = `
 Usage: bun roles/marketplace.ts [PORT] --token-file FILE [options]

@@ -6,16 +6,16 @@ import { createPublicKey } from "node:crypto";
 import { basename, dirname, resolve } from "node:path";
 import tls, { type PeerCertificate } from "node:tls";
 import { Authorizer, expectPeer, tlsPeerIdentity, TrustMaterial, UnexpectedPeer } from "../shared/authz/index.ts";
-import { exitWithConfigError, parseFlags, parsePort, parsePositive, pkiDir, policyPath, readPkiFile, exitOnSignals } from "../shared/config.ts";
-import { BadRequest, ConfigError, Forbidden, MeshError, Unavailable } from "../shared/errors.ts";
-import { createApp, readJsonFields } from "../shared/http.ts";
-import { createLogger, describeError, describeNetworkError as reason, printable, type Logger } from "../shared/log.ts";
-import { Metrics } from "../shared/metrics.ts";
-import { listenWithPeerIdentity, PEER_HEADER } from "../shared/peer-tls.ts";
-import { assertSafeTlsEnvironment, mutualTlsClientOptions, mutualTlsServerOptions, type Identity } from "../shared/tls.ts";
+import { exitWithConfigError, parseFlags, parsePort, parsePositive, pkiDir, policyPath, readPkiFile, exitOnSignals } from "../shared/platform/config.ts";
+import { BadRequest, ConfigError, Forbidden, MeshError, Unavailable } from "../shared/platform/errors.ts";
+import { createApp, readJsonFields } from "../shared/platform/http.ts";
+import { createLogger, describeError, describeNetworkError as reason, printable, type Logger } from "../shared/ops/log.ts";
+import { Metrics } from "../shared/ops/metrics.ts";
+import { listenWithPeerIdentity, PEER_HEADER } from "../shared/platform/peer-tls.ts";
+import { assertSafeTlsEnvironment, mutualTlsClientOptions, mutualTlsServerOptions, type Identity } from "../shared/platform/tls.ts";
 import {
   ON_BEHALF_OF_HEADER, openJoseResponse, openLegacyResponse, prepareJoseRequest, prepareLegacyRequest, proxyResource,
-} from "../shared/token-exchange.ts";
+} from "../shared/token-path/token-exchange.ts";
 
 const USAGE = `
 Usage: bun roles/secureproxy.ts [PORT] [options]

@@ -1,16 +1,16 @@
 // A securemesh server: receives Fernet payloads with a sender proof over mutual TLS and commits them to the store.
 import { createHash } from "node:crypto";
 import { Authorizer, senderName, TrustMaterial } from "../shared/authz/index.ts";
-import { exitWithConfigError, loadFernetKeys, parseFlags, parsePort, parsePositive, pkiDir, policyPath, displayPath, exitOnSignals } from "../shared/config.ts";
-import { BadRequest, ProofRejected } from "../shared/errors.ts";
-import { Fernet } from "../shared/fernet.ts";
-import { createApp, listenReloadable, readJsonFields } from "../shared/http.ts";
-import { CachedDataView } from "../shared/data-view.ts";
-import { createLogger, printable, type Logger } from "../shared/log.ts";
-import { Metrics } from "../shared/metrics.ts";
-import { FORWARDER_HEADER, payloadDigest, PROOF_HEADER, ProofVerifier } from "../shared/proof.ts";
-import { describeStoreUrl, openStore, type RecordStore } from "../shared/store.ts";
-import { assertSafeTlsEnvironment, mutualTlsServerOptions } from "../shared/tls.ts";
+import { exitWithConfigError, loadFernetKeys, parseFlags, parsePort, parsePositive, pkiDir, policyPath, displayPath, exitOnSignals } from "../shared/platform/config.ts";
+import { BadRequest, ProofRejected } from "../shared/platform/errors.ts";
+import { Fernet } from "../shared/request-path/fernet.ts";
+import { createApp, listenReloadable, readJsonFields } from "../shared/platform/http.ts";
+import { CachedDataView } from "../shared/request-path/data-view.ts";
+import { createLogger, printable, type Logger } from "../shared/ops/log.ts";
+import { Metrics } from "../shared/ops/metrics.ts";
+import { FORWARDER_HEADER, payloadDigest, PROOF_HEADER, ProofVerifier } from "../shared/request-path/proof.ts";
+import { describeStoreUrl, openStore, type RecordStore } from "../shared/request-path/store.ts";
+import { assertSafeTlsEnvironment, mutualTlsServerOptions } from "../shared/platform/tls.ts";
 
 const USAGE = `
 Usage: bun roles/server.ts PORT [options]

@@ -1,5 +1,5 @@
 // Caching of get_data(): miss, hit, write, invalidation, and no stale read from a server hung through it all.
-import type { MeshClient } from "../../shared/mesh-client.ts";
+import type { MeshClient } from "../../shared/request-path/mesh-client.ts";
 import { expectThat, waitFor, type Cluster } from "../cluster.ts";
 import { seedRecords, startMesh, successBodies, url, type Scenario } from "../scenario.ts";
 

@@ -1,7 +1,7 @@
 // Hostile input against every role: TLS refusals, malformed HTTP, crypto and application attacks, the authorization
 // matrix (#11 Part 6), one regression case per finding of #11, and the logs scanned for secrets and forged lines.
 import { join } from "node:path";
-import { REPO_ROOT, loadFernetKeys } from "../../shared/config.ts";
+import { REPO_ROOT, loadFernetKeys } from "../../shared/platform/config.ts";
 import { matrixSummary, matrixTable } from "../authz-matrix.ts";
 import { expectThat } from "../cluster.ts";
 import { measurementLines, prepareHarnessIdentities, seedClient2Token } from "../findings.ts";

@@ -2,7 +2,7 @@
 // allows, and the proxy calls the marketplace with it.
 import { readdirSync, readFileSync } from "node:fs";
 import { join } from "node:path";
-import { loadIdentity, mutualTlsClientOptions } from "../../shared/tls.ts";
+import { loadIdentity, mutualTlsClientOptions } from "../../shared/platform/tls.ts";
 import { expectThat, waitFor } from "../cluster.ts";
 import type { Scenario } from "../scenario.ts";
 import { startTokenStack } from "../token-stack.ts";

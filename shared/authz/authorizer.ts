@@ -1,10 +1,10 @@
 // The policy a role enforces right now: loaded at start, reloaded on change, every decision audited and counted.
 import { readFileSync } from "node:fs";
-import { displayPath } from "../config.ts";
-import { ConfigError } from "../errors.ts";
-import { describeError, printable, type Logger } from "../log.ts";
-import { Metrics } from "../metrics.ts";
-import { watchFiles, type Watch } from "../watch.ts";
+import { displayPath } from "../platform/config.ts";
+import { ConfigError } from "../platform/errors.ts";
+import { describeError, printable, type Logger } from "../ops/log.ts";
+import { Metrics } from "../ops/metrics.ts";
+import { watchFiles, type Watch } from "../platform/watch.ts";
 import { decide, parsePolicy, PermissionDenied, type Action, type Decision, type Policy } from "./policy.ts";
 
 export class Authorizer {

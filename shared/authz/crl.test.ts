@@ -3,7 +3,7 @@ import { beforeAll, describe, expect, setDefaultTimeout, test } from "bun:test";
 import { X509Certificate } from "node:crypto";
 import { copyFileSync, readFileSync } from "node:fs";
 import { join } from "node:path";
-import { REPO_ROOT } from "../config.ts";
+import { REPO_ROOT } from "../platform/config.ts";
 import { testPki } from "../testing/pki.ts";
 import { runPython } from "../testing/python.ts";
 import { CrlInvalid, normalizeSerial, parseCrl } from "./crl.ts";

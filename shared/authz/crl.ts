@@ -1,7 +1,7 @@
 // Reads our CA's certificate revocation list without the TLS stack: Deno's node:tls ignores the `crl` option, and
 // sender proofs are verified outside TLS anyway, so we parse the CRL, check its signature, and answer "revoked?".
 import { X509Certificate, verify } from "node:crypto";
-import { MeshError } from "../errors.ts";
+import { MeshError } from "../platform/errors.ts";
 import {
   children, contextTag, expectTag, isTime, readBitStringBytes, readDer, readIntegerHex, readOid, readTime, sameBytes,
   Tag, type Tlv,

@@ -1,7 +1,7 @@
 // Internal hops check whom they reached, not only that the CA signed it: any certificate of our CA with the
 // right address would otherwise pass as a server or the KeyServer (#11, hardening).
 import tls from "node:tls";
-import { CLIENT_AUTH_OID, SERVER_AUTH_OID } from "../tls.ts";
+import { CLIENT_AUTH_OID, SERVER_AUTH_OID } from "../platform/tls.ts";
 import { identityOf } from "./identity.ts";
 
 

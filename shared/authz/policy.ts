@@ -1,6 +1,6 @@
 // Authorization as data: one default-deny policy file names identities and what each may do, and every
 // decision in every role goes through decide() (compare Envoy RBAC, Istio AuthorizationPolicy, Vault policies).
-import { MeshError } from "../errors.ts";
+import { MeshError } from "../platform/errors.ts";
 
 /**
  * What can be allowed. A permission is "action" or "action:resource"; the resource narrows it:

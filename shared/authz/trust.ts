@@ -1,9 +1,9 @@
 // A role's TLS material as one reloadable unit: its own certificate and key, the CA, and the CA's revocation
 // list. `./pki.sh revoke` or a renewed certificate takes effect while the role runs (#11).
 import { join } from "node:path";
-import type { Logger } from "../log.ts";
-import { loadIdentity, type Identity } from "../tls.ts";
-import { watchFiles, type Watch } from "../watch.ts";
+import type { Logger } from "../ops/log.ts";
+import { loadIdentity, type Identity } from "../platform/tls.ts";
+import { watchFiles, type Watch } from "../platform/watch.ts";
 import { parseCrl, type RevocationList } from "./crl.ts";
 
 /** What a reload changed: the role's own certificate, key or CA, and the CA's revocation list. */

@@ -2,7 +2,7 @@
 import { mkdtempSync, readFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { REPO_ROOT } from "../config.ts";
+import { REPO_ROOT } from "../platform/config.ts";
 
 const built = new Map<string, Promise<string>>();
 

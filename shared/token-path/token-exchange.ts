@@ -4,7 +4,7 @@ import { createCipheriv, createDecipheriv, createPrivateKey, createPublicKey, ge
 import { chmodSync, existsSync, mkdirSync, readFileSync, writeFileSync } from "node:fs";
 import { dirname } from "node:path";
 import { calculateJwkThumbprint, CompactEncrypt, compactDecrypt, exportJWK, type JWK } from "jose";
-import { BadRequest, MeshError } from "./errors.ts";
+import { BadRequest, MeshError } from "../platform/errors.ts";
 
 /** Every decryption failure, whatever its cause, is this one error: no padding or format oracle. */
 export class DecryptFailed extends MeshError {

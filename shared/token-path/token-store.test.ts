@@ -4,9 +4,9 @@ import { chmodSync, mkdtempSync, statSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import mysql from "mysql2/promise";
-import { ConfigError } from "./errors.ts";
+import { ConfigError } from "../platform/errors.ts";
 import { MasterKeyring, SealBroken } from "./keyring.ts";
-import { TEST_MYSQL_URL, uniqueTable } from "./testing/mysql.ts";
+import { TEST_MYSQL_URL, uniqueTable } from "../testing/mysql.ts";
 import { openTokenStore, TokenVault, type TokenStore } from "./token-store.ts";
 
 const TOKEN = "marketplace-token-0123456789";

@@ -3,9 +3,9 @@ import { mkdtempSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import mysql from "mysql2/promise";
-import { IdempotencyConflict, ProofRejected } from "./errors.ts";
+import { IdempotencyConflict, ProofRejected } from "../platform/errors.ts";
 import { describeStoreUrl, openStore, type NewRecord, type RecordStore } from "./store.ts";
-import { TEST_MYSQL_URL, uniqueTable } from "./testing/mysql.ts";
+import { TEST_MYSQL_URL, uniqueTable } from "../testing/mysql.ts";
 
 const mysqlTables: string[] = [];
 const stores: RecordStore[] = [];

@@ -3,9 +3,9 @@ import { X509Certificate } from "node:crypto";
 import net from "node:net";
 import { join } from "node:path";
 import tls from "node:tls";
-import { waitFor } from "../harness/cluster.ts";
+import { waitFor } from "../../harness/cluster.ts";
 import { listenWithPeerIdentity, PEER_HEADER, type PeerListener } from "./peer-tls.ts";
-import { revocationPki, testPki } from "./testing/pki.ts";
+import { revocationPki, testPki } from "../testing/pki.ts";
 import { loadIdentity, mutualTlsServerOptions, type Identity } from "./tls.ts";
 
 setDefaultTimeout(30_000);

@@ -1,11 +1,11 @@
 import { beforeAll, describe, expect, test } from "bun:test";
 import { readFileSync } from "node:fs";
 import { join } from "node:path";
-import { ProofRejected } from "./errors.ts";
-import { parseCrl } from "./authz/crl.ts";
+import { ProofRejected } from "../platform/errors.ts";
+import { parseCrl } from "../authz/crl.ts";
 import { CLOCK_SKEW_S, PROOF_LIFETIME_S, ProofSigner, ProofVerifier } from "./proof.ts";
-import { runPkiSh, testPki } from "./testing/pki.ts";
-import { loadIdentity } from "./tls.ts";
+import { runPkiSh, testPki } from "../testing/pki.ts";
+import { loadIdentity } from "../platform/tls.ts";
 
 let main: string;
 let other: string;

@@ -1,8 +1,8 @@
 // The upstream pool: round-robin over healthy servers, failover, active health checks with fall/rise counts.
 import type { PeerCertificate } from "node:tls";
-import { MeshError, Unavailable } from "./errors.ts";
-import { describeNetworkError as reason, type Logger } from "./log.ts";
-import type { Metrics } from "./metrics.ts";
+import { MeshError, Unavailable } from "../platform/errors.ts";
+import { describeNetworkError as reason, type Logger } from "../ops/log.ts";
+import type { Metrics } from "../ops/metrics.ts";
 import { FORWARDER_HEADER, PROOF_HEADER } from "./proof.ts";
 
 export interface ClientTls {

@@ -5,7 +5,7 @@ import { parseArgs } from "node:util";
 import { ConfigError } from "./errors.ts";
 
 /** The repository root, so roles find certs/ and data/ wherever they are started from. */
-export const REPO_ROOT = resolve(dirname(new URL(import.meta.url).pathname), "..");
+export const REPO_ROOT = resolve(dirname(new URL(import.meta.url).pathname), "..", "..");
 
 export type FlagSpec = Record<string, { type: "string" | "boolean"; short?: string; multiple?: boolean }>;
 

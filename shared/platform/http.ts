@@ -4,8 +4,8 @@ import type { Server } from "bun";
 import { Elysia } from "elysia";
 import { BadRequest, ConfigError, MeshError } from "./errors.ts";
 import { exitWithConfigError } from "./config.ts";
-import { describeError, type Logger } from "./log.ts";
-import { Metrics } from "./metrics.ts";
+import { describeError, type Logger } from "../ops/log.ts";
+import { Metrics } from "../ops/metrics.ts";
 
 /** Bodies above this get a 413: at once when Content-Length says so, else when the bytes read pass it (#11 L6). */
 export const DEFAULT_BODY_LIMIT = 64 * 1024;

@@ -1,8 +1,8 @@
 import { describe, expect, test } from "bun:test";
 import fernetPackage from "fernet";
-import { InvalidToken } from "./errors.ts";
+import { InvalidToken } from "../platform/errors.ts";
 import { Fernet, generateFernetKey } from "./fernet.ts";
-import { runPython } from "./testing/python.ts";
+import { runPython } from "../testing/python.ts";
 import generate from "./testdata/fernet/generate.json";
 import invalid from "./testdata/fernet/invalid.json";
 import verify from "./testdata/fernet/verify.json";

@@ -1,6 +1,6 @@
 // Fernet (spec version 0x80) on node:crypto: AES-128-CBC + HMAC-SHA256, with key rotation and an optional TTL.
 import { createCipheriv, createDecipheriv, randomBytes, timingSafeEqual } from "node:crypto";
-import { InvalidToken } from "./errors.ts";
+import { InvalidToken } from "../platform/errors.ts";
 
 const VERSION = 0x80;
 const HEADER = 1 + 8 + 16; // version ‖ timestamp ‖ IV

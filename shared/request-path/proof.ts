@@ -4,9 +4,9 @@
 // certificate (oven-sh/bun#14097), so a server learns which identity forwarded a request from it (#11).
 import { createHash, createPrivateKey, randomUUID, X509Certificate, type KeyObject } from "node:crypto";
 import { decodeProtectedHeader, jwtVerify, SignJWT } from "jose";
-import { ProofRejected } from "./errors.ts";
-import { identityOf } from "./authz/identity.ts";
-import { CLIENT_AUTH_OID, SERVER_AUTH_OID, type Identity } from "./tls.ts";
+import { ProofRejected } from "../platform/errors.ts";
+import { identityOf } from "../authz/identity.ts";
+import { CLIENT_AUTH_OID, SERVER_AUTH_OID, type Identity } from "../platform/tls.ts";
 
 export const PROOF_TYPE = "securemesh-proof+jwt";
 export const FORWARDER_TYPE = "securemesh-forwarder+jwt";

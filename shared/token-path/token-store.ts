@@ -3,9 +3,9 @@ import { Database } from "bun:sqlite";
 import { mkdirSync } from "node:fs";
 import { dirname } from "node:path";
 import mysql from "mysql2/promise";
-import { Unavailable } from "./errors.ts";
+import { Unavailable } from "../platform/errors.ts";
 import { SealBroken, type MasterKeyring, type Sealed } from "./keyring.ts";
-import { checkTableName } from "./store.ts";
+import { checkTableName } from "../request-path/store.ts";
 
 export interface TokenRow extends Sealed {
   clientId: string;

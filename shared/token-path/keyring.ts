@@ -2,7 +2,7 @@
 import { createCipheriv, createDecipheriv, randomBytes } from "node:crypto";
 import { chmodSync, existsSync, mkdirSync, readFileSync, renameSync, statSync, writeFileSync } from "node:fs";
 import { dirname } from "node:path";
-import { ConfigError, MeshError } from "./errors.ts";
+import { ConfigError, MeshError } from "../platform/errors.ts";
 
 export interface Sealed {
   /** base64 of ciphertext ‖ 16-byte GCM tag */

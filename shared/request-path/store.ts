@@ -1,6 +1,6 @@
 // The record store every server shares: one interface, bun:sqlite by default, MySQL when given a mysql:// URL.
 import { join, resolve } from "node:path";
-import { displayPath, REPO_ROOT } from "./config.ts";
+import { displayPath, REPO_ROOT } from "../platform/config.ts";
 
 export interface NewRecord {
   sender: string;

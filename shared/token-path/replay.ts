@@ -1,6 +1,6 @@
 // Replay protection for token requests: a timestamp window and a bounded memory of the nonces seen in it, with a
 // quota per caller so that one caller cannot fill the memory and block everyone else (#11 M3).
-import { MeshError } from "./errors.ts";
+import { MeshError } from "../platform/errors.ts";
 
 export class ReplayRejected extends MeshError {
   constructor(message: string) {

@@ -1,6 +1,6 @@
 import { describe, expect, test } from "bun:test";
 import { Metrics } from "./metrics.ts";
-import { parsePrometheus } from "./testing/prometheus.ts";
+import { parsePrometheus } from "../testing/prometheus.ts";
 
 describe("Metrics", () => {
   test("counters render per label set and parse as Prometheus text", () => {

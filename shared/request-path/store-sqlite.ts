@@ -2,7 +2,7 @@
 import { Database, type Statement } from "bun:sqlite";
 import { mkdirSync } from "node:fs";
 import { dirname } from "node:path";
-import { IdempotencyConflict, ProofRejected, Unavailable } from "./errors.ts";
+import { IdempotencyConflict, ProofRejected, Unavailable } from "../platform/errors.ts";
 import { checkTableName, type InsertResult, type NewRecord, type ProofUse, type RecordStore, type StoreOptions, type StoredRecord } from "./store.ts";
 
 interface Row {

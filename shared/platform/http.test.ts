@@ -3,10 +3,10 @@ import net from "node:net";
 import { connect as tlsConnect } from "node:tls";
 import { ConfigError, MeshError } from "./errors.ts";
 import { createApp, DEFAULT_BODY_LIMIT, listen, listenReloadable, readBodyLimited, readJsonFields } from "./http.ts";
-import { createLogger } from "./log.ts";
-import { Metrics } from "./metrics.ts";
-import { scrape } from "./testing/prometheus.ts";
-import { revocationPki, testPki } from "./testing/pki.ts";
+import { createLogger } from "../ops/log.ts";
+import { Metrics } from "../ops/metrics.ts";
+import { scrape } from "../testing/prometheus.ts";
+import { revocationPki, testPki } from "../testing/pki.ts";
 import { loadIdentity, mutualTlsServerOptions, type Identity } from "./tls.ts";
 
 setDefaultTimeout(30_000);

@@ -1,6 +1,6 @@
 // RecordStore on MySQL/MariaDB through a mysql2 pool, with parameterized queries only.
 import mysql from "mysql2/promise";
-import { IdempotencyConflict, ProofRejected, Unavailable } from "./errors.ts";
+import { IdempotencyConflict, ProofRejected, Unavailable } from "../platform/errors.ts";
 import { checkTableName, type InsertResult, type NewRecord, type ProofUse, type RecordStore, type StoreOptions, type StoredRecord } from "./store.ts";
 
 export class MysqlStore implements RecordStore {

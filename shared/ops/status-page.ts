@@ -1,9 +1,9 @@
 // The coordinator's admin listener: a live status page (server-sent events), its JSON, and /metrics.
-import { MeshError } from "./errors.ts";
-import { createApp, requestUrl } from "./http.ts";
+import { MeshError } from "../platform/errors.ts";
+import { createApp, requestUrl } from "../platform/http.ts";
 import type { Logger } from "./log.ts";
 import type { Metrics } from "./metrics.ts";
-import type { UpstreamPool, UpstreamState } from "./upstream.ts";
+import type { UpstreamPool, UpstreamState } from "../request-path/upstream.ts";
 
 /** The pool's view of a server, with the cache counters picked out of its last /health answer. */
 export type ServerStatus = Omit<UpstreamState, "health"> & { cache: { hits: number; misses: number; hitRatio: number } | null };

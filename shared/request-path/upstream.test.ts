@@ -1,8 +1,8 @@
 import { afterAll, beforeAll, expect, test } from "bun:test";
-import { expectPeer } from "./authz/expect-peer.ts";
-import { createLogger } from "./log.ts";
-import { testPki } from "./testing/pki.ts";
-import { loadIdentity, mutualTlsClientOptions, mutualTlsServerOptions } from "./tls.ts";
+import { expectPeer } from "../authz/expect-peer.ts";
+import { createLogger } from "../ops/log.ts";
+import { testPki } from "../testing/pki.ts";
+import { loadIdentity, mutualTlsClientOptions, mutualTlsServerOptions } from "../platform/tls.ts";
 import { UpstreamPool } from "./upstream.ts";
 
 let healthStatus = 200;

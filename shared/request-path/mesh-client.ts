@@ -1,12 +1,12 @@
 // The client side of the request path: Fernet-encrypt, sign a sender proof, send over mutual TLS to a coordinator.
 import { randomUUID } from "node:crypto";
 import { setTimeout } from "node:timers/promises";
-import { MeshError } from "./errors.ts";
+import { MeshError } from "../platform/errors.ts";
 import type { DataSnapshot } from "./data-view.ts";
 import type { Fernet } from "./fernet.ts";
-import { describeNetworkError, printable } from "./log.ts";
+import { describeNetworkError, printable } from "../ops/log.ts";
 import { FORWARDER_HEADER, PROOF_HEADER, ProofSigner } from "./proof.ts";
-import { mutualTlsClientOptions, type Identity } from "./tls.ts";
+import { mutualTlsClientOptions, type Identity } from "../platform/tls.ts";
 
 export interface MeshClientOptions {
   identity: Identity;

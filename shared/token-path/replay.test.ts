@@ -1,5 +1,5 @@
 import { expect, test } from "bun:test";
-import { MeshError } from "./errors.ts";
+import { MeshError } from "../platform/errors.ts";
 import { NonceMemory, ReplayQuotaExceeded, ReplayRejected } from "./replay.ts";
 
 const nonce = (caller: string, i: number) => `nonce-${caller}-${String(i).padStart(12, "0")}`;

@@ -6,7 +6,7 @@ import tls from "node:tls";
 import { ConfigError, MeshError } from "./errors.ts";
 import { CLIENT_AUTH_OID } from "./tls.ts";
 import { DEFAULT_BODY_LIMIT, IDLE_TIMEOUT_S, PEER_ADDRESS_HEADER, type ServerTls } from "./http.ts";
-import { describeError } from "./log.ts";
+import { describeError } from "../ops/log.ts";
 
 /** Set by the listener from the verified certificate, after any client-sent copy is dropped. */
 export const PEER_HEADER = "x-securemesh-peer";

@@ -1,8 +1,8 @@
 // get_data(), the servers' view of the stored records, and the cache in front of it.
 import { Cache, type CacheStats } from "./cache.ts";
 import type { Fernet } from "./fernet.ts";
-import type { Logger } from "./log.ts";
-import type { Metrics } from "./metrics.ts";
+import type { Logger } from "../ops/log.ts";
+import type { Metrics } from "../ops/metrics.ts";
 import type { ProofUse, RecordStore } from "./store.ts";
 
 export interface RecordView {

@@ -2,7 +2,7 @@ import { expect, test } from "bun:test";
 import { createLogger } from "./log.ts";
 import { Metrics } from "./metrics.ts";
 import { createAdminApp } from "./status-page.ts";
-import { UpstreamPool } from "./upstream.ts";
+import { UpstreamPool } from "../request-path/upstream.ts";
 
 const logger = createLogger("t", { write: () => {}, color: false });
 const pool = new UpstreamPool({ servers: ["https://127.0.0.1:1"], tls: { cert: "", key: "", ca: "", rejectUnauthorized: true }, logger });
