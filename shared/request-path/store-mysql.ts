@@ -1,133 +1,85 @@
 // RecordStore on MySQL/MariaDB through a mysql2 pool, with parameterized queries only.
-import mysql from "mysql2/promise";
-import { IdempotencyConflict, ProofRejected, Unavailable } from "../platform/errors.ts";
-import { checkTableName, type InsertResult, type NewRecord, type ProofUse, type RecordStore, type StoreOptions, type StoredRecord } from "./store.ts";
+import type mysql from "mysql2/promise";
+import { checkTableName, orUnavailable, unavailable } from "../db/database.ts";
+import { isDuplicateEntry, openMysql, selectRows, transaction, type SqlValue } from "../db/mysql.ts";
+import {
+  fromRow, insertParams, RECORD_STORE, recordSql, repeatedInsert, replayedProof, sendersCounted,
+  type EarlierRecord, type InsertResult, type NewRecord, type ProofUse, type RecordRow, type RecordStore, type StoreOptions, type StoredRecord,
+} from "./record-store.ts";
 
 export class MysqlStore implements RecordStore {
   readonly kind = "mysql" as const;
   readonly #pool: mysql.Pool;
-  readonly #table: string;
+  readonly #sql: ReturnType<typeof recordSql>;
 
   private constructor(pool: mysql.Pool, table: string) {
     this.#pool = pool;
-    this.#table = table;
+    this.#sql = recordSql(table);
   }
 
   static async open(url: string, options: StoreOptions = {}): Promise<MysqlStore> {
     const table = checkTableName(options.table ?? "records");
-    const pool = mysql.createPool({ uri: url, connectionLimit: 8, connectTimeout: 2000, enableKeepAlive: true });
-    const store = new MysqlStore(pool, table);
-    try {
-      await pool.query(`CREATE TABLE IF NOT EXISTS ${table} (
-        id BIGINT AUTO_INCREMENT PRIMARY KEY,
-        sender VARCHAR(128) NOT NULL,
-        token MEDIUMTEXT NOT NULL,
-        jti VARCHAR(128) NOT NULL UNIQUE,
-        idempotency_key VARCHAR(128) NULL UNIQUE,
-        digest CHAR(43) NOT NULL,
-        server INT NOT NULL,
-        created_at BIGINT NOT NULL,
-        INDEX ${table}_by_sender (sender, id)
-      ) ENGINE=InnoDB`);
-      await pool.query(`CREATE TABLE IF NOT EXISTS ${table}_used_proofs (
-        jti VARCHAR(128) NOT NULL, server INT NOT NULL, expires_at BIGINT NOT NULL, PRIMARY KEY (jti, server)
-      ) ENGINE=InnoDB`);
-      await pool.query(`CREATE TABLE IF NOT EXISTS ${table}_generation (id TINYINT PRIMARY KEY, value BIGINT NOT NULL) ENGINE=InnoDB`);
-      await pool.query(`INSERT IGNORE INTO ${table}_generation (id, value) VALUES (1, 0)`);
-    } catch (error) {
-      await pool.end().catch(() => {});
-      throw new Unavailable(`cannot open MySQL record store: ${(error as { code?: string }).code ?? (error as Error).message}`, { cause: error });
-    }
-    return store;
+    const pool = await openMysql(url, { what: RECORD_STORE, connectionLimit: 8, schema: schema(table) });
+    return new MysqlStore(pool, table);
   }
 
   async insert(record: NewRecord): Promise<InsertResult> {
-    let conn: mysql.PoolConnection;
+    const sql = this.#sql;
     try {
-      conn = await this.#pool.getConnection();
+      const id = await transaction(this.#pool, async (conn) => {
+        const [result] = await conn.execute<mysql.ResultSetHeader>(sql.insert, insertParams(record, Date.now()));
+        // The generation row's lock also orders commits, so generations follow commit order, not id order.
+        await conn.execute(sql.bumpGeneration);
+        return result.insertId;
+      });
+      return { id, server: record.server, repeated: false };
     } catch (error) {
-      throw unavailable(error);
+      if (!isDuplicateEntry(error)) throw unavailable(RECORD_STORE, error);
     }
-    try {
-      await conn.beginTransaction();
-      const [result] = await conn.execute<mysql.ResultSetHeader>(
-        `INSERT INTO ${this.#table} (sender, token, jti, idempotency_key, digest, server, created_at) VALUES (?, ?, ?, ?, ?, ?, ?)`,
-        [record.sender, record.token, record.jti, record.idempotencyKey ?? null, record.digest, record.server, Date.now()],
-      );
-      // The generation row's lock also orders commits, so generations follow commit order, not id order.
-      await conn.execute(`UPDATE ${this.#table}_generation SET value = value + 1 WHERE id = 1`);
-      await conn.commit();
-      return { id: result.insertId, server: record.server, repeated: false };
-    } catch (error) {
-      await conn.rollback().catch(() => {});
-      if ((error as { code?: string }).code !== "ER_DUP_ENTRY") throw unavailable(error);
-      return this.#resolveConflict(record);
-    } finally {
-      conn.release();
-    }
+    const earlier = record.idempotencyKey ? (await this.#rows<EarlierRecord>(sql.byIdempotencyKey, [record.idempotencyKey]))[0] : undefined;
+    return repeatedInsert(record, earlier);
   }
 
   async generation(): Promise<number> {
-    const [row] = await this.#rows<{ value: number }>(`SELECT value FROM ${this.#table}_generation WHERE id = 1`);
+    const [row] = await this.#rows<{ value: number | string }>(this.#sql.generation);
     return Number(row?.value ?? 0);
   }
 
   async bumpGeneration(proof?: ProofUse): Promise<number> {
-    let conn: mysql.PoolConnection;
+    const sql = this.#sql;
     try {
-      conn = await this.#pool.getConnection();
+      return await transaction(this.#pool, async (conn) => {
+        // The generation row's lock first: concurrent invalidations (and writes) queue on it, so the DELETE's gap
+        // locks never interleave with another transaction's INSERT (that was ER_LOCK_DEADLOCK, a 503).
+        await conn.execute(sql.bumpGeneration);
+        if (proof) {
+          await conn.execute(sql.forgetExpiredProofs, [Math.floor(Date.now() / 1000)]);
+          await conn.execute(sql.useProof, [proof.jti, proof.server, proof.expiresAt]);
+        }
+        const [row] = await selectRows<{ value: number | string }>(conn, sql.generation);
+        return Number(row?.value ?? 0);
+      });
     } catch (error) {
-      throw unavailable(error);
+      if (isDuplicateEntry(error)) throw replayedProof();
+      throw unavailable(RECORD_STORE, error);
     }
-    try {
-      await conn.beginTransaction();
-      // The generation row's lock first: concurrent invalidations (and writes) queue on it, so the DELETE's gap
-      // locks never interleave with another transaction's INSERT (that was ER_LOCK_DEADLOCK, a 503).
-      await conn.execute(`UPDATE ${this.#table}_generation SET value = value + 1 WHERE id = 1`);
-      if (proof) {
-        await conn.execute(`DELETE FROM ${this.#table}_used_proofs WHERE expires_at < ?`, [Math.floor(Date.now() / 1000)]);
-        await conn.execute(`INSERT INTO ${this.#table}_used_proofs (jti, server, expires_at) VALUES (?, ?, ?)`, [proof.jti, proof.server, proof.expiresAt]);
-      }
-      const [rows] = await conn.execute<mysql.RowDataPacket[]>(`SELECT value FROM ${this.#table}_generation WHERE id = 1`);
-      await conn.commit();
-      return Number(rows[0]?.value ?? 0);
-    } catch (error) {
-      await conn.rollback().catch(() => {});
-      if ((error as { code?: string }).code === "ER_DUP_ENTRY") throw new ProofRejected("proof already used (replayed jti)");
-      throw unavailable(error);
-    } finally {
-      conn.release();
-    }
-  }
-
-  async #resolveConflict(record: NewRecord): Promise<InsertResult> {
-    const earlier = record.idempotencyKey
-      ? (await this.#rows<{ id: number; digest: string; server: number }>(
-          `SELECT id, digest, server FROM ${this.#table} WHERE idempotency_key = ?`, [record.idempotencyKey],
-        ))[0]
-      : undefined;
-    if (!earlier) throw new ProofRejected("proof already used (replayed jti)");
-    if (earlier.digest !== record.digest) throw new IdempotencyConflict();
-    return { id: Number(earlier.id), server: earlier.server, repeated: true };
   }
 
   async count(): Promise<number> {
-    const [row] = await this.#rows<{ n: number }>(`SELECT COUNT(*) AS n FROM ${this.#table}`);
+    const [row] = await this.#rows<{ n: number | string }>(this.#sql.count);
     return Number(row?.n ?? 0);
   }
 
   async latest(limit: number, sender?: string): Promise<StoredRecord[]> {
-    const columns = `SELECT id, sender, token, server, created_at FROM ${this.#table}`;
-    const rows = await this.#rows<{ id: number; sender: string; token: string; server: number; created_at: number }>(
-      sender === undefined ? `${columns} ORDER BY id DESC LIMIT ?` : `${columns} WHERE sender = ? ORDER BY id DESC LIMIT ?`,
-      sender === undefined ? [String(limit)] : [sender, String(limit)],
-    );
-    return rows.map((r) => ({ id: Number(r.id), sender: r.sender, token: r.token, server: r.server, createdAt: Number(r.created_at) }));
+    // LIMIT is bound as a string: MySQL 8.0.22+ refuses a number bound to LIMIT in a prepared statement (MariaDB takes both).
+    const rows = sender === undefined
+      ? await this.#rows<RecordRow>(this.#sql.latest, [String(limit)])
+      : await this.#rows<RecordRow>(this.#sql.latestOf, [sender, String(limit)]);
+    return rows.map(fromRow);
   }
 
   async countsBySender(): Promise<Record<string, number>> {
-    const rows = await this.#rows<{ sender: string; n: number }>(`SELECT sender, COUNT(*) AS n FROM ${this.#table} GROUP BY sender ORDER BY sender`);
-    return Object.fromEntries(rows.map((r) => [r.sender, Number(r.n)]));
+    return sendersCounted(await this.#rows<{ sender: string; n: number | string }>(this.#sql.countsBySender));
   }
 
   async ping(): Promise<void> {
@@ -138,16 +90,28 @@ export class MysqlStore implements RecordStore {
     await this.#pool.end();
   }
 
-  async #rows<T>(sql: string, params: (string | number | null)[] = []): Promise<T[]> {
-    try {
-      const [rows] = await this.#pool.execute(sql, params);
-      return rows as T[];
-    } catch (error) {
-      throw unavailable(error);
-    }
+  #rows<T>(sql: string, params: SqlValue[] = []): Promise<T[]> {
+    return orUnavailable(RECORD_STORE, () => selectRows<T>(this.#pool, sql, params));
   }
 }
 
-function unavailable(error: unknown): Unavailable {
-  return new Unavailable("record store unavailable", { cause: error });
+function schema(table: string): string[] {
+  return [
+    `CREATE TABLE IF NOT EXISTS ${table} (
+      id BIGINT AUTO_INCREMENT PRIMARY KEY,
+      sender VARCHAR(128) NOT NULL,
+      token MEDIUMTEXT NOT NULL,
+      jti VARCHAR(128) NOT NULL UNIQUE,
+      idempotency_key VARCHAR(128) NULL UNIQUE,
+      digest CHAR(43) NOT NULL,
+      server INT NOT NULL,
+      created_at BIGINT NOT NULL,
+      INDEX ${table}_by_sender (sender, id)
+    ) ENGINE=InnoDB`,
+    `CREATE TABLE IF NOT EXISTS ${table}_used_proofs (
+      jti VARCHAR(128) NOT NULL, server INT NOT NULL, expires_at BIGINT NOT NULL, PRIMARY KEY (jti, server)
+    ) ENGINE=InnoDB`,
+    `CREATE TABLE IF NOT EXISTS ${table}_generation (id TINYINT PRIMARY KEY, value BIGINT NOT NULL) ENGINE=InnoDB`,
+    `INSERT IGNORE INTO ${table}_generation (id, value) VALUES (1, 0)`,
+  ];
 }

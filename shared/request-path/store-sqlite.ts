@@ -1,151 +1,111 @@
-// RecordStore on bun:sqlite in WAL mode: one file shared by every server process on the machine.
-import { Database, type Statement } from "bun:sqlite";
-import { mkdirSync } from "node:fs";
-import { dirname } from "node:path";
-import { IdempotencyConflict, ProofRejected, Unavailable } from "../platform/errors.ts";
-import { checkTableName, type InsertResult, type NewRecord, type ProofUse, type RecordStore, type StoreOptions, type StoredRecord } from "./store.ts";
-
-interface Row {
-  id: number;
-  sender: string;
-  token: string;
-  server: number;
-  created_at: number;
-}
+// RecordStore on node:sqlite in WAL mode: one file shared by every server process on the machine, on Bun or Deno.
+import type { DatabaseSync, StatementSync } from "node:sqlite";
+import { checkTableName, orUnavailable, unavailable } from "../db/database.ts";
+import { execute, immediate, openSqlite, sqliteFailure } from "../db/sqlite.ts";
+import {
+  fromRow, insertParams, RECORD_STORE, recordSql, repeatedInsert, replayedProof, sendersCounted,
+  type EarlierRecord, type InsertResult, type NewRecord, type ProofUse, type RecordRow, type RecordStore, type StoreOptions, type StoredRecord,
+} from "./record-store.ts";
 
 export class SqliteStore implements RecordStore {
   readonly kind = "sqlite" as const;
-  readonly #db: Database;
-  readonly #table: string;
-  readonly #insert: Statement;
-  readonly #bump: Statement;
-  readonly #generation: Statement<{ value: number }>;
-  readonly #byKey: Statement<{ id: number; digest: string; server: number }>;
-  readonly #insertAndBump: (record: NewRecord) => number;
+  readonly #db: DatabaseSync;
+  readonly #statements: { [name in keyof ReturnType<typeof recordSql>]: StatementSync };
 
-  private constructor(db: Database, table: string) {
+  private constructor(db: DatabaseSync, table: string) {
     this.#db = db;
-    this.#table = table;
-    this.#insert = db.prepare(
-      `INSERT INTO ${table} (sender, token, jti, idempotency_key, digest, server, created_at) VALUES (?, ?, ?, ?, ?, ?, ?) RETURNING id`,
-    );
-    this.#byKey = db.prepare(`SELECT id, digest, server FROM ${table} WHERE idempotency_key = ?`);
-    this.#bump = db.prepare(`UPDATE ${table}_generation SET value = value + 1 WHERE id = 1`);
-    this.#generation = db.prepare(`SELECT value FROM ${table}_generation WHERE id = 1`);
-    const insertAndBump = db.transaction((r: NewRecord) => {
-      const row = this.#insert.get(r.sender, r.token, r.jti, r.idempotencyKey ?? null, r.digest, r.server, Date.now()) as { id: number };
-      this.#bump.run();
-      return row.id;
-    });
-    // IMMEDIATE takes the write lock up front, so two servers never deadlock upgrading read locks.
-    this.#insertAndBump = (r) => insertAndBump.immediate(r);
+    const sql = recordSql(table);
+    this.#statements = {
+      insert: db.prepare(`${sql.insert} RETURNING id`),
+      byIdempotencyKey: db.prepare(sql.byIdempotencyKey),
+      bumpGeneration: db.prepare(sql.bumpGeneration),
+      generation: db.prepare(sql.generation),
+      forgetExpiredProofs: db.prepare(sql.forgetExpiredProofs),
+      useProof: db.prepare(sql.useProof),
+      count: db.prepare(sql.count),
+      latest: db.prepare(sql.latest),
+      latestOf: db.prepare(sql.latestOf),
+      countsBySender: db.prepare(sql.countsBySender),
+    };
   }
 
   static async open(path: string, options: StoreOptions = {}): Promise<SqliteStore> {
     const table = checkTableName(options.table ?? "records");
-    if (path !== ":memory:") mkdirSync(dirname(path), { recursive: true });
-    // Servers starting together race to create the file; SQLite may answer BUSY at once (without waiting
-    // for busy_timeout) to avoid a lock deadlock, so set-up is retried a bounded number of times.
-    for (let attempt = 1; ; attempt++) {
-      let db: Database | undefined;
-      try {
-        db = new Database(path, { create: true, strict: true });
-        db.exec("PRAGMA busy_timeout = 5000");
-        // WAL lets every server read while one writes; FULL sync makes an acknowledged commit survive power loss.
-        db.exec("PRAGMA journal_mode = WAL");
-        db.exec("PRAGMA synchronous = FULL");
-        db.transaction(() => createSchema(db!, table)).immediate();
-        return new SqliteStore(db, table);
-      } catch (error) {
-        db?.close();
-        const code = (error as { code?: string }).code ?? "";
-        if (!code.startsWith("SQLITE_BUSY") || attempt >= 50) {
-          throw new Unavailable(`cannot open sqlite record store at ${path}: ${(error as Error).message}`, { cause: error });
-        }
-        await Bun.sleep(10 * Math.min(attempt, 10));
-      }
-    }
+    const db = await openSqlite(path, { what: RECORD_STORE, createSchema: (db) => createSchema(db, table) });
+    return new SqliteStore(db, table);
   }
 
   async insert(record: NewRecord): Promise<InsertResult> {
+    const s = this.#statements;
     try {
-      return { id: this.#insertAndBump(record), server: record.server, repeated: false };
+      const id = immediate(this.#db, () => {
+        const row = s.insert.get(...insertParams(record, Date.now())) as { id: number };
+        s.bumpGeneration.run();
+        return row.id;
+      });
+      return { id, server: record.server, repeated: false };
     } catch (error) {
-      if ((error as { code?: string }).code !== "SQLITE_CONSTRAINT_UNIQUE") throw unavailable(error);
-      return this.#resolveConflict(record);
+      if (sqliteFailure(error) !== "unique") throw unavailable(RECORD_STORE, error);
     }
-  }
-
-  #resolveConflict(record: NewRecord): InsertResult {
-    const earlier = record.idempotencyKey ? this.#byKey.get(record.idempotencyKey) : null;
-    if (!earlier) throw new ProofRejected("proof already used (replayed jti)");
-    if (earlier.digest !== record.digest) throw new IdempotencyConflict();
-    return { id: earlier.id, server: earlier.server, repeated: true };
+    const earlier = record.idempotencyKey
+      ? await orUnavailable(RECORD_STORE, () => s.byIdempotencyKey.get(record.idempotencyKey!) as EarlierRecord | undefined)
+      : undefined;
+    return repeatedInsert(record, earlier);
   }
 
   async generation(): Promise<number> {
-    return this.#read(() => this.#generation.get()!.value);
+    return orUnavailable(RECORD_STORE, () => this.#generation());
   }
 
   async bumpGeneration(proof?: ProofUse): Promise<number> {
-    const table = this.#table;
-    const bump = this.#db.transaction(() => {
-      if (proof) {
-        this.#db.query(`DELETE FROM ${table}_used_proofs WHERE expires_at < ?`).run(Math.floor(Date.now() / 1000));
-        this.#db.query(`INSERT INTO ${table}_used_proofs (jti, server, expires_at) VALUES (?, ?, ?)`).run(proof.jti, proof.server, proof.expiresAt);
-      }
-      this.#bump.run();
-      return this.#generation.get()!.value;
-    });
+    const s = this.#statements;
     try {
-      return bump.immediate();
+      return immediate(this.#db, () => {
+        if (proof) {
+          s.forgetExpiredProofs.run(Math.floor(Date.now() / 1000));
+          s.useProof.run(proof.jti, proof.server, proof.expiresAt);
+        }
+        s.bumpGeneration.run();
+        return this.#generation();
+      });
     } catch (error) {
-      if ((error as { code?: string }).code === "SQLITE_CONSTRAINT_PRIMARYKEY") throw new ProofRejected("proof already used (replayed jti)");
-      throw unavailable(error);
+      if (sqliteFailure(error) === "unique") throw replayedProof();
+      throw unavailable(RECORD_STORE, error);
     }
   }
 
   async count(): Promise<number> {
-    return this.#read(() => (this.#db.query(`SELECT COUNT(*) AS n FROM ${this.#table}`).get() as { n: number }).n);
+    return orUnavailable(RECORD_STORE, () => (this.#statements.count.get() as { n: number }).n);
   }
 
   async latest(limit: number, sender?: string): Promise<StoredRecord[]> {
-    const columns = `SELECT id, sender, token, server, created_at FROM ${this.#table}`;
-    return this.#read(() =>
-      (sender === undefined
-        ? this.#db.query(`${columns} ORDER BY id DESC LIMIT ?`).all(limit) as Row[]
-        : this.#db.query(`${columns} WHERE sender = ? ORDER BY id DESC LIMIT ?`).all(sender, limit) as Row[]).map(fromRow),
+    const s = this.#statements;
+    return orUnavailable(RECORD_STORE, () =>
+      ((sender === undefined ? s.latest.all(limit) : s.latestOf.all(sender, limit)) as unknown as RecordRow[]).map(fromRow),
     );
   }
 
   async countsBySender(): Promise<Record<string, number>> {
-    return this.#read(() => {
-      const rows = this.#db.query(`SELECT sender, COUNT(*) AS n FROM ${this.#table} GROUP BY sender ORDER BY sender`).all() as { sender: string; n: number }[];
-      return Object.fromEntries(rows.map((r) => [r.sender, r.n]));
-    });
+    return orUnavailable(RECORD_STORE, () => sendersCounted(this.#statements.countsBySender.all() as unknown as { sender: string; n: number }[]));
   }
 
   async ping(): Promise<void> {
     // A read, never the write lock: a health check must not wait behind another server's commit, which a frozen
     // (SIGSTOPped) server can hold indefinitely.
-    this.#read(() => this.#generation.get());
+    await orUnavailable(RECORD_STORE, () => this.#generation());
   }
 
   async close(): Promise<void> {
     this.#db.close();
   }
 
-  #read<T>(fn: () => T): T {
-    try {
-      return fn();
-    } catch (error) {
-      throw unavailable(error);
-    }
+  #generation(): number {
+    return (this.#statements.generation.get() as { value: number }).value;
   }
 }
 
-function createSchema(db: Database, table: string): void {
-  db.exec(`CREATE TABLE IF NOT EXISTS ${table} (
+function createSchema(db: DatabaseSync, table: string): void {
+  execute(db, `CREATE TABLE IF NOT EXISTS ${table} (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     sender TEXT NOT NULL,
     token TEXT NOT NULL,
@@ -155,16 +115,8 @@ function createSchema(db: Database, table: string): void {
     server INTEGER NOT NULL,
     created_at INTEGER NOT NULL
   )`);
-  db.exec(`CREATE TABLE IF NOT EXISTS ${table}_generation (id INTEGER PRIMARY KEY CHECK (id = 1), value INTEGER NOT NULL)`);
-  db.exec(`INSERT OR IGNORE INTO ${table}_generation (id, value) VALUES (1, 0)`);
-  db.exec(`CREATE INDEX IF NOT EXISTS ${table}_by_sender ON ${table} (sender, id)`);
-  db.exec(`CREATE TABLE IF NOT EXISTS ${table}_used_proofs (jti TEXT NOT NULL, server INTEGER NOT NULL, expires_at INTEGER NOT NULL, PRIMARY KEY (jti, server))`);
-}
-
-function fromRow(row: Row): StoredRecord {
-  return { id: row.id, sender: row.sender, token: row.token, server: row.server, createdAt: row.created_at };
-}
-
-function unavailable(error: unknown): Unavailable {
-  return new Unavailable("record store unavailable", { cause: error });
+  execute(db, `CREATE TABLE IF NOT EXISTS ${table}_generation (id INTEGER PRIMARY KEY CHECK (id = 1), value INTEGER NOT NULL)`);
+  execute(db, `INSERT OR IGNORE INTO ${table}_generation (id, value) VALUES (1, 0)`);
+  execute(db, `CREATE INDEX IF NOT EXISTS ${table}_by_sender ON ${table} (sender, id)`);
+  execute(db, `CREATE TABLE IF NOT EXISTS ${table}_used_proofs (jti TEXT NOT NULL, server INTEGER NOT NULL, expires_at INTEGER NOT NULL, PRIMARY KEY (jti, server))`);
 }

@@ -2,6 +2,7 @@ import { afterAll, describe, expect, test } from "bun:test";
 import { mkdtempSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
+import { DatabaseSync } from "node:sqlite";
 import mysql from "mysql2/promise";
 import { IdempotencyConflict, ProofRejected } from "../platform/errors.ts";
 import { describeStoreUrl, openStore, type NewRecord, type RecordStore } from "./store.ts";
@@ -23,7 +24,7 @@ afterAll(async () => {
   await Promise.all(stores.map((s) => s.close()));
   if (mysqlTables.length === 0) return;
   const conn = await mysql.createConnection(TEST_MYSQL_URL);
-  for (const table of mysqlTables) await conn.query(`DROP TABLE IF EXISTS ${table}, ${table}_generation`);
+  for (const table of mysqlTables) await conn.query(`DROP TABLE IF EXISTS ${table}, ${table}_generation, ${table}_used_proofs`);
   await conn.end();
 });
 
@@ -91,6 +92,36 @@ describe.each(Object.keys(backends))("%s record store", (kind) => {
     expect(await store.generation()).toBe(g0 + 2);
   });
 
+  test("an invalidation proof is used once per server: again at the same server is refused and bumps nothing", async () => {
+    const store = await open();
+    const g0 = await store.generation();
+    const proof = { jti: `inv-${Math.random()}`, server: 5001, expiresAt: Math.floor(Date.now() / 1000) + 60 };
+    expect(await store.bumpGeneration(proof)).toBe(g0 + 1);
+    await expect(store.bumpGeneration(proof)).rejects.toBeInstanceOf(ProofRejected);
+    expect(await store.generation()).toBe(g0 + 1);
+    expect(await store.bumpGeneration({ ...proof, server: 5002 })).toBe(g0 + 2);
+  });
+
+  test("used invalidation proofs are forgotten once expired, so the table does not grow (an expired proof is refused before the store)", async () => {
+    const store = await open();
+    const expired = { jti: `old-${Math.random()}`, server: 5001, expiresAt: Math.floor(Date.now() / 1000) - 1 };
+    await store.bumpGeneration(expired);
+    await store.bumpGeneration(expired);
+  });
+
+  test("latest lists one sender's records when asked, newest first, up to the limit", async () => {
+    const store = await open();
+    const ids: number[] = [];
+    for (const sender of ["client1", "client2", "client1", "client1"]) ids.push((await store.insert(record({ sender }))).id);
+    const [, second, third, fourth] = ids as [number, number, number, number];
+    expect((await store.latest(2, "client1")).map((r) => r.id)).toEqual([fourth, third]);
+    expect((await store.latest(10, "client2")).map((r) => r.id)).toEqual([second]);
+    expect(await store.latest(10, "nobody")).toEqual([]);
+    const [newest] = await store.latest(1);
+    expect(newest).toMatchObject({ id: fourth, sender: "client1", server: 5001 });
+    expect(Math.abs(newest!.createdAt - Date.now())).toBeLessThan(60_000);
+  });
+
   test("SQL metacharacters are stored verbatim", async () => {
     const store = await open();
     const nasty = `client'; DROP TABLE records; -- "\\`;
@@ -98,6 +129,19 @@ describe.each(Object.keys(backends))("%s record store", (kind) => {
     const [row] = await store.latest(1);
     expect([row!.sender, row!.token]).toEqual([nasty, "' OR '1'='1"]);
   });
+});
+
+test("a sqlite ping is a read: it answers while another process holds the write lock", async () => {
+  const path = join(mkdtempSync(join(tmpdir(), "securemesh-store-")), "records.db");
+  const store = await openStore(path);
+  stores.push(store);
+  const frozen = new DatabaseSync(path); // a SIGSTOPped server in the middle of a commit
+  frozen.prepare("BEGIN IMMEDIATE").run();
+  const started = performance.now();
+  await store.ping();
+  expect(performance.now() - started).toBeLessThan(1000); // busy_timeout is 5 s
+  frozen.prepare("ROLLBACK").run();
+  frozen.close();
 });
 
 test("store URLs are described without passwords", () => {

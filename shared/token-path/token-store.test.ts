@@ -1,8 +1,8 @@
 import { afterAll, describe, expect, test } from "bun:test";
-import { Database } from "bun:sqlite";
 import { chmodSync, mkdtempSync, statSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
+import { DatabaseSync } from "node:sqlite";
 import mysql from "mysql2/promise";
 import { ConfigError } from "../platform/errors.ts";
 import { MasterKeyring, SealBroken } from "./keyring.ts";
@@ -28,7 +28,17 @@ const backends: Record<string, () => Promise<{ store: TokenStore; rawRows: () =>
   sqlite: async () => {
     const path = join(tmp(), "tokens.db");
     const store = await openTokenStore(path);
-    return { store, rawRows: async () => new Database(path, { readonly: true }).query("SELECT * FROM storage").all() as Record<string, unknown>[] };
+    return {
+      store,
+      rawRows: async () => {
+        const db = new DatabaseSync(path, { readOnly: true });
+        try {
+          return db.prepare("SELECT * FROM storage").all() as Record<string, unknown>[];
+        } finally {
+          db.close();
+        }
+      },
+    };
   },
   mysql: async () => {
     const table = uniqueTable("storage");

@@ -1,11 +1,10 @@
-// The KeyServer's token table `storage`, sealed at rest: one interface, bun:sqlite by default, MySQL by URL.
-import { Database } from "bun:sqlite";
-import { mkdirSync } from "node:fs";
-import { dirname } from "node:path";
-import mysql from "mysql2/promise";
-import { Unavailable } from "../platform/errors.ts";
+// The KeyServer's token table `storage`, sealed at rest: one interface, node:sqlite by default, MySQL by URL.
+import type mysql from "mysql2/promise";
+import type { DatabaseSync, StatementSync } from "node:sqlite";
+import { checkTableName, orUnavailable, parseDatabaseUrl } from "../db/database.ts";
+import { openMysql, selectRows } from "../db/mysql.ts";
+import { execute, openSqlite } from "../db/sqlite.ts";
 import { SealBroken, type MasterKeyring, type Sealed } from "./keyring.ts";
-import { checkTableName } from "../request-path/store.ts";
 
 export interface TokenRow extends Sealed {
   clientId: string;
@@ -22,78 +21,94 @@ export interface TokenStore {
   close(): Promise<void>;
 }
 
-const columns = "client_id, token_type, token, nonce, key_version, updated_at";
+const TOKEN_STORE = "token store";
 
 interface Raw {
   client_id: string;
   token_type: string;
   token: string;
   nonce: string;
-  key_version: number;
-  updated_at: number;
+  key_version: number | string;
+  updated_at: number | string;
 }
 
 const fromRaw = (r: Raw): TokenRow => ({
   clientId: r.client_id, tokenType: r.token_type, ciphertext: r.token, nonce: r.nonce, keyVersion: Number(r.key_version), updatedAt: Number(r.updated_at),
 });
-const toParams = (r: TokenRow) => [r.clientId, r.tokenType, r.ciphertext, r.nonce, r.keyVersion, r.updatedAt];
+const toParams = (r: TokenRow): [string, string, string, string, number, number] => [r.clientId, r.tokenType, r.ciphertext, r.nonce, r.keyVersion, r.updatedAt];
 
-function unavailable(error: unknown): Unavailable {
-  return new Unavailable("token store unavailable", { cause: error });
+/** The statements both dialects share; each adds its own upsert. */
+function tokenSql(table: string) {
+  const columns = "client_id, token_type, token, nonce, key_version, updated_at";
+  return {
+    insert: `INSERT INTO ${table} (${columns}) VALUES (?, ?, ?, ?, ?, ?)`,
+    get: `SELECT ${columns} FROM ${table} WHERE client_id = ? AND token_type = ?`,
+    all: `SELECT ${columns} FROM ${table} ORDER BY client_id, token_type`,
+  } as const;
 }
 
 class SqliteTokenStore implements TokenStore {
   readonly kind = "sqlite" as const;
-  constructor(private readonly db: Database, private readonly table: string) {}
+  readonly #db: DatabaseSync;
+  readonly #put: StatementSync;
+  readonly #get: StatementSync;
+  readonly #all: StatementSync;
+  readonly #ping: StatementSync;
+
+  constructor(db: DatabaseSync, table: string) {
+    const sql = tokenSql(table);
+    this.#db = db;
+    this.#put = db.prepare(`${sql.insert} ON CONFLICT (client_id, token_type) DO UPDATE SET token = excluded.token,
+      nonce = excluded.nonce, key_version = excluded.key_version, updated_at = excluded.updated_at`);
+    this.#get = db.prepare(sql.get);
+    this.#all = db.prepare(sql.all);
+    this.#ping = db.prepare("SELECT 1");
+  }
 
   async put(row: TokenRow): Promise<void> {
-    this.#run(() => this.db.query(`INSERT INTO ${this.table} (${columns}) VALUES (?, ?, ?, ?, ?, ?)
-      ON CONFLICT (client_id, token_type) DO UPDATE SET token = excluded.token, nonce = excluded.nonce,
-      key_version = excluded.key_version, updated_at = excluded.updated_at`).run(...toParams(row)));
+    await orUnavailable(TOKEN_STORE, () => this.#put.run(...toParams(row)));
   }
 
   async get(clientId: string, tokenType: string): Promise<TokenRow | undefined> {
-    const raw = this.#run(() => this.db.query(`SELECT ${columns} FROM ${this.table} WHERE client_id = ? AND token_type = ?`).get(clientId, tokenType) as Raw | null);
-    return raw ? fromRaw(raw) : undefined;
+    const raw = await orUnavailable(TOKEN_STORE, () => this.#get.get(clientId, tokenType) as Raw | undefined);
+    return raw && fromRaw(raw);
   }
 
   async all(): Promise<TokenRow[]> {
-    return this.#run(() => (this.db.query(`SELECT ${columns} FROM ${this.table} ORDER BY client_id, token_type`).all() as Raw[]).map(fromRaw));
+    return orUnavailable(TOKEN_STORE, () => (this.#all.all() as unknown as Raw[]).map(fromRaw));
   }
 
   async ping(): Promise<void> {
-    this.#run(() => this.db.query("SELECT 1").get());
+    await orUnavailable(TOKEN_STORE, () => this.#ping.get());
   }
 
   async close(): Promise<void> {
-    this.db.close();
-  }
-
-  #run<T>(fn: () => T): T {
-    try {
-      return fn();
-    } catch (error) {
-      throw unavailable(error);
-    }
+    this.#db.close();
   }
 }
 
 class MysqlTokenStore implements TokenStore {
   readonly kind = "mysql" as const;
-  constructor(private readonly pool: mysql.Pool, private readonly table: string) {}
+  readonly #pool: mysql.Pool;
+  readonly #sql: ReturnType<typeof tokenSql>;
+
+  constructor(pool: mysql.Pool, table: string) {
+    this.#pool = pool;
+    this.#sql = tokenSql(table);
+  }
 
   async put(row: TokenRow): Promise<void> {
-    await this.#rows(`INSERT INTO ${this.table} (${columns}) VALUES (?, ?, ?, ?, ?, ?)
-      ON DUPLICATE KEY UPDATE token = VALUES(token), nonce = VALUES(nonce), key_version = VALUES(key_version), updated_at = VALUES(updated_at)`, toParams(row));
+    await this.#rows(`${this.#sql.insert} ON DUPLICATE KEY UPDATE token = VALUES(token), nonce = VALUES(nonce),
+      key_version = VALUES(key_version), updated_at = VALUES(updated_at)`, toParams(row));
   }
 
   async get(clientId: string, tokenType: string): Promise<TokenRow | undefined> {
-    const [raw] = await this.#rows<Raw>(`SELECT ${columns} FROM ${this.table} WHERE client_id = ? AND token_type = ?`, [clientId, tokenType]);
-    return raw ? fromRaw(raw) : undefined;
+    const [raw] = await this.#rows<Raw>(this.#sql.get, [clientId, tokenType]);
+    return raw && fromRaw(raw);
   }
 
   async all(): Promise<TokenRow[]> {
-    return (await this.#rows<Raw>(`SELECT ${columns} FROM ${this.table} ORDER BY client_id, token_type`)).map(fromRaw);
+    return (await this.#rows<Raw>(this.#sql.all)).map(fromRaw);
   }
 
   async ping(): Promise<void> {
@@ -101,53 +116,37 @@ class MysqlTokenStore implements TokenStore {
   }
 
   async close(): Promise<void> {
-    await this.pool.end();
+    await this.#pool.end();
   }
 
-  async #rows<T>(sql: string, params: (string | number)[] = []): Promise<T[]> {
-    try {
-      const [rows] = await this.pool.execute(sql, params);
-      return rows as T[];
-    } catch (error) {
-      throw unavailable(error);
-    }
+  #rows<T>(sql: string, params: (string | number)[] = []): Promise<T[]> {
+    return orUnavailable(TOKEN_STORE, () => selectRows<T>(this.#pool, sql, params));
   }
 }
 
-const SCHEMA = (table: string, text: string) => `CREATE TABLE IF NOT EXISTS ${table} (
-  client_id VARCHAR(128) NOT NULL,
-  token_type VARCHAR(64) NOT NULL,
-  token ${text} NOT NULL,
-  nonce VARCHAR(24) NOT NULL,
-  key_version INT NOT NULL,
-  updated_at BIGINT NOT NULL,
-  PRIMARY KEY (client_id, token_type)
-)`;
+/** One CREATE TABLE both dialects accept; MySQL adds its engine. */
+function schema(table: string): string {
+  return `CREATE TABLE IF NOT EXISTS ${table} (
+    client_id VARCHAR(128) NOT NULL,
+    token_type VARCHAR(64) NOT NULL,
+    token TEXT NOT NULL,
+    nonce VARCHAR(24) NOT NULL,
+    key_version INT NOT NULL,
+    updated_at BIGINT NOT NULL,
+    PRIMARY KEY (client_id, token_type)
+  )`;
+}
 
 /** Opens `mysql://…` or a sqlite path, creating the `storage` table if missing. */
 export async function openTokenStore(url: string, options: { table?: string } = {}): Promise<TokenStore> {
   const table = checkTableName(options.table ?? "storage");
-  if (url.startsWith("mysql://")) {
-    const pool = mysql.createPool({ uri: url, connectionLimit: 4, connectTimeout: 2000 });
-    try {
-      await pool.query(SCHEMA(table, "TEXT") + " ENGINE=InnoDB");
-    } catch (error) {
-      await pool.end().catch(() => {});
-      throw new Unavailable(`cannot open MySQL token store: ${(error as { code?: string }).code ?? (error as Error).message}`, { cause: error });
-    }
+  const location = parseDatabaseUrl(url);
+  if (location.kind === "mysql") {
+    const pool = await openMysql(location.url, { what: TOKEN_STORE, connectionLimit: 4, schema: [`${schema(table)} ENGINE=InnoDB`] });
     return new MysqlTokenStore(pool, table);
   }
-  const path = url.replace(/^sqlite:(\/\/)?/, "");
-  try {
-    mkdirSync(dirname(path), { recursive: true });
-    const db = new Database(path, { create: true, strict: true });
-    db.exec("PRAGMA busy_timeout = 5000");
-    db.exec("PRAGMA journal_mode = WAL");
-    db.exec(SCHEMA(table, "TEXT"));
-    return new SqliteTokenStore(db, table);
-  } catch (error) {
-    throw new Unavailable(`cannot open sqlite token store at ${path}: ${(error as Error).message}`, { cause: error });
-  }
+  const db = await openSqlite(location.path, { what: TOKEN_STORE, createSchema: (db) => execute(db, schema(table)) });
+  return new SqliteTokenStore(db, table);
 }
 
 /** Tokens sealed with the master keyring; the row's client and type are bound into each seal. */
