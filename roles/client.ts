@@ -7,7 +7,7 @@ import { describeSnapshot, MeshClient } from "../shared/request-path/mesh-client
 import { assertSafeTlsEnvironment, loadIdentity } from "../shared/platform/tls.ts";
 
 const USAGE = `
-Usage: bun roles/client.ts [options]
+Usage: roles/client.ts [options]
 
 Encrypts each message with Fernet, signs a sender proof with the client's certificate key,
 and sends it over mutual TLS to the coordinator. Exits 1 if any message fails.

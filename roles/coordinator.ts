@@ -2,7 +2,7 @@
 import { expectPeer, parseSpiffeId, TrustMaterial } from "../shared/authz/index.ts";
 import { ConfigError } from "../shared/platform/errors.ts";
 import { exitWithConfigError, parseFlags, parsePort, parsePositive, pkiDir, exitOnSignals } from "../shared/platform/config.ts";
-import { createApp, listenOrExit, listenReloadable, readBodyLimited, requestUrl } from "../shared/platform/http.ts";
+import { createApp, listenReloadable, readBodyLimited, requestUrl } from "../shared/platform/http.ts";
 import { createLogger, type Logger } from "../shared/ops/log.ts";
 import { Metrics } from "../shared/ops/metrics.ts";
 import { PROOF_HEADER, ProofSigner } from "../shared/request-path/proof.ts";
@@ -11,7 +11,7 @@ import { assertSafeTlsEnvironment, mutualTlsClientOptions, mutualTlsServerOption
 import { UpstreamPool } from "../shared/request-path/upstream.ts";
 
 const USAGE = `
-Usage: bun roles/coordinator.ts [PORT] [options]
+Usage: roles/coordinator.ts [PORT] [options]
 
 Accepts clients over mutual TLS on PORT (default 8000) and forwards /api/* over mutual TLS to the servers,
 round-robin over the healthy ones, failing over when one fails. It holds no Fernet key. Each forwarded request
@@ -172,7 +172,7 @@ async function main(): Promise<void> {
   const metrics = new Metrics();
   pool.exportMetrics(metrics);
   const app = createCoordinatorApp({ pool, logger, metrics });
-  const listener = await listenReloadable(app, { port: config.port, hostname: config.host, tls: mutualTlsServerOptions(trust.identity) })
+  const listener = await listenReloadable(app, { port: config.port, hostname: config.host, tls: mutualTlsServerOptions(trust.identity), isRevoked: (serial) => trust.isRevoked(serial) })
     .catch((error) => exitWithConfigError("coordinator", error));
   const port = listener.port;
   trust.onReload(async (identity) => {
@@ -180,12 +180,13 @@ async function main(): Promise<void> {
     pool.setTls(mutualTlsClientOptions(identity));
     await listener.reload(mutualTlsServerOptions(identity));
   }).watch(logger);
-  let admin: ReturnType<typeof createAdminApp> | null = null;
+  let admin: Awaited<ReturnType<typeof listenReloadable>> | null = null;
   if (config.admin) {
     // A non-loopback --admin-host is the one other Host the admin page answers to (DNS rebinding, #11).
-    admin = createAdminApp({ pool, logger, metrics, allowedHosts: [config.admin.host] });
-    const bound = listenOrExit("coordinator", admin, { port: config.admin.port, hostname: config.admin.host });
-    logger.info(`coordinator admin (status page, /metrics) on http://${config.admin.host}:${bound}/`);
+    const adminApp = createAdminApp({ pool, logger, metrics, allowedHosts: [config.admin.host] });
+    admin = await listenReloadable(adminApp, { port: config.admin.port, hostname: config.admin.host })
+      .catch((error) => exitWithConfigError("coordinator", error));
+    logger.info(`coordinator admin (status page, /metrics) on http://${config.admin.host}:${admin.port}/`);
   }
   pool.start();
   logger.info(`coordinator listening on https://${config.host}:${port}, servers: ${config.servers.join(", ")}`);

@@ -1,5 +1,6 @@
 // The KeyServer: releases API tokens, sealed at rest, to the callers the policy names, through a hybrid exchange.
 import { join } from "node:path";
+import { text } from "node:stream/consumers";
 import { Authorizer, parseSpiffeId, tlsPeerIdentity, TrustMaterial } from "../shared/authz/index.ts";
 import { exitWithConfigError, parseFlags, parsePort, parsePositive, pkiDir, policyPath, REPO_ROOT, exitOnSignals } from "../shared/platform/config.ts";
 import { BadRequest, ConfigError, MeshError } from "../shared/platform/errors.ts";
@@ -19,10 +20,10 @@ import { openTokenStore, TokenVault } from "../shared/token-path/token-store.ts"
 import { watchFiles, type Watch } from "../shared/platform/watch.ts";
 
 const USAGE = `
-Usage: bun roles/keyserver.ts [PORT] [options]             serve (default port 5003)
-       bun roles/keyserver.ts token add --client ID --type TYPE --token T|-
-       bun roles/keyserver.ts token list
-       bun roles/keyserver.ts token rotate-key
+Usage: roles/keyserver.ts [PORT] [options]             serve (default port 5003)
+       roles/keyserver.ts token add --client ID --type TYPE --token T|-
+       roles/keyserver.ts token list
+       roles/keyserver.ts token rotate-key
 
 Releases API tokens over mutual TLS. The policy decides: the TLS caller needs tokens.fetch (by default only the
 SecureProxy), and the identity it asks for (header x-securemesh-on-behalf-of, else the caller itself) needs
@@ -217,7 +218,7 @@ async function admin(config: KeyserverConfig): Promise<void> {
   const vault = await openVault(config);
   try {
     if (config.command === "add") {
-      const token = config.token === "-" ? (await Bun.stdin.text()).trim() : config.token!;
+      const token = config.token === "-" ? (await text(process.stdin)).trim() : config.token!;
       if (!token) throw new ConfigError("the token is empty");
       await vault.add(config.client!, config.type!, token);
       console.log(`stored token for client=${config.client} type=${config.type} (sealed under master key v${vault.keyring.currentVersion})`);
@@ -238,7 +239,7 @@ async function main(): Promise<void> {
   const logger = createLogger("keyserver");
   let config: KeyserverConfig;
   try {
-    config = parseKeyserverConfig(Bun.argv.slice(2));
+    config = parseKeyserverConfig(process.argv.slice(2));
     if (config.command !== "serve") return await admin(config);
     assertSafeTlsEnvironment();
   } catch (error) {

@@ -3,12 +3,12 @@ import { timingSafeEqual, createHash } from "node:crypto";
 import { readFileSync } from "node:fs";
 import { exitWithConfigError, parseFlags, parsePort, pkiDir, exitOnSignals } from "../shared/platform/config.ts";
 import { ConfigError, MeshError } from "../shared/platform/errors.ts";
-import { createApp, listen } from "../shared/platform/http.ts";
+import { createApp, listenReloadable } from "../shared/platform/http.ts";
 import { createLogger, type Logger } from "../shared/ops/log.ts";
 import { assertSafeTlsEnvironment, loadIdentity } from "../shared/platform/tls.ts";
 
 const USAGE = `
-Usage: bun roles/marketplace.ts [PORT] --token-file FILE [options]
+Usage: roles/marketplace.ts [PORT] --token-file FILE [options]
 
 An external API stand-in over HTTPS (server certificate 'marketplace'; no client certificate needed, as for
 a public API). GET /api/item answers 401 without the right Bearer token, and the fixed item with it.
@@ -44,9 +44,10 @@ export function createMarketplaceApp({ token, logger }: { token: string; logger:
 
 async function main(): Promise<void> {
   const logger = createLogger("marketplace");
-  let app;
+  let app: ReturnType<typeof createMarketplaceApp>;
   let port: number;
   let host: string;
+  let identity: ReturnType<typeof loadIdentity>;
   try {
     assertSafeTlsEnvironment();
     const { values, positionals } = parseFlags("marketplace", USAGE, { "token-file": { type: "string" }, host: { type: "string" }, pki: { type: "string" } });
@@ -59,15 +60,18 @@ async function main(): Promise<void> {
       throw new ConfigError(`cannot read --token-file ${tokenFile}`);
     }
     if (!token) throw new ConfigError(`--token-file ${tokenFile} is empty`);
-    const identity = loadIdentity(pkiDir(values.pki), "marketplace");
+    identity = loadIdentity(pkiDir(values.pki), "marketplace");
     host = values.host ?? "127.0.0.1";
+    port = parsePort(positionals[0] ?? process.env.PORT, "PORT", 5005);
     app = createMarketplaceApp({ token, logger });
-    port = listen(app, { port: parsePort(positionals[0] ?? process.env.PORT, "PORT", 5005), hostname: host, tls: { cert: identity.cert, key: identity.key } });
   } catch (error) {
     exitWithConfigError("marketplace", error);
   }
-  logger.info(`marketplace listening on https://${host}:${port}`);
-  exitOnSignals(() => app.stop());
+  // Server TLS only: a public API asks for no client certificate.
+  const listener = await listenReloadable(app, { port, hostname: host, tls: { cert: identity.cert, key: identity.key } })
+    .catch((error) => exitWithConfigError("marketplace", error));
+  logger.info(`marketplace listening on https://${host}:${listener.port}`);
+  exitOnSignals(() => listener.stop());
 }
 
 if (import.meta.main) await main();

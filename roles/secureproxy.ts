@@ -4,7 +4,7 @@
 import type { KeyObject } from "node:crypto";
 import { createPublicKey } from "node:crypto";
 import { basename, dirname, resolve } from "node:path";
-import tls, { type PeerCertificate } from "node:tls";
+import tls from "node:tls";
 import { Authorizer, expectPeer, tlsPeerIdentity, TrustMaterial, UnexpectedPeer } from "../shared/authz/index.ts";
 import { exitWithConfigError, parseFlags, parsePort, parsePositive, pkiDir, policyPath, readPkiFile, exitOnSignals } from "../shared/platform/config.ts";
 import { BadRequest, ConfigError, Forbidden, MeshError, Unavailable } from "../shared/platform/errors.ts";
@@ -12,13 +12,14 @@ import { createApp, readJsonFields } from "../shared/platform/http.ts";
 import { createLogger, describeError, describeNetworkError as reason, printable, type Logger } from "../shared/ops/log.ts";
 import { Metrics } from "../shared/ops/metrics.ts";
 import { listenWithPeerIdentity, PEER_HEADER } from "../shared/platform/peer-tls.ts";
+import { runtime, type IdentityCheck } from "../shared/platform/runtime/index.ts";
 import { assertSafeTlsEnvironment, mutualTlsClientOptions, mutualTlsServerOptions, type Identity } from "../shared/platform/tls.ts";
 import {
   ON_BEHALF_OF_HEADER, openJoseResponse, openLegacyResponse, prepareJoseRequest, prepareLegacyRequest, proxyResource,
 } from "../shared/token-path/token-exchange.ts";
 
 const USAGE = `
-Usage: bun roles/secureproxy.ts [PORT] [options]
+Usage: roles/secureproxy.ts [PORT] [options]
 
 POST /request_api {"ClientId", "TokenType", "ApiUri"}: gets that client's token from the KeyServer (a fresh
 session key per request), calls ApiUri with "Authorization: Bearer <token>", and returns the API's answer.
@@ -111,8 +112,8 @@ export class KeyServerIdentityRefused extends MeshError {
   }
 }
 
-/** Bun's fetch takes node's checkServerIdentity: an Error refuses the connection. */
-type CheckServerIdentity = (hostname: string, cert: PeerCertificate) => Error | undefined;
+/** node's checkServerIdentity, which the runtime's fetch honours on both runtimes: an Error refuses the connection. */
+type CheckServerIdentity = IdentityCheck;
 
 /** Whom the KeyServer hop must reach. */
 export const KEYSERVER_IDENTITY = "spiffe://securemesh/keyserver/*";
@@ -174,7 +175,7 @@ export function createProxyApp(deps: ProxyDeps) {
 
   const keyserverFetch = async (path: string, init: RequestInit = {}) => {
     try {
-      return await fetch(keyserver + path, { ...init, tls: deps.tls.keyserver, signal: AbortSignal.timeout(timeoutMs) });
+      return await runtime.fetch(keyserver + path, { ...init, tls: deps.tls.keyserver, signal: AbortSignal.timeout(timeoutMs) });
     } catch (error) {
       if (error instanceof UnexpectedPeer) {
         const refused = new KeyServerIdentityRefused(`refused the KeyServer at ${new URL(keyserver).host}: ${error.message}`);
@@ -222,7 +223,7 @@ export function createProxyApp(deps: ProxyDeps) {
       let api: Response;
       try {
         // redirect: manual, so a redirect can never carry the token to another host.
-        api = await fetch(url, { headers: { authorization: `Bearer ${token}`, accept: "application/json" }, redirect: "manual", tls: deps.tls.api, signal: AbortSignal.timeout(timeoutMs) });
+        api = await runtime.fetch(url, { headers: { authorization: `Bearer ${token}`, accept: "application/json" }, redirect: "manual", tls: deps.tls.api, signal: AbortSignal.timeout(timeoutMs) });
       } catch (error) {
         throw new MeshError("ERR_UPSTREAM", 502, `the API at ${url.host} failed (${reason(error)})`);
       }
@@ -247,7 +248,7 @@ async function main(): Promise<void> {
   const isRevoked = (serial: string) => trust.isRevoked(serial);
   try {
     assertSafeTlsEnvironment();
-    config = parseProxyConfig(Bun.argv.slice(2));
+    config = parseProxyConfig(process.argv.slice(2));
     trust = TrustMaterial.open(config.pki, "secureproxy");
     deps = {
       keyserver: config.keyserver, allow: config.allow, format: config.format, timeoutMs: config.timeoutMs, logger, metrics,
@@ -257,7 +258,7 @@ async function main(): Promise<void> {
     exitWithConfigError("secureproxy", error);
   }
   const app = createProxyApp(deps);
-  // node:tls, not Bun.serve: Bun.serve hides the caller's certificate (oven-sh/bun#14097), and #11 H1 needs it.
+  // node's TLS, not Bun.serve: Bun.serve hides the caller's certificate (oven-sh/bun#14097), and #11 H1 needs it.
   const listener = await listenWithPeerIdentity(app, {
     port: config.port, hostname: config.host, tls: mutualTlsServerOptions(trust.identity),
     identify: tlsPeerIdentity,

@@ -13,7 +13,7 @@ import { describeStoreUrl, openStore, type RecordStore } from "../shared/request
 import { assertSafeTlsEnvironment, mutualTlsServerOptions } from "../shared/platform/tls.ts";
 
 const USAGE = `
-Usage: bun roles/server.ts PORT [options]
+Usage: roles/server.ts PORT [options]
 
 Receives Fernet-encrypted data over mutual TLS, checks the sender proof, and stores each record.
 Every request must come through an identity the policy lets forward (the coordinator), and every
@@ -92,7 +92,7 @@ export function createServerApp(deps: ServerDeps) {
   view.exportMetrics(metrics);
 
   /**
-   * Bun.serve hides the TLS peer (oven-sh/bun#14097), so the hop's identity comes from its forwarder assertion.
+   * Bun.serve hides the TLS peer (oven-sh/bun#14097), so on both runtimes the hop's identity comes from its forwarder assertion.
    * Without one, or from an identity that may not forward (a client calling directly), nothing is served (#11 L4).
    */
   const requireForwarder = async (request: Request) => {
@@ -186,7 +186,7 @@ async function main(): Promise<void> {
   const view = new CachedDataView({ store, fernet: deps.fernet, logger, ttlMs: config.cacheTtlMs, maxEntries: config.cacheEntries });
   const serverDeps: ServerDeps = { ...deps, store, view, logger };
   const app = createServerApp(serverDeps);
-  const listener = await listenReloadable(app, { port: config.port, hostname: config.host, tls: mutualTlsServerOptions(trust.identity) })
+  const listener = await listenReloadable(app, { port: config.port, hostname: config.host, tls: mutualTlsServerOptions(trust.identity), isRevoked: (serial) => trust.isRevoked(serial) })
     .catch((error) => exitWithConfigError("server", error));
   // With port 0 the bound port is only known now; records must name the real one.
   serverDeps.port = listener.port;

@@ -84,14 +84,21 @@ export function describeError(error: unknown): string {
   return String(error);
 }
 
+/** The short reasons for the codes the runtime adapters give a failed request (shared/platform/runtime/types.ts). */
 const NETWORK_REASONS: Record<string, string> = {
   ECONNREFUSED: "connection refused",
-  ConnectionRefused: "connection refused",
-  ECONNRESET: "connection reset",
+  ENOTFOUND: "host not found",
+  EHOSTUNREACH: "host unreachable",
+  ENETUNREACH: "network unreachable",
   EPROTO: "TLS handshake failed",
+  ERR_TLS_CERT: "TLS certificate refused",
+  ECONNRESET: "connection reset",
 };
 
-/** Why a fetch failed, short enough for a log line or an error: "timeout", "connection refused (ECONNREFUSED)", … */
+/**
+ * Why a fetch failed, short enough for a log line or an error: "timeout", "connection refused (ECONNREFUSED)", …
+ * The same on both runtimes: the adapters' fetch gives one set of codes (a NetworkError), whatever the runtime said.
+ */
 export function describeNetworkError(error: unknown): string {
   if ((error as { name?: string }).name === "TimeoutError") return "timeout";
   const code = (error as { code?: string }).code;

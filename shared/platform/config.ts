@@ -18,7 +18,7 @@ export interface Parsed<T extends FlagSpec> {
  * Parses flags strictly; `--help` prints `usage` and exits 0, and any mistake exits 2 with one line.
  * @example const { values } = parseFlags("server", usage, { port: { type: "string" } });
  */
-export function parseFlags<T extends FlagSpec>(role: string, usage: string, spec: T, argv = Bun.argv.slice(2)): Parsed<T> {
+export function parseFlags<T extends FlagSpec>(role: string, usage: string, spec: T, argv = process.argv.slice(2)): Parsed<T> {
   try {
     const { values, positionals } = parseArgs({
       args: argv,
@@ -27,6 +27,7 @@ export function parseFlags<T extends FlagSpec>(role: string, usage: string, spec
       strict: true,
     });
     if ((values as { help?: boolean }).help) {
+      // The same flags on both runtimes: `bun roles/ROLE.ts …` or `deno run -A roles/ROLE.ts …`.
       console.log(usage.trim());
       process.exit(0);
     }

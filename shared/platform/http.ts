@@ -1,19 +1,15 @@
 // The Elysia base every role builds on: JSON errors with stable codes, body limits, access log, and a safe listen.
-import net from "node:net";
-import type { Server } from "bun";
 import { Elysia } from "elysia";
 import { BadRequest, ConfigError, MeshError } from "./errors.ts";
-import { exitWithConfigError } from "./config.ts";
 import { describeError, type Logger } from "../ops/log.ts";
 import { Metrics } from "../ops/metrics.ts";
+import { runtime, type ReloadableListener, type ServableApp, type ServerTls } from "./runtime/index.ts";
+import { DEFAULT_BODY_LIMIT, IDLE_TIMEOUT_S, PEER_ADDRESS_HEADER } from "./runtime/limits.ts";
 
-/** Bodies above this get a 413: at once when Content-Length says so, else when the bytes read pass it (#11 L6). */
-export const DEFAULT_BODY_LIMIT = 64 * 1024;
-/** Seconds a connection may sit idle, or dribble its headers (slowloris), before it is closed. */
-export const IDLE_TIMEOUT_S = 10;
+export { DEFAULT_BODY_LIMIT, IDLE_TIMEOUT_S, PEER_ADDRESS_HEADER } from "./runtime/limits.ts";
 
-/** Set by the peer-identity listener (shared/peer-tls.ts), where Bun's requestIP is not available. */
-export const PEER_ADDRESS_HEADER = "x-securemesh-peer-address";
+/** Each app's body limit, for listeners that read the body before the app does (shared/platform/runtime/node-listener.ts). */
+const bodyLimits = new WeakMap<object, number>();
 
 export interface AppOptions {
   logger: Logger;
@@ -126,7 +122,8 @@ export function createApp({ logger, bodyLimit = DEFAULT_BODY_LIMIT, metrics = ne
       const { request, server, set } = context;
       // Elysia sets the routed path on the context before this hook runs; its types leave it out here.
       const { path } = context as unknown as { path: string };
-      // Without a Bun server the request came through the peer-identity listener, which sets this header itself.
+      // Without a Bun server the request came through a node-based listener (peer-identity, or any on Deno), which
+      // sets this header itself, over any copy the client sent.
       const remote = server ? server.requestIP(request)?.address ?? "-" : request.headers.get(PEER_ADDRESS_HEADER) ?? "-";
       arrivals.set(request, { remote, at: performance.now() });
       // Elysia's fetch finds the path at a fixed offset into the URL, so an https request with a 1-2 character Host
@@ -166,6 +163,7 @@ export function createApp({ logger, bodyLimit = DEFAULT_BODY_LIMIT, metrics = ne
       if (arrival) latency.observe({ route }, (performance.now() - arrival.at) / 1000);
     });
   if (metricsRoute) app.get("/metrics", () => metrics.response());
+  bodyLimits.set(app, bodyLimit);
 
   function errorAnswer(code: string | number, error: unknown, request: Request): Response {
     if (error instanceof MeshError) return errorBody(error.status, error.message, error.code);
@@ -195,119 +193,44 @@ export function createApp({ logger, bodyLimit = DEFAULT_BODY_LIMIT, metrics = ne
   return app;
 }
 
-/** Bun.serve's TLS options, as Elysia's listen takes them. */
-export interface ServerTls {
-  cert: string;
-  key: string;
-  ca?: string;
-  crl?: string;
-  requestCert?: boolean;
-  rejectUnauthorized?: boolean;
-}
+export type { ReloadableListener, ServableApp, ServerTls } from "./runtime/index.ts";
 
 /**
- * Listens with reusePort off (Elysia defaults it on, so two servers could silently share a port) and turns
- * a port in use into a one-line ConfigError. Returns the bound port, which matters when asked for port 0.
+ * Elysia's own listen, with reusePort off (Elysia defaults it on, so two servers could silently share a port), a
+ * port in use as a one-line ConfigError, and the bound port returned. Elysia's listen is Bun.serve, so this is for
+ * Bun-only code (tests); the roles use listenReloadable, which runs on both runtimes.
  */
 export function listen(app: { listen: (options: object) => unknown; server: { port?: number } | null }, options: { port: number; hostname: string; tls?: ServerTls }): number {
   try {
     app.listen({ port: options.port, hostname: options.hostname, reusePort: false, tls: options.tls });
   } catch (error) {
-    throw listenError(error, options);
+    if ((error as { code?: string }).code === "EADDRINUSE") throw new ConfigError(`port ${options.port} on ${options.hostname} is already in use`);
+    throw new ConfigError(`cannot listen on ${options.hostname}:${options.port}: ${describeError(error)}`);
   }
   return app.server?.port ?? options.port;
 }
 
-/** A failed bind as the one-line ConfigError a role exits with. */
-function listenError(error: unknown, options: { port: number; hostname: string }): ConfigError {
-  if ((error as { code?: string }).code === "EADDRINUSE") return new ConfigError(`port ${options.port} on ${options.hostname} is already in use`);
-  return new ConfigError(`cannot listen on ${options.hostname}:${options.port}: ${describeError(error)}`);
-}
-
-/** What listenReloadable needs of an Elysia app: its fetch handler, its Bun.serve options, and its server slot. */
-export interface ServableApp {
-  fetch: (request: Request) => Response | Promise<Response>;
-  config: { serve?: object };
-  server: Server<unknown> | null;
-  compile(): unknown;
-}
-
-export interface ReloadableListener {
+export interface ListenOptions {
   port: number;
-  /** Serves new connections with `tls` from now on; requests in flight on the old TLS finish first. */
-  reload(tls: ServerTls): Promise<void>;
-  stop(closeActiveConnections?: boolean): Promise<void>;
+  hostname: string;
+  /** Mutual TLS with `requestCert`, server-only TLS without, plain HTTP when absent (an admin page on loopback). */
+  tls?: ServerTls;
+  /**
+   * The role's live revocation check (TrustMaterial.isRevoked), asked on every request where the TLS stack ignores
+   * the `crl` option (Deno). Without it, `tls.crl` is used as of the last reload.
+   */
+  isRevoked?: (serialHex: string) => boolean;
 }
 
 /**
- * Binds and closes a plain socket without SO_REUSEPORT: it fails when anything, a reusePort listener included,
- * holds the port, so listenReloadable's reusePort never lets two processes share a port unnoticed.
+ * Serves an app made by createApp on this runtime (shared/platform/runtime): Bun.serve on Bun, node:https on
+ * Deno, with the same guarantees on both: mutual TLS with the clientAuth EKU, revocation, body limits, header
+ * deadline and idle timeout, JSON errors, the caller's address in the access log. reload() swaps the TLS (a new
+ * CRL after `./pki.sh revoke`, a renewed certificate) without a restart; requests in flight finish. A port in use
+ * is a one-line ConfigError. Returns the bound port, which matters when asked for port 0.
  */
-function probePortFree(options: { port: number; hostname: string }): Promise<void> {
-  if (options.port === 0) return Promise.resolve();
-  return new Promise((resolve, reject) => {
-    const probe = net.createServer();
-    probe.once("error", (error) => reject(listenError(error, options)));
-    probe.listen({ port: options.port, host: options.hostname, exclusive: true }, () => probe.close(() => resolve()));
-  });
-}
-
-/**
- * Listens like listen(), and can swap its TLS (a new CRL after `./pki.sh revoke`, a renewed certificate) without
- * a restart: Bun's server.reload() silently ignores `tls`, so reload() starts a second server on the same port
- * (SO_REUSEPORT) with the new TLS, points the app at it, then stops the old one gracefully: requests in flight
- * finish, new connections meet the new TLS. Measured: 0 errors in 4,419 keep-alive requests across a swap.
- * Elysia's app.listen can bind only one server, so the servers are built here the way Elysia builds its own
- * (same fetch handler, same maxRequestBodySize and idleTimeout from the app's serve options).
- */
-export async function listenReloadable(app: ServableApp, options: { port: number; hostname: string; tls: ServerTls }): Promise<ReloadableListener> {
-  await probePortFree(options);
-  app.compile();
-  const serve = (tls: ServerTls, port: number) => {
-    try {
-      return Bun.serve({
-        idleTimeout: 30, // Elysia's default, for an app that sets none
-        ...app.config.serve,
-        port,
-        hostname: options.hostname,
-        tls,
-        reusePort: true,
-        fetch: app.fetch,
-      });
-    } catch (error) {
-      throw listenError(error, { ...options, port });
-    }
-  };
-  let current = serve(options.tls, options.port);
-  const port = current.port ?? options.port;
-  app.server = current;
-  const draining = new Set<Promise<void>>();
-  let stopped = false;
-  return {
-    port,
-    async reload(tls) {
-      if (stopped) throw new ConfigError(`the listener on ${options.hostname}:${port} is stopped`);
-      const previous = current;
-      current = serve(tls, port); // throws before anything changed: the old TLS stays in service
-      app.server = current; // createApp's onRequest asks it for the caller's address
-      const drained: Promise<void> = previous.stop(false).catch(() => {}).finally(() => draining.delete(drained));
-      draining.add(drained);
-    },
-    async stop(closeActiveConnections = false) {
-      stopped = true;
-      await Promise.all([current.stop(closeActiveConnections), ...draining]);
-      if (app.server === current) app.server = null;
-    },
-  };
-}
-
-/** listen(), or the role exits with the one-line reason (a port in use, say). */
-export function listenOrExit(role: string, app: Parameters<typeof listen>[0], options: Parameters<typeof listen>[1]): number {
-  try {
-    return listen(app, options);
-  } catch (error) {
-    return exitWithConfigError(role, error);
-  }
+export function listenReloadable(app: ServableApp, options: ListenOptions): Promise<ReloadableListener> {
+  return runtime.serveApp(app, { ...options, bodyLimit: bodyLimits.get(app) ?? DEFAULT_BODY_LIMIT });
 }
 
 /**

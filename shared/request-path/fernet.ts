@@ -1,6 +1,7 @@
 // Fernet (spec version 0x80) on node:crypto: AES-128-CBC + HMAC-SHA256, with key rotation and an optional TTL.
 import { createCipheriv, createDecipheriv, randomBytes, timingSafeEqual } from "node:crypto";
 import { InvalidToken } from "../platform/errors.ts";
+import { runtime } from "../platform/runtime/index.ts";
 
 const VERSION = 0x80;
 const HEADER = 1 + 8 + 16; // version ‖ timestamp ‖ IV
@@ -39,10 +40,8 @@ export interface DecryptOptions {
   now?: number;
 }
 
-/** HMAC-SHA256; Bun's own hasher measured about 20% faster than node:crypto's createHmac for a 1 KiB token. */
-function hmac(key: Uint8Array, data: Uint8Array): Buffer {
-  return new Bun.CryptoHasher("sha256", key).update(data).digest();
-}
+/** HMAC-SHA256 from the runtime: Bun's own hasher on Bun (about 20% faster than createHmac there), createHmac on Deno. */
+const hmac = runtime.hmacSha256;
 
 /**
  * Encrypts with the first key and decrypts with any, so keys rotate by prepending the new one.

@@ -7,6 +7,7 @@ import type { Fernet } from "./fernet.ts";
 import { describeNetworkError, printable } from "../ops/log.ts";
 import { FORWARDER_HEADER, PROOF_HEADER, ProofSigner } from "./proof.ts";
 import { mutualTlsClientOptions, type Identity } from "../platform/tls.ts";
+import { runtime } from "../platform/runtime/index.ts";
 
 export interface MeshClientOptions {
   identity: Identity;
@@ -117,7 +118,7 @@ export class MeshClient {
       if (round > 0) await setTimeout(backoffMs * 2 ** (round - 1));
       for (const coordinator of coordinators) {
         try {
-          const response = await fetch(coordinator.replace(/\/+$/, "") + path, {
+          const response = await runtime.fetch(coordinator.replace(/\/+$/, "") + path, {
             method,
             headers: { ...forwarded, ...(body === undefined ? {} : { "content-type": "application/json" }), ...headers },
             body: body === undefined ? undefined : JSON.stringify(body),

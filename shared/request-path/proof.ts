@@ -7,6 +7,7 @@ import { decodeProtectedHeader, jwtVerify, SignJWT } from "jose";
 import { ProofRejected } from "../platform/errors.ts";
 import { identityOf } from "../authz/identity.ts";
 import { CLIENT_AUTH_OID, SERVER_AUTH_OID, type Identity } from "../platform/tls.ts";
+import { hasExtendedKeyUsage } from "../platform/eku.ts";
 
 export const PROOF_TYPE = "securemesh-proof+jwt";
 export const FORWARDER_TYPE = "securemesh-forwarder+jwt";
@@ -91,8 +92,8 @@ export class ProofSigner {
 }
 
 function hasUsage(cert: X509Certificate, oid: string): boolean {
-  // Bun's X509Certificate.keyUsage lists the extended key usages (its EKU OIDs).
-  return ((cert as X509Certificate & { keyUsage?: string[] }).keyUsage ?? []).includes(oid);
+  // From the DER: Bun's X509Certificate.keyUsage lists the EKU OIDs, but Deno's lists the key usage instead.
+  return hasExtendedKeyUsage(cert, oid);
 }
 
 interface TrustedCertificate {

@@ -1,0 +1,67 @@
+// Maps what each runtime says about a failed outbound request to one NetworkErrorCode (types.ts). Bun and node
+// give a `code`; Deno's fetch gives a bare TypeError("fetch failed") with the reason only in its cause's text.
+import { NetworkError, type NetworkErrorCode } from "./types.ts";
+
+const REASONS: Record<NetworkErrorCode, string> = {
+  ECONNREFUSED: "connection refused",
+  ENOTFOUND: "host not found",
+  EHOSTUNREACH: "host unreachable",
+  ENETUNREACH: "network unreachable",
+  EPROTO: "TLS handshake failed",
+  ERR_TLS_CERT: "TLS certificate refused",
+  ERR_UNEXPECTED_PEER: "unexpected peer identity",
+  ECONNRESET: "connection reset",
+};
+
+/** The short human reason for a code, for a log line. */
+export const networkReason = (code: NetworkErrorCode): string => REASONS[code];
+
+/** Bun's and node's error codes. Certificate-validation codes are OpenSSL's names, as node spells them. */
+export function codeFromRuntimeCode(code: unknown): NetworkErrorCode | undefined {
+  if (typeof code !== "string") return undefined;
+  if (code in REASONS) return code as NetworkErrorCode;
+  if (code === "ConnectionRefused") return "ECONNREFUSED";
+  if (code === "ConnectionClosed" || code === "EPIPE" || code === "ECONNABORTED") return "ECONNRESET";
+  if (code === "EAI_AGAIN" || code === "DNSException") return "ENOTFOUND";
+  if (code.startsWith("ERR_SSL_") || code === "ERR_TLS_HANDSHAKE_TIMEOUT") return "EPROTO";
+  if (/CERT|UNABLE_TO_(GET|VERIFY|DECRYPT|DECODE)|SELF_SIGNED|ALTNAME|HOSTNAME_MISMATCH/.test(code)) return "ERR_TLS_CERT";
+  return undefined;
+}
+
+/** Deno's fetch: the cause's text, e.g. "client error (Connect): tcp connect error: Connection refused (os error 111)". */
+export function codeFromText(text: string): NetworkErrorCode | undefined {
+  if (/connection refused/i.test(text)) return "ECONNREFUSED";
+  if (/dns error|failed to lookup address|name or service not known|no address associated/i.test(text)) return "ENOTFOUND";
+  if (/no route to host|host is unreachable/i.test(text)) return "EHOSTUNREACH";
+  if (/network is unreachable/i.test(text)) return "ENETUNREACH";
+  if (/invalid peer certificate|certificate (verify|not valid|expired|unknown)|UnknownIssuer|NotValidForName|BadSignature/i.test(text)) return "ERR_TLS_CERT";
+  if (/fatal alert|handshake|tls|ssl/i.test(text)) return "EPROTO";
+  if (/connection reset|broken pipe|connection closed|unexpected eof|incomplete message|connection aborted|canceled/i.test(text)) return "ECONNRESET";
+  return undefined;
+}
+
+/** The reason text Deno's fetch hides in `cause` (nested causes included). */
+function causeText(error: unknown): string {
+  const parts: string[] = [];
+  for (let e: unknown = error, depth = 0; e && depth < 4; e = (e as { cause?: unknown }).cause, depth++) {
+    parts.push(e instanceof Error ? e.message : String(e));
+  }
+  return parts.join(": ");
+}
+
+/**
+ * The error an adapter's fetch rejects with: a timeout or abort and an identity check's refusal pass through as
+ * they are; a network failure becomes a NetworkError with its code; anything unrecognised stays as it was.
+ */
+export function normaliseFetchError(error: unknown): unknown {
+  const name = (error as { name?: unknown } | null)?.name;
+  if (name === "TimeoutError" || name === "AbortError" || error instanceof NetworkError) return error;
+  const own = (error as { code?: unknown } | null)?.code;
+  if (own === "ERR_UNEXPECTED_PEER") return error;
+  const text = causeText(error);
+  const code = codeFromRuntimeCode(own) ?? codeFromRuntimeCode((error as { cause?: { code?: unknown } } | null)?.cause?.code) ?? codeFromText(text);
+  if (!code) return error;
+  // The runtime's words without the URL Deno repeats in them: the log line names the server already.
+  const detail = text.replace(/^fetch failed: /, "").replace(/error sending request for url \([^)]*\): /, "");
+  return new NetworkError(code, `${REASONS[code]}: ${detail}`, { cause: error });
+}

@@ -1,0 +1,189 @@
+// The runtime seam on both runtimes. On Bun, in this process; on Deno, in a Deno process started from here
+// (runtime.deno-check.ts), attacked from this one with real certificates made by pki.sh.
+import { afterAll, beforeAll, describe, expect, setDefaultTimeout, test } from "bun:test";
+import { createHmac } from "node:crypto";
+import net from "node:net";
+import tls from "node:tls";
+import { join } from "node:path";
+import { expectPeer } from "../../authz/index.ts";
+import { REPO_ROOT } from "../config.ts";
+import { hasExtendedKeyUsage, extendedKeyUsages } from "../eku.ts";
+import { loadIdentity, mutualTlsClientOptions, mutualTlsServerOptions, CLIENT_AUTH_OID, SERVER_AUTH_OID, type Identity } from "../tls.ts";
+import { revocationPki, testPki } from "../../testing/pki.ts";
+import { runtime } from "./index.ts";
+import { codeFromRuntimeCode, codeFromText, normaliseFetchError } from "./network-errors.ts";
+import { NetworkError } from "./types.ts";
+import { X509Certificate } from "node:crypto";
+
+setDefaultTimeout(60_000);
+
+describe("on Bun", () => {
+  test("index.ts picks the Bun adapter, and its HMAC is HMAC-SHA256", () => {
+    expect(runtime.name).toBe("bun");
+    expect(runtime.hmacSha256(Buffer.from("k"), Buffer.from("data")).equals(createHmac("sha256", "k").update("data").digest())).toBe(true);
+  });
+
+  test("fetch gives one set of codes: refused, and a wrong identity refused before anything is sent", async () => {
+    const pki = await testPki();
+    const client = mutualTlsClientOptions(loadIdentity(pki, "coordinator"));
+    const closed = await freePort();
+    await expect(runtime.fetch(`https://127.0.0.1:${closed}/`, { tls: client })).rejects.toMatchObject({ name: "NetworkError", code: "ECONNREFUSED" });
+    const server = Bun.serve({ port: 0, hostname: "127.0.0.1", tls: mutualTlsServerOptions(loadIdentity(pki, "server")), fetch: () => new Response("ok") });
+    try {
+      const url = `https://127.0.0.1:${server.port}/`;
+      expect(await (await runtime.fetch(url, { tls: { ...client, checkServerIdentity: expectPeer("spiffe://securemesh/server/*") } })).text()).toBe("ok");
+      await expect(runtime.fetch(url, { tls: { ...client, checkServerIdentity: expectPeer("spiffe://securemesh/keyserver/*") } })).rejects.toMatchObject({ code: "ERR_UNEXPECTED_PEER" });
+    } finally {
+      server.stop(true);
+    }
+  });
+});
+
+test("error classification: Bun's codes and Deno's cause texts map to the same codes", () => {
+  expect(["ConnectionRefused", "ECONNREFUSED", "ECONNRESET", "ENOTFOUND", "UNABLE_TO_VERIFY_LEAF_SIGNATURE", "ERR_TLS_CERT_ALTNAME_INVALID"].map(codeFromRuntimeCode))
+    .toEqual(["ECONNREFUSED", "ECONNREFUSED", "ECONNRESET", "ENOTFOUND", "ERR_TLS_CERT", "ERR_TLS_CERT"]);
+  const deno = (reason: string) => codeFromText(`error sending request for url (https://127.0.0.1:5001/): client error (Connect): ${reason}`);
+  expect([
+    deno("tcp connect error: Connection refused (os error 111)"),
+    deno("Connection reset by peer (os error 104)"),
+    deno("dns error: failed to lookup address information: Name or service not known"),
+    deno("invalid peer certificate: UnknownIssuer"),
+    deno("received fatal alert: CertificateRequired"),
+  ]).toEqual(["ECONNREFUSED", "ECONNRESET", "ENOTFOUND", "ERR_TLS_CERT", "EPROTO"]);
+  const denoError = new TypeError("fetch failed", { cause: new Error("error sending request for url (https://x/): client error (Connect): tcp connect error: Connection refused (os error 111)") });
+  const normalised = normaliseFetchError(denoError);
+  expect(normalised).toBeInstanceOf(NetworkError);
+  expect(normalised).toMatchObject({ code: "ECONNREFUSED", cause: denoError });
+  const timeout = new DOMException("timed out", "TimeoutError");
+  expect(normaliseFetchError(timeout)).toBe(timeout); // "timeout" in the logs, on both
+});
+
+test("the EKU is read from the certificate's DER", async () => {
+  const pki = await testPki();
+  const der = (name: string) => new Uint8Array(new X509Certificate(loadIdentity(pki, name).cert).raw);
+  expect(extendedKeyUsages(der("client1"))).toEqual([CLIENT_AUTH_OID]);
+  expect(extendedKeyUsages(der("server"))).toEqual([SERVER_AUTH_OID]);
+  expect(extendedKeyUsages(der("coordinator")).sort()).toEqual([CLIENT_AUTH_OID, SERVER_AUTH_OID].sort());
+  expect(hasExtendedKeyUsage({ raw: der("server") }, CLIENT_AUTH_OID)).toBe(false);
+  expect(hasExtendedKeyUsage({ raw: new Uint8Array([0x30, 0x01]) }, CLIENT_AUTH_OID)).toBe(false); // bad DER proves nothing
+});
+
+describe("on Deno (a real Deno process, real certificates)", () => {
+  let dir: string;
+  let deno: ReturnType<typeof Bun.spawn<"pipe", "pipe", "pipe">>;
+  let ports: { mutual: number; peer: number };
+  let outbound: Record<string, Record<string, unknown> | boolean | string>;
+  let ids: Record<"client1" | "x" | "server", Identity>;
+
+  beforeAll(async () => {
+    ({ dir } = await revocationPki("deno-runtime")); // client x is revoked
+    const other = await testPki("other");
+    ids = { client1: loadIdentity(dir, "client1"), x: loadIdentity(dir, "x"), server: loadIdentity(dir, "server") };
+    deno = Bun.spawn([join(REPO_ROOT, "node_modules", ".bin", "deno"), "run", "-A", join(import.meta.dir, "runtime.deno-check.ts")], {
+      env: { ...process.env, PKI_DIR: dir, OTHER_PKI_DIR: other, NO_COLOR: "1" }, stdin: "pipe", stdout: "pipe", stderr: "pipe",
+    });
+    const reader = deno.stdout.getReader();
+    let line = "";
+    while (!line.includes("\n")) {
+      const { done, value } = await reader.read();
+      if (done) throw new Error(`the Deno check exited: ${await new Response(deno.stderr).text()}`);
+      line += new TextDecoder().decode(value);
+    }
+    const started = JSON.parse(line) as { mutual: number; peer: number; outbound: typeof outbound };
+    ports = started;
+    outbound = started.outbound;
+  });
+
+  afterAll(async () => {
+    deno?.stdin.end();
+    await deno?.exited;
+  });
+
+  const as = (identity: Identity | null) => ({ ca: ids.client1.ca, rejectUnauthorized: true, ...(identity ? { cert: identity.cert, key: identity.key } : {}) });
+  const get = (port: number, identity: Identity | null, init: RequestInit = {}) =>
+    fetch(`https://127.0.0.1:${port}/who`, { ...init, tls: as(identity), keepalive: false });
+  const listeners = () => [["Elysia (server, coordinator)", ports.mutual], ["peer-identity (KeyServer, SecureProxy)", ports.peer]] as const;
+
+  test("index.ts picks the Deno adapter there, and its HMAC is HMAC-SHA256", () => {
+    expect(outbound.runtime).toBe("deno");
+    expect(outbound.hmacMatches).toBe(true);
+  });
+
+  test("a client certificate is accepted", async () => {
+    for (const [, port] of listeners()) expect((await get(port, ids.client1)).status).toBe(200);
+    expect(await (await get(ports.peer, ids.client1)).json()).toEqual({ peer: "client1" }); // the CN, from the verified certificate
+  });
+
+  test("connections are kept alive: 500 requests in a row, none failed (node:tls + node:http on Deno lost 31%)", async () => {
+    for (const [name, port] of listeners()) {
+      let failed = 0;
+      for (let i = 0; i < 250; i++) await get(port, ids.client1, { keepalive: true }).then((r) => r.arrayBuffer(), () => failed++);
+      expect({ name, failed }).toEqual({ name, failed: 0 });
+    }
+  });
+
+  test("no certificate is refused", async () => {
+    for (const [name, port] of listeners()) expect({ name, outcome: await get(port, null).then((r) => r.status, () => "refused") }).toEqual({ name, outcome: "refused" });
+  });
+
+  test("a revoked certificate is refused (Deno's TLS ignores the CRL: checked at the handshake and per request)", async () => {
+    for (const [name, port] of listeners()) {
+      const outcome = await get(port, ids.x).then(async (r) => [r.status, await r.json()], () => "refused");
+      expect({ name, outcome }).toEqual({ name, outcome: "refused" });
+    }
+  });
+
+  test("a certificate without the clientAuth EKU is refused", async () => {
+    for (const [name, port] of listeners()) expect({ name, outcome: await get(port, ids.server).then((r) => r.status, () => "refused") }).toEqual({ name, outcome: "refused" });
+  });
+
+  test("a body over 64 KiB gets 413 JSON, chunked or not", async () => {
+    for (const [name, port] of listeners()) {
+      for (const body of [new Uint8Array(70 * 1024), new Blob([new Uint8Array(300 * 1024)]).stream()]) {
+        const response = await fetch(`https://127.0.0.1:${port}/echo`, { method: "POST", body, tls: as(ids.client1) } as RequestInit);
+        expect({ name, status: response.status, body: await response.json() }).toMatchObject({ name, status: 413, body: { code: "ERR_BODY_TOO_LARGE" } });
+      }
+      const small = await fetch(`https://127.0.0.1:${port}/echo`, { method: "POST", body: new Uint8Array(1000), tls: as(ids.client1) });
+      expect(await small.json()).toEqual({ bytes: 1000 });
+    }
+  });
+
+  test("a slow header dribble is cut off at the header deadline (1 s here, 10 s by default)", async () => {
+    for (const [name, port, deadline] of [["peer", ports.peer, 1000], ["Elysia", ports.mutual, 10_000]] as const) {
+      const socket = tls.connect({ port, host: "127.0.0.1", ...as(ids.client1), checkServerIdentity: () => undefined });
+      socket.on("error", () => {});
+      await new Promise((resolve) => socket.once("secureConnect", resolve));
+      const started = performance.now();
+      const head = "GET /who HTTP/1.1\r\nHost: x\r\nX-Slow: " + "a".repeat(200);
+      let i = 0;
+      const dribble = setInterval(() => socket.writable && socket.write(head[i++ % head.length]!), 300);
+      await new Promise((resolve) => socket.once("close", resolve));
+      clearInterval(dribble);
+      const elapsed = performance.now() - started;
+      expect({ name, cutOff: elapsed < deadline + 2000 && elapsed > deadline / 2 }).toEqual({ name, cutOff: true });
+    }
+  });
+
+  test("outbound: expectPeer refuses a wrong server identity before anything is sent, and accepts the right one", () => {
+    expect(outbound.rightIdentity).toEqual({ status: 200, body: { peer: null } });
+    expect(outbound.postWithIdentity).toEqual({ status: 200, body: { bytes: 5 } });
+    expect(outbound.wrongIdentity).toMatchObject({ code: "ERR_UNEXPECTED_PEER", message: "reached spiffe://securemesh/server/server, expected spiffe://securemesh/keyserver/*" });
+  });
+
+  test("outbound: Deno's fetch honours the client certificate and CA, and its errors get the same codes as Bun's", () => {
+    expect(outbound.plain).toEqual({ status: 200, body: { peer: null } });
+    expect(outbound.refused).toMatchObject({ error: "NetworkError", code: "ECONNREFUSED" });
+    expect(outbound.refusedWithIdentity).toMatchObject({ error: "NetworkError", code: "ECONNREFUSED" });
+    expect(outbound.untrusted).toMatchObject({ error: "NetworkError", code: "ERR_TLS_CERT" });
+  });
+});
+
+function freePort(): Promise<number> {
+  return new Promise((resolve) => {
+    const probe = net.createServer();
+    probe.listen(0, "127.0.0.1", () => {
+      const { port } = probe.address() as net.AddressInfo;
+      probe.close(() => resolve(port));
+    });
+  });
+}
