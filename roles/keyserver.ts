@@ -2,7 +2,7 @@
 import { join } from "node:path";
 import { text } from "node:stream/consumers";
 import { Authorizer, parseSpiffeId, tlsPeerIdentity, TrustMaterial } from "../shared/authz/index.ts";
-import { exitWithConfigError, parseFlags, parsePort, parsePositive, pkiDir, policyPath, REPO_ROOT, exitOnSignals } from "../shared/platform/config.ts";
+import { exitWithConfigError, parseFlags, parsePort, parsePositive, pkiDir, policyPath, REPO_ROOT, exitOnSignals, displayPath } from "../shared/platform/config.ts";
 import { BadRequest, ConfigError, MeshError } from "../shared/platform/errors.ts";
 import { createApp, readBodyLimited } from "../shared/platform/http.ts";
 import { MasterKeyring } from "../shared/token-path/keyring.ts";
@@ -267,7 +267,7 @@ async function main(): Promise<void> {
   trust.onReload((identity) => listener.reload(mutualTlsServerOptions(identity)).catch((error) => logger.error(`TLS listener kept its old material: ${describeError(error)}`))).watch(logger);
   deps.authz.watch();
   const keyring = watchKeyring(deps.vault, logger);
-  logger.info(`keyserver listening on https://${config.host}:${listener.port} (tokens: ${describeStoreUrl(config.db)}; policy: ${config.policy}; legacy replay: ${config.legacyReplay})`);
+  logger.info(`keyserver listening on https://${config.host}:${listener.port} (tokens: ${describeStoreUrl(config.db)}; policy: ${displayPath(config.policy)}; legacy replay: ${config.legacyReplay})`);
 
   exitOnSignals(async () => {
     keyring.stop();

@@ -6,7 +6,7 @@ import { createPublicKey } from "node:crypto";
 import { basename, dirname, resolve } from "node:path";
 import tls from "node:tls";
 import { Authorizer, expectPeer, tlsPeerIdentity, TrustMaterial, UnexpectedPeer } from "../shared/authz/index.ts";
-import { exitWithConfigError, parseFlags, parsePort, parsePositive, pkiDir, policyPath, readPkiFile, exitOnSignals } from "../shared/platform/config.ts";
+import { exitWithConfigError, parseFlags, parsePort, parsePositive, pkiDir, policyPath, readPkiFile, exitOnSignals, displayPath } from "../shared/platform/config.ts";
 import { BadRequest, ConfigError, Forbidden, MeshError, Unavailable } from "../shared/platform/errors.ts";
 import { createApp, readJsonFields } from "../shared/platform/http.ts";
 import { createLogger, describeError, describeNetworkError as reason, printable, type Logger } from "../shared/ops/log.ts";
@@ -270,7 +270,7 @@ async function main(): Promise<void> {
     return listener.reload(mutualTlsServerOptions(identity)).catch((error) => logger.error(`TLS listener kept its old material: ${describeError(error)}`));
   }).watch(logger);
   deps.authz.watch();
-  logger.info(`secureproxy listening on https://${config.host}:${listener.port} (keyserver ${config.keyserver}, format ${config.format}, policy ${config.policy})`);
+  logger.info(`secureproxy listening on https://${config.host}:${listener.port} (keyserver ${config.keyserver}, format ${config.format}, policy ${displayPath(config.policy)})`);
   exitOnSignals(async () => {
     deps.authz.stop();
     trust.stop();
