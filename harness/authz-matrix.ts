@@ -13,6 +13,7 @@ import { Fernet } from "../shared/request-path/fernet.ts";
 import { FORWARDER_HEADER, PROOF_HEADER, ProofSigner } from "../shared/request-path/proof.ts";
 import { CLIENT_AUTH_OID, type Identity } from "../shared/platform/tls.ts";
 import { ON_BEHALF_OF_HEADER, openJoseResponse, prepareJoseRequest } from "../shared/token-path/token-exchange.ts";
+import { renderTable } from "./fixtures/index.ts";
 import type { TlsMaterial } from "./hostile.ts";
 
 // ---- What a cell can come to -----------------------------------------------------------------------------------
@@ -420,9 +421,7 @@ export function matrixTable(result: MatrixResult): string[] {
     const count = cell.attempts > 1 ? ` ${cell.asExpected}/${cell.attempts}` : "";
     return ok ? `${SHORT[seen]}${count}` : `!${SHORT[seen]} (want ${SHORT[cell.expected.outcome]})${count}`;
   })]);
-  const widths = header.map((h, i) => Math.max(h.length, ...rows.map((r) => r[i]!.length)));
-  const line = (cells: string[]) => `| ${cells.map((c, i) => c.padEnd(widths[i]!)).join(" | ")} |`;
-  return [line(header), line(widths.map((w) => "-".repeat(w))), ...rows.map(line)];
+  return renderTable(header, rows);
 }
 
 export function matrixTotals(result: MatrixResult): { cells: number; attempts: number; asExpected: number; unexpected: CellResult[]; byOutcome: Record<Outcome, number> } {

@@ -1,5 +1,6 @@
 // What `bun harness bench` prints and writes: a table with ratios to each case's baseline, and an SVG bar chart.
 import type { BenchReport, CaseResult } from "./bench.ts";
+import { renderTable } from "./fixtures/index.ts";
 import { escapeXml } from "./terminal-svg.ts";
 
 /** The case each case is compared with, and what that baseline is called. */
@@ -26,14 +27,12 @@ function versus(result: CaseResult, results: CaseResult[]): string {
   return `${(result.rate / other.rate).toFixed(2)}x ${baseline.name}`;
 }
 
-export function renderTable(report: BenchReport): string[] {
+export function benchTable(report: BenchReport): string[] {
   const header = ["case", "rate", "p50 ms", "p90 ms", "p99 ms", "max ms", "errors", "vs baseline"];
   const rows = report.results.map((r) => [
     r.label, `${rate(r.rate)} ${r.unit}`, ms(r.latency?.p50), ms(r.latency?.p90), ms(r.latency?.p99), ms(r.latency?.max),
     r.latency ? String(r.errors) : "", versus(r, report.results),
   ]);
-  const widths = header.map((h, i) => Math.max(h.length, ...rows.map((row) => row[i]!.length)));
-  const line = (cells: string[]) => cells.map((c, i) => (i === 0 || i === cells.length - 1 ? c.padEnd(widths[i]!) : c.padStart(widths[i]!))).join("  ").trimEnd();
   const { machine, versions, options } = report;
   const goals = report.comparisons.map((c) => {
     const value = c.unit === "x" ? `${c.value.toFixed(2)}x` : c.unit === "%" ? `${c.value.toFixed(0)}%` : c.unit === "ms" ? `${c.value >= 0 ? "+" : ""}${c.value.toFixed(2)} ms` : `${c.value} errors`;
@@ -44,9 +43,8 @@ export function renderTable(report: BenchReport): string[] {
     `Machine: ${machine.cpus} × ${machine.cpuModel}, ${machine.memoryGiB} GiB, ${machine.platform}; Bun ${versions.bun}, HAProxy ${versions.haproxy}, Python ${versions.python} with cryptography ${versions.cryptography}`,
     `Each case ${options.durationS} s in ${options.rounds} interleaved rounds, ${options.concurrency} concurrent workers, ${rate(options.records)} records at the end`,
     "",
-    line(header),
-    line(widths.map((w) => "-".repeat(w))),
-    ...rows.map(line),
+    // Figures right-aligned, the case and its comparison left.
+    ...renderTable(header, rows, { border: "plain", align: header.map((_, i) => (i === 0 || i === header.length - 1 ? "left" : "right")) }),
     "",
     "Ratios and goals:",
     ...goals,

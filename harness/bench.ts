@@ -12,10 +12,9 @@ import { loadIdentity, mutualTlsClientOptions } from "../shared/platform/tls.ts"
 import { ON_BEHALF_OF_HEADER, openJoseResponse, prepareJoseRequest } from "../shared/token-path/token-exchange.ts";
 import { expectThat, type Cluster } from "./cluster.ts";
 import { ensureHaproxy, startHaproxy } from "./haproxy.ts";
-import { Latencies, runLoad, type LatencySummary } from "./load.ts";
+import { Latencies, runLoad, startTokenStack, type LatencySummary } from "./fixtures/index.ts";
 import type { Progress } from "./progress.ts";
 import { countRecords, seedRecords, type Ports } from "./scenario.ts";
-import { startTokenStack } from "./token-stack.ts";
 
 export interface BenchOptions {
   /** Seconds each case runs in all, split over the rounds. */
@@ -150,7 +149,15 @@ export async function runBench(options: BenchOptions): Promise<BenchReport> {
   const haproxyProcess = await startHaproxy(cluster, { pki: cluster.pki, dir: cluster.logDir, port: ports.haproxy, servers, health: HEALTH, forwarderAssertion });
   const haproxy = haproxyProcess.url;
   // The load generator asks for client1 far faster than any real client: a per-caller nonce quota fit for it.
-  const tokens = await startTokenStack(cluster, ports, options.tokenDb, { keyserverArgs: ["--replay-quota", "1000000"] });
+  const tokens = await startTokenStack({ cluster, ports, tokenDb: options.tokenDb, keyserverArgs: ["--replay-quota", "1000000"] });
+
+  // The same roles on Deno beside the Bun ones (#12), on the same store, the same token table and keys: two
+  // servers behind a coordinator, and a KeyServer. Each case runs alone, so the idle set costs the other little.
+  progress.line("bench: starting 2 servers, a coordinator and a KeyServer on Deno beside them");
+  for (const name of ["deno-server1", "deno-server2", "deno-coordinator", "deno-keyserver"]) cluster.pinRuntime(name, "deno");
+  const denoServers = await Promise.all([cluster.startServer("deno-server1", 0), cluster.startServer("deno-server2", 0)]);
+  const denoCoordinator = await cluster.startCoordinator("deno-coordinator", 0, denoServers, healthArgs);
+  const denoKeyserver = await cluster.startRole("deno-keyserver", "keyserver", ["0", "--data", tokens.dataDir, "--db", options.tokenDb, "--replay-quota", "1000000"]);
 
   // Each worker speaks with its own client's certificate, alternating client1 and client2.
   const identities = ["client1", "client2"].map((name) => loadIdentity(cluster.pki, name));
@@ -159,7 +166,7 @@ export async function runBench(options: BenchOptions): Promise<BenchReport> {
   const direct = servers[0]!;
   const writers = (target: string) => identities.map((identity) =>
     new MeshClient({ identity, fernet, coordinators: [target], attempts: 1, forwardedBy: target === direct ? coordinatorIdentity : undefined }));
-  const writerFor = new Map([direct, coordinator, haproxy].map((target) => [target, writers(target)] as const));
+  const writerFor = new Map([direct, coordinator, haproxy, denoCoordinator].map((target) => [target, writers(target)] as const));
 
   // A client re-uses a read proof while it is young, as servers cache verified proofs: one signature per proof.
   const readers = writerFor.get(coordinator)!;
@@ -193,11 +200,11 @@ export async function runBench(options: BenchOptions): Promise<BenchReport> {
   const keyserverTls = mutualTlsClientOptions(loadIdentity(cluster.pki, "secureproxy"));
   const publicPem = ((await (await fetch(`${tokens.keyserver}/public_key`, { tls: keyserverTls })).json()) as { public_key: string }).public_key;
   const keyserverKey = createPublicKey(publicPem);
-  const release = async () => {
+  const release = (keyserver: string) => async () => {
     const prepared = await prepareJoseRequest(keyserverKey, "client1", "marketplace");
     // As the SecureProxy asks: for client1, whose proxy.use the KeyServer checks again (#11).
     const headers = { "content-type": prepared.contentType, [ON_BEHALF_OF_HEADER]: "spiffe://securemesh/client/client1" };
-    const response = await fetch(tokens.keyserver, { method: "POST", headers, body: prepared.body, tls: keyserverTls, signal: AbortSignal.timeout(5000) });
+    const response = await fetch(keyserver, { method: "POST", headers, body: prepared.body, tls: keyserverTls, signal: AbortSignal.timeout(5000) });
     if (response.status !== 200) return `answered ${response.status}`;
     return (await openJoseResponse(await response.text(), prepared.sessionKey)) === tokens.token || "wrong token";
   };
@@ -205,20 +212,31 @@ export async function runBench(options: BenchOptions): Promise<BenchReport> {
   const fernetKey = readFileSync(join(cluster.pki, "encryption_key.txt"), "utf8");
   const token = fernet.encrypt(FERNET_PLAINTEXT);
 
+  /**
+   * A cached-read case: the servers behind `target` first read through once (uncounted, round-robin reaches each of
+   * them), so the case measures cached reads whatever wrote into the shared store before it.
+   */
+  const cachedReads = async (id: string, ms: number, target: string, servers: number) => {
+    for (let i = 0; i < servers; i++) await read(target, true)(i);
+    return loadSlice(options, id, ms, read(target, false));
+  };
   const cases: BenchCase[] = [
-    { id: "a-read", label: "a. direct to server 1: cached read", unit: "req/s", run: (ms) => loadSlice(options, "a-read", ms, read(servers[0]!, false)) },
-    { id: "b-read", label: "b. coordinator, 2 servers: cached read", unit: "req/s", run: (ms) => loadSlice(options, "b-read", ms, read(coordinator, false)) },
-    { id: "c-read", label: "c. HAProxy, 2 servers: cached read", unit: "req/s", run: (ms) => loadSlice(options, "c-read", ms, read(haproxy, false)) },
+    { id: "a-read", label: "a. direct to server 1: cached read", unit: "req/s", run: (ms) => cachedReads("a-read", ms, servers[0]!, 1) },
+    { id: "b-read", label: "b. coordinator, 2 servers: cached read", unit: "req/s", run: (ms) => cachedReads("b-read", ms, coordinator, 2) },
+    { id: "c-read", label: "c. HAProxy, 2 servers: cached read", unit: "req/s", run: (ms) => cachedReads("c-read", ms, haproxy, 2) },
+    { id: "h-read-deno", label: "h. coordinator and 2 servers on Deno: cached read", unit: "req/s", run: (ms) => cachedReads("h-read-deno", ms, denoCoordinator, 2) },
     { id: "a-write", label: "a. direct to server 1: POST /api/data", unit: "req/s", run: (ms) => loadSlice(options, "a-write", ms, write(servers[0]!)) },
     { id: "b-write", label: "b. coordinator, 2 servers: POST /api/data", unit: "req/s", run: (ms) => loadSlice(options, "b-write", ms, write(coordinator)) },
     { id: "c-write", label: "c. HAProxy, 2 servers: POST /api/data", unit: "req/s", run: (ms) => loadSlice(options, "c-write", ms, write(haproxy)) },
+    { id: "h-write-deno", label: "h. coordinator and 2 servers on Deno: POST /api/data", unit: "req/s", run: (ms) => loadSlice(options, "h-write-deno", ms, write(denoCoordinator)) },
     { id: "f-uncached", label: "f. coordinator: uncached get_data() read", unit: "req/s", run: (ms) => loadSlice(options, "f-uncached", ms, read(coordinator, true)) },
     { id: "d-encrypt", label: "d. securemesh Fernet encrypt 1 KiB", unit: "ops/s", run: async (ms) => localRate(ms, () => fernet.encrypt(FERNET_PLAINTEXT)) },
     { id: "d-encrypt-python", label: "d. Python cryptography Fernet encrypt 1 KiB", unit: "ops/s", run: (ms) => pythonRate("fernet-encrypt", ms, fernetKey) },
     { id: "d-decrypt", label: "d. securemesh Fernet decrypt 1 KiB", unit: "ops/s", run: async (ms) => localRate(ms, () => fernet.decrypt(token)) },
     { id: "d-decrypt-python", label: "d. Python cryptography Fernet decrypt 1 KiB", unit: "ops/s", run: (ms) => pythonRate("fernet-decrypt", ms, fernetKey) },
-    { id: "e-releases", label: "e. KeyServer token releases (JOSE, mutual TLS)", unit: "req/s", run: (ms) => loadSlice(options, "e-releases", ms, release) },
+    { id: "e-releases", label: "e. KeyServer token releases (JOSE, mutual TLS)", unit: "req/s", run: (ms) => loadSlice(options, "e-releases", ms, release(tokens.keyserver)) },
     { id: "e-rsa-bound", label: "e. RSA-2048 OAEP private decrypts, one core (Python/OpenSSL)", unit: "ops/s", run: (ms) => pythonRate("rsa-decrypt", ms, rsaKeyPem) },
+    { id: "h-releases-deno", label: "h. KeyServer on Deno: token releases", unit: "req/s", run: (ms) => loadSlice(options, "h-releases-deno", ms, release(denoKeyserver)) },
   ];
 
   progress.line(`bench: warming up every case (${cases.length} cases, 300 ms each, not counted)`);
@@ -298,6 +316,10 @@ function compare(results: CaseResult[]): Comparison[] {
   const cached = by("b-read");
   const uncached = by("f-uncached");
   out.push({ label: "cached / uncached get_data() reads via coordinator", value: cached.rate / uncached.rate, unit: "x", detail: `${fmt(cached.rate)} vs ${fmt(uncached.rate)} req/s; p50 ${cached.latency!.p50.toFixed(2)} vs ${uncached.latency!.p50.toFixed(2)} ms` });
+  // The roles on Deno against the same roles on Bun, in the same run (#12).
+  for (const [deno, bun, what, unit] of [["h-read-deno", "b-read", "coordinator + servers, cached read", "req/s"], ["h-write-deno", "b-write", "coordinator + servers, POST /api/data", "req/s"], ["h-releases-deno", "e-releases", "KeyServer token releases", "releases/s"]] as const) {
+    out.push({ label: `Deno / Bun throughput, ${what}`, value: by(deno).rate / by(bun).rate, unit: "x", detail: `${fmt(by(deno).rate)} vs ${fmt(by(bun).rate)} ${unit}` });
+  }
   const failover = by("g-failover");
   const steady = by("b-write");
   out.push({ label: "errors while a server is killed under load", value: failover.errors, unit: "errors", goal: "0 errors", met: failover.errors === 0, detail: `${failover.count} requests; p99 ${failover.latency!.p99.toFixed(1)} ms vs ${steady.latency!.p99.toFixed(1)} ms steady` });

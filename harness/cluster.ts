@@ -1,5 +1,5 @@
 // Starts real role processes, tees their logs to files, waits for readiness by health checks, and stops them all.
-import { createWriteStream, mkdirSync, type WriteStream } from "node:fs";
+import { createWriteStream, existsSync, mkdirSync, readdirSync, type WriteStream } from "node:fs";
 import { join } from "node:path";
 import { REPO_ROOT, loadFernetKeys } from "../shared/platform/config.ts";
 import { Fernet } from "../shared/request-path/fernet.ts";
@@ -91,7 +91,40 @@ export class RoleProcess {
   }
 }
 
+/**
+ * Every process any cluster started and that has not exited. A test that times out never reaches its `await using`
+ * disposal, and a harness run can die on an uncaught error: neither may leave a role holding a port, so whatever is
+ * still running when this process exits is killed.
+ */
+const liveProcesses = new Set<Bun.Subprocess>();
+process.once("exit", () => {
+  for (const proc of liveProcesses) proc.kill("SIGKILL");
+});
+
+/** Which runtime runs the roles a cluster starts; `mixed` alternates, starting with Deno. */
+export type RoleRuntime = "bun" | "deno" | "mixed";
+export const ROLE_RUNTIMES: readonly RoleRuntime[] = ["bun", "deno", "mixed"];
+
+/**
+ * Deno from the npm registry, pinned in devDependencies like Bun: the binary itself, from its platform package.
+ * node_modules/.bin/deno is a Node wrapper that spawns it, so a signal (a kill, a SIGSTOP) would miss the role.
+ */
+export function denoBinary(): string {
+  const platforms = join(REPO_ROOT, "node_modules", "@deno");
+  const found = existsSync(platforms) ? readdirSync(platforms).map((p) => join(platforms, p, "deno")).find((p) => existsSync(p)) : undefined;
+  if (!found) throw new ExpectationFailed("no Deno binary under node_modules/@deno: run npm ci (deno is in devDependencies)");
+  return found;
+}
+
+/** The command that runs roles/<script>.ts with `args` on `runtime`: this Bun, or Deno with every permission. */
+export function roleCommand(runtime: "bun" | "deno", script: string, args: readonly string[]): string[] {
+  const path = join(REPO_ROOT, "roles", `${script}.ts`);
+  return runtime === "deno" ? [denoBinary(), "run", "-A", path, ...args] : [process.execPath, path, ...args];
+}
+
 export interface ClusterOptions {
+  /** Default bun. The harness itself always runs on Bun. */
+  runtime?: RoleRuntime;
   logDir: string;
   pki: string;
   /** Extra environment for every role, e.g. DATABASE_URL. */
@@ -125,9 +158,31 @@ export class Cluster implements AsyncDisposable {
     this.#options.env = { ...this.#options.env, ...env };
   }
 
-  /** Starts `bun roles/<script>.ts args` with the cluster's PKI and environment, teeing its output to <logDir>/<name>.log. */
+  /**
+   * Starts `bun roles/<script>.ts args`, or `deno run -A …`, with the cluster's PKI and environment, teeing its output
+   * to <logDir>/<name>.log. With `mixed`, roles alternate, Deno first: server 1 on Deno, server 2 on Bun, a
+   * coordinator on Deno, and so on. A role restarted under the same name keeps its runtime.
+   */
   #launch(name: string, script: string, args: string[], options: { env?: Record<string, string>; stdin?: string } = {}): RoleProcess {
-    return this.#launchCommand(name, [process.execPath, join(REPO_ROOT, "roles", `${script}.ts`), ...args], options);
+    return this.#launchCommand(name, roleCommand(this.runtimeOf(name), script, args), options);
+  }
+
+  readonly #runtimes = new Map<string, "bun" | "deno">();
+
+  /** Runs the role of this name on `runtime`, whatever the cluster's choice (the bench runs both side by side). */
+  pinRuntime(name: string, runtime: "bun" | "deno"): void {
+    this.#runtimes.set(name, runtime);
+  }
+
+  /** The runtime a role of this name runs on (decided at its first start). */
+  runtimeOf(name: string): "bun" | "deno" {
+    let runtime = this.#runtimes.get(name);
+    if (!runtime) {
+      const chosen = this.#options.runtime ?? "bun";
+      runtime = chosen === "mixed" ? (this.#runtimes.size % 2 === 0 ? "deno" : "bun") : chosen;
+      this.#runtimes.set(name, runtime);
+    }
+    return runtime;
   }
 
   #launchCommand(name: string, argv: string[], options: { env?: Record<string, string>; stdin?: string } = {}): RoleProcess {
@@ -140,6 +195,8 @@ export class Cluster implements AsyncDisposable {
       stdout: "pipe",
       stderr: "pipe",
     });
+    liveProcesses.add(proc);
+    void proc.exited.then(() => liveProcesses.delete(proc));
     return new RoleProcess(name, proc as Bun.Subprocess<"ignore", "pipe", "pipe">, logFile, createWriteStream(logFile, { flags: "a" }));
   }
 
@@ -208,8 +265,8 @@ export class Cluster implements AsyncDisposable {
     return waitFor(`${url}/health to answer 200`, async () => (await this.health(url))?.status === 200, timeoutMs);
   }
 
-  /** Runs roles/<script>.ts to completion, its output logged to <logDir>/<logName>.log. */
-  async run(logName: string, script: string, args: string[], options: { stdin?: string } = {}): Promise<ClientRun> {
+  /** Runs roles/<script>.ts to completion on the cluster's runtime, its output logged to <logDir>/<logName>.log. */
+  async run(logName: string, script: string, args: string[], options: { stdin?: string; env?: Record<string, string> } = {}): Promise<ClientRun> {
     const role = this.#launch(logName, script, args, options);
     const exitCode = await role.proc.exited;
     await role.drained;
@@ -254,15 +311,18 @@ export class Cluster implements AsyncDisposable {
     await role.proc.exited;
   }
 
-  async stop(): Promise<void> {
-    await Promise.all([...this.roles.values()].map(async (role) => {
+  /** Stops the named roles, or every role; SIGTERM first, SIGKILL for one that has not gone within 3 s. */
+  async stop(names: readonly string[] = [...this.roles.keys()]): Promise<void> {
+    await Promise.all(names.map(async (name) => {
+      const role = this.roles.get(name);
+      if (!role) return;
       role.signal("SIGCONT"); // a stopped process cannot act on SIGTERM
       role.signal("SIGTERM");
       const timer = setTimeout(() => role.signal("SIGKILL"), 3000);
       await role.proc.exited;
       clearTimeout(timer);
+      this.roles.delete(name);
     }));
-    this.roles.clear();
   }
 
   async [Symbol.asyncDispose](): Promise<void> {

@@ -6,15 +6,14 @@ import { readFileSync, renameSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { parseCrl } from "../shared/authz/crl.ts";
 import { parsePolicy, type Rule } from "../shared/authz/policy.ts";
-import { loadFernetKeys, policyPath, REPO_ROOT } from "../shared/platform/config.ts";
+import { loadFernetKeys, policyPath } from "../shared/platform/config.ts";
 import { Fernet } from "../shared/request-path/fernet.ts";
 import type { DataSnapshot } from "../shared/request-path/data-view.ts";
 import { FORWARDER_HEADER, PROOF_HEADER, ProofSigner } from "../shared/request-path/proof.ts";
 import { loadIdentity, mutualTlsClientOptions, type Identity } from "../shared/platform/tls.ts";
 import { ON_BEHALF_OF_HEADER, openJoseResponse, prepareJoseRequest, prepareLegacyRequest } from "../shared/token-path/token-exchange.ts";
-import { waitFor, type Cluster } from "./cluster.ts";
+import { runPkiSh, waitFor, waitUntilInRotation, type Cluster, type TokenStack } from "./fixtures/index.ts";
 import { closedWithin, connectTls, dribbleClosedAfter, parseHttpAnswer, plainHttp, sendChunked, tlsRefused, type Tally, type TlsMaterial } from "./hostile.ts";
-import type { TokenStack } from "./token-stack.ts";
 
 /** Marks the forged log lines of the L1 case, so the log scan can tell whether one ever started a line. */
 export const FORGED_MARKER = "forged-l1-5c2e";
@@ -35,14 +34,6 @@ export const HARNESS_IDENTITIES: { name: string; allow: string[] }[] = [
   { name: "sql-prober", allow: ["proxy.use:*"] },
 ];
 
-async function sh(args: string[], env: Record<string, string> = {}): Promise<void> {
-  await using proc = Bun.spawn(args, { env: { ...process.env, ...env }, stdout: "pipe", stderr: "pipe" });
-  const [stderr, code] = await Promise.all([new Response(proc.stderr).text(), proc.exited]);
-  if (code !== 0) throw new Error(`${args.join(" ")} failed (${code}): ${stderr.trim()}`);
-}
-
-export const pkiSh = (pki: string, ...args: string[]) => sh(["bash", join(REPO_ROOT, "pki.sh"), ...args], { PKI_DIR: pki });
-
 /** Writes a policy as an editor saves it: a new file renamed over the old one. */
 export function writePolicy(file: string, rules: readonly Rule[]): void {
   const text = JSON.stringify({ comment: "bun harness security's policy: roles/policy.json plus the harness's own identities", rules }, null, 2);
@@ -56,7 +47,7 @@ export function writePolicy(file: string, rules: readonly Rule[]): void {
  * the repository's rules plus HARNESS_IDENTITIES. Returns the rules, for the live edit to restore.
  */
 export async function prepareHarnessIdentities(pki: string, policyFile: string): Promise<Rule[]> {
-  for (const { name } of HARNESS_IDENTITIES) await pkiSh(pki, "issue", name, "--client"); // one at a time: each updates the CA's index
+  for (const { name } of HARNESS_IDENTITIES) await runPkiSh(pki, "issue", name, "--client"); // one at a time: each updates the CA's index
   const rules = [...parsePolicy(readFileSync(policyPath(), "utf8")).rules, ...HARNESS_IDENTITIES.map(({ name, allow }) => ({ identity: SPIFFE("client", name), allow }))];
   writePolicy(policyFile, rules);
   return rules;
@@ -172,7 +163,7 @@ export async function runFindingCases(t: FindingTargets, tally: Tally, options: 
     return null;
   };
   const forbidden = (who: string, permission: string) => `${who} lacks permission ${permission}`;
-  const itemUri = `${stack.marketplace.replace("127.0.0.1", "localhost")}/api/item`;
+  const { itemUri } = stack;
   const proxyAs = async (tls: TlsMaterial, clientId: string) => answer(await postJson(`${stack.secureproxy}/request_api`, tls, { ClientId: clientId, TokenType: "marketplace", ApiUri: itemUri }));
   let keyserverKey: KeyObject | undefined;
   /** A JOSE token request straight to the KeyServer over `tls`, naming `onBehalfOf`; 200 only when the token opens. */
@@ -520,7 +511,7 @@ export async function runFindingCases(t: FindingTargets, tally: Tally, options: 
         }
       })(),
     ]);
-    const m = await measureUntil("revocation of client-live", () => pkiSh(pki, "revoke", "client-live"), {
+    const m = await measureUntil("revocation of client-live", () => runPkiSh(pki, "revoke", "client-live"), {
       "proof via the coordinator": async () => (await write(liveSigner, client2)).status === 401,
       "proof at server 1": async () => (await write(liveSigner, client2, { at: server1 })).status === 401,
       "proof at server 2": async () => (await write(liveSigner, client2, { at: server2 })).status === 401,
@@ -553,7 +544,7 @@ export async function runFindingCases(t: FindingTargets, tally: Tally, options: 
       "proxy.use at the KeyServer": async () => (await keyserverAs(proxyTls, ids.client2, "client2")).status === status,
     });
     // This case is about the policy: it starts once the coordinator has both servers in rotation again.
-    await waitFor("the coordinator to have both servers up", async () => (await cluster.health(t.coordinator))?.body.serversUp === 2, 10_000);
+    await Promise.all(t.servers.map((server) => waitUntilInRotation(cluster, t.coordinator, server, 10_000)));
     for (const [name, check] of Object.entries(checks(200))) if (!(await check())) return `before the edit, ${name} was not allowed`;
     const removed = await measureUntil("policy edit (client2's records.write and proxy.use:client2/marketplace removed)", () => writePolicy(t.policyFile, edited), checks(403));
     const restored = await measureUntil("policy restored", () => writePolicy(t.policyFile, t.rules), checks(200));

@@ -4,8 +4,8 @@ import { mkdirSync } from "node:fs";
 import { join } from "node:path";
 import net from "node:net";
 import tls from "node:tls";
-import { REPO_ROOT } from "../shared/platform/config.ts";
 import { readPkiFile } from "../shared/platform/config.ts";
+import { renderTable, runPkiSh } from "./fixtures/index.ts";
 
 export interface CaseResult {
   role: string;
@@ -54,9 +54,7 @@ export class Tally {
   table(): string {
     const rows = this.results.map((r) => [r.role, r.name, String(r.attempts), String(r.asExpected), r.unexpected.length ? r.unexpected[0]! : "0"]);
     const header = ["role", "case", "attempts", "as expected", "unexpected"];
-    const widths = header.map((h, i) => Math.max(h.length, ...rows.map((r) => r[i]!.length)));
-    const line = (cells: string[]) => `| ${cells.map((c, i) => c.padEnd(widths[i]!)).join(" | ")} |`;
-    return [line(header), line(widths.map((w) => "-".repeat(w))), ...rows.map(line)].join("\n");
+    return renderTable(header, rows).join("\n");
   }
 }
 
@@ -77,12 +75,10 @@ async function sh(args: string[], env: Record<string, string> = {}): Promise<voi
  * CRL) before the roles start, plus a client of another CA and a self-signed one.
  */
 export async function hostileCertificates(pki: string, otherPki: string): Promise<Record<string, TlsMaterial>> {
-  const pkiSh = join(REPO_ROOT, "pki.sh");
-  const env = { PKI_DIR: pki };
-  await sh(["bash", pkiSh, "issue", "expired-client", "--client", "--not-before", "20200101000000Z", "--not-after", "20200201000000Z"], env);
-  await sh(["bash", pkiSh, "issue", "future-client", "--client", "--not-before", "20400101000000Z", "--not-after", "20410101000000Z"], env);
-  await sh(["bash", pkiSh, "issue", "revoked-client", "--client"], env);
-  await sh(["bash", pkiSh, "revoke", "revoked-client"], env);
+  await runPkiSh(pki, "issue", "expired-client", "--client", "--not-before", "20200101000000Z", "--not-after", "20200201000000Z");
+  await runPkiSh(pki, "issue", "future-client", "--client", "--not-before", "20400101000000Z", "--not-after", "20410101000000Z");
+  await runPkiSh(pki, "issue", "revoked-client", "--client");
+  await runPkiSh(pki, "revoke", "revoked-client");
   const selfDir = join(pki, "self-signed");
   mkdirSync(selfDir, { recursive: true });
   await sh(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-days", "30",

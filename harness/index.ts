@@ -4,10 +4,11 @@ import { join, relative } from "node:path";
 import { parseArgs } from "node:util";
 import { REPO_ROOT, pkiDir } from "../shared/platform/config.ts";
 import { runBench } from "./bench.ts";
-import { renderChart, renderTable } from "./bench-report.ts";
-import { Cluster, ExpectationFailed } from "./cluster.ts";
+import { benchTable, renderChart } from "./bench-report.ts";
+import { Cluster, ExpectationFailed, ROLE_RUNTIMES, type RoleRuntime } from "./cluster.ts";
 import { Progress } from "./progress.ts";
-import { seedPorts, startMesh, type Ports, type Scenario } from "./scenario.ts";
+import { runPkiSh } from "./fixtures/index.ts";
+import { seedPorts, startScenarioMesh, type Ports, type Scenario } from "./scenario.ts";
 import { recordScenario, SCREENSHOT_DIR, statusPageScreenshot } from "./screenshots.ts";
 import { cache } from "./scenarios/cache.ts";
 import { chaos } from "./scenarios/chaos.ts";
@@ -34,6 +35,8 @@ Options:
   --base-port N      shift the seed's ports (servers 5001, 5002, coordinator 8000) by N-5000 (default 5000)
   --db URL           record store for the servers and token store for the KeyServer,
                      e.g. mysql://root@127.0.0.1:3306/test (default: fresh sqlite files in the log folder)
+  --runtime R        bun, deno or mixed: what runs the roles (mixed alternates, Deno first); the harness
+                     itself runs on Bun (default bun)
   --record           draw the scenario's logs as docs/screenshots/<scenario>.svg
   --duration S       bench: seconds per case, split into interleaved rounds (default 10)
   --concurrency C    bench: concurrent workers (default 16)
@@ -48,13 +51,13 @@ interface RunOptions {
   basePort: number;
   db?: string;
   record: boolean;
+  runtime: RoleRuntime;
 }
 
 async function ensurePki(dir: string): Promise<void> {
   if (existsSync(join(dir, "ca_cert.pem"))) return;
   console.log(`harness: no PKI in ${dir}; running pki.sh`);
-  await using proc = Bun.spawn(["bash", join(REPO_ROOT, "pki.sh")], { env: { ...process.env, PKI_DIR: dir }, stdout: "ignore", stderr: "inherit" });
-  if ((await proc.exited) !== 0) throw new ExpectationFailed("pki.sh failed");
+  await runPkiSh(dir);
 }
 
 /** A fresh log folder, PKI and cluster for one run; `body` runs against it, and every process is stopped after. */
@@ -67,7 +70,8 @@ async function withCluster(name: string, options: RunOptions & { ownPki?: boolea
   const tokenDb = options.db ?? join(logDir, "tokens.db");
   // Recorded runs keep their colours for the pictures; other runs write plain logs.
   const colour: Record<string, string> = options.record ? { FORCE_COLOR: "1" } : { NO_COLOR: "1" };
-  const cluster = new Cluster({ logDir, pki, env: { DATABASE_URL: db, ...colour } });
+  const cluster = new Cluster({ logDir, pki, runtime: options.runtime, env: { DATABASE_URL: db, ...colour } });
+  if (options.runtime !== "bun") console.log(`harness: roles run on ${options.runtime === "mixed" ? "Deno and Bun, alternating" : "Deno"}`);
   const interrupt = async () => {
     console.error("\nharness: interrupted; stopping every role");
     await cluster.stop();
@@ -121,7 +125,7 @@ async function bench(options: RunOptions & { durationS: number; concurrency: num
     console.log(JSON.stringify(report, null, 2));
   } else {
     console.log("");
-    for (const line of renderTable(report)) console.log(line);
+    for (const line of benchTable(report)) console.log(line);
     console.log(`\nharness: wrote ${resultsFile} and ${chartFile} in ${progress.elapsed()}`);
   }
   return true;
@@ -135,7 +139,7 @@ async function screenshots(options: RunOptions): Promise<boolean> {
   const file = join(SCREENSHOT_DIR, "status-page.png");
   const { ok } = await withCluster("status-page", options, async ({ cluster, ports, db, tokenDb }) => {
     const ctx = { cluster, ports, db, tokenDb, summary: [], step: (m: string) => console.log(`  • ${m}`) };
-    const coordinator = await startMesh(ctx, ["--admin-port", "0", "--health-interval", "1000"]);
+    const { coordinator } = await startScenarioMesh(ctx, ["--admin-port", "0", "--health-interval", "1000"]);
     const client = cluster.client("client1", [coordinator]);
     for (let i = 0; i < 6; i++) await client.sendData(`status page message ${i}`);
     for (let i = 0; i < 6; i++) await client.readCachedData();
@@ -159,6 +163,7 @@ async function main(): Promise<number> {
       args: Bun.argv.slice(2), allowPositionals: true,
       options: {
         "base-port": { type: "string" }, db: { type: "string" }, record: { type: "boolean" }, help: { type: "boolean", short: "h" },
+        runtime: { type: "string" },
         duration: { type: "string" }, concurrency: { type: "string" }, json: { type: "boolean" }, out: { type: "string" },
       },
     });
@@ -179,7 +184,12 @@ async function main(): Promise<number> {
     console.error("harness: --base-port must be a whole number from 1 to 60634");
     return 2;
   }
-  const options: RunOptions = { basePort, db: values.db, record: Boolean(values.record) };
+  const runtime = (values.runtime ?? "bun") as RoleRuntime;
+  if (!ROLE_RUNTIMES.includes(runtime)) {
+    console.error(`harness: --runtime must be ${ROLE_RUNTIMES.join(", ")}, not '${values.runtime}'`);
+    return 2;
+  }
+  const options: RunOptions = { basePort, db: values.db, record: Boolean(values.record), runtime };
   if (scenario) return (await runScenario(scenario, options)) ? 0 : 1;
   if (command === "screenshots") return (await screenshots(options)) ? 0 : 1;
   let durationS: number;

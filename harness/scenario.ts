@@ -4,7 +4,7 @@ import { loadFernetKeys } from "../shared/platform/config.ts";
 import { Fernet } from "../shared/request-path/fernet.ts";
 import { payloadDigest } from "../shared/request-path/proof.ts";
 import { openStore } from "../shared/request-path/store.ts";
-import type { Cluster } from "./cluster.ts";
+import { startMesh, type Cluster, type Mesh } from "./fixtures/index.ts";
 
 export interface Ports {
   server1: number;
@@ -56,11 +56,10 @@ export function successBodies(lines: string[]): { result: string; id: number; se
   return lines.filter((l) => / Success: /.test(l)).map((l) => JSON.parse(l.slice(l.indexOf("Success: ") + 9)));
 }
 
-/** Servers 1 and 2 and a coordinator in front of them, on the scenario's ports; returns the coordinator URL. */
-export async function startMesh({ cluster, ports, step }: ScenarioContext, coordinatorArgs: string[] = []): Promise<string> {
-  step("starting server 1, server 2 and the coordinator");
-  const servers = await Promise.all([cluster.startServer("server1", ports.server1), cluster.startServer("server2", ports.server2)]);
-  return cluster.startCoordinator("coordinator", ports.coordinator, servers, coordinatorArgs);
+/** The mesh of a scenario: servers 1 and 2 and the coordinator on its ports and its record store, announced as a step. */
+export function startScenarioMesh(ctx: ScenarioContext, coordinatorArgs: string[] = []): Promise<Mesh> {
+  ctx.step("starting server 1, server 2 and the coordinator");
+  return startMesh({ cluster: ctx.cluster, ports: ctx.ports, db: ctx.db, coordinatorArgs });
 }
 
 /** Writes records straight into the servers' store, as earlier traffic would have. */

@@ -9,10 +9,10 @@ import { FORWARDER_HEADER, ProofSigner } from "../shared/request-path/proof.ts";
 import { loadIdentity, mutualTlsClientOptions } from "../shared/platform/tls.ts";
 import { ON_BEHALF_OF_HEADER, prepareLegacyRequest, RsaKeyPair } from "../shared/token-path/token-exchange.ts";
 import { matrixIdentities, runAuthzMatrix, type MatrixResult } from "./authz-matrix.ts";
-import type { Cluster } from "./cluster.ts";
-import { runConnectionCapCase, runFindingCases, runSlowFindingCases, type FindingTargets, type Measurement } from "./findings.ts";
-import { clear4xx, rawHttp, slowHeadersClosed, tlsRefused, type Tally, type TlsMaterial } from "./hostile.ts";
-import type { TokenStack } from "./token-stack.ts";
+import { startMesh, startTokenStack, testPki, type Cluster, type TokenStack } from "./fixtures/index.ts";
+import { prepareHarnessIdentities, runConnectionCapCase, runFindingCases, runSlowFindingCases, seedClient2Token, type FindingTargets, type Measurement } from "./findings.ts";
+import { clear4xx, hostileCertificates, rawHttp, slowHeadersClosed, tlsRefused, type Tally, type TlsMaterial } from "./hostile.ts";
+import type { Ports } from "./scenario.ts";
 
 export interface SecurityTargets {
   cluster: Cluster;
@@ -202,7 +202,39 @@ export interface SuiteOptions extends SecurityOptions {
   matrixAttempts: number;
   /** The harness's full run: more attempts per finding, and M3/M4 with processes of their own. */
   full: boolean;
+  /**
+   * false: only the hostile TLS, HTTP, crypto and application cases and the matrix, which is what a second runtime
+   * must repeat; the findings of #11 (with their waits for deadlines and reloads) run once, on Bun. Default true.
+   */
+  findings?: boolean;
   onMatrixCell?: () => void;
+}
+
+/**
+ * Everything the suite runs against, on `cluster` (whose PKI must be its own: certificates are issued and revoked in
+ * it). Hostile certificates and the harness's identities are issued before any role starts, so the roles load the
+ * CRL that revokes one; then the mesh (with its admin listener) and the token stack, client2's token seeded too.
+ */
+export async function startSecurityTargets(cluster: Cluster, options: { db: string; tokenDb: string; ports?: Ports; step?: (message: string) => void }): Promise<SuiteTargets & { client2Token: string }> {
+  const step = options.step ?? (() => {});
+  step("issuing hostile certificates (expired, not yet valid, revoked, …) and the harness's identities before the roles start");
+  const otherPki = await testPki("other");
+  const hostileCerts = await hostileCertificates(cluster.pki, otherPki);
+  const policyFile = join(cluster.logDir, "policy.json");
+  const rules = await prepareHarnessIdentities(cluster.pki, policyFile);
+  cluster.addEnv({ SECUREMESH_POLICY: policyFile });
+
+  step("starting server 1, server 2 and the coordinator");
+  const mesh = await startMesh({ cluster, ports: options.ports, db: options.db, coordinatorArgs: ["--admin-port", "0"] });
+  const admin = await cluster.adminUrl(mesh.coordinatorRole);
+  step("starting KeyServer, marketplace and SecureProxy; seeding a token for client2 too");
+  const stack = await startTokenStack({ cluster, ports: options.ports, tokenDb: options.tokenDb });
+  const client2Token = await seedClient2Token(cluster, stack, options.tokenDb);
+  const servers: [string, string] = [mesh.servers[0]!.url, mesh.servers[1]!.url];
+  return {
+    cluster, otherPki, server: servers[0], servers, coordinator: mesh.coordinator, admin, stack, tokenDb: options.tokenDb,
+    policyFile, rules, hostileCerts, client1Token: stack.token, client2Token,
+  };
 }
 
 export interface SuiteResult {
@@ -218,7 +250,8 @@ export interface SuiteResult {
 export async function runSecuritySuite(t: SuiteTargets, tally: Tally, options: SuiteOptions): Promise<SuiteResult> {
   const roles: [string, string][] = [["server", t.server], ["coordinator", t.coordinator], ["keyserver", t.stack.keyserver], ["secureproxy", t.stack.secureproxy]];
   const client1 = mutualTlsClientOptions(loadIdentity(t.cluster.pki, "client1"));
-  const slow = Promise.all([
+  const findings = options.findings ?? true;
+  const slow = !findings ? Promise.resolve() : Promise.all([
     ...roles.map(([role, url]) => tally.run(role, "HTTP: slow headers (slowloris)", 3, () => slowHeadersClosed(url, client1, 15_000), 3)),
     runSlowFindingCases(t, tally),
   ]);
@@ -226,9 +259,10 @@ export async function runSecuritySuite(t: SuiteTargets, tally: Tally, options: S
     await runSecurityChecks(t, tally, options);
     const matrix = await runAuthzMatrix({
       pki: t.cluster.pki, policyFile: t.policyFile, coordinator: t.coordinator, server: t.server, secureproxy: t.stack.secureproxy,
-      keyserver: t.stack.keyserver, apiUri: `${t.stack.marketplace.replace("127.0.0.1", "localhost")}/api/item`, client1Token: t.client1Token,
+      keyserver: t.stack.keyserver, apiUri: t.stack.itemUri, client1Token: t.client1Token,
       identities: matrixIdentities(t.cluster.pki, t.hostileCerts),
     }, { attempts: options.matrixAttempts, onCell: options.onMatrixCell });
+    if (!findings) return { matrix, measurements: [] };
     const measurements = await runFindingCases(t, tally, { full: options.full });
     await slow;
     await runConnectionCapCase(t, tally, MAX_CONNECTIONS_PER_IDENTITY);

@@ -1,34 +1,30 @@
 // The coordinator's admin listener on real processes: /metrics on every role, and the live status page in Chromium.
 import { afterAll, beforeAll, describe, expect, setDefaultTimeout, test } from "bun:test";
-import { existsSync, mkdtempSync } from "node:fs";
-import { tmpdir } from "node:os";
-import { join } from "node:path";
+import { existsSync } from "node:fs";
 import { chromium, type Browser, type Locator } from "playwright-core";
 import { STATUS_PUSH_MS } from "../shared/ops/status-page.ts";
-import { testPki } from "../shared/testing/pki.ts";
 import { parsePrometheus } from "../shared/testing/prometheus.ts";
 import { CHROMIUM, launchChromium } from "./browser.ts";
-import { Cluster } from "./cluster.ts";
+import { startMesh, type Cluster, type Mesh } from "./fixtures/index.ts";
 
 setDefaultTimeout(60_000);
 
 const HEALTH_INTERVAL_MS = 1000;
+let mesh: Mesh;
 let cluster: Cluster;
 let servers: string[];
 let coordinator: string;
 let admin: string;
 
 beforeAll(async () => {
-  const pki = await testPki("main");
-  const dir = mkdtempSync(join(tmpdir(), "securemesh-status-"));
-  cluster = new Cluster({ logDir: dir, pki, env: { DATABASE_URL: join(dir, "records.db"), NO_COLOR: "1" } });
-  servers = await Promise.all([cluster.startServer("server1", 0), cluster.startServer("server2", 0)]);
   // fall 1: one failed probe takes a server out, so the page must show it within one interval.
-  coordinator = await cluster.startCoordinator("coordinator", 0, servers, ["--admin-port", "0", "--health-interval", String(HEALTH_INTERVAL_MS), "--fall", "1"]);
+  mesh = await startMesh({ coordinatorArgs: ["--admin-port", "0", "--health-interval", String(HEALTH_INTERVAL_MS), "--fall", "1"] });
+  ({ cluster, coordinator } = mesh);
+  servers = mesh.servers.map((s) => s.url);
   admin = await cluster.adminUrl("coordinator");
 });
 
-afterAll(() => cluster.stop());
+afterAll(() => mesh?.[Symbol.asyncDispose]());
 
 describe("/metrics", () => {
   test("every role's /metrics parses as Prometheus text; the coordinator's is on its admin listener", async () => {

@@ -1,21 +1,17 @@
 // Integration tests of the token path on real processes: KeyServer, SecureProxy, marketplace.
-import { afterEach, beforeAll, describe, expect, setDefaultTimeout, test } from "bun:test";
+import { beforeAll, describe, expect, setDefaultTimeout, test } from "bun:test";
 import { copyFileSync, mkdtempSync, readdirSync, readFileSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { REPO_ROOT } from "../shared/platform/config.ts";
-import { testPki } from "../shared/testing/pki.ts";
 import { runPython } from "../shared/testing/python.ts";
 import { loadIdentity, mutualTlsClientOptions } from "../shared/platform/tls.ts";
 import { ON_BEHALF_OF_HEADER } from "../shared/token-path/token-exchange.ts";
-import { Cluster, waitFor } from "./cluster.ts";
-import { startTokenStack, type TokenStackOptions } from "./token-stack.ts";
+import { newPki, runPkiSh, startTokenStack, testPki, waitFor, type TokenStackOptions } from "./fixtures/index.ts";
 
 setDefaultTimeout(30_000);
 
 let pki: string;
-const clusters: Cluster[] = [];
-const FREE = { keyserver: 0, secureproxy: 0, marketplace: 0 };
 const PROXY_ID = "spiffe://securemesh/secureproxy/secureproxy";
 const CLIENT1_ID = "spiffe://securemesh/client/client1";
 const ITEM = { item: { id: 1, name: "Test item", price: 10, currency: "EUR" } };
@@ -26,19 +22,8 @@ beforeAll(async () => {
   pki = await testPki();
 });
 
-afterEach(async () => {
-  await Promise.all(clusters.splice(0).map((c) => c.stop()));
-});
-
-async function stack(options: TokenStackOptions & { pki?: string; env?: Record<string, string> } = {}) {
-  const dir = mkdtempSync(join(tmpdir(), "securemesh-tokens-test-"));
-  const cluster = new Cluster({ logDir: dir, pki: options.pki ?? pki, env: { NO_COLOR: "1", ...options.env } });
-  clusters.push(cluster);
-  const tokenDb = join(dir, "tokens.db");
-  return { cluster, dir, tokenDb, ...(await startTokenStack(cluster, FREE, tokenDb, options)) };
-}
-
-const itemUri = (marketplace: string) => `${marketplace.replace("127.0.0.1", "localhost")}/api/item`;
+/** A token stack of its own, on the shared test PKI unless told otherwise. */
+const stack = (options: TokenStackOptions = {}) => startTokenStack({ pki, ...options });
 
 /** A client of the original format, in Python (cryptography + requests); REPLAY=0 leaves out timestamp and nonce as the oldest clients did. */
 const PYTHON_ORIGINAL_FORMAT = `
@@ -73,25 +58,27 @@ function originalFormatClient(keyserver: string, options: { replayFields: boolea
 
 describe("KeyServer", () => {
   test("a Python client (cryptography + requests) speaking the original format gets and decrypts the token", async () => {
-    const { keyserver, token } = await stack();
+    await using tokens = await stack();
+    const { keyserver, token } = tokens;
     expect(await originalFormatClient(keyserver, { replayFields: true, times: 1 })).toBe(`200 ${token}`);
   });
 
   // #11 L8: without a timestamp and nonce, the same original-format body was released 3 times.
   test("the original format without timestamp and nonce is refused by default, every time; --legacy-replay allow serves old clients", async () => {
-    const strict = await stack();
+    await using strict = await stack();
     const refused = `401 ${JSON.stringify({ error: "timestamp and nonce are required (old clients need the KeyServer's --legacy-replay allow)", code: "ERR_REPLAY" })}`;
     expect((await originalFormatClient(strict.keyserver, { replayFields: false, times: 3 })).split("\n")).toEqual([refused, refused, refused]);
     // With the fields, the same body is released once.
     const once = (await originalFormatClient(strict.keyserver, { replayFields: true, times: 3 })).split("\n");
     expect(once.map((l) => l.slice(0, 3))).toEqual(["200", "401", "401"]);
 
-    const lenient = await stack({ keyserverArgs: ["--legacy-replay", "allow"] });
+    await using lenient = await stack({ keyserverArgs: ["--legacy-replay", "allow"] });
     expect((await originalFormatClient(lenient.keyserver, { replayFields: false, times: 2 })).split("\n")).toEqual([`200 ${lenient.token}`, `200 ${lenient.token}`]);
   });
 
   test("a client1 certificate calling the KeyServer directly gets 403", async () => {
-    const { keyserver } = await stack();
+    await using tokens = await stack();
+    const { keyserver } = tokens;
     const response = await fetch(`${keyserver}/`, { method: "POST", headers: { "content-type": "application/json" }, body: "{}", tls: mutualTlsClientOptions(loadIdentity(pki, "client1")) });
     expect({ status: response.status, body: await response.json() }).toEqual({
       status: 403, body: { error: `${CLIENT1_ID} lacks permission tokens.fetch`, code: "ERR_FORBIDDEN" },
@@ -99,15 +86,16 @@ describe("KeyServer", () => {
   });
 
   test("a server certificate (no clientAuth) is dropped at the handshake", async () => {
-    const { keyserver } = await stack();
+    await using tokens = await stack();
+    const { keyserver } = tokens;
     const attempt = fetch(`${keyserver}/public_key`, { tls: mutualTlsClientOptions(loadIdentity(pki, "marketplace")) });
     await expect(attempt).rejects.toThrow();
   });
 
   // #11 M4: after `token rotate-key`, every proxy call got 502 until the KeyServer was restarted.
   test("token rotate-key, twice, while releases run: 0 failed releases, and only the current key version is left", async () => {
-    const { cluster, requestApi, marketplace, dataDir, tokenDb } = await stack();
-    const uri = itemUri(marketplace);
+    await using tokens = await stack();
+    const { cluster, requestApi, itemUri: uri, dataDir, tokenDb } = tokens;
     const failures: string[] = [];
     let released = 0;
     let rotating = true;
@@ -141,14 +129,15 @@ describe("KeyServer", () => {
 
 describe("SecureProxy", () => {
   test.each([["jose"], ["legacy"]])("calls the marketplace with the token (%s wire format)", async (format) => {
-    const { requestApi, marketplace } = await stack({ proxyArgs: ["--format", format] });
-    expect(await requestApi({ ClientId: "client1", TokenType: "marketplace", ApiUri: itemUri(marketplace) })).toEqual({ status: 200, body: ITEM });
+    await using tokens = await stack({ proxyArgs: ["--format", format] });
+    expect(await tokens.requestApi({ ClientId: "client1", TokenType: "marketplace", ApiUri: tokens.itemUri })).toEqual({ status: 200, body: ITEM });
   });
 
   // #11 H1: with client2's certificate, or the coordinator's, {"ClientId":"client1"} got client1's item with 200.
   test("only the identity the policy allows uses a ClientId: client1 200, client2 and the coordinator 403; the KeyServer audits both hops", async () => {
-    const { cluster, requestApi, marketplace } = await stack();
-    const body = { ClientId: "client1", TokenType: "marketplace", ApiUri: itemUri(marketplace) };
+    await using tokens = await stack();
+    const { cluster, requestApi } = tokens;
+    const body = { ClientId: "client1", TokenType: "marketplace", ApiUri: tokens.itemUri };
     expect(await requestApi(body, "client1")).toEqual({ status: 200, body: ITEM });
     for (const [caller, id] of [["client2", "spiffe://securemesh/client/client2"], ["coordinator", "spiffe://securemesh/coordinator/coordinator"]]) {
       expect(await requestApi(body, caller)).toEqual({
@@ -166,8 +155,8 @@ describe("SecureProxy", () => {
     writeFileSync(policy, JSON.stringify({ rules: [
       { identity: CLIENT1_ID, allow: ["proxy.use:*"] }, { identity: PROXY_ID, allow: ["tokens.fetch"] },
     ] }));
-    const { cluster, requestApi, marketplace, token, dir } = await stack({ env: { SECUREMESH_POLICY: policy } });
-    const uri = itemUri(marketplace);
+    await using tokens = await stack({ env: { SECUREMESH_POLICY: policy } });
+    const { cluster, requestApi, itemUri: uri, token } = tokens;
     expect((await requestApi({ ClientId: "nobody", TokenType: "marketplace", ApiUri: uri })).status).toBe(404);
     expect((await requestApi({ ClientId: "client1", TokenType: "marketplace", ApiUri: "https://127.0.0.2:1/x" })).status).toBe(403);
     expect((await requestApi({ ClientId: "client1", TokenType: "other", ApiUri: uri })).status).toBe(403);
@@ -178,8 +167,8 @@ describe("SecureProxy", () => {
     await cluster.kill("keyserver");
     expect(await requestApi({ ClientId: "client1", TokenType: "marketplace", ApiUri: uri })).toMatchObject({ status: 503, body: { code: "ERR_UNAVAILABLE" } });
 
-    for (const file of readdirSync(dir).filter((f) => f.endsWith(".log"))) {
-      expect(readFileSync(join(dir, file), "utf8")).not.toContain(token);
+    for (const file of readdirSync(cluster.logDir).filter((f) => f.endsWith(".log"))) {
+      expect(readFileSync(join(cluster.logDir, file), "utf8")).not.toContain(token);
     }
   });
 });
@@ -188,8 +177,9 @@ describe("without a restart", () => {
   test(`a policy edit takes effect at the proxy and the KeyServer within ${RELOAD_BOUND_MS / 1000} s`, async () => {
     const policy = join(mkdtempSync(join(tmpdir(), "securemesh-policy-")), "policy.json");
     copyFileSync(join(REPO_ROOT, "roles", "policy.json"), policy);
-    const { requestApi, marketplace } = await stack({ env: { SECUREMESH_POLICY: policy } });
-    const body = { ClientId: "client1", TokenType: "marketplace", ApiUri: itemUri(marketplace) };
+    await using tokens = await stack({ env: { SECUREMESH_POLICY: policy } });
+    const { requestApi } = tokens;
+    const body = { ClientId: "client1", TokenType: "marketplace", ApiUri: tokens.itemUri };
     expect((await requestApi(body)).status).toBe(200);
 
     const shipped = JSON.parse(readFileSync(policy, "utf8")) as { rules: { identity: string; allow: string[] }[] };
@@ -204,15 +194,14 @@ describe("without a restart", () => {
   });
 
   test(`./pki.sh revoke client2 shuts client2 out of the proxy within ${RELOAD_BOUND_MS / 1000} s; client1 carries on`, async () => {
-    const own = await testPki("revocation");
-    const { requestApi, marketplace } = await stack({ pki: own });
-    const uri = itemUri(marketplace);
+    const own = await newPki("revocation"); // its own: this test revokes client2 in it
+    await using tokens = await stack({ pki: own });
+    const { requestApi, itemUri: uri } = tokens;
     // client2 may use its own ClientId; there is no token for it, so the KeyServer's 404 shows it got through.
     const asClient2 = () => requestApi({ ClientId: "client2", TokenType: "marketplace", ApiUri: uri }, "client2").then((a) => a.status, () => "refused");
     expect(await asClient2()).toBe(404);
 
-    await using revoke = Bun.spawn(["bash", join(REPO_ROOT, "pki.sh"), "revoke", "client2"], { env: { ...process.env, PKI_DIR: own }, stdout: "pipe", stderr: "pipe" });
-    expect(await revoke.exited).toBe(0);
+    await runPkiSh(own, "revoke", "client2");
     const started = Date.now();
     await waitFor("client2 to be refused", async () => (await asClient2()) === "refused", RELOAD_BOUND_MS);
     expect(Date.now() - started).toBeLessThan(RELOAD_BOUND_MS);

@@ -1,7 +1,7 @@
 // Caching of get_data(): miss, hit, write, invalidation, and no stale read from a server hung through it all.
 import type { MeshClient } from "../../shared/request-path/mesh-client.ts";
-import { expectThat, waitFor, type Cluster } from "../cluster.ts";
-import { seedRecords, startMesh, successBodies, url, type Scenario } from "../scenario.ts";
+import { expectThat, waitUntilInRotation, type Cluster } from "../fixtures/index.ts";
+import { seedRecords, startScenarioMesh, successBodies, url, type Scenario } from "../scenario.ts";
 
 const SEEDED_RECORDS = 1000;
 const TIMED_READS = 200;
@@ -41,7 +41,7 @@ export const cache: Scenario = {
   description: "get_data() caching: miss, hit, write, invalidation, and a server hung through a write",
   async run(ctx) {
     const { cluster, ports, step, summary, db } = ctx;
-    const coordinator = await startMesh(ctx, ["--timeout", "1000", "--health-interval", "500"]);
+    const { coordinator } = await startScenarioMesh(ctx, ["--timeout", "1000", "--health-interval", "500"]);
     const client = cluster.client("client1", [coordinator]);
 
     step("first reads miss on each server, the next ones hit");
@@ -69,8 +69,7 @@ export const cache: Scenario = {
     const failedServers = (partial.body.failed as { server: string }[]).map((f) => f.server);
     expectThat(failedServers.includes(url(ports.server2)), `the report should name server 2 as failed: ${JSON.stringify(partial.body)}`);
     cluster.role("server2").signal("SIGCONT");
-    await waitFor("server 2 back in rotation", async () =>
-      ((await cluster.health(coordinator))?.body.servers as { url: string; up: boolean }[] | undefined)?.find((s) => s.url === url(ports.server2))?.up);
+    await waitUntilInRotation(cluster, coordinator, url(ports.server2));
 
     const direct = cluster.client("client1", [url(ports.server2)], { forwardedBy: "coordinator" });
     const afterPartition = await direct.readCachedData();

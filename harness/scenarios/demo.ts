@@ -1,13 +1,13 @@
 // The lab's demo: two servers, the coordinator, and two clients printing success lines.
-import { expectThat } from "../cluster.ts";
-import { startMesh, successBodies, url, type Scenario } from "../scenario.ts";
+import { expectThat } from "../fixtures/index.ts";
+import { startScenarioMesh, successBodies, url, type Scenario } from "../scenario.ts";
 
 export const demo: Scenario = {
   name: "demo",
   description: "two servers, the coordinator, and two clients sending encrypted data",
   async run(ctx) {
     const { cluster, ports, step, summary } = ctx;
-    const coordinator = await startMesh(ctx, ["--admin-port", String(ports.coordinatorAdmin)]);
+    const { coordinator } = await startScenarioMesh(ctx, ["--admin-port", String(ports.coordinatorAdmin)]);
 
     step("client1 and client2 send their messages");
     const runs = await Promise.all(["client1", "client2"].map((name) =>

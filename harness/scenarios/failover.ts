@@ -1,13 +1,14 @@
 // Failover: server 1 is killed, the next request still succeeds through server 2, then server 1 rejoins.
-import { expectThat, waitFor } from "../cluster.ts";
-import { startMesh, successBodies, url, type Scenario } from "../scenario.ts";
+import { expectThat, waitUntilInRotation } from "../fixtures/index.ts";
+import { startScenarioMesh, successBodies, url, type Scenario } from "../scenario.ts";
 
 export const failover: Scenario = {
   name: "failover",
   description: "kill server 1; requests keep succeeding through server 2; server 1 rejoins",
   async run(ctx) {
     const { cluster, ports, step, summary } = ctx;
-    const coordinator = await startMesh(ctx, ["--health-interval", "500"]);
+    const mesh = await startScenarioMesh(ctx, ["--health-interval", "500"]);
+    const { coordinator } = mesh;
     const send = async (message: string, count: number) => {
       // No cache check: its GETs would take every other round-robin turn, and this scenario is about where POSTs go.
       const run = await cluster.runClient("client1", ["--no-cache-check", "--message", message, "--count", String(count), "--coordinator", coordinator]);
@@ -29,11 +30,8 @@ export const failover: Scenario = {
     summary.push(`coordinator: ${failed}`);
 
     step("server 1 restarts and rejoins the rotation");
-    await cluster.startServer("server1", ports.server1);
-    await waitFor("server 1 to be back in the coordinator's rotation", async () => {
-      const servers = (await cluster.health(coordinator))?.body.servers as { url: string; up: boolean }[] | undefined;
-      return servers?.find((s) => s.url === url(ports.server1))?.up;
-    });
+    await mesh.restartServer(mesh.servers[0]!);
+    await waitUntilInRotation(cluster, coordinator, url(ports.server1));
     const rejoined = await send("after the restart", 2);
     expectThat(rejoined.some((b) => b.server === ports.server1), `server 1 served none of ${JSON.stringify(rejoined)}`);
     summary.push(`server 1 is back in rotation and served record ${rejoined.find((b) => b.server === ports.server1)!.id}`);

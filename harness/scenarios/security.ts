@@ -1,15 +1,13 @@
 // Hostile input against every role: TLS refusals, malformed HTTP, crypto and application attacks, the authorization
 // matrix (#11 Part 6), one regression case per finding of #11, and the logs scanned for secrets and forged lines.
-import { join } from "node:path";
-import { REPO_ROOT, loadFernetKeys } from "../../shared/platform/config.ts";
+import { loadFernetKeys } from "../../shared/platform/config.ts";
 import { matrixSummary, matrixTable } from "../authz-matrix.ts";
-import { expectThat } from "../cluster.ts";
-import { measurementLines, prepareHarnessIdentities, seedClient2Token } from "../findings.ts";
-import { hostileCertificates, Tally } from "../hostile.ts";
+import { expectThat } from "../fixtures/index.ts";
+import { measurementLines } from "../findings.ts";
+import { Tally } from "../hostile.ts";
 import { Progress } from "../progress.ts";
-import { startMesh, type Scenario } from "../scenario.ts";
-import { REFUSING_ROLES, rolesHealthy, runSecuritySuite, scanLogs } from "../security-checks.ts";
-import { startTokenStack } from "../token-stack.ts";
+import type { Scenario } from "../scenario.ts";
+import { REFUSING_ROLES, rolesHealthy, runSecuritySuite, scanLogs, startSecurityTargets } from "../security-checks.ts";
 
 const ROLE_SCRIPTS = ["server", "coordinator", "keyserver", "secureproxy", "marketplace", "client"];
 
@@ -18,38 +16,22 @@ export const security: Scenario = {
   description: "hostile TLS, HTTP, crypto and application input against every role; authorization matrix; #11 findings; logs scanned",
   ownPki: true,
   async run(ctx) {
-    const { cluster, ports, step, summary, tokenDb } = ctx;
-    step("issuing hostile certificates (expired, not yet valid, revoked, …) and the harness's identities before the roles start");
-    const otherPki = join(cluster.logDir, "other-pki");
-    await using pkiRun = Bun.spawn(["bash", join(REPO_ROOT, "pki.sh")], { env: { ...process.env, PKI_DIR: otherPki }, stdout: "ignore", stderr: "inherit" });
-    expectThat((await pkiRun.exited) === 0, "pki.sh for the other CA failed");
-    const hostileCerts = await hostileCertificates(cluster.pki, otherPki);
-    const policyFile = join(cluster.logDir, "policy.json");
-    const rules = await prepareHarnessIdentities(cluster.pki, policyFile);
-    cluster.addEnv({ SECUREMESH_POLICY: policyFile });
-
-    const coordinator = await startMesh(ctx, ["--admin-port", "0"]);
-    const admin = await cluster.adminUrl("coordinator");
-    step("starting KeyServer, marketplace and SecureProxy; seeding a token for client2 too");
-    const stack = await startTokenStack(cluster, ports, tokenDb);
-    const client2Token = await seedClient2Token(cluster, stack, tokenDb);
-    const servers: [string, string] = [`https://127.0.0.1:${ports.server1}`, `https://127.0.0.1:${ports.server2}`];
+    const { cluster, ports, step, summary } = ctx;
+    const targets = await startSecurityTargets(cluster, { ports, db: ctx.db, tokenDb: ctx.tokenDb, step });
+    const { coordinator, servers, stack, client2Token } = targets;
 
     step("hostile cases (TLS 200 times each on every mutual-TLS role), the authorization matrix, a case per finding of #11");
     const progress = new Progress();
     const tally = new Tally((line) => progress.line(`    ${line}  (${progress.elapsed()})`), (text) => progress.status(() => `    ${text()}`));
-    const { matrix, measurements } = await runSecuritySuite({
-      cluster, otherPki, server: servers[0], servers, coordinator, admin, stack, tokenDb, policyFile, rules, hostileCerts, client1Token: stack.token,
-    }, tally, { tlsAttempts: 200, httpAttempts: 20, matrixAttempts: 3, full: true });
+    const { matrix, measurements } = await runSecuritySuite(targets, tally, { tlsAttempts: 200, httpAttempts: 20, matrixAttempts: 3, full: true });
 
     step("NODE_TLS_REJECT_UNAUTHORIZED=0 in a role's environment: the role refuses to start");
     for (const script of ROLE_SCRIPTS) {
       await tally.run(script, "start with NODE_TLS_REJECT_UNAUTHORIZED=0", 1, async () => {
-        await using proc = Bun.spawn([process.execPath, join(REPO_ROOT, "roles", `${script}.ts`), "0"], {
-          env: { ...process.env, PKI_DIR: cluster.pki, NODE_TLS_REJECT_UNAUTHORIZED: "0" }, stdout: "pipe", stderr: "pipe",
-        });
-        const [stderr, code] = await Promise.all([new Response(proc.stderr).text(), proc.exited]);
-        return code === 2 && stderr.includes("NODE_TLS_REJECT_UNAUTHORIZED=0 is set") ? null : `exit ${code}: ${stderr.trim().slice(0, 80)}`;
+        // On the cluster's runtime: under --runtime deno the guard must hold on Deno.
+        const { exitCode, lines } = await cluster.run(`tls-guard-${script}`, script, ["0"], { env: { NODE_TLS_REJECT_UNAUTHORIZED: "0" } });
+        const output = lines.join("\n");
+        return exitCode === 2 && output.includes("NODE_TLS_REJECT_UNAUTHORIZED=0 is set") ? null : `exit ${exitCode}: ${output.trim().slice(0, 80)}`;
       });
     }
 

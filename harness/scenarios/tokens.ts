@@ -3,19 +3,18 @@
 import { readdirSync, readFileSync } from "node:fs";
 import { join } from "node:path";
 import { loadIdentity, mutualTlsClientOptions } from "../../shared/platform/tls.ts";
-import { expectThat, waitFor } from "../cluster.ts";
+import { expectThat, startTokenStack, waitFor } from "../fixtures/index.ts";
 import type { Scenario } from "../scenario.ts";
-import { startTokenStack } from "../token-stack.ts";
 
 export const tokens: Scenario = {
   name: "tokens",
   description: "KeyServer + SecureProxy + marketplace: tokens sealed at rest, released only to the proxy, for the caller the policy allows",
   async run({ cluster, ports, tokenDb, step, summary }) {
     step("seeding a token with the KeyServer's admin CLI, starting KeyServer, marketplace and SecureProxy");
-    const stack = await startTokenStack(cluster, ports, tokenDb);
+    const stack = await startTokenStack({ cluster, ports, tokenDb });
     const listed = await cluster.run("keyserver-admin", "keyserver", ["token", "list", "--data", stack.dataDir, "--db", tokenDb]);
     summary.push(...listed.lines.map((l) => `token list: ${l.trim()}`));
-    const itemUri = `${stack.marketplace.replace("127.0.0.1", "localhost")}/api/item`;
+    const { itemUri } = stack;
     const item = { ClientId: "client1", TokenType: "marketplace", ApiUri: itemUri };
 
     step("client1's application asks the proxy to call the marketplace");
