@@ -1,4 +1,5 @@
 // The one log format of every role: plain lines (Flask-style access lines) or, with LOG_FORMAT=json, JSON lines.
+import { NETWORK_REASONS } from "../platform/runtime/network-errors.ts";
 
 export type Level = "info" | "warn" | "error";
 
@@ -84,16 +85,6 @@ export function describeError(error: unknown): string {
   return String(error);
 }
 
-/** The short reasons for the codes the runtime adapters give a failed request (shared/platform/runtime/types.ts). */
-const NETWORK_REASONS: Record<string, string> = {
-  ECONNREFUSED: "connection refused",
-  ENOTFOUND: "host not found",
-  EHOSTUNREACH: "host unreachable",
-  ENETUNREACH: "network unreachable",
-  EPROTO: "TLS handshake failed",
-  ERR_TLS_CERT: "TLS certificate refused",
-  ECONNRESET: "connection reset",
-};
 
 /**
  * Why a fetch failed, short enough for a log line or an error: "timeout", "connection refused (ECONNREFUSED)", …
@@ -102,7 +93,8 @@ const NETWORK_REASONS: Record<string, string> = {
 export function describeNetworkError(error: unknown): string {
   if ((error as { name?: string }).name === "TimeoutError") return "timeout";
   const code = (error as { code?: string }).code;
-  return code && NETWORK_REASONS[code] ? `${NETWORK_REASONS[code]} (${code})` : describeError(error);
+  const reason = code === undefined ? undefined : (NETWORK_REASONS as Record<string, string>)[code];
+  return reason ? `${reason} (${code})` : describeError(error);
 }
 
 /**

@@ -4,9 +4,8 @@
 // (runtime/node-listener.ts); which node TLS server exposes the peer and keeps connections alive is the
 // runtime's: node:tls + node:http on Bun (its node:https hides the peer), node:https on Deno (its node:tls +
 // node:http closes the connection after every response).
-import type tls from "node:tls";
 import { runtime } from "./runtime/index.ts";
-import { commonName, listenNode, type HandlingApp } from "./runtime/node-listener.ts";
+import { commonName, listenNode, type HandlingApp, type NodeListener, type NodeListenerOptions } from "./runtime/node-listener.ts";
 import type { ServerTls } from "./runtime/types.ts";
 
 export {
@@ -16,37 +15,15 @@ export { commonName };
 
 export type PeerAwareApp = HandlingApp;
 
-export interface PeerListenerOptions {
-  port: number;
-  hostname: string;
-  tls: ServerTls;
-  bodyLimit?: number;
-  /** See HEADER_DEADLINE_MS; tests shorten it. */
-  headerDeadlineMs?: number;
-  /** See BODY_DEADLINE_MS. */
-  bodyDeadlineMs?: number;
-  /** See HANDSHAKE_DEADLINE_MS. */
-  handshakeDeadlineMs?: number;
-  /** See MAX_HANDSHAKES_PER_ADDRESS. */
-  maxHandshakesPerAddress?: number;
-  /** See MAX_CONNECTIONS_PER_IDENTITY. */
-  maxConnectionsPerIdentity?: number;
-  /**
-   * Asked on every request with the peer certificate's serial number (hex, as node:tls gives it): a revoked peer's
-   * open keep-alive connection is refused too, not only its next handshake (#11). On Deno, whose node:tls ignores
-   * the `crl` option, it is the only revocation check: always pass it.
-   */
-  isRevoked?: (serialHex: string) => boolean;
-  /** The caller's identity for PEER_HEADER; by default the certificate's CN. */
-  identify?: (peer: tls.PeerCertificate) => string;
-}
+/**
+ * The listener's options (runtime/node-listener.ts documents each), less what this listener fixes: mutual TLS with
+ * the caller's identity in PEER_HEADER. On Deno, whose node:tls ignores the `crl` option, `isRevoked` is the only
+ * revocation check: always pass it.
+ */
+export type PeerListenerOptions = Omit<NodeListenerOptions, "createTlsServer" | "requireClientCertificate" | "peerHeader" | "tls"> & { tls: ServerTls };
 
-export interface PeerListener {
-  port: number;
-  /** New certificate, key, CA or CRL for handshakes from now on; open connections keep theirs (see isRevoked). */
-  reload(tls: ServerTls): Promise<void>;
-  close(): Promise<void>;
-}
+/** New certificate, key, CA or CRL for handshakes from now on; open connections keep theirs (see isRevoked). */
+export type PeerListener = NodeListener;
 
 /**
  * Serves `app` over mutual TLS; each request carries the caller's identity (by default the certificate CN) in

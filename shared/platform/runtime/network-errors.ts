@@ -2,7 +2,8 @@
 // give a `code`; Deno's fetch gives a bare TypeError("fetch failed") with the reason only in its cause's text.
 import { NetworkError, type NetworkErrorCode } from "./types.ts";
 
-const REASONS: Record<NetworkErrorCode, string> = {
+/** The short reason for each code, for a log line or an error (shared/ops/log.ts describeNetworkError). */
+export const NETWORK_REASONS: Readonly<Record<NetworkErrorCode, string>> = {
   ECONNREFUSED: "connection refused",
   ENOTFOUND: "host not found",
   EHOSTUNREACH: "host unreachable",
@@ -14,12 +15,12 @@ const REASONS: Record<NetworkErrorCode, string> = {
 };
 
 /** The short human reason for a code, for a log line. */
-export const networkReason = (code: NetworkErrorCode): string => REASONS[code];
+export const networkReason = (code: NetworkErrorCode): string => NETWORK_REASONS[code];
 
 /** Bun's and node's error codes. Certificate-validation codes are OpenSSL's names, as node spells them. */
 export function codeFromRuntimeCode(code: unknown): NetworkErrorCode | undefined {
   if (typeof code !== "string") return undefined;
-  if (code in REASONS) return code as NetworkErrorCode;
+  if (code in NETWORK_REASONS) return code as NetworkErrorCode;
   if (code === "ConnectionRefused") return "ECONNREFUSED";
   if (code === "ConnectionClosed" || code === "EPIPE" || code === "ECONNABORTED") return "ECONNRESET";
   if (code === "EAI_AGAIN" || code === "DNSException") return "ENOTFOUND";
@@ -63,5 +64,5 @@ export function normaliseFetchError(error: unknown): unknown {
   if (!code) return error;
   // The runtime's words without the URL Deno repeats in them: the log line names the server already.
   const detail = text.replace(/^fetch failed: /, "").replace(/error sending request for url \([^)]*\): /, "");
-  return new NetworkError(code, `${REASONS[code]}: ${detail}`, { cause: error });
+  return new NetworkError(code, `${NETWORK_REASONS[code]}: ${detail}`, { cause: error });
 }
