@@ -1,15 +1,35 @@
 // One error base for every securemesh failure: a stable `code` to switch on and the HTTP `status` it maps to.
 
+/**
+ * Every code a securemesh error answers with, in one place: callers switch on these, never on message text.
+ * (Codes of the platform underneath, such as node's or jose's, are theirs; network failures have their own set in
+ * shared/platform/runtime/types.ts.)
+ */
+export type ErrorCode =
+  // the request itself
+  | "ERR_BAD_REQUEST" | "ERR_UNSUPPORTED_MEDIA_TYPE" | "ERR_BODY_TOO_LARGE" | "ERR_NOT_FOUND" | "ERR_METHOD_NOT_ALLOWED"
+  | "ERR_TIMEOUT" | "ERR_CLIENT_CLOSED" | "ERR_HOST_NOT_ALLOWED"
+  // who is calling, and what it may do
+  | "ERR_PROOF" | "ERR_FORBIDDEN" | "ERR_REVOKED" | "ERR_UNAUTHORIZED"
+  // payloads and secrets
+  | "ERR_INVALID_TOKEN" | "ERR_DECRYPT" | "ERR_SEAL" | "ERR_REPLAY" | "ERR_REPLAY_QUOTA" | "ERR_REPLAY_MEMORY_FULL"
+  | "ERR_IDEMPOTENCY_CONFLICT"
+  // the hops behind
+  | "ERR_UNAVAILABLE" | "ERR_UPSTREAM" | "ERR_UPSTREAM_UNCERTAIN" | "ERR_UNREACHABLE" | "ERR_KEYSERVER" | "ERR_KEYSERVER_IDENTITY"
+  | "ERR_CACHE_READ"
+  // configuration and internals
+  | "ERR_CONFIG" | "ERR_POLICY_INVALID" | "ERR_CRL_INVALID" | "ERR_INTERNAL";
+
 export class MeshError extends Error {
-  readonly code: string;
+  readonly code: ErrorCode;
   readonly status: number;
-  constructor(code: string, status: number, message: string, options?: { cause?: unknown }) {
+  constructor(code: ErrorCode, status: number, message: string, options?: { cause?: unknown }) {
     super(message, options);
     this.name = new.target.name;
     this.code = code;
     this.status = status;
   }
-  toJSON(): { error: string; code: string } {
+  toJSON(): { error: string; code: ErrorCode } {
     return { error: this.message, code: this.code };
   }
 }

@@ -1,6 +1,6 @@
 // The Elysia base every role builds on: JSON errors with stable codes, body limits, access log, and a safe listen.
 import { Elysia } from "elysia";
-import { BadRequest, ConfigError, MeshError } from "./errors.ts";
+import { BadRequest, ConfigError, MeshError, type ErrorCode } from "./errors.ts";
 import { describeError, type Logger } from "../ops/log.ts";
 import { Metrics } from "../ops/metrics.ts";
 import { runtime, type ReloadableListener, type ServableApp, type ServerTls } from "./runtime/index.ts";
@@ -23,7 +23,7 @@ export interface AppOptions {
 /** What the access log and the latency histogram need from a request's arrival. */
 const arrivals = new WeakMap<Request, { remote: string; at: number }>();
 
-function errorBody(status: number, error: string, code: string) {
+function errorBody(status: number, error: string, code: ErrorCode) {
   return new Response(JSON.stringify({ error, code }), {
     status,
     headers: { "content-type": "application/json; charset=utf-8" },

@@ -6,7 +6,7 @@
 import http from "node:http";
 import type net from "node:net";
 import type tls from "node:tls";
-import { ConfigError, MeshError } from "../errors.ts";
+import { ConfigError, MeshError, type ErrorCode } from "../errors.ts";
 import { hasExtendedKeyUsage, withExtendedKeyUsage } from "../eku.ts";
 import {
   BODY_DEADLINE_MS, DEFAULT_BODY_LIMIT, HANDSHAKE_DEADLINE_MS, HEADER_DEADLINE_MS, IDLE_TIMEOUT_S, MAX_CONNECTIONS_PER_IDENTITY,
@@ -73,7 +73,7 @@ const addressOf = (socket: net.Socket) => socket.remoteAddress?.replace(/^::ffff
 const keyOf = (socket: net.Socket) => `${socket.remoteAddress}|${socket.remotePort}`;
 
 /** Answers with JSON, unless the connection is already gone; `close` ends the connection once it is sent. */
-function reply(res: http.ServerResponse, status: number, error: string, code: string, close = false): void {
+function reply(res: http.ServerResponse, status: number, error: string, code: ErrorCode, close = false): void {
   if (res.headersSent || res.destroyed || res.writableEnded) {
     res.destroy();
     return;
