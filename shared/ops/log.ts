@@ -1,5 +1,6 @@
 // The one log format of every role: plain lines (Flask-style access lines) or, with LOG_FORMAT=json, JSON lines.
 import { NETWORK_REASONS } from "../platform/runtime/network-errors.ts";
+import { NetworkError } from "../platform/runtime/types.ts";
 
 export type Level = "info" | "warn" | "error";
 
@@ -92,9 +93,9 @@ export function describeError(error: unknown): string {
  */
 export function describeNetworkError(error: unknown): string {
   if ((error as { name?: string }).name === "TimeoutError") return "timeout";
-  const code = (error as { code?: string }).code;
-  const reason = code === undefined ? undefined : (NETWORK_REASONS as Record<string, string>)[code];
-  return reason ? `${reason} (${code})` : describeError(error);
+  // The adapters' NetworkErrors get their short reason; anything else, such as an identity check's refusal
+  // ("reached spiffe://…, expected …"), says more in its own message.
+  return error instanceof NetworkError ? `${NETWORK_REASONS[error.code]} (${error.code})` : describeError(error);
 }
 
 /**
