@@ -10,6 +10,8 @@ export interface OpenMysqlOptions {
   what: string;
   /** CREATE … IF NOT EXISTS statements (and idempotent seed rows), run in order. */
   schema: readonly string[];
+  /** Runs after the schema, before the pool is handed out (a one-off fill of new tables, say); a failure fails the open. */
+  afterSchema?: (pool: mysql.Pool) => Promise<void>;
   connectionLimit: number;
 }
 
@@ -18,10 +20,11 @@ export interface OpenMysqlOptions {
  * request fail over instead of hanging on an unreachable database; keep-alive spots a half-open connection.
  * Throws Unavailable, naming the server but never the password, if the schema cannot be created.
  */
-export async function openMysql(url: string, { what, schema, connectionLimit }: OpenMysqlOptions): Promise<mysql.Pool> {
+export async function openMysql(url: string, { what, schema, afterSchema, connectionLimit }: OpenMysqlOptions): Promise<mysql.Pool> {
   const pool = mysql.createPool({ uri: url, connectionLimit, connectTimeout: 2000, enableKeepAlive: true });
   try {
     for (const statement of schema) await pool.query(statement);
+    await afterSchema?.(pool);
   } catch (error) {
     await pool.end().catch(() => {});
     throw unavailable(what, error, describeDatabaseUrl(url));

@@ -24,7 +24,8 @@ export interface DataSnapshot {
 export const LATEST_RECORDS = 20;
 
 /**
- * The expensive path: counts over every record plus the latest ones, decrypted. Every server reads the same store.
+ * The uncached path: the counts (kept by the store as records are inserted, so no scan) plus the latest records,
+ * decrypted; its cost does not grow with the store. Every server reads the same store.
  * With `sender`, only that sender's records: the view of a caller allowed to read its own records only (#11).
  */
 export async function getData(store: RecordStore, fernet: Fernet, generation: number, sender?: string): Promise<DataSnapshot> {

@@ -73,9 +73,21 @@ export interface StoreOptions {
 /** What the stores call themselves in Unavailable errors. */
 export const RECORD_STORE = "record store";
 
-/** The statements both dialects accept as written; each backend adds its schema and its way of running them. */
-export function recordSql(table: string) {
+/**
+ * The statements, in the backend's dialect where they differ; each backend adds its schema and its way of running
+ * them.
+ *
+ * Reads never scan the records: the counts live in `${table}_senders` (one row per sender, kept current in each
+ * insert's transaction), and the total is summed from it. A sum over a handful of sender rows costs no more than
+ * `countsBySender`, which reads them all anyway; and one source of truth means the total and the per-sender counts
+ * cannot disagree, nor does the generation table need a new column on existing databases.
+ */
+export function recordSql(table: string, dialect: RecordStore["kind"]) {
   const columns = `SELECT id, sender, token, server, created_at FROM ${table}`;
+  // Named, not left to the optimizer: on a small or skewed table MySQL walks the primary key backwards instead,
+  // which reads every record when the sender has few.
+  const bySenderIndex = dialect === "mysql" ? `FORCE INDEX (${table}_by_sender)` : `INDEXED BY ${table}_by_sender`;
+  const upsert = dialect === "mysql" ? "ON DUPLICATE KEY UPDATE n = n + 1" : "ON CONFLICT (sender) DO UPDATE SET n = n + 1";
   return {
     insert: `INSERT INTO ${table} (sender, token, jti, idempotency_key, digest, server, created_at) VALUES (?, ?, ?, ?, ?, ?, ?)`,
     byIdempotencyKey: `SELECT id, digest, server FROM ${table} WHERE idempotency_key = ?`,
@@ -83,14 +95,21 @@ export function recordSql(table: string) {
     generation: `SELECT value FROM ${table}_generation WHERE id = 1`,
     forgetExpiredProofs: `DELETE FROM ${table}_used_proofs WHERE expires_at < ?`,
     useProof: `INSERT INTO ${table}_used_proofs (jti, server, expires_at) VALUES (?, ?, ?)`,
-    count: `SELECT COUNT(*) AS n FROM ${table}`,
-    latest: `${columns} ORDER BY id DESC LIMIT ?`,
-    latestOf: `${columns} WHERE sender = ? ORDER BY id DESC LIMIT ?`,
-    countsBySender: `SELECT sender, COUNT(*) AS n FROM ${table} GROUP BY sender ORDER BY sender`,
+    count: `SELECT COALESCE(SUM(n), 0) AS n FROM ${table}_senders`,
+    // Bounding id by MAX(id) (one primary-key seek) walks the same few rows as a bare ORDER BY id DESC LIMIT, but
+    // lets sqlite's EXPLAIN QUERY PLAN show it as a primary-key SEARCH rather than a SCAN that happens to stop early.
+    latest: `${columns} WHERE id <= (SELECT MAX(id) FROM ${table}) ORDER BY id DESC LIMIT ?`,
+    latestOf: `${columns} ${bySenderIndex} WHERE sender = ? ORDER BY id DESC LIMIT ?`,
+    /** In each insert's transaction: the new record's sender counted once more. */
+    countSender: `INSERT INTO ${table}_senders (sender, n) VALUES (?, 1) ${upsert}`,
+    countsBySender: `SELECT sender, n FROM ${table}_senders ORDER BY sender`,
+    // For a store whose records predate the senders table: run once, under the write lock, at open.
+    aggregatesMissing: `SELECT (EXISTS (SELECT 1 FROM ${table}) AND NOT EXISTS (SELECT 1 FROM ${table}_senders)) AS missing`,
+    fillAggregates: `INSERT INTO ${table}_senders (sender, n) SELECT sender, COUNT(*) FROM ${table} GROUP BY sender`,
   } as const;
 }
 
-/** The parameters of `recordSql(table).insert`, in order. */
+/** The parameters of `recordSql(…).insert`, in order. */
 export function insertParams(record: NewRecord, createdAt: number): (string | number | null)[] {
   return [record.sender, record.token, record.jti, record.idempotencyKey ?? null, record.digest, record.server, createdAt];
 }
@@ -117,7 +136,7 @@ export function replayedProof(): ProofRejected {
   return new ProofRejected("proof already used (replayed jti)");
 }
 
-/** A row of `recordSql(table).latest`. */
+/** A row of `recordSql(…).latest`. */
 export interface RecordRow {
   id: number | string;
   sender: string;
@@ -130,7 +149,7 @@ export function fromRow(row: RecordRow): StoredRecord {
   return { id: Number(row.id), sender: row.sender, token: row.token, server: row.server, createdAt: Number(row.created_at) };
 }
 
-/** `recordSql(table).countsBySender` rows as an object. */
+/** `recordSql(…).countsBySender` rows as an object. */
 export function sendersCounted(rows: readonly { sender: string; n: number | string }[]): Record<string, number> {
   return Object.fromEntries(rows.map((r) => [r.sender, Number(r.n)]));
 }

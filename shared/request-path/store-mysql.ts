@@ -14,12 +14,12 @@ export class MysqlStore implements RecordStore {
 
   private constructor(pool: mysql.Pool, table: string) {
     this.#pool = pool;
-    this.#sql = recordSql(table);
+    this.#sql = recordSql(table, "mysql");
   }
 
   static async open(url: string, options: StoreOptions = {}): Promise<MysqlStore> {
     const table = checkTableName(options.table ?? "records");
-    const pool = await openMysql(url, { what: RECORD_STORE, connectionLimit: 8, schema: schema(table) });
+    const pool = await openMysql(url, { what: RECORD_STORE, connectionLimit: 8, schema: schema(table), afterSchema: (pool) => fillAggregates(pool, table) });
     return new MysqlStore(pool, table);
   }
 
@@ -27,9 +27,12 @@ export class MysqlStore implements RecordStore {
     const sql = this.#sql;
     try {
       const id = await transaction(this.#pool, async (conn) => {
-        const [result] = await conn.execute<mysql.ResultSetHeader>(sql.insert, insertParams(record, Date.now()));
-        // The generation row's lock also orders commits, so generations follow commit order, not id order.
+        // The generation row's lock first, as in bumpGeneration: writers queue on it, so the sender row's upsert (and
+        // its gap locks, for a new sender) never interleaves with another writer's; and generations follow commits.
         await conn.execute(sql.bumpGeneration);
+        // A repeat or replay fails on this insert's UNIQUE keys and rolls back, so it is never counted.
+        const [result] = await conn.execute<mysql.ResultSetHeader>(sql.insert, insertParams(record, Date.now()));
+        await conn.execute(sql.countSender, [record.sender]);
         return result.insertId;
       });
       return { id, server: record.server, repeated: false };
@@ -95,6 +98,20 @@ export class MysqlStore implements RecordStore {
   }
 }
 
+/**
+ * Counts the records of a table made before the senders table existed, once, so the first read is right. The
+ * generation row's lock keeps every writer out meanwhile (they take it first), and makes the check-then-fill safe
+ * when servers start together; a later open finds the senders rows and scans nothing.
+ */
+async function fillAggregates(pool: mysql.Pool, table: string): Promise<void> {
+  const sql = recordSql(table, "mysql");
+  await transaction(pool, async (conn) => {
+    await conn.execute(`${sql.generation} FOR UPDATE`);
+    const [row] = await selectRows<{ missing: number | string }>(conn, sql.aggregatesMissing);
+    if (Number(row?.missing)) await conn.execute(sql.fillAggregates);
+  });
+}
+
 function schema(table: string): string[] {
   return [
     `CREATE TABLE IF NOT EXISTS ${table} (
@@ -113,5 +130,9 @@ function schema(table: string): string[] {
     ) ENGINE=InnoDB`,
     `CREATE TABLE IF NOT EXISTS ${table}_generation (id TINYINT PRIMARY KEY, value BIGINT NOT NULL) ENGINE=InnoDB`,
     `INSERT IGNORE INTO ${table}_generation (id, value) VALUES (1, 0)`,
+    `CREATE TABLE IF NOT EXISTS ${table}_senders (sender VARCHAR(128) NOT NULL PRIMARY KEY, n BIGINT NOT NULL) ENGINE=InnoDB`,
+    // A table from before #11 was made without this index, and own-records reads name it (FORCE INDEX). MariaDB's
+    // IF NOT EXISTS makes this a no-op on newer tables.
+    `CREATE INDEX IF NOT EXISTS ${table}_by_sender ON ${table} (sender, id)`,
   ];
 }

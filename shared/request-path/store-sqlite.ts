@@ -10,11 +10,11 @@ import {
 export class SqliteStore implements RecordStore {
   readonly kind = "sqlite" as const;
   readonly #db: DatabaseSync;
-  readonly #statements: { [name in keyof ReturnType<typeof recordSql>]: StatementSync };
+  readonly #statements: { [name in Exclude<keyof ReturnType<typeof recordSql>, OpenOnly>]: StatementSync };
 
   private constructor(db: DatabaseSync, table: string) {
     this.#db = db;
-    const sql = recordSql(table);
+    const sql = recordSql(table, "sqlite");
     this.#statements = {
       insert: db.prepare(`${sql.insert} RETURNING id`),
       byIdempotencyKey: db.prepare(sql.byIdempotencyKey),
@@ -26,6 +26,7 @@ export class SqliteStore implements RecordStore {
       latest: db.prepare(sql.latest),
       latestOf: db.prepare(sql.latestOf),
       countsBySender: db.prepare(sql.countsBySender),
+      countSender: db.prepare(sql.countSender),
     };
   }
 
@@ -39,7 +40,9 @@ export class SqliteStore implements RecordStore {
     const s = this.#statements;
     try {
       const id = immediate(this.#db, () => {
+        // A repeat or replay fails on this insert's UNIQUE keys and rolls back, so it is never counted.
         const row = s.insert.get(...insertParams(record, Date.now())) as { id: number };
+        s.countSender.run(record.sender);
         s.bumpGeneration.run();
         return row.id;
       });
@@ -104,6 +107,10 @@ export class SqliteStore implements RecordStore {
   }
 }
 
+/** Statements used only at open, never prepared per store. */
+type OpenOnly = "aggregatesMissing" | "fillAggregates";
+
+/** Runs inside openSqlite's IMMEDIATE transaction, so no other server inserts while the aggregates are filled. */
 function createSchema(db: DatabaseSync, table: string): void {
   execute(db, `CREATE TABLE IF NOT EXISTS ${table} (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -119,4 +126,8 @@ function createSchema(db: DatabaseSync, table: string): void {
   execute(db, `INSERT OR IGNORE INTO ${table}_generation (id, value) VALUES (1, 0)`);
   execute(db, `CREATE INDEX IF NOT EXISTS ${table}_by_sender ON ${table} (sender, id)`);
   execute(db, `CREATE TABLE IF NOT EXISTS ${table}_used_proofs (jti TEXT NOT NULL, server INTEGER NOT NULL, expires_at INTEGER NOT NULL, PRIMARY KEY (jti, server))`);
+  execute(db, `CREATE TABLE IF NOT EXISTS ${table}_senders (sender TEXT PRIMARY KEY, n INTEGER NOT NULL)`);
+  // A table made before the senders table existed: count its records once, so the first read is right.
+  const sql = recordSql(table, "sqlite");
+  if ((db.prepare(sql.aggregatesMissing).get() as { missing: number }).missing) execute(db, sql.fillAggregates);
 }

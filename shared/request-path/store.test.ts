@@ -5,11 +5,13 @@ import { join } from "node:path";
 import { DatabaseSync } from "node:sqlite";
 import mysql from "mysql2/promise";
 import { IdempotencyConflict, ProofRejected } from "../platform/errors.ts";
+import { recordSql } from "./record-store.ts";
 import { describeStoreUrl, openStore, type NewRecord, type RecordStore } from "./store.ts";
 import { TEST_MYSQL_URL, uniqueTable } from "../testing/mysql.ts";
 
 const mysqlTables: string[] = [];
 const stores: RecordStore[] = [];
+const rawToClose: { close(): Promise<void> }[] = [];
 
 const backends: Record<string, () => Promise<RecordStore>> = {
   sqlite: async () => openStore(join(mkdtempSync(join(tmpdir(), "securemesh-store-")), "records.db")),
@@ -22,9 +24,10 @@ const backends: Record<string, () => Promise<RecordStore>> = {
 
 afterAll(async () => {
   await Promise.all(stores.map((s) => s.close()));
+  await Promise.all(rawToClose.map((raw) => raw.close()));
   if (mysqlTables.length === 0) return;
   const conn = await mysql.createConnection(TEST_MYSQL_URL);
-  for (const table of mysqlTables) await conn.query(`DROP TABLE IF EXISTS ${table}, ${table}_generation, ${table}_used_proofs`);
+  for (const table of mysqlTables) await conn.query(`DROP TABLE IF EXISTS ${table}, ${table}_generation, ${table}_used_proofs, ${table}_senders`);
   await conn.end();
 });
 
@@ -128,6 +131,146 @@ describe.each(Object.keys(backends))("%s record store", (kind) => {
     await store.insert(record({ sender: nasty, token: "' OR '1'='1", idempotencyKey: "k'\"`;" }));
     const [row] = await store.latest(1);
     expect([row!.sender, row!.token]).toEqual([nasty, "' OR '1'='1"]);
+  });
+});
+
+/** The database under a store, reached directly: to build an old schema by hand and to check the store's numbers. */
+interface RawDatabase {
+  url: string;
+  table: string;
+  /** The records table as it was before the senders aggregates, with the rows given (sender, jti) and nothing else. */
+  createOldTable(rows: [sender: string, jti: string][]): Promise<void>;
+  rows<T>(sql: string, params?: (string | number)[]): Promise<T[]>;
+  close(): Promise<void>;
+}
+
+const rawDatabases: Record<string, () => Promise<RawDatabase>> = {
+  sqlite: async () => {
+    const url = join(mkdtempSync(join(tmpdir(), "securemesh-store-")), "records.db");
+    const db = new DatabaseSync(url);
+    const table = "records";
+    return {
+      url, table,
+      createOldTable: async (rows) => {
+        db.exec(`CREATE TABLE ${table} (
+          id INTEGER PRIMARY KEY AUTOINCREMENT, sender TEXT NOT NULL, token TEXT NOT NULL, jti TEXT NOT NULL UNIQUE,
+          idempotency_key TEXT UNIQUE, digest TEXT NOT NULL, server INTEGER NOT NULL, created_at INTEGER NOT NULL)`);
+        db.exec(`CREATE INDEX ${table}_by_sender ON ${table} (sender, id)`);
+        const insert = db.prepare(`INSERT INTO ${table} (sender, token, jti, digest, server, created_at) VALUES (?, 't', ?, 'd', 5001, 0)`);
+        for (const [sender, jti] of rows) insert.run(sender, jti);
+      },
+      rows: async <T>(sql: string, params: (string | number)[] = []) => db.prepare(sql).all(...params) as T[],
+      close: async () => db.close(),
+    };
+  },
+  mysql: async () => {
+    const table = uniqueTable("records");
+    mysqlTables.push(table);
+    const conn = await mysql.createConnection(TEST_MYSQL_URL);
+    return {
+      url: TEST_MYSQL_URL, table,
+      createOldTable: async (rows) => {
+        await conn.query(`CREATE TABLE ${table} (
+          id BIGINT AUTO_INCREMENT PRIMARY KEY, sender VARCHAR(128) NOT NULL, token MEDIUMTEXT NOT NULL,
+          jti VARCHAR(128) NOT NULL UNIQUE, idempotency_key VARCHAR(128) NULL UNIQUE, digest CHAR(43) NOT NULL,
+          server INT NOT NULL, created_at BIGINT NOT NULL, INDEX ${table}_by_sender (sender, id)) ENGINE=InnoDB`);
+        for (const [sender, jti] of rows) {
+          await conn.query(`INSERT INTO ${table} (sender, token, jti, digest, server, created_at) VALUES (?, 't', ?, 'd', 5001, 0)`, [sender, jti]);
+        }
+      },
+      rows: async <T>(sql: string, params: (string | number)[] = []) => (await conn.query(sql, params))[0] as T[],
+      close: () => conn.end(),
+    };
+  },
+};
+
+/** What COUNT(*) and GROUP BY over every record say: what the aggregates must match. */
+async function countedByScan(raw: RawDatabase): Promise<{ total: number; bySender: Record<string, number> }> {
+  const [total] = await raw.rows<{ n: number | string }>(`SELECT COUNT(*) AS n FROM ${raw.table}`);
+  const groups = await raw.rows<{ sender: string; n: number | string }>(`SELECT sender, COUNT(*) AS n FROM ${raw.table} GROUP BY sender`);
+  return { total: Number(total!.n), bySender: Object.fromEntries(groups.map((g) => [g.sender, Number(g.n)])) };
+}
+
+async function expectAggregatesExact(store: RecordStore, raw: RawDatabase): Promise<void> {
+  expect({ total: await store.count(), bySender: await store.countsBySender() }).toEqual(await countedByScan(raw));
+}
+
+describe.each(Object.keys(rawDatabases))("%s record store aggregates", (kind) => {
+  const openRaw = async () => {
+    const raw = await rawDatabases[kind]!();
+    rawToClose.push(raw);
+    return raw;
+  };
+  const openOn = async (raw: RawDatabase) => {
+    const store = await openStore(raw.url, { table: raw.table });
+    stores.push(store);
+    return store;
+  };
+
+  test("the total and the counts per sender match a real COUNT(*)/GROUP BY through repeats, replays and conflicts", async () => {
+    const raw = await openRaw();
+    const store = await openOn(raw);
+    expect({ total: await store.count(), bySender: await store.countsBySender() }).toEqual({ total: 0, bySender: {} });
+    const keyed = record({ sender: "client1", idempotencyKey: `agg-key-${Math.random()}` });
+    await store.insert(keyed);
+    await store.insert(record({ sender: "client2" }));
+    await store.insert(record({ sender: "client1" }));
+    await expectAggregatesExact(store, raw);
+    expect(await store.countsBySender()).toEqual({ client1: 2, client2: 1 });
+
+    expect((await store.insert({ ...keyed, server: 5002 })).repeated).toBe(true); // idempotent repeat: no new row
+    await expect(store.insert({ ...keyed, token: "other", digest: "other" })).rejects.toBeInstanceOf(IdempotencyConflict);
+    await expect(store.insert({ ...record({ sender: "client3" }), jti: keyed.jti })).rejects.toBeInstanceOf(ProofRejected);
+    await expectAggregatesExact(store, raw);
+    expect(await store.count()).toBe(3);
+    expect(await store.countsBySender()).toEqual({ client1: 2, client2: 1 }); // the refused client3 was never counted
+  });
+
+  test("concurrent inserts from new and known senders are all counted, without deadlocks", async () => {
+    const raw = await openRaw();
+    const store = await openOn(raw);
+    await Promise.all(Array.from({ length: 40 }, (_, i) => store.insert(record({ sender: `sender-${i % 7}` }))));
+    await expectAggregatesExact(store, raw);
+    expect(await store.count()).toBe(40);
+  });
+
+  test("a store opened on a table made before the aggregates counts its records once, at open", async () => {
+    const raw = await openRaw();
+    await raw.createOldTable([["client1", "old-1"], ["client2", "old-2"], ["client1", "old-3"], ["client1", "old-4"]]);
+    const store = await openOn(raw);
+    expect({ total: await store.count(), bySender: await store.countsBySender() }).toEqual({ total: 4, bySender: { client1: 3, client2: 1 } });
+    await store.insert(record({ sender: "client2" }));
+    await expectAggregatesExact(store, raw);
+    // A second open (another server, a restart) finds the aggregates filled and does not count again.
+    const again = await openOn(raw);
+    expect({ total: await again.count(), bySender: await again.countsBySender() }).toEqual({ total: 5, bySender: { client1: 3, client2: 2 } });
+  });
+
+  // The old COUNT(*) and GROUP BY fail this: on sqlite `SCAN records`, on MySQL a full walk of an index (type index).
+  test("count, countsBySender and latest read no more than the aggregates and an index: no scan of the records", async () => {
+    const raw = await openRaw();
+    const store = await openOn(raw);
+    // Enough rows that MySQL's optimizer would prefer a full scan if the statements allowed one.
+    for (let i = 0; i < 60; i++) await store.insert(record({ sender: `client${i % 3}` }));
+    const sql = recordSql(raw.table, store.kind);
+    const statements: [string, (string | number)[]][] = [
+      [sql.count, []], [sql.countsBySender, []], [sql.latest, [20]], [sql.latestOf, ["client1", 20]],
+    ];
+    for (const [statement, params] of statements) {
+      if (kind === "sqlite") {
+        const plan = (await raw.rows<{ detail: string }>(`EXPLAIN QUERY PLAN ${statement}`, params)).map((step) => step.detail);
+        expect({ statement, scans: plan.filter((detail) => detail === `SCAN ${raw.table}` || detail.startsWith(`SCAN ${raw.table} `)) }).toEqual({ statement, scans: [] });
+      } else {
+        // ALL scans the table, and index walks a whole index; const, ref and range look rows up by key.
+        const plan = await raw.rows<{ table: string | null; type: string | null }>(`EXPLAIN ${statement}`, params);
+        const fullScans = plan.filter((step) => step.table === raw.table && (step.type === "ALL" || step.type === "index"));
+        expect({ statement, fullScans }).toEqual({ statement, fullScans: [] });
+      }
+    }
+    if (kind === "sqlite") {
+      const plan = await raw.rows<{ detail: string }>(`EXPLAIN QUERY PLAN ${sql.latest}`, [20]);
+      expect(plan.map((step) => step.detail)).toContain(`SEARCH ${raw.table} USING INTEGER PRIMARY KEY (rowid<?)`);
+    }
   });
 });
 
