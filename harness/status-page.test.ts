@@ -82,7 +82,9 @@ describe("status page in Chromium", () => {
     expect(shownAfterMs).toBeLessThanOrEqual(HEALTH_INTERVAL_MS + STATUS_PUSH_MS + 1000);
     await shows(page.locator("#summary"), "1 of 2 servers up");
     expect(await row(servers[0]!).locator(".state").textContent()).toBe("up");
-    expect(await row(servers[1]!).locator(".error").textContent()).toContain("connection refused");
+    // The first failure may be a reset of a connection kill -9 cut (ECONNRESET); the next probe meets the closed
+    // port, and the page must come to show that refusal live, without a reload.
+    await shows(row(servers[1]!).locator(".error"), "connection refused");
     expect(navigations).toEqual([]);
   });
 });
