@@ -5,12 +5,12 @@ import { Authorizer, parseSpiffeId, tlsPeerIdentity, TrustMaterial } from "../sh
 import { exitWithConfigError, parseFlags, parsePort, parsePositive, pkiDir, policyPath, REPO_ROOT, exitOnSignals, displayPath } from "../shared/platform/config.ts";
 import { BadRequest, ConfigError, MeshError } from "../shared/platform/errors.ts";
 import { createApp, readBodyLimited } from "../shared/platform/http.ts";
+import { describeDatabaseUrl } from "../shared/db/database.ts";
 import { MasterKeyring } from "../shared/token-path/keyring.ts";
 import { createLogger, describeError, printable, type Logger } from "../shared/ops/log.ts";
 import { Metrics } from "../shared/ops/metrics.ts";
 import { listenWithPeerIdentity, PEER_HEADER } from "../shared/platform/peer-tls.ts";
 import { NonceMemory, ReplayRejected } from "../shared/token-path/replay.ts";
-import { describeStoreUrl } from "../shared/request-path/store.ts";
 import { assertSafeTlsEnvironment, mutualTlsServerOptions } from "../shared/platform/tls.ts";
 import {
   ON_BEHALF_OF_HEADER, openJoseRequest, openLegacyRequest, proxyResource, RsaKeyPair, sealJoseResponse, sealLegacyResponse,
@@ -224,7 +224,7 @@ async function admin(config: KeyserverConfig): Promise<void> {
       console.log(`stored token for client=${config.client} type=${config.type} (sealed under master key v${vault.keyring.currentVersion})`);
     } else if (config.command === "list") {
       const rows = await vault.store.all();
-      console.log(`${rows.length} token(s) in ${describeStoreUrl(config.db)}; master key versions: ${vault.keyring.versions.join(", ")} (current v${vault.keyring.currentVersion})`);
+      console.log(`${rows.length} token(s) in ${describeDatabaseUrl(config.db)}; master key versions: ${vault.keyring.versions.join(", ")} (current v${vault.keyring.currentVersion})`);
       for (const r of rows) console.log(`  client=${r.clientId} type=${r.tokenType} key=v${r.keyVersion} updated=${new Date(r.updatedAt).toISOString()}`);
     } else {
       const { version, resealed, retired } = await vault.rotate();
@@ -267,7 +267,7 @@ async function main(): Promise<void> {
   trust.onReload((identity) => listener.reload(mutualTlsServerOptions(identity)).catch((error) => logger.error(`TLS listener kept its old material: ${describeError(error)}`))).watch(logger);
   deps.authz.watch();
   const keyring = watchKeyring(deps.vault, logger);
-  logger.info(`keyserver listening on https://${config.host}:${listener.port} (tokens: ${describeStoreUrl(config.db)}; policy: ${displayPath(config.policy)}; legacy replay: ${config.legacyReplay})`);
+  logger.info(`keyserver listening on https://${config.host}:${listener.port} (tokens: ${describeDatabaseUrl(config.db)}; policy: ${displayPath(config.policy)}; legacy replay: ${config.legacyReplay})`);
 
   exitOnSignals(async () => {
     keyring.stop();
