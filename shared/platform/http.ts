@@ -21,7 +21,7 @@ export interface AppOptions {
 }
 
 /** What the access log and the latency histogram need from a request's arrival. */
-const arrivals = new WeakMap<Request, { remote: string; at: number }>();
+const arrivals = new WeakMap<Request, { remote: string; at: number; path: string }>();
 
 function errorBody(status: number, error: string, code: ErrorCode) {
   return new Response(JSON.stringify({ error, code }), {
@@ -125,11 +125,13 @@ export function createApp({ logger, bodyLimit = DEFAULT_BODY_LIMIT, metrics = ne
       // Without a Bun server the request came through a node-based listener (peer-identity, or any on Deno), which
       // sets this header itself, over any copy the client sent.
       const remote = server ? server.requestIP(request)?.address ?? "-" : request.headers.get(PEER_ADDRESS_HEADER) ?? "-";
-      arrivals.set(request, { remote, at: performance.now() });
+      // The path is parsed once here and kept for the access log: one URL parse per request, not two.
+      const actual = requestPath(request);
+      arrivals.set(request, { remote, at: performance.now(), path: actual });
       // Elysia's fetch finds the path at a fixed offset into the URL, so an https request with a 1-2 character Host
       // was routed to another handler than its path names (found by attack on #11). Only a path routed as written
       // is served.
-      if (path !== requestPath(request)) {
+      if (path !== actual) {
         set.status = 400;
         return errorBody(400, "request path cannot be routed as written", "ERR_BAD_REQUEST");
       }
@@ -157,7 +159,7 @@ export function createApp({ logger, bodyLimit = DEFAULT_BODY_LIMIT, metrics = ne
       const response = (context as { response?: unknown }).response;
       const status = response instanceof Response ? response.status : typeof set.status === "number" ? set.status : 200;
       const arrival = arrivals.get(request);
-      logger.access(arrival?.remote ?? "-", request.method, requestPath(request), status);
+      logger.access(arrival?.remote ?? "-", request.method, arrival?.path ?? requestPath(request), status);
       const route = "route" in context && context.route ? context.route : "unmatched";
       requests.inc({ route, method: request.method, status: String(status) });
       if (arrival) latency.observe({ route }, (performance.now() - arrival.at) / 1000);
