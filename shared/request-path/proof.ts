@@ -65,29 +65,27 @@ export class ProofSigner {
   }
 
   sign(target: ProofTarget, now = Date.now() / 1000): Promise<string> {
-    const iat = Math.floor(now);
-    return new SignJWT({ htm: target.method, htu: target.path, dig: payloadDigest(target.payload) })
-      .setProtectedHeader({ alg: this.#alg, typ: PROOF_TYPE, x5c: this.#x5c })
-      .setSubject(this.#id)
-      .setJti(randomUUID())
-      .setIssuedAt(iat)
-      .setExpirationTime(iat + PROOF_LIFETIME_S)
-      .sign(this.#key);
+    return this.#jws({ htm: target.method, htu: target.path, dig: payloadDigest(target.payload) }, PROOF_TYPE, PROOF_LIFETIME_S, Math.floor(now));
   }
 
   /** The current forwarder assertion, re-signed when a third of its life is left: no signature per request. */
   async forwarderAssertion(now = Date.now() / 1000): Promise<string> {
     if (this.#forwarder && now < this.#forwarder.renewAt) return this.#forwarder.token;
     const iat = Math.floor(now);
-    const token = await new SignJWT({})
-      .setProtectedHeader({ alg: this.#alg, typ: FORWARDER_TYPE, x5c: this.#x5c })
+    const token = await this.#jws({}, FORWARDER_TYPE, FORWARDER_LIFETIME_S, iat);
+    this.#forwarder = { token, renewAt: iat + (FORWARDER_LIFETIME_S * 2) / 3 };
+    return token;
+  }
+
+  /** Both kinds of token: this identity's certificate in x5c, its ID as `sub`, a fresh jti, and a bounded life. */
+  #jws(claims: Record<string, string>, typ: string, lifetimeS: number, iat: number): Promise<string> {
+    return new SignJWT(claims)
+      .setProtectedHeader({ alg: this.#alg, typ, x5c: this.#x5c })
       .setSubject(this.#id)
       .setJti(randomUUID())
       .setIssuedAt(iat)
-      .setExpirationTime(iat + FORWARDER_LIFETIME_S)
+      .setExpirationTime(iat + lifetimeS)
       .sign(this.#key);
-    this.#forwarder = { token, renewAt: iat + (FORWARDER_LIFETIME_S * 2) / 3 };
-    return token;
   }
 }
 
