@@ -25,6 +25,8 @@ export interface BenchOptions {
   db: string;
   tokenDb: string;
   progress: Progress;
+  /** Run only the cases whose id starts with one of these (all when empty). */
+  only?: string[];
 }
 
 export interface CaseResult {
@@ -239,6 +241,10 @@ export async function runBench(options: BenchOptions): Promise<BenchReport> {
     { id: "h-releases-deno", label: "h. KeyServer on Deno: token releases", unit: "req/s", run: (ms) => loadSlice(options, "h-releases-deno", ms, release(denoKeyserver)) },
   ];
 
+  const only = options.only ?? [];
+  const selected = only.length === 0 ? cases : cases.filter((c) => only.some((prefix) => c.id.startsWith(prefix)));
+  expectThat(selected.length > 0, `--only ${only.join(",")} matches no case (cases: ${cases.map((c) => c.id).join(", ")})`);
+  cases.splice(0, cases.length, ...selected);
   progress.line(`bench: warming up every case (${cases.length} cases, 300 ms each, not counted)`);
   for (const c of cases) await c.run(300);
 
@@ -253,19 +259,23 @@ export async function runBench(options: BenchOptions): Promise<BenchReport> {
   }
 
   // g: failover under load, after the interleaved cases since it kills a server they use.
-  progress.line(`bench: g. failover: POST /api/data through the coordinator for ${durationS} s, server 2 killed at a third of it`);
-  let killed = false;
-  const failover = await loadSlice(options, "g-failover", durationS * 1000, write(coordinator), (elapsed) => {
-    if (!killed && elapsed >= (durationS * 1000) / 3) {
-      killed = true;
-      void cluster.kill("server2");
-    }
-  });
-  expectThat(killed, "the failover case never killed server 2");
+  const runFailover = only.length === 0 || only.some((prefix) => "g-failover".startsWith(prefix));
+  if (runFailover) {
+    progress.line(`bench: g. failover: POST /api/data through the coordinator for ${durationS} s, server 2 killed at a third of it`);
+    let killed = false;
+    const failover = await loadSlice(options, "g-failover", durationS * 1000, write(coordinator), (elapsed) => {
+      if (!killed && elapsed >= (durationS * 1000) / 3) {
+        killed = true;
+        void cluster.kill("server2");
+      }
+    });
+    expectThat(killed, "the failover case never killed server 2");
+    slices.set("g-failover", [failover]);
+  }
 
   haproxyProcess.close();
   const results: CaseResult[] = cases.map((c) => summarize(c.id, c.label, c.unit, slices.get(c.id)!));
-  results.push(summarize("g-failover", "g. coordinator POST /api/data, server 2 killed part-way", "req/s", [failover]));
+  if (runFailover) results.push(summarize("g-failover", "g. coordinator POST /api/data, server 2 killed part-way", "req/s", slices.get("g-failover")!));
   const records = await countRecords(options.db);
 
   return {
@@ -295,7 +305,10 @@ function summarize(id: string, label: string, unit: CaseResult["unit"], parts: S
 function compare(results: CaseResult[]): Comparison[] {
   const by = (id: string) => results.find((r) => r.id === id)!;
   const out: Comparison[] = [];
+  // With --only, a comparison is made only when every case it needs ran.
+  const ran = (...ids: string[]) => ids.every((id) => results.some((r) => r.id === id));
   for (const route of ["read", "write"] as const) {
+    if (!ran(`a-${route}`, `b-${route}`, `c-${route}`)) continue;
     const [a, b, c] = [by(`a-${route}`), by(`b-${route}`), by(`c-${route}`)];
     const what = route === "read" ? "cached read" : "POST /api/data";
     const throughput = b.rate / c.rate;
@@ -306,23 +319,31 @@ function compare(results: CaseResult[]): Comparison[] {
     out.push({ label: `coordinator / direct throughput, ${what}`, value: b.rate / a.rate, unit: "x", detail: `${fmt(b.rate)} vs ${fmt(a.rate)} req/s` });
   }
   for (const op of ["encrypt", "decrypt"] as const) {
+    if (!ran(`d-${op}`, `d-${op}-python`)) continue;
     const ours = by(`d-${op}`);
     const python = by(`d-${op}-python`);
     out.push({ label: `Fernet ${op} 1 KiB / Python cryptography`, value: ours.rate / python.rate, unit: "x", goal: "≥ 3.00x", met: ours.rate / python.rate >= 3, detail: `${fmt(ours.rate)} vs ${fmt(python.rate)} ops/s` });
   }
-  const releases = by("e-releases");
-  const bound = by("e-rsa-bound");
-  out.push({ label: "token releases / RSA-2048 OAEP decrypt bound", value: (100 * releases.rate) / bound.rate, unit: "%", goal: "≥ 70%", met: releases.rate / bound.rate >= 0.7, detail: `${fmt(releases.rate)} releases/s vs ${fmt(bound.rate)} decrypts/s` });
-  const cached = by("b-read");
-  const uncached = by("f-uncached");
-  out.push({ label: "cached / uncached get_data() reads via coordinator", value: cached.rate / uncached.rate, unit: "x", detail: `${fmt(cached.rate)} vs ${fmt(uncached.rate)} req/s; p50 ${cached.latency!.p50.toFixed(2)} vs ${uncached.latency!.p50.toFixed(2)} ms` });
+  if (ran("e-releases", "e-rsa-bound")) {
+    const releases = by("e-releases");
+    const bound = by("e-rsa-bound");
+    out.push({ label: "token releases / RSA-2048 OAEP decrypt bound", value: (100 * releases.rate) / bound.rate, unit: "%", goal: "≥ 70%", met: releases.rate / bound.rate >= 0.7, detail: `${fmt(releases.rate)} releases/s vs ${fmt(bound.rate)} decrypts/s` });
+  }
+  if (ran("b-read", "f-uncached")) {
+    const cached = by("b-read");
+    const uncached = by("f-uncached");
+    out.push({ label: "cached / uncached get_data() reads via coordinator", value: cached.rate / uncached.rate, unit: "x", detail: `${fmt(cached.rate)} vs ${fmt(uncached.rate)} req/s; p50 ${cached.latency!.p50.toFixed(2)} vs ${uncached.latency!.p50.toFixed(2)} ms` });
+  }
   // The roles on Deno against the same roles on Bun, in the same run (#12).
   for (const [deno, bun, what, unit] of [["h-read-deno", "b-read", "coordinator + servers, cached read", "req/s"], ["h-write-deno", "b-write", "coordinator + servers, POST /api/data", "req/s"], ["h-releases-deno", "e-releases", "KeyServer token releases", "releases/s"]] as const) {
+    if (!ran(deno, bun)) continue;
     out.push({ label: `Deno / Bun throughput, ${what}`, value: by(deno).rate / by(bun).rate, unit: "x", detail: `${fmt(by(deno).rate)} vs ${fmt(by(bun).rate)} ${unit}` });
   }
-  const failover = by("g-failover");
-  const steady = by("b-write");
-  out.push({ label: "errors while a server is killed under load", value: failover.errors, unit: "errors", goal: "0 errors", met: failover.errors === 0, detail: `${failover.count} requests; p99 ${failover.latency!.p99.toFixed(1)} ms vs ${steady.latency!.p99.toFixed(1)} ms steady` });
+  if (ran("g-failover", "b-write")) {
+    const failover = by("g-failover");
+    const steady = by("b-write");
+    out.push({ label: "errors while a server is killed under load", value: failover.errors, unit: "errors", goal: "0 errors", met: failover.errors === 0, detail: `${failover.count} requests; p99 ${failover.latency!.p99.toFixed(1)} ms vs ${steady.latency!.p99.toFixed(1)} ms steady` });
+  }
   return out;
 }
 

@@ -23,7 +23,7 @@ const DOCUMENTED = [demo, failover, cache, tokens, security];
 
 const USAGE = `
 Usage: bun harness <scenario> [--record] [options]
-       bun harness bench [--duration S] [--concurrency C] [--json] [--out DIR]
+       bun harness bench [--duration S] [--concurrency C] [--json] [--out DIR] [--only IDS]
        bun harness screenshots
 
 Scenarios:
@@ -42,6 +42,8 @@ Options:
   --concurrency C    bench: concurrent workers (default 16)
   --json             bench: print the results JSON instead of the table
   --out DIR          bench: write DIR/bench/results.json and DIR/docs/bench.svg (default: the repository)
+  --only IDS         bench: run only the cases whose id starts with one of these (comma-separated, e.g. e- for the
+                     KeyServer cases); the results then go to bench/partial.json and no chart is drawn
   -h, --help         show this help
 
 Logs go to harness/logs/<scenario>/<role>.log.
@@ -107,26 +109,32 @@ async function runScenario(scenario: Scenario, options: RunOptions): Promise<boo
   return true;
 }
 
-async function bench(options: RunOptions & { durationS: number; concurrency: number; json: boolean; out: string }): Promise<boolean> {
+async function bench(options: RunOptions & { durationS: number; concurrency: number; json: boolean; out: string; only: string[] }): Promise<boolean> {
   const progress = new Progress({ stream: options.json ? process.stderr : process.stdout });
   let report;
   const { ok } = await withCluster("bench", options, async ({ cluster, ports, db, tokenDb }) => {
-    report = await runBench({ cluster, ports, db, tokenDb, progress, durationS: options.durationS, concurrency: options.concurrency });
+    report = await runBench({ cluster, ports, db, tokenDb, progress, durationS: options.durationS, concurrency: options.concurrency, only: options.only });
   });
   progress.clear();
   if (!ok || !report) return false;
-  const resultsFile = join(options.out, "bench", "results.json");
-  const chartFile = join(options.out, "docs", "bench.svg");
+  // A partial run (--only) must not overwrite the full run's results and chart that the README quotes.
+  const partial = options.only.length > 0;
+  const resultsFile = join(options.out, "bench", partial ? "partial.json" : "results.json");
   mkdirSync(join(options.out, "bench"), { recursive: true });
-  mkdirSync(join(options.out, "docs"), { recursive: true });
   writeFileSync(resultsFile, JSON.stringify(report, null, 2) + "\n");
-  writeFileSync(chartFile, renderChart(report));
+  const written = [relative(REPO_ROOT, resultsFile)];
+  if (!partial) {
+    mkdirSync(join(options.out, "docs"), { recursive: true });
+    const chartFile = join(options.out, "docs", "bench.svg");
+    writeFileSync(chartFile, renderChart(report));
+    written.push(relative(REPO_ROOT, chartFile));
+  }
   if (options.json) {
     console.log(JSON.stringify(report, null, 2));
   } else {
     console.log("");
     for (const line of benchTable(report)) console.log(line);
-    console.log(`\nharness: wrote ${resultsFile} and ${chartFile} in ${progress.elapsed()}`);
+    console.log(`\nharness: wrote ${written.join(" and ")} in ${progress.elapsed()}`);
   }
   return true;
 }
@@ -164,7 +172,7 @@ async function main(): Promise<number> {
       options: {
         "base-port": { type: "string" }, db: { type: "string" }, record: { type: "boolean" }, help: { type: "boolean", short: "h" },
         runtime: { type: "string" },
-        duration: { type: "string" }, concurrency: { type: "string" }, json: { type: "boolean" }, out: { type: "string" },
+        duration: { type: "string" }, concurrency: { type: "string" }, json: { type: "boolean" }, out: { type: "string" }, only: { type: "string" },
       },
     });
   } catch (error) {
@@ -201,7 +209,7 @@ async function main(): Promise<number> {
     console.error(`harness: ${(error as Error).message}`);
     return 2;
   }
-  return (await bench({ ...options, durationS, concurrency, json: Boolean(values.json), out: values.out ?? REPO_ROOT })) ? 0 : 1;
+  return (await bench({ ...options, durationS, concurrency, json: Boolean(values.json), out: values.out ?? REPO_ROOT, only: (values.only ?? "").split(",").map((s) => s.trim()).filter(Boolean) })) ? 0 : 1;
 }
 
 process.exit(await main());
