@@ -9,6 +9,10 @@ import { PROOF_HEADER, ProofSigner } from "../shared/request-path/proof.ts";
 import { createAdminApp } from "../shared/ops/status-page.ts";
 import { assertSafeTlsEnvironment, mutualTlsClientOptions, mutualTlsServerOptions } from "../shared/platform/tls.ts";
 import { UpstreamPool } from "../shared/request-path/upstream.ts";
+import { WorkerGroup, reportWorkerReady, workerIndex, workerSharesPort } from "../shared/platform/worker-group.ts";
+import { WorkerPoolView } from "../shared/ops/worker-view.ts";
+import { availableParallelism } from "node:os";
+import { runtime } from "../shared/platform/runtime/index.ts";
 
 const USAGE = `
 Usage: roles/coordinator.ts [PORT] [options]
@@ -31,6 +35,9 @@ Options:
                          on this port (off unless given; 0 picks a free port)
   --admin-host HOST      address for the admin listener (default 127.0.0.1: keep it off the network)
   --expect-server ID     identity the servers must present (default spiffe://securemesh/server/*)
+  --workers N|auto       N processes serve the port together (SO_REUSEPORT), each with its own upstream pool
+                         and health checks; this process supervises them, restarts one that dies, and serves
+                         the status page and /metrics for all (default 1; auto: one per core). Bun only
   --pki DIR              PKI folder from pki.sh (default $PKI_DIR, else certs/)
   -h, --help             show this help
 `;
@@ -44,6 +51,7 @@ export interface CoordinatorConfig {
   timeoutMs: number;
   health: { intervalMs: number; timeoutMs: number; fall: number; rise: number };
   admin: { port: number; host: string } | null;
+  workers: number;
 }
 
 export function parseCoordinatorConfig(argv: string[]): CoordinatorConfig {
@@ -60,6 +68,7 @@ export function parseCoordinatorConfig(argv: string[]): CoordinatorConfig {
     pki: { type: "string" },
     port: { type: "string" },
     "expect-server": { type: "string" },
+    workers: { type: "string" },
   }, argv);
   const expectServer = values["expect-server"] ?? "spiffe://securemesh/server/*";
   if (!parseSpiffeId(expectServer.replace(/\*$/, "x"))) throw new ConfigError(`--expect-server: '${expectServer}' is not a SPIFFE ID such as spiffe://securemesh/server/*`);
@@ -89,7 +98,15 @@ export function parseCoordinatorConfig(argv: string[]): CoordinatorConfig {
       rise: parsePositive(values.rise, "--rise", 2),
     },
     admin: values["admin-port"] === undefined ? null : { port: parsePort(values["admin-port"], "--admin-port"), host: values["admin-host"] ?? "127.0.0.1" },
+    workers: parseWorkers(values.workers),
   };
+}
+
+function parseWorkers(value: string | undefined): number {
+  if (value === "auto") return availableParallelism();
+  const n = parsePositive(value, "--workers", 1);
+  if (!Number.isInteger(n) || n > 64) throw new ConfigError(`--workers must be a whole number from 1 to 64, or auto, not '${value}'`);
+  return n;
 }
 
 export function createCoordinatorApp({ pool, logger, metrics = new Metrics() }: { pool: UpstreamPool; logger: Logger; metrics?: Metrics }) {
@@ -152,12 +169,23 @@ function errorText(body: ArrayBuffer): string {
 async function main(): Promise<void> {
   const logger = createLogger("coordinator");
   let config: CoordinatorConfig;
+  try {
+    assertSafeTlsEnvironment();
+    config = parseCoordinatorConfig(process.argv.slice(2));
+  } catch (error) {
+    exitWithConfigError("coordinator", error);
+  }
+  if (config.workers > 1 && workerIndex() === null) await supervise(config, logger);
+  else await serve(config, logger);
+}
+
+/** One coordinator: its listener, its upstream pool and health checks; one of a supervisor's workers, or alone. */
+async function serve(config: CoordinatorConfig, logger: Logger): Promise<void> {
+  const worker = workerIndex();
   let pool: UpstreamPool;
   let trust: TrustMaterial;
   let signer: ProofSigner;
   try {
-    assertSafeTlsEnvironment();
-    config = parseCoordinatorConfig(process.argv.slice(2));
     trust = TrustMaterial.open(config.pki, "coordinator");
     signer = new ProofSigner(trust.identity);
     pool = new UpstreamPool({
@@ -172,29 +200,73 @@ async function main(): Promise<void> {
   const metrics = new Metrics();
   pool.exportMetrics(metrics);
   const app = createCoordinatorApp({ pool, logger, metrics });
-  const listener = await listenReloadable(app, { port: config.port, hostname: config.host, tls: mutualTlsServerOptions(trust.identity), isRevoked: (serial) => trust.isRevoked(serial) })
-    .catch((error) => exitWithConfigError("coordinator", error));
+  const listener = await listenReloadable(app, {
+    port: config.port, hostname: config.host, tls: mutualTlsServerOptions(trust.identity), isRevoked: (serial) => trust.isRevoked(serial),
+    sharePort: worker !== null && workerSharesPort(),
+  }).catch((error) => exitWithConfigError("coordinator", error));
   const port = listener.port;
   trust.onReload(async (identity) => {
     signer = new ProofSigner(identity);
     pool.setTls(mutualTlsClientOptions(identity));
     await listener.reload(mutualTlsServerOptions(identity));
   }).watch(logger);
+  // A worker's admin listener is for its supervisor only: loopback, a port of the kernel's choosing.
+  const adminAt = worker === null ? config.admin : { port: 0, host: "127.0.0.1" };
   let admin: Awaited<ReturnType<typeof listenReloadable>> | null = null;
-  if (config.admin) {
+  if (adminAt) {
     // A non-loopback --admin-host is the one other Host the admin page answers to (DNS rebinding, #11).
-    const adminApp = createAdminApp({ pool, logger, metrics, allowedHosts: [config.admin.host] });
-    admin = await listenReloadable(adminApp, { port: config.admin.port, hostname: config.admin.host })
+    const adminApp = createAdminApp({ pool, logger, metrics, allowedHosts: [adminAt.host] });
+    admin = await listenReloadable(adminApp, { port: adminAt.port, hostname: adminAt.host })
       .catch((error) => exitWithConfigError("coordinator", error));
-    logger.info(`coordinator admin (status page, /metrics) on http://${config.admin.host}:${admin.port}/`);
+    if (worker === null) logger.info(`coordinator admin (status page, /metrics) on http://${adminAt.host}:${admin.port}/`);
   }
   pool.start();
-  logger.info(`coordinator listening on https://${config.host}:${port}, servers: ${config.servers.join(", ")}`);
-
-  exitOnSignals(async () => {
+  const stop = async () => {
     pool.stop();
     trust.stop();
     await Promise.all([listener.stop(), admin?.stop()]);
+  };
+  if (worker !== null) {
+    logger.info(`coordinator worker ${worker} (pid ${process.pid}) listening on https://${config.host}:${port}`);
+    reportWorkerReady({ port, adminUrl: admin ? `http://127.0.0.1:${admin.port}/` : null }, () => void stop().finally(() => process.exit(0)));
+  } else {
+    logger.info(`coordinator listening on https://${config.host}:${port}, servers: ${config.servers.join(", ")}`);
+  }
+  exitOnSignals(stop);
+}
+
+/**
+ * --workers N: N coordinators on one port, this process their supervisor. The kernel spreads connections over
+ * them (SO_REUSEPORT); each has its own upstream pool and probes, so a server's state can differ between workers
+ * for up to a probe interval. The status page and /metrics here merge the workers' own.
+ */
+async function supervise(config: CoordinatorConfig, logger: Logger): Promise<void> {
+  if (!runtime.sharesPorts) exitWithConfigError("coordinator", new ConfigError("--workers above 1 needs Bun: Deno's node:https listener cannot share a port (SO_REUSEPORT)"));
+  const group = await WorkerGroup.start({
+    count: config.workers,
+    port: config.port,
+    // The last --port wins over a positional port and an earlier --port: every worker gets the port bound first.
+    args: (port) => [...process.argv.slice(2), "--port", String(port)],
+    onEvent: (message) => logger.warn(`coordinator: ${message}`),
+  }).catch((error) => exitWithConfigError("coordinator", error));
+  const view = new WorkerPoolView(() => group.states());
+  view.start();
+  let admin: Awaited<ReturnType<typeof listenReloadable>> | null = null;
+  if (config.admin) {
+    const adminApp = createAdminApp({ pool: view, logger, metrics: new Metrics(), allowedHosts: [config.admin.host], metricsResponse: () => view.metricsResponse() });
+    admin = await listenReloadable(adminApp, { port: config.admin.port, hostname: config.admin.host })
+      .catch(async (error) => {
+        await group.stop();
+        return exitWithConfigError("coordinator", error);
+      });
+    logger.info(`coordinator admin (status page, /metrics) on http://${config.admin.host}:${admin.port}/`);
+  }
+  logger.info(`coordinator listening on https://${config.host}:${group.port} with ${config.workers} workers (pids ${group.states().map((w) => w.pid).join(", ")}), servers: ${config.servers.join(", ")}`);
+  // Certificates, the CRL and the policy reload in each worker; SIGHUP asks them all at once.
+  process.on("SIGHUP", () => group.signal("SIGHUP"));
+  exitOnSignals(async () => {
+    view.stop();
+    await Promise.all([group.stop(), admin?.stop()]);
   });
 }
 

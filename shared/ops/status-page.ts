@@ -5,6 +5,9 @@ import type { Logger } from "./log.ts";
 import type { Metrics } from "./metrics.ts";
 import type { UpstreamPool, UpstreamState } from "../request-path/upstream.ts";
 
+/** What the admin listener reads: one process's UpstreamPool, or a supervisor's merged view of its workers. */
+export type PoolView = Pick<UpstreamPool, "snapshot">;
+
 /** The pool's view of a server, with the cache counters picked out of its last /health answer. */
 export type ServerStatus = Omit<UpstreamState, "health"> & { cache: { hits: number; misses: number; hitRatio: number } | null };
 
@@ -26,13 +29,13 @@ function cacheOf(health: UpstreamState["health"]): ServerStatus["cache"] {
   return { hits: cache.hits, misses: cache.misses, hitRatio: typeof cache.hitRatio === "number" ? cache.hitRatio : 0 };
 }
 
-export function clusterStatus(pool: UpstreamPool, now = Date.now()): ClusterStatus {
+export function clusterStatus(pool: PoolView, now = Date.now()): ClusterStatus {
   const servers = pool.snapshot().map(({ health, ...state }) => ({ ...state, cache: cacheOf(health) }));
   return { now, serversUp: servers.filter((s) => s.up).length, servers };
 }
 
 /** A stream of `data: <status JSON>` events, sent at once and then whenever the status changes. */
-function statusEvents(pool: UpstreamPool, signal: AbortSignal): Response {
+function statusEvents(pool: PoolView, signal: AbortSignal): Response {
   const encoder = new TextEncoder();
   let timer: ReturnType<typeof setInterval> | undefined;
   const stream = new ReadableStream<Uint8Array>({
@@ -96,14 +99,16 @@ function hostAllowed(host: string, allowedHosts: readonly string[]): boolean {
   });
 }
 
-export function createAdminApp({ pool, logger, metrics, allowedHosts = [] }: {
-  pool: UpstreamPool;
+export function createAdminApp({ pool, logger, metrics, allowedHosts = [], metricsResponse }: {
+  pool: PoolView;
   logger: Logger;
   metrics: Metrics;
+  /** /metrics from elsewhere: a supervisor serves its workers' merged (shared/ops/worker-view.ts). */
+  metricsResponse?: () => Promise<Response>;
   /** Host names (host or host:port) answered besides LOOPBACK_HOSTS: the admin listener's own, when not loopback. */
   allowedHosts?: readonly string[];
 }) {
-  return createApp({ logger, metrics })
+  const app = createApp({ logger, metrics, metricsRoute: !metricsResponse })
     .onRequest(({ request }) => {
       // An HTTP/1.0 request without Host (a health checker) cannot come from a browser, so it gets through.
       const host = request.headers.get("host") ?? requestUrl(request).host;
@@ -112,6 +117,7 @@ export function createAdminApp({ pool, logger, metrics, allowedHosts = [] }: {
     .get("/", () => new Response(STATUS_PAGE, { headers: { "content-type": "text/html; charset=utf-8", "cache-control": "no-store" } }))
     .get("/status", () => clusterStatus(pool))
     .get("/events", ({ request }) => statusEvents(pool, request.signal));
+  return metricsResponse ? app.get("/metrics", () => metricsResponse()) : app;
 }
 
 // A static page: no framework, no build step, nothing fetched from elsewhere.

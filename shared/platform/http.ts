@@ -222,6 +222,8 @@ export interface ListenOptions {
    * the `crl` option (Deno). Without it, `tls.crl` is used as of the last reload.
    */
   isRevoked?: (serialHex: string) => boolean;
+  /** One of several workers on one port (shared/platform/worker-group.ts): Bun only. */
+  sharePort?: boolean;
 }
 
 /**

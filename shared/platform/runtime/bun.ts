@@ -38,7 +38,7 @@ function probePortFree(options: { port: number; hostname: string }): Promise<voi
  * reads the CRL itself, so `isRevoked` is not needed here.
  */
 async function serveApp(app: ServableApp, options: AppListenOptions): Promise<ReloadableListener> {
-  await probePortFree(options);
+  if (!options.sharePort) await probePortFree(options);
   app.compile();
   const serve = (tls: ServerTls | undefined, port: number): Server<unknown> => {
     try {
@@ -93,6 +93,7 @@ const createTlsServer: TlsServerFactory = (options, onSecure, onRequest) => {
 
 export const bunRuntime: Runtime = {
   name: "bun",
+  sharesPorts: true,
   // Bun's own hasher: 1.6 µs per 1 KiB, about 20% faster than node:crypto's createHmac on Bun.
   hmacSha256: (key, data) => new Bun.CryptoHasher("sha256", key).update(data).digest(),
   async fetch(url: string | URL, init: TlsRequestInit = {}) {

@@ -12,6 +12,7 @@ import https from "node:https";
 import { isIP } from "node:net";
 import { parseCrl, type RevocationList } from "../../authz/crl.ts";
 import { withExtendedKeyUsage } from "../eku.ts";
+import { ConfigError } from "../errors.ts";
 import { listenNode } from "./node-listener.ts";
 import { normaliseFetchError } from "./network-errors.ts";
 import type { AppListenOptions, ClientTls, ReloadableListener, Runtime, ServableApp, ServerTls, TlsRequestInit, TlsServerFactory } from "./types.ts";
@@ -97,6 +98,8 @@ async function fetchCheckingIdentity(url: URL, init: TlsRequestInit, tls: Client
  * against the CA and re-read on every reload.
  */
 async function serveApp(app: ServableApp, options: AppListenOptions): Promise<ReloadableListener> {
+  // A backstop: roles ask runtime.sharesPorts first.
+  if (options.sharePort) throw new ConfigError("sharing a port with other workers needs Bun");
   const revocations = (tls: ServerTls | undefined): RevocationList | null => (tls?.crl && tls.ca ? parseCrl(tls.crl, tls.ca) : null);
   let crl = revocations(options.tls);
   const listener = await listenNode(app, {
@@ -131,6 +134,7 @@ const createTlsServer: TlsServerFactory = (options, onSecure, onRequest) => {
 
 export const denoRuntime: Runtime = {
   name: "deno",
+  sharesPorts: false,
   // createHmac: 18–24 µs per 1 KiB on Deno; there is nothing faster there.
   hmacSha256: (key, data) => createHmac("sha256", key).update(data).digest(),
   async fetch(input: string | URL, init: TlsRequestInit = {}) {

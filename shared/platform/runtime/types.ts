@@ -73,6 +73,11 @@ export interface AppListenOptions {
   /** Bodies above this get a 413 JSON before the app runs (the app's own limit answers first when lower). */
   bodyLimit: number;
   /**
+   * Share the port with the role's other workers (shared/platform/worker-group.ts) instead of refusing a port that
+   * is held: the supervisor has checked it is free. Bun only; Deno's node:https listener cannot share a port.
+   */
+  sharePort?: boolean;
+  /**
    * Asked on every request with the client certificate's serial number (hex). Where the TLS stack ignores the
    * `crl` option (Deno's node:tls), this is what refuses a revoked client; without it, `tls.crl` is parsed.
    */
@@ -88,6 +93,8 @@ export interface ReloadableListener {
 
 export interface Runtime {
   readonly name: "bun" | "deno";
+  /** Whether serveApp can share a port with sibling processes (AppListenOptions.sharePort): Bun.serve can. */
+  readonly sharesPorts: boolean;
   /** HMAC-SHA256 of `data` under `key` (Fernet's MAC). */
   hmacSha256(key: Uint8Array, data: Uint8Array): Buffer;
   /**

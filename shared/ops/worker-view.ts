@@ -1,0 +1,122 @@
+// The supervisor's view of its workers (shared/platform/worker-group.ts): one status page and one /metrics for
+// the whole role. Each worker keeps its own upstream pool; this reads their admin listeners on loopback and merges.
+import type { WorkerState } from "../platform/worker-group.ts";
+import type { UpstreamState } from "../request-path/upstream.ts";
+import { PROMETHEUS_CONTENT_TYPE } from "./metrics.ts";
+import type { ClusterStatus, PoolView } from "./status-page.ts";
+
+/** How often the workers' state is read: the status page's own push interval. */
+const POLL_MS = 250;
+
+export class WorkerPoolView implements PoolView {
+  readonly #workers: () => WorkerState[];
+  #latest = new Map<number, ClusterStatus>();
+  #timer: ReturnType<typeof setInterval> | undefined;
+
+  constructor(workers: () => WorkerState[]) {
+    this.#workers = workers;
+  }
+
+  start(): void {
+    const poll = async () => {
+      const states = this.#workers();
+      const seen = await Promise.all(states.map(async (w) => [w.pid, await readJson<ClusterStatus>(w, "status")] as const));
+      // A worker that did not answer (dying, restarting) drops out of the view until it does.
+      this.#latest = new Map(seen.filter((entry): entry is readonly [number, ClusterStatus] => entry[1] !== null));
+    };
+    void poll();
+    this.#timer = setInterval(() => void poll(), POLL_MS);
+  }
+
+  stop(): void {
+    clearInterval(this.#timer);
+  }
+
+  /** Every server as the workers see it: in rotation only when every worker has it in rotation, counts summed. */
+  snapshot(): UpstreamState[] {
+    return mergeServerViews([...this.#latest.values()]);
+  }
+
+  /** Every worker's /metrics, each series labelled with its worker number (sum them with `sum without (worker)`). */
+  async metricsResponse(): Promise<Response> {
+    const texts = await Promise.all(this.#workers().map(async (w, i) => ({ worker: i + 1, text: await readText(w, "metrics") })));
+    return new Response(mergeMetrics(texts.flatMap((t) => (t.text === null ? [] : [{ worker: t.worker, text: t.text }]))), {
+      headers: { "content-type": PROMETHEUS_CONTENT_TYPE },
+    });
+  }
+}
+
+export function mergeServerViews(views: ClusterStatus[]): UpstreamState[] {
+  const merged = new Map<string, UpstreamState>();
+  for (const view of views) {
+    for (const server of view.servers) {
+      const health = server.cache ? { cache: server.cache } : null;
+      const seen = merged.get(server.url);
+      if (!seen) {
+        merged.set(server.url, { url: server.url, up: server.up, lastCheckedAt: server.lastCheckedAt, latencyMs: server.latencyMs, requests: server.requests, failures: server.failures, lastError: server.lastError, health });
+        continue;
+      }
+      const newer = (server.lastCheckedAt ?? 0) > (seen.lastCheckedAt ?? 0);
+      seen.up &&= server.up;
+      seen.requests += server.requests;
+      seen.failures += server.failures;
+      if (newer) Object.assign(seen, { lastCheckedAt: server.lastCheckedAt, latencyMs: server.latencyMs, lastError: server.lastError ?? seen.lastError, health: health ?? seen.health });
+    }
+  }
+  return [...merged.values()];
+}
+
+/** Prometheus text from several processes as one exposition: HELP and TYPE once, a `worker` label on each sample. */
+export function mergeMetrics(parts: { worker: number; text: string }[]): string {
+  const meta = new Map<string, string[]>();
+  const samples = new Map<string, string[]>();
+  for (const { worker, text } of parts) {
+    for (const line of text.split("\n")) {
+      if (line === "") continue;
+      const comment = /^# (HELP|TYPE) (\S+)/.exec(line);
+      if (comment) {
+        const name = comment[2]!;
+        const lines = meta.get(name) ?? [];
+        if (!lines.includes(line)) lines.push(line);
+        meta.set(name, lines);
+        continue;
+      }
+      const sample = /^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{.*\})? (.*)$/.exec(line);
+      if (!sample) continue;
+      const [, name, labels, value] = sample;
+      const labelled = labels ? `{worker="${worker}",${labels.slice(1)}` : `{worker="${worker}"}`;
+      const family = familyOf(name!, meta);
+      samples.set(family, [...(samples.get(family) ?? []), `${name}${labelled} ${value}`]);
+    }
+  }
+  const out: string[] = [];
+  for (const [family, lines] of samples) out.push(...(meta.get(family) ?? []), ...lines);
+  return out.join("\n") + "\n";
+}
+
+/** A histogram's _bucket, _sum and _count samples belong to the family its HELP and TYPE name. */
+function familyOf(name: string, meta: Map<string, string[]>): string {
+  if (meta.has(name)) return name;
+  const base = name.replace(/_(bucket|sum|count)$/, "");
+  return meta.has(base) ? base : name;
+}
+
+async function readText(worker: WorkerState, path: string): Promise<string | null> {
+  if (!worker.adminUrl) return null;
+  try {
+    const response = await fetch(new URL(path, worker.adminUrl), { signal: AbortSignal.timeout(1000) });
+    return response.ok ? await response.text() : null;
+  } catch {
+    return null;
+  }
+}
+
+async function readJson<T>(worker: WorkerState, path: string): Promise<T | null> {
+  const text = await readText(worker, path);
+  if (text === null) return null;
+  try {
+    return JSON.parse(text) as T;
+  } catch {
+    return null;
+  }
+}
