@@ -36,6 +36,11 @@ export interface RecordStore {
    */
   insert(record: NewRecord): Promise<InsertResult>;
   /**
+   * Commits `records` in one transaction, counted, with one generation bump: for filling a store (the bench's
+   * million-record stores), not for requests. A reused jti or Idempotency-Key fails the whole batch.
+   */
+  insertMany(records: readonly NewRecord[]): Promise<void>;
+  /**
    * The cache generation every server shares: it changes with every new record and every invalidation, so a
    * server that missed an invalidation (hung, partitioned) still sees that its cached view is old.
    */
@@ -88,8 +93,12 @@ export function recordSql(table: string, dialect: RecordStore["kind"]) {
   // which reads every record when the sender has few.
   const bySenderIndex = dialect === "mysql" ? `FORCE INDEX (${table}_by_sender)` : `INDEXED BY ${table}_by_sender`;
   const upsert = dialect === "mysql" ? "ON DUPLICATE KEY UPDATE n = n + 1" : "ON CONFLICT (sender) DO UPDATE SET n = n + 1";
+  const upsertMany = dialect === "mysql" ? "ON DUPLICATE KEY UPDATE n = n + VALUES(n)" : "ON CONFLICT (sender) DO UPDATE SET n = n + excluded.n";
+  const insertColumns = `INSERT INTO ${table} (sender, token, jti, idempotency_key, digest, server, created_at) VALUES`;
   return {
-    insert: `INSERT INTO ${table} (sender, token, jti, idempotency_key, digest, server, created_at) VALUES (?, ?, ?, ?, ?, ?, ?)`,
+    insert: `${insertColumns} (?, ?, ?, ?, ?, ?, ?)`,
+    /** `rows` records in one statement (insertMany, on MySQL: one round trip per batch). */
+    insertRows: (rows: number) => `${insertColumns} ${Array.from({ length: rows }, () => "(?, ?, ?, ?, ?, ?, ?)").join(", ")}`,
     byIdempotencyKey: `SELECT id, digest, server FROM ${table} WHERE idempotency_key = ?`,
     bumpGeneration: `UPDATE ${table}_generation SET value = value + 1 WHERE id = 1`,
     generation: `SELECT value FROM ${table}_generation WHERE id = 1`,
@@ -102,6 +111,8 @@ export function recordSql(table: string, dialect: RecordStore["kind"]) {
     latestOf: `${columns} ${bySenderIndex} WHERE sender = ? ORDER BY id DESC LIMIT ?`,
     /** In each insert's transaction: the new record's sender counted once more. */
     countSender: `INSERT INTO ${table}_senders (sender, n) VALUES (?, 1) ${upsert}`,
+    /** In insertMany's transaction: a sender counted `n` times more. */
+    countSenderBy: `INSERT INTO ${table}_senders (sender, n) VALUES (?, ?) ${upsertMany}`,
     countsBySender: `SELECT sender, n FROM ${table}_senders ORDER BY sender`,
     // For a store whose records predate the senders table: run once, under the write lock, at open.
     aggregatesMissing: `SELECT (EXISTS (SELECT 1 FROM ${table}) AND NOT EXISTS (SELECT 1 FROM ${table}_senders)) AS missing`,
@@ -112,6 +123,13 @@ export function recordSql(table: string, dialect: RecordStore["kind"]) {
 /** The parameters of `recordSql(…).insert`, in order. */
 export function insertParams(record: NewRecord, createdAt: number): (string | number | null)[] {
   return [record.sender, record.token, record.jti, record.idempotencyKey ?? null, record.digest, record.server, createdAt];
+}
+
+/** How many records of each sender a batch holds, for `countSenderBy`. */
+export function sendersIn(records: readonly NewRecord[]): Map<string, number> {
+  const counts = new Map<string, number>();
+  for (const r of records) counts.set(r.sender, (counts.get(r.sender) ?? 0) + 1);
+  return counts;
 }
 
 /** An earlier record found by Idempotency-Key; ids are read with Number(), as mysql2 may hand BIGINTs back as strings. */

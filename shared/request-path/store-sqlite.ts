@@ -3,7 +3,7 @@ import type { DatabaseSync, StatementSync } from "node:sqlite";
 import { checkTableName, orUnavailable, unavailable } from "../db/database.ts";
 import { execute, immediate, openSqlite, sqliteFailure } from "../db/sqlite.ts";
 import {
-  fromRow, insertParams, RECORD_STORE, recordSql, repeatedInsert, replayedProof, sendersCounted,
+  fromRow, insertParams, RECORD_STORE, recordSql, repeatedInsert, replayedProof, sendersCounted, sendersIn,
   type EarlierRecord, type InsertResult, type NewRecord, type ProofUse, type RecordRow, type RecordStore, type StoreOptions, type StoredRecord,
 } from "./record-store.ts";
 
@@ -27,6 +27,7 @@ export class SqliteStore implements RecordStore {
       latestOf: db.prepare(sql.latestOf),
       countsBySender: db.prepare(sql.countsBySender),
       countSender: db.prepare(sql.countSender),
+      countSenderBy: db.prepare(sql.countSenderBy),
     };
   }
 
@@ -54,6 +55,21 @@ export class SqliteStore implements RecordStore {
       ? await orUnavailable(RECORD_STORE, () => s.byIdempotencyKey.get(record.idempotencyKey!) as EarlierRecord | undefined)
       : undefined;
     return repeatedInsert(record, earlier);
+  }
+
+  async insertMany(records: readonly NewRecord[]): Promise<void> {
+    const s = this.#statements;
+    const createdAt = Date.now();
+    try {
+      immediate(this.#db, () => {
+        for (const record of records) s.insert.run(...insertParams(record, createdAt));
+        for (const [sender, n] of sendersIn(records)) s.countSenderBy.run(sender, n);
+        s.bumpGeneration.run();
+      });
+    } catch (error) {
+      if (sqliteFailure(error) === "unique") throw replayedProof();
+      throw unavailable(RECORD_STORE, error);
+    }
   }
 
   async generation(): Promise<number> {
@@ -107,8 +123,8 @@ export class SqliteStore implements RecordStore {
   }
 }
 
-/** Statements used only at open, never prepared per store. */
-type OpenOnly = "aggregatesMissing" | "fillAggregates";
+/** Statements used only at open, never prepared per store; and MySQL's multi-row insert, which sqlite runs row by row. */
+type OpenOnly = "aggregatesMissing" | "fillAggregates" | "insertRows";
 
 /** Runs inside openSqlite's IMMEDIATE transaction, so no other server inserts while the aggregates are filled. */
 function createSchema(db: DatabaseSync, table: string): void {

@@ -57,6 +57,23 @@ describe.each(Object.keys(backends))("%s record store", (kind) => {
     await store.ping();
   });
 
+  test("insertMany commits a batch at once: counted per sender, one generation step, latest first; a replayed jti fails all of it", async () => {
+    const store = await open();
+    await store.insert(record({ sender: "client1" }));
+    const before = await store.generation();
+    const batch = Array.from({ length: 1203 }, (_, i) => record({ sender: i % 3 === 0 ? "client2" : "client1", token: `batch-${i}` }));
+    await store.insertMany(batch);
+    expect(await store.count()).toBe(1204);
+    expect(await store.countsBySender()).toEqual({ client1: 803, client2: 401 });
+    expect(await store.generation()).toBe(before + 1);
+    expect((await store.latest(2)).map((r) => r.token)).toEqual(["batch-1202", "batch-1201"]);
+    expect((await store.latest(1, "client2")).map((r) => r.token)).toEqual(["batch-1200"]);
+    // One jti already stored: nothing of the batch is, and nothing is counted.
+    await expect(store.insertMany([record(), record({ jti: batch[5]!.jti })])).rejects.toBeInstanceOf(ProofRejected);
+    expect(await store.count()).toBe(1204);
+    expect(await store.countsBySender()).toEqual({ client1: 803, client2: 401 });
+  });
+
   test("the same Idempotency-Key returns the first result and stores once", async () => {
     const store = await open();
     const first = record({ idempotencyKey: "key-1", server: 5001 });
