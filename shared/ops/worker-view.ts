@@ -61,6 +61,8 @@ export function mergeServerViews(views: ClusterStatus[]): UpstreamState[] {
       seen.requests += server.requests;
       seen.failures += server.failures;
       if (newer) Object.assign(seen, { lastCheckedAt: server.lastCheckedAt, latencyMs: server.latencyMs, lastError: server.lastError ?? seen.lastError, health: health ?? seen.health });
+      // A worker that has the server out of rotation says why, whichever probed last.
+      if (!server.up && server.lastError) seen.lastError = server.lastError;
     }
   }
   return [...merged.values()];

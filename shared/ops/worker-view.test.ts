@@ -1,0 +1,46 @@
+import { describe, expect, test } from "bun:test";
+import { parsePrometheus } from "../testing/prometheus.ts";
+import { mergeMetrics, mergeServerViews } from "./worker-view.ts";
+import type { ClusterStatus } from "./status-page.ts";
+
+const server = (url: string, fields: Partial<ClusterStatus["servers"][number]> = {}): ClusterStatus["servers"][number] => ({
+  url, up: true, lastCheckedAt: 1000, latencyMs: 1, requests: 0, failures: 0, lastError: null, cache: null, ...fields,
+});
+
+describe("mergeServerViews", () => {
+  test("a server is up only when every worker has it up; counts add up; the newest probe's details win", () => {
+    const merged = mergeServerViews([
+      { now: 0, serversUp: 2, servers: [server("https://a", { requests: 5, failures: 1, lastCheckedAt: 1000, latencyMs: 3 }), server("https://b", { requests: 2 })] },
+      { now: 0, serversUp: 1, servers: [server("https://a", { requests: 7, lastCheckedAt: 2000, latencyMs: 9, cache: { hits: 4, misses: 1, hitRatio: 0.8 } }), server("https://b", { up: false, lastError: "timeout", requests: 1 })] },
+    ]);
+    expect(merged.map((s) => [s.url, s.up, s.requests, s.failures])).toEqual([["https://a", true, 12, 1], ["https://b", false, 3, 0]]);
+    expect(merged[0]!.latencyMs).toBe(9);
+    expect(merged[0]!.health).toEqual({ cache: { hits: 4, misses: 1, hitRatio: 0.8 } });
+    // The worker that took it out of rotation says why, whichever probed last.
+    expect(merged[1]!.lastError).toBe("timeout");
+  });
+});
+
+describe("mergeMetrics", () => {
+  test("one valid exposition: each family's HELP and TYPE once, every sample labelled with its worker", () => {
+    const worker = (n: number) => [
+      "# HELP securemesh_http_requests_total HTTP requests answered.",
+      "# TYPE securemesh_http_requests_total counter",
+      `securemesh_http_requests_total{route="/health",method="GET",status="200"} ${n}`,
+      "# HELP securemesh_http_request_duration_seconds Time.",
+      "# TYPE securemesh_http_request_duration_seconds histogram",
+      `securemesh_http_request_duration_seconds_bucket{route="/health",le="+Inf"} ${n}`,
+      `securemesh_http_request_duration_seconds_sum{route="/health"} 0.5`,
+      `securemesh_http_request_duration_seconds_count{route="/health"} ${n}`,
+      "# TYPE up gauge",
+      "up 1",
+    ].join("\n");
+    const text = mergeMetrics([{ worker: 1, text: worker(3) }, { worker: 2, text: worker(4) }]);
+    expect(text.match(/^# TYPE securemesh_http_requests_total /gm)).toHaveLength(1);
+    // Read back by the tests' parser (an independent one, plus the grammar and histogram checks it lacks).
+    const exposition = parsePrometheus(text);
+    expect([1, 2].map((w) => exposition.value("securemesh_http_requests_total", { worker: String(w), route: "/health" }))).toEqual([3, 4]);
+    expect([1, 2].map((w) => exposition.value("securemesh_http_request_duration_seconds", { worker: String(w) }))).toEqual([3, 4]);
+    expect(text).toContain('up{worker="1"} 1\nup{worker="2"} 1\n');
+  });
+});
