@@ -6,14 +6,16 @@
 #   ./pki.sh --rsa                   RSA-2048 keys instead of ECDSA P-256
 #   ./pki.sh issue NAME KIND         add one identity; KIND is one of
 #            --client --server --coordinator --keyserver --secureproxy --marketplace (--both: kind "service")
-#            [--not-before YYYYMMDDHHMMSSZ] [--not-after YYYYMMDDHHMMSSZ] [--force]
+#            [--san DNS:host,IP:addr ...] [--not-before YYYYMMDDHHMMSSZ] [--not-after YYYYMMDDHHMMSSZ] [--force]
 #   ./pki.sh revoke NAME             revoke NAME's certificate and rewrite crl.pem (running roles reload it)
 #
 # Each leaf names its identity twice: CN=NAME, and a URI SAN spiffe://securemesh/KIND/NAME that the
-# policy (roles/policy.json) refers to. Output goes to $PKI_DIR, or certs/ beside this script.
+# policy (roles/policy.json) refers to. --san (repeatable, or a comma list) gives it the host names and
+# addresses it serves on, checked by every peer that connects to it; without it a serving identity gets
+# DNS:localhost,IP:127.0.0.1,IP:::1 and a client DNS:NAME. Output goes to $PKI_DIR, or certs/ beside this script.
 set -euo pipefail
 
-usage() { sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; }
 
 command -v openssl >/dev/null 2>&1 || { echo "pki.sh: openssl not found; install it (apt-get install openssl)" >&2; exit 1; }
 
@@ -26,6 +28,7 @@ issue_name=""
 issue_kind=""
 not_before=""
 not_after=""
+san_args=()
 
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -36,11 +39,84 @@ while [ $# -gt 0 ]; do
     revoke) action=revoke; shift; issue_name=${1:-} ;;
     --not-before) shift; not_before=${1:-} ;;
     --not-after) shift; not_after=${1:-} ;;
+    --san) shift; san_args+=("${1:-}") ;;
     -h|--help) usage; exit 0 ;;
     *) echo "pki.sh: unknown argument '$1' (see ./pki.sh --help)" >&2; exit 2 ;;
   esac
   shift
 done
+
+is_ipv4() { # addr: four decimal octets 0-255, no leading zeros
+  local IFS=. octet octets
+  [[ "$1" =~ ^[0-9]{1,3}\.[0-9]{1,3}\.[0-9]{1,3}\.[0-9]{1,3}$ ]] || return 1
+  read -r -a octets <<<"$1"
+  for octet in "${octets[@]}"; do
+    [[ "$octet" =~ ^(0|[1-9][0-9]*)$ ]] && [ "$octet" -le 255 ] || return 1
+  done
+}
+
+is_ipv6() { # addr: eight groups of 1-4 hex digits, or fewer around one "::"; the last two may be an IPv4 address
+  local addr=$1 groups=8 head tail part count=0
+  [[ "$addr" =~ ^[0-9A-Fa-f:.]+$ ]] || return 1
+  if [[ "$addr" == *.* ]]; then
+    is_ipv4 "${addr##*:}" || return 1
+    addr="${addr%:*}:0:0"
+  fi
+  if [[ "$addr" == *::* ]]; then
+    head=${addr%%::*}; tail=${addr#*::}
+    [[ "$tail" != *::* ]] || return 1
+    groups=7 # "::" stands for at least one group
+  else
+    head=$addr; tail=""
+  fi
+  local IFS=:
+  for part in $head; do [[ "$part" =~ ^[0-9A-Fa-f]{1,4}$ ]] || return 1; count=$((count + 1)); done
+  for part in $tail; do [[ "$part" =~ ^[0-9A-Fa-f]{1,4}$ ]] || return 1; count=$((count + 1)); done
+  [[ "$head" != :* && "$head" != *: && "$tail" != :* && "$tail" != *: ]] || return 1
+  if [ "$groups" = 8 ]; then [ "$count" = 8 ]; else [ "$count" -le 7 ]; fi
+}
+
+is_dns_name() { # name: dot-separated labels of letters, digits and inner hyphens, 1-63 each, 253 in all
+  [ "${#1}" -le 253 ] && [[ "$1" =~ ^([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$ ]]
+}
+
+# The --san values as one list, each checked: they go into the certificate's extension file verbatim, so
+# nothing but a DNS name or an IP address may pass (no commas, spaces or other openssl syntax).
+host_sans=""
+dns_count=0
+ip_count=0
+san_items=()
+declare -A san_seen=()
+for arg in "${san_args[@]+"${san_args[@]}"}"; do
+  [ -n "$arg" ] || { echo "pki.sh: --san needs a value such as DNS:server1.example,IP:10.0.0.5" >&2; exit 2; }
+  [[ "$arg" != *$'\n'* ]] || { echo "pki.sh: --san must be one line" >&2; exit 2; }
+  IFS=, read -r -a parts <<<"$arg,"
+  [[ "$arg" != *,,* && "$arg" != ,* && "$arg" != *, ]] || { echo "pki.sh: --san '$arg' has an empty entry; write DNS:name or IP:address between the commas" >&2; exit 2; }
+  for item in "${parts[@]}"; do
+    case "$item" in
+      DNS:*)
+        value=${item#DNS:}
+        [[ "$value" != \** ]] || { echo "pki.sh: --san '$item': wildcard names are not issued; name each host" >&2; exit 2; }
+        # A client connecting to an address checks the IP SANs only: an address as a DNS name never matches.
+        ! is_ipv4 "$value" || { echo "pki.sh: --san '$item' is an address; write IP:$value" >&2; exit 2; }
+        is_dns_name "$value" || { echo "pki.sh: --san '$item' is not a DNS name (letters, digits, inner hyphens, dot-separated labels)" >&2; exit 2; }
+        item="DNS:${value,,}" ;;
+      IP:*)
+        value=${item#IP:}
+        is_ipv4 "$value" || is_ipv6 "$value" || { echo "pki.sh: --san '$item' is not an IPv4 or IPv6 address" >&2; exit 2; }
+        item="IP:${value,,}" ;;
+      *) echo "pki.sh: --san '$item': each entry is DNS:name or IP:address" >&2; exit 2 ;;
+    esac
+    [ -z "${san_seen[$item]:-}" ] || continue
+    san_seen[$item]=1
+    san_items+=("$item")
+    if [[ "$item" == DNS:* ]]; then dns_count=$((dns_count + 1)); else ip_count=$((ip_count + 1)); fi
+  done
+done
+if [ "${#san_items[@]}" -gt 0 ]; then
+  [ "$action" = issue ] || { echo "pki.sh: --san goes with 'issue NAME' (see ./pki.sh --help)" >&2; exit 2; }
+  host_sans=$(IFS=,; echo "${san_items[*]}")
+fi
 
 umask 077
 mkdir -p "$dir"
@@ -96,7 +172,8 @@ EOF
 trust_domain=securemesh
 
 # kind decides the EKU and the SPIFFE path. Anything that serves gets the loopback SANs, clients a DNS SAN
-# with their name. The coordinator and the SecureProxy both serve and call onward, so they get both EKUs.
+# with their name, unless --san names the hosts. The coordinator and the SecureProxy both serve and call
+# onward, so they get both EKUs.
 make_leaf() { # name kind
   local name=$1 kind=$2 eku sans usage ext spiffe_kind=$2
   case "$kind" in
@@ -106,7 +183,9 @@ make_leaf() { # name kind
     both) eku=serverAuth,clientAuth; spiffe_kind=service ;;
     *) echo "pki.sh: identity kind must be --client, --server, --coordinator, --keyserver, --secureproxy, --marketplace or --both" >&2; exit 2 ;;
   esac
-  if [ "$kind" = client ]; then sans="DNS:$name"; else sans="DNS:localhost,IP:127.0.0.1,IP:::1"; fi
+  if [ -n "$host_sans" ]; then sans=$host_sans
+  elif [ "$kind" = client ]; then sans="DNS:$name"
+  else sans="DNS:localhost,IP:127.0.0.1,IP:::1"; fi
   sans="URI:spiffe://$trust_domain/$spiffe_kind/$name,$sans"
   usage=digitalSignature
   [ "$key_type" = rsa ] && usage=digitalSignature,keyEncipherment
@@ -141,14 +220,35 @@ write_crl() {
   chmod 644 "$dir/crl.pem"
 }
 
+# Whether the certificate names exactly the --san hosts: as many DNS names and addresses, and each one matches
+# (openssl's own comparison, so ::1 and 0:0:0:0:0:0:0:1 are one address).
+has_host_sans() { # cert
+  local text item found_dns found_ip
+  text=$(openssl x509 -in "$1" -noout -ext subjectAltName 2>/dev/null | tail -n +2)
+  found_dns=$(grep -o 'DNS:' <<<"$text" | wc -l)
+  found_ip=$(grep -o 'IP Address:' <<<"$text" | wc -l)
+  [ "$found_dns" -eq "$dns_count" ] && [ "$found_ip" -eq "$ip_count" ] || return 1
+  for item in "${san_items[@]}"; do
+    if [[ "$item" == DNS:* ]]; then
+      openssl x509 -in "$1" -noout -checkhost "${item#DNS:}" 2>/dev/null | grep -q 'does match' || return 1
+    else
+      openssl x509 -in "$1" -noout -checkip "${item#IP:}" 2>/dev/null | grep -q 'does match' || return 1
+    fi
+  done
+}
+
 ensure_leaf() { # name kind
   if [ "$force" = 1 ] || [ ! -s "$dir/$1_cert.pem" ] || [ ! -s "$dir/$1_key.pem" ]; then
     make_leaf "$1" "$2"
-    echo "pki.sh: issued $1 ($2)"
+    echo "pki.sh: issued $1 ($2${host_sans:+, $host_sans})"
+  elif [ -n "$host_sans" ] && ! has_host_sans "$dir/$1_cert.pem"; then
+    echo "pki.sh: $1 exists with other host names or addresses; add --force to reissue it for $host_sans" >&2
+    exit 2
   fi
 }
 
-if [ "$force" = 1 ] || [ ! -s "$dir/ca_cert.pem" ] || [ ! -s "$dir/ca_key.pem" ]; then
+# `issue NAME --force` reissues that one leaf: a new CA would leave every other certificate untrusted.
+if { [ "$force" = 1 ] && [ "$action" = all ]; } || [ ! -s "$dir/ca_cert.pem" ] || [ ! -s "$dir/ca_key.pem" ]; then
   make_ca
   force=1 # a new CA invalidates every leaf
   echo "pki.sh: created CA in $dir"

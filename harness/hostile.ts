@@ -116,7 +116,7 @@ export function slowHeadersClosed(url: string, material: TlsMaterial, limitMs: n
   const { hostname, port } = new URL(url);
   return new Promise((resolve) => {
     const started = Date.now();
-    const socket = tls.connect({ host: hostname, port: Number(port), cert: material.cert, key: material.key, ca: material.ca, servername: "localhost" }, () => {
+    const socket = tls.connect({ host: hostname, port: Number(port), cert: material.cert, key: material.key, ca: material.ca }, () => {
       socket.write("POST /api/data HTTP/1.1\r\nHost: localhost\r\nX-Slow: ");
     });
     const timer = setTimeout(() => {
@@ -136,7 +136,7 @@ export function rawHttp(url: string, material: TlsMaterial, request: string, lim
   const { hostname, port } = new URL(url);
   return new Promise((resolve) => {
     let answer = "";
-    const socket = tls.connect({ host: hostname, port: Number(port), cert: material.cert, key: material.key, ca: material.ca, servername: "localhost" }, () => socket.write(request));
+    const socket = tls.connect({ host: hostname, port: Number(port), cert: material.cert, key: material.key, ca: material.ca }, () => socket.write(request));
     const timer = setTimeout(() => socket.destroy(), limitMs);
     socket.on("data", (chunk) => (answer += chunk.toString("latin1")));
     socket.on("error", () => {});
@@ -164,7 +164,7 @@ export async function clear4xx(response: Response, expected?: number): Promise<s
 export function connectTls(url: string, material: TlsMaterial): Promise<tls.TLSSocket> {
   const { hostname, port } = new URL(url);
   return new Promise((resolve, reject) => {
-    const socket = tls.connect({ host: hostname, port: Number(port), cert: material.cert, key: material.key, ca: material.ca, servername: "localhost" }, () => resolve(socket));
+    const socket = tls.connect({ host: hostname, port: Number(port), cert: material.cert, key: material.key, ca: material.ca }, () => resolve(socket));
     socket.once("error", reject);
   });
 }

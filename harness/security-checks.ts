@@ -279,7 +279,8 @@ export async function rolesHealthy(cluster: Cluster, urls: string[]): Promise<st
   return sick;
 }
 
-const ACCESS_LINE = /^\S+ - - \[(\d\d)\/(\w{3})\/(\d{4}) (\d\d):(\d\d):(\d\d)\] "[A-Z]+ \S+ HTTP\/1\.1" \d{3} -$/;
+// An access line ends with its request's trace (#14): `… 200 - trace=<id>` or `… 200 - request_id=<id>`.
+const ACCESS_LINE = /^\S+ - - \[(\d\d)\/(\w{3})\/(\d{4}) (\d\d):(\d\d):(\d\d)\] "[A-Z]+ \S+ HTTP\/1\.1" \d{3} -(?: (?:trace|request_id)=\S+)?$/;
 const MONTHS = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"];
 
 /**
@@ -319,7 +320,7 @@ export function scanLogs(logDir: string, secrets: { fernetKeys: string[]; apiTok
       if (tokens.some((token) => line.includes(token))) findings.push(`${where}: the API token`);
       if (line.includes(PLAINTEXT_MARKER) && !line.startsWith("Decrypted data: ")) findings.push(`${where}: plaintext outside the demo line`);
       // /health's 503 is its answer while not ready (a coordinator before its first round of checks), not a failure.
-      if (/" 5\d\d -$/.test(line) && !/"GET \/health HTTP\/1\.1" 503 -$/.test(line) && !options.allow5xx?.test(file)) findings.push(`${where}: a 5xx answer: ${line}`);
+      if (/" 5\d\d -( |$)/.test(line) && !/"GET \/health HTTP\/1\.1" 503 -( |$)/.test(line) && !options.allow5xx?.test(file)) findings.push(`${where}: a 5xx answer: ${line}`);
       if (/[\u0000-\u0008\u000b-\u001f\u007f\u009b]/.test(line)) findings.push(`${where}: an escape sequence or control byte: ${JSON.stringify(line.slice(0, 120))}`);
       if (forgedLine(line)) findings.push(`${where}: a forged log line: ${JSON.stringify(line.slice(0, 120))}`);
     }

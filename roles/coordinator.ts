@@ -2,7 +2,7 @@
 import { expectPeer, parseSpiffeId, TrustMaterial } from "../shared/authz/index.ts";
 import { ConfigError } from "../shared/platform/errors.ts";
 import { exitWithConfigError, parseFlags, parsePort, parsePositive, pkiDir, exitOnSignals } from "../shared/platform/config.ts";
-import { createApp, listenReloadable, readBodyLimited, requestUrl } from "../shared/platform/http.ts";
+import { createApp, listenReloadable, readBodyLimited, requestTrace, requestUrl } from "../shared/platform/http.ts";
 import { createLogger, type Logger } from "../shared/ops/log.ts";
 import { Metrics } from "../shared/ops/metrics.ts";
 import { PROOF_HEADER, ProofSigner } from "../shared/request-path/proof.ts";
@@ -35,6 +35,8 @@ Options:
                          on this port (off unless given; 0 picks a free port)
   --admin-host HOST      address for the admin listener (default 127.0.0.1: keep it off the network)
   --expect-server ID     identity the servers must present (default spiffe://securemesh/server/*)
+  --access-log on|off    one access line per request (default on); off, requests are still counted in
+                         /metrics
   --workers N|auto       N processes serve the port together (SO_REUSEPORT), each with its own upstream pool
                          and health checks; this process supervises them, restarts one that dies, and serves
                          the status page and /metrics for all (default 1; auto: one per core). Bun only
@@ -52,6 +54,7 @@ export interface CoordinatorConfig {
   health: { intervalMs: number; timeoutMs: number; fall: number; rise: number };
   admin: { port: number; host: string } | null;
   workers: number;
+  accessLog: boolean;
 }
 
 export function parseCoordinatorConfig(argv: string[]): CoordinatorConfig {
@@ -69,7 +72,10 @@ export function parseCoordinatorConfig(argv: string[]): CoordinatorConfig {
     port: { type: "string" },
     "expect-server": { type: "string" },
     workers: { type: "string" },
+    "access-log": { type: "string" },
   }, argv);
+  const accessLog = values["access-log"] ?? "on";
+  if (accessLog !== "on" && accessLog !== "off") throw new ConfigError(`--access-log must be on or off, not '${accessLog}'`);
   const expectServer = values["expect-server"] ?? "spiffe://securemesh/server/*";
   if (!parseSpiffeId(expectServer.replace(/\*$/, "x"))) throw new ConfigError(`--expect-server: '${expectServer}' is not a SPIFFE ID such as spiffe://securemesh/server/*`);
   const servers = (values.servers ?? process.env.SERVERS ?? "https://127.0.0.1:5001,https://127.0.0.1:5002")
@@ -99,6 +105,7 @@ export function parseCoordinatorConfig(argv: string[]): CoordinatorConfig {
     },
     admin: values["admin-port"] === undefined ? null : { port: parsePort(values["admin-port"], "--admin-port"), host: values["admin-host"] ?? "127.0.0.1" },
     workers: parseWorkers(values.workers),
+    accessLog: accessLog === "on",
   };
 }
 
@@ -109,9 +116,9 @@ function parseWorkers(value: string | undefined): number {
   return n;
 }
 
-export function createCoordinatorApp({ pool, logger, metrics = new Metrics() }: { pool: UpstreamPool; logger: Logger; metrics?: Metrics }) {
+export function createCoordinatorApp({ pool, logger, metrics = new Metrics(), accessLog = true }: { pool: UpstreamPool; logger: Logger; metrics?: Metrics; accessLog?: boolean }) {
   // /metrics is on the admin listener, next to the status page, as Envoy serves its stats.
-  return createApp({ logger, metrics, metricsRoute: false })
+  return createApp({ logger, metrics, metricsRoute: false, accessLog })
     .get("/health", ({ set }) => {
       const servers = pool.snapshot().map(({ url, up, lastCheckedAt, latencyMs, requests, failures, lastError }) =>
         ({ url, up, lastCheckedAt, latencyMs, requests, failures, lastError }));
@@ -122,7 +129,7 @@ export function createCoordinatorApp({ pool, logger, metrics = new Metrics() }: 
     .post("/api/invalidate_cache", async ({ request, set }) => {
       // Every configured server, in parallel, up or not: a server marked down may only be slow.
       const headers = new Headers({ "content-type": request.headers.get("content-type") ?? "application/json" });
-      const outcomes = await pool.broadcast("POST", "/api/invalidate_cache", headers, await readForwardedBody(request));
+      const outcomes = await pool.broadcast("POST", "/api/invalidate_cache", headers, await readForwardedBody(request), requestTrace(request));
       const acknowledged = outcomes.filter((o) => o.ok).map((o) => o.server);
       const failed = outcomes.filter((o) => !o.ok).map((o) =>
         o.status === null ? { server: o.server, status: null, error: o.error } : { server: o.server, status: o.status, error: errorText(o.body) });
@@ -133,7 +140,7 @@ export function createCoordinatorApp({ pool, logger, metrics = new Metrics() }: 
     }, { parse: "none" })
     .get("/api/cache_stats", async ({ request, set }) => {
       const proof = request.headers.get(PROOF_HEADER);
-      const outcomes = await pool.broadcast("GET", "/api/cache_stats", new Headers(proof ? { [PROOF_HEADER]: proof } : {}));
+      const outcomes = await pool.broadcast("GET", "/api/cache_stats", new Headers(proof ? { [PROOF_HEADER]: proof } : {}), undefined, requestTrace(request));
       // No server answered: if every one refused (401, 403), their answer is the answer, as for invalidation.
       if (!outcomes.some((o) => o.ok)) set.status = outcomes.every((o) => o.status !== null) ? outcomes[0]!.status! : 503;
       return {
@@ -143,7 +150,7 @@ export function createCoordinatorApp({ pool, logger, metrics = new Metrics() }: 
     .all("/api/*", async ({ request }) => {
       const url = requestUrl(request);
       const body = request.method === "GET" || request.method === "HEAD" ? undefined : await readForwardedBody(request);
-      const result = await pool.forward({ method: request.method, path: url.pathname + url.search, headers: request.headers, body });
+      const result = await pool.forward({ method: request.method, path: url.pathname + url.search, headers: request.headers, body, trace: requestTrace(request) });
       return new Response(result.body, {
         status: result.status,
         headers: { "content-type": result.headers.get("content-type") ?? "application/json", "x-securemesh-upstream": result.upstream },
@@ -199,7 +206,7 @@ async function serve(config: CoordinatorConfig, logger: Logger): Promise<void> {
   }
   const metrics = new Metrics();
   pool.exportMetrics(metrics);
-  const app = createCoordinatorApp({ pool, logger, metrics });
+  const app = createCoordinatorApp({ pool, logger, metrics, accessLog: config.accessLog });
   const listener = await listenReloadable(app, {
     port: config.port, hostname: config.host, tls: mutualTlsServerOptions(trust.identity), isRevoked: (serial) => trust.isRevoked(serial),
     sharePort: worker !== null && workerSharesPort(),

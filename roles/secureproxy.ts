@@ -8,9 +8,10 @@ import tls from "node:tls";
 import { Authorizer, expectPeer, tlsPeerIdentity, TrustMaterial, UnexpectedPeer } from "../shared/authz/index.ts";
 import { exitWithConfigError, parseFlags, parsePort, parsePositive, pkiDir, policyPath, readPkiFile, exitOnSignals, displayPath } from "../shared/platform/config.ts";
 import { BadRequest, ConfigError, Forbidden, MeshError, Unavailable } from "../shared/platform/errors.ts";
-import { createApp, readJsonFields } from "../shared/platform/http.ts";
+import { createApp, readJsonFields, requestTrace } from "../shared/platform/http.ts";
 import { createLogger, describeError, describeNetworkError as reason, printable, type Logger } from "../shared/ops/log.ts";
 import { Metrics } from "../shared/ops/metrics.ts";
+import type { Trace } from "../shared/ops/trace.ts";
 import { listenWithPeerIdentity, PEER_HEADER } from "../shared/platform/peer-tls.ts";
 import { runtime, type IdentityCheck } from "../shared/platform/runtime/index.ts";
 import { assertSafeTlsEnvironment, mutualTlsClientOptions, mutualTlsServerOptions, type Identity } from "../shared/platform/tls.ts";
@@ -173,9 +174,12 @@ export function createProxyApp(deps: ProxyDeps) {
   const { keyserver, timeoutMs, logger } = deps;
   let publicKey: KeyObject | undefined;
 
-  const keyserverFetch = async (path: string, init: RequestInit = {}) => {
+  /** A call to the KeyServer for the request `trace` belongs to, which it carries on (#14). */
+  const keyserverFetch = async (path: string, trace: Trace, init: { method?: string; headers?: Record<string, string>; body?: string } = {}) => {
     try {
-      return await runtime.fetch(keyserver + path, { ...init, tls: deps.tls.keyserver, signal: AbortSignal.timeout(timeoutMs) });
+      return await runtime.fetch(keyserver + path, {
+        ...init, headers: { ...init.headers, ...trace.outbound }, tls: deps.tls.keyserver, signal: AbortSignal.timeout(timeoutMs),
+      });
     } catch (error) {
       if (error instanceof UnexpectedPeer) {
         const refused = new KeyServerIdentityRefused(`refused the KeyServer at ${new URL(keyserver).host}: ${error.message}`);
@@ -187,19 +191,19 @@ export function createProxyApp(deps: ProxyDeps) {
   };
 
   /** Fetched once over mutual TLS and kept; dropped when the KeyServer cannot open a request made with it. */
-  const keyserverPublicKey = async (): Promise<KeyObject> => {
+  const keyserverPublicKey = async (trace: Trace): Promise<KeyObject> => {
     if (publicKey) return publicKey;
-    const response = await keyserverFetch("/public_key");
+    const response = await keyserverFetch("/public_key", trace);
     if (response.status !== 200) throw new Unavailable(`KeyServer public key unavailable (${response.status})`);
     publicKey = createPublicKey(((await response.json()) as { public_key: string }).public_key);
     return publicKey;
   };
 
   /** Asks on behalf of `caller`, so the KeyServer checks that identity too and audits it (#11 H1). */
-  const fetchToken = async (clientId: string, tokenType: string, caller: string): Promise<string> => {
-    const key = await keyserverPublicKey();
+  const fetchToken = async (clientId: string, tokenType: string, caller: string, trace: Trace): Promise<string> => {
+    const key = await keyserverPublicKey(trace);
     const prepared = deps.format === "jose" ? await prepareJoseRequest(key, clientId, tokenType) : await prepareLegacyRequest(key, clientId, tokenType);
-    const response = await keyserverFetch("/", {
+    const response = await keyserverFetch("/", trace, {
       method: "POST", headers: { "content-type": prepared.contentType, [ON_BEHALF_OF_HEADER]: caller }, body: prepared.body,
     });
     if (response.status !== 200) {
@@ -219,11 +223,14 @@ export function createProxyApp(deps: ProxyDeps) {
       const { ClientId, TokenType, ApiUri } = readJsonFields(request, body, ["ClientId", "TokenType", "ApiUri"]);
       deps.authz.require(caller, "proxy.use", proxyResource(ClientId, TokenType));
       const url = checkApiUri(ApiUri, TokenType, deps.allow);
-      const token = await fetchToken(ClientId, TokenType, caller);
+      const trace = requestTrace(request);
+      const token = await fetchToken(ClientId, TokenType, caller, trace);
       let api: Response;
       try {
         // redirect: manual, so a redirect can never carry the token to another host.
-        api = await runtime.fetch(url, { headers: { authorization: `Bearer ${token}`, accept: "application/json" }, redirect: "manual", tls: deps.tls.api, signal: AbortSignal.timeout(timeoutMs) });
+        api = await runtime.fetch(url, {
+          headers: { ...trace.outbound, authorization: `Bearer ${token}`, accept: "application/json" }, redirect: "manual", tls: deps.tls.api, signal: AbortSignal.timeout(timeoutMs),
+        });
       } catch (error) {
         throw new MeshError("ERR_UPSTREAM", 502, `the API at ${url.host} failed (${reason(error)})`);
       }
@@ -234,7 +241,7 @@ export function createProxyApp(deps: ProxyDeps) {
       } catch {
         throw new MeshError("ERR_UPSTREAM", 502, `the API at ${url.host} answered ${api.status} without JSON`);
       }
-      logger.info(`API call by ${printable(caller)} for client=${printable(ClientId)} type=${printable(TokenType)} to ${url.host} answered ${api.status}`);
+      logger.info(`API call by ${printable(caller)} for client=${printable(ClientId)} type=${printable(TokenType)} to ${url.host} answered ${api.status} ${trace.field}=${trace.id}`);
       return new Response(JSON.stringify(json), { status: api.status, headers: { "content-type": "application/json" } });
     });
 }

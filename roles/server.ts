@@ -4,7 +4,7 @@ import { Authorizer, senderName, TrustMaterial } from "../shared/authz/index.ts"
 import { exitWithConfigError, loadFernetKeys, parseFlags, parsePort, parsePositive, pkiDir, policyPath, displayPath, exitOnSignals } from "../shared/platform/config.ts";
 import { BadRequest, ProofRejected } from "../shared/platform/errors.ts";
 import { Fernet } from "../shared/request-path/fernet.ts";
-import { createApp, listenReloadable, readJsonFields } from "../shared/platform/http.ts";
+import { createApp, listenReloadable, readJsonFields, requestTrace } from "../shared/platform/http.ts";
 import { CachedDataView } from "../shared/request-path/data-view.ts";
 import { createLogger, printable, type Logger } from "../shared/ops/log.ts";
 import { Metrics } from "../shared/ops/metrics.ts";
@@ -128,10 +128,14 @@ export function createServerApp(deps: ServerDeps) {
       authz.require(sender, "records.write");
       const text = fernet.decryptText(data, { ttl });
       const name = senderName(sender);
+      const started = performance.now();
       const stored = await store.insert({
         sender: name, token: data, jti, digest: payloadDigest(data), server: deps.port,
         idempotencyKey: idempotencyKey === undefined ? undefined : senderIdempotencyKey(sender, idempotencyKey),
       });
+      // The database hop of the request, under its trace id (#14).
+      const { field, id } = requestTrace(request);
+      logger.info(`Store: record ${stored.id} ${stored.repeated ? "was already stored (a repeat)" : "stored"} for ${name} in ${(performance.now() - started).toFixed(1)} ms ${field}=${id}`);
       if (!stored.repeated) logger.info(`Decrypted data: ${printable(text)} (from ${name})`);
       return { result: "ok", id: stored.id, server: stored.server };
     })

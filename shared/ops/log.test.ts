@@ -83,3 +83,16 @@ test("JSON lines escape messages and field values, and fields cannot overwrite t
   expect(warn).toMatchObject({ level: "warn", role: "json", msg: FORGED, upstream: FORGED, count: "10" });
   expect(JSON.parse(lines[1]!).path).toBe("/\u2028x");
 });
+
+test("an access line ends with the request's trace, in text and in JSON", () => {
+  const lines: string[] = [];
+  const text = createLogger("server", { format: "text", color: false, write: (l) => lines.push(l), now: fixed });
+  text.access("127.0.0.1", "POST", "/api/data", 200, { field: "trace", id: "4bf92f3577b34da6a3ce929d0e0e4736" });
+  text.access("127.0.0.1", "GET", "/health", 200, { field: "request_id", id: "req-1" });
+  createLogger("server", { format: "json", write: (l) => lines.push(l), now: fixed }).access("127.0.0.1", "GET", "/health", 200, { field: "request_id", id: "req-1" });
+  expect(lines.slice(0, 2)).toEqual([
+    '127.0.0.1 - - [22/Nov/2026 23:19:42] "POST /api/data HTTP/1.1" 200 - trace=4bf92f3577b34da6a3ce929d0e0e4736',
+    '127.0.0.1 - - [22/Nov/2026 23:19:42] "GET /health HTTP/1.1" 200 - request_id=req-1',
+  ]);
+  expect(JSON.parse(lines[2]!)).toMatchObject({ msg: "access", path: "/health", status: 200, request_id: "req-1" });
+});

@@ -9,8 +9,17 @@ export interface Logger {
   info(message: string, fields?: Record<string, unknown>): void;
   warn(message: string, fields?: Record<string, unknown>): void;
   error(message: string, fields?: Record<string, unknown>): void;
-  /** One access line per HTTP request, in the seed's Flask/werkzeug format. */
-  access(remote: string, method: string, path: string, status: number): void;
+  /**
+   * One access line per HTTP request, in the seed's Flask/werkzeug format, followed by the request's trace
+   * (shared/ops/trace.ts) when given: `… "GET /health HTTP/1.1" 200 - trace=4bf92f3577b34da6a3ce929d0e0e4736`.
+   */
+  access(remote: string, method: string, path: string, status: number, trace?: TraceField): void;
+}
+
+/** The id an access line carries: a trace id, or a request id (shared/ops/trace.ts's Trace). */
+export interface TraceField {
+  readonly field: "trace" | "request_id";
+  readonly id: string;
 }
 
 export interface LoggerOptions {
@@ -57,12 +66,12 @@ export function createLogger(role: string, options: LoggerOptions = {}): Logger 
     info: (message, fields) => emit("info", message, fields),
     warn: (message, fields) => emit("warn", message, fields),
     error: (message, fields) => emit("error", message, fields),
-    access(remote, method, path, status) {
+    access(remote, method, path, status, trace) {
       if (format === "json") {
-        emit("info", "access", { remote, method, path, status });
+        emit("info", "access", { remote, method, path, status, ...(trace ? { [trace.field]: trace.id } : {}) });
         return;
       }
-      const line = `${remote} - - [${accessDate(now())}] "${method} ${path} HTTP/1.1" ${status} -`;
+      const line = `${remote} - - [${accessDate(now())}] "${method} ${path} HTTP/1.1" ${status} -${trace ? ` ${trace.field}=${trace.id}` : ""}`;
       emit(status >= 500 ? "error" : status >= 400 ? "warn" : "info", line);
     },
   };

@@ -1,7 +1,7 @@
 import { expect, test } from "bun:test";
 import { createLogger } from "./log.ts";
 import { Metrics } from "./metrics.ts";
-import { createAdminApp } from "./status-page.ts";
+import { clusterStatus, createAdminApp } from "./status-page.ts";
 import { UpstreamPool } from "../request-path/upstream.ts";
 
 const logger = createLogger("t", { write: () => {}, color: false });
@@ -37,4 +37,14 @@ test("the configured admin host is allowed as well, with its port when given", a
   expect((await get(app, "[::1]:9901")).status).toBe(200);
   expect((await get(app, "localhost")).status).toBe(200);
   expect((await get(app, "evil.example")).status).toBe(421);
+});
+
+test("each server's row names its host (#14)", async () => {
+  const hosts = new UpstreamPool({
+    servers: ["https://10.77.0.11:5001", "https://server2.mesh.test:5001", "https://[fd00::13]:5001"], tls: { rejectUnauthorized: true }, logger,
+  });
+  expect(clusterStatus(hosts).servers.map((s) => s.host)).toEqual(["10.77.0.11", "server2.mesh.test", "fd00::13"]);
+  const page = await (await get(createAdminApp({ pool: hosts, logger, metrics: new Metrics() }), "localhost", "/")).text();
+  expect(page).toContain("<th>Last checked</th><th>Host</th>");
+  expect(page).toContain("cell(row, s.host);");
 });

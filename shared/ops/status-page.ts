@@ -8,8 +8,20 @@ import type { UpstreamPool, UpstreamState } from "../request-path/upstream.ts";
 /** What the admin listener reads: one process's UpstreamPool, or a supervisor's merged view of its workers. */
 export type PoolView = Pick<UpstreamPool, "snapshot">;
 
-/** The pool's view of a server, with the cache counters picked out of its last /health answer. */
-export type ServerStatus = Omit<UpstreamState, "health"> & { cache: { hits: number; misses: number; hitRatio: number } | null };
+/**
+ * The pool's view of a server, with the cache counters picked out of its last /health answer, and the host it runs
+ * on (its URL's host name or address: with each role on its own machine, which machine a row is about, #14).
+ */
+export type ServerStatus = Omit<UpstreamState, "health"> & { host: string; cache: { hits: number; misses: number; hitRatio: number } | null };
+
+/** "https://[fd00::11]:5001" → "fd00::11"; "https://server1.mesh.test:5001" → "server1.mesh.test". */
+function hostOf(url: string): string {
+  try {
+    return new URL(url).hostname.replace(/^\[|\]$/g, "");
+  } catch {
+    return "";
+  }
+}
 
 export interface ClusterStatus {
   /** The coordinator's clock, so the page says "checked 0.4 s ago" without trusting the browser's clock. */
@@ -30,7 +42,7 @@ function cacheOf(health: UpstreamState["health"]): ServerStatus["cache"] {
 }
 
 export function clusterStatus(pool: PoolView, now = Date.now()): ClusterStatus {
-  const servers = pool.snapshot().map(({ health, ...state }) => ({ ...state, cache: cacheOf(health) }));
+  const servers = pool.snapshot().map(({ health, ...state }) => ({ ...state, host: hostOf(state.url), cache: cacheOf(health) }));
   return { now, serversUp: servers.filter((s) => s.up).length, servers };
 }
 
@@ -146,7 +158,7 @@ const STATUS_PAGE = `<!doctype html>
 <h1>securemesh coordinator</h1>
 <div id="summary">connecting…</div>
 <table>
-  <thead><tr><th>Server</th><th>State</th><th>Last checked</th><th>Latency</th><th>Requests</th><th>Failures</th><th>Cache hit ratio</th><th>Last error</th></tr></thead>
+  <thead><tr><th>Server</th><th>State</th><th>Last checked</th><th>Host</th><th>Latency</th><th>Requests</th><th>Failures</th><th>Cache hit ratio</th><th>Last error</th></tr></thead>
   <tbody id="servers"></tbody>
 </table>
 <div id="connection"></div>
@@ -177,6 +189,7 @@ const STATUS_PAGE = `<!doctype html>
       cell(row, s.url);
       cell(row, s.up ? "up" : "down", "state");
       cell(row, ago(s.lastCheckedAt));
+      cell(row, s.host);
       cell(row, s.latencyMs === null ? "–" : s.latencyMs.toFixed(1) + " ms", "num");
       cell(row, String(s.requests), "num");
       cell(row, String(s.failures), "num");

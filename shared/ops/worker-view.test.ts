@@ -4,7 +4,7 @@ import { mergeMetrics, mergeServerViews } from "./worker-view.ts";
 import type { ClusterStatus } from "./status-page.ts";
 
 const server = (url: string, fields: Partial<ClusterStatus["servers"][number]> = {}): ClusterStatus["servers"][number] => ({
-  url, up: true, lastCheckedAt: 1000, latencyMs: 1, requests: 0, failures: 0, lastError: null, cache: null, ...fields,
+  url, host: new URL(url).hostname, up: true, lastCheckedAt: 1000, latencyMs: 1, requests: 0, failures: 0, lastError: null, cache: null, ...fields,
 });
 
 describe("mergeServerViews", () => {

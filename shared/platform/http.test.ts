@@ -2,7 +2,7 @@ import { afterEach, beforeAll, describe, expect, setDefaultTimeout, test } from 
 import net from "node:net";
 import { connect as tlsConnect } from "node:tls";
 import { ConfigError, MeshError } from "./errors.ts";
-import { createApp, DEFAULT_BODY_LIMIT, listen, listenReloadable, readBodyLimited, readJsonFields } from "./http.ts";
+import { createApp, DEFAULT_BODY_LIMIT, listen, listenReloadable, readBodyLimited, readJsonFields, requestTrace } from "./http.ts";
 import { createLogger } from "../ops/log.ts";
 import { Metrics } from "../ops/metrics.ts";
 import { scrape } from "../testing/prometheus.ts";
@@ -125,7 +125,7 @@ test("a body cut short by the client is a 499 in the log, not an internal error"
     socket.destroy();
     while (!lines.some((l) => l.includes(`"POST ${path} HTTP/1.1"`))) await new Promise((resolve) => setImmediate(resolve));
   }
-  expect(lines.filter((l) => l.includes('"POST '))).toEqual([expect.stringMatching(/"POST \/x HTTP\/1\.1" 499 -$/), expect.stringMatching(/"POST \/raw HTTP\/1\.1" 499 -$/)]);
+  expect(lines.filter((l) => l.includes('"POST '))).toEqual([expect.stringMatching(/"POST \/x HTTP\/1\.1" 499 - request_id=\S+$/), expect.stringMatching(/"POST \/raw HTTP\/1\.1" 499 - request_id=\S+$/)]);
   expect(lines.filter((l) => l.includes("internal error"))).toEqual([]);
 });
 
@@ -145,11 +145,45 @@ test("a handler's own Response status reaches the access log and the metrics (#1
   const app = createApp({ logger, metrics }).get("/r", () => new Response("x", { status: 401 }));
   expect((await app.handle(new Request("http://localhost/r"))).status).toBe(401);
   const exposition = await scrape(app);
-  expect(lines.filter((l) => l.includes('"GET /r HTTP/1.1"'))).toEqual([expect.stringMatching(/"GET \/r HTTP\/1\.1" 401 -$/)]);
+  expect(lines.filter((l) => l.includes('"GET /r HTTP/1.1"'))).toEqual([expect.stringMatching(/"GET \/r HTTP\/1\.1" 401 - request_id=\S+$/)]);
   expect(exposition.value("securemesh_http_requests_total", { route: "/r", method: "GET", status: "401" })).toBe(1);
   expect(exposition.value("securemesh_http_requests_total", { route: "/r", status: "200" })).toBeUndefined();
 });
 
+
+test("accessLog: false writes no access line, and the request is still counted", async () => {
+  const { lines, logger } = testLogger();
+  const metrics = new Metrics();
+  const app = createApp({ logger, metrics, accessLog: false }).get("/r", () => "ok");
+  expect((await app.handle(new Request("http://localhost/r"))).status).toBe(200);
+  expect((await app.handle(new Request("http://localhost/nowhere"))).status).toBe(404);
+  expect(lines).toEqual([]);
+  expect((await scrape(app)).value("securemesh_http_requests_total", { route: "/r", method: "GET", status: "200" })).toBe(1);
+});
+
+test("each access line ends with the request's trace; the handler sees the same one to send on (#14)", async () => {
+  const { lines, logger } = testLogger();
+  const app = createApp({ logger }).get("/r", ({ request }) => requestTrace(request).outbound);
+  const call = async (headers: Record<string, string>) => {
+    const logged = lines.length;
+    const onward = (await (await app.handle(new Request("http://localhost/r", { headers }))).json()) as Record<string, string>;
+    while (lines.length === logged) await new Promise((resolve) => setImmediate(resolve)); // written after the response
+    return { onward, line: lines.at(-1)! };
+  };
+  const traced = await call({ traceparent: "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01" });
+  expect(traced.line).toEndWith('"GET /r HTTP/1.1" 200 - trace=4bf92f3577b34da6a3ce929d0e0e4736');
+  expect(traced.onward.traceparent).toMatch(/^00-4bf92f3577b34da6a3ce929d0e0e4736-[0-9a-f]{16}-01$/);
+  const forged = await call({ traceparent: "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01 FORGED" });
+  const newId = /trace=([0-9a-f]{32})$/.exec(forged.line)?.[1];
+  expect(newId).toBeDefined();
+  expect(newId).not.toBe("4bf92f3577b34da6a3ce929d0e0e4736");
+  expect(forged.line).not.toContain("FORGED");
+  expect(forged.onward.traceparent).toStartWith(`00-${newId}-`);
+  expect(await call({ "x-request-id": "req-7" })).toEqual({ onward: { "x-request-id": "req-7" }, line: expect.stringMatching(/ 200 - request_id=req-7$/) });
+  const replaced = await call({ "x-request-id": "req 7\" 200 - FORGED" });
+  expect(replaced.line).not.toContain("FORGED");
+  expect(replaced.line).toEndWith(` 200 - request_id=${replaced.onward["x-request-id"]}`);
+});
 
 describe("listenReloadable (#11)", () => {
   test("a reload with a new CRL refuses the revoked client at once, keeps the others, and lets requests in flight finish", async () => {

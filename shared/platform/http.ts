@@ -3,6 +3,7 @@ import { Elysia } from "elysia";
 import { BadRequest, ConfigError, MeshError, type ErrorCode } from "./errors.ts";
 import { describeError, type Logger } from "../ops/log.ts";
 import { Metrics } from "../ops/metrics.ts";
+import { traceOf, type Trace } from "../ops/trace.ts";
 import { runtime, type ReloadableListener, type ServableApp, type ServerTls } from "./runtime/index.ts";
 import { DEFAULT_BODY_LIMIT, IDLE_TIMEOUT_S, PEER_ADDRESS_HEADER } from "./runtime/limits.ts";
 
@@ -18,10 +19,24 @@ export interface AppOptions {
   metrics?: Metrics;
   /** Serve GET /metrics on this app (the coordinator serves it on its admin listener instead). */
   metricsRoute?: boolean;
+  /**
+   * One access line per request (default true). Off, requests are still counted and timed in the metrics: for a
+   * benchmark against a proxy that logs nothing, or a role whose access lines go elsewhere.
+   */
+  accessLog?: boolean;
 }
 
-/** What the access log and the latency histogram need from a request's arrival. */
-const arrivals = new WeakMap<Request, { remote: string; at: number; path: string }>();
+/** What the access log and the latency histogram need from a request's arrival, and its trace. */
+const arrivals = new WeakMap<Request, { remote: string; at: number; path: string; trace: Trace }>();
+
+/**
+ * The trace of a request to an app made by createApp (read once, at arrival): the id its access line logs, and the
+ * headers every call made onward for it must carry (`trace.outbound`).
+ * @example await runtime.fetch(url, { headers: { ...requestTrace(request).outbound }, tls })
+ */
+export function requestTrace(request: Request): Trace {
+  return arrivals.get(request)?.trace ?? traceOf(request.headers);
+}
 
 function errorBody(status: number, error: string, code: ErrorCode) {
   return new Response(JSON.stringify({ error, code }), {
@@ -108,9 +123,10 @@ async function parseBody(request: Request, contentType: string, limit: number): 
 
 /**
  * A new Elysia app with securemesh's error mapping and access log. Unknown routes get 404 JSON, known paths with
- * the wrong method 405 JSON, and no error reaches the client as a stack trace.
+ * the wrong method 405 JSON, and no error reaches the client as a stack trace. Each request's trace (traceparent or
+ * X-Request-Id, shared/ops/trace.ts) is read on arrival, ends its access line, and is at hand as requestTrace().
  */
-export function createApp({ logger, bodyLimit = DEFAULT_BODY_LIMIT, metrics = new Metrics(), metricsRoute = true }: AppOptions) {
+export function createApp({ logger, bodyLimit = DEFAULT_BODY_LIMIT, metrics = new Metrics(), metricsRoute = true, accessLog = true }: AppOptions) {
   // Labelled by route pattern, not path, so a scan of random paths cannot grow the series without bound.
   const requests = metrics.counter("securemesh_http_requests_total", "HTTP requests answered, by route, method and status.", ["route", "method", "status"]);
   const latency = metrics.histogram("securemesh_http_request_duration_seconds", "Time from request to response, by route.", ["route"]);
@@ -127,7 +143,7 @@ export function createApp({ logger, bodyLimit = DEFAULT_BODY_LIMIT, metrics = ne
       const remote = server ? server.requestIP(request)?.address ?? "-" : request.headers.get(PEER_ADDRESS_HEADER) ?? "-";
       // The path is parsed once here and kept for the access log: one URL parse per request, not two.
       const actual = requestPath(request);
-      arrivals.set(request, { remote, at: performance.now(), path: actual });
+      arrivals.set(request, { remote, at: performance.now(), path: actual, trace: traceOf(request.headers) });
       // Elysia's fetch finds the path at a fixed offset into the URL, so an https request with a 1-2 character Host
       // was routed to another handler than its path names (found by attack on #11). Only a path routed as written
       // is served.
@@ -159,7 +175,7 @@ export function createApp({ logger, bodyLimit = DEFAULT_BODY_LIMIT, metrics = ne
       const response = (context as { response?: unknown }).response;
       const status = response instanceof Response ? response.status : typeof set.status === "number" ? set.status : 200;
       const arrival = arrivals.get(request);
-      logger.access(arrival?.remote ?? "-", request.method, arrival?.path ?? requestPath(request), status);
+      if (accessLog) logger.access(arrival?.remote ?? "-", request.method, arrival?.path ?? requestPath(request), status, arrival?.trace ?? requestTrace(request));
       const route = "route" in context && context.route ? context.route : "unmatched";
       requests.inc({ route, method: request.method, status: String(status) });
       if (arrival) latency.observe({ route }, (performance.now() - arrival.at) / 1000);

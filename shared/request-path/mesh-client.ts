@@ -5,6 +5,7 @@ import { MeshError } from "../platform/errors.ts";
 import type { DataSnapshot } from "./data-view.ts";
 import type { Fernet } from "./fernet.ts";
 import { describeNetworkError, printable } from "../ops/log.ts";
+import { startTrace } from "../ops/trace.ts";
 import { FORWARDER_HEADER, PROOF_HEADER, ProofSigner } from "./proof.ts";
 import { mutualTlsClientOptions, type Identity } from "../platform/tls.ts";
 import { runtime } from "../platform/runtime/index.ts";
@@ -46,6 +47,8 @@ export interface MeshResponse<T = Record<string, unknown>> {
   status: number;
   body: T;
   coordinator: string;
+  /** The trace id the request carried (its traceparent): every hop's access line names it. */
+  trace: string;
 }
 
 export class MeshClient {
@@ -108,11 +111,13 @@ export class MeshClient {
 
   /**
    * Sends one request, failing over between coordinators on connection failures and on 503, with backoff
-   * between rounds. Any other answer, success or error, is returned as it is.
+   * between rounds. Any other answer, success or error, is returned as it is. Each request starts a trace (a W3C
+   * traceparent) that every attempt carries, so a retry and a failover show in the logs under the one id.
    */
   async request<T = Record<string, unknown>>(method: string, path: string, body?: unknown, headers: Record<string, string> = {}): Promise<MeshResponse<T>> {
     const { coordinators, attempts, backoffMs, timeoutMs } = this.#options;
     const forwarded: Record<string, string> = this.#forwarder ? { [FORWARDER_HEADER]: await this.#forwarder.forwarderAssertion() } : {};
+    const trace = startTrace();
     let last = "";
     for (let round = 0; round < attempts; round++) {
       if (round > 0) await setTimeout(backoffMs * 2 ** (round - 1));
@@ -120,7 +125,7 @@ export class MeshClient {
         try {
           const response = await runtime.fetch(coordinator.replace(/\/+$/, "") + path, {
             method,
-            headers: { ...forwarded, ...(body === undefined ? {} : { "content-type": "application/json" }), ...headers },
+            headers: { ...trace.outbound, ...forwarded, ...(body === undefined ? {} : { "content-type": "application/json" }), ...headers },
             body: body === undefined ? undefined : JSON.stringify(body),
             tls: this.#tls,
             signal: AbortSignal.timeout(timeoutMs),
@@ -130,12 +135,12 @@ export class MeshClient {
             last = `${coordinator} answered 503: ${(parsed as { error?: string }).error ?? ""}`;
             continue;
           }
-          return { status: response.status, body: parsed, coordinator };
+          return { status: response.status, body: parsed, coordinator, trace: trace.id };
         } catch (error) {
           last = `${coordinator}: ${describeNetworkError(error)}`;
         }
       }
     }
-    throw new MeshError("ERR_UNREACHABLE", 503, `no coordinator could serve the request (${last})`);
+    throw new MeshError("ERR_UNREACHABLE", 503, `no coordinator could serve the request (${last}; trace=${trace.id})`);
   }
 }

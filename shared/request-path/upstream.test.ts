@@ -1,6 +1,7 @@
 import { afterAll, beforeAll, expect, test } from "bun:test";
 import { expectPeer } from "../authz/expect-peer.ts";
 import { createLogger } from "../ops/log.ts";
+import { traceOf } from "../ops/trace.ts";
 import { testPki } from "../testing/pki.ts";
 import { loadIdentity, mutualTlsClientOptions, mutualTlsServerOptions } from "../platform/tls.ts";
 import { UpstreamPool } from "./upstream.ts";
@@ -74,4 +75,34 @@ test("#11: a server enters rotation only once a probe has seen the expected iden
     server: `https://127.0.0.1:${server.port}`, ok: false, status: null,
     error: "ERR_UNEXPECTED_PEER: reached spiffe://securemesh/server/server, expected spiffe://securemesh/keyserver/*",
   }]);
+});
+
+test("#14: forwards and broadcasts carry the request's trace as checked, never a caller's malformed one", async () => {
+  const pki = await testPki();
+  const seen: Record<string, string | null>[] = [];
+  const echo = Bun.serve({
+    port: 0, hostname: "127.0.0.1", tls: mutualTlsServerOptions(loadIdentity(pki, "server")),
+    fetch: (request) => {
+      seen.push({ traceparent: request.headers.get("traceparent"), requestId: request.headers.get("x-request-id") });
+      return Response.json({});
+    },
+  });
+  try {
+    const traced = new UpstreamPool({ servers: [`https://127.0.0.1:${echo.port}`], tls: mutualTlsClientOptions(loadIdentity(pki, "coordinator")), logger: createLogger("c", { write: () => {} }) });
+    const incoming = new Headers({ traceparent: "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01", "x-request-id": "req-1" });
+    const trace = traceOf(incoming);
+    await traced.forward({ method: "GET", path: "/x", headers: incoming, trace });
+    await traced.broadcast("GET", "/x", new Headers(), undefined, trace);
+    await traced.forward({ method: "GET", path: "/x", headers: new Headers({ "x-request-id": "req 1\" 200 - forged" }) });
+    await traced.forward({ method: "GET", path: "/x", headers: new Headers({ traceparent: "00-not-a-trace", "x-request-id": "req-2" }) });
+    expect(seen.slice(0, 2)).toEqual([
+      { traceparent: trace.outbound.traceparent!, requestId: null },
+      { traceparent: trace.outbound.traceparent!, requestId: null },
+    ]);
+    expect(trace.outbound.traceparent).toMatch(/^00-4bf92f3577b34da6a3ce929d0e0e4736-(?!00f067aa0ba902b7)[0-9a-f]{16}-01$/);
+    expect(seen[2]).toEqual({ traceparent: null, requestId: expect.stringMatching(/^[0-9a-f-]{36}$/) });
+    expect(seen[3]).toEqual({ traceparent: expect.stringMatching(/^00-[0-9a-f]{32}-[0-9a-f]{16}-01$/), requestId: null });
+  } finally {
+    echo.stop(true);
+  }
 });

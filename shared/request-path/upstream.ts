@@ -3,6 +3,7 @@ import { MeshError, Unavailable } from "../platform/errors.ts";
 import { runtime, type ClientTls, type IdentityCheck, type NetworkErrorCode } from "../platform/runtime/index.ts";
 import { describeNetworkError as reason, type Logger } from "../ops/log.ts";
 import type { Metrics } from "../ops/metrics.ts";
+import { traceOf, type Trace } from "../ops/trace.ts";
 import { FORWARDER_HEADER, PROOF_HEADER } from "./proof.ts";
 
 /** The outbound TLS and identity check (shared/authz/expect-peer.ts), as the runtime adapters take them. */
@@ -53,6 +54,8 @@ export interface ForwardRequest {
   path: string;
   headers: Headers;
   body?: ArrayBuffer;
+  /** The incoming request's trace (createApp's requestTrace), sent on; read from `headers` when not given. */
+  trace?: Trace;
 }
 
 export interface ForwardResult {
@@ -63,14 +66,17 @@ export interface ForwardResult {
 }
 
 export const DEFAULT_HEALTH: HealthCheckOptions = { intervalMs: 1000, timeoutMs: 1000, fall: 2, rise: 2 };
-/** An allowlist: nothing else a caller sends reaches a server, so no caller can forge a forwarder assertion. */
-const FORWARDED_HEADERS = ["content-type", "accept", "cache-control", "idempotency-key", "x-request-id", PROOF_HEADER];
+/**
+ * An allowlist: nothing else a caller sends reaches a server, so no caller can forge a forwarder assertion. The
+ * trace (traceparent or X-Request-Id) goes as checked by shared/ops/trace.ts, never as the caller sent it.
+ */
+const FORWARDED_HEADERS = ["content-type", "accept", "cache-control", "idempotency-key", PROOF_HEADER];
 /**
  * Failures where the request provably never reached the server's application, so any method may be re-sent: the
  * codes of the runtime adapters' fetch, the same on Bun and Deno. A server presenting a certificate or identity we
  * refuse was refused at the handshake: nothing was sent to it. ECONNRESET may have reached it.
  */
-const NEVER_REACHED = new Set<NetworkErrorCode>(["ECONNREFUSED", "ENOTFOUND", "EHOSTUNREACH", "ENETUNREACH", "EPROTO", "ERR_TLS_CERT", "ERR_UNEXPECTED_PEER"]);
+const NEVER_REACHED = new Set<NetworkErrorCode>(["ECONNREFUSED", "ENOTFOUND", "EHOSTUNREACH", "ENETUNREACH", "EPROTO", "ERR_TLS_CERT", "ERR_TLS_HOSTNAME", "ERR_UNEXPECTED_PEER"]);
 
 interface Server extends UpstreamState {
   okStreak: number;
@@ -162,7 +168,8 @@ export class UpstreamPool {
     const order = this.#rotation();
     if (order.length === 0) throw new Unavailable("no server is up");
     const replayable = request.method === "GET" || request.method === "HEAD" || request.headers.has("idempotency-key");
-    const headers = new Headers();
+    const trace = request.trace ?? traceOf(request.headers);
+    const headers = new Headers(trace.outbound);
     for (const name of FORWARDED_HEADERS) {
       const value = request.headers.get(name);
       if (value !== null) headers.set(name, value);
@@ -176,7 +183,7 @@ export class UpstreamPool {
         return result;
       } catch (error) {
         lastReason = reason(error);
-        this.#markFailed(server, lastReason);
+        this.#markFailed(server, lastReason, trace);
         if (!replayable && !neverReachedServer(error)) {
           throw new MeshError("ERR_UPSTREAM_UNCERTAIN", 502,
             "the server failed after the request may have reached it; not re-sent without an Idempotency-Key");
@@ -190,16 +197,17 @@ export class UpstreamPool {
    * Sends the same request to every configured server in parallel, up or not; reports each outcome. A server out
    * of rotation may be anything by now, and the request carries the forwarder assertion and the caller's proof: each
    * call checks the identity on its own handshake (broadcasts are rare; an impostor on a dead server's port
-   * received both before, found by attack on #11).
+   * received both before, found by attack on #11). `trace` is the incoming request's, sent on with it.
    */
-  async broadcast(method: string, path: string, headers: Headers = new Headers(), body?: ArrayBuffer) {
+  async broadcast(method: string, path: string, headers: Headers = new Headers(), body?: ArrayBuffer, trace?: Trace) {
+    for (const [name, value] of Object.entries(trace?.outbound ?? {})) headers.set(name, value);
     return Promise.all(this.#servers.map(async (server) => {
       try {
         const result = await this.#send(server.url, method, path, headers, body, this.#identityCheckedTls());
         return { server: server.url, ok: result.status < 300, status: result.status, body: result.body } as const;
       } catch (error) {
         const why = reason(error);
-        this.#markFailed(server, why);
+        this.#markFailed(server, why, trace);
         return { server: server.url, ok: false, status: null, error: why } as const;
       }
     }));
@@ -222,11 +230,12 @@ export class UpstreamPool {
     return { status: response.status, headers: response.headers, body: await response.arrayBuffer(), upstream: base };
   }
 
-  #markFailed(server: Server, why: string): void {
+  #markFailed(server: Server, why: string, trace?: Trace): void {
     server.failures += 1;
     server.lastError = why;
     server.okStreak = 0;
-    this.#logger.warn(`Server ${server.url} failed: ${why}`, { upstream: server.url });
+    // The request's trace, so a failover can be followed in this log as in the access lines.
+    this.#logger.warn(`Server ${server.url} failed: ${why}${trace ? ` ${trace.field}=${trace.id}` : ""}`, { upstream: server.url, ...(trace ? { [trace.field]: trace.id } : {}) });
     // A failed request is proof enough to take the server out now; the probes decide when it comes back.
     if (server.up) {
       server.up = false;

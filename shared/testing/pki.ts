@@ -18,6 +18,19 @@ export async function newPki(label = "main", extraArgs: string[] = []): Promise<
   return dir;
 }
 
+/** What `./pki.sh issue NAME --KIND` issues (`both`: a service that serves and calls onward). */
+export type IdentityKind = "client" | "server" | "coordinator" | "keyserver" | "secureproxy" | "marketplace" | "both";
+
+/**
+ * Issues (or, with `force`, reissues) `name` in the PKI at `dir` through `./pki.sh issue`, with `sans` as its host
+ * names and addresses instead of the loopback defaults.
+ * @example await issueIdentity(dir, "server", "server", { sans: ["IP:10.77.0.11", "DNS:server1.mesh.test"], force: true })
+ */
+export async function issueIdentity(dir: string, name: string, kind: IdentityKind, options: { sans?: readonly string[]; force?: boolean } = {}): Promise<void> {
+  const sans = (options.sans ?? []).flatMap((san) => ["--san", san]);
+  await runPkiSh(dir, "issue", name, `--${kind}`, ...sans, ...(options.force ? ["--force"] : []));
+}
+
 const built = new Map<string, Promise<string>>();
 
 /**

@@ -1,11 +1,14 @@
 // The Bun side of the runtime seam: Bun.serve for Elysia apps (with the SO_REUSEPORT reload handoff), Bun's
-// fetch with its `tls` option, Bun.CryptoHasher, and node:tls + node:http for the peer-identity listener.
+// fetch with its `tls` option (it checks the host name against the SANs itself; a request's own identity check
+// replaces that, so it runs after afterHostnameCheck), Bun.CryptoHasher, and node:tls + node:http for the
+// peer-identity listener.
 import http from "node:http";
 import net from "node:net";
 import tls from "node:tls";
 import type { Server } from "bun";
 import { ConfigError } from "../errors.ts";
 import { describeError } from "../../ops/log.ts";
+import { afterHostnameCheck } from "./hostname-check.ts";
 import { normaliseFetchError } from "./network-errors.ts";
 import type { AppListenOptions, ReloadableListener, Runtime, ServableApp, ServerTls, TlsRequestInit, TlsServerFactory } from "./types.ts";
 
@@ -97,8 +100,9 @@ export const bunRuntime: Runtime = {
   // Bun's own hasher: 1.6 µs per 1 KiB, about 20% faster than node:crypto's createHmac on Bun.
   hmacSha256: (key, data) => new Bun.CryptoHasher("sha256", key).update(data).digest(),
   async fetch(url: string | URL, init: TlsRequestInit = {}) {
+    const check = init.tls?.checkServerIdentity;
     try {
-      return await fetch(url, init);
+      return await fetch(url, check ? { ...init, tls: { ...init.tls!, checkServerIdentity: afterHostnameCheck(check) } } : init);
     } catch (error) {
       throw normaliseFetchError(error);
     }

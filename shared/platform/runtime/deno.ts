@@ -7,6 +7,8 @@
 // - fetch ignores Bun's `tls` option: Deno.createHttpClient, one per TLS options object; and since no fetch can
 //   check the peer's identity, a request with checkServerIdentity goes through node:https, which calls it.
 // - fetch's errors are a bare TypeError("fetch failed"): network-errors.ts reads the reason out of its cause.
+// - Host names: Deno's fetch (rustls) checks them against the SANs; node:https calls only the check it is given,
+//   so that check runs after afterHostnameCheck (#14).
 import { createHmac } from "node:crypto";
 import https from "node:https";
 import { isIP } from "node:net";
@@ -14,6 +16,7 @@ import { parseCrl, type RevocationList } from "../../authz/crl.ts";
 import { withExtendedKeyUsage } from "../eku.ts";
 import { ConfigError } from "../errors.ts";
 import { listenNode } from "./node-listener.ts";
+import { afterHostnameCheck } from "./hostname-check.ts";
 import { normaliseFetchError } from "./network-errors.ts";
 import type { AppListenOptions, ClientTls, ReloadableListener, Runtime, ServableApp, ServerTls, TlsRequestInit, TlsServerFactory } from "./types.ts";
 
@@ -45,7 +48,7 @@ function clientFor(tls: ClientTls): DenoHttpClient {
  * fetch opens for a request with checkServerIdentity.
  */
 async function fetchCheckingIdentity(url: URL, init: TlsRequestInit, tls: ClientTls): Promise<Response> {
-  const check = tls.checkServerIdentity!;
+  const check = afterHostnameCheck(tls.checkServerIdentity!);
   const body = init.body == null ? undefined : Buffer.from(await new Response(init.body).arrayBuffer());
   const headers: Record<string, string> = {};
   new Headers(init.headers).forEach((value, name) => {

@@ -10,6 +10,7 @@ export const NETWORK_REASONS: Readonly<Record<NetworkErrorCode, string>> = {
   ENETUNREACH: "network unreachable",
   EPROTO: "TLS handshake failed",
   ERR_TLS_CERT: "TLS certificate refused",
+  ERR_TLS_HOSTNAME: "TLS certificate does not name this host",
   ERR_UNEXPECTED_PEER: "unexpected peer identity",
   ECONNRESET: "connection reset",
 };
@@ -25,7 +26,8 @@ export function codeFromRuntimeCode(code: unknown): NetworkErrorCode | undefined
   if (code === "ConnectionClosed" || code === "EPIPE" || code === "ECONNABORTED") return "ECONNRESET";
   if (code === "EAI_AGAIN" || code === "DNSException") return "ENOTFOUND";
   if (code.startsWith("ERR_SSL_") || code === "ERR_TLS_HANDSHAKE_TIMEOUT") return "EPROTO";
-  if (/CERT|UNABLE_TO_(GET|VERIFY|DECRYPT|DECODE)|SELF_SIGNED|ALTNAME|HOSTNAME_MISMATCH/.test(code)) return "ERR_TLS_CERT";
+  if (/ALTNAME|HOSTNAME_MISMATCH/.test(code)) return "ERR_TLS_HOSTNAME";
+  if (/CERT|UNABLE_TO_(GET|VERIFY|DECRYPT|DECODE)|SELF_SIGNED/.test(code)) return "ERR_TLS_CERT";
   return undefined;
 }
 
@@ -35,7 +37,8 @@ export function codeFromText(text: string): NetworkErrorCode | undefined {
   if (/dns error|failed to lookup address|name or service not known|no address associated/i.test(text)) return "ENOTFOUND";
   if (/no route to host|host is unreachable/i.test(text)) return "EHOSTUNREACH";
   if (/network is unreachable/i.test(text)) return "ENETUNREACH";
-  if (/invalid peer certificate|certificate (verify|not valid|expired|unknown)|UnknownIssuer|NotValidForName|BadSignature/i.test(text)) return "ERR_TLS_CERT";
+  if (/certificate not valid for name|NotValidForName/i.test(text)) return "ERR_TLS_HOSTNAME";
+  if (/invalid peer certificate|certificate (verify|not valid|expired|unknown)|UnknownIssuer|BadSignature/i.test(text)) return "ERR_TLS_CERT";
   if (/fatal alert|handshake|tls|ssl/i.test(text)) return "EPROTO";
   if (/connection reset|broken pipe|connection closed|unexpected eof|incomplete message|connection aborted|canceled/i.test(text)) return "ECONNRESET";
   return undefined;

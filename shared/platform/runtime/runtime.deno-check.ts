@@ -10,6 +10,7 @@ import { createApp, listenReloadable, readBodyLimited } from "../http.ts";
 import { listenWithPeerIdentity, PEER_HEADER } from "../peer-tls.ts";
 import { mutualTlsClientOptions, mutualTlsServerOptions } from "../tls.ts";
 import { createLogger } from "../../ops/log.ts";
+import { OTHER_HOST, outboundHostChecks, SAN_HOST } from "../../testing/host-checks.ts";
 import { runtime } from "./index.ts";
 
 const dir = process.env.PKI_DIR!;
@@ -37,6 +38,10 @@ async function outcome(call: Promise<Response>): Promise<Record<string, unknown>
   }
 }
 
+// A server certificate for SAN_HOST only (issued by the Bun test as "elsewhere"), served there and on OTHER_HOST.
+const elsewhere = mutualTlsServerOptions(TrustMaterial.open(dir, "elsewhere").identity);
+const [sanHost, otherHost] = await Promise.all([SAN_HOST, OTHER_HOST].map((hostname) => listenReloadable(app(), { port: 0, hostname, tls: elsewhere })));
+
 const client = loadClientTls();
 function loadClientTls() {
   const coordinator = TrustMaterial.open(dir, "coordinator").identity;
@@ -58,10 +63,11 @@ const outbound = {
   refused: await outcome(runtime.fetch(`https://127.0.0.1:${closedPort}/`, { tls: client })),
   refusedWithIdentity: await outcome(runtime.fetch(`https://127.0.0.1:${closedPort}/`, { tls: { ...client, checkServerIdentity: expectPeer("spiffe://securemesh/server/*") } })),
   untrusted: await outcome(runtime.fetch(`${base}/who`, { tls: { rejectUnauthorized: true, ca: TrustMaterial.open(process.env.OTHER_PKI_DIR!, "server").identity.ca, cert: client.cert, key: client.key } })),
+  hostChecks: await outboundHostChecks(client, { sanHost: sanHost!.port, otherHost: otherHost!.port }),
   hmacMatches: runtime.hmacSha256(Buffer.from("k"), Buffer.from("data")).equals(createHmac("sha256", "k").update("data").digest()),
   runtime: runtime.name,
 };
 console.log(JSON.stringify({ mutual: mutual.port, peer: peer.port, outbound }));
 await text(process.stdin);
-await Promise.all([mutual.stop(true), peer.close()]);
+await Promise.all([mutual.stop(true), peer.close(), sanHost!.stop(true), otherHost!.stop(true)]);
 process.exit(0);

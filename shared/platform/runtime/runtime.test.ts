@@ -9,7 +9,10 @@ import { expectPeer } from "../../authz/index.ts";
 import { REPO_ROOT } from "../config.ts";
 import { hasExtendedKeyUsage, extendedKeyUsages } from "../eku.ts";
 import { loadIdentity, mutualTlsClientOptions, mutualTlsServerOptions, CLIENT_AUTH_OID, SERVER_AUTH_OID, type Identity } from "../tls.ts";
-import { revocationPki, testPki } from "../../testing/pki.ts";
+import { issueIdentity, newPki, revocationPki, testPki } from "../../testing/pki.ts";
+import { expectedHostChecks, OTHER_HOST, outboundHostChecks, SAN_HOST } from "../../testing/host-checks.ts";
+import { listenReloadable, createApp } from "../http.ts";
+import { createLogger } from "../../ops/log.ts";
 import { runtime } from "./index.ts";
 import { codeFromRuntimeCode, codeFromText, normaliseFetchError } from "./network-errors.ts";
 import { NetworkError } from "./types.ts";
@@ -39,17 +42,32 @@ describe("on Bun", () => {
   });
 });
 
+test("fetch checks the host against the certificate's SANs, whatever identity check a request brings (#14)", async () => {
+  const pki = await newPki("bun-hosts");
+  await issueIdentity(pki, "elsewhere", "server", { sans: [`IP:${SAN_HOST}`] });
+  const tls = mutualTlsServerOptions(loadIdentity(pki, "elsewhere"));
+  const app = () => createApp({ logger: createLogger("t", { write: () => {} }) }).get("/who", () => "ok");
+  const [sanHost, otherHost] = await Promise.all([SAN_HOST, OTHER_HOST].map((hostname) => listenReloadable(app(), { port: 0, hostname, tls })));
+  try {
+    const client = mutualTlsClientOptions(loadIdentity(pki, "coordinator"));
+    expect(await outboundHostChecks(client, { sanHost: sanHost!.port, otherHost: otherHost!.port })).toEqual(expectedHostChecks);
+  } finally {
+    await Promise.all([sanHost!.stop(true), otherHost!.stop(true)]);
+  }
+});
+
 test("error classification: Bun's codes and Deno's cause texts map to the same codes", () => {
-  expect(["ConnectionRefused", "ECONNREFUSED", "ECONNRESET", "ENOTFOUND", "UNABLE_TO_VERIFY_LEAF_SIGNATURE", "ERR_TLS_CERT_ALTNAME_INVALID"].map(codeFromRuntimeCode))
-    .toEqual(["ECONNREFUSED", "ECONNREFUSED", "ECONNRESET", "ENOTFOUND", "ERR_TLS_CERT", "ERR_TLS_CERT"]);
+  expect(["ConnectionRefused", "ECONNREFUSED", "ECONNRESET", "ENOTFOUND", "UNABLE_TO_VERIFY_LEAF_SIGNATURE", "ERR_TLS_CERT_ALTNAME_INVALID", "CERT_HAS_EXPIRED"].map(codeFromRuntimeCode))
+    .toEqual(["ECONNREFUSED", "ECONNREFUSED", "ECONNRESET", "ENOTFOUND", "ERR_TLS_CERT", "ERR_TLS_HOSTNAME", "ERR_TLS_CERT"]);
   const deno = (reason: string) => codeFromText(`error sending request for url (https://127.0.0.1:5001/): client error (Connect): ${reason}`);
   expect([
     deno("tcp connect error: Connection refused (os error 111)"),
     deno("Connection reset by peer (os error 104)"),
     deno("dns error: failed to lookup address information: Name or service not known"),
     deno("invalid peer certificate: UnknownIssuer"),
+    deno('invalid peer certificate: certificate not valid for name "127.0.0.3"; certificate is only valid for IpAddress(127.0.0.2)'),
     deno("received fatal alert: CertificateRequired"),
-  ]).toEqual(["ECONNREFUSED", "ECONNRESET", "ENOTFOUND", "ERR_TLS_CERT", "EPROTO"]);
+  ]).toEqual(["ECONNREFUSED", "ECONNRESET", "ENOTFOUND", "ERR_TLS_CERT", "ERR_TLS_HOSTNAME", "EPROTO"]);
   const denoError = new TypeError("fetch failed", { cause: new Error("error sending request for url (https://x/): client error (Connect): tcp connect error: Connection refused (os error 111)") });
   const normalised = normaliseFetchError(denoError);
   expect(normalised).toBeInstanceOf(NetworkError);
@@ -77,6 +95,7 @@ describe("on Deno (a real Deno process, real certificates)", () => {
 
   beforeAll(async () => {
     ({ dir } = await revocationPki("deno-runtime")); // client x is revoked
+    await issueIdentity(dir, "elsewhere", "server", { sans: [`IP:${SAN_HOST}`] });
     const other = await testPki("other");
     ids = { client1: loadIdentity(dir, "client1"), x: loadIdentity(dir, "x"), server: loadIdentity(dir, "server") };
     deno = Bun.spawn([join(REPO_ROOT, "node_modules", ".bin", "deno"), "run", "-A", join(import.meta.dir, "runtime.deno-check.ts")], {
@@ -168,6 +187,10 @@ describe("on Deno (a real Deno process, real certificates)", () => {
     expect(outbound.rightIdentity).toEqual({ status: 200, body: { peer: null } });
     expect(outbound.postWithIdentity).toEqual({ status: 200, body: { bytes: 5 } });
     expect(outbound.wrongIdentity).toMatchObject({ code: "ERR_UNEXPECTED_PEER", message: "reached spiffe://securemesh/server/server, expected spiffe://securemesh/keyserver/*" });
+  });
+
+  test("outbound: fetch checks the host against the certificate's SANs, whatever identity check a request brings (#14)", () => {
+    expect(outbound.hostChecks).toEqual(expectedHostChecks);
   });
 
   test("outbound: Deno's fetch honours the client certificate and CA, and its errors get the same codes as Bun's", () => {

@@ -42,7 +42,8 @@ export type NetworkErrorCode =
   | "EHOSTUNREACH"
   | "ENETUNREACH"
   | "EPROTO" // the TLS handshake failed (an alert, a protocol error)
-  | "ERR_TLS_CERT" // the peer's certificate was refused (unknown CA, wrong name, expired)
+  | "ERR_TLS_CERT" // the peer's certificate was refused (unknown CA, expired, revoked)
+  | "ERR_TLS_HOSTNAME" // the peer's certificate does not name the host or address called (its SANs, #14)
   | "ERR_UNEXPECTED_PEER" // the peer's identity was refused (shared/authz/expect-peer.ts)
   | "ECONNRESET"; // the connection broke: the request may have reached the application
 
