@@ -1,25 +1,13 @@
 // A short bench on real processes: every case runs, nothing fails, and the report, table and chart hold its figures.
 import { expect, setDefaultTimeout, test } from "bun:test";
-import { createServer } from "node:net";
 import { join } from "node:path";
 import { runPython } from "../shared/testing/python.ts";
 import { runBench, type BenchReport } from "./bench.ts";
-import { benchTable, renderChart } from "./bench-report.ts";
-import { temporaryCluster } from "./fixtures/index.ts";
+import { benchTable, renderChart, renderSweepCharts } from "./bench-report.ts";
+import { freePort, temporaryCluster } from "./fixtures/index.ts";
 import { Progress } from "./progress.ts";
 
 setDefaultTimeout(180_000);
-
-/** HAProxy cannot be given port 0, so it gets one the kernel just handed out. */
-function freePort(): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const server = createServer().listen(0, "127.0.0.1", () => {
-      const { port } = server.address() as { port: number };
-      server.close(() => resolve(port));
-    });
-    server.on("error", reject);
-  });
-}
 
 test("bench: every case runs with no errors, and the table, JSON and chart carry the figures", async () => {
   await using cluster = await temporaryCluster({ label: "bench" });
@@ -28,10 +16,14 @@ test("bench: every case runs with no errors, and the table, JSON and chart carry
   const ports = { server1: 0, server2: 0, coordinator: 0, keyserver: 0, secureproxy: 0, marketplace: 0, haproxy: await freePort(), coordinatorAdmin: 0 };
   const lines: string[] = [];
   const progress = new Progress({ stream: { isTTY: false, write: (text: string) => lines.push(text) } });
-  const report: BenchReport = await runBench({ cluster, ports, db: join(dir, "records.db"), tokenDb: join(dir, "tokens.db"), progress, durationS: 1, concurrency: 4 });
+  const report: BenchReport = await runBench({ cluster, ports, db: join(dir, "records.db"), tokenDb: join(dir, "tokens.db"), progress, durationS: 1, concurrency: 4, storeSizes: [200, 2000], storeReads: 20, sweepMs: 300 });
 
   const ids = report.results.map((r) => r.id);
-  expect(ids).toEqual(["a-read", "b-read", "c-read", "h-read-deno", "a-write", "b-write", "c-write", "h-write-deno", "f-uncached", "d-encrypt", "d-encrypt-python", "d-decrypt", "d-decrypt-python", "e-releases", "e-rsa-bound", "h-releases-deno", "g-failover"]);
+  expect(ids).toEqual([
+    "a-read", "b-read", "b-read-nolog", "b1-read", "b0-read", "c-read", "c-read-log", "h-read-deno",
+    "a-write", "b-write", "b-write-nolog", "b1-write", "b0-write", "c-write", "c-write-log", "h-write-deno",
+    "m-mixed", "f-uncached", "d-encrypt", "d-encrypt-python", "d-decrypt", "d-decrypt-python", "e-releases", "e-rsa-bound", "h-releases-deno", "g-failover",
+  ]);
   for (const result of report.results) {
     expect({ id: result.id, errors: result.errors, samples: result.errorSamples }).toEqual({ id: result.id, errors: 0, samples: [] });
     expect(result.rate).toBeGreaterThan(0);
@@ -39,6 +31,20 @@ test("bench: every case runs with no errors, and the table, JSON and chart carry
     if (result.latency) expect(result.latency.p50).toBeLessThanOrEqual(result.latency.p99);
   }
   expect(report.options.records).toBeGreaterThanOrEqual(1000);
+  // The proxies' CPU per request is measured, the mixed case counts its reads' cache hits.
+  for (const id of ["b-read", "c-read", "b-write-nolog", "c-write-log"]) expect(report.results.find((r) => r.id === id)?.cpuMsPerRequest).toBeGreaterThan(0);
+  const mixed = report.results.find((r) => r.id === "m-mixed")!.mixed!;
+  expect(mixed.writes).toBeGreaterThan(0);
+  expect(mixed.hitRatio).toBeGreaterThan(0);
+  // Every sweep point and store size ran, on both databases; every role's memory was read.
+  expect(report.sweeps.concurrency.map((p) => `${p.target}@${p.concurrency}`)).toHaveLength(12);
+  expect(report.sweeps.servers.map((p) => `${p.servers} ${p.route}`)).toHaveLength(6);
+  expect(report.storeSizes.points.map((p) => `${p.db}@${p.records}`)).toEqual(["sqlite@200", "sqlite@2000", "MariaDB@200", "MariaDB@2000"]);
+  expect(report.storeSizes.memory.map((m) => m.db)).toEqual(["sqlite", "MariaDB"]);
+  for (const role of ["server", "coordinator", "keyserver", "secureproxy", "marketplace", "client"]) expect(report.memory.some((m) => m.role === role && m.rssMiB > 5)).toBe(true);
+  for (const label of ["both logging", "neither logging", "read p50 under 95/5", "uncached read p50 at 2,000 / at 200 records, MariaDB", "idle RSS, server1 on bun"]) {
+    expect(report.comparisons.some((c) => c.label.includes(label))).toBe(true);
+  }
   expect(report.versions.haproxy).toMatch(/^\d+\.\d+/);
   expect(report.machine.cpus).toBeGreaterThan(0);
   expect(report.comparisons.find((c) => c.label.startsWith("errors while a server is killed"))?.met).toBe(true);
@@ -48,8 +54,14 @@ test("bench: every case runs with no errors, and the table, JSON and chart carry
 
   const table = benchTable(report).join("\n");
   for (const result of report.results) expect(table).toContain(result.label);
-  expect(table).toMatch(/coordinator \/ HAProxy throughput, cached read: \d+\.\d\dx/);
-  expect(table).toMatch(/Deno \/ Bun throughput, coordinator \+ servers, cached read: \d+\.\d\dx/);
+  expect(table).toMatch(/coordinator \/ HAProxy throughput, cached read, both logging: \d+\.\d\dx/);
+  expect(table).toContain("Sweep: concurrency");
+  expect(table).toMatch(/Deno \/ Bun throughput, coordinator \(1 process\) \+ servers, cached read: \d+\.\d\dx/);
+  const charts = renderSweepCharts(report);
+  expect(Object.keys(charts).sort()).toEqual(["bench-concurrency-p99.svg", "bench-concurrency.svg", "bench-servers.svg", "bench-store-size.svg"]);
+  for (const svg of Object.values(charts)) {
+    expect(await runPython("import sys, xml.etree.ElementTree as E; print(len(E.fromstring(sys.stdin.read()).findall('{http://www.w3.org/2000/svg}path')))", svg)).not.toBe("0");
+  }
   const chart = renderChart(report);
   expect(await runPython("import sys, xml.etree.ElementTree as E; print(len(E.fromstring(sys.stdin.read()).findall('{http://www.w3.org/2000/svg}rect')))", chart)).not.toBe("0");
   expect(chart).toContain(Math.round(report.results[0]!.rate).toLocaleString("en"));

@@ -3,7 +3,7 @@ import { createPublicKey } from "node:crypto";
 import { readFileSync } from "node:fs";
 import { cpus, totalmem } from "node:os";
 import { join } from "node:path";
-import { loadFernetKeys } from "../shared/platform/config.ts";
+import { loadFernetKeys, REPO_ROOT } from "../shared/platform/config.ts";
 import { Fernet } from "../shared/request-path/fernet.ts";
 import { MeshClient } from "../shared/request-path/mesh-client.ts";
 import { FORWARDER_HEADER, PROOF_HEADER, PROOF_LIFETIME_S, ProofSigner } from "../shared/request-path/proof.ts";
@@ -12,7 +12,8 @@ import { loadIdentity, mutualTlsClientOptions } from "../shared/platform/tls.ts"
 import { ON_BEHALF_OF_HEADER, openJoseResponse, prepareJoseRequest } from "../shared/token-path/token-exchange.ts";
 import { expectThat, type Cluster } from "./cluster.ts";
 import { ensureHaproxy, startHaproxy } from "./haproxy.ts";
-import { Latencies, runLoad, startTokenStack, type LatencySummary } from "./fixtures/index.ts";
+import { cpuSeconds, freePort, Latencies, processTree, roleCommand, rssMiB, runLoad, startTokenStack, type LatencySummary } from "./fixtures/index.ts";
+import { measureStoreSizes, type StoreSizeReport } from "./bench-store.ts";
 import type { Progress } from "./progress.ts";
 import { countRecords, seedRecords, type Ports } from "./scenario.ts";
 
@@ -25,8 +26,13 @@ export interface BenchOptions {
   db: string;
   tokenDb: string;
   progress: Progress;
-  /** Run only the cases whose id starts with one of these (all when empty). */
+  /** Run only the cases whose id starts with one of these (all when empty); s-concurrency, s-servers, s-store name the sweeps. */
   only?: string[];
+  /** Store sizes for the uncached-read sweep (default 1k, 100k, 1M) and reads timed at each. */
+  storeSizes?: readonly number[];
+  storeReads?: number;
+  /** How long each sweep point runs (default a fifth of --duration, at least a second). */
+  sweepMs?: number;
 }
 
 export interface CaseResult {
@@ -38,12 +44,29 @@ export interface CaseResult {
   errors: number;
   errorSamples: string[];
   latency: LatencySummary | null;
+  /** CPU the proxy under test (its whole process tree) used per request, for the proxy cases. */
+  cpuMsPerRequest?: number;
+  /** The mixed case's reads alone: their latency and how many the cache answered. */
+  mixed?: { reads: LatencySummary; hitRatio: number; writes: number };
+}
+
+export interface RoleMemory {
+  role: string;
+  name: string;
+  runtime: string;
+  rssMiB: number;
+  processes: number;
+}
+
+export interface Sweeps {
+  concurrency: { target: string; concurrency: number; rate: number; p99: number }[];
+  servers: { servers: number; route: string; rate: number; p99: number }[];
 }
 
 export interface Comparison {
   label: string;
   value: number;
-  unit: "x" | "ms" | "%" | "errors";
+  unit: "x" | "ms" | "%" | "errors" | "MiB";
   /** e.g. "≥ 1.00x"; absent for a figure with no goal. */
   goal?: string;
   met?: boolean;
@@ -54,12 +77,21 @@ export interface BenchReport {
   date: string;
   machine: { cpus: number; cpuModel: string; memoryGiB: number; platform: string };
   versions: Record<string, string>;
-  options: { durationS: number; concurrency: number; rounds: number; records: number };
+  options: { durationS: number; concurrency: number; rounds: number; records: number; coordinatorWorkers: number };
   results: CaseResult[];
+  sweeps: Sweeps;
+  storeSizes: StoreSizeReport;
+  memory: RoleMemory[];
   comparisons: Comparison[];
 }
 
 const SEEDED_RECORDS = 1000;
+/** The coordinator's workers in the bench: one per core of the 2-core machines it is quoted from. */
+const COORDINATOR_WORKERS = 2;
+const SWEEP_CONCURRENCY = [1, 4, 16, 64];
+const STORE_SIZES = [1000, 100_000, 1_000_000];
+/** Idle RSS each role may use (#13 Part 6). */
+const IDLE_RSS_GOAL_MIB = 60;
 const FERNET_PLAINTEXT = "x".repeat(1024);
 /** The bench's own health-check settings, the same for the coordinator and HAProxy. */
 const HEALTH = { intervalMs: 1000, timeoutMs: 1000, fall: 2, rise: 2 };
@@ -70,6 +102,8 @@ interface Slice {
   errors: number;
   errorSamples: string[];
   latencies?: Latencies;
+  cpuSeconds?: number;
+  mixed?: { reads: Latencies; hits: number; writes: number };
 }
 
 interface BenchCase {
@@ -125,8 +159,8 @@ function localRate(ms: number, op: () => unknown): Slice {
   return { rate: (count * 1000) / elapsed, count, errors: 0, errorSamples: [] };
 }
 
-async function loadSlice(options: BenchOptions, label: string, ms: number, request: (worker: number) => Promise<boolean | string>, during?: (elapsedMs: number) => void): Promise<Slice> {
-  const run = await runLoad({ concurrency: options.concurrency, durationMs: ms, request, progress: options.progress, label, during });
+async function loadSlice(options: BenchOptions, label: string, ms: number, request: (worker: number) => Promise<boolean | string>, during?: (elapsedMs: number) => void, concurrency = options.concurrency): Promise<Slice> {
+  const run = await runLoad({ concurrency, durationMs: ms, request, progress: options.progress, label, during });
   return { rate: (run.requests * 1000) / run.elapsedMs, count: run.requests, errors: run.errors, errorSamples: run.errorSamples, latencies: run.latencies };
 }
 
@@ -134,22 +168,37 @@ export async function runBench(options: BenchOptions): Promise<BenchReport> {
   const { cluster, ports, progress, durationS } = options;
   const rounds = Math.max(1, Math.min(5, Math.floor(durationS / 2)));
   const sliceMs = (durationS * 1000) / rounds;
+  // Each sweep point runs a fifth of a case's time, at least a second.
+  const sweepMs = options.sweepMs ?? Math.max(1000, (durationS * 1000) / 5);
+  const only = options.only ?? [];
+  const wanted = (id: string) => only.length === 0 || only.some((prefix) => id.startsWith(prefix));
 
   const haproxyVersion = ensureHaproxy((line) => progress.line(line));
   const pythonVersions = await runPython("import sys, cryptography; print(sys.version.split()[0], cryptography.__version__)");
   const [pythonVersion, cryptographyVersion] = pythonVersions.split(" ");
 
-  progress.line(`bench: seeding ${SEEDED_RECORDS} records, starting 2 servers, the coordinator, HAProxy and the KeyServer`);
+  progress.line(`bench: seeding ${SEEDED_RECORDS} records, starting 2 servers, the coordinators, 2 HAProxies and the KeyServer`);
   await seedRecords(options.db, cluster.pki, SEEDED_RECORDS);
   const servers = await Promise.all([cluster.startServer("server1", ports.server1), cluster.startServer("server2", ports.server2)]);
   const healthArgs = ["--health-interval", String(HEALTH.intervalMs), "--health-timeout", String(HEALTH.timeoutMs), "--fall", String(HEALTH.fall), "--rise", String(HEALTH.rise)];
-  const coordinator = await cluster.startCoordinator("coordinator", ports.coordinator, servers, healthArgs);
+  // The coordinator on both cores, as HAProxy runs a thread per core (#13): two workers on one port. Beside it the
+  // same without access lines (HAProxy logs nothing by default), and one process alone, to show what workers give.
+  const [coordinator, quietCoordinator, singleCoordinator] = await Promise.all([
+    cluster.startCoordinator("coordinator", ports.coordinator, servers, [...healthArgs, "--workers", String(COORDINATOR_WORKERS)]),
+    cluster.startCoordinator("coordinator-nolog", 0, servers, [...healthArgs, "--workers", String(COORDINATOR_WORKERS), "--access-log", "off"]),
+    cluster.startCoordinator("coordinator-1w", 0, servers, healthArgs),
+  ]);
   // The direct path and HAProxy forward as the coordinator does: with its forwarder assertion (#11).
   const coordinatorIdentity = loadIdentity(cluster.pki, "coordinator");
   const coordinatorSigner = new ProofSigner(coordinatorIdentity);
   const forwarderAssertion = () => coordinatorSigner.forwarderAssertion();
-  const haproxyProcess = await startHaproxy(cluster, { pki: cluster.pki, dir: cluster.logDir, port: ports.haproxy, servers, health: HEALTH, forwarderAssertion });
-  const haproxy = haproxyProcess.url;
+  const haproxyBase = { pki: cluster.pki, dir: cluster.logDir, servers, health: HEALTH, forwarderAssertion };
+  const haproxyProcess = await startHaproxy(cluster, { ...haproxyBase, port: ports.haproxy });
+  const loggingHaproxyProcess = await startHaproxy(cluster, { ...haproxyBase, port: await freePort(), name: "haproxy-log", accessLog: true });
+  const [haproxy, loggingHaproxy] = [haproxyProcess.url, loggingHaproxyProcess.url];
+  // The floor: a bare Bun.serve + fetch proxy with none of the coordinator's work (harness/bare-proxy.ts).
+  const bareLine = await cluster.startCommand("bare-proxy", [process.execPath, join(REPO_ROOT, "harness", "bare-proxy.ts"), ...servers]).waitForLine(/listening on https:\/\/\S+/);
+  const bareProxy = /https:\/\/\S+/.exec(bareLine)![0];
   // The load generator asks for client1 far faster than any real client: a per-caller nonce quota fit for it.
   const tokens = await startTokenStack({ cluster, ports, tokenDb: options.tokenDb, keyserverArgs: ["--replay-quota", "1000000"] });
 
@@ -166,12 +215,20 @@ export async function runBench(options: BenchOptions): Promise<BenchReport> {
   const clientTls = identities.map(mutualTlsClientOptions);
   const fernet = new Fernet(loadFernetKeys(cluster.pki));
   const direct = servers[0]!;
-  const writers = (target: string) => identities.map((identity) =>
-    new MeshClient({ identity, fernet, coordinators: [target], attempts: 1, forwardedBy: target === direct ? coordinatorIdentity : undefined }));
-  const writerFor = new Map([direct, coordinator, haproxy, denoCoordinator].map((target) => [target, writers(target)] as const));
+  const directTargets = new Set<string>(servers);
+  const writers = new Map<string, MeshClient[]>();
+  const writersFor = (target: string) => {
+    let found = writers.get(target);
+    if (!found) {
+      found = identities.map((identity) =>
+        new MeshClient({ identity, fernet, coordinators: [target], attempts: 1, forwardedBy: directTargets.has(target) ? coordinatorIdentity : undefined }));
+      writers.set(target, found);
+    }
+    return found;
+  };
 
   // A client re-uses a read proof while it is young, as servers cache verified proofs: one signature per proof.
-  const readers = writerFor.get(coordinator)!;
+  const readers = writersFor(coordinator);
   const readProofs = readers.map(() => ({ headers: {} as Record<string, string>, signedAt: -Infinity }));
   const readProof = async (worker: number) => {
     const proof = readProofs[worker % 2]!;
@@ -181,21 +238,27 @@ export async function runBench(options: BenchOptions): Promise<BenchReport> {
     }
     return proof.headers[PROOF_HEADER]!;
   };
-  const read = (target: string, refresh: boolean) => async (worker: number) => {
+  /** One get_data() read: whether it was answered from the cache, or why it failed. */
+  const readOnce = async (target: string, refresh: boolean, worker: number): Promise<{ cached: boolean } | string> => {
     const response = await fetch(`${target}/api/get_cached_data`, {
       headers: {
         [PROOF_HEADER]: await readProof(worker),
-        ...(target === direct ? { [FORWARDER_HEADER]: await forwarderAssertion() } : {}),
+        ...(directTargets.has(target) ? { [FORWARDER_HEADER]: await forwarderAssertion() } : {}),
         ...(refresh ? { "cache-control": "no-cache" } : {}),
       },
       tls: clientTls[worker % 2],
       signal: AbortSignal.timeout(5000),
     });
     const body = (await response.json()) as { cached?: boolean };
-    return response.status === 200 && body.cached === !refresh ? true : `answered ${response.status}, cached=${body.cached}`;
+    return response.status === 200 ? { cached: body.cached === true } : `answered ${response.status}: ${JSON.stringify(body).slice(0, 120)}`;
+  };
+  const read = (target: string, refresh: boolean) => async (worker: number) => {
+    const outcome = await readOnce(target, refresh, worker);
+    if (typeof outcome === "string") return outcome;
+    return outcome.cached === !refresh ? true : `answered 200, cached=${outcome.cached}`;
   };
   const write = (target: string) => async (worker: number) => {
-    const { status, body } = await writerFor.get(target)![worker % 2]!.sendData(`bench ${worker}`);
+    const { status, body } = await writersFor(target)[worker % 2]!.sendData(`bench ${worker}`);
     return status === 200 ? true : `answered ${status}: ${JSON.stringify(body)}`;
   };
 
@@ -214,23 +277,78 @@ export async function runBench(options: BenchOptions): Promise<BenchReport> {
   const fernetKey = readFileSync(join(cluster.pki, "encryption_key.txt"), "utf8");
   const token = fernet.encrypt(FERNET_PLAINTEXT);
 
+  // Idle memory of every role, before any load (#13 Part 6): the client is a one-shot command, so its peak.
+  const memory: RoleMemory[] = [];
+  const idle = (role: string, name: string, runtime: string, pids: number[]) =>
+    memory.push({ role, name, runtime, rssMiB: pids.reduce((n, pid) => n + (rssMiB(pid) ?? 0), 0), processes: pids.length });
+  const pidOf = (name: string) => cluster.role(name).proc.pid;
+  idle("server", "server1", "bun", [pidOf("server1")]);
+  idle("coordinator", "coordinator-1w", "bun", [pidOf("coordinator-1w")]);
+  for (const [i, pid] of processTree(pidOf("coordinator")).entries()) idle("coordinator", i === 0 ? "coordinator (supervisor)" : `coordinator worker ${i}`, "bun", [pid]);
+  for (const name of ["keyserver", "secureproxy", "marketplace"]) idle(name, name, "bun", [pidOf(name)]);
+  for (const [name, role] of [["deno-server1", "server"], ["deno-coordinator", "coordinator"], ["deno-keyserver", "keyserver"]] as const) idle(role, name, "deno", [pidOf(name)]);
+  memory.push(await clientPeakMemory(cluster, coordinator));
+
+  /** CPU seconds the proxy under test used during a slice, per request: the cost behind its throughput. */
+  const proxyPids = new Map<string, () => number[]>([
+    [coordinator, () => processTree(pidOf("coordinator"))], [quietCoordinator, () => processTree(pidOf("coordinator-nolog"))],
+    [singleCoordinator, () => [pidOf("coordinator-1w")]], [haproxy, () => [pidOf("haproxy")]], [loggingHaproxy, () => [pidOf("haproxy-log")]],
+    [bareProxy, () => [pidOf("bare-proxy")]],
+  ]);
+  const measured = async (target: string, run: () => Promise<Slice>): Promise<Slice> => {
+    const pids = proxyPids.get(target)?.() ?? [];
+    const before = cpuSeconds(pids);
+    const slice = await run();
+    return pids.length ? { ...slice, cpuSeconds: cpuSeconds(pids) - before } : slice;
+  };
   /**
    * A cached-read case: the servers behind `target` first read through once (uncounted, round-robin reaches each of
    * them), so the case measures cached reads whatever wrote into the shared store before it.
    */
-  const cachedReads = async (id: string, ms: number, target: string, servers: number) => {
-    for (let i = 0; i < servers; i++) await read(target, true)(i);
-    return loadSlice(options, id, ms, read(target, false));
+  const cachedReads = async (id: string, ms: number, target: string, servers: number, concurrency = options.concurrency) => {
+    for (let i = 0; i < servers * COORDINATOR_WORKERS; i++) await read(target, true)(i);
+    return measured(target, () => loadSlice(options, id, ms, read(target, false), undefined, concurrency));
   };
-  const cases: BenchCase[] = [
+  const writes = (id: string, ms: number, target: string) => measured(target, () => loadSlice(options, id, ms, write(target)));
+  /** 95% reads, 5% writes through the coordinator: every write moves the store's generation, so reads after it miss. */
+  const mixedTraffic = async (ms: number): Promise<Slice> => {
+    const reads = new Latencies();
+    let n = 0;
+    let hits = 0;
+    let writesDone = 0;
+    const slice = await loadSlice(options, "m-mixed", ms, async (worker) => {
+      if (n++ % 20 === 0) {
+        writesDone += 1;
+        return write(coordinator)(worker);
+      }
+      const begun = performance.now();
+      const outcome = await readOnce(coordinator, false, worker);
+      if (typeof outcome === "string") return outcome;
+      reads.add(performance.now() - begun);
+      if (outcome.cached) hits += 1;
+      return true;
+    });
+    return { ...slice, mixed: { reads, hits, writes: writesDone } };
+  };
+
+  const allCases: BenchCase[] = [
     { id: "a-read", label: "a. direct to server 1: cached read", unit: "req/s", run: (ms) => cachedReads("a-read", ms, servers[0]!, 1) },
-    { id: "b-read", label: "b. coordinator, 2 servers: cached read", unit: "req/s", run: (ms) => cachedReads("b-read", ms, coordinator, 2) },
-    { id: "c-read", label: "c. HAProxy, 2 servers: cached read", unit: "req/s", run: (ms) => cachedReads("c-read", ms, haproxy, 2) },
+    { id: "b-read", label: `b. coordinator (${COORDINATOR_WORKERS} workers, access log): cached read`, unit: "req/s", run: (ms) => cachedReads("b-read", ms, coordinator, 2) },
+    { id: "b-read-nolog", label: `b. coordinator (${COORDINATOR_WORKERS} workers, no access log): cached read`, unit: "req/s", run: (ms) => cachedReads("b-read-nolog", ms, quietCoordinator, 2) },
+    { id: "b1-read", label: "b. coordinator (1 process, access log): cached read", unit: "req/s", run: (ms) => cachedReads("b1-read", ms, singleCoordinator, 2) },
+    { id: "b0-read", label: "b. bare Bun.serve + fetch proxy (the floor): cached read", unit: "req/s", run: (ms) => cachedReads("b0-read", ms, bareProxy, 2) },
+    { id: "c-read", label: "c. HAProxy (no access log): cached read", unit: "req/s", run: (ms) => cachedReads("c-read", ms, haproxy, 2) },
+    { id: "c-read-log", label: "c. HAProxy (httplog access log): cached read", unit: "req/s", run: (ms) => cachedReads("c-read-log", ms, loggingHaproxy, 2) },
     { id: "h-read-deno", label: "h. coordinator and 2 servers on Deno: cached read", unit: "req/s", run: (ms) => cachedReads("h-read-deno", ms, denoCoordinator, 2) },
-    { id: "a-write", label: "a. direct to server 1: POST /api/data", unit: "req/s", run: (ms) => loadSlice(options, "a-write", ms, write(servers[0]!)) },
-    { id: "b-write", label: "b. coordinator, 2 servers: POST /api/data", unit: "req/s", run: (ms) => loadSlice(options, "b-write", ms, write(coordinator)) },
-    { id: "c-write", label: "c. HAProxy, 2 servers: POST /api/data", unit: "req/s", run: (ms) => loadSlice(options, "c-write", ms, write(haproxy)) },
-    { id: "h-write-deno", label: "h. coordinator and 2 servers on Deno: POST /api/data", unit: "req/s", run: (ms) => loadSlice(options, "h-write-deno", ms, write(denoCoordinator)) },
+    { id: "a-write", label: "a. direct to server 1: POST /api/data", unit: "req/s", run: (ms) => writes("a-write", ms, servers[0]!) },
+    { id: "b-write", label: `b. coordinator (${COORDINATOR_WORKERS} workers, access log): POST /api/data`, unit: "req/s", run: (ms) => writes("b-write", ms, coordinator) },
+    { id: "b-write-nolog", label: `b. coordinator (${COORDINATOR_WORKERS} workers, no access log): POST /api/data`, unit: "req/s", run: (ms) => writes("b-write-nolog", ms, quietCoordinator) },
+    { id: "b1-write", label: "b. coordinator (1 process, access log): POST /api/data", unit: "req/s", run: (ms) => writes("b1-write", ms, singleCoordinator) },
+    { id: "b0-write", label: "b. bare Bun.serve + fetch proxy (the floor): POST /api/data", unit: "req/s", run: (ms) => writes("b0-write", ms, bareProxy) },
+    { id: "c-write", label: "c. HAProxy (no access log): POST /api/data", unit: "req/s", run: (ms) => writes("c-write", ms, haproxy) },
+    { id: "c-write-log", label: "c. HAProxy (httplog access log): POST /api/data", unit: "req/s", run: (ms) => writes("c-write-log", ms, loggingHaproxy) },
+    { id: "h-write-deno", label: "h. coordinator and 2 servers on Deno: POST /api/data", unit: "req/s", run: (ms) => writes("h-write-deno", ms, denoCoordinator) },
+    { id: "m-mixed", label: "m. coordinator: 95% cached reads, 5% POST /api/data", unit: "req/s", run: mixedTraffic },
     { id: "f-uncached", label: "f. coordinator: uncached get_data() read", unit: "req/s", run: (ms) => loadSlice(options, "f-uncached", ms, read(coordinator, true)) },
     { id: "d-encrypt", label: "d. securemesh Fernet encrypt 1 KiB", unit: "ops/s", run: async (ms) => localRate(ms, () => fernet.encrypt(FERNET_PLAINTEXT)) },
     { id: "d-encrypt-python", label: "d. Python cryptography Fernet encrypt 1 KiB", unit: "ops/s", run: (ms) => pythonRate("fernet-encrypt", ms, fernetKey) },
@@ -240,11 +358,8 @@ export async function runBench(options: BenchOptions): Promise<BenchReport> {
     { id: "e-rsa-bound", label: "e. RSA-2048 OAEP private decrypts, one core (Python/OpenSSL)", unit: "ops/s", run: (ms) => pythonRate("rsa-decrypt", ms, rsaKeyPem) },
     { id: "h-releases-deno", label: "h. KeyServer on Deno: token releases", unit: "req/s", run: (ms) => loadSlice(options, "h-releases-deno", ms, release(denoKeyserver)) },
   ];
+  const cases = allCases.filter((c) => wanted(c.id));
 
-  const only = options.only ?? [];
-  const selected = only.length === 0 ? cases : cases.filter((c) => only.some((prefix) => c.id.startsWith(prefix)));
-  expectThat(selected.length > 0, `--only ${only.join(",")} matches no case (cases: ${cases.map((c) => c.id).join(", ")})`);
-  cases.splice(0, cases.length, ...selected);
   progress.line(`bench: warming up every case (${cases.length} cases, 300 ms each, not counted)`);
   for (const c of cases) await c.run(300);
 
@@ -258,8 +373,50 @@ export async function runBench(options: BenchOptions): Promise<BenchReport> {
     }
   }
 
+  // How cost grows (#13 Part 5): with concurrency, for the direct path, the coordinator and HAProxy (both logging
+  // as they do by default); with the number of servers behind the coordinator.
+  const sweeps: Sweeps = { concurrency: [], servers: [] };
+  if (wanted("s-concurrency")) {
+    for (const concurrency of SWEEP_CONCURRENCY) {
+      for (const [target, name] of [[direct, "direct"], [coordinator, "coordinator"], [haproxy, "HAProxy"]] as const) {
+        progress.status(`sweep: ${name} at concurrency ${concurrency}`);
+        const slice = await cachedReads(`s-${name}-${concurrency}`, sweepMs, target, target === direct ? 1 : 2, concurrency);
+        expectThat(slice.errors === 0, `sweep ${name} at concurrency ${concurrency}: ${slice.errors} errors (${slice.errorSamples.join("; ")})`);
+        sweeps.concurrency.push({ target: name, concurrency, rate: slice.rate, p99: slice.latencies!.summary().p99 });
+      }
+    }
+  }
+  if (wanted("s-servers")) {
+    progress.line("bench: sweep over 1, 2 and 3 servers behind a coordinator");
+    const third = await cluster.startServer("server3", 0);
+    for (const count of [1, 2, 3]) {
+      const name = `coordinator-s${count}`;
+      const target = await cluster.startCoordinator(name, 0, [...servers, third].slice(0, count), [...healthArgs, "--workers", String(COORDINATOR_WORKERS)]);
+      const readSlice = await cachedReads(`s-servers-${count}-read`, sweepMs, target, count);
+      const writeSlice = await loadSlice(options, `s-servers-${count}-write`, sweepMs, write(target));
+      for (const [route, slice] of [["cached read", readSlice], ["POST /api/data", writeSlice]] as const) {
+        expectThat(slice.errors === 0, `sweep ${count} servers, ${route}: ${slice.errors} errors (${slice.errorSamples.join("; ")})`);
+        sweeps.servers.push({ servers: count, route, rate: slice.rate, p99: slice.latencies!.summary().p99 });
+      }
+      await cluster.stop([name]);
+    }
+    await cluster.stop(["server3"]);
+  }
+
+  // Uncached reads against the store's size, and the server's memory after the largest (#13 Parts 1 and 6).
+  let storeSizes: StoreSizeReport = { points: [], memory: [] };
+  if (wanted("s-store")) {
+    storeSizes = await measureStoreSizes({
+      cluster, progress, sizes: options.storeSizes ?? STORE_SIZES, readsPerSize: options.storeReads ?? 200,
+      readUncached: async (server) => {
+        directTargets.add(server);
+        return read(server, true)(0);
+      },
+    });
+  }
+
   // g: failover under load, after the interleaved cases since it kills a server they use.
-  const runFailover = only.length === 0 || only.some((prefix) => "g-failover".startsWith(prefix));
+  const runFailover = wanted("g-failover");
   if (runFailover) {
     progress.line(`bench: g. failover: POST /api/data through the coordinator for ${durationS} s, server 2 killed at a third of it`);
     let killed = false;
@@ -274,6 +431,7 @@ export async function runBench(options: BenchOptions): Promise<BenchReport> {
   }
 
   haproxyProcess.close();
+  loggingHaproxyProcess.close();
   const results: CaseResult[] = cases.map((c) => summarize(c.id, c.label, c.unit, slices.get(c.id)!));
   if (runFailover) results.push(summarize("g-failover", "g. coordinator POST /api/data, server 2 killed part-way", "req/s", slices.get("g-failover")!));
   const records = await countRecords(options.db);
@@ -282,41 +440,77 @@ export async function runBench(options: BenchOptions): Promise<BenchReport> {
     date: new Date().toISOString(),
     machine: { cpus: cpus().length, cpuModel: cpus()[0]?.model.trim() ?? "unknown", memoryGiB: Math.round(totalmem() / 2 ** 30), platform: `${process.platform} ${process.arch}` },
     versions: { bun: Bun.version, haproxy: haproxyVersion, python: pythonVersion ?? "?", cryptography: cryptographyVersion ?? "?", pythonPath: PYTHON },
-    options: { durationS, concurrency: options.concurrency, rounds, records },
+    options: { durationS, concurrency: options.concurrency, rounds, records, coordinatorWorkers: COORDINATOR_WORKERS },
     results,
-    comparisons: compare(results),
+    sweeps,
+    storeSizes,
+    memory,
+    comparisons: compare(results, { sweeps, storeSizes, memory }),
   };
+}
+
+/** Peak memory of one client run (a one-shot command, never idle): one message through the coordinator. */
+async function clientPeakMemory(cluster: Cluster, coordinator: string): Promise<RoleMemory> {
+  const client = cluster.startCommand("client-memory", roleCommand("bun", "client", ["--coordinator", coordinator, "--message", "bench memory"]));
+  const exitCode = await client.proc.exited;
+  expectThat(exitCode === 0, `the client exited ${exitCode}: ${client.tail()}`);
+  // Bun gives maxRSS in bytes (getrusage(2) says KiB; measured: a 65 MiB peak read 67,731,456).
+  return { role: "client", name: "client (peak, one message)", runtime: "bun", rssMiB: (client.proc.resourceUsage()?.maxRSS ?? 0) / 2 ** 20, processes: 1 };
 }
 
 function summarize(id: string, label: string, unit: CaseResult["unit"], parts: Slice[]): CaseResult {
   const count = parts.reduce((n, s) => n + s.count, 0);
   // The mean of the slices' rates: every slice ran the same time, so this is total work over total time.
   const rate = parts.reduce((n, s) => n + s.rate, 0) / parts.length;
-  const withLatency = parts.filter((s) => s.latencies);
-  let latency: LatencySummary | null = null;
-  if (withLatency.length > 0) {
+  const merged = (pick: (s: Slice) => Latencies | undefined) => {
     const all = new Latencies();
-    for (const s of withLatency) all.merge(s.latencies!);
-    latency = all.summary();
+    for (const s of parts) if (pick(s)) all.merge(pick(s)!);
+    return all.values.length > 0 ? all.summary() : null;
+  };
+  const result: CaseResult = { id, label, unit, rate, count, errors: parts.reduce((n, s) => n + s.errors, 0), errorSamples: parts.flatMap((s) => s.errorSamples).slice(0, 5), latency: merged((s) => s.latencies) };
+  if (parts.every((s) => s.cpuSeconds !== undefined) && count > 0) result.cpuMsPerRequest = (1000 * parts.reduce((n, s) => n + s.cpuSeconds!, 0)) / count;
+  const mixes = parts.flatMap((s) => (s.mixed ? [s.mixed] : []));
+  if (mixes.length > 0) {
+    const reads = merged((s) => s.mixed?.reads)!;
+    result.mixed = { reads, hitRatio: mixes.reduce((n, m) => n + m.hits, 0) / Math.max(1, reads.count), writes: mixes.reduce((n, m) => n + m.writes, 0) };
   }
-  return { id, label, unit, rate, count, errors: parts.reduce((n, s) => n + s.errors, 0), errorSamples: parts.flatMap((s) => s.errorSamples).slice(0, 5), latency };
+  return result;
 }
 
-function compare(results: CaseResult[]): Comparison[] {
+function compare(results: CaseResult[], { sweeps, storeSizes, memory }: Pick<BenchReport, "sweeps" | "storeSizes" | "memory">): Comparison[] {
   const by = (id: string) => results.find((r) => r.id === id)!;
   const out: Comparison[] = [];
   // With --only, a comparison is made only when every case it needs ran.
   const ran = (...ids: string[]) => ids.every((id) => results.some((r) => r.id === id));
   for (const route of ["read", "write"] as const) {
-    if (!ran(`a-${route}`, `b-${route}`, `c-${route}`)) continue;
-    const [a, b, c] = [by(`a-${route}`), by(`b-${route}`), by(`c-${route}`)];
     const what = route === "read" ? "cached read" : "POST /api/data";
-    const throughput = b.rate / c.rate;
-    out.push({ label: `coordinator / HAProxy throughput, ${what}`, value: throughput, unit: "x", goal: "≥ 1.00x", met: throughput >= 1, detail: `${fmt(b.rate)} vs ${fmt(c.rate)} req/s` });
-    const addedB = b.latency!.p50 - a.latency!.p50;
-    const addedC = c.latency!.p50 - a.latency!.p50;
-    out.push({ label: `added p50 over direct, ${what}: coordinator vs HAProxy`, value: addedB - addedC, unit: "ms", goal: "coordinator ≤ HAProxy", met: addedB <= addedC, detail: `+${addedB.toFixed(2)} ms vs +${addedC.toFixed(2)} ms (direct p50 ${a.latency!.p50.toFixed(2)} ms)` });
-    out.push({ label: `coordinator / direct throughput, ${what}`, value: b.rate / a.rate, unit: "x", detail: `${fmt(b.rate)} vs ${fmt(a.rate)} req/s` });
+    // The goals hold with equal logging (#13 Part 3): both proxies logging every request, and neither.
+    for (const [ours, theirs, logging] of [[`b-${route}`, `c-${route}-log`, "both logging"], [`b-${route}-nolog`, `c-${route}`, "neither logging"]] as const) {
+      if (!ran(`a-${route}`, ours, theirs)) continue;
+      const [a, b, c] = [by(`a-${route}`), by(ours), by(theirs)];
+      const throughput = b.rate / c.rate;
+      out.push({ label: `coordinator / HAProxy throughput, ${what}, ${logging}`, value: throughput, unit: "x", goal: "≥ 1.00x", met: throughput >= 1, detail: `${fmt(b.rate)} vs ${fmt(c.rate)} req/s` });
+      const addedB = b.latency!.p50 - a.latency!.p50;
+      const addedC = c.latency!.p50 - a.latency!.p50;
+      out.push({ label: `added p50 over direct, ${what}, ${logging}: coordinator vs HAProxy`, value: addedB - addedC, unit: "ms", goal: "coordinator ≤ HAProxy", met: addedB <= addedC, detail: `+${addedB.toFixed(2)} ms vs +${addedC.toFixed(2)} ms (direct p50 ${a.latency!.p50.toFixed(2)} ms)` });
+      if (b.cpuMsPerRequest !== undefined && c.cpuMsPerRequest !== undefined) {
+        out.push({ label: `CPU per request, ${what}, ${logging}: coordinator / HAProxy`, value: b.cpuMsPerRequest / c.cpuMsPerRequest, unit: "x", detail: `${(1000 * b.cpuMsPerRequest).toFixed(0)} vs ${(1000 * c.cpuMsPerRequest).toFixed(0)} µs of CPU per request (every process of each)` });
+      }
+    }
+    if (ran(`a-${route}`, `b-${route}`)) out.push({ label: `coordinator / direct throughput, ${what}`, value: by(`b-${route}`).rate / by(`a-${route}`).rate, unit: "x", detail: `${fmt(by(`b-${route}`).rate)} vs ${fmt(by(`a-${route}`).rate)} req/s` });
+    if (ran(`b-${route}`, `b1-${route}`)) out.push({ label: `coordinator ${COORDINATOR_WORKERS} workers / 1 process, ${what}`, value: by(`b-${route}`).rate / by(`b1-${route}`).rate, unit: "x", detail: `${fmt(by(`b-${route}`).rate)} vs ${fmt(by(`b1-${route}`).rate)} req/s` });
+    if (ran(`b-${route}-nolog`, `b0-${route}`, `c-${route}`)) {
+      const [ours, floor, haproxy] = [by(`b-${route}-nolog`), by(`b0-${route}`), by(`c-${route}`)];
+      out.push({ label: `CPU per request, ${what}: coordinator (no log) / bare Bun proxy / HAProxy (no log)`, value: ours.cpuMsPerRequest! / floor.cpuMsPerRequest!, unit: "x", detail: `${(1000 * ours.cpuMsPerRequest!).toFixed(0)} / ${(1000 * floor.cpuMsPerRequest!).toFixed(0)} / ${(1000 * haproxy.cpuMsPerRequest!).toFixed(0)} µs: securemesh's own work is the first over the second, Bun's the second over the third` });
+    }
+    if (ran(`b-${route}`, `b-${route}-nolog`)) out.push({ label: `coordinator with / without access log, ${what}`, value: by(`b-${route}`).rate / by(`b-${route}-nolog`).rate, unit: "x", detail: `${fmt(by(`b-${route}`).rate)} vs ${fmt(by(`b-${route}-nolog`).rate)} req/s` });
+    if (ran(`c-${route}-log`, `c-${route}`)) out.push({ label: `HAProxy with / without access log, ${what}`, value: by(`c-${route}-log`).rate / by(`c-${route}`).rate, unit: "x", detail: `${fmt(by(`c-${route}-log`).rate)} vs ${fmt(by(`c-${route}`).rate)} req/s` });
+  }
+  if (ran("m-mixed", "b-read")) {
+    const mixed = by("m-mixed").mixed!;
+    const readOnly = by("b-read").latency!;
+    const ratio = mixed.reads.p50 / readOnly.p50;
+    out.push({ label: "read p50 under 95/5 reads/writes / read-only cached p50", value: ratio, unit: "x", goal: "≤ 1.50x", met: ratio <= 1.5, detail: `p50 ${mixed.reads.p50.toFixed(2)} vs ${readOnly.p50.toFixed(2)} ms, p99 ${mixed.reads.p99.toFixed(2)} vs ${readOnly.p99.toFixed(2)} ms; cache hit ratio ${(100 * mixed.hitRatio).toFixed(1)}% of ${fmt(mixed.reads.count)} reads, ${fmt(mixed.writes)} writes` });
   }
   for (const op of ["encrypt", "decrypt"] as const) {
     if (!ran(`d-${op}`, `d-${op}-python`)) continue;
@@ -334,8 +528,15 @@ function compare(results: CaseResult[]): Comparison[] {
     const uncached = by("f-uncached");
     out.push({ label: "cached / uncached get_data() reads via coordinator", value: cached.rate / uncached.rate, unit: "x", detail: `${fmt(cached.rate)} vs ${fmt(uncached.rate)} req/s; p50 ${cached.latency!.p50.toFixed(2)} vs ${uncached.latency!.p50.toFixed(2)} ms` });
   }
+  for (const db of ["sqlite", "MariaDB"] as const) {
+    const points = storeSizes.points.filter((p) => p.db === db);
+    const [smallest, largest] = [points[0], points.at(-1)];
+    if (!smallest || !largest || smallest === largest) continue;
+    const ratio = largest.p50 / smallest.p50;
+    out.push({ label: `uncached read p50 at ${fmt(largest.records)} / at ${fmt(smallest.records)} records, ${db}`, value: ratio, unit: "x", goal: "≤ 1.50x", met: ratio <= 1.5, detail: points.map((p) => `${fmt(p.records)}: p50 ${p.p50.toFixed(2)} ms, p99 ${p.p99.toFixed(2)} ms`).join("; ") });
+  }
   // The roles on Deno against the same roles on Bun, in the same run (#12).
-  for (const [deno, bun, what, unit] of [["h-read-deno", "b-read", "coordinator + servers, cached read", "req/s"], ["h-write-deno", "b-write", "coordinator + servers, POST /api/data", "req/s"], ["h-releases-deno", "e-releases", "KeyServer token releases", "releases/s"]] as const) {
+  for (const [deno, bun, what, unit] of [["h-read-deno", "b1-read", "coordinator (1 process) + servers, cached read", "req/s"], ["h-write-deno", "b1-write", "coordinator (1 process) + servers, POST /api/data", "req/s"], ["h-releases-deno", "e-releases", "KeyServer token releases", "releases/s"]] as const) {
     if (!ran(deno, bun)) continue;
     out.push({ label: `Deno / Bun throughput, ${what}`, value: by(deno).rate / by(bun).rate, unit: "x", detail: `${fmt(by(deno).rate)} vs ${fmt(by(bun).rate)} ${unit}` });
   }
@@ -343,6 +544,21 @@ function compare(results: CaseResult[]): Comparison[] {
     const failover = by("g-failover");
     const steady = by("b-write");
     out.push({ label: "errors while a server is killed under load", value: failover.errors, unit: "errors", goal: "0 errors", met: failover.errors === 0, detail: `${failover.count} requests; p99 ${failover.latency!.p99.toFixed(1)} ms vs ${steady.latency!.p99.toFixed(1)} ms steady` });
+  }
+  for (const role of memory) {
+    const isIdle = role.role !== "client";
+    out.push({ label: `${isIdle ? "idle" : "peak"} RSS, ${role.name} on ${role.runtime}`, value: role.rssMiB, unit: "MiB", goal: `≤ ${IDLE_RSS_GOAL_MIB} MiB`, met: role.rssMiB <= IDLE_RSS_GOAL_MIB, detail: role.processes > 1 ? `${role.processes} processes` : "one process" });
+  }
+  for (const server of storeSizes.memory) {
+    out.push({ label: `server RSS after serving ${fmt(server.records)} records (${server.db}) / idle`, value: server.afterMiB / server.idleMiB, unit: "x", detail: `${server.afterMiB.toFixed(1)} vs ${server.idleMiB.toFixed(1)} MiB` });
+  }
+  if (sweeps.servers.length > 0) {
+    for (const route of ["cached read", "POST /api/data"]) {
+      const points = sweeps.servers.filter((p) => p.route === route);
+      const one = points.find((p) => p.servers === 1);
+      const three = points.find((p) => p.servers === 3);
+      if (one && three) out.push({ label: `coordinator throughput with 3 servers / with 1, ${route}`, value: three.rate / one.rate, unit: "x", detail: points.map((p) => `${p.servers}: ${fmt(p.rate)} req/s`).join(", ") + " (2 shared cores: see the README)" });
+    }
   }
   return out;
 }

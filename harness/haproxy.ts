@@ -41,6 +41,10 @@ export interface HaproxyOptions {
    * sign. HAProxy reads it from a map that is updated through its runtime API, as the assertion is re-signed.
    */
   forwarderAssertion: () => Promise<string>;
+  /** The instance's name in the cluster and its files' prefix (default "haproxy"): two can run side by side. */
+  name?: string;
+  /** One access line per request (`option httplog`, to stdout), as the coordinator writes by default. */
+  accessLog?: boolean;
 }
 
 export interface Haproxy {
@@ -51,9 +55,9 @@ export interface Haproxy {
 
 const FORWARDER_KEY = "forwarder";
 
-export function haproxyConfig({ pki, dir, port, servers, health }: Omit<HaproxyOptions, "forwarderAssertion">): string {
+export function haproxyConfig({ pki, dir, port, servers, health, name = "haproxy", accessLog = false }: Omit<HaproxyOptions, "forwarderAssertion">): string {
   // HAProxy wants certificate and key in one file; it gets the coordinator's identity, as the coordinator has.
-  const bundle = join(dir, "coordinator_bundle.pem");
+  const bundle = join(dir, `${name}_coordinator_bundle.pem`);
   writeFileSync(bundle, readFileSync(join(pki, "coordinator_cert.pem"), "utf8") + readFileSync(join(pki, "coordinator_key.pem"), "utf8"), { mode: 0o600 });
   chmodSync(bundle, 0o600);
   const ca = join(pki, "ca_cert.pem");
@@ -64,10 +68,12 @@ export function haproxyConfig({ pki, dir, port, servers, health }: Omit<HaproxyO
   return [
     "global",
     "  maxconn 4096",
-    `  stats socket ${join(dir, "haproxy.sock")} mode 600 level admin`,
+    `  stats socket ${join(dir, `${name}.sock`)} mode 600 level admin`,
     "  ssl-server-verify required",
+    ...(accessLog ? ["  log stdout format raw local0 info"] : []),
     "defaults",
     "  mode http",
+    ...(accessLog ? ["  log global", "  option httplog"] : []),
     "  timeout connect 2s",
     "  timeout client 10s",
     "  timeout server 2s",
@@ -76,7 +82,7 @@ export function haproxyConfig({ pki, dir, port, servers, health }: Omit<HaproxyO
     "  option redispatch",
     "frontend mesh",
     `  bind 127.0.0.1:${port} ssl crt ${bundle} ca-file ${ca} verify required`,
-    `  http-request set-header ${FORWARDER_HEADER} %[str(${FORWARDER_KEY}),map(${join(dir, "forwarder.map")})]`,
+    `  http-request set-header ${FORWARDER_HEADER} %[str(${FORWARDER_KEY}),map(${join(dir, `${name}_forwarder.map`)})]`,
     "  default_backend servers",
     "backend servers",
     "  balance roundrobin",
@@ -102,15 +108,16 @@ function runtimeCommand(socketPath: string, command: string): Promise<string> {
  * Its forwarder assertion is replaced at a third of the assertion's lifetime, before a server could refuse it.
  */
 export async function startHaproxy(cluster: Cluster, options: HaproxyOptions): Promise<Haproxy> {
-  const configFile = join(options.dir, "haproxy.cfg");
-  const mapFile = join(options.dir, "forwarder.map");
+  const name = options.name ?? "haproxy";
+  const configFile = join(options.dir, `${name}.cfg`);
+  const mapFile = join(options.dir, `${name}_forwarder.map`);
   writeFileSync(mapFile, `${FORWARDER_KEY} ${await options.forwarderAssertion()}\n`, { mode: 0o600 });
   writeFileSync(configFile, haproxyConfig(options));
-  cluster.startCommand("haproxy", [HAPROXY, "-db", "-f", configFile]);
+  cluster.startCommand(name, [HAPROXY, "-db", "-f", configFile]);
   const url = `https://127.0.0.1:${options.port}`;
   await cluster.waitHealthy(url);
   const refresh = setInterval(async () => {
-    const answer = await runtimeCommand(join(options.dir, "haproxy.sock"), `set map ${mapFile} ${FORWARDER_KEY} ${await options.forwarderAssertion()}`).catch((error: Error) => error.message);
+    const answer = await runtimeCommand(join(options.dir, `${name}.sock`), `set map ${mapFile} ${FORWARDER_KEY} ${await options.forwarderAssertion()}`).catch((error: Error) => error.message);
     if (answer !== "") console.error(`haproxy: the forwarder assertion was not updated: ${answer}`);
   }, (FORWARDER_LIFETIME_S * 1000) / 3);
   return { url, close: () => clearInterval(refresh) };

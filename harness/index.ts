@@ -4,7 +4,7 @@ import { join, relative } from "node:path";
 import { parseArgs } from "node:util";
 import { REPO_ROOT, pkiDir } from "../shared/platform/config.ts";
 import { runBench } from "./bench.ts";
-import { benchTable, renderChart } from "./bench-report.ts";
+import { benchTable, renderChart, renderSweepCharts } from "./bench-report.ts";
 import { Cluster, ExpectationFailed, ROLE_RUNTIMES, type RoleRuntime } from "./cluster.ts";
 import { Progress } from "./progress.ts";
 import { runPkiSh } from "./fixtures/index.ts";
@@ -125,9 +125,11 @@ async function bench(options: RunOptions & { durationS: number; concurrency: num
   const written = [relative(REPO_ROOT, resultsFile)];
   if (!partial) {
     mkdirSync(join(options.out, "docs"), { recursive: true });
-    const chartFile = join(options.out, "docs", "bench.svg");
-    writeFileSync(chartFile, renderChart(report));
-    written.push(relative(REPO_ROOT, chartFile));
+    const charts: Record<string, string> = { "bench.svg": renderChart(report), ...renderSweepCharts(report) };
+    for (const [name, svg] of Object.entries(charts)) {
+      writeFileSync(join(options.out, "docs", name), svg);
+      written.push(relative(REPO_ROOT, join(options.out, "docs", name)));
+    }
   }
   if (options.json) {
     console.log(JSON.stringify(report, null, 2));
