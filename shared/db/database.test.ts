@@ -1,6 +1,6 @@
 import { expect, test } from "bun:test";
 import { Unavailable } from "../platform/errors.ts";
-import { checkTableName, describeDatabaseUrl, orUnavailable, parseDatabaseUrl, unavailable } from "./database.ts";
+import { checkTableName, describeDatabaseUrl, mysqlNodeUrls, orUnavailable, parseDatabaseUrl, unavailable } from "./database.ts";
 
 test("database URLs name MySQL or a sqlite file", () => {
   expect(parseDatabaseUrl("mysql://u:p@h:1/db")).toEqual({ kind: "mysql", url: "mysql://u:p@h:1/db" });
@@ -9,6 +9,29 @@ test("database URLs name MySQL or a sqlite file", () => {
   expect(parseDatabaseUrl("data/a.db")).toEqual({ kind: "sqlite", path: "data/a.db" });
   expect(describeDatabaseUrl("mysql://root:hunter2@db.example/prod")).toBe("mysql db.example:3306/prod");
   expect(describeDatabaseUrl("mysql://root:hunter2@[bad")).toBe("mysql (unparseable URL)");
+});
+
+test("a MySQL URL may name several nodes: each keeps the credentials, database and options; the port defaults to 3306", () => {
+  const url = "mysql://root:p%40ss@10.1.0.11:3306,10.1.0.12,[fd00::13]:3307/test?charset=utf8mb4";
+  expect(parseDatabaseUrl(url)).toEqual({ kind: "mysql", url });
+  expect(mysqlNodeUrls(url)).toEqual([
+    { url: "mysql://root:p%40ss@10.1.0.11:3306/test?charset=utf8mb4", hostPort: "10.1.0.11:3306" },
+    { url: "mysql://root:p%40ss@10.1.0.12/test?charset=utf8mb4", hostPort: "10.1.0.12:3306" },
+    { url: "mysql://root:p%40ss@[fd00::13]:3307/test?charset=utf8mb4", hostPort: "[fd00::13]:3307" },
+  ]);
+  expect(mysqlNodeUrls("mysql://db.example")).toEqual([{ url: "mysql://db.example", hostPort: "db.example:3306" }]);
+  expect(describeDatabaseUrl(url)).toBe("mysql 10.1.0.11:3306,10.1.0.12:3306,[fd00::13]:3307/test");
+  expect(describeDatabaseUrl("mysql://root:hunter2@a:1,,b/x")).toBe("mysql (unparseable URL)");
+  for (const bad of ["mysql://root:hunter2@a:1,b:notaport/x", "mysql://root:hunter2@a,/x", "postgres://a/x"]) {
+    let error: unknown;
+    try {
+      mysqlNodeUrls(bad);
+    } catch (e) {
+      error = e;
+    }
+    expect(error).toBeInstanceOf(TypeError);
+    expect((error as Error).message).not.toContain("hunter2");
+  }
 });
 
 test("table names must be plain identifiers", () => {

@@ -6,19 +6,54 @@ import { Unavailable } from "../platform/errors.ts";
 /** Where a store lives: a MySQL/MariaDB URL, or a sqlite file. */
 export type DatabaseLocation = { kind: "mysql"; url: string } | { kind: "sqlite"; path: string };
 
-/** `mysql://user:pass@host:port/db` names MySQL; `sqlite:path`, `sqlite://path` or a plain path name a sqlite file. */
+/**
+ * `mysql://user:pass@host:port/db` names MySQL, and `mysql://user:pass@host1:port1,host2:port2,…/db` a cluster of
+ * nodes (Galera) tried in that order; `sqlite:path`, `sqlite://path` or a plain path name a sqlite file.
+ */
 export function parseDatabaseUrl(url: string): DatabaseLocation {
   if (url.startsWith("mysql://")) return { kind: "mysql", url };
   return { kind: "sqlite", path: url.replace(/^sqlite:(\/\/)?/, "") };
 }
 
-/** A description of a database URL safe for logs: never the password, and a repository-relative path. */
+/** One node of a MySQL URL: its own single-host URL (credentials, database and options kept) and `host:port`. */
+export interface MysqlNodeUrl {
+  url: string;
+  hostPort: string;
+}
+
+/**
+ * The nodes a MySQL URL names, in order: `mysql://root@10.1.0.11:3306,10.1.0.12,[fd00::13]:3307/test` is three,
+ * the second on port 3306. Throws TypeError, without the password, on a URL that does not parse.
+ */
+export function mysqlNodeUrls(url: string): MysqlNodeUrl[] {
+  if (!url.startsWith("mysql://")) throw new TypeError("invalid MySQL URL: it must start with mysql://");
+  const rest = url.slice("mysql://".length);
+  const authorityEnd = rest.search(/[/?#]/);
+  const authority = authorityEnd === -1 ? rest : rest.slice(0, authorityEnd);
+  const tail = authorityEnd === -1 ? "" : rest.slice(authorityEnd);
+  const at = authority.lastIndexOf("@");
+  const userinfo = at === -1 ? "" : authority.slice(0, at + 1);
+  const hosts = (at === -1 ? authority : authority.slice(at + 1)).split(",");
+  return hosts.map((host) => {
+    const node = `mysql://${userinfo}${host}${tail}`;
+    let parsed: URL;
+    try {
+      parsed = new URL(node);
+    } catch {
+      throw new TypeError(`invalid MySQL URL: cannot parse host '${host}'`);
+    }
+    if (parsed.hostname === "") throw new TypeError(`invalid MySQL URL: no host in '${host}'`);
+    return { url: node, hostPort: `${parsed.hostname}:${parsed.port || 3306}` };
+  });
+}
+
+/** A description of a database URL safe for logs: every host but never the password, and a repository-relative path. */
 export function describeDatabaseUrl(url: string): string {
   const location = parseDatabaseUrl(url);
   if (location.kind === "sqlite") return `sqlite ${displayPath(resolve(location.path))}`;
   try {
-    const u = new URL(url);
-    return `mysql ${u.hostname}:${u.port || 3306}${u.pathname}`;
+    const nodes = mysqlNodeUrls(url);
+    return `mysql ${nodes.map((n) => n.hostPort).join(",")}${new URL(nodes[0]!.url).pathname}`;
   } catch {
     return "mysql (unparseable URL)";
   }

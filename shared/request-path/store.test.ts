@@ -7,7 +7,8 @@ import mysql from "mysql2/promise";
 import { IdempotencyConflict, ProofRejected } from "../platform/errors.ts";
 import { recordSql } from "./record-store.ts";
 import { describeStoreUrl, openStore, type NewRecord, type RecordStore } from "./store.ts";
-import { TEST_MYSQL_URL, uniqueTable } from "../testing/mysql.ts";
+import { hostPortOf, LostCommitRelay, multiHostUrl, TEST_MYSQL_URL, uniqueTable } from "../testing/mysql.ts";
+import type { MysqlStore } from "./store-mysql.ts";
 
 const mysqlTables: string[] = [];
 const stores: RecordStore[] = [];
@@ -304,7 +305,56 @@ test("a sqlite ping is a read: it answers while another process holds the write 
   frozen.close();
 });
 
+describe("mysql record store when a node dies under a COMMIT (#14)", () => {
+  /** A store on [a relay that loses COMMITs, the real server]: the second node of a multi-host URL sees the first's rows. */
+  const openBehindRelay = async () => {
+    const relay = await LostCommitRelay.start(hostPortOf(TEST_MYSQL_URL));
+    const { host, port } = hostPortOf(TEST_MYSQL_URL);
+    const table = uniqueTable("records");
+    mysqlTables.push(table);
+    const store = await openStore(multiHostUrl(TEST_MYSQL_URL, [relay.hostPort, `${host}:${port}`]), { table }) as MysqlStore;
+    stores.push(store);
+    rawToClose.push({ close: () => relay[Symbol.asyncDispose]() });
+    return { relay, store };
+  };
+
+  test("the retry finds the lost COMMIT's own row by its jti: acknowledged once, stored once, not refused", async () => {
+    const { relay, store } = await openBehindRelay();
+    const first = record();
+    relay.armed = 1;
+    const stored = await store.insert(first);
+    expect({ lost: relay.lost, repeated: stored.repeated, server: stored.server, stats: store.stats }).toEqual({
+      lost: 1, repeated: false, server: 5001, stats: { conflictRetries: 0, failovers: 1, uncertainCommits: 1 },
+    });
+    expect(await store.count()).toBe(1);
+    expect((await store.latest(1))[0]?.id).toBe(stored.id);
+    // The same request once more is a replay as ever: only a retry after a lost COMMIT is matched to its row.
+    await expect(store.insert(first)).rejects.toBeInstanceOf(ProofRejected);
+  });
+
+  test("an invalidation whose COMMIT was lost is acknowledged, not refused as a replayed proof, and bumps once", async () => {
+    const { relay, store } = await openBehindRelay();
+    const g0 = await store.generation();
+    const proof = { jti: `inv-${Math.random()}`, server: 5001, expiresAt: Math.floor(Date.now() / 1000) + 60 };
+    relay.armed = 1;
+    expect(await store.bumpGeneration(proof)).toBe(g0 + 1);
+    expect(relay.lost).toBe(1);
+    await expect(store.bumpGeneration(proof)).rejects.toBeInstanceOf(ProofRejected);
+  });
+
+  test("an Idempotency-Key retry after a lost COMMIT answers with the first id", async () => {
+    const { relay, store } = await openBehindRelay();
+    const first = record({ idempotencyKey: `lost-${Math.random()}` });
+    relay.armed = 1;
+    const stored = await store.insert(first);
+    expect(stored.repeated).toBe(false);
+    expect(await store.insert({ ...first, server: 5002 })).toEqual({ id: stored.id, server: 5001, repeated: true });
+    expect(await store.count()).toBe(1);
+  });
+});
+
 test("store URLs are described without passwords", () => {
   expect(describeStoreUrl("mysql://root:hunter2@db.example:3307/prod")).toBe("mysql db.example:3307/prod");
+  expect(describeStoreUrl("mysql://root:hunter2@10.1.0.11,10.1.0.12:3307/prod")).toBe("mysql 10.1.0.11:3306,10.1.0.12:3307/prod");
   expect(describeStoreUrl("sqlite:/tmp/x.db")).toBe("sqlite /tmp/x.db");
 });

@@ -1,7 +1,126 @@
-// The MariaDB the tests use: $TEST_MYSQL_URL, else the local one CI starts.
+// The MariaDB the tests use ($TEST_MYSQL_URL, else the local one CI starts), and stand-ins for a database node that
+// fails in the ways a cluster's nodes do: one that never answers, one whose connection dies right after COMMIT.
+import net from "node:net";
+
 export const TEST_MYSQL_URL = process.env.TEST_MYSQL_URL ?? "mysql://root@127.0.0.1:3306/test";
 
 /** A table name no other test run uses, so runs can share the database. */
 export function uniqueTable(prefix: string): string {
   return `${prefix}_${process.pid}_${Math.random().toString(36).slice(2, 8)}`;
+}
+
+/** The host:port of a single-host MySQL URL. */
+export function hostPortOf(url: string): { host: string; port: number } {
+  const u = new URL(url);
+  return { host: u.hostname, port: Number(u.port || 3306) };
+}
+
+/** A TCP listener that accepts and never says a word: a frozen or cut-off node, as a client sees it (no RST). */
+export class SilentNode implements AsyncDisposable {
+  readonly #server: net.Server;
+  readonly #sockets = new Set<net.Socket>();
+
+  private constructor(server: net.Server) {
+    this.#server = server;
+  }
+
+  static start(): Promise<SilentNode> {
+    let node: SilentNode;
+    const server = net.createServer((socket) => {
+      node.#sockets.add(socket);
+      socket.on("error", () => {});
+      socket.on("close", () => node.#sockets.delete(socket));
+    });
+    node = new SilentNode(server);
+    return new Promise((resolve) => server.listen(0, "127.0.0.1", () => resolve(node)));
+  }
+
+  get hostPort(): string {
+    return `127.0.0.1:${(this.#server.address() as net.AddressInfo).port}`;
+  }
+
+  [Symbol.asyncDispose](): Promise<void> {
+    for (const socket of this.#sockets) socket.destroy();
+    return new Promise((resolve) => this.#server.close(() => resolve()));
+  }
+}
+
+/**
+ * A relay to a real server that, while armed, passes a client's COMMIT on and then drops that client's connection
+ * before the answer comes back: the server commits, the client cannot know (a node dying under a COMMIT). While
+ * cut, it refuses connections.
+ */
+export class LostCommitRelay implements AsyncDisposable {
+  readonly #server: net.Server;
+  readonly #sockets = new Set<net.Socket>();
+  /** COMMITs still to lose. */
+  armed = 0;
+  /** COMMITs lost so far. */
+  lost = 0;
+  #cut = false;
+
+  private constructor(server: net.Server) {
+    this.#server = server;
+  }
+
+  static start(target: { host: string; port: number }): Promise<LostCommitRelay> {
+    let relay: LostCommitRelay;
+    // COM_QUERY (0x03) with the text mysql2 sends for conn.commit().
+    const commit = Buffer.from("\x03COMMIT", "latin1");
+    const server = net.createServer((client) => {
+      if (relay.#cut) {
+        client.destroy();
+        return;
+      }
+      const upstream = net.connect(target.port, target.host);
+      for (const socket of [client, upstream]) {
+        relay.#sockets.add(socket);
+        socket.on("error", () => {});
+        socket.on("close", () => {
+          relay.#sockets.delete(socket);
+          client.destroy();
+          if (socket === upstream) return;
+          // The client is gone: let the server read what it was sent, then hang up.
+          upstream.end();
+        });
+      }
+      client.on("data", (chunk: Buffer) => {
+        upstream.write(chunk);
+        if (relay.armed > 0 && chunk.includes(commit)) {
+          relay.armed -= 1;
+          relay.lost += 1;
+          client.destroy();
+        }
+      });
+      upstream.pipe(client);
+    });
+    relay = new LostCommitRelay(server);
+    return new Promise((resolve) => server.listen(0, "127.0.0.1", () => resolve(relay)));
+  }
+
+  get hostPort(): string {
+    return `127.0.0.1:${(this.#server.address() as net.AddressInfo).port}`;
+  }
+
+  /** Drops every connection and refuses new ones until restore(). */
+  cut(): void {
+    this.#cut = true;
+    for (const socket of this.#sockets) socket.destroy();
+  }
+
+  restore(): void {
+    this.#cut = false;
+  }
+
+  [Symbol.asyncDispose](): Promise<void> {
+    this.cut();
+    return new Promise((resolve) => this.#server.close(() => resolve()));
+  }
+}
+
+/** `url` (one host) with its host:port replaced by several: a multi-host URL over stand-ins and the real server. */
+export function multiHostUrl(url: string, hostPorts: readonly string[]): string {
+  const u = new URL(url);
+  const userinfo = u.username ? `${u.username}${u.password ? `:${u.password}` : ""}@` : "";
+  return `mysql://${userinfo}${hostPorts.join(",")}${u.pathname}${u.search}`;
 }

@@ -6,7 +6,7 @@ import { DatabaseSync } from "node:sqlite";
 import mysql from "mysql2/promise";
 import { ConfigError } from "../platform/errors.ts";
 import { MasterKeyring, SealBroken } from "./keyring.ts";
-import { TEST_MYSQL_URL, uniqueTable } from "../testing/mysql.ts";
+import { hostPortOf, LostCommitRelay, multiHostUrl, TEST_MYSQL_URL, uniqueTable } from "../testing/mysql.ts";
 import { openTokenStore, TokenVault, type TokenStore } from "./token-store.ts";
 
 const TOKEN = "marketplace-token-0123456789";
@@ -131,6 +131,26 @@ describe.each(Object.keys(backends))("%s token vault", (kind) => {
     await store.put({ ...row, clientId: "client2" });
     await expect(vault.reveal("client2", "marketplace")).rejects.toBeInstanceOf(SealBroken);
   });
+});
+
+test("a mysql token store on a multi-host URL leaves a node that fails for the next, even under a lost COMMIT (#14)", async () => {
+  await using relay = await LostCommitRelay.start(hostPortOf(TEST_MYSQL_URL));
+  const { host, port } = hostPortOf(TEST_MYSQL_URL);
+  const table = uniqueTable("storage");
+  mysqlTables.push(table);
+  const store = await openTokenStore(multiHostUrl(TEST_MYSQL_URL, [relay.hostPort, `${host}:${port}`]), { table });
+  try {
+    const row = { clientId: "client1", tokenType: "marketplace", ciphertext: "c1", nonce: "n", keyVersion: 1, updatedAt: 1 };
+    relay.armed = 1;
+    await store.put(row); // its COMMIT lands but the answer is lost: the upsert runs again on the next node
+    expect(relay.lost).toBe(1);
+    relay.cut();
+    await store.ping();
+    await store.put({ ...row, ciphertext: "c2", keyVersion: 2 });
+    expect(await store.all()).toEqual([{ ...row, ciphertext: "c2", keyVersion: 2 }]);
+  } finally {
+    await store.close();
+  }
 });
 
 describe("MasterKeyring", () => {

@@ -1,8 +1,7 @@
 // The KeyServer's token table `storage`, sealed at rest: one interface, node:sqlite by default, MySQL by URL.
-import type mysql from "mysql2/promise";
 import type { DatabaseSync, StatementSync } from "node:sqlite";
 import { checkTableName, orUnavailable, parseDatabaseUrl } from "../db/database.ts";
-import { openMysql, selectRows } from "../db/mysql.ts";
+import { openMysql, type MysqlDatabase, type SqlValue } from "../db/mysql.ts";
 import { execute, openSqlite } from "../db/sqlite.ts";
 import { SealBroken, type MasterKeyring, type Sealed } from "./keyring.ts";
 
@@ -44,6 +43,7 @@ function tokenSql(table: string) {
     insert: `INSERT INTO ${table} (${columns}) VALUES (?, ?, ?, ?, ?, ?)`,
     get: `SELECT ${columns} FROM ${table} WHERE client_id = ? AND token_type = ?`,
     all: `SELECT ${columns} FROM ${table} ORDER BY client_id, token_type`,
+    any: `SELECT 1 FROM ${table} LIMIT 1`,
   } as const;
 }
 
@@ -89,17 +89,18 @@ class SqliteTokenStore implements TokenStore {
 
 class MysqlTokenStore implements TokenStore {
   readonly kind = "mysql" as const;
-  readonly #pool: mysql.Pool;
+  readonly #db: MysqlDatabase;
   readonly #sql: ReturnType<typeof tokenSql>;
 
-  constructor(pool: mysql.Pool, table: string) {
-    this.#pool = pool;
+  constructor(db: MysqlDatabase, table: string) {
+    this.#db = db;
     this.#sql = tokenSql(table);
   }
 
   async put(row: TokenRow): Promise<void> {
-    await this.#rows(`${this.#sql.insert} ON DUPLICATE KEY UPDATE token = VALUES(token), nonce = VALUES(nonce),
-      key_version = VALUES(key_version), updated_at = VALUES(updated_at)`, toParams(row));
+    // An upsert of the whole row: run again after a certification failure or on another node, it leaves the same row.
+    await orUnavailable(TOKEN_STORE, () => this.#db.transaction((s) => s.run(`${this.#sql.insert} ON DUPLICATE KEY UPDATE token = VALUES(token),
+      nonce = VALUES(nonce), key_version = VALUES(key_version), updated_at = VALUES(updated_at)`, toParams(row))));
   }
 
   async get(clientId: string, tokenType: string): Promise<TokenRow | undefined> {
@@ -112,15 +113,20 @@ class MysqlTokenStore implements TokenStore {
   }
 
   async ping(): Promise<void> {
-    await this.#rows("SELECT 1");
+    // A table, not SELECT 1, which a Galera node without quorum still answers.
+    await orUnavailable(TOKEN_STORE, () => this.#db.rows(this.#sql.any));
   }
 
   async close(): Promise<void> {
-    await this.#pool.end();
+    await this.#db.end();
   }
 
-  #rows<T>(sql: string, params: (string | number)[] = []): Promise<T[]> {
-    return orUnavailable(TOKEN_STORE, () => selectRows<T>(this.#pool, sql, params));
+  /**
+   * Causal on Galera: a row re-sealed by `token rotate-key` through another node must be read as re-sealed, since
+   * the old key version is retired right after (#11 M4).
+   */
+  #rows<T>(sql: string, params: SqlValue[] = []): Promise<T[]> {
+    return orUnavailable(TOKEN_STORE, () => this.#db.rows<T>(sql, params, { causal: true }));
   }
 }
 
@@ -142,8 +148,8 @@ export async function openTokenStore(url: string, options: { table?: string } = 
   const table = checkTableName(options.table ?? "storage");
   const location = parseDatabaseUrl(url);
   if (location.kind === "mysql") {
-    const pool = await openMysql(location.url, { what: TOKEN_STORE, connectionLimit: 4, schema: [`${schema(table)} ENGINE=InnoDB`] });
-    return new MysqlTokenStore(pool, table);
+    const db = await openMysql(location.url, { what: TOKEN_STORE, connectionLimit: 4, schema: [`${schema(table)} ENGINE=InnoDB`] });
+    return new MysqlTokenStore(db, table);
   }
   const db = await openSqlite(location.path, { what: TOKEN_STORE, createSchema: (db) => execute(db, schema(table)) });
   return new SqliteTokenStore(db, table);
