@@ -21,7 +21,8 @@ action is decided against the sender proof's identity by the policy.
 
 Options:
   --host HOST        address to bind (default 127.0.0.1)
-  --db URL           record store: mysql://user:pass@host:3306/db, or a sqlite path
+  --db URL           record store: mysql://user:pass@host:3306/db, several nodes of a Galera cluster as
+                     mysql://user:pass@host1:3306,host2:3306,host3:3306/db, or a sqlite path
                      (default $DATABASE_URL, else data/records.db)
   --pki DIR          PKI folder from pki.sh (default $PKI_DIR, else certs/)
   --policy FILE      authorization policy (default $SECUREMESH_POLICY, else roles/policy.json);
