@@ -2,7 +2,7 @@
 import { expect, setDefaultTimeout, test } from "bun:test";
 import { allServersDown, coordinatorFailover, databaseOutage, hangUnderLoad, killNineUnderLoad } from "./chaos-checks.ts";
 import { percentile, startMesh, startTokenStack, type MeshOptions } from "./fixtures/index.ts";
-import { TcpRelay } from "./tcp-relay.ts";
+import { TcpRelay } from "../shared/testing/tcp-relay.ts";
 
 setDefaultTimeout(90_000);
 

@@ -3,7 +3,7 @@ import { allServersDown, coordinatorFailover, databaseOutage, faultTable, hangUn
 import { startMesh, startTokenStack } from "../fixtures/index.ts";
 import { Progress } from "../progress.ts";
 import { startScenarioMesh, type Scenario } from "../scenario.ts";
-import { TcpRelay } from "../tcp-relay.ts";
+import { TcpRelay } from "../../shared/testing/tcp-relay.ts";
 
 /** The MariaDB the database drill cuts off; the harness reaches it through a relay it controls. */
 const MARIADB = { host: "127.0.0.1", port: 3306 };

@@ -1,6 +1,7 @@
 // The MariaDB the tests use ($TEST_MYSQL_URL, else the local one CI starts), and stand-ins for a database node that
 // fails in the ways a cluster's nodes do: one that never answers, one whose connection dies right after COMMIT.
 import net from "node:net";
+import { TcpRelay } from "./tcp-relay.ts";
 
 export const TEST_MYSQL_URL = process.env.TEST_MYSQL_URL ?? "mysql://root@127.0.0.1:3306/test";
 
@@ -51,70 +52,41 @@ export class SilentNode implements AsyncDisposable {
  * cut, it refuses connections.
  */
 export class LostCommitRelay implements AsyncDisposable {
-  readonly #server: net.Server;
-  readonly #sockets = new Set<net.Socket>();
   /** COMMITs still to lose. */
   armed = 0;
   /** COMMITs lost so far. */
   lost = 0;
-  #cut = false;
+  #relay!: TcpRelay;
 
-  private constructor(server: net.Server) {
-    this.#server = server;
-  }
-
-  static start(target: { host: string; port: number }): Promise<LostCommitRelay> {
-    let relay: LostCommitRelay;
+  static async start(target: { host: string; port: number }): Promise<LostCommitRelay> {
+    const lossy = new LostCommitRelay();
     // COM_QUERY (0x03) with the text mysql2 sends for conn.commit().
     const commit = Buffer.from("\x03COMMIT", "latin1");
-    const server = net.createServer((client) => {
-      if (relay.#cut) {
-        client.destroy();
-        return;
-      }
-      const upstream = net.connect(target.port, target.host);
-      for (const socket of [client, upstream]) {
-        relay.#sockets.add(socket);
-        socket.on("error", () => {});
-        socket.on("close", () => {
-          relay.#sockets.delete(socket);
-          client.destroy();
-          if (socket === upstream) return;
-          // The client is gone: let the server read what it was sent, then hang up.
-          upstream.end();
-        });
-      }
-      client.on("data", (chunk: Buffer) => {
-        upstream.write(chunk);
-        if (relay.armed > 0 && chunk.includes(commit)) {
-          relay.armed -= 1;
-          relay.lost += 1;
-          client.destroy();
-        }
-      });
-      upstream.pipe(client);
+    lossy.#relay = await TcpRelay.start(target, {
+      dropClientAfter: (chunk) => {
+        if (lossy.armed === 0 || !chunk.includes(commit)) return false;
+        lossy.armed -= 1;
+        lossy.lost += 1;
+        return true;
+      },
     });
-    relay = new LostCommitRelay(server);
-    return new Promise((resolve) => server.listen(0, "127.0.0.1", () => resolve(relay)));
+    return lossy;
   }
 
   get hostPort(): string {
-    return `127.0.0.1:${(this.#server.address() as net.AddressInfo).port}`;
+    return this.#relay.hostPort;
   }
 
-  /** Drops every connection and refuses new ones until restore(). */
   cut(): void {
-    this.#cut = true;
-    for (const socket of this.#sockets) socket.destroy();
+    this.#relay.cut();
   }
 
   restore(): void {
-    this.#cut = false;
+    this.#relay.restore();
   }
 
   [Symbol.asyncDispose](): Promise<void> {
-    this.cut();
-    return new Promise((resolve) => this.#server.close(() => resolve()));
+    return this.#relay.close();
   }
 }
 

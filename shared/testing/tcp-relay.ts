@@ -1,5 +1,11 @@
 // A TCP relay that can be cut and restored: a database outage as the roles see it, without stopping the database.
+// With `dropClientAfter`, it also passes a chunk on and then drops the client (a node dying under a COMMIT).
 import net from "node:net";
+
+export interface TcpRelayOptions {
+  /** Asked with each chunk from a client, after the chunk went on: true drops that client before any answer. */
+  dropClientAfter?: (chunk: Buffer) => boolean;
+}
 
 export class TcpRelay implements AsyncDisposable {
   readonly #server: net.Server;
@@ -10,7 +16,7 @@ export class TcpRelay implements AsyncDisposable {
     this.#server = server;
   }
 
-  static start(target: { host: string; port: number }): Promise<TcpRelay> {
+  static start(target: { host: string; port: number }, options: TcpRelayOptions = {}): Promise<TcpRelay> {
     let relay: TcpRelay;
     const server = net.createServer((client) => {
       if (relay.#cut) {
@@ -24,10 +30,14 @@ export class TcpRelay implements AsyncDisposable {
         socket.on("close", () => {
           relay.#sockets.delete(socket);
           client.destroy();
-          upstream.destroy();
+          // The client is gone: the server still reads what it was sent, then the connection ends.
+          if (socket === client) upstream.end();
         });
       }
-      client.pipe(upstream);
+      client.on("data", (chunk: Buffer) => {
+        upstream.write(chunk);
+        if (options.dropClientAfter?.(chunk)) client.destroy();
+      });
       upstream.pipe(client);
     });
     relay = new TcpRelay(server);
@@ -36,6 +46,10 @@ export class TcpRelay implements AsyncDisposable {
 
   get port(): number {
     return (this.#server.address() as net.AddressInfo).port;
+  }
+
+  get hostPort(): string {
+    return `127.0.0.1:${this.port}`;
   }
 
   /** Drops every connection and refuses new ones until restore(). */
