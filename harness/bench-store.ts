@@ -55,6 +55,7 @@ export const BENCH_MYSQL_URL = (() => {
 })();
 
 const FILL_BATCH = 10_000;
+const WARMUP_READS = 20;
 
 export async function measureStoreSizes(options: StoreSizeOptions): Promise<StoreSizeReport> {
   await resetBenchDatabase();
@@ -81,6 +82,8 @@ export async function measureStoreSizes(options: StoreSizeOptions): Promise<Stor
           url = await options.cluster.startServer(server, 0, ["--db", location]);
           idleMiB = rssMiB(options.cluster.role(server).proc.pid) ?? 0;
         }
+        // Unmeasured first reads, so the first size does not pay the new server's and the store's warm-up alone.
+        for (let i = 0; i < WARMUP_READS; i++) await options.readUncached(url);
         const latencies = new Latencies();
         for (let i = 0; i < options.readsPerSize; i++) {
           const begun = performance.now();
