@@ -22,6 +22,7 @@ const BASELINES: Record<string, { id: string; name: string }> = {
   "d-encrypt": { id: "d-encrypt-python", name: "Python" },
   "d-decrypt": { id: "d-decrypt-python", name: "Python" },
   "e-releases": { id: "e-rsa-bound", name: "RSA bound" },
+  "e-releases-ecdh": { id: "e-ecdh-bound", name: "X25519 bound" },
   "f-uncached": { id: "b-read", name: "cached" },
   "g-failover": { id: "b-write", name: "steady" },
 };

@@ -22,7 +22,8 @@ test("bench: every case runs with no errors, and the table, JSON and chart carry
   expect(ids).toEqual([
     "a-read", "b-read", "b-read-nolog", "b1-read", "b0-read", "c-read", "c-read-log", "h-read-deno",
     "a-write", "b-write", "b-write-nolog", "b1-write", "b0-write", "c-write", "c-write-log", "h-write-deno",
-    "m-mixed", "f-uncached", "d-encrypt", "d-encrypt-python", "d-decrypt", "d-decrypt-python", "e-releases", "e-rsa-bound", "h-releases-deno", "g-failover",
+    "m-mixed", "f-uncached", "d-encrypt", "d-encrypt-python", "d-decrypt", "d-decrypt-python", "e-releases", "e-rsa-bound", "e-releases-ecdh", "e-ecdh-bound", "h-releases-deno",
+    "g-failover",
   ]);
   for (const result of report.results) {
     expect({ id: result.id, errors: result.errors, samples: result.errorSamples }).toEqual({ id: result.id, errors: 0, samples: [] });

@@ -1,8 +1,9 @@
-import { beforeAll, describe, expect, test } from "bun:test";
+import { beforeAll, describe, expect, setDefaultTimeout, test } from "bun:test";
 import { mkdtempSync, statSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { createPublicKey } from "node:crypto";
+import type { JWK } from "jose";
 import { Authorizer } from "../shared/authz/authorizer.ts";
 import { policyPath } from "../shared/platform/config.ts";
 import { MasterKeyring } from "../shared/token-path/keyring.ts";
@@ -11,11 +12,17 @@ import { Metrics } from "../shared/ops/metrics.ts";
 import { PEER_HEADER } from "../shared/platform/peer-tls.ts";
 import { NonceMemory } from "../shared/token-path/replay.ts";
 import {
-  ON_BEHALF_OF_HEADER, openJoseResponse, openLegacyResponse, prepareJoseRequest, prepareLegacyRequest, RsaKeyPair, type PreparedRequest,
+  EcdhKeyPair, ON_BEHALF_OF_HEADER, openJoseResponse, openLegacyResponse, prepareEcdhRequest, prepareJoseRequest, prepareLegacyRequest, RsaKeyPair,
+  type PreparedRequest,
 } from "../shared/token-path/token-exchange.ts";
 import { openTokenStore, TokenVault } from "../shared/token-path/token-store.ts";
 import { scrape } from "../shared/testing/prometheus.ts";
+import { testPki } from "../shared/testing/pki.ts";
+import { loadIdentity, mutualTlsClientOptions } from "../shared/platform/tls.ts";
+import { startTokenStack } from "../harness/fixtures/index.ts";
 import { createKeyserverApp, parseKeyserverConfig, type KeyserverDeps } from "./keyserver.ts";
+
+setDefaultTimeout(30_000);
 
 const TOKEN = "mkt-token-never-logged-42";
 const PROXY = "spiffe://securemesh/secureproxy/secureproxy";
@@ -69,6 +76,29 @@ async function legacyWithoutReplayFields(clientId = "client1") {
   return { contentType: "application/json" as const, body: JSON.stringify(body) };
 }
 
+/** The one answer to every request that does not decrypt, whatever the cause: no padding or format oracle. */
+const DECRYPT_FAILED = { status: 400, body: { error: "request could not be decrypted", code: "ERR_DECRYPT" } };
+
+/** Requests that do not decrypt, in both formats: a tampered or short session key, a tampered JWE, garbage. */
+async function undecryptable(): Promise<Pick<PreparedRequest, "body" | "contentType">[]> {
+  const legacy = await prepareLegacyRequest(keys.publicKey, "client1", "marketplace");
+  const body = JSON.parse(legacy.body);
+  const wrapped = Buffer.from(body.sessionKey, "base64");
+  wrapped[10]! ^= 0xff;
+  const tamperedSessionKey = { contentType: "application/json" as const, body: JSON.stringify({ ...body, sessionKey: wrapped.toString("base64") }) };
+  const shortKeyCipher = await crypto.subtle.encrypt({ name: "RSA-OAEP" },
+    await crypto.subtle.importKey("spki", keys.publicKey.export({ type: "spki", format: "der" }), { name: "RSA-OAEP", hash: "SHA-256" }, false, ["encrypt"]),
+    new Uint8Array(16));
+  const shortSessionKey = { contentType: "application/json" as const, body: JSON.stringify({ ...body, sessionKey: Buffer.from(shortKeyCipher).toString("base64") }) };
+  const jose = await prepareJoseRequest(keys.publicKey, "client1", "marketplace");
+  const parts = jose.body.split(".");
+  const flip = (part: string) => { const b = Buffer.from(part, "base64url"); b[3]! ^= 1; return b.toString("base64url"); };
+  const tamperedCiphertext = { contentType: "application/jose" as const, body: [parts[0], parts[1], parts[2], flip(parts[3]!), parts[4]].join(".") };
+  const tamperedEncryptedKey = { contentType: "application/jose" as const, body: [parts[0], flip(parts[1]!), parts[2], parts[3], parts[4]].join(".") };
+  const garbage = { contentType: "application/jose" as const, body: "not.a.jwe.at.all" };
+  return [tamperedSessionKey, shortSessionKey, tamperedCiphertext, tamperedEncryptedKey, garbage];
+}
+
 describe("token release", () => {
   test("JOSE: a JWE request gets the token back in a dir/A256GCM JWE", async () => {
     const prepared = await prepareJoseRequest(keys.publicKey, "client1", "marketplace");
@@ -89,24 +119,14 @@ describe("token release", () => {
   });
 
   test("every decryption failure gets the same 400 with no detail", async () => {
-    const legacy = await prepareLegacyRequest(keys.publicKey, "client1", "marketplace");
-    const body = JSON.parse(legacy.body);
-    const wrapped = Buffer.from(body.sessionKey, "base64");
-    wrapped[10]! ^= 0xff;
-    const tamperedSessionKey = { contentType: "application/json" as const, body: JSON.stringify({ ...body, sessionKey: wrapped.toString("base64") }) };
-    const shortKeyCipher = await crypto.subtle.encrypt({ name: "RSA-OAEP" },
-      await crypto.subtle.importKey("spki", keys.publicKey.export({ type: "spki", format: "der" }), { name: "RSA-OAEP", hash: "SHA-256" }, false, ["encrypt"]),
-      new Uint8Array(16));
-    const shortSessionKey = { contentType: "application/json" as const, body: JSON.stringify({ ...body, sessionKey: Buffer.from(shortKeyCipher).toString("base64") }) };
-    const jose = await prepareJoseRequest(keys.publicKey, "client1", "marketplace");
-    const parts = jose.body.split(".");
-    const flip = (part: string) => { const b = Buffer.from(part, "base64url"); b[3]! ^= 1; return b.toString("base64url"); };
-    const tamperedCiphertext = { contentType: "application/jose" as const, body: [parts[0], parts[1], parts[2], flip(parts[3]!), parts[4]].join(".") };
-    const tamperedEncryptedKey = { contentType: "application/jose" as const, body: [parts[0], flip(parts[1]!), parts[2], parts[3], parts[4]].join(".") };
-    const garbage = { contentType: "application/jose" as const, body: "not.a.jwe.at.all" };
+    const answers = await Promise.all((await undecryptable()).map(async (r) => errorOf(await send(r))));
+    for (const answer of answers) expect(answer).toEqual(DECRYPT_FAILED);
+  });
 
-    const answers = await Promise.all([tamperedSessionKey, shortSessionKey, tamperedCiphertext, tamperedEncryptedKey, garbage].map(async (r) => errorOf(await send(r))));
-    for (const answer of answers) expect(answer).toEqual({ status: 400, body: { error: "request could not be decrypted", code: "ERR_DECRYPT" } });
+  test("the same request sent three times at once is released once: the replay check holds under concurrency", async () => {
+    const prepared = await prepareJoseRequest(keys.publicKey, "client1", "marketplace");
+    const answers = await Promise.all([1, 2, 3].map(async () => (await send(prepared)).status));
+    expect(answers.sort()).toEqual([200, 401, 401]);
   });
 
   test("a replayed nonce is refused, and so is a timestamp outside ±300 s", async () => {
@@ -137,6 +157,44 @@ describe("token release", () => {
     expect(await errorOf(await send({ contentType: "application/json", body: "{nope" }))).toEqual({ status: 400, body: { error: "request body is not valid JSON", code: "ERR_BAD_REQUEST" } });
     expect((await send({ contentType: "application/json", body: JSON.stringify({ clientId: "client1" }) })).status).toBe(400);
     expect((await send({ contentType: "text/plain" as "application/json", body: "x" })).status).toBe(415);
+  });
+});
+
+// #13: ECDH-ES (X25519) beside RSA-OAEP-256, for clients that opt in; the original format and RSA JOSE unchanged.
+describe("ECDH-ES requests, the opt-in", () => {
+  let ecdh: EcdhKeyPair;
+  let ecdhApp: ReturnType<typeof createKeyserverApp>;
+
+  beforeAll(async () => {
+    ecdh = await EcdhKeyPair.loadOrCreate(join(dir, "ecdh_key.pem"));
+    ecdhApp = keyserverApp([], { ecdh });
+  });
+
+  test("the X25519 key is made once, stored 0600, and published in the JWKS beside the RSA key", async () => {
+    const again = await EcdhKeyPair.loadOrCreate(join(dir, "ecdh_key.pem"));
+    expect({ same: again.jwk.x === ecdh.jwk.x, mode: statSync(join(dir, "ecdh_key.pem")).mode & 0o777 }).toEqual({ same: true, mode: 0o600 });
+    const jwks = (await (await ecdhApp.handle(new Request("http://localhost/.well-known/jwks.json"))).json()) as { keys: Record<string, unknown>[] };
+    expect(jwks.keys).toEqual([keys.jwk, { kty: "OKP", crv: "X25519", x: ecdh.jwk.x, kid: expect.any(String), use: "enc", alg: "ECDH-ES" }]);
+    expect(jwks.keys[1]).not.toHaveProperty("d");
+  });
+
+  test("an ECDH-ES request gets the token; its replay is refused; RSA requests are served as before", async () => {
+    const prepared = await prepareEcdhRequest(ecdh.publicKey, "client1", "marketplace");
+    expect(JSON.parse(Buffer.from(prepared.body.split(".")[0]!, "base64url").toString())).toMatchObject({ alg: "ECDH-ES", enc: "A256GCM" });
+    expect(await openJoseResponse(await (await sendTo(ecdhApp, prepared)).text(), prepared.sessionKey)).toBe(TOKEN);
+    expect(await errorOf(await sendTo(ecdhApp, prepared))).toEqual({ status: 401, body: { error: "nonce already used", code: "ERR_REPLAY" } });
+    const rsa = await prepareJoseRequest(keys.publicKey, "client1", "marketplace");
+    expect(await openJoseResponse(await (await sendTo(ecdhApp, rsa)).text(), rsa.sessionKey)).toBe(TOKEN);
+  });
+
+  test("without the opt-in, or to another key, an ECDH-ES request is the same 400 as any that does not decrypt, with the opt-in too", async () => {
+    expect(await errorOf(await send(await prepareEcdhRequest(ecdh.publicKey, "client1", "marketplace")))).toEqual(DECRYPT_FAILED);
+    const stranger = await EcdhKeyPair.loadOrCreate(join(dir, "stranger_ecdh_key.pem"));
+    expect(await errorOf(await sendTo(ecdhApp, await prepareEcdhRequest(stranger.publicKey, "client1", "marketplace")))).toEqual(DECRYPT_FAILED);
+    // With the opt-in, whatever does not decrypt in either format is still the one 400.
+    for (const undecrypted of await undecryptable()) expect(await errorOf(await sendTo(ecdhApp, undecrypted))).toEqual(DECRYPT_FAILED);
+    expect(parseKeyserverConfig([]).ecdhEs).toBe(false);
+    expect(parseKeyserverConfig(["--ecdh-es"]).ecdhEs).toBe(true);
   });
 });
 
@@ -284,5 +342,39 @@ describe("keys", () => {
     const again = await RsaKeyPair.loadOrCreate(join(dir, "rsa_key.pem"));
     expect(again.publicPem).toBe(keys.publicPem);
     expect(statSync(join(dir, "rsa_key.pem")).mode & 0o777).toBe(0o600);
+  });
+});
+
+// The KeyServer as a process on each runtime, with the ECDH-ES opt-in (#13): jose and WebCrypto's X25519 and
+// RSA-OAEP on Bun and on Deno, over the peer-identity listener that reads a certificate once per connection.
+describe.each(["bun", "deno"] as const)("a KeyServer process on %s", (runtime) => {
+  test("releases over mutual TLS in both formats, RSA and ECDH-ES; a replay and a tampered JWE are refused", async () => {
+    const pki = await testPki();
+    await using tokens = await startTokenStack({ pki, runtime, keyserverArgs: ["--ecdh-es"] });
+    expect(await tokens.cluster.role("keyserver").waitForLine(/keyserver listening/)).toEndWith("; ECDH-ES (X25519) too)");
+    const tls = mutualTlsClientOptions(loadIdentity(pki, "secureproxy"));
+    const publicKey = createPublicKey(((await (await fetch(`${tokens.keyserver}/public_key`, { tls })).json()) as { public_key: string }).public_key);
+    const post = (prepared: Pick<PreparedRequest, "body" | "contentType">) => fetch(tokens.keyserver, {
+      method: "POST", headers: { "content-type": prepared.contentType, [ON_BEHALF_OF_HEADER]: CLIENT1 }, body: prepared.body, tls,
+    });
+
+    // 24 at once: below the cap on handshakes from one address (32), which a burst of new connections would meet.
+    const jwks = (await (await fetch(`${tokens.keyserver}/.well-known/jwks.json`, { tls })).json()) as { keys: JWK[] };
+    const x25519 = createPublicKey({ key: jwks.keys.find((k) => k.crv === "X25519")!, format: "jwk" });
+    const requests = await Promise.all(Array.from({ length: 24 }, (_, i) => (i % 4 === 0 ? prepareLegacyRequest(publicKey, "client1", "marketplace")
+      : i % 4 === 1 ? prepareEcdhRequest(x25519, "client1", "marketplace") : prepareJoseRequest(publicKey, "client1", "marketplace"))));
+    const released = await Promise.all(requests.map(async (prepared) => {
+      const response = await post(prepared);
+      if (prepared.contentType === "application/jose") return openJoseResponse(await response.text(), prepared.sessionKey);
+      return openLegacyResponse(((await response.json()) as { token: string }).token, prepared.sessionKey);
+    }));
+    expect(released).toEqual(requests.map(() => tokens.token));
+
+    expect(await errorOf(await post(requests[1]!))).toEqual({ status: 401, body: { error: "nonce already used", code: "ERR_REPLAY" } });
+    const parts = (await prepareJoseRequest(publicKey, "client1", "marketplace")).body.split(".");
+    const tampered = [...parts.slice(0, 4), Buffer.from(Buffer.from(parts[4]!, "base64url").map((b) => b ^ 1)).toString("base64url")].join(".");
+    expect(await errorOf(await post({ contentType: "application/jose", body: tampered }))).toEqual(DECRYPT_FAILED);
+    // The whole path through the SecureProxy on the same runtime.
+    expect((await tokens.requestApi({ ClientId: "client1", TokenType: "marketplace", ApiUri: tokens.itemUri })).status).toBe(200);
   });
 });

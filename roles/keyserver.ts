@@ -13,7 +13,7 @@ import { listenWithPeerIdentity, PEER_HEADER } from "../shared/platform/peer-tls
 import { NonceMemory, ReplayRejected } from "../shared/token-path/replay.ts";
 import { assertSafeTlsEnvironment, mutualTlsServerOptions } from "../shared/platform/tls.ts";
 import {
-  ON_BEHALF_OF_HEADER, openJoseRequest, openLegacyRequest, proxyResource, RsaKeyPair, sealJoseResponse, sealLegacyResponse,
+  EcdhKeyPair, ON_BEHALF_OF_HEADER, openJoseRequest, openLegacyRequest, proxyResource, RsaKeyPair, sealJoseResponse, sealLegacyResponse,
   type TokenRequest,
 } from "../shared/token-path/token-exchange.ts";
 import { openTokenStore, TokenVault } from "../shared/token-path/token-store.ts";
@@ -32,13 +32,16 @@ the database; the running KeyServer picks up 'token rotate-key', the policy, the
 a restart.
 
 Options:
-  --db URL              token store: mysql://user:pass@host:3306/db, or a sqlite path
+  --db URL              token store: mysql://user:pass@host:3306/db (several hosts, comma-separated,
+                        for a Galera cluster), or a sqlite path
                         (default $KEYSERVER_DB, else data/keyserver/tokens.db)
   --data DIR            where the RSA key and master keyring live (default data/keyserver), both mode 0600
   --policy FILE         authorization policy (default $SECUREMESH_POLICY, else roles/policy.json)
   --legacy-replay MODE  require (default): the original JSON format must carry timestamp and nonce, like JOSE;
                         allow: accept it without them, for old clients (replayable)
   --replay-quota N      live nonces one identity may hold in the replay window (default 10000)
+  --ecdh-es             also take JOSE requests with ECDH-ES (X25519) key agreement, a sixth of RSA's CPU to
+                        open; its key (ecdh_key.pem in --data, 0600) is published in /.well-known/jwks.json
   --host HOST           address to bind (default 127.0.0.1)
   --pki DIR             PKI folder from pki.sh (default $PKI_DIR, else certs/)
   --token T             with 'token add': the token, or - to read it from stdin (keeps it out of ps)
@@ -57,6 +60,8 @@ export interface KeyserverConfig {
   policy: string;
   legacyReplay: LegacyReplay;
   replayQuota: number;
+  /** Take ECDH-ES requests beside RSA-OAEP-256 (#13, opt-in). */
+  ecdhEs: boolean;
   client?: string;
   type?: string;
   token?: string;
@@ -65,7 +70,7 @@ export interface KeyserverConfig {
 export function parseKeyserverConfig(argv: string[]): KeyserverConfig {
   const { values, positionals } = parseFlags("keyserver", USAGE, {
     db: { type: "string" }, data: { type: "string" }, policy: { type: "string" }, "legacy-replay": { type: "string" },
-    "replay-quota": { type: "string" }, host: { type: "string" }, pki: { type: "string" }, client: { type: "string" },
+    "replay-quota": { type: "string" }, "ecdh-es": { type: "boolean" }, host: { type: "string" }, pki: { type: "string" }, client: { type: "string" },
     type: { type: "string" }, token: { type: "string" },
   }, argv);
   const dataDir = values.data ?? join(REPO_ROOT, "data", "keyserver");
@@ -90,6 +95,7 @@ export function parseKeyserverConfig(argv: string[]): KeyserverConfig {
     policy: policyPath(values.policy),
     legacyReplay,
     replayQuota,
+    ecdhEs: values["ecdh-es"] ?? false,
     client: values.client,
     type: values.type,
     token: values.token,
@@ -99,6 +105,8 @@ export function parseKeyserverConfig(argv: string[]): KeyserverConfig {
 export interface KeyserverDeps {
   vault: TokenVault;
   keys: RsaKeyPair;
+  /** The X25519 key of the opt-in ECDH-ES requests; without it they do not decrypt. */
+  ecdh?: EcdhKeyPair;
   nonces: NonceMemory;
   logger: Logger;
   /** Decides tokens.fetch for the TLS caller and proxy.use for whom it asks. */
@@ -130,7 +138,7 @@ function onBehalfOf(request: Request, caller: string): string {
   return named;
 }
 
-export function createKeyserverApp({ vault, keys, nonces, logger, authz, legacyReplay, metrics = new Metrics() }: KeyserverDeps) {
+export function createKeyserverApp({ vault, keys, ecdh, nonces, logger, authz, legacyReplay, metrics = new Metrics() }: KeyserverDeps) {
   const releases = metrics.counter("securemesh_token_releases_total", "Token release attempts, by outcome.", ["outcome"]);
   /**
    * One line per release attempt: the TLS caller and whom it asked for (#11 H1), and on an error its code (#11
@@ -154,7 +162,7 @@ export function createKeyserverApp({ vault, keys, nonces, logger, authz, legacyR
     })
     .get("/public_key", () => ({ public_key: keys.publicPem }))
     .post("/public_key", () => ({ public_key: keys.publicPem }), { parse: "none" })
-    .get("/.well-known/jwks.json", () => ({ keys: [keys.jwk] }))
+    .get("/.well-known/jwks.json", () => ({ keys: ecdh ? [keys.jwk, ecdh.jwk] : [keys.jwk] }))
     .post("/", async ({ request }) => {
       // Set by the peer-identity listener from the verified certificate: the caller's SPIFFE ID.
       const caller = request.headers.get(PEER_HEADER) ?? "";
@@ -168,7 +176,7 @@ export function createKeyserverApp({ vault, keys, nonces, logger, authz, legacyR
         const jose = type.startsWith("application/jose");
         if (!jose && !type.startsWith("application/json")) throw new MeshError("ERR_UNSUPPORTED_MEDIA_TYPE", 415, "Content-Type must be application/json or application/jose");
         const text = new TextDecoder().decode(await readBodyLimited(request));
-        parsed = jose ? await openJoseRequest(keys, text) : await openLegacyRequest(keys, parseJson(text));
+        parsed = jose ? await openJoseRequest(keys, text, ecdh) : await openLegacyRequest(keys, parseJson(text));
         // Defence in depth (#11 H1): the proxy checked this too, against the same policy.
         authz.require(who.onBehalfOf, "proxy.use", proxyResource(parsed.clientId!, parsed.tokenType!));
         checkReplay(nonces, parsed, { jose, legacyReplay, caller: who.onBehalfOf });
@@ -252,8 +260,9 @@ async function main(): Promise<void> {
     trust = TrustMaterial.open(config.pki, "keyserver");
     const authz = new Authorizer(config.policy, logger, metrics);
     const keys = await RsaKeyPair.loadOrCreate(join(config.dataDir, "rsa_key.pem"));
+    const ecdh = config.ecdhEs ? await EcdhKeyPair.loadOrCreate(join(config.dataDir, "ecdh_key.pem")) : undefined;
     const nonces = new NonceMemory({ maxPerCaller: config.replayQuota });
-    deps = { vault: await openVault(config), keys, nonces, logger, authz, legacyReplay: config.legacyReplay, metrics };
+    deps = { vault: await openVault(config), keys, ecdh, nonces, logger, authz, legacyReplay: config.legacyReplay, metrics };
   } catch (error) {
     exitWithConfigError("keyserver", error);
   }
@@ -267,7 +276,7 @@ async function main(): Promise<void> {
   trust.onReload((identity) => listener.reload(mutualTlsServerOptions(identity)).catch((error) => logger.error(`TLS listener kept its old material: ${describeError(error)}`))).watch(logger);
   deps.authz.watch();
   const keyring = watchKeyring(deps.vault, logger);
-  logger.info(`keyserver listening on https://${config.host}:${listener.port} (tokens: ${describeDatabaseUrl(config.db)}; policy: ${displayPath(config.policy)}; legacy replay: ${config.legacyReplay})`);
+  logger.info(`keyserver listening on https://${config.host}:${listener.port} (tokens: ${describeDatabaseUrl(config.db)}; policy: ${displayPath(config.policy)}; legacy replay: ${config.legacyReplay}${deps.ecdh ? "; ECDH-ES (X25519) too" : ""})`);
 
   exitOnSignals(async () => {
     keyring.stop();

@@ -1,10 +1,11 @@
 // The hybrid token exchange between SecureProxy and KeyServer: a fresh session key under the KeyServer's RSA key,
-// the token back under that session key. Two wire formats: the original's (RSA-OAEP-SHA256 + AES-256-CBC) and JOSE.
+// the token back under that session key. Two wire formats: the original's (RSA-OAEP-SHA256 + AES-256-CBC) and JOSE
+// (RSA-OAEP-256 + A256GCM, or, opt-in, ECDH-ES with X25519), every JWE made and opened by jose.
 import { createCipheriv, createDecipheriv, createPrivateKey, createPublicKey, generateKeyPairSync, randomBytes, type KeyObject } from "node:crypto";
 import { chmodSync, existsSync, mkdirSync, readFileSync, writeFileSync } from "node:fs";
 import { dirname } from "node:path";
-import { calculateJwkThumbprint, CompactEncrypt, compactDecrypt, exportJWK, type JWK } from "jose";
-import { BadRequest, MeshError } from "../platform/errors.ts";
+import { calculateJwkThumbprint, CompactEncrypt, compactDecrypt, exportJWK, type DecryptOptions, type JWK } from "jose";
+import { BadRequest, ConfigError, MeshError } from "../platform/errors.ts";
 
 /** Every decryption failure, whatever its cause, is this one error: no padding or format oracle. */
 export class DecryptFailed extends MeshError {
@@ -22,35 +23,65 @@ export interface TokenRequest {
 }
 
 const OAEP = { name: "RSA-OAEP" } as const;
-const JOSE_ALGS = { keyManagementAlgorithms: ["RSA-OAEP-256"], contentEncryptionAlgorithms: ["A256GCM"] };
+
+/** The private key in `path`, made by `generate` and stored 0600 the first time, reused across restarts. */
+function loadOrCreatePrivateKey(path: string, generate: () => KeyObject): KeyObject {
+  if (!existsSync(path)) {
+    mkdirSync(dirname(path), { recursive: true });
+    writeFileSync(path, generate().export({ type: "pkcs8", format: "pem" }), { mode: 0o600 });
+  }
+  chmodSync(path, 0o600);
+  return createPrivateKey(readFileSync(path, "utf8"));
+}
+
+/** A public key as the JWKS publishes it: with its thumbprint as kid, for encryption with `alg` only. */
+async function publishedJwk(publicKey: KeyObject, alg: string): Promise<JWK> {
+  const jwk = await exportJWK(publicKey);
+  return { ...jwk, kid: await calculateJwkThumbprint(jwk), use: "enc", alg };
+}
 
 /** The KeyServer's RSA-2048 key pair: made once, stored 0600, reused across restarts. */
 export class RsaKeyPair {
   private constructor(
     readonly privateKey: KeyObject,
     readonly publicKey: KeyObject,
+    /** Imported once, as jose takes it: a KeyObject or JWK would be turned into a CryptoKey again and again. */
     readonly webPrivateKey: CryptoKey,
     readonly jwk: JWK,
   ) {}
 
   static async loadOrCreate(path: string): Promise<RsaKeyPair> {
-    if (!existsSync(path)) {
-      mkdirSync(dirname(path), { recursive: true });
-      const { privateKey } = generateKeyPairSync("rsa", { modulusLength: 2048 });
-      writeFileSync(path, privateKey.export({ type: "pkcs8", format: "pem" }), { mode: 0o600 });
-    }
-    chmodSync(path, 0o600);
-    const privateKey = createPrivateKey(readFileSync(path, "utf8"));
+    const privateKey = loadOrCreatePrivateKey(path, () => generateKeyPairSync("rsa", { modulusLength: 2048 }).privateKey);
     const publicKey = createPublicKey(privateKey);
     // WebCrypto, not node:crypto's privateDecrypt: Bun's node:crypto once ignored the OAEP hash (oven-sh/bun#10247).
+    // Bun and Deno run WebCrypto's RSA on their own thread pools, so both cores decrypt (#13).
     const webPrivateKey = await crypto.subtle.importKey("pkcs8", privateKey.export({ type: "pkcs8", format: "der" }), { name: "RSA-OAEP", hash: "SHA-256" }, false, ["decrypt"]);
-    const jwk = await exportJWK(publicKey);
-    const kid = await calculateJwkThumbprint(jwk);
-    return new RsaKeyPair(privateKey, publicKey, webPrivateKey, { ...jwk, kid, use: "enc", alg: "RSA-OAEP-256" });
+    return new RsaKeyPair(privateKey, publicKey, webPrivateKey, await publishedJwk(publicKey, "RSA-OAEP-256"));
   }
 
   get publicPem(): string {
     return this.publicKey.export({ type: "spki", format: "pem" }).toString();
+  }
+}
+
+/**
+ * The KeyServer's X25519 key pair for ECDH-ES requests, the opt-in beside RSA-OAEP-256 (#13): made once, stored
+ * 0600, reused across restarts. An agreement costs a small part of an RSA-2048 decryption.
+ */
+export class EcdhKeyPair {
+  private constructor(
+    readonly publicKey: KeyObject,
+    /** Imported once, as jose takes it (see RsaKeyPair). */
+    readonly webPrivateKey: CryptoKey,
+    readonly jwk: JWK,
+  ) {}
+
+  static async loadOrCreate(path: string): Promise<EcdhKeyPair> {
+    const privateKey = loadOrCreatePrivateKey(path, () => generateKeyPairSync("x25519").privateKey);
+    if (privateKey.asymmetricKeyType !== "x25519") throw new ConfigError(`${path} does not hold an X25519 private key`);
+    const publicKey = createPublicKey(privateKey);
+    const webPrivateKey = await crypto.subtle.importKey("pkcs8", privateKey.export({ type: "pkcs8", format: "der" }), { name: "X25519" }, false, ["deriveBits"]);
+    return new EcdhKeyPair(publicKey, webPrivateKey, await publishedJwk(publicKey, "ECDH-ES"));
   }
 }
 
@@ -118,11 +149,25 @@ export function sealLegacyResponse(token: string, sessionKey: Uint8Array): strin
   return Buffer.concat([iv, cipher.update(token, "utf8"), cipher.final()]).toString("base64");
 }
 
-/** JOSE format: a compact JWE (RSA-OAEP-256, A256GCM) of `{clientId, tokenType, sessionKey, timestamp, nonce}`. */
-export async function openJoseRequest(keys: RsaKeyPair, jwe: string): Promise<TokenRequest> {
+/**
+ * What a request may be: RSA-OAEP-256, or ECDH-ES where the KeyServer holds the opt-in key; A256GCM; never compressed
+ * (jose would inflate "zip": "DEF" up to 250 kB, where a request is a few hundred bytes).
+ */
+const REQUEST_RSA: DecryptOptions = { keyManagementAlgorithms: ["RSA-OAEP-256"], contentEncryptionAlgorithms: ["A256GCM"], maxDecompressedLength: 0 };
+const REQUEST_RSA_OR_ECDH: DecryptOptions = { ...REQUEST_RSA, keyManagementAlgorithms: ["RSA-OAEP-256", "ECDH-ES"] };
+
+/**
+ * JOSE format: a compact JWE (RSA-OAEP-256, A256GCM) of `{clientId, tokenType, sessionKey, timestamp, nonce}`; or,
+ * when the KeyServer holds an X25519 key (`ecdh`), the same payload in a JWE with ECDH-ES (the opt-in).
+ */
+export async function openJoseRequest(keys: RsaKeyPair, jwe: string, ecdh?: EcdhKeyPair): Promise<TokenRequest> {
   let plaintext: Uint8Array;
   try {
-    ({ plaintext } = await compactDecrypt(jwe.trim(), keys.privateKey, JOSE_ALGS));
+    // jose holds "alg" to the list before it asks for the key: ECDH-ES reaches here only with the opt-in. Whatever
+    // does not open, an ECDH-ES request to a KeyServer without the key too, is the one DecryptFailed.
+    ({ plaintext } = ecdh
+      ? await compactDecrypt(jwe.trim(), (header) => (header.alg === "ECDH-ES" ? ecdh.webPrivateKey : keys.webPrivateKey), REQUEST_RSA_OR_ECDH)
+      : await compactDecrypt(jwe.trim(), keys.webPrivateKey, REQUEST_RSA));
   } catch {
     throw new DecryptFailed();
   }
@@ -156,11 +201,25 @@ function replayFields(): { timestamp: number; nonce: string } {
   return { timestamp: Math.floor(Date.now() / 1000), nonce: randomBytes(18).toString("base64url") };
 }
 
-export async function prepareJoseRequest(publicKey: KeyObject, clientId: string, tokenType: string): Promise<PreparedRequest> {
+/**
+ * A JOSE request, `{clientId, tokenType, sessionKey, timestamp, nonce}` with a fresh session key, in a JWE with `alg`
+ * to `publicKey`. jose turns a KeyObject into a CryptoKey once and keeps it, so a key held across requests (the
+ * SecureProxy keeps it) is imported once.
+ */
+async function joseRequest(alg: "RSA-OAEP-256" | "ECDH-ES", publicKey: KeyObject, clientId: string, tokenType: string): Promise<PreparedRequest> {
   const sessionKey = new Uint8Array(randomBytes(32));
   const payload = JSON.stringify({ clientId, tokenType, sessionKey: Buffer.from(sessionKey).toString("base64url"), ...replayFields() });
-  const body = await new CompactEncrypt(new TextEncoder().encode(payload)).setProtectedHeader({ alg: "RSA-OAEP-256", enc: "A256GCM" }).encrypt(publicKey);
+  const body = await new CompactEncrypt(new TextEncoder().encode(payload)).setProtectedHeader({ alg, enc: "A256GCM" }).encrypt(publicKey);
   return { body, contentType: "application/jose", sessionKey };
+}
+
+export function prepareJoseRequest(publicKey: KeyObject, clientId: string, tokenType: string): Promise<PreparedRequest> {
+  return joseRequest("RSA-OAEP-256", publicKey, clientId, tokenType);
+}
+
+/** The opt-in JOSE request: the same payload in a JWE with ECDH-ES to the KeyServer's X25519 `publicKey` (its JWKS). */
+export function prepareEcdhRequest(publicKey: KeyObject, clientId: string, tokenType: string): Promise<PreparedRequest> {
+  return joseRequest("ECDH-ES", publicKey, clientId, tokenType);
 }
 
 export async function prepareLegacyRequest(publicKey: KeyObject, clientId: string, tokenType: string): Promise<PreparedRequest> {
@@ -172,7 +231,7 @@ export async function prepareLegacyRequest(publicKey: KeyObject, clientId: strin
 
 export async function openJoseResponse(jwe: string, sessionKey: Uint8Array): Promise<string> {
   try {
-    const { plaintext } = await compactDecrypt(jwe, sessionKey, { keyManagementAlgorithms: ["dir"], contentEncryptionAlgorithms: ["A256GCM"] });
+    const { plaintext } = await compactDecrypt(jwe, sessionKey, { keyManagementAlgorithms: ["dir"], contentEncryptionAlgorithms: ["A256GCM"], maxDecompressedLength: 0 });
     return new TextDecoder().decode(plaintext);
   } catch {
     throw new DecryptFailed();

@@ -64,6 +64,12 @@ interface Connection {
   requestsInFlight: number;
 }
 
+/** Who a client certificate names, and its serial for the revocation check. */
+interface VerifiedPeer {
+  serial: string;
+  identity: string;
+}
+
 /** "::ffff:10.0.0.1" and "10.0.0.1" are one client. */
 const addressOf = (socket: net.Socket) => socket.remoteAddress?.replace(/^::ffff:(?=\d+\.\d+\.\d+\.\d+$)/, "");
 /**
@@ -134,7 +140,11 @@ async function send(res: http.ServerResponse, response: Response, method: string
     if (res.destroyed || res.writableEnded) return;
     res.setHeader("content-length", String(payload.length));
     res.writeHead(response.status);
+    // Head and body leave in one write: Bun's node:http writes them apart, two TLS records and two syscalls (#13).
+    const socket = res.socket;
+    socket?.cork();
     res.end(method === "HEAD" ? undefined : payload);
+    socket?.uncork();
     return;
   }
   res.writeHead(response.status);
@@ -164,6 +174,13 @@ export function listenNode(app: HandlingApp, options: NodeListenerOptions): Prom
   const mutual = options.tls !== undefined && options.requireClientCertificate;
 
   const connections = new Map<string, Connection>();
+  /**
+   * Each TLS socket's peer, read once at its handshake: getPeerCertificate() cost a KeyServer an eighth of its
+   * main thread when called per request (#13). A connection's certificate cannot change after the handshake:
+   * neither BoringSSL (Bun) nor rustls (Deno) renegotiates as a server.
+   */
+  const verifiedPeers = new WeakMap<net.Socket, VerifiedPeer>();
+  const verifiedPeer = (peer: tls.PeerCertificate): VerifiedPeer => ({ serial: peer.serialNumber ?? "", identity: identify(withExtendedKeyUsage(peer)) });
   /** Sockets still in their handshake, per address, oldest first (a Set keeps insertion order). */
   const handshaking = new Map<string, Set<net.Socket>>();
   const perIdentity = new Map<string, number>();
@@ -182,11 +199,11 @@ export function listenNode(app: HandlingApp, options: NodeListenerOptions): Prom
         if (value !== undefined) headers.set(name, Array.isArray(value) ? value.join(", ") : value);
       }
       if (mutual) {
-        const peer = withExtendedKeyUsage(socket.getPeerCertificate());
+        const peer = verifiedPeers.get(socket) ?? verifiedPeer(socket.getPeerCertificate());
         // Per request, not per handshake: a revoked peer's open keep-alive connection is refused too (#11), and
         // where the TLS stack ignores the `crl` option (Deno), this is the only revocation check.
-        if (options.isRevoked?.(peer.serialNumber ?? "")) return reply(res, 403, "certificate revoked", "ERR_REVOKED", true);
-        if (options.peerHeader) headers.set(PEER_HEADER, identify(peer));
+        if (options.isRevoked?.(peer.serial)) return reply(res, 403, "certificate revoked", "ERR_REVOKED", true);
+        if (options.peerHeader) headers.set(PEER_HEADER, peer.identity);
       }
       headers.set(PEER_ADDRESS_HEADER, socket.remoteAddress ?? "-");
       const body = method === "GET" || method === "HEAD" ? undefined : await readBody(req, bodyLimit, bodyDeadlineMs);
@@ -251,10 +268,12 @@ export function listenNode(app: HandlingApp, options: NodeListenerOptions): Prom
     // every request is checked again (serve), for connections opened before the revocation.
     if (options.isRevoked?.(peer.serialNumber ?? "")) return refuse();
     // Counted by who it is, now that it is known: one identity's connections never take another's places.
-    const identity = identify(withExtendedKeyUsage(peer));
+    const verified = verifiedPeer(peer);
+    const { identity } = verified;
     const open = perIdentity.get(identity) ?? 0;
     if (open >= maxPerIdentity) return refuse();
     perIdentity.set(identity, open + 1);
+    verifiedPeers.set(socket, verified);
     (connection?.socket ?? socket).once("close", () => {
       const left = (perIdentity.get(identity) ?? 1) - 1;
       if (left > 0) perIdentity.set(identity, left);
