@@ -222,7 +222,7 @@ async function serve(config: CoordinatorConfig, logger: Logger): Promise<void> {
   let admin: Awaited<ReturnType<typeof listenReloadable>> | null = null;
   if (adminAt) {
     // A non-loopback --admin-host is the one other Host the admin page answers to (DNS rebinding, #11).
-    const adminApp = createAdminApp({ pool, logger, metrics, allowedHosts: [adminAt.host] });
+    const adminApp = createAdminApp({ pool, logger, metrics, allowedHosts: [adminAt.host], accessLog: worker === null });
     admin = await listenReloadable(adminApp, { port: adminAt.port, hostname: adminAt.host })
       .catch((error) => exitWithConfigError("coordinator", error));
     if (worker === null) logger.info(`coordinator admin (status page, /metrics) on http://${adminAt.host}:${admin.port}/`);

@@ -111,7 +111,7 @@ function hostAllowed(host: string, allowedHosts: readonly string[]): boolean {
   });
 }
 
-export function createAdminApp({ pool, logger, metrics, allowedHosts = [], metricsResponse }: {
+export function createAdminApp({ pool, logger, metrics, allowedHosts = [], metricsResponse, accessLog = true }: {
   pool: PoolView;
   logger: Logger;
   metrics: Metrics;
@@ -119,8 +119,10 @@ export function createAdminApp({ pool, logger, metrics, allowedHosts = [], metri
   metricsResponse?: () => Promise<Response>;
   /** Host names (host or host:port) answered besides LOOPBACK_HOSTS: the admin listener's own, when not loopback. */
   allowedHosts?: readonly string[];
+  /** Off for a worker's own admin listener, which its supervisor reads four times a second. */
+  accessLog?: boolean;
 }) {
-  const app = createApp({ logger, metrics, metricsRoute: !metricsResponse })
+  const app = createApp({ logger, metrics, metricsRoute: !metricsResponse, accessLog })
     .onRequest(({ request }) => {
       // An HTTP/1.0 request without Host (a health checker) cannot come from a browser, so it gets through.
       const host = request.headers.get("host") ?? requestUrl(request).host;
