@@ -240,4 +240,58 @@ describe("the stores on a 3-node Galera cluster", () => {
     await galera.waitSynced();
     expectAllStored(result.acknowledged, await storedOn("db3", table)); // nothing acknowledged was lost by the minority
   });
+
+  test("while a lost node stalls every commit, a health check's plain generation read answers at once; a causal one waits", async () => {
+    const table = uniqueTable("records");
+    const store = await recordStore(table, "db1", "db2", "db3");
+    let writing = true;
+    const writes = load(store, 2, () => !writing);
+    await waitFor("a first write", async () => (await store.count()) > 10);
+    await galera.kill("db3");
+    // Until Galera evicts the lost member (its suspect timeout), no commit and no causal read on any node can complete.
+    const causalStarted = performance.now();
+    const causal = store.generation().then(() => performance.now() - causalStarted);
+    const plainStarted = performance.now();
+    await store.generation({ causal: false });
+    const plainMs = performance.now() - plainStarted;
+    const causalMs = await causal;
+    writing = false;
+    const result = await writes;
+    console.log(`db3 killed: plain generation read ${Math.round(plainMs)} ms, causal ${Math.round(causalMs)} ms, slowest insert ${Math.round(result.slowestMs)} ms`);
+    expect(result.slowestMs).toBeGreaterThan(2000); // the stall was there to be waited out
+    expect(plainMs).toBeLessThan(500);
+    expect(await galera.restart("db3")).toBe("IST");
+    await galera.waitSynced();
+  });
+
+  test("a causal token read on a node losing quorum (Galera answers 1205) fails over instead of failing", async () => {
+    const table = uniqueTable("storage");
+    const tokens = await openTokenStore(urlOf("db1", "db2", "db3"), { table });
+    toClose.push(tokens);
+    await tokens.put({ clientId: "client1", tokenType: "marketplace", ciphertext: "c1", nonce: "n", keyVersion: 1, updatedAt: 1 });
+    let reading = true;
+    const outcomes = { read: 0, failed: [] as string[] };
+    const readers = Array.from({ length: 3 }, async () => {
+      while (reading) {
+        try {
+          if ((await tokens.get("client1", "marketplace"))?.keyVersion === 1) outcomes.read += 1;
+        } catch (error) {
+          outcomes.failed.push(`${(error as Error).message} (${String((error as { cause?: { code?: string } }).cause?.code)})`);
+        }
+        await Bun.sleep(10); // a steady reader, not a busy loop
+      }
+    });
+    try {
+      await galera.setIsolated("db1", true);
+      await galera.waitUntil("db1", (s) => s.clusterStatus === "non-Primary", 30_000);
+      const readsWhenIsolated = outcomes.read;
+      await waitFor("reads through another node", () => outcomes.read > readsWhenIsolated + 20);
+    } finally {
+      reading = false;
+      await Promise.all(readers);
+    }
+    expect(outcomes.failed).toEqual([]);
+    await galera.setIsolated("db1", false);
+    await galera.waitSynced();
+  });
 });

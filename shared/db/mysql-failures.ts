@@ -24,8 +24,11 @@ const NODE = new Set([
 /** Driver and socket codes that mean the connection, not the statement, failed. */
 const NODE_CODES = new Set([
   "ECONNREFUSED", "ECONNRESET", "EPIPE", "ETIMEDOUT", "EHOSTUNREACH", "ENETUNREACH", "ENOTFOUND", "EAI_AGAIN",
-  "PROTOCOL_CONNECTION_LOST", "PROTOCOL_SEQUENCE_TIMEOUT", "ERR_STATEMENT_TIMEOUT",
+  "PROTOCOL_CONNECTION_LOST", "PROTOCOL_SEQUENCE_TIMEOUT", "ERR_STATEMENT_TIMEOUT", "ERR_CAUSAL_READ_FAILED",
 ]);
+
+/** ER_LOCK_WAIT_TIMEOUT: what Galera answers a causal read (wsrep_sync_wait) that cannot catch up with the cluster. */
+export const LOCK_WAIT_TIMEOUT = 1205;
 
 export function classifyMysqlError(error: unknown): MysqlFailure {
   const { errno, code, fatal } = (error ?? {}) as { errno?: unknown; code?: unknown; fatal?: unknown };
@@ -41,6 +44,17 @@ export function classifyMysqlError(error: unknown): MysqlFailure {
 /** A UNIQUE or PRIMARY KEY clash. */
 export function isDuplicateEntry(error: unknown): boolean {
   return classifyMysqlError(error) === "duplicate";
+}
+
+/**
+ * A causal read the node could not serve: Galera ends it with 1205 when the node cannot catch up with the
+ * cluster, as when it is losing quorum (a KeyServer's token read got that as a 503, #14). Another node can.
+ */
+export class CausalReadFailed extends Error {
+  readonly code = "ERR_CAUSAL_READ_FAILED";
+  constructor(cause: unknown) {
+    super("a causal read could not catch up with the cluster on this node (1205): it is losing or has lost quorum", { cause });
+  }
 }
 
 /** A statement (or a connection attempt) that took longer than the node may take: the node counts as failed. */

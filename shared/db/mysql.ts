@@ -3,7 +3,7 @@
 import type mysql from "mysql2/promise";
 import { setTimeout as sleep } from "node:timers/promises";
 import { describeDatabaseUrl, mysqlNodeUrls, unavailable } from "./database.ts";
-import { classifyMysqlError, StatementTimeout } from "./mysql-failures.ts";
+import { CausalReadFailed, classifyMysqlError, LOCK_WAIT_TIMEOUT, StatementTimeout } from "./mysql-failures.ts";
 
 export { isDuplicateEntry } from "./mysql-failures.ts";
 
@@ -133,8 +133,17 @@ export class MysqlDatabase {
 
   /** The rows of one parameterized statement, on the first node that answers. */
   async rows<T>(sql: string, params: SqlValue[] = [], options: ReadOptions = {}): Promise<T[]> {
-    const statement = options.causal && this.#galera ? `SET STATEMENT wsrep_sync_wait = 1 FOR ${sql}` : sql;
-    return this.#withFailover(async (conn) => (await conn.execute(statement, params))[0] as T[], () => {});
+    const causal = options.causal === true && this.#galera;
+    const statement = causal ? `SET STATEMENT wsrep_sync_wait = 1 FOR ${sql}` : sql;
+    return this.#withFailover(async (conn) => {
+      try {
+        return (await conn.execute(statement, params))[0] as T[];
+      } catch (error) {
+        // A plain read takes no locks, so a lock wait timeout here can only be the causal wait failing: the node's fault.
+        if (causal && (error as { errno?: unknown }).errno === LOCK_WAIT_TIMEOUT) throw new CausalReadFailed(error);
+        throw error;
+      }
+    }, () => {});
   }
 
   /** One statement in the text protocol (DDL), on the first node that answers; for idempotent statements only. */

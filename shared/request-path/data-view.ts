@@ -112,7 +112,8 @@ export class CachedDataView {
     metrics.collect("securemesh_cache_entries", "Entries held in the cache.", "gauge", () => [{ value: this.#cache.stats().entries }]);
   }
 
-  async stats(): Promise<ViewStats> {
-    return { ...this.#cache.stats(), generation: await this.#store.generation() };
+  /** `causal: false` for a health check, which must not wait behind a stalled database cluster (see RecordStore.generation). */
+  async stats(options: { causal?: boolean } = {}): Promise<ViewStats> {
+    return { ...this.#cache.stats(), generation: await this.#store.generation(options) };
   }
 }

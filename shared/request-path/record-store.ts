@@ -42,9 +42,11 @@ export interface RecordStore {
   insertMany(records: readonly NewRecord[]): Promise<void>;
   /**
    * The cache generation every server shares: it changes with every new record and every invalidation, so a
-   * server that missed an invalidation (hung, partitioned) still sees that its cached view is old.
+   * server that missed an invalidation (hung, partitioned) still sees that its cached view is old. On Galera the
+   * read is causal (it sees every node's commits); `causal: false` reads this node's copy without waiting, for
+   * health checks only: a causal read waits behind the commit stall of a lost node, and so would every probe (#14).
    */
-  generation(): Promise<number>;
+  generation(options?: { causal?: boolean }): Promise<number>;
   /**
    * Moves the generation on (an explicit invalidation); returns the new value. With `proof`, the invalidation
    * proof is used up in the same transaction: the same proof at the same server again throws ProofRejected.
