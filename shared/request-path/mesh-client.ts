@@ -49,6 +49,8 @@ export interface MeshResponse<T = Record<string, unknown>> {
   coordinator: string;
   /** The trace id the request carried (its traceparent): every hop's access line names it. */
   trace: string;
+  /** Coordinators tried for this answer: 1 when the first one answered, more after failing over. */
+  attempts: number;
 }
 
 export class MeshClient {
@@ -119,9 +121,11 @@ export class MeshClient {
     const forwarded: Record<string, string> = this.#forwarder ? { [FORWARDER_HEADER]: await this.#forwarder.forwarderAssertion() } : {};
     const trace = startTrace();
     let last = "";
+    let tried = 0;
     for (let round = 0; round < attempts; round++) {
       if (round > 0) await setTimeout(backoffMs * 2 ** (round - 1));
       for (const coordinator of coordinators) {
+        tried += 1;
         try {
           const response = await runtime.fetch(coordinator.replace(/\/+$/, "") + path, {
             method,
@@ -135,7 +139,7 @@ export class MeshClient {
             last = `${coordinator} answered 503: ${(parsed as { error?: string }).error ?? ""}`;
             continue;
           }
-          return { status: response.status, body: parsed, coordinator, trace: trace.id };
+          return { status: response.status, body: parsed, coordinator, trace: trace.id, attempts: tried };
         } catch (error) {
           last = `${coordinator}: ${describeNetworkError(error)}`;
         }
