@@ -14,10 +14,11 @@ import { cache } from "./scenarios/cache.ts";
 import { chaos } from "./scenarios/chaos.ts";
 import { demo } from "./scenarios/demo.ts";
 import { failover } from "./scenarios/failover.ts";
+import { multihost } from "./scenarios/multihost.ts";
 import { security } from "./scenarios/security.ts";
 import { tokens } from "./scenarios/tokens.ts";
 
-const SCENARIOS: Scenario[] = [demo, failover, cache, tokens, security, chaos];
+const SCENARIOS: Scenario[] = [demo, failover, cache, tokens, security, chaos, multihost];
 /** The scenarios whose pictures the README shows. */
 const DOCUMENTED = [demo, failover, cache, tokens, security];
 
@@ -38,6 +39,7 @@ Options:
   --runtime R        bun, deno or mixed: what runs the roles (mixed alternates, Deno first); the harness
                      itself runs on Bun (default bun)
   --record           draw the scenario's logs as docs/screenshots/<scenario>.svg
+  --short            multihost: one fault of each kind under a small load (a few minutes), as bun test runs it
   --duration S       bench: seconds per case, split into interleaved rounds (default 10)
   --concurrency C    bench: concurrent workers (default 16)
   --json             bench: print the results JSON instead of the table
@@ -46,13 +48,14 @@ Options:
                      KeyServer cases); the results then go to bench/partial.json and no chart is drawn
   -h, --help         show this help
 
-Logs go to harness/logs/<scenario>/<role>.log.
+Logs go to harness/logs/<scenario>/<role>.log ($HARNESS_LOGS replaces harness/logs, so a test's run leaves yours alone).
 `;
 
 interface RunOptions {
   basePort: number;
   db?: string;
   record: boolean;
+  short?: boolean;
   runtime: RoleRuntime;
 }
 
@@ -64,7 +67,7 @@ async function ensurePki(dir: string): Promise<void> {
 
 /** A fresh log folder, PKI and cluster for one run; `body` runs against it, and every process is stopped after. */
 async function withCluster(name: string, options: RunOptions & { ownPki?: boolean }, body: (ctx: { cluster: Cluster; ports: Ports; db: string; tokenDb: string }) => Promise<void>): Promise<{ ok: boolean; cluster: Cluster }> {
-  const logDir = join(REPO_ROOT, "harness", "logs", name);
+  const logDir = join(process.env.HARNESS_LOGS ?? join(REPO_ROOT, "harness", "logs"), name);
   rmSync(logDir, { recursive: true, force: true });
   const pki = options.ownPki ? join(logDir, "pki") : pkiDir();
   await ensurePki(pki);
@@ -100,7 +103,7 @@ async function runScenario(scenario: Scenario, options: RunOptions): Promise<boo
   const summary: string[] = [];
   console.log(`harness: ${scenario.name} — ${scenario.description}`);
   const { ok, cluster } = await withCluster(scenario.name, { ...options, ownPki: scenario.ownPki }, ({ cluster, ports, db, tokenDb }) =>
-    scenario.run({ cluster, ports, db, tokenDb, summary, step: (m) => console.log(`  • ${m}`) }));
+    scenario.run({ cluster, ports, db, tokenDb, summary, short: options.short, step: (m) => console.log(`  • ${m}`) }));
   if (!ok) return false;
   console.log("\nSummary:");
   for (const line of summary) console.log(`  ${line}`);
@@ -172,7 +175,7 @@ async function main(): Promise<number> {
     parsed = parseArgs({
       args: Bun.argv.slice(2), allowPositionals: true,
       options: {
-        "base-port": { type: "string" }, db: { type: "string" }, record: { type: "boolean" }, help: { type: "boolean", short: "h" },
+        "base-port": { type: "string" }, db: { type: "string" }, record: { type: "boolean" }, short: { type: "boolean" }, help: { type: "boolean", short: "h" },
         runtime: { type: "string" },
         duration: { type: "string" }, concurrency: { type: "string" }, json: { type: "boolean" }, out: { type: "string" }, only: { type: "string" },
       },
@@ -199,7 +202,7 @@ async function main(): Promise<number> {
     console.error(`harness: --runtime must be ${ROLE_RUNTIMES.join(", ")}, not '${values.runtime}'`);
     return 2;
   }
-  const options: RunOptions = { basePort, db: values.db, record: Boolean(values.record), runtime };
+  const options: RunOptions = { basePort, db: values.db, record: Boolean(values.record), short: Boolean(values.short), runtime };
   if (scenario) return (await runScenario(scenario, options)) ? 0 : 1;
   if (command === "screenshots") return (await screenshots(options)) ? 0 : 1;
   let durationS: number;

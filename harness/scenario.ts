@@ -29,6 +29,8 @@ export interface ScenarioContext {
   step(message: string): void;
   /** Lines for the closing summary. */
   summary: string[];
+  /** --short: a scenario's bounded version (multihost: one fault of each kind). */
+  short?: boolean;
 }
 
 export interface Scenario {

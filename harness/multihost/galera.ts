@@ -1,7 +1,7 @@
 // A MariaDB Galera cluster for tests, from Debian's mariadb-server and galera-4: N nodes, each with its own datadir,
 // config and socket, on test hosts (network namespaces) or on loopback addresses; bootstrapped, joined, killed,
 // restarted and watched until Synced. Every node answers TCP as root@'%' with no password, database `test`.
-import { chownSync, closeSync, existsSync, mkdirSync, mkdtempSync, openSync, readdirSync, readFileSync, writeFileSync } from "node:fs";
+import { chownSync, closeSync, existsSync, mkdirSync, mkdtempSync, openSync, readdirSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import mysql from "mysql2/promise";
@@ -291,12 +291,35 @@ export class GaleraCluster implements AsyncDisposable {
     await proc.exited;
   }
 
-  /** Starts a stopped or killed node again; it rejoins by IST (or SST) and this returns once it is Synced. */
-  async restart(name: string): Promise<void> {
+  /**
+   * Starts a stopped or killed node again and returns once it is Synced, with how it caught up: "IST" (only the
+   * writes it missed, from a donor's cache) or "SST" (a full copy). As Debian's service does (galera_recovery), it
+   * first recovers the node's last committed position from InnoDB: a killed node's grastate.dat says -1, and
+   * without that position it could only ask for a full copy.
+   */
+  async restart(name: string): Promise<"IST" | "SST"> {
     const node = this.node(name);
     if (node.running) throw new Error(`Galera node ${name} is still running`);
-    await this.#launch(node);
+    const position = await this.#recoverPosition(node);
+    const log = join(node.dir, "error.log");
+    const seen = existsSync(log) ? readFileSync(log, "utf8").length : 0;
+    await this.#launch(node, position ? [`--wsrep-start-position=${position}`] : []);
     await this.waitUntil(name, (s) => s.state === "Synced" && s.clusterStatus === "Primary");
+    return /rsync SST completed on joiner/.test(readFileSync(log, "utf8").slice(seen)) ? "SST" : "IST";
+  }
+
+  /** `mariadbd --wsrep-recover`: replays InnoDB's log and prints the last committed UUID:seqno; undefined if none. */
+  async #recoverPosition(node: GaleraNode): Promise<string | undefined> {
+    const host = this.#hosts.get(node.name)!;
+    const log = join(node.dir, "recover.log");
+    rmSync(log, { force: true });
+    const argv = [MARIADBD, `--defaults-file=${node.dir}/my.cnf`, "--wsrep-recover", `--log-error=${log}`];
+    const proc = Bun.spawn(host.exec ? host.exec(argv) : argv, { detached: true, stdio: ["ignore", "ignore", "ignore"] });
+    this.#lease.record("groups", processRef(proc.pid));
+    await proc.exited;
+    this.#lease.forget("groups", (g) => g.pid === proc.pid);
+    const recovered = /WSREP: Recovered position: (\S+:\d+)/.exec(existsSync(log) ? readFileSync(log, "utf8") : "");
+    return recovered?.[1];
   }
 
   /**

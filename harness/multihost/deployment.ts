@@ -1,0 +1,231 @@
+// The deployment of `bun harness multihost`: every role on a test host of its own, with a certificate for that
+// host's address; Galera on three more; how a host is started, "rebooted" and checked back in rotation.
+import { randomBytes } from "node:crypto";
+import { chmodSync, copyFileSync, existsSync, mkdirSync, writeFileSync } from "node:fs";
+import { join } from "node:path";
+import { issueIdentity, type IdentityKind } from "../../shared/testing/pki.ts";
+import { expectThat, roleCommand, waitFor, type Cluster, type RoleProcess } from "../cluster.ts";
+import { GALERA_PORT, GaleraCluster, type GaleraNode } from "./galera.ts";
+import { createTestNetwork, type TestHost, type TestNetwork } from "./netns.ts";
+
+/** Which host runs what. Host names become namespace and interface names, so they stay short. */
+export const HOSTS = {
+  galera: ["db1", "db2", "db3"],
+  servers: ["srv1", "srv2", "srv3"],
+  coordinators: ["coord1", "coord2"],
+  clients: ["cli1", "cli2"],
+  keyserver: "keys",
+  secureproxy: "proxy",
+  marketplace: "market",
+} as const;
+
+/**
+ * Each host has an address of its own, so every role keeps its usual port (nothing else can hold it there), and
+ * a rebooted role comes back where the coordinators and the proxy expect it.
+ */
+export const PORTS = { server: 5001, coordinator: 8000, keyserver: 5003, secureproxy: 5004, marketplace: 5005 } as const;
+
+/**
+ * The coordinators' per-attempt upstream timeout. When a Galera node is lost, every commit in the cluster stalls
+ * until the others evict it (evs.suspect_timeout, 3 s here, plus about a second): a server is then slow, not dead,
+ * and the default 2000 ms would time it out and take every server out of rotation at once.
+ */
+export const COORDINATOR_TIMEOUT_MS = 6000;
+
+/**
+ * The SecureProxy's timeout for the KeyServer, for the same reason: a token read on a database node that is losing
+ * quorum waits until that node gives up (about 4.5 s) before the KeyServer reads it elsewhere.
+ */
+export const PROXY_TIMEOUT_MS = 8000;
+
+/** The client identity each client host holds (the policy knows client1 and client2). */
+const CLIENT_OF: Record<string, string> = { cli1: "client1", cli2: "client2" };
+
+/**
+ * The servers' and the KeyServer's database: every Galera node in one URL, tried in this order, with failover.
+ * This is the form shared/db reads (issue 14 part 3).
+ */
+export function galeraUrl(nodes: readonly GaleraNode[]): string {
+  return `mysql://root@${nodes.map((n) => `${n.address}:${GALERA_PORT}`).join(",")}/test`;
+}
+
+interface RoleSpec {
+  host: string;
+  script: "server" | "coordinator" | "keyserver" | "secureproxy" | "marketplace";
+  port: number;
+  args: string[];
+}
+
+export interface Deployment extends AsyncDisposable {
+  network: TestNetwork;
+  galera: GaleraCluster;
+  cluster: Cluster;
+  databaseUrl: string;
+  servers: string[];
+  coordinators: string[];
+  keyserver: string;
+  secureproxy: string;
+  marketplace: string;
+  /** The marketplace item API as callers name it in ApiUri. */
+  itemUri: string;
+  host(name: string): TestHost;
+  /** The PKI folder a host holds: the CA, its own certificate for its address, the Fernet key where it needs one. */
+  pkiOf(host: string): string;
+  /** The client identity a client host holds. */
+  clientOf(host: string): string;
+  /** Starts the role that lives on `host` again (after its processes were killed: a reboot), and waits until it is healthy. */
+  reboot(host: string): Promise<void>;
+  /** What is not yet back: a coordinator not answering or missing a server, a role not healthy, a Galera node not Synced. */
+  rotationGaps(): Promise<string[]>;
+  /** Waits until rotationGaps() is empty; returns how long that took. */
+  waitInRotation(timeoutMs?: number): Promise<number>;
+}
+
+export interface DeploymentOptions {
+  cluster: Cluster;
+  /** Told each step, for the scenario's progress lines. */
+  step?: (message: string) => void;
+  /** Coordinator health-check interval; short, so a host back from a fault rejoins within a second or two. */
+  healthIntervalMs?: number;
+}
+
+/**
+ * Builds the test hosts, the Galera cluster, a certificate per host, and starts every role on its host. Disposing
+ * stops the roles, the Galera nodes and removes the hosts, also when start-up fails half-way.
+ */
+export async function startDeployment(options: DeploymentOptions): Promise<Deployment> {
+  const { cluster } = options;
+  const step = options.step ?? (() => {});
+  const allHosts = [...HOSTS.galera, ...HOSTS.servers, ...HOSTS.coordinators, ...HOSTS.clients, HOSTS.keyserver, HOSTS.secureproxy, HOSTS.marketplace];
+  step(`making ${allHosts.length} test hosts (network namespaces on one bridge)`);
+  const network = await createTestNetwork({ hosts: allHosts });
+  const started: string[] = [];
+  let galera: GaleraCluster | undefined;
+  const dispose = async () => {
+    await cluster.stop(started);
+    await galera?.[Symbol.asyncDispose]();
+    network.dispose();
+  };
+  try {
+    step(`starting Galera on ${HOSTS.galera.join(", ")} (bootstrap, then state transfer to the others)`);
+    galera = await GaleraCluster.start({ hosts: HOSTS.galera.map((name) => network.host(name)) });
+    step(`Galera Synced: ${galera.nodes.length} nodes, datadirs in ${galera.baseDir}`);
+    const databaseUrl = galeraUrl(galera.nodes);
+    const addressOf = (host: string) => network.host(host).address;
+    const url = (host: string, port: number) => `https://${addressOf(host)}:${port}`;
+
+    step("issuing a certificate per host, for its address (pki.sh issue --san IP:…)");
+    const pkiRoot = join(cluster.logDir, "hosts");
+    const pkiOf = (host: string) => join(pkiRoot, host, "pki");
+    const identities: [string, string, IdentityKind][] = [
+      ...HOSTS.servers.map((h) => [h, "server", "server"] as [string, string, IdentityKind]),
+      ...HOSTS.coordinators.map((h) => [h, "coordinator", "coordinator"] as [string, string, IdentityKind]),
+      [HOSTS.keyserver, "keyserver", "keyserver"], [HOSTS.secureproxy, "secureproxy", "secureproxy"], [HOSTS.marketplace, "marketplace", "marketplace"],
+    ];
+    // One name per kind of role, reissued for each host in turn and copied to that host: each host's certificate
+    // names its own address, under the identity the policy knows (spiffe://securemesh/server/server, …).
+    for (const [host, identity, kind] of identities) {
+      await issueIdentity(cluster.pki, identity, kind, { sans: [`IP:${addressOf(host)}`, `DNS:${host}.securemesh.test`], force: true });
+      installPki(cluster.pki, pkiOf(host), identity, { fernet: kind === "server" });
+    }
+    for (const host of HOSTS.clients) installPki(cluster.pki, pkiOf(host), CLIENT_OF[host]!, { fernet: true });
+
+    const servers = HOSTS.servers.map((h) => url(h, PORTS.server));
+    const coordinators = HOSTS.coordinators.map((h) => url(h, PORTS.coordinator));
+    const [keyserver, secureproxy, marketplace] = [url(HOSTS.keyserver, PORTS.keyserver), url(HOSTS.secureproxy, PORTS.secureproxy), url(HOSTS.marketplace, PORTS.marketplace)];
+
+    step("seeding the marketplace token for client1 and client2 in the token store on Galera");
+    const secrets = join(pkiRoot, HOSTS.keyserver, "secrets");
+    mkdirSync(secrets, { recursive: true, mode: 0o700 });
+    const dataDir = join(secrets, "keyserver");
+    const tokenFile = join(secrets, "marketplace_token");
+    const token = `mkt_${randomBytes(18).toString("base64url")}`;
+    writeFileSync(tokenFile, token, { mode: 0o600 });
+    for (const client of Object.values(CLIENT_OF)) {
+      const seeded = await cluster.run(`keyserver-admin-${client}`, "keyserver", ["token", "add", "--client", client, "--type", "marketplace", "--token", "-", "--data", dataDir, "--db", databaseUrl], { stdin: token });
+      expectThat(seeded.exitCode === 0, `token add for ${client} failed:\n${seeded.lines.join("\n")}`);
+    }
+
+    const healthInterval = String(options.healthIntervalMs ?? 500);
+    const specs = new Map<string, RoleSpec>([
+      ...HOSTS.servers.map((host) => [host, { host, script: "server", port: PORTS.server, args: ["--db", databaseUrl] }] as const),
+      ...HOSTS.coordinators.map((host) => [host, { host, script: "coordinator", port: PORTS.coordinator, args: ["--servers", servers.join(","), "--health-interval", healthInterval, "--timeout", String(COORDINATOR_TIMEOUT_MS)] }] as const),
+      [HOSTS.keyserver, { host: HOSTS.keyserver, script: "keyserver", port: PORTS.keyserver, args: ["--data", dataDir, "--db", databaseUrl] }],
+      [HOSTS.marketplace, { host: HOSTS.marketplace, script: "marketplace", port: PORTS.marketplace, args: ["--token-file", tokenFile] }],
+      [HOSTS.secureproxy, { host: HOSTS.secureproxy, script: "secureproxy", port: PORTS.secureproxy, args: ["--keyserver", keyserver, "--allow", `marketplace=${addressOf(HOSTS.marketplace)}:${PORTS.marketplace}`, "--timeout", String(PROXY_TIMEOUT_MS)] }],
+    ] as [string, RoleSpec][]);
+
+    const start = async (host: string): Promise<void> => {
+      const spec = specs.get(host);
+      if (!spec) throw new Error(`no role lives on ${host}`);
+      const argv = roleCommand(cluster.runtimeOf(host), spec.script, [String(spec.port), "--host", addressOf(host), "--pki", pkiOf(host), ...spec.args]);
+      if (!started.includes(host)) started.push(host);
+      const role: RoleProcess = cluster.startCommand(host, network.host(host).exec(argv));
+      await role.waitForLine(/listening on https:\/\//, 30_000);
+      await cluster.waitHealthy(url(host, spec.port), 30_000);
+    };
+
+    step(`starting ${HOSTS.servers.length} servers, the KeyServer and the marketplace, then ${HOSTS.coordinators.length} coordinators and the SecureProxy, each on its host`);
+    await Promise.all([...HOSTS.servers, HOSTS.keyserver, HOSTS.marketplace].map(start));
+    await Promise.all([...HOSTS.coordinators, HOSTS.secureproxy].map(start));
+
+    const rotationGaps = async (): Promise<string[]> => {
+      const gaps: string[] = [];
+      await Promise.all([
+        ...coordinators.map(async (coordinator, i) => {
+          const health = await cluster.health(coordinator);
+          const listed = (health?.body.servers ?? []) as { url: string; up: boolean }[];
+          if (!health) gaps.push(`${HOSTS.coordinators[i]} does not answer`);
+          else for (const server of servers) if (!listed.find((s) => s.url === server)?.up) gaps.push(`${HOSTS.coordinators[i]} has ${server} out of rotation`);
+        }),
+        ...[[HOSTS.keyserver, keyserver], [HOSTS.secureproxy, secureproxy], [HOSTS.marketplace, marketplace]].map(async ([host, base]) => {
+          if ((await cluster.health(base!))?.status !== 200) gaps.push(`${host} not healthy`);
+        }),
+        ...galera!.nodes.map(async (node) => {
+          const status = await galera!.status(node.name);
+          if (!(status?.state === "Synced" && status.clusterStatus === "Primary" && status.clusterSize === galera!.nodes.length)) {
+            gaps.push(`${node.name} ${status ? `${status.state}, ${status.clusterStatus}, size ${status.clusterSize}` : "not answering"}`);
+          }
+        }),
+      ]);
+      return gaps;
+    };
+
+    const deployment: Deployment = {
+      network, galera, cluster, databaseUrl, servers, coordinators, keyserver, secureproxy, marketplace,
+      itemUri: `${marketplace}/api/item`,
+      host: (name) => network.host(name),
+      pkiOf, clientOf: (host) => CLIENT_OF[host]!,
+      reboot: start,
+      rotationGaps,
+      async waitInRotation(timeoutMs = 120_000) {
+        const t0 = performance.now();
+        let last: string[] = [];
+        await waitFor("every host back in rotation", async () => {
+          last = await rotationGaps();
+          return last.length === 0;
+        }, timeoutMs).catch((error: Error) => {
+          throw new Error(`${error.message}; not back: ${last.join("; ")}`);
+        });
+        return performance.now() - t0;
+      },
+      [Symbol.asyncDispose]: dispose,
+    };
+    return deployment;
+  } catch (error) {
+    await dispose();
+    throw error;
+  }
+}
+
+/**
+ * A host's PKI folder: the CA and CRL, one identity's certificate and key (0600), and the Fernet key only where data
+ * is encrypted or read (clients, servers): a coordinator or a proxy host holds none.
+ */
+function installPki(from: string, to: string, identity: string, { fernet }: { fernet: boolean }): void {
+  mkdirSync(to, { recursive: true });
+  for (const file of ["ca_cert.pem", "crl.pem", ...(fernet ? ["encryption_key.txt"] : []), `${identity}_cert.pem`, `${identity}_key.pem`]) {
+    if (existsSync(join(from, file))) copyFileSync(join(from, file), join(to, file));
+  }
+  chmodSync(join(to, `${identity}_key.pem`), 0o600);
+}
