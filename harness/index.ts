@@ -2,7 +2,7 @@
 import { existsSync, mkdirSync, rmSync, writeFileSync } from "node:fs";
 import { join, relative } from "node:path";
 import { parseArgs } from "node:util";
-import { REPO_ROOT, pkiDir } from "../shared/platform/config.ts";
+import { REPO_ROOT, displayPath, pkiDir } from "../shared/platform/config.ts";
 import { runBench } from "./bench.ts";
 import { benchTable, renderChart, renderSweepCharts } from "./bench-report.ts";
 import { Cluster, ExpectationFailed, ROLE_RUNTIMES, type RoleRuntime } from "./cluster.ts";
@@ -61,7 +61,7 @@ interface RunOptions {
 
 async function ensurePki(dir: string): Promise<void> {
   if (existsSync(join(dir, "ca_cert.pem"))) return;
-  console.log(`harness: no PKI in ${dir}; running pki.sh`);
+  console.log(`harness: no PKI in ${displayPath(dir)}; running pki.sh`);
   await runPkiSh(dir);
 }
 
