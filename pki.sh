@@ -183,7 +183,11 @@ make_leaf() { # name kind
     both) eku=serverAuth,clientAuth; spiffe_kind=service ;;
     *) echo "pki.sh: identity kind must be --client, --server, --coordinator, --keyserver, --secureproxy, --marketplace or --both" >&2; exit 2 ;;
   esac
-  if [ -n "$host_sans" ]; then sans=$host_sans
+  if [ -n "$host_sans" ]; then
+    sans=$host_sans
+    # Addresses alone, no DNS name: a TLS client would then match a host name against the CN (NAME), as Bun's fetch
+    # does (found by attack on #14). One name no host can have (.invalid, RFC 2606) turns that fallback off (RFC 6125).
+    [ "$dns_count" -gt 0 ] || sans="$sans,DNS:$name.invalid"
   elif [ "$kind" = client ]; then sans="DNS:$name"
   else sans="DNS:localhost,IP:127.0.0.1,IP:::1"; fi
   sans="URI:spiffe://$trust_domain/$spiffe_kind/$name,$sans"
@@ -227,7 +231,9 @@ has_host_sans() { # cert
   text=$(openssl x509 -in "$1" -noout -ext subjectAltName 2>/dev/null | tail -n +2)
   found_dns=$(grep -o 'DNS:' <<<"$text" | wc -l)
   found_ip=$(grep -o 'IP Address:' <<<"$text" | wc -l)
-  [ "$found_dns" -eq "$dns_count" ] && [ "$found_ip" -eq "$ip_count" ] || return 1
+  local want_dns=$dns_count
+  [ "$want_dns" -gt 0 ] || want_dns=1 # the .invalid name an address-only certificate gets
+  [ "$found_dns" -eq "$want_dns" ] && [ "$found_ip" -eq "$ip_count" ] || return 1
   for item in "${san_items[@]}"; do
     if [[ "$item" == DNS:* ]]; then
       openssl x509 -in "$1" -noout -checkhost "${item#DNS:}" 2>/dev/null | grep -q 'does match' || return 1

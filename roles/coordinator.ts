@@ -217,8 +217,9 @@ async function serve(config: CoordinatorConfig, logger: Logger): Promise<void> {
     pool.setTls(mutualTlsClientOptions(identity));
     await listener.reload(mutualTlsServerOptions(identity));
   }).watch(logger);
-  // A worker's admin listener is for its supervisor only: loopback, a port of the kernel's choosing.
-  const adminAt = worker === null ? config.admin : { port: 0, host: "127.0.0.1" };
+  // A worker's admin listener is for its supervisor only: loopback, a port of the kernel's choosing, and only when
+  // the supervisor serves an admin page of its own (the operator asked for one).
+  const adminAt = worker === null || !config.admin ? config.admin : { port: 0, host: "127.0.0.1" };
   let admin: Awaited<ReturnType<typeof listenReloadable>> | null = null;
   if (adminAt) {
     // A non-loopback --admin-host is the one other Host the admin page answers to (DNS rebinding, #11).
@@ -257,9 +258,9 @@ async function supervise(config: CoordinatorConfig, logger: Logger): Promise<voi
     onEvent: (message) => logger.warn(`coordinator: ${message}`),
   }).catch((error) => exitWithConfigError("coordinator", error));
   const view = new WorkerPoolView(() => group.states());
-  view.start();
   let admin: Awaited<ReturnType<typeof listenReloadable>> | null = null;
   if (config.admin) {
+    view.start(); // read the workers only for a page that shows them
     const adminApp = createAdminApp({ pool: view, logger, metrics: new Metrics(), allowedHosts: [config.admin.host], metricsResponse: () => view.metricsResponse() });
     admin = await listenReloadable(adminApp, { port: config.admin.port, hostname: config.admin.host })
       .catch(async (error) => {

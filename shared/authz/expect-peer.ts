@@ -3,6 +3,7 @@
 import tls from "node:tls";
 import { CLIENT_AUTH_OID, SERVER_AUTH_OID } from "../platform/tls.ts";
 import { identityOf } from "./identity.ts";
+import { hostnameRefusal } from "../platform/runtime/hostname-check.ts";
 
 
 /** Why a hop refused the identity it reached; the pool treats it like a failed handshake (never reached). */
@@ -26,7 +27,7 @@ export function tlsPeerIdentity(peer: tls.PeerCertificate): string {
  */
 export function expectPeer(expected: string) {
   return (hostname: string, cert: tls.PeerCertificate): Error | undefined => {
-    const hostError = tls.checkServerIdentity(hostname, cert);
+    const hostError = hostnameRefusal(hostname, cert);
     if (hostError) return hostError;
     const id = tlsPeerIdentity(cert);
     const ok = expected.endsWith("*") ? id.startsWith(expected.slice(0, -1)) : id === expected;

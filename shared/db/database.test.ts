@@ -22,7 +22,8 @@ test("a MySQL URL may name several nodes: each keeps the credentials, database a
   expect(mysqlNodeUrls("mysql://db.example")).toEqual([{ url: "mysql://db.example", hostPort: "db.example:3306" }]);
   expect(describeDatabaseUrl(url)).toBe("mysql 10.1.0.11:3306,10.1.0.12:3306,[fd00::13]:3307/test");
   expect(describeDatabaseUrl("mysql://root:hunter2@a:1,,b/x")).toBe("mysql (unparseable URL)");
-  for (const bad of ["mysql://root:hunter2@a:1,b:notaport/x", "mysql://root:hunter2@a,/x", "postgres://a/x"]) {
+  // A password with an unencoded / ? or # ends the authority early: what is left of it must not be quoted either.
+  for (const bad of ["mysql://root:hunter2@a:1,b:notaport/x", "mysql://root:hunter2@a,/x", "postgres://a/x", "mysql://root:hunt/er2@127.0.0.1:3306/test", "mysql://root:hunt#er2@h/test", "mysql://root:hunt?er2@h/test"]) {
     let error: unknown;
     try {
       mysqlNodeUrls(bad);
@@ -31,6 +32,7 @@ test("a MySQL URL may name several nodes: each keeps the credentials, database a
     }
     expect(error).toBeInstanceOf(TypeError);
     expect((error as Error).message).not.toContain("hunter2");
+    expect((error as Error).message).not.toContain("hunt");
   }
 });
 

@@ -34,15 +34,17 @@ export function mysqlNodeUrls(url: string): MysqlNodeUrl[] {
   const at = authority.lastIndexOf("@");
   const userinfo = at === -1 ? "" : authority.slice(0, at + 1);
   const hosts = (at === -1 ? authority : authority.slice(at + 1)).split(",");
-  return hosts.map((host) => {
+  return hosts.map((host, index) => {
     const node = `mysql://${userinfo}${host}${tail}`;
     let parsed: URL;
     try {
       parsed = new URL(node);
     } catch {
-      throw new TypeError(`invalid MySQL URL: cannot parse host '${host}'`);
+      // Not quoted: a password with an unencoded / ? or # ends the authority early, so this "host" can be part of
+      // the password (found by attack on #14).
+      throw new TypeError(`invalid MySQL URL: host ${index + 1} of ${hosts.length} does not parse (percent-encode / ? # @ in the password)`);
     }
-    if (parsed.hostname === "") throw new TypeError(`invalid MySQL URL: no host in '${host}'`);
+    if (parsed.hostname === "") throw new TypeError(`invalid MySQL URL: host ${index + 1} of ${hosts.length} is empty`);
     return { url: node, hostPort: `${parsed.hostname}:${parsed.port || 3306}` };
   });
 }

@@ -9,11 +9,11 @@ import type { ClusterStatus, PoolView } from "./status-page.ts";
 const POLL_MS = 250;
 
 export class WorkerPoolView implements PoolView {
-  readonly #workers: () => WorkerState[];
+  readonly #workers: () => (WorkerState & { index: number })[];
   #latest = new Map<number, ClusterStatus>();
   #timer: ReturnType<typeof setInterval> | undefined;
 
-  constructor(workers: () => WorkerState[]) {
+  constructor(workers: () => (WorkerState & { index: number })[]) {
     this.#workers = workers;
   }
 
@@ -39,7 +39,9 @@ export class WorkerPoolView implements PoolView {
 
   /** Every worker's /metrics, each series labelled with its worker number (sum them with `sum without (worker)`). */
   async metricsResponse(): Promise<Response> {
-    const texts = await Promise.all(this.#workers().map(async (w, i) => ({ worker: i + 1, text: await readText(w, "metrics") })));
+    // Labelled by the worker's own number, not its place in the list: a series keeps its label while another
+    // worker restarts (found by attack on #14).
+    const texts = await Promise.all(this.#workers().map(async (w) => ({ worker: w.index, text: await readText(w, "metrics") })));
     return new Response(mergeMetrics(texts.flatMap((t) => (t.text === null ? [] : [{ worker: t.worker, text: t.text }]))), {
       headers: { "content-type": PROMETHEUS_CONTENT_TYPE },
     });

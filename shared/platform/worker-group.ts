@@ -98,9 +98,9 @@ export class WorkerGroup {
     return this.#port;
   }
 
-  /** The workers that are listening now, by number. */
-  states(): WorkerState[] {
-    return [...this.#workers.values()].flatMap((w) => (w.state ? [w.state] : []));
+  /** The workers that are listening now, with their numbers (which stay with a worker's place across restarts). */
+  states(): (WorkerState & { index: number })[] {
+    return [...this.#workers.values()].flatMap((w) => (w.state ? [{ ...w.state, index: w.index }] : []));
   }
 
   /** Passes a signal on to every worker (SIGHUP: reload certificates and policy). */
@@ -126,7 +126,10 @@ export class WorkerGroup {
     // Worker logs go straight to the supervisor's stdout and stderr: no copy through this process per line.
     const child = spawn(process.execPath, [...runtimeArgs(), ...this.#options.args(port)], {
       stdio: ["ignore", "inherit", "inherit"],
-      env: { ...process.env, [WORKER_INDEX_ENV]: String(index), [WORKER_STATE_ENV]: stateFile, [WORKER_SHARES_PORT_ENV]: this.#workers.size > 0 ? "1" : "0" },
+      // It joins the port only while a sibling holds it; alone (the first start, or every worker gone) it binds the
+      // port as a role on its own does, checking nothing else holds it (found by attack on #14: a restart joined a
+      // foreign SO_REUSEPORT listener that took the port while every worker was down).
+      env: { ...process.env, [WORKER_INDEX_ENV]: String(index), [WORKER_STATE_ENV]: stateFile, [WORKER_SHARES_PORT_ENV]: this.states().some((w) => w.index !== index) ? "1" : "0" },
     });
     const exited = new Promise<number | null>((resolve) => child.once("exit", (code) => resolve(code)));
     const worker: Worker = { index, child, state: null, exited };
