@@ -1,6 +1,6 @@
 import { describe, expect, test } from "bun:test";
 import { parsePrometheus } from "../testing/prometheus.ts";
-import { mergeMetrics, mergeServerViews } from "./worker-view.ts";
+import { mergeMetrics, mergeServerViews, WorkerPoolView } from "./worker-view.ts";
 import type { ClusterStatus } from "./status-page.ts";
 
 const server = (url: string, fields: Partial<ClusterStatus["servers"][number]> = {}): ClusterStatus["servers"][number] => ({
@@ -42,5 +42,18 @@ describe("mergeMetrics", () => {
     expect([1, 2].map((w) => exposition.value("securemesh_http_requests_total", { worker: String(w), route: "/health" }))).toEqual([3, 4]);
     expect([1, 2].map((w) => exposition.value("securemesh_http_request_duration_seconds", { worker: String(w) }))).toEqual([3, 4]);
     expect(text).toContain('up{worker="1"} 1\nup{worker="2"} 1\n');
+  });
+});
+
+describe("WorkerPoolView", () => {
+  test("labels each worker's series with its own number, so one restarting does not relabel the other's", async () => {
+    // Worker 1 is restarting (not listed); worker 2 answers on its loopback admin listener.
+    const admin = Bun.serve({ port: 0, hostname: "127.0.0.1", fetch: () => new Response("# TYPE up gauge\nup 1\n") });
+    try {
+      const view = new WorkerPoolView(() => [{ index: 2, pid: 1, port: 0, adminUrl: `http://127.0.0.1:${admin.port}/` }]);
+      expect(await (await view.metricsResponse()).text()).toBe('# TYPE up gauge\nup{worker="2"} 1\n');
+    } finally {
+      admin.stop(true);
+    }
   });
 });
