@@ -50,6 +50,7 @@ describe("expected outcomes from the repository's policy", () => {
       // Only the proxy fetches tokens, and only on behalf of a caller that may use them.
       "keyserver.self": "deny deny deny deny refused refused refused refused",
       "keyserver.client1": "deny deny deny allow refused refused refused refused",
+      "keyserver.client1.ecdh": "deny deny deny allow refused refused refused refused",
     });
   });
 
@@ -118,7 +119,7 @@ describe("the table", () => {
     expect(table[2]).toContain("| allow ");
     expect(table[2]).toContain("!deny (want allow)");
     const summary = matrixSummary(result);
-    expect(summary[0]).toStartWith("authorization matrix: 2 cells (2 identities × 16 actions, 2 attempts), 1 as expected, 1 unexpected; expected from policy.json: 2 allow, 0 deny, 0 401, 0 refused");
+    expect(summary[0]).toStartWith("authorization matrix: 2 cells (2 identities × 17 actions, 2 attempts), 1 as expected, 1 unexpected; expected from policy.json: 2 allow, 0 deny, 0 401, 0 refused");
     expect(summary).toContain("UNEXPECTED client2 × coordinator records.write: expected allow, got deny: 403");
   });
 });

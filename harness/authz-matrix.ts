@@ -2,6 +2,7 @@
 // role, as an attacker holding that identity's certificate and key would try it. The expected outcome of each cell
 // is computed from the policy the roles run (decide() in shared/authz/policy.ts) and from the certificate itself
 // (our CA? in its validity period? on the CRL? clientAuth?); the observed one from the real answer.
+import type { JWK } from "jose";
 import { X509Certificate, createPublicKey, type KeyObject } from "node:crypto";
 import { readFileSync } from "node:fs";
 import { join } from "node:path";
@@ -12,7 +13,7 @@ import { loadFernetKeys } from "../shared/platform/config.ts";
 import { Fernet } from "../shared/request-path/fernet.ts";
 import { FORWARDER_HEADER, PROOF_HEADER, ProofSigner } from "../shared/request-path/proof.ts";
 import { CLIENT_AUTH_OID, type Identity } from "../shared/platform/tls.ts";
-import { ON_BEHALF_OF_HEADER, openJoseResponse, prepareJoseRequest } from "../shared/token-path/token-exchange.ts";
+import { ON_BEHALF_OF_HEADER, openJoseResponse, prepareEcdhRequest, prepareJoseRequest } from "../shared/token-path/token-exchange.ts";
 import { renderTable } from "./fixtures/index.ts";
 import type { TlsMaterial } from "./hostile.ts";
 
@@ -99,6 +100,8 @@ export const COLUMNS: Column[] = [
   })),
   { key: "keyserver.self", role: "keyserver", label: "tokens.fetch client1/marketplace for itself", tls: "self", steps: (id) => [step(id, "tokens.fetch"), step(id, "proxy.use", "client1/marketplace")] },
   { key: "keyserver.client1", role: "keyserver", label: "tokens.fetch client1/marketplace for client1", tls: "self", steps: (id, h) => [step(id, "tokens.fetch"), step(h.client1, "proxy.use", "client1/marketplace")] },
+  // The opt-in ECDH-ES exchange (#13) is decided exactly as RSA-OAEP-256: another JWE, the same two decisions.
+  { key: "keyserver.client1.ecdh", role: "keyserver", label: "tokens.fetch client1/marketplace for client1, ECDH-ES", tls: "self", steps: (id, h) => [step(id, "tokens.fetch"), step(h.client1, "proxy.use", "client1/marketplace")] },
 ];
 
 /** The 403 text a role sends for a denied step: the last resource it asked about. */
@@ -292,6 +295,11 @@ export async function runAuthzMatrix(t: MatrixTargets, options: { attempts: numb
   const proxyTls = { cert: readFileSync(join(t.pki, "secureproxy_cert.pem"), "utf8"), key: readFileSync(join(t.pki, "secureproxy_key.pem"), "utf8"), ca: caPem, rejectUnauthorized: true } as const;
   const keyResponse = await fetch(`${t.keyserver}/public_key`, { tls: proxyTls, signal: AbortSignal.timeout(10_000) });
   const keyserverKey: KeyObject = createPublicKey(((await keyResponse.json()) as { public_key: string }).public_key);
+  // Its X25519 key for the opt-in ECDH-ES requests, from its JWKS (the KeyServer runs with --ecdh-es here).
+  const jwks = (await (await fetch(`${t.keyserver}/.well-known/jwks.json`, { tls: proxyTls, signal: AbortSignal.timeout(10_000) })).json()) as { keys: JWK[] };
+  const x25519 = jwks.keys.find((k) => k.crv === "X25519");
+  if (!x25519) throw new Error("the matrix needs the KeyServer's ECDH-ES key: start it with --ecdh-es");
+  const keyserverEcdhKey: KeyObject = createPublicKey({ key: x25519, format: "jwk" });
 
   // keepalive off: every attempt is a new handshake, so no connection opened under one certificate serves another.
   const call = (url: string, tls: Actor["tls"], init: RequestInit) => fetch(url, { ...init, tls, keepalive: false, signal: AbortSignal.timeout(10_000) } as RequestInit);
@@ -344,10 +352,13 @@ export async function runAuthzMatrix(t: MatrixTargets, options: { attempts: numb
           (b) => ((b.item as { id?: unknown } | undefined)?.id === 1 ? null : "not the marketplace item"));
       }
       case "keyserver.self":
-      case "keyserver.client1": {
-        const prepared = await prepareJoseRequest(keyserverKey, "client1", "marketplace");
+      case "keyserver.client1":
+      case "keyserver.client1.ecdh": {
+        const prepared = column.key === "keyserver.client1.ecdh"
+          ? await prepareEcdhRequest(keyserverEcdhKey, "client1", "marketplace")
+          : await prepareJoseRequest(keyserverKey, "client1", "marketplace");
         const headers: Record<string, string> = { "content-type": prepared.contentType };
-        if (column.key === "keyserver.client1") headers[ON_BEHALF_OF_HEADER] = hops.client1;
+        if (column.key !== "keyserver.self") headers[ON_BEHALF_OF_HEADER] = hops.client1;
         const response = await call(`${t.keyserver}/`, tls, { method: "POST", headers, body: prepared.body });
         if (response.status !== 200) return classify(response);
         const released = await openJoseResponse(await response.text(), prepared.sessionKey).catch(() => "");

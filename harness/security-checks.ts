@@ -228,7 +228,8 @@ export async function startSecurityTargets(cluster: Cluster, options: { db: stri
   const mesh = await startMesh({ cluster, ports: options.ports, db: options.db, coordinatorArgs: ["--admin-port", "0"] });
   const admin = await cluster.adminUrl(mesh.coordinatorRole);
   step("starting KeyServer, marketplace and SecureProxy; seeding a token for client2 too");
-  const stack = await startTokenStack({ cluster, ports: options.ports, tokenDb: options.tokenDb });
+  // With the opt-in ECDH-ES exchange on, so the matrix decides it too.
+  const stack = await startTokenStack({ cluster, ports: options.ports, tokenDb: options.tokenDb, keyserverArgs: ["--ecdh-es"] });
   const client2Token = await seedClient2Token(cluster, stack, options.tokenDb);
   const servers: [string, string] = [mesh.servers[0]!.url, mesh.servers[1]!.url];
   return {
