@@ -1,6 +1,8 @@
 import { afterEach, beforeAll, describe, expect, setDefaultTimeout, test } from "bun:test";
 import net from "node:net";
 import { connect as tlsConnect } from "node:tls";
+import { parseCrl } from "../authz/crl.ts";
+import { tlsPeerIdentity } from "../authz/expect-peer.ts";
 import { ConfigError, MeshError } from "./errors.ts";
 import { createApp, DEFAULT_BODY_LIMIT, listen, listenReloadable, readBodyLimited, readJsonFields, requestTrace } from "./http.ts";
 import { createLogger } from "../ops/log.ts";
@@ -206,7 +208,8 @@ describe("listenReloadable (#11)", () => {
         await gate;
         return "slow done";
       });
-    const listener = await listenReloadable(app, { port: 0, hostname: "127.0.0.1", tls: tlsWith(crlBefore) });
+    let crl = parseCrl(crlBefore, server.ca);
+    const listener = await listenReloadable(app, { port: 0, hostname: "127.0.0.1", tls: tlsWith(crlBefore), identify: tlsPeerIdentity, isRevoked: (serial) => crl.isRevoked(serial) });
     cleanups.push(() => listener.stop());
     const url = `https://127.0.0.1:${listener.port}`;
 
@@ -215,6 +218,7 @@ describe("listenReloadable (#11)", () => {
     await inHandler;
 
     await listener.reload(tlsWith(crlAfter));
+    crl = parseCrl(crlAfter, server.ca);
     await expect(fetch(`${url}/who`, as(x))).rejects.toThrow();
     const after = await fetch(`${url}/who`, as(client1));
     expect([after.status, await after.text()]).toEqual([200, "ok"]);
@@ -228,10 +232,11 @@ describe("listenReloadable (#11)", () => {
 
   test("a port already in use is a ConfigError, even though the listener itself shares its port with its successor", async () => {
     const tls = mutualTlsServerOptions(loadIdentity(pki, "server"));
-    const first = await listenReloadable(createApp(testLogger()), { port: 0, hostname: "127.0.0.1", tls });
+    const gate = { identify: tlsPeerIdentity, isRevoked: () => false };
+    const first = await listenReloadable(createApp(testLogger()), { port: 0, hostname: "127.0.0.1", tls, ...gate });
     cleanups.push(() => first.stop());
     const inUse = `port ${first.port} on 127.0.0.1 is already in use`;
-    const second = listenReloadable(createApp(testLogger()), { port: first.port, hostname: "127.0.0.1", tls });
+    const second = listenReloadable(createApp(testLogger()), { port: first.port, hostname: "127.0.0.1", tls, ...gate });
     await expect(second).rejects.toBeInstanceOf(ConfigError);
     await expect(second).rejects.toThrow(inUse);
     expect(() => listen(createApp(testLogger()), { port: first.port, hostname: "127.0.0.1", tls })).toThrow(inUse);
@@ -239,7 +244,7 @@ describe("listenReloadable (#11)", () => {
     const plain = createApp(testLogger());
     const held = listen(plain, { port: 0, hostname: "127.0.0.1" });
     cleanups.push(() => plain.stop(true));
-    await expect(listenReloadable(createApp(testLogger()), { port: held, hostname: "127.0.0.1", tls })).rejects.toThrow(`port ${held} on 127.0.0.1 is already in use`);
+    await expect(listenReloadable(createApp(testLogger()), { port: held, hostname: "127.0.0.1", tls, ...gate })).rejects.toThrow(`port ${held} on 127.0.0.1 is already in use`);
   });
 });
 

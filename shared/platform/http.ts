@@ -1,16 +1,23 @@
 // The Elysia base every role builds on: JSON errors with stable codes, body limits, access log, and a safe listen.
 import { Elysia } from "elysia";
 import { BadRequest, ConfigError, MeshError, type ErrorCode } from "./errors.ts";
-import { describeError, type Logger } from "../ops/log.ts";
+import { describeError, printable, type Logger } from "../ops/log.ts";
 import { Metrics } from "../ops/metrics.ts";
 import { traceOf, type Trace } from "../ops/trace.ts";
 import { runtime, type ReloadableListener, type ServableApp, type ServerTls } from "./runtime/index.ts";
-import { DEFAULT_BODY_LIMIT, IDLE_TIMEOUT_S, PEER_ADDRESS_HEADER } from "./runtime/limits.ts";
+import type { Refusal } from "./runtime/admission.ts";
+import { DEFAULT_BODY_LIMIT, IDLE_TIMEOUT_S } from "./runtime/limits.ts";
+import { peerOf } from "./runtime/peer.ts";
+import type tls from "node:tls";
 
-export { DEFAULT_BODY_LIMIT, IDLE_TIMEOUT_S, PEER_ADDRESS_HEADER } from "./runtime/limits.ts";
+export { DEFAULT_BODY_LIMIT, IDLE_TIMEOUT_S } from "./runtime/limits.ts";
+export { bindPeer, peerIdentity, peerOf, type RequestPeer } from "./runtime/peer.ts";
 
-/** Each app's body limit, for listeners that read the body before the app does (shared/platform/runtime/node-listener.ts). */
-const bodyLimits = new WeakMap<object, number>();
+/**
+ * What each app's listener needs from createApp: its body limit (for listeners that read the body before the app
+ * does, shared/platform/runtime/node-listener.ts), and its logger and metrics for the refusals it reports.
+ */
+const appContexts = new WeakMap<object, { bodyLimit: number; logger: Logger; metrics: Metrics }>();
 
 export interface AppOptions {
   logger: Logger;
@@ -138,10 +145,9 @@ export function createApp({ logger, bodyLimit = DEFAULT_BODY_LIMIT, metrics = ne
       const { request, server, set } = context;
       // Elysia sets the routed path on the context before this hook runs; its types leave it out here.
       const { path } = context as unknown as { path: string };
-      // Without a Bun server the request came through a node-based listener (peer-identity, or any on Deno), which
-      // sets this header itself, over any copy the client sent.
-      // Only the access line uses it, and asking Bun.serve costs 3% of a coordinator's CPU (#13).
-      const remote = !accessLog ? "-" : server ? server.requestIP(request)?.address ?? "-" : request.headers.get(PEER_ADDRESS_HEADER) ?? "-";
+      // Every listener binds the caller's address (and, under mutual TLS, its identity) to the request; a request
+      // handed to app.handle in a test has none. Only the access line uses it.
+      const remote = !accessLog ? "-" : peerOf(request)?.address ?? (server ? server.requestIP(request)?.address : undefined) ?? "-";
       // The path is parsed once here and kept for the access log: one URL parse per request, not two.
       const actual = requestPath(request);
       arrivals.set(request, { remote, at: performance.now(), path: actual, trace: traceOf(request.headers) });
@@ -182,7 +188,7 @@ export function createApp({ logger, bodyLimit = DEFAULT_BODY_LIMIT, metrics = ne
       if (arrival) latency.observe({ route }, (performance.now() - arrival.at) / 1000);
     });
   if (metricsRoute) app.get("/metrics", () => metrics.response());
-  bodyLimits.set(app, bodyLimit);
+  appContexts.set(app, { bodyLimit, logger, metrics });
 
   function errorAnswer(code: string | number, error: unknown, request: Request): Response {
     if (error instanceof MeshError) return errorBody(error.status, error.message, error.code);
@@ -235,12 +241,55 @@ export interface ListenOptions {
   /** Mutual TLS with `requestCert`, server-only TLS without, plain HTTP when absent (an admin page on loopback). */
   tls?: ServerTls;
   /**
-   * The role's live revocation check (TrustMaterial.isRevoked), asked on every request where the TLS stack ignores
-   * the `crl` option (Deno). Without it, `tls.crl` is used as of the last reload.
+   * The role's live revocation check (TrustMaterial.isRevoked), asked at every handshake and on every request.
+   * Without it, `tls.crl` is used as of the last reload.
    */
   isRevoked?: (serialHex: string) => boolean;
+  /** Whom a verified client certificate names (shared/authz tlsPeerIdentity): mutual TLS needs it. */
+  identify?: (peer: tls.PeerCertificate) => string;
+  /** Connections one identity may hold at once (the policy's limits; default MAX_CONNECTIONS_PER_IDENTITY). */
+  connectionLimit?: (identity: string) => number;
   /** One of several workers on one port (shared/platform/worker-group.ts): Bun only. */
   sharePort?: boolean;
+}
+
+/** How often one kind of refusal from one identity or address is logged; the rest are counted. */
+const REFUSAL_LOG_INTERVAL_MS = 10_000;
+
+/**
+ * Logs connections refused before any request (a connection cap, a revoked or untrusted certificate, a handshake
+ * flood): one warning per identity or address and reason every 10 s, saying how many more there were, and a count
+ * of each reason in `securemesh_connections_refused_total`.
+ */
+function refusalReporter(logger: Logger, metrics: Metrics): (refusal: Refusal) => void {
+  const refused = metrics.counter("securemesh_connections_refused_total", "Connections closed before any request, by reason.", ["reason"]);
+  const lastLogged = new Map<string, { at: number; suppressed: number }>();
+  return (refusal) => {
+    refused.inc({ reason: refusal.reason });
+    const who = refusal.identity ?? refusal.address;
+    const key = `${refusal.reason} ${who}`;
+    const now = performance.now();
+    const seen = lastLogged.get(key);
+    if (seen && now - seen.at < REFUSAL_LOG_INTERVAL_MS) {
+      seen.suppressed += 1;
+      return;
+    }
+    if (lastLogged.size > 1000) lastLogged.clear(); // a flood of distinct addresses cannot grow this without bound
+    const more = seen && seen.suppressed > 0 ? ` (and ${seen.suppressed} more like it in the last ${Math.round((now - seen.at) / 1000)} s)` : "";
+    lastLogged.set(key, { at: now, suppressed: 0 });
+    logger.warn(`connection from ${printable(refusal.address)} refused: ${refusalText(refusal)}${more}`, { reason: refusal.reason, peer: who });
+  };
+}
+
+function refusalText(refusal: Refusal): string {
+  switch (refusal.reason) {
+    case "identity-cap": return `${refusal.identity} already holds ${refusal.limit} connections, its limit`;
+    case "revoked": return "its certificate is revoked";
+    case "untrusted": return "no client certificate our CA issued";
+    case "no-client-auth": return "its certificate is not for client authentication";
+    case "handshake-flood": return "too many connections from this address still in their TLS handshake (the oldest closed)";
+    case "handshake-timeout": return "no TLS handshake in time";
+  }
 }
 
 /**
@@ -251,7 +300,12 @@ export interface ListenOptions {
  * is a one-line ConfigError. Returns the bound port, which matters when asked for port 0.
  */
 export function listenReloadable(app: ServableApp, options: ListenOptions): Promise<ReloadableListener> {
-  return runtime.serveApp(app, { ...options, bodyLimit: bodyLimits.get(app) ?? DEFAULT_BODY_LIMIT });
+  const context = appContexts.get(app);
+  return runtime.serveApp(app, {
+    ...options,
+    bodyLimit: context?.bodyLimit ?? DEFAULT_BODY_LIMIT,
+    ...(context ? { onRefused: refusalReporter(context.logger, context.metrics) } : {}),
+  });
 }
 
 /**

@@ -1,16 +1,13 @@
-// The Bun side of the runtime seam: Bun.serve for Elysia apps (with the SO_REUSEPORT reload handoff), Bun's
-// fetch with its `tls` option (it checks the host name against the SANs itself; a request's own identity check
-// replaces that, so it runs after afterHostnameCheck), Bun.CryptoHasher, and node:tls + node:http for the
-// peer-identity listener.
-import http from "node:http";
+// The Bun side of the runtime seam: Bun.serve for Elysia apps, behind the TLS gate for mutual TLS (bun-gate.ts) and
+// with the SO_REUSEPORT reload handoff, and Bun.CryptoHasher. Outbound hops are the portable HttpsClient's.
 import net from "node:net";
-import tls from "node:tls";
 import type { Server } from "bun";
 import { ConfigError } from "../errors.ts";
 import { describeError } from "../../ops/log.ts";
-import { afterHostnameCheck } from "./hostname-check.ts";
-import { normaliseFetchError } from "./network-errors.ts";
-import type { AppListenOptions, ReloadableListener, Runtime, ServableApp, ServerTls, TlsRequestInit, TlsServerFactory } from "./types.ts";
+import { Admission } from "./admission.ts";
+import { serveThroughGate } from "./bun-gate.ts";
+import { bindPeer } from "./peer.ts";
+import type { AppListenOptions, ReloadableListener, Runtime, ServableApp, ServerTls } from "./types.ts";
 
 /** A failed bind as the one-line ConfigError a role exits with. */
 function listenError(error: unknown, options: { port: number; hostname: string }): ConfigError {
@@ -32,17 +29,29 @@ function probePortFree(options: { port: number; hostname: string }): Promise<voi
 }
 
 /**
- * Bun.serve (0.61× its throughput through node:https), able to swap its TLS (a new CRL after `./pki.sh revoke`, a
- * renewed certificate) without a restart: Bun's server.reload() silently ignores `tls`, so reload() starts a second
- * server on the same port (SO_REUSEPORT) with the new TLS, points the app at it, then stops the old one gracefully:
- * requests in flight finish, new connections meet the new TLS. Measured: 0 errors in 4,419 keep-alive requests
- * across a swap. Elysia's app.listen can bind only one server, so the servers are built here the way Elysia builds
- * its own (same fetch handler, same maxRequestBodySize and idleTimeout from the app's serve options). Bun.serve
- * reads the CRL itself, so `isRevoked` is not needed here.
+ * Mutual TLS goes through the gate (bun-gate.ts): Bun.listen for TLS, where the client certificate can be read, in
+ * front of Bun.serve on loopback. Server-only TLS and plain HTTP (the marketplace stand-in, an admin page) are
+ * Bun.serve itself, which can swap its TLS without a restart only by a second server on the port: Bun's
+ * server.reload() silently ignores `tls`, so reload() starts one on the same port (SO_REUSEPORT) with the new TLS,
+ * points the app at it, then stops the old one gracefully: requests in flight finish, new connections meet the new
+ * TLS. Measured: 0 errors in 4,419 keep-alive requests across a swap. Elysia's app.listen can bind only one server,
+ * so the servers are built here the way Elysia builds its own (same fetch handler, same maxRequestBodySize and
+ * idleTimeout from the app's serve options).
  */
 async function serveApp(app: ServableApp, options: AppListenOptions): Promise<ReloadableListener> {
-  if (!options.sharePort) await probePortFree(options);
   app.compile();
+  if (options.tls?.requestCert) {
+    if (!options.identify || !options.isRevoked) throw new TypeError("mutual TLS needs identify and isRevoked: whom a certificate names, and the live CRL");
+    return serveThroughGate(app, {
+      port: options.port, hostname: options.hostname, tls: options.tls, sharePort: options.sharePort === true,
+      admission: new Admission({
+        mutual: true, identify: options.identify, isRevoked: options.isRevoked, connectionLimit: options.connectionLimit, onRefused: options.onRefused,
+      }),
+      fetch: app.fetch, serve: { idleTimeout: 30, ...app.config.serve },
+      probePortFree: () => probePortFree(options), listenError: (error, port) => listenError(error, { ...options, port }),
+    });
+  }
+  if (!options.sharePort) await probePortFree(options);
   const serve = (tls: ServerTls | undefined, port: number): Server<unknown> => {
     try {
       return Bun.serve({
@@ -52,7 +61,8 @@ async function serveApp(app: ServableApp, options: AppListenOptions): Promise<Re
         hostname: options.hostname,
         ...(tls ? { tls } : {}),
         reusePort: true,
-        fetch: app.fetch,
+        // Plain HTTP and server-only TLS know no client identity; the address is bound for the access log.
+        fetch: (request, server) => app.fetch(bindPeer(request, { address: server.requestIP(request)?.address ?? "-", identity: "", serial: "" })),
       });
     } catch (error) {
       throw listenError(error, { ...options, port });
@@ -69,7 +79,7 @@ async function serveApp(app: ServableApp, options: AppListenOptions): Promise<Re
       if (stopped) throw new ConfigError(`the listener on ${options.hostname}:${port} is stopped`);
       const previous = current;
       current = serve(tls, port); // throws before anything changed: the old TLS stays in service
-      app.server = current; // createApp's onRequest asks it for the caller's address
+      app.server = current;
       const drained: Promise<void> = previous.stop(false).catch(() => {}).finally(() => draining.delete(drained));
       draining.add(drained);
     },
@@ -81,32 +91,10 @@ async function serveApp(app: ServableApp, options: AppListenOptions): Promise<Re
   };
 }
 
-/**
- * node:tls for the handshake and node:http to parse requests on it: Bun's node:https hides the peer certificate.
- * On Bun, 'connection' hands over the TLS socket itself, before its handshake (measured on 1.4.5).
- */
-const createTlsServer: TlsServerFactory = (options, onSecure, onRequest) => {
-  const parser = http.createServer({ maxHeaderSize: 16 * 1024 });
-  parser.on("request", onRequest);
-  const server = tls.createServer(options, (socket) => {
-    if (onSecure(socket)) parser.emit("connection", socket);
-  });
-  return { server, closeAllConnections: () => parser.closeAllConnections() };
-};
-
 export const bunRuntime: Runtime = {
   name: "bun",
   sharesPorts: true,
   // Bun's own hasher: 1.6 µs per 1 KiB, about 20% faster than node:crypto's createHmac on Bun.
   hmacSha256: (key, data) => new Bun.CryptoHasher("sha256", key).update(data).digest(),
-  async fetch(url: string | URL, init: TlsRequestInit = {}) {
-    const check = init.tls?.checkServerIdentity;
-    try {
-      return await fetch(url, check ? { ...init, tls: { ...init.tls!, checkServerIdentity: afterHostnameCheck(check) } } : init);
-    } catch (error) {
-      throw normaliseFetchError(error);
-    }
-  },
   serveApp,
-  createTlsServer,
 };

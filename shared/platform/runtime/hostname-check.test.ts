@@ -6,7 +6,7 @@ import type tls from "node:tls";
 import { issueIdentity, newPki } from "../../testing/pki.ts";
 import { expectPeer } from "../../authz/expect-peer.ts";
 import { hostnameRefusal } from "./hostname-check.ts";
-import { runtime } from "./index.ts";
+import { HttpsClient } from "../https-client.ts";
 
 setDefaultTimeout(30_000);
 
@@ -28,8 +28,13 @@ test("pki.sh gives an address-only identity a .invalid DNS name, so neither a ch
     const ca = readFileSync(`${dir}/ca_cert.pem`, "utf8");
     const reach = async (url: string, checked: boolean) => {
       try {
-        const tlsOptions = { ca, rejectUnauthorized: true, ...(checked ? { checkServerIdentity: expectPeer("spiffe://securemesh/server/*") } : {}) };
-        return (await runtime.fetch(url, { tls: tlsOptions, signal: AbortSignal.timeout(5000) })).status;
+        const tlsOptions = { ca, rejectUnauthorized: true, ...(checked ? { checkServerIdentity: expectPeer("spiffe://securemesh/server/*") } : {}) } as const;
+        const client = new HttpsClient({ tls: tlsOptions });
+        try {
+          return (await client.request(url, { timeoutMs: 5000 })).status;
+        } finally {
+          client.close();
+        }
       } catch (error) {
         return (error as { code?: string }).code ?? "refused";
       }
@@ -38,6 +43,9 @@ test("pki.sh gives an address-only identity a .invalid DNS name, so neither a ch
     expect(await reach(`https://127.0.0.1:${server.port}/`, true)).toBe(200);
     expect(await reach(`https://localhost:${server.port}/`, true)).toBe("ERR_TLS_HOSTNAME");
     expect(await reach(`https://localhost:${server.port}/`, false)).toBe("ERR_TLS_HOSTNAME");
+    // Bun's own fetch, which falls back to the CN when a certificate has no DNS name: the .invalid name stops it.
+    const plain = await fetch(`https://localhost:${server.port}/`, { tls: { ca } }).then((r) => r.status, (error: { code?: string }) => error.code ?? "refused");
+    expect(plain).not.toBe(200);
   } finally {
     server.stop(true);
   }

@@ -5,5 +5,5 @@ import type { Runtime } from "./types.ts";
 
 export const runtime: Runtime = "Deno" in globalThis ? denoRuntime : bunRuntime;
 
-export type { ClientTls, IdentityCheck, NetworkErrorCode, ReloadableListener, Runtime, ServableApp, ServerTls, TlsRequestInit } from "./types.ts";
+export type { ClientTls, IdentityCheck, NetworkErrorCode, ReloadableListener, Runtime, ServableApp, ServerTls } from "./types.ts";
 export { NetworkError } from "./types.ts";

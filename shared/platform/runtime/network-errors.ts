@@ -1,6 +1,6 @@
-// Maps what each runtime says about a failed outbound request to one NetworkErrorCode (types.ts). Bun and node
-// give a `code`; Deno's fetch gives a bare TypeError("fetch failed") with the reason only in its cause's text.
-import { NetworkError, type NetworkErrorCode } from "./types.ts";
+// Maps what each runtime says about a failed outbound connection to one NetworkErrorCode (types.ts). Bun and node
+// give a `code`; Deno's rustls-backed TLS often gives only a message.
+import type { NetworkErrorCode } from "./types.ts";
 
 /** The short reason for each code, for a log line or an error (shared/ops/log.ts describeNetworkError). */
 export const NETWORK_REASONS: Readonly<Record<NetworkErrorCode, string>> = {
@@ -31,7 +31,7 @@ export function codeFromRuntimeCode(code: unknown): NetworkErrorCode | undefined
   return undefined;
 }
 
-/** Deno's fetch: the cause's text, e.g. "client error (Connect): tcp connect error: Connection refused (os error 111)". */
+/** A message without a code, as Deno's TLS gives, e.g. "invalid peer certificate: UnknownIssuer". */
 export function codeFromText(text: string): NetworkErrorCode | undefined {
   if (/connection refused/i.test(text)) return "ECONNREFUSED";
   if (/dns error|failed to lookup address|name or service not known|no address associated/i.test(text)) return "ENOTFOUND";
@@ -42,30 +42,4 @@ export function codeFromText(text: string): NetworkErrorCode | undefined {
   if (/fatal alert|handshake|tls|ssl/i.test(text)) return "EPROTO";
   if (/connection reset|broken pipe|connection closed|unexpected eof|incomplete message|connection aborted|canceled/i.test(text)) return "ECONNRESET";
   return undefined;
-}
-
-/** The reason text Deno's fetch hides in `cause` (nested causes included). */
-function causeText(error: unknown): string {
-  const parts: string[] = [];
-  for (let e: unknown = error, depth = 0; e && depth < 4; e = (e as { cause?: unknown }).cause, depth++) {
-    parts.push(e instanceof Error ? e.message : String(e));
-  }
-  return parts.join(": ");
-}
-
-/**
- * The error an adapter's fetch rejects with: a timeout or abort and an identity check's refusal pass through as
- * they are; a network failure becomes a NetworkError with its code; anything unrecognised stays as it was.
- */
-export function normaliseFetchError(error: unknown): unknown {
-  const name = (error as { name?: unknown } | null)?.name;
-  if (name === "TimeoutError" || name === "AbortError" || error instanceof NetworkError) return error;
-  const own = (error as { code?: unknown } | null)?.code;
-  if (own === "ERR_UNEXPECTED_PEER") return error;
-  const text = causeText(error);
-  const code = codeFromRuntimeCode(own) ?? codeFromRuntimeCode((error as { cause?: { code?: unknown } } | null)?.cause?.code) ?? codeFromText(text);
-  if (!code) return error;
-  // The runtime's words without the URL Deno repeats in them: the log line names the server already.
-  const detail = text.replace(/^fetch failed: /, "").replace(/error sending request for url \([^)]*\): /, "");
-  return new NetworkError(code, `${NETWORK_REASONS[code]}: ${detail}`, { cause: error });
 }

@@ -1,21 +1,16 @@
 // A listener on node's http and tls APIs that hands each request to an Elysia app's `handle`, with the guarantees
 // securemesh needs kept here rather than left to the runtime: client certificate and clientAuth EKU, revocation on
 // every request, deadlines for the handshake, the head and the body, body limits with JSON errors, per-identity and
-// per-address connection caps. The peer-identity listener uses it on both runtimes; on Deno every listener does.
-// Portable code: how the TLS server is made is the runtime's (Runtime.createTlsServer).
+// per-address connection caps (admission.ts). Every listener on Deno is one (deno.ts). Portable code: how the TLS
+// server is made is the runtime's (a TlsServerFactory).
 import http from "node:http";
 import type net from "node:net";
 import type tls from "node:tls";
 import { ConfigError, MeshError, type ErrorCode } from "../errors.ts";
-import { hasExtendedKeyUsage, withExtendedKeyUsage } from "../eku.ts";
-import {
-  BODY_DEADLINE_MS, DEFAULT_BODY_LIMIT, HANDSHAKE_DEADLINE_MS, HEADER_DEADLINE_MS, IDLE_TIMEOUT_S, MAX_CONNECTIONS_PER_IDENTITY,
-  MAX_HANDSHAKES_PER_ADDRESS, PEER_ADDRESS_HEADER, PEER_HEADER,
-} from "./limits.ts";
+import { Admission, plainAddress } from "./admission.ts";
+import { BODY_DEADLINE_MS, DEFAULT_BODY_LIMIT, HANDSHAKE_DEADLINE_MS, HEADER_DEADLINE_MS, IDLE_TIMEOUT_S } from "./limits.ts";
+import { bindPeer, type RequestPeer } from "./peer.ts";
 import type { ServerTls, TlsServerFactory } from "./types.ts";
-
-/** The extendedKeyUsage a certificate needs to act as a client (as shared/platform/tls.ts). */
-const CLIENT_AUTH_OID = "1.3.6.1.5.5.7.3.2";
 
 export interface HandlingApp {
   handle(request: Request): Promise<Response>;
@@ -27,30 +22,18 @@ export interface NodeListenerOptions {
   /** Without it, plain HTTP. */
   tls?: ServerTls;
   createTlsServer: TlsServerFactory;
-  /** Require a client certificate of our CA with the clientAuth EKU (mutual TLS). */
-  requireClientCertificate: boolean;
-  /** Set PEER_HEADER to the caller's identity on every request. */
-  peerHeader?: boolean;
+  /** Who may connect (mutual TLS when `admission.mutual`); each request's peer is bound from it. */
+  admission: Admission;
   bodyLimit?: number;
   headerDeadlineMs?: number;
   bodyDeadlineMs?: number;
   handshakeDeadlineMs?: number;
-  maxHandshakesPerAddress?: number;
-  maxConnectionsPerIdentity?: number;
-  isRevoked?: (serialHex: string) => boolean;
-  identify?: (peer: tls.PeerCertificate) => string;
 }
 
 export interface NodeListener {
   port: number;
   reload(tls: ServerTls): Promise<void>;
   close(): Promise<void>;
-}
-
-/** The CN, or no identity at all when the certificate has several CNs (node:tls gives an array then). */
-export function commonName(peer: tls.PeerCertificate): string {
-  const cn = peer.subject?.CN as unknown;
-  return typeof cn === "string" ? cn : "";
 }
 
 /** What the listener knows about one open connection. */
@@ -61,17 +44,11 @@ interface Connection {
   headTimer: ReturnType<typeof setTimeout> | undefined;
   /** Closes it when the handshake alone is late. */
   handshakeTimer: ReturnType<typeof setTimeout> | undefined;
+  /** Ends its place among the handshakes of its address (admission.ts). */
+  leaveHandshake: () => void;
   requestsInFlight: number;
 }
 
-/** Who a client certificate names, and its serial for the revocation check. */
-interface VerifiedPeer {
-  serial: string;
-  identity: string;
-}
-
-/** "::ffff:10.0.0.1" and "10.0.0.1" are one client. */
-const addressOf = (socket: net.Socket) => socket.remoteAddress?.replace(/^::ffff:(?=\d+\.\d+\.\d+\.\d+$)/, "");
 /**
  * One connection's key on every socket that stands for it: Bun hands the TLS socket itself to 'connection', Deno's
  * node:https a plain socket, and the TLS socket over it later (same address and port).
@@ -168,22 +145,16 @@ export function listenNode(app: HandlingApp, options: NodeListenerOptions): Prom
   const keepAliveDeadlineMs = Math.min(headerDeadlineMs, IDLE_TIMEOUT_S * 1000);
   const bodyDeadlineMs = options.bodyDeadlineMs ?? BODY_DEADLINE_MS;
   const handshakeDeadlineMs = options.handshakeDeadlineMs ?? HANDSHAKE_DEADLINE_MS;
-  const maxHandshakesPerAddress = options.maxHandshakesPerAddress ?? MAX_HANDSHAKES_PER_ADDRESS;
-  const maxPerIdentity = options.maxConnectionsPerIdentity ?? MAX_CONNECTIONS_PER_IDENTITY;
-  const identify = options.identify ?? commonName;
-  const mutual = options.tls !== undefined && options.requireClientCertificate;
+  const { admission } = options;
+  const mutual = options.tls !== undefined && admission.mutual;
 
   const connections = new Map<string, Connection>();
   /**
-   * Each TLS socket's peer, read once at its handshake: getPeerCertificate() cost a KeyServer an eighth of its
-   * main thread when called per request (#13). A connection's certificate cannot change after the handshake:
-   * neither BoringSSL (Bun) nor rustls (Deno) renegotiates as a server.
+   * Each socket's peer, decided once at its handshake (admission.ts): getPeerCertificate() cost a KeyServer an
+   * eighth of its main thread when called per request (#13). A connection's certificate cannot change after the
+   * handshake: neither BoringSSL (Bun) nor rustls (Deno) renegotiates as a server.
    */
-  const verifiedPeers = new WeakMap<net.Socket, VerifiedPeer>();
-  const verifiedPeer = (peer: tls.PeerCertificate): VerifiedPeer => ({ serial: peer.serialNumber ?? "", identity: identify(withExtendedKeyUsage(peer)) });
-  /** Sockets still in their handshake, per address, oldest first (a Set keeps insertion order). */
-  const handshaking = new Map<string, Set<net.Socket>>();
-  const perIdentity = new Map<string, number>();
+  const admitted = new WeakMap<net.Socket, RequestPeer>();
 
   const expectHeadWithin = (connection: Connection, ms: number) => {
     clearTimeout(connection.headTimer);
@@ -198,17 +169,18 @@ export function listenNode(app: HandlingApp, options: NodeListenerOptions): Prom
       for (const [name, value] of Object.entries(req.headers)) {
         if (value !== undefined) headers.set(name, Array.isArray(value) ? value.join(", ") : value);
       }
+      const peer = admitted.get(socket);
       if (mutual) {
-        const peer = verifiedPeers.get(socket) ?? verifiedPeer(socket.getPeerCertificate());
+        if (!peer) return reply(res, 403, "no verified client certificate", "ERR_FORBIDDEN", true);
         // Per request, not per handshake: a revoked peer's open keep-alive connection is refused too (#11), and
         // where the TLS stack ignores the `crl` option (Deno), this is the only revocation check.
-        if (options.isRevoked?.(peer.serial)) return reply(res, 403, "certificate revoked", "ERR_REVOKED", true);
-        if (options.peerHeader) headers.set(PEER_HEADER, peer.identity);
+        if (admission.isRevoked(peer.serial)) return reply(res, 403, "certificate revoked", "ERR_REVOKED", true);
       }
-      headers.set(PEER_ADDRESS_HEADER, socket.remoteAddress ?? "-");
       const body = method === "GET" || method === "HEAD" ? undefined : await readBody(req, bodyLimit, bodyDeadlineMs);
       const scheme = options.tls ? "https" : "http";
-      const response = await app.handle(new Request(`${scheme}://${urlHost(options.hostname)}${req.url ?? "/"}`, { method, headers, body }));
+      const request = new Request(`${scheme}://${urlHost(options.hostname)}${req.url ?? "/"}`, { method, headers, body });
+      bindPeer(request, peer ?? { address: plainAddress(socket.remoteAddress), identity: "", serial: "" });
+      const response = await app.handle(request);
       await send(res, response, method);
     } catch (error) {
       if (error instanceof MeshError) return reply(res, error.status, error.message, error.code, true);
@@ -239,19 +211,13 @@ export function listenNode(app: HandlingApp, options: NodeListenerOptions): Prom
     void serve(req, res);
   };
 
-  const leaveHandshake = (socket: net.Socket) => {
-    const connection = connections.get(keyOf(socket));
-    if (connection) clearTimeout(connection.handshakeTimer);
-    const address = addressOf(socket);
-    const pending = address === undefined ? undefined : handshaking.get(address);
-    if (!connection || !pending?.delete(connection.socket) || pending.size > 0) return;
-    handshaking.delete(address!);
-  };
-
   /** Decides a completed handshake: true lets its requests through, false has destroyed it. */
   const onSecure = (socket: tls.TLSSocket): boolean => {
-    leaveHandshake(socket);
     const connection = connections.get(keyOf(socket));
+    if (connection) {
+      clearTimeout(connection.handshakeTimer);
+      connection.leaveHandshake();
+    }
     const refuse = () => {
       socket.destroy();
       connection?.socket.destroy();
@@ -261,24 +227,10 @@ export function listenNode(app: HandlingApp, options: NodeListenerOptions): Prom
     socket.setTimeout(IDLE_TIMEOUT_S * 1000, () => refuse());
     socket.on("error", () => {});
     if (!mutual) return true;
-    const peer = socket.getPeerCertificate();
-    // The EKU from the certificate's DER: Deno's peer certificates do not list it.
-    if (!socket.authorized || !peer?.raw || !hasExtendedKeyUsage(peer, CLIENT_AUTH_OID)) return refuse();
-    // Where the TLS stack ignores the `crl` option (Deno), a revoked client is refused here, as at a handshake;
-    // every request is checked again (serve), for connections opened before the revocation.
-    if (options.isRevoked?.(peer.serialNumber ?? "")) return refuse();
-    // Counted by who it is, now that it is known: one identity's connections never take another's places.
-    const verified = verifiedPeer(peer);
-    const { identity } = verified;
-    const open = perIdentity.get(identity) ?? 0;
-    if (open >= maxPerIdentity) return refuse();
-    perIdentity.set(identity, open + 1);
-    verifiedPeers.set(socket, verified);
-    (connection?.socket ?? socket).once("close", () => {
-      const left = (perIdentity.get(identity) ?? 1) - 1;
-      if (left > 0) perIdentity.set(identity, left);
-      else perIdentity.delete(identity);
-    });
+    const peer = admission.admit(plainAddress(socket.remoteAddress), socket.authorized, socket.getPeerCertificate());
+    if (!peer) return refuse();
+    admitted.set(socket, peer);
+    (connection?.socket ?? socket).once("close", () => admission.released(peer));
     return true;
   };
 
@@ -300,18 +252,17 @@ export function listenNode(app: HandlingApp, options: NodeListenerOptions): Prom
   // The deadlines start at the TCP accept, so a stalled handshake is cut off too.
   server.on("connection", (socket: net.Socket) => {
     socket.on("error", () => {}); // a reset or a bad record ends this connection, never the listener
-    const connection: Connection = { socket, headTimer: undefined, handshakeTimer: undefined, requestsInFlight: 0 };
+    const connection: Connection = { socket, headTimer: undefined, handshakeTimer: undefined, leaveHandshake: () => {}, requestsInFlight: 0 };
     const key = keyOf(socket);
     connections.set(key, connection);
     if (options.tls) {
-      const address = addressOf(socket);
-      if (address !== undefined) {
-        const pending = handshaking.get(address) ?? new Set<net.Socket>();
-        handshaking.set(address, pending);
-        if (pending.size >= maxHandshakesPerAddress) pending.values().next().value!.destroy(); // the oldest goes
-        pending.add(socket);
-      }
-      connection.handshakeTimer = setTimeout(() => socket.destroy(), handshakeDeadlineMs);
+      const address = plainAddress(socket.remoteAddress);
+      // Over the per-address bound of handshakes, the oldest of them is closed (admission.ts).
+      connection.leaveHandshake = admission.handshakeStarted(address, () => socket.destroy());
+      connection.handshakeTimer = setTimeout(() => {
+        admission.handshakeTimedOut(address);
+        socket.destroy();
+      }, handshakeDeadlineMs);
     } else {
       socket.setTimeout(IDLE_TIMEOUT_S * 1000, () => socket.destroy());
     }
@@ -319,9 +270,7 @@ export function listenNode(app: HandlingApp, options: NodeListenerOptions): Prom
     socket.once("close", () => {
       clearTimeout(connection.headTimer);
       clearTimeout(connection.handshakeTimer);
-      const address = addressOf(socket);
-      const pending = address === undefined ? undefined : handshaking.get(address);
-      if (pending?.delete(socket) && pending.size === 0) handshaking.delete(address!);
+      connection.leaveHandshake();
       if (connections.get(key) === connection) connections.delete(key);
     });
   });

@@ -5,9 +5,9 @@
 import { createHmac } from "node:crypto";
 import net from "node:net";
 import { text } from "node:stream/consumers";
-import { expectPeer, TrustMaterial } from "../../authz/index.ts";
-import { createApp, listenReloadable, readBodyLimited } from "../http.ts";
-import { listenWithPeerIdentity, PEER_HEADER } from "../peer-tls.ts";
+import { expectPeer, tlsPeerIdentity, TrustMaterial } from "../../authz/index.ts";
+import { createApp, listenReloadable, peerOf, readBodyLimited } from "../http.ts";
+import { HttpsClient } from "../https-client.ts";
 import { mutualTlsClientOptions, mutualTlsServerOptions } from "../tls.ts";
 import { createLogger } from "../../ops/log.ts";
 import { OTHER_HOST, outboundHostChecks, SAN_HOST } from "../../testing/host-checks.ts";
@@ -17,22 +17,19 @@ const dir = process.env.PKI_DIR!;
 const logger = createLogger("deno-check", { write: () => {} });
 const trust = TrustMaterial.open(dir, "server");
 const app = () => createApp({ logger })
-  .get("/who", ({ request }) => ({ peer: request.headers.get(PEER_HEADER) ?? null }))
+  .get("/who", ({ request }) => ({ peer: peerOf(request)?.identity ?? null }))
   .post("/echo", async ({ request }) => ({ bytes: (await readBodyLimited(request)).byteLength }), { parse: "none" });
 
-// The Elysia listener of server and coordinator: its CRL from tls.crl, as a role without isRevoked would have it.
-const mutual = await listenReloadable(app(), { port: 0, hostname: "127.0.0.1", tls: mutualTlsServerOptions(trust.identity) });
-// The peer-identity listener of KeyServer and SecureProxy, with a short header deadline for the test.
-const peer = await listenWithPeerIdentity(app(), {
-  port: 0, hostname: "127.0.0.1", tls: mutualTlsServerOptions(trust.identity), headerDeadlineMs: 1000,
-  isRevoked: (serial) => trust.isRevoked(serial),
+// A listener as the roles run it: the live revocation check, and whom a certificate names.
+const live = await listenReloadable(app(), {
+  port: 0, hostname: "127.0.0.1", tls: mutualTlsServerOptions(trust.identity), identify: tlsPeerIdentity, isRevoked: (serial) => trust.isRevoked(serial),
 });
 
 /** What an outbound call ended with: its status, or its error's name and code. */
-async function outcome(call: Promise<Response>): Promise<Record<string, unknown>> {
+async function outcome(call: Promise<{ status: number; json(): unknown }>): Promise<Record<string, unknown>> {
   try {
     const response = await call;
-    return { status: response.status, body: await response.json() };
+    return { status: response.status, body: response.json() };
   } catch (error) {
     return { error: (error as Error).name, code: (error as { code?: unknown }).code ?? null, message: (error as Error).message };
   }
@@ -40,14 +37,12 @@ async function outcome(call: Promise<Response>): Promise<Record<string, unknown>
 
 // A server certificate for SAN_HOST only (issued by the Bun test as "elsewhere"), served there and on OTHER_HOST.
 const elsewhere = mutualTlsServerOptions(TrustMaterial.open(dir, "elsewhere").identity);
-const [sanHost, otherHost] = await Promise.all([SAN_HOST, OTHER_HOST].map((hostname) => listenReloadable(app(), { port: 0, hostname, tls: elsewhere })));
+const [sanHost, otherHost] = await Promise.all([SAN_HOST, OTHER_HOST].map((hostname) =>
+  listenReloadable(app(), { port: 0, hostname, tls: elsewhere, identify: tlsPeerIdentity, isRevoked: (serial) => trust.isRevoked(serial) })));
 
-const client = loadClientTls();
-function loadClientTls() {
-  const coordinator = TrustMaterial.open(dir, "coordinator").identity;
-  return mutualTlsClientOptions(coordinator);
-}
-const base = `https://127.0.0.1:${mutual.port}`;
+const client = mutualTlsClientOptions(TrustMaterial.open(dir, "coordinator").identity);
+const expecting = (expected: string) => new HttpsClient({ tls: { ...client, checkServerIdentity: expectPeer(expected) } });
+const base = `https://127.0.0.1:${live.port}`;
 const closedPort = await new Promise<number>((resolve) => {
   const probe = net.createServer();
   probe.listen(0, "127.0.0.1", () => {
@@ -55,19 +50,24 @@ const closedPort = await new Promise<number>((resolve) => {
     probe.close(() => resolve(port));
   });
 });
+const server = expecting("spiffe://securemesh/server/*");
+const keptAlive = await (async () => {
+  for (let i = 0; i < 50; i++) await server.request(`${base}/who`, { timeoutMs: 5000 });
+  return server.connections()[`127.0.0.1:${live.port}`];
+})();
+const untrusted = new HttpsClient({ tls: { rejectUnauthorized: true, ca: TrustMaterial.open(process.env.OTHER_PKI_DIR!, "server").identity.ca, cert: client.cert, key: client.key } });
 const outbound = {
-  plain: await outcome(runtime.fetch(`${base}/who`, { tls: client })),
-  rightIdentity: await outcome(runtime.fetch(`${base}/who`, { tls: { ...client, checkServerIdentity: expectPeer("spiffe://securemesh/server/*") } })),
-  wrongIdentity: await outcome(runtime.fetch(`${base}/who`, { tls: { ...client, checkServerIdentity: expectPeer("spiffe://securemesh/keyserver/*") } })),
-  postWithIdentity: await outcome(runtime.fetch(`${base}/echo`, { method: "POST", body: "hello", tls: { ...client, checkServerIdentity: expectPeer("spiffe://securemesh/server/*") } })),
-  refused: await outcome(runtime.fetch(`https://127.0.0.1:${closedPort}/`, { tls: client })),
-  refusedWithIdentity: await outcome(runtime.fetch(`https://127.0.0.1:${closedPort}/`, { tls: { ...client, checkServerIdentity: expectPeer("spiffe://securemesh/server/*") } })),
-  untrusted: await outcome(runtime.fetch(`${base}/who`, { tls: { rejectUnauthorized: true, ca: TrustMaterial.open(process.env.OTHER_PKI_DIR!, "server").identity.ca, cert: client.cert, key: client.key } })),
+  rightIdentity: await outcome(server.request(`${base}/who`, { timeoutMs: 5000 })),
+  wrongIdentity: await outcome(expecting("spiffe://securemesh/keyserver/*").request(`${base}/who`, { timeoutMs: 5000 })),
+  postWithIdentity: await outcome(server.request(`${base}/echo`, { method: "POST", body: "hello", timeoutMs: 5000 })),
+  keptAlive,
+  refused: await outcome(server.request(`https://127.0.0.1:${closedPort}/`, { timeoutMs: 5000 })),
+  untrusted: await outcome(untrusted.request(`${base}/who`, { timeoutMs: 5000 })),
   hostChecks: await outboundHostChecks(client, { sanHost: sanHost!.port, otherHost: otherHost!.port }),
   hmacMatches: runtime.hmacSha256(Buffer.from("k"), Buffer.from("data")).equals(createHmac("sha256", "k").update("data").digest()),
   runtime: runtime.name,
 };
-console.log(JSON.stringify({ mutual: mutual.port, peer: peer.port, outbound }));
+console.log(JSON.stringify({ live: live.port, outbound }));
 await text(process.stdin);
-await Promise.all([mutual.stop(true), peer.close(), sanHost!.stop(true), otherHost!.stop(true)]);
+await Promise.all([live.stop(true), sanHost!.stop(true), otherHost!.stop(true)]);
 process.exit(0);

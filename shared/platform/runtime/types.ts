@@ -3,6 +3,7 @@
 import type http from "node:http";
 import type net from "node:net";
 import type tls from "node:tls";
+import type { Refusal } from "./admission.ts";
 
 /** Server-side TLS options, as Bun.serve and node:tls take them. */
 export interface ServerTls {
@@ -17,24 +18,21 @@ export interface ServerTls {
 /** node's checkServerIdentity: an Error refuses the connection before anything is sent. */
 export type IdentityCheck = (hostname: string, cert: tls.PeerCertificate) => Error | undefined;
 
-/** Client-side TLS for an outbound fetch: our certificate (mutual TLS), the CA we trust, and an optional identity check. */
+/** Client-side TLS for an outbound hop: our certificate (mutual TLS), the CA we trust, and the hop's identity check. */
 export interface ClientTls {
   cert?: string;
   key?: string;
   ca?: string;
   rejectUnauthorized: boolean;
-  /** Checked on the handshake, after the CA chain; given, the request uses a connection of its own. */
+  /** Checked at every handshake, after the CA chain and the host name (shared/platform/https-client.ts). */
   checkServerIdentity?: IdentityCheck;
 }
 
-/** fetch's init, plus the TLS to use (Bun's `tls` option; on Deno the adapter maps it). */
-export interface TlsRequestInit extends RequestInit {
-  tls?: ClientTls;
-}
 
 /**
- * One set of codes for an outbound request that failed, whatever the runtime said. Failover depends on them:
- * the NEVER_REACHED ones say the request cannot have reached the application (shared/request-path/upstream.ts).
+ * One set of codes for an outbound request that failed, whatever the runtime said (shared/platform/https-client.ts).
+ * Failover depends on them: the NEVER_REACHED ones say the request cannot have reached the application
+ * (shared/request-path/upstream.ts).
  */
 export type NetworkErrorCode =
   | "ECONNREFUSED" // nothing listens there
@@ -79,14 +77,22 @@ export interface AppListenOptions {
    */
   sharePort?: boolean;
   /**
-   * Asked on every request with the client certificate's serial number (hex). Where the TLS stack ignores the
-   * `crl` option (Deno's node:tls), this is what refuses a revoked client; without it, `tls.crl` is parsed.
+   * Asked at every handshake and on every request with the client certificate's serial number (hex): the
+   * listeners refuse a revoked client themselves, on every route, on both runtimes. Mutual TLS needs it.
    */
   isRevoked?: (serialHex: string) => boolean;
+  /** The identity a verified client certificate names (shared/authz tlsPeerIdentity); mutual TLS needs it. */
+  identify?: (peer: tls.PeerCertificate) => string;
+  /** Connections one identity may hold at once (default MAX_CONNECTIONS_PER_IDENTITY). */
+  connectionLimit?: (identity: string) => number;
+  /** Each connection closed before any request (a cap, a revoked or untrusted certificate), for a log line. */
+  onRefused?: (refusal: Refusal) => void;
 }
 
 export interface ReloadableListener {
   port: number;
+  /** Bun's TLS gate only: the loopback port of the HTTP server behind it, which serves relayed connections only. */
+  loopbackPort?: number;
   /** Serves new connections with `tls` from now on; requests in flight on the old TLS finish first. */
   reload(tls: ServerTls): Promise<void>;
   stop(closeActiveConnections?: boolean): Promise<void>;
@@ -98,18 +104,8 @@ export interface Runtime {
   readonly sharesPorts: boolean;
   /** HMAC-SHA256 of `data` under `key` (Fernet's MAC). */
   hmacSha256(key: Uint8Array, data: Uint8Array): Buffer;
-  /**
-   * fetch with `tls` honoured, `checkServerIdentity` included. A network failure rejects with a NetworkError (or
-   * the identity check's own Error, or the signal's TimeoutError/AbortError), never a runtime-specific shape.
-   */
-  fetch(url: string | URL, init?: TlsRequestInit): Promise<Response>;
   /** Serves an Elysia app: mutual TLS when `tls.requestCert`, plain TLS without it, plain HTTP without `tls`. */
   serveApp(app: ServableApp, options: AppListenOptions): Promise<ReloadableListener>;
-  /**
-   * The TLS server behind the node-based listeners (the peer-identity listener, and every listener on Deno): one
-   * that exposes the client certificate and keeps connections alive on this runtime.
-   */
-  createTlsServer: TlsServerFactory;
 }
 
 /** A TLS server that parses HTTP: 'connection' hands over each socket before its handshake. */

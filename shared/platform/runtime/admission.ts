@@ -1,0 +1,121 @@
+// Who may hold a connection to a listener, decided the same way by every listener on both runtimes (the Bun TLS
+// gate, the node:https listener): handshakes per address before anyone is known, then, at the handshake, a client
+// certificate of our CA with the clientAuth EKU, not revoked, and one more connection than its identity already
+// holds only while that stays under its cap (issue 18, L2).
+import type tls from "node:tls";
+import { hasExtendedKeyUsage, withExtendedKeyUsage } from "../eku.ts";
+import { MAX_CONNECTIONS_PER_IDENTITY, MAX_HANDSHAKES_PER_ADDRESS } from "./limits.ts";
+import type { RequestPeer } from "./peer.ts";
+
+/** The extendedKeyUsage a certificate needs to act as a client (as shared/platform/tls.ts). */
+const CLIENT_AUTH_OID = "1.3.6.1.5.5.7.3.2";
+
+/** Why a connection was closed before any request. */
+export type RefusalReason = "untrusted" | "revoked" | "no-client-auth" | "identity-cap" | "handshake-flood" | "handshake-timeout";
+
+export interface Refusal {
+  reason: RefusalReason;
+  address: string;
+  /** The identity, once the certificate named one. */
+  identity?: string;
+  /** For identity-cap: the cap that bit. */
+  limit?: number;
+}
+
+export interface AdmissionOptions {
+  /** Mutual TLS: a client certificate is required and checked. */
+  mutual: boolean;
+  /** Asked at the handshake and again on every request with the client certificate's serial (hex). */
+  isRevoked?: (serialHex: string) => boolean;
+  /** The identity a verified certificate names (default: shared/authz's SPIFFE ID reader, given by the caller). */
+  identify: (peer: tls.PeerCertificate) => string;
+  /** Open connections an identity may hold (the policy's `limits`, else MAX_CONNECTIONS_PER_IDENTITY). */
+  connectionLimit?: (identity: string) => number;
+  maxHandshakesPerAddress?: number;
+  /** Every refusal, for the role's log line and counter. */
+  onRefused?: (refusal: Refusal) => void;
+}
+
+/** "::ffff:10.0.0.1" and "10.0.0.1" are one client. */
+export const plainAddress = (address: string | undefined) => address?.replace(/^::ffff:(?=\d+\.\d+\.\d+\.\d+$)/, "") ?? "-";
+
+export class Admission {
+  readonly mutual: boolean;
+  readonly #options: AdmissionOptions;
+  /** Connections still in their handshake, per address, oldest first, each with what closes it. */
+  readonly #handshaking = new Map<string, Map<object, () => void>>();
+  readonly #perIdentity = new Map<string, number>();
+
+  constructor(options: AdmissionOptions) {
+    this.mutual = options.mutual;
+    this.#options = options;
+  }
+
+  /**
+   * A connection from `address` started its handshake. Over the per-address bound the OLDEST one is closed, not
+   * the newcomer: a flood of bare TCP connections from the proxy's own address held every place and shut the proxy
+   * out, with no certificate at all (found by attack on #11). Returns what ends this connection's place in line.
+   */
+  handshakeStarted(address: string, close: () => void): () => void {
+    const key = {};
+    const pending = this.#handshaking.get(address) ?? new Map<object, () => void>();
+    this.#handshaking.set(address, pending);
+    if (pending.size >= (this.#options.maxHandshakesPerAddress ?? MAX_HANDSHAKES_PER_ADDRESS)) {
+      const [oldest, closeOldest] = pending.entries().next().value!;
+      pending.delete(oldest);
+      this.#options.onRefused?.({ reason: "handshake-flood", address });
+      closeOldest();
+    }
+    pending.set(key, close);
+    return () => {
+      if (pending.delete(key) && pending.size === 0 && this.#handshaking.get(address) === pending) this.#handshaking.delete(address);
+    };
+  }
+
+  /** A handshake that did not finish in time. */
+  handshakeTimedOut(address: string): void {
+    this.#options.onRefused?.({ reason: "handshake-timeout", address });
+  }
+
+  /**
+   * Decides a completed handshake: the verified caller, or null after `onRefused` (the caller closes the
+   * connection). Every admitted peer must be `released` when its connection closes.
+   */
+  admit(address: string, authorized: boolean, certificate: tls.PeerCertificate | null | undefined): RequestPeer | null {
+    if (!this.mutual) return { address, identity: "", serial: "" };
+    const refuse = (reason: RefusalReason, identity?: string, limit?: number) => {
+      this.#options.onRefused?.({ reason, address, ...(identity ? { identity } : {}), ...(limit !== undefined ? { limit } : {}) });
+      return null;
+    };
+    // Explicitly, whatever the TLS stack was told: NODE_TLS_REJECT_UNAUTHORIZED=0 has switched Bun's own check off.
+    if (!authorized || !certificate?.raw) return refuse("untrusted");
+    // The EKU from the certificate's DER: Deno's peer certificates do not list it.
+    if (!hasExtendedKeyUsage(certificate, CLIENT_AUTH_OID)) return refuse("no-client-auth");
+    const serial = certificate.serialNumber ?? "";
+    if (this.isRevoked(serial)) return refuse("revoked");
+    const identity = this.#options.identify(withExtendedKeyUsage(certificate));
+    // Counted by who it is, now that it is known: one identity's connections never take another's places.
+    const limit = this.#options.connectionLimit?.(identity) ?? MAX_CONNECTIONS_PER_IDENTITY;
+    const open = this.#perIdentity.get(identity) ?? 0;
+    if (open >= limit) return refuse("identity-cap", identity, limit);
+    this.#perIdentity.set(identity, open + 1);
+    return { address, identity, serial };
+  }
+
+  /** An admitted connection closed: its identity's place is free again. */
+  released(peer: RequestPeer): void {
+    if (!this.mutual) return;
+    const left = (this.#perIdentity.get(peer.identity) ?? 1) - 1;
+    if (left > 0) this.#perIdentity.set(peer.identity, left);
+    else this.#perIdentity.delete(peer.identity);
+  }
+
+  isRevoked(serial: string): boolean {
+    return this.#options.isRevoked?.(serial) ?? false;
+  }
+
+  /** Open connections per identity, for a status page. */
+  connectionsByIdentity(): ReadonlyMap<string, number> {
+    return this.#perIdentity;
+  }
+}
