@@ -1,9 +1,11 @@
 // A securemesh client: sends Fernet-encrypted messages with a sender proof to the coordinator over mutual TLS.
+import { parseCrl } from "../shared/authz/crl.ts";
+import { parseSpiffeId } from "../shared/authz/identity.ts";
 import { exitWithConfigError, loadFernetKeys, parseFlags, parsePositive, pkiDir } from "../shared/platform/config.ts";
 import { ConfigError } from "../shared/platform/errors.ts";
 import { Fernet } from "../shared/request-path/fernet.ts";
 import { describeError, printable } from "../shared/ops/log.ts";
-import { describeSnapshot, MeshClient } from "../shared/request-path/mesh-client.ts";
+import { COORDINATOR_IDENTITY, describeSnapshot, MeshClient } from "../shared/request-path/mesh-client.ts";
 import { assertSafeTlsEnvironment, loadIdentity } from "../shared/platform/tls.ts";
 
 const USAGE = `
@@ -18,6 +20,9 @@ Options:
   --count N            send the message N times (default 1)
   --no-cache-check     do not read the servers' cached data before sending
   --coordinator URL    coordinator URL; repeat it for failover (default https://127.0.0.1:8000)
+  --expect-coordinator ID
+                       identity a coordinator must present (default spiffe://securemesh/coordinator/*);
+                       a connection to anything else is closed before a byte is sent
   --timeout MS         per-request timeout (default 5000)
   --pki DIR            PKI folder from pki.sh (default $PKI_DIR, else certs/)
   -h, --help           show this help
@@ -28,6 +33,7 @@ export interface ClientConfig {
   message: string;
   count: number;
   coordinators: string[];
+  expectCoordinator: string;
   timeoutMs: number;
   pki: string;
   cacheCheck: boolean;
@@ -39,6 +45,7 @@ export function parseClientConfig(argv: string[]): ClientConfig {
     message: { type: "string" },
     count: { type: "string" },
     coordinator: { type: "string", multiple: true },
+    "expect-coordinator": { type: "string" },
     timeout: { type: "string" },
     pki: { type: "string" },
     "no-cache-check": { type: "boolean" },
@@ -46,12 +53,17 @@ export function parseClientConfig(argv: string[]): ClientConfig {
   const name = values.name ?? "client1";
   if (!/^[A-Za-z0-9_-]+$/.test(name)) throw new ConfigError(`--name: '${name}' may hold letters, digits, - and _ only`);
   const count = parsePositive(values.count, "--count", 1);
+  const expectCoordinator = values["expect-coordinator"] ?? COORDINATOR_IDENTITY;
+  if (!parseSpiffeId(expectCoordinator.replace(/\/\*$/, "/x"))) {
+    throw new ConfigError(`--expect-coordinator: '${expectCoordinator}' is not a SPIFFE ID such as ${COORDINATOR_IDENTITY}`);
+  }
   if (!Number.isInteger(count)) throw new ConfigError("--count must be a whole number");
   return {
     name,
     message: values.message ?? `Hello from ${name}`,
     count,
     coordinators: values.coordinator?.length ? values.coordinator : ["https://127.0.0.1:8000"],
+    expectCoordinator,
     timeoutMs: parsePositive(values.timeout, "--timeout", 5000),
     pki: pkiDir(values.pki),
     cacheCheck: !values["no-cache-check"],
@@ -78,10 +90,15 @@ async function main(): Promise<void> {
   try {
     assertSafeTlsEnvironment();
     config = parseClientConfig(process.argv.slice(2));
+    const identity = loadIdentity(config.pki, config.name);
+    // The coordinator's certificate is checked against our CA's CRL too, at every handshake.
+    const crl = identity.crl ? parseCrl(identity.crl, identity.ca) : null;
     client = new MeshClient({
-      identity: loadIdentity(config.pki, config.name),
+      identity,
       fernet: new Fernet(loadFernetKeys(config.pki)),
       coordinators: config.coordinators,
+      expect: config.expectCoordinator,
+      isRevoked: (serial) => crl?.isRevoked(serial) ?? false,
       timeoutMs: config.timeoutMs,
     });
   } catch (error) {

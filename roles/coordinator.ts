@@ -1,13 +1,14 @@
 // The coordinator: terminates clients' mutual TLS and forwards /api/* to healthy servers, failing over between them.
-import { expectPeer, parseSpiffeId, TrustMaterial } from "../shared/authz/index.ts";
-import { ConfigError } from "../shared/platform/errors.ts";
+import { expectPeer, mutualTlsListening, parseSpiffeId, TrustMaterial } from "../shared/authz/index.ts";
+import { ConfigError, ProofRejected } from "../shared/platform/errors.ts";
+import { HttpsClient } from "../shared/platform/https-client.ts";
 import { exitWithConfigError, parseFlags, parsePort, parsePositive, pkiDir, exitOnSignals } from "../shared/platform/config.ts";
 import { createApp, listenReloadable, readBodyLimited, requestTrace, requestUrl } from "../shared/platform/http.ts";
 import { createLogger, type Logger } from "../shared/ops/log.ts";
 import { Metrics } from "../shared/ops/metrics.ts";
-import { PROOF_HEADER, ProofSigner } from "../shared/request-path/proof.ts";
+import { PROOF_HEADER } from "../shared/request-path/proof.ts";
 import { createAdminApp } from "../shared/ops/status-page.ts";
-import { assertSafeTlsEnvironment, mutualTlsClientOptions, mutualTlsServerOptions } from "../shared/platform/tls.ts";
+import { assertSafeTlsEnvironment, mutualTlsClientOptions, type Identity } from "../shared/platform/tls.ts";
 import { UpstreamPool } from "../shared/request-path/upstream.ts";
 import { WorkerGroup, reportWorkerReady, workerIndex, workerSharesPort } from "../shared/platform/worker-group.ts";
 import { WorkerPoolView } from "../shared/ops/worker-view.ts";
@@ -18,9 +19,10 @@ const USAGE = `
 Usage: roles/coordinator.ts [PORT] [options]
 
 Accepts clients over mutual TLS on PORT (default 8000) and forwards /api/* over mutual TLS to the servers,
-round-robin over the healthy ones, failing over when one fails. It holds no Fernet key. Each forwarded request
-carries its forwarder assertion; the servers decide every request by the policy. Certificates and the CRL
-reload on change and on SIGHUP.
+round-robin over the healthy ones, failing over when one fails. It holds no Fernet key. Every connection to a
+server is used only once its handshake showed a server identity; the servers decide every request by the
+policy, on the coordinator's own certificate and the caller's proof. Certificates and the CRL reload on change
+and on SIGHUP.
 
 Options:
   --servers URLS         comma-separated server URLs (default $SERVERS, else
@@ -127,9 +129,12 @@ export function createCoordinatorApp({ pool, logger, metrics = new Metrics(), ac
       return { status: up > 0 ? "ok" : "no server up", role: "coordinator", serversUp: up, servers };
     })
     .post("/api/invalidate_cache", async ({ request, set }) => {
+      const body = await readForwardedBody(request);
+      // A broadcast costs a request to every server: one that cannot be allowed anywhere (no proof) goes nowhere.
+      if (!carriesProof(body)) throw new ProofRejected("sender proof missing");
       // Every configured server, in parallel, up or not: a server marked down may only be slow.
-      const headers = new Headers({ "content-type": request.headers.get("content-type") ?? "application/json" });
-      const outcomes = await pool.broadcast("POST", "/api/invalidate_cache", headers, await readForwardedBody(request), requestTrace(request));
+      const headers = { "content-type": request.headers.get("content-type") ?? "application/json" };
+      const outcomes = await pool.broadcast("POST", "/api/invalidate_cache", headers, body, requestTrace(request));
       const acknowledged = outcomes.filter((o) => o.ok).map((o) => o.server);
       const failed = outcomes.filter((o) => !o.ok).map((o) =>
         o.status === null ? { server: o.server, status: null, error: o.error } : { server: o.server, status: o.status, error: errorText(o.body) });
@@ -140,7 +145,8 @@ export function createCoordinatorApp({ pool, logger, metrics = new Metrics(), ac
     }, { parse: "none" })
     .get("/api/cache_stats", async ({ request, set }) => {
       const proof = request.headers.get(PROOF_HEADER);
-      const outcomes = await pool.broadcast("GET", "/api/cache_stats", new Headers(proof ? { [PROOF_HEADER]: proof } : {}), undefined, requestTrace(request));
+      if (!proof) throw new ProofRejected("sender proof missing");
+      const outcomes = await pool.broadcast("GET", "/api/cache_stats", { [PROOF_HEADER]: proof }, undefined, requestTrace(request));
       // No server answered: if every one refused (401, 403), their answer is the answer, as for invalidation.
       if (!outcomes.some((o) => o.ok)) set.status = outcomes.every((o) => o.status !== null) ? outcomes[0]!.status! : 503;
       return {
@@ -153,19 +159,28 @@ export function createCoordinatorApp({ pool, logger, metrics = new Metrics(), ac
       const result = await pool.forward({ method: request.method, path: url.pathname + url.search, headers: request.headers, body, trace: requestTrace(request) });
       return new Response(result.body, {
         status: result.status,
-        headers: { "content-type": result.headers.get("content-type") ?? "application/json", "x-securemesh-upstream": result.upstream },
+        headers: { "content-type": result.contentType ?? "application/json", "x-securemesh-upstream": result.upstream },
       });
     }, { parse: "none" });
 }
 
 /** The body to forward, counted as it is read: a chunked body cannot slip past the limit (#11 L6). */
-async function readForwardedBody(request: Request): Promise<ArrayBuffer> {
-  const bytes = await readBodyLimited(request);
-  return bytes.buffer.slice(bytes.byteOffset, bytes.byteOffset + bytes.byteLength) as ArrayBuffer;
+function readForwardedBody(request: Request): Promise<Uint8Array> {
+  return readBodyLimited(request);
+}
+
+/** Whether an invalidation's JSON body holds a proof at all; the servers verify it. */
+function carriesProof(body: Uint8Array): boolean {
+  try {
+    const proof = (JSON.parse(new TextDecoder().decode(body)) as { proof?: unknown } | null)?.proof;
+    return typeof proof === "string" && proof.length > 0;
+  } catch {
+    return false;
+  }
 }
 
 /** The `error` field of a server's JSON answer, for a report line. */
-function errorText(body: ArrayBuffer): string {
+function errorText(body: Uint8Array): string {
   try {
     return String((JSON.parse(new TextDecoder().decode(body)) as { error?: unknown }).error ?? "no error text");
   } catch {
@@ -191,16 +206,16 @@ async function serve(config: CoordinatorConfig, logger: Logger): Promise<void> {
   const worker = workerIndex();
   let pool: UpstreamPool;
   let trust: TrustMaterial;
-  let signer: ProofSigner;
+  let servers: HttpsClient;
+  // Only a server identity, unrevoked, may hold a connection to the servers' URLs: every connection is checked at
+  // its handshake, and nothing is written to one that failed (issue 18, H1).
+  const serverTls = (identity: Identity) => ({
+    ...mutualTlsClientOptions(identity), checkServerIdentity: expectPeer(config.expectServer, { isRevoked: (serial) => trust.isRevoked(serial) }),
+  });
   try {
     trust = TrustMaterial.open(config.pki, "coordinator");
-    signer = new ProofSigner(trust.identity);
-    pool = new UpstreamPool({
-      servers: config.servers, tls: mutualTlsClientOptions(trust.identity), logger, timeoutMs: config.timeoutMs, health: config.health,
-      forwarderAssertion: () => signer.forwarderAssertion(),
-      // Only a server identity may answer for a server: a probe meeting anything else takes it out of rotation.
-      expectIdentity: expectPeer(config.expectServer),
-    });
+    servers = new HttpsClient({ tls: serverTls(trust.identity), isRevoked: (serial) => trust.isRevoked(serial) });
+    pool = new UpstreamPool({ servers: config.servers, transport: servers, logger, timeoutMs: config.timeoutMs, health: config.health });
   } catch (error) {
     exitWithConfigError("coordinator", error);
   }
@@ -208,14 +223,13 @@ async function serve(config: CoordinatorConfig, logger: Logger): Promise<void> {
   pool.exportMetrics(metrics);
   const app = createCoordinatorApp({ pool, logger, metrics, accessLog: config.accessLog });
   const listener = await listenReloadable(app, {
-    port: config.port, hostname: config.host, tls: mutualTlsServerOptions(trust.identity), isRevoked: (serial) => trust.isRevoked(serial),
-    sharePort: worker !== null && workerSharesPort(),
+    port: config.port, hostname: config.host, ...mutualTlsListening(trust), sharePort: worker !== null && workerSharesPort(),
   }).catch((error) => exitWithConfigError("coordinator", error));
   const port = listener.port;
-  trust.onReload(async (identity) => {
-    signer = new ProofSigner(identity);
-    pool.setTls(mutualTlsClientOptions(identity));
-    await listener.reload(mutualTlsServerOptions(identity));
+  trust.onReload(async (identity, changed) => {
+    if (!changed.certificate) return; // revocation is asked per connection and per request
+    servers.setTls(serverTls(identity));
+    await listener.reload(mutualTlsListening(trust).tls);
   }).watch(logger);
   // A worker's admin listener is for its supervisor only: loopback, a port of the kernel's choosing, and only when
   // the supervisor serves an admin page of its own (the operator asked for one).
@@ -231,6 +245,7 @@ async function serve(config: CoordinatorConfig, logger: Logger): Promise<void> {
   pool.start();
   const stop = async () => {
     pool.stop();
+    servers.close();
     trust.stop();
     await Promise.all([listener.stop(), admin?.stop()]);
   };

@@ -7,6 +7,7 @@ import { mkdtempSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { Cluster, temporaryCluster, waitFor } from "../harness/fixtures/index.ts";
+import { tlsPeerIdentity } from "../shared/authz/expect-peer.ts";
 import { createLogger } from "../shared/ops/log.ts";
 import { createApp, listenReloadable, type ReloadableListener } from "../shared/platform/http.ts";
 import { loadIdentity, mutualTlsClientOptions, mutualTlsServerOptions } from "../shared/platform/tls.ts";
@@ -34,7 +35,7 @@ beforeAll(async () => {
     });
     // The marketplace serves without asking for a client certificate, like the role.
     const tls = name === "marketplace" ? { cert: identity.cert, key: identity.key } : mutualTlsServerOptions(identity);
-    impostor.listener = await listenReloadable(app, { port: 0, hostname: OTHER_HOST, tls });
+    impostor.listener = await listenReloadable(app, { port: 0, hostname: OTHER_HOST, tls, identify: tlsPeerIdentity, isRevoked: () => false });
     impostor.port = impostor.listener.port;
     impostors.set(name, impostor);
   }

@@ -9,7 +9,7 @@ import { policyPath } from "../shared/platform/config.ts";
 import { MasterKeyring } from "../shared/token-path/keyring.ts";
 import { createLogger } from "../shared/ops/log.ts";
 import { Metrics } from "../shared/ops/metrics.ts";
-import { PEER_HEADER } from "../shared/platform/peer-tls.ts";
+import { bindPeer } from "../shared/platform/runtime/peer.ts";
 import { NonceMemory } from "../shared/token-path/replay.ts";
 import {
   EcdhKeyPair, ON_BEHALF_OF_HEADER, openJoseResponse, openLegacyResponse, prepareEcdhRequest, prepareJoseRequest, prepareLegacyRequest, RsaKeyPair,
@@ -59,9 +59,10 @@ interface As {
 }
 
 function sendTo(target: { handle(r: Request): Promise<Response> }, prepared: Pick<PreparedRequest, "body" | "contentType">, { caller = PROXY, onBehalfOf = CLIENT1 }: As = {}) {
-  const headers: Record<string, string> = { "content-type": prepared.contentType, [PEER_HEADER]: caller };
+  const headers: Record<string, string> = { "content-type": prepared.contentType };
   if (onBehalfOf !== null) headers[ON_BEHALF_OF_HEADER] = onBehalfOf;
-  return target.handle(new Request("http://localhost/", { method: "POST", headers, body: prepared.body }));
+  // What the listener does: the caller is the connection's verified certificate, never a header.
+  return target.handle(bindPeer(new Request("http://localhost/", { method: "POST", headers, body: prepared.body }), { address: "127.0.0.1", identity: caller, serial: "01" }));
 }
 
 const send = (prepared: Pick<PreparedRequest, "body" | "contentType">, as?: As) => sendTo(app, prepared, as);

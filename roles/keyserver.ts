@@ -1,17 +1,16 @@
 // The KeyServer: releases API tokens, sealed at rest, to the callers the policy names, through a hybrid exchange.
 import { join } from "node:path";
 import { text } from "node:stream/consumers";
-import { Authorizer, parseSpiffeId, tlsPeerIdentity, TrustMaterial } from "../shared/authz/index.ts";
+import { Authorizer, mutualTlsListening, parseSpiffeId, TrustMaterial } from "../shared/authz/index.ts";
 import { exitWithConfigError, parseFlags, parsePort, parsePositive, pkiDir, policyPath, REPO_ROOT, exitOnSignals, displayPath } from "../shared/platform/config.ts";
 import { BadRequest, ConfigError, MeshError } from "../shared/platform/errors.ts";
-import { createApp, readBodyLimited } from "../shared/platform/http.ts";
+import { createApp, listenReloadable, peerIdentity, readBodyLimited } from "../shared/platform/http.ts";
 import { describeDatabaseUrl } from "../shared/db/database.ts";
 import { MasterKeyring } from "../shared/token-path/keyring.ts";
 import { createLogger, describeError, printable, type Logger } from "../shared/ops/log.ts";
 import { Metrics } from "../shared/ops/metrics.ts";
-import { listenWithPeerIdentity, PEER_HEADER } from "../shared/platform/peer-tls.ts";
 import { NonceMemory, ReplayRejected } from "../shared/token-path/replay.ts";
-import { assertSafeTlsEnvironment, mutualTlsServerOptions } from "../shared/platform/tls.ts";
+import { assertSafeTlsEnvironment } from "../shared/platform/tls.ts";
 import {
   EcdhKeyPair, ON_BEHALF_OF_HEADER, openJoseRequest, openLegacyRequest, proxyResource, RsaKeyPair, sealJoseResponse, sealLegacyResponse,
   type TokenRequest,
@@ -164,8 +163,8 @@ export function createKeyserverApp({ vault, keys, ecdh, nonces, logger, authz, l
     .post("/public_key", () => ({ public_key: keys.publicPem }), { parse: "none" })
     .get("/.well-known/jwks.json", () => ({ keys: ecdh ? [keys.jwk, ecdh.jwk] : [keys.jwk] }))
     .post("/", async ({ request }) => {
-      // Set by the peer-identity listener from the verified certificate: the caller's SPIFFE ID.
-      const caller = request.headers.get(PEER_HEADER) ?? "";
+      // The caller's SPIFFE ID, from this connection's verified certificate (bound by the listener).
+      const caller = peerIdentity(request);
       // What the audit line names until the header is checked; onBehalfOf() then says whom the request is for.
       const who = { caller, onBehalfOf: request.headers.get(ON_BEHALF_OF_HEADER) ?? caller };
       let parsed: Partial<TokenRequest> = {};
@@ -267,13 +266,13 @@ async function main(): Promise<void> {
     exitWithConfigError("keyserver", error);
   }
   const app = createKeyserverApp(deps);
-  const listener = await listenWithPeerIdentity(app, {
-    port: config.port, hostname: config.host, tls: mutualTlsServerOptions(trust.identity),
-    identify: tlsPeerIdentity,
-    isRevoked: (serial) => trust.isRevoked(serial),
-  }).catch((error) => exitWithConfigError("keyserver", error));
-  // Revocation, a renewed certificate and policy edits take effect without a restart (#11).
-  trust.onReload((identity) => listener.reload(mutualTlsServerOptions(identity)).catch((error) => logger.error(`TLS listener kept its old material: ${describeError(error)}`))).watch(logger);
+  const listener = await listenReloadable(app, { port: config.port, hostname: config.host, ...mutualTlsListening(trust) })
+    .catch((error) => exitWithConfigError("keyserver", error));
+  // Revocation (asked per connection and per request), a renewed certificate and policy edits take effect without a
+  // restart (#11).
+  trust.onReload((_identity, changed) => (changed.certificate
+    ? listener.reload(mutualTlsListening(trust).tls).catch((error: unknown) => logger.error(`TLS listener kept its old material: ${describeError(error)}`))
+    : undefined)).watch(logger);
   deps.authz.watch();
   const keyring = watchKeyring(deps.vault, logger);
   logger.info(`keyserver listening on https://${config.host}:${listener.port} (tokens: ${describeDatabaseUrl(config.db)}; policy: ${displayPath(config.policy)}; legacy replay: ${config.legacyReplay}${deps.ecdh ? "; ECDH-ES (X25519) too" : ""})`);
@@ -282,7 +281,7 @@ async function main(): Promise<void> {
     keyring.stop();
     deps.authz.stop();
     trust.stop();
-    await listener.close();
+    await listener.stop();
     await deps.vault.store.close().catch((error) => logger.warn(`closing the token store: ${describeError(error)}`));
   });
 }

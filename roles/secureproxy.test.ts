@@ -7,12 +7,12 @@ import { Authorizer } from "../shared/authz/authorizer.ts";
 import { policyPath } from "../shared/platform/config.ts";
 import { Forbidden } from "../shared/platform/errors.ts";
 import { createLogger } from "../shared/ops/log.ts";
-import { PEER_HEADER } from "../shared/platform/peer-tls.ts";
+import { bindPeer } from "../shared/platform/runtime/peer.ts";
 import { testPki } from "../shared/testing/pki.ts";
 import { scrape } from "../shared/testing/prometheus.ts";
 import { loadIdentity } from "../shared/platform/tls.ts";
 import { ON_BEHALF_OF_HEADER, RsaKeyPair } from "../shared/token-path/token-exchange.ts";
-import { checkApiUri, createProxyApp, outboundTls, parseAllowlist } from "./secureproxy.ts";
+import { apiTrust, checkApiUri, createProxyApp, parseAllowlist, ProxyHops } from "./secureproxy.ts";
 
 const allow = parseAllowlist(["marketplace=localhost:5005,127.0.0.1:5005"]);
 const CLIENT1 = "spiffe://securemesh/client/client1";
@@ -40,18 +40,28 @@ function fakeKeyserver(name: string, answer: () => Response = () => Response.jso
 }
 const servers: ReturnType<typeof Bun.serve>[] = [];
 
+const NO_API_CA = { apiIdentities: new Map<string, string>(), apiCas: new Map<string, string>() };
+
+function proxyHops(isRevoked?: (serialHex: string) => boolean) {
+  const identity = loadIdentity(pki, "secureproxy");
+  const hops = new ProxyHops(identity, (type) => apiTrust(type, identity.ca, NO_API_CA), isRevoked);
+  hopsMade.push(hops);
+  return hops;
+}
+const hopsMade: ProxyHops[] = [];
+
 function proxy(keyserver = "https://127.0.0.1:1", lines: string[] = [], isRevoked?: (serialHex: string) => boolean) {
   const logger = createLogger("secureproxy", { format: "text", color: false, write: (l) => lines.push(l) });
   return createProxyApp({
     keyserver, allow, format: "jose", timeoutMs: 5000, logger,
-    tls: outboundTls(loadIdentity(pki, "secureproxy"), undefined, isRevoked), authz: new Authorizer(policyPath(), logger),
+    hops: proxyHops(isRevoked), authz: new Authorizer(policyPath(), logger),
   });
 }
 
 function requestApi(app: ReturnType<typeof proxy>, body: Record<string, string>, caller: string | null = CLIENT1) {
-  const headers: Record<string, string> = { "content-type": "application/json" };
-  if (caller !== null) headers[PEER_HEADER] = caller;
-  return app.handle(new Request("http://localhost/request_api", { method: "POST", headers, body: JSON.stringify(body) }));
+  const request = new Request("http://localhost/request_api", { method: "POST", headers: { "content-type": "application/json" }, body: JSON.stringify(body) });
+  // What the listener does: the caller is the connection's verified certificate, never a header.
+  return app.handle(caller === null ? request : bindPeer(request, { address: "127.0.0.1", identity: caller, serial: "01" }));
 }
 
 async function answerOf(response: Response) {
@@ -65,6 +75,7 @@ beforeAll(async () => {
 
 afterAll(() => {
   for (const server of servers) server.stop(true);
+  for (const hops of hopsMade) hops.close();
 });
 
 test("ApiUri must be https, without credentials, on the token type's allowlist", () => {
@@ -136,11 +147,11 @@ test("a KeyServer address answered by another identity is refused before anythin
   expect(impostor.seen).toEqual([]);
   expect(lines).toContain(refusal);
 
-  // The right identity, but its certificate is on the CRL, which fetch itself does not read.
+  // The right identity, but its certificate is on the CRL, which the TLS stack itself does not read.
   const revoked = fakeKeyserver("keyserver");
   const serial = new X509Certificate(loadIdentity(pki, "keyserver").cert).serialNumber;
   const answer = await answerOf(await requestApi(proxy(revoked.url, [], (s) => s.toUpperCase() === serial.toUpperCase()), { ClientId: "client1", TokenType: "marketplace", ApiUri: ITEM }));
-  expect(answer).toMatchObject({ status: 502, body: { code: "ERR_KEYSERVER_IDENTITY", error: expect.stringContaining("reached a revoked certificate") } });
+  expect(answer).toMatchObject({ status: 502, body: { code: "ERR_KEYSERVER_IDENTITY", error: expect.stringContaining("whose certificate is revoked") } });
   expect(revoked.seen).toEqual([]);
 });
 
@@ -159,8 +170,15 @@ test("the KeyServer's answers mean the same at the proxy: 429 quota, 403, and 50
   }
 });
 
-test("both outbound hops set rejectUnauthorized: true explicitly", () => {
-  const outbound = outboundTls(loadIdentity(pki, "secureproxy"), undefined);
-  expect([outbound.keyserver.rejectUnauthorized, outbound.api.rejectUnauthorized]).toEqual([true, true]);
-  expect(outbound.api.ca).toBe(loadIdentity(pki, "secureproxy").ca);
+test("M1: an API under the mesh's CA is pinned to one identity per token type, by default too; a foreign CA is not", () => {
+  const ca = loadIdentity(pki, "secureproxy").ca;
+  const foreign = loadIdentity(pki, "client1").cert; // any PEM certificate that is not the mesh's CA
+  const pins = { apiIdentities: new Map([["weather", "spiffe://securemesh/marketplace/wx"]]), apiCas: new Map([["external", foreign], ["mixed", `${foreign}\n${ca}`]]) };
+  expect(["marketplace", "weather", "external", "mixed"].map((type) => apiTrust(type, ca, pins))).toEqual([
+    { ca, identity: "spiffe://securemesh/marketplace/marketplace" },
+    { ca, identity: "spiffe://securemesh/marketplace/wx" },
+    { ca: foreign, identity: null },
+    // A bundle holding the mesh's CA is the mesh's trust: an identity is still pinned.
+    { ca: `${foreign}\n${ca}`, identity: "spiffe://securemesh/marketplace/mixed" },
+  ]);
 });

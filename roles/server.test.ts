@@ -7,9 +7,10 @@ import { loadFernetKeys, policyPath } from "../shared/platform/config.ts";
 import { Fernet } from "../shared/request-path/fernet.ts";
 import { createLogger } from "../shared/ops/log.ts";
 import { Metrics } from "../shared/ops/metrics.ts";
-import { FORWARDER_HEADER, PROOF_HEADER, ProofSigner, ProofVerifier } from "../shared/request-path/proof.ts";
+import { PROOF_HEADER, ProofSigner, ProofVerifier } from "../shared/request-path/proof.ts";
 import { openStore, type RecordStore } from "../shared/request-path/store.ts";
 import { testPki } from "../shared/testing/pki.ts";
+import { handledAs } from "../shared/testing/peers.ts";
 import { scrape } from "../shared/testing/prometheus.ts";
 import { runPython } from "../shared/testing/python.ts";
 import { loadIdentity } from "../shared/platform/tls.ts";
@@ -21,11 +22,11 @@ let store: RecordStore;
 let fernet: Fernet;
 let signer: ProofSigner;
 let client2: ProofSigner;
-let app: ReturnType<typeof createServerApp>;
+/** The server app as the coordinator's connection reaches it: the listener binds the coordinator's identity. */
+let app: ReturnType<typeof handledAs>;
+const COORDINATOR_ID = "spiffe://securemesh/coordinator/coordinator";
 let verifier: ProofVerifier;
 let authz: Authorizer;
-/** What the coordinator sends with every request it forwards. */
-let forwarded: Record<string, string>;
 const logs: string[] = [];
 let clockMs = 1_000_000;
 const clock = () => clockMs;
@@ -36,7 +37,6 @@ beforeAll(async () => {
   fernet = new Fernet(loadFernetKeys(pki));
   signer = new ProofSigner(loadIdentity(pki, "client1"));
   client2 = new ProofSigner(loadIdentity(pki, "client2"));
-  forwarded = { [FORWARDER_HEADER]: await new ProofSigner(loadIdentity(pki, "coordinator")).forwarderAssertion() };
   const logger = createLogger("server", { format: "text", color: false, write: (l) => logs.push(l) });
   verifier = new ProofVerifier(loadIdentity(pki, "server").ca);
   // The repository's own default policy: these tests pin down what it allows.
@@ -44,13 +44,13 @@ beforeAll(async () => {
   authz = new Authorizer(policyPath(), logger, metrics);
   const view = new CachedDataView({ store, fernet, logger, ttlMs: 30_000, now: clock });
   // app.handle needs no socket: the port is only the server number the answers carry.
-  app = createServerApp({ port: 7001, store, view, fernet, verifier, authz, logger, ttl: 300, metrics });
+  app = handledAs(createServerApp({ port: 7001, store, view, fernet, verifier, authz, logger, ttl: 300, metrics }), COORDINATOR_ID);
 });
 
 async function post(body: unknown, headers: Record<string, string> = {}, target = app) {
   const response = await target.handle(new Request("http://localhost/api/data", {
     method: "POST",
-    headers: { "content-type": "application/json", ...forwarded, ...headers },
+    headers: { "content-type": "application/json", ...headers },
     body: typeof body === "string" ? body : JSON.stringify(body),
   }));
   return { status: response.status, body: (await response.json()) as Record<string, any> };
@@ -60,7 +60,7 @@ async function signed(message: string, token = fernet.encrypt(message), by = sig
   return { data: token, proof: await by.sign({ method: "POST", path: "/api/data", payload: token }) };
 }
 
-const readHeaders = async (by = signer, path = "/api/get_cached_data") => ({ ...forwarded, [PROOF_HEADER]: await by.sign({ method: "GET", path, payload: "" }) });
+const readHeaders = async (by = signer, path = "/api/get_cached_data") => ({ [PROOF_HEADER]: await by.sign({ method: "GET", path, payload: "" }) });
 
 describe("POST /api/data", () => {
   test("stores the record, logs the plaintext and answers after commit", async () => {
@@ -105,7 +105,7 @@ describe("POST /api/data", () => {
   test("bad input gets a clear 4xx JSON error", async () => {
     expect(await post("{not json")).toEqual({ status: 400, body: { error: "request body is not valid JSON", code: "ERR_BAD_REQUEST" } });
     expect((await post({ ...(await signed("x")), extra: 1 })).body.error).toBe('unexpected field: "extra"');
-    const wrongType = await app.handle(new Request("http://localhost/api/data", { method: "POST", headers: { "content-type": "text/plain", ...forwarded }, body: "hi" }));
+    const wrongType = await app.handle(new Request("http://localhost/api/data", { method: "POST", headers: { "content-type": "text/plain" }, body: "hi" }));
     expect(wrongType.status).toBe(415);
     const wrongKey = await post(await signed("", new Fernet("cw_0x689RpI-jtRR7oE8h_eQsKImvJapLeSbXpwF4e4=").encrypt("x")));
     expect(wrongKey).toEqual({ status: 400, body: { error: "invalid or expired token", code: "ERR_INVALID_TOKEN" } });
@@ -140,7 +140,7 @@ describe("cache routes", () => {
   };
   const invalidate = async (proof?: string) => {
     const res = await app.handle(new Request("http://localhost/api/invalidate_cache", {
-      method: "POST", headers: { "content-type": "application/json", ...forwarded }, body: JSON.stringify(proof ? { proof } : {}),
+      method: "POST", headers: { "content-type": "application/json" }, body: JSON.stringify(proof ? { proof } : {}),
     }));
     return { status: res.status, body: (await res.json()) as Record<string, unknown> };
   };
@@ -171,10 +171,10 @@ describe("cache routes", () => {
   test("a server that missed a write (partitioned) does not serve its old copy", async () => {
     const otherLogs: string[] = [];
     const otherLogger = createLogger("server", { format: "text", color: false, write: (l) => otherLogs.push(l) });
-    const other = createServerApp({
+    const other = handledAs(createServerApp({
       port: 7002, store, fernet, verifier, authz, logger: otherLogger, ttl: 300,
       view: new CachedDataView({ store, fernet, logger: otherLogger, ttlMs: 30_000, now: clock }),
-    });
+    }), COORDINATOR_ID);
     await read(other);
     expect((await read(other)).cached).toBe(true);
     const written = await post(await signed("written while 5002 was away"));
@@ -230,13 +230,14 @@ describe("authorization (#11): every request decided by the policy against a ver
   const coordinator = () => new ProofSigner(loadIdentity(pki, "coordinator"));
   const denied = (identity: string, permission: string) => ({ error: `spiffe://securemesh/${identity} lacks permission ${permission}`, code: "ERR_FORBIDDEN" });
 
-  test("L4: a request that did not come through an identity allowed to forward is refused", async () => {
+  test("L4: a request whose connection is not held by an identity allowed to forward is refused", async () => {
     const body = await signed("sent straight to a server");
-    expect(await post(body, { [FORWARDER_HEADER]: "" })).toEqual({ status: 403, body: { error: "an unidentified caller lacks permission forward", code: "ERR_FORBIDDEN" } });
-    const selfForwarded = { [FORWARDER_HEADER]: await signer.forwarderAssertion() };
-    expect(await post(body, selfForwarded)).toEqual({ status: 403, body: denied("client/client1", "forward") });
-    const forged = { [FORWARDER_HEADER]: await new ProofSigner(loadIdentity(await testPki("other"), "coordinator")).forwarderAssertion() };
-    expect((await post(body, forged)).status).toBe(401);
+    const inner = createServerApp({ port: 7001, store, view: new CachedDataView({ store, fernet, logger: createLogger("server", { write: () => {} }), ttlMs: 30_000 }), fernet, verifier, authz, logger: createLogger("server", { write: () => {} }), ttl: 300 });
+    expect(await post(body, {}, handledAs(inner, ""))).toEqual({ status: 403, body: { error: "an unidentified caller lacks permission forward", code: "ERR_FORBIDDEN" } });
+    expect(await post(body, {}, handledAs(inner, "spiffe://securemesh/client/client1"))).toEqual({ status: 403, body: denied("client/client1", "forward") });
+    // A request no listener accepted (no verified connection at all) names no one.
+    const unbound = await inner.handle(new Request("http://localhost/api/data", { method: "POST", headers: { "content-type": "application/json" }, body: JSON.stringify(body) }));
+    expect(unbound.status).toBe(403);
   });
 
   test("L4: identities that are not clients cannot write, even with a valid proof", async () => {
@@ -259,11 +260,11 @@ describe("authorization (#11): every request decided by the policy against a ver
   });
 
   test("M5: reads need a proof, and a coordinator's proof reads nothing", async () => {
-    const noProof = await app.handle(new Request("http://localhost/api/get_cached_data", { headers: forwarded }));
+    const noProof = await app.handle(new Request("http://localhost/api/get_cached_data", {}));
     expect([noProof.status, await noProof.json()]).toEqual([401, { error: "sender proof missing", code: "ERR_PROOF" }]);
     const asCoordinator = await app.handle(new Request("http://localhost/api/get_cached_data", { headers: await readHeaders(coordinator()) }));
     expect([asCoordinator.status, await asCoordinator.json()]).toEqual([403, denied("coordinator/coordinator", "view.read:own")]);
-    const proofForWrite = { ...forwarded, [PROOF_HEADER]: await signer.sign({ method: "POST", path: "/api/data", payload: "" }) };
+    const proofForWrite = { [PROOF_HEADER]: await signer.sign({ method: "POST", path: "/api/data", payload: "" }) };
     expect((await app.handle(new Request("http://localhost/api/get_cached_data", { headers: proofForWrite }))).status).toBe(401);
   });
 
@@ -275,10 +276,10 @@ describe("authorization (#11): every request decided by the policy against a ver
       { identity: "spiffe://securemesh/client/client2", allow: ["records.write", "view.read:own"] },
     ] }));
     const logger = createLogger("server", { format: "text", color: false, write: () => {} });
-    const narrow = createServerApp({
+    const narrow = handledAs(createServerApp({
       port: 7003, store, fernet, verifier, authz: new Authorizer(policy, logger), logger, ttl: 300,
       view: new CachedDataView({ store, fernet, logger, ttlMs: 30_000, now: clock }),
-    });
+    }), COORDINATOR_ID);
     const mine = await post(await signed("client2's own", undefined, client2), {}, narrow);
     await post(await signed("client1's, not for client2"), {}, narrow);
     const view = async (by: ProofSigner) => {
@@ -309,7 +310,7 @@ describe("authorization (#11): every request decided by the policy against a ver
 
   test("a denial is a 403 JSON naming the identity and the permission", async () => {
     const invalidation = await app.handle(new Request("http://localhost/api/invalidate_cache", {
-      method: "POST", headers: { "content-type": "application/json", ...forwarded },
+      method: "POST", headers: { "content-type": "application/json" },
       body: JSON.stringify({ proof: await coordinator().sign({ method: "POST", path: "/api/invalidate_cache", payload: "" }) }),
     }));
     expect([invalidation.status, await invalidation.json()]).toEqual([403, denied("coordinator/coordinator", "cache.invalidate")]);

@@ -1,16 +1,16 @@
 // A securemesh server: receives Fernet payloads with a sender proof over mutual TLS and commits them to the store.
 import { createHash } from "node:crypto";
-import { Authorizer, senderName, TrustMaterial } from "../shared/authz/index.ts";
+import { Authorizer, mutualTlsListening, senderName, TrustMaterial } from "../shared/authz/index.ts";
 import { exitWithConfigError, loadFernetKeys, parseFlags, parsePort, parsePositive, pkiDir, policyPath, displayPath, exitOnSignals } from "../shared/platform/config.ts";
 import { BadRequest, ProofRejected } from "../shared/platform/errors.ts";
 import { Fernet } from "../shared/request-path/fernet.ts";
-import { createApp, listenReloadable, readJsonFields, requestTrace } from "../shared/platform/http.ts";
+import { createApp, listenReloadable, peerIdentity, readJsonFields, requestTrace } from "../shared/platform/http.ts";
 import { CachedDataView } from "../shared/request-path/data-view.ts";
 import { createLogger, printable, type Logger } from "../shared/ops/log.ts";
 import { Metrics } from "../shared/ops/metrics.ts";
-import { FORWARDER_HEADER, payloadDigest, PROOF_HEADER, ProofVerifier } from "../shared/request-path/proof.ts";
+import { payloadDigest, PROOF_HEADER, ProofVerifier } from "../shared/request-path/proof.ts";
 import { describeStoreUrl, openStore, type RecordStore } from "../shared/request-path/store.ts";
-import { assertSafeTlsEnvironment, mutualTlsServerOptions } from "../shared/platform/tls.ts";
+import { assertSafeTlsEnvironment } from "../shared/platform/tls.ts";
 
 const USAGE = `
 Usage: roles/server.ts PORT [options]
@@ -93,13 +93,11 @@ export function createServerApp(deps: ServerDeps) {
   view.exportMetrics(metrics);
 
   /**
-   * Bun.serve hides the TLS peer (oven-sh/bun#14097), so on both runtimes the hop's identity comes from its forwarder assertion.
-   * Without one, or from an identity that may not forward (a client calling directly), nothing is served (#11 L4).
+   * Who forwards is the TLS peer of this very connection (the listener binds it to the request, on both runtimes):
+   * an identity that may not forward, a client calling directly among them, is served nothing (#11 L4). Nothing in
+   * the request itself says who forwarded it, so nothing in it can be captured and replayed (issue 18, H1).
    */
-  const requireForwarder = async (request: Request) => {
-    const assertion = request.headers.get(FORWARDER_HEADER);
-    authz.require(assertion ? await verifier.verifyForwarder(assertion) : "", "forward");
-  };
+  const requireForwarder = (request: Request) => authz.require(peerIdentity(request), "forward");
   /** Reads carry their proof in a header: a GET has no body to put it in. */
   const verifyHeaderProof = (request: Request, path: string) => {
     const proof = request.headers.get(PROOF_HEADER);
@@ -119,7 +117,7 @@ export function createServerApp(deps: ServerDeps) {
       }
     })
     .post("/api/data", async ({ request, body }) => {
-      await requireForwarder(request);
+      requireForwarder(request);
       const { data, proof } = readJsonFields(request, body, ["data", "proof?"]);
       if (proof === undefined) throw new ProofRejected("sender proof missing");
       const idempotencyKey = request.headers.get("idempotency-key") ?? undefined;
@@ -142,7 +140,7 @@ export function createServerApp(deps: ServerDeps) {
       return { result: "ok", id: stored.id, server: stored.server };
     })
     .get("/api/get_cached_data", async ({ request }) => {
-      await requireForwarder(request);
+      requireForwarder(request);
       const { sender } = await verifyHeaderProof(request, "/api/get_cached_data");
       // Everyone's records, or only your own: the policy says which (#11 M5).
       const everyone = authz.allows(sender, "view.read", "all");
@@ -153,7 +151,7 @@ export function createServerApp(deps: ServerDeps) {
       return { cached, age_ms: ageMs, server: deps.port, generation: snapshot.generation, data: fernet.encrypt(JSON.stringify(snapshot)) };
     })
     .post("/api/invalidate_cache", async ({ request, body }) => {
-      await requireForwarder(request);
+      requireForwarder(request);
       const { proof } = readJsonFields(request, body, ["proof?"]);
       if (proof === undefined) throw new ProofRejected("sender proof missing");
       const { sender, jti, expiresAt } = await verifier.verify(proof, { method: "POST", path: "/api/invalidate_cache", payload: "" });
@@ -163,7 +161,7 @@ export function createServerApp(deps: ServerDeps) {
       return { result: "ok", server: deps.port, generation };
     })
     .get("/api/cache_stats", async ({ request }) => {
-      await requireForwarder(request);
+      requireForwarder(request);
       const { sender } = await verifyHeaderProof(request, "/api/cache_stats");
       authz.require(sender, "cache.stats");
       return { server: deps.port, ...(await view.stats()) };
@@ -192,14 +190,18 @@ async function main(): Promise<void> {
   const view = new CachedDataView({ store, fernet: deps.fernet, logger, ttlMs: config.cacheTtlMs, maxEntries: config.cacheEntries });
   const serverDeps: ServerDeps = { ...deps, store, view, logger };
   const app = createServerApp(serverDeps);
-  const listener = await listenReloadable(app, { port: config.port, hostname: config.host, tls: mutualTlsServerOptions(trust.identity), isRevoked: (serial) => trust.isRevoked(serial) })
+  const listener = await listenReloadable(app, { port: config.port, hostname: config.host, ...mutualTlsListening(trust) })
     .catch((error) => exitWithConfigError("server", error));
   // With port 0 the bound port is only known now; records must name the real one.
   serverDeps.port = listener.port;
-  // Revocation needs no TLS swap here: every request's forwarder assertion and proof are checked against the live
-  // CRL. A swap closes the coordinator's kept-alive connections (requests on them were reset), so it is kept for a
-  // new certificate, key or CA.
-  trust.onReload((identity, changed) => (changed.certificate ? listener.reload(mutualTlsServerOptions(identity)) : undefined)).watch(logger);
+  // Revocation needs no TLS swap: the listener asks the live CRL at every handshake and on every request, and the
+  // proofs are checked against it too. A new certificate, key or CA swaps the listener's TLS, and proofs follow the
+  // new CA at once.
+  trust.onReload((identity, changed) => {
+    if (!changed.certificate) return undefined;
+    deps.verifier.setCa(identity.ca);
+    return listener.reload(mutualTlsListening(trust).tls);
+  }).watch(logger);
   deps.authz.watch();
   logger.info(`server listening on https://${config.host}:${listener.port} (store: ${describeStoreUrl(config.db)}; policy: ${displayPath(config.policy)})`);
 

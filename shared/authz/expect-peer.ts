@@ -1,5 +1,5 @@
 // Internal hops check whom they reached, not only that the CA signed it: any certificate of our CA with the
-// right address would otherwise pass as a server or the KeyServer (#11, hardening).
+// right address would otherwise pass as a server or the KeyServer (#11, hardening; issue 18 H1).
 import tls from "node:tls";
 import { CLIENT_AUTH_OID, SERVER_AUTH_OID } from "../platform/tls.ts";
 import { identityOf } from "./identity.ts";
@@ -20,17 +20,30 @@ export function tlsPeerIdentity(peer: tls.PeerCertificate): string {
   });
 }
 
+/** Whether `id` is `expected`, or starts with the prefix before a trailing "*". */
+export function identityMatches(expected: string, id: string): boolean {
+  return expected.endsWith("*") ? id.startsWith(expected.slice(0, -1)) : id === expected;
+}
+
+export interface ExpectPeerOptions {
+  /** Our CA's revocation list, asked with the peer's serial: a revoked serving certificate is refused too. */
+  isRevoked?: (serialHex: string) => boolean;
+}
+
 /**
- * A checkServerIdentity for fetch/tls options: the usual hostname check, then the peer's SPIFFE ID must match
- * `expected` (exact, or a prefix ending in "*").
- * @example fetch(url, { tls: { ...mutualTlsClientOptions(id), checkServerIdentity: expectPeer("spiffe://securemesh/server/*") } })
+ * A checkServerIdentity for the hops that serve us: the host name against the certificate's SANs (never its CN),
+ * the serverAuth EKU, the SPIFFE ID it names against `expected` (exact, or a prefix ending in "*"), and revocation.
+ * The peer certificate must carry `ext_key_usage` (shared/platform/eku.ts fills it in on Deno).
+ * @example new HttpsClient({ tls: { ...mutualTlsClientOptions(id), checkServerIdentity: expectPeer("spiffe://securemesh/server/*") } })
  */
-export function expectPeer(expected: string) {
+export function expectPeer(expected: string, options: ExpectPeerOptions = {}) {
   return (hostname: string, cert: tls.PeerCertificate): Error | undefined => {
     const hostError = hostnameRefusal(hostname, cert);
     if (hostError) return hostError;
     const id = tlsPeerIdentity(cert);
-    const ok = expected.endsWith("*") ? id.startsWith(expected.slice(0, -1)) : id === expected;
-    return ok ? undefined : new UnexpectedPeer(`reached ${id || "a certificate without an identity"}, expected ${expected}`);
+    if (!identityMatches(expected, id)) return new UnexpectedPeer(`reached ${id || "a certificate without an identity"}, expected ${expected}`);
+    if (!(cert.ext_key_usage ?? []).includes(SERVER_AUTH_OID)) return new UnexpectedPeer(`reached ${id}, whose certificate is not for serving (no serverAuth)`);
+    if (options.isRevoked?.(cert.serialNumber ?? "")) return new UnexpectedPeer(`reached ${id}, whose certificate is revoked (serial ${cert.serialNumber})`);
+    return undefined;
   };
 }

@@ -5,4 +5,6 @@ export type { Action, Decision, Policy, Rule } from "./policy.ts";
 export { Authorizer } from "./authorizer.ts";
 export { TrustMaterial } from "./trust.ts";
 export type { TrustChange } from "./trust.ts";
-export { expectPeer, tlsPeerIdentity, UnexpectedPeer } from "./expect-peer.ts";
+export { expectPeer, identityMatches, tlsPeerIdentity, UnexpectedPeer } from "./expect-peer.ts";
+export type { ExpectPeerOptions } from "./expect-peer.ts";
+export { mutualTlsListening } from "./listening.ts";

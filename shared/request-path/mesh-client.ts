@@ -6,9 +6,13 @@ import type { DataSnapshot } from "./data-view.ts";
 import type { Fernet } from "./fernet.ts";
 import { describeNetworkError, printable } from "../ops/log.ts";
 import { startTrace } from "../ops/trace.ts";
-import { FORWARDER_HEADER, PROOF_HEADER, ProofSigner } from "./proof.ts";
+import { PROOF_HEADER, ProofSigner } from "./proof.ts";
+import { expectPeer } from "../authz/expect-peer.ts";
+import { HttpsClient } from "../platform/https-client.ts";
 import { mutualTlsClientOptions, type Identity } from "../platform/tls.ts";
-import { runtime } from "../platform/runtime/index.ts";
+
+/** Whom a client's hop must reach: a coordinator (issue 18: every outbound hop pins an identity). */
+export const COORDINATOR_IDENTITY = "spiffe://securemesh/coordinator/*";
 
 export interface MeshClientOptions {
   identity: Identity;
@@ -20,10 +24,14 @@ export interface MeshClientOptions {
   attempts?: number;
   backoffMs?: number;
   /**
-   * Talk to a server directly, as this forwarding identity would (the bench's direct path, tests of one server):
-   * every request carries its forwarder assertion. Needs that identity's key, as a coordinator has.
+   * Whose certificate holds the TLS connection, when not `identity`'s: the coordinator's, to talk to a server
+   * directly as a coordinator would (the bench's direct path, tests of one server), with `expect` set to a server.
    */
-  forwardedBy?: Identity;
+  tlsIdentity?: Identity;
+  /** The identity the other end must present (default any coordinator): checked at every handshake. */
+  expect?: string;
+  /** Our CA's revocation list: a revoked peer is refused at the handshake and not used again. */
+  isRevoked?: (serialHex: string) => boolean;
 }
 
 export interface CachedDataAnswer {
@@ -55,18 +63,27 @@ export interface MeshResponse<T = Record<string, unknown>> {
 
 export class MeshClient {
   readonly name: string;
-  readonly #options: Required<Omit<MeshClientOptions, "forwardedBy">>;
+  readonly #options: Required<Omit<MeshClientOptions, "tlsIdentity" | "isRevoked" | "expect">>;
   readonly #signer: ProofSigner;
-  readonly #forwarder: ProofSigner | null;
-  readonly #tls: ReturnType<typeof mutualTlsClientOptions>;
+  readonly #http: HttpsClient;
 
   constructor(options: MeshClientOptions) {
     if (options.coordinators.length === 0) throw new TypeError("at least one coordinator URL is needed");
     this.#options = { timeoutMs: 5000, attempts: 3, backoffMs: 200, ...options };
     this.#signer = new ProofSigner(options.identity);
-    this.#forwarder = options.forwardedBy ? new ProofSigner(options.forwardedBy) : null;
-    this.#tls = mutualTlsClientOptions(options.identity);
+    const isRevoked = options.isRevoked ?? (() => false);
+    // Kept-alive connections, each used only once its handshake showed the expected identity: an impostor on a
+    // coordinator's port receives nothing, and so can acknowledge nothing (issue 18).
+    this.#http = new HttpsClient({
+      tls: { ...mutualTlsClientOptions(options.tlsIdentity ?? options.identity), checkServerIdentity: expectPeer(options.expect ?? COORDINATOR_IDENTITY, { isRevoked }) },
+      isRevoked,
+    });
     this.name = options.identity.name;
+  }
+
+  /** Closes the kept-alive connections. */
+  close(): void {
+    this.#http.close();
   }
 
   /** Encrypts `message`, proves who sent it, and posts it; one Idempotency-Key covers every retry. */
@@ -118,7 +135,6 @@ export class MeshClient {
    */
   async request<T = Record<string, unknown>>(method: string, path: string, body?: unknown, headers: Record<string, string> = {}): Promise<MeshResponse<T>> {
     const { coordinators, attempts, backoffMs, timeoutMs } = this.#options;
-    const forwarded: Record<string, string> = this.#forwarder ? { [FORWARDER_HEADER]: await this.#forwarder.forwarderAssertion() } : {};
     const trace = startTrace();
     let last = "";
     let tried = 0;
@@ -127,14 +143,20 @@ export class MeshClient {
       for (const coordinator of coordinators) {
         tried += 1;
         try {
-          const response = await runtime.fetch(coordinator.replace(/\/+$/, "") + path, {
+          const response = await this.#http.request(coordinator.replace(/\/+$/, "") + path, {
             method,
-            headers: { ...trace.outbound, ...forwarded, ...(body === undefined ? {} : { "content-type": "application/json" }), ...headers },
+            headers: { ...trace.outbound, ...(body === undefined ? {} : { "content-type": "application/json" }), ...headers },
             body: body === undefined ? undefined : JSON.stringify(body),
-            tls: this.#tls,
-            signal: AbortSignal.timeout(timeoutMs),
+            timeoutMs,
+            // Every write carries an Idempotency-Key, and reads change nothing: safe to send again on a new connection.
+            idempotent: method === "GET" || "idempotency-key" in headers,
           });
-          const parsed = (await response.json().catch(() => ({ error: `non-JSON answer (${response.status})` }))) as T;
+          let parsed: T;
+          try {
+            parsed = response.json() as T;
+          } catch {
+            parsed = { error: `non-JSON answer (${response.status})` } as T;
+          }
           if (response.status === 503) {
             last = `${coordinator} answered 503: ${(parsed as { error?: string }).error ?? ""}`;
             continue;

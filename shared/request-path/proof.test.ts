@@ -1,9 +1,11 @@
 import { beforeAll, describe, expect, test } from "bun:test";
+import { createPrivateKey, X509Certificate } from "node:crypto";
 import { readFileSync } from "node:fs";
+import { SignJWT } from "jose";
 import { join } from "node:path";
 import { ProofRejected } from "../platform/errors.ts";
 import { parseCrl } from "../authz/crl.ts";
-import { CLOCK_SKEW_S, PROOF_LIFETIME_S, ProofSigner, ProofVerifier } from "./proof.ts";
+import { CLOCK_SKEW_S, payloadDigest, PROOF_LIFETIME_S, ProofSigner, ProofVerifier } from "./proof.ts";
 import { runPkiSh, testPki } from "../testing/pki.ts";
 import { loadIdentity } from "../platform/tls.ts";
 
@@ -108,20 +110,21 @@ describe("revocation, lifetime and forwarder assertions (#11)", () => {
     expect(await rejection(v.verify(proof, target, signedAt + 75))).toBe("proof expired");
   });
 
-  test("a forwarder assertion names the forwarding identity; it is re-used, not re-signed per request", async () => {
-    const coordinator = new ProofSigner(loadIdentity(main, "coordinator"));
-    const first = await coordinator.forwarderAssertion();
-    expect(await coordinator.forwarderAssertion()).toBe(first);
-    expect(await verifier().verifyForwarder(first)).toBe("spiffe://securemesh/coordinator/coordinator");
-    // A sender proof is not a forwarder assertion, nor the other way round.
-    expect(await rejection(verifier().verifyForwarder(await new ProofSigner(loadIdentity(main, "client1")).sign(target)))).toBe("forwarder assertion signature or claims are invalid");
-    expect(await rejection(verifier().verify(first, target))).toBe("proof signature or claims are invalid");
-  });
-
-  test("a proof verified once (and cached) still does not pass as a forwarder assertion", async () => {
+  test("issue 18: the typ must be exactly ours, x5c exactly one certificate, and a new CA drops the old one's proofs", async () => {
+    const client1 = loadIdentity(main, "client1");
+    const key = createPrivateKey(client1.key);
+    const x5c = [new X509Certificate(client1.cert).raw.toString("base64")];
+    const craft = (typ: string, chain: string[]) => new SignJWT({ htm: target.method, htu: target.path, dig: payloadDigest(target.payload) })
+      .setProtectedHeader({ alg: "ES256", typ, x5c: chain }).setSubject("spiffe://securemesh/client/client1").setJti(crypto.randomUUID())
+      .setIssuedAt().setExpirationTime("60s").sign(key);
+    expect((await verifier().verify(await craft("securemesh-proof+jwt", x5c), target)).sender).toBe("spiffe://securemesh/client/client1");
+    // jose alone accepts the "application/" form of a typ as the same type.
+    expect(await rejection(verifier().verify(await craft("application/securemesh-proof+jwt", x5c), target))).toBe("proof signature or claims are invalid");
+    expect(await rejection(verifier().verify(await craft("securemesh-proof+jwt", [...x5c, x5c[0]!]), target))).toBe("proof must carry exactly one x5c certificate");
     const v = verifier();
-    const proof = await new ProofSigner(loadIdentity(main, "client1")).sign(target);
+    const proof = await new ProofSigner(client1).sign(target);
     await v.verify(proof, target);
-    expect(await rejection(v.verifyForwarder(proof))).toBe("forwarder assertion signature or claims are invalid");
+    v.setCa(loadIdentity(await testPki("other"), "client1").ca);
+    expect(await rejection(v.verify(proof, target))).toBe("proof certificate is not issued by our CA");
   });
 });

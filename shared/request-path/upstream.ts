@@ -1,13 +1,26 @@
-// The upstream pool: round-robin over healthy servers, failover, active health checks with fall/rise counts.
+// The upstream pool: round-robin over healthy servers, failover, active health checks with fall/rise counts. It
+// reaches the servers through a transport it is given: in a role, an HttpsClient whose every connection has shown a
+// server identity at its handshake (shared/platform/https-client.ts), so no request, forward, retry, probe or
+// broadcast, is written to anything else; in a test, whatever the test needs.
 import { MeshError, Unavailable } from "../platform/errors.ts";
-import { runtime, type ClientTls, type IdentityCheck, type NetworkErrorCode } from "../platform/runtime/index.ts";
+import type { HttpsRequest } from "../platform/https-client.ts";
+import type { NetworkErrorCode } from "../platform/runtime/index.ts";
 import { describeNetworkError as reason, type Logger } from "../ops/log.ts";
 import type { Metrics } from "../ops/metrics.ts";
 import { traceOf, type Trace } from "../ops/trace.ts";
-import { FORWARDER_HEADER, PROOF_HEADER } from "./proof.ts";
+import { PROOF_HEADER } from "./proof.ts";
 
-/** The outbound TLS and identity check (shared/authz/expect-peer.ts), as the runtime adapters take them. */
-export type { ClientTls, IdentityCheck };
+/** An answer as the pool reads it (HttpsResponse is one). */
+export interface UpstreamAnswer {
+  status: number;
+  body: Uint8Array;
+  header(name: string): string | null;
+}
+
+/** How the pool reaches a server: HttpsClient in the roles. Rejects with the runtime's NetworkError codes. */
+export interface UpstreamTransport {
+  request(url: string, init: HttpsRequest): Promise<UpstreamAnswer>;
+}
 
 export interface HealthCheckOptions {
   intervalMs: number;
@@ -20,19 +33,10 @@ export interface HealthCheckOptions {
 
 export interface UpstreamOptions {
   servers: readonly string[];
-  tls: ClientTls;
+  transport: UpstreamTransport;
   logger: Logger;
   /** Per-attempt timeout, covering connect, request and response body. */
   timeoutMs?: number;
-  /** The forwarder assertion sent with every forwarded request, so servers know who forwards (#11). */
-  forwarderAssertion?: () => Promise<string>;
-  /**
-   * Which identity a server must present. The runtime's fetch opens a new TLS connection for every request that
-   * carries a checkServerIdentity (on Bun, measured: 1.6 ms against 0.27 ms per request; on Deno it goes through
-   * node:https, as Deno's fetch cannot check it), so the check runs in the health probes, each on a fresh handshake: a server enters rotation only once a probe has seen its identity, and leaves it
-   * at once when a probe meets another. Forwarded requests then use the kept-alive connections.
-   */
-  expectIdentity?: IdentityCheck;
   health?: Partial<HealthCheckOptions>;
 }
 
@@ -53,36 +57,34 @@ export interface ForwardRequest {
   /** Path and query, e.g. /api/data */
   path: string;
   headers: Headers;
-  body?: ArrayBuffer;
+  body?: Uint8Array;
   /** The incoming request's trace (createApp's requestTrace), sent on; read from `headers` when not given. */
   trace?: Trace;
 }
 
 export interface ForwardResult {
   status: number;
-  headers: Headers;
-  body: ArrayBuffer;
+  contentType: string | null;
+  body: Uint8Array;
   upstream: string;
 }
 
 export const DEFAULT_HEALTH: HealthCheckOptions = { intervalMs: 1000, timeoutMs: 1000, fall: 2, rise: 2 };
 /**
- * An allowlist: nothing else a caller sends reaches a server, so no caller can forge a forwarder assertion. The
- * trace (traceparent or X-Request-Id) goes as checked by shared/ops/trace.ts, never as the caller sent it.
+ * An allowlist: nothing else a caller sends reaches a server. The trace (traceparent or X-Request-Id) goes as
+ * checked by shared/ops/trace.ts, never as the caller sent it.
  */
 const FORWARDED_HEADERS = ["content-type", "accept", "cache-control", "idempotency-key", PROOF_HEADER];
 /**
  * Failures where the request provably never reached the server's application, so any method may be re-sent: the
- * codes of the runtime adapters' fetch, the same on Bun and Deno. A server presenting a certificate or identity we
- * refuse was refused at the handshake: nothing was sent to it. ECONNRESET may have reached it.
+ * transport's codes, the same on Bun and Deno. A server presenting a certificate or identity we refuse was refused
+ * at the handshake: nothing was sent to it. ECONNRESET may have reached it.
  */
 const NEVER_REACHED = new Set<NetworkErrorCode>(["ECONNREFUSED", "ENOTFOUND", "EHOSTUNREACH", "ENETUNREACH", "EPROTO", "ERR_TLS_CERT", "ERR_TLS_HOSTNAME", "ERR_UNEXPECTED_PEER"]);
 
 interface Server extends UpstreamState {
   okStreak: number;
   failStreak: number;
-  /** A probe has seen the expected identity (always true without expectIdentity). */
-  verified: boolean;
 }
 
 export function neverReachedServer(error: unknown): boolean {
@@ -92,9 +94,7 @@ export function neverReachedServer(error: unknown): boolean {
 
 export class UpstreamPool {
   readonly #servers: Server[];
-  #tls: ClientTls;
-  readonly #forwarderAssertion: (() => Promise<string>) | undefined;
-  readonly #expectIdentity: IdentityCheck | undefined;
+  readonly #transport: UpstreamTransport;
   readonly #logger: Logger;
   readonly #timeoutMs: number;
   readonly #health: HealthCheckOptions;
@@ -107,10 +107,9 @@ export class UpstreamPool {
     if (options.servers.length === 0) throw new TypeError("the pool needs at least one server");
     this.#servers = options.servers.map((url) => ({
       url: url.replace(/\/+$/, ""),
-      // Optimistic until the first probe (a dead server costs one failover, not an outage at start), unless its
-      // identity must be seen first.
-      up: !options.expectIdentity,
-      verified: !options.expectIdentity,
+      // Optimistic until the first probe: a dead server costs one failover, not an outage at start, and whatever
+      // answers there is checked at the handshake like every connection.
+      up: true,
       lastCheckedAt: null,
       latencyMs: null,
       requests: 0,
@@ -120,17 +119,10 @@ export class UpstreamPool {
       okStreak: 0,
       failStreak: 0,
     }));
-    this.#tls = options.tls;
-    this.#forwarderAssertion = options.forwarderAssertion;
-    this.#expectIdentity = options.expectIdentity;
+    this.#transport = options.transport;
     this.#logger = options.logger;
     this.#timeoutMs = options.timeoutMs ?? 2000;
     this.#health = { ...DEFAULT_HEALTH, ...options.health };
-  }
-
-  /** New client certificate or CA (a reload): later requests and probes use it. */
-  setTls(tls: ClientTls): void {
-    this.#tls = tls;
   }
 
   get servers(): readonly string[] {
@@ -138,7 +130,7 @@ export class UpstreamPool {
   }
 
   snapshot(): UpstreamState[] {
-    return this.#servers.map(({ okStreak: _ok, failStreak: _fail, verified: _verified, ...state }) => ({ ...state }));
+    return this.#servers.map(({ okStreak: _ok, failStreak: _fail, ...state }) => ({ ...state }));
   }
 
   /** Exposes per-server state and the retry count on a role's /metrics, read at scrape time. */
@@ -169,18 +161,18 @@ export class UpstreamPool {
     if (order.length === 0) throw new Unavailable("no server is up");
     const replayable = request.method === "GET" || request.method === "HEAD" || request.headers.has("idempotency-key");
     const trace = request.trace ?? traceOf(request.headers);
-    const headers = new Headers(trace.outbound);
+    const headers: Record<string, string> = { ...trace.outbound };
     for (const name of FORWARDED_HEADERS) {
       const value = request.headers.get(name);
-      if (value !== null) headers.set(name, value);
+      if (value !== null) headers[name] = value;
     }
     let lastReason = "";
     for (const [attempt, server] of order.entries()) {
       if (attempt > 0) this.#retries += 1;
       try {
-        const result = await this.#send(server.url, request.method, request.path, headers, request.body);
+        const answer = await this.#send(server.url, request.method, request.path, headers, request.body, replayable);
         server.requests += 1;
-        return result;
+        return { status: answer.status, contentType: answer.header("content-type"), body: answer.body, upstream: server.url };
       } catch (error) {
         lastReason = reason(error);
         this.#markFailed(server, lastReason, trace);
@@ -195,16 +187,16 @@ export class UpstreamPool {
 
   /**
    * Sends the same request to every configured server in parallel, up or not; reports each outcome. A server out
-   * of rotation may be anything by now, and the request carries the forwarder assertion and the caller's proof: each
-   * call checks the identity on its own handshake (broadcasts are rare; an impostor on a dead server's port
-   * received both before, found by attack on #11). `trace` is the incoming request's, sent on with it.
+   * of rotation may be anything by now: like every request, each goes only over a connection whose handshake showed
+   * a server identity (an impostor on a dead server's port received the caller's proof before, found by attack on
+   * #11). `trace` is the incoming request's, sent on with it.
    */
-  async broadcast(method: string, path: string, headers: Headers = new Headers(), body?: ArrayBuffer, trace?: Trace) {
-    for (const [name, value] of Object.entries(trace?.outbound ?? {})) headers.set(name, value);
+  async broadcast(method: string, path: string, headers: Record<string, string> = {}, body?: Uint8Array, trace?: Trace) {
+    const outbound = { ...headers, ...trace?.outbound };
     return Promise.all(this.#servers.map(async (server) => {
       try {
-        const result = await this.#send(server.url, method, path, headers, body, this.#identityCheckedTls());
-        return { server: server.url, ok: result.status < 300, status: result.status, body: result.body } as const;
+        const answer = await this.#send(server.url, method, path, outbound, body, method === "GET");
+        return { server: server.url, ok: answer.status < 300, status: answer.status, body: answer.body } as const;
       } catch (error) {
         const why = reason(error);
         this.#markFailed(server, why, trace);
@@ -213,21 +205,10 @@ export class UpstreamPool {
     }));
   }
 
-  /** The TLS options that check the server's identity on the handshake (a new connection each time, on both runtimes). */
-  #identityCheckedTls() {
-    return this.#expectIdentity ? { ...this.#tls, checkServerIdentity: this.#expectIdentity } : this.#tls;
-  }
-
-  async #send(base: string, method: string, path: string, headers: Headers, body?: ArrayBuffer, tls = this.#tls): Promise<ForwardResult> {
-    if (this.#forwarderAssertion) headers.set(FORWARDER_HEADER, await this.#forwarderAssertion());
-    const response = await runtime.fetch(base + path, {
-      method,
-      headers,
-      body: body && body.byteLength > 0 ? body : undefined,
-      tls,
-      signal: AbortSignal.timeout(this.#timeoutMs),
+  #send(base: string, method: string, path: string, headers: Record<string, string>, body: Uint8Array | undefined, idempotent: boolean): Promise<UpstreamAnswer> {
+    return this.#transport.request(base + path, {
+      method, headers, body: body && body.byteLength > 0 ? body : undefined, timeoutMs: this.#timeoutMs, idempotent,
     });
-    return { status: response.status, headers: response.headers, body: await response.arrayBuffer(), upstream: base };
   }
 
   #markFailed(server: Server, why: string, trace?: Trace): void {
@@ -267,41 +248,46 @@ export class UpstreamPool {
   async #probe(server: Server): Promise<void> {
     const started = performance.now();
     let failure: string | null = null;
+    let unexpectedPeer = false;
     try {
-      const response = await runtime.fetch(`${server.url}/health`, { tls: this.#identityCheckedTls(), signal: AbortSignal.timeout(this.#health.timeoutMs) });
-      const body = (await response.json().catch(() => null)) as Record<string, unknown> | null;
-      if (response.status === 200) server.health = body;
-      else failure = `health check answered ${response.status}`;
+      const answer = await this.#transport.request(`${server.url}/health`, { timeoutMs: this.#health.timeoutMs, idempotent: true });
+      if (answer.status === 200) server.health = parseJson(answer.body);
+      else failure = `health check answered ${answer.status}`;
     } catch (error) {
       failure = reason(error);
-      if ((error as { code?: string }).code === "ERR_UNEXPECTED_PEER") {
-        // Not a flap: whatever answers there is not a server. Out at once, and its identity must be seen again.
-        server.verified = false;
-        server.failStreak = this.#health.fall;
-      }
+      // Not a flap: whatever answers there is not a server. Out at once, and back only after `rise` good probes.
+      unexpectedPeer = isUnexpectedPeer(error);
+      if (unexpectedPeer) server.failStreak = this.#health.fall;
     }
-    const firstProbe = server.lastCheckedAt === null;
     server.lastCheckedAt = Date.now();
     server.latencyMs = Math.round((performance.now() - started) * 10) / 10;
     if (failure === null) {
       server.failStreak = 0;
       server.okStreak += 1;
       server.lastError = null;
-      const firstVerified = !server.verified;
-      server.verified = true;
-      if (!server.up && (firstVerified || server.okStreak >= this.#health.rise)) {
+      if (!server.up && server.okStreak >= this.#health.rise) {
         server.up = true;
-        // Entering rotation at start, once its identity is seen, is not a return from a failure.
-        this.#logger.info(firstProbe ? `Server ${server.url} is in rotation (identity checked)` : `Server ${server.url} is back in rotation`, { upstream: server.url });
+        this.#logger.info(`Server ${server.url} is back in rotation`, { upstream: server.url });
       }
     } else {
       server.okStreak = 0;
       server.failStreak += 1;
       server.lastError = failure;
-      if (server.up && server.failStreak >= this.#health.fall) {
+      if (server.up && (server.failStreak >= this.#health.fall || unexpectedPeer)) {
         server.up = false;
         this.#logger.warn(`Server ${server.url} failed: ${failure} (health check); out of rotation`, { upstream: server.url });
       }
     }
+  }
+}
+
+const isUnexpectedPeer = (error: unknown) => (error as { code?: string } | null)?.code === "ERR_UNEXPECTED_PEER";
+
+function parseJson(body: Uint8Array): Record<string, unknown> | null {
+  try {
+    const value: unknown = JSON.parse(new TextDecoder().decode(body));
+    return typeof value === "object" && value !== null ? (value as Record<string, unknown>) : null;
+  } catch {
+    return null;
   }
 }
