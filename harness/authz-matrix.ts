@@ -11,7 +11,7 @@ import { identityOf } from "../shared/authz/identity.ts";
 import { decide, parsePolicy, type Action, type Policy } from "../shared/authz/policy.ts";
 import { loadFernetKeys } from "../shared/platform/config.ts";
 import { Fernet } from "../shared/request-path/fernet.ts";
-import { FORWARDER_HEADER, PROOF_HEADER, ProofSigner } from "../shared/request-path/proof.ts";
+import { PROOF_HEADER, ProofSigner } from "../shared/request-path/proof.ts";
 import { CLIENT_AUTH_OID, type Identity } from "../shared/platform/tls.ts";
 import { ON_BEHALF_OF_HEADER, openJoseResponse, prepareEcdhRequest, prepareJoseRequest } from "../shared/token-path/token-exchange.ts";
 import { renderTable } from "./fixtures/index.ts";
@@ -76,7 +76,7 @@ const VIEW: string[] = ["all", "own"];
 
 /**
  * The matrix's rows. Through the coordinator the coordinator forwards (its `forward`), and the server decides on
- * the proof; directly at a server, the identity's own forwarder assertion must carry `forward` too. At the
+ * the proof; directly at a server, the identity holding the TLS connection must have `forward` too. At the
  * SecureProxy, the caller needs proxy.use, the proxy tokens.fetch, and the KeyServer checks proxy.use again for
  * the caller it names. At the KeyServer, the TLS caller needs tokens.fetch and whom it asks for proxy.use.
  */
@@ -330,20 +330,20 @@ export async function runAuthzMatrix(t: MatrixTargets, options: { attempts: numb
       case "server.write": {
         const data = fernet.encrypt(`matrix direct write by ${actor.facts.label}`);
         const proof = await signer.sign({ method: "POST", path: "/api/data", payload: data });
-        return classify(await call(`${t.server}/api/data`, tls, { method: "POST", headers: { ...json, [FORWARDER_HEADER]: await signer.forwarderAssertion() }, body: JSON.stringify({ data, proof }) }),
+        return classify(await call(`${t.server}/api/data`, tls, { method: "POST", headers: { ...json }, body: JSON.stringify({ data, proof }) }),
           (b) => (b.result === "ok" ? null : "no result ok"));
       }
       case "server.read": {
         const proof = await signer.sign({ method: "GET", path: "/api/get_cached_data", payload: "" });
-        return classify(await call(`${t.server}/api/get_cached_data`, tls, { headers: { [PROOF_HEADER]: proof, [FORWARDER_HEADER]: await signer.forwarderAssertion() } }), (b) => readableView(fernet, b));
+        return classify(await call(`${t.server}/api/get_cached_data`, tls, { headers: { [PROOF_HEADER]: proof } }), (b) => readableView(fernet, b));
       }
       case "server.invalidate": {
         const proof = await signer.sign({ method: "POST", path: "/api/invalidate_cache", payload: "" });
-        return classify(await call(`${t.server}/api/invalidate_cache`, tls, { method: "POST", headers: { ...json, [FORWARDER_HEADER]: await signer.forwarderAssertion() }, body: JSON.stringify({ proof }) }));
+        return classify(await call(`${t.server}/api/invalidate_cache`, tls, { method: "POST", headers: { ...json }, body: JSON.stringify({ proof }) }));
       }
       case "server.stats": {
         const proof = await signer.sign({ method: "GET", path: "/api/cache_stats", payload: "" });
-        return classify(await call(`${t.server}/api/cache_stats`, tls, { headers: { [PROOF_HEADER]: proof, [FORWARDER_HEADER]: await signer.forwarderAssertion() } }));
+        return classify(await call(`${t.server}/api/cache_stats`, tls, { headers: { [PROOF_HEADER]: proof } }));
       }
       case "secureproxy.client1":
       case "secureproxy.client2": {

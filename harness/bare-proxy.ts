@@ -1,17 +1,19 @@
-// The floor under the coordinator, for the bench only: Bun.serve with mutual TLS in front, Bun's fetch with mutual TLS
-// behind, round-robin, nothing else (no Elysia, no health checks, no failover, no access log, no metrics, no
-// identity checks). What the coordinator costs above this is securemesh's; what this costs above HAProxy is Bun's.
-// Usage: bun harness/bare-proxy.ts SERVER_URL… (the coordinator's identity from $PKI_DIR; it signs its forwarder
-// assertion as the coordinator does, once a minute, not per request).
-import { FORWARDER_HEADER, ProofSigner } from "../shared/request-path/proof.ts";
+// The floor under the coordinator, for the bench only: Bun.serve with mutual TLS in front, kept-alive mutual TLS
+// behind, round-robin, nothing else (no Elysia, no health checks, no failover, no access log, no metrics) but what
+// the hop must do for security: every upstream connection checked at its handshake for a server identity, through
+// the HttpsClient the coordinator uses (Bun's fetch can only check it by opening a connection per request). What
+// the coordinator costs above this is securemesh's; what this costs above HAProxy is Bun's.
+// Usage: bun harness/bare-proxy.ts SERVER_URL… (the coordinator's identity from $PKI_DIR; servers decide `forward`
+// on that certificate).
+import { expectPeer } from "../shared/authz/expect-peer.ts";
 import { pkiDir } from "../shared/platform/config.ts";
+import { HttpsClient } from "../shared/platform/https-client.ts";
 import { loadIdentity, mutualTlsClientOptions, mutualTlsServerOptions } from "../shared/platform/tls.ts";
 
 const servers = process.argv.slice(2);
 if (servers.length === 0) throw new Error("usage: bare-proxy.ts SERVER_URL…");
 const identity = loadIdentity(pkiDir(), "coordinator");
-const upstreamTls = mutualTlsClientOptions(identity);
-const signer = new ProofSigner(identity);
+const upstream = new HttpsClient({ tls: { ...mutualTlsClientOptions(identity), checkServerIdentity: expectPeer("spiffe://securemesh/server/*") } });
 let next = 0;
 
 const server = Bun.serve({
@@ -21,12 +23,15 @@ const server = Bun.serve({
   tls: mutualTlsServerOptions(identity),
   async fetch(request) {
     const url = new URL(request.url);
-    const headers = new Headers(request.headers);
-    headers.set(FORWARDER_HEADER, await signer.forwarderAssertion());
-    const upstream = await fetch(servers[next++ % servers.length] + url.pathname + url.search, {
-      method: request.method, headers, body: request.body, tls: upstreamTls,
-    } as RequestInit);
-    return new Response(upstream.body, { status: upstream.status, headers: { "content-type": upstream.headers.get("content-type") ?? "application/json" } });
+    const headers: Record<string, string> = {};
+    request.headers.forEach((value, name) => {
+      if (name !== "host") headers[name] = value;
+    });
+    const body = request.method === "GET" || request.method === "HEAD" ? undefined : new Uint8Array(await request.arrayBuffer());
+    const answer = await upstream.request(servers[next++ % servers.length] + url.pathname + url.search, {
+      method: request.method, headers, body, timeoutMs: 5000, idempotent: request.method === "GET" || request.headers.has("idempotency-key"),
+    });
+    return new Response(answer.body, { status: answer.status, headers: { "content-type": answer.header("content-type") ?? "application/json" } });
   },
 });
 console.log(`bare proxy listening on https://127.0.0.1:${server.port}`);

@@ -6,7 +6,7 @@ import { join } from "node:path";
 import { loadFernetKeys, REPO_ROOT } from "../shared/platform/config.ts";
 import { Fernet } from "../shared/request-path/fernet.ts";
 import { MeshClient } from "../shared/request-path/mesh-client.ts";
-import { FORWARDER_HEADER, PROOF_HEADER, PROOF_LIFETIME_S, ProofSigner } from "../shared/request-path/proof.ts";
+import { PROOF_HEADER, PROOF_LIFETIME_S } from "../shared/request-path/proof.ts";
 import { runPython, PYTHON } from "../shared/testing/python.ts";
 import { loadIdentity, mutualTlsClientOptions } from "../shared/platform/tls.ts";
 import type { JWK } from "jose";
@@ -201,14 +201,13 @@ export async function runBench(options: BenchOptions): Promise<BenchReport> {
     cluster.startCoordinator("coordinator-nolog", 0, servers, [...healthArgs, "--workers", String(COORDINATOR_WORKERS), "--access-log", "off"]),
     cluster.startCoordinator("coordinator-1w", 0, servers, healthArgs),
   ]);
-  // The direct path and HAProxy forward as the coordinator does: with its forwarder assertion (#11).
+  // The direct path and HAProxy reach the servers as the coordinator does: over its certificate, on which the servers
+  // decide `forward`.
   const coordinatorIdentity = loadIdentity(cluster.pki, "coordinator");
-  const coordinatorSigner = new ProofSigner(coordinatorIdentity);
-  const forwarderAssertion = () => coordinatorSigner.forwarderAssertion();
-  const haproxyBase = { pki: cluster.pki, dir: cluster.logDir, servers, health: HEALTH, forwarderAssertion };
-  const haproxyProcess = await startHaproxy(cluster, { ...haproxyBase, port: ports.haproxy });
-  const loggingHaproxyProcess = await startHaproxy(cluster, { ...haproxyBase, port: await freePort(), name: "haproxy-log", accessLog: true });
-  const [haproxy, loggingHaproxy] = [haproxyProcess.url, loggingHaproxyProcess.url];
+  const coordinatorTls = mutualTlsClientOptions(coordinatorIdentity);
+  const haproxyBase = { pki: cluster.pki, dir: cluster.logDir, servers, health: HEALTH };
+  const { url: haproxy } = await startHaproxy(cluster, { ...haproxyBase, port: ports.haproxy });
+  const { url: loggingHaproxy } = await startHaproxy(cluster, { ...haproxyBase, port: await freePort(), name: "haproxy-log", accessLog: true });
   // The floor: a bare Bun.serve + fetch proxy with none of the coordinator's work (harness/bare-proxy.ts).
   const bareLine = await cluster.startCommand("bare-proxy", [process.execPath, join(REPO_ROOT, "harness", "bare-proxy.ts"), ...servers]).waitForLine(/listening on https:\/\/\S+/);
   const bareProxy = /https:\/\/\S+/.exec(bareLine)![0];
@@ -235,7 +234,10 @@ export async function runBench(options: BenchOptions): Promise<BenchReport> {
     let found = writers.get(target);
     if (!found) {
       found = identities.map((identity) =>
-        new MeshClient({ identity, fernet, coordinators: [target], attempts: 1, forwardedBy: directTargets.has(target) ? coordinatorIdentity : undefined }));
+        new MeshClient({
+          identity, fernet, coordinators: [target], attempts: 1,
+          ...(directTargets.has(target) ? { tlsIdentity: coordinatorIdentity, expect: "spiffe://securemesh/server/*" } : {}),
+        }));
       writers.set(target, found);
     }
     return found;
@@ -257,10 +259,9 @@ export async function runBench(options: BenchOptions): Promise<BenchReport> {
     const response = await fetch(`${target}/api/get_cached_data`, {
       headers: {
         [PROOF_HEADER]: await readProof(worker),
-        ...(directTargets.has(target) ? { [FORWARDER_HEADER]: await forwarderAssertion() } : {}),
         ...(refresh ? { "cache-control": "no-cache" } : {}),
       },
-      tls: clientTls[worker % 2],
+      tls: directTargets.has(target) ? coordinatorTls : clientTls[worker % 2],
       signal: AbortSignal.timeout(5000),
     });
     const body = (await response.json()) as { cached?: boolean };
@@ -450,8 +451,6 @@ export async function runBench(options: BenchOptions): Promise<BenchReport> {
     slices.set("g-failover", [failover]);
   }
 
-  haproxyProcess.close();
-  loggingHaproxyProcess.close();
   const results: CaseResult[] = cases.map((c) => summarize(c.id, c.label, c.unit, slices.get(c.id)!));
   if (runFailover) results.push(summarize("g-failover", "g. coordinator POST /api/data, server 2 killed part-way", "req/s", slices.get("g-failover")!));
   const records = await countRecords(options.db);

@@ -277,16 +277,16 @@ export class Cluster implements AsyncDisposable {
     return this.run(logName, "client", args);
   }
 
-  /** A client that talks to the cluster in-process, through the same module the client role uses. */
   /**
-   * A client of the named identity. `forwardedBy` names an identity whose forwarder assertion every request
-   * carries, so a test can talk to one server directly, as the coordinator would forward to it.
+   * A client of the named identity that talks to the cluster in-process, through the same module the client role
+   * uses. `direct` talks to servers themselves, as the coordinator would forward to them: over the coordinator's
+   * certificate (the servers decide `forward` on the connection's), expecting a server's.
    */
-  client(name: string, coordinators: string[], options: { forwardedBy?: string } = {}): MeshClient {
+  client(name: string, coordinators: string[], options: { direct?: boolean } = {}): MeshClient {
     const pki = this.#options.pki;
     return new MeshClient({
       identity: loadIdentity(pki, name), fernet: new Fernet(loadFernetKeys(pki)), coordinators,
-      forwardedBy: options.forwardedBy === undefined ? undefined : loadIdentity(pki, options.forwardedBy),
+      ...(options.direct ? { tlsIdentity: loadIdentity(pki, "coordinator"), expect: "spiffe://securemesh/server/*" } : {}),
     });
   }
 

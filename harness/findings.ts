@@ -9,7 +9,7 @@ import { parsePolicy, type Rule } from "../shared/authz/policy.ts";
 import { loadFernetKeys, policyPath } from "../shared/platform/config.ts";
 import { Fernet } from "../shared/request-path/fernet.ts";
 import type { DataSnapshot } from "../shared/request-path/data-view.ts";
-import { FORWARDER_HEADER, PROOF_HEADER, ProofSigner } from "../shared/request-path/proof.ts";
+import { PROOF_HEADER, ProofSigner } from "../shared/request-path/proof.ts";
 import { loadIdentity, mutualTlsClientOptions, type Identity } from "../shared/platform/tls.ts";
 import { ON_BEHALF_OF_HEADER, openJoseResponse, prepareJoseRequest, prepareLegacyRequest } from "../shared/token-path/token-exchange.ts";
 import { runPkiSh, waitFor, waitUntilInRotation, type Cluster, type TokenStack } from "./fixtures/index.ts";
@@ -131,7 +131,8 @@ export async function runFindingCases(t: FindingTargets, tally: Tally, options: 
   const client1 = tlsOf("client1");
   const client2 = tlsOf("client2");
   const proxyTls = tlsOf("secureproxy");
-  const forwarder = () => signer("coordinator").forwarderAssertion();
+  /** What holds a connection to a server as the coordinator does: the servers decide `forward` on it. */
+  const coordinatorTls = tlsOf("coordinator");
   const n = options.full ? 5 : 1;
   const measurements: Measurement[] = [];
 
@@ -150,12 +151,14 @@ export async function runFindingCases(t: FindingTargets, tally: Tally, options: 
     }
     return { status: response.status, body, text: text.slice(0, 200) };
   };
-  /** A write through the coordinator (or at a server, with the coordinator's assertion) with `who`'s proof. */
+  /**
+   * A write with `who`'s proof: through the coordinator over `tls`, or at a server (`at`) over the coordinator's own
+   * certificate, as the coordinator forwards it.
+   */
   const write = async (who: ProofSigner, tls: TlsMaterial, options: { at?: string; url?: string; headers?: Record<string, string>; data?: string } = {}) => {
     const data = options.data ?? fernet.encrypt(`finding write ${randomUUID()}`);
     const proof = await who.sign({ method: "POST", path: "/api/data", payload: data });
-    const direct = options.at !== undefined;
-    return answer(await postJson(`${options.at ?? options.url ?? t.coordinator}/api/data`, tls, { data, proof }, { ...(direct ? { [FORWARDER_HEADER]: await forwarder() } : {}), ...options.headers }));
+    return answer(await postJson(`${options.at ?? options.url ?? t.coordinator}/api/data`, options.at ? coordinatorTls : tls, { data, proof }, options.headers));
   };
   const expectStatus = (got: { status: number; text: string }, status: number, text?: string | RegExp) => {
     if (got.status !== status) return `answered ${got.status} (wanted ${status}): ${got.text}`;
@@ -301,16 +304,22 @@ export async function runFindingCases(t: FindingTargets, tally: Tally, options: 
     expectStatus(await write(signer("coordinator"), tlsOf("coordinator")), 403, forbidden(ids.coordinator, "records.write")));
   await tally.run("server", "L4: the secureproxy's proof cannot write → 403", n, async () =>
     expectStatus(await write(signer("secureproxy"), proxyTls), 403, forbidden(ids.secureproxy, "records.write")));
-  await tally.run("server", "L4: client1 calling a server directly, without a forwarder assertion → 403", n, async () => {
+  await tally.run("server", "L4: client1 calling a server directly, with its own valid proof → 403 (its certificate lacks forward)", n, async () => {
     const data = fernet.encrypt("direct");
     const proof = await signer("client1").sign({ method: "POST", path: "/api/data", payload: data });
-    return expectStatus(await answer(await postJson(`${server1}/api/data`, client1, { data, proof })), 403, "an unidentified caller lacks permission forward");
+    return expectStatus(await answer(await postJson(`${server1}/api/data`, client1, { data, proof })), 403, forbidden(ids.client1, "forward"));
   });
-  await tally.run("server", "L4: client1 calling a server directly, with its own assertion → 403", n, async () => {
-    const data = fernet.encrypt("direct");
-    const proof = await signer("client1").sign({ method: "POST", path: "/api/data", payload: data });
-    return expectStatus(await answer(await postJson(`${server2}/api/data`, client1, { data, proof }, { [FORWARDER_HEADER]: await signer("client1").forwarderAssertion() })), 403, forbidden(ids.client1, "forward"));
-  });
+  // Issue 18 H1: a forwarded request carried a bearer forwarder assertion; captured by an impostor, it let client2's
+  // TLS write at server 1 (200). Now whatever a forwarded request carries opens nothing without the coordinator's
+  // own connection: the whole request as the coordinator sends it, replayed over client2's TLS, at every server.
+  for (const [name, url] of [["server1", server1], ["server2", server2]] as const) {
+    await tally.run(name, "H1: a request as the coordinator forwards it, replayed over client2's TLS → 403", n, async () => {
+      const data = fernet.encrypt("captured on its way to a server");
+      const proof = await signer("client1").sign({ method: "POST", path: "/api/data", payload: data });
+      const headers = { "idempotency-key": randomUUID(), traceparent: "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01" };
+      return expectStatus(await answer(await postJson(`${url}/api/data`, client2, { data, proof }, headers)), 403, forbidden(ids.client2, "forward"));
+    });
+  }
 
   // ---- L5: idempotency keys belong to their sender. Old: client1 got client2's record id, or 409.
   await tally.run("server", "L5: client1 reusing client2's Idempotency-Key gets a record of its own", n, async () => {
@@ -332,13 +341,13 @@ export async function runFindingCases(t: FindingTargets, tally: Tally, options: 
     const suffix = '","proof":"y"}';
     return new TextEncoder().encode(prefix + "A".repeat(201_387 - prefix.length - suffix.length) + suffix);
   })();
-  const chunkedTargets: [string, string, string, TlsMaterial, boolean][] = [
-    ["coordinator", t.coordinator, "/api/data", client1, false], ["server1", server1, "/api/data", client1, true],
-    ["keyserver", stack.keyserver, "/", proxyTls, false], ["secureproxy", stack.secureproxy, "/request_api", client1, false],
+  const chunkedTargets: [string, string, string, TlsMaterial][] = [
+    ["coordinator", t.coordinator, "/api/data", client1], ["server1", server1, "/api/data", coordinatorTls],
+    ["keyserver", stack.keyserver, "/", proxyTls], ["secureproxy", stack.secureproxy, "/request_api", client1],
   ];
-  for (const [role, url, path, tls, direct] of chunkedTargets) {
+  for (const [role, url, path, tls] of chunkedTargets) {
     await tally.run(role, "L6: a 201,387-byte chunked body → 413 JSON", n, async () => {
-      const head = `POST ${path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n${direct ? `${FORWARDER_HEADER}: ${await forwarder()}\r\n` : ""}`;
+      const head = `POST ${path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n`;
       const raw = parseHttpAnswer(await sendChunked(url, tls, head, chunkedBody));
       if (!raw) return "no answer";
       let code: unknown;

@@ -2,8 +2,6 @@
 import { execFileSync } from "node:child_process";
 import { chmodSync, readFileSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
-import { connect } from "node:net";
-import { FORWARDER_HEADER, FORWARDER_LIFETIME_S } from "../shared/request-path/proof.ts";
 import type { Cluster } from "./cluster.ts";
 
 export const HAPROXY = process.env.HAPROXY_PATH ?? "haproxy";
@@ -35,12 +33,6 @@ export interface HaproxyOptions {
   port: number;
   servers: string[];
   health: { intervalMs: number; fall: number; rise: number; timeoutMs: number };
-  /**
-   * The coordinator's current forwarder assertion, set on every request HAProxy forwards (replacing any a client
-   * sent): servers serve only requests forwarded by an identity the policy lets forward (#11), and HAProxy cannot
-   * sign. HAProxy reads it from a map that is updated through its runtime API, as the assertion is re-signed.
-   */
-  forwarderAssertion: () => Promise<string>;
   /** The instance's name in the cluster and its files' prefix (default "haproxy"): two can run side by side. */
   name?: string;
   /** One access line per request (`option httplog`, to stdout), as the coordinator writes by default. */
@@ -49,14 +41,11 @@ export interface HaproxyOptions {
 
 export interface Haproxy {
   url: string;
-  /** Stops updating the forwarder assertion; the process itself stops with the cluster. */
-  close(): void;
 }
 
-const FORWARDER_KEY = "forwarder";
-
-export function haproxyConfig({ pki, dir, port, servers, health, name = "haproxy", accessLog = false }: Omit<HaproxyOptions, "forwarderAssertion">): string {
-  // HAProxy wants certificate and key in one file; it gets the coordinator's identity, as the coordinator has.
+export function haproxyConfig({ pki, dir, port, servers, health, name = "haproxy", accessLog = false }: HaproxyOptions): string {
+  // HAProxy wants certificate and key in one file; it gets the coordinator's identity, as the coordinator has: the
+  // servers decide `forward` on the certificate of the connection that reaches them.
   const bundle = join(dir, `${name}_coordinator_bundle.pem`);
   writeFileSync(bundle, readFileSync(join(pki, "coordinator_cert.pem"), "utf8") + readFileSync(join(pki, "coordinator_key.pem"), "utf8"), { mode: 0o600 });
   chmodSync(bundle, 0o600);
@@ -82,7 +71,6 @@ export function haproxyConfig({ pki, dir, port, servers, health, name = "haproxy
     "  option redispatch",
     "frontend mesh",
     `  bind 127.0.0.1:${port} ssl crt ${bundle} ca-file ${ca} verify required`,
-    `  http-request set-header ${FORWARDER_HEADER} %[str(${FORWARDER_KEY}),map(${join(dir, `${name}_forwarder.map`)})]`,
     "  default_backend servers",
     "backend servers",
     "  balance roundrobin",
@@ -92,33 +80,13 @@ export function haproxyConfig({ pki, dir, port, servers, health, name = "haproxy
   ].join("\n");
 }
 
-/** Sends one command to HAProxy's runtime API and resolves with its answer. */
-function runtimeCommand(socketPath: string, command: string): Promise<string> {
-  return new Promise((resolve, reject) => {
-    let answer = "";
-    const socket = connect(socketPath, () => socket.end(`${command}\n`));
-    socket.on("data", (chunk) => (answer += chunk));
-    socket.on("error", reject);
-    socket.on("close", () => resolve(answer.trim()));
-  });
-}
-
-/**
- * Starts HAProxy in the foreground under the cluster, and waits until its front answers /health over mutual TLS.
- * Its forwarder assertion is replaced at a third of the assertion's lifetime, before a server could refuse it.
- */
+/** Starts HAProxy in the foreground under the cluster, and waits until its front answers /health over mutual TLS. */
 export async function startHaproxy(cluster: Cluster, options: HaproxyOptions): Promise<Haproxy> {
   const name = options.name ?? "haproxy";
   const configFile = join(options.dir, `${name}.cfg`);
-  const mapFile = join(options.dir, `${name}_forwarder.map`);
-  writeFileSync(mapFile, `${FORWARDER_KEY} ${await options.forwarderAssertion()}\n`, { mode: 0o600 });
   writeFileSync(configFile, haproxyConfig(options));
   cluster.startCommand(name, [HAPROXY, "-db", "-f", configFile]);
   const url = `https://127.0.0.1:${options.port}`;
   await cluster.waitHealthy(url);
-  const refresh = setInterval(async () => {
-    const answer = await runtimeCommand(join(options.dir, `${name}.sock`), `set map ${mapFile} ${FORWARDER_KEY} ${await options.forwarderAssertion()}`).catch((error: Error) => error.message);
-    if (answer !== "") console.error(`haproxy: the forwarder assertion was not updated: ${answer}`);
-  }, (FORWARDER_LIFETIME_S * 1000) / 3);
-  return { url, close: () => clearInterval(refresh) };
+  return { url };
 }

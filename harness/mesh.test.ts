@@ -220,7 +220,7 @@ describe("cache across servers", () => {
     await using mesh = await startMesh({ pki, coordinatorArgs: ["--health-interval", "60000", "--timeout", "500"] });
     const { cluster, servers } = mesh;
     const client = mesh.client();
-    const direct = cluster.client("client1", [servers[1]!.url], { forwardedBy: "coordinator" });
+    const direct = cluster.client("client1", [servers[1]!.url], { direct: true });
     await direct.readCachedData();
     expect((await direct.readCachedData()).cached).toBe(true);
     cluster.role("server2").signal("SIGSTOP");

@@ -4,8 +4,8 @@ import { readdirSync, readFileSync } from "node:fs";
 import { join } from "node:path";
 import { loadFernetKeys } from "../shared/platform/config.ts";
 import { Fernet } from "../shared/request-path/fernet.ts";
-import { MAX_CONNECTIONS_PER_IDENTITY } from "../shared/platform/peer-tls.ts";
-import { FORWARDER_HEADER, ProofSigner } from "../shared/request-path/proof.ts";
+import { MAX_CONNECTIONS_PER_IDENTITY } from "../shared/platform/runtime/limits.ts";
+import { ProofSigner } from "../shared/request-path/proof.ts";
 import { loadIdentity, mutualTlsClientOptions } from "../shared/platform/tls.ts";
 import { ON_BEHALF_OF_HEADER, prepareLegacyRequest, RsaKeyPair } from "../shared/token-path/token-exchange.ts";
 import { matrixIdentities, runAuthzMatrix, type MatrixResult } from "./authz-matrix.ts";
@@ -41,6 +41,9 @@ export async function runSecurityChecks(t: SecurityTargets, tally: Tally, option
   const pki = cluster.pki;
   const client1 = mutualTlsClientOptions(loadIdentity(pki, "client1"));
   const proxyCert = mutualTlsClientOptions(loadIdentity(pki, "secureproxy"));
+  // A server serves only connections of an identity allowed to forward (#11 L4): malformed input reaches it over
+  // the coordinator's certificate, so it meets the parsing it is meant to test rather than stopping at the 403.
+  const coordinatorCert = mutualTlsClientOptions(loadIdentity(pki, "coordinator"));
   const roles: [string, string, TlsMaterial][] = [
     ["server", t.server, client1], ["coordinator", t.coordinator, client1], ["keyserver", t.stack.keyserver, proxyCert], ["secureproxy", t.stack.secureproxy, client1],
   ];
@@ -58,11 +61,8 @@ export async function runSecurityChecks(t: SecurityTargets, tally: Tally, option
   // ---- HTTP: a clear 4xx JSON error for every malformed request
   const post = (url: string, tls: TlsMaterial, body: string | Uint8Array, type = "application/json", headers: Record<string, string> = {}) =>
     fetch(url, { method: "POST", headers: { "content-type": type, ...headers }, body, tls, signal: AbortSignal.timeout(10_000) });
-  // A server serves only what a forwarder sends (#11 L4): the malformed input comes with the coordinator's assertion,
-  // so it reaches the parsing it is meant to test rather than stopping at the 403.
-  const forwarded = { [FORWARDER_HEADER]: await new ProofSigner(loadIdentity(pki, "coordinator")).forwarderAssertion() };
   const jsonRoutes: [string, string, TlsMaterial, string, Record<string, string>][] = [
-    ["server", `${t.server}/api/data`, client1, JSON.stringify({ data: "x", proof: "y", extra: 1 }), forwarded],
+    ["server", `${t.server}/api/data`, coordinatorCert, JSON.stringify({ data: "x", proof: "y", extra: 1 }), {}],
     ["coordinator", `${t.coordinator}/api/data`, client1, JSON.stringify({ data: "x", proof: "y", extra: 1 }), {}],
     ["keyserver", `${t.stack.keyserver}/`, proxyCert, JSON.stringify({ sessionKey: "a", clientId: "b", tokenType: "c", extra: 1 }), {}],
     ["secureproxy", `${t.stack.secureproxy}/request_api`, client1, JSON.stringify({ ClientId: "a", TokenType: "b", ApiUri: "c", extra: 1 }), {}],

@@ -71,7 +71,7 @@ export const cache: Scenario = {
     cluster.role("server2").signal("SIGCONT");
     await waitUntilInRotation(cluster, coordinator, url(ports.server2));
 
-    const direct = cluster.client("client1", [url(ports.server2)], { forwardedBy: "coordinator" });
+    const direct = cluster.client("client1", [url(ports.server2)], { direct: true });
     const afterPartition = await direct.readCachedData();
     summary.push(`read from server 2 after SIGCONT: ${afterPartition.cached ? "hit" : "miss"}, newest #${afterPartition.snapshot.latest[0]?.id}`);
     expectThat(afterPartition.snapshot.latest.some((r) => r.id === hidden.id), `server 2 served a view without record ${hidden.id}: stale read after partition`);
