@@ -3,7 +3,7 @@ import { X509Certificate, createPrivateKey } from "node:crypto";
 import { existsSync } from "node:fs";
 import { join } from "node:path";
 import { ConfigError } from "./errors.ts";
-import { readPkiFile } from "./config.ts";
+import { readPkiFile, readPrivatePkiFile } from "./config.ts";
 import { assertSafeEnvironment, type Environment } from "./env-guard.ts";
 
 /** The extendedKeyUsage a certificate needs to act as a client. */
@@ -20,10 +20,13 @@ export interface Identity {
   crl?: string;
 }
 
-/** Loads `<name>_cert.pem`, `<name>_key.pem` and the CA from the PKI, checking that the key fits the certificate. */
+/**
+ * Loads `<name>_cert.pem`, `<name>_key.pem` and the CA from the PKI, checking that the key fits the certificate;
+ * a key that group or others can read is refused (ConfigError naming the chmod).
+ */
 export function loadIdentity(dir: string, name: string): Identity {
   const cert = readPkiFile(dir, `${name}_cert.pem`);
-  const key = readPkiFile(dir, `${name}_key.pem`);
+  const key = readPrivatePkiFile(dir, `${name}_key.pem`);
   const ca = readPkiFile(dir, "ca_cert.pem");
   let x509: X509Certificate;
   try {
