@@ -1,11 +1,13 @@
 // Real role processes started in an unsafe setting, on the runtime where it matters: an environment switch that
-// writes secrets out or weakens TLS (L3). Each must stop the role with one line and exit status 2, before it
-// reads a key or opens a port; a role that started anyway is sent one mutual-TLS request, so a key log shows.
+// writes secrets out or weakens TLS (L3), a secret file group or others can read (L4). Each must stop the role
+// with one line and exit status 2, before it opens a port; a role that started anyway is sent one mutual-TLS
+// request, so a key log shows. And the files a role creates come out private (L4), on Bun and on Deno.
 import { afterEach, beforeAll, describe, expect, setDefaultTimeout, test } from "bun:test";
-import { existsSync, mkdtempSync, rmSync, statSync, writeFileSync } from "node:fs";
+import { chmodSync, cpSync, existsSync, mkdtempSync, rmSync, statSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { loadIdentity, mutualTlsClientOptions } from "../shared/platform/tls.ts";
+import { RsaKeyPair } from "../shared/token-path/token-exchange.ts";
 import { testPki } from "../shared/testing/pki.ts";
 import { roleCommand, waitFor } from "../harness/cluster.ts";
 
@@ -39,10 +41,15 @@ interface Outcome {
 
 /**
  * Starts `roles/<role>.ts` on `runtime` with `env` added, in `cwd`, and waits for it to exit or to listen; a role
- * that listens is sent one mutual-TLS request as client1 (so a key log has something to write), then stopped.
+ * that listens is sent one mutual-TLS request as client1 (so a key log has something to write), then
+ * `whileListening` runs, then the role is stopped.
  */
-async function startRole(runtime: "bun" | "deno", role: string, args: string[], env: Record<string, string>, cwd: string): Promise<Outcome> {
-  await using proc = Bun.spawn(roleCommand(runtime, role, args), { env: { ...process.env, NO_COLOR: "1", ...env }, cwd, stdout: "pipe", stderr: "pipe" });
+async function startRole(
+  runtime: "bun" | "deno", role: string, args: string[], env: Record<string, string>, cwd: string, whileListening: () => unknown = () => {},
+): Promise<Outcome> {
+  const inherited = { ...process.env };
+  delete inherited.FERNET_KEY; // the Fernet key must come from the PKI's file here
+  await using proc = Bun.spawn(roleCommand(runtime, role, args), { env: { ...inherited, NO_COLOR: "1", ...env }, cwd, stdout: "pipe", stderr: "pipe" });
   let stdout = "";
   const reading = (async () => {
     for await (const chunk of proc.stdout) stdout += new TextDecoder().decode(chunk);
@@ -54,7 +61,11 @@ async function startRole(runtime: "bun" | "deno", role: string, args: string[], 
   }, 30_000);
   if (port > 0) {
     await fetch(`https://127.0.0.1:${port}/api/cache_stats`, { tls: mutualTlsClientOptions(loadIdentity(pki, "client1")) }).then((r) => r.text()).catch(() => "");
-    proc.kill("SIGTERM");
+    try {
+      await whileListening();
+    } finally {
+      proc.kill("SIGTERM");
+    }
   }
   const exitCode = await proc.exited;
   await reading;
@@ -136,4 +147,59 @@ test("the KeyServer's token commands, which read the master keys, are guarded to
   const [stdout, stderr, exitCode] = await Promise.all([new Response(proc.stdout).text(), new Response(proc.stderr).text(), proc.exited]);
   expect({ exitCode, stdout, roleLines: stderr.split("\n").filter((l) => l.startsWith("keyserver: ")), keyring: existsSync(join(dir, "keyserver", "master_keys.json")) })
     .toEqual({ exitCode: 2, stdout: "", roleLines: [refusalLine("keyserver", "BUN_INSPECT is set: ", "BUN_INSPECT")], keyring: false });
+});
+
+describe.each(["bun", "deno"] as const)("secret files, roles on %s", (runtime) => {
+  /** A copy of the test PKI (modes kept) with `file` loosened to 0644. */
+  function pkiWithLoose(dir: string, file: string): string {
+    const copy = join(dir, "pki");
+    cpSync(pki, copy, { recursive: true });
+    chmodSync(join(copy, file), 0o644);
+    return copy;
+  }
+  const refusal = (role: string, path: string) => `${role}: ${path} is readable by group or others (mode 0644); run chmod 600 ${path}`;
+
+  test("a server whose private key is 0644 exits 2 with one line", async () => {
+    const dir = tempDir("loose-key");
+    const loose = pkiWithLoose(dir, "server_key.pem");
+    const outcome = await startRole(runtime, "server", ["0"], { PKI_DIR: loose, DATABASE_URL: join(dir, "records.db") }, dir);
+    expect(outcome).toEqual({ exitCode: 2, roleLines: [refusal("server", join(loose, "server_key.pem"))], listened: false });
+  });
+
+  test("a server whose Fernet key file is 0644 exits 2 with one line", async () => {
+    const dir = tempDir("loose-fernet");
+    const loose = pkiWithLoose(dir, "encryption_key.txt");
+    const outcome = await startRole(runtime, "server", ["0"], { PKI_DIR: loose, DATABASE_URL: join(dir, "records.db") }, dir);
+    expect(outcome).toEqual({ exitCode: 2, roleLines: [refusal("server", join(loose, "encryption_key.txt"))], listened: false });
+  });
+
+  test("a KeyServer whose RSA key in its data folder is 0644 exits 2 with one line", async () => {
+    const dir = tempDir("loose-rsa");
+    const data = join(dir, "keyserver");
+    await RsaKeyPair.loadOrCreate(join(data, "rsa_key.pem"));
+    chmodSync(join(data, "rsa_key.pem"), 0o644);
+    const outcome = await startRole(runtime, "keyserver", ["0", "--data", data], { PKI_DIR: pki }, dir);
+    expect(outcome).toEqual({ exitCode: 2, roleLines: [refusal("keyserver", join(data, "rsa_key.pem"))], listened: false });
+  });
+
+  test("what a KeyServer and a server create is 0600, in folders 0700", async () => {
+    const dir = tempDir("created");
+    const modes = (base: string, files: string[]) => Object.fromEntries(files.map((f) => [f, existsSync(join(base, f)) ? (statSync(join(base, f)).mode & 0o777).toString(8) : "missing"]));
+    let keyserverFiles: Record<string, string> = {};
+    let serverFiles: Record<string, string> = {};
+    const keyserver = await startRole(runtime, "keyserver", ["0", "--data", join(dir, "fresh", "keyserver"), "--ecdh-es"], { PKI_DIR: pki }, dir, () => {
+      keyserverFiles = modes(dir, ["fresh", "fresh/keyserver", ...["master_keys.json", "rsa_key.pem", "ecdh_key.pem", "tokens.db", "tokens.db-wal", "tokens.db-shm"].map((f) => `fresh/keyserver/${f}`)]);
+    });
+    const server = await startRole(runtime, "server", ["0"], { PKI_DIR: pki, DATABASE_URL: join(dir, "db", "records.db") }, dir, () => {
+      serverFiles = modes(dir, ["db", "db/records.db", "db/records.db-wal", "db/records.db-shm"]);
+    });
+    expect({ keyserver: keyserver.listened, server: server.listened, keyserverFiles, serverFiles }).toEqual({
+      keyserver: true, server: true,
+      keyserverFiles: {
+        "fresh": "700", "fresh/keyserver": "700", "fresh/keyserver/master_keys.json": "600", "fresh/keyserver/rsa_key.pem": "600",
+        "fresh/keyserver/ecdh_key.pem": "600", "fresh/keyserver/tokens.db": "600", "fresh/keyserver/tokens.db-wal": "600", "fresh/keyserver/tokens.db-shm": "600",
+      },
+      serverFiles: { "db": "700", "db/records.db": "600", "db/records.db-wal": "600", "db/records.db-shm": "600" },
+    });
+  });
 });
