@@ -29,7 +29,7 @@ const CASES: [name: string, value: string, expected: unknown][] = [
   ["NODE_TLS_REJECT_UNAUTHORIZED", "0", "NODE_TLS_REJECT_UNAUTHORIZED=0 is set: it turns certificate checks off (Bun: fetch and node:https, and client certificates on a server, oven-sh/bun#35240; Deno: node:https, without a warning), so this role will not start; unset NODE_TLS_REJECT_UNAUTHORIZED"],
   ["NODE_TLS_REJECT_UNAUTHORIZED", "false", "NODE_TLS_REJECT_UNAUTHORIZED=false is set: it asks for certificate checks to be turned off (only 1 keeps them), so this role will not start; unset NODE_TLS_REJECT_UNAUTHORIZED"],
   ["NODE_TLS_REJECT_UNAUTHORIZED", "1", "accepted"],
-  ["SSLKEYLOGFILE", "/tmp/keys.log", "SSLKEYLOGFILE is set: Deno writes every TLS session's secrets (fetch and node:tls, client and server) to that file, mode 0644, and reads it before any of our code runs; Bun 1.4.5 ignores it, so this role will not start; unset SSLKEYLOGFILE"],
+  ["SSLKEYLOGFILE", "/tmp/keys.log", "SSLKEYLOGFILE is set: Deno writes the secrets of every TLS connection a role opens to that file, mode 0644 (Bun 1.4.5 ignores it), so this role will not start; unset SSLKEYLOGFILE"],
   ["BUN_CONFIG_VERBOSE_FETCH", "curl", "BUN_CONFIG_VERBOSE_FETCH=curl is set: Bun logs every outgoing request before our code runs: curl prints the Authorization header in clear, 1 and true every other header (sender proofs, forwarder assertions), so this role will not start; unset BUN_CONFIG_VERBOSE_FETCH"],
   ["BUN_CONFIG_VERBOSE_FETCH", "1", refusal("BUN_CONFIG_VERBOSE_FETCH=1", "BUN_CONFIG_VERBOSE_FETCH")],
   ["BUN_CONFIG_VERBOSE_FETCH", "true", refusal("BUN_CONFIG_VERBOSE_FETCH=true", "BUN_CONFIG_VERBOSE_FETCH")],

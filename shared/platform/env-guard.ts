@@ -71,8 +71,9 @@ export const ENVIRONMENT_SWITCHES: readonly EnvironmentSwitch[] = [
     unsafe: (value) => (value === "1" ? false : value === "0" ? true : "it asks for certificate checks to be turned off (only 1 keeps them)"),
   },
   {
+    // Refused, not cleared: Deno opens the file as it starts, before any of our code (measured with `deno eval 1`).
     name: "SSLKEYLOGFILE", runtimes: "deno", action: "refuse",
-    does: "Deno writes every TLS session's secrets (fetch and node:tls, client and server) to that file, mode 0644, and reads it before any of our code runs; Bun 1.4.5 ignores it",
+    does: "Deno writes the secrets of every TLS connection a role opens to that file, mode 0644 (Bun 1.4.5 ignores it)",
   },
   {
     name: "BUN_CONFIG_VERBOSE_FETCH", runtimes: "bun", action: "refuse", showValue: true,
@@ -130,6 +131,7 @@ export const REVIEWED: readonly { name: string; value: string; why: string }[] =
   { name: "SSL_CERT_DIR", value: "/etc/ssl/certs", why: "no effect measured on either runtime" },
   { name: "NODE_USE_SYSTEM_CA", value: "1", why: "the default store of node:https only (Deno); pinned hops unchanged" },
   { name: "HTTPS_PROXY", value: "http://127.0.0.1:3128", why: "fetch tunnels through it with CONNECT; the pinned CA and client certificate still hold end to end (measured)" },
+  { name: "NODE_USE_ENV_PROXY", value: "1", why: "Deno's node:https then tunnels through HTTPS_PROXY too; the checks hold end to end (measured)" },
   { name: "OPENSSL_CONF", value: "/etc/ssl/openssl.cnf", why: "neither runtime reads it (a broken file changed nothing)" },
   { name: "OTEL_DENO", value: "true", why: "exports spans, metrics and the role's own log lines, no request headers (measured against a collector)" },
   { name: "BUN_INSPECT_NOTIFY", value: "unix:///tmp/x.sock", why: "acts only with BUN_INSPECT, refused; alone nothing listens or connects" },
