@@ -246,9 +246,9 @@ async function main(): Promise<void> {
   const logger = createLogger("keyserver");
   let config: KeyserverConfig;
   try {
+    assertSafeTlsEnvironment(); // the token commands read the master keys too
     config = parseKeyserverConfig(process.argv.slice(2));
     if (config.command !== "serve") return await admin(config);
-    assertSafeTlsEnvironment();
   } catch (error) {
     exitWithConfigError("keyserver", error);
   }

@@ -70,10 +70,72 @@ describe("policy format", () => {
     expect(bad({ rule: [] })).toBe('policy must be a JSON object with a "rules" array');
     expect(bad({ rules: [], extra: 1 })).toBe('unknown top-level key "extra" (expected "rules", "comment")');
     expect(bad({ rules: [{ identity: "client1", allow: [] }] })).toStartWith("rules[0].identity must be a SPIFFE ID");
-    expect(bad({ rules: [{ identity: "spiffe://securemesh/*/x", allow: [] }] })).toStartWith("rules[0].identity must be a SPIFFE ID");
+    expect(bad({ rules: [{ identity: "spiffe://securemesh/*/x", allow: [] }] })).toBe(STAR_IN_IDENTITY(0));
     expect(bad({ rules: [{ identity: client1, allow: ["records.delete"] }] })).toStartWith('rules[0]: unknown action "records.delete"');
     expect(bad({ rules: [{ identity: client1, allow: "records.write" }] })).toBe("rules[0].allow must be an array of strings");
     expect(bad({ rules: [{ identity: client1, allow: [], deny: [] }] })).toBe('rules[0] has an unknown key "deny"');
+  });
+});
+
+const STAR_IN_IDENTITY = (i: number) => `rules[${i}].identity: "*" only as a whole last segment, e.g. spiffe://securemesh/client/*`;
+const STAR_IN_RESOURCE = (i: number, j: number) => `rules[${i}].allow[${j}]: "*" only as a whole last segment or the whole resource, e.g. proxy.use:client1/* or proxy.use:*`;
+
+describe("a * is a whole last path segment, never part of a name", () => {
+  const refusal = (rules: unknown[]) => {
+    try {
+      parsePolicy(JSON.stringify({ rules }));
+      return "accepted";
+    } catch (error) {
+      expect(error).toBeInstanceOf(PolicyInvalid);
+      return (error as Error).message;
+    }
+  };
+
+  test("an identity with * inside a name is refused at parse time with its place", () => {
+    const rules = (identity: string) => [{ identity: client2, allow: [] }, { identity: coordinator, allow: ["forward"] }, { identity, allow: ["records.write"] }];
+    expect(["client/client1*", "client/clie*t1", "client*", "client/**", "*/client1", "client/*/x"].map((tail) => refusal(rules(`spiffe://securemesh/${tail}`)))).toEqual(Array(6).fill(STAR_IN_IDENTITY(2)));
+    expect(["client/*", "*"].map((tail) => refusal(rules(`spiffe://securemesh/${tail}`)))).toEqual(["accepted", "accepted"]);
+  });
+
+  test("a resource with * inside a name is refused; * after / or as the whole resource is accepted", () => {
+    const rules = (permission: string) => [{ identity: client1, allow: ["records.write", permission] }];
+    expect(["proxy.use:client1*", "proxy.use:client1/market*", "proxy.use:*/marketplace", "proxy.use:client1/*/x", "proxy.use:**", "view.read:a*"].map((p) => refusal(rules(p))))
+      .toEqual(Array(6).fill(STAR_IN_RESOURCE(0, 1)));
+    expect(["proxy.use:client1/*", "proxy.use:*", "view.read:*", "proxy.use:client1/marketplace"].map((p) => refusal(rules(p)))).toEqual(Array(4).fill("accepted"));
+  });
+
+  test("client/* grants client10, but client/client1 and a client1/* resource do not reach client10", () => {
+    const policy = parsePolicy(JSON.stringify({
+      rules: [
+        { identity: "spiffe://securemesh/client/*", allow: ["view.read:own"] },
+        { identity: client1, allow: ["proxy.use:client1/*"] },
+        { identity: "spiffe://securemesh/coordinator/*", allow: ["forward"] },
+      ],
+    }));
+    const client10 = "spiffe://securemesh/client/client10";
+    expect({
+      client10ReadsOwn: decide(policy, client10, "view.read", "own").allow,
+      client10UsesClient1: decide(policy, client10, "proxy.use", "client1/marketplace").allow,
+      client1UsesClient1: decide(policy, client1, "proxy.use", "client1/marketplace").allow,
+      client1UsesClient10: decide(policy, client1, "proxy.use", "client10/marketplace").allow,
+      client1UsesBareClient1: decide(policy, client1, "proxy.use", "client1").allow,
+      coordinatorsPrefixOnly: decide(policy, "spiffe://securemesh/coordinator2/x", "forward").allow,
+      emptyLastSegment: decide(policy, "spiffe://securemesh/client/", "view.read", "own").allow,
+    }).toEqual({
+      client10ReadsOwn: true,
+      client10UsesClient1: false,
+      client1UsesClient1: true,
+      client1UsesClient10: false,
+      client1UsesBareClient1: false,
+      coordinatorsPrefixOnly: false,
+      emptyLastSegment: false,
+    });
+  });
+
+  test("the policies the repository and its tests write still parse", () => {
+    const wide = { identity: client1, allow: ["proxy.use:*"] };
+    expect(() => parsePolicy(readFileSync(policyPath(), "utf8"))).not.toThrow();
+    expect(() => parsePolicy(JSON.stringify({ rules: [wide, { identity: secureproxy, allow: ["tokens.fetch"] }] }))).not.toThrow();
   });
 });
 

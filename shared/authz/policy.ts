@@ -16,7 +16,7 @@ export const ACTIONS = ["records.write", "view.read", "cache.invalidate", "cache
 export type Action = (typeof ACTIONS)[number];
 
 export interface Rule {
-  /** A SPIFFE ID, or a prefix ending in "*" (spiffe://securemesh/client/*). */
+  /** A SPIFFE ID, or one ending in a whole "*" segment (spiffe://securemesh/client/*). */
   identity: string;
   allow: string[];
 }
@@ -51,6 +51,17 @@ export class PermissionDenied extends MeshError {
 const RESOURCE = /^[A-Za-z0-9_.*/-]{1,128}$/;
 const IDENTITY = /^spiffe:\/\/[A-Za-z0-9._-]+\/[A-Za-z0-9_/*-]+$/;
 
+/**
+ * A "*" stands for whole path segments only: the last one, right after "/" (or the whole resource). Inside a
+ * name it had no boundary: `client/client1*` granted client10 and `proxy.use:client1*` client10's tokens.
+ */
+function starIsWholeLastSegment(pattern: string, wholeAllowed: boolean): boolean {
+  const star = pattern.indexOf("*");
+  if (star === -1) return true;
+  if (star !== pattern.length - 1) return false;
+  return pattern.length === 1 ? wholeAllowed : pattern[star - 1] === "/";
+}
+
 /** Checks a parsed policy file; every mistake is named with its place, so a bad edit says what to fix. */
 export function parsePolicy(text: string): Policy {
   let raw: unknown;
@@ -70,16 +81,22 @@ export function parsePolicy(text: string): Policy {
     const { identity, allow, ...extra } = rule as Record<string, unknown>;
     const unknownKey = Object.keys(extra).find((k) => k !== "comment");
     if (unknownKey) throw new PolicyInvalid(`${where} has an unknown key ${JSON.stringify(unknownKey.slice(0, 32))}`);
-    if (typeof identity !== "string" || !IDENTITY.test(identity) || (identity.includes("*") && identity.indexOf("*") !== identity.length - 1)) {
-      throw new PolicyInvalid(`${where}.identity must be a SPIFFE ID such as spiffe://securemesh/client/client1, "*" only at the end`);
+    if (typeof identity !== "string" || !IDENTITY.test(identity)) {
+      throw new PolicyInvalid(`${where}.identity must be a SPIFFE ID such as spiffe://securemesh/client/client1, "*" only as a whole last segment`);
+    }
+    if (!starIsWholeLastSegment(identity, false)) {
+      throw new PolicyInvalid(`${where}.identity: "*" only as a whole last segment, e.g. spiffe://securemesh/client/*`);
     }
     if (!Array.isArray(allow) || allow.some((p) => typeof p !== "string")) throw new PolicyInvalid(`${where}.allow must be an array of strings`);
-    for (const permission of allow as string[]) {
+    for (const [j, permission] of (allow as string[]).entries()) {
       const [action, resource] = splitPermission(permission);
       if (!(ACTIONS as readonly string[]).includes(action)) {
         throw new PolicyInvalid(`${where}: unknown action ${JSON.stringify(action.slice(0, 32))} (known: ${ACTIONS.join(", ")})`);
       }
       if (resource !== "" && !RESOURCE.test(resource)) throw new PolicyInvalid(`${where}: bad resource in ${JSON.stringify(permission.slice(0, 64))}`);
+      if (!starIsWholeLastSegment(resource, true)) {
+        throw new PolicyInvalid(`${where}.allow[${j}]: "*" only as a whole last segment or the whole resource, e.g. proxy.use:client1/* or proxy.use:*`);
+      }
     }
     return { identity, allow: allow as string[] };
   });
@@ -91,9 +108,15 @@ function splitPermission(permission: string): [string, string] {
   return colon === -1 ? [permission, ""] : [permission.slice(0, colon), permission.slice(colon + 1)];
 }
 
-/** "*" at the end matches any rest; otherwise the whole string must match. */
+/**
+ * A pattern ending in "*" (after "/", or "*" alone: parsePolicy allows no other) matches one or more further
+ * characters after its prefix, so `client/*` matches `client/client10` but not `client/`; otherwise the whole
+ * string must match.
+ */
 function matches(pattern: string, value: string): boolean {
-  return pattern.endsWith("*") ? value.startsWith(pattern.slice(0, -1)) : pattern === value;
+  if (!pattern.endsWith("*")) return pattern === value;
+  const prefix = pattern.slice(0, -1);
+  return value.startsWith(prefix) && (prefix === "" || value.length > prefix.length);
 }
 
 /**

@@ -1,6 +1,6 @@
 import { describe, expect, test } from "bun:test";
 import { spawn } from "node:child_process";
-import { mkdtempSync } from "node:fs";
+import { mkdtempSync, statSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { DatabaseSync } from "node:sqlite";
@@ -111,6 +111,22 @@ describe("openSqlite", () => {
     expect(db.prepare("PRAGMA busy_timeout").get()).toEqual({ timeout: 5000 });
     expect(db.prepare("SELECT COUNT(*) AS n FROM t").get()).toEqual({ n: 0 });
     db.close();
+  });
+
+  test("a file it creates is 0600 and so are its -wal and -shm, in a new folder 0700, even under umask 000", async () => {
+    const path = join(mkdtempSync(join(tmpdir(), "securemesh-db-")), "new", "records.db");
+    const before = process.umask(0o000);
+    let db: DatabaseSync;
+    try {
+      db = await openSqlite(path, { what: "test store", createSchema: createTable });
+    } finally {
+      process.umask(before);
+    }
+    db.prepare("INSERT INTO t (u) VALUES ('x')").run();
+    // SQLite gives the journal files the database file's mode (measured on Bun and Deno), so creating that 0600 is enough.
+    const modes = Object.fromEntries(["new", "new/records.db", "new/records.db-wal", "new/records.db-shm"].map((p) => [p, statSync(join(path, "..", "..", p)).mode & 0o777]));
+    db.close();
+    expect(modes).toEqual({ "new": 0o700, "new/records.db": 0o600, "new/records.db-wal": 0o600, "new/records.db-shm": 0o600 });
   });
 
   test("processes racing to create one file all open it", async () => {

@@ -1,8 +1,9 @@
 // node:sqlite plumbing for both runtimes: open a shared file safely, IMMEDIATE transactions, and what an error means.
-import { mkdirSync } from "node:fs";
+import { closeSync, openSync } from "node:fs";
 import { dirname } from "node:path";
 import { DatabaseSync, type StatementSync } from "node:sqlite";
 import { setTimeout as sleep } from "node:timers/promises";
+import { ensurePrivateDir } from "../platform/private-files.ts";
 import { describeDatabaseUrl, unavailable } from "./database.ts";
 
 /** What a failed statement means to a store: a UNIQUE or PRIMARY KEY clash, a lock held too long, or anything else. */
@@ -71,11 +72,18 @@ const OPEN_ATTEMPTS = 50;
 
 /**
  * Opens (creating if needed) a sqlite file several processes share, in WAL mode with FULL sync, and creates the
- * schema. Throws Unavailable, naming the file, if that fails.
+ * schema. Throws Unavailable, naming the file, if that fails. A file it creates is 0600, in folders it creates
+ * 0700; a file that exists keeps its mode.
  */
 export async function openSqlite(path: string, { what, createSchema }: OpenSqliteOptions): Promise<DatabaseSync> {
   try {
-    if (path !== ":memory:") mkdirSync(dirname(path), { recursive: true });
+    if (path !== ":memory:") {
+      ensurePrivateDir(dirname(path));
+      // Created 0600 before SQLite opens it: SQLite would make it 0644 (umask 022), and it gives the -wal and
+      // -shm files the database file's mode (measured on Bun and Deno). O_CREAT without O_EXCL: servers starting
+      // together may all do this, and none truncates what another wrote.
+      closeSync(openSync(path, "a", 0o600));
+    }
   } catch (error) {
     throw unavailable(what, error, describeDatabaseUrl(path));
   }

@@ -1,11 +1,12 @@
 // Command-line and environment configuration shared by every role: flags, --help, one-line errors, PKI paths.
 import { readFileSync } from "node:fs";
-import { dirname, isAbsolute, join, relative, resolve } from "node:path";
+import { join, resolve } from "node:path";
 import { parseArgs } from "node:util";
 import { ConfigError } from "./errors.ts";
+import { REPO_ROOT } from "./paths.ts";
+import { readPrivateFile } from "./private-files.ts";
 
-/** The repository root, so roles find certs/ and data/ wherever they are started from. */
-export const REPO_ROOT = resolve(dirname(new URL(import.meta.url).pathname), "..", "..");
+export { displayPath, REPO_ROOT } from "./paths.ts";
 
 export type FlagSpec = Record<string, { type: "string" | "boolean"; short?: string; multiple?: boolean }>;
 
@@ -70,10 +71,22 @@ export function pkiDir(flag?: string): string {
 
 /** Reads a file the PKI should hold, turning a missing or unreadable file into a one-line fix. */
 export function readPkiFile(dir: string, file: string): string {
-  const path = join(dir, file);
+  return readPkiPath(join(dir, file), (path) => readFileSync(path, "utf8"));
+}
+
+/**
+ * Reads a secret the PKI holds (a private key, the Fernet key) as readPkiFile does, and refuses it when group or
+ * others can read it: `certs/server_key.pem is readable by group or others (mode 0644); run chmod 600 …`.
+ */
+export function readPrivatePkiFile(dir: string, file: string): string {
+  return readPkiPath(join(dir, file), readPrivateFile);
+}
+
+function readPkiPath(path: string, read: (path: string) => string): string {
   try {
-    return readFileSync(path, "utf8");
+    return read(path);
   } catch (error) {
+    if (error instanceof ConfigError) throw error;
     const code = (error as NodeJS.ErrnoException).code;
     if (code === "ENOENT") throw new ConfigError(`missing ${path}: run ./pki.sh (or set PKI_DIR)`);
     if (code === "EACCES") throw new ConfigError(`cannot read ${path}: permission denied`);
@@ -81,9 +94,9 @@ export function readPkiFile(dir: string, file: string): string {
   }
 }
 
-/** The Fernet keys: $FERNET_KEY, else encryption_key.txt in the PKI; one key per line, newest first. */
+/** The Fernet keys: $FERNET_KEY, else encryption_key.txt in the PKI (0600); one key per line, newest first. */
 export function loadFernetKeys(dir: string): string[] {
-  const text = process.env.FERNET_KEY ?? readPkiFile(dir, "encryption_key.txt");
+  const text = process.env.FERNET_KEY ?? readPrivatePkiFile(dir, "encryption_key.txt");
   const keys = text.split(/[\s,]+/).filter(Boolean);
   if (keys.length === 0) throw new ConfigError(`no Fernet key in ${join(dir, "encryption_key.txt")}: run ./pki.sh`);
   return keys;
@@ -97,12 +110,6 @@ export function exitOnSignals(cleanup: () => Promise<unknown> | unknown): void {
   };
   process.once("SIGTERM", stop);
   process.once("SIGINT", stop);
-}
-
-/** A path for a log line or a doc: relative to the repository when inside it, so no machine's layout leaks. */
-export function displayPath(path: string): string {
-  const inside = relative(REPO_ROOT, path);
-  return inside && !inside.startsWith("..") && !isAbsolute(inside) ? inside : path;
 }
 
 /** The authorization policy: --policy, then $SECUREMESH_POLICY, then roles/policy.json in the repository. */

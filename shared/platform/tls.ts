@@ -3,7 +3,8 @@ import { X509Certificate, createPrivateKey } from "node:crypto";
 import { existsSync } from "node:fs";
 import { join } from "node:path";
 import { ConfigError } from "./errors.ts";
-import { readPkiFile } from "./config.ts";
+import { readPkiFile, readPrivatePkiFile } from "./config.ts";
+import { assertSafeEnvironment, type Environment } from "./env-guard.ts";
 
 /** The extendedKeyUsage a certificate needs to act as a client. */
 export const CLIENT_AUTH_OID = "1.3.6.1.5.5.7.3.2";
@@ -19,10 +20,13 @@ export interface Identity {
   crl?: string;
 }
 
-/** Loads `<name>_cert.pem`, `<name>_key.pem` and the CA from the PKI, checking that the key fits the certificate. */
+/**
+ * Loads `<name>_cert.pem`, `<name>_key.pem` and the CA from the PKI, checking that the key fits the certificate;
+ * a key that group or others can read is refused (ConfigError naming the chmod).
+ */
 export function loadIdentity(dir: string, name: string): Identity {
   const cert = readPkiFile(dir, `${name}_cert.pem`);
-  const key = readPkiFile(dir, `${name}_key.pem`);
+  const key = readPrivatePkiFile(dir, `${name}_key.pem`);
   const ca = readPkiFile(dir, "ca_cert.pem");
   let x509: X509Certificate;
   try {
@@ -40,15 +44,12 @@ export function loadIdentity(dir: string, name: string): Identity {
 }
 
 /**
- * Refuses to run where the environment would weaken TLS: with NODE_TLS_REJECT_UNAUTHORIZED=0, Bun has been seen
- * to stop enforcing client certificates on a server (oven-sh/bun#35240), so a role stops rather than run open.
+ * Refuses to run where the environment would write secrets out or weaken TLS (NODE_TLS_REJECT_UNAUTHORIZED=0,
+ * SSLKEYLOGFILE, BUN_CONFIG_VERBOSE_FETCH, debugger switches…): the table is in env-guard.ts. Every role calls it
+ * first; it throws ConfigError, which the role prints as one line before exiting with status 2.
  */
-export function assertSafeTlsEnvironment(): void {
-  if (process.env.NODE_TLS_REJECT_UNAUTHORIZED === "0") {
-    throw new ConfigError(
-      "NODE_TLS_REJECT_UNAUTHORIZED=0 is set; it can switch off client-certificate checks (oven-sh/bun#35240), so this role will not start: unset it",
-    );
-  }
+export function assertSafeTlsEnvironment(env: Environment = process.env): void {
+  assertSafeEnvironment(env);
 }
 
 /**

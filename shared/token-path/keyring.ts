@@ -1,8 +1,9 @@
 // Master keys for secrets at rest: AES-256-GCM, versioned for rotation, kept in a 0600 file outside the database.
 import { createCipheriv, createDecipheriv, randomBytes } from "node:crypto";
-import { chmodSync, existsSync, mkdirSync, readFileSync, renameSync, statSync, writeFileSync } from "node:fs";
+import { chmodSync, existsSync, renameSync, writeFileSync } from "node:fs";
 import { dirname } from "node:path";
 import { ConfigError, MeshError } from "../platform/errors.ts";
+import { ensurePrivateDir, readPrivateFile } from "../platform/private-files.ts";
 
 export interface Sealed {
   /** base64 of ciphertext ‖ 16-byte GCM tag */
@@ -33,10 +34,10 @@ export class MasterKeyring {
     this.#file = file;
   }
 
-  /** Loads the keyring, creating version 1 on first use; refuses a file others can read. */
+  /** Loads the keyring, creating version 1 (0600, in a 0700 folder) on first use; refuses a file others can read. */
   static open(path: string): MasterKeyring {
     if (!existsSync(path)) {
-      mkdirSync(dirname(path), { recursive: true, mode: 0o700 });
+      ensurePrivateDir(dirname(path));
       const keyring = new MasterKeyring(path, { current: 1, keys: { "1": randomBytes(32).toString("base64") } });
       keyring.#save();
       return keyring;
@@ -45,16 +46,16 @@ export class MasterKeyring {
   }
 
   static #read(path: string): KeyringFile {
-    let mode: number;
+    let text: string;
     try {
-      mode = statSync(path).mode & 0o777;
+      text = readPrivateFile(path); // a ConfigError with the chmod when group or others can read it
     } catch (error) {
+      if (error instanceof ConfigError) throw error;
       throw new ConfigError(`cannot read ${path}: ${(error as NodeJS.ErrnoException).code ?? "unreadable"}`);
     }
-    if (mode & 0o077) throw new ConfigError(`${path} is readable by others (mode ${mode.toString(8)}): chmod 600 it`);
     let file: KeyringFile;
     try {
-      file = JSON.parse(readFileSync(path, "utf8")) as KeyringFile;
+      file = JSON.parse(text) as KeyringFile;
     } catch {
       throw new ConfigError(`${path} is not a securemesh master keyring`);
     }

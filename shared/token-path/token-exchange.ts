@@ -2,10 +2,11 @@
 // the token back under that session key. Two wire formats: the original's (RSA-OAEP-SHA256 + AES-256-CBC) and JOSE
 // (RSA-OAEP-256 + A256GCM, or, opt-in, ECDH-ES with X25519), every JWE made and opened by jose.
 import { createCipheriv, createDecipheriv, createPrivateKey, createPublicKey, generateKeyPairSync, randomBytes, type KeyObject } from "node:crypto";
-import { chmodSync, existsSync, mkdirSync, readFileSync, writeFileSync } from "node:fs";
+import { existsSync } from "node:fs";
 import { dirname } from "node:path";
 import { calculateJwkThumbprint, CompactEncrypt, compactDecrypt, exportJWK, type DecryptOptions, type JWK } from "jose";
 import { BadRequest, ConfigError, MeshError } from "../platform/errors.ts";
+import { createPrivateFile, ensurePrivateDir, readPrivateFile } from "../platform/private-files.ts";
 
 /** Every decryption failure, whatever its cause, is this one error: no padding or format oracle. */
 export class DecryptFailed extends MeshError {
@@ -24,14 +25,17 @@ export interface TokenRequest {
 
 const OAEP = { name: "RSA-OAEP" } as const;
 
-/** The private key in `path`, made by `generate` and stored 0600 the first time, reused across restarts. */
+/**
+ * The private key in `path`, made by `generate` and created 0600 (in a 0700 folder) the first time, reused across
+ * restarts. One that group or others can read is refused (ConfigError with the chmod), not quietly tightened:
+ * it may have been copied already.
+ */
 function loadOrCreatePrivateKey(path: string, generate: () => KeyObject): KeyObject {
   if (!existsSync(path)) {
-    mkdirSync(dirname(path), { recursive: true });
-    writeFileSync(path, generate().export({ type: "pkcs8", format: "pem" }), { mode: 0o600 });
+    ensurePrivateDir(dirname(path));
+    createPrivateFile(path, generate().export({ type: "pkcs8", format: "pem" }) as string); // false: another process made it first
   }
-  chmodSync(path, 0o600);
-  return createPrivateKey(readFileSync(path, "utf8"));
+  return createPrivateKey(readPrivateFile(path));
 }
 
 /** A public key as the JWKS publishes it: with its thumbprint as kid, for encryption with `alg` only. */
