@@ -38,6 +38,8 @@ Options:
   --policy FILE          authorization policy (default $SECUREMESH_POLICY, else roles/policy.json)
   --host HOST            address to bind (default 127.0.0.1)
   --pki DIR              PKI folder from pki.sh (default $PKI_DIR, else certs/)
+  --no-crl               run without revocation: crl.pem is not read, no certificate is refused as revoked
+                         (a warning at start says so); without it, no valid crl.pem stops the role
   -h, --help             show this help
 `;
 
@@ -52,6 +54,8 @@ export interface ProxyConfig {
   apiCa: string | undefined;
   timeoutMs: number;
   pki: string;
+  /** --no-crl: no revocation at all (#18). */
+  noCrl: boolean;
   policy: string;
 }
 
@@ -71,7 +75,7 @@ export function parseProxyConfig(argv: string[]): ProxyConfig {
   const { values, positionals } = parseFlags("secureproxy", USAGE, {
     keyserver: { type: "string" }, allow: { type: "string", multiple: true }, format: { type: "string" },
     "api-ca": { type: "string" }, timeout: { type: "string" }, host: { type: "string" }, pki: { type: "string" },
-    policy: { type: "string" },
+    policy: { type: "string" }, "no-crl": { type: "boolean" },
   }, argv);
   const format = values.format ?? "jose";
   if (format !== "jose" && format !== "legacy") throw new ConfigError("--format must be jose or legacy");
@@ -84,6 +88,7 @@ export function parseProxyConfig(argv: string[]): ProxyConfig {
     apiCa: values["api-ca"] ? readPkiFile(dirname(resolve(values["api-ca"])), basename(values["api-ca"])) : undefined,
     timeoutMs: parsePositive(values.timeout, "--timeout", 5000),
     pki: pkiDir(values.pki),
+    noCrl: values["no-crl"] ?? false,
     policy: policyPath(values.policy),
   };
 }
@@ -256,7 +261,7 @@ async function main(): Promise<void> {
   try {
     assertSafeTlsEnvironment();
     config = parseProxyConfig(process.argv.slice(2));
-    trust = TrustMaterial.open(config.pki, "secureproxy");
+    trust = TrustMaterial.open(config.pki, "secureproxy", { noCrl: config.noCrl });
     deps = {
       keyserver: config.keyserver, allow: config.allow, format: config.format, timeoutMs: config.timeoutMs, logger, metrics,
       tls: outboundTls(trust.identity, config.apiCa, isRevoked), authz: new Authorizer(config.policy, logger, metrics),
