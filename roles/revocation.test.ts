@@ -1,6 +1,6 @@
 // #18 M2 as real processes, on Bun and on Deno: a KeyServer and a SecureProxy keep refusing a revoked client while
 // crl.pem is moved aside and after an older CRL is put back; no usable crl.pem stops a role; --no-crl runs without.
-import { describe, expect, setDefaultTimeout, test } from "bun:test";
+import { afterAll, describe, expect, setDefaultTimeout, test } from "bun:test";
 import { mkdtempSync, renameSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
@@ -12,6 +12,15 @@ import { CRL_FIX } from "../shared/authz/crl-file.ts";
 setDefaultTimeout(120_000); // two roles per runtime; Deno starts slowly on a shared two-core machine
 
 const RUNTIMES = ["bun", "deno"] as const;
+
+/** PKIs and data folders this file made, removed when it is done (the roles' logs stay, as the harness keeps them). */
+const temporary: string[] = [];
+afterAll(() => temporary.forEach((dir) => rmSync(dir, { recursive: true, force: true })));
+const folder = (label: string) => {
+  const dir = mkdtempSync(join(tmpdir(), `securemesh-revocation-${label}-`));
+  temporary.push(dir);
+  return dir;
+};
 
 /** What a caller gets from GET /health: the status, or "refused" when the handshake or the request was refused. */
 async function healthAs(url: string, pki: string, name: string): Promise<string> {
@@ -33,7 +42,7 @@ function putCrl(dir: string, pem: string): void {
 
 /** The KeyServer (its token store in a folder of its own) and a SecureProxy in front of it, on `cluster`. */
 async function startRoles(cluster: Cluster, extra: string[] = []): Promise<Record<"keyserver" | "secureproxy", string>> {
-  const data = mkdtempSync(join(tmpdir(), "securemesh-revocation-"));
+  const data = folder("data");
   const keyserver = await cluster.startRole("keyserver", "keyserver", ["0", "--data", join(data, "keyserver"), "--db", join(data, "tokens.db"), ...extra]);
   const secureproxy = await cluster.startRole("secureproxy", "secureproxy", ["0", "--keyserver", keyserver, ...extra]);
   return { keyserver, secureproxy };
@@ -51,6 +60,7 @@ for (const runtime of RUNTIMES) {
   describe(`M2 on ${runtime}`, () => {
     test("a revoked client stays refused while crl.pem is moved aside, and after an older CRL is put back", async () => {
       const { dir, crlBefore, crlAfter } = await revocationPki(`m2-${runtime}`); // x revoked on crlAfter; crlBefore is older
+      temporary.push(dir);
       await using cluster = await temporaryCluster({ label: `revocation-${runtime}`, pki: dir, runtime });
       const urls = await startRoles(cluster);
       const seen = async () => Object.fromEntries(await Promise.all(Object.entries(urls).map(async ([name, url]) =>
@@ -77,13 +87,13 @@ for (const runtime of RUNTIMES) {
       putCrl(dir, crlAfter);
       await reloaded(cluster, since, /^TLS material reloaded: 1 revoked/);
       expect({ phase: "current CRL back", seen: await seen() }).toEqual({ phase: "current CRL back", seen: expected });
-      rmSync(join(dir, "crl.pem.aside"), { force: true });
     });
 
     test("no crl.pem: the role will not start (one line naming the file and the fix); --no-crl starts it without revocation", async () => {
       const { dir } = await revocationPki(`start-${runtime}`);
+      temporary.push(dir);
       rmSync(join(dir, "crl.pem"));
-      const data = mkdtempSync(join(tmpdir(), "securemesh-revocation-"));
+      const data = folder("data");
       const args = ["0", "--data", join(data, "keyserver"), "--db", join(data, "tokens.db")];
       // Bounded: a role that starts after all (as on main) is killed, and the exit code below says so.
       await using refused = Bun.spawn(roleCommand(runtime, "keyserver", args), {

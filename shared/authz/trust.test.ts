@@ -1,6 +1,6 @@
 // TrustMaterial's CRL rules (#18 M2) against real PKIs from pki.sh: what a role refuses to start with, what a reload
 // keeps in force, --no-crl, and the stale report. Reloads are called directly; the file poll is watch.ts's.
-import { afterEach, beforeAll, beforeEach, describe, expect, setDefaultTimeout, test } from "bun:test";
+import { afterAll, afterEach, beforeAll, beforeEach, describe, expect, setDefaultTimeout, test } from "bun:test";
 import { X509Certificate } from "node:crypto";
 import { copyFileSync, cpSync, mkdirSync, mkdtempSync, readFileSync, renameSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
@@ -34,9 +34,14 @@ const putCrl = (dir: string, pem: string) => {
   renameSync(join(dir, "crl.pem.tmp"), join(dir, "crl.pem"));
 };
 
+/** Folders this file made, removed when it is done. */
+const temporary: string[] = [];
+afterAll(() => temporary.forEach((dir) => rmSync(dir, { recursive: true, force: true })));
+
 /** A copy of `source` in a folder of its own, so a test may break its crl.pem without touching another's. */
 function copyOf(source: string): string {
   const dir = mkdtempSync(join(tmpdir(), "securemesh-trust-"));
+  temporary.push(dir);
   cpSync(source, dir, { recursive: true });
   // ca.cnf names its own folder: the copy's openssl must write the copy's index and crlnumber.
   const config = join(dir, "ca_db", "ca.cnf");
@@ -50,6 +55,7 @@ let xSerial: string;
 
 beforeAll(async () => {
   pki = await newPki("trust");
+  temporary.push(pki);
   await issueIdentity(pki, "x", "client");
   await runPkiSh(pki, "revoke", "x");
   other = await testPki("other");

@@ -1,7 +1,7 @@
 // pki.sh as a user runs it: --san for real hosts, its validation, and what it keeps (0600 keys, CA:FALSE, EKU per kind).
-import { describe, expect, setDefaultTimeout, test } from "bun:test";
+import { afterAll, describe, expect, setDefaultTimeout, test } from "bun:test";
 import { X509Certificate } from "node:crypto";
-import { copyFileSync, mkdtempSync, readdirSync, readFileSync, statSync, writeFileSync } from "node:fs";
+import { copyFileSync, mkdtempSync, readdirSync, readFileSync, rmSync, statSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { REPO_ROOT } from "../platform/config.ts";
@@ -128,25 +128,32 @@ const SLACK = 5 * 60_000;
 const near = (actual: number, expected: number) => Math.abs(actual - expected) < SLACK;
 
 describe("crl.pem: numbered, short-lived, refreshed", () => {
+  const made: string[] = [];
+  afterAll(() => made.forEach((dir) => rmSync(dir, { recursive: true, force: true })));
+  /** A PKI of its own (by pki.sh), or an empty folder, removed after these tests. */
+  const keep = (dir: string) => (made.push(dir), dir);
+  const pki = async (label: string) => keep(await newPki(label));
+  const emptyDir = (label: string) => keep(mkdtempSync(join(tmpdir(), `securemesh-pki-${label}-`)));
+
   test("a new CA gets a signed, empty, numbered CRL at once, that lives 30 days (CRL_DAYS)", async () => {
-    const dir = await newPki("crl-new");
+    const dir = await pki("crl-new");
     const crl = await opensslCrl(dir);
     expect({ ...crl, number: crl.number !== null, fresh: near(crl.thisUpdate, Date.now()), lives: near(crl.nextUpdate - crl.thisUpdate, 30 * DAY) })
       .toMatchObject({ number: true, signed: true, entries: 0, fresh: true, lives: true });
     // A CA made by `issue` in an empty folder has one too: roles refuse to start without it.
-    const issued = mkdtempSync(join(tmpdir(), "securemesh-pki-crl-issue-"));
+    const issued = emptyDir("crl-issue");
     await issueIdentity(issued, "x", "client");
     expect(await opensslCrl(issued)).toMatchObject({ signed: true, entries: 0 });
     expect((await opensslCrl(issued)).number).not.toBeNull();
     // CRL_DAYS sets the lifetime.
-    const week = mkdtempSync(join(tmpdir(), "securemesh-pki-crl-week-"));
+    const week = emptyDir("crl-week");
     expect((await pkiShWith({ CRL_DAYS: "7" }, week)).code).toBe(0);
     const weekly = await opensslCrl(week);
     expect(near(weekly.nextUpdate - weekly.thisUpdate, 7 * DAY)).toBe(true);
   });
 
   test("./pki.sh crl re-signs crl.pem with the next number and a fresh nextUpdate; revoke still bumps it too", async () => {
-    const dir = await newPki("crl-refresh");
+    const dir = await pki("crl-refresh");
     await issueIdentity(dir, "x", "client");
     await runPkiSh(dir, "revoke", "x");
     const revoked = await opensslCrl(dir);
@@ -166,7 +173,7 @@ describe("crl.pem: numbered, short-lived, refreshed", () => {
   });
 
   test("an ensure run keeps a fresh CRL and re-signs one past half its life, expired, number-less, missing or another CA's", async () => {
-    const dir = await newPki("crl-ensure");
+    const dir = await pki("crl-ensure");
     const kept = readFileSync(join(dir, "crl.pem"), "utf8");
     await runPkiSh(dir);
     expect(readFileSync(join(dir, "crl.pem"), "utf8")).toBe(kept);
@@ -191,7 +198,7 @@ describe("crl.pem: numbered, short-lived, refreshed", () => {
   });
 
   test("a lost or restored ca_db/crlnumber never takes the number back below the CRL out there", async () => {
-    const dir = await newPki("crl-counter");
+    const dir = await pki("crl-counter");
     await runPkiSh(dir, "crl");
     await runPkiSh(dir, "crl");
     const before = (await opensslCrl(dir)).number!;
@@ -202,7 +209,7 @@ describe("crl.pem: numbered, short-lived, refreshed", () => {
 
   test("crl on a host without the CA key refuses in one line and touches nothing; a bad CRL_DAYS is refused", async () => {
     const source = await testPki();
-    const host = mkdtempSync(join(tmpdir(), "securemesh-pki-crl-host-"));
+    const host = emptyDir("crl-host");
     for (const file of ["ca_cert.pem", "crl.pem"]) copyFileSync(join(source, file), join(host, file));
     const refused = await pkiSh(host, "crl");
     expect(refused).toEqual({ code: 2, stderr: `pki.sh: crl needs the CA's certificate and key (${host}/ca_cert.pem, ca_key.pem): run it on the CA host` });
