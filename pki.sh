@@ -8,6 +8,13 @@
 #            --client --server --coordinator --keyserver --secureproxy --marketplace (--both: kind "service")
 #            [--san DNS:host,IP:addr ...] [--not-before YYYYMMDDHHMMSSZ] [--not-after YYYYMMDDHHMMSSZ] [--force]
 #   ./pki.sh revoke NAME             revoke NAME's certificate and rewrite crl.pem (running roles reload it)
+#   ./pki.sh crl                     re-sign crl.pem with the next CRL number and a fresh nextUpdate: run it on
+#                                    the CA host well before nextUpdate (cron, daily), then copy crl.pem to every host
+#
+# crl.pem lives CRL_DAYS days (default 30). Roles refuse to start without a valid one (unless --no-crl), and keep
+# the one in force when a reload finds it missing, older, expired or unsigned. A plain run writes it when missing
+# and re-signs it when it is past half its life, has no number or nextUpdate, outlives CRL_DAYS, or is not this
+# CA's; a new CA gets an empty, numbered CRL at once.
 #
 # Each leaf names its identity twice: CN=NAME, and a URI SAN spiffe://securemesh/KIND/NAME that the
 # policy (roles/policy.json) refers to. --san (repeatable, or a comma list) gives it the host names and
@@ -15,12 +22,14 @@
 # DNS:localhost,IP:127.0.0.1,IP:::1 and a client DNS:NAME. Output goes to $PKI_DIR, or certs/ beside this script.
 set -euo pipefail
 
-usage() { sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; }
 
 command -v openssl >/dev/null 2>&1 || { echo "pki.sh: openssl not found; install it (apt-get install openssl)" >&2; exit 1; }
 
 here=$(cd "$(dirname "$0")" && pwd)
 dir=${PKI_DIR:-$here/certs}
+crl_days=${CRL_DAYS:-30}
+[[ "$crl_days" =~ ^[1-9][0-9]{0,4}$ ]] || { echo "pki.sh: CRL_DAYS must be a whole number of days from 1 to 99999, not '$crl_days'" >&2; exit 2; }
 force=0
 key_type=ec
 action=all
@@ -37,6 +46,7 @@ while [ $# -gt 0 ]; do
     --client|--server|--both|--coordinator|--keyserver|--secureproxy|--marketplace) issue_kind=${1#--} ;;
     issue) action=issue; shift; issue_name=${1:-} ;;
     revoke) action=revoke; shift; issue_name=${1:-} ;;
+    crl) action=crl ;;
     --not-before) shift; not_before=${1:-} ;;
     --not-after) shift; not_after=${1:-} ;;
     --san) shift; san_args+=("${1:-}") ;;
@@ -140,6 +150,7 @@ make_ca() {
     -out "$dir/ca_cert.pem" 2>/dev/null
   chmod 644 "$dir/ca_cert.pem"
   rm -rf "$dir/ca_db" "$dir/crl.pem"
+  write_crl # roles refuse to start without a CRL: a new CA has an empty, numbered one at once
 }
 
 # openssl ca keeps an index of what it issued, which revocation and the CRL need.
@@ -158,7 +169,7 @@ private_key = $dir/ca_key.pem
 crlnumber = $dir/ca_db/crlnumber
 rand_serial = yes
 default_md = sha256
-default_crl_days = 3650
+default_crl_days = $crl_days
 policy = policy_any
 unique_subject = no
 copy_extensions = none
@@ -218,10 +229,54 @@ EOF
   chmod 644 "$dir/${name}_cert.pem"
 }
 
+# The CRL number of a CRL file as hex digits, or nothing when it has none or does not parse.
+crl_number() { # path
+  { openssl crl -in "$1" -noout -crlnumber 2>/dev/null || true; } | sed -n 's/^crlNumber=\(0x\)\{0,1\}\([0-9A-Fa-f]\{1,\}\)$/\2/p'
+}
+
+# Writes crl.pem from the CA's index with the next CRL number, by rename (a role polling it never reads half a file).
 write_crl() {
   ensure_ca_db
-  openssl ca -batch -config "$dir/ca_db/ca.cnf" -gencrl -out "$dir/crl.pem" 2>/dev/null
-  chmod 644 "$dir/crl.pem"
+  # Roles refuse a lower number than the CRL they hold (an older CRL put back), so a lost or restored
+  # ca_db/crlnumber must not take the number back below the CRL already out there.
+  local current next
+  current=$(crl_number "$dir/crl.pem")
+  next=$(tr -d '[:space:]' <"$dir/ca_db/crlnumber")
+  if [ -n "$current" ] && [ "${#current}" -le 15 ] && [[ "$next" =~ ^[0-9A-Fa-f]{1,15}$ ]] && (( 16#$current >= 16#$next )); then
+    printf '%X\n' $((16#$current + 1)) >"$dir/ca_db/crlnumber"
+  fi
+  if ! openssl ca -batch -config "$dir/ca_db/ca.cnf" -gencrl -out "$dir/crl.pem.new" >/dev/null 2>"$dir/crl.pem.err"; then
+    echo "pki.sh: signing crl.pem failed: $(tail -1 "$dir/crl.pem.err")" >&2
+    rm -f "$dir/crl.pem.new" "$dir/crl.pem.err"
+    exit 1
+  fi
+  rm -f "$dir/crl.pem.err"
+  chmod 644 "$dir/crl.pem.new"
+  mv -f "$dir/crl.pem.new" "$dir/crl.pem"
+}
+
+# "CRL number 0x1001, next update Jan  3 15:22:27 2027 GMT", for the lines that say a CRL was written.
+describe_crl() {
+  echo "CRL number 0x$(crl_number "$dir/crl.pem"), next update $(openssl crl -in "$dir/crl.pem" -noout -nextupdate | sed 's/^nextUpdate=//')"
+}
+
+# Why crl.pem needs re-signing, or nothing when it is fine: past half its life (so a daily or weekly run keeps
+# roles ahead of nextUpdate), no number or nextUpdate (roles refuse both), longer-lived than CRL_DAYS (a shorter
+# setting takes effect at once), or not signed by this CA.
+crl_refresh_reason() {
+  local file=$dir/crl.pem info last next now
+  info=$(openssl crl -in "$file" -noout -lastupdate -nextupdate 2>/dev/null) || { echo "it does not parse"; return; }
+  # openssl crl exits 0 after "verify failure": only its "verify OK" says the signature is this CA's.
+  openssl crl -in "$file" -noout -CAfile "$dir/ca_cert.pem" 2>&1 | grep -x 'verify OK' >/dev/null || { echo "it is not signed by this CA"; return; }
+  [ -n "$(crl_number "$file")" ] || { echo "it has no CRL number"; return; }
+  last=$(sed -n 's/^lastUpdate=//p' <<<"$info")
+  next=$(sed -n 's/^nextUpdate=//p' <<<"$info")
+  [ -n "$next" ] && [ "$next" != NONE ] || { echo "it has no nextUpdate"; return; }
+  last=$(date -u -d "$last" +%s) && next=$(date -u -d "$next" +%s) || { echo "its dates do not parse"; return; }
+  now=$(date -u +%s)
+  if [ "$now" -ge $(((last + next) / 2)) ]; then echo "it is past half its life"
+  elif [ "$next" -gt $((now + crl_days * 86400)) ]; then echo "it outlives CRL_DAYS=$crl_days"
+  fi
 }
 
 # Whether the certificate names exactly the --san hosts: as many DNS names and addresses, and each one matches
@@ -253,11 +308,17 @@ ensure_leaf() { # name kind
   fi
 }
 
+# A host with a copy of the PKI but not the CA key must never make a CA of its own (it would replace ca_cert.pem).
+if [ "$action" = crl ] && { [ ! -s "$dir/ca_cert.pem" ] || [ ! -s "$dir/ca_key.pem" ]; }; then
+  echo "pki.sh: crl needs the CA's certificate and key ($dir/ca_cert.pem, ca_key.pem): run it on the CA host" >&2
+  exit 2
+fi
+
 # `issue NAME --force` reissues that one leaf: a new CA would leave every other certificate untrusted.
 if { [ "$force" = 1 ] && [ "$action" = all ]; } || [ ! -s "$dir/ca_cert.pem" ] || [ ! -s "$dir/ca_key.pem" ]; then
   make_ca
   force=1 # a new CA invalidates every leaf
-  echo "pki.sh: created CA in $dir"
+  echo "pki.sh: created CA in $dir, with an empty crl.pem ($(describe_crl))"
 fi
 
 if [ "$action" = revoke ]; then
@@ -268,6 +329,12 @@ if [ "$action" = revoke ]; then
   grep -qi "^R.*	${serial}	" "$dir/ca_db/index.txt" || { echo "pki.sh: revoking $issue_name failed" >&2; exit 1; }
   write_crl
   echo "pki.sh: revoked $issue_name; wrote crl.pem (running roles reload it within seconds)"
+  exit 0
+fi
+
+if [ "$action" = crl ]; then
+  write_crl
+  echo "pki.sh: wrote crl.pem, $(describe_crl); copy it to every host (running roles reload it within seconds)"
   exit 0
 fi
 
@@ -286,7 +353,16 @@ ensure_leaf client2 client
 ensure_leaf keyserver keyserver
 ensure_leaf secureproxy secureproxy
 ensure_leaf marketplace marketplace
-[ -s "$dir/crl.pem" ] || write_crl
+if [ ! -s "$dir/crl.pem" ]; then
+  write_crl
+  echo "pki.sh: wrote crl.pem, $(describe_crl)"
+else
+  reason=$(crl_refresh_reason)
+  if [ -n "$reason" ]; then
+    write_crl
+    echo "pki.sh: re-signed crl.pem ($reason), $(describe_crl)"
+  fi
+fi
 
 if [ "$force" = 1 ] || [ ! -s "$dir/encryption_key.txt" ]; then
   # Fernet key: url-safe base64 of 32 random bytes (16 signing, 16 encryption).

@@ -43,6 +43,8 @@ Options:
                          and health checks; this process supervises them, restarts one that dies, and serves
                          the status page and /metrics for all (default 1; auto: one per core). Bun only
   --pki DIR              PKI folder from pki.sh (default $PKI_DIR, else certs/)
+  --no-crl               run without revocation: crl.pem is not read, no certificate is refused as revoked
+                         (a warning at start says so); without it, no valid crl.pem stops the role
   -h, --help             show this help
 `;
 
@@ -52,6 +54,8 @@ export interface CoordinatorConfig {
   servers: string[];
   expectServer: string;
   pki: string;
+  /** --no-crl: no revocation at all (#18). */
+  noCrl: boolean;
   timeoutMs: number;
   health: { intervalMs: number; timeoutMs: number; fall: number; rise: number };
   admin: { port: number; host: string } | null;
@@ -71,6 +75,7 @@ export function parseCoordinatorConfig(argv: string[]): CoordinatorConfig {
     "admin-port": { type: "string" },
     "admin-host": { type: "string" },
     pki: { type: "string" },
+    "no-crl": { type: "boolean" },
     port: { type: "string" },
     "expect-server": { type: "string" },
     workers: { type: "string" },
@@ -98,6 +103,7 @@ export function parseCoordinatorConfig(argv: string[]): CoordinatorConfig {
     servers,
     expectServer,
     pki: pkiDir(values.pki),
+    noCrl: values["no-crl"] ?? false,
     timeoutMs: parsePositive(values.timeout, "--timeout", 2000),
     health: {
       intervalMs: parsePositive(values["health-interval"], "--health-interval", 1000),
@@ -213,7 +219,7 @@ async function serve(config: CoordinatorConfig, logger: Logger): Promise<void> {
     ...mutualTlsClientOptions(identity), checkServerIdentity: expectPeer(config.expectServer, { isRevoked: (serial) => trust.isRevoked(serial) }),
   });
   try {
-    trust = TrustMaterial.open(config.pki, "coordinator");
+    trust = TrustMaterial.open(config.pki, "coordinator", { noCrl: config.noCrl });
     servers = new HttpsClient({ tls: serverTls(trust.identity), isRevoked: (serial) => trust.isRevoked(serial) });
     pool = new UpstreamPool({ servers: config.servers, transport: servers, logger, timeoutMs: config.timeoutMs, health: config.health });
   } catch (error) {

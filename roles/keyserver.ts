@@ -43,6 +43,8 @@ Options:
                         open; its key (ecdh_key.pem in --data, 0600) is published in /.well-known/jwks.json
   --host HOST           address to bind (default 127.0.0.1)
   --pki DIR             PKI folder from pki.sh (default $PKI_DIR, else certs/)
+  --no-crl              run without revocation: crl.pem is not read, no certificate is refused as revoked
+                        (a warning at start says so); without it, no valid crl.pem stops the role
   --token T             with 'token add': the token, or - to read it from stdin (keeps it out of ps)
   -h, --help            show this help
 `;
@@ -56,6 +58,8 @@ export interface KeyserverConfig {
   db: string;
   dataDir: string;
   pki: string;
+  /** --no-crl: no revocation at all (#18). */
+  noCrl: boolean;
   policy: string;
   legacyReplay: LegacyReplay;
   replayQuota: number;
@@ -69,7 +73,8 @@ export interface KeyserverConfig {
 export function parseKeyserverConfig(argv: string[]): KeyserverConfig {
   const { values, positionals } = parseFlags("keyserver", USAGE, {
     db: { type: "string" }, data: { type: "string" }, policy: { type: "string" }, "legacy-replay": { type: "string" },
-    "replay-quota": { type: "string" }, "ecdh-es": { type: "boolean" }, host: { type: "string" }, pki: { type: "string" }, client: { type: "string" },
+    "replay-quota": { type: "string" }, "ecdh-es": { type: "boolean" }, host: { type: "string" }, pki: { type: "string" }, "no-crl": { type: "boolean" },
+    client: { type: "string" },
     type: { type: "string" }, token: { type: "string" },
   }, argv);
   const dataDir = values.data ?? join(REPO_ROOT, "data", "keyserver");
@@ -91,6 +96,7 @@ export function parseKeyserverConfig(argv: string[]): KeyserverConfig {
     db: values.db ?? process.env.KEYSERVER_DB ?? join(dataDir, "tokens.db"),
     dataDir,
     pki: pkiDir(values.pki),
+    noCrl: values["no-crl"] ?? false,
     policy: policyPath(values.policy),
     legacyReplay,
     replayQuota,
@@ -256,7 +262,7 @@ async function main(): Promise<void> {
   let deps: KeyserverDeps;
   let trust: TrustMaterial;
   try {
-    trust = TrustMaterial.open(config.pki, "keyserver");
+    trust = TrustMaterial.open(config.pki, "keyserver", { noCrl: config.noCrl });
     const authz = new Authorizer(config.policy, logger, metrics);
     const keys = await RsaKeyPair.loadOrCreate(join(config.dataDir, "rsa_key.pem"));
     const ecdh = config.ecdhEs ? await EcdhKeyPair.loadOrCreate(join(config.dataDir, "ecdh_key.pem")) : undefined;

@@ -41,6 +41,8 @@ Options:
   --policy FILE          authorization policy (default $SECUREMESH_POLICY, else roles/policy.json)
   --host HOST            address to bind (default 127.0.0.1)
   --pki DIR              PKI folder from pki.sh (default $PKI_DIR, else certs/)
+  --no-crl               run without revocation: crl.pem is not read, no certificate is refused as revoked
+                         (a warning at start says so); without it, no valid crl.pem stops the role
   -h, --help             show this help
 `;
 
@@ -58,6 +60,8 @@ export interface ProxyConfig {
   apiCas: ReadonlyMap<string, string>;
   timeoutMs: number;
   pki: string;
+  /** --no-crl: no revocation at all (#18). */
+  noCrl: boolean;
   policy: string;
 }
 
@@ -88,7 +92,7 @@ export function parseProxyConfig(argv: string[]): ProxyConfig {
   const { values, positionals } = parseFlags("secureproxy", USAGE, {
     keyserver: { type: "string" }, allow: { type: "string", multiple: true }, format: { type: "string" },
     "api-ca": { type: "string", multiple: true }, "api-identity": { type: "string", multiple: true }, timeout: { type: "string" },
-    host: { type: "string" }, pki: { type: "string" }, policy: { type: "string" },
+    host: { type: "string" }, pki: { type: "string" }, policy: { type: "string" }, "no-crl": { type: "boolean" },
   }, argv);
   const format = values.format ?? "jose";
   if (format !== "jose" && format !== "legacy") throw new ConfigError("--format must be jose or legacy");
@@ -108,6 +112,7 @@ export function parseProxyConfig(argv: string[]): ProxyConfig {
     apiCas,
     timeoutMs: parsePositive(values.timeout, "--timeout", 5000),
     pki: pkiDir(values.pki),
+    noCrl: values["no-crl"] ?? false,
     policy: policyPath(values.policy),
   };
 }
@@ -340,7 +345,7 @@ async function main(): Promise<void> {
   try {
     assertSafeTlsEnvironment();
     config = parseProxyConfig(process.argv.slice(2));
-    trust = TrustMaterial.open(config.pki, "secureproxy");
+    trust = TrustMaterial.open(config.pki, "secureproxy", { noCrl: config.noCrl });
     deps = {
       keyserver: config.keyserver, allow: config.allow, format: config.format, timeoutMs: config.timeoutMs, logger, metrics,
       hops: new ProxyHops(trust.identity, (type) => apiTrust(type, trust.identity.ca, config), isRevoked),

@@ -25,6 +25,8 @@ Options:
                      mysql://user:pass@host1:3306,host2:3306,host3:3306/db, or a sqlite path
                      (default $DATABASE_URL, else data/records.db)
   --pki DIR          PKI folder from pki.sh (default $PKI_DIR, else certs/)
+  --no-crl           run without revocation: crl.pem is not read, no certificate is refused as revoked
+                     (a warning at start says so); without it, no valid crl.pem stops the role
   --policy FILE      authorization policy (default $SECUREMESH_POLICY, else roles/policy.json);
                      it, the certificates and the CRL reload on change and on SIGHUP
   --ttl SECONDS      oldest Fernet token accepted (default $FERNET_TTL, else 300)
@@ -40,6 +42,8 @@ export interface ServerConfig {
   host: string;
   db: string | undefined;
   pki: string;
+  /** --no-crl: no revocation at all (#18). */
+  noCrl: boolean;
   policy: string;
   ttl: number;
   cacheTtlMs: number;
@@ -51,6 +55,7 @@ export function parseServerConfig(argv: string[]): ServerConfig {
     host: { type: "string" },
     db: { type: "string" },
     pki: { type: "string" },
+    "no-crl": { type: "boolean" },
     policy: { type: "string" },
     ttl: { type: "string" },
     "cache-ttl": { type: "string" },
@@ -61,6 +66,7 @@ export function parseServerConfig(argv: string[]): ServerConfig {
     host: values.host ?? "127.0.0.1",
     db: values.db ?? process.env.DATABASE_URL,
     pki: pkiDir(values.pki),
+    noCrl: values["no-crl"] ?? false,
     policy: policyPath(values.policy),
     ttl: parsePositive(values.ttl ?? process.env.FERNET_TTL, "--ttl", 300),
     cacheTtlMs: parsePositive(values["cache-ttl"], "--cache-ttl", 30_000),
@@ -177,7 +183,7 @@ async function main(): Promise<void> {
   try {
     assertSafeTlsEnvironment();
     config = parseServerConfig(process.argv.slice(2));
-    trust = TrustMaterial.open(config.pki, "server");
+    trust = TrustMaterial.open(config.pki, "server", { noCrl: config.noCrl });
     deps = {
       port: config.port, fernet: new Fernet(loadFernetKeys(config.pki)), ttl: config.ttl, metrics,
       verifier: new ProofVerifier(trust.identity.ca, { isRevoked: (serial) => trust.isRevoked(serial) }),

@@ -7,7 +7,7 @@ import { REPO_ROOT } from "../platform/config.ts";
 import { testPki } from "../testing/pki.ts";
 import { runPython } from "../testing/python.ts";
 import { CrlInvalid, normalizeSerial, parseCrl } from "./crl.ts";
-import { DerError, readDer, readTime } from "./der.ts";
+import { contextTag, DerError, readDer, readTime, Tag } from "./der.ts";
 
 setDefaultTimeout(30_000); // building three PKIs (one RSA) takes a few seconds on a busy machine
 
@@ -261,6 +261,105 @@ describe("parseCrl refuses what it cannot trust", () => {
     expect(error.status).toBe(500);
     const message = rejection(() => parseCrl(`-----BEGIN X509 CRL-----\n${base64}\n-----END X509 CRL-----\n`, read(pki, "ca_cert.pem")));
     expect(message).not.toContain(base64.slice(0, 16));
+  });
+});
+
+/**
+ * A second Python run, for CRL numbers: how cryptography reads the numbers of pki.sh's CRLs, and CRLs it signs with
+ * our EC CA key carrying a crlNumber: each value in NUMBERS, one marked critical, and raw extension values that are
+ * not a number we accept. Numbers travel as decimal strings (JSON has no bigint).
+ */
+const NUMBER_ORACLE = `
+import datetime, json, sys
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.x509.oid import ExtensionOID
+utc = datetime.timezone.utc
+d = sys.argv[1]
+ca = x509.load_pem_x509_certificate(open(d + "/ca_cert.pem", "rb").read())
+key = serialization.load_pem_private_key(open(d + "/ca_key.pem", "rb").read(), None)
+
+def number_of(name):
+  crl = x509.load_pem_x509_crl(open(d + "/" + name, "rb").read())
+  return str(crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number)
+
+def make(extension, critical=False):
+  builder = (x509.CertificateRevocationListBuilder().issuer_name(ca.subject)
+    .last_update(datetime.datetime(2049, 1, 1, tzinfo=utc)).next_update(datetime.datetime(2049, 2, 1, tzinfo=utc))
+    .add_extension(extension, critical=critical))
+  return builder.sign(key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM).decode()
+
+raw = lambda hex: make(x509.UnrecognizedExtension(ExtensionOID.CRL_NUMBER, bytes.fromhex(hex)))
+print(json.dumps({
+  "pkiSh": {"crl-empty.pem": number_of("crl-empty.pem"), "crl.pem": number_of("crl.pem")},
+  "numbered": {n: make(x509.CRLNumber(int(n))) for n in sys.argv[2:]},
+  "critical": make(x509.CRLNumber(4242), critical=True),
+  "negative": raw("0201ff"),
+  "notMinimal": raw("02020005"),
+  "notAnInteger": raw("040105"),
+  "trailingByte": raw("02010500"),
+}))
+`;
+
+/** Numbers a CRL may carry, at the edges of DER's encoding: a leading zero octet from 128, the 20-octet maximum. */
+const NUMBERS = ["0", "127", "128", "4096", String((1n << 159n) - 1n), String((1n << 160n) - 1n)];
+
+/** A DER element from its tag and contents, for CRLs no tool would sign. */
+const tlv = (tag: number, ...parts: Uint8Array[]): Buffer => {
+  const body = Buffer.concat(parts);
+  if (body.length >= 0x80) throw new Error("test DER is kept short");
+  return Buffer.concat([Buffer.from([tag, body.length]), body]);
+};
+
+describe("CRL numbers", () => {
+  let oracle: { pkiSh: Record<string, string>; numbered: Record<string, string>; critical: string; negative: string; notMinimal: string; notAnInteger: string; trailingByte: string };
+  beforeAll(async () => {
+    oracle = JSON.parse(await runPython(NUMBER_ORACLE, "", {}, [pki, ...NUMBERS]));
+  });
+
+  test("pki.sh's CRLs carry the number openssl and Python read, one higher per revocation", async () => {
+    const openssl = async (file: string) => BigInt((await run(["openssl", "crl", "-in", join(pki, file), "-noout", "-crlnumber"])).toString().trim().replace(/^crlNumber=/, ""));
+    for (const file of ["crl-empty.pem", "crl.pem"]) {
+      const number = crlOf(pki, file).number;
+      expect({ file, number }).toEqual({ file, number: BigInt(oracle.pkiSh[file]!) });
+      expect({ file, number }).toEqual({ file, number: await openssl(file) });
+    }
+    expect(crlOf(pki).number! - crlOf(pki, "crl-empty.pem").number!).toBe(2n); // two revocations, two CRLs
+  });
+
+  test("numbers at the edges of DER's encoding read as Python signed them; a critical crlNumber is processed, so accepted", () => {
+    const ca = read(pki, "ca_cert.pem");
+    for (const n of NUMBERS) expect({ n, number: parseCrl(oracle.numbered[n]!, ca).number }).toEqual({ n, number: BigInt(n) });
+    expect(parseCrl(oracle.critical, ca).number).toBe(4242n);
+  });
+
+  test("a CRL without a crlNumber reads as number null", () => {
+    expect(parseCrl(python.ecdsaSha384, read(pki, "ca_cert.pem")).number).toBeNull();
+  });
+
+  test("a negative, non-minimal, non-INTEGER or padded CRL number is refused, though the CA signed it", () => {
+    const ca = read(pki, "ca_cert.pem");
+    expect(rejection(() => parseCrl(oracle.negative, ca))).toBe("invalid CRL: CRL number is negative");
+    expect(rejection(() => parseCrl(oracle.notMinimal, ca))).toBe("invalid CRL: CRL number is not a DER INTEGER");
+    expect(rejection(() => parseCrl(oracle.notAnInteger, ca))).toBe("invalid CRL: CRL number is not a DER INTEGER");
+    expect(rejection(() => parseCrl(oracle.trailingByte, ca))).toBe("invalid CRL: CRL number is not a DER INTEGER");
+  });
+
+  test("a number above 20 octets, or two crlNumber extensions, is refused (DER built here: no tool signs these)", () => {
+    const ca = read(pki, "ca_cert.pem");
+    const oid = Buffer.from("0603551d14", "hex"); // 2.5.29.20
+    const crlNumber = (integer: Buffer) => tlv(Tag.SEQUENCE, oid, tlv(Tag.OCTET_STRING, tlv(Tag.INTEGER, integer)));
+    const crlWith = (...extensions: Buffer[]) => {
+      const algorithm = tlv(Tag.SEQUENCE, Buffer.from("06082a8648ce3d040302", "hex"));
+      const time = tlv(Tag.UTC_TIME, Buffer.from("490101000000Z"));
+      const tbs = tlv(Tag.SEQUENCE, tlv(Tag.INTEGER, Buffer.from([1])), algorithm, tlv(Tag.SEQUENCE), time, time,
+        tlv(contextTag(0), tlv(Tag.SEQUENCE, ...extensions)));
+      return tlv(Tag.SEQUENCE, tbs, algorithm, tlv(Tag.BIT_STRING, Buffer.from([0, 1, 2])));
+    };
+    expect(rejection(() => parseCrl(crlWith(crlNumber(Buffer.from([0x01, ...Buffer.alloc(20)]))), ca))).toBe("invalid CRL: CRL number is longer than 20 octets");
+    expect(rejection(() => parseCrl(crlWith(crlNumber(Buffer.from([5])), crlNumber(Buffer.from([6]))), ca))).toBe("invalid CRL: CRL has the same extension twice");
+    // The same CRL with one number gets past the extensions, to the checks after them.
+    expect(rejection(() => parseCrl(crlWith(crlNumber(Buffer.from([5]))), ca))).toBe("invalid CRL: issuer is not our CA");
   });
 });
 

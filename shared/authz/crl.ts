@@ -3,8 +3,8 @@
 import { X509Certificate, verify } from "node:crypto";
 import { MeshError } from "../platform/errors.ts";
 import {
-  children, contextTag, expectTag, isTime, readBitStringBytes, readDer, readIntegerHex, readOid, readTime, sameBytes,
-  Tag, type Tlv,
+  children, contextTag, DerError, expectTag, isTime, readBitStringBytes, readDer, readInteger, readIntegerHex, readOid, readTime,
+  sameBytes, Tag, type Tlv,
 } from "./der.ts";
 
 /** A CRL that cannot be trusted or read: malformed, badly signed, not from our CA. The message never quotes it. */
@@ -19,6 +19,10 @@ export interface RevocationList {
   readonly revoked: ReadonlySet<string>;
   readonly thisUpdate: Date;
   readonly nextUpdate: Date | null;
+  /** The crlNumber extension: it grows with every CRL the CA signs, so an older CRL put back shows. Null without one. */
+  readonly number: bigint | null;
+  /** The signed TBSCertList, byte for byte: two CRLs with equal `tbs` say the same thing (their signatures may differ). */
+  readonly tbs: Uint8Array;
   /** Accepts any hex form: upper or lower case, leading zeros, colons. */
   isRevoked(serial: string): boolean;
 }
@@ -83,6 +87,8 @@ function readCrl(der: Uint8Array, ca: CaCertificate): RevocationList {
     revoked,
     thisUpdate: fields.thisUpdate,
     nextUpdate: fields.nextUpdate,
+    number: fields.number,
+    tbs: tbs.der,
     isRevoked: (serial) => revoked.has(normalizeSerial(serial)),
   };
 }
@@ -92,8 +98,13 @@ interface TbsFields {
   issuer: Tlv;
   thisUpdate: Date;
   nextUpdate: Date | null;
+  number: bigint | null;
   revoked: Set<string>;
 }
+
+/** crlNumber (RFC 5280 5.2.3): a non-negative INTEGER of at most 20 octets, the one CRL extension we process. */
+const CRL_NUMBER_OID = "2.5.29.20";
+const CRL_NUMBER_LIMIT = 1n << 160n;
 
 /** TBSCertList, field by field; OPTIONAL fields are recognised by their tag. */
 function readTbs(tbs: Tlv): TbsFields {
@@ -112,34 +123,61 @@ function readTbs(tbs: Tlv): TbsFields {
       const [serial, date, extensions, ...extra] = children(expectTag(entry, Tag.SEQUENCE, "a revoked certificate entry"));
       if (extra.length > 0) throw new CrlInvalid("revoked certificate entry has extra fields");
       readTime(date);
-      if (extensions) rejectCriticalExtensions(extensions);
+      if (extensions) readExtensions(extensions, NO_EXTENSIONS);
       revoked.add(normalizeSerial(readIntegerHex(serial)));
     }
   }
+  let number: bigint | null = null;
   if (fields[i]?.tag === contextTag(0)) {
     const [extensions, ...extra] = children(fields[i++]!);
     if (!extensions || extra.length > 0) throw new CrlInvalid("crlExtensions is not one Extensions");
-    rejectCriticalExtensions(extensions);
+    const crlNumber = readExtensions(extensions, CRL_EXTENSIONS).get(CRL_NUMBER_OID);
+    if (crlNumber) number = readCrlNumber(crlNumber);
   }
   if (i !== fields.length) throw new CrlInvalid("TBSCertList has unexpected fields");
-  return { algorithm, issuer, thisUpdate, nextUpdate, revoked };
+  return { algorithm, issuer, thisUpdate, nextUpdate, number, revoked };
 }
 
+/** The extnValue of a crlNumber extension → the number. */
+function readCrlNumber(value: Tlv): bigint {
+  let number: bigint;
+  try {
+    number = readInteger(readDer(value.value));
+  } catch (error) {
+    if (error instanceof DerError) throw new CrlInvalid("CRL number is not a DER INTEGER", { cause: error });
+    throw error;
+  }
+  if (number < 0n) throw new CrlInvalid("CRL number is negative");
+  if (number >= CRL_NUMBER_LIMIT) throw new CrlInvalid("CRL number is longer than 20 octets");
+  return number;
+}
+
+const CRL_EXTENSIONS: ReadonlySet<string> = new Set([CRL_NUMBER_OID]);
+const NO_EXTENSIONS: ReadonlySet<string> = new Set();
+
 /**
- * RFC 5280: a CRL with a critical extension we cannot process must not be used. We process none, and the
- * critical ones in practice (deltaCRLIndicator, issuingDistributionPoint, certificateIssuer) change what the
- * list means, so ignoring them could hide a revocation.
+ * The values of the extensions we process (`processed`, by OID), each at most once (RFC 5280 4.2). RFC 5280: a
+ * CRL with a critical extension we cannot process must not be used. The critical ones in practice
+ * (deltaCRLIndicator, issuingDistributionPoint, certificateIssuer) change what the list means, so ignoring them
+ * could hide a revocation; non-critical ones we do not process are skipped.
  */
-function rejectCriticalExtensions(extensions: Tlv): void {
+function readExtensions(extensions: Tlv, processed: ReadonlySet<string>): Map<string, Tlv> {
+  const values = new Map<string, Tlv>();
   for (const extension of children(expectTag(extensions, Tag.SEQUENCE, "Extensions"))) {
     // Extension ::= SEQUENCE { extnID OID, critical BOOLEAN DEFAULT FALSE, extnValue OCTET STRING }
     const parts = children(expectTag(extension, Tag.SEQUENCE, "an Extension"));
     if (parts.length !== 2 && parts.length !== 3) throw new CrlInvalid("an Extension has the wrong number of fields");
-    readOid(parts[0]);
-    expectTag(parts[parts.length - 1], Tag.OCTET_STRING, "an extension value");
+    const oid = readOid(parts[0]);
+    const value = expectTag(parts[parts.length - 1], Tag.OCTET_STRING, "an extension value");
     const critical = parts.length === 3 && expectTag(parts[1], Tag.BOOLEAN, "the critical flag").value[0] !== 0;
-    if (critical) throw new CrlInvalid("CRL has a critical extension we do not process");
+    if (processed.has(oid)) {
+      if (values.has(oid)) throw new CrlInvalid("CRL has the same extension twice");
+      values.set(oid, value);
+    } else if (critical) {
+      throw new CrlInvalid("CRL has a critical extension we do not process");
+    }
   }
+  return values;
 }
 
 /** The CA certificate and the DER of its subject Name, which a CRL's issuer must equal. */

@@ -114,6 +114,20 @@ export function readIntegerHex(tlv: Tlv | undefined): string {
   return Buffer.from(bytes).toString("hex");
 }
 
+/**
+ * INTEGER → bigint (two's complement, as DER encodes it), for numbers that may not fit a double, such as a CRL
+ * number (up to 20 octets, RFC 5280 5.2.3). DER's encoding is minimal: no redundant leading 0x00 or 0xff octet.
+ */
+export function readInteger(tlv: Tlv | undefined): bigint {
+  const bytes = expectTag(tlv, Tag.INTEGER, "an INTEGER").value;
+  if (bytes.length === 0) throw new DerError("INTEGER is empty");
+  if (bytes.length > 1 && ((bytes[0] === 0x00 && !(bytes[1]! & 0x80)) || (bytes[0] === 0xff && bytes[1]! & 0x80))) {
+    throw new DerError("INTEGER is not minimally encoded");
+  }
+  const unsigned = BigInt(`0x${Buffer.from(bytes).toString("hex")}`);
+  return bytes[0]! & 0x80 ? unsigned - (1n << BigInt(bytes.length * 8)) : unsigned;
+}
+
 /** BIT STRING → its bytes; X.509 signatures and keys are whole octets, so unused bits must be 0. */
 export function readBitStringBytes(tlv: Tlv | undefined): Uint8Array {
   const value = expectTag(tlv, Tag.BIT_STRING, "a BIT STRING").value;

@@ -4,7 +4,7 @@ export { ACTIONS, decide, parsePolicy, PermissionDenied, PolicyInvalid } from ".
 export type { Action, Decision, Policy, Rule } from "./policy.ts";
 export { Authorizer } from "./authorizer.ts";
 export { TrustMaterial } from "./trust.ts";
-export type { TrustChange } from "./trust.ts";
+export type { CrlStatus, TrustChange, TrustOptions } from "./trust.ts";
 export { expectPeer, identityMatches, tlsPeerIdentity, UnexpectedPeer } from "./expect-peer.ts";
 export type { ExpectPeerOptions } from "./expect-peer.ts";
 export { mutualTlsListening } from "./listening.ts";

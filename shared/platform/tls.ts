@@ -16,15 +16,25 @@ export interface Identity {
   cert: string;
   key: string;
   ca: string;
-  /** The CA's revocation list from `./pki.sh revoke`, when there is one. */
+  /**
+   * The CA's revocation list (PEM) for the TLS stack: from TrustMaterial, the CRL it checked and keeps in force;
+   * from loadIdentity, crl.pem as it is on disk, unchecked. Absent: nothing is revoked.
+   */
   crl?: string;
 }
 
 /**
- * Loads `<name>_cert.pem`, `<name>_key.pem` and the CA from the PKI, checking that the key fits the certificate;
- * a key that group or others can read is refused (ConfigError naming the chmod).
+ * loadKeyMaterial, plus crl.pem as it is on disk when there is one, unchecked: for tools and tests that use a PKI
+ * directly. A role goes through TrustMaterial (shared/authz/trust.ts), which requires a valid, current CRL and never
+ * lets a missing or older one turn revocation off (#18 M2).
  */
 export function loadIdentity(dir: string, name: string): Identity {
+  const identity = loadKeyMaterial(dir, name);
+  return existsSync(join(dir, "crl.pem")) ? { ...identity, crl: readPkiFile(dir, "crl.pem") } : identity;
+}
+
+/** Loads `<name>_cert.pem`, `<name>_key.pem` and the CA from the PKI, checking that the key fits the certificate. */
+export function loadKeyMaterial(dir: string, name: string): Identity {
   const cert = readPkiFile(dir, `${name}_cert.pem`);
   const key = readPrivatePkiFile(dir, `${name}_key.pem`);
   const ca = readPkiFile(dir, "ca_cert.pem");
@@ -39,8 +49,7 @@ export function loadIdentity(dir: string, name: string): Identity {
   } catch {
     throw new ConfigError(`${dir}/${name}_key.pem does not match ${name}_cert.pem or is not a PEM private key`);
   }
-  const crl = existsSync(join(dir, "crl.pem")) ? readPkiFile(dir, "crl.pem") : undefined;
-  return { name, cert, key, ca, crl };
+  return { name, cert, key, ca };
 }
 
 /**

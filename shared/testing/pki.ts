@@ -1,5 +1,5 @@
 // Real PKIs for tests and the harness, made by pki.sh (the same script a user runs) in temporary folders.
-import { mkdtempSync, readFileSync } from "node:fs";
+import { mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { REPO_ROOT } from "../platform/config.ts";
@@ -54,4 +54,43 @@ export async function revocationPki(label: string): Promise<{ dir: string; crlBe
   const crlBefore = readFileSync(join(dir, "crl.pem"), "utf8");
   await runPkiSh(dir, "revoke", "x");
   return { dir, crlBefore, crlAfter: readFileSync(join(dir, "crl.pem"), "utf8") };
+}
+
+/** What signCrl makes: its dates (default: now, and 30 days on), and its number (the CA's next, a given one, or none). */
+export interface CrlOptions {
+  thisUpdate?: Date;
+  nextUpdate?: Date;
+  /** A given number, e.g. one lower than the CRL in force; null: no crlNumber at all; default the CA's next. */
+  number?: bigint | null;
+  /** Where to write it, inside `dir`; default crl.pem. */
+  file?: string;
+}
+
+/**
+ * Signs a CRL of the CA's current revocations with openssl directly (through pki.sh's own ca.cnf), for CRLs
+ * `./pki.sh` would not write: aged, expired or not yet valid, with a chosen number, or with none. Returns the PEM.
+ * @example await signCrl(dir, { nextUpdate: new Date(Date.now() - 1000) }) // an expired crl.pem
+ */
+export async function signCrl(dir: string, options: CrlOptions = {}): Promise<string> {
+  const config = join(dir, "ca_db", "ca.cnf");
+  const now = new Date();
+  const at = (date: Date) => date.toISOString().replace(/[-:T]/g, "").replace(/\.\d+Z$/, "Z"); // YYYYMMDDHHMMSSZ
+  const thisUpdate = options.thisUpdate ?? now;
+  const nextUpdate = options.nextUpdate ?? new Date(thisUpdate.getTime() + 30 * 86_400_000);
+  let useConfig = config;
+  if (options.number === null) {
+    useConfig = join(dir, "ca_db", "ca-no-number.cnf"); // without `crlnumber`, openssl writes no crlNumber
+    writeFileSync(useConfig, readFileSync(config, "utf8").replace(/^crlnumber = .*$/m, ""));
+  } else if (options.number !== undefined) {
+    writeFileSync(join(dir, "ca_db", "crlnumber"), `${options.number.toString(16).toUpperCase().padStart(2, "0")}\n`);
+  }
+  const out = join(dir, options.file ?? "crl.pem");
+  try {
+    await using proc = Bun.spawn(["openssl", "ca", "-batch", "-config", useConfig, "-gencrl", "-crl_lastupdate", at(thisUpdate), "-crl_nextupdate", at(nextUpdate), "-out", out], { stdout: "pipe", stderr: "pipe" });
+    const [stderr, code] = await Promise.all([new Response(proc.stderr).text(), proc.exited]);
+    if (code !== 0) throw new Error(`openssl ca -gencrl failed (${code}): ${stderr.trim()}`);
+  } finally {
+    if (useConfig !== config) rmSync(useConfig, { force: true });
+  }
+  return readFileSync(out, "utf8");
 }
