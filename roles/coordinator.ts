@@ -1,8 +1,8 @@
 // The coordinator: terminates clients' mutual TLS and forwards /api/* to healthy servers, failing over between them.
-import { expectPeer, mutualTlsListening, parseSpiffeId, TrustMaterial } from "../shared/authz/index.ts";
+import { Authorizer, expectPeer, isIdentityPattern, mutualTlsListening, TrustMaterial } from "../shared/authz/index.ts";
 import { ConfigError, ProofRejected } from "../shared/platform/errors.ts";
 import { HttpsClient } from "../shared/platform/https-client.ts";
-import { exitWithConfigError, parseFlags, parsePort, parsePositive, pkiDir, exitOnSignals } from "../shared/platform/config.ts";
+import { exitWithConfigError, parseFlags, parsePort, parsePositive, pkiDir, policyPath, exitOnSignals } from "../shared/platform/config.ts";
 import { createApp, listenReloadable, readBodyLimited, requestTrace, requestUrl } from "../shared/platform/http.ts";
 import { createLogger, type Logger } from "../shared/ops/log.ts";
 import { Metrics } from "../shared/ops/metrics.ts";
@@ -43,6 +43,8 @@ Options:
                          and health checks; this process supervises them, restarts one that dies, and serves
                          the status page and /metrics for all (default 1; auto: one per core). Bun only
   --pki DIR              PKI folder from pki.sh (default $PKI_DIR, else certs/)
+  --policy FILE          the policy whose limits it applies to its callers' connections
+                         (default $SECUREMESH_POLICY, else roles/policy.json); reloads on change
   --no-crl               run without revocation: crl.pem is not read, no certificate is refused as revoked
                          (a warning at start says so); without it, no valid crl.pem stops the role
   -h, --help             show this help
@@ -54,6 +56,7 @@ export interface CoordinatorConfig {
   servers: string[];
   expectServer: string;
   pki: string;
+  policy: string;
   /** --no-crl: no revocation at all (#18). */
   noCrl: boolean;
   timeoutMs: number;
@@ -75,6 +78,7 @@ export function parseCoordinatorConfig(argv: string[]): CoordinatorConfig {
     "admin-port": { type: "string" },
     "admin-host": { type: "string" },
     pki: { type: "string" },
+    policy: { type: "string" },
     "no-crl": { type: "boolean" },
     port: { type: "string" },
     "expect-server": { type: "string" },
@@ -84,7 +88,7 @@ export function parseCoordinatorConfig(argv: string[]): CoordinatorConfig {
   const accessLog = values["access-log"] ?? "on";
   if (accessLog !== "on" && accessLog !== "off") throw new ConfigError(`--access-log must be on or off, not '${accessLog}'`);
   const expectServer = values["expect-server"] ?? "spiffe://securemesh/server/*";
-  if (!parseSpiffeId(expectServer.replace(/\*$/, "x"))) throw new ConfigError(`--expect-server: '${expectServer}' is not a SPIFFE ID such as spiffe://securemesh/server/*`);
+  if (!isIdentityPattern(expectServer)) throw new ConfigError(`--expect-server: '${expectServer}' is not a SPIFFE ID such as spiffe://securemesh/server/* ("*" only as a whole last segment)`);
   const servers = (values.servers ?? process.env.SERVERS ?? "https://127.0.0.1:5001,https://127.0.0.1:5002")
     .split(",").map((s) => s.trim()).filter(Boolean);
   for (const server of servers) {
@@ -103,6 +107,7 @@ export function parseCoordinatorConfig(argv: string[]): CoordinatorConfig {
     servers,
     expectServer,
     pki: pkiDir(values.pki),
+    policy: policyPath(values.policy),
     noCrl: values["no-crl"] ?? false,
     timeoutMs: parsePositive(values.timeout, "--timeout", 2000),
     health: {
@@ -213,6 +218,7 @@ async function serve(config: CoordinatorConfig, logger: Logger): Promise<void> {
   let pool: UpstreamPool;
   let trust: TrustMaterial;
   let servers: HttpsClient;
+  let authz: Authorizer;
   // Only a server identity, unrevoked, may hold a connection to the servers' URLs: every connection is checked at
   // its handshake, and nothing is written to one that failed (issue 18, H1).
   const serverTls = (identity: Identity) => ({
@@ -222,6 +228,7 @@ async function serve(config: CoordinatorConfig, logger: Logger): Promise<void> {
     trust = TrustMaterial.open(config.pki, "coordinator", { noCrl: config.noCrl });
     servers = new HttpsClient({ tls: serverTls(trust.identity), isRevoked: (serial) => trust.isRevoked(serial) });
     pool = new UpstreamPool({ servers: config.servers, transport: servers, logger, timeoutMs: config.timeoutMs, health: config.health });
+    authz = new Authorizer(config.policy, logger);
   } catch (error) {
     exitWithConfigError("coordinator", error);
   }
@@ -229,7 +236,7 @@ async function serve(config: CoordinatorConfig, logger: Logger): Promise<void> {
   pool.exportMetrics(metrics);
   const app = createCoordinatorApp({ pool, logger, metrics, accessLog: config.accessLog });
   const listener = await listenReloadable(app, {
-    port: config.port, hostname: config.host, ...mutualTlsListening(trust), sharePort: worker !== null && workerSharesPort(),
+    port: config.port, hostname: config.host, ...mutualTlsListening(trust, authz), sharePort: worker !== null && workerSharesPort(),
   }).catch((error) => exitWithConfigError("coordinator", error));
   const port = listener.port;
   trust.onReload(async (identity, changed) => {
@@ -237,6 +244,7 @@ async function serve(config: CoordinatorConfig, logger: Logger): Promise<void> {
     servers.setTls(serverTls(identity));
     await listener.reload(mutualTlsListening(trust).tls);
   }).watch(logger);
+  authz.watch();
   // A worker's admin listener is for its supervisor only: loopback, a port of the kernel's choosing, and only when
   // the supervisor serves an admin page of its own (the operator asked for one).
   const adminAt = worker === null || !config.admin ? config.admin : { port: 0, host: "127.0.0.1" };
@@ -253,6 +261,7 @@ async function serve(config: CoordinatorConfig, logger: Logger): Promise<void> {
     pool.stop();
     servers.close();
     trust.stop();
+    authz.stop();
     await Promise.all([listener.stop(), admin?.stop()]);
   };
   if (worker !== null) {

@@ -272,7 +272,7 @@ async function main(): Promise<void> {
     exitWithConfigError("keyserver", error);
   }
   const app = createKeyserverApp(deps);
-  const listener = await listenReloadable(app, { port: config.port, hostname: config.host, ...mutualTlsListening(trust) })
+  const listener = await listenReloadable(app, { port: config.port, hostname: config.host, ...mutualTlsListening(trust, deps.authz) })
     .catch((error) => exitWithConfigError("keyserver", error));
   // Revocation (asked per connection and per request), a renewed certificate and policy edits take effect without a
   // restart (#11).

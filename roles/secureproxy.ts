@@ -356,7 +356,7 @@ async function main(): Promise<void> {
   }
   const app = createProxyApp(deps);
   // Every listener binds the caller's verified identity to each request (#11 H1 needs it).
-  const listener = await listenReloadable(app, { port: config.port, hostname: config.host, ...mutualTlsListening(trust) })
+  const listener = await listenReloadable(app, { port: config.port, hostname: config.host, ...mutualTlsListening(trust, deps.authz) })
     .catch((error) => exitWithConfigError("secureproxy", error));
   // Revocation, a renewed certificate or CA, and policy edits take effect without a restart (#11).
   trust.onReload((identity, changed) => {

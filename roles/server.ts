@@ -196,7 +196,7 @@ async function main(): Promise<void> {
   const view = new CachedDataView({ store, fernet: deps.fernet, logger, ttlMs: config.cacheTtlMs, maxEntries: config.cacheEntries });
   const serverDeps: ServerDeps = { ...deps, store, view, logger };
   const app = createServerApp(serverDeps);
-  const listener = await listenReloadable(app, { port: config.port, hostname: config.host, ...mutualTlsListening(trust) })
+  const listener = await listenReloadable(app, { port: config.port, hostname: config.host, ...mutualTlsListening(trust, deps.authz) })
     .catch((error) => exitWithConfigError("server", error));
   // With port 0 the bound port is only known now; records must name the real one.
   serverDeps.port = listener.port;

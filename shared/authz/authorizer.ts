@@ -5,7 +5,7 @@ import { ConfigError } from "../platform/errors.ts";
 import { describeError, printable, type Logger } from "../ops/log.ts";
 import { Metrics } from "../ops/metrics.ts";
 import { watchFiles, type Watch } from "../platform/watch.ts";
-import { decide, parsePolicy, PermissionDenied, type Action, type Decision, type Policy } from "./policy.ts";
+import { decide, limitsOf, parsePolicy, PermissionDenied, type Action, type Decision, type Policy } from "./policy.ts";
 
 export class Authorizer {
   #policy: Policy;
@@ -60,6 +60,11 @@ export class Authorizer {
 
   stop(): void {
     this.#watch?.stop();
+  }
+
+  /** Connections `identity` may hold at once on a listener, from the policy's limits (read live, so edits apply). */
+  connectionLimit(identity: string): number {
+    return limitsOf(this.#policy, identity).connections;
   }
 
   /** Whether the policy allows it, without an audit line: for choosing between two permissions before require(). */

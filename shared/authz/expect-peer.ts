@@ -20,9 +20,14 @@ export function tlsPeerIdentity(peer: tls.PeerCertificate): string {
   });
 }
 
-/** Whether `id` is `expected`, or starts with the prefix before a trailing "*". */
+/**
+ * Whether `id` is `expected`, or, for a pattern ending in a whole "/*" segment, has more after that prefix. A "*"
+ * inside a name has no boundary (`server/s*` would take `server/s-impostor`), so such a pattern matches nothing.
+ */
 export function identityMatches(expected: string, id: string): boolean {
-  return expected.endsWith("*") ? id.startsWith(expected.slice(0, -1)) : id === expected;
+  if (!expected.endsWith("/*")) return !expected.includes("*") && id === expected;
+  const prefix = expected.slice(0, -1);
+  return id.startsWith(prefix) && id.length > prefix.length;
 }
 
 export interface ExpectPeerOptions {

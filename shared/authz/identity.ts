@@ -14,6 +14,14 @@ export function parseSpiffeId(id: string): { kind: string; name: string } | null
   return match ? { kind: match[1]!, name: match[2]! } : null;
 }
 
+/**
+ * Whether `pattern` names whom a hop may reach: one SPIFFE ID, or every identity of a kind
+ * (spiffe://securemesh/server/*). A "*" anywhere else would match without a boundary, so it is refused.
+ */
+export function isIdentityPattern(pattern: string): boolean {
+  return parseSpiffeId(pattern.endsWith("/*") ? `${pattern.slice(0, -2)}/x` : pattern) !== null;
+}
+
 export function spiffeId(kind: string, name: string): string {
   return `spiffe://${TRUST_DOMAIN}/${kind}/${name}`;
 }

@@ -8,7 +8,8 @@ import { createLogger } from "../ops/log.ts";
 import { Metrics } from "../ops/metrics.ts";
 import { Authorizer } from "./authorizer.ts";
 import { identityOf } from "./identity.ts";
-import { decide, parsePolicy, PolicyInvalid } from "./policy.ts";
+import { decide, limitsOf, parsePolicy, PolicyInvalid } from "./policy.ts";
+import { DEFAULT_CONNECTIONS } from "./limits.ts";
 
 const client1 = "spiffe://securemesh/client/client1";
 const client2 = "spiffe://securemesh/client/client2";
@@ -68,7 +69,7 @@ describe("policy format", () => {
     };
     expect(bad("{")).toStartWith("policy is not valid JSON");
     expect(bad({ rule: [] })).toBe('policy must be a JSON object with a "rules" array');
-    expect(bad({ rules: [], extra: 1 })).toBe('unknown top-level key "extra" (expected "rules", "comment")');
+    expect(bad({ rules: [], extra: 1 })).toBe('unknown top-level key "extra" (expected "rules", "limits", "comment")');
     expect(bad({ rules: [{ identity: "client1", allow: [] }] })).toStartWith("rules[0].identity must be a SPIFFE ID");
     expect(bad({ rules: [{ identity: "spiffe://securemesh/*/x", allow: [] }] })).toBe(STAR_IN_IDENTITY(0));
     expect(bad({ rules: [{ identity: client1, allow: ["records.delete"] }] })).toStartWith('rules[0]: unknown action "records.delete"');
@@ -212,5 +213,34 @@ describe("identityOf", () => {
     expect(identityOf({ subject: { CN: "coordinator" }, subjectaltname: "URI:spiffe://partner.example/client/x", clientAuth: true, serverAuth: true })).toBe("");
     expect(identityOf({ subject: { CN: ["a", "b"] }, clientAuth: true })).toBe("");
     expect(identityOf({ subject: "CN=evil/../x", clientAuth: true })).toBe("");
+  });
+});
+
+describe("limits (issue 18, L2)", () => {
+  const policyWith = (limits: unknown) => parsePolicy(JSON.stringify({ rules: [], limits }));
+  test("the first entry naming an identity sets its connections; the rest get the default", () => {
+    const policy = policyWith([
+      { identity: "spiffe://securemesh/coordinator/*", connections: 1024 },
+      { identity: "spiffe://securemesh/client/client2", connections: 4, comment: "a noisy one" },
+      { identity: "*", connections: 64 },
+    ]);
+    expect(["coordinator/coordinator", "client/client2", "client/client1"].map((id) => limitsOf(policy, `spiffe://securemesh/${id}`).connections)).toEqual([1024, 4, 64]);
+    expect(limitsOf(policyWith([]), "spiffe://securemesh/client/client1").connections).toBe(DEFAULT_CONNECTIONS);
+  });
+
+  test("mistakes are named with their place", () => {
+    const bad = (limits: unknown) => {
+      try {
+        policyWith(limits);
+        return "parsed";
+      } catch (error) {
+        return (error as Error).message;
+      }
+    };
+    expect(bad({})).toBe('"limits" must be an array');
+    expect(bad([{ identity: "spiffe://securemesh/client/client1*", connections: 1 }])).toBe('limits[0].identity must be a SPIFFE ID, a prefix ending in /*, or "*"');
+    expect(bad([{ identity: "*", connections: 0 }])).toBe("limits[0].connections must be a whole number from 1 to 1000000");
+    expect(bad([{ identity: "*", connections: 1.5 }])).toBe("limits[0].connections must be a whole number from 1 to 1000000");
+    expect(bad([{ identity: "*", rate: 1 }])).toBe('limits[0] has an unknown key "rate" (known: identity, connections, comment)');
   });
 });

@@ -1,6 +1,9 @@
 // Authorization as data: one default-deny policy file names identities and what each may do, and every
 // decision in every role goes through decide() (compare Envoy RBAC, Istio AuthorizationPolicy, Vault policies).
-import { MeshError } from "../platform/errors.ts";
+import { MeshError, PolicyInvalid } from "../platform/errors.ts";
+import { limitsFor, parseLimits, type Limit, type Limits } from "./limits.ts";
+
+export { PolicyInvalid };
 
 /**
  * What can be allowed. A permission is "action" or "action:resource"; the resource narrows it:
@@ -23,6 +26,8 @@ export interface Rule {
 
 export interface Policy {
   rules: readonly Rule[];
+  /** What each identity may take: connections at once (limits.ts). */
+  limits: readonly Limit[];
 }
 
 export interface Decision {
@@ -34,11 +39,6 @@ export interface Decision {
   reason: string;
 }
 
-export class PolicyInvalid extends MeshError {
-  constructor(message: string) {
-    super("ERR_POLICY_INVALID", 500, message);
-  }
-}
 
 /** An authenticated caller without the permission: 403, naming the identity and what it lacks. */
 export class PermissionDenied extends MeshError {
@@ -73,8 +73,8 @@ export function parsePolicy(text: string): Policy {
   if (typeof raw !== "object" || raw === null || !Array.isArray((raw as { rules?: unknown }).rules)) {
     throw new PolicyInvalid("policy must be a JSON object with a \"rules\" array");
   }
-  const topLevelExtra = Object.keys(raw).find((k) => k !== "rules" && k !== "comment");
-  if (topLevelExtra) throw new PolicyInvalid(`unknown top-level key ${JSON.stringify(topLevelExtra.slice(0, 32))} (expected "rules", "comment")`);
+  const topLevelExtra = Object.keys(raw).find((k) => k !== "rules" && k !== "limits" && k !== "comment");
+  if (topLevelExtra) throw new PolicyInvalid(`unknown top-level key ${JSON.stringify(topLevelExtra.slice(0, 32))} (expected "rules", "limits", "comment")`);
   const rules = (raw as { rules: unknown[] }).rules.map((rule, i): Rule => {
     const where = `rules[${i}]`;
     if (typeof rule !== "object" || rule === null) throw new PolicyInvalid(`${where} must be an object`);
@@ -100,7 +100,13 @@ export function parsePolicy(text: string): Policy {
     }
     return { identity, allow: allow as string[] };
   });
-  return { rules };
+  const limits = parseLimits((raw as { limits?: unknown }).limits, (pattern) => IDENTITY.test(pattern) && starIsWholeLastSegment(pattern, false));
+  return { rules, limits };
+}
+
+/** What `identity` may take under `policy` (its first matching limits, else the defaults). */
+export function limitsOf(policy: Policy, identity: string): Limits {
+  return limitsFor(policy.limits, identity, patternMatches);
 }
 
 function splitPermission(permission: string): [string, string] {
@@ -113,7 +119,7 @@ function splitPermission(permission: string): [string, string] {
  * characters after its prefix, so `client/*` matches `client/client10` but not `client/`; otherwise the whole
  * string must match.
  */
-function matches(pattern: string, value: string): boolean {
+export function patternMatches(pattern: string, value: string): boolean {
   if (!pattern.endsWith("*")) return pattern === value;
   const prefix = pattern.slice(0, -1);
   return value.startsWith(prefix) && (prefix === "" || value.length > prefix.length);
@@ -127,10 +133,10 @@ function matches(pattern: string, value: string): boolean {
 export function decide(policy: Policy, identity: string, action: Action, resource = ""): Decision {
   if (identity) {
     for (const rule of policy.rules) {
-      if (!matches(rule.identity, identity)) continue;
+      if (!patternMatches(rule.identity, identity)) continue;
       for (const permission of rule.allow) {
         const [allowedAction, allowedResource] = splitPermission(permission);
-        if (allowedAction === action && (allowedResource === "" || matches(allowedResource, resource))) {
+        if (allowedAction === action && (allowedResource === "" || patternMatches(allowedResource, resource))) {
           return { allow: true, identity, action, resource, reason: `${rule.identity} may ${permission}` };
         }
       }

@@ -10,7 +10,7 @@ export type ErrorCode =
   | "ERR_BAD_REQUEST" | "ERR_UNSUPPORTED_MEDIA_TYPE" | "ERR_BODY_TOO_LARGE" | "ERR_NOT_FOUND" | "ERR_METHOD_NOT_ALLOWED"
   | "ERR_TIMEOUT" | "ERR_CLIENT_CLOSED" | "ERR_HOST_NOT_ALLOWED"
   // who is calling, and what it may do
-  | "ERR_PROOF" | "ERR_FORBIDDEN" | "ERR_REVOKED" | "ERR_UNAUTHORIZED"
+  | "ERR_PROOF" | "ERR_FORBIDDEN" | "ERR_REVOKED" | "ERR_UNAUTHORIZED" | "ERR_CONNECTION_LIMIT"
   // payloads and secrets
   | "ERR_INVALID_TOKEN" | "ERR_DECRYPT" | "ERR_SEAL" | "ERR_REPLAY" | "ERR_REPLAY_QUOTA" | "ERR_REPLAY_MEMORY_FULL"
   | "ERR_IDEMPOTENCY_CONFLICT"
@@ -80,5 +80,12 @@ export class Unavailable extends MeshError {
 export class ConfigError extends MeshError {
   constructor(message: string) {
     super("ERR_CONFIG", 500, message);
+  }
+}
+
+/** A policy file that does not parse or names what does not exist: where, and what to fix. */
+export class PolicyInvalid extends MeshError {
+  constructor(message: string) {
+    super("ERR_POLICY_INVALID", 500, message);
   }
 }

@@ -62,21 +62,22 @@ export function assertSafeTlsEnvironment(env: Environment = process.env): void {
 }
 
 /**
- * Options for Bun.serve / Elysia and node:tls: only clients with an unrevoked, valid certificate from our CA,
- * with the clientAuth EKU, complete the handshake.
+ * A mutual-TLS listener's TLS: only clients with a valid certificate from our CA complete the handshake. The CRL is
+ * not among them: the listeners ask the role's live CRL themselves at every handshake and on every request
+ * (shared/platform/runtime/admission.ts), where a TLS stack given a CRL past its nextUpdate (Bun's) refuses every
+ * client, and Deno's ignores it.
  */
 export function mutualTlsServerOptions(identity: Identity) {
   return {
     cert: identity.cert,
     key: identity.key,
     ca: identity.ca,
-    ...(identity.crl ? { crl: identity.crl } : {}),
     requestCert: true,
     rejectUnauthorized: true,
   } as const;
 }
 
-/** Options for fetch: present our certificate and trust only our CA. */
+/** Options for an outbound hop: present our certificate and trust only our CA. */
 export function mutualTlsClientOptions(identity: Identity) {
   return {
     cert: identity.cert,

@@ -36,6 +36,15 @@ export interface AdmissionOptions {
   onRefused?: (refusal: Refusal) => void;
 }
 
+/** How long a connection over its identity's cap is kept for its first request, to answer it with a 429. */
+export const CAP_ANSWER_WITHIN_MS = 2_000;
+
+/** The one answer a connection over its identity's cap gets: 429, when to try again, and why, then a close. */
+export function capAnswer(refusal: Refusal): { status: 429; headers: Record<string, string>; body: string } {
+  const error = `${refusal.identity} already holds ${refusal.limit} connections, its limit: reuse one of them, or retry later`;
+  return { status: 429, headers: { "retry-after": "1", connection: "close" }, body: JSON.stringify({ error, code: "ERR_CONNECTION_LIMIT" }) };
+}
+
 /** "::ffff:10.0.0.1" and "10.0.0.1" are one client. */
 export const plainAddress = (address: string | undefined) => address?.replace(/^::ffff:(?=\d+\.\d+\.\d+\.\d+$)/, "") ?? "-";
 
@@ -78,14 +87,17 @@ export class Admission {
   }
 
   /**
-   * Decides a completed handshake: the verified caller, or null after `onRefused` (the caller closes the
-   * connection). Every admitted peer must be `released` when its connection closes.
+   * Decides a completed handshake: the verified caller, or, after `onRefused`, the refusal. A connection over its
+   * identity's cap is a good client with one connection too many: the listener answers its first request with
+   * capAnswer() (a 429 it can read and wait on) and closes it; any other refusal is closed at once. Every admitted
+   * peer must be `released` when its connection closes.
    */
-  admit(address: string, authorized: boolean, certificate: tls.PeerCertificate | null | undefined): RequestPeer | null {
-    if (!this.mutual) return { address, identity: "", serial: "" };
+  admit(address: string, authorized: boolean, certificate: tls.PeerCertificate | null | undefined): { peer: RequestPeer } | { refusal: Refusal } {
+    if (!this.mutual) return { peer: { address, identity: "", serial: "" } };
     const refuse = (reason: RefusalReason, identity?: string, limit?: number) => {
-      this.#options.onRefused?.({ reason, address, ...(identity ? { identity } : {}), ...(limit !== undefined ? { limit } : {}) });
-      return null;
+      const refusal: Refusal = { reason, address, ...(identity ? { identity } : {}), ...(limit !== undefined ? { limit } : {}) };
+      this.#options.onRefused?.(refusal);
+      return { refusal };
     };
     // Explicitly, whatever the TLS stack was told: NODE_TLS_REJECT_UNAUTHORIZED=0 has switched Bun's own check off.
     if (!authorized || !certificate?.raw) return refuse("untrusted");
@@ -99,7 +111,7 @@ export class Admission {
     const open = this.#perIdentity.get(identity) ?? 0;
     if (open >= limit) return refuse("identity-cap", identity, limit);
     this.#perIdentity.set(identity, open + 1);
-    return { address, identity, serial };
+    return { peer: { address, identity, serial } };
   }
 
   /** An admitted connection closed: its identity's place is free again. */

@@ -148,12 +148,20 @@ describe("per-identity connection caps (issue 18, L2)", () => {
     const client2 = loadIdentity(pki, "client2");
     const open = await Promise.all([connect(listener.port, client2), connect(listener.port, client2), connect(listener.port, client2)]);
     for (const socket of open) expect((await exchange(socket, GET("/health"))).status).toBe(200);
-    expect(await reachable(listener.port, client2)).toBe(false);
+    // One too many: a 429 the client can read and wait on, then a close; the app never sees it.
+    const extra = await connect(listener.port, client2);
+    const answer = await exchange(extra, GET("/health"));
+    expect([answer.status, JSON.parse(answer.body)]).toEqual([429, {
+      error: "spiffe://securemesh/client/client2 already holds 3 connections, its limit: reuse one of them, or retry later", code: "ERR_CONNECTION_LIMIT",
+    }]);
+    await closed(extra);
     expect(await reachable(listener.port, loadIdentity(pki, "client1"))).toBe(true);
     for (const socket of open) expect((await exchange(socket, GET("/health"))).status).toBe(200);
     expect(lines.filter((l) => l.includes("refused"))).toEqual([
       "connection from 127.0.0.1 refused: spiffe://securemesh/client/client2 already holds 3 connections, its limit",
     ]);
+    // client2's 3 connections twice each, and client1's one: the refused connection's request never reached the app.
+    expect(lines.filter((l) => l.includes('"GET /health'))).toHaveLength(7);
     open[0]!.destroy();
     // The gate sees the close a moment after the client does: the place comes free within a few attempts.
     let admitted = false;

@@ -10,7 +10,7 @@
 // about a third of what node:tls + node:http cost here, and Bun.serve still parses every request.
 import type { Server, Socket, TCPSocketListener } from "bun";
 import { ConfigError } from "../errors.ts";
-import { Admission, plainAddress } from "./admission.ts";
+import { Admission, CAP_ANSWER_WITHIN_MS, capAnswer, plainAddress, type Refusal } from "./admission.ts";
 import { bindPeer, type RequestPeer } from "./peer.ts";
 import { HANDSHAKE_DEADLINE_MS } from "./limits.ts";
 import type { ReloadableListener, ServableApp, ServerTls } from "./types.ts";
@@ -41,6 +41,8 @@ interface Relay {
   outerGone: boolean;
   /** Both sides are done with, or were cut off. */
   closed: boolean;
+  /** Over its identity's cap: answered once with a 429, never relayed. */
+  capped: Refusal | null;
 }
 
 export interface GateOptions {
@@ -212,7 +214,7 @@ export async function serveThroughGate(app: ServableApp, options: GateOptions): 
             const address = plainAddress(outer.remoteAddress);
             const relay: Relay = {
               outer, inner: null, peer: null, address, toInner: [], toOuter: [], pendingBytes: 0,
-              leaveHandshake: () => {}, handshakeTimer: undefined, endOuter: false, awaitingAnswer: false, outerGone: false, closed: false,
+              leaveHandshake: () => {}, handshakeTimer: undefined, endOuter: false, awaitingAnswer: false, outerGone: false, closed: false, capped: null,
             };
             outer.data = relay;
             relays.add(relay);
@@ -227,18 +229,32 @@ export async function serveThroughGate(app: ServableApp, options: GateOptions): 
             const relay = outer.data;
             clearTimeout(relay.handshakeTimer);
             relay.leaveHandshake();
-            const peer = success ? admission.admit(relay.address, outer.authorized, outer.getPeerCertificate()) : null;
-            if (!peer) {
+            const decision = success ? admission.admit(relay.address, outer.authorized, outer.getPeerCertificate()) : null;
+            if (!decision || "refusal" in decision) {
               leaveOuter(relay);
+              if (decision?.refusal.reason === "identity-cap") {
+                // A good client with one connection too many: its first request gets a 429 it can read, then a close.
+                relay.capped = decision.refusal;
+                relay.handshakeTimer = setTimeout(() => close(relay), CAP_ANSWER_WITHIN_MS);
+                return;
+              }
               relay.closed = true; // nothing admitted, nothing to release
               outer.terminate();
               return;
             }
-            relay.peer = peer;
+            relay.peer = decision.peer;
             void connectInner(relay);
           },
           data(outer, chunk) {
             const relay = outer.data;
+            if (relay.capped) {
+              const { status, headers, body } = capAnswer(relay.capped);
+              const head = Object.entries({ ...headers, "content-type": "application/json; charset=utf-8", "content-length": String(Buffer.byteLength(body)) })
+                .map(([name, value]) => `${name}: ${value}\r\n`).join("");
+              relay.capped = null;
+              outer.end(`HTTP/1.1 ${status} Too Many Requests\r\n${head}\r\n${body}`);
+              return;
+            }
             if (relay.inner === null) {
               // The loopback connection is still being made: keep the bytes, bounded, and send them once it is up.
               relay.toInner.push(Uint8Array.from(chunk));

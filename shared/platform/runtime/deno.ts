@@ -2,8 +2,8 @@
 // - Elysia's listen is Bun.serve, and Deno.serve ignores client-certificate options (denoland/deno#26825): every
 //   listener is node:https (which enforces requestCert, keeps connections alive and shows the client's
 //   certificate) handing requests to app.handle.
-// - node:https ignores the `crl` option: revocation is checked at every handshake and on every request
-//   (isRevoked, or tls.crl parsed and verified with the CA).
+// - node:https ignores the `crl` option: revocation is checked at every handshake and on every request, with the
+//   role's live CRL (isRevoked), as on Bun.
 // - Peer certificates carry no ext_key_usage: the EKU is read from the DER (shared/platform/eku.ts).
 // Outbound hops are the portable HttpsClient's (node:tls, which Deno implements with the peer certificate).
 import { createHmac } from "node:crypto";

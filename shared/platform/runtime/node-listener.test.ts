@@ -270,9 +270,11 @@ describe("slow clients are cut off, and no address holds too many connections (#
     const open = await Promise.all([connect(listener.port), connect(listener.port), connect(listener.port)]);
     for (const socket of open) expect((await exchange(socket, GET)).status).toBe(200);
 
-    const extra = tls.connect({ host: "127.0.0.1", port: listener.port, servername: "localhost", cert: client1.cert, key: client1.key, ca: client1.ca });
+    // One too many: a 429 the client can read and wait on, then a close.
+    const extra = await connect(listener.port);
     extra.on("error", () => {});
-    cleanups.push(() => extra.destroy());
+    const over = await exchange(extra, GET);
+    expect([over.status, over.headers["retry-after"], JSON.parse(over.body).code]).toEqual([429, "1", "ERR_CONNECTION_LIMIT"]);
     await closedWithin(extra, 5000);
     for (const socket of open) expect((await exchange(socket, GET)).status).toBe(200); // the others are untouched
     expect(refusals).toEqual(["identity-cap client1 3"]);

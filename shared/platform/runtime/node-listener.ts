@@ -7,7 +7,7 @@ import http from "node:http";
 import type net from "node:net";
 import type tls from "node:tls";
 import { ConfigError, MeshError, type ErrorCode } from "../errors.ts";
-import { Admission, plainAddress } from "./admission.ts";
+import { Admission, CAP_ANSWER_WITHIN_MS, capAnswer, plainAddress, type Refusal } from "./admission.ts";
 import { BODY_DEADLINE_MS, DEFAULT_BODY_LIMIT, HANDSHAKE_DEADLINE_MS, HEADER_DEADLINE_MS, IDLE_TIMEOUT_S } from "./limits.ts";
 import { bindPeer, type RequestPeer } from "./peer.ts";
 import type { ServerTls, TlsServerFactory } from "./types.ts";
@@ -56,13 +56,14 @@ interface Connection {
 const keyOf = (socket: net.Socket) => `${socket.remoteAddress}|${socket.remotePort}`;
 
 /** Answers with JSON, unless the connection is already gone; `close` ends the connection once it is sent. */
-function reply(res: http.ServerResponse, status: number, error: string, code: ErrorCode, close = false): void {
+function reply(res: http.ServerResponse, status: number, error: string, code: ErrorCode, close = false, extra: Record<string, string> = {}): void {
   if (res.headersSent || res.destroyed || res.writableEnded) {
     res.destroy();
     return;
   }
   const body = Buffer.from(JSON.stringify({ error, code }));
   res.writeHead(status, {
+    ...extra,
     "content-type": "application/json; charset=utf-8",
     "content-length": String(body.length),
     ...(close ? { connection: "close" } : {}),
@@ -155,6 +156,8 @@ export function listenNode(app: HandlingApp, options: NodeListenerOptions): Prom
    * handshake: neither BoringSSL (Bun) nor rustls (Deno) renegotiates as a server.
    */
   const admitted = new WeakMap<net.Socket, RequestPeer>();
+  /** Connections over their identity's cap, kept only to answer their first request with a 429. */
+  const capped = new WeakMap<net.Socket, Refusal>();
 
   const expectHeadWithin = (connection: Connection, ms: number) => {
     clearTimeout(connection.headTimer);
@@ -170,6 +173,11 @@ export function listenNode(app: HandlingApp, options: NodeListenerOptions): Prom
         if (value !== undefined) headers.set(name, Array.isArray(value) ? value.join(", ") : value);
       }
       const peer = admitted.get(socket);
+      const over = capped.get(socket);
+      if (over) {
+        const { status, headers, body } = capAnswer(over);
+        return reply(res, status, JSON.parse(body).error, "ERR_CONNECTION_LIMIT", true, headers);
+      }
       if (mutual) {
         if (!peer) return reply(res, 403, "no verified client certificate", "ERR_FORBIDDEN", true);
         // Per request, not per handshake: a revoked peer's open keep-alive connection is refused too (#11), and
@@ -227,8 +235,15 @@ export function listenNode(app: HandlingApp, options: NodeListenerOptions): Prom
     socket.setTimeout(IDLE_TIMEOUT_S * 1000, () => refuse());
     socket.on("error", () => {});
     if (!mutual) return true;
-    const peer = admission.admit(plainAddress(socket.remoteAddress), socket.authorized, socket.getPeerCertificate());
-    if (!peer) return refuse();
+    const decision = admission.admit(plainAddress(socket.remoteAddress), socket.authorized, socket.getPeerCertificate());
+    if ("refusal" in decision) {
+      if (decision.refusal.reason !== "identity-cap") return refuse();
+      // A good client with one connection too many: its first request gets a 429 it can read, then a close.
+      capped.set(socket, decision.refusal);
+      setTimeout(() => refuse(), CAP_ANSWER_WITHIN_MS).unref?.();
+      return true;
+    }
+    const { peer } = decision;
     admitted.set(socket, peer);
     (connection?.socket ?? socket).once("close", () => admission.released(peer));
     return true;
