@@ -1,6 +1,6 @@
 // A securemesh client: sends Fernet-encrypted messages with a sender proof to the coordinator over mutual TLS.
 import { parseCrl } from "../shared/authz/crl.ts";
-import { parseSpiffeId } from "../shared/authz/identity.ts";
+import { isIdentityPattern } from "../shared/authz/identity.ts";
 import { exitWithConfigError, loadFernetKeys, parseFlags, parsePositive, pkiDir } from "../shared/platform/config.ts";
 import { ConfigError } from "../shared/platform/errors.ts";
 import { Fernet } from "../shared/request-path/fernet.ts";
@@ -54,7 +54,7 @@ export function parseClientConfig(argv: string[]): ClientConfig {
   if (!/^[A-Za-z0-9_-]+$/.test(name)) throw new ConfigError(`--name: '${name}' may hold letters, digits, - and _ only`);
   const count = parsePositive(values.count, "--count", 1);
   const expectCoordinator = values["expect-coordinator"] ?? COORDINATOR_IDENTITY;
-  if (!parseSpiffeId(expectCoordinator.replace(/\/\*$/, "/x"))) {
+  if (!isIdentityPattern(expectCoordinator)) {
     throw new ConfigError(`--expect-coordinator: '${expectCoordinator}' is not a SPIFFE ID such as ${COORDINATOR_IDENTITY}`);
   }
   if (!Number.isInteger(count)) throw new ConfigError("--count must be a whole number");
