@@ -1,5 +1,7 @@
 // The faults of `bun harness chaos`, shared with harness/chaos.test.ts (which runs smaller loads).
+import tls from "node:tls";
 import type { MeshClient } from "../shared/request-path/mesh-client.ts";
+import { loadIdentity } from "../shared/platform/tls.ts";
 import { openStore } from "../shared/request-path/store.ts";
 import { expectThat, latenciesStartedBetween, percentile, renderTable, runLoad, waitFor, waitUntilInRotation, type LoadOptions, type LoadRun, type Mesh } from "./fixtures/index.ts";
 import { countRecords } from "./scenario.ts";
@@ -166,4 +168,76 @@ export async function coordinatorFailover(mesh: ChaosMesh, second: string, clien
 
 export function faultTable(rows: FaultRow[]): string[] {
   return renderTable(["fault", "requests", "failed", "detail"], rows.map((r) => [r.fault, String(r.requests), String(r.failed), r.detail]));
+}
+
+/** A TLS server under another valid certificate of our CA, recording every byte a client sends past the handshake. */
+export interface Impostor extends AsyncDisposable {
+  port: number;
+  handshakes: number;
+  bytes: number;
+}
+
+/**
+ * Binds `port` (a dead server's) with `name`'s certificate (another identity of our CA, naming the same host) and
+ * answers anything it is sent as a server would acknowledge a write, so an acknowledgement that came from it shows.
+ */
+export async function startImpostor(pki: string, name: string, port: number): Promise<Impostor> {
+  const identity = loadIdentity(pki, name);
+  const impostor = { port, handshakes: 0, bytes: 0 };
+  const fake = JSON.stringify({ result: "ok", id: IMPOSTOR_ID, server: port });
+  const server = tls.createServer({ cert: identity.cert, key: identity.key, ca: identity.ca, requestCert: true, rejectUnauthorized: false }, (socket) => {
+    impostor.handshakes += 1;
+    socket.on("error", () => {});
+    socket.on("data", (chunk: Buffer) => {
+      impostor.bytes += chunk.length;
+      socket.write(`HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: ${fake.length}\r\n\r\n${fake}`);
+    });
+  });
+  server.on("tlsClientError", () => {});
+  // The port was the server's a moment ago: bind as soon as the kernel lets go of it.
+  await waitFor(`port ${port} to be free for the impostor`, () => new Promise<boolean>((resolve) => {
+    server.once("error", () => resolve(false));
+    server.listen(port, "127.0.0.1", () => resolve(true));
+  }), 5000);
+  return Object.assign(impostor, { [Symbol.asyncDispose]: () => new Promise<void>((resolve) => server.close(() => resolve())) });
+}
+
+/** The record id the impostor claims for every write: an acknowledgement carrying it came from the impostor. */
+export const IMPOSTOR_ID = 424_242;
+
+/**
+ * Issue 18, H1: a server is killed with SIGKILL under write load, and at once a process holding another valid
+ * certificate of our CA (the KeyServer's, which names the same host) binds its port. The swap happens between two
+ * bursts of writes, so no forward fails in between and the coordinator still has the server in rotation: exactly
+ * when, before, the next forward opened a connection to the impostor, which received the request and acknowledged
+ * it. It must receive nothing, no client may get an acknowledgement it gave, and every acknowledged record must be
+ * in the store once.
+ */
+export async function impostorUnderLoad(mesh: ChaosMesh, clients: number, perClient: number): Promise<FaultRow & { impostor: { handshakes: number; bytes: number } }> {
+  const before = await countRecords(mesh.db);
+  const victim = mesh.servers[1]!;
+  const writers = clientsFor(mesh, clients);
+  const first = await loadOn(mesh, writers, "write", { perWorker: Math.ceil(perClient / 4) }, undefined);
+  await mesh.cluster.kill(victim.name);
+  await using impostor = await startImpostor(mesh.cluster.pki, "keyserver", victim.port);
+  const second = await loadOn(mesh, writers, "write", { perWorker: perClient - Math.ceil(perClient / 4) }, undefined);
+  // The coordinator's probes meet the impostor too, and refuse it for its identity.
+  await waitFor("the coordinator to refuse the impostor's identity", async () => {
+    const servers = (await mesh.cluster.health(mesh.coordinator))?.body.servers as { url: string; lastError: string | null }[] | undefined;
+    return servers?.find((s) => s.url === victim.url)?.lastError?.includes("ERR_UNEXPECTED_PEER") === true;
+  }, 10_000);
+  const acks = [...first.acks, ...second.acks];
+  const [requests, errors] = [first.requests + second.requests, first.errors + second.errors];
+  const { records, lost, duplicates } = await checkRecords(mesh.db, before, acks);
+  const falseAcks = acks.filter((id) => id === IMPOSTOR_ID).length;
+  expectThat(impostor.bytes === 0, `the impostor received ${impostor.bytes} bytes past ${impostor.handshakes} handshakes (${falseAcks} writes acknowledged by it)`);
+  expectThat(falseAcks === 0, `${falseAcks} acknowledgements came from the impostor`);
+  expectThat(errors === 0, `${errors} requests failed, e.g. ${[...first.errorSamples, ...second.errorSamples][0]}`);
+  expectThat(lost === 0 && duplicates === 0 && records === acks.length, `acknowledged ${acks.length}, stored ${records}: ${lost} lost, ${duplicates} duplicated`);
+  return {
+    fault: "kill -9 a server, another CA identity binds its port, under load",
+    requests, failed: errors,
+    detail: `impostor: ${impostor.handshakes} handshakes, ${impostor.bytes} bytes received; ${falseAcks} false acknowledgements; ${acks.length} acknowledged, ${records} stored, 0 lost, 0 duplicated`,
+    impostor: { handshakes: impostor.handshakes, bytes: impostor.bytes },
+  };
 }

@@ -1,6 +1,6 @@
 // The key faults of `bun harness chaos`, with smaller loads, on real processes and free ports.
 import { expect, setDefaultTimeout, test } from "bun:test";
-import { allServersDown, coordinatorFailover, databaseOutage, hangUnderLoad, killNineUnderLoad } from "./chaos-checks.ts";
+import { allServersDown, coordinatorFailover, databaseOutage, hangUnderLoad, impostorUnderLoad, killNineUnderLoad } from "./chaos-checks.ts";
 import { percentile, startMesh, startTokenStack, type MeshOptions } from "./fixtures/index.ts";
 import { TcpRelay } from "../shared/testing/tcp-relay.ts";
 
@@ -42,3 +42,13 @@ test("a database outage: 503 while MariaDB is cut off, then everything works wit
 test("percentile", () => {
   expect([percentile([5, 1, 3, 2, 4], 50), percentile([1, 2, 3, 4, 100], 99), percentile([], 99)]).toEqual([3, 100, 0]);
 });
+
+// Issue 18, H1: on Bun, Deno and a mixed mesh.
+for (const runtime of ["bun", "deno", "mixed"] as const) {
+  test(`an impostor on a killed server's port, under load, on ${runtime}: it receives nothing, acknowledges nothing`, async () => {
+    // The mesh's default probe interval (1 s), as in the finding: the window in which only a forward could meet it.
+    await using mesh = await startMesh({ runtime });
+    const row = await impostorUnderLoad(mesh, 4, 60);
+    expect({ failed: row.failed, impostorBytes: row.impostor.bytes }).toEqual({ failed: 0, impostorBytes: 0 });
+  });
+}

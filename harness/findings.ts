@@ -619,12 +619,15 @@ export async function runSlowFindingCases(t: Pick<FindingTargets, "cluster" | "c
 }
 
 /**
- * M2's per-address cap: from one address, `cap + extra` idle TLS connections; the role closes the extra ones and
- * keeps the rest, and serves again once they are gone. Run it alone: every connection from 127.0.0.1 counts.
+ * M2's and L2's per-identity cap: `cap + extra` idle TLS connections of client1; the role closes the extra ones and
+ * keeps the rest, and serves again once they are gone. Run it alone: every connection of client1 counts.
  */
-export async function runConnectionCapCase(t: Pick<FindingTargets, "cluster" | "stack">, tally: Tally, cap: number, extra = 5): Promise<void> {
+export async function runConnectionCapCase(t: Pick<FindingTargets, "cluster" | "stack" | "coordinator" | "servers">, tally: Tally, cap: number, extra = 5): Promise<void> {
   const client1 = mutualTlsClientOptions(loadIdentity(t.cluster.pki, "client1"));
-  for (const [role, url] of [["keyserver", t.stack.keyserver], ["secureproxy", t.stack.secureproxy]] as const) {
+  // Issue 18, L2: client2 held 300 connections open on the coordinator and on each server (Bun.serve could not tell
+  // who held them); every role now caps each identity, on both runtimes.
+  const roles = [["keyserver", t.stack.keyserver], ["secureproxy", t.stack.secureproxy], ["coordinator", t.coordinator], ["server1", t.servers[0]]] as const;
+  for (const [role, url] of roles) {
     await tally.run(role, `M2: ${cap + extra} idle connections of one identity → those over the cap of ${cap} closed`, 1, async () => {
       const sockets = (await Promise.all(Array.from({ length: cap + extra }, () => connectTls(url, client1).catch(() => null)))).filter((s) => s !== null);
       try {

@@ -23,9 +23,10 @@ export const HANDSHAKE_DEADLINE_MS = 3_000;
  * Connections from one address still in their TLS handshake, before anyone is known. When a new one comes, the
  * oldest of them is closed, not the newcomer: a flood of bare TCP connections from the proxy's own address held
  * every place and shut the proxy out, with no certificate at all (found by attack on #11). A real handshake takes
- * milliseconds, so it is done long before 32 newer connections push it out.
+ * milliseconds, so it is done long before 256 newer connections push it out; 32 cut off a coordinator (or a bench
+ * client) opening 64 kept-alive connections to a server at once (issue 18).
  */
-export const MAX_HANDSHAKES_PER_ADDRESS = 32;
+export const MAX_HANDSHAKES_PER_ADDRESS = 256;
 /**
  * Open connections one verified identity may hold; more are closed once the handshake says who they are (#11 M2).
  * Sized for the SecureProxy, the KeyServer's one legitimate caller: it checks the KeyServer's identity on every
