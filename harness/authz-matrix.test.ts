@@ -51,6 +51,9 @@ describe("expected outcomes from the repository's policy", () => {
       "keyserver.self": "deny deny deny deny refused refused refused refused",
       "keyserver.client1": "deny deny deny allow refused refused refused refused",
       "keyserver.client1.ecdh": "deny deny deny allow refused refused refused refused",
+      // Any certificate of the CA that is trusted, on every role's /health and /metrics; never a revoked one (issue 18, L1).
+      ...Object.fromEntries(["coordinator.get.health", "server.get.health", "server.get.metrics", "secureproxy.get.health", "secureproxy.get.metrics",
+        "keyserver.get.health", "keyserver.get.metrics"].map((key) => [key, "allow allow allow allow refused refused refused refused"])),
     });
   });
 
@@ -119,7 +122,7 @@ describe("the table", () => {
     expect(table[2]).toContain("| allow ");
     expect(table[2]).toContain("!deny (want allow)");
     const summary = matrixSummary(result);
-    expect(summary[0]).toStartWith("authorization matrix: 2 cells (2 identities × 17 actions, 2 attempts), 1 as expected, 1 unexpected; expected from policy.json: 2 allow, 0 deny, 0 401, 0 refused");
+    expect(summary[0]).toStartWith("authorization matrix: 2 cells (2 identities × 24 actions, 2 attempts), 1 as expected, 1 unexpected; expected from policy.json: 2 allow, 0 deny, 0 401, 0 refused");
     expect(summary).toContain("UNEXPECTED client2 × coordinator records.write: expected allow, got deny: 403");
   });
 });

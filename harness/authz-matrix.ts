@@ -102,6 +102,13 @@ export const COLUMNS: Column[] = [
   { key: "keyserver.client1", role: "keyserver", label: "tokens.fetch client1/marketplace for client1", tls: "self", steps: (id, h) => [step(id, "tokens.fetch"), step(h.client1, "proxy.use", "client1/marketplace")] },
   // The opt-in ECDH-ES exchange (#13) is decided exactly as RSA-OAEP-256: another JWE, the same two decisions.
   { key: "keyserver.client1.ecdh", role: "keyserver", label: "tokens.fetch client1/marketplace for client1, ECDH-ES", tls: "self", steps: (id, h) => [step(id, "tokens.fetch"), step(h.client1, "proxy.use", "client1/marketplace")] },
+  // /health and /metrics answer any certificate of the CA (load balancers, scrapers), and nothing else: a revoked
+  // one was still served on Bun, where the listener could not see it (issue 18, L1). The coordinator's /metrics is
+  // on its loopback admin listener, outside mutual TLS.
+  ...([["coordinator", "/health"], ["server", "/health"], ["server", "/metrics"], ["secureproxy", "/health"], ["secureproxy", "/metrics"],
+    ["keyserver", "/health"], ["keyserver", "/metrics"]] as const).map(([role, path]): Column => ({
+    key: `${role}.get${path.replace("/", ".")}`, role, label: `GET ${path}`, tls: "self", steps: () => [],
+  })),
 ];
 
 /** The 403 text a role sends for a denied step: the last resource it asked about. */
@@ -305,9 +312,15 @@ export async function runAuthzMatrix(t: MatrixTargets, options: { attempts: numb
   const call = (url: string, tls: Actor["tls"], init: RequestInit) => fetch(url, { ...init, tls, keepalive: false, signal: AbortSignal.timeout(10_000) } as RequestInit);
   const json = { "content-type": "application/json" };
 
+  const base: Record<Column["role"], string> = { coordinator: t.coordinator, server: t.server, secureproxy: t.secureproxy, keyserver: t.keyserver };
   const run = async (actor: Actor, column: Column): Promise<Observation> => {
     const tls = column.tls === "self" ? actor.tls : client2.tls;
     const { signer } = actor;
+    if (column.label.startsWith("GET /")) {
+      const response = await call(`${base[column.role]}${column.label.slice(4)}`, tls, {});
+      const text = await response.text();
+      return response.status === 200 ? { outcome: "allow", detail: `200 ${text.slice(0, 60)}` } : { outcome: "other", detail: `${response.status} ${text.slice(0, 120)}` };
+    }
     switch (column.key.split(".").slice(0, 2).join(".")) {
       case "coordinator.write": {
         const data = fernet.encrypt(`matrix write by ${actor.facts.label}`);

@@ -1,7 +1,6 @@
 // The faults of `bun harness chaos`, shared with harness/chaos.test.ts (which runs smaller loads).
-import tls from "node:tls";
 import type { MeshClient } from "../shared/request-path/mesh-client.ts";
-import { loadIdentity } from "../shared/platform/tls.ts";
+import { IMPOSTOR_ID, startImpostor } from "./hostile.ts";
 import { openStore } from "../shared/request-path/store.ts";
 import { expectThat, latenciesStartedBetween, percentile, renderTable, runLoad, waitFor, waitUntilInRotation, type LoadOptions, type LoadRun, type Mesh } from "./fixtures/index.ts";
 import { countRecords } from "./scenario.ts";
@@ -169,41 +168,6 @@ export async function coordinatorFailover(mesh: ChaosMesh, second: string, clien
 export function faultTable(rows: FaultRow[]): string[] {
   return renderTable(["fault", "requests", "failed", "detail"], rows.map((r) => [r.fault, String(r.requests), String(r.failed), r.detail]));
 }
-
-/** A TLS server under another valid certificate of our CA, recording every byte a client sends past the handshake. */
-export interface Impostor extends AsyncDisposable {
-  port: number;
-  handshakes: number;
-  bytes: number;
-}
-
-/**
- * Binds `port` (a dead server's) with `name`'s certificate (another identity of our CA, naming the same host) and
- * answers anything it is sent as a server would acknowledge a write, so an acknowledgement that came from it shows.
- */
-export async function startImpostor(pki: string, name: string, port: number): Promise<Impostor> {
-  const identity = loadIdentity(pki, name);
-  const impostor = { port, handshakes: 0, bytes: 0 };
-  const fake = JSON.stringify({ result: "ok", id: IMPOSTOR_ID, server: port });
-  const server = tls.createServer({ cert: identity.cert, key: identity.key, ca: identity.ca, requestCert: true, rejectUnauthorized: false }, (socket) => {
-    impostor.handshakes += 1;
-    socket.on("error", () => {});
-    socket.on("data", (chunk: Buffer) => {
-      impostor.bytes += chunk.length;
-      socket.write(`HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: ${fake.length}\r\n\r\n${fake}`);
-    });
-  });
-  server.on("tlsClientError", () => {});
-  // The port was the server's a moment ago: bind as soon as the kernel lets go of it.
-  await waitFor(`port ${port} to be free for the impostor`, () => new Promise<boolean>((resolve) => {
-    server.once("error", () => resolve(false));
-    server.listen(port, "127.0.0.1", () => resolve(true));
-  }), 5000);
-  return Object.assign(impostor, { [Symbol.asyncDispose]: () => new Promise<void>((resolve) => server.close(() => resolve())) });
-}
-
-/** The record id the impostor claims for every write: an acknowledgement carrying it came from the impostor. */
-export const IMPOSTOR_ID = 424_242;
 
 /**
  * Issue 18, H1: a server is killed with SIGKILL under write load, and at once a process holding another valid

@@ -4,6 +4,7 @@
 import { createPublicKey, randomUUID, type KeyObject } from "node:crypto";
 import { readFileSync, renameSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
+import type tls from "node:tls";
 import { parseCrl } from "../shared/authz/crl.ts";
 import { parsePolicy, type Rule } from "../shared/authz/policy.ts";
 import { loadFernetKeys, policyPath } from "../shared/platform/config.ts";
@@ -12,8 +13,8 @@ import type { DataSnapshot } from "../shared/request-path/data-view.ts";
 import { PROOF_HEADER, ProofSigner } from "../shared/request-path/proof.ts";
 import { loadIdentity, mutualTlsClientOptions, type Identity } from "../shared/platform/tls.ts";
 import { ON_BEHALF_OF_HEADER, openJoseResponse, prepareJoseRequest, prepareLegacyRequest } from "../shared/token-path/token-exchange.ts";
-import { runPkiSh, waitFor, waitUntilInRotation, type Cluster, type TokenStack } from "./fixtures/index.ts";
-import { closedWithin, connectTls, dribbleClosedAfter, parseHttpAnswer, plainHttp, sendChunked, tlsRefused, type Tally, type TlsMaterial } from "./hostile.ts";
+import { freePort, runPkiSh, waitFor, waitUntilInRotation, type Cluster, type TokenStack } from "./fixtures/index.ts";
+import { closedWithin, connectTls, dribbleClosedAfter, parseHttpAnswer, plainHttp, sendChunked, startImpostor, tlsRefused, type Tally, type TlsMaterial } from "./hostile.ts";
 
 /** Marks the forged log lines of the L1 case, so the log scan can tell whether one ever started a line. */
 export const FORGED_MARKER = "forged-l1-5c2e";
@@ -442,6 +443,32 @@ export async function runFindingCases(t: FindingTargets, tally: Tally, options: 
     }
   });
 
+  // ---- Issue 18: every outbound hop pins an identity. Before, the API hop trusted any mesh certificate naming the
+  // API's host (M1: a server certificate on :5005 was handed client1's token), and a client any one on the
+  // coordinator's port.
+  await tally.run("secureproxy", "M1: a server certificate on the API's allowlisted port gets no token; nothing sent", 1, async () => {
+    await using impostor = await startImpostor(pki, "server", await freePort());
+    const url = await cluster.startRole("refuses-api-secureproxy", "secureproxy", ["0", "--keyserver", stack.keyserver, "--allow", `marketplace=127.0.0.1:${impostor.port}`]);
+    try {
+      const got = await answer(await postJson(`${url}/request_api`, client1, { ClientId: "client1", TokenType: "marketplace", ApiUri: `https://127.0.0.1:${impostor.port}/api/item` }));
+      if (got.status !== 502 || !/unexpected peer identity|UNEXPECTED_PEER|expected spiffe:\/\/securemesh\/marketplace\/marketplace/.test(got.text)) return `answered ${got.status}: ${got.text}`;
+      return impostor.bytes === 0 ? null : `the impostor received ${impostor.bytes} bytes`;
+    } finally {
+      await cluster.kill("refuses-api-secureproxy");
+    }
+  });
+  await tally.run("client", "H1: a server certificate on a coordinator's port gets nothing from a client", 1, async () => {
+    await using impostor = await startImpostor(pki, "server", await freePort());
+    const client = cluster.client("client1", [`https://127.0.0.1:${impostor.port}`]);
+    try {
+      const outcome = await client.sendData("to whoever answers").then((r) => `answered ${r.status}`, (error: Error) => error.message);
+      if (!/unexpected peer identity|reached spiffe:\/\/securemesh\/server\/server, expected spiffe:\/\/securemesh\/coordinator/.test(outcome)) return `the client: ${outcome}`;
+      return impostor.bytes === 0 ? null : `the impostor received ${impostor.bytes} bytes`;
+    } finally {
+      client.close();
+    }
+  });
+
   // ---- M3 and M4 start processes of their own: only in the harness's full run (bun test covers both elsewhere).
   if (options.full) {
     // Old: one global nonce store; client2 filling it got client1 503 ERR_REPLAY_MEMORY_FULL.
@@ -492,6 +519,30 @@ export async function runFindingCases(t: FindingTargets, tally: Tally, options: 
       if ((await tlsRefused(url, live)) === null) return `client-live's TLS to ${role} was refused before the revocation`;
     }
     const refusedAt = (url: string) => async () => (await tlsRefused(url, live)) === null;
+    // Issue 18, L1: a connection client-live opened before its revocation, kept alive. Bun servers went on answering
+    // /health and /metrics on it (and on new ones: they read the CRL only at start); now every request is refused.
+    const kept = await Promise.all([server1, t.coordinator].map(async (url) => {
+      const socket = await connectTls(url, live);
+      socket.on("error", () => {});
+      return { url, socket };
+    }));
+    const healthOn = (socket: tls.TLSSocket) => new Promise<number>((resolve) => {
+      let raw = "";
+      const onData = (chunk: Buffer) => {
+        raw += chunk.toString();
+        const answer = parseHttpAnswer(raw);
+        if (answer) {
+          socket.off("data", onData);
+          resolve(answer.status);
+        }
+      };
+      socket.on("data", onData);
+      socket.once("close", () => resolve(0));
+      if (socket.destroyed) resolve(0);
+      else socket.write("GET /health HTTP/1.1\r\nHost: localhost\r\n\r\n");
+    });
+    for (const { url, socket } of kept) if ((await healthOn(socket)) !== 200) return `client-live's kept connection to ${url} got no 200 before the revocation`;
+    const keptRefused = (socket: tls.TLSSocket) => async () => (await healthOn(socket)) !== 200;
     // Everyone else's traffic runs through the reload: Part 4 says no in-flight request is dropped. The writes
     // carry no Idempotency-Key, so a request the coordinator loses is not quietly re-sent. They go as the client
     // library sends them, which tries again on a connection refused or reset before any request was taken: the
@@ -525,11 +576,13 @@ export async function runFindingCases(t: FindingTargets, tally: Tally, options: 
       "proof at server 1": async () => (await write(liveSigner, client2, { at: server1 })).status === 401,
       "proof at server 2": async () => (await write(liveSigner, client2, { at: server2 })).status === 401,
       "TLS to the coordinator": refusedAt(t.coordinator),
-      // Servers refuse a revoked identity per request (its assertion and proof meet the live CRL), not at the
-      // handshake: swapping their listener would reset the coordinator's kept-alive connections.
+      "TLS to server 1": refusedAt(server1),
       "TLS to the KeyServer": refusedAt(stack.keyserver),
       "TLS to the SecureProxy": refusedAt(stack.secureproxy),
+      "GET /health on a kept connection to server 1": keptRefused(kept[0]!.socket),
+      "GET /health on a kept connection to the coordinator": keptRefused(kept[1]!.socket),
     });
+    for (const { socket } of kept) socket.destroy();
     // The roles poll their files every second: a little longer, and every role has reloaded under the traffic.
     await waitFor("every role to log its TLS reload", () => ["server1", "server2", "coordinator", "keyserver", "secureproxy"]
       .every((r) => cluster.role(r).lines.some((l) => l.startsWith(`TLS material reloaded: ${revokedCount(pki)} revoked`))), 5000).catch(() => {});
