@@ -1,10 +1,10 @@
 // A stand-in for the external marketplace API: HTTPS, and a fixed item for the one right Bearer token.
 import { timingSafeEqual, createHash } from "node:crypto";
-import { readFileSync } from "node:fs";
 import { exitWithConfigError, parseFlags, parsePort, pkiDir, exitOnSignals } from "../shared/platform/config.ts";
 import { ConfigError, MeshError } from "../shared/platform/errors.ts";
 import { createApp, listenReloadable } from "../shared/platform/http.ts";
 import { createLogger, type Logger } from "../shared/ops/log.ts";
+import { readPrivateFile } from "../shared/platform/private-files.ts";
 import { assertSafeTlsEnvironment, loadIdentity } from "../shared/platform/tls.ts";
 
 const USAGE = `
@@ -55,8 +55,10 @@ async function main(): Promise<void> {
     if (!tokenFile) throw new ConfigError("--token-file is required (the token the API accepts)");
     let token: string;
     try {
-      token = readFileSync(tokenFile, "utf8").trim();
-    } catch {
+      // A secret like a private key: refused when group or others can read it.
+      token = readPrivateFile(tokenFile).trim();
+    } catch (error) {
+      if (error instanceof ConfigError) throw error;
       throw new ConfigError(`cannot read --token-file ${tokenFile}`);
     }
     if (!token) throw new ConfigError(`--token-file ${tokenFile} is empty`);
