@@ -4,6 +4,7 @@ import net from "node:net";
 import type { Server } from "bun";
 import { ConfigError } from "../errors.ts";
 import { describeError } from "../../ops/log.ts";
+import { connectBunTls } from "./bun-connect.ts";
 import { Admission } from "./admission.ts";
 import { serveThroughGate } from "./bun-gate.ts";
 import { bindPeer } from "./peer.ts";
@@ -97,4 +98,5 @@ export const bunRuntime: Runtime = {
   // Bun's own hasher: 1.6 µs per 1 KiB, about 20% faster than node:crypto's createHmac on Bun.
   hmacSha256: (key, data) => new Bun.CryptoHasher("sha256", key).update(data).digest(),
   serveApp,
+  connectTls: connectBunTls,
 };

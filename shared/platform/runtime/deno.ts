@@ -9,6 +9,7 @@
 import { createHmac } from "node:crypto";
 import https from "node:https";
 import { ConfigError } from "../errors.ts";
+import { connectNodeTls } from "./node-connect.ts";
 import { Admission } from "./admission.ts";
 import { listenNode } from "./node-listener.ts";
 import type { AppListenOptions, ReloadableListener, Runtime, ServableApp, TlsServerFactory } from "./types.ts";
@@ -57,4 +58,5 @@ export const denoRuntime: Runtime = {
   // createHmac: 18–24 µs per 1 KiB on Deno; there is nothing faster there.
   hmacSha256: (key, data) => createHmac("sha256", key).update(data).digest(),
   serveApp,
+  connectTls: connectNodeTls,
 };

@@ -98,6 +98,34 @@ export interface ReloadableListener {
   stop(closeActiveConnections?: boolean): Promise<void>;
 }
 
+/** Where an outbound TLS connection goes, and with what: our certificate (mutual TLS) and the CA we trust. */
+export interface TlsConnectOptions {
+  host: string;
+  port: number;
+  /** SNI; left out for an address. */
+  servername?: string;
+  ca?: string;
+  cert?: string;
+  key?: string;
+}
+
+/**
+ * An outbound TLS connection whose handshake is done. Nothing has been written to it, and nothing about the peer has
+ * been decided beyond the runtime's own chain check (`authorized`): the caller checks the peer's certificate before
+ * its first write (shared/platform/https-client.ts).
+ */
+export interface TlsConnection {
+  readonly authorized: boolean;
+  readonly authorizationError: string | null;
+  peerCertificate(): tls.PeerCertificate | null;
+  /** Queued as needed: the runtime's own backpressure is handled inside. */
+  write(data: Uint8Array): void;
+  destroy(): void;
+  /** Set by the caller: each chunk received, then one call when the connection is gone. */
+  onData: (chunk: Buffer) => void;
+  onClose: () => void;
+}
+
 export interface Runtime {
   readonly name: "bun" | "deno";
   /** Whether serveApp can share a port with sibling processes (AppListenOptions.sharePort): Bun.serve can. */
@@ -106,6 +134,11 @@ export interface Runtime {
   hmacSha256(key: Uint8Array, data: Uint8Array): Buffer;
   /** Serves an Elysia app: mutual TLS when `tls.requestCert`, plain TLS without it, plain HTTP without `tls`. */
   serveApp(app: ServableApp, options: AppListenOptions): Promise<ReloadableListener>;
+  /**
+   * Opens an outbound TLS connection: resolved once the handshake is done, rejected with the runtime's error when
+   * it fails; `abort` ends an attempt still in progress.
+   */
+  connectTls(options: TlsConnectOptions): { connected: Promise<TlsConnection>; abort(): void };
 }
 
 /** A TLS server that parses HTTP: 'connection' hands over each socket before its handshake. */
