@@ -1,19 +1,15 @@
 // The coordinator: terminates clients' mutual TLS and forwards /api/* to healthy servers, failing over between them.
-import { Authorizer, expectPeer, isIdentityPattern, mutualTlsListening, TrustMaterial } from "../shared/authz/index.ts";
-import { ConfigError, ProofRejected } from "../shared/platform/errors.ts";
-import { HttpsClient } from "../shared/platform/https-client.ts";
-import { exitWithConfigError, parseFlags, parsePort, parsePositive, pkiDir, policyPath, exitOnSignals } from "../shared/platform/config.ts";
-import { createApp, listenReloadable, readBodyLimited, requestTrace, requestUrl } from "../shared/platform/http.ts";
-import { createLogger, type Logger } from "../shared/ops/log.ts";
-import { Metrics } from "../shared/ops/metrics.ts";
-import { PROOF_HEADER } from "../shared/request-path/proof.ts";
-import { createAdminApp } from "../shared/ops/status-page.ts";
-import { assertSafeTlsEnvironment, mutualTlsClientOptions, type Identity } from "../shared/platform/tls.ts";
-import { UpstreamPool } from "../shared/request-path/upstream.ts";
-import { WorkerGroup, reportWorkerReady, workerIndex, workerSharesPort } from "../shared/platform/worker-group.ts";
-import { WorkerPoolView } from "../shared/ops/worker-view.ts";
 import { availableParallelism } from "node:os";
-import { runtime } from "../shared/platform/runtime/index.ts";
+import { createLogger } from "../shared/ops/log.ts";
+import { isIdentityPattern } from "../shared/authz/index.ts";
+import { parseFlags, parsePort, parsePositive, pkiDir, policyPath } from "../shared/platform/config.ts";
+import { ConfigError } from "../shared/platform/errors.ts";
+import { workerIndex } from "../shared/platform/worker-group.ts";
+import { coordinatorService, superviseCoordinators, type CoordinatorConfig } from "../shared/coordinator/service.ts";
+import { readConfig, runRole } from "../shared/service/run-role.ts";
+
+export { createCoordinatorApp } from "../shared/coordinator/app.ts";
+export type { CoordinatorConfig };
 
 const USAGE = `
 Usage: roles/coordinator.ts [PORT] [options]
@@ -49,22 +45,6 @@ Options:
                          (a warning at start says so); without it, no valid crl.pem stops the role
   -h, --help             show this help
 `;
-
-export interface CoordinatorConfig {
-  port: number;
-  host: string;
-  servers: string[];
-  expectServer: string;
-  pki: string;
-  policy: string;
-  /** --no-crl: no revocation at all (#18). */
-  noCrl: boolean;
-  timeoutMs: number;
-  health: { intervalMs: number; timeoutMs: number; fall: number; rise: number };
-  admin: { port: number; host: string } | null;
-  workers: number;
-  accessLog: boolean;
-}
 
 export function parseCoordinatorConfig(argv: string[]): CoordinatorConfig {
   const { values, positionals } = parseFlags("coordinator", USAGE, {
@@ -129,183 +109,8 @@ function parseWorkers(value: string | undefined): number {
   return n;
 }
 
-export function createCoordinatorApp({ pool, logger, metrics = new Metrics(), accessLog = true }: { pool: UpstreamPool; logger: Logger; metrics?: Metrics; accessLog?: boolean }) {
-  // /metrics is on the admin listener, next to the status page, as Envoy serves its stats.
-  return createApp({ logger, metrics, metricsRoute: false, accessLog })
-    .get("/health", ({ set }) => {
-      const servers = pool.snapshot().map(({ url, up, lastCheckedAt, latencyMs, requests, failures, lastError }) =>
-        ({ url, up, lastCheckedAt, latencyMs, requests, failures, lastError }));
-      const up = servers.filter((s) => s.up).length;
-      if (up === 0) set.status = 503;
-      return { status: up > 0 ? "ok" : "no server up", role: "coordinator", serversUp: up, servers };
-    })
-    .post("/api/invalidate_cache", async ({ request, set }) => {
-      const body = await readForwardedBody(request);
-      // A broadcast costs a request to every server: one that cannot be allowed anywhere (no proof) goes nowhere.
-      if (!carriesProof(body)) throw new ProofRejected("sender proof missing");
-      // Every configured server, in parallel, up or not: a server marked down may only be slow.
-      const headers = { "content-type": request.headers.get("content-type") ?? "application/json" };
-      const outcomes = await pool.broadcast("POST", "/api/invalidate_cache", headers, body, requestTrace(request));
-      const acknowledged = outcomes.filter((o) => o.ok).map((o) => o.server);
-      const failed = outcomes.filter((o) => !o.ok).map((o) =>
-        o.status === null ? { server: o.server, status: null, error: o.error } : { server: o.server, status: o.status, error: errorText(o.body) });
-      for (const f of failed) logger.warn(`Invalidation not acknowledged by ${f.server}: ${f.error}`);
-      // Nobody acknowledged: if every server answered (say, 401 for a bad proof), their answer is the answer.
-      if (acknowledged.length === 0) set.status = failed.every((f) => f.status !== null) ? failed[0]!.status! : 503;
-      return { result: acknowledged.length > 0 ? "ok" : "failed", complete: failed.length === 0, acknowledged, failed };
-    }, { parse: "none" })
-    .get("/api/cache_stats", async ({ request, set }) => {
-      const proof = request.headers.get(PROOF_HEADER);
-      if (!proof) throw new ProofRejected("sender proof missing");
-      const outcomes = await pool.broadcast("GET", "/api/cache_stats", { [PROOF_HEADER]: proof }, undefined, requestTrace(request));
-      // No server answered: if every one refused (401, 403), their answer is the answer, as for invalidation.
-      if (!outcomes.some((o) => o.ok)) set.status = outcomes.every((o) => o.status !== null) ? outcomes[0]!.status! : 503;
-      return {
-        servers: outcomes.map((o) => (o.ok ? { url: o.server, ...JSON.parse(new TextDecoder().decode(o.body)) } : { url: o.server, error: o.status === null ? o.error : `answered ${o.status}` })),
-      };
-    })
-    .all("/api/*", async ({ request }) => {
-      const url = requestUrl(request);
-      const body = request.method === "GET" || request.method === "HEAD" ? undefined : await readForwardedBody(request);
-      const result = await pool.forward({ method: request.method, path: url.pathname + url.search, headers: request.headers, body, trace: requestTrace(request) });
-      return new Response(result.body, {
-        status: result.status,
-        headers: { "content-type": result.contentType ?? "application/json", "x-securemesh-upstream": result.upstream },
-      });
-    }, { parse: "none" });
+if (import.meta.main) {
+  const config = readConfig("coordinator", parseCoordinatorConfig);
+  if (config.workers > 1 && workerIndex() === null) await superviseCoordinators(config, createLogger("coordinator"));
+  else await runRole({ name: "coordinator", parse: () => config, start: coordinatorService });
 }
-
-/** The body to forward, counted as it is read: a chunked body cannot slip past the limit (#11 L6). */
-function readForwardedBody(request: Request): Promise<Uint8Array> {
-  return readBodyLimited(request);
-}
-
-/** Whether an invalidation's JSON body holds a proof at all; the servers verify it. */
-function carriesProof(body: Uint8Array): boolean {
-  try {
-    const proof = (JSON.parse(new TextDecoder().decode(body)) as { proof?: unknown } | null)?.proof;
-    return typeof proof === "string" && proof.length > 0;
-  } catch {
-    return false;
-  }
-}
-
-/** The `error` field of a server's JSON answer, for a report line. */
-function errorText(body: Uint8Array): string {
-  try {
-    return String((JSON.parse(new TextDecoder().decode(body)) as { error?: unknown }).error ?? "no error text");
-  } catch {
-    return "non-JSON answer";
-  }
-}
-
-async function main(): Promise<void> {
-  const logger = createLogger("coordinator");
-  let config: CoordinatorConfig;
-  try {
-    assertSafeTlsEnvironment();
-    config = parseCoordinatorConfig(process.argv.slice(2));
-  } catch (error) {
-    exitWithConfigError("coordinator", error);
-  }
-  if (config.workers > 1 && workerIndex() === null) await supervise(config, logger);
-  else await serve(config, logger);
-}
-
-/** One coordinator: its listener, its upstream pool and health checks; one of a supervisor's workers, or alone. */
-async function serve(config: CoordinatorConfig, logger: Logger): Promise<void> {
-  const worker = workerIndex();
-  let pool: UpstreamPool;
-  let trust: TrustMaterial;
-  let servers: HttpsClient;
-  let authz: Authorizer;
-  // Only a server identity, unrevoked, may hold a connection to the servers' URLs: every connection is checked at
-  // its handshake, and nothing is written to one that failed (issue 18, H1).
-  const serverTls = (identity: Identity) => ({
-    ...mutualTlsClientOptions(identity), checkServerIdentity: expectPeer(config.expectServer, { isRevoked: (serial) => trust.isRevoked(serial) }),
-  });
-  try {
-    trust = TrustMaterial.open(config.pki, "coordinator", { noCrl: config.noCrl });
-    servers = new HttpsClient({ tls: serverTls(trust.identity), isRevoked: (serial) => trust.isRevoked(serial) });
-    pool = new UpstreamPool({ servers: config.servers, transport: servers, logger, timeoutMs: config.timeoutMs, health: config.health });
-    authz = new Authorizer(config.policy, logger);
-  } catch (error) {
-    exitWithConfigError("coordinator", error);
-  }
-  const metrics = new Metrics();
-  pool.exportMetrics(metrics);
-  const app = createCoordinatorApp({ pool, logger, metrics, accessLog: config.accessLog });
-  const listener = await listenReloadable(app, {
-    port: config.port, hostname: config.host, ...mutualTlsListening(trust, authz), sharePort: worker !== null && workerSharesPort(),
-  }).catch((error) => exitWithConfigError("coordinator", error));
-  const port = listener.port;
-  trust.onReload(async (identity, changed) => {
-    if (!changed.certificate) return; // revocation is asked per connection and per request
-    servers.setTls(serverTls(identity));
-    await listener.reload(mutualTlsListening(trust).tls);
-  }).watch(logger);
-  authz.watch();
-  // A worker's admin listener is for its supervisor only: loopback, a port of the kernel's choosing, and only when
-  // the supervisor serves an admin page of its own (the operator asked for one).
-  const adminAt = worker === null || !config.admin ? config.admin : { port: 0, host: "127.0.0.1" };
-  let admin: Awaited<ReturnType<typeof listenReloadable>> | null = null;
-  if (adminAt) {
-    // A non-loopback --admin-host is the one other Host the admin page answers to (DNS rebinding, #11).
-    const adminApp = createAdminApp({ pool, logger, metrics, allowedHosts: [adminAt.host], accessLog: worker === null });
-    admin = await listenReloadable(adminApp, { port: adminAt.port, hostname: adminAt.host })
-      .catch((error) => exitWithConfigError("coordinator", error));
-    if (worker === null) logger.info(`coordinator admin (status page, /metrics) on http://${adminAt.host}:${admin.port}/`);
-  }
-  pool.start();
-  const stop = async () => {
-    pool.stop();
-    servers.close();
-    trust.stop();
-    authz.stop();
-    await Promise.all([listener.stop(), admin?.stop()]);
-  };
-  if (worker !== null) {
-    logger.info(`coordinator worker ${worker} (pid ${process.pid}) listening on https://${config.host}:${port}`);
-    reportWorkerReady({ port, adminUrl: admin ? `http://127.0.0.1:${admin.port}/` : null }, () => void stop().finally(() => process.exit(0)));
-  } else {
-    logger.info(`coordinator listening on https://${config.host}:${port}, servers: ${config.servers.join(", ")}`);
-  }
-  exitOnSignals(stop);
-}
-
-/**
- * --workers N: N coordinators on one port, this process their supervisor. The kernel spreads connections over
- * them (SO_REUSEPORT); each has its own upstream pool and probes, so a server's state can differ between workers
- * for up to a probe interval. The status page and /metrics here merge the workers' own.
- */
-async function supervise(config: CoordinatorConfig, logger: Logger): Promise<void> {
-  if (!runtime.sharesPorts) exitWithConfigError("coordinator", new ConfigError("--workers above 1 needs Bun: Deno's node:https listener cannot share a port (SO_REUSEPORT)"));
-  const group = await WorkerGroup.start({
-    count: config.workers,
-    port: config.port,
-    // The last --port wins over a positional port and an earlier --port: every worker gets the port bound first.
-    args: (port) => [...process.argv.slice(2), "--port", String(port)],
-    onEvent: (message) => logger.warn(`coordinator: ${message}`),
-  }).catch((error) => exitWithConfigError("coordinator", error));
-  const view = new WorkerPoolView(() => group.states());
-  let admin: Awaited<ReturnType<typeof listenReloadable>> | null = null;
-  if (config.admin) {
-    view.start(); // read the workers only for a page that shows them
-    const adminApp = createAdminApp({ pool: view, logger, metrics: new Metrics(), allowedHosts: [config.admin.host], metricsResponse: () => view.metricsResponse() });
-    admin = await listenReloadable(adminApp, { port: config.admin.port, hostname: config.admin.host })
-      .catch(async (error) => {
-        await group.stop();
-        return exitWithConfigError("coordinator", error);
-      });
-    logger.info(`coordinator admin (status page, /metrics) on http://${config.admin.host}:${admin.port}/`);
-  }
-  logger.info(`coordinator listening on https://${config.host}:${group.port} with ${config.workers} workers (pids ${group.states().map((w) => w.pid).join(", ")}), servers: ${config.servers.join(", ")}`);
-  // Certificates, the CRL and the policy reload in each worker; SIGHUP asks them all at once.
-  process.on("SIGHUP", () => group.signal("SIGHUP"));
-  exitOnSignals(async () => {
-    view.stop();
-    await Promise.all([group.stop(), admin?.stop()]);
-  });
-}
-
-if (import.meta.main) await main();

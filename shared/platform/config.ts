@@ -5,6 +5,7 @@ import { parseArgs } from "node:util";
 import { ConfigError } from "./errors.ts";
 import { REPO_ROOT } from "./paths.ts";
 import { readPrivateFile } from "./private-files.ts";
+import { flagVariable, readConfigFile, type FlagSource } from "./config-file.ts";
 
 export { displayPath, REPO_ROOT } from "./paths.ts";
 
@@ -13,28 +14,65 @@ export type FlagSpec = Record<string, { type: "string" | "boolean"; short?: stri
 export interface Parsed<T extends FlagSpec> {
   values: { [K in keyof T]?: T[K]["type"] extends "boolean" ? boolean : T[K]["multiple"] extends true ? string[] : string };
   positionals: string[];
+  /** Where each given flag came from (config-file.ts): a secret may not come from the command line. */
+  sources: { [K in keyof T]?: FlagSource };
 }
 
+/** The line every role's --help ends with: the config file and variables it reads (config-file.ts). */
+export const CONFIG_HELP = `
+  --config FILE      read flags from FILE: SECUREMESH_<FLAG>=value lines (SECUREMESH_DB, SECUREMESH_PORT, ...), the
+                     format of a systemd EnvironmentFile (default $SECUREMESH_CONFIG); the command line wins over
+                     the file, the file over SECUREMESH_<FLAG> variables in the environment`;
+
 /**
- * Parses flags strictly; `--help` prints `usage` and exits 0, and any mistake exits 2 with one line.
+ * Parses flags strictly; `--help` prints `usage` and exits 0, and any mistake exits 2 with one line. A flag the command
+ * line leaves out is read from the --config file, then from its SECUREMESH_<FLAG> variable (config-file.ts); a
+ * multi-valued flag lists its values there separated by spaces.
  * @example const { values } = parseFlags("server", usage, { port: { type: "string" } });
  */
-export function parseFlags<T extends FlagSpec>(role: string, usage: string, spec: T, argv = process.argv.slice(2)): Parsed<T> {
+export function parseFlags<T extends FlagSpec>(role: string, usage: string, spec: T, argv = process.argv.slice(2), env: Record<string, string | undefined> = process.env): Parsed<T> {
   try {
     const { values, positionals } = parseArgs({
       args: argv,
-      options: { ...spec, help: { type: "boolean", short: "h" } },
+      options: { ...spec, config: { type: "string" }, help: { type: "boolean", short: "h" } },
       allowPositionals: true,
       strict: true,
     });
     if ((values as { help?: boolean }).help) {
       // The same flags on both runtimes: `bun roles/ROLE.ts …` or `deno run -A roles/ROLE.ts …`.
-      console.log(usage.trim());
+      console.log(usage.trim() + "\n" + CONFIG_HELP.replace(/^\n/, ""));
       process.exit(0);
     }
-    return { values: values as Parsed<T>["values"], positionals };
+    const configPath = (values as { config?: string }).config ?? env.SECUREMESH_CONFIG;
+    const file = configPath ? readConfigFile(configPath) : new Map<string, string>();
+    const known = new Set([...Object.keys(spec), "port"].map(flagVariable));
+    const stray = [...file.keys()].find((name) => !known.has(name));
+    if (stray) throw new ConfigError(`${configPath}: ${stray} is not a flag of ${role} (see --help)`);
+    const out = values as Record<string, unknown>;
+    const sources: Record<string, FlagSource> = {};
+    for (const [flag, option] of Object.entries(spec)) {
+      if (out[flag] !== undefined) {
+        sources[flag] = "argv";
+        continue;
+      }
+      const name = flagVariable(flag);
+      const [raw, source] = file.has(name) ? [file.get(name), "file" as const] : [env[name], "env" as const];
+      if (raw === undefined || raw === "") continue;
+      if (option.type === "boolean") {
+        if (raw !== "true" && raw !== "false") throw new ConfigError(`${name} must be true or false, not '${raw}'`);
+        out[flag] = raw === "true";
+      } else {
+        out[flag] = option.multiple ? raw.split(/\s+/).filter(Boolean) : raw;
+      }
+      sources[flag] = source;
+    }
+    const port = file.get("SECUREMESH_PORT") ?? env.SECUREMESH_PORT;
+    if (positionals.length === 0 && port) positionals.push(port);
+    delete out.config;
+    return { values: out as Parsed<T>["values"], positionals, sources: sources as Parsed<T>["sources"] };
   } catch (error) {
-    return exitWithConfigError(role, new ConfigError(`${(error as Error).message} (see --help)`));
+    const message = error instanceof ConfigError ? error.message : `${(error as Error).message} (see --help)`;
+    return exitWithConfigError(role, new ConfigError(message));
   }
 }
 

@@ -2,20 +2,20 @@ import { beforeAll, describe, expect, test } from "bun:test";
 import { join } from "node:path";
 import { mkdtempSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
-import { Authorizer } from "../shared/authz/index.ts";
-import { loadFernetKeys, policyPath } from "../shared/platform/config.ts";
-import { Fernet } from "../shared/request-path/fernet.ts";
-import { createLogger } from "../shared/ops/log.ts";
-import { Metrics } from "../shared/ops/metrics.ts";
-import { PROOF_HEADER, ProofSigner, ProofVerifier } from "../shared/request-path/proof.ts";
-import { openStore, type RecordStore } from "../shared/request-path/store.ts";
-import { testPki } from "../shared/testing/pki.ts";
-import { handledAs } from "../shared/testing/peers.ts";
-import { scrape } from "../shared/testing/prometheus.ts";
-import { runPython } from "../shared/testing/python.ts";
-import { loadIdentity } from "../shared/platform/tls.ts";
-import { CachedDataView, type DataSnapshot } from "../shared/request-path/data-view.ts";
-import { createServerApp } from "./server.ts";
+import { Authorizer } from "../authz/index.ts";
+import { loadFernetKeys, policyPath } from "../platform/config.ts";
+import { Fernet } from "./fernet.ts";
+import { createLogger } from "../ops/log.ts";
+import { Metrics } from "../ops/metrics.ts";
+import { PROOF_HEADER, ProofSigner, ProofVerifier } from "./proof.ts";
+import { openStore, type RecordStore } from "./store.ts";
+import { testPki } from "../testing/pki.ts";
+import { handledAs } from "../testing/peers.ts";
+import { scrape } from "../testing/prometheus.ts";
+import { runPython } from "../testing/python.ts";
+import { loadIdentity } from "../platform/tls.ts";
+import { CachedDataView, type DataSnapshot } from "./data-view.ts";
+import { createServerApp } from "./server-app.ts";
 
 let pki: string;
 let store: RecordStore;
@@ -44,7 +44,7 @@ beforeAll(async () => {
   authz = new Authorizer(policyPath(), logger, metrics);
   const view = new CachedDataView({ store, fernet, logger, ttlMs: 30_000, now: clock });
   // app.handle needs no socket: the port is only the server number the answers carry.
-  app = handledAs(createServerApp({ port: 7001, store, view, fernet, verifier, authz, logger, ttl: 300, metrics }), COORDINATOR_ID);
+  app = handledAs(createServerApp({ port: () => 7001, store, view, fernet, verifier, authz, logger, ttl: 300, metrics }), COORDINATOR_ID);
 });
 
 async function post(body: unknown, headers: Record<string, string> = {}, target = app) {
@@ -172,7 +172,7 @@ describe("cache routes", () => {
     const otherLogs: string[] = [];
     const otherLogger = createLogger("server", { format: "text", color: false, write: (l) => otherLogs.push(l) });
     const other = handledAs(createServerApp({
-      port: 7002, store, fernet, verifier, authz, logger: otherLogger, ttl: 300,
+      port: () => 7002, store, fernet, verifier, authz, logger: otherLogger, ttl: 300,
       view: new CachedDataView({ store, fernet, logger: otherLogger, ttlMs: 30_000, now: clock }),
     }), COORDINATOR_ID);
     await read(other);
@@ -232,7 +232,7 @@ describe("authorization (#11): every request decided by the policy against a ver
 
   test("L4: a request whose connection is not held by an identity allowed to forward is refused", async () => {
     const body = await signed("sent straight to a server");
-    const inner = createServerApp({ port: 7001, store, view: new CachedDataView({ store, fernet, logger: createLogger("server", { write: () => {} }), ttlMs: 30_000 }), fernet, verifier, authz, logger: createLogger("server", { write: () => {} }), ttl: 300 });
+    const inner = createServerApp({ port: () => 7001, store, view: new CachedDataView({ store, fernet, logger: createLogger("server", { write: () => {} }), ttlMs: 30_000 }), fernet, verifier, authz, logger: createLogger("server", { write: () => {} }), ttl: 300 });
     expect(await post(body, {}, handledAs(inner, ""))).toEqual({ status: 403, body: { error: "an unidentified caller lacks permission forward", code: "ERR_FORBIDDEN" } });
     expect(await post(body, {}, handledAs(inner, "spiffe://securemesh/client/client1"))).toEqual({ status: 403, body: denied("client/client1", "forward") });
     // A request no listener accepted (no verified connection at all) names no one.
@@ -277,7 +277,7 @@ describe("authorization (#11): every request decided by the policy against a ver
     ] }));
     const logger = createLogger("server", { format: "text", color: false, write: () => {} });
     const narrow = handledAs(createServerApp({
-      port: 7003, store, fernet, verifier, authz: new Authorizer(policy, logger), logger, ttl: 300,
+      port: () => 7003, store, fernet, verifier, authz: new Authorizer(policy, logger), logger, ttl: 300,
       view: new CachedDataView({ store, fernet, logger, ttlMs: 30_000, now: clock }),
     }), COORDINATOR_ID);
     const mine = await post(await signed("client2's own", undefined, client2), {}, narrow);

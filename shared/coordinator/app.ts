@@ -1,0 +1,78 @@
+// The coordinator's app: /api/* forwarded to the next healthy server through the pool, invalidations and cache
+// statistics broadcast to every server, and the pool's view on /health. roles/coordinator.ts runs it.
+import { ProofRejected } from "../platform/errors.ts";
+import { createApp, readBodyLimited, requestTrace, requestUrl } from "../platform/http.ts";
+import type { Logger } from "../ops/log.ts";
+import { Metrics } from "../ops/metrics.ts";
+import { PROOF_HEADER } from "../request-path/proof.ts";
+import type { UpstreamPool } from "../request-path/upstream.ts";
+
+export function createCoordinatorApp({ pool, logger, metrics = new Metrics(), accessLog = true }: { pool: UpstreamPool; logger: Logger; metrics?: Metrics; accessLog?: boolean }) {
+  // /metrics is on the admin listener, next to the status page, as Envoy serves its stats.
+  return createApp({ logger, metrics, metricsRoute: false, accessLog })
+    .get("/health", ({ set }) => {
+      const servers = pool.snapshot().map(({ url, up, lastCheckedAt, latencyMs, requests, failures, lastError }) =>
+        ({ url, up, lastCheckedAt, latencyMs, requests, failures, lastError }));
+      const up = servers.filter((s) => s.up).length;
+      if (up === 0) set.status = 503;
+      return { status: up > 0 ? "ok" : "no server up", role: "coordinator", serversUp: up, servers };
+    })
+    .post("/api/invalidate_cache", async ({ request, set }) => {
+      const body = await readForwardedBody(request);
+      // A broadcast costs a request to every server: one that cannot be allowed anywhere (no proof) goes nowhere.
+      if (!carriesProof(body)) throw new ProofRejected("sender proof missing");
+      // Every configured server, in parallel, up or not: a server marked down may only be slow.
+      const headers = { "content-type": request.headers.get("content-type") ?? "application/json" };
+      const outcomes = await pool.broadcast("POST", "/api/invalidate_cache", headers, body, requestTrace(request));
+      const acknowledged = outcomes.filter((o) => o.ok).map((o) => o.server);
+      const failed = outcomes.filter((o) => !o.ok).map((o) =>
+        o.status === null ? { server: o.server, status: null, error: o.error } : { server: o.server, status: o.status, error: errorText(o.body) });
+      for (const f of failed) logger.warn(`Invalidation not acknowledged by ${f.server}: ${f.error}`);
+      // Nobody acknowledged: if every server answered (say, 401 for a bad proof), their answer is the answer.
+      if (acknowledged.length === 0) set.status = failed.every((f) => f.status !== null) ? failed[0]!.status! : 503;
+      return { result: acknowledged.length > 0 ? "ok" : "failed", complete: failed.length === 0, acknowledged, failed };
+    }, { parse: "none" })
+    .get("/api/cache_stats", async ({ request, set }) => {
+      const proof = request.headers.get(PROOF_HEADER);
+      if (!proof) throw new ProofRejected("sender proof missing");
+      const outcomes = await pool.broadcast("GET", "/api/cache_stats", { [PROOF_HEADER]: proof }, undefined, requestTrace(request));
+      // No server answered: if every one refused (401, 403), their answer is the answer, as for invalidation.
+      if (!outcomes.some((o) => o.ok)) set.status = outcomes.every((o) => o.status !== null) ? outcomes[0]!.status! : 503;
+      return {
+        servers: outcomes.map((o) => (o.ok ? { url: o.server, ...JSON.parse(new TextDecoder().decode(o.body)) } : { url: o.server, error: o.status === null ? o.error : `answered ${o.status}` })),
+      };
+    })
+    .all("/api/*", async ({ request }) => {
+      const url = requestUrl(request);
+      const body = request.method === "GET" || request.method === "HEAD" ? undefined : await readForwardedBody(request);
+      const result = await pool.forward({ method: request.method, path: url.pathname + url.search, headers: request.headers, body, trace: requestTrace(request) });
+      return new Response(result.body, {
+        status: result.status,
+        headers: { "content-type": result.contentType ?? "application/json", "x-securemesh-upstream": result.upstream },
+      });
+    }, { parse: "none" });
+}
+
+/** The body to forward, counted as it is read: a chunked body cannot slip past the limit (#11 L6). */
+function readForwardedBody(request: Request): Promise<Uint8Array> {
+  return readBodyLimited(request);
+}
+
+/** Whether an invalidation's JSON body holds a proof at all; the servers verify it. */
+function carriesProof(body: Uint8Array): boolean {
+  try {
+    const proof = (JSON.parse(new TextDecoder().decode(body)) as { proof?: unknown } | null)?.proof;
+    return typeof proof === "string" && proof.length > 0;
+  } catch {
+    return false;
+  }
+}
+
+/** The `error` field of a server's JSON answer, for a report line. */
+function errorText(body: Uint8Array): string {
+  try {
+    return String((JSON.parse(new TextDecoder().decode(body)) as { error?: unknown }).error ?? "no error text");
+  } catch {
+    return "non-JSON answer";
+  }
+}

@@ -1,0 +1,55 @@
+// One configuration per host (issue 23): a role's flags from a file, `--config FILE` (or $SECUREMESH_CONFIG), or from
+// SECUREMESH_<FLAG> variables, in the format of a systemd EnvironmentFile, so the unit and a hand-started role read the
+// same file. The command line wins over the file, the file over the environment.
+import { ConfigError } from "./errors.ts";
+import { readFileSync } from "node:fs";
+
+/** The variable (and config-file key) for a flag: --cache-ttl → SECUREMESH_CACHE_TTL; the port is SECUREMESH_PORT. */
+export function flagVariable(flag: string): string {
+  return `SECUREMESH_${flag.toUpperCase().replace(/-/g, "_")}`;
+}
+
+const LINE = /^(?:export\s+)?([A-Z][A-Z0-9_]*)=(.*)$/;
+
+/**
+ * `NAME=value` lines as systemd reads an EnvironmentFile: blank lines and `#` comments skipped, a value may be quoted
+ * with "" or ''. A line in any other shape stops the role with its number, so a typo is not silently ignored.
+ */
+export function parseConfigText(text: string, where: string): Map<string, string> {
+  const entries = new Map<string, string>();
+  for (const [i, raw] of text.split("\n").entries()) {
+    const line = raw.trim();
+    if (line === "" || line.startsWith("#")) continue;
+    const match = LINE.exec(line);
+    if (!match) throw new ConfigError(`${where}:${i + 1}: expected NAME=value, such as SECUREMESH_HOST=10.0.0.5`);
+    let value = match[2]!.trim();
+    if (value.length >= 2 && (value[0] === '"' || value[0] === "'") && value.at(-1) === value[0]) value = value.slice(1, -1);
+    entries.set(match[1]!, value);
+  }
+  return entries;
+}
+
+export function readConfigFile(path: string): Map<string, string> {
+  let text: string;
+  try {
+    text = readFileSync(path, "utf8");
+  } catch (error) {
+    throw new ConfigError(`cannot read --config ${path}: ${(error as NodeJS.ErrnoException).code ?? (error as Error).message}`);
+  }
+  return parseConfigText(text, path);
+}
+
+/** Where a flag's value came from: a secret may not come from the command line, where `ps` shows it. */
+export type FlagSource = "argv" | "file" | "env";
+
+/**
+ * A database URL with a password, given on the command line: every user of the host sees it in `ps`. Found by an
+ * operator following the deployment docs (issue 23). The URL goes in the config file, the environment, or a file of
+ * its own (--db-file).
+ */
+export function refuseSecretOnArgv(flag: string, value: string | undefined, source: FlagSource | undefined): void {
+  if (value === undefined || source !== "argv") return;
+  if (/^mysql:\/\/[^/@]*:[^/@]*@/i.test(value)) {
+    throw new ConfigError(`--${flag} holds a password, which every user of this host can read in ps: put the URL in --${flag}-file FILE (0600), in the --config file, or in $${flagVariable(flag)}`);
+  }
+}
