@@ -15,7 +15,7 @@ import { PROOF_HEADER, ProofSigner } from "../shared/request-path/proof.ts";
 import { CLIENT_AUTH_OID, type Identity } from "../shared/platform/tls.ts";
 import { ON_BEHALF_OF_HEADER, openJoseResponse, prepareEcdhRequest, prepareJoseRequest } from "../shared/token-path/token-exchange.ts";
 import { renderTable } from "./fixtures/index.ts";
-import type { TlsMaterial } from "./hostile.ts";
+import { connectionRefusal, type TlsMaterial } from "./hostile.ts";
 
 // ---- What a cell can come to -----------------------------------------------------------------------------------
 
@@ -217,6 +217,8 @@ async function classify(response: Response, check?: (body: Json) => string | nul
     return { outcome: "other", detail: `${response.status} without JSON: ${text.slice(0, 80)}` };
   }
   const detail = `${response.status} ${text.slice(0, 160)}`;
+  // The listener's own refusal of the connection, told to the client (issue 23): refused, as at the handshake.
+  if (connectionRefusal(response.status, text)) return { outcome: "refused", detail };
   if (response.status >= 200 && response.status < 300) {
     const problem = check?.(body) ?? null;
     return problem ? { outcome: "other", detail: `${detail} (${problem})` } : { outcome: "allow", detail };
@@ -229,6 +231,7 @@ async function classify(response: Response, check?: (body: Json) => string | nul
 /** The coordinator's broadcast answers (invalidate): every server's verdict is in `failed` or `acknowledged`. */
 async function classifyBroadcast(response: Response): Promise<Observation> {
   const text = await response.text();
+  if (connectionRefusal(response.status, text)) return { outcome: "refused", detail: `${response.status} ${text.slice(0, 120)}` };
   let body: { acknowledged?: unknown[]; failed?: { status: number | null; error?: string }[] };
   try {
     body = JSON.parse(text);
@@ -248,6 +251,7 @@ async function classifyBroadcast(response: Response): Promise<Observation> {
 /** The coordinator's cache_stats: one entry per server, each the server's counters or "answered <status>". */
 async function classifyStats(response: Response): Promise<Observation> {
   const text = await response.text();
+  if (connectionRefusal(response.status, text)) return { outcome: "refused", detail: `${response.status} ${text.slice(0, 120)}` };
   let body: { servers?: { error?: string; hits?: unknown }[] };
   try {
     body = JSON.parse(text);
@@ -319,6 +323,7 @@ export async function runAuthzMatrix(t: MatrixTargets, options: { attempts: numb
     if (column.label.startsWith("GET /")) {
       const response = await call(`${base[column.role]}${column.label.slice(4)}`, tls, {});
       const text = await response.text();
+      if (connectionRefusal(response.status, text)) return { outcome: "refused", detail: `${response.status} ${text.slice(0, 120)}` };
       return response.status === 200 ? { outcome: "allow", detail: `200 ${text.slice(0, 60)}` } : { outcome: "other", detail: `${response.status} ${text.slice(0, 120)}` };
     }
     switch (column.key.split(".").slice(0, 2).join(".")) {

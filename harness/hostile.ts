@@ -99,11 +99,23 @@ export async function hostileCertificates(pki: string, otherPki: string): Promis
 }
 
 /** null when the handshake (or the connection) was refused; otherwise what the role answered. */
+/** Whether an answer is a listener's refusal of the connection itself (ERR_REVOKED, ERR_CLIENT_CERT), not the app's. */
+export function connectionRefusal(status: number, body: string): boolean {
+  if (status !== 403) return false;
+  try {
+    const code = (JSON.parse(body) as { code?: unknown }).code;
+    return code === "ERR_REVOKED" || code === "ERR_CLIENT_CERT";
+  } catch {
+    return false;
+  }
+}
+
 export async function tlsRefused(url: string, material: TlsMaterial): Promise<string | null> {
   try {
     const response = await fetch(`${url}/health`, { tls: material, signal: AbortSignal.timeout(5000), keepalive: false });
-    await response.arrayBuffer();
-    return `accepted: ${response.status}`;
+    const text = await response.text();
+    // Refused by the listener at admission, and told why (a revoked certificate, one not for clients): issue 23.
+    return connectionRefusal(response.status, text) ? null : `accepted: ${response.status}`;
   } catch (error) {
     return (error as { name?: string }).name === "TimeoutError" ? "timeout instead of a refusal" : null;
   }

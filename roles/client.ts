@@ -108,14 +108,15 @@ async function main(): Promise<void> {
   for (let i = 0; i < config.count; i++) {
     if (config.cacheCheck) await checkCache(client, config.name);
     try {
-      const { status, body, trace } = await client.sendData(config.message);
+      const { status, body, trace, server } = await client.sendData(config.message);
       // The trace id names this request in every hop's log (coordinator, server, and its store line).
       if (status === 200) {
-        console.log(`[${config.name}] Success: ${JSON.stringify({ ...body, trace })}`);
+        console.log(`[${config.name}] Success: ${JSON.stringify({ ...body, ...(server ? { via: server } : {}), trace })}`);
       } else {
         failed += 1;
         // The error text comes from the other side: printed through printable() so it cannot drive this terminal.
-        console.log(`[${config.name}] Error ${status}: ${printable(String((body as { error?: unknown }).error ?? JSON.stringify(body)))} (trace=${trace})`);
+        const where = server ? `server ${printable(server)}, ` : "";
+        console.log(`[${config.name}] Error ${status}: ${printable(String((body as { error?: unknown }).error ?? JSON.stringify(body)))} (${where}trace=${trace})`);
       }
     } catch (error) {
       failed += 1;

@@ -284,9 +284,9 @@ function refusalReporter(logger: Logger, metrics: Metrics): (refusal: Refusal) =
 function refusalText(refusal: Refusal): string {
   switch (refusal.reason) {
     case "identity-cap": return `${refusal.identity} already holds ${refusal.limit} connections, its limit`;
-    case "revoked": return "its certificate is revoked";
+    case "revoked": return `${refusal.identity || "a client"}'s certificate is revoked (serial ${refusal.serial}); told so`;
     case "untrusted": return "no client certificate our CA issued";
-    case "no-client-auth": return "its certificate is not for client authentication";
+    case "no-client-auth": return `${refusal.identity || "its"} certificate is not for client authentication; told so`;
     case "handshake-flood": return "too many connections from this address still in their TLS handshake (the oldest closed)";
     case "handshake-timeout": return "no TLS handshake in time";
   }

@@ -55,6 +55,11 @@ export interface MeshResponse<T = Record<string, unknown>> {
   status: number;
   body: T;
   coordinator: string;
+  /**
+   * The server that answered, as the coordinator names it (its URL: host and port), or null for the coordinator's own
+   * answer: every server host may listen on the same port, so the port in a body cannot say which refused (issue 23).
+   */
+  server: string | null;
   /** The trace id the request carried (its traceparent): every hop's access line names it. */
   trace: string;
   /** Coordinators tried for this answer: 1 when the first one answered, more after failing over. */
@@ -161,7 +166,7 @@ export class MeshClient {
             last = `${coordinator} answered 503: ${(parsed as { error?: string }).error ?? ""}`;
             continue;
           }
-          return { status: response.status, body: parsed, coordinator, trace: trace.id, attempts: tried };
+          return { status: response.status, body: parsed, coordinator, server: response.header("x-securemesh-upstream"), trace: trace.id, attempts: tried };
         } catch (error) {
           last = `${coordinator}: ${describeNetworkError(error)}`;
         }

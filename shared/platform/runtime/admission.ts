@@ -18,6 +18,8 @@ export interface Refusal {
   address: string;
   /** The identity, once the certificate named one. */
   identity?: string;
+  /** The certificate's serial, for a revoked one. */
+  serial?: string;
   /** For identity-cap: the cap that bit. */
   limit?: number;
 }
@@ -36,13 +38,32 @@ export interface AdmissionOptions {
   onRefused?: (refusal: Refusal) => void;
 }
 
-/** How long a connection over its identity's cap is kept for its first request, to answer it with a 429. */
+/** How long a refused connection is kept for its first request, to answer it with why (refusalAnswer). */
 export const CAP_ANSWER_WITHIN_MS = 2_000;
 
-/** The one answer a connection over its identity's cap gets: 429, when to try again, and why, then a close. */
-export function capAnswer(refusal: Refusal): { status: 429; headers: Record<string, string>; body: string } {
-  const error = `${refusal.identity} already holds ${refusal.limit} connections, its limit: reuse one of them, or retry later`;
-  return { status: 429, headers: { "retry-after": "1", connection: "close" }, body: JSON.stringify({ error, code: "ERR_CONNECTION_LIMIT" }) };
+/** The one answer of a refused connection the client can act on: its status, headers and JSON body; then a close. */
+export interface RefusalAnswer {
+  status: 403 | 429;
+  code: "ERR_CONNECTION_LIMIT" | "ERR_REVOKED" | "ERR_CLIENT_CERT";
+  error: string;
+  headers: Record<string, string>;
+  body: string;
+}
+
+/** What a refused connection is told, or null for a refusal that is closed without a word (untrusted, a flood). */
+export function refusalAnswer(refusal: Refusal): RefusalAnswer | null {
+  const answer = (status: 403 | 429, code: RefusalAnswer["code"], error: string, headers: Record<string, string> = {}): RefusalAnswer =>
+    ({ status, code, error, headers: { ...headers, connection: "close" }, body: JSON.stringify({ error, code }) });
+  switch (refusal.reason) {
+    case "identity-cap":
+      return answer(429, "ERR_CONNECTION_LIMIT", `${refusal.identity} already holds ${refusal.limit} connections, its limit: reuse one of them, or retry later`, { "retry-after": "1" });
+    case "revoked":
+      return answer(403, "ERR_REVOKED", `this client's certificate is revoked (${refusal.identity || "no identity"}, serial ${refusal.serial}): it needs a new one`);
+    case "no-client-auth":
+      return answer(403, "ERR_CLIENT_CERT", `this certificate is not for client authentication (${refusal.identity || "no identity"}): use a client certificate`);
+    default:
+      return null;
+  }
 }
 
 /** "::ffff:10.0.0.1" and "10.0.0.1" are one client. */
@@ -87,10 +108,11 @@ export class Admission {
   }
 
   /**
-   * Decides a completed handshake: the verified caller, or, after `onRefused`, the refusal. A connection over its
-   * identity's cap is a good client with one connection too many: the listener answers its first request with
-   * capAnswer() (a 429 it can read and wait on) and closes it; any other refusal is closed at once. Every admitted
-   * peer must be `released` when its connection closes.
+   * Decides a completed handshake: the verified caller, or, after `onRefused`, the refusal. A refusal the client can
+   * act on (a connection over its identity's cap, a revoked certificate, one not for client authentication) is
+   * answered on the connection's first request (refusalAnswer: a 429 or a 403 saying why) and then closed, where a
+   * bare close after the handshake looked like a network fault to the client, and said nothing (issue 23); any other
+   * refusal is closed at once. Every admitted peer must be `released` when its connection closes.
    */
   admit(address: string, authorized: boolean, certificate: tls.PeerCertificate | null | undefined): { peer: RequestPeer } | { refusal: Refusal } {
     if (!this.mutual) return { peer: { address, identity: "", serial: "" } };
@@ -102,16 +124,22 @@ export class Admission {
     // Explicitly, whatever the TLS stack was told: NODE_TLS_REJECT_UNAUTHORIZED=0 has switched Bun's own check off.
     if (!authorized || !certificate?.raw) return refuse("untrusted");
     // The EKU from the certificate's DER: Deno's peer certificates do not list it.
-    if (!hasExtendedKeyUsage(certificate, CLIENT_AUTH_OID)) return refuse("no-client-auth");
-    const serial = certificate.serialNumber ?? "";
-    if (this.isRevoked(serial)) return refuse("revoked");
     const identity = this.#options.identify(withExtendedKeyUsage(certificate));
+    if (!hasExtendedKeyUsage(certificate, CLIENT_AUTH_OID)) return refuse("no-client-auth", identity);
+    const serial = certificate.serialNumber ?? "";
+    if (this.isRevoked(serial)) return { refusal: this.#revoked(address, identity, serial) };
     // Counted by who it is, now that it is known: one identity's connections never take another's places.
     const limit = this.#options.connectionLimit?.(identity) ?? MAX_CONNECTIONS_PER_IDENTITY;
     const open = this.#perIdentity.get(identity) ?? 0;
     if (open >= limit) return refuse("identity-cap", identity, limit);
     this.#perIdentity.set(identity, open + 1);
     return { peer: { address, identity, serial } };
+  }
+
+  #revoked(address: string, identity: string, serial: string): Refusal {
+    const refusal: Refusal = { reason: "revoked", address, ...(identity ? { identity } : {}), serial };
+    this.#options.onRefused?.(refusal);
+    return refusal;
   }
 
   /** An admitted connection closed: its identity's place is free again. */

@@ -10,7 +10,7 @@
 // about a third of what node:tls + node:http cost here, and Bun.serve still parses every request.
 import type { Server, Socket, TCPSocketListener } from "bun";
 import { ConfigError } from "../errors.ts";
-import { Admission, CAP_ANSWER_WITHIN_MS, capAnswer, plainAddress, type Refusal } from "./admission.ts";
+import { Admission, CAP_ANSWER_WITHIN_MS, plainAddress, refusalAnswer, type RefusalAnswer } from "./admission.ts";
 import { bindPeer, type RequestPeer } from "./peer.ts";
 import { HANDSHAKE_DEADLINE_MS } from "./limits.ts";
 import type { ReloadableListener, ServableApp, ServerTls } from "./types.ts";
@@ -41,8 +41,8 @@ interface Relay {
   outerGone: boolean;
   /** Both sides are done with, or were cut off. */
   closed: boolean;
-  /** Over its identity's cap: answered once with a 429, never relayed. */
-  capped: Refusal | null;
+  /** Refused with a reason the client can act on: answered once with it (429, 403), never relayed. */
+  refused: RefusalAnswer | null;
 }
 
 export interface GateOptions {
@@ -214,7 +214,7 @@ export async function serveThroughGate(app: ServableApp, options: GateOptions): 
             const address = plainAddress(outer.remoteAddress);
             const relay: Relay = {
               outer, inner: null, peer: null, address, toInner: [], toOuter: [], pendingBytes: 0,
-              leaveHandshake: () => {}, handshakeTimer: undefined, endOuter: false, awaitingAnswer: false, outerGone: false, closed: false, capped: null,
+              leaveHandshake: () => {}, handshakeTimer: undefined, endOuter: false, awaitingAnswer: false, outerGone: false, closed: false, refused: null,
             };
             outer.data = relay;
             relays.add(relay);
@@ -232,9 +232,10 @@ export async function serveThroughGate(app: ServableApp, options: GateOptions): 
             const decision = success ? admission.admit(relay.address, outer.authorized, outer.getPeerCertificate()) : null;
             if (!decision || "refusal" in decision) {
               leaveOuter(relay);
-              if (decision?.refusal.reason === "identity-cap") {
-                // A good client with one connection too many: its first request gets a 429 it can read, then a close.
-                relay.capped = decision.refusal;
+              const answer = decision ? refusalAnswer(decision.refusal) : null;
+              if (answer) {
+                // A refusal the client can act on: its first request gets the reason (a 429, a 403), then a close.
+                relay.refused = answer;
                 relay.handshakeTimer = setTimeout(() => close(relay), CAP_ANSWER_WITHIN_MS);
                 return;
               }
@@ -247,12 +248,12 @@ export async function serveThroughGate(app: ServableApp, options: GateOptions): 
           },
           data(outer, chunk) {
             const relay = outer.data;
-            if (relay.capped) {
-              const { status, headers, body } = capAnswer(relay.capped);
+            if (relay.refused) {
+              const { status, headers, body } = relay.refused;
               const head = Object.entries({ ...headers, "content-type": "application/json; charset=utf-8", "content-length": String(Buffer.byteLength(body)) })
                 .map(([name, value]) => `${name}: ${value}\r\n`).join("");
-              relay.capped = null;
-              outer.end(`HTTP/1.1 ${status} Too Many Requests\r\n${head}\r\n${body}`);
+              relay.refused = null;
+              outer.end(`HTTP/1.1 ${status} ${status === 429 ? "Too Many Requests" : "Forbidden"}\r\n${head}\r\n${body}`);
               return;
             }
             if (relay.inner === null) {

@@ -7,7 +7,7 @@ import http from "node:http";
 import type net from "node:net";
 import type tls from "node:tls";
 import { ConfigError, MeshError, type ErrorCode } from "../errors.ts";
-import { Admission, CAP_ANSWER_WITHIN_MS, capAnswer, plainAddress, type Refusal } from "./admission.ts";
+import { Admission, CAP_ANSWER_WITHIN_MS, plainAddress, refusalAnswer, type RefusalAnswer } from "./admission.ts";
 import { BODY_DEADLINE_MS, DEFAULT_BODY_LIMIT, HANDSHAKE_DEADLINE_MS, HEADER_DEADLINE_MS, IDLE_TIMEOUT_S } from "./limits.ts";
 import { bindPeer, type RequestPeer } from "./peer.ts";
 import type { ServerTls, TlsServerFactory } from "./types.ts";
@@ -157,7 +157,7 @@ export function listenNode(app: HandlingApp, options: NodeListenerOptions): Prom
    */
   const admitted = new WeakMap<net.Socket, RequestPeer>();
   /** Connections over their identity's cap, kept only to answer their first request with a 429. */
-  const capped = new WeakMap<net.Socket, Refusal>();
+  const refused = new WeakMap<net.Socket, RefusalAnswer>();
 
   const expectHeadWithin = (connection: Connection, ms: number) => {
     clearTimeout(connection.headTimer);
@@ -173,11 +173,8 @@ export function listenNode(app: HandlingApp, options: NodeListenerOptions): Prom
         if (value !== undefined) headers.set(name, Array.isArray(value) ? value.join(", ") : value);
       }
       const peer = admitted.get(socket);
-      const over = capped.get(socket);
-      if (over) {
-        const { status, headers, body } = capAnswer(over);
-        return reply(res, status, JSON.parse(body).error, "ERR_CONNECTION_LIMIT", true, headers);
-      }
+      const refusal = refused.get(socket);
+      if (refusal) return reply(res, refusal.status, refusal.error, refusal.code, true, refusal.headers);
       if (mutual) {
         if (!peer) return reply(res, 403, "no verified client certificate", "ERR_FORBIDDEN", true);
         // Per request, not per handshake: a revoked peer's open keep-alive connection is refused too (#11), and
@@ -237,9 +234,10 @@ export function listenNode(app: HandlingApp, options: NodeListenerOptions): Prom
     if (!mutual) return true;
     const decision = admission.admit(plainAddress(socket.remoteAddress), socket.authorized, socket.getPeerCertificate());
     if ("refusal" in decision) {
-      if (decision.refusal.reason !== "identity-cap") return refuse();
-      // A good client with one connection too many: its first request gets a 429 it can read, then a close.
-      capped.set(socket, decision.refusal);
+      const answer = refusalAnswer(decision.refusal);
+      if (!answer) return refuse();
+      // A refusal the client can act on: its first request gets the reason (a 429, a 403), then a close.
+      refused.set(socket, answer);
       setTimeout(() => refuse(), CAP_ANSWER_WITHIN_MS).unref?.();
       return true;
     }
