@@ -1,8 +1,10 @@
 // The faults of `bun harness chaos`, shared with harness/chaos.test.ts (which runs smaller loads).
+import { writeFileSync } from "node:fs";
+import { join } from "node:path";
 import type { MeshClient } from "../shared/request-path/mesh-client.ts";
 import { IMPOSTOR_ID, startImpostor } from "./hostile.ts";
 import { openStore } from "../shared/request-path/store.ts";
-import { expectThat, latenciesStartedBetween, percentile, renderTable, runLoad, waitFor, waitUntilInRotation, type LoadOptions, type LoadRun, type Mesh } from "./fixtures/index.ts";
+import { expectThat, latenciesStartedBetween, percentile, renderTable, runLoad, waitFor, waitUntilInRotation, type Cluster, type LoadOptions, type LoadRun, type Mesh } from "./fixtures/index.ts";
 import { countRecords } from "./scenario.ts";
 
 export interface FaultRow {
@@ -203,5 +205,54 @@ export async function impostorUnderLoad(mesh: ChaosMesh, clients: number, perCli
     requests, failed: errors,
     detail: `impostor: ${impostor.handshakes} handshakes, ${impostor.bytes} bytes received; ${falseAcks} false acknowledgements; ${acks.length} acknowledged, ${records} stored, 0 lost, 0 duplicated`,
     impostor: { handshakes: impostor.handshakes, bytes: impostor.bytes },
+  };
+}
+
+/**
+ * Issue 23, finding 8: adding a server host meant restarting every coordinator. Under write load, a coordinator
+ * reading --servers-file gets a second server added to the file, then the first removed: no request fails, the new
+ * one serves, and every acknowledged record is stored once.
+ */
+export async function membershipUnderLoad(cluster: Cluster, db: string, clients: number, progress?: LoadOptions["progress"]): Promise<FaultRow> {
+  const file = join(cluster.logDir, "servers.txt");
+  const [first, second] = await Promise.all([cluster.startServer("member1", 0, ["--db", db]), cluster.startServer("member2", 0, ["--db", db])]);
+  writeFileSync(file, `# the coordinator re-reads this file when it changes\n${first}\n`);
+  const coordinator = await cluster.startCoordinator("member-coordinator", 0, { file }, ["--health-interval", "300"]);
+  const before = await countRecords(db);
+  const writers = Array.from({ length: clients }, (_, i) => cluster.client(i % 2 ? "client2" : "client1", [coordinator]));
+  const servedBy = new Set<string>();
+  let done = false;
+  let acked = 0;
+  const loading = runLoad({
+    concurrency: clients, until: () => done, progress, label: "writes",
+    async request(c, i) {
+      const { status, body, server } = await writers[c]!.sendData(`membership ${c}-${i}`);
+      if (server) servedBy.add(server);
+      if (status === 200) acked += 1;
+      return status === 200 ? (body.id as number) : `${status} ${JSON.stringify(body)}`;
+    },
+  });
+  // The steps wait on what the load shows, so every change happens while writes are flowing.
+  const log = cluster.role("member-coordinator");
+  const afterMore = (n: number) => { const target = acked + n; return () => acked >= target; };
+  try {
+    await waitFor("the first writes", afterMore(50), 30_000);
+    writeFileSync(file, `${first}\n${second}\n`);
+    await log.waitForLine(new RegExp(`Server ${second.replace(/\./g, "\\.")} is in rotation`), 15_000);
+    await waitFor("a write served by the added server", () => servedBy.has(second), 15_000);
+    writeFileSync(file, `${second}\n`);
+    await log.waitForLine(new RegExp(`Server ${first.replace(/\./g, "\\.")} left the pool`), 15_000);
+    await waitFor("writes after the first server left", afterMore(50), 30_000);
+  } finally {
+    done = true;
+  }
+  const load = await loading;
+  const { records, lost, duplicates } = await checkRecords(db, before, load.acks);
+  expectThat(load.errors === 0, `${load.errors} requests failed, e.g. ${load.errorSamples[0]}`);
+  expectThat(lost === 0 && duplicates === 0 && records === load.acks.length, `acknowledged ${load.acks.length}, stored ${records}: ${lost} lost, ${duplicates} duplicated`);
+  return {
+    fault: "add a server to --servers-file, then remove the first, under load",
+    requests: load.requests, failed: load.errors,
+    detail: `${load.acks.length} acknowledged, ${records} stored, 0 lost, 0 duplicated; served by ${servedBy.size} servers`,
   };
 }

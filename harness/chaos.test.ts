@@ -1,6 +1,6 @@
 // The key faults of `bun harness chaos`, with smaller loads, on real processes and free ports.
 import { expect, setDefaultTimeout, test } from "bun:test";
-import { allServersDown, coordinatorFailover, databaseOutage, hangUnderLoad, impostorUnderLoad, killNineUnderLoad } from "./chaos-checks.ts";
+import { allServersDown, coordinatorFailover, databaseOutage, hangUnderLoad, impostorUnderLoad, killNineUnderLoad, membershipUnderLoad } from "./chaos-checks.ts";
 import { percentile, startMesh, startTokenStack, type MeshOptions } from "./fixtures/index.ts";
 import { TcpRelay } from "../shared/testing/tcp-relay.ts";
 
@@ -52,3 +52,8 @@ for (const runtime of ["bun", "deno", "mixed"] as const) {
     expect({ failed: row.failed, impostorBytes: row.impostor.bytes }).toEqual({ failed: 0, impostorBytes: 0 });
   });
 }
+
+test("issue 23: a server added to the coordinator's --servers-file, then the first removed, under load: nothing lost", async () => {
+  await using mesh = await chaosMesh();
+  expect((await membershipUnderLoad(mesh.cluster, mesh.db, 4)).failed).toBe(0);
+});

@@ -233,8 +233,10 @@ export class Cluster implements AsyncDisposable {
     return url;
   }
 
-  async startCoordinator(name: string, port: number, servers: string[], args: string[] = []): Promise<string> {
-    const { port: bound } = await this.spawn(name, "coordinator", [String(port), "--servers", servers.join(","), ...args]);
+  /** A coordinator forwarding to `servers`, or, given a path, to the servers its --servers-file lists. */
+  async startCoordinator(name: string, port: number, servers: string[] | { file: string }, args: string[] = []): Promise<string> {
+    const membership = Array.isArray(servers) ? ["--servers", servers.join(",")] : ["--servers-file", servers.file];
+    const { port: bound } = await this.spawn(name, "coordinator", [String(port), ...membership, ...args]);
     const url = `https://127.0.0.1:${bound}`;
     await this.waitHealthy(url);
     return url;

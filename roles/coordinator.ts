@@ -5,6 +5,7 @@ import { isIdentityPattern } from "../shared/authz/index.ts";
 import { parseFlags, parsePort, parsePositive, pkiDir, policyPath } from "../shared/platform/config.ts";
 import { ConfigError } from "../shared/platform/errors.ts";
 import { workerIndex } from "../shared/platform/worker-group.ts";
+import { parseServerUrls, readServersFile } from "../shared/coordinator/membership.ts";
 import { coordinatorService, superviseCoordinators, type CoordinatorConfig } from "../shared/coordinator/service.ts";
 import { readConfig, runRole } from "../shared/service/run-role.ts";
 
@@ -23,6 +24,8 @@ and on SIGHUP.
 Options:
   --servers URLS         comma-separated server URLs (default $SERVERS, else
                          https://127.0.0.1:5001,https://127.0.0.1:5002)
+  --servers-file FILE    one server URL per line, re-read when it changes and on SIGHUP: a server added
+                         enters rotation at its first good health check, one removed leaves at once
   --host HOST            address to bind (default 127.0.0.1)
   --timeout MS           per-attempt upstream timeout (default 2000)
   --health-interval MS   active health-check interval (default 1000)
@@ -49,6 +52,7 @@ Options:
 export function parseCoordinatorConfig(argv: string[]): CoordinatorConfig {
   const { values, positionals } = parseFlags("coordinator", USAGE, {
     servers: { type: "string" },
+    "servers-file": { type: "string" },
     host: { type: "string" },
     timeout: { type: "string" },
     "health-interval": { type: "string" },
@@ -69,22 +73,15 @@ export function parseCoordinatorConfig(argv: string[]): CoordinatorConfig {
   if (accessLog !== "on" && accessLog !== "off") throw new ConfigError(`--access-log must be on or off, not '${accessLog}'`);
   const expectServer = values["expect-server"] ?? "spiffe://securemesh/server/*";
   if (!isIdentityPattern(expectServer)) throw new ConfigError(`--expect-server: '${expectServer}' is not a SPIFFE ID such as spiffe://securemesh/server/* ("*" only as a whole last segment)`);
-  const servers = (values.servers ?? process.env.SERVERS ?? "https://127.0.0.1:5001,https://127.0.0.1:5002")
-    .split(",").map((s) => s.trim()).filter(Boolean);
-  for (const server of servers) {
-    let url: URL;
-    try {
-      url = new URL(server);
-    } catch {
-      throw new ConfigError(`--servers: '${server}' is not a URL (expected https://host:port)`);
-    }
-    if (url.protocol !== "https:") throw new ConfigError(`--servers: '${server}' must use https://`);
-  }
-  if (servers.length === 0) throw new ConfigError("--servers: at least one server URL is needed");
+  const serversFile = values["servers-file"];
+  if (serversFile && values.servers) throw new ConfigError("--servers and --servers-file: give one of them");
+  const servers = serversFile ? readServersFile(serversFile)
+    : parseServerUrls((values.servers ?? process.env.SERVERS ?? "https://127.0.0.1:5001,https://127.0.0.1:5002").split(","), "--servers");
   return {
     port: parsePort(values.port ?? positionals[0] ?? process.env.PORT, "PORT", 8000),
     host: values.host ?? "127.0.0.1",
     servers,
+    serversFile: serversFile ?? null,
     expectServer,
     pki: pkiDir(values.pki),
     policy: policyPath(values.policy),

@@ -15,9 +15,12 @@ import { WorkerPoolView } from "../ops/worker-view.ts";
 import { UpstreamPool, type HealthCheckOptions } from "../request-path/upstream.ts";
 import type { RoleContext, RoleService, ServingConfig } from "../service/run-role.ts";
 import { createCoordinatorApp } from "./app.ts";
+import { watchMembership } from "./membership.ts";
 
 export interface CoordinatorConfig extends ServingConfig {
   servers: string[];
+  /** The servers' list, re-read on change (membership.ts); null with --servers. */
+  serversFile: string | null;
   expectServer: string;
   timeoutMs: number;
   health: HealthCheckOptions;
@@ -39,11 +42,12 @@ export function coordinatorService({ config, logger, metrics, trust }: RoleConte
   const pool = new UpstreamPool({ servers: config.servers, transport: servers, logger, timeoutMs: config.timeoutMs, health: config.health });
   pool.exportMetrics(metrics);
   let admin: ReloadableListener | null = null;
+  const membership = config.serversFile ? watchMembership(config.serversFile, pool, logger) : null;
   return {
     app: createCoordinatorApp({ pool, logger, metrics, accessLog: config.accessLog }),
     sharePort: worker !== null && workerSharesPort(),
     ...(worker === null ? {} : { label: `coordinator worker ${worker} (pid ${process.pid})` }),
-    describe: `servers: ${config.servers.join(", ")}`,
+    describe: `servers: ${config.servers.join(", ")}${config.serversFile ? ` (from ${config.serversFile})` : ""}`,
     onCertificate: (identity) => servers.setTls(serverTls(identity)),
     async listening(port, { shutdown }) {
       // A worker's admin listener is for its supervisor only: loopback, a port of the kernel's choosing, and only
@@ -59,6 +63,7 @@ export function coordinatorService({ config, logger, metrics, trust }: RoleConte
       if (worker !== null) reportWorkerReady({ port, adminUrl: admin ? `http://127.0.0.1:${admin.port}/` : null }, shutdown);
     },
     async close() {
+      membership?.stop();
       pool.stop();
       servers.close();
       await admin?.stop();

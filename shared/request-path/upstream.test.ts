@@ -62,6 +62,34 @@ describe("health checks", () => {
   });
 });
 
+describe("membership changes (issue 23)", () => {
+  test("a removed server gets nothing more; an added one waits out of rotation until its first good probe", async () => {
+    const C = "https://c.test:5001";
+    let cAnswers = 503;
+    const transport = new FakeTransport((url) => (url.startsWith(C) ? cAnswers : 200));
+    const logs: string[] = [];
+    const pool = new UpstreamPool({
+      servers: [A, B], transport, health: { fall: 1, rise: 1 },
+      logger: createLogger("coordinator", { format: "text", color: false, write: (l) => logs.push(l) }),
+    });
+    expect(pool.setServers([B, C])).toEqual({ added: [C], removed: [A] });
+    expect(pool.snapshot().map((s) => [s.url, s.up])).toEqual([[B, true], [C, false]]);
+    await pool.checkAll();
+    expect(pool.snapshot().map((s) => s.up)).toEqual([true, false]);
+    for (let i = 0; i < 4; i++) await pool.forward({ method: "GET", path: "/x", headers: new Headers() });
+    const forwarded = () => transport.calls.filter((c) => !c.url.endsWith("/health")).map((c) => new URL(c.url).origin);
+    expect(new Set(forwarded())).toEqual(new Set([B]));
+    cAnswers = 200;
+    await pool.checkAll();
+    transport.calls.length = 0;
+    for (let i = 0; i < 4; i++) await pool.forward({ method: "GET", path: "/x", headers: new Headers() });
+    expect(new Set(forwarded())).toEqual(new Set([B, C]));
+    expect(logs.some((l) => l.includes(`Server ${A} left the pool`))).toBe(true);
+    expect(logs.some((l) => l.includes(`Server ${C} joined the pool`))).toBe(true);
+    expect(() => pool.setServers([])).toThrow(TypeError);
+  });
+});
+
 describe("retry rules", () => {
   // What happens when the first server fails and the second would answer 200: which failures may be re-sent.
   const cases: { method: string; key: boolean; failure: NetworkErrorCode | "timeout"; retried: boolean }[] = [

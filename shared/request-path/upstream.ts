@@ -85,6 +85,22 @@ const NEVER_REACHED = new Set<NetworkErrorCode>(["ECONNREFUSED", "ENOTFOUND", "E
 interface Server extends UpstreamState {
   okStreak: number;
   failStreak: number;
+  /** Added to a running pool: in rotation at its first good probe. */
+  joining: boolean;
+}
+
+const normalUrl = (url: string) => url.replace(/\/+$/, "");
+
+/**
+ * A server as the pool starts it: at start optimistic until the first probe (a dead server costs one failover, not an
+ * outage, and whatever answers there is checked at the handshake like every connection); joining later, out of
+ * rotation until a probe has seen it answer.
+ */
+function newServer(url: string, up: boolean): Server {
+  return {
+    url: normalUrl(url), up, joining: !up, lastCheckedAt: null, latencyMs: null, requests: 0, failures: 0, lastError: null, health: null,
+    okStreak: 0, failStreak: 0,
+  };
 }
 
 export function neverReachedServer(error: unknown): boolean {
@@ -93,7 +109,7 @@ export function neverReachedServer(error: unknown): boolean {
 
 
 export class UpstreamPool {
-  readonly #servers: Server[];
+  #servers: Server[];
   readonly #transport: UpstreamTransport;
   readonly #logger: Logger;
   readonly #timeoutMs: number;
@@ -105,20 +121,7 @@ export class UpstreamPool {
 
   constructor(options: UpstreamOptions) {
     if (options.servers.length === 0) throw new TypeError("the pool needs at least one server");
-    this.#servers = options.servers.map((url) => ({
-      url: url.replace(/\/+$/, ""),
-      // Optimistic until the first probe: a dead server costs one failover, not an outage at start, and whatever
-      // answers there is checked at the handshake like every connection.
-      up: true,
-      lastCheckedAt: null,
-      latencyMs: null,
-      requests: 0,
-      failures: 0,
-      lastError: null,
-      health: null,
-      okStreak: 0,
-      failStreak: 0,
-    }));
+    this.#servers = options.servers.map((url) => newServer(url, true));
     this.#transport = options.transport;
     this.#logger = options.logger;
     this.#timeoutMs = options.timeoutMs ?? 2000;
@@ -129,8 +132,26 @@ export class UpstreamPool {
     return this.#servers.map((s) => s.url);
   }
 
+  /**
+   * A new membership (issue 23: adding a server host restarted every coordinator): servers no longer listed leave
+   * at once (requests in flight to them finish), new ones join out of rotation and enter at their first good probe,
+   * which is started now. The others keep their state.
+   */
+  setServers(urls: readonly string[]): { added: string[]; removed: string[] } {
+    if (urls.length === 0) throw new TypeError("the pool needs at least one server");
+    const wanted = [...new Set(urls.map(normalUrl))];
+    const known = new Map(this.#servers.map((s) => [s.url, s]));
+    const added = wanted.filter((url) => !known.has(url));
+    const removed = this.#servers.filter((s) => !wanted.includes(s.url)).map((s) => s.url);
+    this.#servers = wanted.map((url) => known.get(url) ?? newServer(url, false));
+    for (const url of removed) this.#logger.info(`Server ${url} left the pool (membership changed)`, { upstream: url });
+    for (const url of added) this.#logger.info(`Server ${url} joined the pool; in rotation after its first good health check`, { upstream: url });
+    if (added.length > 0 && !this.#stopped) void this.checkAll();
+    return { added, removed };
+  }
+
   snapshot(): UpstreamState[] {
-    return this.#servers.map(({ okStreak: _ok, failStreak: _fail, ...state }) => ({ ...state }));
+    return this.#servers.map(({ okStreak: _ok, failStreak: _fail, joining: _joining, ...state }) => ({ ...state }));
   }
 
   /** Exposes per-server state and the retry count on a role's /metrics, read at scrape time. */
@@ -265,9 +286,10 @@ export class UpstreamPool {
       server.failStreak = 0;
       server.okStreak += 1;
       server.lastError = null;
-      if (!server.up && server.okStreak >= this.#health.rise) {
+      if (!server.up && (server.joining || server.okStreak >= this.#health.rise)) {
         server.up = true;
-        this.#logger.info(`Server ${server.url} is back in rotation`, { upstream: server.url });
+        this.#logger.info(server.joining ? `Server ${server.url} is in rotation` : `Server ${server.url} is back in rotation`, { upstream: server.url });
+        server.joining = false;
       }
     } else {
       server.okStreak = 0;
