@@ -3,9 +3,9 @@ import { afterAll, describe, expect, setDefaultTimeout, test } from "bun:test";
 import { X509Certificate } from "node:crypto";
 import { copyFileSync, cpSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, statSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
-import { join } from "node:path";
+import { join, relative } from "node:path";
 import { TrustMaterial } from "../authz/trust.ts";
-import { loadFernetKeys, REPO_ROOT } from "../platform/config.ts";
+import { loadFernetKeys, readPkiFile, readPrivatePkiFile, REPO_ROOT } from "../platform/config.ts";
 import { extendedKeyUsages } from "../platform/eku.ts";
 import { CLIENT_AUTH_OID, SERVER_AUTH_OID } from "../platform/tls.ts";
 import { bundleIdentity, issueIdentity, newPki, runPkiSh, signCrl, testPki } from "./pki.ts";
@@ -533,3 +533,71 @@ describe("a deployment's CA host: init, issue, bundle", () => {
   });
 });
 
+describe("hints never suggest a command that could make or replace a CA (issue 23)", () => {
+  test("each missing-file hint a role prints names the file, where it comes from, and only safe commands", () => {
+    const dir = mkdtempSync(join(tmpdir(), "securemesh-pki-hints-"));
+    const message = (read: () => unknown) => {
+      try {
+        read();
+        return "read";
+      } catch (error) {
+        return (error as Error).message;
+      }
+    };
+    const elsewhere = "or point --pki or PKI_DIR at the folder that holds";
+    const saved = process.env.FERNET_KEY;
+    delete process.env.FERNET_KEY;
+    try {
+      expect({
+        server: message(() => readPkiFile(dir, "server_cert.pem")),
+        coordinatorKey: message(() => readPrivatePkiFile(dir, "coordinator_key.pem")),
+        client: message(() => readPkiFile(dir, "client1_cert.pem")),
+        ca: message(() => readPkiFile(dir, "ca_cert.pem")),
+        crl: message(() => readPkiFile(dir, "crl.pem")),
+        fernet: message(() => loadFernetKeys(dir)),
+        emptyFernet: message(() => (writeFileSync(join(dir, "encryption_key.txt"), "\n", { mode: 0o600 }), loadFernetKeys(dir))),
+        emptyEnv: message(() => ((process.env.FERNET_KEY = ""), loadFernetKeys(dir))),
+      }).toEqual({
+        server: `missing ${dir}/server_cert.pem: copy this host's files from the CA host, where ./pki.sh bundle NAME DIR --as server packs this host's identity NAME (./pki.sh issue NAME --server --san … issues it), ${elsewhere} them`,
+        coordinatorKey: `missing ${dir}/coordinator_key.pem: copy this host's files from the CA host, where ./pki.sh bundle NAME DIR --as coordinator packs this host's identity NAME (./pki.sh issue NAME --coordinator --san … issues it), ${elsewhere} them`,
+        client: `missing ${dir}/client1_cert.pem: copy this host's files from the CA host, where ./pki.sh bundle client1 DIR packs them (./pki.sh issue client1 --KIND --san … issues it), ${elsewhere} them`,
+        ca: `missing ${dir}/ca_cert.pem: copy ca_cert.pem from the CA host (./pki.sh bundle NAME DIR there packs it with this host's identity), ${elsewhere} it`,
+        crl: `missing ${dir}/crl.pem: copy crl.pem from the CA host (./pki.sh bundle NAME DIR there packs it with this host's identity), ${elsewhere} it`,
+        fernet: `missing ${dir}/encryption_key.txt: copy encryption_key.txt from the CA host (./pki.sh bundle NAME DIR --fernet there packs it), ${elsewhere} it`,
+        emptyFernet: `no Fernet key in ${dir}/encryption_key.txt: copy encryption_key.txt from the CA host (./pki.sh bundle NAME DIR --fernet there packs it), ${elsewhere} it`,
+        emptyEnv: `FERNET_KEY is set but holds no Fernet key: give the key, or unset it to read ${dir}/encryption_key.txt`,
+      });
+    } finally {
+      if (saved === undefined) delete process.env.FERNET_KEY;
+      else process.env.FERNET_KEY = saved;
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
+
+  test("no text in the code or in pki.sh's messages names ./pki.sh without a command that never makes a CA", async () => {
+    // crl, revoke, list and bundle need the CA that is there; issue makes one only in an empty folder; --help nothing.
+    const safe = /^ (crl|issue|bundle|list|revoke|--help)\b/;
+    const offenders: string[] = [];
+    let hints = 0;
+    const check = (file: string, line: string, number: number) => {
+      for (const match of line.matchAll(/\.\/pki\.sh/g)) {
+        hints++;
+        if (!safe.test(line.slice(match.index + match[0].length))) offenders.push(`${file}:${number}: ${line.trim()}`);
+      }
+    };
+    for (const dir of ["shared", "roles", "harness"]) {
+      for await (const file of new Bun.Glob("**/*.ts").scan(join(REPO_ROOT, dir))) {
+        const path = join(REPO_ROOT, dir, file);
+        // Tests and test support name commands in titles and steps, not in hints a user reads.
+        if (file.endsWith(".test.ts") || relative(REPO_ROOT, path).startsWith("shared/testing/")) continue;
+        read(join(REPO_ROOT, dir), file).split("\n").forEach((line, i) => {
+          if (!/^\s*(\/\/|\*|\/\*)/.test(line)) check(relative(REPO_ROOT, path), line, i + 1);
+        });
+      }
+    }
+    read(REPO_ROOT, "pki.sh").split("\n").forEach((line, i) => {
+      if (/\becho\b/.test(line)) check("pki.sh", line, i + 1);
+    });
+    expect({ offenders, seen: hints > 10 }).toEqual({ offenders: [], seen: true });
+  });
+});
