@@ -266,7 +266,7 @@ describe.each(RUNTIMES)("role start-up on %s", (runtime) => {
 
   test("bad configuration gets one line: missing certificate, port in use", async () => {
     const missing = await runRole(["0"], { PKI_DIR: "/nonexistent" });
-    expect([missing.exitCode, missing.stderr]).toEqual([2, "server: missing /nonexistent/server_cert.pem: run ./pki.sh (or set PKI_DIR)"]);
+    expect([missing.exitCode, missing.stderr]).toEqual([2, "server: missing /nonexistent/server_cert.pem: copy this host's files from the CA host, where ./pki.sh bundle NAME DIR --as server packs this host's identity NAME (./pki.sh issue NAME --server --san … issues it), or point --pki or PKI_DIR at the folder that holds them"]);
     await using mesh = await startMesh({ pki, runtime });
     const port = String(mesh.servers[0]!.port);
     const busy = await runRole([port]);

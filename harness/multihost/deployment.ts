@@ -1,9 +1,9 @@
 // The deployment of `bun harness multihost`: every role on a test host of its own, with a certificate for that
 // host's address; Galera on three more; how a host is started, "rebooted" and checked back in rotation.
 import { randomBytes } from "node:crypto";
-import { chmodSync, copyFileSync, existsSync, mkdirSync, writeFileSync } from "node:fs";
+import { mkdirSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
-import { issueIdentity, type IdentityKind } from "../../shared/testing/pki.ts";
+import { bundleIdentity, issueIdentity, type IdentityKind } from "../../shared/testing/pki.ts";
 import { expectThat, roleCommand, waitFor, type Cluster, type RoleProcess } from "../cluster.ts";
 import { GALERA_PORT, GaleraCluster, type GaleraNode } from "./galera.ts";
 import { createTestNetwork, type TestHost, type TestNetwork } from "./netns.ts";
@@ -114,21 +114,10 @@ export async function startDeployment(options: DeploymentOptions): Promise<Deplo
     const addressOf = (host: string) => network.host(host).address;
     const url = (host: string, port: number) => `https://${addressOf(host)}:${port}`;
 
-    step("issuing a certificate per host, for its address (pki.sh issue --san IP:…)");
+    step("issuing a certificate per host, for its address (pki.sh issue NAME --san IP:…), and bundling each host's PKI folder (pki.sh bundle)");
     const pkiRoot = join(cluster.logDir, "hosts");
     const pkiOf = (host: string) => join(pkiRoot, host, "pki");
-    const identities: [string, string, IdentityKind][] = [
-      ...HOSTS.servers.map((h) => [h, "server", "server"] as [string, string, IdentityKind]),
-      ...HOSTS.coordinators.map((h) => [h, "coordinator", "coordinator"] as [string, string, IdentityKind]),
-      [HOSTS.keyserver, "keyserver", "keyserver"], [HOSTS.secureproxy, "secureproxy", "secureproxy"], [HOSTS.marketplace, "marketplace", "marketplace"],
-    ];
-    // One name per kind of role, reissued for each host in turn and copied to that host: each host's certificate
-    // names its own address, under the identity the policy knows (spiffe://securemesh/server/server, …).
-    for (const [host, identity, kind] of identities) {
-      await issueIdentity(cluster.pki, identity, kind, { sans: [`IP:${addressOf(host)}`, `DNS:${host}.securemesh.test`], force: true });
-      installPki(cluster.pki, pkiOf(host), identity, { fernet: kind === "server" });
-    }
-    for (const host of HOSTS.clients) installPki(cluster.pki, pkiOf(host), CLIENT_OF[host]!, { fernet: true });
+    await issueHostPki(cluster.pki, addressOf, pkiOf);
 
     const servers = HOSTS.servers.map((h) => url(h, PORTS.server));
     const coordinators = HOSTS.coordinators.map((h) => url(h, PORTS.coordinator));
@@ -218,14 +207,35 @@ export async function startDeployment(options: DeploymentOptions): Promise<Deplo
   }
 }
 
+/** The role kinds a host of the deployment serves as; each is also the name of the files its role loads. */
+type HostKind = Extract<IdentityKind, "server" | "coordinator" | "keyserver" | "secureproxy" | "marketplace">;
+
 /**
- * A host's PKI folder: the CA and CRL, one identity's certificate and key (0600), and the Fernet key only where data
- * is encrypted or read (clients, servers): a coordinator or a proxy host holds none.
+ * Which identity each serving host holds: its own name where nothing asks for one (server1…server3, as
+ * `./pki.sh revoke server2` then revokes one host), the role's own where the policy names it (coordinator,
+ * secureproxy) or one host holds it (keyserver, marketplace). A host's folder is `./pki.sh bundle IDENTITY DIR
+ * --as KIND`: the CA and CRL, that pair as the role's files (key 0600), and the Fernet key only where data is
+ * encrypted or read (servers, clients); never the CA key.
  */
-function installPki(from: string, to: string, identity: string, { fernet }: { fernet: boolean }): void {
-  mkdirSync(to, { recursive: true });
-  for (const file of ["ca_cert.pem", "crl.pem", ...(fernet ? ["encryption_key.txt"] : []), `${identity}_cert.pem`, `${identity}_key.pem`]) {
-    if (existsSync(join(from, file))) copyFileSync(join(from, file), join(to, file));
+function hostIdentities(): [host: string, identity: string, kind: HostKind][] {
+  return [
+    ...HOSTS.servers.map((host, i) => [host, `server${i + 1}`, "server"] as [string, string, HostKind]),
+    ...HOSTS.coordinators.map((host) => [host, "coordinator", "coordinator"] as [string, string, HostKind]),
+    [HOSTS.keyserver, "keyserver", "keyserver"], [HOSTS.secureproxy, "secureproxy", "secureproxy"], [HOSTS.marketplace, "marketplace", "marketplace"],
+  ];
+}
+
+/**
+ * Issues each serving host's identity in the CA folder `pki` for that host's address, and bundles every host's
+ * PKI folder (`pkiOf(host)`, its --pki) as an operator would copy it: see hostIdentities.
+ * @example await issueHostPki(cluster.pki, (host) => network.host(host).address, (host) => join(root, host, "pki"))
+ */
+export async function issueHostPki(pki: string, addressOf: (host: string) => string, pkiOf: (host: string) => string): Promise<void> {
+  for (const [host, identity, kind] of hostIdentities()) {
+    // --force: the coordinator's name is reissued for each coordinator host; the others replace the demo's
+    // localhost identity of that name the harness PKI starts with.
+    await issueIdentity(pki, identity, kind, { sans: [`IP:${addressOf(host)}`, `DNS:${host}.securemesh.test`], force: true });
+    await bundleIdentity(pki, identity, pkiOf(host), { as: kind, fernet: kind === "server" });
   }
-  chmodSync(join(to, `${identity}_key.pem`), 0o600);
+  for (const host of HOSTS.clients) await bundleIdentity(pki, CLIENT_OF[host]!, pkiOf(host), { fernet: true });
 }

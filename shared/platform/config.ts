@@ -109,7 +109,7 @@ export function pkiDir(flag?: string): string {
 
 /** Reads a file the PKI should hold, turning a missing or unreadable file into a one-line fix. */
 export function readPkiFile(dir: string, file: string): string {
-  return readPkiPath(join(dir, file), (path) => readFileSync(path, "utf8"));
+  return readPkiPath(dir, file, (path) => readFileSync(path, "utf8"));
 }
 
 /**
@@ -117,16 +117,37 @@ export function readPkiFile(dir: string, file: string): string {
  * others can read it: `certs/server_key.pem is readable by group or others (mode 0644); run chmod 600 …`.
  */
 export function readPrivatePkiFile(dir: string, file: string): string {
-  return readPkiPath(join(dir, file), readPrivateFile);
+  return readPkiPath(dir, file, readPrivateFile);
 }
 
-function readPkiPath(path: string, read: (path: string) => string): string {
+/** The roles whose identity file is named after the role (server_cert.pem), whatever the host's identity is called. */
+const ROLE_FILES = new Set(["server", "coordinator", "keyserver", "secureproxy", "marketplace"]);
+
+/**
+ * How a host gets a PKI file it lacks. Never a command that could make a CA here or replace one (issue 23): the
+ * files come from the CA host, where `./pki.sh issue` and `./pki.sh bundle` only ever use the CA that is there.
+ */
+function missingPkiFileFix(file: string): string {
+  const elsewhere = "or point --pki or PKI_DIR at the folder that holds";
+  const identity = /^(.+)_(?:cert|key)\.pem$/.exec(file)?.[1];
+  if (identity && identity !== "ca") {
+    const packs = ROLE_FILES.has(identity)
+      ? `./pki.sh bundle NAME DIR --as ${identity} packs this host's identity NAME (./pki.sh issue NAME --${identity} --san … issues it)`
+      : `./pki.sh bundle ${identity} DIR packs them (./pki.sh issue ${identity} --KIND --san … issues it)`;
+    return `copy this host's files from the CA host, where ${packs}, ${elsewhere} them`;
+  }
+  if (file === "encryption_key.txt") return `copy encryption_key.txt from the CA host (./pki.sh bundle NAME DIR --fernet there packs it), ${elsewhere} it`;
+  return `copy ${file} from the CA host (./pki.sh bundle NAME DIR there packs it with this host's identity), ${elsewhere} it`;
+}
+
+function readPkiPath(dir: string, file: string, read: (path: string) => string): string {
+  const path = join(dir, file);
   try {
     return read(path);
   } catch (error) {
     if (error instanceof ConfigError) throw error;
     const code = (error as NodeJS.ErrnoException).code;
-    if (code === "ENOENT") throw new ConfigError(`missing ${path}: run ./pki.sh (or set PKI_DIR)`);
+    if (code === "ENOENT") throw new ConfigError(`missing ${path}: ${missingPkiFileFix(file)}`);
     if (code === "EACCES") throw new ConfigError(`cannot read ${path}: permission denied`);
     throw new ConfigError(`cannot read ${path}: ${code ?? (error as Error).message}`);
   }
@@ -134,10 +155,12 @@ function readPkiPath(path: string, read: (path: string) => string): string {
 
 /** The Fernet keys: $FERNET_KEY, else encryption_key.txt in the PKI (0600); one key per line, newest first. */
 export function loadFernetKeys(dir: string): string[] {
-  const text = process.env.FERNET_KEY ?? readPrivatePkiFile(dir, "encryption_key.txt");
+  const fromEnv = process.env.FERNET_KEY;
+  const text = fromEnv ?? readPrivatePkiFile(dir, "encryption_key.txt");
   const keys = text.split(/[\s,]+/).filter(Boolean);
-  if (keys.length === 0) throw new ConfigError(`no Fernet key in ${join(dir, "encryption_key.txt")}: run ./pki.sh`);
-  return keys;
+  if (keys.length > 0) return keys;
+  if (fromEnv !== undefined) throw new ConfigError(`FERNET_KEY is set but holds no Fernet key: give the key, or unset it to read ${join(dir, "encryption_key.txt")}`);
+  throw new ConfigError(`no Fernet key in ${join(dir, "encryption_key.txt")}: ${missingPkiFileFix("encryption_key.txt")}`);
 }
 
 /** Runs `cleanup` once on SIGTERM or SIGINT, then exits 0: every role stops the same way. */

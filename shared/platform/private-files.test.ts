@@ -59,9 +59,9 @@ describe("a secret file group or others can read is refused, as OpenSSH refuses 
     expect(outcome(() => readPrivateFile(path))).toBe(expected === "ok" ? "ok" : `${path} is ${expected}; run chmod 600 ${path}`);
   });
 
-  test("a missing key still says to run ./pki.sh", () => {
+  test("a missing key says to copy it from the CA host, never to run a command that could make a CA here", () => {
     const dir = tempDir();
-    expect(outcome(() => readPrivatePkiFile(dir, "server_key.pem"))).toBe(`missing ${dir}/server_key.pem: run ./pki.sh (or set PKI_DIR)`);
+    expect(outcome(() => readPrivatePkiFile(dir, "server_key.pem"))).toBe(`missing ${dir}/server_key.pem: copy this host's files from the CA host, where ./pki.sh bundle NAME DIR --as server packs this host's identity NAME (./pki.sh issue NAME --server --san … issues it), or point --pki or PKI_DIR at the folder that holds them`);
   });
 
   test("loadIdentity refuses a 0644 private key; the certificates and the CRL stay public", async () => {

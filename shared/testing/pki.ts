@@ -31,6 +31,16 @@ export async function issueIdentity(dir: string, name: string, kind: IdentityKin
   await runPkiSh(dir, "issue", name, `--${kind}`, ...sans, ...(options.force ? ["--force"] : []));
 }
 
+/**
+ * Packs what `name`'s host needs into `out` through `./pki.sh bundle`: the CA certificate, the CRL, the identity's
+ * pair (as `<as>_cert.pem`/`<as>_key.pem` when given, the files a role loads) and, with `fernet`, the Fernet key.
+ * The CA key never goes. `out` must be new, empty, or hold only an earlier bundle of the same files.
+ * @example await bundleIdentity(dir, "server1", "/hosts/srv1/pki", { as: "server", fernet: true })
+ */
+export async function bundleIdentity(dir: string, name: string, out: string, options: { fernet?: boolean; as?: string } = {}): Promise<void> {
+  await runPkiSh(dir, "bundle", name, out, ...(options.fernet ? ["--fernet"] : []), ...(options.as ? ["--as", options.as] : []));
+}
+
 const built = new Map<string, Promise<string>>();
 
 /**
