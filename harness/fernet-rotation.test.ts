@@ -110,6 +110,9 @@ test("add → promote → retire under load: 0 failed requests, every acknowledg
     expect(retire).toMatchObject({ code: 0, out: expect.stringContaining(`retired key ${fpOld} from `) });
     await everyHostLogged(new RegExp(`^Fernet keys reloaded: 1 key, primary ${fpNew} \\(dropped ${fpOld}\\)$`));
     await moreAcks(20, "after the retire");
+    // The one-shot client role reads the file as it is now: only the new key, which every server holds alone.
+    const oneShot = await mesh.cluster.runClient("client-role", ["--coordinator", mesh.coordinator, "--no-cache-check", "--message", "after the retire"]);
+    expect({ exitCode: oneShot.exitCode, success: oneShot.lines.some((l) => l.startsWith("[client1] Success: ")) }).toEqual({ exitCode: 0, success: true });
   } finally {
     stopping = true;
     await load;

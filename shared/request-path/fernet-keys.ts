@@ -169,7 +169,7 @@ export function describeKeyFile(file: FernetKeyFile, now: Date, ttlSeconds: numb
       e.encryptedUntil && (retireSafeAt(e.encryptedUntil, ttlSeconds) <= now ? "retire: safe now" : `retire: safe from ${iso(retireSafeAt(e.encryptedUntil, ttlSeconds))}`),
       isPending(e) && "promote: once every host has loaded it",
     ].filter(Boolean);
-    return `${fp(e)}  ${e.role.padEnd(12)}${notes.length ? `  ${notes.join(", ")}` : ""}`;
+    return notes.length ? `${fp(e)}  ${e.role.padEnd(12)}  ${notes.join(", ")}` : `${fp(e)}  ${e.role}`;
   });
 }
 
