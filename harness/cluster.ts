@@ -1,8 +1,9 @@
 // Starts real role processes, tees their logs to files, waits for readiness by health checks, and stops them all.
 import { createWriteStream, existsSync, mkdirSync, readdirSync, type WriteStream } from "node:fs";
 import { join } from "node:path";
-import { REPO_ROOT, loadFernetKeys } from "../shared/platform/config.ts";
-import { Fernet } from "../shared/request-path/fernet.ts";
+import { REPO_ROOT } from "../shared/platform/config.ts";
+import { createLogger } from "../shared/ops/log.ts";
+import { FernetKeys } from "../shared/request-path/fernet-reload.ts";
 import { MeshClient } from "../shared/request-path/mesh-client.ts";
 import { loadIdentity, mutualTlsClientOptions } from "../shared/platform/tls.ts";
 
@@ -282,12 +283,13 @@ export class Cluster implements AsyncDisposable {
   /**
    * A client of the named identity that talks to the cluster in-process, through the same module the client role
    * uses. `direct` talks to servers themselves, as the coordinator would forward to them: over the coordinator's
-   * certificate (the servers decide `forward` on the connection's), expecting a server's.
+   * certificate (the servers decide `forward` on the connection's), expecting a server's. Its Fernet keys follow the
+   * PKI's encryption_key.txt, as a long-lived application's would; close() stops that.
    */
   client(name: string, coordinators: string[], options: { direct?: boolean } = {}): MeshClient {
     const pki = this.#options.pki;
     return new MeshClient({
-      identity: loadIdentity(pki, name), fernet: new Fernet(loadFernetKeys(pki)), coordinators,
+      identity: loadIdentity(pki, name), fernet: FernetKeys.open(pki).watch(createLogger(name)), coordinators,
       ...(options.direct ? { tlsIdentity: loadIdentity(pki, "coordinator"), expect: "spiffe://securemesh/server/*" } : {}),
     });
   }

@@ -1,10 +1,10 @@
 // A securemesh client: sends Fernet-encrypted messages with a sender proof to the coordinator over mutual TLS.
 import { parseCrl } from "../shared/authz/crl.ts";
 import { isIdentityPattern } from "../shared/authz/identity.ts";
-import { exitWithConfigError, loadFernetKeys, parseFlags, parsePositive, pkiDir } from "../shared/platform/config.ts";
+import { exitWithConfigError, parseFlags, parsePositive, pkiDir } from "../shared/platform/config.ts";
 import { ConfigError } from "../shared/platform/errors.ts";
-import { Fernet } from "../shared/request-path/fernet.ts";
-import { describeError, printable } from "../shared/ops/log.ts";
+import { FernetKeys } from "../shared/request-path/fernet-reload.ts";
+import { createLogger, describeError, printable } from "../shared/ops/log.ts";
 import { COORDINATOR_IDENTITY, describeSnapshot, MeshClient } from "../shared/request-path/mesh-client.ts";
 import { assertSafeTlsEnvironment, loadIdentity } from "../shared/platform/tls.ts";
 
@@ -24,7 +24,8 @@ Options:
                        identity a coordinator must present (default spiffe://securemesh/coordinator/*);
                        a connection to anything else is closed before a byte is sent
   --timeout MS         per-request timeout (default 5000)
-  --pki DIR            PKI folder from pki.sh (default $PKI_DIR, else certs/)
+  --pki DIR            PKI folder from pki.sh (default $PKI_DIR, else certs/); its encryption_key.txt
+                       (or $FERNET_KEY) holds the Fernet keys, reloaded within a second of a change
   -h, --help           show this help
 `;
 
@@ -95,7 +96,8 @@ async function main(): Promise<void> {
     const crl = identity.crl ? parseCrl(identity.crl, identity.ca) : null;
     client = new MeshClient({
       identity,
-      fernet: new Fernet(loadFernetKeys(config.pki)),
+      // The key file as it is now, followed while the messages go out: a long --count takes up a rotation step.
+      fernet: FernetKeys.open(config.pki).watch(createLogger("client")),
       coordinators: config.coordinators,
       expect: config.expectCoordinator,
       isRevoked: (serial) => crl?.isRevoked(serial) ?? false,

@@ -1,7 +1,7 @@
 // A securemesh server: receives Fernet payloads with a sender proof over mutual TLS and commits them to the store.
-import { loadFernetKeys, parseFlags, parsePort, parsePositive, pkiDir, policyPath, displayPath } from "../shared/platform/config.ts";
+import { parseFlags, parsePort, parsePositive, pkiDir, policyPath, displayPath } from "../shared/platform/config.ts";
 import { refuseSecretOnArgv } from "../shared/platform/config-file.ts";
-import { Fernet } from "../shared/request-path/fernet.ts";
+import { FernetKeys } from "../shared/request-path/fernet-reload.ts";
 import { CachedDataView } from "../shared/request-path/data-view.ts";
 import { ProofVerifier } from "../shared/request-path/proof.ts";
 import { createServerApp } from "../shared/request-path/server-app.ts";
@@ -34,6 +34,9 @@ Options:
   --cache-ttl MS     how long get_data() stays cached (default 30000)
   --cache-entries N  cache bound, least recently used evicted first (default 16)
   -h, --help         show this help
+
+The Fernet keys come from encryption_key.txt in --pki and reload within a second of a change and on SIGHUP
+(rotate them with shared/request-path/fernet-keys.ts add, promote, retire); from $FERNET_KEY they do not reload.
 
 Environment: LOG_FORMAT=json for JSON log lines, NO_COLOR to turn colours off.
 `;
@@ -77,12 +80,15 @@ if (import.meta.main) {
     name: "server",
     parse: parseServerConfig,
     async start({ config, logger, metrics, trust, authz }) {
-      const fernet = new Fernet(loadFernetKeys(config.pki));
+      // The keys follow encryption_key.txt (fernet-keys.ts add|promote|retire) as the certificates follow theirs.
+      const keys = FernetKeys.open(config.pki).watch(logger);
+      logger.info(`Fernet keys: ${keys.describe()}`);
+      const fernet = keys.fernet;
       const verifier = new ProofVerifier(trust.identity.ca, { isRevoked: (serial) => trust.isRevoked(serial) });
       const store = await openStore(config.db);
       const view = new CachedDataView({ store, fernet, logger, ttlMs: config.cacheTtlMs, maxEntries: config.cacheEntries });
       let port = config.port;
-      const app = createServerApp({ port: () => port, store, view, fernet, verifier, authz, logger, ttl: config.ttl, metrics });
+      const app = createServerApp({ port: () => port, store, view, fernet, verifier, authz, logger, ttl: config.ttl, metrics, fernetKeys: () => keys.fingerprints });
       return {
         app,
         describe: `store: ${describeStoreUrl(config.db)}; policy: ${displayPath(config.policy)}`,
@@ -90,7 +96,10 @@ if (import.meta.main) {
         listening: (bound) => void (port = bound),
         // Proofs follow a new CA at once (before, a verifier built at start kept the old CA until a restart).
         onCertificate: (identity) => verifier.setCa(identity.ca),
-        close: () => store.close(),
+        close: () => {
+          keys.stop();
+          return store.close();
+        },
       };
     },
   });

@@ -7,9 +7,8 @@
 //   token ok|fail [WHAT]     a call through the SecureProxy to the marketplace
 //   done {"sent":…}          the totals, last
 import { parseArgs } from "node:util";
-import { loadFernetKeys } from "../../shared/platform/config.ts";
-import { describeError } from "../../shared/ops/log.ts";
-import { Fernet } from "../../shared/request-path/fernet.ts";
+import { createLogger, describeError } from "../../shared/ops/log.ts";
+import { FernetKeys } from "../../shared/request-path/fernet-reload.ts";
 import { MeshClient } from "../../shared/request-path/mesh-client.ts";
 import { loadIdentity, mutualTlsClientOptions } from "../../shared/platform/tls.ts";
 
@@ -33,7 +32,8 @@ if (coordinators.length === 0 || !(workers > 0) || !(intervalMs >= 0) || !(timeo
 }
 
 const identity = loadIdentity(pki, name);
-const client = new MeshClient({ identity, fernet: new Fernet(loadFernetKeys(pki)), coordinators, timeoutMs });
+// The keys follow the host's encryption_key.txt: a "rotate the Fernet key" row changes it under load.
+const client = new MeshClient({ identity, fernet: FernetKeys.open(pki).watch(createLogger(name)), coordinators, timeoutMs });
 const totals = { sent: 0, acknowledged: 0, failed: 0, failedOver: 0, tokenCalls: 0, tokenFailed: 0 };
 let stopping = false;
 process.on("SIGTERM", () => {

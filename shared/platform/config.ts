@@ -6,6 +6,7 @@ import { ConfigError } from "./errors.ts";
 import { REPO_ROOT } from "./paths.ts";
 import { readPrivateFile } from "./private-files.ts";
 import { flagVariable, readConfigFile, type FlagSource } from "./config-file.ts";
+import { fernetKeysInOrder, parseFernetKeyFile } from "./fernet-key-file.ts";
 
 export { displayPath, REPO_ROOT } from "./paths.ts";
 
@@ -153,14 +154,22 @@ function readPkiPath(dir: string, file: string, read: (path: string) => string):
   }
 }
 
-/** The Fernet keys: $FERNET_KEY, else encryption_key.txt in the PKI (0600); one key per line, newest first. */
+/** The Fernet key file in a PKI folder; fernet-key-file.ts says its format, fernet-keys.ts rotates it. */
+export const FERNET_KEY_FILE = "encryption_key.txt";
+
+/**
+ * The Fernet keys, the primary (encrypting) one first: $FERNET_KEY, else encryption_key.txt in the PKI (0600), in
+ * the format of fernet-key-file.ts (a file of one key per line, newest first, reads as before).
+ */
 export function loadFernetKeys(dir: string): string[] {
   const fromEnv = process.env.FERNET_KEY;
-  const text = fromEnv ?? readPrivatePkiFile(dir, "encryption_key.txt");
-  const keys = text.split(/[\s,]+/).filter(Boolean);
-  if (keys.length > 0) return keys;
-  if (fromEnv !== undefined) throw new ConfigError(`FERNET_KEY is set but holds no Fernet key: give the key, or unset it to read ${join(dir, "encryption_key.txt")}`);
-  throw new ConfigError(`no Fernet key in ${join(dir, "encryption_key.txt")}: ${missingPkiFileFix("encryption_key.txt")}`);
+  const text = fromEnv ?? readPrivatePkiFile(dir, FERNET_KEY_FILE);
+  const where = fromEnv === undefined ? join(dir, FERNET_KEY_FILE) : "$FERNET_KEY";
+  if (!/[^\s,]/.test(text.replace(/#.*/g, ""))) {
+    if (fromEnv !== undefined) throw new ConfigError(`FERNET_KEY is set but holds no Fernet key: give the key, or unset it to read ${join(dir, FERNET_KEY_FILE)}`);
+    throw new ConfigError(`no Fernet key in ${where}: ${missingPkiFileFix(FERNET_KEY_FILE)}`);
+  }
+  return fernetKeysInOrder(parseFernetKeyFile(text, where));
 }
 
 /** Runs `cleanup` once on SIGTERM or SIGINT, then exits 0: every role stops the same way. */

@@ -18,7 +18,7 @@ export type ErrorCode =
   | "ERR_UNAVAILABLE" | "ERR_UPSTREAM" | "ERR_UPSTREAM_UNCERTAIN" | "ERR_UNREACHABLE" | "ERR_KEYSERVER" | "ERR_KEYSERVER_IDENTITY"
   | "ERR_CACHE_READ"
   // configuration and internals
-  | "ERR_CONFIG" | "ERR_POLICY_INVALID" | "ERR_CRL_INVALID" | "ERR_INTERNAL";
+  | "ERR_CONFIG" | "ERR_POLICY_INVALID" | "ERR_CRL_INVALID" | "ERR_KEY_ROTATION" | "ERR_INTERNAL";
 
 export class MeshError extends Error {
   readonly code: ErrorCode;
@@ -80,6 +80,13 @@ export class Unavailable extends MeshError {
 export class ConfigError extends MeshError {
   constructor(message: string) {
     super("ERR_CONFIG", 500, message);
+  }
+}
+
+/** A Fernet key rotation step that would lose data or lock a host out (fernet-keys.ts): what, and when it is safe. */
+export class KeyRotationRefused extends MeshError {
+  constructor(message: string) {
+    super("ERR_KEY_ROTATION", 409, message);
   }
 }
 

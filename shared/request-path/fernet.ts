@@ -7,7 +7,7 @@ const VERSION = 0x80;
 const HEADER = 1 + 8 + 16; // version ‖ timestamp ‖ IV
 const MAC = 32;
 /** The spec's allowance for a token stamped slightly in the future by a skewed clock. */
-const MAX_CLOCK_SKEW_S = 60;
+export const MAX_CLOCK_SKEW_S = 60;
 const BASE64URL = /^[A-Za-z0-9_-]*={0,2}$/;
 
 interface KeyPair {
@@ -43,20 +43,31 @@ export interface DecryptOptions {
 /** HMAC-SHA256 from the runtime: Bun's own hasher on Bun (about 20% faster than createHmac there), createHmac on Deno. */
 const hmac = runtime.hmacSha256;
 
+function parseKeys(keys: string | readonly string[]): KeyPair[] {
+  const list = typeof keys === "string" ? [keys] : keys;
+  if (list.length === 0) throw new TypeError("Fernet needs at least one key");
+  return list.map(parseKey);
+}
+
 /**
- * Encrypts with the first key and decrypts with any, so keys rotate by prepending the new one.
+ * Encrypts with the first key (the primary) and decrypts with any. The key set can be swapped while in use
+ * (setKeys, as fernet-reload.ts does when the key file changes): one assignment, and every operation is
+ * synchronous, so each runs wholly under the old set or wholly under the new one.
  *
  * @example
  * const f = new Fernet([newKey, oldKey]);
  * f.decryptText(f.encrypt("hello")); // "hello"
  */
 export class Fernet {
-  readonly #keys: KeyPair[];
+  #keys: KeyPair[];
 
   constructor(keys: string | readonly string[]) {
-    const list = typeof keys === "string" ? [keys] : keys;
-    if (list.length === 0) throw new TypeError("Fernet needs at least one key");
-    this.#keys = list.map(parseKey);
+    this.#keys = parseKeys(keys);
+  }
+
+  /** Puts a new key set in force, the primary first; a key that does not parse throws and leaves the old set. */
+  setKeys(keys: string | readonly string[]): void {
+    this.#keys = parseKeys(keys);
   }
 
   encrypt(message: string | Uint8Array, options: EncryptOptions = {}): string {

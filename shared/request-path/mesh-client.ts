@@ -3,7 +3,8 @@ import { randomUUID } from "node:crypto";
 import { setTimeout } from "node:timers/promises";
 import { MeshError } from "../platform/errors.ts";
 import type { DataSnapshot } from "./data-view.ts";
-import type { Fernet } from "./fernet.ts";
+import { Fernet } from "./fernet.ts";
+import type { FernetKeys } from "./fernet-reload.ts";
 import { describeNetworkError, printable } from "../ops/log.ts";
 import { startTrace } from "../ops/trace.ts";
 import { PROOF_HEADER, ProofSigner } from "./proof.ts";
@@ -16,7 +17,11 @@ export const COORDINATOR_IDENTITY = "spiffe://securemesh/coordinator/*";
 
 export interface MeshClientOptions {
   identity: Identity;
-  fernet: Fernet;
+  /**
+   * The keys: a fixed set, or keys that follow their file (`FernetKeys.open(pki).watch(logger)`), so a long-lived
+   * client takes up a rotation step within a second, as servers do; close() stops following.
+   */
+  fernet: Fernet | FernetKeys;
   /** Coordinator base URLs, tried in order; the next is used when one cannot be reached. */
   coordinators: readonly string[];
   timeoutMs?: number;
@@ -68,13 +73,17 @@ export interface MeshResponse<T = Record<string, unknown>> {
 
 export class MeshClient {
   readonly name: string;
-  readonly #options: Required<Omit<MeshClientOptions, "tlsIdentity" | "isRevoked" | "expect">>;
+  readonly #options: Required<Omit<MeshClientOptions, "tlsIdentity" | "isRevoked" | "expect" | "fernet">>;
+  readonly #fernet: Fernet;
+  readonly #keys: FernetKeys | null;
   readonly #signer: ProofSigner;
   readonly #http: HttpsClient;
 
   constructor(options: MeshClientOptions) {
     if (options.coordinators.length === 0) throw new TypeError("at least one coordinator URL is needed");
     this.#options = { timeoutMs: 5000, attempts: 3, backoffMs: 200, ...options };
+    this.#fernet = options.fernet instanceof Fernet ? options.fernet : options.fernet.fernet;
+    this.#keys = options.fernet instanceof Fernet ? null : options.fernet;
     this.#signer = new ProofSigner(options.identity);
     const isRevoked = options.isRevoked ?? (() => false);
     // Kept-alive connections, each used only once its handshake showed the expected identity: an impostor on a
@@ -86,14 +95,15 @@ export class MeshClient {
     this.name = options.identity.name;
   }
 
-  /** Closes the kept-alive connections. */
+  /** Closes the kept-alive connections, and stops following the key file. */
   close(): void {
+    this.#keys?.stop();
     this.#http.close();
   }
 
   /** Encrypts `message`, proves who sent it, and posts it; one Idempotency-Key covers every retry. */
   async sendData(message: string): Promise<MeshResponse> {
-    const data = this.#options.fernet.encrypt(message);
+    const data = this.#fernet.encrypt(message);
     const proof = await this.#signer.sign({ method: "POST", path: "/api/data", payload: data });
     return this.request("POST", "/api/data", { data, proof }, { "idempotency-key": randomUUID() });
   }
@@ -118,7 +128,7 @@ export class MeshClient {
       ageMs: Number(body.age_ms),
       server: Number(body.server),
       generation: Number(body.generation),
-      snapshot: JSON.parse(this.#options.fernet.decryptText(body.data)) as DataSnapshot,
+      snapshot: JSON.parse(this.#fernet.decryptText(body.data)) as DataSnapshot,
     };
   }
 

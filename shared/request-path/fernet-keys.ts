@@ -1,0 +1,267 @@
+// Rotating the Fernet key in three steps, each safe by itself, and the command pki.sh runs for each:
+//
+//   bun shared/request-path/fernet-keys.ts add|promote|retire|status [--file PATH | --pki DIR] [--ttl S] [--key FP] [--force]
+//
+// 1. add      a new key goes in decrypt-only: once every host has it, every host can read what it will encrypt.
+// 2. promote  the new key becomes the primary (encrypts); the old one stays, decrypt-only, marked with when it
+//             stopped encrypting.
+// 3. retire   keys that stopped encrypting more than the token TTL plus the clock skew ago are dropped: no token
+//             made with them can still be accepted. Never the primary, so never the only key.
+//
+// Each step rewrites the file atomically (a 0600 temporary file renamed over it), so a host polling it reads the
+// old file or the new one, never half of one. The format is fernet-key-file.ts's; no output ever holds a key.
+import { closeSync, fsyncSync, openSync, renameSync, unlinkSync, writeSync } from "node:fs";
+import { randomBytes } from "node:crypto";
+import { basename, dirname, join, resolve } from "node:path";
+import { parseArgs } from "node:util";
+import { displayPath, FERNET_KEY_FILE, parsePositive, pkiDir } from "../platform/config.ts";
+import { ConfigError, KeyRotationRefused } from "../platform/errors.ts";
+import { fernetKeyFingerprint, formatFernetKeyFile, parseFernetKeyFile, type FernetKeyEntry, type FernetKeyFile } from "../platform/fernet-key-file.ts";
+import { readPrivateFile } from "../platform/private-files.ts";
+import { RELOAD_INTERVAL_MS } from "../platform/watch.ts";
+import { generateFernetKey, MAX_CLOCK_SKEW_S } from "./fernet.ts";
+
+/** The servers' --ttl default: the oldest token they accept, in seconds. */
+export const DEFAULT_TOKEN_TTL_S = 300;
+
+/**
+ * The least time between add and promote. A host that has the file loads it within RELOAD_INTERVAL_MS; a promote
+ * sooner than a few polls after the add, on a file the hosts share, would let one host encrypt with a key another
+ * has not loaded yet. Across hosts with their own copies, wait for each one's reload line instead (the runbook).
+ */
+export const PROMOTE_AFTER_ADD_MS = 5 * RELOAD_INTERVAL_MS;
+
+/** When a key that stopped encrypting at `encryptedUntil` can go: no token made with it is accepted after this. */
+export function retireSafeAt(encryptedUntil: Date, ttlSeconds: number): Date {
+  return new Date(encryptedUntil.getTime() + (ttlSeconds + MAX_CLOCK_SKEW_S) * 1000);
+}
+
+/** A key added and not yet promoted: the one promote takes. */
+function isPending(entry: FernetKeyEntry): boolean {
+  return entry.role === "decrypt-only" && entry.added !== undefined && entry.encryptedUntil === undefined;
+}
+
+function byFingerprint(file: FernetKeyFile, fingerprint: string): FernetKeyEntry {
+  const found = [file.primary, ...file.decryptOnly].find((e) => fernetKeyFingerprint(e.key) === fingerprint.toLowerCase());
+  if (!found) throw new KeyRotationRefused(`no key with fingerprint ${fingerprint} in the file (see: status)`);
+  return found;
+}
+
+const fp = (e: FernetKeyEntry) => fernetKeyFingerprint(e.key);
+const iso = (d: Date) => d.toISOString().replace(/\.\d+Z$/, "Z");
+
+/**
+ * Step 1: `key` (default a new random one) goes in decrypt-only, right after the primary. Refused while another
+ * added key waits to be promoted: one rotation at a time.
+ */
+export function addKey(file: FernetKeyFile, now: Date, key = generateFernetKey()): { file: FernetKeyFile; added: FernetKeyEntry } {
+  const waiting = file.decryptOnly.find(isPending);
+  if (waiting) throw new KeyRotationRefused(`key ${fp(waiting)} was added ${iso(waiting.added!)} and is not promoted yet: promote it, or retire --key ${fp(waiting)}, first`);
+  const added: FernetKeyEntry = { key, role: "decrypt-only", added: now };
+  if ([file.primary, ...file.decryptOnly].some((e) => fp(e) === fp(added))) throw new KeyRotationRefused(`key ${fp(added)} is in the file already`);
+  return { file: { primary: file.primary, decryptOnly: [added, ...file.decryptOnly] }, added };
+}
+
+/**
+ * Step 2: the added key (or the decrypt-only key `fingerprint` names) becomes the primary; the primary before it
+ * stays decrypt-only, marked "encrypted until now". Refused sooner than PROMOTE_AFTER_ADD_MS after the add unless
+ * `force`.
+ */
+export function promoteKey(file: FernetKeyFile, now: Date, options: { fingerprint?: string; force?: boolean } = {}): { file: FernetKeyFile; promoted: FernetKeyEntry; demoted: FernetKeyEntry } {
+  const chosen = options.fingerprint ? byFingerprint(file, options.fingerprint) : file.decryptOnly.find(isPending);
+  if (!chosen) throw new KeyRotationRefused("no added key to promote: run add first (or name a decrypt-only key with --key)");
+  if (chosen === file.primary) throw new KeyRotationRefused(`key ${fp(chosen)} is the primary already`);
+  if (chosen.added && !options.force && now.getTime() - chosen.added.getTime() < PROMOTE_AFTER_ADD_MS) {
+    throw new KeyRotationRefused(
+      `key ${fp(chosen)} was added ${((now.getTime() - chosen.added.getTime()) / 1000).toFixed(1)} s ago: promote it once every host has ` +
+        `loaded it (each logs "Fernet keys reloaded: … (added ${fp(chosen)})"), and no sooner than ${PROMOTE_AFTER_ADD_MS / 1000} s after the add`,
+    );
+  }
+  const promoted: FernetKeyEntry = { ...chosen, role: "primary", promoted: now, encryptedUntil: undefined };
+  const demoted: FernetKeyEntry = { ...file.primary, role: "decrypt-only", encryptedUntil: now };
+  return { file: { primary: promoted, decryptOnly: [demoted, ...file.decryptOnly.filter((e) => e !== chosen)] }, promoted, demoted };
+}
+
+export interface RetireResult {
+  file: FernetKeyFile;
+  retired: FernetKeyEntry[];
+  /** Decrypt-only keys kept, and why: "may be in tokens until …", "added, not promoted yet", "no date: name it with --key". */
+  kept: { entry: FernetKeyEntry; why: string }[];
+}
+
+/**
+ * Step 3: drops decrypt-only keys no token can need any more: those that stopped encrypting at least
+ * ttl + MAX_CLOCK_SKEW_S ago (retireSafeAt). With `fingerprints`, exactly those keys, each still held to that rule
+ * unless `force`; a key with no date (from a hand-made file) goes only when named. The primary is never dropped.
+ */
+export function retireKeys(file: FernetKeyFile, now: Date, options: { ttlSeconds: number; fingerprints?: readonly string[]; force?: boolean }): RetireResult {
+  const named = options.fingerprints?.map((f) => byFingerprint(file, f));
+  if (named?.includes(file.primary)) {
+    throw new KeyRotationRefused(`key ${fp(file.primary)} is the primary: promote another key first (the primary is never retired, so the file always has a key to encrypt with)`);
+  }
+  const retired: FernetKeyEntry[] = [];
+  const kept: RetireResult["kept"] = [];
+  for (const entry of file.decryptOnly) {
+    const asked = named?.includes(entry) ?? false;
+    let why: string | null = null;
+    if (entry.encryptedUntil) {
+      const safeAt = retireSafeAt(entry.encryptedUntil, options.ttlSeconds);
+      if (safeAt > now && !(asked && options.force)) {
+        why = `stopped encrypting ${iso(entry.encryptedUntil)}; a token made with it may be accepted until ${iso(safeAt)} (TTL ${options.ttlSeconds} s + ${MAX_CLOCK_SKEW_S} s clock skew)`;
+      }
+    } else if (!asked) {
+      why = isPending(entry) ? "added, not promoted yet" : `no record of when it stopped encrypting: retire it by name (--key ${fp(entry)}) once no host has encrypted with it for the TTL`;
+    }
+    if (named && !asked) why ??= "not named";
+    if (why) kept.push({ entry, why });
+    else retired.push(entry);
+  }
+  const refusedNamed = kept.filter((k) => named?.includes(k.entry));
+  if (refusedNamed.length > 0) {
+    throw new KeyRotationRefused(`${refusedNamed.map((k) => `key ${fp(k.entry)}: ${k.why}`).join("; ")}; retire then, or --force`);
+  }
+  return { file: { primary: file.primary, decryptOnly: file.decryptOnly.filter((e) => !retired.includes(e)) }, retired, kept };
+}
+
+/** Reads a key file for rotation: 0600, parsed (ConfigError naming the line on anything else). */
+export function readKeyFile(path: string): FernetKeyFile {
+  let text: string;
+  try {
+    text = readPrivateFile(path);
+  } catch (error) {
+    if (error instanceof ConfigError) throw error;
+    throw new ConfigError(`cannot read ${displayPath(path)}: ${(error as NodeJS.ErrnoException).code ?? (error as Error).message}`);
+  }
+  return parseFernetKeyFile(text, displayPath(path));
+}
+
+/** Replaces the file at `path` in one step: a new 0600 file beside it, synced, then renamed over it. */
+export function writeKeyFile(path: string, file: FernetKeyFile): void {
+  const temporary = join(dirname(path), `.${basename(path)}.${process.pid}.${randomBytes(4).toString("hex")}.tmp`);
+  const fd = openSync(temporary, "wx", 0o600);
+  try {
+    writeSync(fd, formatFernetKeyFile(file));
+    fsyncSync(fd);
+  } catch (error) {
+    closeSync(fd);
+    unlinkSync(temporary);
+    throw error;
+  }
+  closeSync(fd);
+  renameSync(temporary, path);
+  // The rename itself is durable once the folder is synced; a folder cannot be opened for sync everywhere (Deno on some systems).
+  try {
+    const dir = openSync(dirname(path), "r");
+    fsyncSync(dir);
+    closeSync(dir);
+  } catch {
+    // best effort
+  }
+}
+
+/** One line per key: fingerprint, role, dates, and for a key that stopped encrypting, when it can be retired. */
+export function describeKeyFile(file: FernetKeyFile, now: Date, ttlSeconds: number): string[] {
+  return [file.primary, ...file.decryptOnly].map((e) => {
+    const notes = [
+      e.added && `added ${iso(e.added)}`,
+      e.promoted && `promoted ${iso(e.promoted)}`,
+      e.encryptedUntil && `encrypted until ${iso(e.encryptedUntil)}`,
+      e.encryptedUntil && (retireSafeAt(e.encryptedUntil, ttlSeconds) <= now ? "retire: safe now" : `retire: safe from ${iso(retireSafeAt(e.encryptedUntil, ttlSeconds))}`),
+      isPending(e) && "promote: once every host has loaded it",
+    ].filter(Boolean);
+    return notes.length ? `${fp(e)}  ${e.role.padEnd(12)}  ${notes.join(", ")}` : `${fp(e)}  ${e.role}`;
+  });
+}
+
+const USAGE = `
+Usage: fernet-keys.ts add|promote|retire|status [options]
+
+Rotates the Fernet key file in three steps; servers and clients reload it within a second of a change.
+  add      a new key, decrypt-only, right after the primary
+  promote  the added key (or --key FP) encrypts from now on; the old primary stays decrypt-only
+  retire   drops the decrypt-only keys that stopped encrypting at least TTL + ${MAX_CLOCK_SKEW_S} s ago (or --key FP)
+  status   lists the keys by fingerprint, and when each step is safe
+
+Between steps, put the file on every host (servers and clients) and wait until each has logged
+"Fernet keys reloaded: ...". Keys are never printed, only their fingerprints.
+
+Options:
+  --file PATH   the key file (default: encryption_key.txt in --pki)
+  --pki DIR     PKI folder from pki.sh (default $PKI_DIR, else certs/)
+  --ttl S       the servers' --ttl: the oldest token they accept (default $FERNET_TTL, else ${DEFAULT_TOKEN_TTL_S})
+  --key FP      the key to promote or retire, by fingerprint (repeat for retire)
+  --force       promote sooner than ${PROMOTE_AFTER_ADD_MS / 1000} s after add, or retire a named key before it is safe
+  -h, --help    show this help
+`;
+
+/** Runs one command; returns its exit code: 0 done, 1 refused (the file is left as it was), 2 bad usage or file. */
+export function main(argv: string[], out: (line: string) => void = console.log, err: (line: string) => void = console.error, now = new Date()): number {
+  let command: string | undefined;
+  let path: string;
+  let ttlSeconds: number;
+  let values: { key?: string[]; force?: boolean };
+  try {
+    const parsed = parseArgs({
+      args: argv,
+      allowPositionals: true,
+      options: { file: { type: "string" }, pki: { type: "string" }, ttl: { type: "string" }, key: { type: "string", multiple: true }, force: { type: "boolean" }, help: { type: "boolean", short: "h" } },
+    });
+    if (parsed.values.help) {
+      out(USAGE.trim());
+      return 0;
+    }
+    [command] = parsed.positionals;
+    if (!["add", "promote", "retire", "status"].includes(command ?? "") || parsed.positionals.length !== 1) throw new ConfigError("say one of add, promote, retire, status (see --help)");
+    path = resolve(parsed.values.file ?? join(pkiDir(parsed.values.pki), FERNET_KEY_FILE));
+    ttlSeconds = parsePositive(parsed.values.ttl ?? process.env.FERNET_TTL, "--ttl", DEFAULT_TOKEN_TTL_S);
+    values = parsed.values;
+  } catch (error) {
+    err(`fernet-keys: ${(error as Error).message}`);
+    return 2;
+  }
+  const shown = displayPath(path);
+  try {
+    const file = readKeyFile(path);
+    switch (command) {
+      case "add": {
+        const { file: next, added } = addKey(file, now);
+        writeKeyFile(path, next);
+        out(`added key ${fp(added)} to ${shown}, decrypt-only; the primary is still ${fp(next.primary)}`);
+        out(`next: put ${shown} on every host; once each has logged "Fernet keys reloaded: … (added ${fp(added)})", run promote`);
+        return 0;
+      }
+      case "promote": {
+        const { file: next, promoted, demoted } = promoteKey(file, now, { fingerprint: values.key?.[0], force: values.force });
+        writeKeyFile(path, next);
+        out(`promoted key ${fp(promoted)} to primary in ${shown}; ${fp(demoted)} is decrypt-only from ${iso(now)}`);
+        out(`next: put ${shown} on every host; retire ${fp(demoted)} once every host has logged "Fernet keys reloaded: … (primary was ${fp(demoted)})" ` +
+          `and ${ttlSeconds + MAX_CLOCK_SKEW_S} s more have passed (TTL ${ttlSeconds} s + ${MAX_CLOCK_SKEW_S} s clock skew): not before ${iso(retireSafeAt(now, ttlSeconds))}`);
+        return 0;
+      }
+      case "retire": {
+        const { file: next, retired, kept } = retireKeys(file, now, { ttlSeconds, fingerprints: values.key, force: values.force });
+        for (const { entry, why } of kept) out(`kept key ${fp(entry)}: ${why}`);
+        if (retired.length === 0) {
+          if (kept.some((k) => k.entry.encryptedUntil)) {
+            err(`fernet-keys: nothing retired yet: ${kept.filter((k) => k.entry.encryptedUntil).map((k) => `${fp(k.entry)} ${k.why}`).join("; ")}`);
+            return 1;
+          }
+          out(`nothing to retire in ${shown}: the primary ${fp(file.primary)}${file.decryptOnly.length ? ` and ${file.decryptOnly.length} decrypt-only key(s) still needed` : " is the only key"}`);
+          return 0;
+        }
+        writeKeyFile(path, next);
+        out(`retired key${retired.length === 1 ? "" : "s"} ${retired.map(fp).join(" ")} from ${shown}; ${1 + next.decryptOnly.length} key(s) left, primary ${fp(next.primary)}`);
+        out(`next: put ${shown} on every host; records stored encrypted under a retired key can no longer be read`);
+        return 0;
+      }
+      default:
+        for (const line of describeKeyFile(file, now, ttlSeconds)) out(line);
+        return 0;
+    }
+  } catch (error) {
+    err(`fernet-keys: ${(error as Error).message}`);
+    return error instanceof KeyRotationRefused ? 1 : 2;
+  }
+}
+
+if (import.meta.main) process.exit(main(process.argv.slice(2)));

@@ -1,0 +1,134 @@
+// FernetKeys, and a long-lived MeshClient following the key file: a promote is taken up within the poll bound with
+// no new client; a bad file keeps the keys in force with one error line; $FERNET_KEY says it does not reload.
+// (timing-bound: the poll bound is RELOAD_INTERVAL_MS plus a margin for a shared two-core machine.)
+import { afterAll, afterEach, describe, expect, test } from "bun:test";
+import { chmodSync, mkdtempSync, renameSync, rmSync, writeFileSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { createLogger, type Logger } from "../ops/log.ts";
+import { fernetKeyFingerprint } from "../platform/fernet-key-file.ts";
+import { loadIdentity, mutualTlsServerOptions } from "../platform/tls.ts";
+import { RELOAD_INTERVAL_MS } from "../platform/watch.ts";
+import { testPki } from "../testing/pki.ts";
+import { waitFor } from "../../harness/fixtures/index.ts";
+import { Fernet, generateFernetKey } from "./fernet.ts";
+import { FernetKeys } from "./fernet-reload.ts";
+import { MeshClient } from "./mesh-client.ts";
+
+const POLL_BOUND_MS = RELOAD_INTERVAL_MS + 2000;
+
+const temporary: string[] = [];
+afterAll(() => temporary.forEach((dir) => rmSync(dir, { recursive: true, force: true })));
+const cleanups: (() => void)[] = [];
+afterEach(() => cleanups.splice(0).forEach((c) => c()));
+
+/** A folder holding only encryption_key.txt (0600), as a host's PKI holds it. */
+function keyFolder(text: string): string {
+  const dir = mkdtempSync(join(tmpdir(), "securemesh-fernet-reload-"));
+  temporary.push(dir);
+  putKeyFile(dir, text);
+  return dir;
+}
+
+function putKeyFile(dir: string, text: string): void {
+  writeFileSync(join(dir, "next"), text, { mode: 0o600 });
+  chmodSync(join(dir, "next"), 0o600);
+  renameSync(join(dir, "next"), join(dir, "encryption_key.txt"));
+}
+
+function capturingLogger(): { logger: Logger; lines: string[] } {
+  const lines: string[] = [];
+  return { logger: createLogger("test", { format: "text", color: false, write: (l) => lines.push(l) }), lines };
+}
+
+describe("FernetKeys", () => {
+  const [A, B] = [generateFernetKey(), generateFernetKey()];
+  const [fa, fb] = [fernetKeyFingerprint(A), fernetKeyFingerprint(B)];
+
+  test("reload swaps the set and says what changed; a file that cannot be used keeps it, one error line, no key", () => {
+    const dir = keyFolder(`${A}\n`);
+    const keys = FernetKeys.open(dir);
+    const { logger, lines } = capturingLogger();
+    const fernet = keys.fernet;
+    const underB = new Fernet(B).encrypt("b");
+
+    putKeyFile(dir, `${A}\n${B} # decrypt-only\n`);
+    expect(keys.reload(logger)).toBe(true);
+    expect(fernet.decryptText(underB)).toBe("b");
+    expect(new Fernet(A).decryptText(fernet.encrypt("still A"))).toBe("still A");
+
+    putKeyFile(dir, `${B}\n${A} # decrypt-only\n`);
+    keys.reload(logger);
+    expect(new Fernet(B).decryptText(fernet.encrypt("now B"))).toBe("now B");
+
+    putKeyFile(dir, `${B.slice(0, 30)}\n`);
+    expect(keys.reload(logger)).toBe(false);
+    chmodSync(join(dir, "encryption_key.txt"), 0o644);
+    expect(keys.reload(logger)).toBe(false);
+    putKeyFile(dir, `${B}\n`);
+    keys.reload(logger);
+    keys.reload(logger);
+
+    expect(lines).toEqual([
+      `Fernet keys reloaded: 2 keys, primary ${fa}, decrypt-only ${fb} (added ${fb})`,
+      `Fernet keys reloaded: 2 keys, primary ${fb}, decrypt-only ${fa} (primary was ${fa})`,
+      `Fernet keys NOT reloaded, the previous ones stay in force (2 keys, primary ${fb}, decrypt-only ${fa}): ${join(dir, "encryption_key.txt")} line 1: not a Fernet key (url-safe base64 of 32 bytes); fix or remove that line`,
+      `Fernet keys NOT reloaded, the previous ones stay in force (2 keys, primary ${fb}, decrypt-only ${fa}): ${join(dir, "encryption_key.txt")} is readable by group or others (mode 0644); run chmod 600 ${join(dir, "encryption_key.txt")}`,
+      `Fernet keys reloaded: 1 key, primary ${fb} (dropped ${fa})`,
+      `Fernet keys reloaded: 1 key, primary ${fb} (unchanged)`,
+    ]);
+    expect(() => fernet.decrypt(new Fernet(A).encrypt("a"))).toThrow("invalid or expired token");
+  });
+
+  test("$FERNET_KEY: loaded, said not to reload, and not watched", () => {
+    const dir = keyFolder(`${A}\n`);
+    const before = process.env.FERNET_KEY;
+    process.env.FERNET_KEY = B;
+    try {
+      const keys = FernetKeys.open(dir).watch(capturingLogger().logger);
+      cleanups.push(() => keys.stop());
+      expect(keys.describe()).toBe(`1 key, primary ${fb}, from $FERNET_KEY (does not reload: restart to change keys, or use encryption_key.txt)`);
+    } finally {
+      if (before === undefined) delete process.env.FERNET_KEY;
+      else process.env.FERNET_KEY = before;
+    }
+  });
+});
+
+describe("MeshClient follows the key file", () => {
+  test("a promote reaches a client made before it within the poll bound, and close() stops following (timing-bound)", async () => {
+    const pki = await testPki("main");
+    const [old, next] = [generateFernetKey(), generateFernetKey()];
+    const dir = keyFolder(`${old}\n`);
+    // A stand-in coordinator that can read only the new key: it stores what the client encrypted under it.
+    const onlyNext = new Fernet(next);
+    const server = Bun.serve({
+      port: 0, hostname: "127.0.0.1", tls: mutualTlsServerOptions(loadIdentity(pki, "coordinator")),
+      fetch: async (request) => {
+        try {
+          onlyNext.decrypt(((await request.json()) as { data: string }).data);
+          return Response.json({ result: "ok", id: 1 });
+        } catch {
+          return Response.json({ error: "invalid or expired token", code: "ERR_INVALID_TOKEN" }, { status: 400 });
+        }
+      },
+    });
+    cleanups.push(() => server.stop(true));
+    const { logger, lines } = capturingLogger();
+    const keys = FernetKeys.open(dir).watch(logger);
+    const client = new MeshClient({ identity: loadIdentity(pki, "client1"), fernet: keys, coordinators: [`https://127.0.0.1:${server.port}`] });
+    cleanups.push(() => client.close());
+
+    expect((await client.sendData("before")).status).toBe(400);
+    putKeyFile(dir, `${next}  # primary\n${old}  # decrypt-only\n`);
+    const changed = performance.now();
+    await waitFor("the client to encrypt under the promoted key", async () => (await client.sendData("after")).status === 200, 10_000);
+    expect({ withinPollBound: performance.now() - changed <= POLL_BOUND_MS }).toEqual({ withinPollBound: true });
+    expect(lines).toEqual([`Fernet keys reloaded: 2 keys, primary ${fernetKeyFingerprint(next)}, decrypt-only ${fernetKeyFingerprint(old)} (primary was ${fernetKeyFingerprint(old)}; added ${fernetKeyFingerprint(next)})`]);
+
+    client.close();
+    putKeyFile(dir, `${old}\n`);
+    await Bun.sleep(RELOAD_INTERVAL_MS * 2); // nothing to wait for: a closed client must not log a reload
+    expect(lines.length).toBe(1);
+  });
+});
