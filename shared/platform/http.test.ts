@@ -221,7 +221,7 @@ describe("listenReloadable (#11)", () => {
     crl = parseCrl(crlAfter, server.ca);
     // Refused at the gate, told why before the connection closes (issue 23, finding 7).
     const refused = await fetch(`${url}/who`, as(x));
-    expect([refused.status, (await refused.json()).code]).toEqual([403, "ERR_REVOKED"]);
+    expect([refused.status, ((await refused.json()) as { code: string }).code]).toEqual([403, "ERR_REVOKED"]);
     const after = await fetch(`${url}/who`, as(client1));
     expect([after.status, await after.text()]).toEqual([200, "ok"]);
     release();
