@@ -120,7 +120,7 @@ async function resetBenchDatabase(): Promise<void> {
   const conn = await mysql.createConnection(TEST_MYSQL_URL);
   try {
     await conn.query("CREATE DATABASE IF NOT EXISTS securemesh_bench");
-    await conn.query("DROP TABLE IF EXISTS securemesh_bench.records, securemesh_bench.records_generation, securemesh_bench.records_used_proofs, securemesh_bench.records_senders");
+    await conn.query("DROP TABLE IF EXISTS securemesh_bench.records, securemesh_bench.records_generation, securemesh_bench.records_used_proofs, securemesh_bench.records_senders, securemesh_bench.records_meta");
   } finally {
     await conn.end();
   }

@@ -1,4 +1,5 @@
 // The record store's contract, and the SQL and rules both backends (sqlite, MySQL) share.
+import { randomUUID } from "node:crypto";
 import { IdempotencyConflict, ProofRejected } from "../platform/errors.ts";
 
 export interface NewRecord {
@@ -58,6 +59,11 @@ export interface RecordStore {
   countsBySender(): Promise<Record<string, number>>;
   /** A cheap round trip, for health checks. Throws Unavailable when the database is not reachable or writable. */
   ping(): Promise<void>;
+  /**
+   * The store's own id, made once when its schema is first created and shared by every server that opens the same
+   * database: servers behind one coordinator that report different ids write to different databases (issue 23).
+   */
+  storeId(): Promise<string>;
   close(): Promise<void>;
 }
 
@@ -116,6 +122,7 @@ export function recordSql(table: string, dialect: RecordStore["kind"]) {
     /** In insertMany's transaction: a sender counted `n` times more. */
     countSenderBy: `INSERT INTO ${table}_senders (sender, n) VALUES (?, ?) ${upsertMany}`,
     countsBySender: `SELECT sender, n FROM ${table}_senders ORDER BY sender`,
+    storeId: `SELECT value FROM ${table}_meta WHERE name = 'store_id'`,
     // For a store whose records predate the senders table: run once, under the write lock, at open.
     aggregatesMissing: `SELECT (EXISTS (SELECT 1 FROM ${table}) AND NOT EXISTS (SELECT 1 FROM ${table}_senders)) AS missing`,
     fillAggregates: `INSERT INTO ${table}_senders (sender, n) SELECT sender, COUNT(*) FROM ${table} GROUP BY sender`,
@@ -163,6 +170,11 @@ export interface RecordRow {
   token: string;
   server: number;
   created_at: number | string;
+}
+
+/** A new store's id: a random UUID, so two databases never share one by chance. */
+export function newStoreId(): string {
+  return randomUUID();
 }
 
 export function fromRow(row: RecordRow): StoredRecord {

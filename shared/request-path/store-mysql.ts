@@ -2,7 +2,7 @@
 import { checkTableName, orUnavailable, unavailable } from "../db/database.ts";
 import { isDuplicateEntry, openMysql, type MysqlDatabase, type MysqlStats, type SqlValue } from "../db/mysql.ts";
 import {
-  fromRow, insertParams, RECORD_STORE, recordSql, repeatedInsert, replayedProof, sendersCounted, sendersIn,
+  fromRow, insertParams, newStoreId, RECORD_STORE, recordSql, repeatedInsert, replayedProof, sendersCounted, sendersIn,
   type EarlierRecord, type InsertResult, type NewRecord, type ProofUse, type RecordRow, type RecordStore, type StoreOptions, type StoredRecord,
 } from "./record-store.ts";
 
@@ -131,6 +131,12 @@ export class MysqlStore implements RecordStore {
     await orUnavailable(RECORD_STORE, () => this.#db.rows(this.#sql.generation));
   }
 
+  async storeId(): Promise<string> {
+    const [row] = await this.#rows<{ value: string }>(this.#sql.storeId, [], false);
+    if (!row) throw unavailable(RECORD_STORE, new Error("the store has no id row"));
+    return row.value;
+  }
+
   async close(): Promise<void> {
     await this.#db.end();
   }
@@ -189,6 +195,9 @@ function schema(table: string): string[] {
     `CREATE TABLE IF NOT EXISTS ${table}_generation (id TINYINT PRIMARY KEY, value BIGINT NOT NULL) ENGINE=InnoDB`,
     `INSERT IGNORE INTO ${table}_generation (id, value) VALUES (1, 0)`,
     `CREATE TABLE IF NOT EXISTS ${table}_senders (sender VARCHAR(128) NOT NULL PRIMARY KEY, n BIGINT NOT NULL) ENGINE=InnoDB`,
+    `CREATE TABLE IF NOT EXISTS ${table}_meta (name VARCHAR(64) NOT NULL PRIMARY KEY, value VARCHAR(255) NOT NULL) ENGINE=InnoDB`,
+    // The first server to create the schema names the store; the others' INSERT IGNORE keeps that name.
+    `INSERT IGNORE INTO ${table}_meta (name, value) VALUES ('store_id', '${newStoreId()}')`,
     // A table from before #11 was made without this index, and own-records reads name it (FORCE INDEX). MariaDB's
     // IF NOT EXISTS makes this a no-op on newer tables.
     `CREATE INDEX IF NOT EXISTS ${table}_by_sender ON ${table} (sender, id)`,

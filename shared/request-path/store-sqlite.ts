@@ -3,7 +3,7 @@ import type { DatabaseSync, StatementSync } from "node:sqlite";
 import { checkTableName, orUnavailable, unavailable } from "../db/database.ts";
 import { execute, immediate, openSqlite, sqliteFailure } from "../db/sqlite.ts";
 import {
-  fromRow, insertParams, RECORD_STORE, recordSql, repeatedInsert, replayedProof, sendersCounted, sendersIn,
+  fromRow, insertParams, newStoreId, RECORD_STORE, recordSql, repeatedInsert, replayedProof, sendersCounted, sendersIn,
   type EarlierRecord, type InsertResult, type NewRecord, type ProofUse, type RecordRow, type RecordStore, type StoreOptions, type StoredRecord,
 } from "./record-store.ts";
 
@@ -28,6 +28,7 @@ export class SqliteStore implements RecordStore {
       countsBySender: db.prepare(sql.countsBySender),
       countSender: db.prepare(sql.countSender),
       countSenderBy: db.prepare(sql.countSenderBy),
+      storeId: db.prepare(sql.storeId),
     };
   }
 
@@ -114,6 +115,10 @@ export class SqliteStore implements RecordStore {
     await orUnavailable(RECORD_STORE, () => this.#generation());
   }
 
+  async storeId(): Promise<string> {
+    return orUnavailable(RECORD_STORE, () => (this.#statements.storeId.get() as { value: string }).value);
+  }
+
   async close(): Promise<void> {
     this.#db.close();
   }
@@ -143,6 +148,8 @@ function createSchema(db: DatabaseSync, table: string): void {
   execute(db, `CREATE INDEX IF NOT EXISTS ${table}_by_sender ON ${table} (sender, id)`);
   execute(db, `CREATE TABLE IF NOT EXISTS ${table}_used_proofs (jti TEXT NOT NULL, server INTEGER NOT NULL, expires_at INTEGER NOT NULL, PRIMARY KEY (jti, server))`);
   execute(db, `CREATE TABLE IF NOT EXISTS ${table}_senders (sender TEXT PRIMARY KEY, n INTEGER NOT NULL)`);
+  execute(db, `CREATE TABLE IF NOT EXISTS ${table}_meta (name TEXT PRIMARY KEY, value TEXT NOT NULL)`);
+  db.prepare(`INSERT OR IGNORE INTO ${table}_meta (name, value) VALUES ('store_id', ?)`).run(newStoreId());
   // A table made before the senders table existed: count its records once, so the first read is right.
   const sql = recordSql(table, "sqlite");
   if ((db.prepare(sql.aggregatesMissing).get() as { missing: number }).missing) execute(db, sql.fillAggregates);

@@ -28,7 +28,7 @@ afterAll(async () => {
   await Promise.all(rawToClose.map((raw) => raw.close()));
   if (mysqlTables.length === 0) return;
   const conn = await mysql.createConnection(TEST_MYSQL_URL);
-  for (const table of mysqlTables) await conn.query(`DROP TABLE IF EXISTS ${table}, ${table}_generation, ${table}_used_proofs, ${table}_senders`);
+  for (const table of mysqlTables) await conn.query(`DROP TABLE IF EXISTS ${table}, ${table}_generation, ${table}_used_proofs, ${table}_senders, ${table}_meta`);
   await conn.end();
 });
 
@@ -289,6 +289,27 @@ describe.each(Object.keys(rawDatabases))("%s record store aggregates", (kind) =>
       const plan = await raw.rows<{ detail: string }>(`EXPLAIN QUERY PLAN ${sql.latest}`, [20]);
       expect(plan.map((step) => step.detail)).toContain(`SEARCH ${raw.table} USING INTEGER PRIMARY KEY (rowid<?)`);
     }
+  });
+});
+
+describe("store id (issue 23: a database of another cluster is told apart)", () => {
+  test.each(["sqlite", "mysql"])("%s: every opening of one database reports its id; another database has another", async (kind) => {
+    const dir = mkdtempSync(join(tmpdir(), "securemesh-store-id-"));
+    const table = uniqueTable("records");
+    if (kind === "mysql") mysqlTables.push(table);
+    const location = (name: string) => (kind === "sqlite" ? [join(dir, `${name}.db`), {}] as const : [TEST_MYSQL_URL, { table: `${table}${name}` }] as const);
+    if (kind === "mysql") mysqlTables.push(`${table}a`, `${table}b`);
+    const open = async (name: string) => {
+      const [url, options] = location(name);
+      const store = await openStore(url, options);
+      stores.push(store);
+      return store;
+    };
+    const [first, again, other] = [await open("a"), await open("a"), await open("b")];
+    const id = await first.storeId();
+    expect(id).toMatch(/^[0-9a-f-]{36}$/);
+    expect(await again.storeId()).toBe(id);
+    expect(await other.storeId()).not.toBe(id);
   });
 });
 
