@@ -566,6 +566,9 @@ function requestHead(method: string, path: string, authority: string, headers: H
 function withDeadline<T>(promise: Promise<T>, deadline: number, timeoutMs: number, onTimeout: () => void): Promise<T> {
   const left = deadline - performance.now();
   if (left <= 0) {
+    // The work behind `promise` is stopped and rejects later: handled here, or that rejection alone would end the
+    // process (a peer that stalls the event loop past the deadline did exactly that; issue 18, attacker F2).
+    promise.catch(() => {});
     onTimeout();
     return Promise.reject(timeoutError(timeoutMs));
   }
