@@ -171,4 +171,23 @@ describe("parseAnswer", () => {
     expect(parse("SSH-2.0-OpenSSH\r\n\r\n")).toBe("not an HTTP/1.x status line");
     expect(parse("HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\nzz\r\n")).toBe("a bad chunk size");
   });
+
+  test("a hostile peer cannot make every read re-parse its answer: interim answers are capped, chunks are read once (issue 18, F2)", () => {
+    const interim = "HTTP/1.1 100 Continue\r\n\r\n";
+    expect(body(parse(`${interim.repeat(8)}HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok`))).toBe("ok");
+    expect(parse(`${interim.repeat(9)}HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok`)).toBe("too many interim (1xx) answers");
+    // Fed as it arrives, one byte more each read, with one cursor: the body is whole, and each chunk was taken once.
+    const text = `HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n${Array.from({ length: 50 }, (_, i) => `2\r\n${String(i).padStart(2, "0")}\r\n`).join("")}0\r\n\r\n`;
+    const whole = Buffer.from(text, "latin1");
+    const cursor = { bodyStart: -1, pos: 0, parts: [] as Uint8Array[] };
+    let answer: ReturnType<typeof parseAnswer> = null;
+    let partsSeen = 0;
+    for (let n = 1; n <= whole.length && answer === null; n++) {
+      answer = parseAnswer(whole.subarray(0, n), false, cursor);
+      expect(cursor.parts.length).toBeGreaterThanOrEqual(partsSeen); // never starts over
+      partsSeen = cursor.parts.length;
+    }
+    expect(body(answer)).toBe(Array.from({ length: 50 }, (_, i) => String(i).padStart(2, "0")).join(""));
+    expect(partsSeen).toBe(50);
+  });
 });

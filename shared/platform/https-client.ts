@@ -57,6 +57,8 @@ const DEFAULT_MAX_CONNECTIONS = 64;
 const DEFAULT_IDLE_MS = 4_000;
 const DEFAULT_MAX_RESPONSE = 16 * 1024 * 1024;
 const MAX_HEAD_BYTES = 64 * 1024;
+/** Interim (1xx) answers accepted before the real one; our peers send at most one (100 Continue). */
+const MAX_INTERIM_ANSWERS = 8;
 const CRLF_CRLF = Buffer.from("\r\n\r\n");
 const HEADER_NAME = /^[!#$%&'*+.^_`|~0-9A-Za-z-]+$/;
 /** CR, LF or NUL would split the head; a character above 0xFF cannot go out as the one byte it stands for. */
@@ -143,7 +145,11 @@ class Connection {
   uses = 0;
   idleSince = 0;
   closed = false;
-  #buffer: Buffer = Buffer.alloc(0);
+  /** The answer so far: `#bytes` valid bytes of `#store`, which grows by doubling (amortized O(n), whatever the chunking). */
+  #store: Buffer = Buffer.alloc(0);
+  #bytes = 0;
+  /** How far the answer's chunked body has been read: each chunk is parsed once, not on every read (attacker F2). */
+  #cursor: ChunkCursor = newChunkCursor();
   #pending: Pending | null = null;
   readonly #maxBytes: number;
 
@@ -164,7 +170,8 @@ class Connection {
     this.uses += 1;
     return new Promise((resolve, reject) => {
       this.#pending = { resolve, reject, headOnly, received: 0 };
-      this.#buffer = Buffer.alloc(0);
+      this.#bytes = 0;
+      this.#cursor = newChunkCursor();
       // Head and body in one write: one TLS record and one syscall for a small request.
       const bytes = body && body.byteLength > 0 ? Buffer.concat([Buffer.from(head, "latin1"), body]) : Buffer.from(head, "latin1");
       this.socket.write(bytes);
@@ -195,18 +202,26 @@ class Connection {
       return;
     }
     pending.received += chunk.length;
-    this.#buffer = this.#buffer.length === 0 ? chunk : Buffer.concat([this.#buffer, chunk]);
-    if (this.#buffer.length > this.#maxBytes) return this.#fail("the answer is over the size limit");
+    if (this.#bytes + chunk.length > this.#maxBytes) return this.#fail("the answer is over the size limit");
+    if (this.#bytes + chunk.length > this.#store.length) {
+      const grown = Buffer.allocUnsafe(Math.min(this.#maxBytes, Math.max(this.#store.length * 2, this.#bytes + chunk.length, 16 * 1024)));
+      this.#store.copy(grown, 0, 0, this.#bytes);
+      this.#store = grown;
+    }
+    chunk.copy(this.#store, this.#bytes);
+    this.#bytes += chunk.length;
     let parsed: ParsedAnswer | null | string;
     try {
-      parsed = parseAnswer(this.#buffer, pending.headOnly);
+      // A copy of the body, never a view of the store: the store is reused for the connection's next answer.
+      parsed = parseAnswer(this.#store.subarray(0, this.#bytes), pending.headOnly, this.#cursor);
     } catch (error) {
       return this.#fail((error as Error).message);
     }
     if (parsed === null) return undefined; // more bytes to come
     if (typeof parsed === "string") return this.#fail(parsed);
     this.#pending = null;
-    const { status, rawHeaders, body, keepAlive, rest } = parsed;
+    const { status, rawHeaders, keepAlive, rest } = parsed;
+    const body = Uint8Array.prototype.slice.call(parsed.body);
     // Anything after the answer was not asked for: the connection is not used again.
     if (!keepAlive || rest > 0) this.destroy();
     else this.origin.release(this);
@@ -236,8 +251,9 @@ interface ParsedAnswer {
  * 1xx answers are skipped. A body runs by Content-Length, by chunks, or (neither given) to the connection's end,
  * which this client never waits for: such an answer is refused, as our peers always frame theirs.
  */
-export function parseAnswer(buffer: Buffer, headOnly: boolean): ParsedAnswer | null | string {
+export function parseAnswer(buffer: Buffer, headOnly: boolean, cursor: ChunkCursor = newChunkCursor()): ParsedAnswer | null | string {
   let start = 0;
+  let interim = 0;
   for (;;) {
     const end = buffer.indexOf(CRLF_CRLF, start);
     if (end === -1) return buffer.length - start > MAX_HEAD_BYTES ? "the answer's head is too long" : null;
@@ -270,13 +286,15 @@ export function parseAnswer(buffer: Buffer, headOnly: boolean): ParsedAnswer | n
     if (chunked && contentLength !== null) return "both Content-Length and Transfer-Encoding";
     const bodyStart = end + 4;
     if (status >= 100 && status < 200) {
+      // Each read parses the heads again: a peer may not make that quadratic with endless interim answers.
+      if (++interim > MAX_INTERIM_ANSWERS) return "too many interim (1xx) answers";
       start = bodyStart; // 100 Continue and friends: the real answer follows
       continue;
     }
     const keepAlive = statusLine[1] === "1" ? !/\bclose\b/.test(connection) : /\bkeep-alive\b/.test(connection);
     if (headOnly || status === 204 || status === 304) return { status, rawHeaders, body: new Uint8Array(0), keepAlive, rest: buffer.length - bodyStart };
     if (chunked) {
-      const decoded = readChunks(buffer, bodyStart);
+      const decoded = readChunks(buffer, bodyStart, cursor);
       if (decoded === null || typeof decoded === "string") return decoded;
       return { status, rawHeaders, body: decoded.body, keepAlive, rest: buffer.length - decoded.end };
     }
@@ -286,11 +304,28 @@ export function parseAnswer(buffer: Buffer, headOnly: boolean): ParsedAnswer | n
   }
 }
 
-/** A chunked body from `at`: null while incomplete, a string when malformed. Trailers are read and dropped. */
-function readChunks(buffer: Buffer, at: number): { body: Uint8Array; end: number } | null | string {
-  const parts: Buffer[] = [];
-  let pos = at;
+/** How far a chunked body has been read: the next chunk's position and the bytes of the chunks before it. */
+export interface ChunkCursor {
+  /** Where the body starts; a cursor for another start is begun afresh. */
+  bodyStart: number;
+  pos: number;
+  parts: Uint8Array[];
+}
+
+function newChunkCursor(): ChunkCursor {
+  return { bodyStart: -1, pos: 0, parts: [] };
+}
+
+/**
+ * A chunked body from `at`: null while incomplete, a string when malformed. Trailers are read and dropped. Complete
+ * chunks are recorded in `cursor` (as copies), so the next read goes on from the first incomplete one.
+ */
+function readChunks(buffer: Buffer, at: number, cursor: ChunkCursor): { body: Uint8Array; end: number } | null | string {
+  if (cursor.bodyStart !== at) Object.assign(cursor, { bodyStart: at, pos: at, parts: [] });
+  const parts = cursor.parts;
+  let pos = cursor.pos;
   for (;;) {
+    cursor.pos = pos;
     const lineEnd = buffer.indexOf("\r\n", pos, "latin1");
     if (lineEnd === -1) return buffer.length - pos > 1024 ? "a chunk size line is too long" : null;
     const size = /^([0-9a-fA-F]{1,8})(?:;[^\r\n]*)?$/.exec(buffer.toString("latin1", pos, lineEnd));
@@ -303,12 +338,13 @@ function readChunks(buffer: Buffer, at: number): { body: Uint8Array; end: number
         const trailerEnd = buffer.indexOf("\r\n", pos, "latin1");
         if (trailerEnd === -1) return null;
         if (trailerEnd === pos) return { body: parts.length === 1 ? parts[0]! : Buffer.concat(parts), end: trailerEnd + 2 };
+        // Trailers are not kept in the cursor: re-read from the last chunk, they are at most a head's length.
         pos = trailerEnd + 2;
       }
     }
     if (buffer.length < pos + length + 2) return null;
     if (buffer[pos + length] !== 13 || buffer[pos + length + 1] !== 10) return "a chunk without its CRLF";
-    parts.push(buffer.subarray(pos, pos + length));
+    parts.push(Uint8Array.prototype.slice.call(buffer, pos, pos + length));
     pos += length + 2;
   }
 }
