@@ -1,4 +1,5 @@
 // The policy a role enforces right now: loaded at start, reloaded on change, every decision audited and counted.
+import { createHash } from "node:crypto";
 import { readFileSync } from "node:fs";
 import { displayPath } from "../platform/config.ts";
 import { ConfigError } from "../platform/errors.ts";
@@ -7,8 +8,14 @@ import { Metrics } from "../ops/metrics.ts";
 import { watchFiles, type Watch } from "../platform/watch.ts";
 import { decide, limitsOf, parsePolicy, PermissionDenied, type Action, type Decision, type Policy } from "./policy.ts";
 
+/** sha256:<first 16 hex> of a policy file's bytes: two hosts with the same hash enforce the same file (issue 23). */
+export function policyHash(text: string): string {
+  return `sha256:${createHash("sha256").update(text).digest("hex").slice(0, 16)}`;
+}
+
 export class Authorizer {
   #policy: Policy;
+  #hash: string;
   readonly #path: string;
   readonly #logger: Logger;
   readonly #decisions;
@@ -18,11 +25,11 @@ export class Authorizer {
   constructor(path: string, logger: Logger, metrics: Metrics = new Metrics()) {
     this.#path = path;
     this.#logger = logger;
-    this.#policy = Authorizer.#read(path);
+    ({ policy: this.#policy, hash: this.#hash } = Authorizer.#read(path));
     this.#decisions = metrics.counter("securemesh_authz_decisions_total", "Authorization decisions, by identity, action and outcome.", ["identity", "action", "decision"]);
   }
 
-  static #read(path: string): Policy {
+  static #read(path: string): { policy: Policy; hash: string } {
     let text: string;
     try {
       text = readFileSync(path, "utf8");
@@ -30,7 +37,7 @@ export class Authorizer {
       throw new ConfigError(`cannot read policy ${displayPath(path)}: ${(error as NodeJS.ErrnoException).code ?? describeError(error)}`);
     }
     try {
-      return parsePolicy(text);
+      return { policy: parsePolicy(text), hash: policyHash(text) };
     } catch (error) {
       throw new ConfigError(`policy ${displayPath(path)}: ${(error as Error).message}`);
     }
@@ -40,10 +47,15 @@ export class Authorizer {
     return this.#policy;
   }
 
+  /** The hash of the policy in force (policyHash), for /health and the check command. */
+  get hash(): string {
+    return this.#hash;
+  }
+
   /** Re-reads the file. A policy that does not parse leaves the running one in force, with one clear line. */
   reload(): boolean {
     try {
-      this.#policy = Authorizer.#read(this.#path);
+      ({ policy: this.#policy, hash: this.#hash } = Authorizer.#read(this.#path));
       this.#logger.info(`policy reloaded: ${this.#policy.rules.length} rules`);
       return true;
     } catch (error) {

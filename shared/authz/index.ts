@@ -4,7 +4,7 @@ export { ACTIONS, decide, limitsOf, parsePolicy, patternMatches, PermissionDenie
 export { DEFAULT_CONNECTIONS } from "./limits.ts";
 export type { Limit, Limits } from "./limits.ts";
 export type { Action, Decision, Policy, Rule } from "./policy.ts";
-export { Authorizer } from "./authorizer.ts";
+export { Authorizer, policyHash } from "./authorizer.ts";
 export { TrustMaterial } from "./trust.ts";
 export type { CrlStatus, TrustChange, TrustOptions } from "./trust.ts";
 export { expectPeer, identityMatches, tlsPeerIdentity, UnexpectedPeer } from "./expect-peer.ts";

@@ -7,6 +7,8 @@ import { describeError, createLogger, type Logger } from "../ops/log.ts";
 import { Metrics } from "../ops/metrics.ts";
 import { listenReloadable, type ReloadableListener, type ServableApp } from "../platform/http.ts";
 import { assertSafeTlsEnvironment, type Identity } from "../platform/tls.ts";
+import { checkHost, formatCheck, type HostCheckInput } from "./host-check.ts";
+import { hostFacts, type HostFacts } from "./host-facts.ts";
 
 /** What runRole needs of every role's configuration. */
 export interface ServingConfig {
@@ -25,6 +27,8 @@ export interface RoleContext<C extends ServingConfig> {
   metrics: Metrics;
   trust: TrustMaterial;
   authz: Authorizer;
+  /** What this host says about itself on /health (issue 23): identity, policy hash, CRL number, expiry, clock. */
+  facts: () => HostFacts;
 }
 
 /** A role's own part, built once the shared prologue has its configuration, trust material and policy. */
@@ -54,6 +58,43 @@ export interface RoleDefinition<C extends ServingConfig> {
   parse(argv: string[]): C;
   /** Builds the role's own part; a ConfigError it throws stops the role with one line. */
   start(context: RoleContext<C>): Promise<RoleService> | RoleService;
+  /** What `check` looks at beyond the certificate, CRL and policy: Fernet keys, the database, peers. */
+  check?(config: C): Pick<HostCheckInput, "fernet" | "store" | "peers">;
+}
+
+/** Flags only `check` takes, before the role's own: `--peer URL`, repeatable or comma-separated. */
+function splitCheckFlags(argv: readonly string[]): { peers: string[]; rest: string[] } {
+  const peers: string[] = [];
+  const rest: string[] = [];
+  for (let i = 0; i < argv.length; i++) {
+    const arg = argv[i]!;
+    if (arg === "--peer" && i + 1 < argv.length) peers.push(...argv[++i]!.split(",").filter(Boolean));
+    else if (arg.startsWith("--peer=")) peers.push(...arg.slice(7).split(",").filter(Boolean));
+    else rest.push(arg);
+  }
+  return { peers, rest };
+}
+
+/**
+ * `roles/<role>.ts check [--peer URL…] [the role's flags]`: the host check (host-check.ts) on the configuration the
+ * role would run with. Exit 0: nothing wrong; 1: a problem; 2: the configuration does not parse.
+ */
+export async function checkRole<C extends ServingConfig>(role: Pick<RoleDefinition<C>, "name" | "certificate" | "parse" | "check">, argv: readonly string[]): Promise<never> {
+  const { peers, rest } = splitCheckFlags(argv);
+  let config: C;
+  try {
+    assertSafeTlsEnvironment();
+    config = role.parse(rest);
+  } catch (error) {
+    exitWithConfigError(role.name, error);
+  }
+  const extra = role.check?.(config) ?? {};
+  const lines = await checkHost({
+    role: role.name, certificate: role.certificate ?? role.name, pki: config.pki, host: config.host, policy: config.policy, noCrl: config.noCrl,
+    ...extra, peers: [...(extra.peers ?? []), ...peers],
+  });
+  console.log(formatCheck(role.name, lines));
+  process.exit(lines.some((l) => l.status === "FAIL") ? 1 : 0);
 }
 
 /**
@@ -62,6 +103,7 @@ export interface RoleDefinition<C extends ServingConfig> {
  * change and on SIGHUP, and on SIGTERM/SIGINT stops listening before it closes what the role opened.
  */
 export async function runRole<C extends ServingConfig>(role: RoleDefinition<C>, argv = process.argv.slice(2)): Promise<void> {
+  if (argv[0] === "check") return checkRole(role, argv.slice(1));
   const logger = createLogger(role.name);
   const metrics = new Metrics();
   let config: C;
@@ -75,7 +117,7 @@ export async function runRole<C extends ServingConfig>(role: RoleDefinition<C>, 
   } catch (error) {
     exitWithConfigError(role.name, error);
   }
-  const service = await Promise.resolve(role.start({ config, logger, metrics, trust, authz })).catch((error) => exitWithConfigError(role.name, error));
+  const service = await Promise.resolve(role.start({ config, logger, metrics, trust, authz, facts: hostFacts(trust, authz) })).catch((error) => exitWithConfigError(role.name, error));
   const listener = await listenReloadable(service.app, {
     port: config.port, hostname: config.host, ...mutualTlsListening(trust, authz), sharePort: service.sharePort === true,
   }).catch((error) => exitWithConfigError(role.name, error));

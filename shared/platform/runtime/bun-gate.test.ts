@@ -121,6 +121,25 @@ describe("the app learns who called from the connection", () => {
     const answer = await fetch(`http://127.0.0.1:${inner}/who`);
     expect([answer.status, await answer.json()]).toEqual([421, { error: "connect through the TLS port", code: "ERR_FORBIDDEN" }]);
   });
+
+  test("a process that borrows a live relay's source port from another loopback address gets 421, not that peer (issue 18, F1)", async () => {
+    const listener = await gate();
+    const inner = listener.loopbackPort!;
+    const kept = await connect(listener.port, loadIdentity(pki, "client1"));
+    cleanups.push(() => kept.destroy());
+    expect((await exchange(kept, GET("/who"))).status).toBe(200);
+    // The relay's source port, as any local user reads it from /proc/net/tcp (world-readable).
+    const hex = (n: number) => n.toString(16).toUpperCase().padStart(4, "0");
+    const relayPorts = (await Bun.file("/proc/net/tcp").text()).split("\n")
+      .map((line) => /^\s*\d+: 0100007F:([0-9A-F]{4}) 0100007F:([0-9A-F]{4}) 01 /.exec(line))
+      .filter((m) => m !== null && m[2] === hex(inner)).map((m) => parseInt(m![1]!, 16));
+    expect(relayPorts.length).toBeGreaterThan(0);
+    const borrowed = net.connect({ host: "127.0.0.1", port: inner, localAddress: "127.0.0.2", localPort: relayPorts[0]! });
+    cleanups.push(() => borrowed.destroy());
+    await new Promise<void>((resolve, reject) => borrowed.once("connect", resolve).once("error", reject));
+    const answer = await exchange(borrowed, GET("/who"));
+    expect([answer.status, JSON.parse(answer.body).code]).toEqual([421, "ERR_FORBIDDEN"]);
+  });
 });
 
 describe("revocation on every request and every route (issue 18, L1)", () => {

@@ -103,6 +103,9 @@ function flush(relay: Relay, socket: Socket<Relay>, queue: Uint8Array[]): void {
  * loopback Bun.serve. reload() swaps the TLS material by binding a new TLS listener on the port (SO_REUSEPORT) and
  * stopping the old one's accepts; open connections keep going, and revocation is asked on every request.
  */
+/** Where the relays' loopback connections come from; the inner server serves no other address. */
+const RELAY_SOURCE_ADDRESS = "127.0.0.1";
+
 export async function serveThroughGate(app: ServableApp, options: GateOptions): Promise<ReloadableListener> {
   const { admission } = options;
   /** Loopback connections by their source port: how a request in Bun.serve finds its TLS peer. */
@@ -117,8 +120,11 @@ export async function serveThroughGate(app: ServableApp, options: GateOptions): 
     hostname: "127.0.0.1",
     reusePort: false,
     fetch(request, server) {
-      const port = server.requestIP(request)?.port;
-      const relay = port === undefined ? undefined : byInnerPort.get(port);
+      const source = server.requestIP(request);
+      // The relays connect from 127.0.0.1, and while one is open nothing else can use its 4-tuple; from another
+      // loopback address (127.0.0.2, …) any local user could borrow a relay's port, so the address counts too
+      // (issue 18 attacker, F1: a KeyServer token was taken that way with no certificate at all).
+      const relay = source && source.address === RELAY_SOURCE_ADDRESS ? byInnerPort.get(source.port) : undefined;
       // Anything else on this host that connects here directly came past no TLS at all.
       if (!relay?.peer) return refusal(421, "connect through the TLS port", "ERR_FORBIDDEN");
       // Per request, not per handshake: a certificate revoked while its keep-alive connection is open is refused on
