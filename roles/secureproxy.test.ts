@@ -13,6 +13,7 @@ import { scrape } from "../shared/testing/prometheus.ts";
 import { loadIdentity } from "../shared/platform/tls.ts";
 import { ON_BEHALF_OF_HEADER, RsaKeyPair } from "../shared/token-path/token-exchange.ts";
 import { apiTrust, checkApiUri, createProxyApp, parseAllowlist, ProxyHops } from "./secureproxy.ts";
+import { certificateBundle } from "../shared/token-path/proxy-hops.ts";
 
 const allow = parseAllowlist(["marketplace=localhost:5005,127.0.0.1:5005"]);
 const CLIENT1 = "spiffe://securemesh/client/client1";
@@ -181,4 +182,13 @@ test("M1: an API under the mesh's CA is pinned to one identity per token type, b
     // A bundle holding the mesh's CA is the mesh's trust: an identity is still pinned.
     { ca: `${foreign}\n${ca}`, identity: "spiffe://securemesh/marketplace/mixed" },
   ]);
+});
+
+test("F4: an --api-ca bundle with any block but CERTIFICATE is refused, so the mesh's CA cannot hide from the pin", () => {
+  const ca = loadIdentity(pki, "secureproxy").ca;
+  expect(certificateBundle(ca, "--api-ca ca.pem")).toBe(ca);
+  const relabelled = ca.replace(/BEGIN CERTIFICATE/, "BEGIN X509 CERTIFICATE").replace(/END CERTIFICATE/, "END X509 CERTIFICATE");
+  expect(() => certificateBundle(relabelled, "--api-ca ca.pem")).toThrow("--api-ca ca.pem: a PEM block labelled 'X509 CERTIFICATE': only CERTIFICATE blocks are accepted");
+  expect(() => certificateBundle(ca.replaceAll("CERTIFICATE", "TRUSTED CERTIFICATE"), "--api-ca x")).toThrow("only CERTIFICATE blocks");
+  expect(() => certificateBundle("", "--api-ca x")).toThrow("no CERTIFICATE block");
 });

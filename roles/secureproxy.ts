@@ -5,7 +5,7 @@ import { basename, dirname, resolve } from "node:path";
 import { parseSpiffeId } from "../shared/authz/index.ts";
 import { displayPath, parseFlags, parsePort, parsePositive, pkiDir, policyPath, readPkiFile } from "../shared/platform/config.ts";
 import { ConfigError } from "../shared/platform/errors.ts";
-import { apiTrust, ProxyHops, type ApiTrustConfig } from "../shared/token-path/proxy-hops.ts";
+import { apiTrust, certificateBundle, ProxyHops, type ApiTrustConfig } from "../shared/token-path/proxy-hops.ts";
 import { createProxyApp, parseAllowlist, type Allowlist } from "../shared/token-path/secureproxy-app.ts";
 import { runRole, type ServingConfig } from "../shared/service/run-role.ts";
 
@@ -71,7 +71,7 @@ export function parseProxyConfig(argv: string[]): ProxyConfig {
     if (!parseSpiffeId(id)) throw new ConfigError(`--api-identity ${type}=${id}: not a SPIFFE ID such as spiffe://securemesh/marketplace/${type}`);
   }
   const apiCas = new Map([...typedEntries("--api-ca", values["api-ca"] ?? [], "*")].map(([type, file]) =>
-    [type, readPkiFile(dirname(resolve(file)), basename(file))] as const));
+    [type, certificateBundle(readPkiFile(dirname(resolve(file)), basename(file)), `--api-ca ${file}`)] as const));
   return {
     port: parsePort(positionals[0] ?? process.env.PORT, "PORT", 5004),
     host: values.host ?? "127.0.0.1",

@@ -2,6 +2,7 @@
 // each token type's API by one identity under the mesh's CA, or by a CA that is not the mesh's and the host name.
 import { X509Certificate } from "node:crypto";
 import { expectPeer } from "../authz/index.ts";
+import { ConfigError } from "../platform/errors.ts";
 import { HttpsClient } from "../platform/https-client.ts";
 import { hostnameRefusal } from "../platform/runtime/hostname-check.ts";
 import { mutualTlsClientOptions, type Identity } from "../platform/tls.ts";
@@ -19,6 +20,19 @@ export const KEYSERVER_IDENTITY = "spiffe://securemesh/keyserver/*";
 
 /** The identity the API of `tokenType` must present under the mesh's CA, unless --api-identity names another. */
 export const defaultApiIdentity = (tokenType: string) => `spiffe://securemesh/marketplace/${tokenType}`;
+
+/**
+ * An --api-ca bundle as TLS will read it, or a ConfigError: only `CERTIFICATE` blocks. The TLS stacks also take
+ * `X509 CERTIFICATE` and other labels, which holdsCa would not recognise as the mesh's CA, and the API identity pin
+ * would be dropped (issue 18 attacker, F4); so any other block refuses the bundle.
+ */
+export function certificateBundle(text: string, where: string): string {
+  const labels = [...text.matchAll(/-----BEGIN ([^-\r\n]*)-----/g)].map((m) => m[1]!);
+  const other = labels.find((label) => label !== "CERTIFICATE");
+  if (other !== undefined) throw new ConfigError(`${where}: a PEM block labelled '${other.slice(0, 40)}': only CERTIFICATE blocks are accepted`);
+  if (labels.length === 0) throw new ConfigError(`${where}: no CERTIFICATE block`);
+  return text;
+}
 
 /** Whether a PEM bundle holds the mesh's CA certificate: then it is the mesh's trust, and an identity is pinned. */
 function holdsCa(bundle: string, caPem: string): boolean {
