@@ -7,7 +7,7 @@ import { ConfigError } from "../shared/platform/errors.ts";
 import { workerIndex } from "../shared/platform/worker-group.ts";
 import { parseServerUrls, readServersFile } from "../shared/coordinator/membership.ts";
 import { coordinatorService, superviseCoordinators, type CoordinatorConfig } from "../shared/coordinator/service.ts";
-import { readConfig, runRole } from "../shared/service/run-role.ts";
+import { checkRole, readConfig, runRole } from "../shared/service/run-role.ts";
 
 export { createCoordinatorApp } from "../shared/coordinator/app.ts";
 export type { CoordinatorConfig };
@@ -107,6 +107,8 @@ function parseWorkers(value: string | undefined): number {
 }
 
 if (import.meta.main) {
+  // `check`: this host, and every server it forwards to compared with it (policy, CRL, clock).
+  if (process.argv[2] === "check") await checkRole({ name: "coordinator", parse: parseCoordinatorConfig, check: (c) => ({ peers: c.servers }) }, process.argv.slice(3));
   const config = readConfig("coordinator", parseCoordinatorConfig);
   if (config.workers > 1 && workerIndex() === null) await superviseCoordinators(config, createLogger("coordinator"));
   else await runRole({ name: "coordinator", parse: () => config, start: coordinatorService });

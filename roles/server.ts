@@ -5,7 +5,7 @@ import { FernetKeys } from "../shared/request-path/fernet-reload.ts";
 import { CachedDataView } from "../shared/request-path/data-view.ts";
 import { ProofVerifier } from "../shared/request-path/proof.ts";
 import { createServerApp } from "../shared/request-path/server-app.ts";
-import { describeStoreUrl, openStore } from "../shared/request-path/store.ts";
+import { describeStoreUrl, openStore, storeFacts } from "../shared/request-path/store.ts";
 import { runRole, type ServingConfig } from "../shared/service/run-role.ts";
 import { readPrivateFile } from "../shared/platform/private-files.ts";
 
@@ -79,7 +79,9 @@ if (import.meta.main) {
   await runRole({
     name: "server",
     parse: parseServerConfig,
-    async start({ config, logger, metrics, trust, authz }) {
+    // `check`: the Fernet keys and the database besides what every role checks (shared/service/host-check.ts).
+    check: (config) => ({ fernet: true, store: () => storeFacts(config.db) }),
+    async start({ config, logger, metrics, trust, authz, facts }) {
       // The keys follow encryption_key.txt (fernet-keys.ts add|promote|retire) as the certificates follow theirs.
       const keys = FernetKeys.open(config.pki).watch(logger);
       logger.info(`Fernet keys: ${keys.describe()}`);
@@ -88,7 +90,7 @@ if (import.meta.main) {
       const store = await openStore(config.db);
       const view = new CachedDataView({ store, fernet, logger, ttlMs: config.cacheTtlMs, maxEntries: config.cacheEntries });
       let port = config.port;
-      const app = createServerApp({ port: () => port, store, view, fernet, verifier, authz, logger, ttl: config.ttl, metrics, fernetKeys: () => keys.fingerprints });
+      const app = createServerApp({ port: () => port, store, view, fernet, verifier, authz, logger, ttl: config.ttl, metrics, fernetKeys: () => keys.fingerprints, facts });
       return {
         app,
         describe: `store: ${describeStoreUrl(config.db)}; policy: ${displayPath(config.policy)}`,

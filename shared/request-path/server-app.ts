@@ -25,6 +25,8 @@ export interface ServerDeps {
   metrics?: Metrics;
   /** The Fernet keys in force by fingerprint, the primary first, for /health: which hosts loaded a rotation step. */
   fernetKeys?: () => readonly string[];
+  /** What the host says about itself on /health (shared/service/host-facts.ts): compared by coordinators and `check`. */
+  facts?: () => object;
 }
 
 const IDEMPOTENCY_KEY = /^[A-Za-z0-9_.:-]{1,128}$/;
@@ -56,7 +58,10 @@ export function createServerApp(deps: ServerDeps) {
       try {
         await store.ping();
         // Plain reads only: on Galera a causal read waits out a lost node's eviction, and every probe would time out at once.
-        return { status: "ok", role: "server", server: deps.port(), store: store.kind, cache: await view.stats({ causal: false }), fernet_keys: deps.fernetKeys?.() };
+        return {
+          status: "ok", role: "server", server: deps.port(), store: store.kind, cache: await view.stats({ causal: false }), fernet_keys: deps.fernetKeys?.(),
+          ...(deps.facts ? { facts: { ...deps.facts(), store: await store.storeId() } } : {}),
+        };
       } catch {
         set.status = 503;
         return { status: "degraded", role: "server", server: deps.port(), store: store.kind, error: "record store unavailable" };

@@ -26,3 +26,13 @@ export async function openStore(url: string | undefined, options: StoreOptions =
 export function describeStoreUrl(url: string | undefined): string {
   return url ? describeDatabaseUrl(url) : `sqlite ${displayPath(DEFAULT_SQLITE_PATH)}`;
 }
+
+/** For the check command: the store `url` names, reachable, and its id; opened and closed again. */
+export async function storeFacts(url: string | undefined): Promise<{ describe: string; id: string }> {
+  const store = await openStore(url);
+  try {
+    return { describe: describeStoreUrl(url), id: await store.storeId() };
+  } finally {
+    await store.close();
+  }
+}
