@@ -71,6 +71,11 @@ describe("status page in Chromium", () => {
     for (const server of servers) await shows(row(server).locator(".state"), "up");
     await shows(page.locator("#summary"), "2 of 2 servers up");
     expect(await row(servers[0]!).locator("td").nth(2).textContent()).toMatch(/s ago$/);
+    // Each server's own facts (issue 23): its policy hash, CRL number, certificate expiry and clock; they agree, so
+    // no warning shows.
+    const cells = await row(servers[0]!).locator("td").allTextContents();
+    expect(cells.slice(9, 13)).toEqual([expect.stringMatching(/^sha256:[0-9a-f]{16}$/), expect.stringMatching(/^0x[0-9A-F]+$/), expect.stringMatching(/^\d{4}-\d{2}-\d{2}$/), expect.stringMatching(/^[+-]\d+ ms$/)]);
+    expect(await page.locator("#warnings li").count()).toBe(0);
 
     const navigations: string[] = [];
     page.on("framenavigated", (frame) => navigations.push(frame.url()));

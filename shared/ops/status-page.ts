@@ -12,7 +12,21 @@ export type PoolView = Pick<UpstreamPool, "snapshot">;
  * The pool's view of a server, with the cache counters picked out of its last /health answer, and the host it runs
  * on (its URL's host name or address: with each role on its own machine, which machine a row is about, #14).
  */
-export type ServerStatus = Omit<UpstreamState, "health"> & { host: string; cache: { hits: number; misses: number; hitRatio: number } | null };
+export type ServerStatus = Omit<UpstreamState, "health"> & { host: string; cache: { hits: number; misses: number; hitRatio: number } | null; facts: ServerFacts | null };
+
+/** What a server says of itself on /health (shared/service/host-facts.ts), as the page shows it. */
+export interface ServerFacts {
+  hostname: string;
+  policy: string;
+  crl: string;
+  certificateExpires: string;
+  store: string | null;
+}
+
+/** Clocks further apart than this make hosts refuse each other's proofs near their edges (proof CLOCK_SKEW_S = 10 s). */
+export const SKEW_WARNING_MS = 5_000;
+/** A server certificate that expires sooner than this is warned about. */
+const EXPIRY_WARNING_MS = 14 * 86_400_000;
 
 /** "https://[fd00::11]:5001" → "fd00::11"; "https://server1.mesh.test:5001" → "server1.mesh.test". */
 function hostOf(url: string): string {
@@ -28,6 +42,8 @@ export interface ClusterStatus {
   now: number;
   serversUp: number;
   servers: ServerStatus[];
+  /** Mismatches between hosts (policy, CRL, database), clocks apart, certificates about to expire (issue 23). */
+  warnings: string[];
 }
 
 /** How often an open page is sent the state when it changed; well under any health-check interval. */
@@ -41,9 +57,38 @@ function cacheOf(health: UpstreamState["health"]): ServerStatus["cache"] {
   return { hits: cache.hits, misses: cache.misses, hitRatio: typeof cache.hitRatio === "number" ? cache.hitRatio : 0 };
 }
 
+function factsOf(health: UpstreamState["health"]): ServerFacts | null {
+  const facts = health?.facts as Record<string, unknown> | undefined;
+  const text = (key: string) => (typeof facts?.[key] === "string" ? (facts[key] as string) : "");
+  if (!facts || !text("policy")) return null;
+  return { hostname: text("hostname"), policy: text("policy"), crl: text("crl"), certificateExpires: text("certificateExpires"), store: text("store") || null };
+}
+
+/** One line per thing that differs between the servers, or is about to go wrong on one. */
+export function fleetWarnings(servers: readonly ServerStatus[], now: number): string[] {
+  const warnings: string[] = [];
+  const differing = (label: string, read: (f: ServerFacts) => string | null) => {
+    const values = new Map<string, string[]>();
+    for (const s of servers) {
+      const value = s.facts ? read(s.facts) : null;
+      if (value) values.set(value, [...(values.get(value) ?? []), s.url]);
+    }
+    if (values.size > 1) warnings.push(`${label} differs between servers: ${[...values].map(([v, urls]) => `${v} on ${urls.join(", ")}`).join("; ")}`);
+  };
+  differing("policy", (f) => f.policy);
+  differing("CRL number", (f) => f.crl);
+  differing("database (store id)", (f) => f.store);
+  for (const s of servers) {
+    if (s.clockSkewMs !== null && Math.abs(s.clockSkewMs) > SKEW_WARNING_MS) warnings.push(`${s.url}: clock ${(s.clockSkewMs / 1000).toFixed(1)} s off this coordinator's`);
+    const expires = s.facts ? Date.parse(s.facts.certificateExpires) : NaN;
+    if (expires - now < EXPIRY_WARNING_MS) warnings.push(`${s.url}: certificate ${expires < now ? "expired" : "expires"} ${s.facts!.certificateExpires}`);
+  }
+  return warnings;
+}
+
 export function clusterStatus(pool: PoolView, now = Date.now()): ClusterStatus {
-  const servers = pool.snapshot().map(({ health, ...state }) => ({ ...state, host: hostOf(state.url), cache: cacheOf(health) }));
-  return { now, serversUp: servers.filter((s) => s.up).length, servers };
+  const servers = pool.snapshot().map(({ health, ...state }) => ({ ...state, host: hostOf(state.url), cache: cacheOf(health), facts: factsOf(health) }));
+  return { now, serversUp: servers.filter((s) => s.up).length, servers, warnings: fleetWarnings(servers, now) };
 }
 
 /** A stream of `data: <status JSON>` events, sent at once and then whenever the status changes. */
@@ -154,19 +199,23 @@ const STATUS_PAGE = `<!doctype html>
   tr.down { background: #fff5f5; }
   .error { color: #cf222e; font-size: 12px; }
   #connection { font-size: 12px; color: #888; margin-top: 12px; }
+  #warnings { color: #9a6700; background: #fff8c5; margin: 0 0 16px; padding: 8px 8px 8px 28px; }
+  #warnings:empty { display: none; }
 </style>
 </head>
 <body>
 <h1>securemesh coordinator</h1>
 <div id="summary">connecting…</div>
+<ul id="warnings"></ul>
 <table>
-  <thead><tr><th>Server</th><th>State</th><th>Last checked</th><th>Host</th><th>Latency</th><th>Requests</th><th>Failures</th><th>Cache hit ratio</th><th>Last error</th></tr></thead>
+  <thead><tr><th>Server</th><th>State</th><th>Last checked</th><th>Host</th><th>Latency</th><th>Requests</th><th>Failures</th><th>Cache hit ratio</th><th>Machine</th><th>Policy</th><th>CRL</th><th>Certificate expires</th><th>Clock</th><th>Last error</th></tr></thead>
   <tbody id="servers"></tbody>
 </table>
 <div id="connection"></div>
 <script>
   const rows = document.getElementById("servers");
   const summary = document.getElementById("summary");
+  const warnings = document.getElementById("warnings");
   const connection = document.getElementById("connection");
   let status = null, skew = 0;
 
@@ -184,6 +233,7 @@ const STATUS_PAGE = `<!doctype html>
   function render() {
     if (!status) return;
     summary.textContent = status.serversUp + " of " + status.servers.length + " servers up";
+    warnings.replaceChildren(...status.warnings.map((w) => { const li = document.createElement("li"); li.textContent = w; return li; }));
     rows.replaceChildren(...status.servers.map((s) => {
       const row = document.createElement("tr");
       row.className = s.up ? "up" : "down";
@@ -196,6 +246,11 @@ const STATUS_PAGE = `<!doctype html>
       cell(row, String(s.requests), "num");
       cell(row, String(s.failures), "num");
       cell(row, s.cache ? (s.cache.hitRatio * 100).toFixed(1) + " % (" + s.cache.hits + "/" + (s.cache.hits + s.cache.misses) + ")" : "–", "num");
+      cell(row, s.facts ? s.facts.hostname : "–");
+      cell(row, s.facts ? s.facts.policy : "–");
+      cell(row, s.facts ? s.facts.crl : "–");
+      cell(row, s.facts ? s.facts.certificateExpires.slice(0, 10) : "–");
+      cell(row, s.clockSkewMs === null ? "–" : (s.clockSkewMs >= 0 ? "+" : "") + s.clockSkewMs + " ms", "num");
       cell(row, s.lastError || "", "error");
       return row;
     }));

@@ -1,23 +1,42 @@
 import { describe, expect, test } from "bun:test";
 import { parsePrometheus } from "../testing/prometheus.ts";
 import { mergeMetrics, mergeServerViews, WorkerPoolView } from "./worker-view.ts";
-import type { ClusterStatus } from "./status-page.ts";
+import { fleetWarnings, type ClusterStatus, type ServerFacts } from "./status-page.ts";
 
 const server = (url: string, fields: Partial<ClusterStatus["servers"][number]> = {}): ClusterStatus["servers"][number] => ({
-  url, host: new URL(url).hostname, up: true, lastCheckedAt: 1000, latencyMs: 1, requests: 0, failures: 0, lastError: null, cache: null, ...fields,
+  url, host: new URL(url).hostname, up: true, lastCheckedAt: 1000, latencyMs: 1, requests: 0, failures: 0, lastError: null, cache: null, facts: null, clockSkewMs: null, ...fields,
 });
 
 describe("mergeServerViews", () => {
   test("a server is up only when every worker has it up; counts add up; the newest probe's details win", () => {
     const merged = mergeServerViews([
-      { now: 0, serversUp: 2, servers: [server("https://a", { requests: 5, failures: 1, lastCheckedAt: 1000, latencyMs: 3 }), server("https://b", { requests: 2 })] },
-      { now: 0, serversUp: 1, servers: [server("https://a", { requests: 7, lastCheckedAt: 2000, latencyMs: 9, cache: { hits: 4, misses: 1, hitRatio: 0.8 } }), server("https://b", { up: false, lastError: "timeout", requests: 1 })] },
+      { now: 0, serversUp: 2, warnings: [], servers: [server("https://a", { requests: 5, failures: 1, lastCheckedAt: 1000, latencyMs: 3 }), server("https://b", { requests: 2 })] },
+      { now: 0, serversUp: 1, warnings: [], servers: [server("https://a", { requests: 7, lastCheckedAt: 2000, latencyMs: 9, cache: { hits: 4, misses: 1, hitRatio: 0.8 } }), server("https://b", { up: false, lastError: "timeout", requests: 1 })] },
     ]);
     expect(merged.map((s) => [s.url, s.up, s.requests, s.failures])).toEqual([["https://a", true, 12, 1], ["https://b", false, 3, 0]]);
     expect(merged[0]!.latencyMs).toBe(9);
     expect(merged[0]!.health).toEqual({ cache: { hits: 4, misses: 1, hitRatio: 0.8 } });
     // The worker that took it out of rotation says why, whichever probed last.
     expect(merged[1]!.lastError).toBe("timeout");
+  });
+});
+
+describe("fleetWarnings (issue 23)", () => {
+  const facts = (over: Partial<ServerFacts> = {}): ServerFacts => ({ hostname: "h", policy: "sha256:aaaa", crl: "0x1001", certificateExpires: "2030-01-01T00:00:00.000Z", store: "s1", ...over });
+  test("quiet when the servers agree; one line for each mismatch, clock apart or certificate about to expire", () => {
+    const now = Date.parse("2029-12-25T00:00:00.000Z");
+    expect(fleetWarnings([server("https://a", { facts: facts(), clockSkewMs: 3 }), server("https://b", { facts: facts(), clockSkewMs: -4000 })], Date.parse("2029-01-01T00:00:00Z"))).toEqual([]);
+    expect(fleetWarnings([
+      server("https://a", { facts: facts() }),
+      server("https://b", { facts: facts({ policy: "sha256:bbbb", crl: "0x1000", store: "s2" }), clockSkewMs: 120_000 }),
+    ], now)).toEqual([
+      "policy differs between servers: sha256:aaaa on https://a; sha256:bbbb on https://b",
+      "CRL number differs between servers: 0x1001 on https://a; 0x1000 on https://b",
+      "database (store id) differs between servers: s1 on https://a; s2 on https://b",
+      "https://a: certificate expires 2030-01-01T00:00:00.000Z",
+      "https://b: clock 120.0 s off this coordinator's",
+      "https://b: certificate expires 2030-01-01T00:00:00.000Z",
+    ]);
   });
 });
 

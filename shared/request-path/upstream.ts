@@ -50,6 +50,11 @@ export interface UpstreamState {
   lastError: string | null;
   /** The server's own /health body from the last good probe. */
   health: Record<string, unknown> | null;
+  /**
+   * How far the server's clock is from this one (ms, + ahead), from the `facts.time` its /health reports against the
+   * middle of the probe's round trip (issue 23); null until a probe brings one.
+   */
+  clockSkewMs: number | null;
 }
 
 export interface ForwardRequest {
@@ -98,7 +103,7 @@ const normalUrl = (url: string) => url.replace(/\/+$/, "");
  */
 function newServer(url: string, up: boolean): Server {
   return {
-    url: normalUrl(url), up, joining: !up, lastCheckedAt: null, latencyMs: null, requests: 0, failures: 0, lastError: null, health: null,
+    url: normalUrl(url), up, joining: !up, lastCheckedAt: null, latencyMs: null, requests: 0, failures: 0, lastError: null, health: null, clockSkewMs: null,
     okStreak: 0, failStreak: 0,
   };
 }
@@ -268,12 +273,16 @@ export class UpstreamPool {
 
   async #probe(server: Server): Promise<void> {
     const started = performance.now();
+    const sentAt = Date.now();
     let failure: string | null = null;
     let unexpectedPeer = false;
     try {
       const answer = await this.#transport.request(`${server.url}/health`, { timeoutMs: this.#health.timeoutMs, idempotent: true });
-      if (answer.status === 200) server.health = parseJson(answer.body);
-      else failure = `health check answered ${answer.status}`;
+      if (answer.status === 200) {
+        server.health = parseJson(answer.body);
+        const time = (server.health?.facts as { time?: unknown } | undefined)?.time;
+        server.clockSkewMs = typeof time === "number" ? Math.round(time - (sentAt + Date.now()) / 2) : null;
+      } else failure = `health check answered ${answer.status}`;
     } catch (error) {
       failure = reason(error);
       // Not a flap: whatever answers there is not a server. Out at once, and back only after `rise` good probes.
