@@ -1,6 +1,7 @@
 // The docs kept honest (STYLE 16): every link and anchor in README.md, docs/ and bench/HISTORY.md resolves,
-// each options table matches its command's --help both ways, every constant the pages quote is the code's, every
-// finding the code cites has its anchor, and every test the findings page names exists.
+// each options table matches its command's --help both ways (the --config part every role's --help ends with, once,
+// in the common table), every constant the pages quote is the code's, every finding the code cites has its anchor,
+// and every test the findings page names exists.
 import { describe, expect, test } from "bun:test";
 import { existsSync, readdirSync, readFileSync } from "node:fs";
 import { dirname, join, relative, resolve } from "node:path";
@@ -10,7 +11,7 @@ import { parseKeyserverConfig } from "../roles/keyserver.ts";
 import { defaultApiIdentity, KEYSERVER_IDENTITY, parseProxyConfig } from "../roles/secureproxy.ts";
 import { parseServerConfig } from "../roles/server.ts";
 import { parsePolicy } from "../shared/authz/policy.ts";
-import { REPO_ROOT } from "../shared/platform/config.ts";
+import { CONFIG_HELP, REPO_ROOT } from "../shared/platform/config.ts";
 import { ENVIRONMENT_SWITCHES } from "../shared/platform/env-guard.ts";
 import {
   BODY_DEADLINE_MS, DEFAULT_BODY_LIMIT, HANDSHAKE_DEADLINE_MS, HEADER_DEADLINE_MS, IDLE_TIMEOUT_S, MAX_CONNECTIONS_PER_IDENTITY,
@@ -263,28 +264,54 @@ describe("links and anchors", () => {
   });
 });
 
+/** The flags of a table's rows, each row's first cell. */
+const documentedFlags = (rows: string[][]) => new Set(rows.flatMap((r) => [...r[0]!.matchAll(/--[a-z][a-z-]*/g)].map((m) => m[0])));
+
+/** Each row's stated defaults that the flag's --help entry does not state. */
+function wrongDefaultsOf(rows: string[][], help: string): string[] {
+  return rows.flatMap((row) => {
+    const flag = /--[a-z][a-z-]*/.exec(row[0]!)?.[0] ?? "";
+    const entry = helpEntry(help, flag);
+    return statedValues(row[1] ?? "").filter((v) => !mentions(entry, v)).map((v) => `${flag}: default ${v} is not in its --help: ${entry}`);
+  });
+}
+
 describe("options tables against --help", () => {
   const commands: [string, string][] = [
     ["server", "roles/server.ts"], ["coordinator", "roles/coordinator.ts"], ["client", "roles/client.ts"], ["keyserver", "roles/keyserver.ts"],
     ["secureproxy", "roles/secureproxy.ts"], ["marketplace", "roles/marketplace.ts"], ["harness", "harness/index.ts"],
   ];
   const pageOf = (name: string) => (name === "harness" ? "docs/harness.md" : "docs/roles.md");
+  /** What every role's --help ends with (shared/platform/config.ts): documented once, in the common table. */
+  const common = CONFIG_HELP.replace(/^\n/, "");
+  const commonFlags = helpFlags(common);
 
   test.each(commands)("%s: the table lists exactly the options --help prints, and the defaults it states", async (name, script) => {
     const rows = tableAfter(source(pageOf(name)), `options: ${name}`);
     const help = await helpOf(script);
-    const documented = new Set(rows.flatMap((r) => [...r[0]!.matchAll(/--[a-z][a-z-]*/g)].map((m) => m[0])));
-    const printed = helpFlags(help);
-    const wrongDefaults = rows.flatMap((row) => {
-      const flag = /--[a-z][a-z-]*/.exec(row[0]!)?.[0] ?? "";
-      const entry = helpEntry(help, flag);
-      return statedValues(row[1] ?? "").filter((v) => !mentions(entry, v)).map((v) => `${flag}: default ${v} is not in its --help: ${entry}`);
-    });
+    const isRole = name !== "harness";
+    // A role's own options: its --help without the common part, which must be there, word for word, to be left out.
+    const own = isRole ? help.replace(common, "") : help;
+    const documented = documentedFlags(rows);
+    const printed = helpFlags(own);
     expect({
       rows: rows.length > 0,
+      endsWithCommon: isRole ? help.includes(common) : "not a role",
       notInHelp: [...documented].filter((f) => !printed.has(f)),
       notInTable: [...printed].filter((f) => !documented.has(f)),
-      wrongDefaults,
+      commonInTable: [...documented].filter((f) => commonFlags.has(f)),
+      wrongDefaults: wrongDefaultsOf(rows, own),
+    }).toEqual({ rows: true, endsWithCommon: isRole ? true : "not a role", notInHelp: [], notInTable: [], commonInTable: [], wrongDefaults: [] });
+  });
+
+  test("the common table lists exactly the options every role's --help ends with (CONFIG_HELP), and their defaults", () => {
+    const rows = tableAfter(source("docs/roles.md"), "options: common");
+    const documented = documentedFlags(rows);
+    expect({
+      rows: rows.length > 0,
+      notInHelp: [...documented].filter((f) => !commonFlags.has(f)),
+      notInTable: [...commonFlags].filter((f) => !documented.has(f)),
+      wrongDefaults: wrongDefaultsOf(rows, `Options:\n${common}`),
     }).toEqual({ rows: true, notInHelp: [], notInTable: [], wrongDefaults: [] });
   });
 
