@@ -17,6 +17,7 @@ import {
   BODY_DEADLINE_MS, DEFAULT_BODY_LIMIT, HANDSHAKE_DEADLINE_MS, HEADER_DEADLINE_MS, IDLE_TIMEOUT_S, MAX_CONNECTIONS_PER_IDENTITY,
   MAX_HANDSHAKES_PER_ADDRESS,
 } from "../shared/platform/runtime/limits.ts";
+import { CAP_ANSWER_WITHIN_MS } from "../shared/platform/runtime/admission.ts";
 import { RELOAD_INTERVAL_MS } from "../shared/platform/watch.ts";
 import { LATEST_RECORDS } from "../shared/request-path/data-view.ts";
 import { COORDINATOR_IDENTITY } from "../shared/request-path/mesh-client.ts";
@@ -149,7 +150,7 @@ function withoutEnv<T>(names: string[], fn: () => T): T {
 const CONSTANTS: Record<string, number> = {
   PROOF_LIFETIME_S, CLOCK_SKEW_S, IDLE_TIMEOUT_S, HEADER_DEADLINE_MS, BODY_DEADLINE_MS, HANDSHAKE_DEADLINE_MS,
   MAX_HANDSHAKES_PER_ADDRESS, MAX_CONNECTIONS_PER_IDENTITY, DEFAULT_BODY_LIMIT, RELOAD_INTERVAL_MS, RELOAD_BOUND_MS,
-  LATEST_RECORDS,
+  LATEST_RECORDS, CAP_ANSWER_WITHIN_MS,
   CRL_DAYS: Number(/crl_days=\$\{CRL_DAYS:-(\d+)\}/.exec(source("pki.sh"))?.[1]),
 };
 
