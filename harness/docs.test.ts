@@ -160,7 +160,8 @@ export function quotedConstants(text: string, name: string): number[] {
 }
 
 const policy = parsePolicy(source("roles/policy.json"));
-const ENV_NAMES = ["PORT", "SERVERS", "DATABASE_URL", "KEYSERVER_DB", "FERNET_TTL", "PKI_DIR", "SECUREMESH_POLICY"];
+// SECUREMESH_CONFIG and every SECUREMESH_<FLAG> too: a role's parser reads flags from them (shared/platform/config-file.ts).
+const ENV_NAMES = ["PORT", "SERVERS", "DATABASE_URL", "KEYSERVER_DB", "FERNET_TTL", "PKI_DIR", ...Object.keys(process.env).filter((n) => n.startsWith("SECUREMESH_"))];
 const defaults = withoutEnv(ENV_NAMES, () => ({
   server: parseServerConfig(["0"]),
   coordinator: parseCoordinatorConfig([]),
