@@ -39,7 +39,7 @@ const arrivals = new WeakMap<Request, { remote: string; at: number; path: string
 /**
  * The trace of a request to an app made by createApp (read once, at arrival): the id its access line logs, and the
  * headers every call made onward for it must carry (`trace.outbound`).
- * @example await runtime.fetch(url, { headers: { ...requestTrace(request).outbound }, tls })
+ * @example await httpsClient.request(url, { method: "GET", headers: { ...requestTrace(request).outbound } })
  */
 export function requestTrace(request: Request): Trace {
   return arrivals.get(request)?.trace ?? traceOf(request.headers);

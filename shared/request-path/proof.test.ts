@@ -80,7 +80,7 @@ describe("sender proof", () => {
   });
 });
 
-describe("revocation, lifetime and forwarder assertions (#11)", () => {
+describe("revocation and lifetime (#11)", () => {
   test("M1: a proof signed by a revoked certificate is refused, and the CRL is asked on every verification", async () => {
     const pki = await testPki("revocation");
     await runPkiSh(pki, "issue", "client3", "--client");

@@ -1,4 +1,5 @@
-// Limits and header names shared by every listener, on every runtime. Re-exported by http.ts and peer-tls.ts.
+// Limits and header names shared by every listener, on every runtime: read by bun-gate.ts, node-listener.ts and
+// admission.ts; http.ts re-exports the body limit and the idle timeout.
 
 /** Bodies above this get a 413: at once when Content-Length says so, else when the bytes read pass it (#11 L6). */
 export const DEFAULT_BODY_LIMIT = 64 * 1024;
