@@ -22,8 +22,9 @@ import { connectionRefusal, type TlsMaterial } from "./hostile.ts";
 /**
  * - allow: the role did it (2xx);
  * - deny: 403 ERR_FORBIDDEN naming the identity and the permission it lacks;
- * - unauthenticated: 401, a proof or assertion the role does not accept (revoked, expired, another CA, no clientAuth);
- * - refused: the TLS handshake was refused or the connection closed before any answer;
+ * - unauthenticated: 401, a proof the role does not accept (revoked, expired, another CA, no clientAuth);
+ * - refused: the TLS handshake was refused, the connection closed before any answer, or the listener refused the
+ *   connection and said why (403 ERR_REVOKED or ERR_CLIENT_CERT: connectionRefusal in hostile.ts);
  * - other: anything else, always unexpected.
  */
 export type Outcome = "allow" | "deny" | "unauthenticated" | "refused" | "other";

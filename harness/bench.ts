@@ -208,7 +208,7 @@ export async function runBench(options: BenchOptions): Promise<BenchReport> {
   const haproxyBase = { pki: cluster.pki, dir: cluster.logDir, servers, health: HEALTH };
   const { url: haproxy } = await startHaproxy(cluster, { ...haproxyBase, port: ports.haproxy });
   const { url: loggingHaproxy } = await startHaproxy(cluster, { ...haproxyBase, port: await freePort(), name: "haproxy-log", accessLog: true });
-  // The floor: a bare Bun.serve + fetch proxy with none of the coordinator's work (harness/bare-proxy.ts).
+  // The floor: a bare Bun.serve + HttpsClient proxy with none of the coordinator's work (harness/bare-proxy.ts).
   const bareLine = await cluster.startCommand("bare-proxy", [process.execPath, join(REPO_ROOT, "harness", "bare-proxy.ts"), ...servers]).waitForLine(/listening on https:\/\/\S+/);
   const bareProxy = /https:\/\/\S+/.exec(bareLine)![0];
   // The load generator asks for client1 far faster than any real client: a per-caller nonce quota fit for it. With
@@ -355,7 +355,7 @@ export async function runBench(options: BenchOptions): Promise<BenchReport> {
     { id: "b-read", label: `b. coordinator (${COORDINATOR_WORKERS} workers, access log): cached read`, unit: "req/s", run: (ms) => cachedReads("b-read", ms, coordinator, 2) },
     { id: "b-read-nolog", label: `b. coordinator (${COORDINATOR_WORKERS} workers, no access log): cached read`, unit: "req/s", run: (ms) => cachedReads("b-read-nolog", ms, quietCoordinator, 2) },
     { id: "b1-read", label: "b. coordinator (1 process, access log): cached read", unit: "req/s", run: (ms) => cachedReads("b1-read", ms, singleCoordinator, 2) },
-    { id: "b0-read", label: "b. bare Bun.serve + fetch proxy (the floor): cached read", unit: "req/s", run: (ms) => cachedReads("b0-read", ms, bareProxy, 2) },
+    { id: "b0-read", label: "b. bare Bun.serve + HttpsClient proxy (the floor): cached read", unit: "req/s", run: (ms) => cachedReads("b0-read", ms, bareProxy, 2) },
     { id: "c-read", label: "c. HAProxy (no access log): cached read", unit: "req/s", run: (ms) => cachedReads("c-read", ms, haproxy, 2) },
     { id: "c-read-log", label: "c. HAProxy (httplog access log): cached read", unit: "req/s", run: (ms) => cachedReads("c-read-log", ms, loggingHaproxy, 2) },
     { id: "h-read-deno", label: "h. coordinator and 2 servers on Deno: cached read", unit: "req/s", run: (ms) => cachedReads("h-read-deno", ms, denoCoordinator, 2) },
@@ -363,7 +363,7 @@ export async function runBench(options: BenchOptions): Promise<BenchReport> {
     { id: "b-write", label: `b. coordinator (${COORDINATOR_WORKERS} workers, access log): POST /api/data`, unit: "req/s", run: (ms) => writes("b-write", ms, coordinator) },
     { id: "b-write-nolog", label: `b. coordinator (${COORDINATOR_WORKERS} workers, no access log): POST /api/data`, unit: "req/s", run: (ms) => writes("b-write-nolog", ms, quietCoordinator) },
     { id: "b1-write", label: "b. coordinator (1 process, access log): POST /api/data", unit: "req/s", run: (ms) => writes("b1-write", ms, singleCoordinator) },
-    { id: "b0-write", label: "b. bare Bun.serve + fetch proxy (the floor): POST /api/data", unit: "req/s", run: (ms) => writes("b0-write", ms, bareProxy) },
+    { id: "b0-write", label: "b. bare Bun.serve + HttpsClient proxy (the floor): POST /api/data", unit: "req/s", run: (ms) => writes("b0-write", ms, bareProxy) },
     { id: "c-write", label: "c. HAProxy (no access log): POST /api/data", unit: "req/s", run: (ms) => writes("c-write", ms, haproxy) },
     { id: "c-write-log", label: "c. HAProxy (httplog access log): POST /api/data", unit: "req/s", run: (ms) => writes("c-write-log", ms, loggingHaproxy) },
     { id: "h-write-deno", label: "h. coordinator and 2 servers on Deno: POST /api/data", unit: "req/s", run: (ms) => writes("h-write-deno", ms, denoCoordinator) },

@@ -213,7 +213,7 @@ export async function runFindingCases(t: FindingTargets, tally: Tally, options: 
     return problem ?? waitForAudit(line, before);
   });
 
-  // ---- H2: an aborted body never stops a role. Old: the KeyServer's peer-tls listener died on "aborted"/ECONNRESET.
+  // ---- H2: an aborted body never stops a role. Old: the KeyServer's node:https listener died on "aborted"/ECONNRESET.
   for (const [role, url] of roles) {
     const path = role === "secureproxy" ? "/request_api" : role === "keyserver" ? "/" : "/api/data";
     await tally.run(role, "H2: a body declared 1000 bytes, 5 sent, then close", n, async () => {
@@ -652,7 +652,8 @@ export async function runSlowFindingCases(t: Pick<FindingTargets, "cluster" | "c
   const all: [string, string][] = [["server1", t.servers[0]], ["coordinator", t.coordinator], ["keyserver", t.stack.keyserver], ["secureproxy", t.stack.secureproxy]];
   await Promise.all([
     // Old: the KeyServer kept such a connection for more than 100 s; its idle timer restarted with every byte.
-    // Bun.serve (server, coordinator) closes it after ~12 s; the peer-tls listener after its 10 s header deadline.
+    // On Bun, the Bun.serve behind every role's TLS gate closes it at its idle timeout (~12 s); the node listener
+    // (every role on Deno) at its 10 s header deadline.
     ...all.map(([role, url]) => tally.run(role, "M2: headers dribbled one byte a second → closed within 14 s", 1, async () => {
       const after = await dribbleClosedAfter(url, client1, 1000, 20_000);
       tally.notes.push(`M2: ${role} closed a connection dribbling one header byte a second after ${after === null ? "more than 20 s" : `${(after / 1000).toFixed(1)} s`}`);
@@ -662,7 +663,7 @@ export async function runSlowFindingCases(t: Pick<FindingTargets, "cluster" | "c
     ...all.map(([role, url]) => tally.run(role, "H2: a body stalled after 5 of 1000 bytes → closed, role still up", 1, async () => {
       const path = role === "secureproxy" ? "/request_api" : role === "keyserver" ? "/" : "/api/data";
       const socket = await startBody(url, client1, path);
-      const closed = await closedWithin(socket, 40_000); // the peer-tls listener's body deadline is 30 s
+      const closed = await closedWithin(socket, 40_000); // the node listener's body deadline is 30 s
       socket.destroy();
       if (closed === null) return "still open after 40 s";
       const health = await t.cluster.health(url);

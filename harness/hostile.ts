@@ -98,7 +98,6 @@ export async function hostileCertificates(pki: string, otherPki: string): Promis
   };
 }
 
-/** null when the handshake (or the connection) was refused; otherwise what the role answered. */
 /** Whether an answer is a listener's refusal of the connection itself (ERR_REVOKED, ERR_CLIENT_CERT), not the app's. */
 export function connectionRefusal(status: number, body: string): boolean {
   if (status !== 403) return false;
@@ -110,6 +109,7 @@ export function connectionRefusal(status: number, body: string): boolean {
   }
 }
 
+/** null when the handshake (or the connection) was refused, or the listener said so; otherwise what the role answered. */
 export async function tlsRefused(url: string, material: TlsMaterial): Promise<string | null> {
   try {
     const response = await fetch(`${url}/health`, { tls: material, signal: AbortSignal.timeout(5000), keepalive: false });
