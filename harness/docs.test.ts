@@ -207,10 +207,10 @@ const STATEMENTS: { page: string; pattern: RegExp; value: string | number; what:
   { page: "docs/roles.md", pattern: /\| `--timeout MS` \| (\d+) \| per-request timeout \|/, value: defaults.client.timeoutMs, what: "the client's --timeout" },
 ];
 
-/** Findings the code cites: `#11 L5`, `#18 M2`, `#13 Part 4`, `issue 18, H1`, `issue 14 part 7`, `#12`, as anchors. */
+/** Findings the code cites: `#11 L5`, `#18 M2`, `#13 Part 4`, `issue 18, H1`, `issue 14 part 7`, `#12`, `issue 23`, as anchors. */
 export function citedAnchors(text: string): string[] {
   const anchors: string[] = [];
-  const cite = /(?<![\w/-])(?:#|[Ii]ssue )(1\d)\b(?:(?:,|:)?\s+(?:[Pp]art (\d+)\b|([HML]\d+|Hardening)\b))?/g;
+  const cite = /(?<![\w/-])(?:#|[Ii]ssue )([1-9]\d)\b(?:(?:,|:)?\s+(?:[Pp]art (\d+)\b|([HML]\d+|Hardening)\b))?/g;
   for (const [, issue, part, id] of text.matchAll(cite)) {
     anchors.push(part ? `${issue}-part-${part}` : id ? `${issue}-${id.toLowerCase()}` : issue!);
   }
@@ -359,8 +359,8 @@ describe("findings and the tests that cover them", () => {
   });
 
   test("citations are read as the code writes them; the runtimes' own issues are not ours", () => {
-    expect(citedAnchors("(#11 L5) (issue 18, H1) (#18 M2) (#13 Part 4) (issue 14 part 7) (#12) (issue 18: H1) oven-sh/bun#14097 (#11 Hardening)"))
-      .toEqual(["11-l5", "18-h1", "18-m2", "13-part-4", "14-part-7", "12", "18-h1", "11-hardening"]);
+    expect(citedAnchors("(#11 L5) (issue 18, H1) (#18 M2) (#13 Part 4) (issue 14 part 7) (#12) (issue 18: H1) oven-sh/bun#14097 (#11 Hardening) (issue 23, finding 8)"))
+      .toEqual(["11-l5", "18-h1", "18-m2", "13-part-4", "14-part-7", "12", "18-h1", "11-hardening", "23"]);
   });
 
   test("every test the pages name exists in the file they name", () => {
