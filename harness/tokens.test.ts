@@ -121,8 +121,8 @@ describe("KeyServer", () => {
     expect(failures).toEqual([]);
     expect(released).toBeGreaterThanOrEqual(9);
     const listed = await cluster.run("list", "keyserver", ["token", "list", "--data", dataDir, "--db", tokenDb]);
-    expect(listed.lines[0]).toContain("master key versions: 3 (current v3)");
-    expect(listed.lines.slice(1).map((l) => l.trim())).toEqual([expect.stringMatching(/^client=client1 type=marketplace key=v3 /)]);
+    expect(listed.lines[1]).toContain("master key versions: 3 (current v3); archived: 1, 2");
+    expect(listed.lines.slice(2).map((l) => l.trim())).toEqual([expect.stringMatching(/^client=client1 type=marketplace key=v3 /)]);
     expect(cluster.role("keyserver").lines.filter((l) => / outcome=(?!released)/.test(l))).toEqual([]);
   });
 });
