@@ -2,7 +2,7 @@
 // each wrapped under the keyring key, which is the one secret kept outside the database (keyring-file.ts): so every
 // KeyServer on the same store sees a rotation at once, and a keyring opens only the store it is bound to (issue 23).
 import { createCipheriv, createDecipheriv, randomBytes } from "node:crypto";
-import { MeshError } from "../platform/errors.ts";
+import { ConfigError, MeshError } from "../platform/errors.ts";
 
 export interface Sealed {
   /** base64 of ciphertext ‖ 16-byte GCM tag */
@@ -39,13 +39,6 @@ export class SealBroken extends MeshError {
   }
 }
 
-/** The keyring key does not open a wrapped master key: another keyring's, or altered. */
-export class KeyUnwrapFailed extends Error {
-  constructor(readonly version: number) {
-    super(`master key v${version} does not open under this keyring key`);
-  }
-}
-
 function aesGcmSeal(key: Buffer, plaintext: Buffer, aad: string): { sealed: string; nonce: string } {
   const nonce = randomBytes(12);
   const cipher = createCipheriv("aes-256-gcm", key, nonce);
@@ -75,9 +68,10 @@ export function wrapKey(keyringKey: Buffer, storeId: string, version: number, ke
   return { version, wrapped: sealed, nonce, createdAt };
 }
 
+/** The master key, or ConfigError when the keyring key does not open it: another keyring's, or altered. */
 export function unwrapKey(keyringKey: Buffer, storeId: string, key: WrappedKey): Buffer {
   const opened = aesGcmOpen(keyringKey, key.wrapped, key.nonce, wrapContext(storeId, key.version));
-  if (!opened || opened.length !== 32) throw new KeyUnwrapFailed(key.version);
+  if (!opened || opened.length !== 32) throw new ConfigError(`master key v${key.version} in the store does not open under this keyring key`);
   return opened;
 }
 
@@ -118,7 +112,7 @@ export class MasterKeyring {
     this.#store = options.store;
   }
 
-  /** Re-reads every version from the store; throws KeyUnwrapFailed (and keeps the keys it had) if one does not open. */
+  /** Re-reads every version from the store; throws ConfigError (and keeps the keys it had) if one does not open. */
   async refresh(): Promise<void> {
     const rows = await this.#store.keyVersions();
     const keys = new Map<number, Buffer>();

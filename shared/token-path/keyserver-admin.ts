@@ -176,8 +176,14 @@ export const KEYRING_REFRESH_MS = 5000;
 export function keepKeyringFresh(vault: OpenedVault["vault"], logger: Logger, intervalMs = KEYRING_REFRESH_MS): { stop(): void } {
   let seen = vault.keyring.versions.join(",");
   let failing = "";
+  let busy = false;
   const timer = setInterval(() => {
-    vault.keyring.refresh().then(() => {
+    // A read stalled on a Galera node that is losing quorum may outlast the interval: one at a time.
+    if (busy) return;
+    busy = true;
+    vault.keyring.refresh().finally(() => {
+      busy = false;
+    }).then(() => {
       failing = "";
       const now = vault.keyring.versions.join(",");
       if (now === seen) return;

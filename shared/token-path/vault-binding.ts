@@ -9,7 +9,7 @@ import { join } from "node:path";
 import { parseDatabaseUrl } from "../db/database.ts";
 import { ConfigError } from "../platform/errors.ts";
 import { displayPath } from "../platform/paths.ts";
-import { KeyUnwrapFailed, MasterKeyring, newKey, opensWith, unwrapKey, wrapKey } from "./keyring.ts";
+import { MasterKeyring, newKey, opensWith, unwrapKey, wrapKey } from "./keyring.ts";
 import { archivePathOf, KeyArchiveFile, newId, readKeyringFile, writeKeyringFile, type BoundKeyringFile, type LegacyKeyringFile } from "./keyring-file.ts";
 import { openTokenStore, TokenVault, type TokenStore } from "./token-store.ts";
 
@@ -154,7 +154,7 @@ async function open(store: TokenStore, path: string, file: BoundKeyringFile, pur
   try {
     await keyring.refresh();
   } catch (error) {
-    if (!(error instanceof KeyUnwrapFailed)) throw error;
+    if (!(error instanceof ConfigError)) throw error;
     throw new ConfigError(`the master keys in ${store.description} do not open under keyring ${displayPath(path)} (keyring ${file.id}): the keyring file was replaced or altered; restore it from its backup ('token keyring import BACKUP')`);
   }
   // A store bound a moment ago, or by an opening that stopped before its first version: its first master key.
