@@ -91,6 +91,16 @@ describe("a host without the keyring", () => {
     expect(existsSync(replacementHost) ? readdirSync(replacementHost) : []).toEqual([]);
   });
 
+  test("on a store sealed before keyrings were bound (the old code's, its keyring file gone): refused, saying to put that file back", async () => {
+    const dir = tmp();
+    const store = await openTokenStore(join(dir, "tokens.db"));
+    await store.put(legacySeal(newKey(), "client1", "marketplace", TOKEN, 1));
+    await store.close();
+    expect(await outcome({ db: join(dir, "tokens.db"), dataDir: join(dir, "k") }, "serve")).toBe(`no keyring at ${displayPath(join(dir, "k", "master_keys.json"))}, ` +
+      `but token store sqlite ${displayPath(join(dir, "tokens.db"))} holds 1 sealed token, sealed before keyrings were bound to stores: ` +
+      "put back the master_keys.json they were sealed with and start the KeyServer (it binds the two) (a new keyring would open none of them)");
+  });
+
   test("on an empty store: the KeyServer and token add make the keyring; other commands have nothing to act on", async () => {
     const dir = tmp();
     expect(await outcome({ db: join(dir, "tokens.db"), dataDir: join(dir, "k") }, "use")).toBe(`no keyring at ${displayPath(join(dir, "k", "master_keys.json"))} and no token store at ${displayPath(join(dir, "tokens.db"))}: ` +

@@ -88,8 +88,9 @@ async function bind(store: TokenStore, path: string, file: ReturnType<typeof rea
   }
   if (!file) {
     if (storeId || sealed > 0) {
-      throw new ConfigError(`no keyring at ${displayPath(path)}, but token store ${store.description} holds ${plural(sealed, "sealed token")} and is bound to a keyring (store id ${storeId ?? "none"}): ` +
-        "restore that keyring with 'token keyring import BACKUP' (a new keyring would open none of them)");
+      const bound = storeId ? ` and is bound to a keyring (store id ${storeId})` : ", sealed before keyrings were bound to stores";
+      const fix = storeId ? "restore that keyring with 'token keyring import BACKUP'" : "put back the master_keys.json they were sealed with and start the KeyServer (it binds the two)";
+      throw new ConfigError(`no keyring at ${displayPath(path)}, but token store ${store.description} holds ${plural(sealed, "sealed token")}${bound}: ${fix} (a new keyring would open none of them)`);
     }
     if (purpose === "use") throw new ConfigError(`no keyring at ${displayPath(path)}, and token store ${store.description} holds no token: nothing to act on ('token add' makes the keyring)`);
     const made = await claim(store, path, { id: newId(), store: { id: newId(), at: store.description }, key: newKey() });
