@@ -35,11 +35,13 @@ FILE, or its --db and --data): they say which store and keyring they act on. The
 Options:
   --db URL              token store: mysql://user:pass@host:3306/db (several hosts, comma-separated,
                         for a Galera cluster), or a sqlite path
-                        (default $KEYSERVER_DB, else data/keyserver/tokens.db); a URL with a password is
+                        (default $KEYSERVER_DB, else tokens.db in --data); a URL with a password is
                         refused here, where ps shows it: use --db-file or the config file
   --db-file FILE        the --db URL, read from FILE (0600)
-  --data DIR            where the RSA key and master keyring live (default data/keyserver), both mode 0600
-  --passphrase-file FILE  with 'token keyring export|import': the backup's passphrase (0600), instead of stdin
+  --data DIR            where the RSA key, the keyring file (master_keys.json) and the archive of retired master
+                        keys (master_keys.archive.json) live (default data/keyserver), all mode 0600; each
+                        KeyServer keeps its own RSA key: never copy rsa_key.pem to another host
+  --passphrase-file FILE with 'token keyring export|import': the backup's passphrase (0600), instead of stdin
   --policy FILE         authorization policy (default $SECUREMESH_POLICY, else roles/policy.json)
   --legacy-replay MODE  require (default): the original JSON format must carry timestamp and nonce, like JOSE;
                         allow: accept it without them, for old clients (replayable)
@@ -141,11 +143,12 @@ if (import.meta.main) {
     name: "keyserver",
     parse: () => config,
     async start({ logger, metrics, authz }) {
+      // The keyring and the store first: a pair that does not belong together stops the role before it makes a file.
+      const { vault, notes } = await openVault(config, "serve");
+      for (const note of notes) logger.info(note);
       const keys = await RsaKeyPair.loadOrCreate(join(config.dataDir, "rsa_key.pem"));
       const ecdh = config.ecdhEs ? await EcdhKeyPair.loadOrCreate(join(config.dataDir, "ecdh_key.pem")) : undefined;
       const nonces = new NonceMemory({ maxPerCaller: config.replayQuota });
-      const { vault, notes } = await openVault(config, "serve");
-      for (const note of notes) logger.info(note);
       const keyring = keepKeyringFresh(vault, logger);
       return {
         app: createKeyserverApp({ vault, keys, ecdh, nonces, logger, authz, legacyReplay: config.legacyReplay, metrics }),
