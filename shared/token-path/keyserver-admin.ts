@@ -150,8 +150,9 @@ async function importKeyring(config: VaultConfig, io: CommandIo): Promise<void> 
     const versions = await store.keyVersions();
     const foreign = versions.filter((k) => !opensUnder(backup.key, storeId, k)).map((k) => k.version);
     if (foreign.length) throw new ConfigError(`master key version(s) ${foreign.join(", ")} in ${store.description} do not open under the keyring in ${where}: it is not this store's keyring`);
-    if (!here) writeKeyringFile(path, { id: backup.keyring, store: backup.store, key: backup.key });
+    // The archive first: one of another keyring left here refuses the import before anything is written.
     const archive = KeyArchiveFile.open(archivePathOf(path), backup.keyring, storeId);
+    if (!here) writeKeyringFile(path, { id: backup.keyring, store: backup.store, key: backup.key });
     const inStore = new Set(versions.map((k) => k.version));
     // Versions the store no longer holds go to the archive, where 'token restore-key' finds them.
     archive.put([...backup.archived, ...backup.versions].filter((k) => !inStore.has(k.version)));
