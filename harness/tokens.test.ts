@@ -1,11 +1,14 @@
 // Integration tests of the token path on real processes: KeyServer, SecureProxy, marketplace.
 import { beforeAll, describe, expect, setDefaultTimeout, test } from "bun:test";
-import { copyFileSync, mkdtempSync, readdirSync, readFileSync, writeFileSync } from "node:fs";
+import { copyFileSync, existsSync, mkdtempSync, readdirSync, readFileSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
+import { describeDatabaseUrl } from "../shared/db/database.ts";
 import { REPO_ROOT } from "../shared/platform/config.ts";
+import { scratchDatabase } from "../shared/testing/mysql.ts";
 import { runPython } from "../shared/testing/python.ts";
 import { loadIdentity, mutualTlsClientOptions } from "../shared/platform/tls.ts";
+import { ProxyClient } from "../shared/token-path/proxy-client.ts";
 import { ON_BEHALF_OF_HEADER } from "../shared/token-path/token-exchange.ts";
 import { newPki, runPkiSh, startTokenStack, testPki, waitFor, type TokenStackOptions } from "./fixtures/index.ts";
 
@@ -121,8 +124,8 @@ describe("KeyServer", () => {
     expect(failures).toEqual([]);
     expect(released).toBeGreaterThanOrEqual(9);
     const listed = await cluster.run("list", "keyserver", ["token", "list", "--data", dataDir, "--db", tokenDb]);
-    expect(listed.lines[0]).toContain("master key versions: 3 (current v3)");
-    expect(listed.lines.slice(1).map((l) => l.trim())).toEqual([expect.stringMatching(/^client=client1 type=marketplace key=v3 /)]);
+    expect(listed.lines[1]).toContain("master key versions: 3 (current v3); archived: 1, 2");
+    expect(listed.lines.slice(2).map((l) => l.trim())).toEqual([expect.stringMatching(/^client=client1 type=marketplace key=v3 /)]);
     expect(cluster.role("keyserver").lines.filter((l) => / outcome=(?!released)/.test(l))).toEqual([]);
   });
 });
@@ -165,7 +168,10 @@ describe("SecureProxy", () => {
     await cluster.kill("marketplace");
     expect(await requestApi({ ClientId: "client1", TokenType: "marketplace", ApiUri: uri })).toMatchObject({ status: 502, body: { code: "ERR_UPSTREAM" } });
     await cluster.kill("keyserver");
-    expect(await requestApi({ ClientId: "client1", TokenType: "marketplace", ApiUri: uri })).toMatchObject({ status: 503, body: { code: "ERR_UNAVAILABLE" } });
+    // The proxy's 503, which the application's ProxyClient takes to every proxy it knows before it gives up.
+    expect(await requestApi({ ClientId: "client1", TokenType: "marketplace", ApiUri: uri })).toMatchObject({
+      status: 503, body: { code: "ERR_UNREACHABLE", error: expect.stringContaining("answered 503: KeyServer 127.0.0.1:") },
+    });
 
     for (const file of readdirSync(cluster.logDir).filter((f) => f.endsWith(".log"))) {
       expect(readFileSync(join(cluster.logDir, file), "utf8")).not.toContain(token);
@@ -200,7 +206,7 @@ describe("without a restart", () => {
     // client2 may use its own ClientId; there is no token for it, so the KeyServer's 404 shows it got through.
     // Once revoked, the gate answers 403 ERR_REVOKED before it closes (issue 23: refusals say why).
     const asClient2 = () => requestApi({ ClientId: "client2", TokenType: "marketplace", ApiUri: uri }, "client2")
-      .then((a) => (a.status === 403 && (a.body as { code?: string } | null)?.code === "ERR_REVOKED" ? "revoked" : a.status), () => "connection failed");
+      .then((a) => (a.status === 403 && a.body.code === "ERR_REVOKED" ? "revoked" : a.status), () => "connection failed");
     expect(await asClient2()).toBe(404);
 
     await runPkiSh(own, "revoke", "client2");
@@ -208,5 +214,146 @@ describe("without a restart", () => {
     await waitFor("client2 to be refused as revoked", async () => (await asClient2()) === "revoked", RELOAD_BOUND_MS);
     expect(Date.now() - started).toBeLessThan(RELOAD_BOUND_MS);
     expect(await requestApi({ ClientId: "client1", TokenType: "marketplace", ApiUri: uri })).toEqual({ status: 200, body: ITEM });
+  });
+});
+
+/**
+ * Calls through the stack's proxies from `loops` concurrent applications until stopped, the n-th trying the proxies
+ * from the n-th (as applications on different hosts would); counts releases, by proxy, and failures.
+ */
+function keepCalling(tokens: Awaited<ReturnType<typeof stack>>, loops = 4) {
+  const call = { ClientId: "client1", TokenType: "marketplace", ApiUri: tokens.itemUri };
+  const state = { released: 0, failures: [] as string[], byProxy: new Map<string, number>(), running: true };
+  const proxies = [...tokens.secureproxies.values()];
+  const done = Promise.all(Array.from({ length: loops }, async (_, i) => {
+    const order = [...proxies.slice(i % proxies.length), ...proxies.slice(0, i % proxies.length)];
+    const client = new ProxyClient({ identity: loadIdentity(pki, "client1"), proxies: order, timeoutMs: 10_000, backoffMs: 50 });
+    while (state.running) {
+      try {
+        const { status, body, proxy } = await client.requestApi(call);
+        if (status === 200) {
+          state.released++;
+          state.byProxy.set(proxy, (state.byProxy.get(proxy) ?? 0) + 1);
+        } else state.failures.push(`${status} ${JSON.stringify(body)}`);
+      } catch (error) {
+        state.failures.push((error as Error).message);
+      }
+    }
+    client.close();
+  }));
+  return Object.assign(state, {
+    /** Waits until `n` more calls were released than when it was asked. */
+    async more(n: number, what: string) {
+      const from = state.released;
+      await waitFor(`${n} releases ${what}`, () => state.released - from >= n, 20_000);
+    },
+    async stop() {
+      state.running = false;
+      await done;
+    },
+  });
+}
+
+// Issue 23, found by an operator on a 3-node Galera deployment: `token rotate-key` as the docs printed it (no --db) on
+// the KeyServer host re-sealed the local sqlite store, retired master key v1 because no sqlite row used it, and took it
+// from the keyring the running KeyServer shares. Measured on the code before this change, on this MariaDB: it printed
+// "re-sealed 0 token(s) under master key v2; retired versions: 1", and every release after it was 502 at the proxy
+// (the KeyServer's 500 ERR_SEAL); `token add` and `token list` without --db printed "stored token …" and "1 token(s) in
+// sqlite …" while the running KeyServer knew nothing of it.
+describe("issue 23: the token commands act only on the KeyServer's own store", () => {
+  test("the operator's sequence on MariaDB: every command without --db is refused naming both, 0 tokens lost; with the KeyServer's --config it rotates under load", async () => {
+    await using db = await scratchDatabase();
+    await using tokens = await stack({ tokenDb: db.url });
+    const { cluster, dataDir } = tokens;
+    const item = { ClientId: "client1", TokenType: "marketplace", ApiUri: tokens.itemUri };
+    expect(await tokens.requestApi(item)).toEqual({ status: 200, body: ITEM });
+
+    const keyringPath = join(dataDir, "master_keys.json");
+    const { keyring: keyringId, store } = JSON.parse(readFileSync(keyringPath, "utf8")) as { keyring: string; store: { id: string; at: string } };
+    const where = describeDatabaseUrl(db.url);
+    expect(store.at).toBe(where);
+    const refusal = `keyserver: keyring ${keyringPath} belongs to token store ${where} (store id ${store.id}), not to sqlite ${join(dataDir, "tokens.db")} (no such file): ` +
+      "give it the KeyServer's own configuration (--config FILE, or the --db or --db-file the KeyServer runs with)";
+    const asPrinted: [string, string[], string?][] = [
+      ["rotate-key", ["token", "rotate-key"]],
+      ["add", ["token", "add", "--client", "client2", "--type", "marketplace", "--token", "-"], "another-token"],
+      ["list", ["token", "list"]],
+    ];
+    for (const [name, args, stdin] of asPrinted) {
+      const run = await cluster.run(`no-db-${name}`, "keyserver", [...args, "--data", dataDir], { stdin });
+      expect({ name, exitCode: run.exitCode, lines: run.lines }).toEqual({ name, exitCode: 2, lines: [refusal] });
+    }
+    expect(existsSync(join(dataDir, "tokens.db"))).toBe(false);
+    expect(await tokens.requestApi(item)).toEqual({ status: 200, body: ITEM });
+
+    // The operator with the KeyServer's own configuration file, while releases run.
+    const config = join(dataDir, "..", "keyserver.env");
+    writeFileSync(config, `SECUREMESH_DB=${db.url}\nSECUREMESH_DATA=${dataDir}\n`, { mode: 0o600 });
+    const load = keepCalling(tokens);
+    await load.more(3, "before the rotation");
+    const rotated = await cluster.run("rotate-with-config", "keyserver", ["token", "rotate-key", "--config", config]);
+    await load.more(3, "after the rotation");
+    await load.stop();
+    expect({ exitCode: rotated.exitCode, lines: rotated.lines }).toEqual({
+      exitCode: 0,
+      lines: [
+        `token store ${where} (store id ${store.id}, from SECUREMESH_DB in the --config file); keyring ${keyringPath} (keyring ${keyringId}, master key versions 1, current v1)`,
+        `re-sealed 1 token(s) under master key v2; retired versions: 1 (archived in ${join(dataDir, "master_keys.archive.json")}; 'token restore-key VERSION' brings one back)`,
+      ],
+    });
+    expect(load.failures).toEqual([]);
+    expect(cluster.role("keyserver").lines.filter((l) => / outcome=(?!released)/.test(l))).toEqual([]);
+  });
+
+  test("a replacement KeyServer host without the keyring refuses to start on the store, saying to restore the keyring", async () => {
+    await using db = await scratchDatabase();
+    await using tokens = await stack({ tokenDb: db.url });
+    const fresh = join(mkdtempSync(join(tmpdir(), "securemesh-replacement-")), "keyserver");
+    const run = await tokens.cluster.run("replacement", "keyserver", ["0", "--data", fresh, "--db", db.url]);
+    expect({ exitCode: run.exitCode, lines: run.lines }).toEqual({
+      exitCode: 2,
+      lines: [expect.stringMatching(new RegExp(`^keyserver: no keyring at ${fresh}/master_keys\\.json, but token store ${describeDatabaseUrl(db.url).replace(/[.]/g, "\\.")} holds 1 sealed token ` +
+        "and is bound to a keyring \\(store id [0-9a-f]{16}\\): restore that keyring with 'token keyring import BACKUP' \\(a new keyring would open none of them\\)$"))],
+    });
+    // Refused before it made anything: no keyring, and no RSA key either.
+    expect(existsSync(fresh)).toBe(false);
+  });
+});
+
+// Issue 23: one KeyServer and one SecureProxy were single points of failure of the token path.
+describe("two KeyServers and two SecureProxies on one MariaDB store", () => {
+  test("a KeyServer killed and restarted, a SecureProxy killed and restarted, and a rotation on the second KeyServer's host, under load: 0 failed token calls", async () => {
+    await using db = await scratchDatabase();
+    await using tokens = await stack({ tokenDb: db.url, keyservers: 2, proxies: 2 });
+    const { cluster } = tokens;
+    const released = (role: string) => cluster.role(role).lines.filter((l) => l.endsWith(" outcome=released")).length;
+    const load = keepCalling(tokens);
+    await load.more(6, "before any fault");
+    expect([released("keyserver") > 0, released("keyserver2") > 0]).toEqual([true, true]);
+
+    await cluster.kill("keyserver");
+    const onSecond = released("keyserver2");
+    await load.more(10, "with the first KeyServer dead");
+    expect(released("keyserver2") - onSecond).toBeGreaterThanOrEqual(10);
+    await tokens.restart("keyserver");
+    await load.more(6, "after the KeyServer restarted");
+
+    await cluster.kill("secureproxy");
+    const second = tokens.secureproxies.get("secureproxy2")!;
+    const viaSecond = load.byProxy.get(second) ?? 0;
+    await load.more(10, "with the first SecureProxy dead");
+    expect((load.byProxy.get(second) ?? 0) - viaSecond).toBeGreaterThanOrEqual(10);
+    await tokens.restart("secureproxy");
+
+    const rotated = await cluster.run("rotate-on-keyserver2", "keyserver", ["token", "rotate-key", "--data", tokens.dataDirs.get("keyserver2")!, "--db", db.url]);
+    expect(rotated.lines.at(-1)).toMatch(/^re-sealed 1 token\(s\) under master key v2; retired versions: 1 /);
+    const [first, beforeRotation] = [released("keyserver"), released("keyserver2")];
+    // Both KeyServers release after the rotation (the first once the restarted proxy is back in the applications'
+    // order): each learned of v2 from the store, without an import.
+    await waitFor("both KeyServers to release after the rotation", () => released("keyserver") > first && released("keyserver2") > beforeRotation, 20_000);
+    await load.more(10, "after the rotation");
+    await load.stop();
+    expect(load.failures).toEqual([]);
+    for (const role of ["keyserver", "keyserver2"]) expect(cluster.role(role).lines.filter((l) => / outcome=(?!released)/.test(l))).toEqual([]);
   });
 });

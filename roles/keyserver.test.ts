@@ -6,7 +6,6 @@ import { createPublicKey } from "node:crypto";
 import type { JWK } from "jose";
 import { Authorizer } from "../shared/authz/authorizer.ts";
 import { policyPath } from "../shared/platform/config.ts";
-import { MasterKeyring } from "../shared/token-path/keyring.ts";
 import { createLogger } from "../shared/ops/log.ts";
 import { Metrics } from "../shared/ops/metrics.ts";
 import { bindPeer } from "../shared/platform/runtime/peer.ts";
@@ -15,7 +14,8 @@ import {
   EcdhKeyPair, ON_BEHALF_OF_HEADER, openJoseResponse, openLegacyResponse, prepareEcdhRequest, prepareJoseRequest, prepareLegacyRequest, RsaKeyPair,
   type PreparedRequest,
 } from "../shared/token-path/token-exchange.ts";
-import { openTokenStore, TokenVault } from "../shared/token-path/token-store.ts";
+import type { TokenVault } from "../shared/token-path/token-store.ts";
+import { openVault } from "../shared/token-path/vault-binding.ts";
 import { scrape } from "../shared/testing/prometheus.ts";
 import { testPki } from "../shared/testing/pki.ts";
 import { loadIdentity, mutualTlsClientOptions } from "../shared/platform/tls.ts";
@@ -46,7 +46,7 @@ function keyserverApp(lines: string[], options: Partial<KeyserverDeps> = {}) {
 beforeAll(async () => {
   dir = mkdtempSync(join(tmpdir(), "securemesh-keyserver-"));
   keys = await RsaKeyPair.loadOrCreate(join(dir, "rsa_key.pem"));
-  vault = new TokenVault(await openTokenStore(join(dir, "tokens.db")), MasterKeyring.open(join(dir, "master_keys.json")));
+  ({ vault } = await openVault({ db: join(dir, "tokens.db"), dataDir: dir }, "serve"));
   await vault.add("client1", "marketplace", TOKEN);
   app = keyserverApp(logs);
 });

@@ -1,13 +1,13 @@
 // The KeyServer: releases API tokens, sealed at rest, to the callers the policy names, through a hybrid exchange.
 import { join } from "node:path";
 import { displayPath, exitWithConfigError, parseFlags, parsePort, parsePositive, pkiDir, policyPath, REPO_ROOT } from "../shared/platform/config.ts";
-import { refuseSecretOnArgv } from "../shared/platform/config-file.ts";
+import { flagVariable, refuseSecretOnArgv, type FlagSource } from "../shared/platform/config-file.ts";
 import { ConfigError } from "../shared/platform/errors.ts";
 import { readPrivateFile } from "../shared/platform/private-files.ts";
-import { describeDatabaseUrl } from "../shared/db/database.ts";
 import { describeError } from "../shared/ops/log.ts";
 import { createKeyserverApp, type LegacyReplay } from "../shared/token-path/keyserver-app.ts";
-import { openVault, runTokenCommand, watchKeyring, type VaultConfig } from "../shared/token-path/keyserver-admin.ts";
+import { keepKeyringFresh, runTokenCommand, type VaultConfig } from "../shared/token-path/keyserver-admin.ts";
+import { openVault } from "../shared/token-path/vault-binding.ts";
 import { NonceMemory } from "../shared/token-path/replay.ts";
 import { EcdhKeyPair, RsaKeyPair } from "../shared/token-path/token-exchange.ts";
 import { readConfig, runRole, type ServingConfig } from "../shared/service/run-role.ts";
@@ -19,20 +19,29 @@ Usage: roles/keyserver.ts [PORT] [options]             serve (default port 5003)
        roles/keyserver.ts token add --client ID --type TYPE --token -   (the token on stdin)
        roles/keyserver.ts token list
        roles/keyserver.ts token rotate-key
+       roles/keyserver.ts token restore-key VERSION          (from master_keys.archive.json)
+       roles/keyserver.ts token keyring export FILE          (encrypted backup; the passphrase on stdin)
+       roles/keyserver.ts token keyring import FILE          (on another or a new KeyServer host)
 
 Releases API tokens over mutual TLS. The policy decides: the TLS caller needs tokens.fetch (by default only the
 SecureProxy), and the identity it asks for (header x-securemesh-on-behalf-of, else the caller itself) needs
-proxy.use:CLIENTID/TOKENTYPE. Tokens are sealed at rest with AES-256-GCM under a versioned master key kept outside
-the database; the running KeyServer picks up 'token rotate-key', the policy, the CRL and its certificate without
-a restart.
+proxy.use:CLIENTID/TOKENTYPE. Tokens are sealed at rest with AES-256-GCM under versioned master keys, kept in the
+token store wrapped under the keyring key of master_keys.json (in --data, 0600), which is bound to that store: every
+KeyServer on the store needs the same keyring ('token keyring export' / 'import'), and a keyring and a store that do
+not belong together are refused. Run the token commands with the KeyServer's own configuration (the same --config
+FILE, or its --db and --data): they say which store and keyring they act on. The running KeyServer picks up
+'token rotate-key', the policy, the CRL and its certificate without a restart.
 
 Options:
   --db URL              token store: mysql://user:pass@host:3306/db (several hosts, comma-separated,
                         for a Galera cluster), or a sqlite path
-                        (default $KEYSERVER_DB, else data/keyserver/tokens.db); a URL with a password is
+                        (default $KEYSERVER_DB, else tokens.db in --data); a URL with a password is
                         refused here, where ps shows it: use --db-file or the config file
   --db-file FILE        the --db URL, read from FILE (0600)
-  --data DIR            where the RSA key and master keyring live (default data/keyserver), both mode 0600
+  --data DIR            where the RSA key, the keyring file (master_keys.json) and the archive of retired master
+                        keys (master_keys.archive.json) live (default data/keyserver), all mode 0600; each
+                        KeyServer keeps its own RSA key: never copy rsa_key.pem to another host
+  --passphrase-file FILE with 'token keyring export|import': the backup's passphrase (0600), instead of stdin
   --policy FILE         authorization policy (default $SECUREMESH_POLICY, else roles/policy.json)
   --legacy-replay MODE  require (default): the original JSON format must carry timestamp and nonce, like JOSE;
                         allow: accept it without them, for old clients (replayable)
@@ -60,29 +69,29 @@ export function parseKeyserverConfig(argv: string[]): KeyserverConfig {
     db: { type: "string" }, "db-file": { type: "string" }, data: { type: "string" }, policy: { type: "string" }, "legacy-replay": { type: "string" },
     "replay-quota": { type: "string" }, "ecdh-es": { type: "boolean" }, host: { type: "string" }, pki: { type: "string" }, "no-crl": { type: "boolean" },
     client: { type: "string" },
-    type: { type: "string" }, token: { type: "string" },
+    type: { type: "string" }, token: { type: "string" }, "passphrase-file": { type: "string" },
   }, argv);
   refuseSecretOnArgv("db", values.db, sources.db);
   if (values.token !== undefined && values.token !== "-" && sources.token === "argv") {
     throw new ConfigError("--token on the command line shows in ps: give --token - and the token on stdin");
   }
   const dataDir = values.data ?? join(REPO_ROOT, "data", "keyserver");
-  let command: KeyserverConfig["command"] = "serve";
-  if (positionals[0] === "token") {
-    const sub = positionals[1];
-    if (sub !== "add" && sub !== "list" && sub !== "rotate-key") throw new ConfigError("token needs add, list or rotate-key (see --help)");
-    command = sub;
-    if (sub === "add" && !(values.client && values.type && values.token)) throw new ConfigError("token add needs --client, --type and --token");
-  }
+  const { command, version, file } = parseCommand(positionals);
+  if (command === "add" && !(values.client && values.type && values.token)) throw new ConfigError("token add needs --client, --type and --token");
   const legacyReplay = values["legacy-replay"] ?? "require";
   if (legacyReplay !== "require" && legacyReplay !== "allow") throw new ConfigError("--legacy-replay must be require or allow");
   const replayQuota = parsePositive(values["replay-quota"], "--replay-quota", 10_000);
   if (!Number.isInteger(replayQuota)) throw new ConfigError(`--replay-quota must be a whole number, not '${values["replay-quota"]}'`);
+  const [db, dbSource] = values.db !== undefined ? [values.db, sourceOf("db", sources.db)]
+    : values["db-file"] !== undefined ? [readPrivateFile(values["db-file"]).trim(), `${sourceOf("db-file", sources["db-file"])} (${values["db-file"]})`]
+    : process.env.KEYSERVER_DB ? [process.env.KEYSERVER_DB, "$KEYSERVER_DB"]
+    : [join(dataDir, "tokens.db"), "the default: no --db, --db-file, --config or $SECUREMESH_DB"];
   return {
     command,
     port: command === "serve" ? parsePort(positionals[0] ?? process.env.PORT, "PORT", 5003) : 0,
     host: values.host ?? "127.0.0.1",
-    db: values.db ?? (values["db-file"] ? readPrivateFile(values["db-file"]).trim() : undefined) ?? process.env.KEYSERVER_DB ?? join(dataDir, "tokens.db"),
+    db,
+    dbSource,
     dataDir,
     pki: pkiDir(values.pki),
     noCrl: values["no-crl"] ?? false,
@@ -93,7 +102,37 @@ export function parseKeyserverConfig(argv: string[]): KeyserverConfig {
     client: values.client,
     type: values.type,
     token: values.token,
+    version,
+    file,
+    passphraseFile: values["passphrase-file"],
   };
+}
+
+/** Says where a flag's value came from, in the words of the first line every token command prints. */
+function sourceOf(flag: string, source: FlagSource | undefined): string {
+  if (source === "file") return `${flagVariable(flag)} in the --config file`;
+  if (source === "env") return `$${flagVariable(flag)}`;
+  return `--${flag}`;
+}
+
+const TOKEN_COMMANDS = "token add, list, rotate-key, restore-key VERSION, keyring export FILE or keyring import FILE";
+
+function parseCommand(positionals: string[]): Pick<KeyserverConfig, "command" | "version" | "file"> {
+  if (positionals[0] !== "token") return { command: "serve" };
+  const [, sub, arg, extra] = positionals;
+  switch (sub) {
+    case "add": case "list": case "rotate-key":
+      if (arg !== undefined) throw new ConfigError(`token ${sub} takes no '${arg}' (see --help)`);
+      return { command: sub };
+    case "restore-key":
+      if (!arg || !/^[1-9]\d{0,8}$/.test(arg) || extra !== undefined) throw new ConfigError("token restore-key needs one VERSION, a number such as 1 ('token list' shows the archived ones)");
+      return { command: "restore-key", version: Number(arg) };
+    case "keyring":
+      if ((arg !== "export" && arg !== "import") || !extra || positionals.length > 4) throw new ConfigError("token keyring needs export FILE or import FILE (see --help)");
+      return { command: arg, file: extra };
+    default:
+      throw new ConfigError(`token needs ${TOKEN_COMMANDS} (see --help)`);
+  }
 }
 
 if (import.meta.main) {
@@ -104,14 +143,16 @@ if (import.meta.main) {
     name: "keyserver",
     parse: () => config,
     async start({ logger, metrics, authz }) {
+      // The keyring and the store first: a pair that does not belong together stops the role before it makes a file.
+      const { vault, notes } = await openVault(config, "serve");
+      for (const note of notes) logger.info(note);
       const keys = await RsaKeyPair.loadOrCreate(join(config.dataDir, "rsa_key.pem"));
       const ecdh = config.ecdhEs ? await EcdhKeyPair.loadOrCreate(join(config.dataDir, "ecdh_key.pem")) : undefined;
       const nonces = new NonceMemory({ maxPerCaller: config.replayQuota });
-      const vault = await openVault(config);
-      const keyring = watchKeyring(vault, logger);
+      const keyring = keepKeyringFresh(vault, logger);
       return {
         app: createKeyserverApp({ vault, keys, ecdh, nonces, logger, authz, legacyReplay: config.legacyReplay, metrics }),
-        describe: `tokens: ${describeDatabaseUrl(config.db)}; policy: ${displayPath(config.policy)}; legacy replay: ${config.legacyReplay}${ecdh ? "; ECDH-ES (X25519) too" : ""}`,
+        describe: `tokens: ${vault.store.description} (store id ${vault.keyring.storeId}), keyring ${vault.keyring.id} v${vault.keyring.currentVersion}; policy: ${displayPath(config.policy)}; legacy replay: ${config.legacyReplay}${ecdh ? "; ECDH-ES (X25519) too" : ""}`,
         async close() {
           keyring.stop();
           await vault.store.close().catch((error) => logger.warn(`closing the token store: ${describeError(error)}`));

@@ -1,6 +1,7 @@
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import { X509Certificate } from "node:crypto";
 import { mkdtempSync } from "node:fs";
+import tls from "node:tls";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { Authorizer } from "../shared/authz/authorizer.ts";
@@ -11,8 +12,9 @@ import { bindPeer } from "../shared/platform/runtime/peer.ts";
 import { testPki } from "../shared/testing/pki.ts";
 import { scrape } from "../shared/testing/prometheus.ts";
 import { loadIdentity } from "../shared/platform/tls.ts";
-import { ON_BEHALF_OF_HEADER, RsaKeyPair } from "../shared/token-path/token-exchange.ts";
-import { apiTrust, checkApiUri, createProxyApp, parseAllowlist, ProxyHops } from "./secureproxy.ts";
+import { Metrics } from "../shared/ops/metrics.ts";
+import { ON_BEHALF_OF_HEADER, openJoseRequest, RsaKeyPair } from "../shared/token-path/token-exchange.ts";
+import { apiTrust, checkApiUri, createProxyApp, parseAllowlist, parseKeyservers, parseProxyConfig, ProxyHops } from "./secureproxy.ts";
 import { certificateBundle } from "../shared/token-path/proxy-hops.ts";
 
 const allow = parseAllowlist(["marketplace=localhost:5005,127.0.0.1:5005"]);
@@ -25,19 +27,21 @@ let pki: string;
 let keys: RsaKeyPair;
 
 /** A stand-in KeyServer serving with `name`'s certificate; it records what the proxy sends and answers `answer`. */
-function fakeKeyserver(name: string, answer: () => Response = () => Response.json({ error: "no token for that clientId and tokenType", code: "ERR_NOT_FOUND" }, { status: 404 })) {
+function fakeKeyserver(name: string, answer: () => Response = () => Response.json({ error: "no token for that clientId and tokenType", code: "ERR_NOT_FOUND" }, { status: 404 }), own = keys) {
   const identity = loadIdentity(pki, name);
   const seen: { method: string; path: string; onBehalfOf: string | null }[] = [];
+  const bodies: string[] = [];
   const server = Bun.serve({
     port: 0, hostname: "127.0.0.1",
     tls: { cert: identity.cert, key: identity.key, ca: identity.ca, requestCert: true, rejectUnauthorized: true },
-    fetch(request) {
+    async fetch(request) {
       seen.push({ method: request.method, path: new URL(request.url).pathname, onBehalfOf: request.headers.get(ON_BEHALF_OF_HEADER) });
-      return new URL(request.url).pathname === "/public_key" ? Response.json({ public_key: keys.publicPem }) : answer();
+      if (request.method === "POST") bodies.push(await request.text());
+      return new URL(request.url).pathname === "/public_key" ? Response.json({ public_key: own.publicPem }) : answer();
     },
   });
   servers.push(server);
-  return { url: `https://127.0.0.1:${server.port}`, seen };
+  return { url: `https://127.0.0.1:${server.port}`, seen, bodies };
 }
 const servers: ReturnType<typeof Bun.serve>[] = [];
 
@@ -51,10 +55,10 @@ function proxyHops(isRevoked?: (serialHex: string) => boolean) {
 }
 const hopsMade: ProxyHops[] = [];
 
-function proxy(keyserver = "https://127.0.0.1:1", lines: string[] = [], isRevoked?: (serialHex: string) => boolean) {
+function proxy(keyserver: string | string[] = "https://127.0.0.1:1", lines: string[] = [], isRevoked?: (serialHex: string) => boolean, metrics?: Metrics) {
   const logger = createLogger("secureproxy", { format: "text", color: false, write: (l) => lines.push(l) });
   return createProxyApp({
-    keyserver, allow, format: "jose", timeoutMs: 5000, logger,
+    keyservers: typeof keyserver === "string" ? [keyserver] : keyserver, allow, metrics, format: "jose", timeoutMs: 5000, logger,
     hops: proxyHops(isRevoked), authz: new Authorizer(policyPath(), logger),
   });
 }
@@ -191,4 +195,101 @@ test("F4: an --api-ca bundle with any block but CERTIFICATE is refused, so the m
   expect(() => certificateBundle(relabelled, "--api-ca ca.pem")).toThrow("--api-ca ca.pem: a PEM block labelled 'X509 CERTIFICATE': only CERTIFICATE blocks are accepted");
   expect(() => certificateBundle(ca.replaceAll("CERTIFICATE", "TRUSTED CERTIFICATE"), "--api-ca x")).toThrow("only CERTIFICATE blocks");
   expect(() => certificateBundle("", "--api-ca x")).toThrow("no CERTIFICATE block");
+});
+
+/**
+ * A KeyServer that reads a token request to its end and then drops the connection without answering: the request
+ * may have been acted on, and the proxy cannot know (a host that dies mid-request).
+ */
+function droppingKeyserver(own: RsaKeyPair) {
+  const identity = loadIdentity(pki, "keyserver");
+  const bodies: string[] = [];
+  const server = tls.createServer({ cert: identity.cert, key: identity.key, ca: identity.ca, requestCert: true, rejectUnauthorized: true }, (socket) => {
+    let buffer = Buffer.alloc(0);
+    socket.on("data", (chunk: Buffer) => {
+      buffer = Buffer.concat([buffer, chunk]);
+      const end = buffer.indexOf("\r\n\r\n");
+      if (end === -1) return;
+      const head = buffer.subarray(0, end).toString("latin1");
+      const length = Number(/content-length: (\d+)/i.exec(head)?.[1] ?? 0);
+      if (buffer.length < end + 4 + length) return;
+      const body = buffer.subarray(end + 4, end + 4 + length).toString("utf8");
+      buffer = buffer.subarray(end + 4 + length);
+      if (head.startsWith("GET /public_key ")) {
+        const json = JSON.stringify({ public_key: own.publicPem });
+        socket.write(`HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: ${Buffer.byteLength(json)}\r\n\r\n${json}`);
+      } else {
+        bodies.push(body);
+        socket.destroy();
+      }
+    });
+    socket.on("error", () => {});
+  });
+  tlsServers.push(server);
+  return new Promise<{ url: string; bodies: string[] }>((resolve) => server.listen(0, "127.0.0.1", () => resolve({ url: `https://127.0.0.1:${(server.address() as { port: number }).port}`, bodies })));
+}
+const tlsServers: tls.Server[] = [];
+afterAll(() => {
+  for (const server of tlsServers) server.close();
+});
+
+const NOT_FOUND = { status: 404, body: { error: "no token for that ClientId and TokenType", code: "ERR_NOT_FOUND" } };
+const CALL = { ClientId: "client1", TokenType: "marketplace", ApiUri: ITEM };
+
+// Issue 23: one KeyServer was a single point of failure of the token path.
+describe("several KeyServers", () => {
+  test("one that cannot be reached costs one attempt: the next is asked, and the dead one is tried last for a while", async () => {
+    const second = fakeKeyserver("keyserver");
+    const metrics = new Metrics();
+    const lines: string[] = [];
+    const app = proxy(["https://127.0.0.1:1", second.url], lines, undefined, metrics);
+    expect(await answerOf(await requestApi(app, CALL))).toEqual(NOT_FOUND);
+    expect(await answerOf(await requestApi(app, CALL))).toEqual(NOT_FOUND);
+    expect(second.seen.filter((s) => s.method === "POST")).toHaveLength(2);
+    expect((await scrape(app)).value("securemesh_keyserver_failovers_total", { reason: "unavailable" })).toBe(1);
+    expect(lines.filter((l) => l.includes("a new request goes to the next"))).toEqual([expect.stringMatching(/^KeyServer 127\.0\.0\.1:1 failed \(KeyServer 127\.0\.0\.1:1 unavailable \(/)]);
+    const health = (await (await app.handle(new Request("http://localhost/health"))).json()) as { keyservers: unknown };
+    expect(health.keyservers).toEqual([{ url: "https://127.0.0.1:1", failedRecently: true }, { url: second.url, failedRecently: false }]);
+  });
+
+  test("one that may have received the request is never sent that body again: the next gets a new request, sealed to its own key", async () => {
+    const keysB = await RsaKeyPair.loadOrCreate(join(mkdtempSync(join(tmpdir(), "securemesh-proxy-")), "rsa_key.pem"));
+    const dropping = await droppingKeyserver(keys);
+    const second = fakeKeyserver("keyserver", undefined, keysB);
+    expect(await answerOf(await requestApi(proxy([dropping.url, second.url]), CALL))).toEqual(NOT_FOUND);
+    expect([dropping.bodies.length, second.bodies.length]).toEqual([1, 1]);
+    // The body the first may have acted on opens only with the first's key; the second's has a nonce of its own.
+    const [atFirst, atSecond] = [await openJoseRequest(keys, dropping.bodies[0]!), await openJoseRequest(keysB, second.bodies[0]!)];
+    await expect(openJoseRequest(keysB, dropping.bodies[0]!)).rejects.toThrow("request could not be decrypted");
+    expect(atFirst.nonce).not.toBe(atSecond.nonce);
+    expect([atFirst.clientId, atSecond.clientId]).toEqual(["client1", "client1"]);
+  });
+
+  test("a 5xx is failed over; 403, 404 and 429 are the caller's answer at every KeyServer, and the next is not asked", async () => {
+    const unavailable = fakeKeyserver("keyserver", () => Response.json({ error: "token store unavailable", code: "ERR_UNAVAILABLE" }, { status: 503 }));
+    const sealBroken = fakeKeyserver("keyserver", () => Response.json({ error: "stored secret cannot be opened", code: "ERR_SEAL" }, { status: 500 }));
+    const last = fakeKeyserver("keyserver");
+    expect(await answerOf(await requestApi(proxy([unavailable.url, sealBroken.url, last.url]), CALL))).toEqual(NOT_FOUND);
+    expect([unavailable.bodies.length, sealBroken.bodies.length, last.bodies.length]).toEqual([1, 1, 1]);
+
+    for (const [status, code] of [[404, "ERR_NOT_FOUND"], [403, "ERR_FORBIDDEN"], [429, "ERR_REPLAY_QUOTA"]] as const) {
+      const first = fakeKeyserver("keyserver", () => Response.json({ error: "no", code }, { status }));
+      const next = fakeKeyserver("keyserver");
+      expect((await requestApi(proxy([first.url, next.url]), CALL)).status).toBe(status);
+      expect(next.seen).toEqual([]);
+    }
+  });
+
+  test("every KeyServer failing is a 503 naming the last failure", async () => {
+    const answer = await answerOf(await requestApi(proxy(["https://127.0.0.1:1", "https://127.0.0.1:2"]), CALL));
+    expect(answer).toMatchObject({ status: 503, body: { code: "ERR_UNAVAILABLE", error: expect.stringMatching(/^no KeyServer could release the token \(last: KeyServer 127\.0\.0\.1:2 unavailable \(/) } });
+  });
+
+  test("--keyserver takes a comma-separated list of https://HOST:PORT", () => {
+    expect(parseKeyservers("https://10.0.0.7:5003, https://10.0.0.8:5003/")).toEqual(["https://10.0.0.7:5003", "https://10.0.0.8:5003"]);
+    expect(parseProxyConfig(["--keyserver", "https://a.example:5003,https://b.example:5003"]).keyservers).toEqual(["https://a.example:5003", "https://b.example:5003"]);
+    expect(() => parseKeyservers("http://10.0.0.7:5003")).toThrow("--keyserver 'http://10.0.0.7:5003' must be https://HOST:PORT, without a path, query or credentials");
+    expect(() => parseKeyservers("https://10.0.0.7:5003/keys")).toThrow("without a path");
+    expect(() => parseKeyservers(" , ")).toThrow("--keyserver needs at least one URL");
+  });
 });

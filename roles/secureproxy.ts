@@ -23,7 +23,9 @@ handshake: the KeyServer a KeyServer identity (spiffe://securemesh/keyserver/*);
 mesh's CA, one identity (--api-identity), or, under a CA that is not the mesh's (--api-ca), that CA and the host.
 
 Options:
-  --keyserver URL        KeyServer (default https://127.0.0.1:5003)
+  --keyserver URL[,URL]  KeyServers, tried in this order (default https://127.0.0.1:5003); after a failure
+                         (a connection that fails, a 5xx) the next one gets a new request, never the same body, and
+                         one that failed is tried last for 5 s
   --allow TYPE=HOSTS     allowed host:port list per token type, repeatable
                          (default marketplace=localhost:5005,127.0.0.1:5005)
   --api-identity TYPE=ID the identity the API of TYPE must present when its CA is the mesh's, repeatable
@@ -41,7 +43,7 @@ Options:
 `;
 
 export interface ProxyConfig extends ServingConfig, ApiTrustConfig {
-  keyserver: string;
+  keyservers: string[];
   allow: Allowlist;
   format: "jose" | "legacy";
   timeoutMs: number;
@@ -56,6 +58,24 @@ function typedEntries(flag: string, entries: readonly string[], bare?: string): 
     out.set(match ? match[1]! : bare!, match ? match[2]! : entry);
   }
   return out;
+}
+
+/** `--keyserver URL[,URL…]`: https URLs without a path, in the order they are tried. */
+export function parseKeyservers(value: string): string[] {
+  const urls = value.split(",").map((u) => u.trim()).filter(Boolean);
+  if (urls.length === 0) throw new ConfigError("--keyserver needs at least one URL such as https://10.0.0.7:5003");
+  return urls.map((raw) => {
+    let url: URL;
+    try {
+      url = new URL(raw);
+    } catch {
+      throw new ConfigError(`--keyserver '${raw}' is not a URL such as https://10.0.0.7:5003`);
+    }
+    if (url.protocol !== "https:" || (url.pathname !== "/" && url.pathname !== "") || url.search || url.username) {
+      throw new ConfigError(`--keyserver '${raw}' must be https://HOST:PORT, without a path, query or credentials`);
+    }
+    return url.origin;
+  });
 }
 
 export function parseProxyConfig(argv: string[]): ProxyConfig {
@@ -75,7 +95,7 @@ export function parseProxyConfig(argv: string[]): ProxyConfig {
   return {
     port: parsePort(positionals[0] ?? process.env.PORT, "PORT", 5004),
     host: values.host ?? "127.0.0.1",
-    keyserver: (values.keyserver ?? "https://127.0.0.1:5003").replace(/\/+$/, ""),
+    keyservers: parseKeyservers(values.keyserver ?? "https://127.0.0.1:5003"),
     allow: parseAllowlist(values.allow?.length ? values.allow : ["marketplace=localhost:5005,127.0.0.1:5005"]),
     format,
     apiIdentities,
@@ -93,10 +113,10 @@ if (import.meta.main) {
     parse: parseProxyConfig,
     start({ config, logger, metrics, trust, authz }) {
       const hops = new ProxyHops(trust.identity, (type) => apiTrust(type, trust.identity.ca, config), (serial) => trust.isRevoked(serial));
-      const { keyserver, allow, format, timeoutMs } = config;
+      const { keyservers, allow, format, timeoutMs } = config;
       return {
-        app: createProxyApp({ keyserver, allow, format, timeoutMs, logger, metrics, hops, authz }),
-        describe: `keyserver ${keyserver}, format ${format}, policy ${displayPath(config.policy)}`,
+        app: createProxyApp({ keyservers, allow, format, timeoutMs, logger, metrics, hops, authz }),
+        describe: `keyserver${keyservers.length > 1 ? "s" : ""} ${keyservers.join(", ")}, format ${format}, policy ${displayPath(config.policy)}`,
         // Revocation is asked per connection and per request; a renewed certificate or CA reaches both hops.
         onCertificate: (identity) => hops.reload(identity),
         close: () => hops.close(),

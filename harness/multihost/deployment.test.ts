@@ -16,7 +16,7 @@ test("each host's folder: the CA, the CRL and its own identity as the role's fil
   const pki = await newPki("deployment");
   const root = mkdtempSync(join(tmpdir(), "securemesh-deployment-hosts-"));
   made.push(pki, root);
-  const serving: string[] = [...HOSTS.servers, ...HOSTS.coordinators, HOSTS.keyserver, HOSTS.secureproxy, HOSTS.marketplace];
+  const serving: string[] = [...HOSTS.servers, ...HOSTS.coordinators, ...HOSTS.keyservers, ...HOSTS.secureproxies, HOSTS.marketplace];
   const addressOf = (host: string) => `10.77.0.${10 + serving.indexOf(host)}`;
   const pkiOf = (host: string) => join(root, host, "pki");
   await issueHostPki(pki, addressOf, pkiOf);
@@ -32,7 +32,8 @@ test("each host's folder: the CA, the CRL and its own identity as the role's fil
   expect({
     srv1: hostView("srv1", "server"), srv2: hostView("srv2", "server"), srv3: hostView("srv3", "server"),
     coord1: hostView("coord1", "coordinator"), coord2: hostView("coord2", "coordinator"),
-    keys: hostView("keys", "keyserver"), proxy: hostView("proxy", "secureproxy"), market: hostView("market", "marketplace"),
+    keys1: hostView("keys1", "keyserver"), keys2: hostView("keys2", "keyserver"),
+    proxy1: hostView("proxy1", "secureproxy"), proxy2: hostView("proxy2", "secureproxy"), market: hostView("market", "marketplace"),
     cli1: readdirSync(pkiOf("cli1")).sort(), cli2: readdirSync(pkiOf("cli2")).sort(),
   }).toEqual({
     srv1: { files: folder("server", true), identity: "URI:spiffe://securemesh/server/server1", address: "IP Address:10.77.0.10" },
@@ -40,9 +41,11 @@ test("each host's folder: the CA, the CRL and its own identity as the role's fil
     srv3: { files: folder("server", true), identity: "URI:spiffe://securemesh/server/server3", address: "IP Address:10.77.0.12" },
     coord1: { files: folder("coordinator", false), identity: "URI:spiffe://securemesh/coordinator/coordinator", address: "IP Address:10.77.0.13" },
     coord2: { files: folder("coordinator", false), identity: "URI:spiffe://securemesh/coordinator/coordinator", address: "IP Address:10.77.0.14" },
-    keys: { files: folder("keyserver", false), identity: "URI:spiffe://securemesh/keyserver/keyserver", address: "IP Address:10.77.0.15" },
-    proxy: { files: folder("secureproxy", false), identity: "URI:spiffe://securemesh/secureproxy/secureproxy", address: "IP Address:10.77.0.16" },
-    market: { files: folder("marketplace", false), identity: "URI:spiffe://securemesh/marketplace/marketplace", address: "IP Address:10.77.0.17" },
+    keys1: { files: folder("keyserver", false), identity: "URI:spiffe://securemesh/keyserver/keyserver", address: "IP Address:10.77.0.15" },
+    keys2: { files: folder("keyserver", false), identity: "URI:spiffe://securemesh/keyserver/keyserver", address: "IP Address:10.77.0.16" },
+    proxy1: { files: folder("secureproxy", false), identity: "URI:spiffe://securemesh/secureproxy/secureproxy", address: "IP Address:10.77.0.17" },
+    proxy2: { files: folder("secureproxy", false), identity: "URI:spiffe://securemesh/secureproxy/secureproxy", address: "IP Address:10.77.0.18" },
+    market: { files: folder("marketplace", false), identity: "URI:spiffe://securemesh/marketplace/marketplace", address: "IP Address:10.77.0.19" },
     cli1: folder("client1", true), cli2: folder("client2", true),
   });
 

@@ -14,8 +14,9 @@ export const HOSTS = {
   servers: ["srv1", "srv2", "srv3"],
   coordinators: ["coord1", "coord2"],
   clients: ["cli1", "cli2"],
-  keyserver: "keys",
-  secureproxy: "proxy",
+  // Two of each on the token path, on one Galera store (issue 23: one KeyServer and one proxy were single points).
+  keyservers: ["keys1", "keys2"],
+  secureproxies: ["proxy1", "proxy2"],
   marketplace: "market",
 } as const;
 
@@ -37,6 +38,15 @@ export const COORDINATOR_TIMEOUT_MS = 6000;
  * quorum waits until that node gives up (about 4.5 s) before the KeyServer reads it elsewhere.
  */
 export const PROXY_TIMEOUT_MS = 8000;
+
+/**
+ * The applications' timeout per SecureProxy: above a proxy's worst case, one attempt at each of its two KeyServers
+ * and the API call, so a slow release is the proxy's to report, not a reason to ask the other proxy.
+ */
+export const PROXY_CLIENT_TIMEOUT_MS = 2 * PROXY_TIMEOUT_MS + 4000;
+
+/** The passphrase of the keyring backup taken from the first KeyServer host to the second. */
+const KEYRING_BACKUP_PASSPHRASE = "multihost keyring backup passphrase";
 
 /** The client identity each client host holds (the policy knows client1 and client2). */
 const CLIENT_OF: Record<string, string> = { cli1: "client1", cli2: "client2" };
@@ -63,8 +73,8 @@ export interface Deployment extends AsyncDisposable {
   databaseUrl: string;
   servers: string[];
   coordinators: string[];
-  keyserver: string;
-  secureproxy: string;
+  keyservers: string[];
+  secureproxies: string[];
   marketplace: string;
   /** The marketplace item API as callers name it in ApiUri. */
   itemUri: string;
@@ -73,6 +83,11 @@ export interface Deployment extends AsyncDisposable {
   pkiOf(host: string): string;
   /** The client identity a client host holds. */
   clientOf(host: string): string;
+  /**
+   * A KeyServer host's configuration file (SECUREMESH_DB, SECUREMESH_DATA), which its KeyServer and its token commands
+   * read with --config, as a systemd unit's EnvironmentFile would be; and its --data folder.
+   */
+  keyserverConfig(host: string): { file: string; dataDir: string };
   /** Starts the role that lives on `host` again (after its processes were killed: a reboot), and waits until it is healthy. */
   reboot(host: string): Promise<void>;
   /** What is not yet back: a coordinator not answering or missing a server, a role not healthy, a Galera node not Synced. */
@@ -96,7 +111,7 @@ export interface DeploymentOptions {
 export async function startDeployment(options: DeploymentOptions): Promise<Deployment> {
   const { cluster } = options;
   const step = options.step ?? (() => {});
-  const allHosts = [...HOSTS.galera, ...HOSTS.servers, ...HOSTS.coordinators, ...HOSTS.clients, HOSTS.keyserver, HOSTS.secureproxy, HOSTS.marketplace];
+  const allHosts = [...HOSTS.galera, ...HOSTS.servers, ...HOSTS.coordinators, ...HOSTS.clients, ...HOSTS.keyservers, ...HOSTS.secureproxies, HOSTS.marketplace];
   step(`making ${allHosts.length} test hosts (network namespaces on one bridge)`);
   const network = await createTestNetwork({ hosts: allHosts });
   const started: string[] = [];
@@ -121,27 +136,50 @@ export async function startDeployment(options: DeploymentOptions): Promise<Deplo
 
     const servers = HOSTS.servers.map((h) => url(h, PORTS.server));
     const coordinators = HOSTS.coordinators.map((h) => url(h, PORTS.coordinator));
-    const [keyserver, secureproxy, marketplace] = [url(HOSTS.keyserver, PORTS.keyserver), url(HOSTS.secureproxy, PORTS.secureproxy), url(HOSTS.marketplace, PORTS.marketplace)];
+    const keyservers = HOSTS.keyservers.map((h) => url(h, PORTS.keyserver));
+    const secureproxies = HOSTS.secureproxies.map((h) => url(h, PORTS.secureproxy));
+    const marketplace = url(HOSTS.marketplace, PORTS.marketplace);
 
-    step("seeding the marketplace token for client1 and client2 in the token store on Galera");
-    const secrets = join(pkiRoot, HOSTS.keyserver, "secrets");
-    mkdirSync(secrets, { recursive: true, mode: 0o700 });
-    const dataDir = join(secrets, "keyserver");
-    const tokenFile = join(secrets, "marketplace_token");
+    // Each KeyServer host's one configuration file, read by its KeyServer and by every token command run there.
+    const keyserverConfig = (host: string) => {
+      const secrets = join(pkiRoot, host, "secrets");
+      return { file: join(secrets, "keyserver.env"), dataDir: join(secrets, "keyserver") };
+    };
+    for (const host of HOSTS.keyservers) {
+      const { file, dataDir } = keyserverConfig(host);
+      mkdirSync(join(pkiRoot, host, "secrets"), { recursive: true, mode: 0o700 });
+      writeFileSync(file, `# the KeyServer on ${host} and its token commands\nSECUREMESH_DB=${databaseUrl}\nSECUREMESH_DATA=${dataDir}\n`, { mode: 0o600 });
+    }
+    const [first, ...others] = HOSTS.keyservers;
+    step(`seeding the marketplace token for client1 and client2 in the token store on Galera (token add --config on ${first})`);
+    const tokenFile = join(pkiRoot, HOSTS.marketplace, "marketplace_token");
+    mkdirSync(join(pkiRoot, HOSTS.marketplace), { recursive: true, mode: 0o700 });
     const token = `mkt_${randomBytes(18).toString("base64url")}`;
     writeFileSync(tokenFile, token, { mode: 0o600 });
     for (const client of Object.values(CLIENT_OF)) {
-      const seeded = await cluster.run(`keyserver-admin-${client}`, "keyserver", ["token", "add", "--client", client, "--type", "marketplace", "--token", "-", "--data", dataDir, "--db", databaseUrl], { stdin: token });
+      const seeded = await cluster.run(`keyserver-admin-${client}`, "keyserver", ["token", "add", "--client", client, "--type", "marketplace", "--token", "-", "--config", keyserverConfig(first).file], { stdin: token });
       expectThat(seeded.exitCode === 0, `token add for ${client} failed:\n${seeded.lines.join("\n")}`);
+    }
+    step(`taking the keyring to ${others.join(", ")}: token keyring export on ${first}, import on each`);
+    const backup = join(pkiRoot, "keyring.backup");
+    const exported = await cluster.run("keyserver-export", "keyserver", ["token", "keyring", "export", backup, "--config", keyserverConfig(first).file], { stdin: KEYRING_BACKUP_PASSPHRASE });
+    expectThat(exported.exitCode === 0, `token keyring export failed:\n${exported.lines.join("\n")}`);
+    for (const host of others) {
+      const imported = await cluster.run(`keyserver-import-${host}`, "keyserver", ["token", "keyring", "import", backup, "--config", keyserverConfig(host).file], { stdin: KEYRING_BACKUP_PASSPHRASE });
+      expectThat(imported.exitCode === 0, `token keyring import on ${host} failed:\n${imported.lines.join("\n")}`);
     }
 
     const healthInterval = String(options.healthIntervalMs ?? 500);
     const specs = new Map<string, RoleSpec>([
       ...HOSTS.servers.map((host) => [host, { host, script: "server", port: PORTS.server, args: ["--db", databaseUrl] }] as const),
       ...HOSTS.coordinators.map((host) => [host, { host, script: "coordinator", port: PORTS.coordinator, args: ["--servers", servers.join(","), "--health-interval", healthInterval, "--timeout", String(COORDINATOR_TIMEOUT_MS)] }] as const),
-      [HOSTS.keyserver, { host: HOSTS.keyserver, script: "keyserver", port: PORTS.keyserver, args: ["--data", dataDir, "--db", databaseUrl] }],
+      ...HOSTS.keyservers.map((host) => [host, { host, script: "keyserver", port: PORTS.keyserver, args: ["--config", keyserverConfig(host).file] }] as const),
       [HOSTS.marketplace, { host: HOSTS.marketplace, script: "marketplace", port: PORTS.marketplace, args: ["--token-file", tokenFile] }],
-      [HOSTS.secureproxy, { host: HOSTS.secureproxy, script: "secureproxy", port: PORTS.secureproxy, args: ["--keyserver", keyserver, "--allow", `marketplace=${addressOf(HOSTS.marketplace)}:${PORTS.marketplace}`, "--timeout", String(PROXY_TIMEOUT_MS)] }],
+      // The n-th proxy starts from the n-th KeyServer: the load is spread, and each order is exercised.
+      ...HOSTS.secureproxies.map((host, i) => [host, {
+        host, script: "secureproxy", port: PORTS.secureproxy,
+        args: ["--keyserver", [...keyservers.slice(i), ...keyservers.slice(0, i)].join(","), "--allow", `marketplace=${addressOf(HOSTS.marketplace)}:${PORTS.marketplace}`, "--timeout", String(PROXY_TIMEOUT_MS)],
+      }] as const),
     ] as [string, RoleSpec][]);
 
     const start = async (host: string): Promise<void> => {
@@ -154,9 +192,9 @@ export async function startDeployment(options: DeploymentOptions): Promise<Deplo
       await cluster.waitHealthy(url(host, spec.port), 30_000);
     };
 
-    step(`starting ${HOSTS.servers.length} servers, the KeyServer and the marketplace, then ${HOSTS.coordinators.length} coordinators and the SecureProxy, each on its host`);
-    await Promise.all([...HOSTS.servers, HOSTS.keyserver, HOSTS.marketplace].map(start));
-    await Promise.all([...HOSTS.coordinators, HOSTS.secureproxy].map(start));
+    step(`starting ${HOSTS.servers.length} servers, ${HOSTS.keyservers.length} KeyServers and the marketplace, then ${HOSTS.coordinators.length} coordinators and ${HOSTS.secureproxies.length} SecureProxies, each on its host`);
+    await Promise.all([...HOSTS.servers, ...HOSTS.keyservers, HOSTS.marketplace].map(start));
+    await Promise.all([...HOSTS.coordinators, ...HOSTS.secureproxies].map(start));
 
     const rotationGaps = async (): Promise<string[]> => {
       const gaps: string[] = [];
@@ -167,7 +205,7 @@ export async function startDeployment(options: DeploymentOptions): Promise<Deplo
           if (!health) gaps.push(`${HOSTS.coordinators[i]} does not answer`);
           else for (const server of servers) if (!listed.find((s) => s.url === server)?.up) gaps.push(`${HOSTS.coordinators[i]} has ${server} out of rotation`);
         }),
-        ...[[HOSTS.keyserver, keyserver], [HOSTS.secureproxy, secureproxy], [HOSTS.marketplace, marketplace]].map(async ([host, base]) => {
+        ...[...HOSTS.keyservers.map((h, i) => [h, keyservers[i]]), ...HOSTS.secureproxies.map((h, i) => [h, secureproxies[i]]), [HOSTS.marketplace, marketplace]].map(async ([host, base]) => {
           if ((await cluster.health(base!))?.status !== 200) gaps.push(`${host} not healthy`);
         }),
         ...galera!.nodes.map(async (node) => {
@@ -181,10 +219,10 @@ export async function startDeployment(options: DeploymentOptions): Promise<Deplo
     };
 
     const deployment: Deployment = {
-      network, galera, cluster, databaseUrl, servers, coordinators, keyserver, secureproxy, marketplace,
+      network, galera, cluster, databaseUrl, servers, coordinators, keyservers, secureproxies, marketplace,
       itemUri: `${marketplace}/api/item`,
       host: (name) => network.host(name),
-      pkiOf, clientOf: (host) => CLIENT_OF[host]!,
+      pkiOf, clientOf: (host) => CLIENT_OF[host]!, keyserverConfig,
       reboot: start,
       rotationGaps,
       async waitInRotation(timeoutMs = 120_000) {
@@ -221,7 +259,9 @@ function hostIdentities(): [host: string, identity: string, kind: HostKind][] {
   return [
     ...HOSTS.servers.map((host, i) => [host, `server${i + 1}`, "server"] as [string, string, HostKind]),
     ...HOSTS.coordinators.map((host) => [host, "coordinator", "coordinator"] as [string, string, HostKind]),
-    [HOSTS.keyserver, "keyserver", "keyserver"], [HOSTS.secureproxy, "secureproxy", "secureproxy"], [HOSTS.marketplace, "marketplace", "marketplace"],
+    ...HOSTS.keyservers.map((host) => [host, "keyserver", "keyserver"] as [string, string, HostKind]),
+    ...HOSTS.secureproxies.map((host) => [host, "secureproxy", "secureproxy"] as [string, string, HostKind]),
+    [HOSTS.marketplace, "marketplace", "marketplace"],
   ];
 }
 

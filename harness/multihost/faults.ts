@@ -3,8 +3,8 @@
 import { join } from "node:path";
 import { REPO_ROOT } from "../../shared/platform/config.ts";
 import { renderTable } from "../fixtures/table.ts";
-import { waitFor, type RoleProcess } from "../cluster.ts";
-import { HOSTS, type Deployment } from "./deployment.ts";
+import { roleCommand, waitFor, type RoleProcess } from "../cluster.ts";
+import { HOSTS, PROXY_CLIENT_TIMEOUT_MS, type Deployment } from "./deployment.ts";
 
 const LOAD_AGENT = join(REPO_ROOT, "harness", "multihost", "load-agent.ts");
 
@@ -50,13 +50,15 @@ export interface FaultRow {
   duplicates: number;
   tokenCalls: number;
   tokenFailed: number;
+  /** Token calls that needed another attempt: an application failing over to the other SecureProxy, a proxy to the other KeyServer. */
+  tokenRetried: number;
   /** From the start of the repair (reboot, heal, restart) until every host is back in rotation. */
   backInRotationMs: number;
   /** The first few failures, for the report. */
   errors: string[];
 }
 
-/** The load of one row: a load agent on each client host, sending through both coordinators (in opposite orders). */
+/** The load of one row: a load agent on each client host, sending through both coordinators and both proxies (in opposite orders). */
 export class ClientLoad {
   readonly #agents: RoleProcess[];
 
@@ -67,9 +69,10 @@ export class ClientLoad {
   static async start(d: Deployment, label: string, shape: LoadShape): Promise<ClientLoad> {
     const agents = HOSTS.clients.map((host, i) => {
       const coordinators = i % 2 === 0 ? d.coordinators : [...d.coordinators].reverse();
+      const proxies = [...d.secureproxies.slice(i % d.secureproxies.length), ...d.secureproxies.slice(0, i % d.secureproxies.length)];
       const argv = [
         process.execPath, LOAD_AGENT, "--name", d.clientOf(host), "--pki", d.pkiOf(host), "--workers", String(shape.workers), "--interval", String(shape.intervalMs), "--timeout", String(shape.clientTimeoutMs),
-        ...coordinators.flatMap((c) => ["--coordinator", c]), "--proxy", d.secureproxy, "--api-uri", d.itemUri,
+        ...coordinators.flatMap((c) => ["--coordinator", c]), ...proxies.flatMap((p) => ["--proxy", p]), "--proxy-timeout", String(PROXY_CLIENT_TIMEOUT_MS), "--api-uri", d.itemUri,
       ];
       return d.cluster.startCommand(`${host}-${label}`, d.host(host).exec(argv));
     });
@@ -82,13 +85,21 @@ export class ClientLoad {
     return this.#agents.reduce((n, a) => n + a.lines.filter((l) => l.startsWith("ack ") && (!options.failover || l.endsWith(" failover"))).length, 0);
   }
 
+  /** Token calls that went through so far; with `proxy`, only those through it; with `failover`, only those that needed another proxy. */
+  tokenOks(options: { proxy?: string; failover?: boolean } = {}): number {
+    return this.#agents.reduce((n, a) => n + a.lines.filter((l) => {
+      const [kind, outcome, proxy, failover] = l.split(" ");
+      return kind === "token" && outcome === "ok" && (!options.proxy || proxy === options.proxy) && (!options.failover || failover === "failover");
+    }).length, 0);
+  }
+
   /** Waits until `count` more writes than `from` were acknowledged. */
   async waitForAcks(from: number, count: number, what: string, timeoutMs = 60_000): Promise<void> {
     await waitFor(`${count} acknowledged writes ${what}`, () => this.acks() - from >= count || undefined, timeoutMs);
   }
 
   /** SIGTERM: every agent finishes the requests in flight, prints its totals and exits. */
-  async stop(): Promise<{ acks: number[]; slowestMs: number; failures: string[]; failedOver: number; tokenCalls: number; tokenFailed: number; sent: number }> {
+  async stop(): Promise<{ acks: number[]; slowestMs: number; failures: string[]; failedOver: number; tokenCalls: number; tokenFailed: number; tokenFailedOver: number; tokenFailures: string[]; sent: number }> {
     for (const agent of this.#agents) agent.signal("SIGTERM");
     await Promise.all(this.#agents.map(async (agent) => {
       const timer = setTimeout(() => agent.signal("SIGKILL"), 60_000);
@@ -99,7 +110,7 @@ export class ClientLoad {
     const lines = this.#agents.flatMap((a) => a.lines);
     const done = this.#agents.map((a) => a.lines.find((l) => l.startsWith("done ")));
     if (done.some((l) => !l)) throw new Error(`a load agent ended without its totals:\n${this.#agents.map((a) => a.tail()).join("\n")}`);
-    const totals = done.map((l) => JSON.parse(l!.slice(5)) as { sent: number; tokenCalls: number; tokenFailed: number });
+    const totals = done.map((l) => JSON.parse(l!.slice(5)) as { sent: number; tokenCalls: number; tokenFailed: number; tokenFailedOver: number });
     return {
       acks: lines.filter((l) => l.startsWith("ack ")).map((l) => Number(l.split(" ")[1])),
       slowestMs: Math.max(0, ...lines.filter((l) => l.startsWith("ack ")).map((l) => Number(l.split(" ")[2]))),
@@ -108,6 +119,8 @@ export class ClientLoad {
       sent: totals.reduce((n, t) => n + t.sent, 0),
       tokenCalls: totals.reduce((n, t) => n + t.tokenCalls, 0),
       tokenFailed: totals.reduce((n, t) => n + t.tokenFailed, 0),
+      tokenFailedOver: totals.reduce((n, t) => n + t.tokenFailedOver, 0),
+      tokenFailures: lines.filter((l) => l.startsWith("token fail ")).map((l) => `token call: ${l.slice(11)}`),
     };
   }
 }
@@ -144,6 +157,7 @@ async function countRecords(d: Deployment, ids?: readonly number[]): Promise<num
  */
 export async function runFault(d: Deployment, fault: Fault, shape: LoadShape, label: string, note: (m: string) => void): Promise<FaultRow> {
   const before = await countRecords(d);
+  const keyserverFailoversBefore = keyserverFailovers(d);
   const marks = new Map(HOSTS.coordinators.map((host) => {
     const role = d.cluster.role(host);
     return [host, { role, at: role.lines.length }] as const;
@@ -177,7 +191,9 @@ export async function runFault(d: Deployment, fault: Fault, shape: LoadShape, la
     fault: fault.name, repairedBy, sent: result.sent, failed: result.failures.length, retried,
     acknowledged: result.acks.length, slowestMs: result.slowestMs, stored, lost: distinct.length - found,
     duplicates: result.acks.length - distinct.length + Math.max(0, stored - distinct.length),
-    tokenCalls: result.tokenCalls, tokenFailed: result.tokenFailed, backInRotationMs, errors: result.failures.slice(0, 3),
+    // A proxy rebooted mid-row starts a new log: its count before the fault is then not subtracted from it.
+    tokenCalls: result.tokenCalls, tokenFailed: result.tokenFailed, tokenRetried: result.tokenFailedOver + Math.max(0, keyserverFailovers(d) - keyserverFailoversBefore), backInRotationMs,
+    errors: [...result.failures, ...result.tokenFailures].slice(0, 3),
   };
 }
 
@@ -241,6 +257,97 @@ export function isolateGaleraNode(node: string): Fault {
   };
 }
 
+/** Token releases a KeyServer host's current process has logged. */
+function releasesOn(d: Deployment, host: string): number {
+  return d.cluster.roles.get(host)?.lines.filter((l) => l.endsWith(" outcome=released")).length ?? 0;
+}
+
+const otherOf = (hosts: readonly string[], host: string) => hosts.find((h) => h !== host)!;
+
+/** The SecureProxies' log lines of a token request made again at the next KeyServer (secureproxy-app.ts). */
+function keyserverFailovers(d: Deployment, keyserver?: string): number {
+  const host = keyserver && new URL(keyserver).host;
+  return HOSTS.secureproxies.reduce((n, proxy) => n + (d.cluster.roles.get(proxy)?.lines.filter((l) =>
+    l.includes("; a new request goes to the next") && (!host || l.startsWith(`KeyServer ${host} failed`))).length ?? 0), 0);
+}
+
+export function killKeyServerHost(host: string): Fault {
+  const other = otherOf(HOSTS.keyservers, host);
+  let from = 0;
+  return {
+    name: `kill every process on KeyServer host ${host}`,
+    repairedBy: `harness reboots ${host} (starts its KeyServer)`,
+    inject: async (d) => {
+      from = releasesOn(d, other);
+      await d.network.killAll(host);
+    },
+    effect: {
+      what: `a SecureProxy failed over from ${host} to ${other}, which released 5 more`,
+      seen: async (d) => keyserverFailovers(d, d.keyservers[HOSTS.keyservers.indexOf(host as never)]) >= 1 && releasesOn(d, other) - from >= 5,
+    },
+    repair: (d) => d.reboot(host),
+  };
+}
+
+export function killSecureProxyHost(host: string): Fault {
+  const other = otherOf(HOSTS.secureproxies, host);
+  let from = -1;
+  return {
+    name: `kill every process on SecureProxy host ${host}`,
+    repairedBy: `harness reboots ${host} (starts its SecureProxy)`,
+    inject: async (d) => {
+      from = -1;
+      await d.network.killAll(host);
+    },
+    effect: {
+      what: `applications failed over to ${other}`,
+      seen: async (d, load) => {
+        const url = d.secureproxies[HOSTS.secureproxies.indexOf(other as never)]!;
+        if (from < 0) from = load.tokenOks({ proxy: url }); // the first look after the kill
+        return load.tokenOks({ proxy: url, failover: true }) >= 1 && load.tokenOks({ proxy: url }) - from >= 5;
+      },
+    },
+    repair: (d) => d.reboot(host),
+  };
+}
+
+/** A token command on a KeyServer host, inside its namespace, as an operator there runs it; its exit code and lines. */
+async function tokenCommandOn(d: Deployment, host: string, label: string, args: string[]): Promise<{ exitCode: number; lines: string[] }> {
+  const role = d.cluster.startCommand(`${host}-${label}`, d.host(host).exec(roleCommand(d.cluster.runtimeOf(host), "keyserver", args)));
+  const exitCode = await role.proc.exited;
+  await role.drained;
+  return { exitCode, lines: role.lines };
+}
+
+/**
+ * Issue 23's sequence, then a proper rotation, while releases run through both proxies and both KeyServers: on `host`,
+ * `token rotate-key` with the KeyServer's --data but not its store (as the old docs printed it, the store left to its
+ * default) must be refused naming both; with the host's --config it re-seals every token, and both KeyServers go on
+ * releasing under the new version (the other learns of it from the store).
+ */
+export function rotateMasterKey(host: string): Fault {
+  let after = { [HOSTS.keyservers[0]]: 0, [HOSTS.keyservers[1]]: 0 } as Record<string, number>;
+  let done = "";
+  return {
+    name: `rotate the master key on ${host}: first without --db (as the old docs printed it), then with --config`,
+    repairedBy: "nothing restarted",
+    inject: async (d) => {
+      const { file, dataDir } = d.keyserverConfig(host);
+      const wrong = await tokenCommandOn(d, host, "rotate-no-db", ["token", "rotate-key", "--data", dataDir]);
+      if (wrong.exitCode !== 2 || !/^keyserver: keyring \S+ belongs to token store mysql \S+ \(store id [0-9a-f]+\), not to sqlite \S+ \(no such file\): /.test(wrong.lines[0] ?? "")) {
+        throw new Error(`token rotate-key without --db was not refused naming both stores: exit ${wrong.exitCode}: ${wrong.lines.join(" | ")}`);
+      }
+      const proper = await tokenCommandOn(d, host, "rotate-config", ["token", "rotate-key", "--config", file]);
+      const resealed = /^re-sealed (\d+) token\(s\) under master key v(\d+); retired versions: (\S+)/.exec(proper.lines.at(-1) ?? "");
+      if (proper.exitCode !== 0 || !resealed) throw new Error(`token rotate-key --config failed: exit ${proper.exitCode}: ${proper.lines.join(" | ")}`);
+      after = Object.fromEntries(HOSTS.keyservers.map((h) => [h, releasesOn(d, h)]));
+      done = `nothing restarted: rotate-key without --db refused (exit 2, naming both stores); --config re-sealed ${resealed[1]} token(s) under v${resealed[2]}, archived v${resealed[3]}`;
+    },
+    effect: { what: "both KeyServers released under the new master key", seen: async (d) => HOSTS.keyservers.every((h) => releasesOn(d, h) - after[h]! >= 3) },
+    repair: async () => done,
+  };
+}
+
 function serverUrl(d: Deployment, host: string): string {
   return d.servers[HOSTS.servers.indexOf(host as (typeof HOSTS.servers)[number])]!;
 }
@@ -250,10 +357,10 @@ const seconds = (ms: number) => `${(ms / 1000).toFixed(1)} s`;
 /** The fault table, in the repository's one table builder. */
 export function faultTable(rows: readonly FaultRow[]): string[] {
   return renderTable(
-    ["fault", "sent", "failed", "retried", "slowest", "acknowledged", "stored", "lost", "duplicates", "token calls (failed)", "back in rotation", "restarted"],
+    ["fault", "sent", "failed", "retried", "slowest", "acknowledged", "stored", "lost", "duplicates", "token calls (failed, retried)", "back in rotation", "restarted"],
     rows.map((r) => [
       r.fault, String(r.sent), String(r.failed), String(r.retried), seconds(r.slowestMs), String(r.acknowledged), String(r.stored), String(r.lost), String(r.duplicates),
-      `${r.tokenCalls} (${r.tokenFailed})`, seconds(r.backInRotationMs), r.repairedBy,
+      `${r.tokenCalls} (${r.tokenFailed}, ${r.tokenRetried})`, seconds(r.backInRotationMs), r.repairedBy,
     ]),
   );
 }
@@ -262,7 +369,7 @@ export function faultTable(rows: readonly FaultRow[]): string[] {
 export function goalMisses(row: FaultRow): string[] {
   const misses: string[] = [];
   if (row.failed > 0) misses.push(`${row.failed} client requests failed, e.g. ${row.errors[0]}`);
-  if (row.tokenFailed > 0) misses.push(`${row.tokenFailed} token calls failed`);
+  if (row.tokenFailed > 0) misses.push(`${row.tokenFailed} token calls failed, e.g. ${row.errors.find((e) => e.startsWith("token call: ")) ?? "?"}`);
   if (row.lost > 0) misses.push(`${row.lost} acknowledged writes are not stored`);
   if (row.duplicates > 0) misses.push(`${row.duplicates} duplicates`);
   if (row.stored !== row.acknowledged) misses.push(`${row.acknowledged} acknowledged but ${row.stored} stored`);

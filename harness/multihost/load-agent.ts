@@ -1,21 +1,25 @@
 // The load of `bun harness multihost`, run on a client host (inside its namespace): workers send writes through the
-// coordinators with the real client module, failing over between them, and optionally call the SecureProxy.
+// coordinators with the real client module, failing over between them, and optionally call the SecureProxies through
+// the application's ProxyClient, failing over between them.
 // One line per outcome on stdout, so the harness counts them; SIGTERM stops it after the requests in flight.
 //
 //   ack ID MS [failover]     a write acknowledged with record ID after MS ms (failover: after trying another coordinator first)
 //   fail WHAT                a write that failed, and why
-//   token ok|fail [WHAT]     a call through the SecureProxy to the marketplace
+//   token ok PROXY [failover]  a call through a SecureProxy to the marketplace (failover: after trying another first)
+//   token fail WHAT          one that failed, and why
 //   done {"sent":…}          the totals, last
 import { parseArgs } from "node:util";
 import { createLogger, describeError } from "../../shared/ops/log.ts";
 import { FernetKeys } from "../../shared/request-path/fernet-reload.ts";
 import { MeshClient } from "../../shared/request-path/mesh-client.ts";
-import { loadIdentity, mutualTlsClientOptions } from "../../shared/platform/tls.ts";
+import { loadIdentity } from "../../shared/platform/tls.ts";
+import { ProxyClient } from "../../shared/token-path/proxy-client.ts";
 
 const { values } = parseArgs({
   options: {
     name: { type: "string" }, pki: { type: "string" }, coordinator: { type: "string", multiple: true },
-    workers: { type: "string" }, interval: { type: "string" }, timeout: { type: "string" }, proxy: { type: "string" }, "api-uri": { type: "string" },
+    workers: { type: "string" }, interval: { type: "string" }, timeout: { type: "string" }, proxy: { type: "string", multiple: true }, "api-uri": { type: "string" },
+    "proxy-timeout": { type: "string" },
   },
 });
 const name = values.name ?? "client1";
@@ -34,7 +38,7 @@ if (coordinators.length === 0 || !(workers > 0) || !(intervalMs >= 0) || !(timeo
 const identity = loadIdentity(pki, name);
 // The keys follow the host's encryption_key.txt: a "rotate the Fernet key" row changes it under load.
 const client = new MeshClient({ identity, fernet: FernetKeys.open(pki).watch(createLogger(name)), coordinators, timeoutMs });
-const totals = { sent: 0, acknowledged: 0, failed: 0, failedOver: 0, tokenCalls: 0, tokenFailed: 0 };
+const totals = { sent: 0, acknowledged: 0, failed: 0, failedOver: 0, tokenCalls: 0, tokenFailed: 0, tokenFailedOver: 0 };
 let stopping = false;
 process.on("SIGTERM", () => {
   stopping = true;
@@ -69,19 +73,20 @@ async function write(worker: number, i: number): Promise<void> {
   }
 }
 
-const proxyTls = mutualTlsClientOptions(identity);
+const proxies = values.proxy?.length
+  // Above a proxy's own budget for its KeyServers, so a slow release is the proxy's to report, not ours.
+  ? new ProxyClient({ identity, proxies: values.proxy, timeoutMs: Number(values["proxy-timeout"] ?? 20_000) })
+  : undefined;
 async function tokenCall(): Promise<void> {
   totals.tokenCalls += 1;
   try {
-    const response = await fetch(`${values.proxy}/request_api`, {
-      // Above the proxy's own timeout for the KeyServer, so a slow release is the proxy's to report, not ours.
-      method: "POST", headers: { "content-type": "application/json" }, tls: proxyTls, signal: AbortSignal.timeout(timeoutMs + 5000),
-      body: JSON.stringify({ ClientId: name, TokenType: "marketplace", ApiUri: values["api-uri"] }),
-    });
-    const text = await response.text();
-    if (response.status === 200) return void console.log("token ok");
+    const { status, body, proxy, attempts } = await proxies!.requestApi({ ClientId: name, TokenType: "marketplace", ApiUri: values["api-uri"]! });
+    if (status === 200) {
+      if (attempts > 1) totals.tokenFailedOver += 1;
+      return void console.log(`token ok ${proxy}${attempts > 1 ? " failover" : ""}`);
+    }
     totals.tokenFailed += 1;
-    console.log(`token fail ${response.status} ${text.slice(0, 200)}`);
+    console.log(`token fail ${status} ${JSON.stringify(body).slice(0, 200)}`);
   } catch (error) {
     totals.tokenFailed += 1;
     console.log(`token fail ${describeError(error).replace(/\n/g, " ")}`);
@@ -94,6 +99,7 @@ const loops = Array.from({ length: workers }, (_, worker) => {
   return paced(() => write(worker, i++));
 });
 // Token calls beside the writes, a quarter as often: each costs the KeyServer an RSA decryption.
-if (values.proxy && values["api-uri"]) loops.push(paced(tokenCall, intervalMs * 4));
+if (proxies && values["api-uri"]) loops.push(paced(tokenCall, intervalMs * 4));
 await Promise.all(loops);
+proxies?.close();
 console.log(`done ${JSON.stringify(totals)}`);

@@ -1,7 +1,10 @@
 // `bun harness multihost` as a function: the deployment, the fault plan (short or full), the table and the goal.
 import type { Cluster } from "../cluster.ts";
 import { startDeployment } from "./deployment.ts";
-import { cutServerLink, faultTable, goalMisses, isolateGaleraNode, killCoordinatorHost, killGaleraNode, killServerHost, runFault, type Fault, type FaultRow, type LoadShape } from "./faults.ts";
+import {
+  cutServerLink, faultTable, goalMisses, isolateGaleraNode, killCoordinatorHost, killGaleraNode, killKeyServerHost, killSecureProxyHost, killServerHost, rotateMasterKey, runFault,
+  type Fault, type FaultRow, type LoadShape,
+} from "./faults.ts";
 import { cleanupStaleNetworks } from "./netns.ts";
 
 /**
@@ -17,7 +20,10 @@ export interface MultihostPlan {
 
 /** One fault of each kind, a small load: a few minutes, for `bun test` and CI. */
 export const SHORT_PLAN: MultihostPlan = {
-  faults: [killServerHost("srv1"), cutServerLink("srv2"), killCoordinatorHost("coord1"), killGaleraNode("db1"), isolateGaleraNode("db1")],
+  faults: [
+    killServerHost("srv1"), cutServerLink("srv2"), killCoordinatorHost("coord1"), killGaleraNode("db1"), isolateGaleraNode("db1"),
+    killKeyServerHost("keys1"), killSecureProxyHost("proxy1"), rotateMasterKey("keys1"),
+  ],
   load: { workers: 2, intervalMs: 50, clientTimeoutMs: CLIENT_TIMEOUT_MS, acksBefore: 20, acksDuring: 40, acksAfter: 20 },
 };
 
@@ -29,6 +35,9 @@ export const FULL_PLAN: MultihostPlan = {
     killCoordinatorHost("coord1"), killCoordinatorHost("coord2"),
     killGaleraNode("db1"), killGaleraNode("db3"),
     isolateGaleraNode("db1"), isolateGaleraNode("db2"),
+    killKeyServerHost("keys1"), killKeyServerHost("keys2"),
+    killSecureProxyHost("proxy1"), killSecureProxyHost("proxy2"),
+    rotateMasterKey("keys1"), rotateMasterKey("keys2"),
   ],
   load: { workers: 4, intervalMs: 25, clientTimeoutMs: CLIENT_TIMEOUT_MS, acksBefore: 100, acksDuring: 200, acksAfter: 100 },
 };

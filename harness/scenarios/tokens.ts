@@ -45,6 +45,14 @@ export const tokens: Scenario = {
     summary.push(`client1 → KeyServer: ${direct.status} ${await direct.text()}`);
     expectThat(direct.status === 403, `expected 403 for client1 at the KeyServer, got ${direct.status}`);
 
+    step("token rotate-key without the KeyServer's --db (as the old docs printed it) is refused, naming both; nothing is lost (issue 23)");
+    const wrongStore = await cluster.run("keyserver-rotate-no-db", "keyserver", ["token", "rotate-key", "--data", stack.dataDir]);
+    summary.push(`token rotate-key without --db: exit ${wrongStore.exitCode}: ${wrongStore.lines.join(" ")}`);
+    expectThat(wrongStore.exitCode === 2 && /^keyserver: keyring .* belongs to token store .*, not to sqlite .* \(no such file\)/.test(wrongStore.lines[0] ?? ""),
+      `expected rotate-key without --db to be refused naming both stores, got exit ${wrongStore.exitCode}: ${wrongStore.lines.join(" | ")}`);
+    const still = await stack.requestApi(item);
+    expectThat(still.status === 200, `a release after the refused rotation: expected 200, got ${still.status} ${JSON.stringify(still.body)}`);
+
     step("token rotate-key twice while client1's calls keep going: none may fail");
     let released = 0;
     const failed: string[] = [];
@@ -72,7 +80,8 @@ export const tokens: Scenario = {
 
     step("no log holds the token");
     const marketplaceCalls = cluster.role("marketplace").lines.filter((l) => l.includes("GET /api/item"));
-    expectThat(marketplaceCalls.length === 1 + released, `the marketplace should have been called ${1 + released} times, saw ${marketplaceCalls.length}`);
+    // The first call, the one after the refused rotation, and those during the rotations.
+    expectThat(marketplaceCalls.length === 2 + released, `the marketplace should have been called ${2 + released} times, saw ${marketplaceCalls.length}`);
     const logDir = cluster.logDir;
     for (const file of readdirSync(logDir).filter((f) => f.endsWith(".log"))) {
       expectThat(!readFileSync(join(logDir, file), "utf8").includes(stack.token), `${file} contains the token`);

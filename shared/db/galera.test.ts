@@ -96,7 +96,7 @@ describe("the stores on a 3-node Galera cluster", () => {
           WHERE c.TABLE_SCHEMA = t.TABLE_SCHEMA AND c.TABLE_NAME = t.TABLE_NAME AND c.CONSTRAINT_TYPE = 'PRIMARY KEY') AS keyed
       FROM information_schema.TABLES t WHERE t.TABLE_SCHEMA = 'test' AND t.TABLE_NAME LIKE ? ORDER BY name`, [`${table}%`]);
     expect(tables.map((t) => ({ ...t, keyed: Number(t.keyed) }))).toEqual(
-      ["", "_generation", "_meta", "_senders", "_tokens", "_used_proofs"].map((suffix) => ({ name: `${table}${suffix}`, engine: "InnoDB", keyed: 1 })),
+      ["", "_generation", "_meta", "_senders", "_tokens", "_tokens_keyring", "_tokens_meta", "_used_proofs"].map((suffix) => ({ name: `${table}${suffix}`, engine: "InnoDB", keyed: 1 })),
     );
   });
 

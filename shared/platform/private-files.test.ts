@@ -3,7 +3,8 @@ import { afterEach, describe, expect, test } from "bun:test";
 import { chmodSync, cpSync, existsSync, mkdtempSync, readFileSync, rmSync, statSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { MasterKeyring } from "../token-path/keyring.ts";
+import { readKeyringFile } from "../token-path/keyring-file.ts";
+import { openVault } from "../token-path/vault-binding.ts";
 import { EcdhKeyPair, RsaKeyPair } from "../token-path/token-exchange.ts";
 import { testPki } from "../testing/pki.ts";
 import { loadFernetKeys, readPrivatePkiFile, REPO_ROOT } from "./config.ts";
@@ -24,6 +25,12 @@ function tempDir(): string {
 const modeOf = (path: string) => statSync(path).mode & 0o777;
 
 /** What happens to `fn`: "ok", or the one-line ConfigError it throws. */
+/** The KeyServer's keyring, made as its first start makes it (beside a sqlite token store). */
+async function makeKeyring(dataDir: string): Promise<void> {
+  const { vault } = await openVault({ db: join(dataDir, "tokens.db"), dataDir }, "serve");
+  await vault.store.close();
+}
+
 function outcome(fn: () => unknown): string {
   try {
     fn();
@@ -91,13 +98,13 @@ describe("a secret file group or others can read is refused, as OpenSSH refuses 
     const dir = tempDir();
     await RsaKeyPair.loadOrCreate(join(dir, "rsa_key.pem"));
     await EcdhKeyPair.loadOrCreate(join(dir, "ecdh_key.pem"));
-    MasterKeyring.open(join(dir, "master_keys.json"));
+    await makeKeyring(dir);
     for (const file of ["rsa_key.pem", "ecdh_key.pem", "master_keys.json"]) chmodSync(join(dir, file), 0o640);
     const refused = (file: string) => `${dir}/${file} is readable by group or others (mode 0640); run chmod 600 ${dir}/${file}`;
     expect({
       rsa: await RsaKeyPair.loadOrCreate(join(dir, "rsa_key.pem")).then(() => "ok", (error: Error) => error.message),
       ecdh: await EcdhKeyPair.loadOrCreate(join(dir, "ecdh_key.pem")).then(() => "ok", (error: Error) => error.message),
-      keyring: outcome(() => MasterKeyring.open(join(dir, "master_keys.json"))),
+      keyring: outcome(() => readKeyringFile(join(dir, "master_keys.json"))),
       stillLoose: modeOf(join(dir, "rsa_key.pem")),
     }).toEqual({ rsa: refused("rsa_key.pem"), ecdh: refused("ecdh_key.pem"), keyring: refused("master_keys.json"), stillLoose: 0o640 });
   });
@@ -133,7 +140,7 @@ describe("what a role creates is private", () => {
     try {
       await RsaKeyPair.loadOrCreate(join(data, "rsa_key.pem"));
       await EcdhKeyPair.loadOrCreate(join(data, "ecdh_key.pem"));
-      MasterKeyring.open(join(data, "master_keys.json"));
+      await makeKeyring(data);
     } finally {
       process.umask(before);
     }

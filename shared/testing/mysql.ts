@@ -10,6 +10,29 @@ export function uniqueTable(prefix: string): string {
   return `${prefix}_${process.pid}_${Math.random().toString(36).slice(2, 8)}`;
 }
 
+/**
+ * A database of its own on the test server, dropped when disposed: for a KeyServer's token store, whose keyring is
+ * bound to it (issue 23), so a shared `test.storage` left by another run is never found holding tokens of a lost keyring.
+ */
+export async function scratchDatabase(prefix = "securemesh_scratch"): Promise<{ url: string; name: string; on(hostPort: string): string } & AsyncDisposable> {
+  const name = `${prefix}_${process.pid}_${Math.random().toString(36).slice(2, 8)}`;
+  // Loaded here: the other helpers of this file are used where mysql2 is not (its import costs 13 MiB).
+  const { default: mysql } = await import("mysql2/promise");
+  const conn = await mysql.createConnection(TEST_MYSQL_URL);
+  await conn.query(`CREATE DATABASE ${name}`);
+  const url = new URL(TEST_MYSQL_URL);
+  url.pathname = `/${name}`;
+  return {
+    url: url.toString(), name,
+    /** The same database through another host:port (a relay in front of the server, say). */
+    on: (hostPort) => multiHostUrl(url.toString(), [hostPort]),
+    async [Symbol.asyncDispose]() {
+      await conn.query(`DROP DATABASE IF EXISTS ${name}`);
+      await conn.end();
+    },
+  };
+}
+
 /** The host:port of a single-host MySQL URL. */
 export function hostPortOf(url: string): { host: string; port: number } {
   const u = new URL(url);

@@ -11,6 +11,7 @@ import type { HttpsResponse } from "../platform/https-client.ts";
 import { describeNetworkError as reason, printable, type Logger } from "../ops/log.ts";
 import type { Metrics } from "../ops/metrics.ts";
 import type { Trace } from "../ops/trace.ts";
+import { FailoverOrder } from "./failover-order.ts";
 import type { ProxyHops } from "./proxy-hops.ts";
 import {
   ON_BEHALF_OF_HEADER, openJoseResponse, openLegacyResponse, prepareJoseRequest, prepareLegacyRequest, proxyResource,
@@ -56,13 +57,15 @@ export class KeyServerIdentityRefused extends MeshError {
 }
 
 export interface ProxyDeps {
-  keyserver: string;
+  /** KeyServer base URLs, tried in this order (failover-order.ts). */
+  keyservers: readonly string[];
   allow: Allowlist;
   format: "jose" | "legacy";
   /** The outbound hops; a reload swaps their TLS in place. */
   hops: ProxyHops;
   /** Decides proxy.use:CLIENTID/TOKENTYPE for the caller. */
   authz: Authorizer;
+  /** Per attempt at one KeyServer, and for the API call. */
   timeoutMs: number;
   logger: Logger;
   metrics?: Metrics;
@@ -88,14 +91,33 @@ function keyServerRefusal(response: HttpsResponse): MeshError {
   }
 }
 
-export function createProxyApp(deps: ProxyDeps) {
-  const { keyserver, timeoutMs, logger } = deps;
-  let publicKey: KeyObject | undefined;
+/**
+ * Whether another KeyServer is asked after this failure: it released nothing to us. A connection that failed (before
+ * or after the request went out), a KeyServer identity refused at the handshake, a 5xx answer, or a 400 (the
+ * request did not decrypt: its key changed) all leave the caller without a token; 403, 404 and 429 are the same at
+ * every KeyServer (one policy, one store, the caller's own quota) and are the caller's answer.
+ */
+function failsOver(error: unknown): boolean {
+  if (error instanceof KeyServerIdentityRefused || error instanceof Unavailable) return true;
+  return error instanceof MeshError && error.code === "ERR_KEYSERVER";
+}
 
-  /** A call to the KeyServer for the request `trace` belongs to, which it carries on (#14). */
-  const keyserverFetch = async (path: string, trace: Trace, init: { method?: string; headers?: Record<string, string>; body?: string } = {}) => {
+/** One KeyServer's public key, fetched once over mutual TLS and kept until a request made with it does not decrypt. */
+interface KeyServerState {
+  url: string;
+  publicKey?: KeyObject;
+}
+
+export function createProxyApp(deps: ProxyDeps) {
+  const { timeoutMs, logger } = deps;
+  const order = new FailoverOrder(deps.keyservers);
+  const states = new Map<string, KeyServerState>(order.urls.map((url) => [url, { url }]));
+  const failovers = deps.metrics?.counter("securemesh_keyserver_failovers_total", "Token requests made again at the next KeyServer after one failed, by reason.", ["reason"]);
+
+  /** A call to one KeyServer for the request `trace` belongs to, which it carries on (#14). */
+  const keyserverFetch = async (keyserver: string, path: string, trace: Trace, init: { method?: string; headers?: Record<string, string>; body?: string } = {}) => {
     try {
-      // Each request is a fresh nonce and session key: a request that may have reached the KeyServer is not re-sent.
+      // Each token request is a fresh nonce and session key, sealed to this KeyServer's own key: never sent again.
       return await deps.hops.keyserver.request(keyserver + path, {
         ...init, headers: { ...init.headers, ...trace.outbound }, timeoutMs, idempotent: (init.method ?? "GET") === "GET",
       });
@@ -105,28 +127,27 @@ export function createProxyApp(deps: ProxyDeps) {
         logger.error(refused.message);
         throw refused;
       }
-      throw new Unavailable(`KeyServer unavailable (${reason(error)})`);
+      throw new Unavailable(`KeyServer ${new URL(keyserver).host} unavailable (${reason(error)})`);
     }
   };
 
-  /** Fetched once over mutual TLS and kept; dropped when the KeyServer cannot open a request made with it. */
-  const keyserverPublicKey = async (trace: Trace): Promise<KeyObject> => {
-    if (publicKey) return publicKey;
-    const response = await keyserverFetch("/public_key", trace);
-    if (response.status !== 200) throw new Unavailable(`KeyServer public key unavailable (${response.status})`);
-    publicKey = createPublicKey((response.json() as { public_key: string }).public_key);
-    return publicKey;
+  const keyserverPublicKey = async (state: KeyServerState, trace: Trace): Promise<KeyObject> => {
+    if (state.publicKey) return state.publicKey;
+    const response = await keyserverFetch(state.url, "/public_key", trace);
+    if (response.status !== 200) throw new Unavailable(`KeyServer ${new URL(state.url).host} public key unavailable (${response.status})`);
+    state.publicKey = createPublicKey((response.json() as { public_key: string }).public_key);
+    return state.publicKey;
   };
 
-  /** Asks on behalf of `caller`, so the KeyServer checks that identity too and audits it (#11 H1). */
-  const fetchToken = async (clientId: string, tokenType: string, caller: string, trace: Trace): Promise<string> => {
-    const key = await keyserverPublicKey(trace);
+  /** Asks one KeyServer on behalf of `caller`, so it checks that identity too and audits it (#11 H1). */
+  const fetchFrom = async (state: KeyServerState, clientId: string, tokenType: string, caller: string, trace: Trace): Promise<string> => {
+    const key = await keyserverPublicKey(state, trace);
     const prepared = deps.format === "jose" ? await prepareJoseRequest(key, clientId, tokenType) : await prepareLegacyRequest(key, clientId, tokenType);
-    const response = await keyserverFetch("/", trace, {
+    const response = await keyserverFetch(state.url, "/", trace, {
       method: "POST", headers: { "content-type": prepared.contentType, [ON_BEHALF_OF_HEADER]: caller }, body: prepared.body,
     });
     if (response.status !== 200) {
-      if (response.status === 400) publicKey = undefined; // perhaps the KeyServer's key changed
+      if (response.status === 400) state.publicKey = undefined; // perhaps the KeyServer's key changed
       throw keyServerRefusal(response);
     }
     return deps.format === "jose"
@@ -134,8 +155,40 @@ export function createProxyApp(deps: ProxyDeps) {
       : openLegacyResponse((response.json() as { token: string }).token, prepared.sessionKey);
   };
 
+  /**
+   * The token from the first KeyServer that releases it (issue 23: no single KeyServer). After a failure the next one
+   * gets a new request, never the same body: each request is sealed to one KeyServer's own RSA key with a fresh nonce
+   * and session key, so a body that may have reached a KeyServer opens nowhere else, and at that KeyServer its nonce
+   * is in the replay window's memory. A release whose answer was lost gave the token to no one (it was under our
+   * session key), so asking the next KeyServer releases it once more, audited there.
+   */
+  const fetchToken = async (clientId: string, tokenType: string, caller: string, trace: Trace): Promise<string> => {
+    let last: unknown;
+    for (const url of order.order()) {
+      try {
+        const token = await fetchFrom(states.get(url)!, clientId, tokenType, caller, trace);
+        order.succeeded(url);
+        return token;
+      } catch (error) {
+        if (!failsOver(error)) throw error;
+        order.failed(url);
+        last = error;
+        const why = (error as MeshError).code === "ERR_KEYSERVER_IDENTITY" ? "identity" : (error as MeshError).code === "ERR_KEYSERVER" ? "answer" : "unavailable";
+        if (order.urls.length > 1) {
+          failovers?.inc({ reason: why });
+          logger.warn(`KeyServer ${new URL(url).host} failed (${(error as Error).message}) ${trace.field}=${trace.id}; a new request goes to the next`);
+        }
+      }
+    }
+    if (order.urls.length > 1 && last instanceof Unavailable) throw new Unavailable(`no KeyServer could release the token (last: ${last.message})`);
+    throw last;
+  };
+
   return createApp({ logger, metrics: deps.metrics })
-    .get("/health", () => ({ status: "ok", role: "secureproxy", keyserver, tokenTypes: [...deps.allow.keys()] }))
+    .get("/health", () => ({
+      status: "ok", role: "secureproxy", tokenTypes: [...deps.allow.keys()],
+      keyservers: order.urls.map((url) => ({ url, failedRecently: order.isHeld(url) })),
+    }))
     .post("/request_api", async ({ request, body }) => {
       // The verified certificate of this connection, bound by the listener; ClientId in the body is only a claim.
       const caller = peerIdentity(request);
