@@ -1,9 +1,8 @@
 // The KeyServer: releases API tokens, sealed at rest, to the callers the policy names, through a hybrid exchange.
 import { join } from "node:path";
 import { displayPath, exitWithConfigError, parseFlags, parsePort, parsePositive, pkiDir, policyPath, REPO_ROOT } from "../shared/platform/config.ts";
-import { flagVariable, refuseSecretOnArgv, type FlagSource } from "../shared/platform/config-file.ts";
+import { chooseFlag, flagVariable, readDbFile, refuseSecretOnArgv, type FlagSource } from "../shared/platform/config-file.ts";
 import { ConfigError } from "../shared/platform/errors.ts";
-import { readPrivateFile } from "../shared/platform/private-files.ts";
 import { describeError } from "../shared/ops/log.ts";
 import { createKeyserverApp, type LegacyReplay } from "../shared/token-path/keyserver-app.ts";
 import { keepKeyringFresh, runTokenCommand, type VaultConfig } from "../shared/token-path/keyserver-admin.ts";
@@ -82,8 +81,9 @@ export function parseKeyserverConfig(argv: string[]): KeyserverConfig {
   if (legacyReplay !== "require" && legacyReplay !== "allow") throw new ConfigError("--legacy-replay must be require or allow");
   const replayQuota = parsePositive(values["replay-quota"], "--replay-quota", 10_000);
   if (!Number.isInteger(replayQuota)) throw new ConfigError(`--replay-quota must be a whole number, not '${values["replay-quota"]}'`);
-  const [db, dbSource] = values.db !== undefined ? [values.db, sourceOf("db", sources.db)]
-    : values["db-file"] !== undefined ? [readPrivateFile(values["db-file"]).trim(), `${sourceOf("db-file", sources["db-file"])} (${values["db-file"]})`]
+  const dbFlag = chooseFlag("db", "db-file", sources);
+  const [db, dbSource] = dbFlag === "db" ? [values.db!, sourceOf("db", sources.db)]
+    : dbFlag === "db-file" ? [readDbFile(values["db-file"]!), `${sourceOf("db-file", sources["db-file"])} (${values["db-file"]})`]
     : process.env.KEYSERVER_DB ? [process.env.KEYSERVER_DB, "$KEYSERVER_DB"]
     : [join(dataDir, "tokens.db"), "the default: no --db, --db-file, --config or $SECUREMESH_DB"];
   return {

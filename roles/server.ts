@@ -1,13 +1,12 @@
 // A securemesh server: receives Fernet payloads with a sender proof over mutual TLS and commits them to the store.
 import { parseFlags, parsePort, parsePositive, pkiDir, policyPath, displayPath } from "../shared/platform/config.ts";
-import { refuseSecretOnArgv } from "../shared/platform/config-file.ts";
+import { chooseFlag, readDbFile, refuseSecretOnArgv } from "../shared/platform/config-file.ts";
 import { FernetKeys } from "../shared/request-path/fernet-reload.ts";
 import { CachedDataView } from "../shared/request-path/data-view.ts";
 import { ProofVerifier } from "../shared/request-path/proof.ts";
 import { createServerApp } from "../shared/request-path/server-app.ts";
 import { describeStoreUrl, openStore, storeFacts } from "../shared/request-path/store.ts";
 import { runRole, type ServingConfig } from "../shared/service/run-role.ts";
-import { readPrivateFile } from "../shared/platform/private-files.ts";
 
 export { createServerApp, senderIdempotencyKey, type ServerDeps } from "../shared/request-path/server-app.ts";
 
@@ -62,10 +61,11 @@ export function parseServerConfig(argv: string[]): ServerConfig {
   }, argv);
   refuseSecretOnArgv("db", values.db, sources.db);
   const dbFile = values["db-file"];
+  const dbFlag = chooseFlag("db", "db-file", sources);
   return {
     port: parsePort(positionals[0] ?? process.env.PORT, "PORT (first argument)"),
     host: values.host ?? "127.0.0.1",
-    db: values.db ?? (dbFile ? readPrivateFile(dbFile).trim() : process.env.DATABASE_URL),
+    db: dbFlag === "db" ? values.db : dbFlag === "db-file" ? readDbFile(dbFile!) : process.env.DATABASE_URL,
     pki: pkiDir(values.pki),
     policy: policyPath(values.policy),
     noCrl: values["no-crl"] ?? false,

@@ -2,7 +2,8 @@
 // SECUREMESH_<FLAG> variables, in the format of a systemd EnvironmentFile, so the unit and a hand-started role read the
 // same file. The command line wins over the file, the file over the environment.
 import { ConfigError } from "./errors.ts";
-import { readFileSync } from "node:fs";
+import { readFileSync, statSync } from "node:fs";
+import { openToOthers, readPrivateFile } from "./private-files.ts";
 
 /** The variable (and config-file key) for a flag: --cache-ttl → SECUREMESH_CACHE_TTL; the port is SECUREMESH_PORT. */
 export function flagVariable(flag: string): string {
@@ -36,7 +37,20 @@ export function readConfigFile(path: string): Map<string, string> {
   } catch (error) {
     throw new ConfigError(`cannot read --config ${path}: ${(error as NodeJS.ErrnoException).code ?? (error as Error).message}`);
   }
-  return parseConfigText(text, path);
+  const entries = parseConfigText(text, path);
+  // A file that holds a secret is a secret file: refused when group or others can read it, as --db-file is
+  // (issue 23; found by the docs pass: a 0644 config holding the database password was accepted).
+  const secret = [...entries].find(([name, value]) => holdsSecret(name, value));
+  if (secret) {
+    const open = openToOthers(path, statSync(path).mode);
+    if (open) throw new ConfigError(`--config ${path} holds a secret (${secret[0]}): ${open}`);
+  }
+  return entries;
+}
+
+/** Whether a config entry is a secret: a database URL with a password, or a name that says token, password or secret. */
+export function holdsSecret(name: string, value: string): boolean {
+  return /TOKEN|PASSWORD|PASSPHRASE|SECRET/.test(name) || /^mysql:\/\/[^/@]*:[^/@]*@/i.test(value);
 }
 
 /** Where a flag's value came from: a secret may not come from the command line, where `ps` shows it. */
@@ -51,5 +65,30 @@ export function refuseSecretOnArgv(flag: string, value: string | undefined, sour
   if (value === undefined || source !== "argv") return;
   if (/^mysql:\/\/[^/@]*:[^/@]*@/i.test(value)) {
     throw new ConfigError(`--${flag} holds a password, which every user of this host can read in ps: put the URL in --${flag}-file FILE (0600), in the --config file, or in $${flagVariable(flag)}`);
+  }
+}
+
+const PRECEDENCE: Record<FlagSource, number> = { argv: 3, file: 2, env: 1 };
+
+/**
+ * Of two flags that say the same thing (--db and --db-file), the one to use: the one from the higher source (the
+ * command line over the file over the environment), so `--db-file` given on the command line beats SECUREMESH_DB in
+ * the config file; null when neither is set. Both from one source is a ConfigError: which was meant is not ours to guess.
+ */
+export function chooseFlag<A extends string, B extends string>(a: A, b: B, sources: Partial<Record<string, FlagSource>>): A | B | null {
+  const [sa, sb] = [sources[a], sources[b]];
+  if (sa === undefined) return sb === undefined ? null : b;
+  if (sb === undefined) return a;
+  if (sa === sb) throw new ConfigError(`--${a} and --${b} both come from ${sa === "argv" ? "the command line" : sa === "file" ? "the --config file" : "the environment"}: give one of them`);
+  return PRECEDENCE[sa] > PRECEDENCE[sb] ? a : b;
+}
+
+/** --db-file: the URL in FILE (0600), or one line naming the flag and what is wrong. */
+export function readDbFile(path: string): string {
+  try {
+    return readPrivateFile(path).trim();
+  } catch (error) {
+    if (error instanceof ConfigError) throw error;
+    throw new ConfigError(`cannot read --db-file ${path}: ${(error as NodeJS.ErrnoException).code ?? (error as Error).message}`);
   }
 }
