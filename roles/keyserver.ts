@@ -27,8 +27,8 @@ SecureProxy), and the identity it asks for (header x-securemesh-on-behalf-of, el
 proxy.use:CLIENTID/TOKENTYPE. Tokens are sealed at rest with AES-256-GCM under versioned master keys, kept in the
 token store wrapped under the keyring key of master_keys.json (in --data, 0600), which is bound to that store: every
 KeyServer on the store needs the same keyring ('token keyring export' / 'import'), and a keyring and a store that do
-not belong together are refused. Run the token commands with the KeyServer's own configuration (the same --config
-FILE, or its --db and --data): they say which store and keyring they act on. The running KeyServer picks up
+not belong together are refused. Run the token commands with the KeyServer's own configuration (the same config
+file, or its --db and --data): they say which store and keyring they act on. The running KeyServer picks up
 'token rotate-key', the policy, the CRL and its certificate without a restart.
 
 Options:
