@@ -188,6 +188,21 @@ describe("per-identity connection caps (issue 18, L2)", () => {
     expect(admitted).toBe(true);
   });
 
+  test("a request left in the app's hands keeps its place under the cap after the client closes (issue 18, F3)", async () => {
+    const listener = await gate({ connectionLimit: (id) => (id.endsWith("/client2") ? 2 : 100) });
+    const client2 = loadIdentity(pki, "client2");
+    // Half a POST body, then gone: the app still waits for the rest, so the request is not over.
+    for (let i = 0; i < 2; i++) {
+      const socket = await connect(listener.port, client2);
+      socket.write("POST /echo HTTP/1.1\r\nHost: localhost\r\ncontent-type: text/plain\r\ncontent-length: 100\r\n\r\nonly ten b");
+      socket.end(); // a FIN after the bytes: they reach the gate first
+    }
+    // Before, each close gave the place back at once and a third (and a sixtieth) request was taken on.
+    const third = await connect(listener.port, client2);
+    expect((await exchange(third, GET("/health"))).status).toBe(429);
+    expect(await reachable(listener.port, loadIdentity(pki, "client1"))).toBe(true);
+  });
+
   test("bare TCP connections flooding from one address push out each other, not a client that completes its handshake", async () => {
     const listener = await gate();
     const flood: net.Socket[] = [];

@@ -37,8 +37,14 @@ interface Relay {
   endOuter: boolean;
   /** Bytes went to the app and no answer came back yet: a request may be in the app's hands. */
   awaitingAnswer: boolean;
-  /** The client's side is gone: its place is released, and what the app answers goes nowhere. */
+  /** The client's side is gone: what the app answers goes nowhere. */
   outerGone: boolean;
+  /**
+   * Its identity's place under the connection cap is given back: when both sides are done, not when the client
+   * leaves a request in the app's hands, or closing right after each request would hold unbounded work (issue 18
+   * attacker, F3: 60 half-sent POSTs left 122 sockets while new connections were admitted).
+   */
+  placeReleased: boolean;
   /** Both sides are done with, or were cut off. */
   closed: boolean;
   /** Refused with a reason the client can act on: answered once with it (429, 403), never relayed. */
@@ -135,19 +141,26 @@ export async function serveThroughGate(app: ServableApp, options: GateOptions): 
   });
   app.server = inner;
 
-  /** The client's side is over: its place is free at once, and nothing more is read from it. */
-  const leaveOuter = (relay: Relay) => {
+  const releasePlace = (relay: Relay) => {
+    if (relay.placeReleased) return;
+    relay.placeReleased = true;
+    if (relay.peer) admission.released(relay.peer);
+  };
+
+  /** The client's side is over: nothing more is read from it; its place is free unless a request is still served. */
+  const leaveOuter = (relay: Relay, keepPlace = false) => {
     if (relay.outerGone) return;
     relay.outerGone = true;
     relays.delete(relay);
     clearTimeout(relay.handshakeTimer);
     relay.leaveHandshake();
-    if (relay.peer) admission.released(relay.peer);
+    if (!keepPlace) releasePlace(relay);
   };
 
   /** Cuts both sides now: a refusal, a side over its bound, or the listener stopping. */
   const close = (relay: Relay) => {
     leaveOuter(relay);
+    releasePlace(relay);
     if (relay.closed) return;
     relay.closed = true;
     relay.inner?.end();
@@ -163,9 +176,9 @@ export async function serveThroughGate(app: ServableApp, options: GateOptions): 
    * request after its peer was forgotten.
    */
   const clientClosed = (relay: Relay) => {
-    leaveOuter(relay);
+    const pending = !relay.closed && relay.peer !== null && (relay.awaitingAnswer || relay.toInner.length > 0);
+    leaveOuter(relay, pending);
     if (relay.closed) return;
-    const pending = relay.awaitingAnswer || relay.toInner.length > 0;
     if (!relay.peer || !pending) return close(relay);
     setTimeout(() => close(relay), ANSWER_BOUND_MS).unref?.();
   };
@@ -220,7 +233,7 @@ export async function serveThroughGate(app: ServableApp, options: GateOptions): 
             const address = plainAddress(outer.remoteAddress);
             const relay: Relay = {
               outer, inner: null, peer: null, address, toInner: [], toOuter: [], pendingBytes: 0,
-              leaveHandshake: () => {}, handshakeTimer: undefined, endOuter: false, awaitingAnswer: false, outerGone: false, closed: false, refused: null,
+              leaveHandshake: () => {}, handshakeTimer: undefined, endOuter: false, awaitingAnswer: false, outerGone: false, placeReleased: false, closed: false, refused: null,
             };
             outer.data = relay;
             relays.add(relay);
