@@ -9,6 +9,7 @@ import { printable, type Logger } from "../ops/log.ts";
 import { Metrics } from "../ops/metrics.ts";
 import type { CachedDataView } from "./data-view.ts";
 import type { Fernet } from "./fernet.ts";
+import type { RewrapStatus } from "./fernet-rewrap.ts";
 import { payloadDigest, PROOF_HEADER, type ProofVerifier } from "./proof.ts";
 import type { RecordStore } from "./store.ts";
 
@@ -25,6 +26,8 @@ export interface ServerDeps {
   metrics?: Metrics;
   /** The Fernet keys in force by fingerprint, the primary first, for /health: which hosts loaded a rotation step. */
   fernetKeys?: () => readonly string[];
+  /** Re-encryption after a rotation, for /health: records still under old keys, keys kept for them (fernet-rewrap.ts). */
+  fernetRewrap?: () => RewrapStatus;
 }
 
 const IDEMPOTENCY_KEY = /^[A-Za-z0-9_.:-]{1,128}$/;
@@ -56,7 +59,7 @@ export function createServerApp(deps: ServerDeps) {
       try {
         await store.ping();
         // Plain reads only: on Galera a causal read waits out a lost node's eviction, and every probe would time out at once.
-        return { status: "ok", role: "server", server: deps.port(), store: store.kind, cache: await view.stats({ causal: false }), fernet_keys: deps.fernetKeys?.() };
+        return { status: "ok", role: "server", server: deps.port(), store: store.kind, cache: await view.stats({ causal: false }), fernet_keys: deps.fernetKeys?.(), fernet_rewrap: deps.fernetRewrap?.() };
       } catch {
         set.status = 503;
         return { status: "degraded", role: "server", server: deps.port(), store: store.kind, error: "record store unavailable" };
