@@ -6,7 +6,8 @@
 // records in the background and moves each one under an old key to the primary:
 //
 //   count          a walk over the records, MAC checks only, tallying records by key. Nothing old: done, until the
-//                  next walk REWRAP_REST_MS later, which only looks at records written since.
+//                  next walk REWRAP_REST_MS later, which only looks at records written since. A server with no old
+//                  key counts once at start, and so reports records under no key it holds (a key lost in a restart).
 //   re-encrypt     a walk over the ids where the count found old records: each is rotated (same message, same
 //                  timestamp, the primary's key) and written back by compare-and-set (RecordStore.replaceTokens), so
 //                  several servers on one database may do this at once: the first write wins, the others match no row.
@@ -38,8 +39,9 @@ export type RewrapState = "idle" | "counting" | "re-encrypting" | "watching" | "
 /** /health's `fernet_rewrap`. */
 export interface RewrapStatus {
   /**
-   * idle: no old key held, nothing to do. counting, re-encrypting: a walk is under way. watching: old keys held, no
-   * record under them at the last walk; newer records are checked every REWRAP_REST_MS. paused: the store failed.
+   * idle: no old key held, nothing to do (after one count at start). counting, re-encrypting: a walk is under way.
+   * watching: old keys held, no record under them at the last walk; newer records are checked every REWRAP_REST_MS.
+   * paused: the store failed.
    */
   state: RewrapState;
   /** Records under an old key, from the last count less those moved since; null until a count after a key change. */
@@ -115,6 +117,8 @@ export class FernetRewrap {
   #tick: Promise<void> | null = null;
   #stopped = true;
   #failing = false;
+  /** The one count a server makes at start, old keys or not, is done. */
+  #countedAtStart = false;
 
   constructor(options: RewrapOptions) {
     this.#store = options.store;
@@ -222,13 +226,15 @@ export class FernetRewrap {
   #begin(): number {
     const full = this.#restart || this.#counts === null;
     this.#restart = false;
-    if (this.#keys.rewrappable.size === 0) {
+    if (this.#keys.rewrappable.size === 0 && this.#countedAtStart) {
       // Nothing old: no walk. A count made now would go stale unseen, so the next key to leave the file is kept until counted.
       this.#walk = null;
       this.#counts = null;
       this.#state = "idle";
       return this.#restMs;
     }
+    // With old keys, a walk; without, one count at start all the same: a server restarted after its file lost a key
+    // that records still need says how many it cannot read, rather than nothing.
     const cursor = full ? 0 : Math.max(0, this.#seen - REWRAP_OVERLAP_IDS);
     this.#walk = {
       phase: "counting", full, cursor, newerThan: full ? 0 : this.#seen, counts: new Map(), unreadable: 0,
@@ -280,7 +286,8 @@ export class FernetRewrap {
     const found = [...old].map((key) => [key, this.#counts!.get(key) ?? 0] as const).filter(([, n]) => n > 0);
     if (found.length === 0) {
       this.#walk = null;
-      this.#state = "watching";
+      this.#countedAtStart = true;
+      this.#state = old.size === 0 ? "idle" : "watching";
       this.#releaseUnused();
       return;
     }
