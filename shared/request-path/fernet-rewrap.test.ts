@@ -153,6 +153,8 @@ describe.each(["sqlite", "mysql"] as const)("FernetRewrap on %s", (kind) => {
     // Slow enough that the retire lands mid-walk: 40 pages of 50, each 20 ms apart at least.
     const rewrap = startRewrap(store!, keys, logger, { batch: 50, intervalMs: 20 });
     await waitFor("the walk to be moving records", () => rewrap.status().state === "re-encrypting" && rewrap.status().rewrapped > 0);
+    // A client slow to take up the promote writes under OLD after the count: this walk does not cover it, the next must.
+    await seed(store!, OLD, 1, 1_900_000_000, "late");
 
     putKeyFile(dir, `${NEW}  # primary\n`);
     keys.reload(logger);
@@ -164,18 +166,18 @@ describe.each(["sqlite", "mysql"] as const)("FernetRewrap on %s", (kind) => {
     expect(rewrap.status().pending!).toBeGreaterThan(0);
     // Meanwhile a record still under OLD reads (the view), and a request under OLD is refused.
     const stillOld = (await allTokens(store!)).findLast((r) => opens(OLD, r.token));
-    expect(keys.records.decryptText(stillOld!.token)).toStartWith("old ");
+    expect(keys.records.decryptText(stillOld!.token)).toMatch(/^(old|late) \d+$/);
     expect(() => keys.fernet.decrypt(new Fernet(OLD).encrypt("new request"))).toThrow("invalid or expired token");
 
     const dropped = await waitFor("OLD to be dropped", () => lines.find((l) => l.startsWith(`Fernet key ${fpOld} dropped`)), 30_000);
     // Dropped only once no record uses it: the store holds none under OLD, and every one reads under NEW alone.
     const after = await allTokens(store!);
-    expect({ underOld: after.filter((r) => opens(OLD, r.token)).length, underNew: after.filter((r) => opens(NEW, r.token)).length }).toEqual({ underOld: 0, underNew: 2000 });
-    expect(dropped).toBe(`Fernet key ${fpOld} dropped: no stored record uses it any more (2000 records moved off it by this server, to ${fpNew}); 1 key, primary ${fpNew}`);
+    expect({ underOld: after.filter((r) => opens(OLD, r.token)).length, underNew: after.filter((r) => opens(NEW, r.token)).length }).toEqual({ underOld: 0, underNew: 2001 });
+    expect(dropped).toBe(`Fernet key ${fpOld} dropped: no stored record uses it any more (2001 records moved off it by this server, to ${fpNew}); 1 key, primary ${fpNew}`);
     expect(lines.indexOf(dropped)).toBeGreaterThan(lines.findIndex((l) => l.startsWith("Fernet re-encryption: moved")));
     expect(keys.kept).toEqual([]);
     await waitFor("the server to go idle: no old key left", () => rewrap.status().state === "idle");
-    expect(rewrap.status()).toMatchObject({ pending: 0, kept: [], rewrapped: 2000 });
+    expect(rewrap.status()).toMatchObject({ pending: 0, kept: [], rewrapped: 2001 });
   });
 
   test("a record under a key no server holds is counted unreadable with one error line; the added key waiting for promote is left alone", async () => {

@@ -82,6 +82,8 @@ interface Walk {
   left: Map<string, number>;
   started: number;
   moved: number;
+  /** Walks are numbered as they begin: a kept key is released only by a count begun after it was kept. */
+  serial: number;
 }
 
 const add = (map: Map<string, number>, key: string, n = 1) => map.set(key, (map.get(key) ?? 0) + n);
@@ -119,6 +121,9 @@ export class FernetRewrap {
   #failing = false;
   /** The one count a server makes at start, old keys or not, is done. */
   #countedAtStart = false;
+  #walks = 0;
+  /** For each kept key, the first walk that began after it was kept: only such a walk's count may release it. */
+  readonly #keptBefore = new Map<string, number>();
 
   constructor(options: RewrapOptions) {
     this.#store = options.store;
@@ -186,6 +191,8 @@ export class FernetRewrap {
     const old = this.#keys.rewrappable;
     if (primary !== this.#primary) this.#counts = null;
     if (primary !== this.#primary || [...old].some((key) => !this.#old.has(key))) this.#restart = true;
+    for (const key of this.#keys.kept) if (!this.#keptBefore.has(key)) this.#keptBefore.set(key, this.#walks + 1);
+    for (const key of this.#keptBefore.keys()) if (!this.#keys.kept.includes(key)) this.#keptBefore.delete(key);
     this.#primary = primary;
     this.#old = old;
     if (this.#restart && !this.#stopped && !this.#tick) this.#schedule(0);
@@ -238,7 +245,7 @@ export class FernetRewrap {
     const cursor = full ? 0 : Math.max(0, this.#seen - REWRAP_OVERLAP_IDS);
     this.#walk = {
       phase: "counting", full, cursor, newerThan: full ? 0 : this.#seen, counts: new Map(), unreadable: 0,
-      firstOld: Infinity, lastOld: 0, left: new Map(), started: performance.now(), moved: 0,
+      firstOld: Infinity, lastOld: 0, left: new Map(), started: performance.now(), moved: 0, serial: ++this.#walks,
     };
     this.#state = "counting";
     return 0;
@@ -288,9 +295,10 @@ export class FernetRewrap {
       this.#walk = null;
       this.#countedAtStart = true;
       this.#state = old.size === 0 ? "idle" : "watching";
-      this.#releaseUnused();
+      this.#releaseUnused(walk.serial);
       return;
     }
+    this.#releaseUnused(walk.serial);
     this.#logger.info(
       `Fernet re-encryption: ${found.map(([key, n]) => `${n} record${n === 1 ? "" : "s"} under ${key}`).join(", ")}; ` +
         `moving them to the primary ${this.#keys.fingerprints[0]} (${this.#batch} a page, every ${this.#intervalMs} ms)`,
@@ -335,7 +343,8 @@ export class FernetRewrap {
     if (this.#restart) return 0;
     if (rows.length === this.#batch && walk.cursor < walk.lastOld) return this.#intervalMs;
     this.#finishRewrap(walk);
-    return this.#counts && [...this.#keys.rewrappable].some((key) => (this.#counts!.get(key) ?? 0) > 0) ? this.#intervalMs : this.#restMs;
+    // The next walk at once: it counts what came in meanwhile, and releases kept keys none is under.
+    return this.#intervalMs;
   }
 
   #moved(from: string, walk: Walk): void {
@@ -358,15 +367,19 @@ export class FernetRewrap {
       this.#state = "counting";
       return;
     }
+    // No release here: a record written under a kept key while it was still in the file, after the count this walk
+    // began with, is in no count yet. The next walk, at once, counts the newer records, and releases a key none is under.
     this.#state = "watching";
-    this.#releaseUnused();
   }
 
-  /** Drops every kept key no record uses any more (counts known and at zero). */
-  #releaseUnused(): void {
+  /**
+   * Drops every kept key the count of walk `serial` found no record under, if that walk began after it was kept: a
+   * kept key opens no new request, so none can be under it after such a count.
+   */
+  #releaseUnused(serial: number): void {
     if (this.#counts === null) return;
     for (const key of this.#keys.kept) {
-      if ((this.#counts.get(key) ?? 0) > 0) continue;
+      if ((this.#counts.get(key) ?? 0) > 0 || serial < (this.#keptBefore.get(key) ?? Infinity)) continue;
       const moved = this.#movedFrom.get(key) ?? 0;
       this.#movedFrom.delete(key);
       this.#keys.release(key, this.#logger, `${moved} record${moved === 1 ? "" : "s"} moved off it by this server, to ${this.#keys.fingerprints[0]}`);
