@@ -294,8 +294,8 @@ export class FernetRewrap {
     if (found.length === 0) {
       this.#walk = null;
       this.#countedAtStart = true;
-      this.#state = old.size === 0 ? "idle" : "watching";
       this.#releaseUnused(walk.serial);
+      this.#state = this.#keys.rewrappable.size === 0 ? "idle" : "watching";
       return;
     }
     this.#releaseUnused(walk.serial);
