@@ -247,7 +247,8 @@ export class FernetRewrap {
       phase: "counting", full, cursor, newerThan: full ? 0 : this.#seen, counts: new Map(), unreadable: 0,
       firstOld: Infinity, lastOld: 0, left: new Map(), started: performance.now(), moved: 0, serial: ++this.#walks,
     };
-    this.#state = "counting";
+    // A look at the newer records, every REWRAP_REST_MS, is what watching is.
+    this.#state = full ? "counting" : "watching";
     return 0;
   }
 
