@@ -64,8 +64,8 @@ for (const runtime of ["bun", "deno"] as const) {
       const server = await cluster.startServer("server", 0, ["--db", db]);
       const serverLines = () => cluster.role("server").lines;
       const health = async () => (await cluster.health(server))?.body.fernet_rewrap as Record<string, unknown> | undefined;
-      await waitFor("the server's count at start", async () => (await health())?.unreadable === 0);
-      expect(await health()).toEqual({ state: "idle", pending: 0, by_key: {}, rewrapped: 0, unreadable: 0, kept: [] });
+      // With one key there is nothing to move: pending 0 from the start, while a slow census counts what it cannot read.
+      expect(await health()).toEqual({ state: "counting", pending: 0, by_key: {}, rewrapped: 0, unreadable: null, kept: [] });
 
       // Clients that follow the key file, as applications do, talking to the server directly over the coordinator's
       // certificate (the identity it lets forward). Their reload lines are kept.

@@ -2,7 +2,7 @@
 // their timestamps, two servers on one database share the work by compare-and-set, a key retired while records still
 // use it is kept until they are moved, and /health's numbers say where it stands.
 import { afterAll, afterEach, describe, expect, setDefaultTimeout, test } from "bun:test";
-import { randomUUID } from "node:crypto";
+import { createDecipheriv, createHmac, randomUUID } from "node:crypto";
 import { chmodSync, mkdtempSync, renameSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
@@ -79,6 +79,21 @@ async function allTokens(store: RecordStore): Promise<{ id: number; token: strin
   const out: { id: number; token: string }[] = [];
   for (let page = await store.tokensAfter(0, 5000); page.length > 0; page = await store.tokensAfter(page.at(-1)!.id, 5000)) out.push(...page);
   return out;
+}
+
+/** A token whose MAC checks under `key` but whose one block does not decrypt to valid padding. */
+function brokenToken(key: string): string {
+  const raw = Buffer.from(key, "base64url");
+  const [signing, encryption] = [raw.subarray(0, 16), raw.subarray(16)];
+  for (let seed = 0; ; seed++) {
+    const body = Buffer.concat([Buffer.from([0x80]), Buffer.alloc(8), Buffer.alloc(16, seed), Buffer.alloc(16, 0xab)]);
+    const decipher = createDecipheriv("aes-128-cbc", encryption, body.subarray(9, 25));
+    decipher.setAutoPadding(false);
+    const last = Buffer.concat([decipher.update(body.subarray(25)), decipher.final()]).at(-1)!;
+    if (last >= 1 && last <= 16) continue; // this IV happens to make valid-looking padding: try another
+    const token = Buffer.concat([body, createHmac("sha256", signing).update(body).digest()]);
+    return token.toString("base64url") + "=".repeat((3 - (token.length % 3)) % 3);
+  }
 }
 
 const stampOf = (token: string) => Number(Buffer.from(token, "base64url").readBigUInt64BE(1));
@@ -186,17 +201,29 @@ describe.each(["sqlite", "mysql"] as const)("FernetRewrap on %s", (kind) => {
     await seed(store!, OLD, 10, 1_700_000_000, "old");
     await seed(store!, foreign, 2, 1_700_000_000, "foreign");
     await seed(store!, added, 3, 1_700_000_000, "added early");
+    // A broken token: its MAC checks under OLD, its message does not decrypt (bad padding). Counted unreadable, and
+    // tried once: it does not keep the walks going.
+    const broken = brokenToken(OLD);
+    expect({ signedByOld: new Fernet(OLD).keyIndex(broken) }).toEqual({ signedByOld: 0 });
+    expect(() => new Fernet(OLD).rotate(broken)).toThrow("invalid or expired token");
+    await store!.insert({ sender: "client1", token: broken, jti: randomUUID(), digest: payloadDigest(broken), server: 0 });
     const before = await allTokens(store!);
     const keys = FernetKeys.open(keyFolder(`${NEW}  # primary\n${added}  # decrypt-only, added 2026-01-02T00:00:00Z\n${OLD}  # decrypt-only, encrypted until 2026-01-01T00:01:00Z\n`));
     const { logger, lines } = capturingLogger();
     const rewrap = startRewrap(store!, keys, logger);
-    await waitFor("the walk to finish", () => rewrap.status().state === "watching");
-    expect(rewrap.status()).toEqual({ state: "watching", pending: 0, by_key: { [fpOld]: 0 }, rewrapped: 10, unreadable: 2, kept: [] });
+    await waitFor("the walk to finish", () => rewrap.status().state === "watching" && rewrap.status().pending === 0);
+    expect(rewrap.status()).toEqual({ state: "watching", pending: 0, by_key: { [fpOld]: 0 }, rewrapped: 10, unreadable: 3, kept: [] });
     expect(lines.filter((l) => l.includes("under no Fernet key"))).toEqual([
       `2 stored records are under no Fernet key this server holds: they read as unreadable until their key is back in ${keys.path} (as a decrypt-only line), when they are re-encrypted`,
+      `3 stored records are under no Fernet key this server holds: they read as unreadable until their key is back in ${keys.path} (as a decrypt-only line), when they are re-encrypted`,
     ]);
+    // Walks go on watching the newer records, and never try the broken one again.
+    const walked = lines.filter((l) => l.startsWith("Fernet re-encryption: moved")).length;
+    await seed(store!, OLD, 1, 1_900_000_000, "late");
+    await waitFor("the late record to be moved", () => rewrap.status().rewrapped === 11);
+    expect({ moves: lines.filter((l) => l.startsWith("Fernet re-encryption: moved")).length - walked, unreadable: rewrap.status().unreadable }).toEqual({ moves: 1, unreadable: 3 });
     const after = await allTokens(store!);
-    expect(after.slice(10).map((r) => r.token)).toEqual(before.slice(10).map((r) => r.token));
+    expect(after.slice(10, before.length).map((r) => r.token)).toEqual(before.slice(10).map((r) => r.token));
   });
 
   test("with only a primary (or an added key besides): one count at start, for records under no key held; then nothing is read", async () => {

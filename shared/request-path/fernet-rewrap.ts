@@ -7,7 +7,8 @@
 //
 //   count          a walk over the records, MAC checks only, tallying records by key. Nothing old: done, until the
 //                  next walk REWRAP_REST_MS later, which only looks at records written since. A server with no old
-//                  key counts once at start, and so reports records under no key it holds (a key lost in a restart).
+//                  key counts once at start, a page every REWRAP_REST_MS, and so reports records under no key it
+//                  holds (a key kept in memory, lost in a restart).
 //   re-encrypt     a walk over the ids where the count found old records: each is rotated (same message, same
 //                  timestamp, the primary's key) and written back by compare-and-set (RecordStore.replaceTokens), so
 //                  several servers on one database may do this at once: the first write wins, the others match no row.
@@ -114,7 +115,8 @@ export class FernetRewrap {
   #rewrapped = 0;
   /** Records this server moved off each key, for the line that drops a kept one. */
   readonly #movedFrom = new Map<string, number>();
-  #state: RewrapState = "idle";
+  /** A server begins with a count (start()). */
+  #state: RewrapState = "counting";
   #timer: ReturnType<typeof setTimeout> | null = null;
   #tick: Promise<void> | null = null;
   #stopped = true;
@@ -124,6 +126,11 @@ export class FernetRewrap {
   #walks = 0;
   /** For each kept key, the first walk that began after it was kept: only such a walk's count may release it. */
   readonly #keptBefore = new Map<string, number>();
+  /**
+   * Records whose MAC checks under a key held but whose message does not decrypt (a broken token): counted as
+   * unreadable, never moved again. A client made with Fernet never sends one; kept so that one cannot keep a walk going.
+   */
+  readonly #broken = new Set<number>();
 
   constructor(options: RewrapOptions) {
     this.#store = options.store;
@@ -233,6 +240,8 @@ export class FernetRewrap {
   #begin(): number {
     const full = this.#restart || this.#counts === null;
     this.#restart = false;
+    // A walk dropped mid re-encryption: what it saw left under old keys goes back into the counts.
+    if (this.#walk && this.#counts) for (const [key, n] of this.#walk.left) add(this.#counts, key, n);
     if (this.#keys.rewrappable.size === 0 && this.#countedAtStart) {
       // Nothing old: no walk. A count made now would go stale unseen, so the next key to leave the file is kept until counted.
       this.#walk = null;
@@ -264,6 +273,11 @@ export class FernetRewrap {
     if (this.#restart) return 0;
     const old = this.#keys.rewrappable;
     for (const { id, token } of rows) {
+      walk.cursor = id;
+      if (this.#broken.has(id)) {
+        if (id > walk.newerThan) walk.unreadable += 1;
+        continue;
+      }
       const { key, old: isOld } = this.#classify(token, old);
       // Below newerThan (the overlap): counted before, unless under an old key, which the last walk left at none.
       if (id > walk.newerThan || isOld) {
@@ -274,9 +288,10 @@ export class FernetRewrap {
         walk.firstOld = Math.min(walk.firstOld, id);
         walk.lastOld = Math.max(walk.lastOld, id);
       }
-      walk.cursor = id;
     }
-    if (rows.length === this.#batch) return this.#intervalMs;
+    // The count at start with no old key is a census with nothing to move: one page each REWRAP_REST_MS, a tenth of
+    // the pace, so a server that has just started on a big store reads it slowly (1M records: about half an hour).
+    if (rows.length === this.#batch) return old.size === 0 ? this.#restMs : this.#intervalMs;
     this.#finishCount(walk, old);
     return walk.phase === "counting" ? this.#restMs : this.#intervalMs;
   }
@@ -318,6 +333,7 @@ export class FernetRewrap {
     const changes: (TokenChange & { from: string })[] = [];
     for (const { id, token } of rows) {
       walk.cursor = id;
+      if (this.#broken.has(id)) continue;
       const { key, old: isOld } = this.#classify(token, old);
       if (!isOld) continue;
       // Out of the count's estimate; back into `left` below unless it moves.
@@ -326,6 +342,7 @@ export class FernetRewrap {
         changes.push({ id, previous: token, next: this.#keys.records.rotate(token), from: key! });
       } catch {
         // A MAC that checks over a message that does not decrypt: no key opens it, and none ever will.
+        this.#broken.add(id);
         this.#unreadable = (this.#unreadable ?? 0) + 1;
       }
     }
