@@ -18,6 +18,10 @@
 #   ./pki.sh revoke --serial HEX     revoke one certificate by serial (as list shows it; any case, colons allowed)
 #   ./pki.sh crl                     re-sign crl.pem with the next CRL number and a fresh nextUpdate: run it on
 #                                    the CA host well before nextUpdate (cron, daily), then copy crl.pem to every host
+#   ./pki.sh fernet add|promote|retire|status [--ttl S] [--key FP] [--force]
+#                                    rotate encryption_key.txt in three steps (shared/request-path/fernet-keys.ts;
+#                                    ./pki.sh fernet --help says more); servers re-encrypt stored records to the new
+#                                    key and keep a retired one until none is under it (/health fernet_rewrap)
 #   --rsa                            RSA-2048 keys instead of ECDSA P-256
 #   --new-ca                         make a CA where one is expected but missing (see below)
 #   --force --new-ca                 regenerate everything: a new CA, new identities, a new encryption_key.txt
@@ -39,6 +43,9 @@
 # addresses it serves on, checked by every peer that connects to it; without it a serving identity gets
 # DNS:localhost,IP:127.0.0.1,IP:::1 and a client DNS:NAME. Output goes to $PKI_DIR, or certs/ beside this script.
 set -euo pipefail
+# Everything this script creates is private until it says otherwise (chmod 644 for certificates and the CRL): a key
+# or encryption_key.txt is never readable by others, not even between its creation and a chmod.
+umask 077
 
 usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; }
 
@@ -46,6 +53,14 @@ command -v openssl >/dev/null 2>&1 || { echo "pki.sh: openssl not found; install
 
 here=$(cd "$(dirname "$0")" && pwd)
 dir=${PKI_DIR:-$here/certs}
+
+# ./pki.sh fernet add|promote|retire|status [--ttl S] [--key FP] [--force]
+if [ "${1:-}" = fernet ]; then
+  shift
+  bun=$here/node_modules/.bin/bun
+  [ -x "$bun" ] || bun=$(command -v bun) || { echo "pki.sh: bun not found; run npm ci" >&2; exit 1; }
+  exec "$bun" "$here/shared/request-path/fernet-keys.ts" "$@" --pki "$dir"
+fi
 crl_days=${CRL_DAYS:-30}
 [[ "$crl_days" =~ ^[1-9][0-9]{0,4}$ ]] || { echo "pki.sh: CRL_DAYS must be a whole number of days from 1 to 99999, not '$crl_days'" >&2; exit 2; }
 force=0
@@ -197,8 +212,6 @@ if [ "${#san_items[@]}" -gt 0 ]; then
   [ "$action" = issue ] || { echo "pki.sh: --san goes with 'issue NAME' (see ./pki.sh --help)" >&2; exit 2; }
   host_sans=$(IFS=,; echo "${san_items[*]}")
 fi
-
-umask 077
 
 new_key() { # path
   if [ "$key_type" = rsa ]; then

@@ -3,6 +3,7 @@ import { parseFlags, parsePort, parsePositive, pkiDir, policyPath, displayPath }
 import { chooseFlag, readDbFile, refuseSecretOnArgv } from "../shared/platform/config-file.ts";
 import { FernetKeys } from "../shared/request-path/fernet-reload.ts";
 import { CachedDataView } from "../shared/request-path/data-view.ts";
+import { FernetRewrap } from "../shared/request-path/fernet-rewrap.ts";
 import { ProofVerifier } from "../shared/request-path/proof.ts";
 import { createServerApp } from "../shared/request-path/server-app.ts";
 import { describeStoreUrl, openStore, storeFacts } from "../shared/request-path/store.ts";
@@ -35,7 +36,9 @@ Options:
   -h, --help         show this help
 
 The Fernet keys come from encryption_key.txt in --pki and reload within a second of a change and on SIGHUP
-(rotate them with shared/request-path/fernet-keys.ts add, promote, retire); from $FERNET_KEY they do not reload.
+(rotate them with ./pki.sh fernet add, promote, retire); from $FERNET_KEY they do not reload. While it holds
+old keys, the server re-encrypts stored records under them to the primary in the background, and keeps a key
+retired from the file until no record uses it (/health: fernet_rewrap).
 
 Environment: LOG_FORMAT=json for JSON log lines, NO_COLOR to turn colours off.
 `;
@@ -88,9 +91,15 @@ if (import.meta.main) {
       const fernet = keys.fernet;
       const verifier = new ProofVerifier(trust.identity.ca, { isRevoked: (serial) => trust.isRevoked(serial) });
       const store = await openStore(config.db);
-      const view = new CachedDataView({ store, fernet, logger, ttlMs: config.cacheTtlMs, maxEntries: config.cacheEntries });
+      // Stored records are read with keys.records: the file's keys and any kept for records still under them, while
+      // re-encryption moves those records to the primary (fernet-rewrap.ts). Requests only ever see the file's.
+      const rewrap = new FernetRewrap({ store, keys, logger }).start();
+      const view = new CachedDataView({ store, fernet: keys.records, logger, ttlMs: config.cacheTtlMs, maxEntries: config.cacheEntries });
       let port = config.port;
-      const app = createServerApp({ port: () => port, store, view, fernet, verifier, authz, logger, ttl: config.ttl, metrics, fernetKeys: () => keys.fingerprints, facts });
+      const app = createServerApp({
+        port: () => port, store, view, fernet, verifier, authz, logger, ttl: config.ttl, metrics,
+        fernetKeys: () => keys.fingerprints, fernetRewrap: () => rewrap.status(), facts,
+      });
       return {
         app,
         describe: `store: ${describeStoreUrl(config.db)}; policy: ${displayPath(config.policy)}`,
@@ -98,8 +107,9 @@ if (import.meta.main) {
         listening: (bound) => void (port = bound),
         // Proofs follow a new CA at once (before, a verifier built at start kept the old CA until a restart).
         onCertificate: (identity) => verifier.setCa(identity.ca),
-        close: () => {
+        close: async () => {
           keys.stop();
+          await rewrap.stop();
           return store.close();
         },
       };

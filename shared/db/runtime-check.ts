@@ -35,6 +35,11 @@ try {
   check((await store.bumpGeneration(proof)) === 2, "an invalidation bumps the generation");
   await rejectsWith(store.bumpGeneration(proof), ProofRejected, "a replayed invalidation proof");
   check((await store.generation()) === 2, "a refused invalidation leaves the generation");
+  // Re-encryption's compare-and-set (fernet-rewrap.ts): it takes where the token is the one read, and only there.
+  const [page] = await store.tokensAfter(0, 10);
+  check(page?.id === created.id && page.token === "token-1", "tokensAfter pages the records");
+  const swapped = await store.replaceTokens([{ id: created.id, previous: "token-1", next: "token-1b" }, { id: created.id, previous: "token-1", next: "token-1c" }]);
+  check(swapped[0] === true && swapped[1] === false && (await store.latest(1))[0]!.token === "token-1b", `replaceTokens is a compare-and-set (got ${swapped})`);
 
   // Another process holding the write lock: a write here is busy, a read (ping) is not.
   const other = new DatabaseSync(path);

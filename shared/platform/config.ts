@@ -6,7 +6,7 @@ import { ConfigError } from "./errors.ts";
 import { REPO_ROOT } from "./paths.ts";
 import { readPrivateFile } from "./private-files.ts";
 import { flagVariable, readConfigFile, type FlagSource } from "./config-file.ts";
-import { fernetKeysInOrder, parseFernetKeyFile } from "./fernet-key-file.ts";
+import { fernetKeysInOrder, parseFernetKeyFile, type FernetKeyFile } from "./fernet-key-file.ts";
 
 export { displayPath, REPO_ROOT } from "./paths.ts";
 
@@ -162,6 +162,11 @@ export const FERNET_KEY_FILE = "encryption_key.txt";
  * the format of fernet-key-file.ts (a file of one key per line, newest first, reads as before).
  */
 export function loadFernetKeys(dir: string): string[] {
+  return fernetKeysInOrder(loadFernetKeyFile(dir));
+}
+
+/** As loadFernetKeys, with each key's role and dates (fernet-reload.ts tells an added key from a demoted one). */
+export function loadFernetKeyFile(dir: string): FernetKeyFile {
   const fromEnv = process.env.FERNET_KEY;
   const text = fromEnv ?? readPrivatePkiFile(dir, FERNET_KEY_FILE);
   const where = fromEnv === undefined ? join(dir, FERNET_KEY_FILE) : "$FERNET_KEY";
@@ -169,7 +174,7 @@ export function loadFernetKeys(dir: string): string[] {
     if (fromEnv !== undefined) throw new ConfigError(`FERNET_KEY is set but holds no Fernet key: give the key, or unset it to read ${join(dir, FERNET_KEY_FILE)}`);
     throw new ConfigError(`no Fernet key in ${where}: ${missingPkiFileFix(FERNET_KEY_FILE)}`);
   }
-  return fernetKeysInOrder(parseFernetKeyFile(text, where));
+  return parseFernetKeyFile(text, where);
 }
 
 /** Runs `cleanup` once on SIGTERM or SIGINT, then exits 0: every role stops the same way. */

@@ -101,6 +101,7 @@ describe("fernet-keys.ts, the command", () => {
     expect(promote).toEqual({ code: 0, err: [], out: [
       `promoted key ${f(added!)} to primary in ${path}; ${f(old!)} is decrypt-only from 2026-05-01T10:00:30Z`,
       `next: put ${path} on every host; retire ${f(old!)} once every host has logged "Fernet keys reloaded: … (primary was ${f(old!)})" and 360 s more have passed (TTL 300 s + 60 s clock skew): not before 2026-05-01T10:06:30Z`,
+      `meanwhile each server re-encrypts its stored records under ${f(old!)} to ${f(added!)}: /health "fernet_rewrap" pending says how many are left`,
     ] });
 
     const early = run(path, later(60), "retire");
@@ -109,7 +110,12 @@ describe("fernet-keys.ts, the command", () => {
 
     expect(run(path, later(390), "retire")).toEqual({ code: 0, err: [], out: [
       `retired key ${f(old!)} from ${path}; 1 key(s) left, primary ${f(added!)}`,
-      `next: put ${path} on every host; records stored encrypted under a retired key can no longer be read`,
+      // The CA host cannot see the database: it says what the servers do with records still under the key, and where to look.
+      `next: put ${path} on every host. A server whose stored records are still under ${f(old!)} keeps that key in memory, for those records only ` +
+        `(never for a new request), until it has re-encrypted them to ${f(added!)}; this host cannot see the database, so watch each server: ` +
+        `/health "fernet_rewrap" shows kept ["${f(old!)}"] and pending N until done, then kept [] and pending 0; its log says ` +
+        `"Fernet key … dropped: no stored record uses it any more" then, or "Fernet keys reloaded: … (dropped …)" at once when no record used it`,
+      `until then do not restart a server that still keeps ${f(old!)}: a restart reads only the file, and its records under ${f(old!)} could not be read again until the key's line is put back (decrypt-only)`,
     ] });
     expect(keysOf(path)).toEqual([added!]);
     expect(run(path, later(400), "retire").code).toBe(0); // nothing left to retire: done, not refused
@@ -120,14 +126,24 @@ describe("fernet-keys.ts, the command", () => {
     for (const key of [old!, added!]) expect(printed).not.toContain(key.slice(0, 20));
   });
 
-  test("status lists fingerprints, roles and when each step is safe", () => {
+  test("status lists fingerprints, roles and when each step is safe; with an old key, where servers show their stored records' state", () => {
     const path = keyFile();
     run(path, T0, "add");
+    const [first, added] = keysOf(path).map(fernetKeyFingerprint);
+    // An added key is no old key: no records move to or from it yet, so nothing to watch.
+    expect(run(path, later(5), "status", "--ttl", "60").out).toEqual([
+      `${first}  primary`,
+      `${added}  decrypt-only  added 2026-05-01T10:00:00Z, promote: once every host has loaded it`,
+    ]);
     run(path, later(10), "promote");
     const [primary, old] = keysOf(path).map(fernetKeyFingerprint);
     expect(run(path, later(20), "status", "--ttl", "60").out).toEqual([
       `${primary}  primary       added 2026-05-01T10:00:00Z, promoted 2026-05-01T10:00:10Z`,
       `${old}  decrypt-only  encrypted until 2026-05-01T10:00:10Z, retire: safe from 2026-05-01T10:02:10Z`,
+      `stored records: from the promote on, each server moves records under ${old} to the primary ${primary} by itself, and keeps a retired key ` +
+        `(in memory, for stored records only) until none is under it; this host cannot see the database, so look at each server: ` +
+        `/health "fernet_rewrap" (pending: records left, kept: retired keys it still holds), and its log ("Fernet re-encryption: moved …", ` +
+        `"Fernet key … dropped: no stored record uses it any more")`,
     ]);
   });
 

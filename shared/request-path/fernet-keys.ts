@@ -8,6 +8,11 @@
 // 3. retire   keys that stopped encrypting more than the token TTL plus the clock skew ago are dropped: no token
 //             made with them can still be accepted. Never the primary, so never the only key.
 //
+// Stored records are another matter: each server stores tokens as clients sent them, and from the promote on moves
+// the records under old keys to the primary (fernet-rewrap.ts). This command runs on the CA host and cannot see the
+// database, so it cannot know whether that is done; it need not: a server keeps a retired key, in memory and for
+// stored records only, until none is under it, and says so (its log, and /health's fernet_rewrap).
+//
 // Each step rewrites the file atomically (a 0600 temporary file renamed over it), so a host polling it reads the
 // old file or the new one, never half of one. The format is fernet-key-file.ts's; no output ever holds a key.
 import { closeSync, fsyncSync, openSync, renameSync, unlinkSync, writeSync } from "node:fs";
@@ -159,8 +164,24 @@ export function writeKeyFile(path: string, file: FernetKeyFile): void {
   }
 }
 
-/** One line per key: fingerprint, role, dates, and for a key that stopped encrypting, when it can be retired. */
+/** Where to see what the servers still hold for stored records: this command cannot see the database. */
+export function recordsAdvice(primary: string, old: readonly string[]): string {
+  return `stored records: from the promote on, each server moves records under ${old.join(" ")} to the primary ${primary} by itself, ` +
+    `and keeps a retired key (in memory, for stored records only) until none is under it; this host cannot see the database, ` +
+    `so look at each server: /health "fernet_rewrap" (pending: records left, kept: retired keys it still holds), ` +
+    `and its log ("Fernet re-encryption: moved …", "Fernet key … dropped: no stored record uses it any more")`;
+}
+
+/**
+ * One line per key: fingerprint, role, dates, and for a key that stopped encrypting, when it can be retired; then,
+ * with decrypt-only keys, where to see what servers still hold for stored records.
+ */
 export function describeKeyFile(file: FernetKeyFile, now: Date, ttlSeconds: number): string[] {
+  const demoted = file.decryptOnly.filter((e) => !isPending(e)).map(fp);
+  return [...describeKeys(file, now, ttlSeconds), ...(demoted.length ? [recordsAdvice(fp(file.primary), demoted)] : [])];
+}
+
+function describeKeys(file: FernetKeyFile, now: Date, ttlSeconds: number): string[] {
   return [file.primary, ...file.decryptOnly].map((e) => {
     const notes = [
       e.added && `added ${iso(e.added)}`,
@@ -184,6 +205,11 @@ Rotates the Fernet key file in three steps; servers and clients reload it within
 
 Between steps, put the file on every host (servers and clients) and wait until each has logged
 "Fernet keys reloaded: ...". Keys are never printed, only their fingerprints.
+
+Stored records: from the promote on, servers re-encrypt records under old keys to the primary by
+themselves, and a server keeps a retired key in memory (for stored records only) until none is
+under it. This command cannot see the database: each server's /health "fernet_rewrap" says how
+many records are left (pending) and which retired keys it still keeps (kept).
 
 Options:
   --file PATH   the key file (default: encryption_key.txt in --pki)
@@ -236,6 +262,7 @@ export function main(argv: string[], out: (line: string) => void = console.log, 
         out(`promoted key ${fp(promoted)} to primary in ${shown}; ${fp(demoted)} is decrypt-only from ${iso(now)}`);
         out(`next: put ${shown} on every host; retire ${fp(demoted)} once every host has logged "Fernet keys reloaded: … (primary was ${fp(demoted)})" ` +
           `and ${ttlSeconds + MAX_CLOCK_SKEW_S} s more have passed (TTL ${ttlSeconds} s + ${MAX_CLOCK_SKEW_S} s clock skew): not before ${iso(retireSafeAt(now, ttlSeconds))}`);
+        out(`meanwhile each server re-encrypts its stored records under ${fp(demoted)} to ${fp(promoted)}: /health "fernet_rewrap" pending says how many are left`);
         return 0;
       }
       case "retire": {
@@ -251,7 +278,12 @@ export function main(argv: string[], out: (line: string) => void = console.log, 
         }
         writeKeyFile(path, next);
         out(`retired key${retired.length === 1 ? "" : "s"} ${retired.map(fp).join(" ")} from ${shown}; ${1 + next.decryptOnly.length} key(s) left, primary ${fp(next.primary)}`);
-        out(`next: put ${shown} on every host; records stored encrypted under a retired key can no longer be read`);
+        const gone = retired.map(fp).join(" ");
+        out(`next: put ${shown} on every host. A server whose stored records are still under ${gone} keeps ${retired.length === 1 ? "that key" : "those keys"} ` +
+          `in memory, for those records only (never for a new request), until it has re-encrypted them to ${fp(next.primary)}; this host cannot see the database, ` +
+          `so watch each server: /health "fernet_rewrap" shows kept [${retired.map((e) => `"${fp(e)}"`).join(", ")}] and pending N until done, then kept [] and pending 0; ` +
+          `its log says "Fernet key … dropped: no stored record uses it any more" then, or "Fernet keys reloaded: … (dropped …)" at once when no record used it`);
+        out(`until then do not restart a server that still keeps ${gone}: a restart reads only the file, and its records under ${gone} could not be read again until the key's line is put back (decrypt-only)`);
         return 0;
       }
       default:

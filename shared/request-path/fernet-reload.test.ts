@@ -80,6 +80,66 @@ describe("FernetKeys", () => {
     expect(() => fernet.decrypt(new Fernet(A).encrypt("a"))).toThrow("invalid or expired token");
   });
 
+  test("keepWhileUsed: a key leaving the file stays for stored records while they use it, or may; never for requests; released once none do", () => {
+    const [C, D] = [generateFernetKey(), generateFernetKey()];
+    const [fc, fd] = [fernetKeyFingerprint(C), fernetKeyFingerprint(D)];
+    const dir = keyFolder(`${B}\n${A} # decrypt-only, encrypted until 2026-01-01T00:00:00Z\n${C} # decrypt-only\n${D} # decrypt-only\n`);
+    const keys = FernetKeys.open(dir);
+    const { logger, lines } = capturingLogger();
+    // What fernet-rewrap.ts would say: 3 records under A, C not counted yet, none under D.
+    const usage = new Map<string, number | null>([[fa, 3], [fc, null], [fd, 0]]);
+    let changes = 0;
+    keys.keepWhileUsed((key) => usage.get(fernetKeyFingerprint(key)) as number | null, () => changes++);
+    const storedUnderA = new Fernet(A).encrypt("stored under A");
+    expect(keys.rewrappable).toEqual(new Set([fa, fc, fd]));
+
+    putKeyFile(dir, `${B}\n`); // retire A, C and D at once
+    expect(keys.reload(logger)).toBe(true);
+    expect(keys.kept).toEqual([fa, fc]);
+    expect(keys.rewrappable).toEqual(new Set([fa, fc]));
+    expect(keys.recordFingerprints).toEqual([fb, fa, fc]);
+    expect(keys.fingerprints).toEqual([fb]);
+    // Stored records under A still read; a new request under A does not: a retired key opens nothing new.
+    expect(keys.records.decryptText(storedUnderA)).toBe("stored under A");
+    expect(() => keys.fernet.decrypt(new Fernet(A).encrypt("a new request"))).toThrow("invalid or expired token");
+    expect(() => keys.records.decrypt(new Fernet(D).encrypt("under D"))).toThrow("invalid or expired token");
+    const path = join(dir, "encryption_key.txt");
+    expect(lines).toEqual([
+      `Fernet keys reloaded: 1 key, primary ${fb} (dropped ${fd}; kept ${fa} ${fc} for stored records)`,
+      `Fernet key ${fa} is no longer in ${path}, but 3 stored records still use it: kept in memory to read them (never for a new request) while they are re-encrypted to ${fb}; it is dropped once none do (/health fernet_rewrap)`,
+      `Fernet key ${fc} is no longer in ${path}, but records not counted yet may still use it: kept in memory to read them (never for a new request) while they are re-encrypted to ${fb}; it is dropped once none do (/health fernet_rewrap)`,
+    ]);
+
+    // Another reload keeps them, without a second error line.
+    lines.length = 0;
+    keys.reload(logger);
+    expect(lines).toEqual([`Fernet keys reloaded: 1 key, primary ${fb}, kept for stored records ${fa} ${fc} (unchanged)`]);
+
+    // Re-encrypted: released, with one line; records under A no longer read.
+    lines.length = 0;
+    keys.release(fa, logger, "3 records moved off it by this server");
+    expect(keys.kept).toEqual([fc]);
+    expect(() => keys.records.decrypt(storedUnderA)).toThrow("invalid or expired token");
+    // C put back in the file: the file's again, not kept.
+    putKeyFile(dir, `${B}\n${C} # decrypt-only\n`);
+    keys.reload(logger);
+    expect(keys.kept).toEqual([]);
+    expect(lines).toEqual([
+      `Fernet key ${fa} dropped: no stored record uses it any more (3 records moved off it by this server); 1 key, primary ${fb}, kept for stored records ${fc}`,
+      `Fernet keys reloaded: 2 keys, primary ${fb}, decrypt-only ${fc} (added ${fc} (back in the file))`,
+    ]);
+    expect(changes).toBe(4);
+  });
+
+  test("keepWhileUsed: an added key not yet promoted is not an old key; the primary it replaces is", () => {
+    const dir = keyFolder(`${A}\n${B} # decrypt-only, added 2026-01-01T00:00:00Z\n`);
+    const keys = FernetKeys.open(dir);
+    expect(keys.rewrappable).toEqual(new Set());
+    putKeyFile(dir, `${B} # primary, added 2026-01-01T00:00:00Z, promoted 2026-01-01T00:01:00Z\n${A} # decrypt-only, encrypted until 2026-01-01T00:01:00Z\n`);
+    keys.reload(capturingLogger().logger);
+    expect(keys.rewrappable).toEqual(new Set([fa]));
+  });
+
   test("$FERNET_KEY: loaded, said not to reload, and not watched", () => {
     const dir = keyFolder(`${A}\n`);
     const before = process.env.FERNET_KEY;

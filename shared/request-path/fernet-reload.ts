@@ -1,47 +1,88 @@
 // Fernet keys that follow their file: a running server or client takes up `fernet-keys.ts add|promote|retire` within
 // RELOAD_INTERVAL_MS and on SIGHUP, as certificates and the CRL do (authz/trust.ts). $FERNET_KEY cannot change
 // under a running process, so keys from it do not reload: a restart changes them.
+//
+// A server's stored records hold tokens as the clients sent them, so a key that leaves the file may still be the only
+// one that opens some of them. A server keeps such a key (keepWhileUsed, with fernet-rewrap.ts counting the records):
+// in memory, for reading stored records only, never for a new request, until its records are re-encrypted.
 import { join } from "node:path";
 import type { Logger } from "../ops/log.ts";
-import { displayPath, FERNET_KEY_FILE, loadFernetKeys } from "../platform/config.ts";
-import { describeFernetKeys, fernetKeyFingerprint } from "../platform/fernet-key-file.ts";
+import { displayPath, FERNET_KEY_FILE, loadFernetKeyFile } from "../platform/config.ts";
+import { describeFernetKeys, fernetKeyFingerprint, fernetKeysInOrder, type FernetKeyFile } from "../platform/fernet-key-file.ts";
 import { watchFiles, type Watch } from "../platform/watch.ts";
 import { Fernet } from "./fernet.ts";
 
-/** What changed between two key sets, by fingerprint: "(added 8b7e4410)", "(primary was 3f9a1c2d)", "(unchanged)". */
-function describeChange(before: readonly string[], after: readonly string[]): string {
+/**
+ * What changed between two key sets, by fingerprint: "(added 8b7e4410)", "(primary was 3f9a1c2d)", "(unchanged)";
+ * a key that left the file is "dropped", or "kept" when it stays for stored records (`kept`: newly kept ones).
+ * `keptBefore`: keys kept already, which neither count as dropped nor as added back when the file lists them again.
+ */
+function describeChange(before: readonly string[], after: readonly string[], kept: readonly string[] = [], keptBefore: readonly string[] = []): string {
   const [was, now] = [before.map(fernetKeyFingerprint), after.map(fernetKeyFingerprint)];
+  const left = was.filter((f) => !now.includes(f));
+  const dropped = left.filter((f) => !kept.includes(f));
   const parts = [
     was[0] !== now[0] && `primary was ${was[0]}`,
-    now.some((f) => !was.includes(f)) && `added ${now.filter((f) => !was.includes(f)).join(" ")}`,
-    was.some((f) => !now.includes(f)) && `dropped ${was.filter((f) => !now.includes(f)).join(" ")}`,
+    now.some((f) => !was.includes(f)) && `added ${now.filter((f) => !was.includes(f)).join(" ")}${now.some((f) => keptBefore.includes(f)) ? " (back in the file)" : ""}`,
+    dropped.length > 0 && `dropped ${dropped.join(" ")}`,
+    kept.length > 0 && `kept ${kept.join(" ")} for stored records`,
   ].filter(Boolean);
   return `(${parts.length ? parts.join("; ") : "unchanged"})`;
+}
+
+/**
+ * How many stored records a key opens, as far as is known: a count, or null when the records have not been counted
+ * since the keys last changed (so the key may be in use). fernet-rewrap.ts answers it for a server.
+ */
+export type KeyUsage = (key: string) => number | null;
+
+/** A key that left the file and is kept for the stored records it still opens. */
+interface KeptKey {
+  key: string;
+  fingerprint: string;
+  /** The records that used it when it was kept, or null when not counted yet. */
+  usedBy: number | null;
 }
 
 /**
  * A role's Fernet keys: `fernet` encrypts and decrypts with the set in force, and watch() swaps the set when the key
  * file changes. A file that cannot be used (missing, open to others, not parsing, nothing to encrypt with) keeps
  * the set in force, with one error line each time; no line ever holds a key, only fingerprints.
+ *
+ * A server also reads stored records with `records`: the file's keys, then any kept after leaving the file because
+ * records still use them (keepWhileUsed). `fernet` never holds a kept key, so a retired key opens no new request,
+ * even one retired early (retire --force, a key thought exposed); it only reads what was stored under it.
  * @example const keys = FernetKeys.open(config.pki).watch(logger); createServerApp({ fernet: keys.fernet, … })
  */
 export class FernetKeys {
+  /** The file's keys: a request's token, and everything this process encrypts. */
   readonly fernet: Fernet;
+  /** The file's keys, then the kept ones: stored records (the server's view, and re-encryption). */
+  readonly records: Fernet;
   readonly #pki: string;
   readonly #fromEnv: boolean;
+  #file: FernetKeyFile;
   #keys: string[];
+  #kept: KeptKey[] = [];
+  /** `records`' keys by fingerprint, in its order: recordFingerprints[records.keyIndex(token)]. */
+  #recordFingerprints: string[] = [];
+  #usage: KeyUsage | null = null;
+  readonly #listeners: (() => void)[] = [];
   #watch: Watch | null = null;
 
-  private constructor(pki: string, keys: string[], fromEnv: boolean) {
+  private constructor(pki: string, file: FernetKeyFile, fromEnv: boolean) {
     this.#pki = pki;
-    this.#keys = keys;
+    this.#file = file;
+    this.#keys = fernetKeysInOrder(file);
     this.#fromEnv = fromEnv;
-    this.fernet = new Fernet(keys);
+    this.fernet = new Fernet(this.#keys);
+    this.records = new Fernet(this.#keys);
+    this.#recordFingerprints = this.#keys.map(fernetKeyFingerprint);
   }
 
   /** Loads $FERNET_KEY, else the PKI's encryption_key.txt; throws ConfigError (one line naming the file and the fix). */
   static open(pki: string): FernetKeys {
-    return new FernetKeys(pki, loadFernetKeys(pki), process.env.FERNET_KEY !== undefined);
+    return new FernetKeys(pki, loadFernetKeyFile(pki), process.env.FERNET_KEY !== undefined);
   }
 
   /** "2 keys, primary 3f9a1c2d, decrypt-only 8b7e4410, from certs/encryption_key.txt (reloads on change)" */
@@ -57,24 +98,89 @@ export class FernetKeys {
     return this.#keys.map(fernetKeyFingerprint);
   }
 
+  /** The keys `records` holds by fingerprint, in its order (the file's, then the kept ones): index with records.keyIndex(). */
+  get recordFingerprints(): readonly string[] {
+    return this.#recordFingerprints;
+  }
+
+  /** Fingerprints of the keys kept for stored records after leaving the file. */
+  get kept(): string[] {
+    return this.#kept.map((k) => k.fingerprint);
+  }
+
+  /**
+   * Fingerprints of the keys whose records re-encryption moves to the primary: the kept keys, and the file's
+   * decrypt-only keys but one added and not yet promoted. That one is the next primary, not an old key: a host that
+   * has not loaded the promote yet must not move records back to its own primary while the others move them on.
+   */
+  get rewrappable(): Set<string> {
+    const added = (e: FernetKeyFile["decryptOnly"][number]) => e.added !== undefined && e.encryptedUntil === undefined;
+    return new Set([...this.#file.decryptOnly.filter((e) => !added(e)).map((e) => fernetKeyFingerprint(e.key)), ...this.kept]);
+  }
+
   get path(): string {
     return join(this.#pki, FERNET_KEY_FILE);
   }
 
+  /**
+   * From now on a key that leaves the file while `usage` says stored records use it (or cannot say) is kept, for
+   * `records` only, with one error line; release() drops it once none do. `changed` hears of every change to the keys
+   * in force (a reload, a release). For a server; clients keep no records.
+   */
+  keepWhileUsed(usage: KeyUsage, changed: () => void): this {
+    this.#usage = usage;
+    this.#listeners.push(changed);
+    return this;
+  }
+
   /** Re-reads the file and puts its keys in force, or keeps the old ones with one error line. Returns which. */
   reload(logger: Logger): boolean {
-    let next: string[];
+    let file: FernetKeyFile;
     try {
-      next = loadFernetKeys(this.#pki);
+      file = loadFernetKeyFile(this.#pki);
     } catch (error) {
       logger.error(`Fernet keys NOT reloaded, the previous ones stay in force (${describeFernetKeys(this.#keys)}): ${(error as Error).message}`);
       return false;
     }
-    const change = describeChange(this.#keys, next);
+    const next = fernetKeysInOrder(file);
+    const inFile = new Set(next.map(fernetKeyFingerprint));
+    // A key leaving the file stays, for stored records, unless they are counted and none uses it. One kept already
+    // stays until release() (its records re-encrypted), or goes back to being the file's when the file lists it again.
+    const stillKept = this.#kept.filter((k) => !inFile.has(k.fingerprint));
+    const newlyKept: KeptKey[] = [];
+    for (const key of this.#keys) {
+      const fingerprint = fernetKeyFingerprint(key);
+      if (inFile.has(fingerprint)) continue;
+      const usedBy = this.#usage ? this.#usage(key) : 0;
+      if (usedBy !== 0) newlyKept.push({ key, fingerprint, usedBy });
+    }
+    const change = describeChange(this.#keys, next, newlyKept.map((k) => k.fingerprint), this.kept);
     this.fernet.setKeys(next);
+    this.#file = file;
     this.#keys = next;
-    logger.info(`Fernet keys reloaded: ${describeFernetKeys(next)} ${change}`);
+    this.#kept = [...stillKept, ...newlyKept];
+    this.#setRecordKeys();
+    const keptNote = stillKept.length ? `, kept for stored records ${stillKept.map((k) => k.fingerprint).join(" ")}` : "";
+    logger.info(`Fernet keys reloaded: ${describeFernetKeys(next)}${keptNote} ${change}`);
+    for (const k of newlyKept) {
+      const count = k.usedBy === null ? "records not counted yet may still use it" : `${k.usedBy} stored record${k.usedBy === 1 ? "" : "s"} still use it`;
+      logger.error(
+        `Fernet key ${k.fingerprint} is no longer in ${displayPath(this.path)}, but ${count}: kept in memory to read them (never for a new request) ` +
+          `while they are re-encrypted to ${fernetKeyFingerprint(next[0]!)}; it is dropped once none do (/health fernet_rewrap)`,
+      );
+    }
+    this.#changed();
     return true;
+  }
+
+  /** Drops a kept key (its records are re-encrypted), with one line saying so. */
+  release(fingerprint: string, logger: Logger, note: string): void {
+    const k = this.#kept.find((k) => k.fingerprint === fingerprint);
+    if (!k) return;
+    this.#kept = this.#kept.filter((other) => other !== k);
+    this.#setRecordKeys();
+    logger.info(`Fernet key ${fingerprint} dropped: no stored record uses it any more (${note}); ${describeFernetKeys(this.#keys)}${this.#kept.length ? `, kept for stored records ${this.kept.join(" ")}` : ""}`);
+    this.#changed();
   }
 
   /** Reloads whenever the key file changes and on SIGHUP; with $FERNET_KEY, does nothing (describe() says so). */
@@ -86,5 +192,15 @@ export class FernetKeys {
   stop(): void {
     this.#watch?.stop();
     this.#watch = null;
+  }
+
+  #setRecordKeys(): void {
+    const keys = [...this.#keys, ...this.#kept.map((k) => k.key)];
+    this.records.setKeys(keys);
+    this.#recordFingerprints = keys.map(fernetKeyFingerprint);
+  }
+
+  #changed(): void {
+    for (const listener of this.#listeners) listener();
   }
 }

@@ -71,6 +71,34 @@ describe("Fernet", () => {
     expect(() => new Fernet(oldKey).decrypt(rotated.encrypt("after"))).toThrow(InvalidToken);
   });
 
+  test("rotate: the message under the primary, with the token's own timestamp, whatever its age", () => {
+    const [oldKey, newKey] = [generateFernetKey(), generateFernetKey()];
+    const stamp = 1_000_000; // decades old: rotate checks no TTL
+    const oldToken = new Fernet(oldKey).encrypt("stored long ago", { now: stamp });
+    const rotated = new Fernet([newKey, oldKey]).rotate(oldToken);
+    expect(rotated).not.toBe(oldToken);
+    expect(new Fernet(newKey).decryptText(rotated)).toBe("stored long ago");
+    expect(() => new Fernet(oldKey).decrypt(rotated)).toThrow(InvalidToken);
+    const timestamp = (token: string) => Buffer.from(token, "base64url").readBigUInt64BE(1);
+    expect(timestamp(rotated)).toBe(BigInt(stamp));
+    // A TTL check says of the rotated token what it said of the original.
+    expect(new Fernet(newKey).decryptText(rotated, { ttl: 60, now: stamp + 60 })).toBe("stored long ago");
+    expect(() => new Fernet(newKey).decrypt(rotated, { ttl: 60, now: stamp + 61 })).toThrow(InvalidToken);
+    // No key in force opens it: InvalidToken, as decrypt says.
+    expect(() => new Fernet(newKey).rotate(oldToken)).toThrow(InvalidToken);
+  });
+
+  test("keyIndex: the place of the key whose MAC checks, -1 for none or for what is not a token", () => {
+    const [a, b, c] = [generateFernetKey(), generateFernetKey(), generateFernetKey()];
+    const f = new Fernet([a, b]);
+    expect(f.keyIndex(new Fernet(a).encrypt("x"))).toBe(0);
+    expect(f.keyIndex(new Fernet(b).encrypt("x"))).toBe(1);
+    expect(f.keyIndex(new Fernet(c).encrypt("x"))).toBe(-1);
+    expect(f.keyIndex("not a token")).toBe(-1);
+    f.setKeys([b, a]);
+    expect(f.keyIndex(new Fernet(a).encrypt("x"))).toBe(1);
+  });
+
   test("decryptText: a plaintext that is not UTF-8 is an InvalidToken", () => {
     const f = new Fernet(generateFernetKey());
     expect(() => f.decryptText(f.encrypt(new Uint8Array([0xff, 0xfe])))).toThrow(InvalidToken);
@@ -99,6 +127,24 @@ print(json.dumps({"opened": f.decrypt(ours, ttl=60).decode(), "theirs": f.encryp
     const { opened, theirs } = JSON.parse(out);
     expect(opened).toBe("from bun ✓");
     expect(ours.decryptText(theirs, { ttl: 60 })).toBe("from python ✓");
+  });
+
+  test("our rotate agrees with Python's MultiFernet.rotate: same message, same timestamp, under the new key", async () => {
+    const [oldKey, newKey] = [generateFernetKey(), generateFernetKey()];
+    const oldToken = new Fernet(oldKey).encrypt("rotate me", { now: 1_700_000_000 });
+    const ourRotation = new Fernet([newKey, oldKey]).rotate(oldToken);
+    const out = await runPython(
+      `import sys, json
+from cryptography.fernet import Fernet, MultiFernet
+old, new = Fernet(${JSON.stringify(oldKey)}.encode()), Fernet(${JSON.stringify(newKey)}.encode())
+ours, token = sys.stdin.read().split()
+theirs = MultiFernet([new, old]).rotate(token.encode())
+print(json.dumps({"stamps": [new.extract_timestamp(theirs), new.extract_timestamp(ours.encode())], "opened": new.decrypt(ours.encode()).decode(), "theirs": theirs.decode()}))`,
+      `${ourRotation} ${oldToken}`,
+    );
+    const { stamps, opened, theirs } = JSON.parse(out);
+    expect({ stamps, opened }).toEqual({ stamps: [1_700_000_000, 1_700_000_000], opened: "rotate me" });
+    expect(new Fernet(newKey).decryptText(theirs)).toBe("rotate me");
   });
 
   test("the npm fernet package opens our token and we open its", () => {

@@ -43,6 +43,15 @@ export interface DecryptOptions {
 /** HMAC-SHA256 from the runtime: Bun's own hasher on Bun (about 20% faster than createHmac there), createHmac on Deno. */
 const hmac = runtime.hmacSha256;
 
+/** A token's bytes when it has a Fernet token's shape (canonical padded base64url, version, whole blocks), else null. */
+function parseToken(token: string): Buffer | null {
+  // Canonical padded base64url only, as Python's urlsafe_b64decode requires.
+  if (typeof token !== "string" || token.length % 4 !== 0 || !BASE64URL.test(token)) return null;
+  const raw = Buffer.from(token, "base64url");
+  if (raw.length < HEADER + 16 + MAC || raw[0] !== VERSION) return null;
+  return (raw.length - HEADER - MAC) % 16 === 0 ? raw : null;
+}
+
 function parseKeys(keys: string | readonly string[]): KeyPair[] {
   const list = typeof keys === "string" ? [keys] : keys;
   if (list.length === 0) throw new TypeError("Fernet needs at least one key");
@@ -86,13 +95,34 @@ export class Fernet {
   }
 
   decrypt(token: string, options: DecryptOptions = {}): Buffer {
-    // Canonical padded base64url only, as Python's urlsafe_b64decode requires.
-    if (typeof token !== "string" || token.length % 4 !== 0 || !BASE64URL.test(token)) throw new InvalidToken();
-    const raw = Buffer.from(token, "base64url");
-    if (raw.length < HEADER + 16 + MAC || raw[0] !== VERSION) throw new InvalidToken();
-    const ciphertextLength = raw.length - HEADER - MAC;
-    if (ciphertextLength % 16 !== 0) throw new InvalidToken();
+    return this.#open(token, options).plaintext;
+  }
 
+  /**
+   * MultiFernet's rotate: the token's message under the primary key, with the token's own timestamp, so a TTL check
+   * on the result says what it said of the original. Any key in force opens it, and its age is not checked (a record
+   * stored a year ago rotates as well as one stored now). Throws InvalidToken when no key in force opens it.
+   */
+  rotate(token: string): string {
+    const { plaintext, timestamp } = this.#open(token, {});
+    return this.encrypt(plaintext, { now: timestamp });
+  }
+
+  /**
+   * Which key in force signed the token, by its place in the set (0: the primary), or -1 when none did or it is not
+   * a Fernet token. Checks the MAC only, so it costs one HMAC a key tried and never decrypts.
+   */
+  keyIndex(token: string): number {
+    const raw = parseToken(token);
+    if (!raw) return -1;
+    const body = raw.subarray(0, raw.length - MAC);
+    const mac = raw.subarray(raw.length - MAC);
+    return this.#keys.findIndex((key) => timingSafeEqual(hmac(key.signing, body), mac));
+  }
+
+  #open(token: string, options: DecryptOptions): { plaintext: Buffer; timestamp: number } {
+    const raw = parseToken(token);
+    if (!raw) throw new InvalidToken();
     const timestamp = Number(raw.readBigUInt64BE(1));
     if (options.ttl !== undefined) {
       const now = options.now ?? Math.floor(Date.now() / 1000);
@@ -106,7 +136,7 @@ export class Fernet {
       if (!timingSafeEqual(expected, mac)) continue;
       try {
         const decipher = createDecipheriv("aes-128-cbc", key.encryption, raw.subarray(9, HEADER));
-        return Buffer.concat([decipher.update(raw.subarray(HEADER, raw.length - MAC)), decipher.final()]);
+        return { plaintext: Buffer.concat([decipher.update(raw.subarray(HEADER, raw.length - MAC)), decipher.final()]), timestamp };
       } catch {
         throw new InvalidToken();
       }

@@ -22,6 +22,19 @@ export interface StoredRecord {
   createdAt: number;
 }
 
+/** A record's token, for re-encryption. */
+export interface StoredToken {
+  id: number;
+  token: string;
+}
+
+/** One compare-and-set of replaceTokens: record `id`'s token from `previous` to `next`. */
+export interface TokenChange {
+  id: number;
+  previous: string;
+  next: string;
+}
+
 /** What an insert did: a new record, or the one an earlier request with the same Idempotency-Key made. */
 export interface InsertResult {
   id: number;
@@ -56,6 +69,25 @@ export interface RecordStore {
   count(): Promise<number>;
   /** The newest records, all senders' or only `sender`'s. */
   latest(limit: number, sender?: string): Promise<StoredRecord[]>;
+  /**
+   * Up to `limit` records' ids and tokens with ids above `afterId`, in id order: a page of the walk fernet-rewrap.ts
+   * makes over the store. A plain read (on Galera not causal: the walk is background work, and never waits out a
+   * stalled cluster; a row it misses now it finds on a later walk).
+   */
+  tokensAfter(afterId: number, limit: number): Promise<StoredToken[]>;
+  /**
+   * Re-encryption's write: each record's token becomes `next` only if it still is `previous` (compare-and-set:
+   * UPDATE … SET token = next WHERE id = ? AND token = previous), all in one transaction; says which took. Several
+   * servers may re-encrypt the same record at once: the first to commit wins, the others' updates match no row,
+   * and no server ever overwrites a token it did not read. Throws Unavailable.
+   *
+   * Only the token changes. The digest column keeps the sha256 of the token the client sent, on purpose: it is
+   * what a retry of that request is compared with (repeatedInsert, and MySQL's #ownCommit after a lost COMMIT), and
+   * a retry carries the client's token, not the re-encrypted one. Nothing compares a stored token with its digest,
+   * so a re-encrypted record's digest no longer being its token's is expected. Nor is the cache generation moved:
+   * the message is the same, so every view computed from the record is too.
+   */
+  replaceTokens(changes: readonly TokenChange[]): Promise<boolean[]>;
   countsBySender(): Promise<Record<string, number>>;
   /** A cheap round trip, for health checks. Throws Unavailable when the database is not reachable or writable. */
   ping(): Promise<void>;
@@ -117,6 +149,10 @@ export function recordSql(table: string, dialect: RecordStore["kind"]) {
     // lets sqlite's EXPLAIN QUERY PLAN show it as a primary-key SEARCH rather than a SCAN that happens to stop early.
     latest: `${columns} WHERE id <= (SELECT MAX(id) FROM ${table}) ORDER BY id DESC LIMIT ?`,
     latestOf: `${columns} ${bySenderIndex} WHERE sender = ? ORDER BY id DESC LIMIT ?`,
+    tokensAfter: `SELECT id, token FROM ${table} WHERE id > ? ORDER BY id LIMIT ?`,
+    // By primary key, so it locks (MySQL) that one row and no gap: an insert never waits on it. The token compares
+    // byte for byte, whatever the column's collation: MySQL's default ones ignore case, and base64 does not.
+    replaceToken: `UPDATE ${table} SET token = ? WHERE id = ? AND token = ${dialect === "mysql" ? "CAST(? AS BINARY)" : "?"}`,
     /** In each insert's transaction: the new record's sender counted once more. */
     countSender: `INSERT INTO ${table}_senders (sender, n) VALUES (?, 1) ${upsert}`,
     /** In insertMany's transaction: a sender counted `n` times more. */

@@ -9,6 +9,7 @@ import { printable, type Logger } from "../ops/log.ts";
 import { Metrics } from "../ops/metrics.ts";
 import type { CachedDataView } from "./data-view.ts";
 import type { Fernet } from "./fernet.ts";
+import type { RewrapStatus } from "./fernet-rewrap.ts";
 import { payloadDigest, PROOF_HEADER, type ProofVerifier } from "./proof.ts";
 import type { RecordStore } from "./store.ts";
 
@@ -27,6 +28,8 @@ export interface ServerDeps {
   fernetKeys?: () => readonly string[];
   /** What the host says about itself on /health (shared/service/host-facts.ts): compared by coordinators and `check`. */
   facts?: () => object;
+  /** Re-encryption after a rotation, for /health: records still under old keys, keys kept for them (fernet-rewrap.ts). */
+  fernetRewrap?: () => RewrapStatus;
 }
 
 const IDEMPOTENCY_KEY = /^[A-Za-z0-9_.:-]{1,128}$/;
@@ -59,7 +62,8 @@ export function createServerApp(deps: ServerDeps) {
         await store.ping();
         // Plain reads only: on Galera a causal read waits out a lost node's eviction, and every probe would time out at once.
         return {
-          status: "ok", role: "server", server: deps.port(), store: store.kind, cache: await view.stats({ causal: false }), fernet_keys: deps.fernetKeys?.(),
+          status: "ok", role: "server", server: deps.port(), store: store.kind, cache: await view.stats({ causal: false }),
+          fernet_keys: deps.fernetKeys?.(), fernet_rewrap: deps.fernetRewrap?.(),
           ...(deps.facts ? { facts: { ...deps.facts(), store: await store.storeId() } } : {}),
         };
       } catch {

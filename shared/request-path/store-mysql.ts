@@ -4,6 +4,7 @@ import { isDuplicateEntry, openMysql, type MysqlDatabase, type MysqlStats, type 
 import {
   fromRow, insertParams, newStoreId, RECORD_STORE, recordSql, repeatedInsert, replayedProof, sendersCounted, sendersIn,
   type EarlierRecord, type InsertResult, type NewRecord, type ProofUse, type RecordRow, type RecordStore, type StoreOptions, type StoredRecord,
+  type StoredToken, type TokenChange,
 } from "./record-store.ts";
 
 export class MysqlStore implements RecordStore {
@@ -119,6 +120,31 @@ export class MysqlStore implements RecordStore {
       ? await this.#rows<RecordRow>(this.#sql.latest, [String(limit)])
       : await this.#rows<RecordRow>(this.#sql.latestOf, [sender, String(limit)]);
     return rows.map(fromRow);
+  }
+
+  async tokensAfter(afterId: number, limit: number): Promise<StoredToken[]> {
+    const rows = await this.#rows<{ id: number | string; token: string }>(this.#sql.tokensAfter, [afterId, String(limit)], false);
+    return rows.map((r) => ({ id: Number(r.id), token: r.token }));
+  }
+
+  async replaceTokens(changes: readonly TokenChange[]): Promise<boolean[]> {
+    if (changes.length === 0) return [];
+    const sql = this.#sql;
+    // Updates in id order, as every server walks the records: two servers on one batch queue on its first row
+    // instead of deadlocking. A conflict (deadlock, Galera certification) runs the whole batch again, and each
+    // compare-and-set is decided again then. After a COMMIT whose answer was lost, the retry finds its own tokens
+    // in place, reports those rows as not taken, and the caller reads them again: nothing is written twice.
+    const ordered = [...changes].sort((a, b) => a.id - b.id);
+    try {
+      const taken = await this.#db.transaction(async (s) => {
+        const done = new Set<number>();
+        for (const c of ordered) if ((await s.run(sql.replaceToken, [c.next, c.id, c.previous])).affectedRows === 1) done.add(c.id);
+        return done;
+      });
+      return changes.map((c) => taken.has(c.id));
+    } catch (error) {
+      throw unavailable(RECORD_STORE, error);
+    }
   }
 
   async countsBySender(): Promise<Record<string, number>> {

@@ -5,6 +5,7 @@ import { execute, immediate, openSqlite, sqliteFailure } from "../db/sqlite.ts";
 import {
   fromRow, insertParams, newStoreId, RECORD_STORE, recordSql, repeatedInsert, replayedProof, sendersCounted, sendersIn,
   type EarlierRecord, type InsertResult, type NewRecord, type ProofUse, type RecordRow, type RecordStore, type StoreOptions, type StoredRecord,
+  type StoredToken, type TokenChange,
 } from "./record-store.ts";
 
 export class SqliteStore implements RecordStore {
@@ -25,6 +26,8 @@ export class SqliteStore implements RecordStore {
       count: db.prepare(sql.count),
       latest: db.prepare(sql.latest),
       latestOf: db.prepare(sql.latestOf),
+      tokensAfter: db.prepare(sql.tokensAfter),
+      replaceToken: db.prepare(sql.replaceToken),
       countsBySender: db.prepare(sql.countsBySender),
       countSender: db.prepare(sql.countSender),
       countSenderBy: db.prepare(sql.countSenderBy),
@@ -103,6 +106,25 @@ export class SqliteStore implements RecordStore {
     return orUnavailable(RECORD_STORE, () =>
       ((sender === undefined ? s.latest.all(limit) : s.latestOf.all(sender, limit)) as unknown as RecordRow[]).map(fromRow),
     );
+  }
+
+  async tokensAfter(afterId: number, limit: number): Promise<StoredToken[]> {
+    // A WAL read: it never waits for the write lock.
+    return orUnavailable(RECORD_STORE, () =>
+      (this.#statements.tokensAfter.all(afterId, limit) as unknown as { id: number; token: string }[]).map((r) => ({ id: Number(r.id), token: r.token })),
+    );
+  }
+
+  async replaceTokens(changes: readonly TokenChange[]): Promise<boolean[]> {
+    if (changes.length === 0) return [];
+    const replace = this.#statements.replaceToken;
+    try {
+      // One IMMEDIATE transaction a batch: the write lock is held for the batch's updates (a millisecond or two for
+      // a few hundred), and each server's changes commit whole.
+      return immediate(this.#db, () => changes.map((c) => Number(replace.run(c.next, c.id, c.previous).changes) === 1));
+    } catch (error) {
+      throw unavailable(RECORD_STORE, error);
+    }
   }
 
   async countsBySender(): Promise<Record<string, number>> {

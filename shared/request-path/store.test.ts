@@ -152,6 +152,82 @@ describe.each(Object.keys(backends))("%s record store", (kind) => {
   });
 });
 
+describe.each(Object.keys(backends))("%s record store: re-encryption's compare-and-set (fernet-rewrap.ts)", (kind) => {
+  /** Two stores on one database, as two servers have. */
+  const twoServers = async (): Promise<[RecordStore, RecordStore]> => {
+    const table = uniqueTable("records");
+    const path = join(mkdtempSync(join(tmpdir(), "securemesh-store-")), "records.db");
+    if (kind === "mysql") mysqlTables.push(table);
+    const openOne = () => (kind === "mysql" ? openStore(TEST_MYSQL_URL, { table }) : openStore(path));
+    const pair: [RecordStore, RecordStore] = [await openOne(), await openOne()];
+    stores.push(...pair);
+    return pair;
+  };
+
+  test("tokensAfter pages the records in id order; replaceTokens replaces a token only where it is still the one read", async () => {
+    const [store] = await twoServers();
+    const inserted = [];
+    for (let i = 0; i < 7; i++) inserted.push((await store.insert(record({ token: `old-${i}` }))).id);
+    const firstPage = await store.tokensAfter(0, 4);
+    expect(firstPage).toEqual(inserted.slice(0, 4).map((id, i) => ({ id, token: `old-${i}` })));
+    expect((await store.tokensAfter(firstPage.at(-1)!.id, 4)).map((r) => r.token)).toEqual(["old-4", "old-5", "old-6"]);
+    expect(await store.tokensAfter(inserted.at(-1)!, 4)).toEqual([]);
+
+    const generation = await store.generation();
+    const [a, b, c] = inserted as [number, number, number];
+    const taken = await store.replaceTokens([
+      { id: a, previous: "old-0", next: "new-0" },
+      { id: b, previous: "not what it holds", next: "new-1" },
+      // Differs from what it holds in letter case only: base64 is case-sensitive, MySQL's default collations are not.
+      { id: c, previous: "OLD-2", next: "new-2" },
+    ]);
+    expect(taken).toEqual([true, false, false]);
+    expect((await store.tokensAfter(0, 3)).map((r) => r.token)).toEqual(["new-0", "old-1", "old-2"]);
+    // The same change again: the token is no longer `previous`, so nothing happens.
+    expect(await store.replaceTokens([{ id: a, previous: "old-0", next: "newer-0" }])).toEqual([false]);
+    expect((await store.tokensAfter(0, 1))[0]!.token).toBe("new-0");
+    // The message is the same, so no view computed from the record changes: the generation stays.
+    expect(await store.generation()).toBe(generation);
+    expect(await store.count()).toBe(7);
+    expect(await store.replaceTokens([])).toEqual([]);
+  });
+
+  test("a retry of the original request after its token was re-encrypted is still a repeat: the digest keeps what the client sent", async () => {
+    const [store] = await twoServers();
+    const original = record({ token: "as-the-client-sent-it", digest: "digest-of-the-client-token", idempotencyKey: "retry-after-rotation" });
+    const first = await store.insert(original);
+    expect(await store.replaceTokens([{ id: first.id, previous: original.token, next: "re-encrypted" }])).toEqual([true]);
+    // The client retries the very request (same token, same digest): answered as the repeat it is, not a conflict.
+    expect(await store.insert({ ...original, jti: `${original.jti}-retry` })).toEqual({ id: first.id, server: first.server, repeated: true });
+    // Other data under that key is still a conflict.
+    await expect(store.insert(record({ idempotencyKey: "retry-after-rotation", digest: "other" }))).rejects.toBeInstanceOf(IdempotencyConflict);
+    expect((await store.tokensAfter(0, 5)).map((r) => r.token)).toEqual(["re-encrypted"]);
+  });
+
+  test("two servers re-encrypting the same records at once: each record is replaced once, by one of them, never overwritten", async () => {
+    const [one, two] = await twoServers();
+    await one.insertMany(Array.from({ length: 600 }, (_, i) => record({ token: `old-${i}` })));
+    const rows = await one.tokensAfter(0, 1000);
+    expect(rows.length).toBe(600);
+    // Each server walks every record in pages of 50, as fernet-rewrap.ts does, each with tokens of its own.
+    const walk = async (store: RecordStore, name: string) => {
+      const taken = new Map<number, string>();
+      for (let start = 0; start < rows.length; start += 50) {
+        const page = rows.slice(start, start + 50).map((r) => ({ id: r.id, previous: r.token, next: `${name}-${r.id}` }));
+        const results = await store.replaceTokens(page);
+        page.forEach((change, i) => results[i] && taken.set(change.id, change.next));
+      }
+      return taken;
+    };
+    const [byOne, byTwo] = await Promise.all([walk(one, "one"), walk(two, "two")]);
+    const both = [...byOne.keys()].filter((id) => byTwo.has(id));
+    expect({ takenOnce: byOne.size + byTwo.size, byBoth: both.length }).toEqual({ takenOnce: 600, byBoth: 0 });
+    // What each record holds is the winner's token: no write landed over another's.
+    const final = new Map((await two.tokensAfter(0, 1000)).map((r) => [r.id, r.token]));
+    expect(rows.every((r) => final.get(r.id) === (byOne.get(r.id) ?? byTwo.get(r.id)))).toBe(true);
+  });
+});
+
 /** The database under a store, reached directly: to build an old schema by hand and to check the store's numbers. */
 interface RawDatabase {
   url: string;

@@ -4,7 +4,7 @@ import { describeDatabaseUrl, parseDatabaseUrl } from "../db/database.ts";
 import { displayPath, REPO_ROOT } from "../platform/config.ts";
 import type { RecordStore, StoreOptions } from "./record-store.ts";
 
-export type { InsertResult, NewRecord, ProofUse, RecordStore, StoreOptions, StoredRecord } from "./record-store.ts";
+export type { InsertResult, NewRecord, ProofUse, RecordStore, StoreOptions, StoredRecord, StoredToken, TokenChange } from "./record-store.ts";
 
 export const DEFAULT_SQLITE_PATH = join(REPO_ROOT, "data", "records.db");
 

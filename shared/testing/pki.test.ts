@@ -482,6 +482,30 @@ describe("a deployment's CA host: init, issue, bundle", () => {
     expect(snapshot(dir)).toEqual(before);
   });
 
+  test("fernet add|promote|retire|status runs fernet-keys.ts on the PKI's encryption_key.txt: 0600 after each step, no CA made or needed", async () => {
+    const dir = join(emptyDir("fernet"), "pki");
+    await pkiShOut(dir, ["init"]);
+    const [first] = loadFernetKeys(dir);
+    const add = await pkiShOut(dir, ["fernet", "add"]);
+    expect({ code: add.code, stderr: add.stderr, stdout: add.stdout }).toMatchObject({ code: 0, stderr: "", stdout: expect.stringContaining(`to ${join(dir, "encryption_key.txt")}, decrypt-only`) });
+    expect({ keys: loadFernetKeys(dir).length, mode: fileMode(join(dir, "encryption_key.txt")) }).toEqual({ keys: 2, mode: 0o600 });
+    // Its own refusals and exit codes come through: promote so soon after the add needs --force.
+    expect((await pkiShOut(dir, ["fernet", "promote"])).code).toBe(1);
+    expect((await pkiShOut(dir, ["fernet", "promote", "--force"])).code).toBe(0);
+    expect(loadFernetKeys(dir)[1]).toBe(first!);
+    const status = await pkiShOut(dir, ["fernet", "status", "--ttl", "1"]);
+    expect(status.stdout.split("\n")).toEqual([
+      expect.stringMatching(/^[0-9a-f]{8}  primary {7}added /), expect.stringMatching(/^[0-9a-f]{8}  decrypt-only  encrypted until /), expect.stringMatching(/^stored records: .*\/health "fernet_rewrap"/),
+    ]);
+    expect((await pkiShOut(dir, ["fernet", "--help"])).stdout).toStartWith("Usage: fernet-keys.ts add|promote|retire|status");
+    expect((await pkiShOut(dir, ["fernet"])).code).toBe(2);
+    // On a role host (the key file alone) it needs no CA, and makes none.
+    const host = emptyDir("fernet-host");
+    cpSync(join(dir, "encryption_key.txt"), join(host, "encryption_key.txt"));
+    expect((await pkiShOut(host, ["fernet", "status"])).code).toBe(0);
+    expect(readdirSync(host)).toEqual(["encryption_key.txt"]);
+  });
+
   test("the first issue on a fresh CA host writes crl.pem and encryption_key.txt too; later issues never replace them", async () => {
     const dir = emptyDir("first-issue");
     await issueIdentity(dir, "server1", "server", { sans: ["IP:10.77.0.11"] });
@@ -575,8 +599,9 @@ describe("hints never suggest a command that could make or replace a CA (issue 2
   });
 
   test("no text in the code or in pki.sh's messages names ./pki.sh without a command that never makes a CA", async () => {
-    // crl, revoke, list and bundle need the CA that is there; issue makes one only in an empty folder; --help nothing.
-    const safe = /^ (crl|issue|bundle|list|revoke|--help)\b/;
+    // crl, revoke, list and bundle need the CA that is there; issue makes one only in an empty folder; --help and
+    // fernet (the key file's rotation, before any CA is looked at) nothing.
+    const safe = /^ (crl|issue|bundle|list|revoke|fernet|--help)\b/;
     const offenders: string[] = [];
     let hints = 0;
     const check = (file: string, line: string, number: number) => {
