@@ -25,8 +25,8 @@ export interface ServerFacts {
 
 /** Clocks further apart than this make hosts refuse each other's proofs near their edges (proof CLOCK_SKEW_S = 10 s). */
 export const SKEW_WARNING_MS = 5_000;
-/** A server certificate that expires sooner than this is warned about. */
-const EXPIRY_WARNING_MS = 14 * 86_400_000;
+/** A server certificate that expires sooner than this is warned about (here and by the host check). */
+export const EXPIRY_WARNING_MS = 14 * 86_400_000;
 
 /** "https://[fd00::11]:5001" → "fd00::11"; "https://server1.mesh.test:5001" → "server1.mesh.test". */
 function hostOf(url: string): string {

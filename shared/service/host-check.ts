@@ -13,12 +13,12 @@ import { extendedKeyUsages } from "../platform/eku.ts";
 import { HttpsClient } from "../platform/https-client.ts";
 import { openToOthers } from "../platform/private-files.ts";
 import { CLIENT_AUTH_OID, mutualTlsClientOptions, SERVER_AUTH_OID, type Identity } from "../platform/tls.ts";
+import { EXPIRY_WARNING_MS, SKEW_WARNING_MS } from "../ops/status-page.ts";
 import { certificateIdentity, type HostFacts } from "./host-facts.ts";
 
-/** Hosts whose clocks are further apart than this refuse each other's proofs near their edges (CLOCK_SKEW_S = 10 s). */
-export const CLOCK_SKEW_LIMIT_MS = 5_000;
-/** A certificate that expires sooner than this is a warning: renew it. */
-export const EXPIRY_WARNING_DAYS = 14;
+/** The status page's limits, so the check and the page never disagree about a host. */
+const CLOCK_SKEW_LIMIT_MS = SKEW_WARNING_MS;
+const EXPIRY_WARNING_DAYS = EXPIRY_WARNING_MS / 86_400_000;
 
 export type CheckStatus = "ok" | "warn" | "FAIL";
 export interface CheckLine {
