@@ -90,6 +90,19 @@ describe("membership changes (issue 23)", () => {
   });
 });
 
+describe("round robin", () => {
+  test("a client that reads before each write still spreads its writes over every server", async () => {
+    const transport = new FakeTransport(() => 200);
+    const pool = new UpstreamPool({ servers: [A, B], transport, logger: quiet() });
+    for (let i = 0; i < 4; i++) {
+      await pool.forward({ method: "GET", path: "/api/get_cached_data", headers: new Headers() });
+      await pool.forward({ method: "POST", path: "/api/data", headers: new Headers({ "idempotency-key": `k${i}` }) });
+    }
+    const servedBy = (method: string) => transport.calls.filter((c) => c.method === method).map((c) => new URL(c.url).origin);
+    expect([servedBy("GET"), servedBy("POST")]).toEqual([[A, B, A, B], [A, B, A, B]]);
+  });
+});
+
 describe("retry rules", () => {
   // What happens when the first server fails and the second would answer 200: which failures may be re-sent.
   const cases: { method: string; key: boolean; failure: NetworkErrorCode | "timeout"; retried: boolean }[] = [

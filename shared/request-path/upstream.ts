@@ -119,7 +119,12 @@ export class UpstreamPool {
   readonly #logger: Logger;
   readonly #timeoutMs: number;
   readonly #health: HealthCheckOptions;
-  #next = 0;
+  /**
+   * One round-robin cursor for reads and one for writes: with a single cursor, a client that reads before each write
+   * sent every read to one server and every write to the other (the demo's two servers, found re-running it). Two
+   * fixed keys, never the caller's path, so callers cannot grow the map.
+   */
+  readonly #next = new Map<"read" | "write", number>();
   #retries = 0;
   #timer: ReturnType<typeof setTimeout> | null = null;
   #stopped = true;
@@ -170,11 +175,13 @@ export class UpstreamPool {
       this.#servers.filter((s) => s.latencyMs !== null).map((s) => ({ labels: { upstream: s.url }, value: s.latencyMs! / 1000 })));
   }
 
-  /** The healthy servers in round-robin order, starting one further each call. */
-  #rotation(): Server[] {
+  /** The healthy servers in round-robin order, starting one further each call of the same kind. */
+  #rotation(kind: "read" | "write"): Server[] {
     const healthy = this.#servers.filter((s) => s.up);
     if (healthy.length === 0) return [];
-    const start = this.#next++ % healthy.length;
+    const turn = this.#next.get(kind) ?? 0;
+    this.#next.set(kind, turn + 1);
+    const start = turn % healthy.length;
     return [...healthy.slice(start), ...healthy.slice(0, start)];
   }
 
@@ -183,7 +190,7 @@ export class UpstreamPool {
    * have reached a server is re-sent only when it is safe: GET/HEAD, or carrying an Idempotency-Key.
    */
   async forward(request: ForwardRequest): Promise<ForwardResult> {
-    const order = this.#rotation();
+    const order = this.#rotation(request.method === "GET" || request.method === "HEAD" ? "read" : "write");
     if (order.length === 0) throw new Unavailable("no server is up");
     const replayable = request.method === "GET" || request.method === "HEAD" || request.headers.has("idempotency-key");
     const trace = request.trace ?? traceOf(request.headers);
