@@ -90,7 +90,9 @@ describe("the stores on a 3-node Galera cluster", () => {
     await recordStore(table, "db1", "db2", "db3");
     const tokens = await openTokenStore(urlOf("db1", "db2", "db3"), { table: `${table}_tokens` });
     toClose.push(tokens);
-    const tables = await galera.query<{ name: string; engine: string; keyed: number }>("db2", `
+    // A causal read: db2 applies the DDL db1 ran in the same total order, but may not have applied the last of it
+    // yet when db1 returns (CI once saw one table short).
+    const tables = await galera.read<{ name: string; engine: string; keyed: number }>("db2", `
       SELECT t.TABLE_NAME AS name, t.ENGINE AS engine,
         (SELECT COUNT(*) FROM information_schema.TABLE_CONSTRAINTS c
           WHERE c.TABLE_SCHEMA = t.TABLE_SCHEMA AND c.TABLE_NAME = t.TABLE_NAME AND c.CONSTRAINT_TYPE = 'PRIMARY KEY') AS keyed
