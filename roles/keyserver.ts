@@ -142,7 +142,7 @@ if (import.meta.main) {
   else await runRole({
     name: "keyserver",
     parse: () => config,
-    async start({ logger, metrics, authz }) {
+    async start({ logger, metrics, authz, limiter }) {
       // The keyring and the store first: a pair that does not belong together stops the role before it makes a file.
       const { vault, notes } = await openVault(config, "serve");
       for (const note of notes) logger.info(note);
@@ -151,7 +151,10 @@ if (import.meta.main) {
       const nonces = new NonceMemory({ maxPerCaller: config.replayQuota });
       const keyring = keepKeyringFresh(vault, logger);
       return {
-        app: createKeyserverApp({ vault, keys, ecdh, nonces, logger, authz, legacyReplay: config.legacyReplay, metrics }),
+        app: createKeyserverApp({
+          vault, keys, ecdh, nonces, logger, authz, legacyReplay: config.legacyReplay, metrics,
+          limiter,
+        }),
         describe: `tokens: ${vault.store.description} (store id ${vault.keyring.storeId}), keyring ${vault.keyring.id} v${vault.keyring.currentVersion}; policy: ${displayPath(config.policy)}; legacy replay: ${config.legacyReplay}${ecdh ? "; ECDH-ES (X25519) too" : ""}`,
         async close() {
           keyring.stop();

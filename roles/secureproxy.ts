@@ -111,11 +111,14 @@ if (import.meta.main) {
   await runRole({
     name: "secureproxy",
     parse: parseProxyConfig,
-    start({ config, logger, metrics, trust, authz }) {
+    start({ config, logger, metrics, trust, authz, limiter }) {
       const hops = new ProxyHops(trust.identity, (type) => apiTrust(type, trust.identity.ca, config), (serial) => trust.isRevoked(serial));
       const { keyservers, allow, format, timeoutMs } = config;
       return {
-        app: createProxyApp({ keyservers, allow, format, timeoutMs, logger, metrics, hops, authz }),
+        app: createProxyApp({
+          keyservers, allow, format, timeoutMs, logger, metrics, hops, authz,
+          limiter,
+        }),
         describe: `keyserver${keyservers.length > 1 ? "s" : ""} ${keyservers.join(", ")}, format ${format}, policy ${displayPath(config.policy)}`,
         // Revocation is asked per connection and per request; a renewed certificate or CA reaches both hops.
         onCertificate: (identity) => hops.reload(identity),

@@ -84,7 +84,7 @@ if (import.meta.main) {
     parse: parseServerConfig,
     // `check`: the Fernet keys and the database besides what every role checks (shared/service/host-check.ts).
     check: (config) => ({ fernet: true, store: () => storeFacts(config.db) }),
-    async start({ config, logger, metrics, trust, authz, facts }) {
+    async start({ config, logger, metrics, trust, authz, facts, limiter }) {
       // The keys follow encryption_key.txt (fernet-keys.ts add|promote|retire) as the certificates follow theirs.
       const keys = FernetKeys.open(config.pki).watch(logger);
       logger.info(`Fernet keys: ${keys.describe()}`);
@@ -99,6 +99,7 @@ if (import.meta.main) {
       const app = createServerApp({
         port: () => port, store, view, fernet, verifier, authz, logger, ttl: config.ttl, metrics,
         fernetKeys: () => keys.fingerprints, fernetRewrap: () => rewrap.status(), facts,
+        limiter,
       });
       return {
         app,

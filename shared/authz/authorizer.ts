@@ -6,6 +6,7 @@ import { ConfigError } from "../platform/errors.ts";
 import { describeError, printable, type Logger } from "../ops/log.ts";
 import { Metrics } from "../ops/metrics.ts";
 import { watchFiles, type Watch } from "../platform/watch.ts";
+import type { Limits } from "./limits.ts";
 import { decide, limitsOf, parsePolicy, PermissionDenied, type Action, type Decision, type Policy } from "./policy.ts";
 
 /** sha256:<first 16 hex> of a policy file's bytes: two hosts with the same hash enforce the same file (issue 23). */
@@ -77,6 +78,11 @@ export class Authorizer {
   /** Connections `identity` may hold at once on a listener, from the policy's limits (read live, so edits apply). */
   connectionLimit(identity: string): number {
     return limitsOf(this.#policy, identity).connections;
+  }
+
+  /** Everything `identity` may take under the policy in force (read live: a RequestLimiter asks on every request). */
+  limits(identity: string): Limits {
+    return limitsOf(this.#policy, identity);
   }
 
   /** Whether the policy allows it, without an audit line: for choosing between two permissions before require(). */

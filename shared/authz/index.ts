@@ -1,8 +1,9 @@
 // The authorization feature's public surface: identities, the policy, the enforcing Authorizer, trust material.
 export { identityOf, isIdentityPattern, parseSpiffeId, senderName, shortName, spiffeId, IDENTITY_KINDS, TRUST_DOMAIN } from "./identity.ts";
 export { ACTIONS, decide, limitsOf, parsePolicy, patternMatches, PermissionDenied, PolicyInvalid } from "./policy.ts";
-export { DEFAULT_CONNECTIONS } from "./limits.ts";
-export type { Limit, Limits } from "./limits.ts";
+export { DEFAULT_CONNECTIONS, DEFAULT_IN_FLIGHT } from "./limits.ts";
+export type { Limit, Limits, RateLimit } from "./limits.ts";
+export { RequestLimiter } from "./request-limiter.ts";
 export type { Action, Decision, Policy, Rule } from "./policy.ts";
 export { Authorizer, policyHash } from "./authorizer.ts";
 export { TrustMaterial } from "./trust.ts";

@@ -9,7 +9,7 @@ import { Metrics } from "../ops/metrics.ts";
 import { Authorizer } from "./authorizer.ts";
 import { identityOf } from "./identity.ts";
 import { decide, limitsOf, parsePolicy, PolicyInvalid } from "./policy.ts";
-import { DEFAULT_CONNECTIONS } from "./limits.ts";
+import { DEFAULT_CONNECTIONS, DEFAULT_IN_FLIGHT } from "./limits.ts";
 
 const client1 = "spiffe://securemesh/client/client1";
 const client2 = "spiffe://securemesh/client/client2";
@@ -241,6 +241,20 @@ describe("limits (issue 18, L2)", () => {
     expect(bad([{ identity: "spiffe://securemesh/client/client1*", connections: 1 }])).toBe('limits[0].identity must be a SPIFFE ID, a prefix ending in /*, or "*"');
     expect(bad([{ identity: "*", connections: 0 }])).toBe("limits[0].connections must be a whole number from 1 to 1000000");
     expect(bad([{ identity: "*", connections: 1.5 }])).toBe("limits[0].connections must be a whole number from 1 to 1000000");
-    expect(bad([{ identity: "*", rate: 1 }])).toBe('limits[0] has an unknown key "rate" (known: identity, connections, comment)');
+    expect(bad([{ identity: "*", rate: 1 }])).toBe('limits[0].rate must be an object { "perSecond": N, "burst": N }');
+    expect(bad([{ identity: "*", rate: { perSecond: 5 } }])).toBe("limits[0].rate.burst must be a whole number from 1 to 1000000");
+    expect(bad([{ identity: "*", rate: { perSecond: 5, burst: 5, per: 1 } }])).toBe('limits[0].rate has an unknown key "per" (known: perSecond, burst)');
+    expect(bad([{ identity: "*", inFlight: -1 }])).toBe("limits[0].inFlight must be a whole number from 1 to 1000000");
+    expect(bad([{ identity: "*", requests: 1 }])).toBe('limits[0] has an unknown key "requests" (known: identity, connections, inFlight, rate, comment)');
+  });
+
+  test("each kind comes from the first entry that sets it: a specific rate above a wildcard's in-flight cap (issue 20)", () => {
+    const policy = policyWith([
+      { identity: "spiffe://securemesh/client/client2", rate: { perSecond: 50, burst: 100 } },
+      { identity: "spiffe://securemesh/client/*", inFlight: 16 },
+    ]);
+    expect(limitsOf(policy, "spiffe://securemesh/client/client2")).toEqual({ connections: DEFAULT_CONNECTIONS, inFlight: 16, rate: { perSecond: 50, burst: 100 } });
+    expect(limitsOf(policy, "spiffe://securemesh/client/client1")).toEqual({ connections: DEFAULT_CONNECTIONS, inFlight: 16, rate: null });
+    expect(limitsOf(policy, "spiffe://securemesh/server/server1")).toEqual({ connections: DEFAULT_CONNECTIONS, inFlight: DEFAULT_IN_FLIGHT, rate: null });
   });
 });

@@ -1,13 +1,25 @@
 // The coordinator's app: /api/* forwarded to the next healthy server through the pool, invalidations and cache
 // statistics broadcast to every server, and the pool's view on /health. roles/coordinator.ts runs it.
 import { ProofRejected } from "../platform/errors.ts";
-import { createApp, readBodyLimited, requestTrace, requestUrl } from "../platform/http.ts";
+import type { RequestLimiter } from "../authz/index.ts";
+import { createApp, peerIdentity, readBodyLimited, requestTrace, requestUrl } from "../platform/http.ts";
 import type { Logger } from "../ops/log.ts";
 import { Metrics } from "../ops/metrics.ts";
 import { PROOF_HEADER } from "../request-path/proof.ts";
 import type { UpstreamPool } from "../request-path/upstream.ts";
 
-export function createCoordinatorApp({ pool, logger, metrics = new Metrics(), accessLog = true }: { pool: UpstreamPool; logger: Logger; metrics?: Metrics; accessLog?: boolean }) {
+export interface CoordinatorAppDeps {
+  pool: UpstreamPool;
+  logger: Logger;
+  metrics?: Metrics;
+  accessLog?: boolean;
+  /** Each caller's requests in flight and rate, per its TLS identity and the policy's limits (issue 20). */
+  limiter?: RequestLimiter;
+}
+
+export function createCoordinatorApp({ pool, logger, metrics = new Metrics(), accessLog = true, limiter }: CoordinatorAppDeps) {
+  /** Runs a request's work within its caller's limits: over one, 429 before its body is read or a server asked. */
+  const limited = <T>(request: Request, work: () => Promise<T>): Promise<T> => (limiter ? limiter.run(peerIdentity(request), work) : work());
   // /metrics is on the admin listener, next to the status page, as Envoy serves its stats.
   return createApp({ logger, metrics, metricsRoute: false, accessLog })
     .get("/health", ({ set }) => {
@@ -17,7 +29,7 @@ export function createCoordinatorApp({ pool, logger, metrics = new Metrics(), ac
       if (up === 0) set.status = 503;
       return { status: up > 0 ? "ok" : "no server up", role: "coordinator", serversUp: up, servers };
     })
-    .post("/api/invalidate_cache", async ({ request, set }) => {
+    .post("/api/invalidate_cache", ({ request, set }) => limited(request, async () => {
       const body = await readForwardedBody(request);
       // A broadcast costs a request to every server: one that cannot be allowed anywhere (no proof) goes nowhere.
       if (!carriesProof(body)) throw new ProofRejected("sender proof missing");
@@ -31,8 +43,8 @@ export function createCoordinatorApp({ pool, logger, metrics = new Metrics(), ac
       // Nobody acknowledged: if every server answered (say, 401 for a bad proof), their answer is the answer.
       if (acknowledged.length === 0) set.status = failed.every((f) => f.status !== null) ? failed[0]!.status! : 503;
       return { result: acknowledged.length > 0 ? "ok" : "failed", complete: failed.length === 0, acknowledged, failed };
-    }, { parse: "none" })
-    .get("/api/cache_stats", async ({ request, set }) => {
+    }), { parse: "none" })
+    .get("/api/cache_stats", ({ request, set }) => limited(request, async () => {
       const proof = request.headers.get(PROOF_HEADER);
       if (!proof) throw new ProofRejected("sender proof missing");
       const outcomes = await pool.broadcast("GET", "/api/cache_stats", { [PROOF_HEADER]: proof }, undefined, requestTrace(request));
@@ -41,16 +53,19 @@ export function createCoordinatorApp({ pool, logger, metrics = new Metrics(), ac
       return {
         servers: outcomes.map((o) => (o.ok ? { url: o.server, ...JSON.parse(new TextDecoder().decode(o.body)) } : { url: o.server, error: o.status === null ? o.error : `answered ${o.status}` })),
       };
-    })
-    .all("/api/*", async ({ request }) => {
+    }))
+    .all("/api/*", ({ request }) => limited(request, async () => {
       const url = requestUrl(request);
       const body = request.method === "GET" || request.method === "HEAD" ? undefined : await readForwardedBody(request);
       const result = await pool.forward({ method: request.method, path: url.pathname + url.search, headers: request.headers, body, trace: requestTrace(request) });
       return new Response(result.body, {
         status: result.status,
-        headers: { "content-type": result.contentType ?? "application/json", "x-securemesh-upstream": result.upstream },
+        headers: {
+          "content-type": result.contentType ?? "application/json", "x-securemesh-upstream": result.upstream,
+          ...(result.retryAfter === null ? {} : { "retry-after": result.retryAfter }),
+        },
       });
-    }, { parse: "none" });
+    }), { parse: "none" });
 }
 
 /** The body to forward, counted as it is read: a chunked body cannot slip past the limit (#11 L6). */

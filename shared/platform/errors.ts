@@ -11,6 +11,7 @@ export type ErrorCode =
   | "ERR_TIMEOUT" | "ERR_CLIENT_CLOSED" | "ERR_HOST_NOT_ALLOWED"
   // who is calling, and what it may do
   | "ERR_PROOF" | "ERR_FORBIDDEN" | "ERR_REVOKED" | "ERR_UNAUTHORIZED" | "ERR_CONNECTION_LIMIT" | "ERR_CLIENT_CERT"
+  | "ERR_RATE_LIMITED" | "ERR_IN_FLIGHT_LIMIT"
   // payloads and secrets
   | "ERR_INVALID_TOKEN" | "ERR_DECRYPT" | "ERR_SEAL" | "ERR_REPLAY" | "ERR_REPLAY_QUOTA" | "ERR_REPLAY_MEMORY_FULL"
   | "ERR_IDEMPOTENCY_CONFLICT"
@@ -73,6 +74,18 @@ export class IdempotencyConflict extends MeshError {
 export class Unavailable extends MeshError {
   constructor(message: string, options?: { cause?: unknown }) {
     super("ERR_UNAVAILABLE", 503, message, options);
+  }
+}
+
+/**
+ * An identity over one of its limits in the policy (a request rate, or requests in flight): 429, with the seconds
+ * after which a retry may pass, for the Retry-After header. Nothing of the request was done.
+ */
+export class TooManyRequests extends MeshError {
+  readonly retryAfterSeconds: number;
+  constructor(code: "ERR_RATE_LIMITED" | "ERR_IN_FLIGHT_LIMIT", message: string, retryAfterSeconds: number) {
+    super(code, 429, message);
+    this.retryAfterSeconds = retryAfterSeconds;
   }
 }
 

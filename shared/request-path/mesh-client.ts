@@ -37,6 +37,20 @@ export interface MeshClientOptions {
   expect?: string;
   /** Our CA's revocation list: a revoked peer is refused at the handshake and not used again. */
   isRevoked?: (serialHex: string) => boolean;
+  /**
+   * The most a request waits in all as 429 answers tell it (Retry-After, issue 20) before that 429 is returned; 0
+   * returns the first 429 at once.
+   */
+  maxLimitWaitMs?: number;
+}
+
+/** How long a request may wait out 429s by default: a few Retry-After seconds, never minutes. */
+export const DEFAULT_MAX_LIMIT_WAIT_MS = 5000;
+
+/** The wait a 429 asks for (its Retry-After, whole seconds), or null when it names none a client can honour. */
+export function retryAfterMs(value: string | null): number | null {
+  if (value === null || !/^\d{1,4}$/.test(value.trim())) return null;
+  return Number(value.trim()) * 1000;
 }
 
 export interface CachedDataAnswer {
@@ -74,6 +88,8 @@ export interface MeshResponse<T = Record<string, unknown>> {
 export class MeshClient {
   readonly name: string;
   readonly #options: Required<Omit<MeshClientOptions, "tlsIdentity" | "isRevoked" | "expect" | "fernet">>;
+  /** Each 429 this client waited out, and how long: what a flooding caller's report counts. */
+  readonly limited = { count: 0, waitedMs: 0 };
   readonly #fernet: Fernet;
   readonly #keys: FernetKeys | null;
   readonly #signer: ProofSigner;
@@ -81,7 +97,7 @@ export class MeshClient {
 
   constructor(options: MeshClientOptions) {
     if (options.coordinators.length === 0) throw new TypeError("at least one coordinator URL is needed");
-    this.#options = { timeoutMs: 5000, attempts: 3, backoffMs: 200, ...options };
+    this.#options = { timeoutMs: 5000, attempts: 3, backoffMs: 200, maxLimitWaitMs: DEFAULT_MAX_LIMIT_WAIT_MS, ...options };
     this.#fernet = options.fernet instanceof Fernet ? options.fernet : options.fernet.fernet;
     this.#keys = options.fernet instanceof Fernet ? null : options.fernet;
     this.#signer = new ProofSigner(options.identity);
@@ -145,38 +161,35 @@ export class MeshClient {
 
   /**
    * Sends one request, failing over between coordinators on connection failures and on 503, with backoff
-   * between rounds. Any other answer, success or error, is returned as it is. Each request starts a trace (a W3C
-   * traceparent) that every attempt carries, so a retry and a failover show in the logs under the one id.
+   * between rounds. A 429 with Retry-After is waited out and sent again, to the same coordinator, while the waits
+   * stay within maxLimitWaitMs; nothing of a refused request was done, so its proof is still unused. Any other
+   * answer, success or error, is returned as it is. Each request starts a trace (a W3C traceparent) that every
+   * attempt carries, so a retry and a failover show in the logs under the one id.
    */
   async request<T = Record<string, unknown>>(method: string, path: string, body?: unknown, headers: Record<string, string> = {}): Promise<MeshResponse<T>> {
-    const { coordinators, attempts, backoffMs, timeoutMs } = this.#options;
+    const { coordinators, attempts, backoffMs } = this.#options;
     const trace = startTrace();
     let last = "";
     let tried = 0;
+    let waitedMs = 0;
     for (let round = 0; round < attempts; round++) {
       if (round > 0) await setTimeout(backoffMs * 2 ** (round - 1));
       for (const coordinator of coordinators) {
         tried += 1;
         try {
-          const response = await this.#http.request(coordinator.replace(/\/+$/, "") + path, {
-            method,
-            headers: { ...trace.outbound, ...(body === undefined ? {} : { "content-type": "application/json" }), ...headers },
-            body: body === undefined ? undefined : JSON.stringify(body),
-            timeoutMs,
-            // Every write carries an Idempotency-Key, and reads change nothing: safe to send again on a new connection.
-            idempotent: method === "GET" || "idempotency-key" in headers,
-          });
-          let parsed: T;
-          try {
-            parsed = response.json() as T;
-          } catch {
-            parsed = { error: `non-JSON answer (${response.status})` } as T;
+          let answer = await this.#send<T>(coordinator, method, path, body, headers, trace.outbound);
+          for (let wait = limitWaitMs(answer); wait !== null && waitedMs + wait <= this.#options.maxLimitWaitMs; wait = limitWaitMs(answer)) {
+            waitedMs += wait;
+            this.limited.count += 1;
+            this.limited.waitedMs += wait;
+            await setTimeout(wait);
+            answer = await this.#send<T>(coordinator, method, path, body, headers, trace.outbound);
           }
-          if (response.status === 503) {
-            last = `${coordinator} answered 503: ${(parsed as { error?: string }).error ?? ""}`;
+          if (answer.status === 503) {
+            last = `${coordinator} answered 503: ${(answer.body as { error?: string }).error ?? ""}`;
             continue;
           }
-          return { status: response.status, body: parsed, coordinator, server: response.header("x-securemesh-upstream"), trace: trace.id, attempts: tried };
+          return { status: answer.status, body: answer.body, coordinator, server: answer.server, trace: trace.id, attempts: tried };
         } catch (error) {
           last = `${coordinator}: ${describeNetworkError(error)}`;
         }
@@ -184,4 +197,35 @@ export class MeshClient {
     }
     throw new MeshError("ERR_UNREACHABLE", 503, `no coordinator could serve the request (${last}; trace=${trace.id})`);
   }
+
+  /** One attempt at one coordinator: its status, its JSON (or a note that it sent none), and the server named. */
+  async #send<T>(coordinator: string, method: string, path: string, body: unknown, headers: Record<string, string>, traceHeaders: Record<string, string>): Promise<Attempt<T>> {
+    const response = await this.#http.request(coordinator.replace(/\/+$/, "") + path, {
+      method,
+      headers: { ...traceHeaders, ...(body === undefined ? {} : { "content-type": "application/json" }), ...headers },
+      body: body === undefined ? undefined : JSON.stringify(body),
+      timeoutMs: this.#options.timeoutMs,
+      // Every write carries an Idempotency-Key, and reads change nothing: safe to send again on a new connection.
+      idempotent: method === "GET" || "idempotency-key" in headers,
+    });
+    let parsed: T;
+    try {
+      parsed = response.json() as T;
+    } catch {
+      parsed = { error: `non-JSON answer (${response.status})` } as T;
+    }
+    return { status: response.status, body: parsed, server: response.header("x-securemesh-upstream"), retryAfter: response.header("retry-after") };
+  }
+}
+
+interface Attempt<T> {
+  status: number;
+  body: T;
+  server: string | null;
+  retryAfter: string | null;
+}
+
+/** The wait a 429 asks for, or null for any other answer, or a 429 whose Retry-After a client cannot honour. */
+function limitWaitMs(answer: Attempt<unknown>): number | null {
+  return answer.status === 429 ? retryAfterMs(answer.retryAfter) : null;
 }

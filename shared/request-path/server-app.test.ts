@@ -1,8 +1,8 @@
 import { beforeAll, describe, expect, test } from "bun:test";
 import { join } from "node:path";
-import { mkdtempSync, writeFileSync } from "node:fs";
+import { mkdtempSync, readFileSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
-import { Authorizer } from "../authz/index.ts";
+import { Authorizer, RequestLimiter } from "../authz/index.ts";
 import { loadFernetKeys, policyPath } from "../platform/config.ts";
 import { Fernet } from "./fernet.ts";
 import { createLogger } from "../ops/log.ts";
@@ -316,5 +316,57 @@ describe("authorization (#11): every request decided by the policy against a ver
     expect([invalidation.status, await invalidation.json()]).toEqual([403, denied("coordinator/coordinator", "cache.invalidate")]);
     const stats = await app.handle(new Request("http://localhost/api/cache_stats", { headers: await readHeaders(coordinator(), "/api/cache_stats") }));
     expect([stats.status, await stats.json()]).toEqual([403, denied("coordinator/coordinator", "cache.stats")]);
+  });
+});
+
+describe("per-sender limits (issue 20): a server knows the sender from its proof, whichever coordinator forwards", () => {
+  /** A server app whose policy limits client2; `hold` keeps every insert waiting until released. */
+  function limitedApp(limits: unknown[]) {
+    const dir = mkdtempSync(join(tmpdir(), "securemesh-limits-"));
+    const policy = JSON.parse(readFileSync(policyPath(), "utf8")) as { limits: unknown[] };
+    policy.limits = [...limits, ...policy.limits];
+    writeFileSync(join(dir, "policy.json"), JSON.stringify(policy));
+    const logger = createLogger("server", { format: "text", color: false, write: (l) => logs.push(l) });
+    const limitedAuthz = new Authorizer(join(dir, "policy.json"), logger);
+    let nowMs = 0;
+    let gate = Promise.withResolvers<void>();
+    gate.resolve();
+    const held: RecordStore = Object.create(store, {
+      insert: { value: async (record: Parameters<RecordStore["insert"]>[0]) => (await gate.promise, store.insert(record)) },
+    });
+    const limiter = new RequestLimiter({ limits: (id) => limitedAuthz.limits(id), logger, now: () => nowMs });
+    const view = new CachedDataView({ store, fernet, logger, ttlMs: 30_000, now: clock });
+    const target = handledAs(createServerApp({ port: () => 7001, store: held, view, fernet, verifier, authz: limitedAuthz, logger, ttl: 300, limiter }), COORDINATOR_ID);
+    return {
+      target,
+      advance: (ms: number) => (nowMs += ms),
+      hold: () => (gate = Promise.withResolvers<void>()),
+      release: () => gate.resolve(),
+    };
+  }
+
+  test("over its rate, a sender gets 429 JSON with Retry-After; its refused proof still stores later; others pass", async () => {
+    const { target, advance } = limitedApp([{ identity: "spiffe://securemesh/client/client2", rate: { perSecond: 1, burst: 1 } }]);
+    expect((await post(await signed("first", undefined, client2), {}, target)).status).toBe(200);
+    const refusedBody = await signed("second", undefined, client2);
+    const response = await target.handle(new Request("http://localhost/api/data", { method: "POST", headers: { "content-type": "application/json" }, body: JSON.stringify(refusedBody) }));
+    expect([response.status, response.headers.get("retry-after"), await response.json()]).toEqual([
+      429, "1", { error: "spiffe://securemesh/client/client2 is over its rate of 1 requests a second", code: "ERR_RATE_LIMITED" },
+    ]);
+    expect((await post(await signed("client1 is untouched"), {}, target)).status).toBe(200);
+    advance(1000);
+    expect((await post(refusedBody, {}, target)).status).toBe(200);
+  });
+
+  test("over its requests in flight, a sender gets 429 while its others are held; a finished one frees a place", async () => {
+    const { target, hold, release } = limitedApp([{ identity: "spiffe://securemesh/client/client2", inFlight: 2 }]);
+    hold();
+    const pending = [post(await signed("a", undefined, client2), {}, target), post(await signed("b", undefined, client2), {}, target)];
+    const over = await post(await signed("c", undefined, client2), {}, target);
+    expect([over.status, over.body.code]).toEqual([429, "ERR_IN_FLIGHT_LIMIT"]);
+    const client1 = post(await signed("client1 has its own places"), {}, target);
+    release();
+    expect((await Promise.all([...pending, client1])).map((r) => r.status)).toEqual([200, 200, 200]);
+    expect((await post(await signed("d", undefined, client2), {}, target)).status).toBe(200);
   });
 });

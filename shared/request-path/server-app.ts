@@ -1,7 +1,7 @@
 // The server's app: each route checks who forwarded it (the TLS peer), the sender's proof, and the policy, then
 // decrypts and commits a record, or serves the get_data() view through its cache. roles/server.ts runs it.
 import { createHash } from "node:crypto";
-import type { Authorizer } from "../authz/index.ts";
+import type { Authorizer, RequestLimiter } from "../authz/index.ts";
 import { senderName } from "../authz/index.ts";
 import { BadRequest, ProofRejected } from "../platform/errors.ts";
 import { createApp, peerIdentity, readJsonFields, requestTrace } from "../platform/http.ts";
@@ -30,6 +30,8 @@ export interface ServerDeps {
   facts?: () => object;
   /** Re-encryption after a rotation, for /health: records still under old keys, keys kept for them (fernet-rewrap.ts). */
   fernetRewrap?: () => RewrapStatus;
+  /** Each sender's requests in flight and rate, per the proof's verified sender and the policy's limits (issue 20). */
+  limiter?: RequestLimiter;
 }
 
 const IDEMPOTENCY_KEY = /^[A-Za-z0-9_.:-]{1,128}$/;
@@ -40,8 +42,13 @@ export function senderIdempotencyKey(sender: string, key: string): string {
 }
 
 export function createServerApp(deps: ServerDeps) {
-  const { store, view, fernet, verifier, authz, logger, ttl, metrics = new Metrics() } = deps;
+  const { store, view, fernet, verifier, authz, logger, ttl, metrics = new Metrics(), limiter } = deps;
   view.exportMetrics(metrics);
+  /**
+   * Runs a request's work within its sender's limits. Servers are called by coordinators, so the sender the proof
+   * names is the one identity here that a limit can be fair to; its proof is not yet used when the 429 is answered.
+   */
+  const limited = <T>(sender: string, work: () => Promise<T>): Promise<T> => (limiter ? limiter.run(sender, work) : work());
 
   /**
    * Who forwards is the TLS peer of this very connection (the listener binds it to the request, on both runtimes):
@@ -81,18 +88,20 @@ export function createServerApp(deps: ServerDeps) {
       }
       const { sender, jti } = await verifier.verify(proof, { method: "POST", path: "/api/data", payload: data });
       authz.require(sender, "records.write");
-      const text = fernet.decryptText(data, { ttl });
-      const name = senderName(sender);
-      const started = performance.now();
-      const stored = await store.insert({
-        sender: name, token: data, jti, digest: payloadDigest(data), server: deps.port(),
-        idempotencyKey: idempotencyKey === undefined ? undefined : senderIdempotencyKey(sender, idempotencyKey),
+      return limited(sender, async () => {
+        const text = fernet.decryptText(data, { ttl });
+        const name = senderName(sender);
+        const started = performance.now();
+        const stored = await store.insert({
+          sender: name, token: data, jti, digest: payloadDigest(data), server: deps.port(),
+          idempotencyKey: idempotencyKey === undefined ? undefined : senderIdempotencyKey(sender, idempotencyKey),
+        });
+        // The database hop of the request, under its trace id (#14).
+        const { field, id } = requestTrace(request);
+        logger.info(`Store: record ${stored.id} ${stored.repeated ? "was already stored (a repeat)" : "stored"} for ${name} in ${(performance.now() - started).toFixed(1)} ms ${field}=${id}`);
+        if (!stored.repeated) logger.info(`Decrypted data: ${printable(text)} (from ${name})`);
+        return { result: "ok", id: stored.id, server: stored.server };
       });
-      // The database hop of the request, under its trace id (#14).
-      const { field, id } = requestTrace(request);
-      logger.info(`Store: record ${stored.id} ${stored.repeated ? "was already stored (a repeat)" : "stored"} for ${name} in ${(performance.now() - started).toFixed(1)} ms ${field}=${id}`);
-      if (!stored.repeated) logger.info(`Decrypted data: ${printable(text)} (from ${name})`);
-      return { result: "ok", id: stored.id, server: stored.server };
     })
     .get("/api/get_cached_data", async ({ request }) => {
       requireForwarder(request);
@@ -101,9 +110,11 @@ export function createServerApp(deps: ServerDeps) {
       const everyone = authz.allows(sender, "view.read", "all");
       authz.require(sender, "view.read", everyone ? "all" : "own");
       const refresh = /no-cache/i.test(request.headers.get("cache-control") ?? "");
-      const { snapshot, cached, ageMs } = await view.read(refresh, everyone ? undefined : senderName(sender));
-      // Encrypted for the client, so the coordinator in between cannot read the view.
-      return { cached, age_ms: ageMs, server: deps.port(), generation: snapshot.generation, data: fernet.encrypt(JSON.stringify(snapshot)) };
+      return limited(sender, async () => {
+        const { snapshot, cached, ageMs } = await view.read(refresh, everyone ? undefined : senderName(sender));
+        // Encrypted for the client, so the coordinator in between cannot read the view.
+        return { cached, age_ms: ageMs, server: deps.port(), generation: snapshot.generation, data: fernet.encrypt(JSON.stringify(snapshot)) };
+      });
     })
     .post("/api/invalidate_cache", async ({ request, body }) => {
       requireForwarder(request);
@@ -111,14 +122,16 @@ export function createServerApp(deps: ServerDeps) {
       if (proof === undefined) throw new ProofRejected("sender proof missing");
       const { sender, jti, expiresAt } = await verifier.verify(proof, { method: "POST", path: "/api/invalidate_cache", payload: "" });
       authz.require(sender, "cache.invalidate");
-      const generation = await view.invalidate({ jti, server: deps.port(), expiresAt });
-      logger.info(`Cache invalidated by ${senderName(sender)} (generation ${generation})`);
-      return { result: "ok", server: deps.port(), generation };
+      return limited(sender, async () => {
+        const generation = await view.invalidate({ jti, server: deps.port(), expiresAt });
+        logger.info(`Cache invalidated by ${senderName(sender)} (generation ${generation})`);
+        return { result: "ok", server: deps.port(), generation };
+      });
     })
     .get("/api/cache_stats", async ({ request }) => {
       requireForwarder(request);
       const { sender } = await verifyHeaderProof(request, "/api/cache_stats");
       authz.require(sender, "cache.stats");
-      return { server: deps.port(), ...(await view.stats()) };
+      return limited(sender, async () => ({ server: deps.port(), ...(await view.stats()) }));
     });
 }

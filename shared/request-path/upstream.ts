@@ -72,6 +72,8 @@ export interface ForwardResult {
   contentType: string | null;
   body: Uint8Array;
   upstream: string;
+  /** The server's Retry-After, passed on with its 429 (a sender over its limit there, issue 20). */
+  retryAfter: string | null;
 }
 
 export const DEFAULT_HEALTH: HealthCheckOptions = { intervalMs: 1000, timeoutMs: 1000, fall: 2, rise: 2 };
@@ -205,7 +207,7 @@ export class UpstreamPool {
       try {
         const answer = await this.#send(server.url, request.method, request.path, headers, request.body, replayable);
         server.requests += 1;
-        return { status: answer.status, contentType: answer.header("content-type"), body: answer.body, upstream: server.url };
+        return { status: answer.status, contentType: answer.header("content-type"), body: answer.body, upstream: server.url, retryAfter: answer.header("retry-after") };
       } catch (error) {
         lastReason = reason(error);
         this.#markFailed(server, lastReason, trace);

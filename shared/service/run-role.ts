@@ -1,7 +1,7 @@
 // The one prologue of every role that serves over mutual TLS: the environment guard, the configuration, the trust
 // material and the policy, the listener, reloads and signals. A role file says what is its own (its flags, its app,
 // what it opens and closes) and reads top-down as config, app, main.
-import { Authorizer, mutualTlsListening, TrustMaterial } from "../authz/index.ts";
+import { Authorizer, mutualTlsListening, RequestLimiter, TrustMaterial } from "../authz/index.ts";
 import { exitOnSignals, exitWithConfigError } from "../platform/config.ts";
 import { describeError, createLogger, type Logger } from "../ops/log.ts";
 import { Metrics } from "../ops/metrics.ts";
@@ -27,6 +27,8 @@ export interface RoleContext<C extends ServingConfig> {
   metrics: Metrics;
   trust: TrustMaterial;
   authz: Authorizer;
+  /** Per-identity requests in flight and rate, from the policy's limits (issue 20): the app says whose each request is. */
+  limiter: RequestLimiter;
   /** What this host says about itself on /health (issue 23): identity, policy hash, CRL number, expiry, clock. */
   facts: () => HostFacts;
 }
@@ -117,7 +119,10 @@ export async function runRole<C extends ServingConfig>(role: RoleDefinition<C>, 
   } catch (error) {
     exitWithConfigError(role.name, error);
   }
-  const service = await Promise.resolve(role.start({ config, logger, metrics, trust, authz, facts: hostFacts(trust, authz) })).catch((error) => exitWithConfigError(role.name, error));
+  const service = await Promise.resolve(role.start({
+    config, logger, metrics, trust, authz, facts: hostFacts(trust, authz),
+    limiter: new RequestLimiter({ limits: (identity) => authz.limits(identity), logger, metrics }),
+  })).catch((error) => exitWithConfigError(role.name, error));
   const listener = await listenReloadable(service.app, {
     port: config.port, hostname: config.host, ...mutualTlsListening(trust, authz), sharePort: service.sharePort === true,
   }).catch((error) => exitWithConfigError(role.name, error));

@@ -1,7 +1,7 @@
 // The KeyServer's app: a token is released only to a TLS caller the policy lets fetch tokens, for an identity it
 // lets use them, through a hybrid exchange (JOSE or the original format), once per nonce, with one audit line per
 // attempt. roles/keyserver.ts runs it.
-import { parseSpiffeId, type Authorizer } from "../authz/index.ts";
+import { parseSpiffeId, type Authorizer, type RequestLimiter } from "../authz/index.ts";
 import { BadRequest, MeshError } from "../platform/errors.ts";
 import { createApp, peerIdentity, readBodyLimited } from "../platform/http.ts";
 import { printable, type Logger } from "../ops/log.ts";
@@ -28,9 +28,11 @@ export interface KeyserverDeps {
   /** Whether the original JSON format may come without timestamp and nonce (#11 L8). */
   legacyReplay: LegacyReplay;
   metrics?: Metrics;
+  /** Requests in flight and rate of whom each request is for (the on-behalf-of identity), per the policy (issue 20). */
+  limiter?: RequestLimiter;
 }
 
-type Outcome = "released" | "forbidden" | "not_found" | "replay" | "replay_quota" | "decrypt_error" | "bad_request" | "error";
+type Outcome = "released" | "forbidden" | "not_found" | "replay" | "replay_quota" | "decrypt_error" | "bad_request" | "limited" | "error";
 
 function outcomeOf(error: unknown): Outcome {
   switch ((error as MeshError).code) {
@@ -40,6 +42,7 @@ function outcomeOf(error: unknown): Outcome {
     case "ERR_REPLAY_QUOTA": return "replay_quota";
     case "ERR_NOT_FOUND": return "not_found";
     case "ERR_BAD_REQUEST": case "ERR_UNSUPPORTED_MEDIA_TYPE": return "bad_request";
+    case "ERR_RATE_LIMITED": case "ERR_IN_FLIGHT_LIMIT": return "limited";
     default: return "error";
   }
 }
@@ -52,7 +55,7 @@ function onBehalfOf(request: Request, caller: string): string {
   return named;
 }
 
-export function createKeyserverApp({ vault, keys, ecdh, nonces, logger, authz, legacyReplay, metrics = new Metrics() }: KeyserverDeps) {
+export function createKeyserverApp({ vault, keys, ecdh, nonces, logger, authz, legacyReplay, metrics = new Metrics(), limiter }: KeyserverDeps) {
   const releases = metrics.counter("securemesh_token_releases_total", "Token release attempts, by outcome.", ["outcome"]);
   /**
    * One line per release attempt: the TLS caller and whom it asked for (#11 H1), and on an error its code (#11
@@ -83,9 +86,12 @@ export function createKeyserverApp({ vault, keys, ecdh, nonces, logger, authz, l
       // What the audit line names until the header is checked; onBehalfOf() then says whom the request is for.
       const who = { caller, onBehalfOf: request.headers.get(ON_BEHALF_OF_HEADER) ?? caller };
       let parsed: Partial<TokenRequest> = {};
+      let release: (() => void) | undefined;
       try {
         authz.require(who.caller, "tokens.fetch");
         who.onBehalfOf = onBehalfOf(request, who.caller);
+        // Before the body is read and its RSA decryption paid for.
+        release = limiter?.admit(who.onBehalfOf);
         const type = (request.headers.get("content-type") ?? "").toLowerCase();
         const jose = type.startsWith("application/jose");
         if (!jose && !type.startsWith("application/json")) throw new MeshError("ERR_UNSUPPORTED_MEDIA_TYPE", 415, "Content-Type must be application/json or application/jose");
@@ -104,6 +110,8 @@ export function createKeyserverApp({ vault, keys, ecdh, nonces, logger, authz, l
       } catch (error) {
         audit(who, parsed, outcomeOf(error), error);
         throw error;
+      } finally {
+        release?.();
       }
     }, { parse: "none" });
 }

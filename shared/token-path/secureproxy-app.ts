@@ -4,8 +4,8 @@
 // roles/secureproxy.ts runs it.
 import type { KeyObject } from "node:crypto";
 import { createPublicKey } from "node:crypto";
-import { UnexpectedPeer, type Authorizer } from "../authz/index.ts";
-import { BadRequest, ConfigError, Forbidden, MeshError, Unavailable } from "../platform/errors.ts";
+import { UnexpectedPeer, type Authorizer, type RequestLimiter } from "../authz/index.ts";
+import { BadRequest, ConfigError, Forbidden, MeshError, TooManyRequests, Unavailable } from "../platform/errors.ts";
 import { createApp, peerIdentity, readJsonFields, requestTrace } from "../platform/http.ts";
 import type { HttpsResponse } from "../platform/https-client.ts";
 import { describeNetworkError as reason, printable, type Logger } from "../ops/log.ts";
@@ -69,6 +69,8 @@ export interface ProxyDeps {
   timeoutMs: number;
   logger: Logger;
   metrics?: Metrics;
+  /** Each caller's requests in flight and rate, per its TLS identity and the policy's limits (issue 20). */
+  limiter?: RequestLimiter;
 }
 
 /** A KeyServer answer passed on as what it means for the caller; anything unexpected is a 502 naming its code. */
@@ -86,9 +88,19 @@ function keyServerRefusal(response: HttpsResponse): MeshError {
     case 503: return new Unavailable("KeyServer unavailable (its token store is down)");
     // Both roles read the same policy; the KeyServer may have reloaded an edit a moment before this proxy.
     case 403: return new Forbidden(`the KeyServer refused: ${typeof error === "string" ? printable(error.slice(0, 300)) : "forbidden"}`);
-    case 429: return new MeshError("ERR_REPLAY_QUOTA", 429, typeof error === "string" ? printable(error.slice(0, 300)) : "too many token requests; retry later");
+    // The client over its limit at the KeyServer too (issue 20): told so, with the KeyServer's Retry-After.
+    case 429: if (code === "ERR_RATE_LIMITED" || code === "ERR_IN_FLIGHT_LIMIT") {
+      return new TooManyRequests(code, `the KeyServer refused: ${typeof error === "string" ? printable(error.slice(0, 300)) : "over a limit"}`, retryAfterOf(response));
+    }
+      return new MeshError("ERR_REPLAY_QUOTA", 429, typeof error === "string" ? printable(error.slice(0, 300)) : "too many token requests; retry later");
     default: return new MeshError("ERR_KEYSERVER", 502, `KeyServer refused the token request (${response.status} ${why})`);
   }
+}
+
+/** A Retry-After in whole seconds, from 1 to 60 whatever the KeyServer sent. */
+function retryAfterOf(response: HttpsResponse): number {
+  const seconds = Number(response.header("retry-after"));
+  return Number.isInteger(seconds) ? Math.min(60, Math.max(1, seconds)) : 1;
 }
 
 /**
@@ -195,26 +207,35 @@ export function createProxyApp(deps: ProxyDeps) {
       const { ClientId, TokenType, ApiUri } = readJsonFields(request, body, ["ClientId", "TokenType", "ApiUri"]);
       deps.authz.require(caller, "proxy.use", proxyResource(ClientId, TokenType));
       const url = checkApiUri(ApiUri, TokenType, deps.allow);
-      const trace = requestTrace(request);
-      const token = await fetchToken(ClientId, TokenType, caller, trace);
-      let api: HttpsResponse;
+      const release = deps.limiter?.admit(caller);
       try {
-        // The client follows no redirect, so none can carry the token to another host; it is sent only over a
-        // connection whose handshake showed the API's pinned identity (or its own CA and host name).
-        api = await deps.hops.api(TokenType).request(url, {
-          headers: { ...trace.outbound, authorization: `Bearer ${token}`, accept: "application/json" }, timeoutMs, idempotent: true,
-        });
-      } catch (error) {
-        throw new MeshError("ERR_UPSTREAM", 502, `the API at ${url.host} failed (${reason(error)})`);
+        return await callApi(caller, ClientId, TokenType, url, requestTrace(request));
+      } finally {
+        release?.();
       }
-      const text = api.text();
-      let json: unknown;
-      try {
-        json = JSON.parse(text);
-      } catch {
-        throw new MeshError("ERR_UPSTREAM", 502, `the API at ${url.host} answered ${api.status} without JSON`);
-      }
-      logger.info(`API call by ${printable(caller)} for client=${printable(ClientId)} type=${printable(TokenType)} to ${url.host} answered ${api.status} ${trace.field}=${trace.id}`);
-      return new Response(JSON.stringify(json), { status: api.status, headers: { "content-type": "application/json" } });
     });
+
+  /** Fetches the token and calls the API with it: the work a caller's limits count (issue 20). */
+  async function callApi(caller: string, ClientId: string, TokenType: string, url: URL, trace: Trace): Promise<Response> {
+    const token = await fetchToken(ClientId, TokenType, caller, trace);
+    let api: HttpsResponse;
+    try {
+      // The client follows no redirect, so none can carry the token to another host; it is sent only over a
+      // connection whose handshake showed the API's pinned identity (or its own CA and host name).
+      api = await deps.hops.api(TokenType).request(url, {
+        headers: { ...trace.outbound, authorization: `Bearer ${token}`, accept: "application/json" }, timeoutMs, idempotent: true,
+      });
+    } catch (error) {
+      throw new MeshError("ERR_UPSTREAM", 502, `the API at ${url.host} failed (${reason(error)})`);
+    }
+    const text = api.text();
+    let json: unknown;
+    try {
+      json = JSON.parse(text);
+    } catch {
+      throw new MeshError("ERR_UPSTREAM", 502, `the API at ${url.host} answered ${api.status} without JSON`);
+    }
+    logger.info(`API call by ${printable(caller)} for client=${printable(ClientId)} type=${printable(TokenType)} to ${url.host} answered ${api.status} ${trace.field}=${trace.id}`);
+    return new Response(JSON.stringify(json), { status: api.status, headers: { "content-type": "application/json" } });
+  }
 }
