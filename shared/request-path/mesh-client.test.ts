@@ -55,3 +55,38 @@ describe("MeshClient failover", () => {
     await expect(client([nothingListening(), standIn(503)]).sendData("hello")).rejects.toMatchObject({ code: "ERR_UNREACHABLE", status: 503 });
   });
 });
+
+describe("MeshClient and limits (issue 20): a 429 is waited out as told, within a bound", () => {
+  /** A coordinator that answers 429 (Retry-After: 1) to the first `refusals` requests, then 200; it keeps every body. */
+  function limiting(refusals: number) {
+    const bodies: string[] = [];
+    const server = Bun.serve({
+      port: 0, hostname: "127.0.0.1", tls: mutualTlsServerOptions(loadIdentity(pki, "coordinator")),
+      fetch: async (request) => {
+        bodies.push(await request.text());
+        if (bodies.length <= refusals) return Response.json({ error: "over its rate", code: "ERR_RATE_LIMITED" }, { status: 429, headers: { "retry-after": "1" } });
+        return Response.json({ result: "ok", id: 7 });
+      },
+    });
+    servers.push(server);
+    return { url: `https://127.0.0.1:${server.port}`, bodies };
+  }
+
+  test("a 429 with Retry-After is sent again after the wait, the same request (its proof unused), to the same coordinator", async () => {
+    const limited = limiting(1);
+    const meshClient = client([limited.url, standIn(200)]);
+    const started = performance.now();
+    const { status, coordinator, attempts } = await meshClient.sendData("hello");
+    expect({ status, coordinator, attempts, limited: meshClient.limited }).toEqual({ status: 200, coordinator: limited.url, attempts: 1, limited: { count: 1, waitedMs: 1000 } });
+    expect(performance.now() - started).toBeGreaterThanOrEqual(990);
+    expect(limited.bodies).toHaveLength(2);
+    expect(limited.bodies[1]).toBe(limited.bodies[0]!);
+  });
+
+  test("a wait past the bound is not waited: the 429 is the answer", async () => {
+    const limited = limiting(5);
+    const meshClient = new MeshClient({ identity: loadIdentity(pki, "client1"), fernet: new Fernet(loadFernetKeys(pki)), coordinators: [limited.url], maxLimitWaitMs: 500 });
+    const { status, body } = await meshClient.sendData("hello");
+    expect({ status, code: body.code, sent: limited.bodies.length, limited: meshClient.limited }).toEqual({ status: 429, code: "ERR_RATE_LIMITED", sent: 1, limited: { count: 0, waitedMs: 0 } });
+  });
+});

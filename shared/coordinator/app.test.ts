@@ -1,0 +1,65 @@
+// The coordinator's app in process (as hono and elysia test routes, through app.handle): per-identity limits on
+// the TLS caller before anything is forwarded, and a server's own 429 passed on with its Retry-After (issue 20).
+import { describe, expect, test } from "bun:test";
+import { mkdtempSync, writeFileSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { Authorizer, RequestLimiter } from "../authz/index.ts";
+import type { HttpsRequest } from "../platform/https-client.ts";
+import { createLogger } from "../ops/log.ts";
+import { handledAs } from "../testing/peers.ts";
+import { UpstreamPool, type UpstreamAnswer, type UpstreamTransport } from "../request-path/upstream.ts";
+import { createCoordinatorApp } from "./app.ts";
+
+const SERVER = "https://server.test:5001";
+const CLIENT1 = "spiffe://securemesh/client/client1";
+const CLIENT2 = "spiffe://securemesh/client/client2";
+
+/** A server that answers each forward with what `answer` says, after `gate` opens; it counts what reached it. */
+class HeldTransport implements UpstreamTransport {
+  forwards = 0;
+  gate = Promise.resolve();
+  constructor(readonly answer: () => { status: number; headers?: Record<string, string> } = () => ({ status: 200 })) {}
+  async request(_url: string, init: HttpsRequest): Promise<UpstreamAnswer> {
+    if (init.method !== "GET" || !String(_url).endsWith("/health")) this.forwards += 1;
+    await this.gate;
+    const { status, headers = {} } = this.answer();
+    const body = new TextEncoder().encode(JSON.stringify(status === 200 ? { result: "ok" } : { error: "over", code: "ERR_RATE_LIMITED" }));
+    return { status, body, header: (name) => (name === "content-type" ? "application/json" : headers[name] ?? null) };
+  }
+}
+
+function coordinator(transport: HeldTransport, limits: unknown[] = []) {
+  const logger = createLogger("coordinator", { format: "text", color: false, write: () => {} });
+  const dir = mkdtempSync(join(tmpdir(), "securemesh-coordinator-app-"));
+  writeFileSync(join(dir, "policy.json"), JSON.stringify({ rules: [], limits }));
+  const authz = new Authorizer(join(dir, "policy.json"), logger);
+  const pool = new UpstreamPool({ servers: [SERVER], transport, logger });
+  const app = createCoordinatorApp({ pool, logger, limiter: new RequestLimiter({ limits: (id) => authz.limits(id), logger }) });
+  return (identity: string) => handledAs(app, identity);
+}
+
+const write = () => new Request("http://localhost/api/data", { method: "POST", headers: { "content-type": "application/json", "idempotency-key": crypto.randomUUID() }, body: "{}" });
+
+describe("per-identity limits at the coordinator (issue 20)", () => {
+  test("an identity over its requests in flight gets 429 with Retry-After, and nothing is forwarded; another is served", async () => {
+    const transport = new HeldTransport();
+    const as = coordinator(transport, [{ identity: CLIENT2, inFlight: 2 }]);
+    const open = Promise.withResolvers<void>();
+    transport.gate = open.promise;
+    const held = [as(CLIENT2).handle(write()), as(CLIENT2).handle(write())];
+    const over = await as(CLIENT2).handle(write());
+    expect([over.status, over.headers.get("retry-after"), await over.json()]).toEqual([429, "1", { error: `${CLIENT2} already has 2 requests in flight, its limit`, code: "ERR_IN_FLIGHT_LIMIT" }]);
+    expect(transport.forwards).toBe(2);
+    const other = as(CLIENT1).handle(write());
+    open.resolve();
+    expect((await Promise.all([...held, other])).map((r) => r.status)).toEqual([200, 200, 200]);
+    expect((await as(CLIENT2).handle(write())).status).toBe(200);
+  });
+
+  test("a server's 429 reaches the client with the server's Retry-After", async () => {
+    const as = coordinator(new HeldTransport(() => ({ status: 429, headers: { "retry-after": "3" } })));
+    const answer = await as(CLIENT1).handle(write());
+    expect([answer.status, answer.headers.get("retry-after"), answer.headers.get("x-securemesh-upstream")]).toEqual([429, "3", SERVER]);
+  });
+});
