@@ -1,6 +1,7 @@
 // The faults of `bun harness chaos`, shared with harness/chaos.test.ts (which runs smaller loads).
-import { writeFileSync } from "node:fs";
+import { readFileSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
+import { policyPath } from "../shared/platform/config.ts";
 import type { MeshClient } from "../shared/request-path/mesh-client.ts";
 import { IMPOSTOR_ID, startImpostor } from "./hostile.ts";
 import { openStore } from "../shared/request-path/store.ts";
@@ -254,5 +255,83 @@ export async function membershipUnderLoad(cluster: Cluster, db: string, clients:
     fault: "add a server to --servers-file, then remove the first, under load",
     requests: load.requests, failed: load.errors,
     detail: `${load.acks.length} acknowledged, ${records} stored, 0 lost, 0 duplicated; served by ${servedBy.size} servers`,
+  };
+}
+
+/**
+ * The noisy neighbour's policy: the repository's, with client2, a batch tenant, held to `noisyInFlight` requests at
+ * once, and every other client to `clientInFlight`, however many workers each runs.
+ */
+export function noisyNeighbourPolicy(dir: string, { noisyInFlight, clientInFlight }: { noisyInFlight: number; clientInFlight: number }): string {
+  const policy = JSON.parse(readFileSync(policyPath(), "utf8")) as { limits?: unknown[] };
+  policy.limits = [
+    { identity: "spiffe://securemesh/client/client2", inFlight: noisyInFlight, comment: "a batch tenant: its share, however many workers it runs" },
+    { identity: "spiffe://securemesh/client/*", inFlight: clientInFlight },
+    ...(policy.limits ?? []),
+  ];
+  const path = join(dir, "policy-noisy-neighbour.json");
+  writeFileSync(path, JSON.stringify(policy, null, 2));
+  return path;
+}
+
+/** What one client's load came to, by answer: acknowledged writes, 429s (over its limit), and anything else. */
+interface ClientTally {
+  run: LoadRun;
+  limited: number;
+  serverErrors: number;
+}
+
+/** `workers` workers of one client writing back to back until `until()` (or for `durationMs`). */
+async function writesOf(client: MeshClient, workers: number, limit: { durationMs?: number; until?: () => boolean }, progress?: LoadOptions["progress"]): Promise<ClientTally> {
+  const tally = { limited: 0, serverErrors: 0 };
+  const run = await runLoad({
+    concurrency: workers, ...limit, progress, label: `${client.name} writes`,
+    async request(w, i) {
+      const { status, body } = await client.sendData(`neighbour ${w}-${i}`);
+      if (status === 200) return body.id as number;
+      if (status === 429) tally.limited += 1;
+      if (status >= 500) tally.serverErrors += 1;
+      return `${status} ${JSON.stringify(body)}`;
+    },
+  });
+  return { run, ...tally };
+}
+
+/**
+ * Issue 20, the noisy neighbour: client1 writes with `quiet` workers, alone and then while client2 floods with
+ * `noisy`, under a policy that holds every client to a few requests in flight (the coordinator must run with
+ * noisyNeighbourPolicy's file). client1 must see 0 errors and a p99 within 2× of its p99 alone; client2 gets 429s
+ * (its library waits them out as told, then gives up) and no 5xx; every acknowledged write is stored once.
+ */
+export async function noisyNeighbour(mesh: ChaosMesh, options: { quiet: number; noisy: number; durationMs: number }): Promise<FaultRow & { p99AloneMs: number; p99FloodedMs: number; noisyLimited: number }> {
+  const before = await countRecords(mesh.db);
+  const quiet = mesh.client("client1");
+  const noisy = mesh.client("client2");
+  const warm = await writesOf(quiet, options.quiet, { durationMs: 500 }); // connections open and code warm, as in a long run
+  const alone = await writesOf(quiet, options.quiet, { durationMs: options.durationMs }, mesh.progress);
+  let quietDone = false;
+  const [flooded, flood] = await Promise.all([
+    writesOf(quiet, options.quiet, { durationMs: options.durationMs }, mesh.progress).finally(() => (quietDone = true)),
+    writesOf(noisy, options.noisy, { until: () => quietDone }),
+  ]);
+  const acks = [...warm.run.acks, ...alone.run.acks, ...flooded.run.acks, ...flood.run.acks];
+  const { records, lost, duplicates } = await checkRecords(mesh.db, before, acks);
+  const p99AloneMs = alone.run.latencies.summary().p99;
+  const p99FloodedMs = flooded.run.latencies.summary().p99;
+  const ratio = p99FloodedMs / p99AloneMs;
+  const quietErrors = alone.run.errors + flooded.run.errors;
+  expectThat(ratio <= 2, `client1's p99 was ${p99FloodedMs.toFixed(1)} ms beside the flood, ${ratio.toFixed(2)}× its ${p99AloneMs.toFixed(1)} ms alone (goal: 2×)`);
+  expectThat(quietErrors === 0, `client1 saw ${quietErrors} errors, e.g. ${[...alone.run.errorSamples, ...flooded.run.errorSamples][0]}`);
+  expectThat(flood.serverErrors === 0, `client2 got ${flood.serverErrors} 5xx answers, e.g. ${flood.run.errorSamples[0]}`);
+  // A 429 the library waited out is counted by it; one it gave up on reached the load as an answer.
+  const noisyLimited = noisy.limited.count + flood.limited;
+  expectThat(noisyLimited > 0, "client2 was never limited: the flood did not reach its limit");
+  expectThat(lost === 0 && duplicates === 0, `acknowledged ${acks.length}, stored ${records}: ${lost} lost, ${duplicates} duplicated`);
+  return {
+    fault: `noisy neighbour: client2 floods with ${options.noisy} workers beside client1's ${options.quiet}`,
+    requests: alone.run.requests + flooded.run.requests + flood.run.requests,
+    failed: quietErrors,
+    detail: `client1 p99 ${p99AloneMs.toFixed(1)} ms alone, ${p99FloodedMs.toFixed(1)} ms flooded (${ratio.toFixed(2)}×); client2 ${flood.run.acks.length} stored, ${noisy.limited.count} 429s waited out, ${flood.limited} given up on, 0 5xx`,
+    p99AloneMs, p99FloodedMs, noisyLimited,
   };
 }

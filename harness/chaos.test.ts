@@ -1,7 +1,7 @@
 // The key faults of `bun harness chaos`, with smaller loads, on real processes and free ports.
 import { expect, setDefaultTimeout, test } from "bun:test";
-import { allServersDown, coordinatorFailover, databaseOutage, hangUnderLoad, impostorUnderLoad, killNineUnderLoad, membershipUnderLoad } from "./chaos-checks.ts";
-import { percentile, startMesh, startTokenStack, type MeshOptions } from "./fixtures/index.ts";
+import { allServersDown, coordinatorFailover, databaseOutage, hangUnderLoad, impostorUnderLoad, killNineUnderLoad, membershipUnderLoad, noisyNeighbour, noisyNeighbourPolicy } from "./chaos-checks.ts";
+import { percentile, startMesh, startTokenStack, temporaryCluster, type MeshOptions } from "./fixtures/index.ts";
 import { scratchDatabase } from "../shared/testing/mysql.ts";
 import { TcpRelay } from "../shared/testing/tcp-relay.ts";
 
@@ -59,4 +59,13 @@ for (const runtime of ["bun", "deno", "mixed"] as const) {
 test("issue 23: a server added to the coordinator's --servers-file, then the first removed, under load: nothing lost", async () => {
   await using mesh = await chaosMesh();
   expect((await membershipUnderLoad(mesh.cluster, mesh.db, 4)).failed).toBe(0);
+});
+
+test("issue 20, the noisy neighbour: client2 floods with 64 workers; client1's 4 see 0 errors and a p99 within 2× of alone", async () => {
+  await using cluster = await temporaryCluster({ label: "noisy" });
+  const policy = noisyNeighbourPolicy(cluster.logDir, { noisyInFlight: 2, clientInFlight: 16 });
+  await using mesh = await chaosMesh({ cluster, db: `${cluster.logDir}/records.db`, coordinatorArgs: ["--policy", policy] });
+  const row = await noisyNeighbour(mesh, { quiet: 4, noisy: 64, durationMs: 3000 });
+  console.log(`  ${row.detail}`);
+  expect({ failed: row.failed, within2x: row.p99FloodedMs <= 2 * row.p99AloneMs, limited: row.noisyLimited > 0 }).toEqual({ failed: 0, within2x: true, limited: true });
 });
