@@ -6,6 +6,7 @@ import { Metrics } from "../ops/metrics.ts";
 import { traceOf, type Trace } from "../ops/trace.ts";
 import { runtime, type ReloadableListener, type ServableApp, type ServerTls } from "./runtime/index.ts";
 import type { Refusal } from "./runtime/admission.ts";
+import type { Drainable } from "./drain.ts";
 import { DEFAULT_BODY_LIMIT, IDLE_TIMEOUT_S } from "./runtime/limits.ts";
 import { peerOf } from "./runtime/peer.ts";
 import type tls from "node:tls";
@@ -220,6 +221,7 @@ export function createApp({ logger, bodyLimit = DEFAULT_BODY_LIMIT, metrics = ne
 }
 
 export type { ReloadableListener, ServableApp, ServerTls } from "./runtime/index.ts";
+export type { Drainable } from "./drain.ts";
 
 /**
  * Elysia's own listen, with reusePort off (Elysia defaults it on, so two servers could silently share a port), a
@@ -300,13 +302,85 @@ function refusalText(refusal: Refusal): string {
  * CRL after `./pki.sh revoke`, a renewed certificate) without a restart; requests in flight finish. A port in use
  * is a one-line ConfigError. Returns the bound port, which matters when asked for port 0.
  */
-export function listenReloadable(app: ServableApp, options: ListenOptions): Promise<ReloadableListener> {
+export async function listenReloadable(app: ServableApp, options: ListenOptions): Promise<ServingListener> {
   const context = appContexts.get(app);
-  return runtime.serveApp(app, {
+  const traffic = new Traffic(app);
+  const listener = await runtime.serveApp(traffic.app, {
     ...options,
     bodyLimit: context?.bodyLimit ?? DEFAULT_BODY_LIMIT,
     ...(context ? { onRefused: refusalReporter(context.logger, context.metrics) } : {}),
   });
+  return Object.assign(listener, {
+    startDraining: () => traffic.startDraining(),
+    inFlight: () => traffic.inFlight,
+    lastRequestAt: () => traffic.lastRequestAt,
+  });
+}
+
+/** A health check's URL, with or without scheme and host: a string test, with no URL parsed per request. */
+const HEALTH_PATH = /^(?:[a-z]+:\/\/[^/]*)?\/health(?:\?|$)/i;
+
+/** A serving listener that can be drained (shared/platform/drain.ts). */
+export type ServingListener = ReloadableListener & Drainable;
+
+/**
+ * What passes through a listener: requests in flight and when the last came, for a drain; and, once draining, the
+ * 503 on /health that takes this process out of its callers' rotation, and `connection: close` on every answer, so
+ * kept-alive connections end one by one instead of being cut.
+ */
+class Traffic {
+  inFlight = 0;
+  lastRequestAt = 0;
+  #draining = false;
+  readonly app: ServableApp;
+
+  constructor(inner: ServableApp) {
+    const pass = (request: Request, handle: (request: Request) => Response | Promise<Response>) => this.#pass(request, handle);
+    const counted = (request: Request) => pass(request, inner.fetch);
+    // The runtime asks for fetch once it has compiled the app, and sets `server` on it: both reach the real app.
+    this.app = {
+      get fetch() {
+        return counted;
+      },
+      handle: (request) => pass(request, (r) => inner.handle(r)),
+      get config() {
+        return inner.config;
+      },
+      get server() {
+        return inner.server;
+      },
+      set server(server: unknown) {
+        inner.server = server;
+      },
+      compile: () => inner.compile(),
+    };
+  }
+
+  startDraining(): void {
+    this.#draining = true;
+  }
+
+  async #pass(request: Request, handle: (request: Request) => Response | Promise<Response>): Promise<Response> {
+    const health = HEALTH_PATH.test(request.url);
+    if (!health) this.lastRequestAt = performance.now();
+    if (this.#draining && health) {
+      return new Response(JSON.stringify({ status: "draining" }), { status: 503, headers: { "content-type": "application/json; charset=utf-8", connection: "close" } });
+    }
+    this.inFlight += 1;
+    try {
+      const response = await handle(request);
+      if (this.#draining) {
+        try {
+          response.headers.set("connection", "close");
+        } catch {
+          // an immutable Response (passed on as it came): its connection ends at the stop instead
+        }
+      }
+      return response;
+    } finally {
+      this.inFlight -= 1;
+    }
+  }
 }
 
 /**

@@ -1,6 +1,7 @@
 // The one prologue of every role that serves over mutual TLS: the environment guard, the configuration, the trust
 // material and the policy, the listener, reloads and signals. A role file says what is its own (its flags, its app,
 // what it opens and closes) and reads top-down as config, app, main.
+import { drain } from "../platform/drain.ts";
 import { Authorizer, mutualTlsListening, RequestLimiter, TrustMaterial } from "../authz/index.ts";
 import { exitOnSignals, exitWithConfigError } from "../platform/config.ts";
 import { describeError, createLogger, type Logger } from "../ops/log.ts";
@@ -133,11 +134,14 @@ export async function runRole<C extends ServingConfig>(role: RoleDefinition<C>, 
     await listener.reload(mutualTlsListening(trust).tls).catch((error: unknown) => logger.error(`TLS listener kept its old material: ${describeError(error)}`));
   }).watch(logger);
   authz.watch();
+  // SIGTERM drains (drain.ts): health fails first, accepting stops once callers have taken this process out, requests
+  // in flight finish within the deadline; then the role's own resources close.
   const stop = async () => {
     trust.stop();
     authz.stop();
-    await listener.stop();
+    await drain(listener, logger);
     await service.close?.();
+    logger.info(`${service.label ?? role.name} stopped`);
   };
   await Promise.resolve(service.listening?.(listener.port, { listener, shutdown: () => void stop().finally(() => process.exit(0)) }))
     .catch((error) => exitWithConfigError(role.name, error));

@@ -41,7 +41,8 @@ async function serveApp(app: ServableApp, options: AppListenOptions): Promise<Re
   return {
     port: listener.port,
     reload: (tls) => listener.reload(tls),
-    stop: () => listener.close(),
+    // Only an explicit false drains: a stop that names nothing closes every connection, as it always has here.
+    stop: (closeActiveConnections) => listener.close(closeActiveConnections !== false),
   };
 }
 

@@ -33,7 +33,11 @@ export interface NodeListenerOptions {
 export interface NodeListener {
   port: number;
   reload(tls: ServerTls): Promise<void>;
-  close(): Promise<void>;
+  /**
+   * Stops accepting; with `closeActive` (the default) closes every connection at once, without it lets open ones
+   * go on (a drain: each asked to close by its next answer) and resolves when the last has closed.
+   */
+  close(closeActive?: boolean): Promise<void>;
 }
 
 /** What the listener knows about one open connection. */
@@ -306,8 +310,9 @@ export function listenNode(app: HandlingApp, options: NodeListenerOptions): Prom
             throw new ConfigError(`cannot load the new TLS material: ${error instanceof Error ? error.message : String(error)}`);
           }
         },
-        close: () => new Promise<void>((done) => {
+        close: (closeActive = true) => new Promise<void>((done) => {
           server.close(() => done());
+          if (!closeActive) return;
           closeAllConnections();
           for (const connection of connections.values()) connection.socket.destroy();
         }),
