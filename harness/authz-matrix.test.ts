@@ -31,6 +31,7 @@ describe("expected outcomes from the repository's policy", () => {
     const coordinatorRow = "allow allow deny deny refused refused refused refused";
     const overClient2 = "allow allow deny deny 401 401 401 401";
     expect(grid()).toEqual({
+      "coordinator.drain": "deny deny deny deny refused refused refused refused",
       "coordinator.write.self": coordinatorRow,
       "coordinator.read.self": coordinatorRow,
       "coordinator.invalidate.self": coordinatorRow,
@@ -122,7 +123,7 @@ describe("the table", () => {
     expect(table[2]).toContain("| allow ");
     expect(table[2]).toContain("!deny (want allow)");
     const summary = matrixSummary(result);
-    expect(summary[0]).toStartWith("authorization matrix: 2 cells (2 identities × 24 actions, 2 attempts), 1 as expected, 1 unexpected; expected from policy.json: 2 allow, 0 deny, 0 401, 0 refused");
+    expect(summary[0]).toStartWith("authorization matrix: 2 cells (2 identities × 25 actions, 2 attempts), 1 as expected, 1 unexpected; expected from policy.json: 2 allow, 0 deny, 0 401, 0 refused");
     expect(summary).toContain("UNEXPECTED client2 × coordinator records.write: expected allow, got deny: 403");
   });
 });

@@ -91,6 +91,9 @@ export const COLUMNS: Column[] = [
       { key: `coordinator.stats.${tls}`, role: "coordinator", label: `cache.stats${over}`, tls, steps: (id, h) => [step(h.coordinator, "forward"), step(id, "cache.stats")] },
     ];
   }),
+  // An operator's drain (issue 20), asked for a server no pool holds: an identity allowed it gets 404 naming the server,
+  // so no cell takes a real server out of the matrix's own rotation.
+  { key: "coordinator.drain", role: "coordinator", label: "admin.drain", tls: "self", steps: (id) => [step(id, "admin.drain")] },
   { key: "server.write", role: "server", label: "forward + records.write", tls: "self", steps: (id) => [step(id, "forward"), step(id, "records.write")] },
   { key: "server.read", role: "server", label: "forward + view.read", tls: "self", steps: (id) => [step(id, "forward"), step(id, "view.read", ...VIEW)] },
   { key: "server.invalidate", role: "server", label: "forward + cache.invalidate", tls: "self", steps: (id) => [step(id, "forward"), step(id, "cache.invalidate")] },
@@ -345,6 +348,12 @@ export async function runAuthzMatrix(t: MatrixTargets, options: { attempts: numb
       case "coordinator.stats": {
         const proof = await signer.sign({ method: "GET", path: "/api/cache_stats", payload: "" });
         return classifyStats(await call(`${t.coordinator}/api/cache_stats`, tls, { headers: { [PROOF_HEADER]: proof } }));
+      }
+      case "coordinator.drain": {
+        const response = await call(`${t.coordinator}/admin/drain`, tls, { method: "POST", headers: json, body: JSON.stringify({ server: "https://not-in-the-pool.invalid:1" }) });
+        if (response.status !== 404) return classify(response);
+        const body = (await response.json()) as Json;
+        return String(body.error).startsWith("no server") ? { outcome: "allow", detail: "404, the server is not in the pool (the decision allowed it)" } : { outcome: "other", detail: `404 ${JSON.stringify(body)}` };
       }
       case "server.write": {
         const data = fernet.encrypt(`matrix direct write by ${actor.facts.label}`);

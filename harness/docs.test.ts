@@ -4,6 +4,7 @@
 // and every test the findings page names exists.
 import { DEFAULT_IN_FLIGHT } from "../shared/authz/limits.ts";
 import { DRAIN_DEADLINE_MS, DRAIN_GRACE_MS, DRAIN_QUIET_MS } from "../shared/platform/drain.ts";
+import { ADMIN_DRAIN_WAIT_MS } from "../shared/coordinator/app.ts";
 import { LIMIT_LOG_INTERVAL_MS } from "../shared/authz/request-limiter.ts";
 import { DEFAULT_MAX_LIMIT_WAIT_MS } from "../shared/request-path/mesh-client.ts";
 import { describe, expect, test } from "bun:test";
@@ -155,7 +156,7 @@ const CONSTANTS: Record<string, number> = {
   PROOF_LIFETIME_S, CLOCK_SKEW_S, IDLE_TIMEOUT_S, HEADER_DEADLINE_MS, BODY_DEADLINE_MS, HANDSHAKE_DEADLINE_MS,
   MAX_HANDSHAKES_PER_ADDRESS, MAX_CONNECTIONS_PER_IDENTITY, DEFAULT_BODY_LIMIT, RELOAD_INTERVAL_MS, RELOAD_BOUND_MS,
   LATEST_RECORDS, CAP_ANSWER_WITHIN_MS, DEFAULT_IN_FLIGHT, LIMIT_LOG_INTERVAL_MS, DEFAULT_MAX_LIMIT_WAIT_MS,
-  DRAIN_QUIET_MS, DRAIN_GRACE_MS, DRAIN_DEADLINE_MS,
+  DRAIN_QUIET_MS, DRAIN_GRACE_MS, DRAIN_DEADLINE_MS, ADMIN_DRAIN_WAIT_MS,
   CRL_DAYS: Number(/crl_days=\$\{CRL_DAYS:-(\d+)\}/.exec(source("pki.sh"))?.[1]),
 };
 

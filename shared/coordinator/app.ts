@@ -1,8 +1,8 @@
 // The coordinator's app: /api/* forwarded to the next healthy server through the pool, invalidations and cache
 // statistics broadcast to every server, and the pool's view on /health. roles/coordinator.ts runs it.
-import { ProofRejected } from "../platform/errors.ts";
-import type { RequestLimiter } from "../authz/index.ts";
-import { createApp, peerIdentity, readBodyLimited, requestTrace, requestUrl } from "../platform/http.ts";
+import { Forbidden, MeshError, ProofRejected } from "../platform/errors.ts";
+import type { Authorizer, RequestLimiter } from "../authz/index.ts";
+import { createApp, peerIdentity, readBodyLimited, readJsonFields, requestTrace, requestUrl } from "../platform/http.ts";
 import type { Logger } from "../ops/log.ts";
 import { Metrics } from "../ops/metrics.ts";
 import { PROOF_HEADER } from "../request-path/proof.ts";
@@ -15,9 +15,27 @@ export interface CoordinatorAppDeps {
   accessLog?: boolean;
   /** Each caller's requests in flight and rate, per its TLS identity and the policy's limits (issue 20). */
   limiter?: RequestLimiter;
+  /** Decides admin.drain for an operator's TLS identity; without it the admin routes refuse everyone. */
+  authz?: Authorizer;
+  /**
+   * Whether a drain here drains the coordinator: not in a worker of `--workers N`, whose pool is its own, so a drain
+   * would reach one worker of N (the admin routes answer 409 there).
+   */
+  drainable?: boolean;
 }
 
-export function createCoordinatorApp({ pool, logger, metrics = new Metrics(), accessLog = true, limiter }: CoordinatorAppDeps) {
+/** How long POST /admin/drain holds its answer for the server to empty. */
+export const ADMIN_DRAIN_WAIT_MS = 30_000;
+
+export function createCoordinatorApp({ pool, logger, metrics = new Metrics(), accessLog = true, limiter, authz, drainable = true }: CoordinatorAppDeps) {
+  /** The operator's identity, once the policy allows it admin.drain (audited); else 403. */
+  const operator = (request: Request): string => {
+    const identity = peerIdentity(request);
+    if (!authz) throw new Forbidden(`${identity || "an unidentified caller"} lacks permission admin.drain`);
+    authz.require(identity, "admin.drain");
+    if (!drainable) throw new MeshError("ERR_CONFLICT", 409, "this coordinator runs --workers, each with its own pool: drain a server at a coordinator with --workers 1");
+    return identity;
+  };
   /** Runs a request's work within its caller's limits: over one, 429 before its body is read or a server asked. */
   const limited = <T>(request: Request, work: () => Promise<T>): Promise<T> => (limiter ? limiter.run(peerIdentity(request), work) : work());
   // /metrics is on the admin listener, next to the status page, as Envoy serves its stats.
@@ -28,6 +46,21 @@ export function createCoordinatorApp({ pool, logger, metrics = new Metrics(), ac
       const up = servers.filter((s) => s.up).length;
       if (up === 0) set.status = 503;
       return { status: up > 0 ? "ok" : "no server up", role: "coordinator", serversUp: up, servers };
+    })
+    // Drain one server (issue 20): out of rotation for new requests, those in flight finish; the answer comes once
+    // it is empty, or after ADMIN_DRAIN_WAIT_MS saying how many are still in flight.
+    .post("/admin/drain", async ({ request, body }) => {
+      const by = operator(request);
+      const { server } = readJsonFields(request, body, ["server"]);
+      const state = pool.drain(server, by);
+      const empty = await pool.drained(state.url, ADMIN_DRAIN_WAIT_MS);
+      return { server: state.url, draining: true, empty, inFlight: empty ? 0 : pool.snapshot().find((s) => s.url === state.url)!.inFlight };
+    })
+    .post("/admin/undrain", ({ request, body }) => {
+      const by = operator(request);
+      const { server } = readJsonFields(request, body, ["server"]);
+      const state = pool.undrain(server, by);
+      return { server: state.url, draining: false, up: state.up };
     })
     .post("/api/invalidate_cache", ({ request, set }) => limited(request, async () => {
       const body = await readForwardedBody(request);

@@ -33,7 +33,7 @@ export interface CoordinatorConfig extends ServingConfig {
  * The coordinator's own part, for runRole. Only a server identity, unrevoked, may hold a connection to the servers'
  * URLs: every connection is checked at its handshake, and nothing is written to one that failed (issue 18, H1).
  */
-export function coordinatorService({ config, logger, metrics, trust, limiter }: RoleContext<CoordinatorConfig>): RoleService {
+export function coordinatorService({ config, logger, metrics, trust, authz, limiter }: RoleContext<CoordinatorConfig>): RoleService {
   const worker = workerIndex();
   const serverTls = (identity: Identity) => ({
     ...mutualTlsClientOptions(identity), checkServerIdentity: expectPeer(config.expectServer, { isRevoked: (serial) => trust.isRevoked(serial) }),
@@ -44,7 +44,7 @@ export function coordinatorService({ config, logger, metrics, trust, limiter }: 
   let admin: ReloadableListener | null = null;
   const membership = config.serversFile ? watchMembership(config.serversFile, pool, logger) : null;
   return {
-    app: createCoordinatorApp({ pool, logger, metrics, accessLog: config.accessLog, limiter }),
+    app: createCoordinatorApp({ pool, logger, metrics, accessLog: config.accessLog, limiter, authz, drainable: worker === null }),
     sharePort: worker !== null && workerSharesPort(),
     ...(worker === null ? {} : { label: `coordinator worker ${worker} (pid ${process.pid})` }),
     describe: `servers: ${config.servers.join(", ")}${config.serversFile ? ` (from ${config.serversFile})` : ""}`,

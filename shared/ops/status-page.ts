@@ -197,6 +197,7 @@ const STATUS_PAGE = `<!doctype html>
   tr.up .state { color: #1a7f37; }
   tr.down .state { color: #cf222e; }
   tr.down { background: #fff5f5; }
+  tr.draining .state { color: #9a6700; }
   .error { color: #cf222e; font-size: 12px; }
   #connection { font-size: 12px; color: #888; margin-top: 12px; }
   #warnings { color: #9a6700; background: #fff8c5; margin: 0 0 16px; padding: 8px 8px 8px 28px; }
@@ -236,10 +237,11 @@ const STATUS_PAGE = `<!doctype html>
     warnings.replaceChildren(...status.warnings.map((w) => { const li = document.createElement("li"); li.textContent = w; return li; }));
     rows.replaceChildren(...status.servers.map((s) => {
       const row = document.createElement("tr");
-      row.className = s.up ? "up" : "down";
+      row.className = s.draining ? "draining" : s.up ? "up" : "down";
       row.dataset.server = s.url;
       cell(row, s.url);
-      cell(row, s.up ? "up" : "down", "state");
+      // Drained by an operator (admin.drain): no new requests; what is still in flight shows it emptying.
+      cell(row, s.draining ? "drained, " + s.inFlight + " in flight" : s.up ? "up" : "down", "state");
       cell(row, ago(s.lastCheckedAt));
       cell(row, s.host);
       cell(row, s.latencyMs === null ? "–" : s.latencyMs.toFixed(1) + " ms", "num");

@@ -4,7 +4,7 @@ import { mergeMetrics, mergeServerViews, WorkerPoolView } from "./worker-view.ts
 import { fleetWarnings, type ClusterStatus, type ServerFacts } from "./status-page.ts";
 
 const server = (url: string, fields: Partial<ClusterStatus["servers"][number]> = {}): ClusterStatus["servers"][number] => ({
-  url, host: new URL(url).hostname, up: true, lastCheckedAt: 1000, latencyMs: 1, requests: 0, failures: 0, lastError: null, cache: null, facts: null, clockSkewMs: null, ...fields,
+  url, host: new URL(url).hostname, up: true, lastCheckedAt: 1000, latencyMs: 1, requests: 0, failures: 0, lastError: null, cache: null, facts: null, clockSkewMs: null, draining: false, inFlight: 0, ...fields,
 });
 
 describe("mergeServerViews", () => {

@@ -55,11 +55,13 @@ export function mergeServerViews(views: ClusterStatus[]): UpstreamState[] {
       const health = server.cache || server.facts ? { ...(server.cache ? { cache: server.cache } : {}), ...(server.facts ? { facts: server.facts } : {}) } : null;
       const seen = merged.get(server.url);
       if (!seen) {
-        merged.set(server.url, { url: server.url, up: server.up, lastCheckedAt: server.lastCheckedAt, latencyMs: server.latencyMs, requests: server.requests, failures: server.failures, lastError: server.lastError, health, clockSkewMs: server.clockSkewMs });
+        merged.set(server.url, { url: server.url, up: server.up, lastCheckedAt: server.lastCheckedAt, latencyMs: server.latencyMs, requests: server.requests, failures: server.failures, lastError: server.lastError, health, clockSkewMs: server.clockSkewMs, draining: server.draining, inFlight: server.inFlight });
         continue;
       }
       const newer = (server.lastCheckedAt ?? 0) > (seen.lastCheckedAt ?? 0);
       seen.up &&= server.up;
+      seen.draining ||= server.draining;
+      seen.inFlight += server.inFlight;
       seen.requests += server.requests;
       seen.failures += server.failures;
       if (newer) Object.assign(seen, { lastCheckedAt: server.lastCheckedAt, latencyMs: server.latencyMs, lastError: server.lastError ?? seen.lastError, health: health ?? seen.health, clockSkewMs: server.clockSkewMs ?? seen.clockSkewMs });

@@ -5,7 +5,7 @@
 import { MeshError, Unavailable } from "../platform/errors.ts";
 import type { HttpsRequest } from "../platform/https-client.ts";
 import type { NetworkErrorCode } from "../platform/runtime/index.ts";
-import { describeNetworkError as reason, type Logger } from "../ops/log.ts";
+import { describeNetworkError as reason, printable, type Logger } from "../ops/log.ts";
 import type { Metrics } from "../ops/metrics.ts";
 import { traceOf, type Trace } from "../ops/trace.ts";
 import { PROOF_HEADER } from "./proof.ts";
@@ -55,6 +55,10 @@ export interface UpstreamState {
    * middle of the probe's round trip (issue 23); null until a probe brings one.
    */
   clockSkewMs: number | null;
+  /** Taken out of rotation by an operator (drain()): no new request goes to it until undrain(). */
+  draining: boolean;
+  /** Forwards to it not yet answered. */
+  inFlight: number;
 }
 
 export interface ForwardRequest {
@@ -94,6 +98,8 @@ interface Server extends UpstreamState {
   failStreak: number;
   /** Added to a running pool: in rotation at its first good probe. */
   joining: boolean;
+  /** Who waits for a draining server's last forward to end (drained()). */
+  emptied: (() => void)[];
 }
 
 const normalUrl = (url: string) => url.replace(/\/+$/, "");
@@ -106,7 +112,7 @@ const normalUrl = (url: string) => url.replace(/\/+$/, "");
 function newServer(url: string, up: boolean): Server {
   return {
     url: normalUrl(url), up, joining: !up, lastCheckedAt: null, latencyMs: null, requests: 0, failures: 0, lastError: null, health: null, clockSkewMs: null,
-    okStreak: 0, failStreak: 0,
+    draining: false, inFlight: 0, okStreak: 0, failStreak: 0, emptied: [],
   };
 }
 
@@ -163,7 +169,7 @@ export class UpstreamPool {
   }
 
   snapshot(): UpstreamState[] {
-    return this.#servers.map(({ okStreak: _ok, failStreak: _fail, joining: _joining, ...state }) => ({ ...state }));
+    return this.#servers.map(({ okStreak: _ok, failStreak: _fail, joining: _joining, emptied: _emptied, ...state }) => ({ ...state }));
   }
 
   /** Exposes per-server state and the retry count on a role's /metrics, read at scrape time. */
@@ -172,6 +178,8 @@ export class UpstreamPool {
     metrics.collect("securemesh_upstream_up", "1 while the server is in rotation.", "gauge", perServer((s) => (s.up ? 1 : 0)));
     metrics.collect("securemesh_upstream_requests_total", "Requests a server answered.", "counter", perServer((s) => s.requests));
     metrics.collect("securemesh_upstream_failures_total", "Requests and broadcasts to a server that failed (refused, reset, timed out).", "counter", perServer((s) => s.failures));
+    metrics.collect("securemesh_upstream_draining", "1 while an operator has the server drained (out of rotation on request).", "gauge", perServer((s) => (s.draining ? 1 : 0)));
+    metrics.collect("securemesh_upstream_in_flight", "Forwards to the server not yet answered.", "gauge", perServer((s) => s.inFlight));
     metrics.collect("securemesh_upstream_retries_total", "Requests re-sent to the next server after one failed.", "counter", () => [{ value: this.#retries }]);
     metrics.collect("securemesh_upstream_check_latency_seconds", "Latency of the last health check.", "gauge", () =>
       this.#servers.filter((s) => s.latencyMs !== null).map((s) => ({ labels: { upstream: s.url }, value: s.latencyMs! / 1000 })));
@@ -179,7 +187,7 @@ export class UpstreamPool {
 
   /** The healthy servers in round-robin order, starting one further each call of the same kind. */
   #rotation(kind: "read" | "write"): Server[] {
-    const healthy = this.#servers.filter((s) => s.up);
+    const healthy = this.#servers.filter((s) => s.up && !s.draining);
     if (healthy.length === 0) return [];
     const turn = this.#next.get(kind) ?? 0;
     this.#next.set(kind, turn + 1);
@@ -204,6 +212,7 @@ export class UpstreamPool {
     let lastReason = "";
     for (const [attempt, server] of order.entries()) {
       if (attempt > 0) this.#retries += 1;
+      server.inFlight += 1;
       try {
         const answer = await this.#send(server.url, request.method, request.path, headers, request.body, replayable);
         server.requests += 1;
@@ -215,9 +224,64 @@ export class UpstreamPool {
           throw new MeshError("ERR_UPSTREAM_UNCERTAIN", 502,
             "the server failed after the request may have reached it; not re-sent without an Idempotency-Key");
         }
+      } finally {
+        this.#forwardEnded(server);
       }
     }
     throw new Unavailable(`every server failed (last: ${lastReason})`);
+  }
+
+  /**
+   * Takes `url` out of rotation on an operator's request (the coordinator's admin.drain): no new forward goes to it;
+   * forwards in flight finish. Probes go on, so the status page still shows its health. Returns it as it is now.
+   */
+  drain(url: string, by: string): UpstreamState {
+    const server = this.#known(url);
+    if (!server.draining) {
+      server.draining = true;
+      this.#logger.info(`Server ${server.url} draining on request of ${printable(by)}: no new requests; ${server.inFlight} in flight`, { upstream: server.url });
+      if (server.inFlight === 0) this.#emptied(server);
+    }
+    return this.snapshot().find((s) => s.url === server.url)!;
+  }
+
+  /** Puts a drained server back: in rotation again while its probes pass. */
+  undrain(url: string, by: string): UpstreamState {
+    const server = this.#known(url);
+    if (server.draining) {
+      server.draining = false;
+      this.#logger.info(`Server ${server.url} back in rotation on request of ${printable(by)}`, { upstream: server.url });
+    }
+    return this.snapshot().find((s) => s.url === server.url)!;
+  }
+
+  /** Resolves true once a draining server has no forward in flight, or false after `timeoutMs`. */
+  drained(url: string, timeoutMs: number): Promise<boolean> {
+    const server = this.#known(url);
+    if (server.inFlight === 0) return Promise.resolve(true);
+    return new Promise((resolve) => {
+      const timer = setTimeout(() => resolve(false), timeoutMs);
+      server.emptied.push(() => {
+        clearTimeout(timer);
+        resolve(true);
+      });
+    });
+  }
+
+  #known(url: string): Server {
+    const server = this.#servers.find((s) => s.url === normalUrl(url));
+    if (!server) throw new MeshError("ERR_NOT_FOUND", 404, `no server ${JSON.stringify(url.slice(0, 200))} in the pool`);
+    return server;
+  }
+
+  #forwardEnded(server: Server): void {
+    server.inFlight -= 1;
+    if (server.inFlight === 0 && server.draining) this.#emptied(server);
+  }
+
+  #emptied(server: Server): void {
+    this.#logger.info(`Server ${server.url} drained: no request in flight`, { upstream: server.url });
+    for (const done of server.emptied.splice(0)) done();
   }
 
   /**
