@@ -6,7 +6,7 @@ import { DEFAULT_IN_FLIGHT } from "../shared/authz/limits.ts";
 import { DRAIN_DEADLINE_MS, DRAIN_GRACE_MS, DRAIN_QUIET_MS } from "../shared/platform/drain.ts";
 import { ADMIN_DRAIN_WAIT_MS } from "../shared/coordinator/app.ts";
 import { LIMIT_LOG_INTERVAL_MS } from "../shared/authz/request-limiter.ts";
-import { DEFAULT_MAX_LIMIT_WAIT_MS } from "../shared/request-path/mesh-client.ts";
+import { DEFAULT_MAX_LIMIT_WAIT_MS } from "../shared/platform/https-client.ts";
 import { describe, expect, test } from "bun:test";
 import { existsSync, readdirSync, readFileSync } from "node:fs";
 import { dirname, join, relative, resolve } from "node:path";

@@ -622,3 +622,25 @@ function withDeadline<T>(promise: Promise<T>, deadline: number, timeoutMs: numbe
     });
   });
 }
+
+/** How long one request may wait out 429s by default: a few Retry-After seconds, never minutes (issue 20). */
+export const DEFAULT_MAX_LIMIT_WAIT_MS = 5000;
+
+/**
+ * The waits one request spends on 429 answers (an identity over its limit, issue 20): each as long as its
+ * Retry-After (whole seconds) says, while they add up to no more than `maxMs`. Nothing of a refused request was
+ * done, so the same request may be sent again after the wait.
+ */
+export class RetryAfterWaits {
+  #waitedMs = 0;
+  constructor(readonly maxMs: number) {}
+
+  /** The wait before sending again, or null: not a 429, no Retry-After a client can honour, or past the bound. */
+  next(status: number, retryAfter: string | null): number | null {
+    if (status !== 429 || retryAfter === null || !/^\d{1,4}$/.test(retryAfter.trim())) return null;
+    const wait = Number(retryAfter.trim()) * 1000;
+    if (this.#waitedMs + wait > this.maxMs) return null;
+    this.#waitedMs += wait;
+    return wait;
+  }
+}

@@ -9,7 +9,7 @@ import { describeNetworkError, printable } from "../ops/log.ts";
 import { startTrace } from "../ops/trace.ts";
 import { PROOF_HEADER, ProofSigner } from "./proof.ts";
 import { expectPeer } from "../authz/expect-peer.ts";
-import { HttpsClient } from "../platform/https-client.ts";
+import { DEFAULT_MAX_LIMIT_WAIT_MS, HttpsClient, RetryAfterWaits } from "../platform/https-client.ts";
 import { mutualTlsClientOptions, type Identity } from "../platform/tls.ts";
 
 /** Whom a client's hop must reach: a coordinator (issue 18: every outbound hop pins an identity). */
@@ -44,14 +44,7 @@ export interface MeshClientOptions {
   maxLimitWaitMs?: number;
 }
 
-/** How long a request may wait out 429s by default: a few Retry-After seconds, never minutes. */
-export const DEFAULT_MAX_LIMIT_WAIT_MS = 5000;
 
-/** The wait a 429 asks for (its Retry-After, whole seconds), or null when it names none a client can honour. */
-export function retryAfterMs(value: string | null): number | null {
-  if (value === null || !/^\d{1,4}$/.test(value.trim())) return null;
-  return Number(value.trim()) * 1000;
-}
 
 export interface CachedDataAnswer {
   cached: boolean;
@@ -171,15 +164,14 @@ export class MeshClient {
     const trace = startTrace();
     let last = "";
     let tried = 0;
-    let waitedMs = 0;
+    const waits = new RetryAfterWaits(this.#options.maxLimitWaitMs);
     for (let round = 0; round < attempts; round++) {
       if (round > 0) await setTimeout(backoffMs * 2 ** (round - 1));
       for (const coordinator of coordinators) {
         tried += 1;
         try {
           let answer = await this.#send<T>(coordinator, method, path, body, headers, trace.outbound);
-          for (let wait = limitWaitMs(answer); wait !== null && waitedMs + wait <= this.#options.maxLimitWaitMs; wait = limitWaitMs(answer)) {
-            waitedMs += wait;
+          for (let wait = waits.next(answer.status, answer.retryAfter); wait !== null; wait = waits.next(answer.status, answer.retryAfter)) {
             this.limited.count += 1;
             this.limited.waitedMs += wait;
             await setTimeout(wait);
@@ -225,7 +217,3 @@ interface Attempt<T> {
   retryAfter: string | null;
 }
 
-/** The wait a 429 asks for, or null for any other answer, or a 429 whose Retry-After a client cannot honour. */
-function limitWaitMs(answer: Attempt<unknown>): number | null {
-  return answer.status === 429 ? retryAfterMs(answer.retryAfter) : null;
-}

@@ -77,3 +77,27 @@ describe("ProxyClient failover", () => {
     });
   });
 });
+
+describe("ProxyClient and limits (issue 20)", () => {
+  test("a 429 with Retry-After is waited out and the same call sent again to the same proxy; past the bound the 429 is the answer", async () => {
+    let refusals = 1;
+    const calls: unknown[] = [];
+    const server = Bun.serve({
+      port: 0, hostname: "127.0.0.1", tls: mutualTlsServerOptions(loadIdentity(pki, "secureproxy")),
+      async fetch(request) {
+        calls.push(await request.json());
+        if (refusals-- > 0) return Response.json({ error: "over its rate", code: "ERR_RATE_LIMITED" }, { status: 429, headers: { "retry-after": "1" } });
+        return Response.json({ item: { id: 1 } });
+      },
+    });
+    servers.push(server);
+    const url = `https://127.0.0.1:${server.port}`;
+    const answer = await client([url, standIn(200).url]).requestApi(CALL);
+    expect({ status: answer.status, proxy: answer.proxy, calls }).toEqual({ status: 200, proxy: url, calls: [CALL, CALL] });
+
+    refusals = 10;
+    const impatient = new ProxyClient({ identity: loadIdentity(pki, "client1"), proxies: [url], maxLimitWaitMs: 0 });
+    clients.push(impatient);
+    expect((await impatient.requestApi(CALL)).status).toBe(429);
+  });
+});

@@ -4,7 +4,7 @@
 import { setTimeout } from "node:timers/promises";
 import { expectPeer } from "../authz/expect-peer.ts";
 import { MeshError } from "../platform/errors.ts";
-import { HttpsClient } from "../platform/https-client.ts";
+import { DEFAULT_MAX_LIMIT_WAIT_MS, HttpsClient, RetryAfterWaits } from "../platform/https-client.ts";
 import { mutualTlsClientOptions, type Identity } from "../platform/tls.ts";
 import { describeNetworkError } from "../ops/log.ts";
 import { startTrace } from "../ops/trace.ts";
@@ -24,6 +24,8 @@ export interface ProxyClientOptions {
   backoffMs?: number;
   /** Our CA's revocation list: a revoked proxy is refused at the handshake. */
   isRevoked?: (serialHex: string) => boolean;
+  /** The most a call waits in all as 429 answers tell it (Retry-After, issue 20) before that 429 is returned. */
+  maxLimitWaitMs?: number;
 }
 
 export interface ApiCall {
@@ -53,6 +55,7 @@ export class ProxyClient {
   readonly #timeoutMs: number;
   readonly #attempts: number;
   readonly #backoffMs: number;
+  readonly #maxLimitWaitMs: number;
 
   constructor(options: ProxyClientOptions) {
     const isRevoked = options.isRevoked ?? (() => false);
@@ -64,6 +67,7 @@ export class ProxyClient {
     this.#timeoutMs = options.timeoutMs ?? 20_000;
     this.#attempts = options.attempts ?? 2;
     this.#backoffMs = options.backoffMs ?? 200;
+    this.#maxLimitWaitMs = options.maxLimitWaitMs ?? DEFAULT_MAX_LIMIT_WAIT_MS;
   }
 
   close(): void {
@@ -79,6 +83,7 @@ export class ProxyClient {
   async requestApi(call: ApiCall): Promise<ProxyAnswer> {
     const trace = startTrace();
     const body = JSON.stringify(call);
+    const waits = new RetryAfterWaits(this.#maxLimitWaitMs);
     let last = "";
     let tried = 0;
     for (let round = 0; round < this.#attempts; round++) {
@@ -86,22 +91,19 @@ export class ProxyClient {
       for (const proxy of this.#order.order()) {
         tried += 1;
         try {
-          const response = await this.#http.request(`${proxy}/request_api`, {
-            method: "POST", headers: { ...trace.outbound, "content-type": "application/json" }, body, timeoutMs: this.#timeoutMs, idempotent: true,
-          });
-          let parsed: Record<string, unknown>;
-          try {
-            parsed = response.json() as Record<string, unknown>;
-          } catch {
-            parsed = { error: `non-JSON answer (${response.status})` };
+          let answer = await this.#send(proxy, body, trace.outbound);
+          // Over its limit, the caller waits as told and asks the same proxy again (issue 20).
+          for (let wait = waits.next(answer.status, answer.retryAfter); wait !== null; wait = waits.next(answer.status, answer.retryAfter)) {
+            await setTimeout(wait);
+            answer = await this.#send(proxy, body, trace.outbound);
           }
-          if (response.status === 503) {
+          if (answer.status === 503) {
             this.#order.failed(proxy);
-            last = `${proxy} answered 503: ${String(parsed.error ?? "")}`;
+            last = `${proxy} answered 503: ${String(answer.body.error ?? "")}`;
             continue;
           }
           this.#order.succeeded(proxy);
-          return { status: response.status, body: parsed, proxy, attempts: tried, trace: trace.id };
+          return { status: answer.status, body: answer.body, proxy, attempts: tried, trace: trace.id };
         } catch (error) {
           this.#order.failed(proxy);
           last = `${proxy}: ${describeNetworkError(error)}`;
@@ -109,5 +111,19 @@ export class ProxyClient {
       }
     }
     throw new MeshError("ERR_UNREACHABLE", 503, `no SecureProxy could serve the request (${last}; trace=${trace.id})`);
+  }
+
+  /** One attempt at one proxy: its status, its JSON (or a note that it sent none), and its Retry-After. */
+  async #send(proxy: string, body: string, traceHeaders: Readonly<Record<string, string>>): Promise<{ status: number; body: Record<string, unknown>; retryAfter: string | null }> {
+    const response = await this.#http.request(`${proxy}/request_api`, {
+      method: "POST", headers: { ...traceHeaders, "content-type": "application/json" }, body, timeoutMs: this.#timeoutMs, idempotent: true,
+    });
+    let parsed: Record<string, unknown>;
+    try {
+      parsed = response.json() as Record<string, unknown>;
+    } catch {
+      parsed = { error: `non-JSON answer (${response.status})` };
+    }
+    return { status: response.status, body: parsed, retryAfter: response.header("retry-after") };
   }
 }
