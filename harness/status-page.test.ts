@@ -1,11 +1,13 @@
 // The coordinator's admin listener on real processes: /metrics on every role, and the live status page in Chromium.
 import { afterAll, beforeAll, describe, expect, setDefaultTimeout, test } from "bun:test";
-import { existsSync } from "node:fs";
+import { existsSync, readFileSync, writeFileSync } from "node:fs";
+import { join } from "node:path";
+import { policyPath } from "../shared/platform/config.ts";
 import { chromium, type Browser, type Locator } from "playwright-core";
 import { STATUS_PUSH_MS } from "../shared/ops/status-page.ts";
 import { parsePrometheus } from "../shared/testing/prometheus.ts";
 import { CHROMIUM, launchChromium } from "./browser.ts";
-import { startMesh, type Cluster, type Mesh } from "./fixtures/index.ts";
+import { startMesh, temporaryCluster, type Cluster, type Mesh } from "./fixtures/index.ts";
 
 setDefaultTimeout(60_000);
 
@@ -17,14 +19,25 @@ let coordinator: string;
 let admin: string;
 
 beforeAll(async () => {
+  cluster = await temporaryCluster({ label: "status-page" });
+  // client2 may start one request a second here, so the page has a caller over its limit to show (issue 20).
+  const policy = JSON.parse(readFileSync(policyPath(), "utf8")) as { limits: unknown[] };
+  policy.limits.unshift({ identity: "spiffe://securemesh/client/client2", rate: { perSecond: 1, burst: 1 } });
+  writeFileSync(join(cluster.logDir, "policy.json"), JSON.stringify(policy));
   // fall 1: one failed probe takes a server out, so the page must show it within one interval.
-  mesh = await startMesh({ coordinatorArgs: ["--admin-port", "0", "--health-interval", String(HEALTH_INTERVAL_MS), "--fall", "1"] });
+  mesh = await startMesh({
+    cluster, db: join(cluster.logDir, "records.db"),
+    coordinatorArgs: ["--admin-port", "0", "--health-interval", String(HEALTH_INTERVAL_MS), "--fall", "1", "--policy", join(cluster.logDir, "policy.json")],
+  });
   ({ cluster, coordinator } = mesh);
   servers = mesh.servers.map((s) => s.url);
   admin = await cluster.adminUrl("coordinator");
 });
 
-afterAll(() => mesh?.[Symbol.asyncDispose]());
+afterAll(async () => {
+  await mesh?.[Symbol.asyncDispose]();
+  await cluster?.[Symbol.asyncDispose]();
+});
 
 describe("/metrics", () => {
   test("every role's /metrics parses as Prometheus text; the coordinator's is on its admin listener", async () => {
@@ -62,6 +75,23 @@ describe("status page in Chromium", () => {
     browser = await launchChromium(chromium);
   });
   afterAll(() => browser?.close());
+
+  test("shows a caller refused over its rate limit: whose, which limit, how often (issue 20)", async () => {
+    const page = await browser.newPage();
+    await page.goto(admin);
+    expect(await page.locator("#limits").isHidden()).toBe(true);
+    const client2 = mesh.client("client2");
+    const answers = await Promise.all(Array.from({ length: 3 }, (_, i) => client2.sendData(`over the rate ${i}`)));
+    expect(answers.map((a) => a.status)).toEqual([200, 200, 200]); // each 429 waited out as told
+    expect(client2.limited.count).toBeGreaterThanOrEqual(2);
+    const row = page.locator('#limits tr[data-identity="spiffe://securemesh/client/client2"]');
+    // The page may have drawn the row between two refusals: wait for the count the client saw.
+    await row.locator("td").nth(3).filter({ hasText: new RegExp(`^${client2.limited.count}$`) }).waitFor({ timeout: 5000 });
+    const cells = await row.locator("td").allTextContents();
+    expect({ identity: cells[0], refusedInFlight: cells[2], refusedRate: Number(cells[3]), last: cells[4] })
+      .toEqual({ identity: "spiffe://securemesh/client/client2", refusedInFlight: "0", refusedRate: client2.limited.count, last: expect.stringMatching(/s ago$/) });
+    expect(await page.locator("#limits-title").isVisible()).toBe(true);
+  });
 
   test("shows every server up, then a killed server down within the health-check interval, without a reload", async () => {
     const page = await browser.newPage();

@@ -13,6 +13,8 @@ const MAX_TRACKED = 10_000;
 
 interface IdentityState {
   inFlight: number;
+  refused: { inFlight: number; rate: number };
+  lastRefusedAt: number | null;
   /** Tokens in the bucket as of `refilledAt` (ms), or Infinity while the identity has no rate limit. */
   tokens: number;
   refilledAt: number;
@@ -51,6 +53,8 @@ export class RequestLimiter {
     const now = this.#now();
     const state = this.#stateOf(identity, now);
     if (state.inFlight >= limits.inFlight) {
+      state.refused.inFlight += 1;
+      state.lastRefusedAt = Date.now();
       this.#refuse(identity, "in_flight", `${limits.inFlight} requests in flight`);
       throw new TooManyRequests("ERR_IN_FLIGHT_LIMIT", `${identity} already has ${limits.inFlight} requests in flight, its limit`, 1);
     }
@@ -61,6 +65,8 @@ export class RequestLimiter {
       state.refilledAt = now;
       if (state.tokens < 1) {
         const retryAfter = Math.max(1, Math.ceil((1 - state.tokens) / perSecond));
+        state.refused.rate += 1;
+        state.lastRefusedAt = Date.now();
         this.#refuse(identity, "rate", `${perSecond} requests a second, burst ${burst}`);
         throw new TooManyRequests("ERR_RATE_LIMITED", `${identity} is over its rate of ${perSecond} requests a second`, retryAfter);
       }
@@ -88,6 +94,11 @@ export class RequestLimiter {
     }
   }
 
+  /** Every identity seen lately: its requests in flight and its refusals, for the status page. */
+  snapshot(): { identity: string; inFlight: number; refused: { inFlight: number; rate: number }; lastRefusedAt: number | null }[] {
+    return [...this.#state].map(([identity, s]) => ({ identity, inFlight: s.inFlight, refused: { ...s.refused }, lastRefusedAt: s.lastRefusedAt }));
+  }
+
   /** Requests in flight now, by identity (those with any). */
   inFlight(): Record<string, number> {
     return Object.fromEntries([...this.#state].filter(([, s]) => s.inFlight > 0).map(([id, s]) => [id, s.inFlight]));
@@ -97,14 +108,19 @@ export class RequestLimiter {
     let state = this.#state.get(identity);
     if (!state) {
       if (this.#state.size >= MAX_TRACKED) this.#forgetIdle();
-      state = { inFlight: 0, tokens: Infinity, refilledAt: now };
+      state = { inFlight: 0, tokens: Infinity, refilledAt: now, refused: { inFlight: 0, rate: 0 }, lastRefusedAt: null };
       this.#state.set(identity, state);
     }
     return state;
   }
 
-  /** Forgets identities with nothing in flight: their buckets refill to full by the time they come back, or nearly. */
+  /**
+   * Forgets identities with nothing in flight, those never refused first: their buckets refill to full by the time
+   * they come back, or nearly, and the status page keeps who was limited.
+   */
   #forgetIdle(): void {
+    for (const [identity, state] of this.#state) if (state.inFlight === 0 && state.lastRefusedAt === null) this.#state.delete(identity);
+    if (this.#state.size < MAX_TRACKED) return;
     for (const [identity, state] of this.#state) if (state.inFlight === 0) this.#state.delete(identity);
   }
 

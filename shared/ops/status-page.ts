@@ -5,8 +5,23 @@ import type { Logger } from "./log.ts";
 import type { Metrics } from "./metrics.ts";
 import type { UpstreamPool, UpstreamState } from "../request-path/upstream.ts";
 
-/** What the admin listener reads: one process's UpstreamPool, or a supervisor's merged view of its workers. */
-export type PoolView = Pick<UpstreamPool, "snapshot">;
+/**
+ * What the admin listener reads: one process's UpstreamPool (and its request limiter), or a supervisor's merged
+ * view of its workers.
+ */
+export type PoolView = Pick<UpstreamPool, "snapshot"> & {
+  /** Callers that met a limit of theirs here (issue 20), from the role's RequestLimiter. */
+  limits?(): LimitStatus[];
+};
+
+/** One caller's requests in flight here and its requests refused with 429, by which limit (the policy's limits). */
+export interface LimitStatus {
+  identity: string;
+  inFlight: number;
+  refused: { inFlight: number; rate: number };
+  /** Date.now() of its last refusal, or null. */
+  lastRefusedAt: number | null;
+}
 
 /**
  * The pool's view of a server, with the cache counters picked out of its last /health answer, and the host it runs
@@ -44,6 +59,8 @@ export interface ClusterStatus {
   servers: ServerStatus[];
   /** Mismatches between hosts (policy, CRL, database), clocks apart, certificates about to expire (issue 23). */
   warnings: string[];
+  /** Callers that met a limit here, most refused first. */
+  limited: LimitStatus[];
 }
 
 /** How often an open page is sent the state when it changed; well under any health-check interval. */
@@ -88,7 +105,9 @@ export function fleetWarnings(servers: readonly ServerStatus[], now: number): st
 
 export function clusterStatus(pool: PoolView, now = Date.now()): ClusterStatus {
   const servers = pool.snapshot().map(({ health, ...state }) => ({ ...state, host: hostOf(state.url), cache: cacheOf(health), facts: factsOf(health) }));
-  return { now, serversUp: servers.filter((s) => s.up).length, servers, warnings: fleetWarnings(servers, now) };
+  const limited = (pool.limits?.() ?? []).filter((l) => l.refused.inFlight + l.refused.rate > 0)
+    .sort((a, b) => b.refused.inFlight + b.refused.rate - (a.refused.inFlight + a.refused.rate));
+  return { now, serversUp: servers.filter((s) => s.up).length, servers, warnings: fleetWarnings(servers, now), limited };
 }
 
 /** A stream of `data: <status JSON>` events, sent at once and then whenever the status changes. */
@@ -188,6 +207,7 @@ const STATUS_PAGE = `<!doctype html>
 <style>
   body { font: 14px/1.4 system-ui, sans-serif; margin: 24px; color: #1d1f21; background: #fafafa; }
   h1 { font-size: 18px; margin: 0 0 4px; }
+  h2 { font-size: 15px; margin: 20px 0 8px; }
   #summary { color: #555; margin-bottom: 16px; }
   table { border-collapse: collapse; background: #fff; box-shadow: 0 1px 3px #0002; }
   th, td { padding: 8px 14px; text-align: left; border-bottom: 1px solid #eee; white-space: nowrap; }
@@ -212,12 +232,19 @@ const STATUS_PAGE = `<!doctype html>
   <thead><tr><th>Server</th><th>State</th><th>Last checked</th><th>Host</th><th>Latency</th><th>Requests</th><th>Failures</th><th>Cache hit ratio</th><th>Machine</th><th>Policy</th><th>CRL</th><th>Certificate expires</th><th>Clock</th><th>Last error</th></tr></thead>
   <tbody id="servers"></tbody>
 </table>
+<h2 id="limits-title" hidden>Callers over their limits</h2>
+<table id="limits" hidden>
+  <thead><tr><th>Identity</th><th>In flight</th><th>Refused: in flight</th><th>Refused: rate</th><th>Last refused</th></tr></thead>
+  <tbody></tbody>
+</table>
 <div id="connection"></div>
 <script>
   const rows = document.getElementById("servers");
   const summary = document.getElementById("summary");
   const warnings = document.getElementById("warnings");
   const connection = document.getElementById("connection");
+  const limits = document.getElementById("limits");
+  const limitsTitle = document.getElementById("limits-title");
   let status = null, skew = 0;
 
   function cell(row, text, cls) {
@@ -254,6 +281,18 @@ const STATUS_PAGE = `<!doctype html>
       cell(row, s.facts ? s.facts.certificateExpires.slice(0, 10) : "–");
       cell(row, s.clockSkewMs === null ? "–" : (s.clockSkewMs >= 0 ? "+" : "") + s.clockSkewMs + " ms", "num");
       cell(row, s.lastError || "", "error");
+      return row;
+    }));
+    // Callers the policy's limits refused with 429 (issue 20): whose, which limit, how often.
+    limits.hidden = limitsTitle.hidden = status.limited.length === 0;
+    limits.tBodies[0].replaceChildren(...status.limited.map((l) => {
+      const row = document.createElement("tr");
+      row.dataset.identity = l.identity;
+      cell(row, l.identity);
+      cell(row, String(l.inFlight), "num");
+      cell(row, String(l.refused.inFlight), "num");
+      cell(row, String(l.refused.rate), "num");
+      cell(row, ago(l.lastRefusedAt));
       return row;
     }));
   }

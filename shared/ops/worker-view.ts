@@ -3,7 +3,7 @@
 import type { WorkerState } from "../platform/worker-group.ts";
 import type { UpstreamState } from "../request-path/upstream.ts";
 import { PROMETHEUS_CONTENT_TYPE } from "./metrics.ts";
-import type { ClusterStatus, PoolView } from "./status-page.ts";
+import type { ClusterStatus, LimitStatus, PoolView } from "./status-page.ts";
 
 /** How often the workers' state is read: the status page's own push interval. */
 const POLL_MS = 250;
@@ -35,6 +35,25 @@ export class WorkerPoolView implements PoolView {
   /** Every server as the workers see it: in rotation only when every worker has it in rotation, counts summed. */
   snapshot(): UpstreamState[] {
     return mergeServerViews([...this.#latest.values()]);
+  }
+
+  /** Every caller limited at any worker: in flight and refusals summed over the workers, the latest refusal kept. */
+  limits(): LimitStatus[] {
+    const merged = new Map<string, LimitStatus>();
+    for (const view of this.#latest.values()) {
+      for (const l of view.limited ?? []) {
+        const seen = merged.get(l.identity);
+        if (!seen) {
+          merged.set(l.identity, { ...l, refused: { ...l.refused } });
+          continue;
+        }
+        seen.inFlight += l.inFlight;
+        seen.refused.inFlight += l.refused.inFlight;
+        seen.refused.rate += l.refused.rate;
+        seen.lastRefusedAt = Math.max(seen.lastRefusedAt ?? 0, l.lastRefusedAt ?? 0) || null;
+      }
+    }
+    return [...merged.values()];
   }
 
   /** Every worker's /metrics, each series labelled with its worker number (sum them with `sum without (worker)`). */
