@@ -45,10 +45,10 @@ export function requestTrace(request: Request): Trace {
   return arrivals.get(request)?.trace ?? traceOf(request.headers);
 }
 
-function errorBody(status: number, error: string, code: ErrorCode) {
+function errorBody(status: number, error: string, code: ErrorCode, retryAfterSeconds?: number) {
   return new Response(JSON.stringify({ error, code }), {
     status,
-    headers: { "content-type": "application/json; charset=utf-8" },
+    headers: { "content-type": "application/json; charset=utf-8", ...(retryAfterSeconds === undefined ? {} : { "retry-after": String(retryAfterSeconds) }) },
   });
 }
 
@@ -191,7 +191,7 @@ export function createApp({ logger, bodyLimit = DEFAULT_BODY_LIMIT, metrics = ne
   appContexts.set(app, { bodyLimit, logger, metrics });
 
   function errorAnswer(code: string | number, error: unknown, request: Request): Response {
-    if (error instanceof MeshError) return errorBody(error.status, error.message, error.code);
+    if (error instanceof MeshError) return errorBody(error.status, error.message, error.code, error.retryAfterSeconds);
     // Elysia wraps whatever a parser throws in its ParseError: the 413 and the 400 from parseBody are inside.
     const cause = (error as { cause?: unknown } | null)?.cause;
     if (code === "PARSE" && cause instanceof MeshError) return errorBody(cause.status, cause.message, cause.code);
