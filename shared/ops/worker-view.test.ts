@@ -4,14 +4,14 @@ import { mergeMetrics, mergeServerViews, WorkerPoolView } from "./worker-view.ts
 import { fleetWarnings, type ClusterStatus, type ServerFacts } from "./status-page.ts";
 
 const server = (url: string, fields: Partial<ClusterStatus["servers"][number]> = {}): ClusterStatus["servers"][number] => ({
-  url, host: new URL(url).hostname, up: true, lastCheckedAt: 1000, latencyMs: 1, requests: 0, failures: 0, lastError: null, cache: null, facts: null, clockSkewMs: null, ...fields,
+  url, host: new URL(url).hostname, up: true, lastCheckedAt: 1000, latencyMs: 1, requests: 0, failures: 0, lastError: null, cache: null, facts: null, clockSkewMs: null, reachable: true, storeStatus: null, ejection: null, ...fields,
 });
 
 describe("mergeServerViews", () => {
   test("a server is up only when every worker has it up; counts add up; the newest probe's details win", () => {
     const merged = mergeServerViews([
-      { now: 0, serversUp: 2, warnings: [], servers: [server("https://a", { requests: 5, failures: 1, lastCheckedAt: 1000, latencyMs: 3 }), server("https://b", { requests: 2 })] },
-      { now: 0, serversUp: 1, warnings: [], servers: [server("https://a", { requests: 7, lastCheckedAt: 2000, latencyMs: 9, cache: { hits: 4, misses: 1, hitRatio: 0.8 } }), server("https://b", { up: false, lastError: "timeout", requests: 1 })] },
+      { now: 0, serversUp: 2, warnings: [], routing: null, servers: [server("https://a", { requests: 5, failures: 1, lastCheckedAt: 1000, latencyMs: 3 }), server("https://b", { requests: 2 })] },
+      { now: 0, serversUp: 1, warnings: [], routing: null, servers: [server("https://a", { requests: 7, lastCheckedAt: 2000, latencyMs: 9, cache: { hits: 4, misses: 1, hitRatio: 0.8 } }), server("https://b", { up: false, lastError: "timeout", requests: 1 })] },
     ]);
     expect(merged.map((s) => [s.url, s.up, s.requests, s.failures])).toEqual([["https://a", true, 12, 1], ["https://b", false, 3, 0]]);
     expect(merged[0]!.latencyMs).toBe(9);
