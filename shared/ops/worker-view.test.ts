@@ -1,6 +1,7 @@
 import { describe, expect, test } from "bun:test";
 import { parsePrometheus } from "../testing/prometheus.ts";
-import { mergeMetrics, mergeServerViews, WorkerPoolView } from "./worker-view.ts";
+import { mergeMetrics, mergeRouting, mergeServerViews, WorkerPoolView } from "./worker-view.ts";
+import type { RoutingState } from "../request-path/upstream.ts";
 import { fleetWarnings, type ClusterStatus, type ServerFacts } from "./status-page.ts";
 
 const server = (url: string, fields: Partial<ClusterStatus["servers"][number]> = {}): ClusterStatus["servers"][number] => ({
@@ -18,6 +19,25 @@ describe("mergeServerViews", () => {
     expect(merged[0]!.health).toEqual({ cache: { hits: 4, misses: 1, hitRatio: 0.8 } });
     // The worker that took it out of rotation says why, whichever probed last.
     expect(merged[1]!.lastError).toBe("timeout");
+  });
+});
+
+describe("mergeRouting (issue 20)", () => {
+  test("in panic while any worker is, since the earliest; the fewest in rotation; counts added up", () => {
+    const routing = (over: Partial<RoutingState>, queue: Partial<RoutingState["queue"]> = {}, exhausted = 0): RoutingState => ({
+      panic: false, panicSince: null, panicEntries: 0, inRotation: 2, total: 2, panicThreshold: 0.5, maxEjected: 1, ejections: 0, ejectionsRefused: 0,
+      queue: { waiting: 0, maxWaiting: 64, timeoutMs: 500, queued: 0, timedOut: 0, full: 0, ...queue },
+      retryBudget: { ratio: 0.2, minPerSecond: 3, windowMs: 10_000, requests: 10, retries: 1, exhausted }, ...over,
+    });
+    expect(mergeRouting([])).toBeNull();
+    expect(mergeRouting([
+      routing({ ejections: 1 }, { queued: 2, timedOut: 1 }, 1),
+      routing({ panic: true, panicSince: 500, panicEntries: 1, inRotation: 0 }, { waiting: 3 }),
+      routing({ panic: true, panicSince: 200, panicEntries: 2, inRotation: 1, ejectionsRefused: 4 }),
+    ])).toMatchObject({
+      panic: true, panicSince: 200, panicEntries: 3, inRotation: 0, ejections: 1, ejectionsRefused: 4,
+      queue: { waiting: 3, queued: 2, timedOut: 1 }, retryBudget: { requests: 30, retries: 3, exhausted: 1 },
+    });
   });
 });
 

@@ -10,7 +10,10 @@ export interface RetryBudgetOptions {
   windowMs: number;
 }
 
-export const DEFAULT_RETRY_BUDGET: RetryBudgetOptions = { ratio: 0.2, minPerSecond: 3, windowMs: 10_000 };
+export const RETRY_BUDGET_PERCENT = 20;
+export const RETRY_BUDGET_MIN_PER_SECOND = 3;
+export const RETRY_BUDGET_WINDOW_MS = 10_000;
+export const DEFAULT_RETRY_BUDGET: RetryBudgetOptions = { ratio: RETRY_BUDGET_PERCENT / 100, minPerSecond: RETRY_BUDGET_MIN_PER_SECOND, windowMs: RETRY_BUDGET_WINDOW_MS };
 
 /** Counts kept per slice of the window, so old requests drop out of it slice by slice. */
 const SLICES = 10;

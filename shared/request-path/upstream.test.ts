@@ -334,6 +334,14 @@ describe("issue 20: never eject everything", () => {
     expect(new Set(transport.calls.map((c) => new URL(c.url).origin))).toEqual(new Set([B, C]));
   });
 
+  test("believed reachable: a server that answers or times out is; one that refuses or shows another identity is not", async () => {
+    const [C, D] = ["https://c.test:5001", "https://d.test:5001"];
+    const outcome: Record<string, number | NetworkErrorCode | "timeout"> = { [A]: "ECONNREFUSED", [B]: 503, [C]: "timeout", [D]: "ERR_UNEXPECTED_PEER" };
+    const pool = new UpstreamPool({ servers: [A, B, C, D], transport: new FakeTransport((url) => outcome[new URL(url).origin]!), logger: quiet(), health: { fall: 1 } });
+    await pool.checkAll();
+    expect(pool.snapshot().map((s) => [s.up, s.reachable])).toEqual([[false, false], [false, true], [false, true], [false, false]]);
+  });
+
   test("a stalled store: the server stays in rotation, writes go first to servers whose store is ok, reads anywhere", async () => {
     let stalled = [A];
     const transport: UpstreamTransport & { calls: { url: string; method: string }[] } = {

@@ -129,9 +129,21 @@ export interface ForwardResult {
 }
 
 export const DEFAULT_HEALTH: HealthCheckOptions = { intervalMs: 1000, timeoutMs: 1000, fall: 2, rise: 2 };
-export const DEFAULT_OUTLIER: OutlierOptions = { consecutiveGatewayFailures: 3, baseEjectionMs: 5_000, maxEjectionMs: 60_000, decayMs: 30_000, maxEjectedShare: 0.5 };
-export const DEFAULT_PANIC_THRESHOLD = 0.5;
-export const DEFAULT_QUEUE: QueueOptions = { maxWaiting: 64, timeoutMs: 500 };
+/** The defaults of issue 20, quoted in docs/overload.md. Envoy ejects after 5 and for 30 s; a mesh of two servers wants less. */
+export const CONSECUTIVE_GATEWAY_FAILURES = 3;
+export const BASE_EJECTION_MS = 5_000;
+export const MAX_EJECTION_MS = 60_000;
+export const EJECTION_DECAY_MS = 30_000;
+export const MAX_EJECTED_PERCENT = 50;
+export const PANIC_THRESHOLD_PERCENT = 50;
+export const QUEUE_MAX_WAITING = 64;
+export const QUEUE_TIMEOUT_MS = 500;
+export const DEFAULT_OUTLIER: OutlierOptions = {
+  consecutiveGatewayFailures: CONSECUTIVE_GATEWAY_FAILURES, baseEjectionMs: BASE_EJECTION_MS, maxEjectionMs: MAX_EJECTION_MS, decayMs: EJECTION_DECAY_MS,
+  maxEjectedShare: MAX_EJECTED_PERCENT / 100,
+};
+export const DEFAULT_PANIC_THRESHOLD = PANIC_THRESHOLD_PERCENT / 100;
+export const DEFAULT_QUEUE: QueueOptions = { maxWaiting: QUEUE_MAX_WAITING, timeoutMs: QUEUE_TIMEOUT_MS };
 /** Seconds a 503 from the pool asks the caller to wait (Retry-After). */
 export const POOL_RETRY_AFTER_S = 1;
 /** Answers that count as a gateway failure, as Envoy's: the server is there but something in front of it is not. */
@@ -538,6 +550,7 @@ export class UpstreamPool {
     let failure: string | null = null;
     let unexpectedPeer = false;
     let answered = false;
+    let caught: unknown = null;
     try {
       const answer = await this.#transport.request(`${server.url}/health`, { timeoutMs: this.#health.timeoutMs, idempotent: true });
       answered = true;
@@ -548,14 +561,16 @@ export class UpstreamPool {
         server.storeStatus = server.health?.store_status === "stalled" ? "stalled" : "ok";
       } else failure = `health check answered ${answer.status}`;
     } catch (error) {
+      caught = error;
       failure = reason(error);
       // Not a flap: whatever answers there is not a server. Out at once, and back only after `rise` good probes.
       unexpectedPeer = isUnexpectedPeer(error);
       if (unexpectedPeer) server.failStreak = this.#health.fall;
     }
-    // A server that answers, even 503, is there: in panic it may still take requests. One that refuses, times out or
-    // shows another identity is not.
-    server.reachable = answered;
+    // Believed reachable unless shown otherwise: a server that answers, even 503, is there, and one that timed out or
+    // reset may be only slow; in panic either may still take requests. One that refuses, cannot be reached or shows
+    // another identity is not there (Envoy's panic routes to every host; it does not check identities).
+    server.reachable = answered || !neverReachedServer(caught);
     server.lastCheckedAt = Date.now();
     server.latencyMs = Math.round((performance.now() - started) * 10) / 10;
     if (failure === null) {
