@@ -1,6 +1,6 @@
 // The key faults of `bun harness chaos`, with smaller loads, on real processes and free ports.
 import { expect, setDefaultTimeout, test } from "bun:test";
-import { allServersDown, coordinatorFailover, databaseOutage, hangUnderLoad, impostorUnderLoad, killNineUnderLoad, membershipUnderLoad } from "./chaos-checks.ts";
+import { allServersDown, brownOut, coordinatorFailover, databaseOutage, hangUnderLoad, impostorUnderLoad, killNineUnderLoad, membershipUnderLoad } from "./chaos-checks.ts";
 import { percentile, startMesh, startTokenStack, type MeshOptions } from "./fixtures/index.ts";
 import { scratchDatabase } from "../shared/testing/mysql.ts";
 import { TcpRelay } from "../shared/testing/tcp-relay.ts";
@@ -59,4 +59,11 @@ for (const runtime of ["bun", "deno", "mixed"] as const) {
 test("issue 23: a server added to the coordinator's --servers-file, then the first removed, under load: nothing lost", async () => {
   await using mesh = await chaosMesh();
   expect((await membershipUnderLoad(mesh.cluster, mesh.db, 4)).failed).toBe(0);
+});
+
+test("issue 20, brown-out: every server slowed, then failing 10 % of requests, at once: nothing fails, never all out", async () => {
+  await using mesh = await chaosMesh();
+  const row = await brownOut(mesh, { clients: 2, phaseMs: 1500, delayMs: 100, dropShare: 0.1 });
+  console.log(`${row.fault}: ${row.requests} requests, ${row.failed} failed; ${row.detail}`);
+  expect(row.failed).toBe(0);
 });

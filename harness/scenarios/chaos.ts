@@ -1,6 +1,6 @@
-// Faults on a bad day: kill -9 and SIGSTOP under load, every server down, a database outage, a coordinator lost, and
-// an impostor with a valid certificate on a dead server's port.
-import { allServersDown, coordinatorFailover, databaseOutage, faultTable, hangUnderLoad, impostorUnderLoad, killNineUnderLoad, type ChaosMesh, type FaultRow } from "../chaos-checks.ts";
+// Faults on a bad day: kill -9 and SIGSTOP under load, every server down, a database outage, a coordinator lost, an
+// impostor with a valid certificate on a dead server's port, and a brown-out of every server at once.
+import { allServersDown, brownOut, coordinatorFailover, databaseOutage, faultTable, hangUnderLoad, impostorUnderLoad, killNineUnderLoad, type ChaosMesh, type FaultRow } from "../chaos-checks.ts";
 import { startMesh, startTokenStack } from "../fixtures/index.ts";
 import { Progress } from "../progress.ts";
 import { startScenarioMesh, type Scenario } from "../scenario.ts";
@@ -11,7 +11,7 @@ const MARIADB = { host: "127.0.0.1", port: 3306 };
 
 export const chaos: Scenario = {
   name: "chaos",
-  description: "kill -9 and SIGSTOP under load, every server down, an impostor on a dead server's port, a database outage, two coordinators",
+  description: "kill -9 and SIGSTOP under load, every server down, an impostor on a dead server's port, a database outage, two coordinators, a brown-out",
   async run(ctx) {
     const { cluster, ports, step, summary } = ctx;
     const progress = new Progress();
@@ -28,6 +28,8 @@ export const chaos: Scenario = {
     record(await hangUnderLoad(mesh, 4, 2000, 6000));
     step("every server down, then back");
     record(await allServersDown(mesh));
+    step("brown-out: relays in front of both servers slow each by 200 ms for 6 s, then cut 10 % of requests for 6 s; 4 clients");
+    record(await brownOut(mesh, { clients: 4, phaseMs: 6000, delayMs: 200, dropShare: 0.1 }));
     step("kill -9 server 2 between bursts of writes, and bind its port at once with the KeyServer's certificate");
     const impostorMesh: ChaosMesh = { ...(await startMesh({ cluster, db: mesh.db, namePrefix: "impostor-" })), progress: mesh.progress };
     record(await impostorUnderLoad(impostorMesh, 4, 200));
