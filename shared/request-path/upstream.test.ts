@@ -279,6 +279,25 @@ describe("issue 20: never eject everything", () => {
     aFails = false;
   });
 
+  test("an ejected server whose probes failed and then passed `rise` times is back before its time; one whose probes pass stays out", async () => {
+    const clock = new FakeClock();
+    let down: string[] = [];
+    const transport = new FakeTransport((url) => (down.includes(new URL(url).origin) ? "ECONNREFUSED" : url.endsWith("/health") ? 200 : "ECONNRESET"));
+    const C = "https://c.test:5001";
+    const pool = new UpstreamPool({ servers: [A, B, C], transport, logger: quiet(), clock, health: { fall: 1, rise: 2 }, outlier: { consecutiveGatewayFailures: 1 } });
+    await pool.forward({ method: "GET", path: "/x", headers: new Headers() }).catch(() => {});
+    expect(pool.snapshot().map((s) => s.ejection !== null)).toEqual([true, false, false]);
+    await pool.checkAll(); // its probes pass: still ejected
+    expect(state(pool, A).ejection).not.toBeNull();
+    down = [A];
+    await pool.checkAll(); // killed
+    down = [];
+    await pool.checkAll();
+    expect(state(pool, A).up).toBe(false);
+    await pool.checkAll(); // restarted: rise 2
+    expect(state(pool, A)).toMatchObject({ up: true, ejection: null });
+  });
+
   test("ejections stop at the cap: of two servers failing alike, one stays in rotation", async () => {
     const clock = new FakeClock();
     const { lines, logger } = logged();

@@ -577,7 +577,17 @@ export class UpstreamPool {
       server.failStreak = 0;
       server.okStreak += 1;
       server.lastError = null;
-      if (!server.probeUp && (server.joining || server.okStreak >= this.#health.rise)) server.probeUp = true;
+      if (!server.probeUp && (server.joining || server.okStreak >= this.#health.rise)) {
+        server.probeUp = true;
+        // The probes saw it fail and come back (a restart, a hang resumed): the ejection has done its work. As Envoy's
+        // successful_active_health_check_uneject_host, but only after a probe failure, so that a server failing
+        // some requests while its probes pass stays out for its time. A chaos run found why: a server restarted
+        // after kill -9 stayed ejected, the cap then kept the other, hung one in, and reads waited on it.
+        if (server.ejection) {
+          server.lastEjectionEnd = this.#clock.now();
+          server.ejection = null;
+        }
+      }
     } else {
       server.okStreak = 0;
       server.failStreak += 1;
