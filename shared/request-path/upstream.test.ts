@@ -310,47 +310,76 @@ describe("issue 20: never eject everything", () => {
     expect(lines.find((l) => l.includes("not ejected"))).toMatch(/not ejected after \d+ consecutive failures: 1 of 2 servers already out, the most allowed$/);
   });
 
+  test("the cap holds for the probes: a server that answers stays in while another is ejected; one that refuses goes out", async () => {
+    const clock = new FakeClock();
+    let bHealth: number | "ECONNREFUSED" = 200;
+    const transport = new FakeTransport((url) => (url.startsWith(B) ? (url.endsWith("/health") ? bHealth : 200) : url.endsWith("/health") ? 200 : "ECONNRESET"));
+    const { lines, logger } = logged();
+    const pool = new UpstreamPool({ servers: [A, B], transport, logger, clock, health: { fall: 1 }, outlier: { consecutiveGatewayFailures: 1 } });
+    await get(pool);
+    expect(pool.snapshot().map((s) => [s.up, s.ejection !== null])).toEqual([[false, true], [true, false]]);
+    bHealth = 503;
+    await pool.checkAll();
+    await pool.checkAll();
+    expect(pool.snapshot().map((s) => s.up)).toEqual([false, true]);
+    expect(lines.filter((l) => l.includes("(health check)"))).toEqual([`Server ${B} failed: health check answered 503 (health check); kept in rotation: 1 of 2 servers already out, the most allowed`]);
+    expect(pool.routing().ejectionsRefused).toBe(2);
+    bHealth = "ECONNREFUSED";
+    await pool.checkAll();
+    expect(pool.snapshot().map((s) => s.up)).toEqual([false, false]);
+  });
+
   test("the cap as a share: at least one, never all", () => {
-    expect([1, 2, 3, 4, 10].map((n) => maxEjected(n, 0.5))).toEqual([0, 1, 1, 2, 5]);
+    expect([1, 2, 3, 4, 10].map((n) => maxEjected(n, 0.5))).toEqual([1, 1, 1, 2, 5]);
     expect(maxEjected(10, 1)).toBe(9);
     expect([1, 2, 5, 60].map((count) => ejectionMs(count, { baseEjectionMs: 5000, maxEjectionMs: 60_000 }))).toEqual([5000, 10_000, 25_000, 60_000]);
   });
 
-  test("panic: with every server failing its probes but answering, requests still go to them; one line in and out", async () => {
-    let health = 503;
-    const transport = new FakeTransport((url) => (url.endsWith("/health") ? health : 200));
+  test("panic: one server ejected, the other gone: the ejected one still takes requests; one line in and out", async () => {
+    const clock = new FakeClock();
+    let aFails = true;
+    let bGone = false;
+    const transport = new FakeTransport((url) =>
+      url.startsWith(B) ? (bGone ? "ECONNREFUSED" : 200) : url.endsWith("/health") || !aFails ? 200 : "ECONNRESET");
     const { lines, logger } = logged();
-    const pool = new UpstreamPool({ servers: [A, B], transport, logger, health: { fall: 1, rise: 1 } });
+    const pool = new UpstreamPool({ servers: [A, B], transport, logger, clock, health: { fall: 1, rise: 1 }, outlier: { consecutiveGatewayFailures: 1 } });
     const metrics = new Metrics();
     pool.exportMetrics(metrics);
+    expect((await get(pool)).upstream).toBe(B);
+    expect(state(pool, A).ejection).not.toBeNull();
+    bGone = true;
     await pool.checkAll();
-    expect(pool.snapshot().map((s) => [s.up, s.reachable])).toEqual([[false, true], [false, true]]);
+    expect(pool.snapshot().map((s) => [s.up, s.reachable])).toEqual([[false, true], [false, false]]);
     expect(pool.routing()).toMatchObject({ panic: true, panicEntries: 1, inRotation: 0 });
-    const served = [(await get(pool)).upstream, (await get(pool)).upstream];
-    expect(served.sort()).toEqual([A, B]);
+    aFails = false;
+    transport.calls.length = 0;
+    const served = [(await get(pool)).upstream, (await post(pool)).upstream, (await get(pool)).upstream];
+    expect(served).toEqual([A, A, A]);
+    expect(transport.calls.every((c) => c.url.startsWith(A))).toBe(true);
     const scraped = parsePrometheus(metrics.render());
     expect([scraped.value("securemesh_upstream_panic"), scraped.value("securemesh_upstream_panic_total")]).toEqual([1, 1]);
     await pool.checkAll(); // still in panic: no second line
-    health = 200;
+    bGone = false;
     await pool.checkAll();
     expect(pool.routing()).toMatchObject({ panic: false, panicSince: null, panicEntries: 1 });
     expect(lines.filter((l) => l.includes("Panic routing"))).toEqual([
-      "Panic routing: 0 of 2 servers in rotation, under 50 %; routing over every server believed reachable (2)",
-      // The first server back ends it: 1 of 2 is no longer under the threshold.
+      "Panic routing: 0 of 2 servers in rotation, under 50 %; routing over every server believed reachable (1)",
       "Panic routing over: 1 of 2 servers in rotation",
     ]);
     expect(parsePrometheus(metrics.render()).value("securemesh_upstream_panic")).toBe(0);
   });
 
-  test("panic routes only over servers believed reachable: one refusing its probes gets nothing", async () => {
+  test("panic routes only over servers believed reachable: those refusing their probes get nothing", async () => {
     const C = "https://c.test:5001";
-    const transport = new FakeTransport((url) => (url.startsWith(A) ? "ECONNREFUSED" : url.endsWith("/health") ? 503 : 200));
+    const transport = new FakeTransport((url) => (url.startsWith(C) ? (url.endsWith("/health") ? 503 : 200) : "ECONNREFUSED"));
     const pool = new UpstreamPool({ servers: [A, B, C], transport, logger: quiet(), health: { fall: 1 } });
     await pool.checkAll();
+    // A and B are gone; C answers its probes 503 but is kept in by the cap (1 of 3 may be out).
+    expect(pool.snapshot().map((s) => [s.up, s.reachable])).toEqual([[false, false], [false, false], [true, true]]);
     expect(pool.routing().panic).toBe(true);
     transport.calls.length = 0;
     for (let i = 0; i < 6; i++) await get(pool);
-    expect(new Set(transport.calls.map((c) => new URL(c.url).origin))).toEqual(new Set([B, C]));
+    expect(new Set(transport.calls.map((c) => new URL(c.url).origin))).toEqual(new Set([C]));
   });
 
   test("believed reachable: a server that answers or times out is; one that refuses or shows another identity is not", async () => {
@@ -358,7 +387,8 @@ describe("issue 20: never eject everything", () => {
     const outcome: Record<string, number | NetworkErrorCode | "timeout"> = { [A]: "ECONNREFUSED", [B]: 503, [C]: "timeout", [D]: "ERR_UNEXPECTED_PEER" };
     const pool = new UpstreamPool({ servers: [A, B, C, D], transport: new FakeTransport((url) => outcome[new URL(url).origin]!), logger: quiet(), health: { fall: 1 } });
     await pool.checkAll();
-    expect(pool.snapshot().map((s) => [s.up, s.reachable])).toEqual([[false, false], [false, true], [false, true], [false, false]]);
+    // A and D are not there; B goes out (2 of 4 may); C, timing out, is kept in by the cap.
+    expect(pool.snapshot().map((s) => [s.up, s.reachable])).toEqual([[false, false], [false, true], [true, true], [false, false]]);
   });
 
   test("a stalled store: the server stays in rotation, writes go first to servers whose store is ok, reads anywhere", async () => {

@@ -172,7 +172,7 @@ interface Server extends UpstreamState {
   /** Ejections so far, stepping back one per decayMs of healthy time since the last one ended. */
   ejections: number;
   lastEjectionEnd: number;
-  /** An ejection refused by the cap is logged once per streak. */
+  /** An ejection or a probe's take-out refused by the cap is logged once per streak. */
   refusalLogged: boolean;
 }
 
@@ -191,9 +191,12 @@ function newServer(url: string, up: boolean): Server {
   };
 }
 
-/** How many servers may be out of rotation at once before no more is ejected: a share, at least one, never all. */
+/**
+ * How many servers may be out of rotation at once before no more is ejected: a share, at least one, never all. A lone
+ * server may go out: panic routing still sends to it while it answers.
+ */
 export function maxEjected(total: number, share: number): number {
-  return Math.min(total - 1, Math.max(1, Math.floor(total * share)));
+  return total === 1 ? 1 : Math.min(total - 1, Math.max(1, Math.floor(total * share)));
 }
 
 /** The next ejection's length: base × count (Envoy's), capped. */
@@ -575,6 +578,7 @@ export class UpstreamPool {
     server.latencyMs = Math.round((performance.now() - started) * 10) / 10;
     if (failure === null) {
       server.failStreak = 0;
+      server.refusalLogged = false;
       server.okStreak += 1;
       server.lastError = null;
       if (!server.probeUp && (server.joining || server.okStreak >= this.#health.rise)) {
@@ -593,8 +597,21 @@ export class UpstreamPool {
       server.failStreak += 1;
       server.lastError = failure;
       if (server.probeUp && (server.failStreak >= this.#health.fall || unexpectedPeer)) {
-        server.probeUp = false;
-        this.#logger.warn(`Server ${server.url} failed: ${failure} (health check); out of rotation`, { upstream: server.url });
+        // The cap holds for the probes too: a server that still answers (503, reset, timeout) stays in while as many
+        // servers as allowed are out already. One that is not there at all (refused, unreachable, another identity)
+        // goes out whatever the count: sending to it could never help.
+        const out = this.#servers.filter((s) => !s.up).length;
+        const cap = maxEjected(this.#servers.length, this.#outlier.maxEjectedShare);
+        if (server.reachable && server.up && out >= cap) {
+          this.#ejectionsRefused += 1;
+          if (!server.refusalLogged) {
+            server.refusalLogged = true;
+            this.#logger.warn(`Server ${server.url} failed: ${failure} (health check); kept in rotation: ${out} of ${this.#servers.length} servers already out, the most allowed`, { upstream: server.url });
+          }
+        } else {
+          server.probeUp = false;
+          this.#logger.warn(`Server ${server.url} failed: ${failure} (health check); out of rotation`, { upstream: server.url });
+        }
       }
     }
     this.#changed();
