@@ -323,7 +323,9 @@ export async function brownOut(mesh: ChaosMesh, options: BrownOutOptions): Promi
     const failing = latenciesStartedBetween(load, options.phaseMs, 2 * options.phaseMs);
     const log = cluster.role("brownout-coordinator").lines;
     const count = (pattern: RegExp) => log.filter((l) => pattern.test(l)).length;
-    const [ejections, refusedAtCap, panics, budgetSpent, failedAttempts] = [/ ejected for /, / not ejected after /, /^Panic routing: /, /^Retry budget spent/, /^Server \S+ failed: /].map(count);
+    const [ejections, refusedAtCap, panics, budgetSpent, failedAttempts, answered503] = [
+      / ejected for /, / not ejected after |; kept in rotation: /, /^Panic routing: /, /^Retry budget spent/, /^Server \S+ failed: /, /" 503 - /,
+    ].map(count);
     const cut = relays.reduce((sum, r) => sum + r.dropped, 0);
     const { records, lost, duplicates } = await checkRecords(db, before, load.acks);
     expectThat(load.errors === 0, `${load.errors} of ${load.requests} requests failed, e.g. ${load.errorSamples[0]}`);
@@ -333,6 +335,7 @@ export async function brownOut(mesh: ChaosMesh, options: BrownOutOptions): Promi
       fault: `brown-out: every server slowed ${options.delayMs} ms, then failing ${Math.round(options.dropShare * 100)} % of requests`,
       requests: load.requests, failed: load.errors,
       detail: `p99 ${percentile(slow, 99).toFixed(0)} ms slowed, ${percentile(failing, 99).toFixed(0)} ms failing; ${cut} cut by the relays, ${failedAttempts} failed attempts seen, ` +
+        `${answered503} coordinator 503s (clients retried), ` +
         `${ejections} ejections (${refusedAtCap} refused at the cap), panic ${panics}×, retry budget spent ${budgetSpent}×; ` +
         `in rotation never below ${seen.minUp} of ${relays.length} (${seen.samples} samples); ${load.acks.length} acknowledged = ${records} stored`,
     };
