@@ -272,6 +272,9 @@ describe("issue 20: never eject everything", () => {
     expect(lengths).toEqual([1000, 2000, 2500, 2500]);
     expect(lines.filter((l) => l.includes("ejected for"))[0]).toBe(`Server ${A} ejected for 1.0 s (ejection 1): 3 consecutive gateway failures (last: timeout)`);
     expect(lines.filter((l) => l === `Server ${A} is back in rotation`)).toHaveLength(4);
+    const metrics = new Metrics();
+    pool.exportMetrics(metrics);
+    expect(parsePrometheus(metrics.render()).value("securemesh_upstream_ejections_total", { upstream: A, reason: "consecutive_gateway_failures" })).toBe(4);
     // 35 s healthy after the last ejection ended: three steps back (4 → 1), so the next is the second length again.
     clock.advance(35_000);
     expect((await ejectA())!.until - clock.now()).toBe(2000);
@@ -304,6 +307,10 @@ describe("issue 20: never eject everything", () => {
     const pool = new UpstreamPool({ servers: [A, B], logger, clock, transport: new FakeTransport(() => "ECONNRESET"), outlier: { consecutiveGatewayFailures: 2 } });
     for (let i = 0; i < 6; i++) await get(pool).catch(() => {});
     expect(pool.snapshot().map((s) => s.ejection !== null).sort()).toEqual([false, true]);
+    const metrics = new Metrics();
+    pool.exportMetrics(metrics);
+    const ejected = pool.snapshot().find((s) => s.ejection)!.url;
+    expect(parsePrometheus(metrics.render()).value("securemesh_upstream_ejected", { upstream: ejected, reason: "consecutive_gateway_failures" })).toBe(1);
     expect(pool.routing()).toMatchObject({ maxEjected: 1, ejections: 1, ejectionsRefused: expect.any(Number), inRotation: 1, panic: false });
     expect(pool.routing().ejectionsRefused).toBeGreaterThan(0);
     expect(lines.filter((l) => l.includes("not ejected")).length).toBe(1);

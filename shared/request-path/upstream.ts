@@ -308,8 +308,9 @@ export class UpstreamPool {
     metrics.collect("securemesh_upstream_retries_total", "Requests re-sent to the next server after one failed.", "counter", () => [{ value: this.#retries }]);
     metrics.collect("securemesh_upstream_check_latency_seconds", "Latency of the last health check.", "gauge", () =>
       this.#servers.filter((s) => s.latencyMs !== null).map((s) => ({ labels: { upstream: s.url }, value: s.latencyMs! / 1000 })));
+    // A fixed reason label (the only kind of ejection there is), never the error text: the series stay few and stable.
     metrics.collect("securemesh_upstream_ejected", "1 while a passive ejection holds the server out, labelled with why.", "gauge", () =>
-      (this.#expireEjections(), this.#servers.filter((s) => s.ejection).map((s) => ({ labels: { upstream: s.url, reason: s.ejection!.reason }, value: 1 }))));
+      (this.#expireEjections(), this.#servers.filter((s) => s.ejection).map((s) => ({ labels: { upstream: s.url, reason: "consecutive_gateway_failures" }, value: 1 }))));
     metrics.collect("securemesh_upstream_ejections_total", "Passive ejections after consecutive gateway failures.", "counter", () =>
       [...this.#ejectionCounts].map(([url, value]) => ({ labels: { upstream: url, reason: "consecutive_gateway_failures" }, value })));
     metrics.collect("securemesh_upstream_ejections_refused_total", "Ejections not made because the share of servers out was at its cap.", "counter", pool((r) => r.ejectionsRefused));
