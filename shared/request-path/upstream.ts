@@ -360,7 +360,7 @@ export class UpstreamPool {
     for (const [attempt, server] of order.entries()) {
       if (attempt > 0) {
         if (!this.#budget.tryRetry()) {
-          this.#logger.warn(`Retry budget spent: not re-sending after ${lastReason}${trace ? ` ${trace.field}=${trace.id}` : ""}`, { [trace.field]: trace.id });
+          this.#logger.warn(`Retry budget spent: not re-sending after ${lastReason} ${trace.field}=${trace.id}`, { [trace.field]: trace.id });
           throw new MeshError("ERR_RETRY_BUDGET", 503, `the server failed and the retry budget is spent (last: ${lastReason})`, { retryAfterSeconds: POOL_RETRY_AFTER_S });
         }
         this.#retries += 1;
