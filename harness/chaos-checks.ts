@@ -7,6 +7,7 @@ import { IMPOSTOR_ID, startImpostor } from "./hostile.ts";
 import { openStore } from "../shared/request-path/store.ts";
 import { expectThat, latenciesStartedBetween, percentile, renderTable, runLoad, waitFor, waitUntilInRotation, type Cluster, type LoadOptions, type LoadRun, type Mesh } from "./fixtures/index.ts";
 import { countRecords } from "./scenario.ts";
+import { TcpRelay } from "../shared/testing/tcp-relay.ts";
 
 export interface FaultRow {
   fault: string;
@@ -334,4 +335,91 @@ export async function noisyNeighbour(mesh: ChaosMesh, options: { quiet: number; 
     detail: `client1 p99 ${p99AloneMs.toFixed(1)} ms alone, ${p99FloodedMs.toFixed(1)} ms flooded (${ratio.toFixed(2)}×); client2 ${flood.run.acks.length} stored, ${noisy.limited.count} 429s waited out, ${flood.limited} given up on, 0 5xx`,
     p99AloneMs, p99FloodedMs, noisyLimited,
   };
+}
+
+export interface BrownOutOptions {
+  /** Clients sending at once: even ones write, odd ones read. */
+  clients: number;
+  /** How long each phase lasts: every server slowed, then every server failing a share of requests. */
+  phaseMs: number;
+  /** How long each chunk sent to a server waits in the slow phase. */
+  delayMs: number;
+  /** The share of requests cut after they reached the server in the failing phase. */
+  dropShare: number;
+  progress?: LoadOptions["progress"];
+}
+
+/**
+ * Issue 20, brown-out: a TCP relay in front of every server (the harness's, no hook in the servers) slows each of
+ * them at once, then makes each fail a share of what it is sent, cutting the connection after the request went on,
+ * so a write may be committed and its answer lost. A coordinator of its own reaches the servers only through the
+ * relays. No client request may fail, every acknowledged write is stored once, and at no moment are all servers out
+ * of the coordinator's rotation (its /health is read every 100 ms throughout).
+ */
+export async function brownOut(mesh: ChaosMesh, options: BrownOutOptions): Promise<FaultRow> {
+  const { cluster, db } = mesh;
+  const relays = await Promise.all(mesh.servers.map((s) => TcpRelay.start({ host: "127.0.0.1", port: s.port })));
+  try {
+    // The mesh's servers, reached only through the relays by a coordinator of this check's own.
+    const coordinator = await cluster.startCoordinator("brownout-coordinator", 0, relays.map((r) => `https://127.0.0.1:${r.port}`), ["--health-interval", "300"]);
+    const clients = Array.from({ length: options.clients }, (_, i) => cluster.client(i % 2 ? "client2" : "client1", [coordinator]));
+    const before = await countRecords(db);
+    let watching = true;
+    const seen = { samples: 0, allOut: 0, minUp: Infinity, panic: 0 };
+    const watch = (async () => {
+      while (watching) {
+        const body = (await cluster.health(coordinator))?.body;
+        if (body) {
+          const up = body.serversUp as number;
+          seen.samples += 1;
+          seen.minUp = Math.min(seen.minUp, up);
+          if (up === 0) seen.allOut += 1;
+          if (body.panic === true) seen.panic += 1;
+        }
+        await new Promise((resolve) => setTimeout(resolve, 100));
+      }
+    })();
+    let phase = 0;
+    const load = await runLoad({
+      concurrency: options.clients, durationMs: 2 * options.phaseMs, progress: options.progress ?? mesh.progress, label: "brown-out",
+      during(elapsed) {
+        const next = elapsed < options.phaseMs ? 1 : 2;
+        if (next === phase) return;
+        phase = next;
+        for (const relay of relays) relay.setFaults(phase === 1 ? { delayMs: options.delayMs, dropShare: 0 } : { delayMs: 0, dropShare: options.dropShare });
+      },
+      async request(c, i) {
+        const client = clients[c]!;
+        if (c % 2 === 1) return (await client.readCachedData()).generation >= 0;
+        const { status, body } = await client.sendData(`brown-out ${c}-${i}`);
+        return status === 200 ? (body.id as number) : `${status} ${JSON.stringify(body)}`;
+      },
+    });
+    for (const relay of relays) relay.setFaults({ delayMs: 0, dropShare: 0 });
+    watching = false;
+    await watch;
+    const slow = latenciesStartedBetween(load, 0, options.phaseMs);
+    const failing = latenciesStartedBetween(load, options.phaseMs, 2 * options.phaseMs);
+    const log = cluster.role("brownout-coordinator").lines;
+    const count = (pattern: RegExp) => log.filter((l) => pattern.test(l)).length;
+    const [ejections, refusedAtCap, panics, budgetSpent, failedAttempts, answered503] = [
+      / ejected for /, / not ejected after |; kept in rotation: /, /^Panic routing: /, /^Retry budget spent/, /^Server \S+ failed: /, /" 503 - /,
+    ].map(count);
+    const cut = relays.reduce((sum, r) => sum + r.dropped, 0);
+    const { records, lost, duplicates } = await checkRecords(db, before, load.acks);
+    expectThat(load.errors === 0, `${load.errors} of ${load.requests} requests failed, e.g. ${load.errorSamples[0]}`);
+    expectThat(seen.samples > 0 && seen.allOut === 0, `every server was out of rotation in ${seen.allOut} of ${seen.samples} samples`);
+    expectThat(lost === 0 && duplicates === 0 && records === load.acks.length, `acknowledged ${load.acks.length}, stored ${records}: ${lost} lost, ${duplicates} duplicated`);
+    return {
+      fault: `brown-out: every server slowed ${options.delayMs} ms, then failing ${Math.round(options.dropShare * 100)} % of requests`,
+      requests: load.requests, failed: load.errors,
+      detail: `p99 ${percentile(slow, 99).toFixed(0)} ms slowed, ${percentile(failing, 99).toFixed(0)} ms failing; ${cut} cut by the relays, ${failedAttempts} failed attempts seen, ` +
+        `${answered503} coordinator 503s (clients retried), ` +
+        `${ejections} ejections (${refusedAtCap} refused at the cap), panic ${panics}×, retry budget spent ${budgetSpent}×; ` +
+        `in rotation never below ${seen.minUp} of ${relays.length} (${seen.samples} samples); ${load.acks.length} acknowledged = ${records} stored`,
+    };
+  } finally {
+    await cluster.kill("brownout-coordinator").catch(() => {});
+    await Promise.all(relays.map((r) => r.close()));
+  }
 }

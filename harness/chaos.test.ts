@@ -1,6 +1,6 @@
 // The key faults of `bun harness chaos`, with smaller loads, on real processes and free ports.
 import { expect, setDefaultTimeout, test } from "bun:test";
-import { allServersDown, coordinatorFailover, databaseOutage, hangUnderLoad, impostorUnderLoad, killNineUnderLoad, membershipUnderLoad, noisyNeighbour, noisyNeighbourPolicy } from "./chaos-checks.ts";
+import { allServersDown, brownOut, coordinatorFailover, databaseOutage, hangUnderLoad, impostorUnderLoad, killNineUnderLoad, membershipUnderLoad, noisyNeighbour, noisyNeighbourPolicy } from "./chaos-checks.ts";
 import { percentile, startMesh, startTokenStack, temporaryCluster, type MeshOptions } from "./fixtures/index.ts";
 import { scratchDatabase } from "../shared/testing/mysql.ts";
 import { TcpRelay } from "../shared/testing/tcp-relay.ts";
@@ -68,4 +68,11 @@ test("issue 20, the noisy neighbour: client2 floods with 64 workers; client1's 4
   const row = await noisyNeighbour(mesh, { quiet: 4, noisy: 64, durationMs: 3000 });
   console.log(`  ${row.detail}`);
   expect({ failed: row.failed, within2x: row.p99FloodedMs <= 2 * row.p99AloneMs, limited: row.noisyLimited > 0 }).toEqual({ failed: 0, within2x: true, limited: true });
+});
+
+test("issue 20, brown-out: every server slowed, then failing 10 % of requests, at once: nothing fails, never all out", async () => {
+  await using mesh = await chaosMesh();
+  const row = await brownOut(mesh, { clients: 2, phaseMs: 1500, delayMs: 100, dropShare: 0.1 });
+  console.log(`${row.fault}: ${row.requests} requests, ${row.failed} failed; ${row.detail}`);
+  expect(row.failed).toBe(0);
 });

@@ -26,6 +26,12 @@ import { CAP_ANSWER_WITHIN_MS } from "../shared/platform/runtime/admission.ts";
 import { RELOAD_INTERVAL_MS } from "../shared/platform/watch.ts";
 import { LATEST_RECORDS } from "../shared/request-path/data-view.ts";
 import { COORDINATOR_IDENTITY } from "../shared/request-path/mesh-client.ts";
+import { RETRY_BUDGET_MIN_PER_SECOND, RETRY_BUDGET_PERCENT, RETRY_BUDGET_WINDOW_MS } from "../shared/request-path/retry-budget.ts";
+import { STORE_PING_DEADLINE_MS } from "../shared/request-path/server-app.ts";
+import {
+  BASE_EJECTION_MS, CONSECUTIVE_GATEWAY_FAILURES, EJECTION_DECAY_MS, MAX_EJECTED_PERCENT, MAX_EJECTION_MS, PANIC_THRESHOLD_PERCENT, POOL_RETRY_AFTER_S,
+  QUEUE_MAX_WAITING, QUEUE_TIMEOUT_MS,
+} from "../shared/request-path/upstream.ts";
 import { CLOCK_SKEW_S, PROOF_LIFETIME_S, PROOF_TYPE } from "../shared/request-path/proof.ts";
 import { RELOAD_BOUND_MS } from "./findings.ts";
 import { seedPorts } from "./scenario.ts";
@@ -157,6 +163,10 @@ const CONSTANTS: Record<string, number> = {
   MAX_HANDSHAKES_PER_ADDRESS, MAX_CONNECTIONS_PER_IDENTITY, DEFAULT_BODY_LIMIT, RELOAD_INTERVAL_MS, RELOAD_BOUND_MS,
   LATEST_RECORDS, CAP_ANSWER_WITHIN_MS, DEFAULT_IN_FLIGHT, LIMIT_LOG_INTERVAL_MS, DEFAULT_MAX_LIMIT_WAIT_MS,
   DRAIN_QUIET_MS, DRAIN_GRACE_MS, DRAIN_DEADLINE_MS, ADMIN_DRAIN_WAIT_MS,
+  // Issue 20: docs/overload.md
+  CONSECUTIVE_GATEWAY_FAILURES, BASE_EJECTION_MS, MAX_EJECTION_MS, EJECTION_DECAY_MS, MAX_EJECTED_PERCENT, PANIC_THRESHOLD_PERCENT,
+  QUEUE_MAX_WAITING, QUEUE_TIMEOUT_MS, POOL_RETRY_AFTER_S, RETRY_BUDGET_PERCENT, RETRY_BUDGET_MIN_PER_SECOND, RETRY_BUDGET_WINDOW_MS,
+  STORE_PING_DEADLINE_MS,
   CRL_DAYS: Number(/crl_days=\$\{CRL_DAYS:-(\d+)\}/.exec(source("pki.sh"))?.[1]),
 };
 

@@ -4,7 +4,12 @@ import { existsSync, readFileSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { policyPath } from "../shared/platform/config.ts";
 import { chromium, type Browser, type Locator } from "playwright-core";
-import { STATUS_PUSH_MS } from "../shared/ops/status-page.ts";
+import { createAdminApp, STATUS_PUSH_MS } from "../shared/ops/status-page.ts";
+import { createLogger } from "../shared/ops/log.ts";
+import { Metrics } from "../shared/ops/metrics.ts";
+import { listenReloadable } from "../shared/platform/http.ts";
+import { NetworkError } from "../shared/platform/runtime/types.ts";
+import { UpstreamPool } from "../shared/request-path/upstream.ts";
 import { parsePrometheus } from "../shared/testing/prometheus.ts";
 import { CHROMIUM, launchChromium } from "./browser.ts";
 import { startMesh, temporaryCluster, type Cluster, type Mesh } from "./fixtures/index.ts";
@@ -121,5 +126,55 @@ describe("status page in Chromium", () => {
     // port, and the page must come to show that refusal live, without a reload.
     await shows(row(servers[1]!).locator(".error"), "connection refused");
     expect(navigations).toEqual([]);
+  });
+
+  test("issue 20: every server killed: the page shows panic, and a request's wait in the queue and its 503", async () => {
+    const page = await browser.newPage();
+    await page.goto(admin);
+    await cluster.kill("server1");
+    await page.locator("#panic").filter({ hasText: "Panic routing since" }).waitFor({ timeout: HEALTH_INTERVAL_MS + STATUS_PUSH_MS + 2000 });
+    expect(await page.locator("#panic").textContent()).toMatch(/: 0 of 2 servers in rotation, under 50 %; requests go to every server that answers$/);
+    const answer = await cluster.request(`${coordinator}/api/get_cached_data`);
+    expect({ status: answer.status, retryAfter: answer.headers.get("retry-after"), body: await answer.json() }).toEqual({
+      status: 503, retryAfter: "1", body: { error: "no server is up (waited 500 ms in the queue)", code: "ERR_UNAVAILABLE" },
+    });
+    await page.locator("#routing").filter({ hasText: "1 queued, 1 timed out" }).waitFor({ timeout: 5000 });
+    expect(await page.locator("#routing").textContent()).toContain("Queue: 0 waiting (max 64, timeout 500 ms)");
+    const metrics = parsePrometheus(await (await fetch(`${admin}/metrics`)).text());
+    expect([metrics.value("securemesh_upstream_panic"), metrics.value("securemesh_upstream_queue_rejected_total", { reason: "timeout" })]).toEqual([1, 1]);
+  });
+
+  test("issue 20: an ejection with its reason and length, a stalled store, the cap and a spent retry budget, as the page shows them", async () => {
+    // A pool of the test's own behind a real admin listener: these states on demand, without waiting for real faults.
+    const [A, B, C] = ["https://a.test:5001", "https://b.test:5001", "https://c.test:5001"];
+    const transport = {
+      async request(url: string) {
+        if (url.startsWith(A) && !url.endsWith("/health")) throw new NetworkError("ECONNRESET", "reset");
+        const body = url.endsWith("/health") ? { status: "ok", store_status: url.startsWith(B) ? "stalled" : "ok" } : {};
+        return { status: 200, body: new TextEncoder().encode(JSON.stringify(body)), header: () => null };
+      },
+    };
+    const logger = createLogger("coordinator", { format: "text", color: false, write: () => {} });
+    const pool = new UpstreamPool({ servers: [A, B, C], transport, logger, retryBudget: { ratio: 0, minPerSecond: 0.2 }, outlier: { baseEjectionMs: 60_000 } });
+    await pool.checkAll();
+    for (let i = 0; i < 9; i++) await pool.forward({ method: "GET", path: "/x", headers: new Headers() }).catch(() => {});
+    const listener = await listenReloadable(createAdminApp({ pool, logger, metrics: new Metrics() }), { port: 0, hostname: "127.0.0.1" });
+    const page = await browser.newPage();
+    try {
+      await page.goto(`http://127.0.0.1:${listener.port}/`);
+      const row = (server: string) => page.locator(`tr[data-server="${server}"]`);
+      await row(A).locator(".state").filter({ hasText: "ejected" }).waitFor({ timeout: 5000 });
+      expect(await row(A).locator(".ejection").textContent()).toMatch(/^for (59|60)\.\d s \(#1\): 3 consecutive gateway failures \(last: .+\)$/);
+      expect(await row(B).locator("td").nth(14).textContent()).toBe("stalled");
+      expect(await row(C).locator(".state").textContent()).toBe("up");
+      await page.locator("#summary").filter({ hasText: "2 of 3 servers up" }).waitFor({ timeout: 5000 });
+      expect(await page.locator("#panic").textContent()).toBe("");
+      const routing = await page.locator("#routing").textContent();
+      expect(routing).toContain("Ejections: 1 (at most 1 of 3 servers out; 0 refused at the cap)");
+      expect(routing).toMatch(/Retry budget: 2 retries for 9 requests in 10 s \(0 % \+ 0\.2\/s\), exhausted 1 times$/);
+    } finally {
+      await page.close();
+      await listener.stop();
+    }
   });
 });

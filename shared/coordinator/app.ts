@@ -41,11 +41,14 @@ export function createCoordinatorApp({ pool, logger, metrics = new Metrics(), ac
   // /metrics is on the admin listener, next to the status page, as Envoy serves its stats.
   return createApp({ logger, metrics, metricsRoute: false, accessLog })
     .get("/health", ({ set }) => {
-      const servers = pool.snapshot().map(({ url, up, lastCheckedAt, latencyMs, requests, failures, lastError }) =>
-        ({ url, up, lastCheckedAt, latencyMs, requests, failures, lastError }));
+      const servers = pool.snapshot().map(({ url, up, lastCheckedAt, latencyMs, requests, failures, lastError, reachable, storeStatus, ejection }) =>
+        ({ url, up, lastCheckedAt, latencyMs, requests, failures, lastError, reachable, storeStatus, ejection }));
       const up = servers.filter((s) => s.up).length;
-      if (up === 0) set.status = 503;
-      return { status: up > 0 ? "ok" : "no server up", role: "coordinator", serversUp: up, servers };
+      // In panic the pool still routes over the servers that answer: the coordinator can serve.
+      const routable = servers.filter((s) => s.up || s.reachable).length;
+      const { panic } = pool.routing();
+      if (routable === 0) set.status = 503;
+      return { status: up > 0 ? "ok" : routable > 0 ? "panic" : "no server up", role: "coordinator", serversUp: up, panic, servers };
     })
     // Drain one server (issue 20): out of rotation for new requests, those in flight finish; the answer comes once
     // it is empty, or after ADMIN_DRAIN_WAIT_MS saying how many are still in flight.

@@ -55,7 +55,7 @@ export function coordinatorService({ config, logger, metrics, trust, authz, limi
       const adminAt = worker === null || !config.admin ? config.admin : { port: 0, host: "127.0.0.1" };
       if (adminAt) {
         // A non-loopback --admin-host is the one other Host the admin page answers to (DNS rebinding, #11).
-        const view = { snapshot: () => pool.snapshot(), limits: () => limiter.snapshot() };
+        const view = { snapshot: () => pool.snapshot(), routing: () => pool.routing(), limits: () => limiter.snapshot() };
         const adminApp = createAdminApp({ pool: view, logger, metrics, allowedHosts: [adminAt.host], accessLog: worker === null });
         admin = await listenReloadable(adminApp, { port: adminAt.port, hostname: adminAt.host });
         if (worker === null) logger.info(`coordinator admin (status page, /metrics) on http://${adminAt.host}:${admin.port}/`);

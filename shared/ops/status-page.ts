@@ -3,16 +3,19 @@ import { MeshError } from "../platform/errors.ts";
 import { createApp, requestUrl } from "../platform/http.ts";
 import type { Logger } from "./log.ts";
 import type { Metrics } from "./metrics.ts";
-import type { UpstreamPool, UpstreamState } from "../request-path/upstream.ts";
+import type { RoutingState, UpstreamState } from "../request-path/upstream.ts";
 
 /**
  * What the admin listener reads: one process's UpstreamPool (and its request limiter), or a supervisor's merged
  * view of its workers.
  */
-export type PoolView = Pick<UpstreamPool, "snapshot"> & {
+export interface PoolView {
+  snapshot(): UpstreamState[];
+  /** Panic, ejections, the queue and the retry budget; null while a supervisor has heard from no worker. */
+  routing(): RoutingState | null;
   /** Callers that met a limit of theirs here (issue 20), from the role's RequestLimiter. */
   limits?(): LimitStatus[];
-};
+}
 
 /** One caller's requests in flight here and its requests refused with 429, by which limit (the policy's limits). */
 export interface LimitStatus {
@@ -59,6 +62,8 @@ export interface ClusterStatus {
   servers: ServerStatus[];
   /** Mismatches between hosts (policy, CRL, database), clocks apart, certificates about to expire (issue 23). */
   warnings: string[];
+  /** Panic, ejections, the queue and the retry budget (issue 20). */
+  routing: RoutingState | null;
   /** Callers that met a limit here, most refused first. */
   limited: LimitStatus[];
 }
@@ -107,7 +112,7 @@ export function clusterStatus(pool: PoolView, now = Date.now()): ClusterStatus {
   const servers = pool.snapshot().map(({ health, ...state }) => ({ ...state, host: hostOf(state.url), cache: cacheOf(health), facts: factsOf(health) }));
   const limited = (pool.limits?.() ?? []).filter((l) => l.refused.inFlight + l.refused.rate > 0)
     .sort((a, b) => b.refused.inFlight + b.refused.rate - (a.refused.inFlight + a.refused.rate));
-  return { now, serversUp: servers.filter((s) => s.up).length, servers, warnings: fleetWarnings(servers, now), limited };
+  return { now, serversUp: servers.filter((s) => s.up).length, servers, warnings: fleetWarnings(servers, now), routing: pool.routing(), limited };
 }
 
 /** A stream of `data: <status JSON>` events, sent at once and then whenever the status changes. */
@@ -222,14 +227,22 @@ const STATUS_PAGE = `<!doctype html>
   #connection { font-size: 12px; color: #888; margin-top: 12px; }
   #warnings { color: #9a6700; background: #fff8c5; margin: 0 0 16px; padding: 8px 8px 8px 28px; }
   #warnings:empty { display: none; }
+  tr.ejected { background: #fff8c5; }
+  tr.ejected .state { color: #9a6700; }
+  .stalled { color: #9a6700; font-weight: 600; }
+  #panic { color: #fff; background: #cf222e; padding: 8px 12px; margin: 0 0 12px; font-weight: 600; }
+  #panic:empty { display: none; }
+  #routing { color: #555; font-size: 12px; margin: 0 0 12px; }
 </style>
 </head>
 <body>
 <h1>securemesh coordinator</h1>
 <div id="summary">connecting…</div>
+<div id="panic"></div>
+<div id="routing"></div>
 <ul id="warnings"></ul>
 <table>
-  <thead><tr><th>Server</th><th>State</th><th>Last checked</th><th>Host</th><th>Latency</th><th>Requests</th><th>Failures</th><th>Cache hit ratio</th><th>Machine</th><th>Policy</th><th>CRL</th><th>Certificate expires</th><th>Clock</th><th>Last error</th></tr></thead>
+  <thead><tr><th>Server</th><th>State</th><th>Last checked</th><th>Host</th><th>Latency</th><th>Requests</th><th>Failures</th><th>Cache hit ratio</th><th>Machine</th><th>Policy</th><th>CRL</th><th>Certificate expires</th><th>Clock</th><th>Last error</th><th>Store</th><th>Ejection</th></tr></thead>
   <tbody id="servers"></tbody>
 </table>
 <h2 id="limits-title" hidden>Callers over their limits</h2>
@@ -243,6 +256,8 @@ const STATUS_PAGE = `<!doctype html>
   const summary = document.getElementById("summary");
   const warnings = document.getElementById("warnings");
   const connection = document.getElementById("connection");
+  const panic = document.getElementById("panic");
+  const routing = document.getElementById("routing");
   const limits = document.getElementById("limits");
   const limitsTitle = document.getElementById("limits-title");
   let status = null, skew = 0;
@@ -258,17 +273,32 @@ const STATUS_PAGE = `<!doctype html>
     const s = Math.max(0, (Date.now() + skew - at) / 1000);
     return s < 60 ? s.toFixed(1) + " s ago" : Math.round(s / 60) + " min ago";
   }
+  function until(at) {
+    return "for " + Math.max(0, (at - Date.now() - skew) / 1000).toFixed(1) + " s";
+  }
+  function renderRouting(r) {
+    if (!r) { panic.textContent = ""; routing.textContent = ""; return; }
+    panic.textContent = r.panic ? "Panic routing since " + ago(r.panicSince) + ": " + r.inRotation + " of " + r.total + " servers in rotation, under " +
+      Math.round(r.panicThreshold * 100) + " %; requests go to every server that answers" : "";
+    const b = r.retryBudget, q = r.queue;
+    routing.textContent = "Ejections: " + r.ejections + " (at most " + r.maxEjected + " of " + r.total + " servers out; " + r.ejectionsRefused + " refused at the cap) · " +
+      "Panic entered " + r.panicEntries + " times · " +
+      "Queue: " + q.waiting + " waiting (max " + q.maxWaiting + ", timeout " + q.timeoutMs + " ms), " + q.queued + " queued, " + q.timedOut + " timed out, " + q.full + " turned away full · " +
+      "Retry budget: " + b.retries + " retries for " + b.requests + " requests in " + b.windowMs / 1000 + " s (" + Math.round(b.ratio * 100) + " % + " + b.minPerSecond + "/s), exhausted " + b.exhausted + " times";
+  }
   function render() {
     if (!status) return;
     summary.textContent = status.serversUp + " of " + status.servers.length + " servers up";
+    renderRouting(status.routing);
     warnings.replaceChildren(...status.warnings.map((w) => { const li = document.createElement("li"); li.textContent = w; return li; }));
     rows.replaceChildren(...status.servers.map((s) => {
       const row = document.createElement("tr");
-      row.className = s.draining ? "draining" : s.up ? "up" : "down";
+      // Drained by an operator (admin.drain): no new requests; what is still in flight shows it emptying.
+      const state = s.draining ? "drained, " + s.inFlight + " in flight" : s.up ? "up" : s.ejection ? "ejected" : "down";
+      row.className = s.draining ? "draining" : s.up ? "up" : s.ejection ? "ejected" : "down";
       row.dataset.server = s.url;
       cell(row, s.url);
-      // Drained by an operator (admin.drain): no new requests; what is still in flight shows it emptying.
-      cell(row, s.draining ? "drained, " + s.inFlight + " in flight" : s.up ? "up" : "down", "state");
+      cell(row, state, "state");
       cell(row, ago(s.lastCheckedAt));
       cell(row, s.host);
       cell(row, s.latencyMs === null ? "–" : s.latencyMs.toFixed(1) + " ms", "num");
@@ -281,6 +311,8 @@ const STATUS_PAGE = `<!doctype html>
       cell(row, s.facts ? s.facts.certificateExpires.slice(0, 10) : "–");
       cell(row, s.clockSkewMs === null ? "–" : (s.clockSkewMs >= 0 ? "+" : "") + s.clockSkewMs + " ms", "num");
       cell(row, s.lastError || "", "error");
+      cell(row, s.storeStatus || "–", s.storeStatus === "stalled" ? "stalled" : "");
+      cell(row, s.ejection ? until(s.ejection.until) + " (#" + s.ejection.count + "): " + s.ejection.reason : "", "ejection");
       return row;
     }));
     // Callers the policy's limits refused with 429 (issue 20): whose, which limit, how often.

@@ -1,23 +1,43 @@
 import { describe, expect, test } from "bun:test";
 import { parsePrometheus } from "../testing/prometheus.ts";
-import { mergeMetrics, mergeServerViews, WorkerPoolView } from "./worker-view.ts";
+import { mergeMetrics, mergeRouting, mergeServerViews, WorkerPoolView } from "./worker-view.ts";
+import type { RoutingState } from "../request-path/upstream.ts";
 import { fleetWarnings, type ClusterStatus, type ServerFacts } from "./status-page.ts";
 
 const server = (url: string, fields: Partial<ClusterStatus["servers"][number]> = {}): ClusterStatus["servers"][number] => ({
-  url, host: new URL(url).hostname, up: true, lastCheckedAt: 1000, latencyMs: 1, requests: 0, failures: 0, lastError: null, cache: null, facts: null, clockSkewMs: null, draining: false, inFlight: 0, ...fields,
+  url, host: new URL(url).hostname, up: true, lastCheckedAt: 1000, latencyMs: 1, requests: 0, failures: 0, lastError: null, cache: null, facts: null, clockSkewMs: null, draining: false, inFlight: 0, reachable: true, storeStatus: null, ejection: null, ...fields,
 });
 
 describe("mergeServerViews", () => {
   test("a server is up only when every worker has it up; counts add up; the newest probe's details win", () => {
     const merged = mergeServerViews([
-      { now: 0, serversUp: 2, warnings: [], limited: [], servers: [server("https://a", { requests: 5, failures: 1, lastCheckedAt: 1000, latencyMs: 3 }), server("https://b", { requests: 2 })] },
-      { now: 0, serversUp: 1, warnings: [], limited: [], servers: [server("https://a", { requests: 7, lastCheckedAt: 2000, latencyMs: 9, cache: { hits: 4, misses: 1, hitRatio: 0.8 } }), server("https://b", { up: false, lastError: "timeout", requests: 1 })] },
+      { now: 0, serversUp: 2, warnings: [], routing: null, limited: [], servers: [server("https://a", { requests: 5, failures: 1, lastCheckedAt: 1000, latencyMs: 3 }), server("https://b", { requests: 2 })] },
+      { now: 0, serversUp: 1, warnings: [], routing: null, limited: [], servers: [server("https://a", { requests: 7, lastCheckedAt: 2000, latencyMs: 9, cache: { hits: 4, misses: 1, hitRatio: 0.8 } }), server("https://b", { up: false, lastError: "timeout", requests: 1 })] },
     ]);
     expect(merged.map((s) => [s.url, s.up, s.requests, s.failures])).toEqual([["https://a", true, 12, 1], ["https://b", false, 3, 0]]);
     expect(merged[0]!.latencyMs).toBe(9);
     expect(merged[0]!.health).toEqual({ cache: { hits: 4, misses: 1, hitRatio: 0.8 } });
     // The worker that took it out of rotation says why, whichever probed last.
     expect(merged[1]!.lastError).toBe("timeout");
+  });
+});
+
+describe("mergeRouting (issue 20)", () => {
+  test("in panic while any worker is, since the earliest; the fewest in rotation; counts added up", () => {
+    const routing = (over: Partial<RoutingState>, queue: Partial<RoutingState["queue"]> = {}, exhausted = 0): RoutingState => ({
+      panic: false, panicSince: null, panicEntries: 0, inRotation: 2, total: 2, panicThreshold: 0.5, maxEjected: 1, ejections: 0, ejectionsRefused: 0,
+      queue: { waiting: 0, maxWaiting: 64, timeoutMs: 500, queued: 0, timedOut: 0, full: 0, ...queue },
+      retryBudget: { ratio: 0.2, minPerSecond: 3, windowMs: 10_000, requests: 10, retries: 1, exhausted }, ...over,
+    });
+    expect(mergeRouting([])).toBeNull();
+    expect(mergeRouting([
+      routing({ ejections: 1 }, { queued: 2, timedOut: 1 }, 1),
+      routing({ panic: true, panicSince: 500, panicEntries: 1, inRotation: 0 }, { waiting: 3 }),
+      routing({ panic: true, panicSince: 200, panicEntries: 2, inRotation: 1, ejectionsRefused: 4 }),
+    ])).toMatchObject({
+      panic: true, panicSince: 200, panicEntries: 3, inRotation: 0, ejections: 1, ejectionsRefused: 4,
+      queue: { waiting: 3, queued: 2, timedOut: 1 }, retryBudget: { requests: 30, retries: 3, exhausted: 1 },
+    });
   });
 });
 

@@ -1,7 +1,7 @@
 // The supervisor's view of its workers (shared/platform/worker-group.ts): one status page and one /metrics for
 // the whole role. Each worker keeps its own upstream pool; this reads their admin listeners on loopback and merges.
 import type { WorkerState } from "../platform/worker-group.ts";
-import type { UpstreamState } from "../request-path/upstream.ts";
+import type { RoutingState, UpstreamState } from "../request-path/upstream.ts";
 import { PROMETHEUS_CONTENT_TYPE } from "./metrics.ts";
 import type { ClusterStatus, LimitStatus, PoolView } from "./status-page.ts";
 
@@ -35,6 +35,11 @@ export class WorkerPoolView implements PoolView {
   /** Every server as the workers see it: in rotation only when every worker has it in rotation, counts summed. */
   snapshot(): UpstreamState[] {
     return mergeServerViews([...this.#latest.values()]);
+  }
+
+  /** The workers' routing as one: in panic while any worker is, counts added up. */
+  routing(): RoutingState | null {
+    return mergeRouting([...this.#latest.values()].flatMap((v) => (v.routing ? [v.routing] : [])));
   }
 
   /** Every caller limited at any worker: in flight and refusals summed over the workers, the latest refusal kept. */
@@ -74,21 +79,44 @@ export function mergeServerViews(views: ClusterStatus[]): UpstreamState[] {
       const health = server.cache || server.facts ? { ...(server.cache ? { cache: server.cache } : {}), ...(server.facts ? { facts: server.facts } : {}) } : null;
       const seen = merged.get(server.url);
       if (!seen) {
-        merged.set(server.url, { url: server.url, up: server.up, lastCheckedAt: server.lastCheckedAt, latencyMs: server.latencyMs, requests: server.requests, failures: server.failures, lastError: server.lastError, health, clockSkewMs: server.clockSkewMs, draining: server.draining, inFlight: server.inFlight });
+        merged.set(server.url, {
+          url: server.url, up: server.up, lastCheckedAt: server.lastCheckedAt, latencyMs: server.latencyMs, requests: server.requests, failures: server.failures, lastError: server.lastError, health, clockSkewMs: server.clockSkewMs,
+          draining: server.draining, inFlight: server.inFlight, reachable: server.reachable, storeStatus: server.storeStatus, ejection: server.ejection,
+        });
         continue;
       }
       const newer = (server.lastCheckedAt ?? 0) > (seen.lastCheckedAt ?? 0);
       seen.up &&= server.up;
       seen.draining ||= server.draining;
       seen.inFlight += server.inFlight;
+      seen.reachable ||= server.reachable;
+      // Any worker's ejection shows: the server is out of that worker's rotation.
+      seen.ejection ??= server.ejection;
       seen.requests += server.requests;
       seen.failures += server.failures;
-      if (newer) Object.assign(seen, { lastCheckedAt: server.lastCheckedAt, latencyMs: server.latencyMs, lastError: server.lastError ?? seen.lastError, health: health ?? seen.health, clockSkewMs: server.clockSkewMs ?? seen.clockSkewMs });
+      if (newer) Object.assign(seen, { lastCheckedAt: server.lastCheckedAt, latencyMs: server.latencyMs, lastError: server.lastError ?? seen.lastError, health: health ?? seen.health, clockSkewMs: server.clockSkewMs ?? seen.clockSkewMs, storeStatus: server.storeStatus ?? seen.storeStatus });
       // A worker that has the server out of rotation says why, whichever probed last.
       if (!server.up && server.lastError) seen.lastError = server.lastError;
     }
   }
   return [...merged.values()];
+}
+
+export function mergeRouting(views: RoutingState[]): RoutingState | null {
+  const [first, ...rest] = views;
+  if (!first) return null;
+  const merged: RoutingState = { ...first, queue: { ...first.queue }, retryBudget: { ...first.retryBudget } };
+  for (const v of rest) {
+    merged.panic ||= v.panic;
+    merged.panicSince = [merged.panicSince, v.panicSince].filter((t): t is number => t !== null).sort((a, b) => a - b)[0] ?? null;
+    merged.panicEntries += v.panicEntries;
+    merged.inRotation = Math.min(merged.inRotation, v.inRotation);
+    merged.ejections += v.ejections;
+    merged.ejectionsRefused += v.ejectionsRefused;
+    for (const key of ["waiting", "queued", "timedOut", "full"] as const) merged.queue[key] += v.queue[key];
+    for (const key of ["requests", "retries", "exhausted"] as const) merged.retryBudget[key] += v.retryBudget[key];
+  }
+  return merged;
 }
 
 /** Prometheus text from several processes as one exposition: HELP and TYPE once, a `worker` label on each sample. */

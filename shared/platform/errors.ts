@@ -17,18 +17,21 @@ export type ErrorCode =
   | "ERR_IDEMPOTENCY_CONFLICT" | "ERR_CONFLICT"
   // the hops behind
   | "ERR_UNAVAILABLE" | "ERR_UPSTREAM" | "ERR_UPSTREAM_UNCERTAIN" | "ERR_UNREACHABLE" | "ERR_KEYSERVER" | "ERR_KEYSERVER_IDENTITY"
-  | "ERR_CACHE_READ"
+  | "ERR_CACHE_READ" | "ERR_RETRY_BUDGET"
   // configuration and internals
   | "ERR_CONFIG" | "ERR_POLICY_INVALID" | "ERR_CRL_INVALID" | "ERR_KEY_ROTATION" | "ERR_INTERNAL";
 
 export class MeshError extends Error {
   readonly code: ErrorCode;
   readonly status: number;
-  constructor(code: ErrorCode, status: number, message: string, options?: { cause?: unknown }) {
-    super(message, options);
+  /** Sent as Retry-After with the answer: when an overloaded or unavailable hop asks to be tried again. */
+  readonly retryAfterSeconds: number | undefined;
+  constructor(code: ErrorCode, status: number, message: string, options?: { cause?: unknown; retryAfterSeconds?: number }) {
+    super(message, options?.cause === undefined ? undefined : { cause: options.cause });
     this.name = new.target.name;
     this.code = code;
     this.status = status;
+    this.retryAfterSeconds = options?.retryAfterSeconds;
   }
   toJSON(): { error: string; code: ErrorCode } {
     return { error: this.message, code: this.code };
@@ -72,7 +75,7 @@ export class IdempotencyConflict extends MeshError {
 
 /** A dependency (database, upstream) is unavailable; the request was not committed. */
 export class Unavailable extends MeshError {
-  constructor(message: string, options?: { cause?: unknown }) {
+  constructor(message: string, options?: { cause?: unknown; retryAfterSeconds?: number }) {
     super("ERR_UNAVAILABLE", 503, message, options);
   }
 }
@@ -82,10 +85,9 @@ export class Unavailable extends MeshError {
  * after which a retry may pass, for the Retry-After header. Nothing of the request was done.
  */
 export class TooManyRequests extends MeshError {
-  readonly retryAfterSeconds: number;
+  declare readonly retryAfterSeconds: number;
   constructor(code: "ERR_RATE_LIMITED" | "ERR_IN_FLIGHT_LIMIT", message: string, retryAfterSeconds: number) {
-    super(code, 429, message);
-    this.retryAfterSeconds = retryAfterSeconds;
+    super(code, 429, message, { retryAfterSeconds });
   }
 }
 

@@ -1,6 +1,6 @@
 // The Elysia base every role builds on: JSON errors with stable codes, body limits, access log, and a safe listen.
 import { Elysia } from "elysia";
-import { BadRequest, ConfigError, MeshError, TooManyRequests, type ErrorCode } from "./errors.ts";
+import { BadRequest, ConfigError, MeshError, type ErrorCode } from "./errors.ts";
 import { describeError, printable, type Logger } from "../ops/log.ts";
 import { Metrics } from "../ops/metrics.ts";
 import { traceOf, type Trace } from "../ops/trace.ts";
@@ -46,10 +46,10 @@ export function requestTrace(request: Request): Trace {
   return arrivals.get(request)?.trace ?? traceOf(request.headers);
 }
 
-function errorBody(status: number, error: string, code: ErrorCode, headers: Record<string, string> = {}) {
+function errorBody(status: number, error: string, code: ErrorCode, retryAfterSeconds?: number) {
   return new Response(JSON.stringify({ error, code }), {
     status,
-    headers: { "content-type": "application/json; charset=utf-8", ...headers },
+    headers: { "content-type": "application/json; charset=utf-8", ...(retryAfterSeconds === undefined ? {} : { "retry-after": String(retryAfterSeconds) }) },
   });
 }
 
@@ -192,8 +192,7 @@ export function createApp({ logger, bodyLimit = DEFAULT_BODY_LIMIT, metrics = ne
   appContexts.set(app, { bodyLimit, logger, metrics });
 
   function errorAnswer(code: string | number, error: unknown, request: Request): Response {
-    if (error instanceof TooManyRequests) return errorBody(429, error.message, error.code, { "retry-after": String(error.retryAfterSeconds) });
-    if (error instanceof MeshError) return errorBody(error.status, error.message, error.code);
+    if (error instanceof MeshError) return errorBody(error.status, error.message, error.code, error.retryAfterSeconds);
     // Elysia wraps whatever a parser throws in its ParseError: the 413 and the 400 from parseBody are inside.
     const cause = (error as { cause?: unknown } | null)?.cause;
     if (code === "PARSE" && cause instanceof MeshError) return errorBody(cause.status, cause.message, cause.code);

@@ -15,7 +15,7 @@ import { scrape } from "../testing/prometheus.ts";
 import { runPython } from "../testing/python.ts";
 import { loadIdentity } from "../platform/tls.ts";
 import { CachedDataView, type DataSnapshot } from "./data-view.ts";
-import { createServerApp } from "./server-app.ts";
+import { createServerApp, STORE_PING_DEADLINE_MS } from "./server-app.ts";
 
 let pki: string;
 let store: RecordStore;
@@ -127,7 +127,20 @@ describe("POST /api/data", () => {
 
 test("GET /health reports the server, its store and its cache", async () => {
   const res = await app.handle(new Request("http://localhost/health"));
-  expect(await res.json()).toMatchObject({ status: "ok", role: "server", server: 7001, store: "sqlite", cache: { generation: expect.any(Number) } });
+  expect(await res.json()).toMatchObject({ status: "ok", store_status: "ok", role: "server", server: 7001, store: "sqlite", cache: { generation: expect.any(Number) } });
+});
+
+test("issue 20: a store that fails or hangs its ping makes /health 200 store_status stalled, within the deadline", async () => {
+  const logger = createLogger("server", { format: "text", color: false, write: () => {} });
+  for (const ping of [() => Promise.reject(new Error("gone")), () => new Promise<void>(() => {})]) {
+    const stalled = Object.assign(Object.create(store) as RecordStore, { ping });
+    const view = new CachedDataView({ store: stalled, fernet, logger, ttlMs: 30_000, now: clock });
+    const target = createServerApp({ port: () => 7001, store: stalled, view, fernet, verifier, authz, logger, ttl: 300 });
+    const started = performance.now();
+    const res = await target.handle(new Request("http://localhost/health"));
+    expect(performance.now() - started).toBeLessThan(STORE_PING_DEADLINE_MS + 400);
+    expect({ status: res.status, body: await res.json() }).toMatchObject({ status: 200, body: { status: "degraded", store_status: "stalled", role: "server" } });
+  }
 });
 
 describe("cache routes", () => {

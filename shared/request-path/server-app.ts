@@ -34,6 +34,20 @@ export interface ServerDeps {
   limiter?: RequestLimiter;
 }
 
+/** How long /health waits for the store's ping before it reports the store stalled: well under a probe's timeout. */
+export const STORE_PING_DEADLINE_MS = 500;
+
+/** Whether the store answers a ping within STORE_PING_DEADLINE_MS. */
+async function storeAnswers(store: RecordStore): Promise<boolean> {
+  let timer: ReturnType<typeof setTimeout> | undefined;
+  const deadline = new Promise<false>((resolve) => { timer = setTimeout(() => resolve(false), STORE_PING_DEADLINE_MS); });
+  try {
+    return await Promise.race([store.ping().then(() => true, () => false), deadline]);
+  } finally {
+    clearTimeout(timer);
+  }
+}
+
 const IDEMPOTENCY_KEY = /^[A-Za-z0-9_.:-]{1,128}$/;
 
 /** Idempotency keys belong to their sender: the same key from two senders names two requests (#11 L5). */
@@ -64,19 +78,19 @@ export function createServerApp(deps: ServerDeps) {
   };
 
   return createApp({ logger, metrics })
-    .get("/health", async ({ set }) => {
-      try {
-        await store.ping();
-        // Plain reads only: on Galera a causal read waits out a lost node's eviction, and every probe would time out at once.
-        return {
-          status: "ok", role: "server", server: deps.port(), store: store.kind, cache: await view.stats({ causal: false }),
-          fernet_keys: deps.fernetKeys?.(), fernet_rewrap: deps.fernetRewrap?.(),
-          ...(deps.facts ? { facts: { ...deps.facts(), store: await store.storeId() } } : {}),
-        };
-      } catch {
-        set.status = 503;
-        return { status: "degraded", role: "server", server: deps.port(), store: store.kind, error: "record store unavailable" };
+    .get("/health", async () => {
+      // A live process whose store stalls is not a dead server (issue 20: during a Galera eviction every coordinator
+      // held every server out): 200 with store_status "stalled", so the pool keeps it for what its cache can answer
+      // and sends writes elsewhere first. A hung store must not hang the probe either: it gets STORE_PING_DEADLINE_MS.
+      if (!(await storeAnswers(store))) {
+        return { status: "degraded", store_status: "stalled", role: "server", server: deps.port(), store: store.kind, error: "record store unavailable" };
       }
+      // Plain reads only: on Galera a causal read waits out a lost node's eviction, and every probe would time out at once.
+      return {
+        status: "ok", store_status: "ok", role: "server", server: deps.port(), store: store.kind, cache: await view.stats({ causal: false }),
+        fernet_keys: deps.fernetKeys?.(), fernet_rewrap: deps.fernetRewrap?.(),
+        ...(deps.facts ? { facts: { ...deps.facts(), store: await store.storeId() } } : {}),
+      };
     })
     .post("/api/data", async ({ request, body }) => {
       requireForwarder(request);

@@ -1,5 +1,7 @@
 // A TCP relay that can be cut and restored: a database outage as the roles see it, without stopping the database.
-// With `dropClientAfter`, it also passes a chunk on and then drops the client (a node dying under a COMMIT).
+// With `dropClientAfter`, it also passes a chunk on and then drops the client (a node dying under a COMMIT). Its
+// faults (setFaults) slow what clients send, or drop a share of clients right after a chunk went on: a brown-out of
+// the process behind it, made in front of it (issue 20), with no test hook in the process itself.
 import net from "node:net";
 
 export interface TcpRelayOptions {
@@ -7,10 +9,21 @@ export interface TcpRelayOptions {
   dropClientAfter?: (chunk: Buffer) => boolean;
 }
 
+/** Faults a relay applies to what clients send, until set back to none. */
+export interface RelayFaults {
+  /** Each chunk from a client waits this long before it goes on (in order). */
+  delayMs: number;
+  /** This share of chunks goes on, and then the client is dropped before any answer (0 to 1). */
+  dropShare: number;
+}
+
 export class TcpRelay implements AsyncDisposable {
   readonly #server: net.Server;
   readonly #sockets = new Set<net.Socket>();
   #cut = false;
+  #faults: RelayFaults = { delayMs: 0, dropShare: 0 };
+  /** Clients dropped by the dropShare fault. */
+  dropped = 0;
 
   private constructor(server: net.Server) {
     this.#server = server;
@@ -34,9 +47,24 @@ export class TcpRelay implements AsyncDisposable {
           if (socket === client) upstream.end();
         });
       }
-      client.on("data", (chunk: Buffer) => {
+      const pass = (chunk: Buffer) => {
+        if (client.destroyed) return;
         upstream.write(chunk);
         if (options.dropClientAfter?.(chunk)) client.destroy();
+        else if (relay.#faults.dropShare > 0 && Math.random() < relay.#faults.dropShare) {
+          relay.dropped += 1;
+          client.destroy();
+        }
+      };
+      // Delayed chunks keep their order: each waits for the one before it.
+      let ready = Promise.resolve();
+      client.on("data", (chunk: Buffer) => {
+        const delayMs = relay.#faults.delayMs;
+        if (delayMs === 0) {
+          ready = ready.then(() => pass(chunk));
+          return;
+        }
+        ready = ready.then(() => new Promise<void>((resolve) => setTimeout(() => (pass(chunk), resolve()), delayMs)));
       });
       upstream.pipe(client);
     });
@@ -50,6 +78,10 @@ export class TcpRelay implements AsyncDisposable {
 
   get hostPort(): string {
     return `127.0.0.1:${this.port}`;
+  }
+
+  setFaults(faults: Partial<RelayFaults>): void {
+    this.#faults = { ...this.#faults, ...faults };
   }
 
   /** Drops every connection and refuses new ones until restore(). */
