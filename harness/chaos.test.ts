@@ -63,7 +63,7 @@ test("issue 23: a server added to the coordinator's --servers-file, then the fir
 
 test("issue 20, the noisy neighbour: client2 floods with 64 workers; client1's 4 see 0 errors and a p99 within 2× of alone", async () => {
   await using cluster = await temporaryCluster({ label: "noisy" });
-  const policy = noisyNeighbourPolicy(cluster.logDir, { noisyInFlight: 2, clientInFlight: 16 });
+  const policy = noisyNeighbourPolicy(cluster.logDir, { noisyInFlight: 1, clientInFlight: 16 });
   await using mesh = await chaosMesh({ cluster, db: `${cluster.logDir}/records.db`, coordinatorArgs: ["--policy", policy] });
   const row = await noisyNeighbour(mesh, { quiet: 4, noisy: 64, durationMs: 3000 });
   console.log(`  ${row.detail}`);

@@ -38,9 +38,9 @@ export const chaos: Scenario = {
     const second = await cluster.startCoordinator("coordinator2", ports.coordinator + 1, mesh.servers.map((s) => s.url));
     record(await coordinatorFailover(mesh, second, 4, 200));
 
-    step("noisy neighbour: client1 writes with 4 workers for 10 s alone, then 10 s while client2 floods with 64 (the policy holds client2 to 2 in flight)");
+    step("noisy neighbour: client1 writes with 4 workers for 10 s alone, then 10 s while client2 floods with 64 (the policy holds client2 to 1 in flight)");
     const neighbourMesh: ChaosMesh = {
-      ...(await startMesh({ cluster, db: mesh.db, namePrefix: "neighbour-", coordinatorArgs: ["--policy", noisyNeighbourPolicy(cluster.logDir, { noisyInFlight: 2, clientInFlight: 16 })] })),
+      ...(await startMesh({ cluster, db: mesh.db, namePrefix: "neighbour-", coordinatorArgs: ["--policy", noisyNeighbourPolicy(cluster.logDir, { noisyInFlight: 1, clientInFlight: 16 })] })),
       progress: mesh.progress,
     };
     record(await noisyNeighbour(neighbourMesh, { quiet: 4, noisy: 64, durationMs: 10_000 }));

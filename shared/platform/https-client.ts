@@ -635,10 +635,15 @@ export class RetryAfterWaits {
   #waitedMs = 0;
   constructor(readonly maxMs: number) {}
 
-  /** The wait before sending again, or null: not a 429, no Retry-After a client can honour, or past the bound. */
+  /**
+   * The wait before sending again, or null: not a 429, no Retry-After a client can honour, or past the bound. Up to a
+   * quarter more than asked, at random: the callers refused in one burst would otherwise all come back in the same
+   * millisecond, and be refused together again (a thundering herd that set other callers' p99).
+   */
   next(status: number, retryAfter: string | null): number | null {
     if (status !== 429 || retryAfter === null || !/^\d{1,4}$/.test(retryAfter.trim())) return null;
-    const wait = Number(retryAfter.trim()) * 1000;
+    const asked = Number(retryAfter.trim()) * 1000;
+    const wait = Math.round(asked * (1 + Math.random() / 4));
     if (this.#waitedMs + wait > this.maxMs) return null;
     this.#waitedMs += wait;
     return wait;
