@@ -4,6 +4,7 @@ import { createApp, requestUrl } from "../platform/http.ts";
 import type { Logger } from "./log.ts";
 import type { Metrics } from "./metrics.ts";
 import type { RoutingState, UpstreamState } from "../request-path/upstream.ts";
+import { EXPIRY_WARNING_MS, SKEW_WARNING_MS } from "../service/host-facts.ts";
 
 /**
  * What the admin listener reads: one process's UpstreamPool (and its request limiter), or a supervisor's merged
@@ -41,10 +42,8 @@ export interface ServerFacts {
   store: string | null;
 }
 
-/** Clocks further apart than this make hosts refuse each other's proofs near their edges (proof CLOCK_SKEW_S = 10 s). */
-export const SKEW_WARNING_MS = 5_000;
-/** A server certificate that expires sooner than this is warned about (here and by the host check). */
-export const EXPIRY_WARNING_MS = 14 * 86_400_000;
+// The limits are the host check's (shared/service/host-facts.ts): the page warns on what `check` fails on.
+export { EXPIRY_WARNING_MS, SKEW_WARNING_MS };
 
 /** "https://[fd00::11]:5001" → "fd00::11"; "https://server1.mesh.test:5001" → "server1.mesh.test". */
 function hostOf(url: string): string {

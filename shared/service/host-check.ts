@@ -13,8 +13,7 @@ import { extendedKeyUsages } from "../platform/eku.ts";
 import { HttpsClient } from "../platform/https-client.ts";
 import { openToOthers } from "../platform/private-files.ts";
 import { CLIENT_AUTH_OID, mutualTlsClientOptions, SERVER_AUTH_OID, type Identity } from "../platform/tls.ts";
-import { EXPIRY_WARNING_MS, SKEW_WARNING_MS } from "../ops/status-page.ts";
-import { certificateIdentity, type HostFacts } from "./host-facts.ts";
+import { certificateIdentity, EXPIRY_WARNING_MS, SKEW_WARNING_MS, type HostFacts } from "./host-facts.ts";
 
 /** The status page's limits, so the check and the page never disagree about a host. */
 const CLOCK_SKEW_LIMIT_MS = SKEW_WARNING_MS;

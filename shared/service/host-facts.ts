@@ -7,6 +7,11 @@ import { formatCrlNumber } from "../authz/crl-file.ts";
 import { extendedKeyUsages } from "../platform/eku.ts";
 import { CLIENT_AUTH_OID, SERVER_AUTH_OID } from "../platform/tls.ts";
 
+/** Clocks further apart than this make hosts refuse each other's proofs near their edges (proof CLOCK_SKEW_S = 10 s). */
+export const SKEW_WARNING_MS = 5_000;
+/** A certificate that expires sooner than this is warned about (by the host check and the status page). */
+export const EXPIRY_WARNING_MS = 14 * 86_400_000;
+
 export interface HostFacts {
   hostname: string;
   identity: string;
