@@ -176,7 +176,7 @@ async function everyRecordOpens(d: Deployment): Promise<{ records: number; unrea
 async function checkedRecords(d: Deployment, old: string, next: string, waitedMs: number): Promise<string> {
   const { records, unreadable } = await everyRecordOpens(d);
   if (unreadable > 0) throw new Error(`${unreadable} of ${records} stored records do not open under ${next} after ${old} was retired`);
-  return `nothing restarted: ${old} retired ${(waitedMs / 1000).toFixed(0)} s after the row began waiting; all ${records} stored records (those written under ${old} too) open under ${next}`;
+  return `nothing restarted: ${old} retired (waited ${(waitedMs / 1000).toFixed(0)} s more for its retire-safe time); all ${records} stored records (those written under ${old} too) open under ${next}`;
 }
 
 export type FernetSteps = "all" | "add, promote" | "retire";
