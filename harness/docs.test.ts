@@ -33,7 +33,12 @@ import {
   QUEUE_MAX_WAITING, QUEUE_TIMEOUT_MS,
 } from "../shared/request-path/upstream.ts";
 import { CLOCK_SKEW_S, PROOF_LIFETIME_S, PROOF_TYPE } from "../shared/request-path/proof.ts";
+import { PROMOTE_AFTER_ADD_MS } from "../shared/request-path/fernet-keys.ts";
+import { MAX_CLOCK_SKEW_S } from "../shared/request-path/fernet.ts";
 import { RELOAD_BOUND_MS } from "./findings.ts";
+import { SERVER_TOKEN_TTL_S } from "./multihost/deployment.ts";
+import { FULL_PLAN, SHORT_PLAN } from "./multihost/run.ts";
+import { GALERA_RESTART_ATTEMPTS, GALERA_RESTART_BACKOFF_MS } from "./multihost/runbooks.ts";
 import { seedPorts } from "./scenario.ts";
 
 /** The pages this test reads, relative to the repository. */
@@ -161,7 +166,8 @@ function withoutEnv<T>(names: string[], fn: () => T): T {
 const CONSTANTS: Record<string, number> = {
   PROOF_LIFETIME_S, CLOCK_SKEW_S, IDLE_TIMEOUT_S, HEADER_DEADLINE_MS, BODY_DEADLINE_MS, HANDSHAKE_DEADLINE_MS,
   MAX_HANDSHAKES_PER_ADDRESS, MAX_CONNECTIONS_PER_IDENTITY, DEFAULT_BODY_LIMIT, RELOAD_INTERVAL_MS, RELOAD_BOUND_MS,
-  LATEST_RECORDS, CAP_ANSWER_WITHIN_MS, DEFAULT_IN_FLIGHT, LIMIT_LOG_INTERVAL_MS, DEFAULT_MAX_LIMIT_WAIT_MS,
+  LATEST_RECORDS, CAP_ANSWER_WITHIN_MS, SERVER_TOKEN_TTL_S, GALERA_RESTART_ATTEMPTS, GALERA_RESTART_BACKOFF_MS,
+  DEFAULT_IN_FLIGHT, LIMIT_LOG_INTERVAL_MS, DEFAULT_MAX_LIMIT_WAIT_MS,
   DRAIN_QUIET_MS, DRAIN_GRACE_MS, DRAIN_DEADLINE_MS, ADMIN_DRAIN_WAIT_MS,
   // Issue 20: docs/overload.md
   CONSECUTIVE_GATEWAY_FAILURES, BASE_EJECTION_MS, MAX_EJECTION_MS, EJECTION_DECAY_MS, MAX_EJECTED_PERCENT, PANIC_THRESHOLD_PERCENT,
@@ -193,6 +199,8 @@ const ports = seedPorts();
  */
 const STATEMENTS: { page: string; pattern: RegExp; value: string | number; what: string }[] = [
   { page: "README.md", pattern: /`\.\/pki\.sh` signs CRLs for (\d+) days/, value: CONSTANTS.CRL_DAYS!, what: "CRL_DAYS in pki.sh" },
+  { page: "docs/operations.md", pattern: /fernet promote --ttl TTL` \(refused sooner than (\d+) s after the add\)/, value: PROMOTE_AFTER_ADD_MS / 1000, what: "PROMOTE_AFTER_ADD_MS in the Fernet runbook" },
+  { page: "docs/operations.md", pattern: /Once TTL \+ (\d+) s of clock skew have passed since the promote/, value: MAX_CLOCK_SKEW_S, what: "MAX_CLOCK_SKEW_S in the Fernet runbook" },
   { page: "README.md", pattern: /the roles reload crl\.pem within (a second)/, value: RELOAD_INTERVAL_MS <= 1000 ? "a second" : `${RELOAD_INTERVAL_MS} ms`, what: "RELOAD_INTERVAL_MS" },
   { page: "docs/roles.md", pattern: /`roles\/coordinator\.ts \[PORT\] \[options\]` \(PORT default (\d+)\)/, value: defaults.coordinator.port, what: "the coordinator's port" },
   { page: "docs/roles.md", pattern: /`roles\/keyserver\.ts \[PORT\] \[options\]` \(PORT default (\d+)\)/, value: defaults.keyserver.port, what: "the KeyServer's port" },
@@ -360,6 +368,43 @@ describe("constants and statements", () => {
 
   test("a quoted constant is read as written, with separators", () => {
     expect(quotedConstants("`X` = 65,536 bytes; `X` | 10_000 |; `X`, later", "X")).toEqual([65536, 10000]);
+  });
+});
+
+/** Each `### ` section under `## Runbooks` of a page: its heading and its text (prose only). */
+export function runbooksOf(text: string): Map<string, string> {
+  const section = /^## Runbooks$([\s\S]*?)(?=^## |(?![\s\S]))/m.exec(prose(text))?.[1] ?? "";
+  return new Map(section.split(/^### /m).slice(1).map((part) => {
+    const [heading, ...body] = part.split("\n");
+    return [heading!.trim(), oneLine(body.join("\n"))] as const;
+  }));
+}
+
+/** The rows a runbook names: “NAME” after `Row(s) of \`bun harness multihost\`:`, up to the sentence's end. */
+export function citedRows(runbook: string): string[] {
+  return [...runbook.matchAll(/Rows? of `bun harness multihost`:((?:[^“.]|\.(?! ))*?(?:“[^”]+”[^“.]*?)+)(?:\.(?: |$)|$)/g)]
+    .flatMap((m) => [...m[1]!.matchAll(/“([^”]+)”/g)].map((q) => q[1]!));
+}
+
+describe("runbooks and the multihost rows that run them", () => {
+  const runbooks = runbooksOf(source("docs/operations.md"));
+  const rows = [...FULL_PLAN.faults, ...SHORT_PLAN.faults];
+
+  test("every row a runbook names is a row of bun harness multihost", () => {
+    const names = new Set(rows.map((f) => f.name));
+    const named = [...runbooks].flatMap(([heading, text]) => citedRows(text).map((row) => ({ heading, row })));
+    expect({ named: named.length >= 8, unknown: named.filter(({ row }) => !names.has(row)) }).toEqual({ named: true, unknown: [] });
+  });
+
+  test("every row that follows a runbook is named by that runbook", () => {
+    const followed = rows.filter((f) => f.runbook);
+    const unnamed = followed.filter((f) => !citedRows(runbooks.get(f.runbook!) ?? "").includes(f.name)).map((f) => `${f.runbook}: ${f.name}`);
+    expect({ followed: followed.length >= 8, unnamed }).toEqual({ followed: true, unnamed: [] });
+  });
+
+  test("a runbook's rows are read as the page writes them", () => {
+    expect(citedRows("Run it. Rows of `bun harness multihost`: “a, then b”, “c: d (x)”; the short run splits it, “e” first. Then “f”."))
+      .toEqual(["a, then b", "c: d (x)", "e"]);
   });
 });
 

@@ -2,12 +2,13 @@
 // from `./pki.sh bundle`, and one host's certificate revoked by name. No namespaces needed.
 import { afterAll, expect, test } from "bun:test";
 import { X509Certificate } from "node:crypto";
-import { mkdtempSync, readdirSync, readFileSync, rmSync } from "node:fs";
+import { mkdtempSync, readdirSync, readFileSync, rmSync, statSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { TrustMaterial } from "../../shared/authz/trust.ts";
 import { newPki, runPkiSh } from "../../shared/testing/pki.ts";
-import { HOSTS, issueHostPki } from "./deployment.ts";
+import { parseServerConfig } from "../../roles/server.ts";
+import { HOSTS, issueHostPki, writeHostConfig } from "./deployment.ts";
 
 const made: string[] = [];
 afterAll(() => made.forEach((dir) => rmSync(dir, { recursive: true, force: true })));
@@ -54,4 +55,22 @@ test("each host's folder: the CA, the CRL and its own identity as the role's fil
   const serial = (host: string) => new X509Certificate(readFileSync(join(pkiOf(host), "server_cert.pem"))).serialNumber;
   const crl = await Bun.$`openssl crl -in ${join(pki, "crl.pem")} -noout -text`.text();
   expect(HOSTS.servers.map((host) => [host, crl.includes(`Serial Number: ${serial(host)}`)])).toEqual([["srv1", false], ["srv2", true], ["srv3", false]]);
+});
+
+test("a host's role starts as its unit does: flags from its EnvironmentFile, the database URL from a 0600 credential, no secret on argv", () => {
+  const etc = mkdtempSync(join(tmpdir(), "securemesh-deployment-etc-"));
+  made.push(etc);
+  const url = "mysql://app:s3cret@10.77.0.2:3306,10.77.0.3:3306/test";
+  const config = writeHostConfig(etc, "server", { port: "5001", host: "10.77.0.10", pki: join(etc, "pki"), ttl: "60" }, { "server-db-url": url }, (c) => ["--db-file", c["server-db-url"]!]);
+  const argv = [...config.args, "--config", config.file];
+  const parsed = parseServerConfig(argv);
+  const mode = (path: string) => (statSync(path).mode & 0o777).toString(8);
+  expect({
+    argv, parsed: { port: parsed.port, host: parsed.host, pki: parsed.pki, ttl: parsed.ttl, db: parsed.db },
+    modes: [mode(config.file), mode(join(etc, "credentials", "server-db-url"))], fileHoldsSecret: readFileSync(config.file, "utf8").includes("s3cret"),
+  }).toEqual({
+    argv: ["--db-file", join(etc, "credentials", "server-db-url"), "--config", join(etc, "securemesh-server.env")],
+    parsed: { port: 5001, host: "10.77.0.10", pki: join(etc, "pki"), ttl: 60, db: url },
+    modes: ["600", "600"], fileHoldsSecret: false,
+  });
 });

@@ -3,6 +3,7 @@
 import { randomBytes } from "node:crypto";
 import { mkdirSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
+import { flagVariable } from "../../shared/platform/config-file.ts";
 import { bundleIdentity, issueIdentity, type IdentityKind } from "../../shared/testing/pki.ts";
 import { expectThat, roleCommand, waitFor, type Cluster, type RoleProcess } from "../cluster.ts";
 import { GALERA_PORT, GaleraCluster, type GaleraNode } from "./galera.ts";
@@ -12,6 +13,8 @@ import { createTestNetwork, type TestHost, type TestNetwork } from "./netns.ts";
 export const HOSTS = {
   galera: ["db1", "db2", "db3"],
   servers: ["srv1", "srv2", "srv3"],
+  // Made, given a certificate and configured, but not started nor listed: the "add a server host" row starts it.
+  spareServers: ["srv4"],
   coordinators: ["coord1", "coord2"],
   clients: ["cli1", "cli2"],
   // Two of each on the token path, on one Galera store (issue 23: one KeyServer and one proxy were single points).
@@ -45,6 +48,15 @@ export const PROXY_TIMEOUT_MS = 8000;
  */
 export const PROXY_CLIENT_TIMEOUT_MS = 2 * PROXY_TIMEOUT_MS + 4000;
 
+/**
+ * The servers' --ttl (SECUREMESH_TTL), the oldest Fernet token they accept, in seconds: shorter than the default 300,
+ * so that a Fernet rotation's retire is safe TTL + MAX_CLOCK_SKEW_S (60 s) after its promote, 90 s, not six minutes.
+ * Not much shorter: a client re-sends a write with the token it made at the start, so the TTL must outlast its whole
+ * retry window, the longest being the Galera restart row's 15.75 s of backoff (runbooks.ts). At 5 s, writes re-sent
+ * after a server host's link was cut were refused 400 "invalid or expired token".
+ */
+export const SERVER_TOKEN_TTL_S = 30;
+
 /** The passphrase of the keyring backup taken from the first KeyServer host to the second. */
 const KEYRING_BACKUP_PASSPHRASE = "multihost keyring backup passphrase";
 
@@ -59,11 +71,46 @@ export function galeraUrl(nodes: readonly GaleraNode[]): string {
   return `mysql://root@${nodes.map((n) => `${n.address}:${GALERA_PORT}`).join(",")}/test`;
 }
 
+type RoleScript = "server" | "coordinator" | "keyserver" | "secureproxy" | "marketplace";
+
 interface RoleSpec {
   host: string;
-  script: "server" | "coordinator" | "keyserver" | "secureproxy" | "marketplace";
+  script: RoleScript;
   port: number;
+  config: HostConfig;
+}
+
+/**
+ * A role's configuration on its host, as its unit in roles/systemd/ reads it: the EnvironmentFile
+ * (/etc/securemesh/securemesh-ROLE.env: SECUREMESH_<FLAG>=value lines, 0600), which the role reads with --config;
+ * the secrets as credential files (0600); and the flags the unit's ExecStart gives, which only name those files.
+ */
+export interface HostConfig {
+  file: string;
+  /** The unit's ExecStart flags (--db-file CREDENTIAL, …): never a secret itself, since `ps` shows argv. */
   args: string[];
+}
+
+/**
+ * Writes `role`'s configuration under `etc` (the host's /etc/securemesh): `flags` as SECUREMESH_<FLAG> lines, each
+ * of `credentials` (name → secret) as its own 0600 file in credentials/; `execStart` gets the credentials' paths and
+ * returns the unit's ExecStart flags.
+ * @example writeHostConfig(etc, "server", { port: "5001", ttl: "5" }, { "server-db-url": url }, (c) => ["--db-file", c["server-db-url"]!])
+ */
+export function writeHostConfig(
+  etc: string, role: RoleScript, flags: Record<string, string>, credentials: Record<string, string> = {},
+  execStart: (paths: Record<string, string>) => string[] = () => [],
+): HostConfig {
+  mkdirSync(join(etc, "credentials"), { recursive: true, mode: 0o700 });
+  const paths: Record<string, string> = {};
+  for (const [name, secret] of Object.entries(credentials)) {
+    paths[name] = join(etc, "credentials", name);
+    writeFileSync(paths[name], `${secret}\n`, { mode: 0o600 });
+  }
+  const file = join(etc, `securemesh-${role}.env`);
+  const lines = Object.entries(flags).map(([flag, value]) => `${flagVariable(flag)}=${value}`);
+  writeFileSync(file, `# securemesh ${role}: read by its unit (EnvironmentFile) and by --config\n${lines.join("\n")}\n`, { mode: 0o600 });
+  return { file, args: execStart(paths) };
 }
 
 export interface Deployment extends AsyncDisposable {
@@ -73,6 +120,8 @@ export interface Deployment extends AsyncDisposable {
   databaseUrl: string;
   servers: string[];
   coordinators: string[];
+  /** The spare server hosts' URLs (HOSTS.spareServers): configured, in no coordinator's list until a row adds them. */
+  spareServers: string[];
   keyservers: string[];
   secureproxies: string[];
   marketplace: string;
@@ -88,6 +137,14 @@ export interface Deployment extends AsyncDisposable {
    * read with --config, as a systemd unit's EnvironmentFile would be; and its --data folder.
    */
   keyserverConfig(host: string): { file: string; dataDir: string };
+  /** The role's configuration on `host`, as its unit reads it. */
+  configOf(host: string): HostConfig;
+  /** A coordinator host's --servers-file (SECUREMESH_SERVERS_FILE): one server URL per line, re-read on change. */
+  serversFileOf(host: string): string;
+  /** The CA host's folder, where `./pki.sh fernet …` runs (PKI_DIR). */
+  caDir: string;
+  /** Stops the role on `host` as its unit's stop does (SIGTERM: requests in flight finish), and waits until it exits. */
+  stopRole(host: string): Promise<void>;
   /** Starts the role that lives on `host` again (after its processes were killed: a reboot), and waits until it is healthy. */
   reboot(host: string): Promise<void>;
   /** What is not yet back: a coordinator not answering or missing a server, a role not healthy, a Galera node not Synced. */
@@ -111,7 +168,7 @@ export interface DeploymentOptions {
 export async function startDeployment(options: DeploymentOptions): Promise<Deployment> {
   const { cluster } = options;
   const step = options.step ?? (() => {});
-  const allHosts = [...HOSTS.galera, ...HOSTS.servers, ...HOSTS.coordinators, ...HOSTS.clients, ...HOSTS.keyservers, ...HOSTS.secureproxies, HOSTS.marketplace];
+  const allHosts = [...HOSTS.galera, ...HOSTS.servers, ...HOSTS.spareServers, ...HOSTS.coordinators, ...HOSTS.clients, ...HOSTS.keyservers, ...HOSTS.secureproxies, HOSTS.marketplace];
   step(`making ${allHosts.length} test hosts (network namespaces on one bridge)`);
   const network = await createTestNetwork({ hosts: allHosts });
   const started: string[] = [];
@@ -135,27 +192,52 @@ export async function startDeployment(options: DeploymentOptions): Promise<Deplo
     await issueHostPki(cluster.pki, addressOf, pkiOf);
 
     const servers = HOSTS.servers.map((h) => url(h, PORTS.server));
+    const spareServers = HOSTS.spareServers.map((h) => url(h, PORTS.server));
     const coordinators = HOSTS.coordinators.map((h) => url(h, PORTS.coordinator));
     const keyservers = HOSTS.keyservers.map((h) => url(h, PORTS.keyserver));
     const secureproxies = HOSTS.secureproxies.map((h) => url(h, PORTS.secureproxy));
     const marketplace = url(HOSTS.marketplace, PORTS.marketplace);
 
     // Each KeyServer host's one configuration file, read by its KeyServer and by every token command run there.
-    const keyserverConfig = (host: string) => {
-      const secrets = join(pkiRoot, host, "secrets");
-      return { file: join(secrets, "keyserver.env"), dataDir: join(secrets, "keyserver") };
-    };
-    for (const host of HOSTS.keyservers) {
-      const { file, dataDir } = keyserverConfig(host);
-      mkdirSync(join(pkiRoot, host, "secrets"), { recursive: true, mode: 0o700 });
-      writeFileSync(file, `# the KeyServer on ${host} and its token commands\nSECUREMESH_DB=${databaseUrl}\nSECUREMESH_DATA=${dataDir}\n`, { mode: 0o600 });
+    // Every host's configuration, as its unit reads it (roles/systemd/): etcOf(host) stands for its /etc/securemesh,
+    // stateOf(host) for its /var/lib/securemesh. The roles start from these files and nothing else.
+    const etcOf = (host: string) => join(pkiRoot, host, "etc");
+    const stateOf = (host: string) => join(pkiRoot, host, "state");
+    const healthInterval = String(options.healthIntervalMs ?? 500);
+    const common = (host: string, port: number) => ({ port: String(port), host: addressOf(host), pki: pkiOf(host) });
+    const serversFileOf = (host: string) => join(etcOf(host), "servers");
+    for (const host of HOSTS.coordinators) {
+      mkdirSync(etcOf(host), { recursive: true, mode: 0o700 });
+      writeFileSync(serversFileOf(host), `# the servers ${host} forwards to; re-read on change\n${servers.join("\n")}\n`);
     }
+    const token = `mkt_${randomBytes(18).toString("base64url")}`;
+    const configs = new Map<string, HostConfig>([
+      ...[...HOSTS.servers, ...HOSTS.spareServers].map((host) => [host, writeHostConfig(etcOf(host), "server",
+        { ...common(host, PORTS.server), ttl: String(SERVER_TOKEN_TTL_S) },
+        { "server-db-url": databaseUrl }, (c) => ["--db-file", c["server-db-url"]!])] as const),
+      ...HOSTS.coordinators.map((host) => [host, writeHostConfig(etcOf(host), "coordinator",
+        { ...common(host, PORTS.coordinator), "servers-file": serversFileOf(host), "health-interval": healthInterval, timeout: String(COORDINATOR_TIMEOUT_MS) })] as const),
+      // The token commands run with the same file (--config), so it names the store too: the credential's path.
+      ...HOSTS.keyservers.map((host) => [host, writeHostConfig(etcOf(host), "keyserver",
+        { ...common(host, PORTS.keyserver), data: join(stateOf(host), "keyserver"), "db-file": join(etcOf(host), "credentials", "keyserver-db-url") },
+        { "keyserver-db-url": databaseUrl }, (c) => ["--data", join(stateOf(host), "keyserver"), "--db-file", c["keyserver-db-url"]!])] as const),
+      // The n-th proxy starts from the n-th KeyServer: the load is spread, and each order is exercised.
+      ...HOSTS.secureproxies.map((host, i) => [host, writeHostConfig(etcOf(host), "secureproxy", {
+        ...common(host, PORTS.secureproxy), keyserver: [...keyservers.slice(i), ...keyservers.slice(0, i)].join(","),
+        allow: `marketplace=${addressOf(HOSTS.marketplace)}:${PORTS.marketplace}`, timeout: String(PROXY_TIMEOUT_MS),
+      })] as const),
+      [HOSTS.marketplace, writeHostConfig(etcOf(HOSTS.marketplace), "marketplace", common(HOSTS.marketplace, PORTS.marketplace),
+        { "marketplace-token": token }, (c) => ["--token-file", c["marketplace-token"]!])],
+    ]);
+    const configOf = (host: string) => {
+      const config = configs.get(host);
+      if (!config) throw new Error(`no role lives on ${host}`);
+      return config;
+    };
+    const keyserverConfig = (host: string) => ({ file: configOf(host).file, dataDir: join(stateOf(host), "keyserver") });
+    for (const host of HOSTS.keyservers) mkdirSync(stateOf(host), { recursive: true, mode: 0o700 });
     const [first, ...others] = HOSTS.keyservers;
     step(`seeding the marketplace token for client1 and client2 in the token store on Galera (token add --config on ${first})`);
-    const tokenFile = join(pkiRoot, HOSTS.marketplace, "marketplace_token");
-    mkdirSync(join(pkiRoot, HOSTS.marketplace), { recursive: true, mode: 0o700 });
-    const token = `mkt_${randomBytes(18).toString("base64url")}`;
-    writeFileSync(tokenFile, token, { mode: 0o600 });
     for (const client of Object.values(CLIENT_OF)) {
       const seeded = await cluster.run(`keyserver-admin-${client}`, "keyserver", ["token", "add", "--client", client, "--type", "marketplace", "--token", "-", "--config", keyserverConfig(first).file], { stdin: token });
       expectThat(seeded.exitCode === 0, `token add for ${client} failed:\n${seeded.lines.join("\n")}`);
@@ -169,23 +251,22 @@ export async function startDeployment(options: DeploymentOptions): Promise<Deplo
       expectThat(imported.exitCode === 0, `token keyring import on ${host} failed:\n${imported.lines.join("\n")}`);
     }
 
-    const healthInterval = String(options.healthIntervalMs ?? 500);
-    const specs = new Map<string, RoleSpec>([
-      ...HOSTS.servers.map((host) => [host, { host, script: "server", port: PORTS.server, args: ["--db", databaseUrl] }] as const),
-      ...HOSTS.coordinators.map((host) => [host, { host, script: "coordinator", port: PORTS.coordinator, args: ["--servers", servers.join(","), "--health-interval", healthInterval, "--timeout", String(COORDINATOR_TIMEOUT_MS)] }] as const),
-      ...HOSTS.keyservers.map((host) => [host, { host, script: "keyserver", port: PORTS.keyserver, args: ["--config", keyserverConfig(host).file] }] as const),
-      [HOSTS.marketplace, { host: HOSTS.marketplace, script: "marketplace", port: PORTS.marketplace, args: ["--token-file", tokenFile] }],
-      // The n-th proxy starts from the n-th KeyServer: the load is spread, and each order is exercised.
-      ...HOSTS.secureproxies.map((host, i) => [host, {
-        host, script: "secureproxy", port: PORTS.secureproxy,
-        args: ["--keyserver", [...keyservers.slice(i), ...keyservers.slice(0, i)].join(","), "--allow", `marketplace=${addressOf(HOSTS.marketplace)}:${PORTS.marketplace}`, "--timeout", String(PROXY_TIMEOUT_MS)],
-      }] as const),
-    ] as [string, RoleSpec][]);
+    const roleOf = (host: string): [RoleScript, number] =>
+      (HOSTS.servers as readonly string[]).includes(host) || (HOSTS.spareServers as readonly string[]).includes(host) ? ["server", PORTS.server]
+        : (HOSTS.coordinators as readonly string[]).includes(host) ? ["coordinator", PORTS.coordinator]
+        : (HOSTS.keyservers as readonly string[]).includes(host) ? ["keyserver", PORTS.keyserver]
+        : (HOSTS.secureproxies as readonly string[]).includes(host) ? ["secureproxy", PORTS.secureproxy]
+        : ["marketplace", PORTS.marketplace];
+    const specs = new Map<string, RoleSpec>([...configs.keys()].map((host) => {
+      const [script, port] = roleOf(host);
+      return [host, { host, script, port, config: configOf(host) }];
+    }));
 
     const start = async (host: string): Promise<void> => {
       const spec = specs.get(host);
       if (!spec) throw new Error(`no role lives on ${host}`);
-      const argv = roleCommand(cluster.runtimeOf(host), spec.script, [String(spec.port), "--host", addressOf(host), "--pki", pkiOf(host), ...spec.args]);
+      // As the unit starts it: the ExecStart flags (credential paths), every other flag from its EnvironmentFile.
+      const argv = roleCommand(cluster.runtimeOf(host), spec.script, [...spec.config.args, "--config", spec.config.file]);
       if (!started.includes(host)) started.push(host);
       const role: RoleProcess = cluster.startCommand(host, network.host(host).exec(argv));
       await role.waitForLine(/listening on https:\/\//, 30_000);
@@ -219,11 +300,12 @@ export async function startDeployment(options: DeploymentOptions): Promise<Deplo
     };
 
     const deployment: Deployment = {
-      network, galera, cluster, databaseUrl, servers, coordinators, keyservers, secureproxies, marketplace,
+      network, galera, cluster, databaseUrl, servers, spareServers, coordinators, keyservers, secureproxies, marketplace,
       itemUri: `${marketplace}/api/item`,
       host: (name) => network.host(name),
-      pkiOf, clientOf: (host) => CLIENT_OF[host]!, keyserverConfig,
+      pkiOf, clientOf: (host) => CLIENT_OF[host]!, keyserverConfig, configOf, serversFileOf, caDir: cluster.pki,
       reboot: start,
+      stopRole: (host) => cluster.stop([host]),
       rotationGaps,
       async waitInRotation(timeoutMs = 120_000) {
         const t0 = performance.now();
@@ -257,7 +339,7 @@ type HostKind = Extract<IdentityKind, "server" | "coordinator" | "keyserver" | "
  */
 function hostIdentities(): [host: string, identity: string, kind: HostKind][] {
   return [
-    ...HOSTS.servers.map((host, i) => [host, `server${i + 1}`, "server"] as [string, string, HostKind]),
+    ...[...HOSTS.servers, ...HOSTS.spareServers].map((host, i) => [host, `server${i + 1}`, "server"] as [string, string, HostKind]),
     ...HOSTS.coordinators.map((host) => [host, "coordinator", "coordinator"] as [string, string, HostKind]),
     ...HOSTS.keyservers.map((host) => [host, "keyserver", "keyserver"] as [string, string, HostKind]),
     ...HOSTS.secureproxies.map((host) => [host, "secureproxy", "secureproxy"] as [string, string, HostKind]),

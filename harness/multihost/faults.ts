@@ -26,11 +26,30 @@ export interface Fault {
   name: string;
   /** Who brings it back: "harness reboots srv1 (starts its server)", or "nothing restarted: link healed". */
   repairedBy: string;
-  inject(d: Deployment): Promise<void>;
+  inject(d: Deployment, load: ClientLoad): Promise<void>;
   /** The fault has taken effect (a coordinator saw the server go, Galera shrank); a description of what is awaited. */
   effect: { what: string; seen(d: Deployment, load: ClientLoad): Promise<boolean> };
   /** Undoes the fault; may return what it did, for the row (how a restarted node caught up, say). */
-  repair(d: Deployment): Promise<string | void>;
+  repair(d: Deployment, load: ClientLoad): Promise<string | void>;
+  /**
+   * The clients' retry window for this row, when not the libraries' defaults (MeshClient 3 rounds, ProxyClient 2,
+   * both from 200 ms): a row with an outage no server can hide (the whole database down) says how long clients and
+   * applications keep trying.
+   */
+  clientRetry?: ClientRetry;
+  /** The runbook in docs/operations.md this row follows (its heading), which must name the row (harness/docs.test.ts). */
+  runbook?: string;
+}
+
+/** MeshClient's and ProxyClient's `attempts` (rounds over every coordinator or proxy) and `backoffMs` (before round 2, doubled each round). */
+export interface ClientRetry {
+  attempts: number;
+  backoffMs: number;
+}
+
+/** How long a client waits between its rounds in all, the retry window beyond its attempts' own time. */
+export function retryWindowMs(retry: ClientRetry): number {
+  return retry.backoffMs * (2 ** (retry.attempts - 1) - 1);
 }
 
 export interface FaultRow {
@@ -66,18 +85,29 @@ export class ClientLoad {
     this.#agents = agents;
   }
 
-  static async start(d: Deployment, label: string, shape: LoadShape): Promise<ClientLoad> {
+  static async start(d: Deployment, label: string, shape: LoadShape, retry?: ClientRetry): Promise<ClientLoad> {
     const agents = HOSTS.clients.map((host, i) => {
       const coordinators = i % 2 === 0 ? d.coordinators : [...d.coordinators].reverse();
       const proxies = [...d.secureproxies.slice(i % d.secureproxies.length), ...d.secureproxies.slice(0, i % d.secureproxies.length)];
       const argv = [
         process.execPath, LOAD_AGENT, "--name", d.clientOf(host), "--pki", d.pkiOf(host), "--workers", String(shape.workers), "--interval", String(shape.intervalMs), "--timeout", String(shape.clientTimeoutMs),
         ...coordinators.flatMap((c) => ["--coordinator", c]), ...proxies.flatMap((p) => ["--proxy", p]), "--proxy-timeout", String(PROXY_CLIENT_TIMEOUT_MS), "--api-uri", d.itemUri,
+        ...(retry ? ["--attempts", String(retry.attempts), "--backoff", String(retry.backoffMs)] : []),
       ];
       return d.cluster.startCommand(`${host}-${label}`, d.host(host).exec(argv));
     });
     await Promise.all(agents.map((a) => a.waitForLine(/^ready /, 30_000)));
     return new ClientLoad(agents);
+  }
+
+  /** Every agent has logged a line matching `pattern` (a Fernet key reload, say). */
+  everyAgentLogged(pattern: RegExp): boolean {
+    return this.#agents.every((a) => a.lines.some((l) => pattern.test(l)));
+  }
+
+  /** Ids of the writes acknowledged so far. */
+  ackedIds(): number[] {
+    return this.#agents.flatMap((a) => a.lines.filter((l) => l.startsWith("ack ")).map((l) => Number(l.split(" ")[1])));
   }
 
   /** Acknowledged writes so far; with `failover`, only those a client had to fail over for. */
@@ -162,21 +192,21 @@ export async function runFault(d: Deployment, fault: Fault, shape: LoadShape, la
     const role = d.cluster.role(host);
     return [host, { role, at: role.lines.length }] as const;
   }));
-  const load = await ClientLoad.start(d, label, shape);
+  const load = await ClientLoad.start(d, label, shape, fault.clientRetry);
   let result: Awaited<ReturnType<ClientLoad["stop"]>> | undefined;
   let backInRotationMs = 0;
   let repairedBy = fault.repairedBy;
   try {
     await load.waitForAcks(0, shape.acksBefore, "before the fault");
     const injectedAt = load.acks();
-    await fault.inject(d);
+    await fault.inject(d, load);
     const t0 = performance.now();
     await waitFor(fault.effect.what, () => fault.effect.seen(d, load), 60_000);
     note(`${fault.effect.what} after ${((performance.now() - t0) / 1000).toFixed(1)} s`);
     await load.waitForAcks(injectedAt, shape.acksDuring, "while the fault holds");
     // Timed from the start of the repair: a reboot's start-up and a node's state transfer are part of coming back.
     const repairStarted = performance.now();
-    repairedBy = (await fault.repair(d)) || fault.repairedBy;
+    repairedBy = (await fault.repair(d, load)) || fault.repairedBy;
     await d.waitInRotation();
     backInRotationMs = performance.now() - repairStarted;
     await load.waitForAcks(load.acks(), shape.acksAfter, "after every host is back");
@@ -276,6 +306,7 @@ export function killKeyServerHost(host: string): Fault {
   let from = 0;
   return {
     name: `kill every process on KeyServer host ${host}`,
+    runbook: "Fail over the token path",
     repairedBy: `harness reboots ${host} (starts its KeyServer)`,
     inject: async (d) => {
       from = releasesOn(d, other);
@@ -294,6 +325,7 @@ export function killSecureProxyHost(host: string): Fault {
   let from = -1;
   return {
     name: `kill every process on SecureProxy host ${host}`,
+    runbook: "Fail over the token path",
     repairedBy: `harness reboots ${host} (starts its SecureProxy)`,
     inject: async (d) => {
       from = -1;
@@ -330,6 +362,7 @@ export function rotateMasterKey(host: string): Fault {
   let done = "";
   return {
     name: `rotate the master key on ${host}: first without --db (as the old docs printed it), then with --config`,
+    runbook: "Rotate the master key, back up and restore the keyring",
     repairedBy: "nothing restarted",
     inject: async (d) => {
       const { file, dataDir } = d.keyserverConfig(host);

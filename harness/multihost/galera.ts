@@ -330,6 +330,36 @@ export class GaleraCluster implements AsyncDisposable {
     await this.query(name, `SET GLOBAL wsrep_provider_options = 'gmcast.isolate=${isolated ? 1 : 0}'`);
   }
 
+  /**
+   * Stops one node as its service would (SIGTERM: a clean shutdown, leaving the cluster in order), and waits until it
+   * is gone. The last node of a cluster to stop this way writes `safe_to_bootstrap: 1` to its grastate.dat.
+   */
+  async stopNode(name: string): Promise<void> {
+    const proc = this.#procs.get(name);
+    if (!proc || !this.node(name).running) return;
+    signalGroup(proc.pid, "SIGTERM");
+    await proc.exited;
+  }
+
+  /** The node's grastate.dat as Galera left it: its cluster's uuid, last seqno, and whether it may bootstrap. */
+  grastate(name: string): { uuid: string; seqno: number; safeToBootstrap: boolean } {
+    const text = readFileSync(join(this.node(name).dir, "data", "grastate.dat"), "utf8");
+    const field = (key: string) => new RegExp(`^${key}:\\s*(\\S+)`, "m").exec(text)?.[1] ?? "";
+    return { uuid: field("uuid"), seqno: Number(field("seqno")), safeToBootstrap: field("safe_to_bootstrap") === "1" };
+  }
+
+  /**
+   * Starts a stopped node as a new cluster (`--wsrep-new-cluster`), as the first node of a whole-cluster restart, and
+   * returns once it is Primary. Galera itself refuses (and the node exits) unless its grastate.dat says
+   * safe_to_bootstrap: 1, which only the last node to leave the old cluster has.
+   */
+  async bootstrap(name: string): Promise<void> {
+    const node = this.node(name);
+    if (node.running) throw new Error(`Galera node ${name} is still running`);
+    await this.#launch(node, ["--wsrep-new-cluster"]);
+    await this.waitUntil(name, (s) => s.state === "Synced" && s.clusterStatus === "Primary");
+  }
+
   /** Stops every node (SIGTERM, then SIGKILL after 10 s) and waits until all are gone. */
   async stop(): Promise<void> {
     await Promise.all(this.nodes.map(async (node) => {

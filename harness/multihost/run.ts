@@ -6,6 +6,7 @@ import {
   type Fault, type FaultRow, type LoadShape,
 } from "./faults.ts";
 import { cleanupStaleNetworks } from "./netns.ts";
+import { addAndRemoveServerHost, restartGaleraCluster, rotateFernetKey } from "./runbooks.ts";
 
 /**
  * Above the coordinators' upstream timeout (deployment.ts), so a client waits out one server attempt that stalls
@@ -18,11 +19,16 @@ export interface MultihostPlan {
   load: LoadShape;
 }
 
-/** One fault of each kind, a small load: a few minutes, for `bun test` and CI. */
+/**
+ * One fault and one runbook of each kind, a small load: a few minutes, for `bun test` and CI. The Fernet rotation is
+ * split in two rows, its retire last: the minute the runbook waits before it (TTL + clock skew) goes to other rows.
+ */
 export const SHORT_PLAN: MultihostPlan = {
   faults: [
+    rotateFernetKey("add, promote"),
     killServerHost("srv1"), cutServerLink("srv2"), killCoordinatorHost("coord1"), killGaleraNode("db1"), isolateGaleraNode("db1"),
     killKeyServerHost("keys1"), killSecureProxyHost("proxy1"), rotateMasterKey("keys1"),
+    addAndRemoveServerHost("srv4"), restartGaleraCluster(["db3", "db2", "db1"]), rotateFernetKey("retire"),
   ],
   load: { workers: 2, intervalMs: 50, clientTimeoutMs: CLIENT_TIMEOUT_MS, acksBefore: 20, acksDuring: 40, acksAfter: 20 },
 };
@@ -38,6 +44,10 @@ export const FULL_PLAN: MultihostPlan = {
     killKeyServerHost("keys1"), killKeyServerHost("keys2"),
     killSecureProxyHost("proxy1"), killSecureProxyHost("proxy2"),
     rotateMasterKey("keys1"), rotateMasterKey("keys2"),
+    addAndRemoveServerHost("srv4"),
+    rotateFernetKey("all"),
+    // Each order bootstraps another node: db1 is the servers' first database node, db3 their last.
+    restartGaleraCluster(["db3", "db2", "db1"]), restartGaleraCluster(["db1", "db2", "db3"]),
   ],
   load: { workers: 4, intervalMs: 25, clientTimeoutMs: CLIENT_TIMEOUT_MS, acksBefore: 100, acksDuring: 200, acksAfter: 100 },
 };
@@ -63,6 +73,7 @@ export async function runMultihost(cluster: Cluster, plan: MultihostPlan, step: 
   for (const [i, fault] of plan.faults.entries()) {
     step(`${i + 1}/${plan.faults.length} ${fault.name}, under load from ${plan.load.workers} writers on each client host`);
     let row: FaultRow;
+    const rowStarted = performance.now();
     try {
       row = await runFault(deployment, fault, plan.load, `row${i + 1}`, (m) => step(`    ${m}`));
     } catch (error) {
@@ -73,7 +84,7 @@ export async function runMultihost(cluster: Cluster, plan: MultihostPlan, step: 
     }
     rows.push(row);
     const misses = goalMisses(row);
-    step(`    ${misses.length ? "MISSED" : "ok"}: ${row.sent} sent, ${row.failed} failed, ${row.retried} retried; ${row.acknowledged} acknowledged, ${row.stored} stored; back in rotation ${(row.backInRotationMs / 1000).toFixed(1)} s after the repair${misses.length ? ` — ${misses.join("; ")}` : ""}`);
+    step(`    ${misses.length ? "MISSED" : "ok"}: ${row.sent} sent, ${row.failed} failed, ${row.retried} retried; ${row.acknowledged} acknowledged, ${row.stored} stored; back in rotation ${(row.backInRotationMs / 1000).toFixed(1)} s after the repair; the row took ${((performance.now() - rowStarted) / 1000).toFixed(1)} s${misses.length ? ` — ${misses.join("; ")}` : ""}`);
   }
   const misses = [...rows.flatMap((row) => goalMisses(row).map((m) => `${row.fault}: ${m}`)), ...broken];
   return { rows, table: faultTable(rows), misses };
