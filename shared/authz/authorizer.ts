@@ -21,6 +21,8 @@ export class Authorizer {
   readonly #logger: Logger;
   readonly #decisions;
   #watch: Watch | null = null;
+  /** limits() per identity under the policy in force; emptied when a new policy is put in force. */
+  readonly #limitsOf = new Map<string, Limits>();
 
   /** Reads and checks the policy file; a policy that does not parse stops the role at start (ConfigError). */
   constructor(path: string, logger: Logger, metrics: Metrics = new Metrics()) {
@@ -57,6 +59,7 @@ export class Authorizer {
   reload(): boolean {
     try {
       ({ policy: this.#policy, hash: this.#hash } = Authorizer.#read(this.#path));
+      this.#limitsOf.clear();
       this.#logger.info(`policy reloaded: ${this.#policy.rules.length} rules`);
       return true;
     } catch (error) {
@@ -77,12 +80,20 @@ export class Authorizer {
 
   /** Connections `identity` may hold at once on a listener, from the policy's limits (read live, so edits apply). */
   connectionLimit(identity: string): number {
-    return limitsOf(this.#policy, identity).connections;
+    return this.limits(identity).connections;
   }
 
-  /** Everything `identity` may take under the policy in force (read live: a RequestLimiter asks on every request). */
+  /**
+   * Everything `identity` may take under the policy in force. A RequestLimiter asks on every request, so each
+   * identity's answer is kept until the policy changes (a bounded map: identities come from certificates).
+   */
   limits(identity: string): Limits {
-    return limitsOf(this.#policy, identity);
+    let limits = this.#limitsOf.get(identity);
+    if (limits) return limits;
+    if (this.#limitsOf.size >= 10_000) this.#limitsOf.clear();
+    limits = limitsOf(this.#policy, identity);
+    this.#limitsOf.set(identity, limits);
+    return limits;
   }
 
   /** Whether the policy allows it, without an audit line: for choosing between two permissions before require(). */

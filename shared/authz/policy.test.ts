@@ -178,6 +178,15 @@ describe("Authorizer", () => {
     expect(lines.filter((l) => l.startsWith("policy NOT reloaded"))).toHaveLength(1);
   });
 
+  test("limits(): kept per identity until a reload puts another policy in force (issue 20)", () => {
+    const { authz, path } = setup();
+    expect(authz.limits(client2).inFlight).toBe(DEFAULT_IN_FLIGHT);
+    writeFileSync(path, JSON.stringify({ rules: [], limits: [{ identity: client2, inFlight: 3 }] }));
+    expect(authz.limits(client2).inFlight).toBe(DEFAULT_IN_FLIGHT); // the file alone changes nothing in force
+    expect(authz.reload()).toBe(true);
+    expect([authz.limits(client2).inFlight, authz.connectionLimit(client2), authz.limits(client1).inFlight]).toEqual([3, DEFAULT_CONNECTIONS, DEFAULT_IN_FLIGHT]);
+  });
+
   test("watch(): a file change is picked up without a restart", async () => {
     const { authz, write } = setup();
     authz.watch();
