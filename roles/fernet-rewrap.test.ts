@@ -35,31 +35,41 @@ async function pkiFernet(pki: string, ...args: string[]): Promise<{ code: number
   return { code, out: out.trim(), err: err.trim() };
 }
 
+/** The records a server wrote under `key` before the rotation, as clients sent them, stamped two days ago. */
+async function seedUnder(key: string, db: string): Promise<void> {
+  const seeding = await openStore(db);
+  const under = new Fernet(key);
+  for (let start = 0; start < SEEDED; start += 2000) {
+    await seeding.insertMany(Array.from({ length: 2000 }, (_, j) => {
+      const token = under.encrypt(`seeded ${start + j}`, { now: SEEDED_AT + start + j });
+      return { sender: "client2", token, jti: randomUUID(), digest: payloadDigest(token), server: 0 };
+    }));
+  }
+  await seeding.close();
+}
+
+/** A policy in `pki` where client2 may read its own records only: its view is the newest of the seeded records. */
+function ownViewPolicy(pki: string): string {
+  const policy = JSON.parse(readFileSync(join(REPO_ROOT, "roles", "policy.json"), "utf8"));
+  for (const rule of policy.rules) if (rule.identity.endsWith("/client2")) rule.allow = rule.allow.map((a: string) => (a === "view.read:all" ? "view.read:own" : a));
+  writeFileSync(join(pki, "policy.json"), JSON.stringify(policy));
+  return join(pki, "policy.json");
+}
+
 for (const runtime of ["bun", "deno"] as const) {
   describe(`a Fernet rotation on a server on ${runtime} with records under the old key`, () => {
     test("add, promote, retire --force at once: OLD kept, every record moved to NEW with its timestamp, then OLD dropped; every record reads under NEW alone", async () => {
       const pki = await newPki(`rewrap-${runtime}`);
       temporary.push(pki);
       // client2 may read its own records only: its view is the newest of the seeded records, all made under OLD.
-      const policy = JSON.parse(readFileSync(join(REPO_ROOT, "roles", "policy.json"), "utf8"));
-      for (const rule of policy.rules) if (rule.identity.endsWith("/client2")) rule.allow = rule.allow.map((a: string) => (a === "view.read:all" ? "view.read:own" : a));
-      writeFileSync(join(pki, "policy.json"), JSON.stringify(policy));
-      await using cluster = await temporaryCluster({ label: `fernet-rewrap-${runtime}`, pki, runtime, env: { SECUREMESH_POLICY: join(pki, "policy.json") } });
+      await using cluster = await temporaryCluster({ label: `fernet-rewrap-${runtime}`, pki, runtime, env: { SECUREMESH_POLICY: ownViewPolicy(pki) } });
       const keyFile = () => fernetKeysInOrder(parseFernetKeyFile(readFileSync(join(pki, "encryption_key.txt"), "utf8"), "key file"));
       const [OLD] = keyFile();
       const fpOld = fernetKeyFingerprint(OLD!);
 
-      // The records a server wrote under OLD before the rotation: as clients sent them, stamped two days ago.
       const db = join(cluster.logDir, "records.db");
-      const seeding = await openStore(db);
+      await seedUnder(OLD!, db);
       const underOld = new Fernet(OLD!);
-      for (let start = 0; start < SEEDED; start += 2000) {
-        await seeding.insertMany(Array.from({ length: 2000 }, (_, j) => {
-          const token = underOld.encrypt(`seeded ${start + j}`, { now: SEEDED_AT + start + j });
-          return { sender: "client2", token, jti: randomUUID(), digest: payloadDigest(token), server: 0 };
-        }));
-      }
-      await seeding.close();
 
       const server = await cluster.startServer("server", 0, ["--db", db]);
       const serverLines = () => cluster.role("server").lines;
@@ -169,3 +179,63 @@ for (const runtime of ["bun", "deno"] as const) {
     });
   });
 }
+
+describe("a server restarted mid re-encryption, after OLD was retired", () => {
+  test("it reads only the file, so the records still under OLD read as unreadable, not lost: restore OLD from the archive, and every record reads and moves to NEW", async () => {
+    const pki = await newPki("rewrap-restart");
+    temporary.push(pki);
+    await using cluster = await temporaryCluster({ label: "fernet-rewrap-restart", pki, env: { SECUREMESH_POLICY: ownViewPolicy(pki) } });
+    const keyFile = () => fernetKeysInOrder(parseFernetKeyFile(readFileSync(join(pki, "encryption_key.txt"), "utf8"), "key file"));
+    const [OLD] = keyFile();
+    const fpOld = fernetKeyFingerprint(OLD!);
+    const db = join(cluster.logDir, "records.db");
+    await seedUnder(OLD!, db);
+    const first = await cluster.startServer("server", 0, ["--db", db]);
+
+    // The rotation on the CA host, as fast as the command allows: add, promote --force, then retire --key OLD --force
+    // once the server has begun moving records (5,000 a second at most), so most of the 30,000 are still under OLD.
+    expect((await pkiFernet(pki, "add")).code).toBe(0);
+    const [, NEW] = keyFile();
+    const fpNew = fernetKeyFingerprint(NEW!);
+    await cluster.role("server").waitForLine(new RegExp(`^Fernet keys reloaded: .*\\(added ${fpNew}\\)$`));
+    expect((await pkiFernet(pki, "promote", "--force")).code).toBe(0);
+    await cluster.role("server").waitForLine(new RegExp(`^Fernet re-encryption: \\d+ records under ${fpOld}; moving them to the primary ${fpNew} `), 60_000);
+    const retire = await pkiFernet(pki, "retire", "--key", fpOld, "--force");
+    expect(retire).toMatchObject({ code: 0, out: expect.stringContaining(`they are not lost: ./pki.sh fernet restore ${fpOld} puts the key back`) });
+    await cluster.role("server").waitForLine(new RegExp(`^Fernet key ${fpOld} is no longer in `), 15_000);
+    expect(await cluster.health(first).then((h) => (h?.body.fernet_rewrap as { kept: string[] }).kept)).toEqual([fpOld]);
+
+    // The server dies mid-way and comes back: the file has NEW alone, so the records still under OLD are under no key it holds.
+    await cluster.kill("server");
+    const server = await cluster.startServer("server-restarted", 0, ["--db", db]);
+    const reader = cluster.client("client2", [server], { direct: true });
+    try {
+      const before = await reader.readCachedData(true);
+      const unreadable = before.snapshot.latest.filter((r) => !r.text.startsWith("seeded ")).length;
+      expect({ total: before.snapshot.total, unreadable }).toEqual({ total: SEEDED, unreadable: before.snapshot.latest.length });
+
+      // restore OLD: the archive kept it; the server takes it up live, reads every record, and moves them to NEW.
+      const restore = await pkiFernet(pki, "restore", fpOld);
+      expect(restore).toMatchObject({ code: 0, out: expect.stringContaining(`restored key ${fpOld} from `) });
+      await cluster.role("server-restarted").waitForLine(new RegExp(`^Fernet keys reloaded: 2 keys, primary ${fpNew}, decrypt-only ${fpOld} \\(added ${fpOld}\\)$`));
+      const after = await reader.readCachedData(true);
+      expect({ total: after.snapshot.total, texts: after.snapshot.latest.map((r) => r.text) }).toEqual({ total: SEEDED, texts: Array.from({ length: 20 }, (_, i) => `seeded ${SEEDED - 1 - i}`) });
+      await waitFor("the restarted server to move every record off OLD", async () => {
+        const rewrap = (await cluster.health(server))?.body.fernet_rewrap as { pending: number | null; unreadable: number | null } | undefined;
+        return rewrap?.pending === 0 && rewrap.unreadable === 0;
+      }, 120_000);
+
+      // Now OLD goes for good, by name (--force again: it stopped encrypting less than TTL + skew ago): no record is
+      // under it, so the server drops it at once, and every record reads under NEW alone.
+      expect((await pkiFernet(pki, "retire", "--key", fpOld, "--force")).code).toBe(0);
+      await cluster.role("server-restarted").waitForLine(new RegExp(`^Fernet keys reloaded: 1 key, primary ${fpNew} \\(dropped ${fpOld}\\)$`));
+      const raw = new (await import("bun:sqlite")).Database(db, { readonly: true });
+      const tokens = raw.query<{ token: string }, []>("SELECT token FROM records ORDER BY id").all();
+      raw.close();
+      const underNew = new Fernet(NEW!);
+      expect({ records: tokens.length, underNewAlone: tokens.filter((r) => underNew.keyIndex(r.token) === 0).length }).toEqual({ records: SEEDED, underNewAlone: SEEDED });
+    } finally {
+      reader.close();
+    }
+  });
+});

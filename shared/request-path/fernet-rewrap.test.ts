@@ -214,8 +214,8 @@ describe.each(["sqlite", "mysql"] as const)("FernetRewrap on %s", (kind) => {
     await waitFor("the walk to finish", () => rewrap.status().state === "watching" && rewrap.status().pending === 0);
     expect(rewrap.status()).toEqual({ state: "watching", pending: 0, by_key: { [fpOld]: 0 }, rewrapped: 10, unreadable: 3, kept: [] });
     expect(lines.filter((l) => l.includes("under no Fernet key"))).toEqual([
-      `2 stored records are under no Fernet key this server holds: they read as unreadable until their key is back in ${keys.path} (as a decrypt-only line), when they are re-encrypted`,
-      `3 stored records are under no Fernet key this server holds: they read as unreadable until their key is back in ${keys.path} (as a decrypt-only line), when they are re-encrypted`,
+      `2 stored records are under no Fernet key this server holds: they read as unreadable until their key is back in ${keys.path} (as a decrypt-only line), when they are re-encrypted; a retired key is in the CA host's archive: ./pki.sh fernet restore FP`,
+      `3 stored records are under no Fernet key this server holds: they read as unreadable until their key is back in ${keys.path} (as a decrypt-only line), when they are re-encrypted; a retired key is in the CA host's archive: ./pki.sh fernet restore FP`,
     ]);
     // Walks go on watching the newer records, and never try the broken one again.
     const walked = lines.filter((l) => l.startsWith("Fernet re-encryption: moved")).length;

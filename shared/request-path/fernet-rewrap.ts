@@ -411,7 +411,7 @@ export class FernetRewrap {
     if (n > 0) {
       this.#logger.error(
         `${n} stored record${n === 1 ? " is" : "s are"} under no Fernet key this server holds: they read as unreadable until their key is back in ` +
-          `${this.#keys.path} (as a decrypt-only line), when they are re-encrypted`,
+          `${this.#keys.path} (as a decrypt-only line), when they are re-encrypted; a retired key is in the CA host's archive: ./pki.sh fernet restore FP`,
       );
     }
   }
