@@ -41,6 +41,30 @@ function capturingLogger(): { logger: Logger; lines: string[] } {
   return { logger: createLogger("test", { format: "text", color: false, write: (l) => lines.push(l) }), lines };
 }
 
+/**
+ * The clock for "nothing was reloaded": a watcher of a key file of its own, on the same poll interval. Call
+ * pollsSinceChange() right after changing the watched file: it replaces the witness's file, waits for its reload,
+ * replaces it again and waits for the next. The two reloads are a poll interval apart at least, so a watcher that
+ * was running when the call began has polled since, and would have logged a reload by then.
+ */
+function witnessWatcher(): { pollsSinceChange(): Promise<void> } {
+  const dir = keyFolder(`${generateFernetKey()}\n`);
+  const { logger, lines } = capturingLogger();
+  const keys = FernetKeys.open(dir).watch(logger);
+  cleanups.push(() => keys.stop());
+  const reloadOnce = (what: string) => {
+    const seen = lines.length;
+    putKeyFile(dir, `${generateFernetKey()}\n`);
+    return waitFor(`the witness watcher's ${what} reload`, () => lines.length > seen, POLL_BOUND_MS);
+  };
+  return {
+    async pollsSinceChange() {
+      await reloadOnce("first");
+      await reloadOnce("second");
+    },
+  };
+}
+
 describe("FernetKeys", () => {
   const [A, B] = [generateFernetKey(), generateFernetKey()];
   const [fa, fb] = [fernetKeyFingerprint(A), fernetKeyFingerprint(B)];
@@ -187,8 +211,9 @@ describe("MeshClient follows the key file", () => {
     expect(lines).toEqual([`Fernet keys reloaded: 2 keys, primary ${fernetKeyFingerprint(next)}, decrypt-only ${fernetKeyFingerprint(old)} (primary was ${fernetKeyFingerprint(old)}; added ${fernetKeyFingerprint(next)})`]);
 
     client.close();
+    const witness = witnessWatcher();
     putKeyFile(dir, `${old}\n`);
-    await Bun.sleep(RELOAD_INTERVAL_MS * 2); // nothing to wait for: a closed client must not log a reload
+    await witness.pollsSinceChange();
     expect(lines.length).toBe(1);
   });
 });
