@@ -112,11 +112,11 @@ describe("fernet-keys.ts, the command", () => {
       `retired key ${f(old!)} from ${path}; 1 key(s) left, primary ${f(added!)}`,
       `archived to ${join(path, "..", "fernet-archive")}/ (0600 files, on this host only): ./pki.sh fernet restore FP puts a key back`,
       // The CA host cannot see the database: it says what the servers do with records still under the key, and where to look.
-      `next: put ${path} on every host. A server whose stored records are still under ${f(old!)} keeps that key in memory, for those records only ` +
+      `next: put ${path} on every host. A server whose stored records are still under ${f(old!)} keeps that key in memory and in its --state-dir, for those records only ` +
         `(never for a new request), until it has re-encrypted them to ${f(added!)}; this host cannot see the database, so watch each server: ` +
         `/health "fernet_rewrap" shows kept ["${f(old!)}"] and pending N until done, then kept [] and pending 0; its log says ` +
         `"Fernet key … dropped: no stored record uses it any more" then, or "Fernet keys reloaded: … (dropped …)" at once when no record used it`,
-      `a server (re)started before that reads only the file: its /health "fernet_rewrap" shows unreadable N, records under a key it does not hold; ` +
+      `a server that never held it, or lost its --state-dir, reads only the file: its /health "fernet_rewrap" shows unreadable N, records under a key it does not hold; ` +
         `they are not lost: ./pki.sh fernet restore ${f(old!)} puts the key back, decrypt-only, and the server reads them and moves them to ${f(added!)}`,
     ] });
     expect(keysOf(path)).toEqual([added!]);
@@ -193,7 +193,7 @@ describe("fernet-keys.ts, the command", () => {
       `${primary}  primary       added 2026-05-01T10:00:00Z, promoted 2026-05-01T10:00:10Z`,
       `${old}  decrypt-only  encrypted until 2026-05-01T10:00:10Z, retire: safe from 2026-05-01T10:02:10Z`,
       `stored records: from the promote on, each server moves records under ${old} to the primary ${primary} by itself, and keeps a retired key ` +
-        `(in memory, for stored records only) until none is under it; this host cannot see the database, so look at each server: ` +
+        `(in memory and in its --state-dir, for stored records only) until none is under it; this host cannot see the database, so look at each server: ` +
         `/health "fernet_rewrap" (pending: records left, kept: retired keys it still holds), and its log ("Fernet re-encryption: moved …", ` +
         `"Fernet key … dropped: no stored record uses it any more")`,
     ]);

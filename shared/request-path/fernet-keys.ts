@@ -12,22 +12,22 @@
 //
 // Stored records are another matter: each server stores tokens as clients sent them, and from the promote on moves
 // the records under old keys to the primary (fernet-rewrap.ts). This command runs on the CA host and cannot see the
-// database, so it cannot know whether that is done. A running server keeps a retired key, in memory and for stored
-// records only, until none is under it, and says so (its log, and /health's fernet_rewrap); a server (re)started
-// after the retire reads only the file, and reports the records under no key it holds (/health fernet_rewrap
-// "unreadable"). Those records are not lost: the key is in the archive, and `restore` puts it back, after which the
-// server reads them and moves them to the primary (issue 23: no command can lose data).
+// database, so it cannot know whether that is done. A server keeps a retired key, for stored records only, until none
+// is under it, in memory and in its --state-dir (a restart takes it up again), and says so (its log, and /health's
+// fernet_rewrap). A server that never held the key, or lost its state folder, reads only the file, and reports the
+// records under no key it holds (/health fernet_rewrap "unreadable"). Those records are not lost: the key is in the
+// archive, and `restore` puts it back, after which the server reads them and moves them to the primary (issue 23: no
+// command can lose data).
 //
 // Each step rewrites the file atomically (a 0600 temporary file renamed over it), so a host polling it reads the
 // old file or the new one, never half of one. The format is fernet-key-file.ts's; no output ever holds a key.
-import { closeSync, fstatSync, fsyncSync, mkdirSync, openSync, readdirSync, renameSync, unlinkSync, writeSync } from "node:fs";
-import { randomBytes } from "node:crypto";
-import { basename, dirname, join, resolve } from "node:path";
+import { closeSync, fstatSync, mkdirSync, openSync, readdirSync } from "node:fs";
+import { dirname, join, resolve } from "node:path";
 import { parseArgs } from "node:util";
 import { displayPath, FERNET_KEY_FILE, parsePositive, pkiDir } from "../platform/config.ts";
 import { ConfigError, KeyRotationRefused } from "../platform/errors.ts";
 import { fernetKeyFingerprint, formatFernetKeyFile, parseFernetKeyFile, type FernetKeyEntry, type FernetKeyFile } from "../platform/fernet-key-file.ts";
-import { openToOthers, readPrivateFile } from "../platform/private-files.ts";
+import { openToOthers, readPrivateFile, writePrivateFileAtomically } from "../platform/private-files.ts";
 import { RELOAD_INTERVAL_MS } from "../platform/watch.ts";
 import { generateFernetKey, MAX_CLOCK_SKEW_S } from "./fernet.ts";
 
@@ -149,30 +149,7 @@ export function readKeyFile(path: string): FernetKeyFile {
 
 /** Replaces the file at `path` in one step: a new 0600 file beside it, synced, then renamed over it. */
 export function writeKeyFile(path: string, file: FernetKeyFile): void {
-  writePrivateAtomically(path, formatFernetKeyFile(file));
-}
-
-function writePrivateAtomically(path: string, text: string): void {
-  const temporary = join(dirname(path), `.${basename(path)}.${process.pid}.${randomBytes(4).toString("hex")}.tmp`);
-  const fd = openSync(temporary, "wx", 0o600);
-  try {
-    writeSync(fd, text);
-    fsyncSync(fd);
-  } catch (error) {
-    closeSync(fd);
-    unlinkSync(temporary);
-    throw error;
-  }
-  closeSync(fd);
-  renameSync(temporary, path);
-  // The rename itself is durable once the folder is synced; a folder cannot be opened for sync everywhere (Deno on some systems).
-  try {
-    const dir = openSync(dirname(path), "r");
-    fsyncSync(dir);
-    closeSync(dir);
-  } catch {
-    // best effort
-  }
+  writePrivateFileAtomically(path, formatFernetKeyFile(file));
 }
 
 /** The archive's folder, beside the key file: on the CA host, never in a bundle (pki.sh bundle copies named files only). */
@@ -207,7 +184,7 @@ export function archiveKeys(dir: string, entries: readonly FernetKeyEntry[], now
   return entries.map((entry) => {
     const path = archivePath(dir, fp(entry));
     const dates = [entry.encryptedUntil && `encrypted until ${iso(entry.encryptedUntil)}`, `retired ${iso(now)}`].filter(Boolean).join(", ");
-    writePrivateAtomically(path, `# securemesh Fernet key ${fp(entry)}, retired from ${from}. Put it back with: ./pki.sh fernet restore ${fp(entry)}\n` +
+    writePrivateFileAtomically(path, `# securemesh Fernet key ${fp(entry)}, retired from ${from}. Put it back with: ./pki.sh fernet restore ${fp(entry)}\n` +
       `${entry.key}  # archived, ${dates}\n`);
     return path;
   });
@@ -242,7 +219,7 @@ export function restoreKey(file: FernetKeyFile, dir: string, fingerprint: string
 /** Where to see what the servers still hold for stored records: this command cannot see the database. */
 export function recordsAdvice(primary: string, old: readonly string[]): string {
   return `stored records: from the promote on, each server moves records under ${old.join(" ")} to the primary ${primary} by itself, ` +
-    `and keeps a retired key (in memory, for stored records only) until none is under it; this host cannot see the database, ` +
+    `and keeps a retired key (in memory and in its --state-dir, for stored records only) until none is under it; this host cannot see the database, ` +
     `so look at each server: /health "fernet_rewrap" (pending: records left, kept: retired keys it still holds), ` +
     `and its log ("Fernet re-encryption: moved …", "Fernet key … dropped: no stored record uses it any more")`;
 }
@@ -285,8 +262,8 @@ Between steps, put the file on every host (servers and clients) and wait until e
 "Fernet keys reloaded: ...". Keys are never printed, only their fingerprints.
 
 Stored records: from the promote on, servers re-encrypt records under old keys to the primary by
-themselves, and a server keeps a retired key in memory (for stored records only) until none is
-under it. This command cannot see the database: each server's /health "fernet_rewrap" says how
+themselves, and a server keeps a retired key (for stored records only, in memory and in its
+--state-dir, so across a restart) until none is under it. This command cannot see the database: each server's /health "fernet_rewrap" says how
 many records are left (pending) and which retired keys it still keeps (kept). A server started after
 the retire reads only the file: /health "fernet_rewrap" unreadable counts the records under no key
 it holds; restore their key (the archive keeps every retired one) and they read again, and move.
@@ -371,10 +348,10 @@ export function main(argv: string[], out: (line: string) => void = console.log, 
         const gone = retired.map(fp).join(" ");
         out(`archived to ${displayPath(archive)}/ (0600 files, on this host only): ./pki.sh fernet restore FP puts a key back`);
         out(`next: put ${shown} on every host. A server whose stored records are still under ${gone} keeps ${retired.length === 1 ? "that key" : "those keys"} ` +
-          `in memory, for those records only (never for a new request), until it has re-encrypted them to ${fp(next.primary)}; this host cannot see the database, ` +
+          `in memory and in its --state-dir, for those records only (never for a new request), until it has re-encrypted them to ${fp(next.primary)}; this host cannot see the database, ` +
           `so watch each server: /health "fernet_rewrap" shows kept [${retired.map((e) => `"${fp(e)}"`).join(", ")}] and pending N until done, then kept [] and pending 0; ` +
           `its log says "Fernet key … dropped: no stored record uses it any more" then, or "Fernet keys reloaded: … (dropped …)" at once when no record used it`);
-        out(`a server (re)started before that reads only the file: its /health "fernet_rewrap" shows unreadable N, records under a key it does not hold; ` +
+        out(`a server that never held ${retired.length === 1 ? "it" : "them"}, or lost its --state-dir, reads only the file: its /health "fernet_rewrap" shows unreadable N, records under a key it does not hold; ` +
           `they are not lost: ./pki.sh fernet restore ${retired.length === 1 ? gone : "FP"} puts the key back, decrypt-only, and the server reads them and moves them to ${fp(next.primary)}`);
         return 0;
       }
