@@ -21,7 +21,9 @@
 #   ./pki.sh fernet add|promote|retire|status [--ttl S] [--key FP] [--force]
 #                                    rotate encryption_key.txt in three steps (shared/request-path/fernet-keys.ts;
 #                                    ./pki.sh fernet --help says more); servers re-encrypt stored records to the new
-#                                    key and keep a retired one until none is under it (/health fernet_rewrap)
+#                                    key and keep a retired one until none is under it (/health fernet_rewrap);
+#                                    retire archives each key it drops in fernet-archive/ (0600, folder 0700)
+#   ./pki.sh fernet restore FP       put the archived key FP back, decrypt-only, for records still under it
 #   --rsa                            RSA-2048 keys instead of ECDSA P-256
 #   --new-ca                         make a CA where one is expected but missing (see below)
 #   --force --new-ca                 regenerate everything: a new CA, new identities, a new encryption_key.txt
@@ -54,7 +56,7 @@ command -v openssl >/dev/null 2>&1 || { echo "pki.sh: openssl not found; install
 here=$(cd "$(dirname "$0")" && pwd)
 dir=${PKI_DIR:-$here/certs}
 
-# ./pki.sh fernet add|promote|retire|status [--ttl S] [--key FP] [--force]
+# ./pki.sh fernet add|promote|retire|status|restore FP [--ttl S] [--key FP] [--force]
 if [ "${1:-}" = fernet ]; then
   shift
   bun=$here/node_modules/.bin/bun

@@ -18,7 +18,7 @@ import { Fernet } from "../shared/request-path/fernet.ts";
 import { FernetKeys } from "../shared/request-path/fernet-reload.ts";
 import { PROMOTE_AFTER_ADD_MS, retireSafeAt } from "../shared/request-path/fernet-keys.ts";
 import { MeshClient } from "../shared/request-path/mesh-client.ts";
-import { newPki, startMesh, waitFor } from "./fixtures/index.ts";
+import { newPki, runLoad, startMesh, waitFor } from "./fixtures/index.ts";
 
 const TTL_S = 5;
 const temporary: string[] = [];
@@ -53,41 +53,34 @@ test("add → promote → retire under load: 0 failed requests, every acknowledg
   const everyHostLogged = (pattern: RegExp) => waitFor(`every host to log ${pattern}`, () =>
     mesh.servers.every((s) => mesh.cluster.role(s.name).lines.some((l) => pattern.test(l))) && clientLines.every((lines) => lines.some((l) => pattern.test(l))), 15_000);
 
-  // The load: two writers per client, paced, and one reader of the servers' encrypted view, until told to stop;
-  // client2's writers stop at the add, so what it wrote is all under the old key.
+  // The load: a writer per client and one reader of the servers' encrypted view, until told to stop, each sending its
+  // next request once the last is answered (the harness's load generator: the pace is the mesh's own); client2's
+  // writer stops at the add, so what it wrote is all under the old key.
   const acks: number[] = [];
-  const failures: string[] = [];
   let reads = 0;
   let stopping = false;
   let added = false;
-  const loop = async (step: () => Promise<void>, until = () => stopping) => {
-    while (!until()) {
-      try {
-        await step();
-      } catch (error) {
-        failures.push((error as Error).message);
-      }
-      await Bun.sleep(40); // a steady client's pace, so two cores keep up with three roles and the test itself
-    }
-  };
-  let n = 0;
   const beforeAdd: number[] = [];
   const byClient2: number[] = [];
-  const writer = (client: MeshClient, name: string) => async () => {
-    const { status, body } = await client.sendData(`rotation write ${n++} by ${name}`);
-    if (status === 200 && typeof body.id === "number") {
-      acks.push(body.id);
-      if (!added) beforeAdd.push(body.id);
-      if (name === "client2") byClient2.push(body.id);
-    } else failures.push(`write ${status} ${JSON.stringify(body)}`);
+  const writer = (client: MeshClient, name: string) => async (_: number, i: number) => {
+    const { status, body } = await client.sendData(`rotation write ${i} by ${name}`);
+    if (status !== 200 || typeof body.id !== "number") return `write ${status} ${JSON.stringify(body)}`;
+    acks.push(body.id);
+    if (!added) beforeAdd.push(body.id);
+    if (name === "client2") byClient2.push(body.id);
+    return true;
   };
   const [client1, client2] = clients as [MeshClient, MeshClient];
   const load = Promise.all([
-    loop(writer(client1, "client1")), loop(writer(client1, "client1")),
-    loop(writer(client2, "client2"), () => stopping || added), loop(writer(client2, "client2"), () => stopping || added),
-    loop(async () => {
-      await clients[reads % 2]!.readCachedData(reads % 5 === 0); // now and then past the cache, for a freshly encrypted view
-      reads += 1;
+    runLoad({ concurrency: 1, until: () => stopping, request: writer(client1, "client1") }),
+    runLoad({ concurrency: 1, until: () => stopping || added, request: writer(client2, "client2") }),
+    runLoad({
+      concurrency: 1, until: () => stopping,
+      request: async () => {
+        await clients[reads % 2]!.readCachedData(reads % 5 === 0); // now and then past the cache, for a freshly encrypted view
+        reads += 1;
+        return true;
+      },
     }),
   ]);
   const moreAcks = (count: number, what: string) => {
@@ -151,9 +144,11 @@ test("add → promote → retire under load: 0 failed requests, every acknowledg
     await load;
     clients.forEach((c) => c.close());
   }
+  const runs = await load;
+  const failed = runs.reduce((sum, r) => sum + r.errors, 0);
 
   // Nothing failed, and no role restarted (each started once, and is still up).
-  expect({ failures: failures.slice(0, 3), failed: failures.length }).toEqual({ failures: [], failed: 0 });
+  expect({ failures: runs.flatMap((r) => r.errorSamples).slice(0, 3), failed }).toEqual({ failures: [], failed: 0 });
   expect(reads).toBeGreaterThan(10);
   for (const s of mesh.servers) expect((await mesh.cluster.health(s.url))?.status).toBe(200);
 
@@ -180,5 +175,5 @@ test("add → promote → retire under load: 0 failed requests, every acknowledg
   // was under the old key, and was moved; nothing was moved twice.
   expect({ movedAtLeastBeforeAdd: moved >= beforeAdd.length, movedAtMostAll: moved <= acks.length, beforeAdd: beforeAdd.length > 0, pending: rewrap.map((r) => r.pending), kept: rewrap.map((r) => r.kept) })
     .toEqual({ movedAtLeastBeforeAdd: true, movedAtMostAll: true, beforeAdd: true, pending: [0, 0], kept: [[], []] });
-  console.log(`rotation under load: ${acks.length} writes acknowledged and stored, ${moved} moved to the new key by the servers (${rewrap.map((r) => r.rewrapped).join(" + ")}), ${reads} reads, ${failures.length} failed`);
+  console.log(`rotation under load: ${acks.length} writes acknowledged and stored, ${moved} moved to the new key by the servers (${rewrap.map((r) => r.rewrapped).join(" + ")}), ${reads} reads, ${failed} failed`);
 }, 240_000);

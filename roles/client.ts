@@ -75,10 +75,12 @@ export function parseClientConfig(argv: string[]): ClientConfig {
 async function checkCache(client: MeshClient, name: string): Promise<void> {
   try {
     const answer = await client.readCachedData();
+    // The host too, as the coordinator names it: every server host may listen on the same port (issue 23).
+    const server = answer.via ? printable(answer.via) : String(answer.server);
     if (answer.cached) {
-      console.log(`[${name}] Cache hit (server ${answer.server}, age ${(answer.ageMs / 1000).toFixed(1)} s): ${describeSnapshot(answer.snapshot)}`);
+      console.log(`[${name}] Cache hit (server ${server}, age ${(answer.ageMs / 1000).toFixed(1)} s): ${describeSnapshot(answer.snapshot)}`);
     } else {
-      console.log(`[${name}] Cache miss (server ${answer.server} read through get_data()): ${describeSnapshot(answer.snapshot)}`);
+      console.log(`[${name}] Cache miss (server ${server} read through get_data()): ${describeSnapshot(answer.snapshot)}`);
     }
   } catch (error) {
     console.log(`[${name}] Cache check failed: ${describeError(error)}`);

@@ -3,6 +3,7 @@ import { availableParallelism } from "node:os";
 import { createLogger } from "../shared/ops/log.ts";
 import { isIdentityPattern } from "../shared/authz/index.ts";
 import { parseFlags, parsePort, parsePositive, pkiDir, policyPath } from "../shared/platform/config.ts";
+import { chooseFlag } from "../shared/platform/config-file.ts";
 import { ConfigError } from "../shared/platform/errors.ts";
 import { workerIndex } from "../shared/platform/worker-group.ts";
 import { parseServerUrls, readServersFile } from "../shared/coordinator/membership.ts";
@@ -50,7 +51,7 @@ Options:
 `;
 
 export function parseCoordinatorConfig(argv: string[]): CoordinatorConfig {
-  const { values, positionals } = parseFlags("coordinator", USAGE, {
+  const { values, positionals, sources } = parseFlags("coordinator", USAGE, {
     servers: { type: "string" },
     "servers-file": { type: "string" },
     host: { type: "string" },
@@ -73,12 +74,16 @@ export function parseCoordinatorConfig(argv: string[]): CoordinatorConfig {
   if (accessLog !== "on" && accessLog !== "off") throw new ConfigError(`--access-log must be on or off, not '${accessLog}'`);
   const expectServer = values["expect-server"] ?? "spiffe://securemesh/server/*";
   if (!isIdentityPattern(expectServer)) throw new ConfigError(`--expect-server: '${expectServer}' is not a SPIFFE ID such as spiffe://securemesh/server/* ("*" only as a whole last segment)`);
-  const serversFile = values["servers-file"];
-  if (serversFile && values.servers) throw new ConfigError("--servers and --servers-file: give one of them");
+  // The higher source wins (argv, then --config, then SECUREMESH_*): --servers-file on the command line beats
+  // SECUREMESH_SERVERS in the unit's environment file; both from one source is a mistake, said so.
+  const serversFlag = chooseFlag("servers", "servers-file", sources);
+  const serversFile = serversFlag === "servers-file" ? values["servers-file"]! : undefined;
   const servers = serversFile ? readServersFile(serversFile)
-    : parseServerUrls((values.servers ?? process.env.SERVERS ?? "https://127.0.0.1:5001,https://127.0.0.1:5002").split(","), "--servers");
+    : parseServerUrls(((serversFlag === "servers" ? values.servers : undefined) ?? process.env.SERVERS ?? "https://127.0.0.1:5001,https://127.0.0.1:5002").split(","), "--servers");
   return {
-    port: parsePort(values.port ?? positionals[0] ?? process.env.PORT, "PORT", 8000),
+    // --port (the workers' own, shared/coordinator/service.ts) or the first argument, when given on the command line,
+    // beat SECUREMESH_PORT, which fills both from the --config file or the environment.
+    port: parsePort((sources.port === "argv" ? values.port : undefined) ?? positionals[0] ?? values.port ?? process.env.PORT, "PORT", 8000),
     host: values.host ?? "127.0.0.1",
     servers,
     serversFile: serversFile ?? null,

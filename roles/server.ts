@@ -1,5 +1,6 @@
 // A securemesh server: receives Fernet payloads with a sender proof over mutual TLS and commits them to the store.
-import { parseFlags, parsePort, parsePositive, pkiDir, policyPath, displayPath } from "../shared/platform/config.ts";
+import { join, resolve } from "node:path";
+import { parseFlags, parsePort, parsePositive, pkiDir, policyPath, displayPath, REPO_ROOT } from "../shared/platform/config.ts";
 import { chooseFlag, readDbFile, refuseSecretOnArgv } from "../shared/platform/config-file.ts";
 import { FernetKeys } from "../shared/request-path/fernet-reload.ts";
 import { CachedDataView } from "../shared/request-path/data-view.ts";
@@ -33,12 +34,15 @@ Options:
   --ttl SECONDS      oldest Fernet token accepted (default $FERNET_TTL, else 300)
   --cache-ttl MS     how long get_data() stays cached (default 30000)
   --cache-entries N  cache bound, least recently used evicted first (default 16)
+  --state-dir DIR    where a Fernet key retired from the file is kept while stored records still need it,
+                     so a restart reads them too (default $STATE_DIRECTORY, as systemd sets it, else
+                     data/server)
   -h, --help         show this help
 
 The Fernet keys come from encryption_key.txt in --pki and reload within a second of a change and on SIGHUP
 (rotate them with ./pki.sh fernet add, promote, retire); from $FERNET_KEY they do not reload. While it holds
 old keys, the server re-encrypts stored records under them to the primary in the background, and keeps a key
-retired from the file until no record uses it (/health: fernet_rewrap).
+retired from the file until no record uses it (/health: fernet_rewrap), in memory and in --state-dir.
 
 Environment: LOG_FORMAT=json for JSON log lines, NO_COLOR to turn colours off.
 `;
@@ -48,6 +52,8 @@ export interface ServerConfig extends ServingConfig {
   ttl: number;
   cacheTtlMs: number;
   cacheEntries: number;
+  /** Kept Fernet keys live in its fernet-kept/ (FernetKeys.keepOnDisk). */
+  stateDir: string;
 }
 
 export function parseServerConfig(argv: string[]): ServerConfig {
@@ -61,6 +67,7 @@ export function parseServerConfig(argv: string[]): ServerConfig {
     "cache-ttl": { type: "string" },
     "cache-entries": { type: "string" },
     "no-crl": { type: "boolean" },
+    "state-dir": { type: "string" },
   }, argv);
   refuseSecretOnArgv("db", values.db, sources.db);
   const dbFile = values["db-file"];
@@ -75,6 +82,7 @@ export function parseServerConfig(argv: string[]): ServerConfig {
     ttl: parsePositive(values.ttl ?? process.env.FERNET_TTL, "--ttl", 300),
     cacheTtlMs: parsePositive(values["cache-ttl"], "--cache-ttl", 30_000),
     cacheEntries: parsePositive(values["cache-entries"], "--cache-entries", 16),
+    stateDir: resolve(values["state-dir"] ?? process.env.STATE_DIRECTORY ?? join(REPO_ROOT, "data", "server")),
   };
 }
 
@@ -86,7 +94,8 @@ if (import.meta.main) {
     check: (config) => ({ fernet: true, store: () => storeFacts(config.db) }),
     async start({ config, logger, metrics, trust, authz, facts, limiter }) {
       // The keys follow encryption_key.txt (fernet-keys.ts add|promote|retire) as the certificates follow theirs.
-      const keys = FernetKeys.open(config.pki).watch(logger);
+      // A key retired while records still use it is kept on disk too, so a restart mid re-encryption loses none.
+      const keys = FernetKeys.open(config.pki).keepOnDisk(join(config.stateDir, "fernet-kept"), logger).watch(logger);
       logger.info(`Fernet keys: ${keys.describe()}`);
       const fernet = keys.fernet;
       const verifier = new ProofVerifier(trust.identity.ca, { isRevoked: (serial) => trust.isRevoked(serial) });

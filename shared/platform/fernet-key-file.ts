@@ -8,7 +8,7 @@
 // - A line holds one key (url-safe base64 of 32 bytes), or several separated by commas or spaces ($FERNET_KEY="k1,k2").
 // - A key whose comment begins with `decrypt-only` only decrypts. The primary is the first key not so marked.
 // - Every other word of a comment is for people, except the dates rotation writes (`added`, `promoted`,
-//   `encrypted until`), which `fernet-keys.ts retire` reads to tell when dropping a key is safe.
+//   `encrypted until`, `restored`), which `fernet-keys.ts retire` reads to tell when dropping a key is safe.
 //
 // A file from before (one key per line, newest first, no comments) reads as it always did: the first key encrypts,
 // every key decrypts. No error message quotes a key: each names the line.
@@ -30,6 +30,8 @@ export interface FernetKeyEntry {
   promoted?: Date;
   /** When it stopped encrypting (promote of another key), if the file says: retire counts from here. */
   encryptedUntil?: Date;
+  /** When `fernet-keys.ts restore` put it back from the archive, for stored records: retire takes it only by name. */
+  restored?: Date;
 }
 
 /** The keys, the primary first, then every decrypt-only key in the file's order. */
@@ -81,6 +83,7 @@ export function parseFernetKeyFile(text: string, where: string): FernetKeyFile {
         added: dateAfter(comment, "added"),
         promoted: dateAfter(comment, "promoted"),
         encryptedUntil: dateAfter(comment, "encrypted until"),
+        restored: dateAfter(comment, "restored"),
       });
     }
   });
@@ -116,6 +119,7 @@ export function formatFernetKeyFile(file: FernetKeyFile): string {
       e.added && `added ${iso(e.added)}`,
       e.promoted && `promoted ${iso(e.promoted)}`,
       e.encryptedUntil && `encrypted until ${iso(e.encryptedUntil)}`,
+      e.restored && `restored ${iso(e.restored)}`,
     ].filter(Boolean);
     return `${e.key}  # ${notes.join(", ")}`;
   };

@@ -1,7 +1,9 @@
 // Secret files (private keys, the Fernet key, the KeyServer's keys) and the files roles create: a secret that
 // group or others can read is refused, as OpenSSH refuses one, and whatever a role creates is 0600 in 0700 folders
 // (finding L4).
-import { closeSync, fstatSync, mkdirSync, openSync, readFileSync, writeFileSync } from "node:fs";
+import { randomBytes } from "node:crypto";
+import { closeSync, fstatSync, fsyncSync, mkdirSync, openSync, readFileSync, renameSync, unlinkSync, writeFileSync, writeSync } from "node:fs";
+import { basename, dirname, join } from "node:path";
 import { ConfigError } from "./errors.ts";
 import { displayPath } from "./paths.ts";
 
@@ -47,5 +49,32 @@ export function createPrivateFile(path: string, data: string | Uint8Array = ""):
   } catch (error) {
     if ((error as NodeJS.ErrnoException).code === "EEXIST") return false;
     throw error;
+  }
+}
+
+/**
+ * Replaces the file at `path` in one step: a new 0600 file beside it, synced, then renamed over it, so a reader sees
+ * the old file or the new one, never half of one, and a crash leaves one of the two.
+ */
+export function writePrivateFileAtomically(path: string, text: string): void {
+  const temporary = join(dirname(path), `.${basename(path)}.${process.pid}.${randomBytes(4).toString("hex")}.tmp`);
+  const fd = openSync(temporary, "wx", 0o600);
+  try {
+    writeSync(fd, text);
+    fsyncSync(fd);
+  } catch (error) {
+    closeSync(fd);
+    unlinkSync(temporary);
+    throw error;
+  }
+  closeSync(fd);
+  renameSync(temporary, path);
+  // The rename itself is durable once the folder is synced; a folder cannot be opened for sync everywhere (Deno on some systems).
+  try {
+    const dir = openSync(dirname(path), "r");
+    fsyncSync(dir);
+    closeSync(dir);
+  } catch {
+    // best effort
   }
 }

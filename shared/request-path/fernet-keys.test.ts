@@ -1,7 +1,7 @@
 // The three rotation steps on the key file, and their command: each step safe by itself, refusals that say when it
 // will be safe, the file replaced whole and private, and no key in any output.
 import { afterAll, describe, expect, test } from "bun:test";
-import { chmodSync, mkdtempSync, readdirSync, readFileSync, rmSync, statSync, writeFileSync } from "node:fs";
+import { chmodSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, statSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { fernetKeyFingerprint, fernetKeysInOrder, parseFernetKeyFile } from "../platform/fernet-key-file.ts";
@@ -110,20 +110,72 @@ describe("fernet-keys.ts, the command", () => {
 
     expect(run(path, later(390), "retire")).toEqual({ code: 0, err: [], out: [
       `retired key ${f(old!)} from ${path}; 1 key(s) left, primary ${f(added!)}`,
+      `archived to ${join(path, "..", "fernet-archive")}/ (0600 files, on this host only): ./pki.sh fernet restore FP puts a key back`,
       // The CA host cannot see the database: it says what the servers do with records still under the key, and where to look.
-      `next: put ${path} on every host. A server whose stored records are still under ${f(old!)} keeps that key in memory, for those records only ` +
+      `next: put ${path} on every host. A server whose stored records are still under ${f(old!)} keeps that key in memory and in its --state-dir, for those records only ` +
         `(never for a new request), until it has re-encrypted them to ${f(added!)}; this host cannot see the database, so watch each server: ` +
         `/health "fernet_rewrap" shows kept ["${f(old!)}"] and pending N until done, then kept [] and pending 0; its log says ` +
         `"Fernet key … dropped: no stored record uses it any more" then, or "Fernet keys reloaded: … (dropped …)" at once when no record used it`,
-      `until then do not restart a server that still keeps ${f(old!)}: a restart reads only the file, and its records under ${f(old!)} could not be read again until the key's line is put back (decrypt-only)`,
+      `a server that never held it, or lost its --state-dir, reads only the file: its /health "fernet_rewrap" shows unreadable N, records under a key it does not hold; ` +
+        `they are not lost: ./pki.sh fernet restore ${f(old!)} puts the key back, decrypt-only, and the server reads them and moves them to ${f(added!)}`,
     ] });
     expect(keysOf(path)).toEqual([added!]);
     expect(run(path, later(400), "retire").code).toBe(0); // nothing left to retire: done, not refused
 
-    // Private and whole: 0600, no temporary file left beside it, and no key in anything printed.
-    expect({ mode: statSync(path).mode & 0o777, files: readdirSync(join(path, "..")) }).toEqual({ mode: 0o600, files: ["encryption_key.txt"] });
+    // Private and whole: 0600, no temporary file left beside it, and no key in anything printed; the retired key in
+    // the archive beside it, 0600 in a 0700 folder.
+    const archive = join(path, "..", "fernet-archive");
+    expect({ mode: statSync(path).mode & 0o777, files: readdirSync(join(path, "..")).sort() }).toEqual({ mode: 0o600, files: ["encryption_key.txt", "fernet-archive"] });
+    expect({ dir: statSync(archive).mode & 0o777, files: readdirSync(archive), mode: statSync(join(archive, `${f(old!)}.txt`)).mode & 0o777 })
+      .toEqual({ dir: 0o700, files: [`${f(old!)}.txt`], mode: 0o600 });
     const printed = [add, promote, early].flatMap((r) => [...r.out, ...r.err]).join("\n");
     for (const key of [old!, added!]) expect(printed).not.toContain(key.slice(0, 20));
+  });
+
+  test("restore: a retired key comes back from the archive, decrypt-only, and goes again only by name", () => {
+    const path = keyFile();
+    const [old] = keysOf(path);
+    const f = (key: string) => fernetKeyFingerprint(key);
+    run(path, T0, "add");
+    run(path, later(30), "promote");
+    const [primary] = keysOf(path);
+    expect(run(path, later(390), "retire").code).toBe(0);
+    expect(keysOf(path)).toEqual([primary!]);
+
+    const restore = run(path, later(400), "restore", f(old!));
+    expect(restore).toEqual({ code: 0, err: [], out: [
+      `restored key ${f(old!)} from ${join(path, "..", "fernet-archive")}/ to ${path}, decrypt-only, for stored records; the primary is still ${f(primary!)}`,
+      `next: put ${path} on every server; each reads the records under ${f(old!)} again and moves them to ${f(primary!)} (/health "fernet_rewrap" unreadable 0, pending 0 when done); then retire it by name: retire --key ${f(old!)}`,
+    ] });
+    // Back as it was, decrypt-only with when it stopped encrypting: the same key opens what it made.
+    const file = parseFernetKeyFile(readFileSync(path, "utf8"), path);
+    expect(file.decryptOnly).toEqual([{ key: old!, role: "decrypt-only", encryptedUntil: later(30), restored: later(400), added: undefined, promoted: undefined }]);
+    expect(new Fernet(keysOf(path)).decryptText(new Fernet(old!).encrypt("made under the old key"))).toBe("made under the old key");
+    // A plain retire leaves it (servers may still be moving records off it); by name it goes, to the archive again.
+    expect(run(path, later(500), "retire")).toMatchObject({ code: 0, out: [expect.stringContaining(`kept key ${f(old!)}: restored 2026-05-01T10:06:40Z for stored records: retire it by name (--key ${f(old!)})`), expect.stringContaining("nothing to retire")] });
+    expect(keysOf(path)).toEqual([primary!, old!]);
+    expect(run(path, later(510), "retire", "--key", f(old!)).code).toBe(0);
+    expect(keysOf(path)).toEqual([primary!]);
+    expect(run(path, later(520), "restore", f(old!)).code).toBe(0);
+
+    // Refusals: a key in the file, a key never archived; the file untouched.
+    const before = readFileSync(path, "utf8");
+    expect(run(path, later(530), "restore", f(old!))).toEqual({ code: 1, out: [], err: [`fernet-keys: key ${f(old!)} is in the file already (see: status)`] });
+    expect(run(path, later(530), "restore", "0badc0de")).toEqual({ code: 1, out: [], err: [`fernet-keys: no key 0badc0de in the archive ${join(path, "..", "fernet-archive")} (archived: ${f(old!)})`] });
+    expect(run(path, later(530), "restore").code).toBe(2);
+    expect(readFileSync(path, "utf8")).toBe(before);
+  });
+
+  test("retire refuses an archive folder others can open, before it drops anything", () => {
+    const path = keyFile();
+    run(path, T0, "add");
+    run(path, later(30), "promote");
+    const archive = join(path, "..", "fernet-archive");
+    mkdirSync(archive, { mode: 0o755 });
+    chmodSync(archive, 0o755);
+    const before = readFileSync(path, "utf8");
+    expect(run(path, later(390), "retire")).toMatchObject({ code: 2, err: [`fernet-keys: ${archive} is readable by group or others (mode 0755); run chmod 700 ${archive}`] });
+    expect(readFileSync(path, "utf8")).toBe(before);
   });
 
   test("status lists fingerprints, roles and when each step is safe; with an old key, where servers show their stored records' state", () => {
@@ -141,7 +193,7 @@ describe("fernet-keys.ts, the command", () => {
       `${primary}  primary       added 2026-05-01T10:00:00Z, promoted 2026-05-01T10:00:10Z`,
       `${old}  decrypt-only  encrypted until 2026-05-01T10:00:10Z, retire: safe from 2026-05-01T10:02:10Z`,
       `stored records: from the promote on, each server moves records under ${old} to the primary ${primary} by itself, and keeps a retired key ` +
-        `(in memory, for stored records only) until none is under it; this host cannot see the database, so look at each server: ` +
+        `(in memory and in its --state-dir, for stored records only) until none is under it; this host cannot see the database, so look at each server: ` +
         `/health "fernet_rewrap" (pending: records left, kept: retired keys it still holds), and its log ("Fernet re-encryption: moved …", ` +
         `"Fernet key … dropped: no stored record uses it any more")`,
     ]);

@@ -2,7 +2,7 @@
 // no new client; a bad file keeps the keys in force with one error line; $FERNET_KEY says it does not reload.
 // (timing-bound: the poll bound is RELOAD_INTERVAL_MS plus a margin for a shared two-core machine.)
 import { afterAll, afterEach, describe, expect, test } from "bun:test";
-import { chmodSync, mkdtempSync, renameSync, rmSync, writeFileSync } from "node:fs";
+import { chmodSync, existsSync, mkdtempSync, renameSync, rmSync, statSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { createLogger, type Logger } from "../ops/log.ts";
@@ -39,6 +39,30 @@ function putKeyFile(dir: string, text: string): void {
 function capturingLogger(): { logger: Logger; lines: string[] } {
   const lines: string[] = [];
   return { logger: createLogger("test", { format: "text", color: false, write: (l) => lines.push(l) }), lines };
+}
+
+/**
+ * The clock for "nothing was reloaded": a watcher of a key file of its own, on the same poll interval. Call
+ * pollsSinceChange() right after changing the watched file: it replaces the witness's file, waits for its reload,
+ * replaces it again and waits for the next. The two reloads are a poll interval apart at least, so a watcher that
+ * was running when the call began has polled since, and would have logged a reload by then.
+ */
+function witnessWatcher(): { pollsSinceChange(): Promise<void> } {
+  const dir = keyFolder(`${generateFernetKey()}\n`);
+  const { logger, lines } = capturingLogger();
+  const keys = FernetKeys.open(dir).watch(logger);
+  cleanups.push(() => keys.stop());
+  const reloadOnce = (what: string) => {
+    const seen = lines.length;
+    putKeyFile(dir, `${generateFernetKey()}\n`);
+    return waitFor(`the witness watcher's ${what} reload`, () => lines.length > seen, POLL_BOUND_MS);
+  };
+  return {
+    async pollsSinceChange() {
+      await reloadOnce("first");
+      await reloadOnce("second");
+    },
+  };
 }
 
 describe("FernetKeys", () => {
@@ -78,6 +102,34 @@ describe("FernetKeys", () => {
       `Fernet keys reloaded: 1 key, primary ${fb} (unchanged)`,
     ]);
     expect(() => fernet.decrypt(new Fernet(A).encrypt("a"))).toThrow("invalid or expired token");
+  });
+
+  test("keepOnDisk: a kept key is written 0600 in a 0700 folder, taken up again by the next process, and removed once released", () => {
+    const dir = keyFolder(`${B}\n${A} # decrypt-only, encrypted until 2026-01-01T00:00:00Z\n`);
+    const state = join(dir, "state", "fernet-kept");
+    const { logger, lines } = capturingLogger();
+    const keys = FernetKeys.open(dir).keepOnDisk(state, logger).keepWhileUsed(() => 5, () => {});
+    putKeyFile(dir, `${B}\n`);
+    keys.reload(logger);
+    const file = join(state, `${fa}.key`);
+    expect({ kept: keys.kept, dir: statSync(state).mode & 0o777, file: statSync(file).mode & 0o777 }).toEqual({ kept: [fa], dir: 0o700, file: 0o600 });
+    const underA = new Fernet(A).encrypt("stored under A");
+
+    // A restart: the file has B alone, the state folder A, for stored records only.
+    const after = FernetKeys.open(dir).keepOnDisk(state, logger);
+    expect({ kept: after.kept, records: after.records.decryptText(underA), fingerprints: after.fingerprints }).toEqual({ kept: [fa], records: "stored under A", fingerprints: [fb] });
+    expect(() => after.fernet.decrypt(underA)).toThrow("invalid or expired token");
+    expect(lines.at(-1)).toBe(`Fernet key ${fa} is not in ${join(dir, "encryption_key.txt")}, but was kept for stored records before this restart (${file}): kept again, for them only (never for a new request), until they are re-encrypted to ${fb}`);
+
+    after.release(fa, logger, "0 records moved off it by this server");
+    expect({ kept: after.kept, file: existsSync(file) }).toEqual({ kept: [], file: false });
+    // One that group or others can read stops the role, as any key file does.
+    putKeyFile(dir, `${A}\n`);
+    keys.reload(logger);
+    putKeyFile(dir, `${B}\n`);
+    keys.reload(logger);
+    chmodSync(file, 0o644);
+    expect(() => FernetKeys.open(dir).keepOnDisk(state, logger)).toThrow(`${file} is readable by group or others (mode 0644); run chmod 600 ${file}`);
   });
 
   test("keepWhileUsed: a key leaving the file stays for stored records while they use it, or may; never for requests; released once none do", () => {
@@ -187,8 +239,9 @@ describe("MeshClient follows the key file", () => {
     expect(lines).toEqual([`Fernet keys reloaded: 2 keys, primary ${fernetKeyFingerprint(next)}, decrypt-only ${fernetKeyFingerprint(old)} (primary was ${fernetKeyFingerprint(old)}; added ${fernetKeyFingerprint(next)})`]);
 
     client.close();
+    const witness = witnessWatcher();
     putKeyFile(dir, `${old}\n`);
-    await Bun.sleep(RELOAD_INTERVAL_MS * 2); // nothing to wait for: a closed client must not log a reload
+    await witness.pollsSinceChange();
     expect(lines.length).toBe(1);
   });
 });

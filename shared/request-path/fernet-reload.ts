@@ -4,11 +4,16 @@
 //
 // A server's stored records hold tokens as the clients sent them, so a key that leaves the file may still be the only
 // one that opens some of them. A server keeps such a key (keepWhileUsed, with fernet-rewrap.ts counting the records):
-// in memory, for reading stored records only, never for a new request, until its records are re-encrypted.
+// for reading stored records only, never for a new request, until its records are re-encrypted. It keeps it on disk
+// too (keepOnDisk: a 0600 file in its state folder), so a restart before that reads them all the same (issue 23: no
+// command can lose data); the file goes when the key does.
+import { readdirSync, unlinkSync } from "node:fs";
 import { join } from "node:path";
 import type { Logger } from "../ops/log.ts";
 import { displayPath, FERNET_KEY_FILE, loadFernetKeyFile } from "../platform/config.ts";
-import { describeFernetKeys, fernetKeyFingerprint, fernetKeysInOrder, type FernetKeyFile } from "../platform/fernet-key-file.ts";
+import { ConfigError } from "../platform/errors.ts";
+import { describeFernetKeys, fernetKeyFingerprint, fernetKeysInOrder, parseFernetKeyFile, type FernetKeyFile } from "../platform/fernet-key-file.ts";
+import { ensurePrivateDir, readPrivateFile, writePrivateFileAtomically } from "../platform/private-files.ts";
 import { watchFiles, type Watch } from "../platform/watch.ts";
 import { Fernet } from "./fernet.ts";
 
@@ -67,6 +72,8 @@ export class FernetKeys {
   /** `records`' keys by fingerprint, in its order: recordFingerprints[records.keyIndex(token)]. */
   #recordFingerprints: string[] = [];
   #usage: KeyUsage | null = null;
+  /** Where kept keys are kept across a restart (keepOnDisk), or null. */
+  #keptDir: string | null = null;
   readonly #listeners: (() => void)[] = [];
   #watch: Watch | null = null;
 
@@ -133,6 +140,37 @@ export class FernetKeys {
     return this;
   }
 
+  /**
+   * Keeps kept keys in `dir` too (made 0700), one 0600 file each, so that a restart before their records are moved
+   * still reads them; takes up the ones a run before this left there, as kept. A file there that group or others can
+   * read stops the role (ConfigError), as any key file does. For a server, before keepWhileUsed's user starts.
+   */
+  keepOnDisk(dir: string, logger: Logger): this {
+    this.#keptDir = dir;
+    let names: string[];
+    try {
+      names = readdirSync(dir).filter((name) => /^[0-9a-f]{8}\.key$/.test(name));
+    } catch (error) {
+      if ((error as NodeJS.ErrnoException).code === "ENOENT") return this;
+      throw new ConfigError(`cannot read ${displayPath(dir)}, where Fernet keys kept for stored records are: ${(error as NodeJS.ErrnoException).code ?? (error as Error).message}`);
+    }
+    const inFile = new Set(this.fingerprints);
+    for (const name of names) {
+      const path = join(dir, name);
+      const key = parseFernetKeyFile(readPrivateFile(path), displayPath(path)).primary.key;
+      const fingerprint = fernetKeyFingerprint(key);
+      if (inFile.has(fingerprint)) {
+        this.#forget(fingerprint, logger); // back in the file (restored): the file's copy is the one in force
+        continue;
+      }
+      this.#kept.push({ key, fingerprint, usedBy: null });
+      logger.warn(`Fernet key ${fingerprint} is not in ${displayPath(this.path)}, but was kept for stored records before this restart (${displayPath(path)}): ` +
+        `kept again, for them only (never for a new request), until they are re-encrypted to ${this.fingerprints[0]}`);
+    }
+    this.#setRecordKeys();
+    return this;
+  }
+
   /** Re-reads the file and puts its keys in force, or keeps the old ones with one error line. Returns which. */
   reload(logger: Logger): boolean {
     let file: FernetKeyFile;
@@ -147,6 +185,7 @@ export class FernetKeys {
     // A key leaving the file stays, for stored records, unless they are counted and none uses it. One kept already
     // stays until release() (its records re-encrypted), or goes back to being the file's when the file lists it again.
     const stillKept = this.#kept.filter((k) => !inFile.has(k.fingerprint));
+    const backInFile = this.#kept.filter((k) => inFile.has(k.fingerprint));
     const newlyKept: KeptKey[] = [];
     for (const key of this.#keys) {
       const fingerprint = fernetKeyFingerprint(key);
@@ -162,10 +201,12 @@ export class FernetKeys {
     this.#setRecordKeys();
     const keptNote = stillKept.length ? `, kept for stored records ${stillKept.map((k) => k.fingerprint).join(" ")}` : "";
     logger.info(`Fernet keys reloaded: ${describeFernetKeys(next)}${keptNote} ${change}`);
+    for (const k of backInFile) this.#forget(k.fingerprint, logger);
     for (const k of newlyKept) {
+      this.#remember(k, logger);
       const count = k.usedBy === null ? "records not counted yet may still use it" : `${k.usedBy} stored record${k.usedBy === 1 ? "" : "s"} still use it`;
       logger.error(
-        `Fernet key ${k.fingerprint} is no longer in ${displayPath(this.path)}, but ${count}: kept in memory to read them (never for a new request) ` +
+        `Fernet key ${k.fingerprint} is no longer in ${displayPath(this.path)}, but ${count}: kept${this.#keptDir ? " (in memory and in its state folder)" : " in memory"} to read them (never for a new request) ` +
           `while they are re-encrypted to ${fernetKeyFingerprint(next[0]!)}; it is dropped once none do (/health fernet_rewrap)`,
       );
     }
@@ -179,6 +220,7 @@ export class FernetKeys {
     if (!k) return;
     this.#kept = this.#kept.filter((other) => other !== k);
     this.#setRecordKeys();
+    this.#forget(fingerprint, logger);
     logger.info(`Fernet key ${fingerprint} dropped: no stored record uses it any more (${note}); ${describeFernetKeys(this.#keys)}${this.#kept.length ? `, kept for stored records ${this.kept.join(" ")}` : ""}`);
     this.#changed();
   }
@@ -192,6 +234,31 @@ export class FernetKeys {
   stop(): void {
     this.#watch?.stop();
     this.#watch = null;
+  }
+
+  /** Writes a newly kept key to the state folder; a failure is one error line (the key is still kept in memory). */
+  #remember(k: KeptKey, logger: Logger): void {
+    if (!this.#keptDir) return;
+    const path = join(this.#keptDir, `${k.fingerprint}.key`);
+    try {
+      ensurePrivateDir(this.#keptDir);
+      writePrivateFileAtomically(path, `# Fernet key ${k.fingerprint}, retired from ${displayPath(this.path)} while stored records still used it; ` +
+        `kept for them until they are re-encrypted, then removed by the server\n${k.key}\n`);
+    } catch (error) {
+      logger.error(`Fernet key ${k.fingerprint} NOT kept on disk (${displayPath(path)}: ${(error as NodeJS.ErrnoException).code ?? (error as Error).message}): ` +
+        `a restart before its records are re-encrypted would not read them until it is restored (./pki.sh fernet restore ${k.fingerprint} on the CA host)`);
+    }
+  }
+
+  /** Removes a key's file from the state folder, if there is one. */
+  #forget(fingerprint: string, logger: Logger): void {
+    if (!this.#keptDir) return;
+    const path = join(this.#keptDir, `${fingerprint}.key`);
+    try {
+      unlinkSync(path);
+    } catch (error) {
+      if ((error as NodeJS.ErrnoException).code !== "ENOENT") logger.warn(`could not remove ${displayPath(path)}: ${(error as NodeJS.ErrnoException).code ?? (error as Error).message}`);
+    }
   }
 
   #setRecordKeys(): void {

@@ -96,6 +96,19 @@ function brokenToken(key: string): string {
   }
 }
 
+/** The store, and how many times anything has read its tokens (tokensAfter) through it. */
+function countingReads(store: RecordStore): { store: RecordStore; reads: () => number } {
+  let reads = 0;
+  const counting = new Proxy(store, {
+    get: (target, name) => {
+      if (name === "tokensAfter") return (...args: [number, number]) => (reads++, target.tokensAfter(...args));
+      const value = Reflect.get(target, name);
+      return typeof value === "function" ? value.bind(target) : value;
+    },
+  });
+  return { store: counting, reads: () => reads };
+}
+
 const stampOf = (token: string) => Number(Buffer.from(token, "base64url").readBigUInt64BE(1));
 const opens = (key: string, token: string) => new Fernet(key).keyIndex(token) === 0;
 
@@ -214,8 +227,8 @@ describe.each(["sqlite", "mysql"] as const)("FernetRewrap on %s", (kind) => {
     await waitFor("the walk to finish", () => rewrap.status().state === "watching" && rewrap.status().pending === 0);
     expect(rewrap.status()).toEqual({ state: "watching", pending: 0, by_key: { [fpOld]: 0 }, rewrapped: 10, unreadable: 3, kept: [] });
     expect(lines.filter((l) => l.includes("under no Fernet key"))).toEqual([
-      `2 stored records are under no Fernet key this server holds: they read as unreadable until their key is back in ${keys.path} (as a decrypt-only line), when they are re-encrypted`,
-      `3 stored records are under no Fernet key this server holds: they read as unreadable until their key is back in ${keys.path} (as a decrypt-only line), when they are re-encrypted`,
+      `2 stored records are under no Fernet key this server holds: they read as unreadable until their key is back in ${keys.path} (as a decrypt-only line), when they are re-encrypted; a retired key is in the CA host's archive: ./pki.sh fernet restore FP`,
+      `3 stored records are under no Fernet key this server holds: they read as unreadable until their key is back in ${keys.path} (as a decrypt-only line), when they are re-encrypted; a retired key is in the CA host's archive: ./pki.sh fernet restore FP`,
     ]);
     // Walks go on watching the newer records, and never try the broken one again.
     const walked = lines.filter((l) => l.startsWith("Fernet re-encryption: moved")).length;
@@ -229,25 +242,23 @@ describe.each(["sqlite", "mysql"] as const)("FernetRewrap on %s", (kind) => {
   test("with only a primary (or an added key besides): one count at start, for records under no key held; then nothing is read", async () => {
     const [store] = await openServers(kind, 1);
     await seed(store!, generateFernetKey(), 3, 1_700_000_000, "under a key lost in a restart");
-    let reads = 0;
-    const counting = new Proxy(store!, {
-      get: (target, name) => {
-        if (name === "tokensAfter") return (...args: [number, number]) => (reads++, target.tokensAfter(...args));
-        const value = Reflect.get(target, name);
-        return typeof value === "function" ? value.bind(target) : value;
-      },
-    });
+    const counting = countingReads(store!);
     const keys = FernetKeys.open(keyFolder(`${OLD}\n${NEW}  # decrypt-only, added 2026-01-02T00:00:00Z\n`));
     const { logger, lines } = capturingLogger();
-    const rewrap = startRewrap(counting, keys, logger);
+    const rewrap = startRewrap(counting.store, keys, logger);
+    // The clock for "nothing is read": a rewrap on the same timing that holds an old key reads the store once a rest
+    // period (it watches for newer records). Three of its reads span two rest periods at least, in which this one
+    // would have read the store had it been going to.
+    const witness = countingReads(store!);
+    startRewrap(witness.store, FernetKeys.open(keyFolder(`${NEW}  # primary\n${OLD}  # decrypt-only, encrypted until 2026-01-01T00:01:00Z\n`)), capturingLogger().logger);
     await waitFor("the count at start", () => rewrap.status().unreadable !== null);
     expect(lines.filter((l) => l.includes("under no Fernet key"))).toEqual([expect.stringContaining("3 stored records are under no Fernet key this server holds")]);
-    const counted = reads;
-    await Bun.sleep(300); // nothing to wait for: a walk would have read the store within this many rest periods (50 ms)
-    expect({ status: rewrap.status(), reads: reads - counted }).toEqual({ status: { state: "idle", pending: 0, by_key: {}, rewrapped: 0, unreadable: 3, kept: [] }, reads: 0 });
+    const [counted, witnessed] = [counting.reads(), witness.reads()];
+    await waitFor("three reads by the witness: two rest periods", () => witness.reads() - witnessed >= 3);
+    expect({ status: rewrap.status(), reads: counting.reads() - counted }).toEqual({ status: { state: "idle", pending: 0, by_key: {}, rewrapped: 0, unreadable: 3, kept: [] }, reads: 0 });
     // The promote makes the old primary an old key: now it walks.
     putKeyFile(keys.path.slice(0, keys.path.lastIndexOf("/")), `${NEW}  # primary\n${OLD}  # decrypt-only, encrypted until 2026-01-01T00:01:00Z\n`);
     keys.reload(capturingLogger().logger);
-    await waitFor("a walk after the promote", () => reads > 0 && rewrap.status().state === "watching");
+    await waitFor("a walk after the promote", () => counting.reads() > counted && rewrap.status().state === "watching");
   });
 });

@@ -8,7 +8,7 @@
 //   count          a walk over the records, MAC checks only, tallying records by key. Nothing old: done, until the
 //                  next walk REWRAP_REST_MS later, which only looks at records written since. A server with no old
 //                  key counts once at start, a page every REWRAP_REST_MS, and so reports records under no key it
-//                  holds (a key kept in memory, lost in a restart).
+//                  holds (a key retired before it ever held it, or kept in a state folder since lost).
 //   re-encrypt     a walk over the ids where the count found old records: each is rotated (same message, same
 //                  timestamp, the primary's key) and written back by compare-and-set (RecordStore.replaceTokens), so
 //                  several servers on one database may do this at once: the first write wins, the others match no row.
@@ -53,7 +53,7 @@ export interface RewrapStatus {
   rewrapped: number;
   /** Records under no key this server holds, at the last full count (null before one): not readable until their key is put back. */
   unreadable: number | null;
-  /** Keys gone from the key file, kept in memory until no record uses them. */
+  /** Keys gone from the key file, kept (in memory and in the state folder) until no record uses them. */
   kept: string[];
 }
 
@@ -141,6 +141,8 @@ export class FernetRewrap {
     this.#restMs = options.restMs ?? REWRAP_REST_MS;
     this.#primary = options.keys.fingerprints[0]!;
     this.#old = options.keys.rewrappable;
+    // Keys kept from before a restart (FernetKeys.keepOnDisk): the first walk's count may release them.
+    for (const key of options.keys.kept) this.#keptBefore.set(key, 1);
     options.keys.keepWhileUsed((key) => this.usage(key), () => this.#keysChanged());
   }
 
@@ -411,7 +413,7 @@ export class FernetRewrap {
     if (n > 0) {
       this.#logger.error(
         `${n} stored record${n === 1 ? " is" : "s are"} under no Fernet key this server holds: they read as unreadable until their key is back in ` +
-          `${this.#keys.path} (as a decrypt-only line), when they are re-encrypted`,
+          `${this.#keys.path} (as a decrypt-only line), when they are re-encrypted; a retired key is in the CA host's archive: ./pki.sh fernet restore FP`,
       );
     }
   }

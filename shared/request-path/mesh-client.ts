@@ -49,7 +49,10 @@ export interface MeshClientOptions {
 export interface CachedDataAnswer {
   cached: boolean;
   ageMs: number;
+  /** The port the answering server gives in its body: every server host may use the same one. */
   server: number;
+  /** The server that answered, as the coordinator names it (host and port: MeshResponse.server), or null when not said. */
+  via: string | null;
   generation: number;
   snapshot: DataSnapshot;
 }
@@ -128,14 +131,15 @@ export class MeshClient {
   /** Reads get_data() through the coordinator and decrypts it; `refresh` asks the server to skip its cache. */
   async readCachedData(refresh = false): Promise<CachedDataAnswer> {
     const headers = { ...(await this.readProof("/api/get_cached_data")), ...(refresh ? { "cache-control": "no-cache" } : {}) };
-    const { status, body } = await this.request<Record<string, unknown>>("GET", "/api/get_cached_data", undefined, headers);
+    const { status, body, server } = await this.request<Record<string, unknown>>("GET", "/api/get_cached_data", undefined, headers);
     if (status !== 200 || typeof body.data !== "string") {
-      throw new MeshError("ERR_CACHE_READ", status, `cache read failed (${status}): ${String(body.error ?? "no data")}`);
+      throw new MeshError("ERR_CACHE_READ", status, `cache read failed (${status}${server ? ` from server ${printable(server)}` : ""}): ${printable(String(body.error ?? "no data"))}`);
     }
     return {
       cached: body.cached === true,
       ageMs: Number(body.age_ms),
       server: Number(body.server),
+      via: server,
       generation: Number(body.generation),
       snapshot: JSON.parse(this.#fernet.decryptText(body.data)) as DataSnapshot,
     };

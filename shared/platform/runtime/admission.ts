@@ -2,6 +2,7 @@
 // gate, the node:https listener): handshakes per address before anyone is known, then, at the handshake, a client
 // certificate of our CA with the clientAuth EKU, not revoked, and one more connection than its identity already
 // holds only while that stays under its cap (issue 18, L2).
+import { X509Certificate } from "node:crypto";
 import type tls from "node:tls";
 import { hasExtendedKeyUsage, withExtendedKeyUsage } from "../eku.ts";
 import { MAX_CONNECTIONS_PER_IDENTITY, MAX_HANDSHAKES_PER_ADDRESS } from "./limits.ts";
@@ -27,6 +28,12 @@ export interface Refusal {
 export interface AdmissionOptions {
   /** Mutual TLS: a client certificate is required and checked. */
   mutual: boolean;
+  /**
+   * Our CA certificate(s), PEM, as the listener's TLS has them (trust() follows a reload): a certificate the TLS stack
+   * refused is checked against them, to tell one of ours that is not for client authentication (answered 403) from
+   * one of no CA of ours (closed).
+   */
+  ca?: string;
   /** Asked at the handshake and again on every request with the client certificate's serial (hex). */
   isRevoked?: (serialHex: string) => boolean;
   /** The identity a verified certificate names (default: shared/authz's SPIFFE ID reader, given by the caller). */
@@ -75,10 +82,36 @@ export class Admission {
   /** Connections still in their handshake, per address, oldest first, each with what closes it. */
   readonly #handshaking = new Map<string, Map<object, () => void>>();
   readonly #perIdentity = new Map<string, number>();
+  #cas: X509Certificate[] = [];
 
   constructor(options: AdmissionOptions) {
     this.mutual = options.mutual;
     this.#options = options;
+    this.trust(options.ca);
+  }
+
+  /** The CA certificates (PEM) of the listener's TLS, from now on: at start and at every reload. */
+  trust(caPem: string | undefined): void {
+    const blocks = caPem?.match(/-----BEGIN CERTIFICATE-----[\s\S]+?-----END CERTIFICATE-----/g) ?? [];
+    this.#cas = blocks.map((pem) => new X509Certificate(pem));
+  }
+
+  /**
+   * Whether a certificate the TLS stack refused is one our CA issued for serving only: signed by our CA, in its
+   * validity period, not a CA, without the clientAuth EKU. BoringSSL (Bun) and rustls (Deno) refuse such a client
+   * certificate for its purpose alone, where the client deserves to be told (ERR_CLIENT_CERT) rather than cut off.
+   * It only ever refuses: a connection is admitted on the TLS stack's own verdict, never on this.
+   */
+  #ourServingCertificate(raw: Uint8Array): boolean {
+    if (this.#cas.length === 0 || hasExtendedKeyUsage({ raw }, CLIENT_AUTH_OID)) return false;
+    try {
+      const cert = new X509Certificate(raw);
+      const now = Date.now();
+      if (cert.ca || now < Date.parse(cert.validFrom) || now > Date.parse(cert.validTo)) return false;
+      return this.#cas.some((ca) => cert.checkIssued(ca) && cert.verify(ca.publicKey));
+    } catch {
+      return false;
+    }
   }
 
   /**
@@ -122,7 +155,16 @@ export class Admission {
       return { refusal };
     };
     // Explicitly, whatever the TLS stack was told: NODE_TLS_REJECT_UNAUTHORIZED=0 has switched Bun's own check off.
-    if (!authorized || !certificate?.raw) return refuse("untrusted");
+    if (!authorized || !certificate?.raw) {
+      // One of our server certificates used as a client: refused as the stack did, but told why (issue 23).
+      if (certificate?.raw && this.#ourServingCertificate(certificate.raw)) {
+        const identity = this.#options.identify(withExtendedKeyUsage(certificate));
+        const serial = certificate.serialNumber ?? "";
+        if (this.isRevoked(serial)) return { refusal: this.#revoked(address, identity, serial) };
+        return refuse("no-client-auth", identity);
+      }
+      return refuse("untrusted");
+    }
     // The EKU from the certificate's DER: Deno's peer certificates do not list it.
     const identity = this.#options.identify(withExtendedKeyUsage(certificate));
     if (!hasExtendedKeyUsage(certificate, CLIENT_AUTH_OID)) return refuse("no-client-auth", identity);

@@ -227,7 +227,10 @@ export async function serveThroughGate(app: ServableApp, options: GateOptions): 
         port: options.port === 0 && currentPort !== 0 ? currentPort : options.port,
         // Bun.listen takes it (measured on 1.4.5) though its types leave it out: a reload binds beside the old one.
         ...({ reusePort: true } as object),
-        tls: { cert: tls.cert, key: tls.key, ca: tls.ca, requestCert: admission.mutual, rejectUnauthorized: admission.mutual } as object,
+        // rejectUnauthorized off: with it on, Bun resets a connection whose certificate is ours but not for client
+        // authentication before the gate could tell the client why (issue 23). Nothing is admitted on that:
+        // admission.admit() refuses every connection BoringSSL did not authorize (`authorized`, checked explicitly).
+        tls: { cert: tls.cert, key: tls.key, ca: tls.ca, requestCert: admission.mutual, rejectUnauthorized: false } as object,
         socket: {
           open(outer) {
             const address = plainAddress(outer.remoteAddress);
@@ -321,6 +324,7 @@ export async function serveThroughGate(app: ServableApp, options: GateOptions): 
     async reload(tls) {
       if (stopped) throw new ConfigError(`the listener on ${options.hostname}:${currentPort} is stopped`);
       const next = listen(tls); // throws before anything changed: the old TLS stays in service
+      admission.trust(tls.ca);
       const previous = outer;
       outer = next;
       previous.stop(false); // no new connections there; its open ones go on

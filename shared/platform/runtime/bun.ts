@@ -46,7 +46,7 @@ async function serveApp(app: ServableApp, options: AppListenOptions): Promise<Re
     return serveThroughGate(app, {
       port: options.port, hostname: options.hostname, tls: options.tls, sharePort: options.sharePort === true,
       admission: new Admission({
-        mutual: true, identify: options.identify, isRevoked: options.isRevoked, connectionLimit: options.connectionLimit, onRefused: options.onRefused,
+        mutual: true, ca: options.tls.ca, identify: options.identify, isRevoked: options.isRevoked, connectionLimit: options.connectionLimit, onRefused: options.onRefused,
       }),
       fetch: app.fetch, serve: { idleTimeout: 30, ...app.config.serve },
       probePortFree: () => probePortFree(options), listenError: (error, port) => listenError(error, { ...options, port }),

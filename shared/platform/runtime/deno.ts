@@ -30,6 +30,7 @@ async function serveApp(app: ServableApp, options: AppListenOptions): Promise<Re
     createTlsServer,
     admission: new Admission({
       mutual,
+      ca: options.tls?.ca,
       identify: options.identify ?? (() => ""),
       isRevoked: options.isRevoked,
       connectionLimit: options.connectionLimit,

@@ -255,7 +255,10 @@ export function listenNode(app: HandlingApp, options: NodeListenerOptions): Prom
   let server: net.Server;
   let closeAllConnections: () => void;
   if (options.tls) {
-    const tlsOptions = { ...options.tls, requestCert: mutual, rejectUnauthorized: mutual };
+    // rejectUnauthorized off: rustls (Deno) would end a handshake whose certificate is ours but not for client
+    // authentication with an alert, before the client could be told why (issue 23). Nothing is admitted on that:
+    // admission.admit() refuses every connection the stack did not authorize, as it does on every runtime.
+    const tlsOptions = { ...options.tls, requestCert: mutual, rejectUnauthorized: false };
     tlsServer = options.createTlsServer(tlsOptions, onSecure, onRequest);
     server = tlsServer.server;
     closeAllConnections = () => tlsServer!.closeAllConnections();
@@ -306,6 +309,7 @@ export function listenNode(app: HandlingApp, options: NodeListenerOptions): Prom
           if (!tlsServer) return;
           try {
             tlsServer.server.setSecureContext({ ...next });
+            admission.trust(next.ca);
           } catch (error) {
             throw new ConfigError(`cannot load the new TLS material: ${error instanceof Error ? error.message : String(error)}`);
           }
