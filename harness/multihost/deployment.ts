@@ -213,7 +213,8 @@ export async function startDeployment(options: DeploymentOptions): Promise<Deplo
     const token = `mkt_${randomBytes(18).toString("base64url")}`;
     const configs = new Map<string, HostConfig>([
       ...[...HOSTS.servers, ...HOSTS.spareServers].map((host) => [host, writeHostConfig(etcOf(host), "server",
-        { ...common(host, PORTS.server), ttl: String(SERVER_TOKEN_TTL_S) },
+        // Its own /var/lib/securemesh (the unit's $STATE_DIRECTORY): Fernet keys kept for stored records are per host.
+        { ...common(host, PORTS.server), ttl: String(SERVER_TOKEN_TTL_S), "state-dir": stateOf(host) },
         { "server-db-url": databaseUrl }, (c) => ["--db-file", c["server-db-url"]!])] as const),
       ...HOSTS.coordinators.map((host) => [host, writeHostConfig(etcOf(host), "coordinator",
         { ...common(host, PORTS.coordinator), "servers-file": serversFileOf(host), "health-interval": healthInterval, timeout: String(COORDINATOR_TIMEOUT_MS) })] as const),
@@ -235,7 +236,7 @@ export async function startDeployment(options: DeploymentOptions): Promise<Deplo
       return config;
     };
     const keyserverConfig = (host: string) => ({ file: configOf(host).file, dataDir: join(stateOf(host), "keyserver") });
-    for (const host of HOSTS.keyservers) mkdirSync(stateOf(host), { recursive: true, mode: 0o700 });
+    for (const host of [...HOSTS.keyservers, ...HOSTS.servers, ...HOSTS.spareServers]) mkdirSync(stateOf(host), { recursive: true, mode: 0o700 });
     const [first, ...others] = HOSTS.keyservers;
     step(`seeding the marketplace token for client1 and client2 in the token store on Galera (token add --config on ${first})`);
     for (const client of Object.values(CLIENT_OF)) {
