@@ -1,11 +1,11 @@
 // The KeyServer: releases API tokens, sealed at rest, to the callers the policy names, through a hybrid exchange.
 import { join } from "node:path";
 import { displayPath, exitWithConfigError, parseFlags, parsePort, parsePositive, pkiDir, policyPath, REPO_ROOT } from "../shared/platform/config.ts";
-import { chooseFlag, flagVariable, readDbFile, refuseSecretOnArgv, type FlagSource } from "../shared/platform/config-file.ts";
+import { chooseFlag, describeFlagSource, readDbFile, refuseSecretOnArgv } from "../shared/platform/config-file.ts";
 import { ConfigError } from "../shared/platform/errors.ts";
 import { describeError } from "../shared/ops/log.ts";
 import { createKeyserverApp, type LegacyReplay } from "../shared/token-path/keyserver-app.ts";
-import { keepKeyringFresh, runTokenCommand, type VaultConfig } from "../shared/token-path/keyserver-admin.ts";
+import { keepKeyringFresh, parseTokenCommand, runTokenCommand, type VaultConfig } from "../shared/token-path/keyserver-admin.ts";
 import { openVault } from "../shared/token-path/vault-binding.ts";
 import { NonceMemory } from "../shared/token-path/replay.ts";
 import { EcdhKeyPair, RsaKeyPair } from "../shared/token-path/token-exchange.ts";
@@ -75,15 +75,15 @@ export function parseKeyserverConfig(argv: string[]): KeyserverConfig {
     throw new ConfigError("--token on the command line shows in ps: give --token - and the token on stdin");
   }
   const dataDir = values.data ?? join(REPO_ROOT, "data", "keyserver");
-  const { command, version, file } = parseCommand(positionals);
+  const { command, version, file } = parseTokenCommand(positionals);
   if (command === "add" && !(values.client && values.type && values.token)) throw new ConfigError("token add needs --client, --type and --token");
   const legacyReplay = values["legacy-replay"] ?? "require";
   if (legacyReplay !== "require" && legacyReplay !== "allow") throw new ConfigError("--legacy-replay must be require or allow");
   const replayQuota = parsePositive(values["replay-quota"], "--replay-quota", 10_000);
   if (!Number.isInteger(replayQuota)) throw new ConfigError(`--replay-quota must be a whole number, not '${values["replay-quota"]}'`);
   const dbFlag = chooseFlag("db", "db-file", sources);
-  const [db, dbSource] = dbFlag === "db" ? [values.db!, sourceOf("db", sources.db)]
-    : dbFlag === "db-file" ? [readDbFile(values["db-file"]!), `${sourceOf("db-file", sources["db-file"])} (${values["db-file"]})`]
+  const [db, dbSource] = dbFlag === "db" ? [values.db!, describeFlagSource("db", sources.db)]
+    : dbFlag === "db-file" ? [readDbFile(values["db-file"]!), `${describeFlagSource("db-file", sources["db-file"])} (${values["db-file"]})`]
     : process.env.KEYSERVER_DB ? [process.env.KEYSERVER_DB, "$KEYSERVER_DB"]
     : [join(dataDir, "tokens.db"), "the default: no --db, --db-file, --config or $SECUREMESH_DB"];
   return {
@@ -108,33 +108,6 @@ export function parseKeyserverConfig(argv: string[]): KeyserverConfig {
   };
 }
 
-/** Says where a flag's value came from, in the words of the first line every token command prints. */
-function sourceOf(flag: string, source: FlagSource | undefined): string {
-  if (source === "file") return `${flagVariable(flag)} in the --config file`;
-  if (source === "env") return `$${flagVariable(flag)}`;
-  return `--${flag}`;
-}
-
-const TOKEN_COMMANDS = "token add, list, rotate-key, restore-key VERSION, keyring export FILE or keyring import FILE";
-
-function parseCommand(positionals: string[]): Pick<KeyserverConfig, "command" | "version" | "file"> {
-  if (positionals[0] !== "token") return { command: "serve" };
-  const [, sub, arg, extra] = positionals;
-  switch (sub) {
-    case "add": case "list": case "rotate-key":
-      if (arg !== undefined) throw new ConfigError(`token ${sub} takes no '${arg}' (see --help)`);
-      return { command: sub };
-    case "restore-key":
-      if (!arg || !/^[1-9]\d{0,8}$/.test(arg) || extra !== undefined) throw new ConfigError("token restore-key needs one VERSION, a number such as 1 ('token list' shows the archived ones)");
-      return { command: "restore-key", version: Number(arg) };
-    case "keyring":
-      if ((arg !== "export" && arg !== "import") || !extra || positionals.length > 4) throw new ConfigError("token keyring needs export FILE or import FILE (see --help)");
-      return { command: arg, file: extra };
-    default:
-      throw new ConfigError(`token needs ${TOKEN_COMMANDS} (see --help)`);
-  }
-}
-
 if (import.meta.main) {
   const config = readConfig("keyserver", parseKeyserverConfig);
   // The admin commands read the master keys too: after the same guard, they act and exit.
@@ -151,10 +124,7 @@ if (import.meta.main) {
       const nonces = new NonceMemory({ maxPerCaller: config.replayQuota });
       const keyring = keepKeyringFresh(vault, logger);
       return {
-        app: createKeyserverApp({
-          vault, keys, ecdh, nonces, logger, authz, legacyReplay: config.legacyReplay, metrics,
-          limiter,
-        }),
+        app: createKeyserverApp({ vault, keys, ecdh, nonces, logger, authz, legacyReplay: config.legacyReplay, metrics, limiter }),
         describe: `tokens: ${vault.store.description} (store id ${vault.keyring.storeId}), keyring ${vault.keyring.id} v${vault.keyring.currentVersion}; policy: ${displayPath(config.policy)}; legacy replay: ${config.legacyReplay}${ecdh ? "; ECDH-ES (X25519) too" : ""}`,
         async close() {
           keyring.stop();

@@ -56,6 +56,13 @@ export function holdsSecret(name: string, value: string): boolean {
 /** Where a flag's value came from: a secret may not come from the command line, where `ps` shows it. */
 export type FlagSource = "argv" | "file" | "env";
 
+/** Where a flag's value came from, as a command says it ("--db", "$SECUREMESH_DB", "SECUREMESH_DB in the --config file"). */
+export function describeFlagSource(flag: string, source: FlagSource | undefined): string {
+  if (source === "file") return `${flagVariable(flag)} in the --config file`;
+  if (source === "env") return `$${flagVariable(flag)}`;
+  return `--${flag}`;
+}
+
 /**
  * A database URL with a password, given on the command line: every user of the host sees it in `ps`. Found by an
  * operator following the deployment docs (issue 23). The URL goes in the config file, the environment, or a file of

@@ -32,6 +32,27 @@ export interface VaultConfig {
   passphraseFile?: string;
 }
 
+const TOKEN_COMMANDS = "token add, list, rotate-key, restore-key VERSION, keyring export FILE or keyring import FILE";
+
+/** The token command a KeyServer's positionals name, or "serve" when they name none; a mistake is one clear line. */
+export function parseTokenCommand(positionals: string[]): Pick<VaultConfig, "command" | "version" | "file"> {
+  if (positionals[0] !== "token") return { command: "serve" };
+  const [, sub, arg, extra] = positionals;
+  switch (sub) {
+    case "add": case "list": case "rotate-key":
+      if (arg !== undefined) throw new ConfigError(`token ${sub} takes no '${arg}' (see --help)`);
+      return { command: sub };
+    case "restore-key":
+      if (!arg || !/^[1-9]\d{0,8}$/.test(arg) || extra !== undefined) throw new ConfigError("token restore-key needs one VERSION, a number such as 1 ('token list' shows the archived ones)");
+      return { command: "restore-key", version: Number(arg) };
+    case "keyring":
+      if ((arg !== "export" && arg !== "import") || !extra || positionals.length > 4) throw new ConfigError("token keyring needs export FILE or import FILE (see --help)");
+      return { command: arg, file: extra };
+    default:
+      throw new ConfigError(`token needs ${TOKEN_COMMANDS} (see --help)`);
+  }
+}
+
 /** Where an admin command reads and writes: stdin and stdout, or a test's. */
 export interface CommandIo {
   stdin(): Promise<string>;
