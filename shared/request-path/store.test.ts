@@ -125,9 +125,11 @@ describe.each(Object.keys(backends))("%s record store", (kind) => {
 
   test("used invalidation proofs are forgotten once expired, so the table does not grow (an expired proof is refused before the store)", async () => {
     const store = await open();
+    const g0 = await store.generation();
     const expired = { jti: `old-${Math.random()}`, server: 5001, expiresAt: Math.floor(Date.now() / 1000) - 1 };
-    await store.bumpGeneration(expired);
-    await store.bumpGeneration(expired);
+    expect(await store.bumpGeneration(expired)).toBe(g0 + 1);
+    // Kept, the first use would make this a repeat (ProofRejected): the bump forgot it first, as it was expired.
+    expect(await store.bumpGeneration(expired)).toBe(g0 + 2);
   });
 
   test("latest lists one sender's records when asked, newest first, up to the limit", async () => {
