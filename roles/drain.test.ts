@@ -4,6 +4,7 @@ import { expect, setDefaultTimeout, test } from "bun:test";
 import { checkRecords } from "../harness/chaos-checks.ts";
 import { countRecords } from "../harness/scenario.ts";
 import { runLoad, startMesh } from "../harness/fixtures/index.ts";
+import { DRAIN_QUIET_MS } from "../shared/platform/drain.ts";
 
 setDefaultTimeout(60_000);
 
@@ -41,7 +42,7 @@ for (const runtime of ["bun", "deno"] as const) test(`a server on ${runtime} sen
     "server stopped",
   ]);
   // Health failed first: the coordinator had stopped sending before the server stopped accepting.
-  expect(victim.lines.find((l) => l.startsWith("draining: no longer accepting"))).toContain("(no request for 1000 ms)");
+  expect(victim.lines.find((l) => l.startsWith("draining: no longer accepting"))).toContain(`(no request for ${DRAIN_QUIET_MS} ms)`);
   const { records, lost, duplicates } = await checkRecords(mesh.db, before, load.acks);
   expect({ lost, duplicates, stored: records }).toEqual({ lost: 0, duplicates: 0, stored: load.acks.length });
 });

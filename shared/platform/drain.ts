@@ -6,8 +6,13 @@ import type { Logger } from "../ops/log.ts";
 
 /** The longest a draining process waits for its callers' health checks to take it out (2 probes of 1 s, and margin). */
 export const DRAIN_GRACE_MS = 5000;
-/** Callers have taken it out once no request but a health check has come for this long. */
-export const DRAIN_QUIET_MS = 1000;
+/**
+ * Callers have taken it out once no request but a health check has come for this long. Under load requests come
+ * far closer together; a gap this long under light load may come before a caller's health check saw the 503, and
+ * then that caller's next request meets a closed port and fails over, which is safe for any request (it never reached
+ * this process). Short, because every stop waits it out once after the last request.
+ */
+export const DRAIN_QUIET_MS = 300;
 /** The longest requests in flight get to finish once the listener stopped accepting; the rest are cut. */
 export const DRAIN_DEADLINE_MS = 10_000;
 /** How often a drain looks at what is in flight. */
