@@ -1,9 +1,11 @@
 // The deployment of `bun harness multihost`: every role on a test host of its own, with a certificate for that
 // host's address; Galera on three more; how a host is started, "rebooted" and checked back in rotation.
 import { randomBytes } from "node:crypto";
-import { mkdirSync, writeFileSync } from "node:fs";
+import { mkdirSync, readFileSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
+import { policyPath } from "../../shared/platform/config.ts";
 import { flagVariable } from "../../shared/platform/config-file.ts";
+import { loadIdentity, mutualTlsClientOptions } from "../../shared/platform/tls.ts";
 import { bundleIdentity, issueIdentity, type IdentityKind } from "../../shared/testing/pki.ts";
 import { expectThat, roleCommand, waitFor, type Cluster, type RoleProcess } from "../cluster.ts";
 import { GALERA_PORT, GaleraCluster, type GaleraNode } from "./galera.ts";
@@ -59,6 +61,19 @@ export const SERVER_TOKEN_TTL_S = 30;
 
 /** The passphrase of the keyring backup taken from the first KeyServer host to the second. */
 const KEYRING_BACKUP_PASSPHRASE = "multihost keyring backup passphrase";
+
+/**
+ * The operator of the runbooks: a client certificate from the CA host (`./pki.sh issue operator --client`) that the
+ * mesh's policy allows admin.drain, as docs/operations.md "Drain one server from a coordinator" says to add.
+ */
+export const OPERATOR = "operator";
+const OPERATOR_RULE = { identity: `spiffe://securemesh/client/${OPERATOR}`, allow: ["admin.drain"], comment: "the runbooks' operator: drains a server at a coordinator" };
+
+/** The repository's policy with the operator's rule added: every serving host gets the same file, as one mesh should. */
+function meshPolicy(): string {
+  const policy = JSON.parse(readFileSync(policyPath(), "utf8")) as { rules: unknown[] };
+  return `${JSON.stringify({ ...policy, rules: [...policy.rules, OPERATOR_RULE] }, null, 2)}\n`;
+}
 
 /** The client identity each client host holds (the policy knows client1 and client2). */
 const CLIENT_OF: Record<string, string> = { cli1: "client1", cli2: "client2" };
@@ -145,6 +160,11 @@ export interface Deployment extends AsyncDisposable {
   caDir: string;
   /** Stops the role on `host` as its unit's stop does (SIGTERM: requests in flight finish), and waits until it exits. */
   stopRole(host: string): Promise<void>;
+  /**
+   * `POST /admin/ACTION {"server": server}` at `coordinator` over mutual TLS as the operator (admin.drain): "drain"
+   * answers once the server is empty, "undrain" puts it back. The answer's JSON, or an error with its status.
+   */
+  operatorDrain(coordinator: string, action: "drain" | "undrain", server: string): Promise<Record<string, unknown>>;
   /** Starts the role that lives on `host` again (after its processes were killed: a reboot), and waits until it is healthy. */
   reboot(host: string): Promise<void>;
   /** What is not yet back: a coordinator not answering or missing a server, a role not healthy, a Galera node not Synced. */
@@ -190,6 +210,9 @@ export async function startDeployment(options: DeploymentOptions): Promise<Deplo
     const pkiRoot = join(cluster.logDir, "hosts");
     const pkiOf = (host: string) => join(pkiRoot, host, "pki");
     await issueHostPki(cluster.pki, addressOf, pkiOf);
+    step(`issuing the operator's certificate on the CA host (pki.sh issue ${OPERATOR} --client), allowed admin.drain by every host's policy`);
+    await issueIdentity(cluster.pki, OPERATOR, "client", { force: true });
+    const operatorTls = mutualTlsClientOptions(loadIdentity(cluster.pki, OPERATOR));
 
     const servers = HOSTS.servers.map((h) => url(h, PORTS.server));
     const spareServers = HOSTS.spareServers.map((h) => url(h, PORTS.server));
@@ -204,7 +227,13 @@ export async function startDeployment(options: DeploymentOptions): Promise<Deplo
     const etcOf = (host: string) => join(pkiRoot, host, "etc");
     const stateOf = (host: string) => join(pkiRoot, host, "state");
     const healthInterval = String(options.healthIntervalMs ?? 500);
-    const common = (host: string, port: number) => ({ port: String(port), host: addressOf(host), pki: pkiOf(host) });
+    const policy = meshPolicy();
+    const policyOf = (host: string) => {
+      mkdirSync(etcOf(host), { recursive: true, mode: 0o700 });
+      writeFileSync(join(etcOf(host), "policy.json"), policy);
+      return join(etcOf(host), "policy.json");
+    };
+    const common = (host: string, port: number) => ({ port: String(port), host: addressOf(host), pki: pkiOf(host), policy: policyOf(host) });
     const serversFileOf = (host: string) => join(etcOf(host), "servers");
     for (const host of HOSTS.coordinators) {
       mkdirSync(etcOf(host), { recursive: true, mode: 0o700 });
@@ -227,7 +256,7 @@ export async function startDeployment(options: DeploymentOptions): Promise<Deplo
         ...common(host, PORTS.secureproxy), keyserver: [...keyservers.slice(i), ...keyservers.slice(0, i)].join(","),
         allow: `marketplace=${addressOf(HOSTS.marketplace)}:${PORTS.marketplace}`, timeout: String(PROXY_TIMEOUT_MS),
       })] as const),
-      [HOSTS.marketplace, writeHostConfig(etcOf(HOSTS.marketplace), "marketplace", common(HOSTS.marketplace, PORTS.marketplace),
+      [HOSTS.marketplace, writeHostConfig(etcOf(HOSTS.marketplace), "marketplace", { port: String(PORTS.marketplace), host: addressOf(HOSTS.marketplace), pki: pkiOf(HOSTS.marketplace) },
         { "marketplace-token": token }, (c) => ["--token-file", c["marketplace-token"]!])],
     ]);
     const configOf = (host: string) => {
@@ -305,6 +334,15 @@ export async function startDeployment(options: DeploymentOptions): Promise<Deplo
       itemUri: `${marketplace}/api/item`,
       host: (name) => network.host(name),
       pkiOf, clientOf: (host) => CLIENT_OF[host]!, keyserverConfig, configOf, serversFileOf, caDir: cluster.pki,
+      async operatorDrain(coordinator, action, server) {
+        const response = await fetch(`${coordinator}/admin/${action}`, {
+          method: "POST", headers: { "content-type": "application/json" }, body: JSON.stringify({ server }),
+          tls: operatorTls, signal: AbortSignal.timeout(60_000),
+        });
+        const body = (await response.json()) as Record<string, unknown>;
+        if (response.status !== 200) throw new Error(`POST ${coordinator}/admin/${action} ${server} answered ${response.status}: ${JSON.stringify(body)}`);
+        return body;
+      },
       reboot: start,
       stopRole: (host) => cluster.stop([host]),
       rotationGaps,

@@ -1,12 +1,12 @@
 // `bun harness multihost` as a function: the deployment, the fault plan (short or full), the table and the goal.
 import type { Cluster } from "../cluster.ts";
-import { startDeployment } from "./deployment.ts";
+import { HOSTS, startDeployment } from "./deployment.ts";
 import {
   cutServerLink, faultTable, goalMisses, isolateGaleraNode, killCoordinatorHost, killGaleraNode, killKeyServerHost, killSecureProxyHost, killServerHost, rotateMasterKey, runFault,
   type Fault, type FaultRow, type LoadShape,
 } from "./faults.ts";
 import { cleanupStaleNetworks } from "./netns.ts";
-import { addAndRemoveServerHost, restartGaleraCluster, rotateFernetKey } from "./runbooks.ts";
+import { addAndRemoveServerHost, restartGaleraCluster, rotateFernetKey, upgradeMeshHostByHost } from "./runbooks.ts";
 
 /**
  * Above the coordinators' upstream timeout (deployment.ts), so a client waits out one server attempt that stalls
@@ -20,7 +20,7 @@ export interface MultihostPlan {
 }
 
 /**
- * One fault and one runbook of each kind, a small load: a few minutes, for `bun test` and CI. The Fernet rotation is
+ * One fault and one runbook of each kind (the upgrade on one host of each role), a small load: a few minutes, for `bun test` and CI. The Fernet rotation is
  * split in two rows, its retire last: the minute the runbook waits before it (TTL + clock skew) goes to other rows.
  */
 export const SHORT_PLAN: MultihostPlan = {
@@ -28,7 +28,9 @@ export const SHORT_PLAN: MultihostPlan = {
     rotateFernetKey("add, promote"),
     killServerHost("srv1"), cutServerLink("srv2"), killCoordinatorHost("coord1"), killGaleraNode("db1"), isolateGaleraNode("db1"),
     killKeyServerHost("keys1"), killSecureProxyHost("proxy1"), rotateMasterKey("keys1"),
-    addAndRemoveServerHost("srv4"), restartGaleraCluster(["db3", "db2", "db1"]), rotateFernetKey("retire"),
+    addAndRemoveServerHost("srv4"), restartGaleraCluster(["db3", "db2", "db1"]),
+    upgradeMeshHostByHost({ servers: ["srv2"], coordinators: ["coord2"], keyservers: ["keys2"], secureproxies: ["proxy2"] }),
+    rotateFernetKey("retire"),
   ],
   load: { workers: 2, intervalMs: 50, clientTimeoutMs: CLIENT_TIMEOUT_MS, acksBefore: 20, acksDuring: 40, acksAfter: 20 },
 };
@@ -48,6 +50,7 @@ export const FULL_PLAN: MultihostPlan = {
     rotateFernetKey("all"),
     // Each order bootstraps another node: db1 is the servers' first database node, db3 their last.
     restartGaleraCluster(["db3", "db2", "db1"]), restartGaleraCluster(["db1", "db2", "db3"]),
+    upgradeMeshHostByHost({ servers: HOSTS.servers, coordinators: HOSTS.coordinators, keyservers: HOSTS.keyservers, secureproxies: HOSTS.secureproxies }),
   ],
   load: { workers: 4, intervalMs: 25, clientTimeoutMs: CLIENT_TIMEOUT_MS, acksBefore: 100, acksDuring: 200, acksAfter: 100 },
 };

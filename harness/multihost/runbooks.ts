@@ -1,9 +1,10 @@
-// The runbook rows of `bun harness multihost` (issue 23): each does, under load, exactly what its runbook in
+// The runbook rows of `bun harness multihost` (issues 20 and 23): each does, under load, exactly what its runbook in
 // docs/operations.md says an operator does — add and remove a server host, rotate the Fernet key across hosts, stop
-// and restart the whole Galera cluster. faults.ts runs them like the fault rows and checks the same goal.
+// and restart the whole Galera cluster, upgrade the mesh one host at a time. faults.ts runs them like the fault rows and checks the same goal.
 import { readFileSync, renameSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { fernetKeyFingerprint, fernetKeysInOrder, parseFernetKeyFile } from "../../shared/platform/fernet-key-file.ts";
+import { DRAIN_DEADLINE_MS, DRAIN_GRACE_MS } from "../../shared/platform/drain.ts";
 import { PROMOTE_AFTER_ADD_MS, retireSafeAt } from "../../shared/request-path/fernet-keys.ts";
 import { Fernet } from "../../shared/request-path/fernet.ts";
 import { waitFor } from "../cluster.ts";
@@ -255,6 +256,91 @@ export function restartGaleraCluster(order: readonly string[]): Fault {
       const joined: string[] = [];
       for (const node of HOSTS.galera.filter((n) => n !== bootstrapped)) joined.push(`${node} by ${await d.galera.restart(node)}`);
       return `${bootstrapped} bootstrapped (safe_to_bootstrap: 1) after ${(outageMs / 1000).toFixed(1)} s with no node up; ${joined.join(", ")}; client retry window ${(retryWindowMs(GALERA_RESTART_RETRY) / 1000).toFixed(2)} s`;
+    },
+  };
+}
+
+/** The hosts an upgrade restarts, in the runbook's order: servers, coordinators, KeyServers, SecureProxies. */
+export interface UpgradeHosts {
+  servers: readonly (typeof HOSTS.servers)[number][];
+  coordinators: readonly (typeof HOSTS.coordinators)[number][];
+  keyservers: readonly (typeof HOSTS.keyservers)[number][];
+  secureproxies: readonly (typeof HOSTS.secureproxies)[number][];
+}
+
+/** A drain's log lines in order (drain.ts, then run-role.ts): the SIGTERM drained the role, it was not cut short. */
+const drainSteps = (role: string) => [/^draining: \/health answers 503/, /^draining: no longer accepting \(/, /^drained: /, new RegExp(`^${role} stopped$`)];
+
+/**
+ * `systemctl restart` of one host: SIGTERM (the role drains itself), wait until it exits 0 and check that its log
+ * shows the drain's steps in order, then start it again from the same config files (reboot waits for /health 200).
+ * Returns how long the drain took and its `drained:` line.
+ */
+async function restartDraining(d: Deployment, host: string, role: string): Promise<{ drainMs: number; drained: string }> {
+  const running = d.cluster.role(host);
+  const t0 = performance.now();
+  running.signal("SIGTERM");
+  // Past the drain's own bounds the unit's stop would SIGKILL it: a failure of the row, never a wait for ever.
+  const timer = setTimeout(() => running.signal("SIGKILL"), DRAIN_GRACE_MS + DRAIN_DEADLINE_MS + 5000);
+  const code = await running.proc.exited;
+  clearTimeout(timer);
+  await running.drained;
+  const drainMs = performance.now() - t0;
+  const at = drainSteps(role).map((step) => running.lines.findIndex((l) => step.test(l)));
+  if (code !== 0 || at.some((i) => i < 0) || at.some((i, n) => n > 0 && i < at[n - 1]!)) {
+    throw new Error(`${host}'s ${role} did not drain on SIGTERM (exit ${code}; steps at lines ${at.join(", ")}):\n${running.tail(12)}`);
+  }
+  await d.reboot(host);
+  return { drainMs, drained: running.lines[at[2]!]!.replace(/^drained: /, "") };
+}
+
+/**
+ * "Upgrade the mesh one host at a time": each server in turn drained at every coordinator (POST /admin/drain as the
+ * operator, until "empty": true), restarted (SIGTERM drains it, then it starts again from its config files), put
+ * back (POST /admin/undrain) and awaited until every coordinator has it in rotation; then each coordinator, each
+ * KeyServer and each SecureProxy in turn restarted and awaited until its /health answers 200. The load goes on
+ * throughout: callers fail over between coordinators, KeyServers and SecureProxies.
+ */
+export function upgradeMeshHostByHost(hosts: UpgradeHosts): Fault {
+  const order: [role: string, hosts: readonly string[]][] = [["server", hosts.servers], ["coordinator", hosts.coordinators], ["keyserver", hosts.keyservers], ["secureproxy", hosts.secureproxies]];
+  const restarted: { host: string; drainMs: number; backMs: number; drained: string }[] = [];
+  let tookMs = 0;
+  return {
+    name: `upgrade the mesh one host at a time (${order.map(([, h]) => h.join(", ")).join(", then ")}): drain each, restart it`,
+    runbook: "Upgrade the mesh one host at a time",
+    repairedBy: "the fault restarts each host",
+    inject: async (d) => {
+      restarted.length = 0;
+      const t0 = performance.now();
+      for (const [role, names] of order) {
+        for (const host of names) {
+          const url = role === "server" ? d.servers[HOSTS.servers.indexOf(host as never)]! : undefined;
+          if (url) {
+            const answers = await Promise.all(d.coordinators.map((c) => d.operatorDrain(c, "drain", url)));
+            if (!answers.every((a) => a.empty === true)) throw new Error(`${host} did not empty at every coordinator: ${JSON.stringify(answers)}`);
+          }
+          const { drainMs, drained } = await restartDraining(d, host, role);
+          const back = performance.now();
+          if (url) {
+            await Promise.all(d.coordinators.map((c) => d.operatorDrain(c, "undrain", url)));
+            await waitFor(`every coordinator has ${host} in rotation again`, async () =>
+              (await Promise.all(d.coordinators.map((c) => coordinatorView(d, c)))).every((v) => v?.find((s) => s.url === url)?.up === true), 30_000);
+          }
+          restarted.push({ host, drainMs, backMs: performance.now() - back, drained });
+        }
+      }
+      tookMs = performance.now() - t0;
+    },
+    effect: {
+      what: `every host restarted in turn (${order.flatMap(([, h]) => h).length})`,
+      seen: async () => restarted.length === order.flatMap(([, h]) => h).length,
+    },
+    repair: async () => {
+      const slowest = restarted.reduce((a, b) => (b.drainMs > a.drainMs ? b : a));
+      const cut = restarted.filter((r) => !r.drained.startsWith("every request in flight finished"));
+      return `the fault restarts each host: ${restarted.length} drained and back one at a time in ${(tookMs / 1000).toFixed(1)} s (servers drained at both coordinators first); `
+        + `longest drain ${(slowest.drainMs / 1000).toFixed(1)} s (${slowest.host}), longest wait back ${(Math.max(...restarted.map((r) => r.backMs)) / 1000).toFixed(1)} s; `
+        + (cut.length ? `requests cut on ${cut.map((r) => `${r.host} (${r.drained})`).join(", ")}` : "every request in flight finished");
     },
   };
 }
