@@ -283,7 +283,7 @@ test("a draining listener answers 503 on every path its router serves as /health
   });
   const paths = ["/health", "/health/", "/health?probe=1", "/health/?probe=1", "/./health", "/api/x", "/api/x/", "/healthz"];
   const served = await Promise.all(paths.map(status));
-  const healthRoute = served.filter((line) => line.endsWith(" 200") && !line.startsWith("/api/")).map((line) => line.split(" ")[0]);
+  const healthRoute = served.filter((line) => line.endsWith(" 200") && !line.startsWith("/api/")).map((line) => line.split(" ")[0]!);
   expect(healthRoute).toEqual(["/health", "/health/", "/health?probe=1", "/health/?probe=1", "/./health"]);
   listener.startDraining();
   expect(await Promise.all(paths.map(status))).toEqual(served.map((line) => (healthRoute.includes(line.split(" ")[0]!) ? line.replace(/ 200$/, " 503") : line)));
