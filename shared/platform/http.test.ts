@@ -267,3 +267,28 @@ test("a request whose routed path is not its path (a 1-2 character Host over htt
   expect(await get("ab")).toStartWith("HTTP/1.1 400 Bad Request {\"error\":\"request path cannot be routed as written\"");
   expect(await get("a")).toStartWith("HTTP/1.1 400 Bad Request");
 });
+
+// Found by attack on issue 20's drain: the router serves /health/ as /health, but the drain's health test did not
+// know it, so a health check on /health/ kept answering 200 all through a drain (and counted as traffic, holding the
+// listener open for the whole grace). Every path routed to /health must answer 503 once draining; no other may.
+test("a draining listener answers 503 on every path its router serves as /health, and only there", async () => {
+  const app = createApp({ logger: createLogger("t", { write: () => {} }) }).get("/health", () => ({ status: "ok" })).get("/api/x", () => ({ ok: true }));
+  const listener = await listenReloadable(app, { port: 0, hostname: "127.0.0.1" });
+  cleanups.push(() => listener.stop());
+  const status = (path: string) => new Promise<string>((resolve) => {
+    const socket = net.connect(listener.port, "127.0.0.1", () => socket.write(`GET ${path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n`));
+    let answer = "";
+    socket.on("data", (chunk) => (answer += chunk));
+    socket.on("close", () => resolve(`${path} ${answer.split(" ")[1]}`));
+  });
+  const paths = ["/health", "/health/", "/health?probe=1", "/health/?probe=1", "/./health", "/api/x", "/api/x/", "/healthz"];
+  const served = await Promise.all(paths.map(status));
+  const healthRoute = served.filter((line) => line.endsWith(" 200") && !line.startsWith("/api/")).map((line) => line.split(" ")[0]!);
+  expect(healthRoute).toEqual(["/health", "/health/", "/health?probe=1", "/health/?probe=1", "/./health"]);
+  listener.startDraining();
+  expect(await Promise.all(paths.map(status))).toEqual(served.map((line) => (healthRoute.includes(line.split(" ")[0]!) ? line.replace(/ 200$/, " 503") : line)));
+  // A health check is not traffic: it never holds a drain's listener open.
+  const lastTraffic = listener.lastRequestAt();
+  await Promise.all(healthRoute.map(status));
+  expect(listener.lastRequestAt()).toBe(lastTraffic);
+});

@@ -316,8 +316,11 @@ export async function listenReloadable(app: ServableApp, options: ListenOptions)
   });
 }
 
-/** A health check's URL, with or without scheme and host: a string test, with no URL parsed per request. */
-const HEALTH_PATH = /^(?:[a-z]+:\/\/[^/]*)?\/health(?:\?|$)/i;
+/**
+ * A health check's URL, with or without scheme and host: a string test, with no URL parsed per request. It takes
+ * what the router serves as /health: with a trailing slash too (a check on /health/ answered 200 through a drain).
+ */
+const HEALTH_PATH = /^(?:[a-z]+:\/\/[^/]*)?\/health\/?(?:\?|$)/;
 
 /** A serving listener that can be drained (shared/platform/drain.ts). */
 export type ServingListener = ReloadableListener & Drainable;

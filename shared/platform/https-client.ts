@@ -9,6 +9,7 @@
 // both of which show the peer certificate once the handshake is done; the checks run then, before any write. This
 // client costs less CPU than fetch (11 against 25 µs per request, measured on Bun with 16 keep-alive streams).
 import { isIP } from "node:net";
+import { MeshError } from "./errors.ts";
 import { withExtendedKeyUsage } from "./eku.ts";
 import { runtime } from "./runtime/index.ts";
 import { hostnameRefusal } from "./runtime/hostname-check.ts";
@@ -581,15 +582,25 @@ export class HttpsClient {
   }
 }
 
+/**
+ * A request this client will not send as it is (its method, path or a header): the caller's fault, found before any
+ * connection is used, so a pool must never count it against the server (a client's `M-SEARCH` ejected one).
+ */
+export class UnsendableRequest extends MeshError {
+  constructor(code: "ERR_METHOD_NOT_ALLOWED" | "ERR_BAD_REQUEST", message: string) {
+    super(code, code === "ERR_METHOD_NOT_ALLOWED" ? 405 : 400, message);
+  }
+}
+
 /** The request line and headers; every name and value is checked, so nothing a caller forwards can add a line. */
 function requestHead(method: string, path: string, authority: string, headers: HttpsRequest["headers"], bodyLength: number): string {
-  if (!/^[A-Z]{1,16}$/.test(method)) throw new TypeError(`bad method ${JSON.stringify(method.slice(0, 20))}`);
-  if (!path.startsWith("/") || /[\s\0]/.test(path)) throw new TypeError("bad request path");
+  if (!/^[A-Z]{1,16}$/.test(method)) throw new UnsendableRequest("ERR_METHOD_NOT_ALLOWED", `method ${JSON.stringify(method.slice(0, 20))} cannot be sent on`);
+  if (!path.startsWith("/") || /[\s\0]/.test(path)) throw new UnsendableRequest("ERR_BAD_REQUEST", "bad request path");
   let head = `${method} ${path} HTTP/1.1\r\nhost: ${authority}\r\n`;
   const add = (name: string, value: string) => {
     const lower = name.toLowerCase();
     if (lower === "host" || lower === "content-length" || lower === "transfer-encoding" || lower === "connection") return;
-    if (!HEADER_NAME.test(name) || UNSAFE_VALUE.test(value)) throw new TypeError(`header ${JSON.stringify(name.slice(0, 40))} cannot be sent as it is`);
+    if (!HEADER_NAME.test(name) || UNSAFE_VALUE.test(value)) throw new UnsendableRequest("ERR_BAD_REQUEST", `header ${JSON.stringify(name.slice(0, 40))} cannot be sent as it is`);
     head += `${lower}: ${value}\r\n`;
   };
   if (headers instanceof Headers) headers.forEach((value, name) => add(name, value));

@@ -214,6 +214,27 @@ describe("through the HttpsClient, against a real server (issue 18, H1)", () => 
     expect((await right.forward({ method: "GET", path: "/x", headers: new Headers() })).status).toBe(200);
   });
 
+  test("a method the client cannot send (M-SEARCH) is the caller's 405, never a failure of the servers", async () => {
+    // Found by attack: three `M-SEARCH /api/data` from one client ejected a healthy server (the transport's "bad
+    // method" counted as a gateway failure); with an Idempotency-Key each one failed over and counted on every server.
+    let requests = 0;
+    const answer = (request: Request) => (new URL(request.url).pathname === "/health" || requests++, Response.json({ status: "ok" }));
+    const pool = new UpstreamPool({ servers: [await serve(answer), await serve(answer)], transport: await transport("spiffe://securemesh/server/*"), logger: quiet() });
+    await pool.checkAll();
+    const outcomes = [];
+    for (let i = 0; i < 4; i++) {
+      for (const headers of [new Headers(), new Headers({ "idempotency-key": `k${i}` })]) {
+        const request = { method: "M-SEARCH", path: "/api/data", headers, body: new Uint8Array(1) };
+        outcomes.push(await pool.forward(request).then((r) => r.status, (error: MeshError) => `${error.status} ${error.code}`));
+      }
+    }
+    expect(new Set(outcomes)).toEqual(new Set(["405 ERR_METHOD_NOT_ALLOWED"]));
+    expect(pool.snapshot().map(({ up, failures, ejection }) => ({ up, failures, ejection }))).toEqual([
+      { up: true, failures: 0, ejection: null }, { up: true, failures: 0, ejection: null },
+    ]);
+    expect(requests).toBe(0);
+  });
+
   test("#14: forwards and broadcasts carry the request's trace as checked, never a caller's malformed one", async () => {
     const seen: Record<string, string | null>[] = [];
     const url = await serve((request) => {

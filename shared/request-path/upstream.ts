@@ -4,7 +4,7 @@
 // server identity at its handshake (shared/platform/https-client.ts), so no request, forward, retry, probe or
 // broadcast, is written to anything else; in a test, whatever the test needs.
 import { MeshError, Unavailable } from "../platform/errors.ts";
-import type { HttpsRequest } from "../platform/https-client.ts";
+import { UnsendableRequest, type HttpsRequest } from "../platform/https-client.ts";
 import type { NetworkErrorCode } from "../platform/runtime/index.ts";
 import { describeNetworkError as reason, printable, type Logger } from "../ops/log.ts";
 import type { Metrics } from "../ops/metrics.ts";
@@ -385,6 +385,8 @@ export class UpstreamPool {
         else server.gatewayStreak = 0;
         return { status: answer.status, contentType: answer.header("content-type"), body: answer.body, upstream: server.url, retryAfter: answer.header("retry-after") };
       } catch (error) {
+        // The caller's request, not the server: answered 4xx, counted against no server, tried on no other.
+        if (error instanceof UnsendableRequest) throw error;
         lastReason = reason(error);
         this.#markFailed(server, error, trace);
         if (!replayable && !neverReachedServer(error)) {
@@ -494,6 +496,7 @@ export class UpstreamPool {
         const answer = await this.#send(server.url, method, path, outbound, body, method === "GET");
         return { server: server.url, ok: answer.status < 300, status: answer.status, body: answer.body } as const;
       } catch (error) {
+        if (error instanceof UnsendableRequest) throw error;
         this.#markFailed(server, error, trace);
         return { server: server.url, ok: false, status: null, error: reason(error) } as const;
       }

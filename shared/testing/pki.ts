@@ -104,3 +104,28 @@ export async function signCrl(dir: string, options: CrlOptions = {}): Promise<st
   }
   return readFileSync(out, "utf8");
 }
+
+/**
+ * Has the CA at `dir` sign a certificate pki.sh never issues: basicConstraints CA:TRUE, yet with the clientAuth EKU
+ * and a client SPIFFE ID, as NAME_cert.pem and NAME_key.pem there (an attacker's "CA certificate used as a leaf").
+ */
+export async function issueCaCertificateAsClient(dir: string, name: string): Promise<void> {
+  const extensions = join(dir, `${name}.ext`);
+  writeFileSync(extensions, [
+    "basicConstraints=critical,CA:TRUE", "keyUsage=critical,digitalSignature,keyCertSign", "extendedKeyUsage=clientAuth",
+    `subjectAltName=URI:spiffe://securemesh/client/${name}`,
+  ].join("\n"));
+  const run = async (...args: string[]) => {
+    await using proc = Bun.spawn(["openssl", ...args], { stdout: "pipe", stderr: "pipe" });
+    const [stderr, code] = await Promise.all([new Response(proc.stderr).text(), proc.exited]);
+    if (code !== 0) throw new Error(`openssl ${args[0]} failed (${code}): ${stderr.trim()}`);
+  };
+  const key = join(dir, `${name}_key.pem`);
+  const csr = join(dir, `${name}.csr`);
+  await run("ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", key);
+  await run("req", "-new", "-key", key, "-subj", `/CN=${name}`, "-out", csr);
+  await run("x509", "-req", "-in", csr, "-CA", join(dir, "ca_cert.pem"), "-CAkey", join(dir, "ca_key.pem"), "-days", "2",
+    "-extfile", extensions, "-out", join(dir, `${name}_cert.pem`));
+  rmSync(csr, { force: true });
+  rmSync(extensions, { force: true });
+}

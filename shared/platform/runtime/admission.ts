@@ -4,7 +4,7 @@
 // holds only while that stays under its cap (issue 18, L2).
 import { X509Certificate } from "node:crypto";
 import type tls from "node:tls";
-import { hasExtendedKeyUsage, withExtendedKeyUsage } from "../eku.ts";
+import { hasExtendedKeyUsage, isCertificateAuthority, withExtendedKeyUsage } from "../eku.ts";
 import { MAX_CONNECTIONS_PER_IDENTITY, MAX_HANDSHAKES_PER_ADDRESS } from "./limits.ts";
 import type { RequestPeer } from "./peer.ts";
 
@@ -107,7 +107,7 @@ export class Admission {
     try {
       const cert = new X509Certificate(raw);
       const now = Date.now();
-      if (cert.ca || now < Date.parse(cert.validFrom) || now > Date.parse(cert.validTo)) return false;
+      if (isCertificateAuthority(raw) || now < Date.parse(cert.validFrom) || now > Date.parse(cert.validTo)) return false;
       return this.#cas.some((ca) => cert.checkIssued(ca) && cert.verify(ca.publicKey));
     } catch {
       return false;
@@ -155,7 +155,8 @@ export class Admission {
       return { refusal };
     };
     // Explicitly, whatever the TLS stack was told: NODE_TLS_REJECT_UNAUTHORIZED=0 has switched Bun's own check off.
-    if (!authorized || !certificate?.raw) {
+    // A CA certificate is never a client's: BoringSSL (Bun) authorizes one of our CA's as a leaf, rustls does not.
+    if (!authorized || !certificate?.raw || isCertificateAuthority(certificate.raw)) {
       // One of our server certificates used as a client: refused as the stack did, but told why (issue 23).
       if (certificate?.raw && this.#ourServingCertificate(certificate.raw)) {
         const identity = this.#options.identify(withExtendedKeyUsage(certificate));
