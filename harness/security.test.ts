@@ -39,7 +39,7 @@ function expectNoUnexpectedCells(matrix: MatrixResult): void {
   if (unexpected.length) console.log([...matrixTable(matrix), ...matrixSummary(matrix)].join("\n"));
   expect(unexpected.map((c) => `${c.identity} × ${c.column.role} ${c.column.label}: ${c.unexpected}`)).toEqual([]);
   expect(matrix.identities.map((f) => f.label)).toEqual(["client1", "client2", "coordinator", "secureproxy", "server", "revoked", "expired", "foreign"]);
-  expect(matrix.cells.length).toBe(8 * 24);
+  expect(matrix.cells.length).toBe(8 * 25);
 }
 
 async function expectHealthyAndCleanLogs({ cluster, servers, coordinator, stack, client2Token }: SuiteTargets & { client2Token: string }): Promise<void> {

@@ -88,11 +88,11 @@ describe("KeyServer", () => {
     });
   });
 
-  test("a server certificate (no clientAuth) is dropped at the handshake", async () => {
+  test("a server certificate (no clientAuth) never reaches the app: it is told 403 ERR_CLIENT_CERT (issue 23)", async () => {
     await using tokens = await stack();
     const { keyserver } = tokens;
-    const attempt = fetch(`${keyserver}/public_key`, { tls: mutualTlsClientOptions(loadIdentity(pki, "marketplace")) });
-    await expect(attempt).rejects.toThrow();
+    const response = await fetch(`${keyserver}/public_key`, { tls: mutualTlsClientOptions(loadIdentity(pki, "marketplace")) });
+    expect({ status: response.status, code: ((await response.json()) as { code?: string }).code }).toEqual({ status: 403, code: "ERR_CLIENT_CERT" });
   });
 
   // #11 M4: after `token rotate-key`, every proxy call got 502 until the KeyServer was restarted.
