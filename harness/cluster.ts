@@ -165,7 +165,11 @@ export class Cluster implements AsyncDisposable {
    * coordinator on Deno, and so on. A role restarted under the same name keeps its runtime.
    */
   #launch(name: string, script: string, args: string[], options: { env?: Record<string, string>; stdin?: string } = {}): RoleProcess {
-    return this.#launchCommand(name, roleCommand(this.runtimeOf(name), script, args), options);
+    const command = roleCommand(this.runtimeOf(name), script, args);
+    // HARNESS_CPU_PROFILE=<role name> (say coordinator-1w in the bench) writes that role's Bun CPU profile beside its
+    // log when it exits: the roles' own guard refuses --cpu-prof from the environment, not from the command line.
+    if (process.env.HARNESS_CPU_PROFILE === name && command[0] === process.execPath) command.splice(1, 0, "--cpu-prof", `--cpu-prof-dir=${this.#options.logDir}`);
+    return this.#launchCommand(name, command, options);
   }
 
   readonly #runtimes = new Map<string, "bun" | "deno">();
