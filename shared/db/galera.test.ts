@@ -10,6 +10,7 @@ import { openStore, type NewRecord } from "../request-path/store.ts";
 import { openTokenStore } from "../token-path/token-store.ts";
 import { uniqueTable } from "../testing/mysql.ts";
 import { openMysql } from "./mysql.ts";
+import { lateBound } from "../testing/timing.ts";
 
 setDefaultTimeout(90_000);
 
@@ -153,7 +154,8 @@ describe("the stores on a 3-node Galera cluster", () => {
     const { acknowledged } = await writes;
     const ms = (x: number) => Math.round(x * 1000) / 1000;
     console.log(`causal read cost (ms a read): idle plain ${ms(idle.plain)}, causal ${ms(idle.causal)}; with ${acknowledged.size} writes on another node meanwhile: plain ${ms(busy.plain)}, causal ${ms(busy.causal)}`);
-    expect(busy.causal).toBeLessThan(20); // a bound, not a benchmark: a causal read waits for applies, not for a timeout
+    // A bound, not a benchmark: a causal read waits for applies (about a millisecond), not for a timeout (seconds).
+    expect(busy.causal).toBeLessThan(lateBound(100));
   });
 
   test("a jti used through one node is refused through another; an Idempotency-Key repeat answers with the first id", async () => {
@@ -257,7 +259,7 @@ describe("the stores on a 3-node Galera cluster", () => {
     const result = await writes;
     console.log(`db3 killed: plain generation read ${Math.round(plainMs)} ms, causal ${Math.round(causalMs)} ms, slowest insert ${Math.round(result.slowestMs)} ms`);
     expect(result.slowestMs).toBeGreaterThan(2000); // the stall was there to be waited out
-    expect(plainMs).toBeLessThan(500);
+    expect(plainMs).toBeLessThan(lateBound(500));
     expect(await galera.restart("db3")).toBe("IST");
     await galera.waitSynced();
   });
