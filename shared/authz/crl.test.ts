@@ -53,13 +53,17 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 utc = datetime.timezone.utc
 
+def utc_ms(when):
+  # cryptography 42+ gives aware datetimes (*_utc); older ones, such as Debian 12's 38, naive ones in UTC
+  return None if when is None else when.replace(tzinfo=utc).timestamp() * 1000
+
 def view(d, name):
   crl = x509.load_pem_x509_crl(open(d + "/" + name, "rb").read())
   ca = x509.load_pem_x509_certificate(open(d + "/ca_cert.pem", "rb").read())
   return {
     "revoked": sorted(format(entry.serial_number, "x") for entry in crl),
-    "thisUpdate": crl.last_update_utc.timestamp() * 1000,
-    "nextUpdate": crl.next_update_utc.timestamp() * 1000 if crl.next_update_utc else None,
+    "thisUpdate": utc_ms(crl.last_update_utc if hasattr(crl, "last_update_utc") else crl.last_update),
+    "nextUpdate": utc_ms(crl.next_update_utc if hasattr(crl, "next_update_utc") else crl.next_update),
     "signed": crl.is_signature_valid(ca.public_key()),
   }
 

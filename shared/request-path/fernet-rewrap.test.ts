@@ -9,7 +9,7 @@ import { join } from "node:path";
 import mysql from "mysql2/promise";
 import { createLogger, type Logger } from "../ops/log.ts";
 import { fernetKeyFingerprint } from "../platform/fernet-key-file.ts";
-import { TEST_MYSQL_URL, uniqueTable } from "../testing/mysql.ts";
+import { TEST_MYSQL_URL, testedDatabases, uniqueTable } from "../testing/mysql.ts";
 import { waitFor } from "../../harness/fixtures/index.ts";
 import { Fernet, generateFernetKey } from "./fernet.ts";
 import { FernetKeys } from "./fernet-reload.ts";
@@ -118,7 +118,7 @@ function startRewrap(store: RecordStore, keys: FernetKeys, logger: Logger, pace:
   return rewrap;
 }
 
-describe.each(["sqlite", "mysql"] as const)("FernetRewrap on %s", (kind) => {
+describe.each(testedDatabases(["sqlite", "mysql"] as const))("FernetRewrap on %s", (kind) => {
   const [OLD, NEW] = [generateFernetKey(), generateFernetKey()];
   const [fpOld, fpNew] = [fernetKeyFingerprint(OLD), fernetKeyFingerprint(NEW)];
   const promoted = `${NEW}  # primary, promoted 2026-01-01T00:01:00Z\n${OLD}  # decrypt-only, encrypted until 2026-01-01T00:01:00Z\n`;

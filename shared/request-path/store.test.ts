@@ -7,8 +7,9 @@ import mysql from "mysql2/promise";
 import { IdempotencyConflict, ProofRejected } from "../platform/errors.ts";
 import { recordSql } from "./record-store.ts";
 import { describeStoreUrl, openStore, type NewRecord, type RecordStore } from "./store.ts";
-import { hostPortOf, LostCommitRelay, multiHostUrl, TEST_MYSQL_URL, uniqueTable } from "../testing/mysql.ts";
+import { hostPortOf, LostCommitRelay, multiHostUrl, TEST_MYSQL_URL, testedDatabases, uniqueTable, UNIT_RUN } from "../testing/mysql.ts";
 import type { MysqlStore } from "./store-mysql.ts";
+import { lateBound } from "../testing/timing.ts";
 
 const mysqlTables: string[] = [];
 const stores: RecordStore[] = [];
@@ -38,7 +39,7 @@ function record(overrides: Partial<NewRecord> = {}): NewRecord {
   return { sender: "client1", token: `token-${n}`, jti: `jti-${n}-${Math.random()}`, digest: `digest-${n}`, server: 5001, ...overrides };
 }
 
-describe.each(Object.keys(backends))("%s record store", (kind) => {
+describe.each(testedDatabases(Object.keys(backends)))("%s record store", (kind) => {
   const open = async () => {
     const store = await backends[kind]!();
     stores.push(store);
@@ -154,7 +155,7 @@ describe.each(Object.keys(backends))("%s record store", (kind) => {
   });
 });
 
-describe.each(Object.keys(backends))("%s record store: re-encryption's compare-and-set (fernet-rewrap.ts)", (kind) => {
+describe.each(testedDatabases(Object.keys(backends)))("%s record store: re-encryption's compare-and-set (fernet-rewrap.ts)", (kind) => {
   /** Two stores on one database, as two servers have. */
   const twoServers = async (): Promise<[RecordStore, RecordStore]> => {
     const table = uniqueTable("records");
@@ -291,7 +292,7 @@ async function expectAggregatesExact(store: RecordStore, raw: RawDatabase): Prom
   expect({ total: await store.count(), bySender: await store.countsBySender() }).toEqual(await countedByScan(raw));
 }
 
-describe.each(Object.keys(rawDatabases))("%s record store aggregates", (kind) => {
+describe.each(testedDatabases(Object.keys(rawDatabases)))("%s record store aggregates", (kind) => {
   const openRaw = async () => {
     const raw = await rawDatabases[kind]!();
     rawToClose.push(raw);
@@ -371,7 +372,7 @@ describe.each(Object.keys(rawDatabases))("%s record store aggregates", (kind) =>
 });
 
 describe("store id (issue 23: a database of another cluster is told apart)", () => {
-  test.each(["sqlite", "mysql"])("%s: every opening of one database reports its id; another database has another", async (kind) => {
+  test.each(testedDatabases(["sqlite", "mysql"]))("%s: every opening of one database reports its id; another database has another", async (kind) => {
     const dir = mkdtempSync(join(tmpdir(), "securemesh-store-id-"));
     const table = uniqueTable("records");
     if (kind === "mysql") mysqlTables.push(table);
@@ -399,12 +400,12 @@ test("a sqlite ping is a read: it answers while another process holds the write 
   frozen.prepare("BEGIN IMMEDIATE").run();
   const started = performance.now();
   await store.ping();
-  expect(performance.now() - started).toBeLessThan(1000); // busy_timeout is 5 s
+  expect(performance.now() - started).toBeLessThan(lateBound(1000)); // busy_timeout is 5 s
   frozen.prepare("ROLLBACK").run();
   frozen.close();
 });
 
-describe("mysql record store when a node dies under a COMMIT (#14)", () => {
+describe.skipIf(UNIT_RUN)("mysql record store when a node dies under a COMMIT (#14)", () => {
   /** A store on [a relay that loses COMMITs, the real server]: the second node of a multi-host URL sees the first's rows. */
   const openBehindRelay = async () => {
     const relay = await LostCommitRelay.start(hostPortOf(TEST_MYSQL_URL));
