@@ -85,10 +85,34 @@ export const COLUMNS: Column[] = [
   ...(["self", "client2"] as const).flatMap((tls): Column[] => {
     const over = tls === "client2" ? " (proof over client2's TLS)" : "";
     return [
-      { key: `coordinator.write.${tls}`, role: "coordinator", label: `records.write${over}`, tls, steps: (id, h) => [step(h.coordinator, "forward"), step(id, "records.write")] },
-      { key: `coordinator.read.${tls}`, role: "coordinator", label: `view.read${over}`, tls, steps: (id, h) => [step(h.coordinator, "forward"), step(id, "view.read", ...VIEW)] },
-      { key: `coordinator.invalidate.${tls}`, role: "coordinator", label: `cache.invalidate${over}`, tls, steps: (id, h) => [step(h.coordinator, "forward"), step(id, "cache.invalidate")] },
-      { key: `coordinator.stats.${tls}`, role: "coordinator", label: `cache.stats${over}`, tls, steps: (id, h) => [step(h.coordinator, "forward"), step(id, "cache.stats")] },
+      {
+        key: `coordinator.write.${tls}`,
+        role: "coordinator",
+        label: `records.write${over}`,
+        tls,
+        steps: (id, h) => [step(h.coordinator, "forward"), step(id, "records.write")],
+      },
+      {
+        key: `coordinator.read.${tls}`,
+        role: "coordinator",
+        label: `view.read${over}`,
+        tls,
+        steps: (id, h) => [step(h.coordinator, "forward"), step(id, "view.read", ...VIEW)],
+      },
+      {
+        key: `coordinator.invalidate.${tls}`,
+        role: "coordinator",
+        label: `cache.invalidate${over}`,
+        tls,
+        steps: (id, h) => [step(h.coordinator, "forward"), step(id, "cache.invalidate")],
+      },
+      {
+        key: `coordinator.stats.${tls}`,
+        role: "coordinator",
+        label: `cache.stats${over}`,
+        tls,
+        steps: (id, h) => [step(h.coordinator, "forward"), step(id, "cache.stats")],
+      },
     ];
   }),
   // An operator's drain (issue 20), asked for a server no pool holds: an identity allowed it gets 404 naming the server,
@@ -96,23 +120,67 @@ export const COLUMNS: Column[] = [
   { key: "coordinator.drain", role: "coordinator", label: "admin.drain", tls: "self", steps: (id) => [step(id, "admin.drain")] },
   { key: "server.write", role: "server", label: "forward + records.write", tls: "self", steps: (id) => [step(id, "forward"), step(id, "records.write")] },
   { key: "server.read", role: "server", label: "forward + view.read", tls: "self", steps: (id) => [step(id, "forward"), step(id, "view.read", ...VIEW)] },
-  { key: "server.invalidate", role: "server", label: "forward + cache.invalidate", tls: "self", steps: (id) => [step(id, "forward"), step(id, "cache.invalidate")] },
+  {
+    key: "server.invalidate",
+    role: "server",
+    label: "forward + cache.invalidate",
+    tls: "self",
+    steps: (id) => [step(id, "forward"), step(id, "cache.invalidate")],
+  },
   { key: "server.stats", role: "server", label: "forward + cache.stats", tls: "self", steps: (id) => [step(id, "forward"), step(id, "cache.stats")] },
-  ...(["client1", "client2"] as const).map((client): Column => ({
-    key: `secureproxy.${client}`, role: "secureproxy", label: `proxy.use:${client}/marketplace`, tls: "self",
-    steps: (id, h) => [step(id, "proxy.use", `${client}/marketplace`), step(h.secureproxy, "tokens.fetch"), step(id, "proxy.use", `${client}/marketplace`)],
-  })),
-  { key: "keyserver.self", role: "keyserver", label: "tokens.fetch client1/marketplace for itself", tls: "self", steps: (id) => [step(id, "tokens.fetch"), step(id, "proxy.use", "client1/marketplace")] },
-  { key: "keyserver.client1", role: "keyserver", label: "tokens.fetch client1/marketplace for client1", tls: "self", steps: (id, h) => [step(id, "tokens.fetch"), step(h.client1, "proxy.use", "client1/marketplace")] },
+  ...(["client1", "client2"] as const).map(
+    (client): Column => ({
+      key: `secureproxy.${client}`,
+      role: "secureproxy",
+      label: `proxy.use:${client}/marketplace`,
+      tls: "self",
+      steps: (id, h) => [step(id, "proxy.use", `${client}/marketplace`), step(h.secureproxy, "tokens.fetch"), step(id, "proxy.use", `${client}/marketplace`)],
+    }),
+  ),
+  {
+    key: "keyserver.self",
+    role: "keyserver",
+    label: "tokens.fetch client1/marketplace for itself",
+    tls: "self",
+    steps: (id) => [step(id, "tokens.fetch"), step(id, "proxy.use", "client1/marketplace")],
+  },
+  {
+    key: "keyserver.client1",
+    role: "keyserver",
+    label: "tokens.fetch client1/marketplace for client1",
+    tls: "self",
+    steps: (id, h) => [step(id, "tokens.fetch"), step(h.client1, "proxy.use", "client1/marketplace")],
+  },
   // The opt-in ECDH-ES exchange (#13) is decided exactly as RSA-OAEP-256: another JWE, the same two decisions.
-  { key: "keyserver.client1.ecdh", role: "keyserver", label: "tokens.fetch client1/marketplace for client1, ECDH-ES", tls: "self", steps: (id, h) => [step(id, "tokens.fetch"), step(h.client1, "proxy.use", "client1/marketplace")] },
+  {
+    key: "keyserver.client1.ecdh",
+    role: "keyserver",
+    label: "tokens.fetch client1/marketplace for client1, ECDH-ES",
+    tls: "self",
+    steps: (id, h) => [step(id, "tokens.fetch"), step(h.client1, "proxy.use", "client1/marketplace")],
+  },
   // /health and /metrics answer any certificate of the CA (load balancers, scrapers), and nothing else: a revoked
   // one was still served on Bun, where the listener could not see it (issue 18, L1). The coordinator's /metrics is
   // on its loopback admin listener, outside mutual TLS.
-  ...([["coordinator", "/health"], ["server", "/health"], ["server", "/metrics"], ["secureproxy", "/health"], ["secureproxy", "/metrics"],
-    ["keyserver", "/health"], ["keyserver", "/metrics"]] as const).map(([role, path]): Column => ({
-    key: `${role}.get${path.replace("/", ".")}`, role, label: `GET ${path}`, tls: "self", steps: () => [],
-  })),
+  ...(
+    [
+      ["coordinator", "/health"],
+      ["server", "/health"],
+      ["server", "/metrics"],
+      ["secureproxy", "/health"],
+      ["secureproxy", "/metrics"],
+      ["keyserver", "/health"],
+      ["keyserver", "/metrics"],
+    ] as const
+  ).map(
+    ([role, path]): Column => ({
+      key: `${role}.get${path.replace("/", ".")}`,
+      role,
+      label: `GET ${path}`,
+      tls: "self",
+      steps: () => [],
+    }),
+  ),
 ];
 
 /** The 403 text a role sends for a denied step: the last resource it asked about. */
@@ -190,15 +258,25 @@ export interface MatrixResult {
 
 /** The identities of #11 Part 6, from the roles' PKI, hostileCertificates() and another pki.sh PKI. */
 export function matrixIdentities(pki: string, hostile: Record<string, TlsMaterial>): MatrixIdentity[] {
-  const own = (name: string): MatrixIdentity => ({ label: name, cert: readFileSync(join(pki, `${name}_cert.pem`), "utf8"), key: readFileSync(join(pki, `${name}_key.pem`), "utf8") });
+  const own = (name: string): MatrixIdentity => ({
+    label: name,
+    cert: readFileSync(join(pki, `${name}_cert.pem`), "utf8"),
+    key: readFileSync(join(pki, `${name}_key.pem`), "utf8"),
+  });
   const hostileOne = (label: string, name: string): MatrixIdentity => {
     const m = hostile[name];
     if (!m?.cert || !m.key) throw new Error(`no hostile certificate named '${name}'`);
     return { label, cert: m.cert, key: m.key };
   };
   return [
-    own("client1"), own("client2"), own("coordinator"), own("secureproxy"), own("server"),
-    hostileOne("revoked", "revoked"), hostileOne("expired", "expired"), hostileOne("foreign", "another CA"),
+    own("client1"),
+    own("client2"),
+    own("coordinator"),
+    own("secureproxy"),
+    own("server"),
+    hostileOne("revoked", "revoked"),
+    hostileOne("expired", "expired"),
+    hostileOne("foreign", "another CA"),
   ];
 }
 
@@ -264,7 +342,12 @@ async function classifyStats(response: Response): Promise<Observation> {
   }
   const detail = `${response.status} ${text.slice(0, 200)}`;
   const servers = body.servers ?? [];
-  if (servers.length === 0) return response.status === 403 ? { outcome: "deny", detail } : response.status === 401 ? { outcome: "unauthenticated", detail } : { outcome: "other", detail };
+  if (servers.length === 0)
+    return response.status === 403
+      ? { outcome: "deny", detail }
+      : response.status === 401
+        ? { outcome: "unauthenticated", detail }
+        : { outcome: "other", detail };
   if (response.status === 200 && servers.every((s) => s.error === undefined)) return { outcome: "allow", detail };
   // The coordinator passes each server's verdict on per server; a denial is every server's 403.
   if (servers.every((s) => typeof s.error === "string" && /\b403\b|lacks permission/.test(s.error))) return { outcome: "deny", detail };
@@ -289,7 +372,10 @@ interface Actor {
 }
 
 /** Runs every cell `attempts` times (a fresh proof and a fresh TLS connection each time); returns every cell. */
-export async function runAuthzMatrix(t: MatrixTargets, options: { attempts: number; concurrency?: number; onCell?: (cell: CellResult) => void }): Promise<MatrixResult> {
+export async function runAuthzMatrix(
+  t: MatrixTargets,
+  options: { attempts: number; concurrency?: number; onCell?: (cell: CellResult) => void },
+): Promise<MatrixResult> {
   const caPem = readFileSync(join(t.pki, "ca_cert.pem"), "utf8");
   const crlPem = readFileSync(join(t.pki, "crl.pem"), "utf8");
   const crl = parseCrl(crlPem, caPem);
@@ -301,13 +387,22 @@ export async function runAuthzMatrix(t: MatrixTargets, options: { attempts: numb
   const actors = new Map<string, Actor>();
   for (const m of t.identities) {
     const identity: Identity = { name: m.label, cert: m.cert, key: m.key, ca: caPem };
-    actors.set(m.label, { facts: identityFacts(m.label, m.cert, caPem, crl), tls: { cert: m.cert, key: m.key, ca: caPem, rejectUnauthorized: true }, signer: new ProofSigner(identity) });
+    actors.set(m.label, {
+      facts: identityFacts(m.label, m.cert, caPem, crl),
+      tls: { cert: m.cert, key: m.key, ca: caPem, rejectUnauthorized: true },
+      signer: new ProofSigner(identity),
+    });
   }
   const client2 = actors.get("client2");
   if (!client2) throw new Error("the matrix needs client2 (its TLS carries the other identities' proofs)");
 
   // The KeyServer's public key, fetched as the proxy does (any trusted certificate may read it).
-  const proxyTls = { cert: readFileSync(join(t.pki, "secureproxy_cert.pem"), "utf8"), key: readFileSync(join(t.pki, "secureproxy_key.pem"), "utf8"), ca: caPem, rejectUnauthorized: true } as const;
+  const proxyTls = {
+    cert: readFileSync(join(t.pki, "secureproxy_cert.pem"), "utf8"),
+    key: readFileSync(join(t.pki, "secureproxy_key.pem"), "utf8"),
+    ca: caPem,
+    rejectUnauthorized: true,
+  } as const;
   const keyResponse = await fetch(`${t.keyserver}/public_key`, { tls: proxyTls, signal: AbortSignal.timeout(10_000) });
   const keyserverKey: KeyObject = createPublicKey(((await keyResponse.json()) as { public_key: string }).public_key);
   // Its X25519 key for the opt-in ECDH-ES requests, from its JWKS (the KeyServer runs with --ecdh-es here).
@@ -317,7 +412,8 @@ export async function runAuthzMatrix(t: MatrixTargets, options: { attempts: numb
   const keyserverEcdhKey: KeyObject = createPublicKey({ key: x25519, format: "jwk" });
 
   // keepalive off: every attempt is a new handshake, so no connection opened under one certificate serves another.
-  const call = (url: string, tls: Actor["tls"], init: RequestInit) => fetch(url, { ...init, tls, keepalive: false, signal: AbortSignal.timeout(10_000) } as RequestInit);
+  const call = (url: string, tls: Actor["tls"], init: RequestInit) =>
+    fetch(url, { ...init, tls, keepalive: false, signal: AbortSignal.timeout(10_000) } as RequestInit);
   const json = { "content-type": "application/json" };
 
   const base: Record<Column["role"], string> = { coordinator: t.coordinator, server: t.server, secureproxy: t.secureproxy, keyserver: t.keyserver };
@@ -328,14 +424,17 @@ export async function runAuthzMatrix(t: MatrixTargets, options: { attempts: numb
       const response = await call(`${base[column.role]}${column.label.slice(4)}`, tls, {});
       const text = await response.text();
       if (connectionRefusal(response.status, text)) return { outcome: "refused", detail: `${response.status} ${text.slice(0, 120)}` };
-      return response.status === 200 ? { outcome: "allow", detail: `200 ${text.slice(0, 60)}` } : { outcome: "other", detail: `${response.status} ${text.slice(0, 120)}` };
+      return response.status === 200
+        ? { outcome: "allow", detail: `200 ${text.slice(0, 60)}` }
+        : { outcome: "other", detail: `${response.status} ${text.slice(0, 120)}` };
     }
     switch (column.key.split(".").slice(0, 2).join(".")) {
       case "coordinator.write": {
         const data = fernet.encrypt(`matrix write by ${actor.facts.label}`);
         const proof = await signer.sign({ method: "POST", path: "/api/data", payload: data });
-        return classify(await call(`${t.coordinator}/api/data`, tls, { method: "POST", headers: json, body: JSON.stringify({ data, proof }) }),
-          (b) => (b.result === "ok" ? null : "no result ok"));
+        return classify(await call(`${t.coordinator}/api/data`, tls, { method: "POST", headers: json, body: JSON.stringify({ data, proof }) }), (b) =>
+          b.result === "ok" ? null : "no result ok",
+        );
       }
       case "coordinator.read": {
         const proof = await signer.sign({ method: "GET", path: "/api/get_cached_data", payload: "" });
@@ -350,16 +449,23 @@ export async function runAuthzMatrix(t: MatrixTargets, options: { attempts: numb
         return classifyStats(await call(`${t.coordinator}/api/cache_stats`, tls, { headers: { [PROOF_HEADER]: proof } }));
       }
       case "coordinator.drain": {
-        const response = await call(`${t.coordinator}/admin/drain`, tls, { method: "POST", headers: json, body: JSON.stringify({ server: "https://not-in-the-pool.invalid:1" }) });
+        const response = await call(`${t.coordinator}/admin/drain`, tls, {
+          method: "POST",
+          headers: json,
+          body: JSON.stringify({ server: "https://not-in-the-pool.invalid:1" }),
+        });
         if (response.status !== 404) return classify(response);
         const body = (await response.json()) as Json;
-        return String(body.error).startsWith("no server") ? { outcome: "allow", detail: "404, the server is not in the pool (the decision allowed it)" } : { outcome: "other", detail: `404 ${JSON.stringify(body)}` };
+        return String(body.error).startsWith("no server")
+          ? { outcome: "allow", detail: "404, the server is not in the pool (the decision allowed it)" }
+          : { outcome: "other", detail: `404 ${JSON.stringify(body)}` };
       }
       case "server.write": {
         const data = fernet.encrypt(`matrix direct write by ${actor.facts.label}`);
         const proof = await signer.sign({ method: "POST", path: "/api/data", payload: data });
-        return classify(await call(`${t.server}/api/data`, tls, { method: "POST", headers: { ...json }, body: JSON.stringify({ data, proof }) }),
-          (b) => (b.result === "ok" ? null : "no result ok"));
+        return classify(await call(`${t.server}/api/data`, tls, { method: "POST", headers: { ...json }, body: JSON.stringify({ data, proof }) }), (b) =>
+          b.result === "ok" ? null : "no result ok",
+        );
       }
       case "server.read": {
         const proof = await signer.sign({ method: "GET", path: "/api/get_cached_data", payload: "" });
@@ -376,15 +482,22 @@ export async function runAuthzMatrix(t: MatrixTargets, options: { attempts: numb
       case "secureproxy.client1":
       case "secureproxy.client2": {
         const client = column.key.split(".")[1]!;
-        return classify(await call(`${t.secureproxy}/request_api`, tls, { method: "POST", headers: json, body: JSON.stringify({ ClientId: client, TokenType: "marketplace", ApiUri: t.apiUri }) }),
-          (b) => ((b.item as { id?: unknown } | undefined)?.id === 1 ? null : "not the marketplace item"));
+        return classify(
+          await call(`${t.secureproxy}/request_api`, tls, {
+            method: "POST",
+            headers: json,
+            body: JSON.stringify({ ClientId: client, TokenType: "marketplace", ApiUri: t.apiUri }),
+          }),
+          (b) => ((b.item as { id?: unknown } | undefined)?.id === 1 ? null : "not the marketplace item"),
+        );
       }
       case "keyserver.self":
       case "keyserver.client1":
       case "keyserver.client1.ecdh": {
-        const prepared = column.key === "keyserver.client1.ecdh"
-          ? await prepareEcdhRequest(keyserverEcdhKey, "client1", "marketplace")
-          : await prepareJoseRequest(keyserverKey, "client1", "marketplace");
+        const prepared =
+          column.key === "keyserver.client1.ecdh"
+            ? await prepareEcdhRequest(keyserverEcdhKey, "client1", "marketplace")
+            : await prepareJoseRequest(keyserverKey, "client1", "marketplace");
         const headers: Record<string, string> = { "content-type": prepared.contentType };
         if (column.key !== "keyserver.self") headers[ON_BEHALF_OF_HEADER] = hops.client1;
         const response = await call(`${t.keyserver}/`, tls, { method: "POST", headers, body: prepared.body });
@@ -404,21 +517,23 @@ export async function runAuthzMatrix(t: MatrixTargets, options: { attempts: numb
   }
   const cells: CellResult[] = [];
   let next = 0;
-  await Promise.all(Array.from({ length: options.concurrency ?? 4 }, async () => {
-    while (next < jobs.length) {
-      const { actor, column, expected } = jobs[next++]!;
-      const cell: CellResult = { identity: actor.facts.label, column, expected, attempts: options.attempts, asExpected: 0, observed: [] };
-      for (let i = 0; i < options.attempts; i++) {
-        const seen = await attempt(() => run(actor, column));
-        cell.observed.push(seen.outcome);
-        const problem = mismatch(expected, seen);
-        if (problem === null) cell.asExpected += 1;
-        else cell.unexpected ??= problem;
+  await Promise.all(
+    Array.from({ length: options.concurrency ?? 4 }, async () => {
+      while (next < jobs.length) {
+        const { actor, column, expected } = jobs[next++]!;
+        const cell: CellResult = { identity: actor.facts.label, column, expected, attempts: options.attempts, asExpected: 0, observed: [] };
+        for (let i = 0; i < options.attempts; i++) {
+          const seen = await attempt(() => run(actor, column));
+          cell.observed.push(seen.outcome);
+          const problem = mismatch(expected, seen);
+          if (problem === null) cell.asExpected += 1;
+          else cell.unexpected ??= problem;
+        }
+        cells.push(cell);
+        options.onCell?.(cell);
       }
-      cells.push(cell);
-      options.onCell?.(cell);
-    }
-  }));
+    }),
+  );
   const order = (c: CellResult) => COLUMNS.indexOf(c.column) * 100 + t.identities.findIndex((m) => m.label === c.identity);
   cells.sort((a, b) => order(a) - order(b));
   return { identities: [...actors.values()].map((a) => a.facts), cells, policyFile: t.policyFile };
@@ -452,22 +567,38 @@ const SHORT: Record<Outcome, string> = { allow: "allow", deny: "deny", unauthent
 export function matrixTable(result: MatrixResult): string[] {
   const labels = result.identities.map((f) => f.label);
   const header = ["role", "action", ...labels];
-  const rows = COLUMNS.map((column) => [column.role, column.label, ...labels.map((label) => {
-    const cell = result.cells.find((c) => c.column === column && c.identity === label);
-    if (!cell) return "·";
-    const seen = cell.observed.find((o) => o !== cell.expected.outcome) ?? cell.expected.outcome;
-    const ok = cell.asExpected === cell.attempts;
-    const count = cell.attempts > 1 ? ` ${cell.asExpected}/${cell.attempts}` : "";
-    return ok ? `${SHORT[seen]}${count}` : `!${SHORT[seen]} (want ${SHORT[cell.expected.outcome]})${count}`;
-  })]);
+  const rows = COLUMNS.map((column) => [
+    column.role,
+    column.label,
+    ...labels.map((label) => {
+      const cell = result.cells.find((c) => c.column === column && c.identity === label);
+      if (!cell) return "·";
+      const seen = cell.observed.find((o) => o !== cell.expected.outcome) ?? cell.expected.outcome;
+      const ok = cell.asExpected === cell.attempts;
+      const count = cell.attempts > 1 ? ` ${cell.asExpected}/${cell.attempts}` : "";
+      return ok ? `${SHORT[seen]}${count}` : `!${SHORT[seen]} (want ${SHORT[cell.expected.outcome]})${count}`;
+    }),
+  ]);
   return renderTable(header, rows);
 }
 
-export function matrixTotals(result: MatrixResult): { cells: number; attempts: number; asExpected: number; unexpected: CellResult[]; byOutcome: Record<Outcome, number> } {
+export function matrixTotals(result: MatrixResult): {
+  cells: number;
+  attempts: number;
+  asExpected: number;
+  unexpected: CellResult[];
+  byOutcome: Record<Outcome, number>;
+} {
   const unexpected = result.cells.filter((c) => c.asExpected !== c.attempts);
   const byOutcome: Record<Outcome, number> = { allow: 0, deny: 0, unauthenticated: 0, refused: 0, other: 0 };
   for (const c of result.cells) byOutcome[c.expected.outcome] += 1;
-  return { cells: result.cells.length, attempts: result.cells.reduce((n, c) => n + c.attempts, 0), asExpected: result.cells.length - unexpected.length, unexpected, byOutcome };
+  return {
+    cells: result.cells.length,
+    attempts: result.cells.reduce((n, c) => n + c.attempts, 0),
+    asExpected: result.cells.length - unexpected.length,
+    unexpected,
+    byOutcome,
+  };
 }
 
 /** The summary line under the table, and one line per identity that is not trusted (why its cells are refused). */

@@ -29,7 +29,11 @@ const server = Bun.serve({
     });
     const body = request.method === "GET" || request.method === "HEAD" ? undefined : new Uint8Array(await request.arrayBuffer());
     const answer = await upstream.request(servers[next++ % servers.length] + url.pathname + url.search, {
-      method: request.method, headers, body, timeoutMs: 5000, idempotent: request.method === "GET" || request.headers.has("idempotency-key"),
+      method: request.method,
+      headers,
+      body,
+      timeoutMs: 5000,
+      idempotent: request.method === "GET" || request.headers.has("idempotency-key"),
     });
     return new Response(answer.body, { status: answer.status, headers: { "content-type": answer.header("content-type") ?? "application/json" } });
   },

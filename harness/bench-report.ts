@@ -35,19 +35,36 @@ function versus(result: CaseResult, results: CaseResult[]): string {
   const other = baseline && results.find((r) => r.id === baseline.id);
   if (!baseline || !other) return "";
   if (result.id === "g-failover") return `p99 ${ms(result.latency?.p99)} vs ${ms(other.latency?.p99)} ms ${baseline.name}`;
-  if (result.mixed) return `read p50 ${ms(result.mixed.reads.p50)} vs ${ms(other.latency?.p50)} ms ${baseline.name}, ${(100 * result.mixed.hitRatio).toFixed(0)}% hits`;
+  if (result.mixed)
+    return `read p50 ${ms(result.mixed.reads.p50)} vs ${ms(other.latency?.p50)} ms ${baseline.name}, ${(100 * result.mixed.hitRatio).toFixed(0)}% hits`;
   return `${(result.rate / other.rate).toFixed(2)}x ${baseline.name}`;
 }
 
 export function benchTable(report: BenchReport): string[] {
   const header = ["case", "rate", "p50 ms", "p90 ms", "p99 ms", "max ms", "errors", "CPU µs/req", "vs baseline"];
   const rows = report.results.map((r) => [
-    r.label, `${rate(r.rate)} ${r.unit}`, ms(r.latency?.p50), ms(r.latency?.p90), ms(r.latency?.p99), ms(r.latency?.max),
-    r.latency ? String(r.errors) : "", r.cpuMsPerRequest === undefined ? "" : (1000 * r.cpuMsPerRequest).toFixed(0), versus(r, report.results),
+    r.label,
+    `${rate(r.rate)} ${r.unit}`,
+    ms(r.latency?.p50),
+    ms(r.latency?.p90),
+    ms(r.latency?.p99),
+    ms(r.latency?.max),
+    r.latency ? String(r.errors) : "",
+    r.cpuMsPerRequest === undefined ? "" : (1000 * r.cpuMsPerRequest).toFixed(0),
+    versus(r, report.results),
   ]);
   const { machine, versions, options } = report;
   const goals = report.comparisons.map((c) => {
-    const value = c.unit === "x" ? `${c.value.toFixed(2)}x` : c.unit === "%" ? `${c.value.toFixed(0)}%` : c.unit === "ms" ? `${c.value >= 0 ? "+" : ""}${c.value.toFixed(2)} ms` : c.unit === "MiB" ? `${c.value.toFixed(1)} MiB` : `${c.value} errors`;
+    const value =
+      c.unit === "x"
+        ? `${c.value.toFixed(2)}x`
+        : c.unit === "%"
+          ? `${c.value.toFixed(0)}%`
+          : c.unit === "ms"
+            ? `${c.value >= 0 ? "+" : ""}${c.value.toFixed(2)} ms`
+            : c.unit === "MiB"
+              ? `${c.value.toFixed(1)} MiB`
+              : `${c.value} errors`;
     const verdict = c.goal === undefined ? "" : c.met ? `  met (goal ${c.goal})` : `  NOT met (goal ${c.goal})`;
     return `  ${c.label}: ${value} (${c.detail})${verdict}`;
   });
@@ -77,7 +94,11 @@ function sweepTables(report: BenchReport): string[] {
       const at = (c: number) => concurrency.find((p) => p.target === t && p.concurrency === c)!;
       return [t, ...levels.map((c) => rate(at(c).rate)), ...levels.map((c) => ms(at(c).p99))];
     });
-    out.push("", "Sweep: concurrency (cached read; the coordinator and HAProxy as they log by default):", ...renderTable(header, rows, { border: "plain", align: right(header.length) }));
+    out.push(
+      "",
+      "Sweep: concurrency (cached read; the coordinator and HAProxy as they log by default):",
+      ...renderTable(header, rows, { border: "plain", align: right(header.length) }),
+    );
   }
   if (servers.length > 0) {
     const counts = [...new Set(servers.map((p) => p.servers))];
@@ -91,15 +112,27 @@ function sweepTables(report: BenchReport): string[] {
   if (report.storeSizes.points.length > 0) {
     const header = ["uncached get_data()", "records", "p50 ms", "p99 ms", "reads", "filled in s"];
     const rows = report.storeSizes.points.map((p) => [p.db, rate(p.records), ms(p.p50), ms(p.p99), String(p.reads), p.fillS.toFixed(1)]);
-    out.push("", "Sweep: store size (a server reading straight from the store, one request at a time):", ...renderTable(header, rows, { border: "plain", align: right(header.length) }));
+    out.push(
+      "",
+      "Sweep: store size (a server reading straight from the store, one request at a time):",
+      ...renderTable(header, rows, { border: "plain", align: right(header.length) }),
+    );
   }
   if (report.memory.length > 0) {
     const header = ["role", "runtime", "RSS MiB"];
     const rows = [
       ...report.memory.map((m) => [m.name, m.runtime, m.rssMiB.toFixed(1)]),
-      ...report.storeSizes.memory.map((m) => [`server after ${rate(m.records)} records (${m.db}), idle before`, "bun", `${m.afterMiB.toFixed(1)} (${m.idleMiB.toFixed(1)})`]),
+      ...report.storeSizes.memory.map((m) => [
+        `server after ${rate(m.records)} records (${m.db}), idle before`,
+        "bun",
+        `${m.afterMiB.toFixed(1)} (${m.idleMiB.toFixed(1)})`,
+      ]),
     ];
-    out.push("", "Memory (idle, before any load; the client's peak over one message):", ...renderTable(header, rows, { border: "plain", align: ["left", "left", "right"] }));
+    out.push(
+      "",
+      "Memory (idle, before any load; the client's peak over one message):",
+      ...renderTable(header, rows, { border: "plain", align: ["left", "left", "right"] }),
+    );
   }
   return out;
 }
@@ -113,34 +146,54 @@ interface Bar {
 function groups(report: BenchReport): { title: string; unit: string; bars: Bar[] }[] {
   const by = (id: string) => report.results.find((r) => r.id === id)?.rate ?? 0;
   return [
-    { title: "Cached read, requests/s", unit: "req/s", bars: [
-      { label: "direct to one server", value: by("a-read"), ours: false },
-      { label: "coordinator, access log", value: by("b-read"), ours: true },
-      { label: "HAProxy, access log", value: by("c-read-log"), ours: false },
-      { label: "coordinator, no log", value: by("b-read-nolog"), ours: true },
-      { label: "HAProxy, no log", value: by("c-read"), ours: false },
-    ] },
-    { title: "POST /api/data, requests/s", unit: "req/s", bars: [
-      { label: "direct to one server", value: by("a-write"), ours: false },
-      { label: "coordinator, access log", value: by("b-write"), ours: true },
-      { label: "HAProxy, access log", value: by("c-write-log"), ours: false },
-      { label: "coordinator, no log", value: by("b-write-nolog"), ours: true },
-      { label: "HAProxy, no log", value: by("c-write"), ours: false },
-    ] },
-    { title: "Fernet, 1 KiB, operations/s", unit: "ops/s", bars: [
-      { label: "securemesh encrypt", value: by("d-encrypt"), ours: true },
-      { label: "Python cryptography encrypt", value: by("d-encrypt-python"), ours: false },
-      { label: "securemesh decrypt", value: by("d-decrypt"), ours: true },
-      { label: "Python cryptography decrypt", value: by("d-decrypt-python"), ours: false },
-    ] },
-    { title: "Token releases/s against the RSA-2048 OAEP decrypt bound", unit: "/s", bars: [
-      { label: "KeyServer releases", value: by("e-releases"), ours: true },
-      { label: "RSA decrypts, one core", value: by("e-rsa-bound"), ours: false },
-    ] },
-    { title: "get_data() through the coordinator, requests/s", unit: "req/s", bars: [
-      { label: "cached", value: by("b-read"), ours: true },
-      { label: "uncached", value: by("f-uncached"), ours: false },
-    ] },
+    {
+      title: "Cached read, requests/s",
+      unit: "req/s",
+      bars: [
+        { label: "direct to one server", value: by("a-read"), ours: false },
+        { label: "coordinator, access log", value: by("b-read"), ours: true },
+        { label: "HAProxy, access log", value: by("c-read-log"), ours: false },
+        { label: "coordinator, no log", value: by("b-read-nolog"), ours: true },
+        { label: "HAProxy, no log", value: by("c-read"), ours: false },
+      ],
+    },
+    {
+      title: "POST /api/data, requests/s",
+      unit: "req/s",
+      bars: [
+        { label: "direct to one server", value: by("a-write"), ours: false },
+        { label: "coordinator, access log", value: by("b-write"), ours: true },
+        { label: "HAProxy, access log", value: by("c-write-log"), ours: false },
+        { label: "coordinator, no log", value: by("b-write-nolog"), ours: true },
+        { label: "HAProxy, no log", value: by("c-write"), ours: false },
+      ],
+    },
+    {
+      title: "Fernet, 1 KiB, operations/s",
+      unit: "ops/s",
+      bars: [
+        { label: "securemesh encrypt", value: by("d-encrypt"), ours: true },
+        { label: "Python cryptography encrypt", value: by("d-encrypt-python"), ours: false },
+        { label: "securemesh decrypt", value: by("d-decrypt"), ours: true },
+        { label: "Python cryptography decrypt", value: by("d-decrypt-python"), ours: false },
+      ],
+    },
+    {
+      title: "Token releases/s against the RSA-2048 OAEP decrypt bound",
+      unit: "/s",
+      bars: [
+        { label: "KeyServer releases", value: by("e-releases"), ours: true },
+        { label: "RSA decrypts, one core", value: by("e-rsa-bound"), ours: false },
+      ],
+    },
+    {
+      title: "get_data() through the coordinator, requests/s",
+      unit: "req/s",
+      bars: [
+        { label: "cached", value: by("b-read"), ours: true },
+        { label: "uncached", value: by("f-uncached"), ours: false },
+      ],
+    },
   ];
 }
 
@@ -195,26 +248,56 @@ export function renderSweepCharts(report: BenchReport): Record<string, string> {
   const { concurrency, servers } = report.sweeps;
   const byTarget = (pick: (p: BenchReport["sweeps"]["concurrency"][number]) => number) =>
     [...new Set(concurrency.map((p) => p.target))].map((target) => ({
-      name: target, ours: target === "coordinator",
+      name: target,
+      ours: target === "coordinator",
       points: concurrency.filter((p) => p.target === target).map((p) => ({ x: p.concurrency, y: pick(p) })),
     }));
   if (concurrency.length > 0) {
-    charts["bench-concurrency.svg"] = renderLineChart({ title: "Cached read throughput against concurrency", subtitle, xLabel: "concurrent clients", yLabel: "requests/s", xLog: true, series: byTarget((p) => p.rate) });
-    charts["bench-concurrency-p99.svg"] = renderLineChart({ title: "Cached read p99 latency against concurrency", subtitle, xLabel: "concurrent clients", yLabel: "p99 ms", xLog: true, series: byTarget((p) => p.p99) });
+    charts["bench-concurrency.svg"] = renderLineChart({
+      title: "Cached read throughput against concurrency",
+      subtitle,
+      xLabel: "concurrent clients",
+      yLabel: "requests/s",
+      xLog: true,
+      series: byTarget((p) => p.rate),
+    });
+    charts["bench-concurrency-p99.svg"] = renderLineChart({
+      title: "Cached read p99 latency against concurrency",
+      subtitle,
+      xLabel: "concurrent clients",
+      yLabel: "p99 ms",
+      xLog: true,
+      series: byTarget((p) => p.p99),
+    });
   }
   if (servers.length > 0) {
     charts["bench-servers.svg"] = renderLineChart({
-      title: `Coordinator throughput against servers behind it (${options.coordinatorWorkers} workers)`, subtitle, xLabel: "servers", yLabel: "requests/s",
-      series: [...new Set(servers.map((p) => p.route))].map((route) => ({ name: route, ours: true, points: servers.filter((p) => p.route === route).map((p) => ({ x: p.servers, y: p.rate })) })),
+      title: `Coordinator throughput against servers behind it (${options.coordinatorWorkers} workers)`,
+      subtitle,
+      xLabel: "servers",
+      yLabel: "requests/s",
+      series: [...new Set(servers.map((p) => p.route))].map((route) => ({
+        name: route,
+        ours: true,
+        points: servers.filter((p) => p.route === route).map((p) => ({ x: p.servers, y: p.rate })),
+      })),
     });
   }
   const points = report.storeSizes.points;
   if (points.length > 0) {
     charts["bench-store-size.svg"] = renderLineChart({
-      title: "Uncached get_data() read against store size", subtitle, xLabel: "records in the store (log scale)", yLabel: "ms", xLog: true,
-      series: (["sqlite", "MariaDB"] as const).flatMap((db) => (["p50", "p99"] as const).map((q) => ({
-        name: `${db} ${q}`, ours: q === "p50", points: points.filter((p) => p.db === db).map((p) => ({ x: p.records, y: p[q] })),
-      }))),
+      title: "Uncached get_data() read against store size",
+      subtitle,
+      xLabel: "records in the store (log scale)",
+      yLabel: "ms",
+      xLog: true,
+      series: (["sqlite", "MariaDB"] as const).flatMap((db) =>
+        (["p50", "p99"] as const).map((q) => ({
+          name: `${db} ${q}`,
+          ours: q === "p50",
+          points: points.filter((p) => p.db === db).map((p) => ({ x: p.records, y: p[q] })),
+        })),
+      ),
     });
   }
   return charts;

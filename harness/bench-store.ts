@@ -60,7 +60,10 @@ const WARMUP_READS = 20;
 export async function measureStoreSizes(options: StoreSizeOptions): Promise<StoreSizeReport> {
   await resetBenchDatabase();
   const report: StoreSizeReport = { points: [], memory: [] };
-  const locations: [StoreKind, string][] = [["sqlite", join(options.cluster.logDir, "bench-store.db")], ["MariaDB", BENCH_MYSQL_URL]];
+  const locations: [StoreKind, string][] = [
+    ["sqlite", join(options.cluster.logDir, "bench-store.db")],
+    ["MariaDB", BENCH_MYSQL_URL],
+  ];
   for (const [db, location] of locations) {
     const store = await openStore(location);
     const server = `store-${db.toLowerCase()}`;
@@ -93,7 +96,9 @@ export async function measureStoreSizes(options: StoreSizeOptions): Promise<Stor
         }
         const { p50, p99 } = latencies.summary();
         report.points.push({ db, records: size, p50, p99, reads: options.readsPerSize, fillS });
-        options.progress.line(`  ${db} at ${size.toLocaleString("en")} records: uncached p50 ${p50.toFixed(2)} ms, p99 ${p99.toFixed(2)} ms (filled in ${fillS.toFixed(1)} s)`);
+        options.progress.line(
+          `  ${db} at ${size.toLocaleString("en")} records: uncached p50 ${p50.toFixed(2)} ms, p99 ${p99.toFixed(2)} ms (filled in ${fillS.toFixed(1)} s)`,
+        );
       }
       report.memory.push({ db, records: filled, idleMiB, afterMiB: rssMiB(options.cluster.role(server).proc.pid) ?? 0 });
     } finally {
@@ -120,7 +125,9 @@ async function resetBenchDatabase(): Promise<void> {
   const conn = await mysql.createConnection(TEST_MYSQL_URL);
   try {
     await conn.query("CREATE DATABASE IF NOT EXISTS securemesh_bench");
-    await conn.query("DROP TABLE IF EXISTS securemesh_bench.records, securemesh_bench.records_generation, securemesh_bench.records_used_proofs, securemesh_bench.records_senders, securemesh_bench.records_meta");
+    await conn.query(
+      "DROP TABLE IF EXISTS securemesh_bench.records, securemesh_bench.records_generation, securemesh_bench.records_used_proofs, securemesh_bench.records_senders, securemesh_bench.records_meta",
+    );
   } finally {
     await conn.end();
   }

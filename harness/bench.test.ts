@@ -16,13 +16,48 @@ test("bench: every case runs with no errors, and the table, JSON and chart carry
   const ports = { server1: 0, server2: 0, coordinator: 0, keyserver: 0, secureproxy: 0, marketplace: 0, haproxy: await freePort(), coordinatorAdmin: 0 };
   const lines: string[] = [];
   const progress = new Progress({ stream: { isTTY: false, write: (text: string) => lines.push(text) } });
-  const report: BenchReport = await runBench({ cluster, ports, db: join(dir, "records.db"), tokenDb: join(dir, "tokens.db"), progress, durationS: 1, concurrency: 4, storeSizes: [200, 2000], storeReads: 20, sweepMs: 300 });
+  const report: BenchReport = await runBench({
+    cluster,
+    ports,
+    db: join(dir, "records.db"),
+    tokenDb: join(dir, "tokens.db"),
+    progress,
+    durationS: 1,
+    concurrency: 4,
+    storeSizes: [200, 2000],
+    storeReads: 20,
+    sweepMs: 300,
+  });
 
   const ids = report.results.map((r) => r.id);
   expect(ids).toEqual([
-    "a-read", "b-read", "b-read-nolog", "b1-read", "b0-read", "c-read", "c-read-log", "h-read-deno",
-    "a-write", "b-write", "b-write-nolog", "b1-write", "b0-write", "c-write", "c-write-log", "h-write-deno",
-    "m-mixed", "f-uncached", "d-encrypt", "d-encrypt-python", "d-decrypt", "d-decrypt-python", "e-releases", "e-rsa-bound", "e-releases-ecdh", "e-ecdh-bound", "h-releases-deno",
+    "a-read",
+    "b-read",
+    "b-read-nolog",
+    "b1-read",
+    "b0-read",
+    "c-read",
+    "c-read-log",
+    "h-read-deno",
+    "a-write",
+    "b-write",
+    "b-write-nolog",
+    "b1-write",
+    "b0-write",
+    "c-write",
+    "c-write-log",
+    "h-write-deno",
+    "m-mixed",
+    "f-uncached",
+    "d-encrypt",
+    "d-encrypt-python",
+    "d-decrypt",
+    "d-decrypt-python",
+    "e-releases",
+    "e-rsa-bound",
+    "e-releases-ecdh",
+    "e-ecdh-bound",
+    "h-releases-deno",
     "g-failover",
   ]);
   for (const result of report.results) {
@@ -42,8 +77,15 @@ test("bench: every case runs with no errors, and the table, JSON and chart carry
   expect(report.sweeps.servers.map((p) => `${p.servers} ${p.route}`)).toHaveLength(6);
   expect(report.storeSizes.points.map((p) => `${p.db}@${p.records}`)).toEqual(["sqlite@200", "sqlite@2000", "MariaDB@200", "MariaDB@2000"]);
   expect(report.storeSizes.memory.map((m) => m.db)).toEqual(["sqlite", "MariaDB"]);
-  for (const role of ["server", "coordinator", "keyserver", "secureproxy", "marketplace", "client"]) expect(report.memory.some((m) => m.role === role && m.rssMiB > 5)).toBe(true);
-  for (const label of ["both logging", "neither logging", "read p50 under 95/5", "uncached read p50 at 2,000 / at 200 records, MariaDB", "idle RSS, server1 on bun"]) {
+  for (const role of ["server", "coordinator", "keyserver", "secureproxy", "marketplace", "client"])
+    expect(report.memory.some((m) => m.role === role && m.rssMiB > 5)).toBe(true);
+  for (const label of [
+    "both logging",
+    "neither logging",
+    "read p50 under 95/5",
+    "uncached read p50 at 2,000 / at 200 records, MariaDB",
+    "idle RSS, server1 on bun",
+  ]) {
     expect(report.comparisons.some((c) => c.label.includes(label))).toBe(true);
   }
   expect(report.versions.haproxy).toMatch(/^\d+\.\d+/);
@@ -61,9 +103,13 @@ test("bench: every case runs with no errors, and the table, JSON and chart carry
   const charts = renderSweepCharts(report);
   expect(Object.keys(charts).sort()).toEqual(["bench-concurrency-p99.svg", "bench-concurrency.svg", "bench-servers.svg", "bench-store-size.svg"]);
   for (const svg of Object.values(charts)) {
-    expect(await runPython("import sys, xml.etree.ElementTree as E; print(len(E.fromstring(sys.stdin.read()).findall('{http://www.w3.org/2000/svg}path')))", svg)).not.toBe("0");
+    expect(
+      await runPython("import sys, xml.etree.ElementTree as E; print(len(E.fromstring(sys.stdin.read()).findall('{http://www.w3.org/2000/svg}path')))", svg),
+    ).not.toBe("0");
   }
   const chart = renderChart(report);
-  expect(await runPython("import sys, xml.etree.ElementTree as E; print(len(E.fromstring(sys.stdin.read()).findall('{http://www.w3.org/2000/svg}rect')))", chart)).not.toBe("0");
+  expect(
+    await runPython("import sys, xml.etree.ElementTree as E; print(len(E.fromstring(sys.stdin.read()).findall('{http://www.w3.org/2000/svg}rect')))", chart),
+  ).not.toBe("0");
   expect(chart).toContain(Math.round(report.results[0]!.rate).toLocaleString("en"));
 });

@@ -172,7 +172,14 @@ function localRate(ms: number, op: () => unknown): Slice {
   return { rate: (count * 1000) / elapsed, count, errors: 0, errorSamples: [] };
 }
 
-async function loadSlice(options: BenchOptions, label: string, ms: number, request: (worker: number) => Promise<boolean | string>, during?: (elapsedMs: number) => void, concurrency = options.concurrency): Promise<Slice> {
+async function loadSlice(
+  options: BenchOptions,
+  label: string,
+  ms: number,
+  request: (worker: number) => Promise<boolean | string>,
+  during?: (elapsedMs: number) => void,
+  concurrency = options.concurrency,
+): Promise<Slice> {
   const run = await runLoad({ concurrency, durationMs: ms, request, progress: options.progress, label, during });
   return { rate: (run.requests * 1000) / run.elapsedMs, count: run.requests, errors: run.errors, errorSamples: run.errorSamples, latencies: run.latencies };
 }
@@ -193,7 +200,16 @@ export async function runBench(options: BenchOptions): Promise<BenchReport> {
   progress.line(`bench: seeding ${SEEDED_RECORDS} records, starting 2 servers, the coordinators, 2 HAProxies and the KeyServer`);
   await seedRecords(options.db, cluster.pki, SEEDED_RECORDS);
   const servers = await Promise.all([cluster.startServer("server1", ports.server1), cluster.startServer("server2", ports.server2)]);
-  const healthArgs = ["--health-interval", String(HEALTH.intervalMs), "--health-timeout", String(HEALTH.timeoutMs), "--fall", String(HEALTH.fall), "--rise", String(HEALTH.rise)];
+  const healthArgs = [
+    "--health-interval",
+    String(HEALTH.intervalMs),
+    "--health-timeout",
+    String(HEALTH.timeoutMs),
+    "--fall",
+    String(HEALTH.fall),
+    "--rise",
+    String(HEALTH.rise),
+  ];
   // The coordinator on both cores, as HAProxy runs a thread per core (#13): two workers on one port. Beside it the
   // same without access lines (HAProxy logs nothing by default), and one process alone, to show what workers give.
   const [coordinator, quietCoordinator, singleCoordinator] = await Promise.all([
@@ -209,7 +225,9 @@ export async function runBench(options: BenchOptions): Promise<BenchReport> {
   const { url: haproxy } = await startHaproxy(cluster, { ...haproxyBase, port: ports.haproxy });
   const { url: loggingHaproxy } = await startHaproxy(cluster, { ...haproxyBase, port: await freePort(), name: "haproxy-log", accessLog: true });
   // The floor: a bare Bun.serve + HttpsClient proxy with none of the coordinator's work (harness/bare-proxy.ts).
-  const bareLine = await cluster.startCommand("bare-proxy", [process.execPath, join(REPO_ROOT, "harness", "bare-proxy.ts"), ...servers]).waitForLine(/listening on https:\/\/\S+/);
+  const bareLine = await cluster
+    .startCommand("bare-proxy", [process.execPath, join(REPO_ROOT, "harness", "bare-proxy.ts"), ...servers])
+    .waitForLine(/listening on https:\/\/\S+/);
   const bareProxy = /https:\/\/\S+/.exec(bareLine)![0];
   // The load generator asks for client1 far faster than any real client: a per-caller nonce quota fit for it. With
   // the ECDH-ES opt-in (#13), which leaves RSA requests as they were.
@@ -221,7 +239,15 @@ export async function runBench(options: BenchOptions): Promise<BenchReport> {
   for (const name of ["deno-server1", "deno-server2", "deno-coordinator", "deno-keyserver"]) cluster.pinRuntime(name, "deno");
   const denoServers = await Promise.all([cluster.startServer("deno-server1", 0), cluster.startServer("deno-server2", 0)]);
   const denoCoordinator = await cluster.startCoordinator("deno-coordinator", 0, denoServers, healthArgs);
-  const denoKeyserver = await cluster.startRole("deno-keyserver", "keyserver", ["0", "--data", tokens.dataDir, "--db", options.tokenDb, "--replay-quota", "1000000"]);
+  const denoKeyserver = await cluster.startRole("deno-keyserver", "keyserver", [
+    "0",
+    "--data",
+    tokens.dataDir,
+    "--db",
+    options.tokenDb,
+    "--replay-quota",
+    "1000000",
+  ]);
 
   // Each worker speaks with its own client's certificate, alternating client1 and client2.
   const identities = ["client1", "client2"].map((name) => loadIdentity(cluster.pki, name));
@@ -233,11 +259,16 @@ export async function runBench(options: BenchOptions): Promise<BenchReport> {
   const writersFor = (target: string) => {
     let found = writers.get(target);
     if (!found) {
-      found = identities.map((identity) =>
-        new MeshClient({
-          identity, fernet, coordinators: [target], attempts: 1,
-          ...(directTargets.has(target) ? { tlsIdentity: coordinatorIdentity, expect: "spiffe://securemesh/server/*" } : {}),
-        }));
+      found = identities.map(
+        (identity) =>
+          new MeshClient({
+            identity,
+            fernet,
+            coordinators: [target],
+            attempts: 1,
+            ...(directTargets.has(target) ? { tlsIdentity: coordinatorIdentity, expect: "spiffe://securemesh/server/*" } : {}),
+          }),
+      );
       writers.set(target, found);
     }
     return found;
@@ -306,15 +337,24 @@ export async function runBench(options: BenchOptions): Promise<BenchReport> {
   const pidOf = (name: string) => cluster.role(name).proc.pid;
   idle("server", "server1", "bun", [pidOf("server1")]);
   idle("coordinator", "coordinator-1w", "bun", [pidOf("coordinator-1w")]);
-  for (const [i, pid] of processTree(pidOf("coordinator")).entries()) idle("coordinator", i === 0 ? "coordinator (supervisor)" : `coordinator worker ${i}`, "bun", [pid]);
+  for (const [i, pid] of processTree(pidOf("coordinator")).entries())
+    idle("coordinator", i === 0 ? "coordinator (supervisor)" : `coordinator worker ${i}`, "bun", [pid]);
   for (const name of ["keyserver", "secureproxy", "marketplace"]) idle(name, name, "bun", [pidOf(name)]);
-  for (const [name, role] of [["deno-server1", "server"], ["deno-coordinator", "coordinator"], ["deno-keyserver", "keyserver"]] as const) idle(role, name, "deno", [pidOf(name)]);
+  for (const [name, role] of [
+    ["deno-server1", "server"],
+    ["deno-coordinator", "coordinator"],
+    ["deno-keyserver", "keyserver"],
+  ] as const)
+    idle(role, name, "deno", [pidOf(name)]);
   memory.push(await clientPeakMemory(cluster, coordinator));
 
   /** CPU seconds the proxy under test used during a slice, per request: the cost behind its throughput. */
   const proxyPids = new Map<string, () => number[]>([
-    [coordinator, () => processTree(pidOf("coordinator"))], [quietCoordinator, () => processTree(pidOf("coordinator-nolog"))],
-    [singleCoordinator, () => [pidOf("coordinator-1w")]], [haproxy, () => [pidOf("haproxy")]], [loggingHaproxy, () => [pidOf("haproxy-log")]],
+    [coordinator, () => processTree(pidOf("coordinator"))],
+    [quietCoordinator, () => processTree(pidOf("coordinator-nolog"))],
+    [singleCoordinator, () => [pidOf("coordinator-1w")]],
+    [haproxy, () => [pidOf("haproxy")]],
+    [loggingHaproxy, () => [pidOf("haproxy-log")]],
     [bareProxy, () => [pidOf("bare-proxy")]],
   ]);
   const measured = async (target: string, run: () => Promise<Slice>): Promise<Slice> => {
@@ -355,32 +395,102 @@ export async function runBench(options: BenchOptions): Promise<BenchReport> {
 
   const allCases: BenchCase[] = [
     { id: "a-read", label: "a. direct to server 1: cached read", unit: "req/s", run: (ms) => cachedReads("a-read", ms, servers[0]!, 1) },
-    { id: "b-read", label: `b. coordinator (${COORDINATOR_WORKERS} workers, access log): cached read`, unit: "req/s", run: (ms) => cachedReads("b-read", ms, coordinator, 2) },
-    { id: "b-read-nolog", label: `b. coordinator (${COORDINATOR_WORKERS} workers, no access log): cached read`, unit: "req/s", run: (ms) => cachedReads("b-read-nolog", ms, quietCoordinator, 2) },
-    { id: "b1-read", label: "b. coordinator (1 process, access log): cached read", unit: "req/s", run: (ms) => cachedReads("b1-read", ms, singleCoordinator, 2) },
-    { id: "b0-read", label: "b. bare Bun.serve + HttpsClient proxy (the floor): cached read", unit: "req/s", run: (ms) => cachedReads("b0-read", ms, bareProxy, 2) },
+    {
+      id: "b-read",
+      label: `b. coordinator (${COORDINATOR_WORKERS} workers, access log): cached read`,
+      unit: "req/s",
+      run: (ms) => cachedReads("b-read", ms, coordinator, 2),
+    },
+    {
+      id: "b-read-nolog",
+      label: `b. coordinator (${COORDINATOR_WORKERS} workers, no access log): cached read`,
+      unit: "req/s",
+      run: (ms) => cachedReads("b-read-nolog", ms, quietCoordinator, 2),
+    },
+    {
+      id: "b1-read",
+      label: "b. coordinator (1 process, access log): cached read",
+      unit: "req/s",
+      run: (ms) => cachedReads("b1-read", ms, singleCoordinator, 2),
+    },
+    {
+      id: "b0-read",
+      label: "b. bare Bun.serve + HttpsClient proxy (the floor): cached read",
+      unit: "req/s",
+      run: (ms) => cachedReads("b0-read", ms, bareProxy, 2),
+    },
     { id: "c-read", label: "c. HAProxy (no access log): cached read", unit: "req/s", run: (ms) => cachedReads("c-read", ms, haproxy, 2) },
     { id: "c-read-log", label: "c. HAProxy (httplog access log): cached read", unit: "req/s", run: (ms) => cachedReads("c-read-log", ms, loggingHaproxy, 2) },
-    { id: "h-read-deno", label: "h. coordinator and 2 servers on Deno: cached read", unit: "req/s", run: (ms) => cachedReads("h-read-deno", ms, denoCoordinator, 2) },
+    {
+      id: "h-read-deno",
+      label: "h. coordinator and 2 servers on Deno: cached read",
+      unit: "req/s",
+      run: (ms) => cachedReads("h-read-deno", ms, denoCoordinator, 2),
+    },
     { id: "a-write", label: "a. direct to server 1: POST /api/data", unit: "req/s", run: (ms) => writes("a-write", ms, servers[0]!) },
-    { id: "b-write", label: `b. coordinator (${COORDINATOR_WORKERS} workers, access log): POST /api/data`, unit: "req/s", run: (ms) => writes("b-write", ms, coordinator) },
-    { id: "b-write-nolog", label: `b. coordinator (${COORDINATOR_WORKERS} workers, no access log): POST /api/data`, unit: "req/s", run: (ms) => writes("b-write-nolog", ms, quietCoordinator) },
+    {
+      id: "b-write",
+      label: `b. coordinator (${COORDINATOR_WORKERS} workers, access log): POST /api/data`,
+      unit: "req/s",
+      run: (ms) => writes("b-write", ms, coordinator),
+    },
+    {
+      id: "b-write-nolog",
+      label: `b. coordinator (${COORDINATOR_WORKERS} workers, no access log): POST /api/data`,
+      unit: "req/s",
+      run: (ms) => writes("b-write-nolog", ms, quietCoordinator),
+    },
     { id: "b1-write", label: "b. coordinator (1 process, access log): POST /api/data", unit: "req/s", run: (ms) => writes("b1-write", ms, singleCoordinator) },
-    { id: "b0-write", label: "b. bare Bun.serve + HttpsClient proxy (the floor): POST /api/data", unit: "req/s", run: (ms) => writes("b0-write", ms, bareProxy) },
+    {
+      id: "b0-write",
+      label: "b. bare Bun.serve + HttpsClient proxy (the floor): POST /api/data",
+      unit: "req/s",
+      run: (ms) => writes("b0-write", ms, bareProxy),
+    },
     { id: "c-write", label: "c. HAProxy (no access log): POST /api/data", unit: "req/s", run: (ms) => writes("c-write", ms, haproxy) },
     { id: "c-write-log", label: "c. HAProxy (httplog access log): POST /api/data", unit: "req/s", run: (ms) => writes("c-write-log", ms, loggingHaproxy) },
-    { id: "h-write-deno", label: "h. coordinator and 2 servers on Deno: POST /api/data", unit: "req/s", run: (ms) => writes("h-write-deno", ms, denoCoordinator) },
+    {
+      id: "h-write-deno",
+      label: "h. coordinator and 2 servers on Deno: POST /api/data",
+      unit: "req/s",
+      run: (ms) => writes("h-write-deno", ms, denoCoordinator),
+    },
     { id: "m-mixed", label: "m. coordinator: 95% cached reads, 5% POST /api/data", unit: "req/s", run: mixedTraffic },
-    { id: "f-uncached", label: "f. coordinator: uncached get_data() read", unit: "req/s", run: (ms) => loadSlice(options, "f-uncached", ms, read(coordinator, true)) },
+    {
+      id: "f-uncached",
+      label: "f. coordinator: uncached get_data() read",
+      unit: "req/s",
+      run: (ms) => loadSlice(options, "f-uncached", ms, read(coordinator, true)),
+    },
     { id: "d-encrypt", label: "d. securemesh Fernet encrypt 1 KiB", unit: "ops/s", run: async (ms) => localRate(ms, () => fernet.encrypt(FERNET_PLAINTEXT)) },
     { id: "d-encrypt-python", label: "d. Python cryptography Fernet encrypt 1 KiB", unit: "ops/s", run: (ms) => pythonRate("fernet-encrypt", ms, fernetKey) },
     { id: "d-decrypt", label: "d. securemesh Fernet decrypt 1 KiB", unit: "ops/s", run: async (ms) => localRate(ms, () => fernet.decrypt(token)) },
     { id: "d-decrypt-python", label: "d. Python cryptography Fernet decrypt 1 KiB", unit: "ops/s", run: (ms) => pythonRate("fernet-decrypt", ms, fernetKey) },
-    { id: "e-releases", label: "e. KeyServer token releases (JOSE, mutual TLS)", unit: "req/s", run: (ms) => loadSlice(options, "e-releases", ms, release(tokens.keyserver)) },
-    { id: "e-rsa-bound", label: "e. RSA-2048 OAEP private decrypts, one core (Python/OpenSSL)", unit: "ops/s", run: (ms) => pythonRate("rsa-decrypt", ms, rsaKeyPem) },
-    { id: "e-releases-ecdh", label: "e. KeyServer token releases (JOSE ECDH-ES X25519, opt-in)", unit: "req/s", run: (ms) => loadSlice(options, "e-releases-ecdh", ms, releaseEcdh(tokens.keyserver)) },
+    {
+      id: "e-releases",
+      label: "e. KeyServer token releases (JOSE, mutual TLS)",
+      unit: "req/s",
+      run: (ms) => loadSlice(options, "e-releases", ms, release(tokens.keyserver)),
+    },
+    {
+      id: "e-rsa-bound",
+      label: "e. RSA-2048 OAEP private decrypts, one core (Python/OpenSSL)",
+      unit: "ops/s",
+      run: (ms) => pythonRate("rsa-decrypt", ms, rsaKeyPem),
+    },
+    {
+      id: "e-releases-ecdh",
+      label: "e. KeyServer token releases (JOSE ECDH-ES X25519, opt-in)",
+      unit: "req/s",
+      run: (ms) => loadSlice(options, "e-releases-ecdh", ms, releaseEcdh(tokens.keyserver)),
+    },
     { id: "e-ecdh-bound", label: "e. X25519 agreements + Concat KDF, one core (Python/OpenSSL)", unit: "ops/s", run: (ms) => pythonRate("ecdh-agree", ms, "") },
-    { id: "h-releases-deno", label: "h. KeyServer on Deno: token releases", unit: "req/s", run: (ms) => loadSlice(options, "h-releases-deno", ms, release(denoKeyserver)) },
+    {
+      id: "h-releases-deno",
+      label: "h. KeyServer on Deno: token releases",
+      unit: "req/s",
+      run: (ms) => loadSlice(options, "h-releases-deno", ms, release(denoKeyserver)),
+    },
   ];
   const cases = allCases.filter((c) => wanted(c.id));
 
@@ -393,7 +503,10 @@ export async function runBench(options: BenchOptions): Promise<BenchReport> {
       progress.status(`round ${round}/${rounds} ${c.id}`);
       const slice = await c.run(sliceMs);
       slices.get(c.id)!.push(slice);
-      if (!progress.tty) progress.line(`  round ${round}/${rounds} ${c.id}: ${Math.round(slice.rate).toLocaleString("en")} ${c.unit}${slice.errors ? `, ${slice.errors} errors` : ""} (${progress.elapsed()})`);
+      if (!progress.tty)
+        progress.line(
+          `  round ${round}/${rounds} ${c.id}: ${Math.round(slice.rate).toLocaleString("en")} ${c.unit}${slice.errors ? `, ${slice.errors} errors` : ""} (${progress.elapsed()})`,
+        );
     }
   }
 
@@ -402,7 +515,11 @@ export async function runBench(options: BenchOptions): Promise<BenchReport> {
   const sweeps: Sweeps = { concurrency: [], servers: [] };
   if (wanted("s-concurrency")) {
     for (const concurrency of SWEEP_CONCURRENCY) {
-      for (const [target, name] of [[direct, "direct"], [coordinator, "coordinator"], [haproxy, "HAProxy"]] as const) {
+      for (const [target, name] of [
+        [direct, "direct"],
+        [coordinator, "coordinator"],
+        [haproxy, "HAProxy"],
+      ] as const) {
         progress.status(`sweep: ${name} at concurrency ${concurrency}`);
         const slice = await cachedReads(`s-${name}-${concurrency}`, sweepMs, target, target === direct ? 1 : 2, concurrency);
         expectThat(slice.errors === 0, `sweep ${name} at concurrency ${concurrency}: ${slice.errors} errors (${slice.errorSamples.join("; ")})`);
@@ -418,7 +535,10 @@ export async function runBench(options: BenchOptions): Promise<BenchReport> {
       const target = await cluster.startCoordinator(name, 0, [...servers, third].slice(0, count), [...healthArgs, "--workers", String(COORDINATOR_WORKERS)]);
       const readSlice = await cachedReads(`s-servers-${count}-read`, sweepMs, target, count);
       const writeSlice = await loadSlice(options, `s-servers-${count}-write`, sweepMs, write(target));
-      for (const [route, slice] of [["cached read", readSlice], ["POST /api/data", writeSlice]] as const) {
+      for (const [route, slice] of [
+        ["cached read", readSlice],
+        ["POST /api/data", writeSlice],
+      ] as const) {
         expectThat(slice.errors === 0, `sweep ${count} servers, ${route}: ${slice.errors} errors (${slice.errorSamples.join("; ")})`);
         sweeps.servers.push({ servers: count, route, rate: slice.rate, p99: slice.latencies!.summary().p99 });
       }
@@ -431,7 +551,10 @@ export async function runBench(options: BenchOptions): Promise<BenchReport> {
   let storeSizes: StoreSizeReport = { points: [], memory: [] };
   if (wanted("s-store")) {
     storeSizes = await measureStoreSizes({
-      cluster, progress, sizes: options.storeSizes ?? STORE_SIZES, readsPerSize: options.storeReads ?? 200,
+      cluster,
+      progress,
+      sizes: options.storeSizes ?? STORE_SIZES,
+      readsPerSize: options.storeReads ?? 200,
       readUncached: async (server) => {
         directTargets.add(server);
         return read(server, true)(0);
@@ -460,7 +583,12 @@ export async function runBench(options: BenchOptions): Promise<BenchReport> {
 
   return {
     date: new Date().toISOString(),
-    machine: { cpus: cpus().length, cpuModel: cpus()[0]?.model.trim() ?? "unknown", memoryGiB: Math.round(totalmem() / 2 ** 30), platform: `${process.platform} ${process.arch}` },
+    machine: {
+      cpus: cpus().length,
+      cpuModel: cpus()[0]?.model.trim() ?? "unknown",
+      memoryGiB: Math.round(totalmem() / 2 ** 30),
+      platform: `${process.platform} ${process.arch}`,
+    },
     versions: { bun: Bun.version, haproxy: haproxyVersion, python: pythonVersion ?? "?", cryptography: cryptographyVersion ?? "?", pythonPath: PYTHON },
     options: { durationS, concurrency: options.concurrency, rounds, records, coordinatorWorkers: COORDINATOR_WORKERS },
     results,
@@ -489,7 +617,16 @@ function summarize(id: string, label: string, unit: CaseResult["unit"], parts: S
     for (const s of parts) if (pick(s)) all.merge(pick(s)!);
     return all.values.length > 0 ? all.summary() : null;
   };
-  const result: CaseResult = { id, label, unit, rate, count, errors: parts.reduce((n, s) => n + s.errors, 0), errorSamples: parts.flatMap((s) => s.errorSamples).slice(0, 5), latency: merged((s) => s.latencies) };
+  const result: CaseResult = {
+    id,
+    label,
+    unit,
+    rate,
+    count,
+    errors: parts.reduce((n, s) => n + s.errors, 0),
+    errorSamples: parts.flatMap((s) => s.errorSamples).slice(0, 5),
+    latency: merged((s) => s.latencies),
+  };
   if (parts.every((s) => s.cpuSeconds !== undefined) && count > 0) result.cpuMsPerRequest = (1000 * parts.reduce((n, s) => n + s.cpuSeconds!, 0)) / count;
   const mixes = parts.flatMap((s) => (s.mixed ? [s.mixed] : []));
   if (mixes.length > 0) {
@@ -507,88 +644,216 @@ function compare(results: CaseResult[], { sweeps, storeSizes, memory }: Pick<Ben
   for (const route of ["read", "write"] as const) {
     const what = route === "read" ? "cached read" : "POST /api/data";
     // The goals hold with equal logging (#13 Part 3): both proxies logging every request, and neither.
-    for (const [ours, theirs, logging] of [[`b-${route}`, `c-${route}-log`, "both logging"], [`b-${route}-nolog`, `c-${route}`, "neither logging"]] as const) {
+    for (const [ours, theirs, logging] of [
+      [`b-${route}`, `c-${route}-log`, "both logging"],
+      [`b-${route}-nolog`, `c-${route}`, "neither logging"],
+    ] as const) {
       if (!ran(`a-${route}`, ours, theirs)) continue;
       const [a, b, c] = [by(`a-${route}`), by(ours), by(theirs)];
       const throughput = b.rate / c.rate;
-      out.push({ label: `coordinator / HAProxy throughput, ${what}, ${logging}`, value: throughput, unit: "x", goal: "≥ 1.00x", met: throughput >= 1, detail: `${fmt(b.rate)} vs ${fmt(c.rate)} req/s` });
+      out.push({
+        label: `coordinator / HAProxy throughput, ${what}, ${logging}`,
+        value: throughput,
+        unit: "x",
+        goal: "≥ 1.00x",
+        met: throughput >= 1,
+        detail: `${fmt(b.rate)} vs ${fmt(c.rate)} req/s`,
+      });
       const addedB = b.latency!.p50 - a.latency!.p50;
       const addedC = c.latency!.p50 - a.latency!.p50;
-      out.push({ label: `added p50 over direct, ${what}, ${logging}: coordinator vs HAProxy`, value: addedB - addedC, unit: "ms", goal: "coordinator ≤ HAProxy", met: addedB <= addedC, detail: `+${addedB.toFixed(2)} ms vs +${addedC.toFixed(2)} ms (direct p50 ${a.latency!.p50.toFixed(2)} ms)` });
+      out.push({
+        label: `added p50 over direct, ${what}, ${logging}: coordinator vs HAProxy`,
+        value: addedB - addedC,
+        unit: "ms",
+        goal: "coordinator ≤ HAProxy",
+        met: addedB <= addedC,
+        detail: `+${addedB.toFixed(2)} ms vs +${addedC.toFixed(2)} ms (direct p50 ${a.latency!.p50.toFixed(2)} ms)`,
+      });
       if (b.cpuMsPerRequest !== undefined && c.cpuMsPerRequest !== undefined) {
-        out.push({ label: `CPU per request, ${what}, ${logging}: coordinator / HAProxy`, value: b.cpuMsPerRequest / c.cpuMsPerRequest, unit: "x", detail: `${(1000 * b.cpuMsPerRequest).toFixed(0)} vs ${(1000 * c.cpuMsPerRequest).toFixed(0)} µs of CPU per request (every process of each)` });
+        out.push({
+          label: `CPU per request, ${what}, ${logging}: coordinator / HAProxy`,
+          value: b.cpuMsPerRequest / c.cpuMsPerRequest,
+          unit: "x",
+          detail: `${(1000 * b.cpuMsPerRequest).toFixed(0)} vs ${(1000 * c.cpuMsPerRequest).toFixed(0)} µs of CPU per request (every process of each)`,
+        });
       }
     }
-    if (ran(`a-${route}`, `b-${route}`)) out.push({ label: `coordinator / direct throughput, ${what}`, value: by(`b-${route}`).rate / by(`a-${route}`).rate, unit: "x", detail: `${fmt(by(`b-${route}`).rate)} vs ${fmt(by(`a-${route}`).rate)} req/s` });
-    if (ran(`b-${route}`, `b1-${route}`)) out.push({ label: `coordinator ${COORDINATOR_WORKERS} workers / 1 process, ${what}`, value: by(`b-${route}`).rate / by(`b1-${route}`).rate, unit: "x", detail: `${fmt(by(`b-${route}`).rate)} vs ${fmt(by(`b1-${route}`).rate)} req/s` });
+    if (ran(`a-${route}`, `b-${route}`))
+      out.push({
+        label: `coordinator / direct throughput, ${what}`,
+        value: by(`b-${route}`).rate / by(`a-${route}`).rate,
+        unit: "x",
+        detail: `${fmt(by(`b-${route}`).rate)} vs ${fmt(by(`a-${route}`).rate)} req/s`,
+      });
+    if (ran(`b-${route}`, `b1-${route}`))
+      out.push({
+        label: `coordinator ${COORDINATOR_WORKERS} workers / 1 process, ${what}`,
+        value: by(`b-${route}`).rate / by(`b1-${route}`).rate,
+        unit: "x",
+        detail: `${fmt(by(`b-${route}`).rate)} vs ${fmt(by(`b1-${route}`).rate)} req/s`,
+      });
     if (ran(`b-${route}-nolog`, `b0-${route}`, `c-${route}`)) {
       const [ours, floor, haproxy] = [by(`b-${route}-nolog`), by(`b0-${route}`), by(`c-${route}`)];
-      out.push({ label: `CPU per request, ${what}: coordinator (no log) / bare Bun proxy / HAProxy (no log)`, value: ours.cpuMsPerRequest! / floor.cpuMsPerRequest!, unit: "x", detail: `${(1000 * ours.cpuMsPerRequest!).toFixed(0)} / ${(1000 * floor.cpuMsPerRequest!).toFixed(0)} / ${(1000 * haproxy.cpuMsPerRequest!).toFixed(0)} µs: securemesh's own work is the first over the second, Bun's the second over the third` });
+      out.push({
+        label: `CPU per request, ${what}: coordinator (no log) / bare Bun proxy / HAProxy (no log)`,
+        value: ours.cpuMsPerRequest! / floor.cpuMsPerRequest!,
+        unit: "x",
+        detail: `${(1000 * ours.cpuMsPerRequest!).toFixed(0)} / ${(1000 * floor.cpuMsPerRequest!).toFixed(0)} / ${(1000 * haproxy.cpuMsPerRequest!).toFixed(0)} µs: securemesh's own work is the first over the second, Bun's the second over the third`,
+      });
     }
-    if (ran(`b-${route}`, `b-${route}-nolog`)) out.push({ label: `coordinator with / without access log, ${what}`, value: by(`b-${route}`).rate / by(`b-${route}-nolog`).rate, unit: "x", detail: `${fmt(by(`b-${route}`).rate)} vs ${fmt(by(`b-${route}-nolog`).rate)} req/s` });
-    if (ran(`c-${route}-log`, `c-${route}`)) out.push({ label: `HAProxy with / without access log, ${what}`, value: by(`c-${route}-log`).rate / by(`c-${route}`).rate, unit: "x", detail: `${fmt(by(`c-${route}-log`).rate)} vs ${fmt(by(`c-${route}`).rate)} req/s` });
+    if (ran(`b-${route}`, `b-${route}-nolog`))
+      out.push({
+        label: `coordinator with / without access log, ${what}`,
+        value: by(`b-${route}`).rate / by(`b-${route}-nolog`).rate,
+        unit: "x",
+        detail: `${fmt(by(`b-${route}`).rate)} vs ${fmt(by(`b-${route}-nolog`).rate)} req/s`,
+      });
+    if (ran(`c-${route}-log`, `c-${route}`))
+      out.push({
+        label: `HAProxy with / without access log, ${what}`,
+        value: by(`c-${route}-log`).rate / by(`c-${route}`).rate,
+        unit: "x",
+        detail: `${fmt(by(`c-${route}-log`).rate)} vs ${fmt(by(`c-${route}`).rate)} req/s`,
+      });
   }
   if (ran("m-mixed", "b-read")) {
     const mixed = by("m-mixed").mixed!;
     const readOnly = by("b-read").latency!;
     const ratio = mixed.reads.p50 / readOnly.p50;
-    out.push({ label: "read p50 under 95/5 reads/writes / read-only cached p50", value: ratio, unit: "x", goal: "≤ 1.50x", met: ratio <= 1.5, detail: `p50 ${mixed.reads.p50.toFixed(2)} vs ${readOnly.p50.toFixed(2)} ms, p99 ${mixed.reads.p99.toFixed(2)} vs ${readOnly.p99.toFixed(2)} ms; cache hit ratio ${(100 * mixed.hitRatio).toFixed(1)}% of ${fmt(mixed.reads.count)} reads, ${fmt(mixed.writes)} writes` });
+    out.push({
+      label: "read p50 under 95/5 reads/writes / read-only cached p50",
+      value: ratio,
+      unit: "x",
+      goal: "≤ 1.50x",
+      met: ratio <= 1.5,
+      detail: `p50 ${mixed.reads.p50.toFixed(2)} vs ${readOnly.p50.toFixed(2)} ms, p99 ${mixed.reads.p99.toFixed(2)} vs ${readOnly.p99.toFixed(2)} ms; cache hit ratio ${(100 * mixed.hitRatio).toFixed(1)}% of ${fmt(mixed.reads.count)} reads, ${fmt(mixed.writes)} writes`,
+    });
   }
   for (const op of ["encrypt", "decrypt"] as const) {
     if (!ran(`d-${op}`, `d-${op}-python`)) continue;
     const ours = by(`d-${op}`);
     const python = by(`d-${op}-python`);
-    out.push({ label: `Fernet ${op} 1 KiB / Python cryptography`, value: ours.rate / python.rate, unit: "x", goal: "≥ 3.00x", met: ours.rate / python.rate >= 3, detail: `${fmt(ours.rate)} vs ${fmt(python.rate)} ops/s` });
+    out.push({
+      label: `Fernet ${op} 1 KiB / Python cryptography`,
+      value: ours.rate / python.rate,
+      unit: "x",
+      goal: "≥ 3.00x",
+      met: ours.rate / python.rate >= 3,
+      detail: `${fmt(ours.rate)} vs ${fmt(python.rate)} ops/s`,
+    });
   }
   if (ran("e-releases", "e-rsa-bound")) {
     const releases = by("e-releases");
     const bound = by("e-rsa-bound");
-    out.push({ label: "token releases / RSA-2048 OAEP decrypt bound", value: (100 * releases.rate) / bound.rate, unit: "%", goal: "≥ 70%", met: releases.rate / bound.rate >= 0.7, detail: `${fmt(releases.rate)} releases/s vs ${fmt(bound.rate)} decrypts/s` });
+    out.push({
+      label: "token releases / RSA-2048 OAEP decrypt bound",
+      value: (100 * releases.rate) / bound.rate,
+      unit: "%",
+      goal: "≥ 70%",
+      met: releases.rate / bound.rate >= 0.7,
+      detail: `${fmt(releases.rate)} releases/s vs ${fmt(bound.rate)} decrypts/s`,
+    });
   }
   // The ECDH-ES opt-in against its own bound; no goal, the issue asks for it as its own case (#13 Part 4).
   if (ran("e-releases-ecdh", "e-ecdh-bound")) {
     const [releases, bound] = [by("e-releases-ecdh"), by("e-ecdh-bound")];
-    out.push({ label: "ECDH-ES token releases / X25519 agreement + Concat KDF bound", value: (100 * releases.rate) / bound.rate, unit: "%", detail: `${fmt(releases.rate)} releases/s vs ${fmt(bound.rate)} agreements/s` });
+    out.push({
+      label: "ECDH-ES token releases / X25519 agreement + Concat KDF bound",
+      value: (100 * releases.rate) / bound.rate,
+      unit: "%",
+      detail: `${fmt(releases.rate)} releases/s vs ${fmt(bound.rate)} agreements/s`,
+    });
   }
   if (ran("e-releases-ecdh", "e-rsa-bound")) {
     const [releases, bound] = [by("e-releases-ecdh"), by("e-rsa-bound")];
-    out.push({ label: "ECDH-ES token releases / RSA-2048 OAEP decrypt bound", value: (100 * releases.rate) / bound.rate, unit: "%", detail: `${fmt(releases.rate)} releases/s vs ${fmt(bound.rate)} decrypts/s` });
+    out.push({
+      label: "ECDH-ES token releases / RSA-2048 OAEP decrypt bound",
+      value: (100 * releases.rate) / bound.rate,
+      unit: "%",
+      detail: `${fmt(releases.rate)} releases/s vs ${fmt(bound.rate)} decrypts/s`,
+    });
   }
   if (ran("b-read", "f-uncached")) {
     const cached = by("b-read");
     const uncached = by("f-uncached");
-    out.push({ label: "cached / uncached get_data() reads via coordinator", value: cached.rate / uncached.rate, unit: "x", detail: `${fmt(cached.rate)} vs ${fmt(uncached.rate)} req/s; p50 ${cached.latency!.p50.toFixed(2)} vs ${uncached.latency!.p50.toFixed(2)} ms` });
+    out.push({
+      label: "cached / uncached get_data() reads via coordinator",
+      value: cached.rate / uncached.rate,
+      unit: "x",
+      detail: `${fmt(cached.rate)} vs ${fmt(uncached.rate)} req/s; p50 ${cached.latency!.p50.toFixed(2)} vs ${uncached.latency!.p50.toFixed(2)} ms`,
+    });
   }
   for (const db of ["sqlite", "MariaDB"] as const) {
     const points = storeSizes.points.filter((p) => p.db === db);
     const [smallest, largest] = [points[0], points.at(-1)];
     if (!smallest || !largest || smallest === largest) continue;
     const ratio = largest.p50 / smallest.p50;
-    out.push({ label: `uncached read p50 at ${fmt(largest.records)} / at ${fmt(smallest.records)} records, ${db}`, value: ratio, unit: "x", goal: "≤ 1.50x", met: ratio <= 1.5, detail: points.map((p) => `${fmt(p.records)}: p50 ${p.p50.toFixed(2)} ms, p99 ${p.p99.toFixed(2)} ms`).join("; ") });
+    out.push({
+      label: `uncached read p50 at ${fmt(largest.records)} / at ${fmt(smallest.records)} records, ${db}`,
+      value: ratio,
+      unit: "x",
+      goal: "≤ 1.50x",
+      met: ratio <= 1.5,
+      detail: points.map((p) => `${fmt(p.records)}: p50 ${p.p50.toFixed(2)} ms, p99 ${p.p99.toFixed(2)} ms`).join("; "),
+    });
   }
   // The roles on Deno against the same roles on Bun, in the same run (#12).
-  for (const [deno, bun, what, unit] of [["h-read-deno", "b1-read", "coordinator (1 process) + servers, cached read", "req/s"], ["h-write-deno", "b1-write", "coordinator (1 process) + servers, POST /api/data", "req/s"], ["h-releases-deno", "e-releases", "KeyServer token releases", "releases/s"]] as const) {
+  for (const [deno, bun, what, unit] of [
+    ["h-read-deno", "b1-read", "coordinator (1 process) + servers, cached read", "req/s"],
+    ["h-write-deno", "b1-write", "coordinator (1 process) + servers, POST /api/data", "req/s"],
+    ["h-releases-deno", "e-releases", "KeyServer token releases", "releases/s"],
+  ] as const) {
     if (!ran(deno, bun)) continue;
-    out.push({ label: `Deno / Bun throughput, ${what}`, value: by(deno).rate / by(bun).rate, unit: "x", detail: `${fmt(by(deno).rate)} vs ${fmt(by(bun).rate)} ${unit}` });
+    out.push({
+      label: `Deno / Bun throughput, ${what}`,
+      value: by(deno).rate / by(bun).rate,
+      unit: "x",
+      detail: `${fmt(by(deno).rate)} vs ${fmt(by(bun).rate)} ${unit}`,
+    });
   }
   if (ran("g-failover", "b-write")) {
     const failover = by("g-failover");
     const steady = by("b-write");
-    out.push({ label: "errors while a server is killed under load", value: failover.errors, unit: "errors", goal: "0 errors", met: failover.errors === 0, detail: `${failover.count} requests; p99 ${failover.latency!.p99.toFixed(1)} ms vs ${steady.latency!.p99.toFixed(1)} ms steady` });
+    out.push({
+      label: "errors while a server is killed under load",
+      value: failover.errors,
+      unit: "errors",
+      goal: "0 errors",
+      met: failover.errors === 0,
+      detail: `${failover.count} requests; p99 ${failover.latency!.p99.toFixed(1)} ms vs ${steady.latency!.p99.toFixed(1)} ms steady`,
+    });
   }
   for (const role of memory) {
     const isIdle = role.role !== "client";
-    out.push({ label: `${isIdle ? "idle" : "peak"} RSS, ${role.name} on ${role.runtime}`, value: role.rssMiB, unit: "MiB", goal: `≤ ${IDLE_RSS_GOAL_MIB} MiB`, met: role.rssMiB <= IDLE_RSS_GOAL_MIB, detail: role.processes > 1 ? `${role.processes} processes` : "one process" });
+    out.push({
+      label: `${isIdle ? "idle" : "peak"} RSS, ${role.name} on ${role.runtime}`,
+      value: role.rssMiB,
+      unit: "MiB",
+      goal: `≤ ${IDLE_RSS_GOAL_MIB} MiB`,
+      met: role.rssMiB <= IDLE_RSS_GOAL_MIB,
+      detail: role.processes > 1 ? `${role.processes} processes` : "one process",
+    });
   }
   for (const server of storeSizes.memory) {
-    out.push({ label: `server RSS after serving ${fmt(server.records)} records (${server.db}) / idle`, value: server.afterMiB / server.idleMiB, unit: "x", detail: `${server.afterMiB.toFixed(1)} vs ${server.idleMiB.toFixed(1)} MiB` });
+    out.push({
+      label: `server RSS after serving ${fmt(server.records)} records (${server.db}) / idle`,
+      value: server.afterMiB / server.idleMiB,
+      unit: "x",
+      detail: `${server.afterMiB.toFixed(1)} vs ${server.idleMiB.toFixed(1)} MiB`,
+    });
   }
   if (sweeps.servers.length > 0) {
     for (const route of ["cached read", "POST /api/data"]) {
       const points = sweeps.servers.filter((p) => p.route === route);
       const one = points.find((p) => p.servers === 1);
       const three = points.find((p) => p.servers === 3);
-      if (one && three) out.push({ label: `coordinator throughput with 3 servers / with 1, ${route}`, value: three.rate / one.rate, unit: "x", detail: points.map((p) => `${p.servers}: ${fmt(p.rate)} req/s`).join(", ") + " (2 shared cores: see the README)" });
+      if (one && three)
+        out.push({
+          label: `coordinator throughput with 3 servers / with 1, ${route}`,
+          value: three.rate / one.rate,
+          unit: "x",
+          detail: points.map((p) => `${p.servers}: ${fmt(p.rate)} req/s`).join(", ") + " (2 shared cores: see the README)",
+        });
     }
   }
   return out;

@@ -10,8 +10,13 @@ export function launchChromium(chromium: BrowserType): Promise<Browser> {
     headless: true,
     // Without the background-networking flags Chromium keeps dialling Google's hosts, which a closed network refuses.
     args: [
-      "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-      "--disable-component-update", "--disable-sync",
+      "--no-sandbox",
+      "--disable-gpu",
+      "--disable-quic",
+      "--no-first-run",
+      "--disable-background-networking",
+      "--disable-component-update",
+      "--disable-sync",
     ],
   });
 }

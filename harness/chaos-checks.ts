@@ -5,7 +5,19 @@ import { policyPath } from "../shared/platform/config.ts";
 import type { MeshClient } from "../shared/request-path/mesh-client.ts";
 import { IMPOSTOR_ID, startImpostor } from "./hostile.ts";
 import { openStore } from "../shared/request-path/store.ts";
-import { expectThat, latenciesStartedBetween, percentile, renderTable, runLoad, waitFor, waitUntilInRotation, type Cluster, type LoadOptions, type LoadRun, type Mesh } from "./fixtures/index.ts";
+import {
+  expectThat,
+  latenciesStartedBetween,
+  percentile,
+  renderTable,
+  runLoad,
+  waitFor,
+  waitUntilInRotation,
+  type Cluster,
+  type LoadOptions,
+  type LoadRun,
+  type Mesh,
+} from "./fixtures/index.ts";
 import { countRecords } from "./scenario.ts";
 import { TcpRelay } from "../shared/testing/tcp-relay.ts";
 
@@ -23,9 +35,19 @@ export type ChaosMesh = Mesh & { progress?: LoadOptions["progress"] };
  * `clients` clients (client1 and client2 in turn) each send one request after another, `perClient` of them or for
  * `durationMs`: writes acknowledge the record id, reads the cache generation. `during` can inject a fault part-way.
  */
-function loadOn(mesh: ChaosMesh, clients: MeshClient[], kind: "write" | "read", limit: { perWorker?: number; durationMs?: number }, during: LoadOptions["during"]): Promise<LoadRun> {
+function loadOn(
+  mesh: ChaosMesh,
+  clients: MeshClient[],
+  kind: "write" | "read",
+  limit: { perWorker?: number; durationMs?: number },
+  during: LoadOptions["during"],
+): Promise<LoadRun> {
   return runLoad({
-    concurrency: clients.length, ...limit, during, progress: mesh.progress, label: `${kind}s`,
+    concurrency: clients.length,
+    ...limit,
+    during,
+    progress: mesh.progress,
+    label: `${kind}s`,
     async request(c, i) {
       const client = clients[c]!;
       if (kind === "read") return (await client.readCachedData()).generation;
@@ -41,12 +63,11 @@ export async function checkRecords(db: string, before: number, acks: number[]): 
   try {
     const records = (await store.count()) - before;
     const distinct = new Set(acks).size;
-    return { records, lost: Math.max(0, distinct - records), duplicates: (acks.length - distinct) + Math.max(0, records - distinct) };
+    return { records, lost: Math.max(0, distinct - records), duplicates: acks.length - distinct + Math.max(0, records - distinct) };
   } finally {
     await store.close();
   }
 }
-
 
 function clientsFor(mesh: Mesh, count: number, coordinators = [mesh.coordinator]): MeshClient[] {
   return Array.from({ length: count }, (_, i) => mesh.client(i % 2 ? "client2" : "client1", coordinators));
@@ -67,8 +88,16 @@ export async function killNineUnderLoad(mesh: ChaosMesh, clients: number, perCli
   const { records, lost, duplicates } = await checkRecords(mesh.db, before, load.acks);
   await mesh.restartServer(victim);
   expectThat(load.errors === 0, `${load.errors} requests failed, e.g. ${load.errorSamples[0]}`);
-  expectThat(lost === 0 && duplicates === 0 && records === load.acks.length, `acknowledged ${load.acks.length}, stored ${records}: ${lost} lost, ${duplicates} duplicated`);
-  return { fault: "kill -9 a server under load", requests: load.requests, failed: load.errors, detail: `${load.acks.length} acknowledged, ${records} stored, 0 lost, 0 duplicated` };
+  expectThat(
+    lost === 0 && duplicates === 0 && records === load.acks.length,
+    `acknowledged ${load.acks.length}, stored ${records}: ${lost} lost, ${duplicates} duplicated`,
+  );
+  return {
+    fault: "kill -9 a server under load",
+    requests: load.requests,
+    failed: load.errors,
+    detail: `${load.acks.length} acknowledged, ${records} stored, 0 lost, 0 duplicated`,
+  };
 }
 
 /**
@@ -82,8 +111,14 @@ export async function hangUnderLoad(mesh: ChaosMesh, clients: number, timeoutMs:
   const [stopAt, resumeAt] = [durationMs * 0.2, durationMs * 0.7];
   let phase = 0;
   const load = await loadOn(mesh, clientsFor(mesh, clients), "read", { durationMs }, (elapsed) => {
-    if (phase === 0 && elapsed >= stopAt) { phase = 1; role.signal("SIGSTOP"); }
-    if (phase === 1 && elapsed >= resumeAt) { phase = 2; role.signal("SIGCONT"); }
+    if (phase === 0 && elapsed >= stopAt) {
+      phase = 1;
+      role.signal("SIGSTOP");
+    }
+    if (phase === 1 && elapsed >= resumeAt) {
+      phase = 2;
+      role.signal("SIGCONT");
+    }
   });
   role.signal("SIGCONT");
   const during = latenciesStartedBetween(load, stopAt, resumeAt);
@@ -95,9 +130,17 @@ export async function hangUnderLoad(mesh: ChaosMesh, clients: number, timeoutMs:
   expectThat(load.errors === 0, `${load.errors} requests failed during the hang, e.g. ${load.errorSamples[0]}`);
   expectThat(p99 <= timeoutMs + 500, `p99 during the hang was ${p99.toFixed(0)} ms, over the ${timeoutMs} ms timeout`);
   expectThat(max <= 2 * timeoutMs + 500, `the slowest request during the hang took ${max.toFixed(0)} ms`);
-  expectThat(coordinatorLog.some((l) => l.startsWith(`Server ${victim.url} failed: timeout`)), "the coordinator never timed the hung server out");
+  expectThat(
+    coordinatorLog.some((l) => l.startsWith(`Server ${victim.url} failed: timeout`)),
+    "the coordinator never timed the hung server out",
+  );
   expectThat(rejoins === 1, `the server rejoined ${rejoins} times (flapping?)`);
-  return { fault: "SIGSTOP a server under read load", requests: load.requests, failed: load.errors, detail: `during the hang p99 ${p99.toFixed(0)} ms, max ${max.toFixed(0)} ms (timeout ${timeoutMs} ms); rejoined once after SIGCONT` };
+  return {
+    fault: "SIGSTOP a server under read load",
+    requests: load.requests,
+    failed: load.errors,
+    detail: `during the hang p99 ${p99.toFixed(0)} ms, max ${max.toFixed(0)} ms (timeout ${timeoutMs} ms); rejoined once after SIGCONT`,
+  };
 }
 
 /** Every server down: a fast 503; back up: the coordinator recovers without a restart. */
@@ -107,7 +150,11 @@ export async function allServersDown(mesh: ChaosMesh): Promise<FaultRow> {
   for (let i = 0; i < 5; i++) {
     const t0 = performance.now();
     // Straight to the coordinator: the client's own retries would hide how fast the coordinator answers.
-    const response = await mesh.cluster.request(`${mesh.coordinator}/api/data`, { method: "POST", headers: { "content-type": "application/json" }, body: "{}" });
+    const response = await mesh.cluster.request(`${mesh.coordinator}/api/data`, {
+      method: "POST",
+      headers: { "content-type": "application/json" },
+      body: "{}",
+    });
     times.push(performance.now() - t0);
     const body = (await response.json()) as { error?: string };
     expectThat(response.status === 503 && typeof body.error === "string", `expected a 503 JSON error with every server down, got ${response.status}`);
@@ -116,9 +163,17 @@ export async function allServersDown(mesh: ChaosMesh): Promise<FaultRow> {
   expectThat(slowest < 1000, `the slowest 503 took ${slowest.toFixed(0)} ms`);
   await Promise.all(mesh.servers.map((s) => mesh.restartServer(s)));
   const client = mesh.client("client1");
-  await waitFor("the coordinator to serve again", async () =>
-    (await client.sendData("after every server came back").catch(() => ({ status: 0 }))).status === 200, 20_000);
-  return { fault: "every server down", requests: times.length, failed: 0, detail: `503 JSON in at most ${slowest.toFixed(0)} ms; served again after the restart, coordinator not restarted` };
+  await waitFor(
+    "the coordinator to serve again",
+    async () => (await client.sendData("after every server came back").catch(() => ({ status: 0 }))).status === 200,
+    20_000,
+  );
+  return {
+    fault: "every server down",
+    requests: times.length,
+    failed: 0,
+    detail: `503 JSON in at most ${slowest.toFixed(0)} ms; served again after the restart, coordinator not restarted`,
+  };
 }
 
 /**
@@ -131,7 +186,9 @@ export async function databaseOutage(mesh: Mesh, relay: { cut(): void; restore()
   const before = await countRecords(mesh.db);
   const acks: number[] = [];
   const send = async () => {
-    const answer = await client.sendData("during the database drill").catch((error: Error) => ({ status: 503, body: { error: error.message } as Record<string, unknown> }));
+    const answer = await client
+      .sendData("during the database drill")
+      .catch((error: Error) => ({ status: 503, body: { error: error.message } as Record<string, unknown> }));
     if (answer.status === 200) acks.push(answer.body.id as number);
     return answer.status;
   };
@@ -141,7 +198,10 @@ export async function databaseOutage(mesh: Mesh, relay: { cut(): void; restore()
   relay.cut();
   const outage = [await send(), await send(), await send()];
   const tokenDuring = (await requestApi()).status;
-  expectThat(outage.every((s) => s === 503), `writes during the outage answered ${outage.join(", ")}, expected 503`);
+  expectThat(
+    outage.every((s) => s === 503),
+    `writes during the outage answered ${outage.join(", ")}, expected 503`,
+  );
   expectThat(tokenDuring === 503, `a token call during the outage answered ${tokenDuring}, expected 503`);
 
   relay.restore();
@@ -149,7 +209,12 @@ export async function databaseOutage(mesh: Mesh, relay: { cut(): void; restore()
   await waitFor("token calls to work again", async () => (await requestApi()).status === 200, 30_000);
   const { records, lost, duplicates } = await checkRecords(mesh.db, before, acks);
   expectThat(lost === 0 && duplicates === 0 && records === acks.length, `acknowledged ${acks.length}, stored ${records}`);
-  return { fault: "database outage (MariaDB cut)", requests: outage.length + 1, failed: 0, detail: `writes and token calls got 503 during it; ${acks.length} acknowledged = ${records} stored; no role restarted` };
+  return {
+    fault: "database outage (MariaDB cut)",
+    requests: outage.length + 1,
+    failed: 0,
+    detail: `writes and token calls got 503 during it; ${acks.length} acknowledged = ${records} stored; no role restarted`,
+  };
 }
 
 /** Two coordinators: kill -9 one under load; the clients fail over to the other with no failed request. */
@@ -166,11 +231,19 @@ export async function coordinatorFailover(mesh: ChaosMesh, second: string, clien
   expectThat(killed, "the load finished before the coordinator was killed");
   expectThat(load.errors === 0, `${load.errors} requests failed, e.g. ${load.errorSamples[0]}`);
   expectThat(lost === 0 && duplicates === 0, `${lost} lost, ${duplicates} duplicated`);
-  return { fault: "kill -9 one of two coordinators", requests: load.requests, failed: load.errors, detail: `clients failed over; ${records} stored, 0 lost, 0 duplicated` };
+  return {
+    fault: "kill -9 one of two coordinators",
+    requests: load.requests,
+    failed: load.errors,
+    detail: `clients failed over; ${records} stored, 0 lost, 0 duplicated`,
+  };
 }
 
 export function faultTable(rows: FaultRow[]): string[] {
-  return renderTable(["fault", "requests", "failed", "detail"], rows.map((r) => [r.fault, String(r.requests), String(r.failed), r.detail]));
+  return renderTable(
+    ["fault", "requests", "failed", "detail"],
+    rows.map((r) => [r.fault, String(r.requests), String(r.failed), r.detail]),
+  );
 }
 
 /**
@@ -181,7 +254,11 @@ export function faultTable(rows: FaultRow[]): string[] {
  * it. It must receive nothing, no client may get an acknowledgement it gave, and every acknowledged record must be
  * in the store once.
  */
-export async function impostorUnderLoad(mesh: ChaosMesh, clients: number, perClient: number): Promise<FaultRow & { impostor: { handshakes: number; bytes: number } }> {
+export async function impostorUnderLoad(
+  mesh: ChaosMesh,
+  clients: number,
+  perClient: number,
+): Promise<FaultRow & { impostor: { handshakes: number; bytes: number } }> {
   const before = await countRecords(mesh.db);
   const victim = mesh.servers[1]!;
   const writers = clientsFor(mesh, clients);
@@ -190,21 +267,32 @@ export async function impostorUnderLoad(mesh: ChaosMesh, clients: number, perCli
   await using impostor = await startImpostor(mesh.cluster.pki, "keyserver", victim.port);
   const second = await loadOn(mesh, writers, "write", { perWorker: perClient - Math.ceil(perClient / 4) }, undefined);
   // The coordinator's probes meet the impostor too, and refuse it for its identity.
-  await waitFor("the coordinator to refuse the impostor's identity", async () => {
-    const servers = (await mesh.cluster.health(mesh.coordinator))?.body.servers as { url: string; lastError: string | null }[] | undefined;
-    return servers?.find((s) => s.url === victim.url)?.lastError?.includes("ERR_UNEXPECTED_PEER") === true;
-  }, 10_000);
+  await waitFor(
+    "the coordinator to refuse the impostor's identity",
+    async () => {
+      const servers = (await mesh.cluster.health(mesh.coordinator))?.body.servers as { url: string; lastError: string | null }[] | undefined;
+      return servers?.find((s) => s.url === victim.url)?.lastError?.includes("ERR_UNEXPECTED_PEER") === true;
+    },
+    10_000,
+  );
   const acks = [...first.acks, ...second.acks];
   const [requests, errors] = [first.requests + second.requests, first.errors + second.errors];
   const { records, lost, duplicates } = await checkRecords(mesh.db, before, acks);
   const falseAcks = acks.filter((id) => id === IMPOSTOR_ID).length;
-  expectThat(impostor.bytes === 0, `the impostor received ${impostor.bytes} bytes past ${impostor.handshakes} handshakes (${falseAcks} writes acknowledged by it)`);
+  expectThat(
+    impostor.bytes === 0,
+    `the impostor received ${impostor.bytes} bytes past ${impostor.handshakes} handshakes (${falseAcks} writes acknowledged by it)`,
+  );
   expectThat(falseAcks === 0, `${falseAcks} acknowledgements came from the impostor`);
   expectThat(errors === 0, `${errors} requests failed, e.g. ${[...first.errorSamples, ...second.errorSamples][0]}`);
-  expectThat(lost === 0 && duplicates === 0 && records === acks.length, `acknowledged ${acks.length}, stored ${records}: ${lost} lost, ${duplicates} duplicated`);
+  expectThat(
+    lost === 0 && duplicates === 0 && records === acks.length,
+    `acknowledged ${acks.length}, stored ${records}: ${lost} lost, ${duplicates} duplicated`,
+  );
   return {
     fault: "kill -9 a server, another CA identity binds its port, under load",
-    requests, failed: errors,
+    requests,
+    failed: errors,
     detail: `impostor: ${impostor.handshakes} handshakes, ${impostor.bytes} bytes received; ${falseAcks} false acknowledgements; ${acks.length} acknowledged, ${records} stored, 0 lost, 0 duplicated`,
     impostor: { handshakes: impostor.handshakes, bytes: impostor.bytes },
   };
@@ -226,7 +314,10 @@ export async function membershipUnderLoad(cluster: Cluster, db: string, clients:
   let done = false;
   let acked = 0;
   const loading = runLoad({
-    concurrency: clients, until: () => done, progress, label: "writes",
+    concurrency: clients,
+    until: () => done,
+    progress,
+    label: "writes",
     async request(c, i) {
       const { status, body, server } = await writers[c]!.sendData(`membership ${c}-${i}`);
       if (server) servedBy.add(server);
@@ -236,7 +327,10 @@ export async function membershipUnderLoad(cluster: Cluster, db: string, clients:
   });
   // The steps wait on what the load shows, so every change happens while writes are flowing.
   const log = cluster.role("member-coordinator");
-  const afterMore = (n: number) => { const target = acked + n; return () => acked >= target; };
+  const afterMore = (n: number) => {
+    const target = acked + n;
+    return () => acked >= target;
+  };
   try {
     await waitFor("the first writes", afterMore(50), 30_000);
     writeFileSync(file, `${first}\n${second}\n`);
@@ -251,10 +345,14 @@ export async function membershipUnderLoad(cluster: Cluster, db: string, clients:
   const load = await loading;
   const { records, lost, duplicates } = await checkRecords(db, before, load.acks);
   expectThat(load.errors === 0, `${load.errors} requests failed, e.g. ${load.errorSamples[0]}`);
-  expectThat(lost === 0 && duplicates === 0 && records === load.acks.length, `acknowledged ${load.acks.length}, stored ${records}: ${lost} lost, ${duplicates} duplicated`);
+  expectThat(
+    lost === 0 && duplicates === 0 && records === load.acks.length,
+    `acknowledged ${load.acks.length}, stored ${records}: ${lost} lost, ${duplicates} duplicated`,
+  );
   return {
     fault: "add a server to --servers-file, then remove the first, under load",
-    requests: load.requests, failed: load.errors,
+    requests: load.requests,
+    failed: load.errors,
     detail: `${load.acks.length} acknowledged, ${records} stored, 0 lost, 0 duplicated; served by ${servedBy.size} servers`,
   };
 }
@@ -283,10 +381,18 @@ interface ClientTally {
 }
 
 /** `workers` workers of one client writing back to back until `until()` (or for `durationMs`). */
-async function writesOf(client: MeshClient, workers: number, limit: { durationMs?: number; until?: () => boolean }, progress?: LoadOptions["progress"]): Promise<ClientTally> {
+async function writesOf(
+  client: MeshClient,
+  workers: number,
+  limit: { durationMs?: number; until?: () => boolean },
+  progress?: LoadOptions["progress"],
+): Promise<ClientTally> {
   const tally = { limited: 0, serverErrors: 0 };
   const run = await runLoad({
-    concurrency: workers, ...limit, progress, label: `${client.name} writes`,
+    concurrency: workers,
+    ...limit,
+    progress,
+    label: `${client.name} writes`,
     async request(w, i) {
       const { status, body } = await client.sendData(`neighbour ${w}-${i}`);
       if (status === 200) return body.id as number;
@@ -304,7 +410,10 @@ async function writesOf(client: MeshClient, workers: number, limit: { durationMs
  * noisyNeighbourPolicy's file). client1 must see 0 errors and a p99 within 2× of its p99 alone; client2 gets 429s
  * (its library waits them out as told, then gives up) and no 5xx; every acknowledged write is stored once.
  */
-export async function noisyNeighbour(mesh: ChaosMesh, options: { quiet: number; noisy: number; durationMs: number }): Promise<FaultRow & { p99AloneMs: number; p99FloodedMs: number; noisyLimited: number }> {
+export async function noisyNeighbour(
+  mesh: ChaosMesh,
+  options: { quiet: number; noisy: number; durationMs: number },
+): Promise<FaultRow & { p99AloneMs: number; p99FloodedMs: number; noisyLimited: number }> {
   const before = await countRecords(mesh.db);
   const quiet = mesh.client("client1");
   const noisy = mesh.client("client2");
@@ -321,7 +430,10 @@ export async function noisyNeighbour(mesh: ChaosMesh, options: { quiet: number; 
   const p99FloodedMs = flooded.run.latencies.summary().p99;
   const ratio = p99FloodedMs / p99AloneMs;
   const quietErrors = alone.run.errors + flooded.run.errors;
-  expectThat(ratio <= 2, `client1's p99 was ${p99FloodedMs.toFixed(1)} ms beside the flood, ${ratio.toFixed(2)}× its ${p99AloneMs.toFixed(1)} ms alone (goal: 2×)`);
+  expectThat(
+    ratio <= 2,
+    `client1's p99 was ${p99FloodedMs.toFixed(1)} ms beside the flood, ${ratio.toFixed(2)}× its ${p99AloneMs.toFixed(1)} ms alone (goal: 2×)`,
+  );
   expectThat(quietErrors === 0, `client1 saw ${quietErrors} errors, e.g. ${[...alone.run.errorSamples, ...flooded.run.errorSamples][0]}`);
   expectThat(flood.serverErrors === 0, `client2 got ${flood.serverErrors} 5xx answers, e.g. ${flood.run.errorSamples[0]}`);
   // A 429 the library waited out is counted by it; one it gave up on reached the load as an answer.
@@ -333,7 +445,9 @@ export async function noisyNeighbour(mesh: ChaosMesh, options: { quiet: number; 
     requests: alone.run.requests + flooded.run.requests + flood.run.requests,
     failed: quietErrors,
     detail: `client1 p99 ${p99AloneMs.toFixed(1)} ms alone, ${p99FloodedMs.toFixed(1)} ms flooded (${ratio.toFixed(2)}×); client2 ${flood.run.acks.length} stored, ${noisy.limited.count} 429s waited out, ${flood.limited} given up on, 0 5xx`,
-    p99AloneMs, p99FloodedMs, noisyLimited,
+    p99AloneMs,
+    p99FloodedMs,
+    noisyLimited,
   };
 }
 
@@ -361,7 +475,12 @@ export async function brownOut(mesh: ChaosMesh, options: BrownOutOptions): Promi
   const relays = await Promise.all(mesh.servers.map((s) => TcpRelay.start({ host: "127.0.0.1", port: s.port })));
   try {
     // The mesh's servers, reached only through the relays by a coordinator of this check's own.
-    const coordinator = await cluster.startCoordinator("brownout-coordinator", 0, relays.map((r) => `https://127.0.0.1:${r.port}`), ["--health-interval", "300"]);
+    const coordinator = await cluster.startCoordinator(
+      "brownout-coordinator",
+      0,
+      relays.map((r) => `https://127.0.0.1:${r.port}`),
+      ["--health-interval", "300"],
+    );
     const clients = Array.from({ length: options.clients }, (_, i) => cluster.client(i % 2 ? "client2" : "client1", [coordinator]));
     const before = await countRecords(db);
     let watching = true;
@@ -381,7 +500,10 @@ export async function brownOut(mesh: ChaosMesh, options: BrownOutOptions): Promi
     })();
     let phase = 0;
     const load = await runLoad({
-      concurrency: options.clients, durationMs: 2 * options.phaseMs, progress: options.progress ?? mesh.progress, label: "brown-out",
+      concurrency: options.clients,
+      durationMs: 2 * options.phaseMs,
+      progress: options.progress ?? mesh.progress,
+      label: "brown-out",
       during(elapsed) {
         const next = elapsed < options.phaseMs ? 1 : 2;
         if (next === phase) return;
@@ -403,17 +525,27 @@ export async function brownOut(mesh: ChaosMesh, options: BrownOutOptions): Promi
     const log = cluster.role("brownout-coordinator").lines;
     const count = (pattern: RegExp) => log.filter((l) => pattern.test(l)).length;
     const [ejections, refusedAtCap, panics, budgetSpent, failedAttempts, answered503] = [
-      / ejected for /, / not ejected after |; kept in rotation: /, /^Panic routing: /, /^Retry budget spent/, /^Server \S+ failed: /, /" 503 - /,
+      / ejected for /,
+      / not ejected after |; kept in rotation: /,
+      /^Panic routing: /,
+      /^Retry budget spent/,
+      /^Server \S+ failed: /,
+      /" 503 - /,
     ].map(count);
     const cut = relays.reduce((sum, r) => sum + r.dropped, 0);
     const { records, lost, duplicates } = await checkRecords(db, before, load.acks);
     expectThat(load.errors === 0, `${load.errors} of ${load.requests} requests failed, e.g. ${load.errorSamples[0]}`);
     expectThat(seen.samples > 0 && seen.allOut === 0, `every server was out of rotation in ${seen.allOut} of ${seen.samples} samples`);
-    expectThat(lost === 0 && duplicates === 0 && records === load.acks.length, `acknowledged ${load.acks.length}, stored ${records}: ${lost} lost, ${duplicates} duplicated`);
+    expectThat(
+      lost === 0 && duplicates === 0 && records === load.acks.length,
+      `acknowledged ${load.acks.length}, stored ${records}: ${lost} lost, ${duplicates} duplicated`,
+    );
     return {
       fault: `brown-out: every server slowed ${options.delayMs} ms, then failing ${Math.round(options.dropShare * 100)} % of requests`,
-      requests: load.requests, failed: load.errors,
-      detail: `p99 ${percentile(slow, 99).toFixed(0)} ms slowed, ${percentile(failing, 99).toFixed(0)} ms failing; ${cut} cut by the relays, ${failedAttempts} failed attempts seen, ` +
+      requests: load.requests,
+      failed: load.errors,
+      detail:
+        `p99 ${percentile(slow, 99).toFixed(0)} ms slowed, ${percentile(failing, 99).toFixed(0)} ms failing; ${cut} cut by the relays, ${failedAttempts} failed attempts seen, ` +
         `${answered503} coordinator 503s (clients retried), ` +
         `${ejections} ejections (${refusedAtCap} refused at the cap), panic ${panics}×, retry budget spent ${budgetSpent}×; ` +
         `in rotation never below ${seen.minUp} of ${relays.length} (${seen.samples} samples); ${load.acks.length} acknowledged = ${records} stored`,

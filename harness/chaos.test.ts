@@ -1,6 +1,17 @@
 // The key faults of `bun harness chaos`, with smaller loads, on real processes and free ports.
 import { expect, setDefaultTimeout, test } from "bun:test";
-import { allServersDown, brownOut, coordinatorFailover, databaseOutage, hangUnderLoad, impostorUnderLoad, killNineUnderLoad, membershipUnderLoad, noisyNeighbour, noisyNeighbourPolicy } from "./chaos-checks.ts";
+import {
+  allServersDown,
+  brownOut,
+  coordinatorFailover,
+  databaseOutage,
+  hangUnderLoad,
+  impostorUnderLoad,
+  killNineUnderLoad,
+  membershipUnderLoad,
+  noisyNeighbour,
+  noisyNeighbourPolicy,
+} from "./chaos-checks.ts";
 import { percentile, startMesh, startTokenStack, temporaryCluster, type MeshOptions } from "./fixtures/index.ts";
 import { scratchDatabase } from "../shared/testing/mysql.ts";
 import { TcpRelay } from "../shared/testing/tcp-relay.ts";
@@ -27,7 +38,11 @@ test("every server down: a fast 503, then recovery without restarting the coordi
 
 test("two coordinators: clients fail over when one is killed", async () => {
   await using mesh = await chaosMesh();
-  const second = await mesh.cluster.startCoordinator("coordinator2", 0, mesh.servers.map((s) => s.url));
+  const second = await mesh.cluster.startCoordinator(
+    "coordinator2",
+    0,
+    mesh.servers.map((s) => s.url),
+  );
   expect((await coordinatorFailover(mesh, second, 2, 60)).failed).toBe(0);
 });
 
@@ -67,7 +82,11 @@ test("issue 20, the noisy neighbour: client2 floods with 64 workers; client1's 4
   await using mesh = await chaosMesh({ cluster, db: `${cluster.logDir}/records.db`, coordinatorArgs: ["--policy", policy] });
   const row = await noisyNeighbour(mesh, { quiet: 4, noisy: 64, durationMs: 3000 });
   console.log(`  ${row.detail}`);
-  expect({ failed: row.failed, within2x: row.p99FloodedMs <= 2 * row.p99AloneMs, limited: row.noisyLimited > 0 }).toEqual({ failed: 0, within2x: true, limited: true });
+  expect({ failed: row.failed, within2x: row.p99FloodedMs <= 2 * row.p99AloneMs, limited: row.noisyLimited > 0 }).toEqual({
+    failed: 0,
+    within2x: true,
+    limited: true,
+  });
 });
 
 test("issue 20, brown-out: every server slowed, then failing 10 % of requests, at once: nothing fails, never all out", async () => {

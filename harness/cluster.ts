@@ -34,7 +34,12 @@ export class RoleProcess {
   #waiters: { pattern: RegExp; resolve: (line: string) => void }[] = [];
   #exited = false;
 
-  constructor(readonly name: string, readonly proc: Bun.Subprocess<"ignore", "pipe", "pipe">, readonly logFile: string, log: WriteStream) {
+  constructor(
+    readonly name: string,
+    readonly proc: Bun.Subprocess<"ignore", "pipe", "pipe">,
+    readonly logFile: string,
+    log: WriteStream,
+  ) {
     this.drained = Promise.all([this.#pump(proc.stdout, log), this.#pump(proc.stderr, log)]).then(() => {
       log.end();
     });
@@ -74,8 +79,17 @@ export class RoleProcess {
     const seen = this.lines.find((l) => pattern.test(l));
     if (seen) return Promise.resolve(seen);
     return new Promise((resolve, reject) => {
-      const timer = setTimeout(() => reject(new ExpectationFailed(`${this.name}: no log line matching ${pattern} within ${timeoutMs} ms; last lines:\n${this.tail()}`)), timeoutMs);
-      this.#waiters.push({ pattern, resolve: (line) => { clearTimeout(timer); resolve(line); } });
+      const timer = setTimeout(
+        () => reject(new ExpectationFailed(`${this.name}: no log line matching ${pattern} within ${timeoutMs} ms; last lines:\n${this.tail()}`)),
+        timeoutMs,
+      );
+      this.#waiters.push({
+        pattern,
+        resolve: (line) => {
+          clearTimeout(timer);
+          resolve(line);
+        },
+      });
       void this.proc.exited.then((code) => {
         clearTimeout(timer);
         reject(new ExpectationFailed(`${this.name} exited (${code}) before logging ${pattern}; last lines:\n${this.tail()}`));
@@ -84,7 +98,10 @@ export class RoleProcess {
   }
 
   tail(n = 8): string {
-    return this.lines.slice(-n).map((l) => `    ${l}`).join("\n");
+    return this.lines
+      .slice(-n)
+      .map((l) => `    ${l}`)
+      .join("\n");
   }
 
   signal(signal: NodeJS.Signals): void {
@@ -112,7 +129,11 @@ export const ROLE_RUNTIMES: readonly RoleRuntime[] = ["bun", "deno", "mixed"];
  */
 export function denoBinary(): string {
   const platforms = join(REPO_ROOT, "node_modules", "@deno");
-  const found = existsSync(platforms) ? readdirSync(platforms).map((p) => join(platforms, p, "deno")).find((p) => existsSync(p)) : undefined;
+  const found = existsSync(platforms)
+    ? readdirSync(platforms)
+        .map((p) => join(platforms, p, "deno"))
+        .find((p) => existsSync(p))
+    : undefined;
   if (!found) throw new ExpectationFailed("no Deno binary under node_modules/@deno: run npm ci (deno is in devDependencies)");
   return found;
 }
@@ -168,7 +189,8 @@ export class Cluster implements AsyncDisposable {
     const command = roleCommand(this.runtimeOf(name), script, args);
     // HARNESS_CPU_PROFILE=<role name> (say coordinator-1w in the bench) writes that role's Bun CPU profile beside its
     // log when it exits: the roles' own guard refuses --cpu-prof from the environment, not from the command line.
-    if (process.env.HARNESS_CPU_PROFILE === name && command[0] === process.execPath) command.splice(1, 0, "--cpu-prof", `--cpu-prof-dir=${this.#options.logDir}`);
+    if (process.env.HARNESS_CPU_PROFILE === name && command[0] === process.execPath)
+      command.splice(1, 0, "--cpu-prof", `--cpu-prof-dir=${this.#options.logDir}`);
     return this.#launchCommand(name, command, options);
   }
 
@@ -293,7 +315,9 @@ export class Cluster implements AsyncDisposable {
   client(name: string, coordinators: string[], options: { direct?: boolean } = {}): MeshClient {
     const pki = this.#options.pki;
     return new MeshClient({
-      identity: loadIdentity(pki, name), fernet: FernetKeys.open(pki).watch(createLogger(name)), coordinators,
+      identity: loadIdentity(pki, name),
+      fernet: FernetKeys.open(pki).watch(createLogger(name)),
+      coordinators,
       ...(options.direct ? { tlsIdentity: loadIdentity(pki, "coordinator"), expect: "spiffe://securemesh/server/*" } : {}),
     });
   }
@@ -321,16 +345,18 @@ export class Cluster implements AsyncDisposable {
 
   /** Stops the named roles, or every role; SIGTERM first, SIGKILL for one that has not gone within 3 s. */
   async stop(names: readonly string[] = [...this.roles.keys()]): Promise<void> {
-    await Promise.all(names.map(async (name) => {
-      const role = this.roles.get(name);
-      if (!role) return;
-      role.signal("SIGCONT"); // a stopped process cannot act on SIGTERM
-      role.signal("SIGTERM");
-      const timer = setTimeout(() => role.signal("SIGKILL"), 3000);
-      await role.proc.exited;
-      clearTimeout(timer);
-      this.roles.delete(name);
-    }));
+    await Promise.all(
+      names.map(async (name) => {
+        const role = this.roles.get(name);
+        if (!role) return;
+        role.signal("SIGCONT"); // a stopped process cannot act on SIGTERM
+        role.signal("SIGTERM");
+        const timer = setTimeout(() => role.signal("SIGKILL"), 3000);
+        await role.proc.exited;
+        clearTimeout(timer);
+        this.roles.delete(name);
+      }),
+    );
   }
 
   async [Symbol.asyncDispose](): Promise<void> {

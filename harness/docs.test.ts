@@ -19,7 +19,12 @@ import { parsePolicy } from "../shared/authz/policy.ts";
 import { CONFIG_HELP, REPO_ROOT } from "../shared/platform/config.ts";
 import { ENVIRONMENT_SWITCHES } from "../shared/platform/env-guard.ts";
 import {
-  BODY_DEADLINE_MS, DEFAULT_BODY_LIMIT, HANDSHAKE_DEADLINE_MS, HEADER_DEADLINE_MS, IDLE_TIMEOUT_S, MAX_CONNECTIONS_PER_IDENTITY,
+  BODY_DEADLINE_MS,
+  DEFAULT_BODY_LIMIT,
+  HANDSHAKE_DEADLINE_MS,
+  HEADER_DEADLINE_MS,
+  IDLE_TIMEOUT_S,
+  MAX_CONNECTIONS_PER_IDENTITY,
   MAX_HANDSHAKES_PER_ADDRESS,
 } from "../shared/platform/runtime/limits.ts";
 import { CAP_ANSWER_WITHIN_MS } from "../shared/platform/runtime/admission.ts";
@@ -29,8 +34,15 @@ import { COORDINATOR_IDENTITY } from "../shared/request-path/mesh-client.ts";
 import { RETRY_BUDGET_MIN_PER_SECOND, RETRY_BUDGET_PERCENT, RETRY_BUDGET_WINDOW_MS } from "../shared/request-path/retry-budget.ts";
 import { STORE_PING_DEADLINE_MS } from "../shared/request-path/server-app.ts";
 import {
-  BASE_EJECTION_MS, CONSECUTIVE_GATEWAY_FAILURES, EJECTION_DECAY_MS, MAX_EJECTED_PERCENT, MAX_EJECTION_MS, PANIC_THRESHOLD_PERCENT, POOL_RETRY_AFTER_S,
-  QUEUE_MAX_WAITING, QUEUE_TIMEOUT_MS,
+  BASE_EJECTION_MS,
+  CONSECUTIVE_GATEWAY_FAILURES,
+  EJECTION_DECAY_MS,
+  MAX_EJECTED_PERCENT,
+  MAX_EJECTION_MS,
+  PANIC_THRESHOLD_PERCENT,
+  POOL_RETRY_AFTER_S,
+  QUEUE_MAX_WAITING,
+  QUEUE_TIMEOUT_MS,
 } from "../shared/request-path/upstream.ts";
 import { CLOCK_SKEW_S, PROOF_LIFETIME_S, PROOF_TYPE } from "../shared/request-path/proof.ts";
 import { PROMOTE_AFTER_ADD_MS } from "../shared/request-path/fernet-keys.ts";
@@ -42,7 +54,14 @@ import { GALERA_RESTART_ATTEMPTS, GALERA_RESTART_BACKOFF_MS } from "./multihost/
 import { seedPorts } from "./scenario.ts";
 
 /** The pages this test reads, relative to the repository. */
-const PAGES = ["README.md", ...readdirSync(join(REPO_ROOT, "docs")).filter((f) => f.endsWith(".md")).sort().map((f) => `docs/${f}`), "bench/HISTORY.md"];
+const PAGES = [
+  "README.md",
+  ...readdirSync(join(REPO_ROOT, "docs"))
+    .filter((f) => f.endsWith(".md"))
+    .sort()
+    .map((f) => `docs/${f}`),
+  "bench/HISTORY.md",
+];
 
 const source = (path: string) => readFileSync(join(REPO_ROOT, path), "utf8");
 /** A page without its fenced code blocks: transcripts and shell lines are neither links nor headings. */
@@ -55,7 +74,11 @@ export function slug(heading: string): string {
     .replace(/!?\[([^\]]*)\]\([^)]*\)/g, "$1") // a link renders as its text
     .replace(/`([^`]*)`/g, "$1")
     .replace(/<[^>]+>/g, "");
-  return text.trim().toLowerCase().replace(/[^\p{L}\p{M}\p{N}\p{Pc} -]/gu, "").replace(/ /g, "-");
+  return text
+    .trim()
+    .toLowerCase()
+    .replace(/[^\p{L}\p{M}\p{N}\p{Pc} -]/gu, "")
+    .replace(/ /g, "-");
 }
 
 /** Every anchor a page offers: its headings' slugs (GitHub numbers repeats -1, -2, …) and its explicit ids. */
@@ -74,7 +97,7 @@ export function anchorsOf(text: string): Set<string> {
 
 /** The relative links of a page outside code blocks: [text](target) and ![alt](target). */
 function linksOf(text: string): string[] {
-  return [...prose(text).matchAll(/!?\[(?:[^\[\]]|\[[^\]]*\])*\]\(([^)\s]+)(?:\s+"[^"]*")?\)/g)]
+  return [...prose(text).matchAll(/!?\[(?:[^[\]]|\[[^\]]*\])*\]\(([^)\s]+)(?:\s+"[^"]*")?\)/g)]
     .map((m) => m[1]!)
     .filter((target) => !/^[a-z][a-z+.-]*:/i.test(target)); // http:, https:, mailto: are not ours to check
 }
@@ -114,7 +137,11 @@ export function tableAfter(text: string, marker: string): string[][] {
       continue;
     }
     // Split on pipes that are not escaped (`--access-log on\|off`).
-    const cells = line.trim().replace(/^\||\|$/g, "").split(/(?<!\\)\|/).map((c) => c.trim().replace(/\\\|/g, "|"));
+    const cells = line
+      .trim()
+      .replace(/^\||\|$/g, "")
+      .split(/(?<!\\)\|/)
+      .map((c) => c.trim().replace(/\\\|/g, "|"));
     rows.push(cells);
   }
   return rows.slice(2); // the header and the --- line
@@ -164,14 +191,42 @@ function withoutEnv<T>(names: string[], fn: () => T): T {
 
 /** Every value a page must state as the code has it: `NAME` = value, or a constants-table row `| NAME | value |`. */
 const CONSTANTS: Record<string, number> = {
-  PROOF_LIFETIME_S, CLOCK_SKEW_S, IDLE_TIMEOUT_S, HEADER_DEADLINE_MS, BODY_DEADLINE_MS, HANDSHAKE_DEADLINE_MS,
-  MAX_HANDSHAKES_PER_ADDRESS, MAX_CONNECTIONS_PER_IDENTITY, DEFAULT_BODY_LIMIT, RELOAD_INTERVAL_MS, RELOAD_BOUND_MS,
-  LATEST_RECORDS, CAP_ANSWER_WITHIN_MS, SERVER_TOKEN_TTL_S, GALERA_RESTART_ATTEMPTS, GALERA_RESTART_BACKOFF_MS,
-  DEFAULT_IN_FLIGHT, LIMIT_LOG_INTERVAL_MS, DEFAULT_MAX_LIMIT_WAIT_MS,
-  DRAIN_QUIET_MS, DRAIN_GRACE_MS, DRAIN_DEADLINE_MS, ADMIN_DRAIN_WAIT_MS,
+  PROOF_LIFETIME_S,
+  CLOCK_SKEW_S,
+  IDLE_TIMEOUT_S,
+  HEADER_DEADLINE_MS,
+  BODY_DEADLINE_MS,
+  HANDSHAKE_DEADLINE_MS,
+  MAX_HANDSHAKES_PER_ADDRESS,
+  MAX_CONNECTIONS_PER_IDENTITY,
+  DEFAULT_BODY_LIMIT,
+  RELOAD_INTERVAL_MS,
+  RELOAD_BOUND_MS,
+  LATEST_RECORDS,
+  CAP_ANSWER_WITHIN_MS,
+  SERVER_TOKEN_TTL_S,
+  GALERA_RESTART_ATTEMPTS,
+  GALERA_RESTART_BACKOFF_MS,
+  DEFAULT_IN_FLIGHT,
+  LIMIT_LOG_INTERVAL_MS,
+  DEFAULT_MAX_LIMIT_WAIT_MS,
+  DRAIN_QUIET_MS,
+  DRAIN_GRACE_MS,
+  DRAIN_DEADLINE_MS,
+  ADMIN_DRAIN_WAIT_MS,
   // Issue 20: docs/overload.md
-  CONSECUTIVE_GATEWAY_FAILURES, BASE_EJECTION_MS, MAX_EJECTION_MS, EJECTION_DECAY_MS, MAX_EJECTED_PERCENT, PANIC_THRESHOLD_PERCENT,
-  QUEUE_MAX_WAITING, QUEUE_TIMEOUT_MS, POOL_RETRY_AFTER_S, RETRY_BUDGET_PERCENT, RETRY_BUDGET_MIN_PER_SECOND, RETRY_BUDGET_WINDOW_MS,
+  CONSECUTIVE_GATEWAY_FAILURES,
+  BASE_EJECTION_MS,
+  MAX_EJECTION_MS,
+  EJECTION_DECAY_MS,
+  MAX_EJECTED_PERCENT,
+  PANIC_THRESHOLD_PERCENT,
+  QUEUE_MAX_WAITING,
+  QUEUE_TIMEOUT_MS,
+  POOL_RETRY_AFTER_S,
+  RETRY_BUDGET_PERCENT,
+  RETRY_BUDGET_MIN_PER_SECOND,
+  RETRY_BUDGET_WINDOW_MS,
   STORE_PING_DEADLINE_MS,
   CRL_DAYS: Number(/crl_days=\$\{CRL_DAYS:-(\d+)\}/.exec(source("pki.sh"))?.[1]),
 };
@@ -183,7 +238,15 @@ export function quotedConstants(text: string, name: string): number[] {
 
 const policy = parsePolicy(source("roles/policy.json"));
 // SECUREMESH_CONFIG and every SECUREMESH_<FLAG> too: a role's parser reads flags from them (shared/platform/config-file.ts).
-const ENV_NAMES = ["PORT", "SERVERS", "DATABASE_URL", "KEYSERVER_DB", "FERNET_TTL", "PKI_DIR", ...Object.keys(process.env).filter((n) => n.startsWith("SECUREMESH_"))];
+const ENV_NAMES = [
+  "PORT",
+  "SERVERS",
+  "DATABASE_URL",
+  "KEYSERVER_DB",
+  "FERNET_TTL",
+  "PKI_DIR",
+  ...Object.keys(process.env).filter((n) => n.startsWith("SECUREMESH_")),
+];
 const defaults = withoutEnv(ENV_NAMES, () => ({
   server: parseServerConfig(["0"]),
   coordinator: parseCoordinatorConfig([]),
@@ -199,13 +262,48 @@ const ports = seedPorts();
  */
 const STATEMENTS: { page: string; pattern: RegExp; value: string | number; what: string }[] = [
   { page: "README.md", pattern: /`\.\/pki\.sh` signs CRLs for (\d+) days/, value: CONSTANTS.CRL_DAYS!, what: "CRL_DAYS in pki.sh" },
-  { page: "docs/operations.md", pattern: /fernet promote --ttl TTL` \(refused sooner than (\d+) s after the add\)/, value: PROMOTE_AFTER_ADD_MS / 1000, what: "PROMOTE_AFTER_ADD_MS in the Fernet runbook" },
-  { page: "docs/operations.md", pattern: /Once TTL \+ (\d+) s of clock skew have passed since the promote/, value: MAX_CLOCK_SKEW_S, what: "MAX_CLOCK_SKEW_S in the Fernet runbook" },
-  { page: "README.md", pattern: /the roles reload crl\.pem within (a second)/, value: RELOAD_INTERVAL_MS <= 1000 ? "a second" : `${RELOAD_INTERVAL_MS} ms`, what: "RELOAD_INTERVAL_MS" },
-  { page: "docs/roles.md", pattern: /`roles\/coordinator\.ts \[PORT\] \[options\]` \(PORT default (\d+)\)/, value: defaults.coordinator.port, what: "the coordinator's port" },
-  { page: "docs/roles.md", pattern: /`roles\/keyserver\.ts \[PORT\] \[options\]` \(PORT default (\d+)\)/, value: defaults.keyserver.port, what: "the KeyServer's port" },
-  { page: "docs/roles.md", pattern: /`roles\/secureproxy\.ts \[PORT\] \[options\]` \(PORT default (\d+)\)/, value: defaults.secureproxy.port, what: "the SecureProxy's port" },
-  { page: "docs/roles.md", pattern: /`roles\/marketplace\.ts \[PORT\] --token-file FILE \[options\]` \(PORT default (\d+)\)/, value: Number(/"PORT", (\d+)\)/.exec(source("roles/marketplace.ts"))?.[1]), what: "the marketplace's port" },
+  {
+    page: "docs/operations.md",
+    pattern: /fernet promote --ttl TTL` \(refused sooner than (\d+) s after the add\)/,
+    value: PROMOTE_AFTER_ADD_MS / 1000,
+    what: "PROMOTE_AFTER_ADD_MS in the Fernet runbook",
+  },
+  {
+    page: "docs/operations.md",
+    pattern: /Once TTL \+ (\d+) s of clock skew have passed since the promote/,
+    value: MAX_CLOCK_SKEW_S,
+    what: "MAX_CLOCK_SKEW_S in the Fernet runbook",
+  },
+  {
+    page: "README.md",
+    pattern: /the roles reload crl\.pem within (a second)/,
+    value: RELOAD_INTERVAL_MS <= 1000 ? "a second" : `${RELOAD_INTERVAL_MS} ms`,
+    what: "RELOAD_INTERVAL_MS",
+  },
+  {
+    page: "docs/roles.md",
+    pattern: /`roles\/coordinator\.ts \[PORT\] \[options\]` \(PORT default (\d+)\)/,
+    value: defaults.coordinator.port,
+    what: "the coordinator's port",
+  },
+  {
+    page: "docs/roles.md",
+    pattern: /`roles\/keyserver\.ts \[PORT\] \[options\]` \(PORT default (\d+)\)/,
+    value: defaults.keyserver.port,
+    what: "the KeyServer's port",
+  },
+  {
+    page: "docs/roles.md",
+    pattern: /`roles\/secureproxy\.ts \[PORT\] \[options\]` \(PORT default (\d+)\)/,
+    value: defaults.secureproxy.port,
+    what: "the SecureProxy's port",
+  },
+  {
+    page: "docs/roles.md",
+    pattern: /`roles\/marketplace\.ts \[PORT\] --token-file FILE \[options\]` \(PORT default (\d+)\)/,
+    value: Number(/"PORT", (\d+)\)/.exec(source("roles/marketplace.ts"))?.[1]),
+    what: "the marketplace's port",
+  },
   { page: "docs/harness.md", pattern: /servers (\d+) and \d+, the coordinator/, value: ports.server1, what: "server 1's seed port" },
   { page: "docs/harness.md", pattern: /servers \d+ and (\d+), the coordinator/, value: ports.server2, what: "server 2's seed port" },
   { page: "docs/harness.md", pattern: /the coordinator (\d+), the KeyServer/, value: ports.coordinator, what: "the coordinator's seed port" },
@@ -214,19 +312,59 @@ const STATEMENTS: { page: string; pattern: RegExp; value: string | number; what:
   { page: "docs/harness.md", pattern: /the marketplace (\d+), the coordinator's admin page/, value: ports.marketplace, what: "the marketplace's seed port" },
   { page: "docs/harness.md", pattern: /admin page (\d+), HAProxy/, value: ports.coordinatorAdmin, what: "the admin page's seed port" },
   { page: "docs/harness.md", pattern: /HAProxy (\d+) in the bench/, value: ports.haproxy, what: "HAProxy's seed port" },
-  { page: "docs/authorization.md", pattern: /The repository's policy gives coordinator identities (\d+)/, value: policy.limits.find((l) => l.identity === "spiffe://securemesh/coordinator/*")?.connections ?? -1, what: "the coordinators' limit in roles/policy.json" },
-  { page: "docs/authorization.md", pattern: /\{ "identity": "\*", "connections": (\d+) \}/, value: policy.limits.find((l) => l.identity === "*")?.connections ?? -1, what: "the catch-all limit in roles/policy.json" },
+  {
+    page: "docs/authorization.md",
+    pattern: /The repository's policy gives coordinator identities (\d+)/,
+    value: policy.limits.find((l) => l.identity === "spiffe://securemesh/coordinator/*")?.connections ?? -1,
+    what: "the coordinators' limit in roles/policy.json",
+  },
+  {
+    page: "docs/authorization.md",
+    pattern: /\{ "identity": "\*", "connections": (\d+) \}/,
+    value: policy.limits.find((l) => l.identity === "*")?.connections ?? -1,
+    what: "the catch-all limit in roles/policy.json",
+  },
   { page: "docs/architecture.md", pattern: /`typ` exactly `([^`]+)`/, value: PROOF_TYPE, what: "PROOF_TYPE" },
-  { page: "docs/architecture.md", pattern: /`--timeout`, default (\d+) ms per attempt/, value: defaults.coordinator.timeoutMs, what: "the coordinator's --timeout" },
-  { page: "docs/architecture.md", pattern: /in up to (\d+) rounds with a backoff of \d+ ms/, value: Number(/attempts: (\d+)/.exec(source("shared/request-path/mesh-client.ts"))?.[1]), what: "MeshClient's rounds" },
-  { page: "docs/architecture.md", pattern: /rounds with a backoff of (\d+) ms/, value: Number(/backoffMs: (\d+)/.exec(source("shared/request-path/mesh-client.ts"))?.[1]), what: "MeshClient's backoff" },
-  { page: "docs/tokens.md", pattern: /within ±(\d+) s of the KeyServer's clock/, value: Number(/windowMs \?\? (\d+)_000/.exec(source("shared/token-path/replay.ts"))?.[1]), what: "the replay window" },
+  {
+    page: "docs/architecture.md",
+    pattern: /`--timeout`, default (\d+) ms per attempt/,
+    value: defaults.coordinator.timeoutMs,
+    what: "the coordinator's --timeout",
+  },
+  {
+    page: "docs/architecture.md",
+    pattern: /in up to (\d+) rounds with a backoff of \d+ ms/,
+    value: Number(/attempts: (\d+)/.exec(source("shared/request-path/mesh-client.ts"))?.[1]),
+    what: "MeshClient's rounds",
+  },
+  {
+    page: "docs/architecture.md",
+    pattern: /rounds with a backoff of (\d+) ms/,
+    value: Number(/backoffMs: (\d+)/.exec(source("shared/request-path/mesh-client.ts"))?.[1]),
+    what: "MeshClient's backoff",
+  },
+  {
+    page: "docs/tokens.md",
+    pattern: /within ±(\d+) s of the KeyServer's clock/,
+    value: Number(/windowMs \?\? (\d+)_000/.exec(source("shared/token-path/replay.ts"))?.[1]),
+    what: "the replay window",
+  },
   { page: "docs/tokens.md", pattern: /\(`--replay-quota`, default (\d+)\)/, value: defaults.keyserver.replayQuota, what: "--replay-quota" },
-  { page: "docs/tokens.md", pattern: /must present (spiffe:\/\/securemesh\/marketplace\/marketplace)/, value: defaultApiIdentity("marketplace"), what: "the marketplace's pinned identity" },
+  {
+    page: "docs/tokens.md",
+    pattern: /must present (spiffe:\/\/securemesh\/marketplace\/marketplace)/,
+    value: defaultApiIdentity("marketplace"),
+    what: "the marketplace's pinned identity",
+  },
   { page: "docs/caching.md", pattern: /`--cache-ttl MS`\s+\(default (\d+)\)/, value: defaults.server.cacheTtlMs, what: "--cache-ttl" },
   { page: "docs/caching.md", pattern: /`--cache-entries N` \(default (\d+)\)/, value: defaults.server.cacheEntries, what: "--cache-entries" },
   { page: "docs/security.md", pattern: /\| SecureProxy → KeyServer \| `([^`]+)`/, value: KEYSERVER_IDENTITY, what: "the KeyServer's pinned identity" },
-  { page: "docs/security.md", pattern: /\| client → coordinator \| `--expect-coordinator` \(default `([^`]+)`\)/, value: COORDINATOR_IDENTITY, what: "the client's expected coordinator" },
+  {
+    page: "docs/security.md",
+    pattern: /\| client → coordinator \| `--expect-coordinator` \(default `([^`]+)`\)/,
+    value: COORDINATOR_IDENTITY,
+    what: "the client's expected coordinator",
+  },
   { page: "docs/security.md", pattern: /`--expect-server` \(default `([^`]+)`\)/, value: defaults.coordinator.expectServer, what: "--expect-server" },
   { page: "docs/roles.md", pattern: /\| `--timeout MS` \| (\d+) \| per-request timeout \|/, value: defaults.client.timeoutMs, what: "the client's --timeout" },
 ];
@@ -261,24 +399,38 @@ export function citedTests(page: string, text: string): { file: string; name: st
 
 describe("links and anchors", () => {
   test("slugs follow GitHub's rules", () => {
-    expect([slug("Caching: `get_data()`"), slug("`bun harness security`"), slug("Issue 18: \"No unverified hop\""), slug("The regression cases, from a real run")])
-      .toEqual(["caching-get_data", "bun-harness-security", "issue-18-no-unverified-hop", "the-regression-cases-from-a-real-run"]);
-    expect([...anchorsOf("# A\n## A\n```\n# not a heading\n```\n<a id=\"x-1\"></a>\n")]).toEqual(["a", "a-1", "x-1"]);
+    expect([
+      slug("Caching: `get_data()`"),
+      slug("`bun harness security`"),
+      slug('Issue 18: "No unverified hop"'),
+      slug("The regression cases, from a real run"),
+    ]).toEqual(["caching-get_data", "bun-harness-security", "issue-18-no-unverified-hop", "the-regression-cases-from-a-real-run"]);
+    expect([...anchorsOf('# A\n## A\n```\n# not a heading\n```\n<a id="x-1"></a>\n')]).toEqual(["a", "a-1", "x-1"]);
   });
 
   test("every relative link and #anchor in README.md, docs/*.md and bench/HISTORY.md resolves", () => {
-    const broken = PAGES.flatMap((page) => linksOf(source(page)).map((target) => brokenLink(page, target, readPage)).filter((p) => p !== null));
+    const broken = PAGES.flatMap((page) =>
+      linksOf(source(page))
+        .map((target) => brokenLink(page, target, readPage))
+        .filter((p) => p !== null),
+    );
     expect(broken).toEqual([]);
   });
 
   test("a broken link, a missing file and a missing anchor are each reported", () => {
-    const read = (path: string) => (path === "docs/x.md" ? "# Title\n<a id=\"kept\"></a>\n" : readPage(path));
-    expect([brokenLink("docs/security.md", "nowhere.md", read), brokenLink("docs/security.md", "security-findings.md#no-such-finding", read)])
-      .toEqual(["docs/security.md: nowhere.md: no such file docs/nowhere.md", "docs/security.md: security-findings.md#no-such-finding: docs/security-findings.md has no heading or <a id> \"no-such-finding\""]);
+    const read = (path: string) => (path === "docs/x.md" ? '# Title\n<a id="kept"></a>\n' : readPage(path));
+    expect([brokenLink("docs/security.md", "nowhere.md", read), brokenLink("docs/security.md", "security-findings.md#no-such-finding", read)]).toEqual([
+      "docs/security.md: nowhere.md: no such file docs/nowhere.md",
+      'docs/security.md: security-findings.md#no-such-finding: docs/security-findings.md has no heading or <a id> "no-such-finding"',
+    ]);
   });
 
   test("every repository path the pages quote in backticks exists", () => {
-    const missing = PAGES.flatMap((page) => quotedPaths(source(page)).filter((p) => !existsSync(join(REPO_ROOT, p))).map((p) => `${page}: \`${p}\``));
+    const missing = PAGES.flatMap((page) =>
+      quotedPaths(source(page))
+        .filter((p) => !existsSync(join(REPO_ROOT, p)))
+        .map((p) => `${page}: \`${p}\``),
+    );
     expect(missing).toEqual([]);
   });
 
@@ -298,14 +450,21 @@ function wrongDefaultsOf(rows: string[][], help: string): string[] {
   return rows.flatMap((row) => {
     const flag = /--[a-z][a-z-]*/.exec(row[0]!)?.[0] ?? "";
     const entry = helpEntry(help, flag);
-    return statedValues(row[1] ?? "").filter((v) => !mentions(entry, v)).map((v) => `${flag}: default ${v} is not in its --help: ${entry}`);
+    return statedValues(row[1] ?? "")
+      .filter((v) => !mentions(entry, v))
+      .map((v) => `${flag}: default ${v} is not in its --help: ${entry}`);
   });
 }
 
 describe("options tables against --help", () => {
   const commands: [string, string][] = [
-    ["server", "roles/server.ts"], ["coordinator", "roles/coordinator.ts"], ["client", "roles/client.ts"], ["keyserver", "roles/keyserver.ts"],
-    ["secureproxy", "roles/secureproxy.ts"], ["marketplace", "roles/marketplace.ts"], ["harness", "harness/index.ts"],
+    ["server", "roles/server.ts"],
+    ["coordinator", "roles/coordinator.ts"],
+    ["client", "roles/client.ts"],
+    ["keyserver", "roles/keyserver.ts"],
+    ["secureproxy", "roles/secureproxy.ts"],
+    ["marketplace", "roles/marketplace.ts"],
+    ["harness", "harness/index.ts"],
   ];
   const pageOf = (name: string) => (name === "harness" ? "docs/harness.md" : "docs/roles.md");
   /** What every role's --help ends with (shared/platform/config.ts): documented once, in the common table. */
@@ -363,7 +522,7 @@ describe("constants and statements", () => {
 
   test.each(STATEMENTS.map((s) => [s.what, s] as const))("%s", (_what, { page, pattern, value }) => {
     const match = pattern.exec(oneLine(source(page)));
-    expect({ page, says: match ? match[1] ?? "" : `nothing matching ${pattern}` }).toEqual({ page, says: String(value) });
+    expect({ page, says: match ? (match[1] ?? "") : `nothing matching ${pattern}` }).toEqual({ page, says: String(value) });
   });
 
   test("a quoted constant is read as written, with separators", () => {
@@ -374,16 +533,22 @@ describe("constants and statements", () => {
 /** Each `### ` section under `## Runbooks` of a page: its heading and its text (prose only). */
 export function runbooksOf(text: string): Map<string, string> {
   const section = /^## Runbooks$([\s\S]*?)(?=^## |(?![\s\S]))/m.exec(prose(text))?.[1] ?? "";
-  return new Map(section.split(/^### /m).slice(1).map((part) => {
-    const [heading, ...body] = part.split("\n");
-    return [heading!.trim(), oneLine(body.join("\n"))] as const;
-  }));
+  return new Map(
+    section
+      .split(/^### /m)
+      .slice(1)
+      .map((part) => {
+        const [heading, ...body] = part.split("\n");
+        return [heading!.trim(), oneLine(body.join("\n"))] as const;
+      }),
+  );
 }
 
 /** The rows a runbook names: “NAME” after `Row(s) of \`bun harness multihost\`:`, up to the sentence's end. */
 export function citedRows(runbook: string): string[] {
-  return [...runbook.matchAll(/Rows? of `bun harness multihost`:((?:[^“.]|\.(?! ))*?(?:“[^”]+”[^“.]*?)+)(?:\.(?: |$)|$)/g)]
-    .flatMap((m) => [...m[1]!.matchAll(/“([^”]+)”/g)].map((q) => q[1]!));
+  return [...runbook.matchAll(/Rows? of `bun harness multihost`:((?:[^“.]|\.(?! ))*?(?:“[^”]+”[^“.]*?)+)(?:\.(?: |$)|$)/g)].flatMap((m) =>
+    [...m[1]!.matchAll(/“([^”]+)”/g)].map((q) => q[1]!),
+  );
 }
 
 describe("runbooks and the multihost rows that run them", () => {
@@ -403,8 +568,11 @@ describe("runbooks and the multihost rows that run them", () => {
   });
 
   test("a runbook's rows are read as the page writes them", () => {
-    expect(citedRows("Run it. Rows of `bun harness multihost`: “a, then b”, “c: d (x)”; the short run splits it, “e” first. Then “f”."))
-      .toEqual(["a, then b", "c: d (x)", "e"]);
+    expect(citedRows("Run it. Rows of `bun harness multihost`: “a, then b”, “c: d (x)”; the short run splits it, “e” first. Then “f”.")).toEqual([
+      "a, then b",
+      "c: d (x)",
+      "e",
+    ]);
   });
 });
 
@@ -420,8 +588,11 @@ describe("findings and the tests that cover them", () => {
   });
 
   test("citations are read as the code writes them; the runtimes' own issues are not ours", () => {
-    expect(citedAnchors("(#11 L5) (issue 18, H1) (#18 M2) (#13 Part 4) (issue 14 part 7) (#12) (issue 18: H1) oven-sh/bun#14097 (#11 Hardening) (issue 23, finding 8)"))
-      .toEqual(["11-l5", "18-h1", "18-m2", "13-part-4", "14-part-7", "12", "18-h1", "11-hardening", "23"]);
+    expect(
+      citedAnchors(
+        "(#11 L5) (issue 18, H1) (#18 M2) (#13 Part 4) (issue 14 part 7) (#12) (issue 18: H1) oven-sh/bun#14097 (#11 Hardening) (issue 23, finding 8)",
+      ),
+    ).toEqual(["11-l5", "18-h1", "18-m2", "13-part-4", "14-part-7", "12", "18-h1", "11-hardening", "23"]);
   });
 
   test("every test the pages name exists in the file they name", () => {

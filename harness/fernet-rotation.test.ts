@@ -26,7 +26,10 @@ afterAll(() => temporary.forEach((dir) => rmSync(dir, { recursive: true, force: 
 
 /** Runs `bun shared/request-path/fernet-keys.ts ARGS --pki DIR` as pki.sh would: its exit code and output. */
 async function fernetKeys(pki: string, ...args: string[]): Promise<{ code: number; out: string; err: string }> {
-  await using proc = Bun.spawn([process.execPath, join(REPO_ROOT, "shared/request-path/fernet-keys.ts"), ...args, "--pki", pki, "--ttl", String(TTL_S)], { stdout: "pipe", stderr: "pipe" });
+  await using proc = Bun.spawn([process.execPath, join(REPO_ROOT, "shared/request-path/fernet-keys.ts"), ...args, "--pki", pki, "--ttl", String(TTL_S)], {
+    stdout: "pipe",
+    stderr: "pipe",
+  });
   const [out, err, code] = await Promise.all([new Response(proc.stdout).text(), new Response(proc.stderr).text(), proc.exited]);
   return { code, out: out.trim(), err: err.trim() };
 }
@@ -36,7 +39,8 @@ test("add → promote → retire under load: 0 failed requests, every acknowledg
   temporary.push(pki);
   // client2 may read its own records only: its view is then the records it wrote, all before the add, under the old key.
   const policy = JSON.parse(readFileSync(join(REPO_ROOT, "roles", "policy.json"), "utf8"));
-  for (const rule of policy.rules) if (rule.identity.endsWith("/client2")) rule.allow = rule.allow.map((a: string) => (a === "view.read:all" ? "view.read:own" : a));
+  for (const rule of policy.rules)
+    if (rule.identity.endsWith("/client2")) rule.allow = rule.allow.map((a: string) => (a === "view.read:all" ? "view.read:own" : a));
   writeFileSync(join(pki, "policy.json"), JSON.stringify(policy));
   await using mesh = await startMesh({ pki, runtime: "mixed", env: { FERNET_TTL: String(TTL_S), SECUREMESH_POLICY: join(pki, "policy.json") } });
   const keyFile = () => fernetKeysInOrder(parseFernetKeyFile(readFileSync(join(pki, "encryption_key.txt"), "utf8"), "key file"));
@@ -45,13 +49,20 @@ test("add → promote → retire under load: 0 failed requests, every acknowledg
   // Two long-lived clients, each following the key file as an application would; their reload lines are kept.
   const clientLines: string[][] = [];
   const clients = ["client1", "client2"].map((name, i) => {
-    const lines: string[] = (clientLines[i] = []);
+    const lines: string[] = [];
+    clientLines[i] = lines;
     const keys = FernetKeys.open(pki).watch(createLogger(name, { write: (l) => lines.push(l), color: false, format: "text" }));
     return new MeshClient({ identity: loadIdentity(pki, name), fernet: keys, coordinators: [mesh.coordinator] });
   });
   /** Every host (both servers and both clients) has logged a reload line matching `pattern`. */
-  const everyHostLogged = (pattern: RegExp) => waitFor(`every host to log ${pattern}`, () =>
-    mesh.servers.every((s) => mesh.cluster.role(s.name).lines.some((l) => pattern.test(l))) && clientLines.every((lines) => lines.some((l) => pattern.test(l))), 15_000);
+  const everyHostLogged = (pattern: RegExp) =>
+    waitFor(
+      `every host to log ${pattern}`,
+      () =>
+        mesh.servers.every((s) => mesh.cluster.role(s.name).lines.some((l) => pattern.test(l))) &&
+        clientLines.every((lines) => lines.some((l) => pattern.test(l))),
+      15_000,
+    );
 
   // The load: a writer per client and one reader of the servers' encrypted view, until told to stop, each sending its
   // next request once the last is answered (the harness's load generator: the pace is the mesh's own); client2's
@@ -75,7 +86,8 @@ test("add → promote → retire under load: 0 failed requests, every acknowledg
     runLoad({ concurrency: 1, until: () => stopping, request: writer(client1, "client1") }),
     runLoad({ concurrency: 1, until: () => stopping || added, request: writer(client2, "client2") }),
     runLoad({
-      concurrency: 1, until: () => stopping,
+      concurrency: 1,
+      until: () => stopping,
       request: async () => {
         await clients[reads % 2]!.readCachedData(reads % 5 === 0); // now and then past the cache, for a freshly encrypted view
         reads += 1;
@@ -100,7 +112,10 @@ test("add → promote → retire under load: 0 failed requests, every acknowledg
     expect(add).toMatchObject({ code: 0, out: expect.stringContaining(`added key ${fpNew} to `) });
     await everyHostLogged(new RegExp(`^Fernet keys reloaded: 2 keys, primary ${fpOld}, decrypt-only ${fpNew} \\(added ${fpNew}\\)$`));
     const health = await Promise.all(mesh.servers.map(async (s) => (await mesh.cluster.health(s.url))?.body.fernet_keys));
-    expect(health).toEqual([[fpOld, fpNew], [fpOld, fpNew]]);
+    expect(health).toEqual([
+      [fpOld, fpNew],
+      [fpOld, fpNew],
+    ]);
     await moreAcks(20, "after the add");
 
     // 2. promote, no sooner than the command allows.
@@ -118,8 +133,9 @@ test("add → promote → retire under load: 0 failed requests, every acknowledg
     await waitFor("retire to be safe (TTL + 60 s after the promote)", () => Date.now() >= safeAt, 90_000);
     // Meanwhile both servers moved every record under the old key to the new one: none is left under it.
     const rewrapBefore = await Promise.all(mesh.servers.map(async (s) => (await mesh.cluster.health(s.url))?.body.fernet_rewrap as Record<string, unknown>));
-    expect(rewrapBefore.map((r) => ({ state: r.state, pending: r.pending, by_key: r.by_key, kept: r.kept })))
-      .toEqual(mesh.servers.map(() => ({ state: "watching", pending: 0, by_key: { [fpOld]: 0 }, kept: [] })));
+    expect(rewrapBefore.map((r) => ({ state: r.state, pending: r.pending, by_key: r.by_key, kept: r.kept }))).toEqual(
+      mesh.servers.map(() => ({ state: "watching", pending: 0, by_key: { [fpOld]: 0 }, kept: [] })),
+    );
     const retire = await fernetKeys(pki, "retire");
     expect(retire).toMatchObject({ code: 0, out: expect.stringContaining(`retired key ${fpOld} from `) });
     // No record uses it, so every server drops it at once, as every client does.
@@ -127,11 +143,18 @@ test("add → promote → retire under load: 0 failed requests, every acknowledg
     await moreAcks(20, "after the retire");
     // What client2 wrote, all under the old key, reads through both servers now: they hold the new key alone.
     const ownSeen = new Map<number, string[]>();
-    await waitFor("client2's own view from both servers", async () => {
-      const answer = await client2.readCachedData(true);
-      ownSeen.set(answer.server, answer.snapshot.latest.map((r) => r.text));
-      return ownSeen.size === mesh.servers.length;
-    }, 15_000);
+    await waitFor(
+      "client2's own view from both servers",
+      async () => {
+        const answer = await client2.readCachedData(true);
+        ownSeen.set(
+          answer.server,
+          answer.snapshot.latest.map((r) => r.text),
+        );
+        return ownSeen.size === mesh.servers.length;
+      },
+      15_000,
+    );
     const shown = Math.min(20, byClient2.length);
     for (const [server, texts] of ownSeen) {
       expect({ server, read: texts.length, all: texts.every((t) => /^rotation write \d+ by client2$/.test(t)) }).toEqual({ server, read: shown, all: true });
@@ -167,13 +190,25 @@ test("add → promote → retire under load: 0 failed requests, every acknowledg
     }
   });
   expect({ acknowledged: acks.length, distinct: new Set(acks).size, stored: rows.length, openUnderNewAlone: onlyNew.length }).toEqual({
-    acknowledged: acks.length, distinct: acks.length, stored: acks.length, openUnderNewAlone: acks.length,
+    acknowledged: acks.length,
+    distinct: acks.length,
+    stored: acks.length,
+    openUnderNewAlone: acks.length,
   });
-  const rewrap = await Promise.all(mesh.servers.map(async (s) => (await mesh.cluster.health(s.url))?.body.fernet_rewrap as { rewrapped: number; pending: number; kept: string[] }));
+  const rewrap = await Promise.all(
+    mesh.servers.map(async (s) => (await mesh.cluster.health(s.url))?.body.fernet_rewrap as { rewrapped: number; pending: number; kept: string[] }),
+  );
   const moved = rewrap.reduce((sum, r) => sum + r.rewrapped, 0);
   // Written under both keys (the rotation happened under this load): at least everything acknowledged before the add
   // was under the old key, and was moved; nothing was moved twice.
-  expect({ movedAtLeastBeforeAdd: moved >= beforeAdd.length, movedAtMostAll: moved <= acks.length, beforeAdd: beforeAdd.length > 0, pending: rewrap.map((r) => r.pending), kept: rewrap.map((r) => r.kept) })
-    .toEqual({ movedAtLeastBeforeAdd: true, movedAtMostAll: true, beforeAdd: true, pending: [0, 0], kept: [[], []] });
-  console.log(`rotation under load: ${acks.length} writes acknowledged and stored, ${moved} moved to the new key by the servers (${rewrap.map((r) => r.rewrapped).join(" + ")}), ${reads} reads, ${failed} failed`);
+  expect({
+    movedAtLeastBeforeAdd: moved >= beforeAdd.length,
+    movedAtMostAll: moved <= acks.length,
+    beforeAdd: beforeAdd.length > 0,
+    pending: rewrap.map((r) => r.pending),
+    kept: rewrap.map((r) => r.kept),
+  }).toEqual({ movedAtLeastBeforeAdd: true, movedAtMostAll: true, beforeAdd: true, pending: [0, 0], kept: [[], []] });
+  console.log(
+    `rotation under load: ${acks.length} writes acknowledged and stored, ${moved} moved to the new key by the servers (${rewrap.map((r) => r.rewrapped).join(" + ")}), ${reads} reads, ${failed} failed`,
+  );
 }, 240_000);

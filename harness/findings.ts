@@ -14,7 +14,18 @@ import { PROOF_HEADER, ProofSigner } from "../shared/request-path/proof.ts";
 import { loadIdentity, mutualTlsClientOptions, type Identity } from "../shared/platform/tls.ts";
 import { ON_BEHALF_OF_HEADER, openJoseResponse, prepareJoseRequest, prepareLegacyRequest } from "../shared/token-path/token-exchange.ts";
 import { freePort, runPkiSh, waitFor, waitUntilInRotation, type Cluster, type TokenStack } from "./fixtures/index.ts";
-import { closedWithin, connectTls, dribbleClosedAfter, parseHttpAnswer, plainHttp, sendChunked, startImpostor, tlsRefused, type Tally, type TlsMaterial } from "./hostile.ts";
+import {
+  closedWithin,
+  connectTls,
+  dribbleClosedAfter,
+  parseHttpAnswer,
+  plainHttp,
+  sendChunked,
+  startImpostor,
+  tlsRefused,
+  type Tally,
+  type TlsMaterial,
+} from "./hostile.ts";
 
 /** Marks the forged log lines of the L1 case, so the log scan can tell whether one ever started a line. */
 export const FORGED_MARKER = "forged-l1-5c2e";
@@ -49,7 +60,10 @@ export function writePolicy(file: string, rules: readonly Rule[]): void {
  */
 export async function prepareHarnessIdentities(pki: string, policyFile: string): Promise<Rule[]> {
   for (const { name } of HARNESS_IDENTITIES) await runPkiSh(pki, "issue", name, "--client"); // one at a time: each updates the CA's index
-  const rules = [...parsePolicy(readFileSync(policyPath(), "utf8")).rules, ...HARNESS_IDENTITIES.map(({ name, allow }) => ({ identity: SPIFFE("client", name), allow }))];
+  const rules = [
+    ...parsePolicy(readFileSync(policyPath(), "utf8")).rules,
+    ...HARNESS_IDENTITIES.map(({ name, allow }) => ({ identity: SPIFFE("client", name), allow })),
+  ];
   writePolicy(policyFile, rules);
   return rules;
 }
@@ -60,7 +74,12 @@ export async function prepareHarnessIdentities(pki: string, policyFile: string):
  */
 export async function seedClient2Token(cluster: Cluster, stack: TokenStack, tokenDb: string): Promise<string> {
   const token = stack.token;
-  const seeded = await cluster.run("keyserver-admin-client2", "keyserver", ["token", "add", "--client", "client2", "--type", "marketplace", "--token", "-", "--data", stack.dataDir, "--db", tokenDb], { stdin: token });
+  const seeded = await cluster.run(
+    "keyserver-admin-client2",
+    "keyserver",
+    ["token", "add", "--client", "client2", "--type", "marketplace", "--token", "-", "--data", stack.dataDir, "--db", tokenDb],
+    { stdin: token },
+  );
   if (seeded.exitCode !== 0) throw new Error(`token add for client2 failed:\n${seeded.lines.join("\n")}`);
   return token;
 }
@@ -98,16 +117,23 @@ type Json = Record<string, unknown>;
  * Starts the clock, applies `change`, and polls every check until all hold in one round: returns the time until
  * each first held, and until all did. `timeoutMs` after the change it gives up.
  */
-export async function measureUntil(what: string, change: () => Promise<unknown> | unknown, checks: Record<string, () => Promise<boolean>>, timeoutMs = 3 * RELOAD_BOUND_MS): Promise<Measurement> {
+export async function measureUntil(
+  what: string,
+  change: () => Promise<unknown> | unknown,
+  checks: Record<string, () => Promise<boolean>>,
+  timeoutMs = 3 * RELOAD_BOUND_MS,
+): Promise<Measurement> {
   const started = performance.now();
   await change();
   const each: Record<string, number | null> = Object.fromEntries(Object.keys(checks).map((k) => [k, null]));
   for (;;) {
-    const results = await Promise.all(Object.entries(checks).map(async ([name, check]) => {
-      const held = await check().catch(() => false);
-      if (held && each[name] === null) each[name] = Math.round(performance.now() - started);
-      return held;
-    }));
+    const results = await Promise.all(
+      Object.entries(checks).map(async ([name, check]) => {
+        const held = await check().catch(() => false);
+        if (held && each[name] === null) each[name] = Math.round(performance.now() - started);
+        return held;
+      }),
+    );
     const elapsed = performance.now() - started;
     if (results.every(Boolean)) return { what, ms: Math.round(elapsed), each };
     if (elapsed > timeoutMs) return { what, ms: null, each };
@@ -116,7 +142,9 @@ export async function measureUntil(what: string, change: () => Promise<unknown> 
 }
 
 const describeMeasurement = (m: Measurement) =>
-  `${m.what}: ${m.ms === null ? "NOT within the timeout" : `${m.ms} ms`} (bound ${RELOAD_BOUND_MS} ms; ${Object.entries(m.each).map(([k, v]) => `${k} ${v === null ? "never" : `${v} ms`}`).join(", ")})`;
+  `${m.what}: ${m.ms === null ? "NOT within the timeout" : `${m.ms} ms`} (bound ${RELOAD_BOUND_MS} ms; ${Object.entries(m.each)
+    .map(([k, v]) => `${k} ${v === null ? "never" : `${v} ms`}`)
+    .join(", ")})`;
 
 /** Runs every finding case into `tally`; returns the measured reload times, for the summary. */
 export async function runFindingCases(t: FindingTargets, tally: Tally, options: FindingOptions): Promise<Measurement[]> {
@@ -141,7 +169,11 @@ export async function runFindingCases(t: FindingTargets, tally: Tally, options: 
   const call = (url: string, tls: TlsMaterial, init: RequestInit = {}) =>
     fetch(url, { ...init, tls, keepalive: false, signal: AbortSignal.timeout(10_000) } as RequestInit);
   const postJson = (url: string, tls: TlsMaterial, body: unknown, headers: Record<string, string> = {}) =>
-    call(url, tls, { method: "POST", headers: { "content-type": "application/json", ...headers }, body: typeof body === "string" ? body : JSON.stringify(body) });
+    call(url, tls, {
+      method: "POST",
+      headers: { "content-type": "application/json", ...headers },
+      body: typeof body === "string" ? body : JSON.stringify(body),
+    });
   const answer = async (response: Response) => {
     const text = await response.text();
     let body: Json = {};
@@ -159,16 +191,20 @@ export async function runFindingCases(t: FindingTargets, tally: Tally, options: 
   const write = async (who: ProofSigner, tls: TlsMaterial, options: { at?: string; url?: string; headers?: Record<string, string>; data?: string } = {}) => {
     const data = options.data ?? fernet.encrypt(`finding write ${randomUUID()}`);
     const proof = await who.sign({ method: "POST", path: "/api/data", payload: data });
-    return answer(await postJson(`${options.at ?? options.url ?? t.coordinator}/api/data`, options.at ? coordinatorTls : tls, { data, proof }, options.headers));
+    return answer(
+      await postJson(`${options.at ?? options.url ?? t.coordinator}/api/data`, options.at ? coordinatorTls : tls, { data, proof }, options.headers),
+    );
   };
   const expectStatus = (got: { status: number; text: string }, status: number, text?: string | RegExp) => {
     if (got.status !== status) return `answered ${got.status} (wanted ${status}): ${got.text}`;
-    if (text !== undefined && !(typeof text === "string" ? got.text.includes(text) : text.test(got.text))) return `answered ${got.status} without ${text}: ${got.text}`;
+    if (text !== undefined && !(typeof text === "string" ? got.text.includes(text) : text.test(got.text)))
+      return `answered ${got.status} without ${text}: ${got.text}`;
     return null;
   };
   const forbidden = (who: string, permission: string) => `${who} lacks permission ${permission}`;
   const { itemUri } = stack;
-  const proxyAs = async (tls: TlsMaterial, clientId: string) => answer(await postJson(`${stack.secureproxy}/request_api`, tls, { ClientId: clientId, TokenType: "marketplace", ApiUri: itemUri }));
+  const proxyAs = async (tls: TlsMaterial, clientId: string) =>
+    answer(await postJson(`${stack.secureproxy}/request_api`, tls, { ClientId: clientId, TokenType: "marketplace", ApiUri: itemUri }));
   let keyserverKey: KeyObject | undefined;
   /** A JOSE token request straight to the KeyServer over `tls`, naming `onBehalfOf`; 200 only when the token opens. */
   const keyserverAs = async (tls: TlsMaterial, onBehalfOf: string | null, clientId = "client1", tokenType = "marketplace") => {
@@ -187,16 +223,31 @@ export async function runFindingCases(t: FindingTargets, tally: Tally, options: 
   };
   const auditLines = (pattern: RegExp) => cluster.role("keyserver").lines.filter((l) => pattern.test(l)).length;
   const waitForAudit = (pattern: RegExp, before: number) =>
-    waitFor(`a KeyServer audit line matching ${pattern}`, () => auditLines(pattern) > before, 5000).then(() => null, (e: Error) => e.message);
+    waitFor(`a KeyServer audit line matching ${pattern}`, () => auditLines(pattern) > before, 5000).then(
+      () => null,
+      (e: Error) => e.message,
+    );
 
-  const roles: [string, string][] = [["server1", server1], ["coordinator", t.coordinator], ["keyserver", stack.keyserver], ["secureproxy", stack.secureproxy]];
-  const ids = { client1: SPIFFE("client", "client1"), client2: SPIFFE("client", "client2"), coordinator: SPIFFE("coordinator", "coordinator"), secureproxy: SPIFFE("secureproxy", "secureproxy") };
+  const roles: [string, string][] = [
+    ["server1", server1],
+    ["coordinator", t.coordinator],
+    ["keyserver", stack.keyserver],
+    ["secureproxy", stack.secureproxy],
+  ];
+  const ids = {
+    client1: SPIFFE("client", "client1"),
+    client2: SPIFFE("client", "client2"),
+    coordinator: SPIFFE("coordinator", "coordinator"),
+    secureproxy: SPIFFE("secureproxy", "secureproxy"),
+  };
 
   // ---- H1: the proxy knows who calls it. Old: ClientId came from the body, client2 and the coordinator got 200.
   await tally.run("secureproxy", "H1: client2 asks for ClientId client1's token → 403", n, async () =>
-    expectStatus(await proxyAs(client2, "client1"), 403, forbidden(ids.client2, "proxy.use:client1/marketplace")));
+    expectStatus(await proxyAs(client2, "client1"), 403, forbidden(ids.client2, "proxy.use:client1/marketplace")),
+  );
   await tally.run("secureproxy", "H1: the coordinator's certificate asks for client1's token → 403", n, async () =>
-    expectStatus(await proxyAs(tlsOf("coordinator"), "client1"), 403, forbidden(ids.coordinator, "proxy.use:client1/marketplace")));
+    expectStatus(await proxyAs(tlsOf("coordinator"), "client1"), 403, forbidden(ids.coordinator, "proxy.use:client1/marketplace")),
+  );
   // Old: the audit line said caller=secureproxy client=client1; the original caller was recorded nowhere.
   await tally.run("keyserver", "H1: the KeyServer's audit names the proxy and the original caller", n, async () => {
     const line = new RegExp(`^AUDIT .*caller=${ids.secureproxy} on_behalf_of=${ids.client1} client=client1 type=marketplace outcome=released`);
@@ -233,11 +284,13 @@ export async function runFindingCases(t: FindingTargets, tally: Tally, options: 
   // ---- M1: proofs are checked against the CRL. Old: a revoked certificate's proof over client2's TLS was stored, 200.
   const revoked = t.hostileCerts.revoked!;
   await tally.run("server", "M1: a proof signed by a revoked certificate, over client2's TLS → 401", n, async () =>
-    expectStatus(await write(signerOf(revoked), client2), 401, "revoked"));
+    expectStatus(await write(signerOf(revoked), client2), 401, "revoked"),
+  );
 
   // ---- M5: reads need a proof, and view.read:own sees only its own. Old: get_cached_data needed nothing.
   await tally.run("server", "M5: a read without a proof → 401", n, async () =>
-    expectStatus(await answer(await call(`${t.coordinator}/api/get_cached_data`, client1)), 401));
+    expectStatus(await answer(await call(`${t.coordinator}/api/get_cached_data`, client1)), 401),
+  );
   await tally.run("server", "M5: view.read:own (client-own) sees only its own records", 1, async () => {
     const own = tlsOf("client-own");
     const stored = await write(signer("client-own"), own);
@@ -247,7 +300,9 @@ export async function runFindingCases(t: FindingTargets, tally: Tally, options: 
     if (read.status !== 200 || typeof read.body.data !== "string") return `client-own's read: ${read.status} ${read.text}`;
     const view = JSON.parse(fernet.decryptText(read.body.data)) as DataSnapshot;
     const senders = new Set([...Object.keys(view.bySender), ...view.latest.map((r) => r.sender)]);
-    return senders.size === 1 && senders.has("client-own") && view.total === view.bySender["client-own"] ? null : `client-own saw ${[...senders].join(", ")} (${view.total} records)`;
+    return senders.size === 1 && senders.has("client-own") && view.total === view.bySender["client-own"]
+      ? null
+      : `client-own saw ${[...senders].join(", ")} (${view.total} records)`;
   });
 
   // ---- L1: no forged log lines. Old: the coordinator logged a server's "unexpected field: <name>" raw.
@@ -258,13 +313,29 @@ export async function runFindingCases(t: FindingTargets, tally: Tally, options: 
     return expectStatus(await answer(await postJson(`${t.coordinator}/api/invalidate_cache`, client1, { proof, [evilName]: 1 })), 400);
   });
   await tally.run("coordinator", "L1: the same field name in a write", n, async () =>
-    expectStatus(await answer(await postJson(`${t.coordinator}/api/data`, client1, { data: "x", proof: "y", [evilName]: 1 })), 400));
+    expectStatus(await answer(await postJson(`${t.coordinator}/api/data`, client1, { data: "x", proof: "y", [evilName]: 1 })), 400),
+  );
   await tally.run("keyserver", "L1: the same field name in a token request", n, async () =>
-    expectStatus(await answer(await postJson(`${stack.keyserver}/`, proxyTls, { sessionKey: "a", clientId: "client1", tokenType: "marketplace", [evilName]: 1 })), 400));
+    expectStatus(
+      await answer(await postJson(`${stack.keyserver}/`, proxyTls, { sessionKey: "a", clientId: "client1", tokenType: "marketplace", [evilName]: 1 })),
+      400,
+    ),
+  );
   await tally.run("secureproxy", "L1: the same field name, and in ClientId", n, async () => {
-    const extra = expectStatus(await answer(await postJson(`${stack.secureproxy}/request_api`, client1, { ClientId: "client1", TokenType: "marketplace", ApiUri: itemUri, [evilName]: 1 })), 400);
+    const extra = expectStatus(
+      await answer(
+        await postJson(`${stack.secureproxy}/request_api`, client1, { ClientId: "client1", TokenType: "marketplace", ApiUri: itemUri, [evilName]: 1 }),
+      ),
+      400,
+    );
     // Not a plain name: refused before the policy is asked (400), and logged escaped.
-    return extra ?? expectStatus(await answer(await postJson(`${stack.secureproxy}/request_api`, client1, { ClientId: evilName, TokenType: "marketplace", ApiUri: itemUri })), 400);
+    return (
+      extra ??
+      expectStatus(
+        await answer(await postJson(`${stack.secureproxy}/request_api`, client1, { ClientId: evilName, TokenType: "marketplace", ApiUri: itemUri })),
+        400,
+      )
+    );
   });
   // (scanLogs checks afterwards that no log line starts with the forged text and no log holds an escape sequence.)
 
@@ -272,17 +343,24 @@ export async function runFindingCases(t: FindingTargets, tally: Tally, options: 
   await tally.run("coordinator", "L2: a 401 and a 403 from the servers are logged and counted as 401 and 403", 1, async () => {
     const metric = async (status: number) => {
       const text = await (await fetch(`${t.admin}/metrics`, { signal: AbortSignal.timeout(5000) })).text();
-      return [...text.matchAll(new RegExp(`^securemesh_http_requests_total\\{[^}]*route="/api/\\*"[^}]*method="POST"[^}]*status="${status}"[^}]*\\} (\\d+)`, "gm"))]
-        .reduce((sum, m) => sum + Number(m[1]), 0);
+      return [
+        ...text.matchAll(new RegExp(`^securemesh_http_requests_total\\{[^}]*route="/api/\\*"[^}]*method="POST"[^}]*status="${status}"[^}]*\\} (\\d+)`, "gm")),
+      ].reduce((sum, m) => sum + Number(m[1]), 0);
     };
     const lines = (status: number) => cluster.role("coordinator").lines.filter((l) => l.includes(`"POST /api/data HTTP/1.1" ${status} -`)).length;
     const before = { m401: await metric(401), m403: await metric(403), l401: lines(401), l403: lines(403) };
     const denied = await write(signer("coordinator"), tlsOf("coordinator"));
     const unproven = await answer(await postJson(`${t.coordinator}/api/data`, client1, { data: fernet.encrypt("no proof") }));
     if (denied.status !== 403 || unproven.status !== 401) return `answers ${denied.status} and ${unproven.status}, wanted 403 and 401`;
-    return waitFor("the coordinator's access lines and /metrics to show 401 and 403", async () =>
-      lines(401) > before.l401 && lines(403) > before.l403 && (await metric(401)) > before.m401 && (await metric(403)) > before.m403, 5000)
-      .then(() => null, async () => `access lines 401: ${lines(401) - before.l401}, 403: ${lines(403) - before.l403}; /metrics 401: +${(await metric(401)) - before.m401}, 403: +${(await metric(403)) - before.m403}`);
+    return waitFor(
+      "the coordinator's access lines and /metrics to show 401 and 403",
+      async () => lines(401) > before.l401 && lines(403) > before.l403 && (await metric(401)) > before.m401 && (await metric(403)) > before.m403,
+      5000,
+    ).then(
+      () => null,
+      async () =>
+        `access lines 401: ${lines(401) - before.l401}, 403: ${lines(403) - before.l403}; /metrics 401: +${(await metric(401)) - before.m401}, 403: +${(await metric(403)) - before.m403}`,
+    );
   });
 
   // ---- L3: invalidation proofs are single-use and live 60 s + skew. Old: one proof worked 5 times, and 75 s later.
@@ -292,7 +370,9 @@ export async function runFindingCases(t: FindingTargets, tally: Tally, options: 
     if (first.status !== 200 || (first.body.acknowledged as unknown[]).length !== 2) return `first use: ${first.status} ${first.text}`;
     const again = await answer(await postJson(`${t.coordinator}/api/invalidate_cache`, client1, body));
     const failed = (again.body.failed ?? []) as { status: number }[];
-    return again.status === 401 && (again.body.acknowledged as unknown[]).length === 0 && failed.length === 2 && failed.every((f) => f.status === 401) ? null : `replay: ${again.status} ${again.text}`;
+    return again.status === 401 && (again.body.acknowledged as unknown[]).length === 0 && failed.length === 2 && failed.every((f) => f.status === 401)
+      ? null
+      : `replay: ${again.status} ${again.text}`;
   });
   await tally.run("server", "L3: an invalidation proof signed 75 s ago → refused", n, async () => {
     const proof = await signer("client1").sign({ method: "POST", path: "/api/invalidate_cache", payload: "" }, Date.now() / 1000 - 75);
@@ -302,9 +382,11 @@ export async function runFindingCases(t: FindingTargets, tally: Tally, options: 
 
   // ---- L4: only clients write, only through the coordinator. Old: any clientAuth certificate wrote, to any server.
   await tally.run("server", "L4: the coordinator's proof cannot write → 403", n, async () =>
-    expectStatus(await write(signer("coordinator"), tlsOf("coordinator")), 403, forbidden(ids.coordinator, "records.write")));
+    expectStatus(await write(signer("coordinator"), tlsOf("coordinator")), 403, forbidden(ids.coordinator, "records.write")),
+  );
   await tally.run("server", "L4: the secureproxy's proof cannot write → 403", n, async () =>
-    expectStatus(await write(signer("secureproxy"), proxyTls), 403, forbidden(ids.secureproxy, "records.write")));
+    expectStatus(await write(signer("secureproxy"), proxyTls), 403, forbidden(ids.secureproxy, "records.write")),
+  );
   await tally.run("server", "L4: client1 calling a server directly, with its own valid proof → 403 (its certificate lacks forward)", n, async () => {
     const data = fernet.encrypt("direct");
     const proof = await signer("client1").sign({ method: "POST", path: "/api/data", payload: data });
@@ -313,7 +395,10 @@ export async function runFindingCases(t: FindingTargets, tally: Tally, options: 
   // Issue 18 H1: a forwarded request carried a bearer forwarder assertion; captured by an impostor, it let client2's
   // TLS write at server 1 (200). Now whatever a forwarded request carries opens nothing without the coordinator's
   // own connection: the whole request as the coordinator sends it, replayed over client2's TLS, at every server.
-  for (const [name, url] of [["server1", server1], ["server2", server2]] as const) {
+  for (const [name, url] of [
+    ["server1", server1],
+    ["server2", server2],
+  ] as const) {
     await tally.run(name, "H1: a request as the coordinator forwards it, replayed over client2's TLS → 403", n, async () => {
       const data = fernet.encrypt("captured on its way to a server");
       const proof = await signer("client1").sign({ method: "POST", path: "/api/data", payload: data });
@@ -333,7 +418,9 @@ export async function runFindingCases(t: FindingTargets, tally: Tally, options: 
     if (theirs.status !== 200 || mine.status !== 200 || other.status !== 200 || otherTheirs.status !== 200) {
       return `answers ${theirs.status}, ${mine.status}, ${other.status}, ${otherTheirs.status}: ${mine.text} ${otherTheirs.text}`;
     }
-    return theirs.body.id !== mine.body.id && other.body.id !== otherTheirs.body.id ? null : `shared record ids: ${theirs.body.id}/${mine.body.id}, ${other.body.id}/${otherTheirs.body.id}`;
+    return theirs.body.id !== mine.body.id && other.body.id !== otherTheirs.body.id
+      ? null
+      : `shared record ids: ${theirs.body.id}/${mine.body.id}, ${other.body.id}/${otherTheirs.body.id}`;
   });
 
   // ---- L6: the body limit counts bytes read. Old: a 201,387-byte chunked body was stored.
@@ -343,8 +430,10 @@ export async function runFindingCases(t: FindingTargets, tally: Tally, options: 
     return new TextEncoder().encode(prefix + "A".repeat(201_387 - prefix.length - suffix.length) + suffix);
   })();
   const chunkedTargets: [string, string, string, TlsMaterial][] = [
-    ["coordinator", t.coordinator, "/api/data", client1], ["server1", server1, "/api/data", coordinatorTls],
-    ["keyserver", stack.keyserver, "/", proxyTls], ["secureproxy", stack.secureproxy, "/request_api", client1],
+    ["coordinator", t.coordinator, "/api/data", client1],
+    ["server1", server1, "/api/data", coordinatorTls],
+    ["keyserver", stack.keyserver, "/", proxyTls],
+    ["secureproxy", stack.secureproxy, "/request_api", client1],
   ];
   for (const [role, url, path, tls] of chunkedTargets) {
     await tally.run(role, "L6: a 201,387-byte chunked body → 413 JSON", n, async () => {
@@ -359,13 +448,15 @@ export async function runFindingCases(t: FindingTargets, tally: Tally, options: 
       }
       if (raw.status !== 413) return `${raw.status} ${String(code)}: ${raw.body.slice(0, 100)}`;
       // The coordinator must count the bytes itself, not buffer them all and pass a server's 413 on.
-      return raw.headers["x-securemesh-upstream"] === undefined ? null : `the 413 came from ${raw.headers["x-securemesh-upstream"]}: the coordinator read the whole body and forwarded it`;
+      return raw.headers["x-securemesh-upstream"] === undefined
+        ? null
+        : `the 413 came from ${raw.headers["x-securemesh-upstream"]}: the coordinator read the whole body and forwarded it`;
     });
   }
 
   // ---- L7: the client prints others' text through printable(). Old: client2's text cleared client1's screen.
   await tally.run("client", "L7: client1's output after client2 stored escape sequences has no ESC byte", 1, async () => {
-    const evil = "\u001b[2J\u001b[H\u001b]0;pwned\u0007\n[client1] Success: {\"result\":\"ok\",\"id\":0,\"server\":0}";
+    const evil = '\u001b[2J\u001b[H\u001b]0;pwned\u0007\n[client1] Success: {"result":"ok","id":0,"server":0}';
     const stored = await write(signer("client2"), client2, { data: fernet.encrypt(evil) });
     if (stored.status !== 200) return `client2's write: ${stored.status} ${stored.text}`;
     const run = await cluster.runClient("l7-client1", ["--name", "client1", "--coordinator", t.coordinator, "--message", "after the escapes"]);
@@ -398,7 +489,9 @@ export async function runFindingCases(t: FindingTargets, tally: Tally, options: 
   // ---- Hardening: the admin listener checks Host (DNS rebinding). Old: any Host was served.
   await tally.run("coordinator", "Hardening: admin listener with Host: evil.example → refused", n, async () => {
     const raw = parseHttpAnswer(await plainHttp(t.admin, "GET /status HTTP/1.1\r\nHost: evil.example\r\nConnection: close\r\n\r\n"));
-    return raw && raw.status >= 400 && raw.status < 500 && !raw.body.includes("serversUp") ? null : `answered ${raw ? `${raw.status} ${raw.body.slice(0, 80)}` : "nothing"}`;
+    return raw && raw.status >= 400 && raw.status < 500 && !raw.body.includes("serversUp")
+      ? null
+      : `answered ${raw ? `${raw.status} ${raw.body.slice(0, 80)}` : "nothing"}`;
   });
   await tally.run("coordinator", "Hardening: admin listener with Host: 127.0.0.1:<port> → served", n, async () => {
     const raw = parseHttpAnswer(await plainHttp(t.admin, `GET /status HTTP/1.1\r\nHost: ${new URL(t.admin).host}\r\nConnection: close\r\n\r\n`));
@@ -408,14 +501,24 @@ export async function runFindingCases(t: FindingTargets, tally: Tally, options: 
   // ---- Hardening: every hop checks whom it reached. Old: any certificate of the CA passed as a server or a KeyServer.
   const unexpectedPeer = /UNEXPECTED_PEER.*expected spiffe:\/\/securemesh\/server\/\*/;
   await tally.run("coordinator", "Hardening: \"servers\" presenting the KeyServer's and the proxy's identities: refused, nothing forwarded", 1, async () => {
-    const { port } = await cluster.spawn("refuses-coordinator", "coordinator", ["0", "--servers", `${stack.keyserver},${stack.secureproxy}`, "--health-interval", "200"]);
+    const { port } = await cluster.spawn("refuses-coordinator", "coordinator", [
+      "0",
+      "--servers",
+      `${stack.keyserver},${stack.secureproxy}`,
+      "--health-interval",
+      "200",
+    ]);
     const url = `https://127.0.0.1:${port}`;
     try {
-      const checked = await waitFor("both of refuses-coordinator's servers to be health-checked", async () => {
-        const h = await cluster.health(url);
-        const servers = (h?.body.servers ?? []) as { lastError: string | null; lastCheckedAt: number | null }[];
-        return servers.length === 2 && servers.every((s) => s.lastCheckedAt !== null && s.lastError) ? h : undefined;
-      }, 10_000);
+      const checked = await waitFor(
+        "both of refuses-coordinator's servers to be health-checked",
+        async () => {
+          const h = await cluster.health(url);
+          const servers = (h?.body.servers ?? []) as { lastError: string | null; lastCheckedAt: number | null }[];
+          return servers.length === 2 && servers.every((s) => s.lastCheckedAt !== null && s.lastError) ? h : undefined;
+        },
+        10_000,
+      );
       const errors = (checked.body.servers as { lastError: string }[]).map((s) => s.lastError);
       if (!errors.every((e) => unexpectedPeer.test(e))) return `health checks: ${errors.join("; ")}`;
       // Refused at the handshake ("no server is up" once the checks took them out, or the forward's own refusal).
@@ -429,10 +532,16 @@ export async function runFindingCases(t: FindingTargets, tally: Tally, options: 
       await cluster.kill("refuses-coordinator");
     }
   });
-  await tally.run("secureproxy", "Hardening: a \"KeyServer\" presenting a server identity is refused, nothing sent", 1, async () => {
+  await tally.run("secureproxy", 'Hardening: a "KeyServer" presenting a server identity is refused, nothing sent', 1, async () => {
     const before = cluster.role("server1").lines.filter((l) => /public_key|"POST \/ /.test(l)).length;
     const marketPort = new URL(stack.marketplace).port;
-    const url = await cluster.startRole("refuses-secureproxy", "secureproxy", ["0", "--keyserver", server1, "--allow", `marketplace=localhost:${marketPort},127.0.0.1:${marketPort}`]);
+    const url = await cluster.startRole("refuses-secureproxy", "secureproxy", [
+      "0",
+      "--keyserver",
+      server1,
+      "--allow",
+      `marketplace=localhost:${marketPort},127.0.0.1:${marketPort}`,
+    ]);
     try {
       const got = await answer(await postJson(`${url}/request_api`, client1, { ClientId: "client1", TokenType: "marketplace", ApiUri: itemUri }));
       if (got.status !== 502 || got.body.code !== "ERR_KEYSERVER_IDENTITY") return `answered ${got.status}: ${got.text}`;
@@ -448,10 +557,19 @@ export async function runFindingCases(t: FindingTargets, tally: Tally, options: 
   // coordinator's port.
   await tally.run("secureproxy", "M1: a server certificate on the API's allowlisted port gets no token; nothing sent", 1, async () => {
     await using impostor = await startImpostor(pki, "server", await freePort());
-    const url = await cluster.startRole("refuses-api-secureproxy", "secureproxy", ["0", "--keyserver", stack.keyserver, "--allow", `marketplace=127.0.0.1:${impostor.port}`]);
+    const url = await cluster.startRole("refuses-api-secureproxy", "secureproxy", [
+      "0",
+      "--keyserver",
+      stack.keyserver,
+      "--allow",
+      `marketplace=127.0.0.1:${impostor.port}`,
+    ]);
     try {
-      const got = await answer(await postJson(`${url}/request_api`, client1, { ClientId: "client1", TokenType: "marketplace", ApiUri: `https://127.0.0.1:${impostor.port}/api/item` }));
-      if (got.status !== 502 || !/unexpected peer identity|UNEXPECTED_PEER|expected spiffe:\/\/securemesh\/marketplace\/marketplace/.test(got.text)) return `answered ${got.status}: ${got.text}`;
+      const got = await answer(
+        await postJson(`${url}/request_api`, client1, { ClientId: "client1", TokenType: "marketplace", ApiUri: `https://127.0.0.1:${impostor.port}/api/item` }),
+      );
+      if (got.status !== 502 || !/unexpected peer identity|UNEXPECTED_PEER|expected spiffe:\/\/securemesh\/marketplace\/marketplace/.test(got.text))
+        return `answered ${got.status}: ${got.text}`;
       return impostor.bytes === 0 ? null : `the impostor received ${impostor.bytes} bytes`;
     } finally {
       await cluster.kill("refuses-api-secureproxy");
@@ -461,8 +579,12 @@ export async function runFindingCases(t: FindingTargets, tally: Tally, options: 
     await using impostor = await startImpostor(pki, "server", await freePort());
     const client = cluster.client("client1", [`https://127.0.0.1:${impostor.port}`]);
     try {
-      const outcome = await client.sendData("to whoever answers").then((r) => `answered ${r.status}`, (error: Error) => error.message);
-      if (!/unexpected peer identity|reached spiffe:\/\/securemesh\/server\/server, expected spiffe:\/\/securemesh\/coordinator/.test(outcome)) return `the client: ${outcome}`;
+      const outcome = await client.sendData("to whoever answers").then(
+        (r) => `answered ${r.status}`,
+        (error: Error) => error.message,
+      );
+      if (!/unexpected peer identity|reached spiffe:\/\/securemesh\/server\/server, expected spiffe:\/\/securemesh\/coordinator/.test(outcome))
+        return `the client: ${outcome}`;
       return impostor.bytes === 0 ? null : `the impostor received ${impostor.bytes} bytes`;
     } finally {
       client.close();
@@ -476,8 +598,18 @@ export async function runFindingCases(t: FindingTargets, tally: Tally, options: 
       const url = await cluster.startRole("keyserver-quota", "keyserver", ["0", "--data", stack.dataDir, "--db", t.tokenDb, "--replay-quota", "3"]);
       try {
         const ask = async (onBehalfOf: string, clientId: string) => {
-          const prepared = await prepareJoseRequest(keyserverKey ?? createPublicKey(((await (await call(`${url}/public_key`, proxyTls)).json()) as { public_key: string }).public_key), clientId, "marketplace");
-          return (await call(`${url}/`, proxyTls, { method: "POST", headers: { "content-type": prepared.contentType, [ON_BEHALF_OF_HEADER]: onBehalfOf }, body: prepared.body })).status;
+          const prepared = await prepareJoseRequest(
+            keyserverKey ?? createPublicKey(((await (await call(`${url}/public_key`, proxyTls)).json()) as { public_key: string }).public_key),
+            clientId,
+            "marketplace",
+          );
+          return (
+            await call(`${url}/`, proxyTls, {
+              method: "POST",
+              headers: { "content-type": prepared.contentType, [ON_BEHALF_OF_HEADER]: onBehalfOf },
+              body: prepared.body,
+            })
+          ).status;
         };
         const flood = [];
         for (let i = 0; i < 4; i++) flood.push(await ask(ids.client2, "client2"));
@@ -510,110 +642,138 @@ export async function runFindingCases(t: FindingTargets, tally: Tally, options: 
   }
 
   // ---- M1, live: ./pki.sh revoke with the roles running. Old: the CRL was read only at start.
-  await tally.run("all", `M1: ./pki.sh revoke client-live with the roles running → its proofs and TLS refused within ${RELOAD_BOUND_MS / 1000} s`, 1, async () => {
-    const live = tlsOf("client-live");
-    const liveSigner = signer("client-live");
-    const before = await write(liveSigner, live);
-    if (before.status !== 200) return `client-live could not write before the revocation: ${before.status} ${before.text}`;
-    for (const [role, url] of [...roles, ["server2", server2]] as const) {
-      if ((await tlsRefused(url, live)) === null) return `client-live's TLS to ${role} was refused before the revocation`;
-    }
-    const refusedAt = (url: string) => async () => (await tlsRefused(url, live)) === null;
-    // Issue 18, L1: a connection client-live opened before its revocation, kept alive. Bun servers went on answering
-    // /health and /metrics on it (and on new ones: they read the CRL only at start); now every request is refused.
-    const kept = await Promise.all([server1, t.coordinator].map(async (url) => {
-      const socket = await connectTls(url, live);
-      socket.on("error", () => {});
-      return { url, socket };
-    }));
-    const healthOn = (socket: tls.TLSSocket) => new Promise<number>((resolve) => {
-      let raw = "";
-      const onData = (chunk: Buffer) => {
-        raw += chunk.toString();
-        const answer = parseHttpAnswer(raw);
-        if (answer) {
-          socket.off("data", onData);
-          resolve(answer.status);
-        }
-      };
-      socket.on("data", onData);
-      socket.once("close", () => resolve(0));
-      if (socket.destroyed) resolve(0);
-      else socket.write("GET /health HTTP/1.1\r\nHost: localhost\r\n\r\n");
-    });
-    for (const { url, socket } of kept) if ((await healthOn(socket)) !== 200) return `client-live's kept connection to ${url} got no 200 before the revocation`;
-    const keptRefused = (socket: tls.TLSSocket) => async () => (await healthOn(socket)) !== 200;
-    // Everyone else's traffic runs through the reload: Part 4 says no in-flight request is dropped. The writes
-    // carry no Idempotency-Key, so a request the coordinator loses is not quietly re-sent. They go as the client
-    // library sends them, which tries again on a connection refused or reset before any request was taken: the
-    // coordinator's listener swap (SO_REUSEPORT) resets connections still queued on the old socket.
-    let reloading = true;
-    const dropped: string[] = [];
-    let sent = 0;
-    const client1Mesh = cluster.client("client1", [t.coordinator]);
-    const client1Signer = signer("client1");
-    const traffic = Promise.all([
-      (async () => {
-        while (reloading) {
-          const data = fernet.encrypt(`write during the reload ${randomUUID()}`);
-          const proof = await client1Signer.sign({ method: "POST", path: "/api/data", payload: data });
-          const got = await client1Mesh.request("POST", "/api/data", { data, proof })
-            .then((r) => ({ status: r.status, text: JSON.stringify(r.body) }), (e: Error) => ({ status: 0, text: e.message }));
-          sent += 1;
-          if (got.status !== 200) dropped.push(`write via the coordinator: ${got.status} ${got.text}`);
-        }
-      })(),
-      (async () => {
-        while (reloading) {
-          const got = await proxyAs(client1, "client1").catch((e: Error) => ({ status: 0, text: e.message }));
-          sent += 1;
-          if (got.status !== 200) dropped.push(`client1 through the proxy: ${got.status} ${got.text}`);
-        }
-      })(),
-    ]);
-    const m = await measureUntil("revocation of client-live", () => runPkiSh(pki, "revoke", "client-live"), {
-      "proof via the coordinator": async () => (await write(liveSigner, client2)).status === 401,
-      "proof at server 1": async () => (await write(liveSigner, client2, { at: server1 })).status === 401,
-      "proof at server 2": async () => (await write(liveSigner, client2, { at: server2 })).status === 401,
-      "TLS to the coordinator": refusedAt(t.coordinator),
-      "TLS to server 1": refusedAt(server1),
-      "TLS to the KeyServer": refusedAt(stack.keyserver),
-      "TLS to the SecureProxy": refusedAt(stack.secureproxy),
-      "GET /health on a kept connection to server 1": keptRefused(kept[0]!.socket),
-      "GET /health on a kept connection to the coordinator": keptRefused(kept[1]!.socket),
-    });
-    for (const { socket } of kept) socket.destroy();
-    // The roles poll their files every second: a little longer, and every role has reloaded under the traffic.
-    await waitFor("every role to log its TLS reload", () => ["server1", "server2", "coordinator", "keyserver", "secureproxy"]
-      .every((r) => cluster.role(r).lines.some((l) => l.startsWith(`TLS material reloaded: ${revokedCount(pki)} revoked`))), 5000).catch(() => {});
-    reloading = false;
-    await traffic;
-    measurements.push(m);
-    tally.notes.push(`M1: during the revocation's reloads, ${sent} requests of client1's (writes via the coordinator, calls through the proxy): ${dropped.length} failed`);
-    if (m.ms === null || m.ms > RELOAD_BOUND_MS) return describeMeasurement(m);
-    return dropped.length === 0 ? null : `${dropped.length} of client1's ${sent} requests failed during the reloads: ${dropped[0]}`;
-  });
+  await tally.run(
+    "all",
+    `M1: ./pki.sh revoke client-live with the roles running → its proofs and TLS refused within ${RELOAD_BOUND_MS / 1000} s`,
+    1,
+    async () => {
+      const live = tlsOf("client-live");
+      const liveSigner = signer("client-live");
+      const before = await write(liveSigner, live);
+      if (before.status !== 200) return `client-live could not write before the revocation: ${before.status} ${before.text}`;
+      for (const [role, url] of [...roles, ["server2", server2]] as const) {
+        if ((await tlsRefused(url, live)) === null) return `client-live's TLS to ${role} was refused before the revocation`;
+      }
+      const refusedAt = (url: string) => async () => (await tlsRefused(url, live)) === null;
+      // Issue 18, L1: a connection client-live opened before its revocation, kept alive. Bun servers went on answering
+      // /health and /metrics on it (and on new ones: they read the CRL only at start); now every request is refused.
+      const kept = await Promise.all(
+        [server1, t.coordinator].map(async (url) => {
+          const socket = await connectTls(url, live);
+          socket.on("error", () => {});
+          return { url, socket };
+        }),
+      );
+      const healthOn = (socket: tls.TLSSocket) =>
+        new Promise<number>((resolve) => {
+          let raw = "";
+          const onData = (chunk: Buffer) => {
+            raw += chunk.toString();
+            const answer = parseHttpAnswer(raw);
+            if (answer) {
+              socket.off("data", onData);
+              resolve(answer.status);
+            }
+          };
+          socket.on("data", onData);
+          socket.once("close", () => resolve(0));
+          if (socket.destroyed) resolve(0);
+          else socket.write("GET /health HTTP/1.1\r\nHost: localhost\r\n\r\n");
+        });
+      for (const { url, socket } of kept)
+        if ((await healthOn(socket)) !== 200) return `client-live's kept connection to ${url} got no 200 before the revocation`;
+      const keptRefused = (socket: tls.TLSSocket) => async () => (await healthOn(socket)) !== 200;
+      // Everyone else's traffic runs through the reload: Part 4 says no in-flight request is dropped. The writes
+      // carry no Idempotency-Key, so a request the coordinator loses is not quietly re-sent. They go as the client
+      // library sends them, which tries again on a connection refused or reset before any request was taken: the
+      // coordinator's listener swap (SO_REUSEPORT) resets connections still queued on the old socket.
+      let reloading = true;
+      const dropped: string[] = [];
+      let sent = 0;
+      const client1Mesh = cluster.client("client1", [t.coordinator]);
+      const client1Signer = signer("client1");
+      const traffic = Promise.all([
+        (async () => {
+          while (reloading) {
+            const data = fernet.encrypt(`write during the reload ${randomUUID()}`);
+            const proof = await client1Signer.sign({ method: "POST", path: "/api/data", payload: data });
+            const got = await client1Mesh.request("POST", "/api/data", { data, proof }).then(
+              (r) => ({ status: r.status, text: JSON.stringify(r.body) }),
+              (e: Error) => ({ status: 0, text: e.message }),
+            );
+            sent += 1;
+            if (got.status !== 200) dropped.push(`write via the coordinator: ${got.status} ${got.text}`);
+          }
+        })(),
+        (async () => {
+          while (reloading) {
+            const got = await proxyAs(client1, "client1").catch((e: Error) => ({ status: 0, text: e.message }));
+            sent += 1;
+            if (got.status !== 200) dropped.push(`client1 through the proxy: ${got.status} ${got.text}`);
+          }
+        })(),
+      ]);
+      const m = await measureUntil("revocation of client-live", () => runPkiSh(pki, "revoke", "client-live"), {
+        "proof via the coordinator": async () => (await write(liveSigner, client2)).status === 401,
+        "proof at server 1": async () => (await write(liveSigner, client2, { at: server1 })).status === 401,
+        "proof at server 2": async () => (await write(liveSigner, client2, { at: server2 })).status === 401,
+        "TLS to the coordinator": refusedAt(t.coordinator),
+        "TLS to server 1": refusedAt(server1),
+        "TLS to the KeyServer": refusedAt(stack.keyserver),
+        "TLS to the SecureProxy": refusedAt(stack.secureproxy),
+        "GET /health on a kept connection to server 1": keptRefused(kept[0]!.socket),
+        "GET /health on a kept connection to the coordinator": keptRefused(kept[1]!.socket),
+      });
+      for (const { socket } of kept) socket.destroy();
+      // The roles poll their files every second: a little longer, and every role has reloaded under the traffic.
+      await waitFor(
+        "every role to log its TLS reload",
+        () =>
+          ["server1", "server2", "coordinator", "keyserver", "secureproxy"].every((r) =>
+            cluster.role(r).lines.some((l) => l.startsWith(`TLS material reloaded: ${revokedCount(pki)} revoked`)),
+          ),
+        5000,
+      ).catch(() => {});
+      reloading = false;
+      await traffic;
+      measurements.push(m);
+      tally.notes.push(
+        `M1: during the revocation's reloads, ${sent} requests of client1's (writes via the coordinator, calls through the proxy): ${dropped.length} failed`,
+      );
+      if (m.ms === null || m.ms > RELOAD_BOUND_MS) return describeMeasurement(m);
+      return dropped.length === 0 ? null : `${dropped.length} of client1's ${sent} requests failed during the reloads: ${dropped[0]}`;
+    },
+  );
 
   // ---- Policy edits take effect live, at every role that decides. Old: there was no policy.
-  await tally.run("all", `policy edit: client2's records.write and proxy.use removed live → 403 within ${RELOAD_BOUND_MS / 1000} s, restored after`, 1, async () => {
-    const allowed = (permission: string) => (r: Rule) => r.identity === ids.client2 ? { ...r, allow: r.allow.filter((p) => p !== permission) } : r;
-    const edited = t.rules.map(allowed("records.write")).map(allowed("proxy.use:client2/marketplace"));
-    const checks = (status: number) => ({
-      "write via the coordinator": async () => (await write(signer("client2"), client2)).status === status,
-      "write at server 1": async () => (await write(signer("client2"), client2, { at: server1 })).status === status,
-      "write at server 2": async () => (await write(signer("client2"), client2, { at: server2 })).status === status,
-      "proxy.use at the SecureProxy": async () => (await proxyAs(client2, "client2")).status === status,
-      "proxy.use at the KeyServer": async () => (await keyserverAs(proxyTls, ids.client2, "client2")).status === status,
-    });
-    // This case is about the policy: it starts once the coordinator has both servers in rotation again.
-    await Promise.all(t.servers.map((server) => waitUntilInRotation(cluster, t.coordinator, server, 10_000)));
-    for (const [name, check] of Object.entries(checks(200))) if (!(await check())) return `before the edit, ${name} was not allowed`;
-    const removed = await measureUntil("policy edit (client2's records.write and proxy.use:client2/marketplace removed)", () => writePolicy(t.policyFile, edited), checks(403));
-    const restored = await measureUntil("policy restored", () => writePolicy(t.policyFile, t.rules), checks(200));
-    measurements.push(removed, restored);
-    const late = [removed, restored].filter((m) => m.ms === null || m.ms > RELOAD_BOUND_MS);
-    return late.length === 0 ? null : late.map(describeMeasurement).join("; ");
-  });
+  await tally.run(
+    "all",
+    `policy edit: client2's records.write and proxy.use removed live → 403 within ${RELOAD_BOUND_MS / 1000} s, restored after`,
+    1,
+    async () => {
+      const allowed = (permission: string) => (r: Rule) => (r.identity === ids.client2 ? { ...r, allow: r.allow.filter((p) => p !== permission) } : r);
+      const edited = t.rules.map(allowed("records.write")).map(allowed("proxy.use:client2/marketplace"));
+      const checks = (status: number) => ({
+        "write via the coordinator": async () => (await write(signer("client2"), client2)).status === status,
+        "write at server 1": async () => (await write(signer("client2"), client2, { at: server1 })).status === status,
+        "write at server 2": async () => (await write(signer("client2"), client2, { at: server2 })).status === status,
+        "proxy.use at the SecureProxy": async () => (await proxyAs(client2, "client2")).status === status,
+        "proxy.use at the KeyServer": async () => (await keyserverAs(proxyTls, ids.client2, "client2")).status === status,
+      });
+      // This case is about the policy: it starts once the coordinator has both servers in rotation again.
+      await Promise.all(t.servers.map((server) => waitUntilInRotation(cluster, t.coordinator, server, 10_000)));
+      for (const [name, check] of Object.entries(checks(200))) if (!(await check())) return `before the edit, ${name} was not allowed`;
+      const removed = await measureUntil(
+        "policy edit (client2's records.write and proxy.use:client2/marketplace removed)",
+        () => writePolicy(t.policyFile, edited),
+        checks(403),
+      );
+      const restored = await measureUntil("policy restored", () => writePolicy(t.policyFile, t.rules), checks(200));
+      measurements.push(removed, restored);
+      const late = [removed, restored].filter((m) => m.ms === null || m.ms > RELOAD_BOUND_MS);
+      return late.length === 0 ? null : late.map(describeMeasurement).join("; ");
+    },
+  );
 
   return measurements;
 }
@@ -649,26 +809,37 @@ async function startBody(url: string, material: TlsMaterial, path: string) {
  */
 export async function runSlowFindingCases(t: Pick<FindingTargets, "cluster" | "coordinator" | "servers" | "stack">, tally: Tally): Promise<void> {
   const client1 = mutualTlsClientOptions(loadIdentity(t.cluster.pki, "client1"));
-  const all: [string, string][] = [["server1", t.servers[0]], ["coordinator", t.coordinator], ["keyserver", t.stack.keyserver], ["secureproxy", t.stack.secureproxy]];
+  const all: [string, string][] = [
+    ["server1", t.servers[0]],
+    ["coordinator", t.coordinator],
+    ["keyserver", t.stack.keyserver],
+    ["secureproxy", t.stack.secureproxy],
+  ];
   await Promise.all([
     // Old: the KeyServer kept such a connection for more than 100 s; its idle timer restarted with every byte.
     // On Bun, the Bun.serve behind every role's TLS gate closes it at its idle timeout (~12 s); the node listener
     // (every role on Deno) at its 10 s header deadline.
-    ...all.map(([role, url]) => tally.run(role, "M2: headers dribbled one byte a second → closed within 14 s", 1, async () => {
-      const after = await dribbleClosedAfter(url, client1, 1000, 20_000);
-      tally.notes.push(`M2: ${role} closed a connection dribbling one header byte a second after ${after === null ? "more than 20 s" : `${(after / 1000).toFixed(1)} s`}`);
-      return after !== null && after <= 14_000 ? null : after === null ? "still open after 20 s" : `closed after ${(after / 1000).toFixed(1)} s`;
-    })),
+    ...all.map(([role, url]) =>
+      tally.run(role, "M2: headers dribbled one byte a second → closed within 14 s", 1, async () => {
+        const after = await dribbleClosedAfter(url, client1, 1000, 20_000);
+        tally.notes.push(
+          `M2: ${role} closed a connection dribbling one header byte a second after ${after === null ? "more than 20 s" : `${(after / 1000).toFixed(1)} s`}`,
+        );
+        return after !== null && after <= 14_000 ? null : after === null ? "still open after 20 s" : `closed after ${(after / 1000).toFixed(1)} s`;
+      }),
+    ),
     // Old: a stalled body on the KeyServer ended in an unhandled rejection when the idle timer fired.
-    ...all.map(([role, url]) => tally.run(role, "H2: a body stalled after 5 of 1000 bytes → closed, role still up", 1, async () => {
-      const path = role === "secureproxy" ? "/request_api" : role === "keyserver" ? "/" : "/api/data";
-      const socket = await startBody(url, client1, path);
-      const closed = await closedWithin(socket, 40_000); // the node listener's body deadline is 30 s
-      socket.destroy();
-      if (closed === null) return "still open after 40 s";
-      const health = await t.cluster.health(url);
-      return health?.status === 200 && t.cluster.role(role).running ? null : `${role} /health afterwards: ${health?.status ?? "no answer"}`;
-    })),
+    ...all.map(([role, url]) =>
+      tally.run(role, "H2: a body stalled after 5 of 1000 bytes → closed, role still up", 1, async () => {
+        const path = role === "secureproxy" ? "/request_api" : role === "keyserver" ? "/" : "/api/data";
+        const socket = await startBody(url, client1, path);
+        const closed = await closedWithin(socket, 40_000); // the node listener's body deadline is 30 s
+        socket.destroy();
+        if (closed === null) return "still open after 40 s";
+        const health = await t.cluster.health(url);
+        return health?.status === 200 && t.cluster.role(role).running ? null : `${role} /health afterwards: ${health?.status ?? "no answer"}`;
+      }),
+    ),
   ]);
 }
 
@@ -676,11 +847,21 @@ export async function runSlowFindingCases(t: Pick<FindingTargets, "cluster" | "c
  * M2's and L2's per-identity cap: `cap + extra` idle TLS connections of client1; the role closes the extra ones and
  * keeps the rest, and serves again once they are gone. Run it alone: every connection of client1 counts.
  */
-export async function runConnectionCapCase(t: Pick<FindingTargets, "cluster" | "stack" | "coordinator" | "servers">, tally: Tally, cap: number, extra = 5): Promise<void> {
+export async function runConnectionCapCase(
+  t: Pick<FindingTargets, "cluster" | "stack" | "coordinator" | "servers">,
+  tally: Tally,
+  cap: number,
+  extra = 5,
+): Promise<void> {
   const client1 = mutualTlsClientOptions(loadIdentity(t.cluster.pki, "client1"));
   // Issue 18, L2: client2 held 300 connections open on the coordinator and on each server (Bun.serve could not tell
   // who held them); every role now caps each identity, on both runtimes.
-  const roles = [["keyserver", t.stack.keyserver], ["secureproxy", t.stack.secureproxy], ["coordinator", t.coordinator], ["server1", t.servers[0]]] as const;
+  const roles = [
+    ["keyserver", t.stack.keyserver],
+    ["secureproxy", t.stack.secureproxy],
+    ["coordinator", t.coordinator],
+    ["server1", t.servers[0]],
+  ] as const;
   for (const [role, url] of roles) {
     await tally.run(role, `M2: ${cap + extra} idle connections of one identity → those over the cap of ${cap} closed`, 1, async () => {
       const sockets = (await Promise.all(Array.from({ length: cap + extra }, () => connectTls(url, client1).catch(() => null)))).filter((s) => s !== null);
@@ -691,7 +872,9 @@ export async function runConnectionCapCase(t: Pick<FindingTargets, "cluster" | "
         // This process holds a few keep-alive connections of its own from the same address (fetch's pool), so
         // slightly more than `extra` may go; but no more than the cap stay, and not far fewer.
         const open = cap + extra - closedCount();
-        tally.notes.push(`M2: ${role} kept ${open} of ${cap + extra} idle connections of client1 (cap ${cap} per identity; this process held a few more of its own)`);
+        tally.notes.push(
+          `M2: ${role} kept ${open} of ${cap + extra} idle connections of client1 (cap ${cap} per identity; this process held a few more of its own)`,
+        );
         if (open > cap || open < cap - 8) return `${open} of ${cap + extra} stayed open, wanted at most ${cap} and at least ${cap - 8}`;
       } finally {
         for (const s of sockets) s.destroy();

@@ -41,14 +41,21 @@ describe("floors (docs/architecture.md)", () => {
   const modules = [...productionModules("shared"), ...productionModules("roles")];
 
   test("every production module is on a floor, and imports only from its own floor or below", () => {
-    const upward = modules.flatMap((from) => importsOf(from).filter((to) => floorOf(to) > floorOf(from)).map((to) => `${from} (floor ${floorOf(from)}) → ${to} (${floorOf(to) === TEST_SUPPORT ? "test support" : `floor ${floorOf(to)}`})`));
+    const upward = modules.flatMap((from) =>
+      importsOf(from)
+        .filter((to) => floorOf(to) > floorOf(from))
+        .map((to) => `${from} (floor ${floorOf(from)}) → ${to} (${floorOf(to) === TEST_SUPPORT ? "test support" : `floor ${floorOf(to)}`})`),
+    );
     expect(upward).toEqual([]);
     expect(modules.length).toBeGreaterThan(90); // it walked the tree, not an empty folder
   });
 
   test("the check sees an upward import and an import of test support", () => {
     const bad = 'import { UpstreamPool } from "../request-path/upstream.ts";\nimport { testPki } from "../testing/pki.ts";\n';
-    expect(importsOf("shared/platform/http.ts", bad).map((to) => [to, floorOf(to)])).toEqual([["shared/request-path/upstream.ts", 4], ["shared/testing/pki.ts", TEST_SUPPORT]]);
+    expect(importsOf("shared/platform/http.ts", bad).map((to) => [to, floorOf(to)])).toEqual([
+      ["shared/request-path/upstream.ts", 4],
+      ["shared/testing/pki.ts", TEST_SUPPORT],
+    ]);
     expect(floorOf("shared/platform/http.ts")).toBe(2);
   });
 });

@@ -23,25 +23,30 @@ export class Tally {
   /** Measured figures worth a line in the summary (how long until a slow connection was closed, …). */
   readonly notes: string[] = [];
   /** `progress` gets a line per finished case; `status`, if given, a running count after every attempt. */
-  constructor(private readonly progress: (line: string) => void = () => {}, private readonly status?: (text: () => string) => void) {}
+  constructor(
+    private readonly progress: (line: string) => void = () => {},
+    private readonly status?: (text: () => string) => void,
+  ) {}
 
   async run(role: string, name: string, attempts: number, attempt: (i: number) => Promise<string | null>, parallel = 1): Promise<CaseResult> {
     const result: CaseResult = { role, name, attempts, asExpected: 0, unexpected: [] };
     let next = 0;
-    await Promise.all(Array.from({ length: parallel }, async () => {
-      while (next < attempts) {
-        const i = next++;
-        let outcome: string | null;
-        try {
-          outcome = await attempt(i);
-        } catch (error) {
-          outcome = `threw: ${(error as Error).message}`;
+    await Promise.all(
+      Array.from({ length: parallel }, async () => {
+        while (next < attempts) {
+          const i = next++;
+          let outcome: string | null;
+          try {
+            outcome = await attempt(i);
+          } catch (error) {
+            outcome = `threw: ${(error as Error).message}`;
+          }
+          if (outcome === null) result.asExpected += 1;
+          else if (result.unexpected.length < 5) result.unexpected.push(outcome); // a few examples are enough to act on
+          this.status?.(() => `${role} ${name}: ${i + 1}/${attempts}, ${this.results.length} cases done`);
         }
-        if (outcome === null) result.asExpected += 1;
-        else if (result.unexpected.length < 5) result.unexpected.push(outcome); // a few examples are enough to act on
-        this.status?.(() => `${role} ${name}: ${i + 1}/${attempts}, ${this.results.length} cases done`);
-      }
-    }));
+      }),
+    );
     this.results.push(result);
     this.progress(`${result.asExpected === attempts ? "ok  " : "FAIL"} ${role.padEnd(12)} ${name} ${result.asExpected}/${attempts}`);
     return result;
@@ -82,19 +87,36 @@ export async function hostileCertificates(pki: string, otherPki: string): Promis
   await runPkiSh(pki, "revoke", "revoked-client");
   const selfDir = join(pki, "self-signed");
   mkdirSync(selfDir, { recursive: true });
-  await sh(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-days", "30",
-    "-subj", "/O=securemesh/CN=client1", "-addext", "extendedKeyUsage=clientAuth",
-    "-keyout", join(selfDir, "client1_key.pem"), "-out", join(selfDir, "client1_cert.pem")]);
+  await sh([
+    "openssl",
+    "req",
+    "-x509",
+    "-newkey",
+    "ec",
+    "-pkeyopt",
+    "ec_paramgen_curve:P-256",
+    "-nodes",
+    "-days",
+    "30",
+    "-subj",
+    "/O=securemesh/CN=client1",
+    "-addext",
+    "extendedKeyUsage=clientAuth",
+    "-keyout",
+    join(selfDir, "client1_key.pem"),
+    "-out",
+    join(selfDir, "client1_cert.pem"),
+  ]);
   const ca = readPkiFile(pki, "ca_cert.pem");
   const pair = (dir: string, name: string) => ({ cert: readPkiFile(dir, `${name}_cert.pem`), key: readPkiFile(dir, `${name}_key.pem`), ca });
   return {
     "no certificate": { ca },
     "another CA": pair(otherPki, "client1"),
-    "expired": pair(pki, "expired-client"),
+    expired: pair(pki, "expired-client"),
     "not yet valid": pair(pki, "future-client"),
     "self-signed": pair(selfDir, "client1"),
     "server cert as client (EKU)": pair(pki, "server"),
-    "revoked": pair(pki, "revoked-client"),
+    revoked: pair(pki, "revoked-client"),
   };
 }
 
@@ -236,7 +258,7 @@ export function parseHttpAnswer(raw: string): RawAnswer | null {
   let body = raw.slice(end + 4);
   if (/chunked/i.test(headers["transfer-encoding"] ?? "")) {
     let decoded = "";
-    for (let rest = body; ;) {
+    for (let rest = body; ; ) {
       const lineEnd = rest.indexOf("\r\n");
       const size = parseInt(rest.slice(0, lineEnd), 16);
       if (lineEnd < 0 || !Number.isFinite(size) || size === 0) break;
@@ -325,13 +347,17 @@ export async function startImpostor(pki: string, name: string, port: number): Pr
   });
   server.on("tlsClientError", () => {});
   // The port was the server's a moment ago: bind as soon as the kernel lets go of it.
-  await waitFor(`port ${port} to be free for the impostor`, () => new Promise<boolean>((resolve) => {
-    server.once("error", () => resolve(false));
-    server.listen(port, "127.0.0.1", () => resolve(true));
-  }), 5000);
+  await waitFor(
+    `port ${port} to be free for the impostor`,
+    () =>
+      new Promise<boolean>((resolve) => {
+        server.once("error", () => resolve(false));
+        server.listen(port, "127.0.0.1", () => resolve(true));
+      }),
+    5000,
+  );
   return Object.assign(impostor, { [Symbol.asyncDispose]: () => new Promise<void>((resolve) => server.close(() => resolve())) });
 }
 
 /** The record id the impostor claims for every write: an acknowledgement carrying it came from the impostor. */
 export const IMPOSTOR_ID = 424_242;
-

@@ -66,7 +66,11 @@ async function ensurePki(dir: string): Promise<void> {
 }
 
 /** A fresh log folder, PKI and cluster for one run; `body` runs against it, and every process is stopped after. */
-async function withCluster(name: string, options: RunOptions & { ownPki?: boolean }, body: (ctx: { cluster: Cluster; ports: Ports; db: string; tokenDb: string }) => Promise<void>): Promise<{ ok: boolean; cluster: Cluster }> {
+async function withCluster(
+  name: string,
+  options: RunOptions & { ownPki?: boolean },
+  body: (ctx: { cluster: Cluster; ports: Ports; db: string; tokenDb: string }) => Promise<void>,
+): Promise<{ ok: boolean; cluster: Cluster }> {
   const logDir = join(process.env.HARNESS_LOGS ?? join(REPO_ROOT, "harness", "logs"), name);
   rmSync(logDir, { recursive: true, force: true });
   const pki = options.ownPki ? join(logDir, "pki") : pkiDir();
@@ -103,7 +107,8 @@ async function runScenario(scenario: Scenario, options: RunOptions): Promise<boo
   const summary: string[] = [];
   console.log(`harness: ${scenario.name} — ${scenario.description}`);
   const { ok, cluster } = await withCluster(scenario.name, { ...options, ownPki: scenario.ownPki }, ({ cluster, ports, db, tokenDb }) =>
-    scenario.run({ cluster, ports, db, tokenDb, summary, short: options.short, step: (m) => console.log(`  • ${m}`) }));
+    scenario.run({ cluster, ports, db, tokenDb, summary, short: options.short, step: (m) => console.log(`  • ${m}`) }),
+  );
   if (!ok) return false;
   console.log("\nSummary:");
   for (const line of summary) console.log(`  ${line}`);
@@ -114,7 +119,7 @@ async function runScenario(scenario: Scenario, options: RunOptions): Promise<boo
 
 async function bench(options: RunOptions & { durationS: number; concurrency: number; json: boolean; out: string; only: string[] }): Promise<boolean> {
   const progress = new Progress({ stream: options.json ? process.stderr : process.stdout });
-  let report;
+  let report: Awaited<ReturnType<typeof runBench>> | undefined;
   const { ok } = await withCluster("bench", options, async ({ cluster, ports, db, tokenDb }) => {
     report = await runBench({ cluster, ports, db, tokenDb, progress, durationS: options.durationS, concurrency: options.concurrency, only: options.only });
   });
@@ -156,7 +161,12 @@ async function screenshots(options: RunOptions): Promise<boolean> {
     const client = cluster.client("client1", [coordinator]);
     for (let i = 0; i < 6; i++) await client.sendData(`status page message ${i}`);
     for (let i = 0; i < 6; i++) await client.readCachedData();
-    const shownAfterMs = await statusPageScreenshot(cluster, await cluster.adminUrl("coordinator"), { role: "server2", url: `https://127.0.0.1:${ports.server2}` }, file);
+    const shownAfterMs = await statusPageScreenshot(
+      cluster,
+      await cluster.adminUrl("coordinator"),
+      { role: "server2", url: `https://127.0.0.1:${ports.server2}` },
+      file,
+    );
     console.log(`  • the page showed server 2 down ${shownAfterMs.toFixed(0)} ms after kill -9; saved ${relative(REPO_ROOT, file)}`);
   });
   return ok;
@@ -169,19 +179,35 @@ function positiveNumber(value: string | undefined, name: string, fallback: numbe
   return n;
 }
 
-async function main(): Promise<number> {
-  let parsed;
+/** The harness's command line, or the error parseArgs gave for it. */
+function parseHarnessArgs(args: string[]) {
   try {
-    parsed = parseArgs({
-      args: Bun.argv.slice(2), allowPositionals: true,
+    return parseArgs({
+      args,
+      allowPositionals: true,
       options: {
-        "base-port": { type: "string" }, db: { type: "string" }, record: { type: "boolean" }, short: { type: "boolean" }, help: { type: "boolean", short: "h" },
+        "base-port": { type: "string" },
+        db: { type: "string" },
+        record: { type: "boolean" },
+        short: { type: "boolean" },
+        help: { type: "boolean", short: "h" },
         runtime: { type: "string" },
-        duration: { type: "string" }, concurrency: { type: "string" }, json: { type: "boolean" }, out: { type: "string" }, only: { type: "string" },
+        duration: { type: "string" },
+        concurrency: { type: "string" },
+        json: { type: "boolean" },
+        out: { type: "string" },
+        only: { type: "string" },
       },
     });
   } catch (error) {
-    console.error(`harness: ${(error as Error).message} (see --help)`);
+    return error as Error;
+  }
+}
+
+async function main(): Promise<number> {
+  const parsed = parseHarnessArgs(Bun.argv.slice(2));
+  if (parsed instanceof Error) {
+    console.error(`harness: ${parsed.message} (see --help)`);
     return 2;
   }
   const { values, positionals } = parsed;
@@ -214,7 +240,19 @@ async function main(): Promise<number> {
     console.error(`harness: ${(error as Error).message}`);
     return 2;
   }
-  return (await bench({ ...options, durationS, concurrency, json: Boolean(values.json), out: values.out ?? REPO_ROOT, only: (values.only ?? "").split(",").map((s) => s.trim()).filter(Boolean) })) ? 0 : 1;
+  return (await bench({
+    ...options,
+    durationS,
+    concurrency,
+    json: Boolean(values.json),
+    out: values.out ?? REPO_ROOT,
+    only: (values.only ?? "")
+      .split(",")
+      .map((s) => s.trim())
+      .filter(Boolean),
+  }))
+    ? 0
+    : 1;
 }
 
 process.exit(await main());

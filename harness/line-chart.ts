@@ -48,9 +48,14 @@ export function renderLineChart(chart: LineChart): string {
     const sorted = [...series.points].sort((a, b) => a.x - b.x);
     const path = sorted.map((p, j) => `${j === 0 ? "M" : "L"}${sx(p.x).toFixed(1)},${sy(p.y).toFixed(1)}`).join(" ");
     out.push(`<path d="${path}" fill="none" stroke="${color}" stroke-width="2"${series.ours ? "" : ' stroke-dasharray="6 4"'}/>`);
-    for (const p of sorted) out.push(`<circle cx="${sx(p.x).toFixed(1)}" cy="${sy(p.y).toFixed(1)}" r="3" fill="${color}"><title>${escapeXml(`${series.name}: ${formatNumber(p.y)} at ${formatNumber(p.x)}`)}</title></circle>`);
+    for (const p of sorted)
+      out.push(
+        `<circle cx="${sx(p.x).toFixed(1)}" cy="${sy(p.y).toFixed(1)}" r="3" fill="${color}"><title>${escapeXml(`${series.name}: ${formatNumber(p.y)} at ${formatNumber(p.x)}`)}</title></circle>`,
+      );
     const legendY = PLOT.top + 8 + i * 20;
-    out.push(`<line x1="${WIDTH - PLOT.right + 16}" x2="${WIDTH - PLOT.right + 40}" y1="${legendY}" y2="${legendY}" stroke="${color}" stroke-width="2"${series.ours ? "" : ' stroke-dasharray="6 4"'}/>`);
+    out.push(
+      `<line x1="${WIDTH - PLOT.right + 16}" x2="${WIDTH - PLOT.right + 40}" y1="${legendY}" y2="${legendY}" stroke="${color}" stroke-width="2"${series.ours ? "" : ' stroke-dasharray="6 4"'}/>`,
+    );
     out.push(`<text x="${WIDTH - PLOT.right + 46}" y="${legendY + 4}" class="legend">${escapeXml(series.name)}</text>`);
   });
   return `<svg xmlns="http://www.w3.org/2000/svg" width="${WIDTH}" height="${HEIGHT}" viewBox="0 0 ${WIDTH} ${HEIGHT}" font-family="DejaVu Sans, Helvetica, Arial, sans-serif">

@@ -65,7 +65,10 @@ describe.each(RUNTIMES)("mutual TLS, roles on %s", (runtime) => {
     await using mesh = await startMesh({ pki: revokedPki, runtime });
     const port = new URL(mesh.coordinator).port;
     const curl = async (...args: string[]) => {
-      await using proc = Bun.spawn(["curl", "-sS", "--max-time", "5", "--cacert", join(revokedPki, "ca_cert.pem"), ...args, `https://localhost:${port}/health`], { stdout: "pipe", stderr: "pipe" });
+      await using proc = Bun.spawn(
+        ["curl", "-sS", "--max-time", "5", "--cacert", join(revokedPki, "ca_cert.pem"), ...args, `https://localhost:${port}/health`],
+        { stdout: "pipe", stderr: "pipe" },
+      );
       const [stdout, exitCode] = await Promise.all([new Response(proc.stdout).text(), proc.exited]);
       return { exitCode, stdout };
     };
@@ -85,16 +88,26 @@ describe("request path", () => {
     await using mesh = await startMesh({ pki });
     const { cluster, coordinator } = mesh;
     const key = loadFernetKeys(pki)[0]!;
-    const token = await runPython(`from cryptography.fernet import Fernet\nprint(Fernet(${JSON.stringify(key)}.encode()).encrypt("from python requests".encode()).decode())`);
+    const token = await runPython(
+      `from cryptography.fernet import Fernet\nprint(Fernet(${JSON.stringify(key)}.encode()).encrypt("from python requests".encode()).decode())`,
+    );
     const proof = await new ProofSigner(loadIdentity(pki, "client2")).sign({ method: "POST", path: "/api/data", payload: token });
-    const out = await runPython(`
+    const out = await runPython(
+      `
 import json, os, requests
 r = requests.post(os.environ["URL"] + "/api/data", json={"data": os.environ["TOKEN"], "proof": os.environ["PROOF"]},
                   cert=(os.environ["CERT"], os.environ["KEY"]), verify=os.environ["CA"], timeout=10)
-print(json.dumps({"status": r.status_code, "body": r.json()}))`, "", {
-      URL: coordinator, TOKEN: token, PROOF: proof,
-      CERT: join(pki, "client2_cert.pem"), KEY: join(pki, "client2_key.pem"), CA: join(pki, "ca_cert.pem"),
-    });
+print(json.dumps({"status": r.status_code, "body": r.json()}))`,
+      "",
+      {
+        URL: coordinator,
+        TOKEN: token,
+        PROOF: proof,
+        CERT: join(pki, "client2_cert.pem"),
+        KEY: join(pki, "client2_key.pem"),
+        CA: join(pki, "ca_cert.pem"),
+      },
+    );
     const { status, body } = JSON.parse(out);
     expect(status).toBe(200);
     expect(body).toMatchObject({ result: "ok" });
@@ -221,7 +234,6 @@ describe.each(RUNTIMES)("the coordinator's view of its servers, roles on %s", (r
 });
 
 describe("cache across servers", () => {
-
   test("invalidation without a proof is refused at the coordinator, before it costs every server a request", async () => {
     await using mesh = await startMesh({ pki });
     const report = await mesh.client().request("POST", "/api/invalidate_cache", {});
@@ -266,7 +278,10 @@ describe.each(RUNTIMES)("role start-up on %s", (runtime) => {
 
   test("bad configuration gets one line: missing certificate, port in use", async () => {
     const missing = await runRole(["0"], { PKI_DIR: "/nonexistent" });
-    expect([missing.exitCode, missing.stderr]).toEqual([2, "server: missing /nonexistent/server_cert.pem: copy this host's files from the CA host, where ./pki.sh bundle NAME DIR --as server packs this host's identity NAME (./pki.sh issue NAME --server --san … issues it), or point --pki or PKI_DIR at the folder that holds them"]);
+    expect([missing.exitCode, missing.stderr]).toEqual([
+      2,
+      "server: missing /nonexistent/server_cert.pem: copy this host's files from the CA host, where ./pki.sh bundle NAME DIR --as server packs this host's identity NAME (./pki.sh issue NAME --server --san … issues it), or point --pki or PKI_DIR at the folder that holds them",
+    ]);
     await using mesh = await startMesh({ pki, runtime });
     const port = String(mesh.servers[0]!.port);
     const busy = await runRole([port]);

@@ -45,8 +45,13 @@ export interface Scenario {
 export function seedPorts(basePort = 5000): Ports {
   const shift = basePort - 5000;
   return {
-    server1: 5001 + shift, server2: 5002 + shift, coordinator: 8000 + shift,
-    keyserver: 5003 + shift, secureproxy: 5004 + shift, marketplace: 5005 + shift, haproxy: 8080 + shift,
+    server1: 5001 + shift,
+    server2: 5002 + shift,
+    coordinator: 8000 + shift,
+    keyserver: 5003 + shift,
+    secureproxy: 5004 + shift,
+    marketplace: 5005 + shift,
+    haproxy: 8080 + shift,
     coordinatorAdmin: 9901 + shift,
   };
 }

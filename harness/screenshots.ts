@@ -17,7 +17,9 @@ export function recordScenario(cluster: Cluster, name: string, dir = SCREENSHOT_
     .slice(0, MAX_PANES)
     .map((l) => ({
       title: l.port ? `${l.name} :${l.port}` : l.name,
-      lines: readFileSync(l.logFile, "utf8").split("\n").filter((line, i, all) => line !== "" || i < all.length - 1),
+      lines: readFileSync(l.logFile, "utf8")
+        .split("\n")
+        .filter((line, i, all) => line !== "" || i < all.length - 1),
     }));
   mkdirSync(dir, { recursive: true });
   const file = join(dir, `${name}.svg`);

@@ -10,7 +10,15 @@ import { loadIdentity, mutualTlsClientOptions } from "../shared/platform/tls.ts"
 import { ON_BEHALF_OF_HEADER, prepareLegacyRequest, RsaKeyPair } from "../shared/token-path/token-exchange.ts";
 import { matrixIdentities, runAuthzMatrix, type MatrixResult } from "./authz-matrix.ts";
 import { startMesh, startTokenStack, testPki, type Cluster, type TokenStack } from "./fixtures/index.ts";
-import { prepareHarnessIdentities, runConnectionCapCase, runFindingCases, runSlowFindingCases, seedClient2Token, type FindingTargets, type Measurement } from "./findings.ts";
+import {
+  prepareHarnessIdentities,
+  runConnectionCapCase,
+  runFindingCases,
+  runSlowFindingCases,
+  seedClient2Token,
+  type FindingTargets,
+  type Measurement,
+} from "./findings.ts";
 import { clear4xx, hostileCertificates, rawHttp, slowHeadersClosed, tlsRefused, type Tally, type TlsMaterial } from "./hostile.ts";
 import type { Ports } from "./scenario.ts";
 
@@ -45,14 +53,18 @@ export async function runSecurityChecks(t: SecurityTargets, tally: Tally, option
   // the coordinator's certificate, so it meets the parsing it is meant to test rather than stopping at the 403.
   const coordinatorCert = mutualTlsClientOptions(loadIdentity(pki, "coordinator"));
   const roles: [string, string, TlsMaterial][] = [
-    ["server", t.server, client1], ["coordinator", t.coordinator, client1], ["keyserver", t.stack.keyserver, proxyCert], ["secureproxy", t.stack.secureproxy, client1],
+    ["server", t.server, client1],
+    ["coordinator", t.coordinator, client1],
+    ["keyserver", t.stack.keyserver, proxyCert],
+    ["secureproxy", t.stack.secureproxy, client1],
   ];
 
   // ---- TLS: refused at the handshake, every time (oven-sh/bun#27985 once let about 20% through)
   for (const [role, url, valid] of roles) {
     // The control: were every attempt failing for some other reason, this case would say so.
     await tally.run(role, "TLS control: a valid certificate connects", options.httpAttempts, async () =>
-      (await tlsRefused(url, valid)) === null ? "a valid certificate was refused" : null);
+      (await tlsRefused(url, valid)) === null ? "a valid certificate was refused" : null,
+    );
     for (const [name, material] of Object.entries(t.hostileCerts)) {
       await tally.run(role, `TLS: ${name}`, options.tlsAttempts, () => tlsRefused(url, material), 4);
     }
@@ -175,19 +187,31 @@ export async function runSecurityChecks(t: SecurityTargets, tally: Tally, option
   await tally.run("keyserver", "client certificate (not the proxy): the policy's 403", n, async () => {
     const response = await post(`${t.stack.keyserver}/`, client1, "{}");
     const text = await response.clone().text();
-    return (await clear4xx(response, 403)) ?? (text.includes("spiffe://securemesh/client/client1 lacks permission tokens.fetch") ? null : `403 without the policy's reason: ${text.slice(0, 100)}`);
+    return (
+      (await clear4xx(response, 403)) ??
+      (text.includes("spiffe://securemesh/client/client1 lacks permission tokens.fetch") ? null : `403 without the policy's reason: ${text.slice(0, 100)}`)
+    );
   });
   const marketPort = new URL(t.stack.marketplace).port;
   const badUris = [
-    "https://attacker.example/collect", `https://169.254.169.254/latest/meta-data/`, `${t.stack.keyserver}/`, `https://[::1]:${marketPort}/api/item`,
-    `http://localhost:${marketPort}/api/item`, `https://user:pw@localhost:${marketPort}/api/item`, `https://localhost:22/`, "file:///etc/passwd",
+    "https://attacker.example/collect",
+    `https://169.254.169.254/latest/meta-data/`,
+    `${t.stack.keyserver}/`,
+    `https://[::1]:${marketPort}/api/item`,
+    `http://localhost:${marketPort}/api/item`,
+    `https://user:pw@localhost:${marketPort}/api/item`,
+    `https://localhost:22/`,
+    "file:///etc/passwd",
   ];
   await tally.run("secureproxy", "ApiUri off the allowlist or internal", badUris.length * n, async (i) => {
     const { status, body } = await t.stack.requestApi({ ClientId: "client1", TokenType: "marketplace", ApiUri: badUris[i % badUris.length]! });
     return status === 403 && typeof body.error === "string" ? null : `${badUris[i % badUris.length]}: ${status} ${JSON.stringify(body)}`;
   });
   await tally.run("secureproxy", "SQL metacharacters in ClientId/TokenType: refused as names (400)", n, async () => {
-    const { status } = await t.stack.requestApi({ ClientId: "x' OR 1=1 --", TokenType: "marketplace", ApiUri: `https://localhost:${marketPort}/api/item` }, "sql-prober");
+    const { status } = await t.stack.requestApi(
+      { ClientId: "x' OR 1=1 --", TokenType: "marketplace", ApiUri: `https://localhost:${marketPort}/api/item` },
+      "sql-prober",
+    );
     return status === 400 ? null : `status ${status}`;
   });
 }
@@ -215,7 +239,10 @@ export interface SuiteOptions extends SecurityOptions {
  * it). Hostile certificates and the harness's identities are issued before any role starts, so the roles load the
  * CRL that revokes one; then the mesh (with its admin listener) and the token stack, client2's token seeded too.
  */
-export async function startSecurityTargets(cluster: Cluster, options: { db: string; tokenDb: string; ports?: Ports; step?: (message: string) => void }): Promise<SuiteTargets & { client2Token: string }> {
+export async function startSecurityTargets(
+  cluster: Cluster,
+  options: { db: string; tokenDb: string; ports?: Ports; step?: (message: string) => void },
+): Promise<SuiteTargets & { client2Token: string }> {
   const step = options.step ?? (() => {});
   step("issuing hostile certificates (expired, not yet valid, revoked, …) and the harness's identities before the roles start");
   const otherPki = await testPki("other");
@@ -233,8 +260,19 @@ export async function startSecurityTargets(cluster: Cluster, options: { db: stri
   const client2Token = await seedClient2Token(cluster, stack, options.tokenDb);
   const servers: [string, string] = [mesh.servers[0]!.url, mesh.servers[1]!.url];
   return {
-    cluster, otherPki, server: servers[0], servers, coordinator: mesh.coordinator, admin, stack, tokenDb: options.tokenDb,
-    policyFile, rules, hostileCerts, client1Token: stack.token, client2Token,
+    cluster,
+    otherPki,
+    server: servers[0],
+    servers,
+    coordinator: mesh.coordinator,
+    admin,
+    stack,
+    tokenDb: options.tokenDb,
+    policyFile,
+    rules,
+    hostileCerts,
+    client1Token: stack.token,
+    client2Token,
   };
 }
 
@@ -249,20 +287,36 @@ export interface SuiteResult {
  * the per-address connection cap runs last and alone, since every connection from 127.0.0.1 counts against it.
  */
 export async function runSecuritySuite(t: SuiteTargets, tally: Tally, options: SuiteOptions): Promise<SuiteResult> {
-  const roles: [string, string][] = [["server", t.server], ["coordinator", t.coordinator], ["keyserver", t.stack.keyserver], ["secureproxy", t.stack.secureproxy]];
+  const roles: [string, string][] = [
+    ["server", t.server],
+    ["coordinator", t.coordinator],
+    ["keyserver", t.stack.keyserver],
+    ["secureproxy", t.stack.secureproxy],
+  ];
   const client1 = mutualTlsClientOptions(loadIdentity(t.cluster.pki, "client1"));
   const findings = options.findings ?? true;
-  const slow = !findings ? Promise.resolve() : Promise.all([
-    ...roles.map(([role, url]) => tally.run(role, "HTTP: slow headers (slowloris)", 3, () => slowHeadersClosed(url, client1, 15_000), 3)),
-    runSlowFindingCases(t, tally),
-  ]);
+  const slow = !findings
+    ? Promise.resolve()
+    : Promise.all([
+        ...roles.map(([role, url]) => tally.run(role, "HTTP: slow headers (slowloris)", 3, () => slowHeadersClosed(url, client1, 15_000), 3)),
+        runSlowFindingCases(t, tally),
+      ]);
   try {
     await runSecurityChecks(t, tally, options);
-    const matrix = await runAuthzMatrix({
-      pki: t.cluster.pki, policyFile: t.policyFile, coordinator: t.coordinator, server: t.server, secureproxy: t.stack.secureproxy,
-      keyserver: t.stack.keyserver, apiUri: t.stack.itemUri, client1Token: t.client1Token,
-      identities: matrixIdentities(t.cluster.pki, t.hostileCerts),
-    }, { attempts: options.matrixAttempts, onCell: options.onMatrixCell });
+    const matrix = await runAuthzMatrix(
+      {
+        pki: t.cluster.pki,
+        policyFile: t.policyFile,
+        coordinator: t.coordinator,
+        server: t.server,
+        secureproxy: t.stack.secureproxy,
+        keyserver: t.stack.keyserver,
+        apiUri: t.stack.itemUri,
+        client1Token: t.client1Token,
+        identities: matrixIdentities(t.cluster.pki, t.hostileCerts),
+      },
+      { attempts: options.matrixAttempts, onCell: options.onMatrixCell },
+    );
     if (!findings) return { matrix, measurements: [] };
     const measurements = await runFindingCases(t, tally, { full: options.full });
     await slow;
@@ -308,7 +362,11 @@ const LOGGER_COLOURS = /\u001b\[(?:0|31|33)m/g;
  * ready, and in `allow5xx` logs, of roles that are meant to fail), any escape sequence or control byte the logger
  * did not write itself, and a forged line (#11 L1: one log line is one log entry; see forgedLine).
  */
-export function scanLogs(logDir: string, secrets: { fernetKeys: string[]; apiToken: string; otherTokens?: string[] }, options: { allow5xx?: RegExp } = {}): string[] {
+export function scanLogs(
+  logDir: string,
+  secrets: { fernetKeys: string[]; apiToken: string; otherTokens?: string[] },
+  options: { allow5xx?: RegExp } = {},
+): string[] {
   const findings: string[] = [];
   const tokens = [secrets.apiToken, ...(secrets.otherTokens ?? [])];
   for (const file of readdirSync(logDir).filter((f) => f.endsWith(".log"))) {
@@ -321,8 +379,10 @@ export function scanLogs(logDir: string, secrets: { fernetKeys: string[]; apiTok
       if (tokens.some((token) => line.includes(token))) findings.push(`${where}: the API token`);
       if (line.includes(PLAINTEXT_MARKER) && !line.startsWith("Decrypted data: ")) findings.push(`${where}: plaintext outside the demo line`);
       // /health's 503 is its answer while not ready (a coordinator before its first round of checks), not a failure.
-      if (/" 5\d\d -( |$)/.test(line) && !/"GET \/health HTTP\/1\.1" 503 -( |$)/.test(line) && !options.allow5xx?.test(file)) findings.push(`${where}: a 5xx answer: ${line}`);
-      if (/[\u0000-\u0008\u000b-\u001f\u007f\u009b]/.test(line)) findings.push(`${where}: an escape sequence or control byte: ${JSON.stringify(line.slice(0, 120))}`);
+      if (/" 5\d\d -( |$)/.test(line) && !/"GET \/health HTTP\/1\.1" 503 -( |$)/.test(line) && !options.allow5xx?.test(file))
+        findings.push(`${where}: a 5xx answer: ${line}`);
+      if (/[\u0000-\u0008\u000b-\u001f\u007f\u009b]/.test(line))
+        findings.push(`${where}: an escape sequence or control byte: ${JSON.stringify(line.slice(0, 120))}`);
       if (forgedLine(line)) findings.push(`${where}: a forged log line: ${JSON.stringify(line.slice(0, 120))}`);
     }
   }

@@ -12,7 +12,16 @@ import { matrixSummary, matrixTable, type MatrixResult } from "./authz-matrix.ts
 import { newPki, temporaryCluster, type Cluster, type RoleRuntime } from "./fixtures/index.ts";
 import { measurementLines, RELOAD_BOUND_MS } from "./findings.ts";
 import { Tally } from "./hostile.ts";
-import { REFUSING_ROLES, rolesHealthy, runSecuritySuite, scanLogs, startSecurityTargets, type SuiteOptions, type SuiteResult, type SuiteTargets } from "./security-checks.ts";
+import {
+  REFUSING_ROLES,
+  rolesHealthy,
+  runSecuritySuite,
+  scanLogs,
+  startSecurityTargets,
+  type SuiteOptions,
+  type SuiteResult,
+  type SuiteTargets,
+} from "./security-checks.ts";
 
 setDefaultTimeout(120_000);
 
@@ -31,7 +40,15 @@ function securityRun(runtime: RoleRuntime, options: SuiteOptions) {
     suite = await runSecuritySuite(targets, tally, options);
   });
   afterAll(() => cluster?.stop());
-  return { tally, get targets() { return targets; }, get suite() { return suite; } };
+  return {
+    tally,
+    get targets() {
+      return targets;
+    },
+    get suite() {
+      return suite;
+    },
+  };
 }
 
 function expectNoUnexpectedCells(matrix: MatrixResult): void {
@@ -44,7 +61,11 @@ function expectNoUnexpectedCells(matrix: MatrixResult): void {
 
 async function expectHealthyAndCleanLogs({ cluster, servers, coordinator, stack, client2Token }: SuiteTargets & { client2Token: string }): Promise<void> {
   expect(await rolesHealthy(cluster, [...servers, coordinator, stack.keyserver, stack.secureproxy, stack.marketplace])).toEqual([]);
-  const findings = scanLogs(cluster.logDir, { fernetKeys: loadFernetKeys(cluster.pki), apiToken: stack.token, otherTokens: [client2Token] }, { allow5xx: REFUSING_ROLES });
+  const findings = scanLogs(
+    cluster.logDir,
+    { fernetKeys: loadFernetKeys(cluster.pki), apiToken: stack.token, otherTokens: [client2Token] },
+    { allow5xx: REFUSING_ROLES },
+  );
   expect({ findings: findings.length, first: findings.slice(0, 8) }).toEqual({ findings: 0, first: [] });
 }
 
@@ -71,7 +92,9 @@ describe("roles on bun: hostile input, the matrix and every finding of #11", () 
   test(`a revocation and a policy edit take effect within ${RELOAD_BOUND_MS / 1000} s, with no restart`, () => {
     const lines = measurementLines(run.suite.measurements);
     expect(run.suite.measurements.map((m) => m.what)).toEqual([
-      "revocation of client-live", "policy edit (client2's records.write and proxy.use:client2/marketplace removed)", "policy restored",
+      "revocation of client-live",
+      "policy edit (client2's records.write and proxy.use:client2/marketplace removed)",
+      "policy restored",
     ]);
     for (const [i, m] of run.suite.measurements.entries()) {
       expect(m.ms, lines[i]).not.toBeNull();
@@ -89,7 +112,8 @@ describe("roles on deno: hostile TLS, HTTP and application input, and the matrix
   test("every client certificate no role may accept is refused at the handshake (no certificate, another CA, expired, revoked, …), and every malformed request gets a clear 4xx", () => {
     expect(failures(run.tally)).toEqual([]);
     const names = new Set(run.tally.results.map((r) => r.name));
-    for (const name of ["TLS: no certificate", "TLS: revoked", "TLS: server cert as client (EKU)", "HTTP: malformed JSON", "HTTP: body over the limit"]) expect(names).toContain(name);
+    for (const name of ["TLS: no certificate", "TLS: revoked", "TLS: server cert as client (EKU)", "HTTP: malformed JSON", "HTTP: body over the limit"])
+      expect(names).toContain(name);
   });
 
   test("the authorization matrix: every identity × every action as the policy says, 0 unexpected", () => expectNoUnexpectedCells(run.suite.matrix));
@@ -100,24 +124,35 @@ describe("roles on deno: hostile TLS, HTTP and application input, and the matrix
 test("the log scan finds what it looks for", async () => {
   const dir = mkdtempSync(join(tmpdir(), "securemesh-scan-"));
   const now = accessDate(new Date());
-  await Bun.write(join(dir, "role.log"), [
-    "-----BEGIN PRIVATE KEY-----",
-    "token mkt_abc leaked",
-    "oops plaintext-marker-7f3a",
-    "Decrypted data: plaintext-marker-7f3a 1 (from client1)",
-    `127.0.0.1 - - [${now}] "POST /api/data HTTP/1.1" 500 -`,
-    "unexpected field: \u001b[2J",
-    `127.0.0.1 - - [01/Jan/2030 00:00:00] "POST /forged-l1-5c2e HTTP/1.1" 200 -`,
-    "\u001b[2J\u001b]0;pwned\u0007Server https://127.0.0.1:1 is back in rotation forged-l1-5c2e",
-    // What must pass: the escaped form of the same, and the logger's own colours.
-    `Invalidation not acknowledged: unexpected field: \\x0a127.0.0.1 - - [01/Jan/2030 00:00:00] "POST /forged-l1-5c2e HTTP/1.1" 200 -`,
-    `\u001b[33m127.0.0.1 - - [${now}] "POST /api/data HTTP/1.1" 403 -\u001b[0m`,
-  ].join("\n"));
+  await Bun.write(
+    join(dir, "role.log"),
+    [
+      "-----BEGIN PRIVATE KEY-----",
+      "token mkt_abc leaked",
+      "oops plaintext-marker-7f3a",
+      "Decrypted data: plaintext-marker-7f3a 1 (from client1)",
+      `127.0.0.1 - - [${now}] "POST /api/data HTTP/1.1" 500 -`,
+      "unexpected field: \u001b[2J",
+      `127.0.0.1 - - [01/Jan/2030 00:00:00] "POST /forged-l1-5c2e HTTP/1.1" 200 -`,
+      "\u001b[2J\u001b]0;pwned\u0007Server https://127.0.0.1:1 is back in rotation forged-l1-5c2e",
+      // What must pass: the escaped form of the same, and the logger's own colours.
+      `Invalidation not acknowledged: unexpected field: \\x0a127.0.0.1 - - [01/Jan/2030 00:00:00] "POST /forged-l1-5c2e HTTP/1.1" 200 -`,
+      `\u001b[33m127.0.0.1 - - [${now}] "POST /api/data HTTP/1.1" 403 -\u001b[0m`,
+    ].join("\n"),
+  );
   await Bun.write(join(dir, "refuses-coordinator.log"), `127.0.0.1 - - [${now}] "POST /api/data HTTP/1.1" 503 -`);
-  expect(scanLogs(dir, { fernetKeys: ["unused-key="], apiToken: "mkt_abc" }, { allow5xx: REFUSING_ROLES }).map((f) => f.replace(/^role\.log:\d+: /, "").slice(0, 40))).toEqual([
-    "a private key", "the API token", "plaintext outside the demo line", expect.stringMatching(/^a 5xx answer/),
+  expect(
+    scanLogs(dir, { fernetKeys: ["unused-key="], apiToken: "mkt_abc" }, { allow5xx: REFUSING_ROLES }).map((f) =>
+      f.replace(/^role\.log:\d+: /, "").slice(0, 40),
+    ),
+  ).toEqual([
+    "a private key",
+    "the API token",
+    "plaintext outside the demo line",
+    expect.stringMatching(/^a 5xx answer/),
     expect.stringMatching(/^an escape sequence/),
     expect.stringMatching(/^a forged log line/), // dated 2030
-    expect.stringMatching(/^an escape sequence/), expect.stringMatching(/^a forged log line/),
+    expect.stringMatching(/^an escape sequence/),
+    expect.stringMatching(/^a forged log line/),
   ]);
 });

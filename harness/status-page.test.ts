@@ -31,7 +31,8 @@ beforeAll(async () => {
   writeFileSync(join(cluster.logDir, "policy.json"), JSON.stringify(policy));
   // fall 1: one failed probe takes a server out, so the page must show it within one interval.
   mesh = await startMesh({
-    cluster, db: join(cluster.logDir, "records.db"),
+    cluster,
+    db: join(cluster.logDir, "records.db"),
     coordinatorArgs: ["--admin-port", "0", "--health-interval", String(HEALTH_INTERVAL_MS), "--fall", "1", "--policy", join(cluster.logDir, "policy.json")],
   });
   ({ cluster, coordinator } = mesh);
@@ -91,10 +92,18 @@ describe("status page in Chromium", () => {
     expect(client2.limited.count).toBeGreaterThanOrEqual(2);
     const row = page.locator('#limits tr[data-identity="spiffe://securemesh/client/client2"]');
     // The page may have drawn the row between two refusals: wait for the count the client saw.
-    await row.locator("td").nth(3).filter({ hasText: new RegExp(`^${client2.limited.count}$`) }).waitFor({ timeout: 5000 });
+    await row
+      .locator("td")
+      .nth(3)
+      .filter({ hasText: new RegExp(`^${client2.limited.count}$`) })
+      .waitFor({ timeout: 5000 });
     const cells = await row.locator("td").allTextContents();
-    expect({ identity: cells[0], refusedInFlight: cells[2], refusedRate: Number(cells[3]), last: cells[4] })
-      .toEqual({ identity: "spiffe://securemesh/client/client2", refusedInFlight: "0", refusedRate: client2.limited.count, last: expect.stringMatching(/s ago$/) });
+    expect({ identity: cells[0], refusedInFlight: cells[2], refusedRate: Number(cells[3]), last: cells[4] }).toEqual({
+      identity: "spiffe://securemesh/client/client2",
+      refusedInFlight: "0",
+      refusedRate: client2.limited.count,
+      last: expect.stringMatching(/s ago$/),
+    });
     expect(await page.locator("#limits-title").isVisible()).toBe(true);
   });
 
@@ -109,7 +118,12 @@ describe("status page in Chromium", () => {
     // Each server's own facts (issue 23): its policy hash, CRL number, certificate expiry and clock; they agree, so
     // no warning shows.
     const cells = await row(servers[0]!).locator("td").allTextContents();
-    expect(cells.slice(9, 13)).toEqual([expect.stringMatching(/^sha256:[0-9a-f]{16}$/), expect.stringMatching(/^0x[0-9A-F]+$/), expect.stringMatching(/^\d{4}-\d{2}-\d{2}$/), expect.stringMatching(/^[+-]\d+ ms$/)]);
+    expect(cells.slice(9, 13)).toEqual([
+      expect.stringMatching(/^sha256:[0-9a-f]{16}$/),
+      expect.stringMatching(/^0x[0-9A-F]+$/),
+      expect.stringMatching(/^\d{4}-\d{2}-\d{2}$/),
+      expect.stringMatching(/^[+-]\d+ ms$/),
+    ]);
     expect(await page.locator("#warnings li").count()).toBe(0);
 
     const navigations: string[] = [];
@@ -132,11 +146,16 @@ describe("status page in Chromium", () => {
     const page = await browser.newPage();
     await page.goto(admin);
     await cluster.kill("server1");
-    await page.locator("#panic").filter({ hasText: "Panic routing since" }).waitFor({ timeout: HEALTH_INTERVAL_MS + STATUS_PUSH_MS + 2000 });
+    await page
+      .locator("#panic")
+      .filter({ hasText: "Panic routing since" })
+      .waitFor({ timeout: HEALTH_INTERVAL_MS + STATUS_PUSH_MS + 2000 });
     expect(await page.locator("#panic").textContent()).toMatch(/: 0 of 2 servers in rotation, under 50 %; requests go to every server that answers$/);
     const answer = await cluster.request(`${coordinator}/api/get_cached_data`);
     expect({ status: answer.status, retryAfter: answer.headers.get("retry-after"), body: await answer.json() }).toEqual({
-      status: 503, retryAfter: "1", body: { error: "no server is up (waited 500 ms in the queue)", code: "ERR_UNAVAILABLE" },
+      status: 503,
+      retryAfter: "1",
+      body: { error: "no server is up (waited 500 ms in the queue)", code: "ERR_UNAVAILABLE" },
     });
     await page.locator("#routing").filter({ hasText: "1 queued, 1 timed out" }).waitFor({ timeout: 5000 });
     expect(await page.locator("#routing").textContent()).toContain("Queue: 0 waiting (max 64, timeout 500 ms)");

@@ -12,7 +12,9 @@ import { waitFor } from "./fixtures/index.ts";
 setDefaultTimeout(60_000);
 
 const UNITS_DIR = join(REPO_ROOT, "roles", "systemd");
-const units = readdirSync(UNITS_DIR).filter((f) => f.endsWith(".service")).sort();
+const units = readdirSync(UNITS_DIR)
+  .filter((f) => f.endsWith(".service"))
+  .sort();
 const work = mkdtempSync(join(tmpdir(), "securemesh-systemd-"));
 const processes: Bun.Subprocess[] = [];
 afterAll(() => processes.forEach((p) => p.kill()));
@@ -40,18 +42,39 @@ describe.each(units)("%s", (unit) => {
   });
 
   test("runs hardened: its own user, a read-only system, no new privileges, reload on SIGHUP, restart on failure", () => {
-    const keys = new Map(text.split("\n").filter((l) => /^[A-Z]\w*=/.test(l)).map((l) => [l.slice(0, l.indexOf("=")), l.slice(l.indexOf("=") + 1)]));
+    const keys = new Map(
+      text
+        .split("\n")
+        .filter((l) => /^[A-Z]\w*=/.test(l))
+        .map((l) => [l.slice(0, l.indexOf("=")), l.slice(l.indexOf("=") + 1)]),
+    );
     expect({
-      user: keys.get("User"), system: keys.get("ProtectSystem"), home: keys.get("ProtectHome"), nnp: keys.get("NoNewPrivileges"),
-      caps: keys.get("CapabilityBoundingSet"), writes: keys.get("ReadWritePaths"), reload: keys.get("ExecReload"), restart: keys.get("Restart"),
-      env: keys.get("EnvironmentFile"), umask: keys.get("UMask"),
+      user: keys.get("User"),
+      system: keys.get("ProtectSystem"),
+      home: keys.get("ProtectHome"),
+      nnp: keys.get("NoNewPrivileges"),
+      caps: keys.get("CapabilityBoundingSet"),
+      writes: keys.get("ReadWritePaths"),
+      reload: keys.get("ExecReload"),
+      restart: keys.get("Restart"),
+      env: keys.get("EnvironmentFile"),
+      umask: keys.get("UMask"),
     }).toEqual({
-      user: "securemesh", system: "strict", home: "yes", nnp: "yes", caps: "", writes: "/var/lib/securemesh",
-      reload: "/bin/kill -HUP $MAINPID", restart: "on-failure", env: "/etc/securemesh/%N.env", umask: "0077",
+      user: "securemesh",
+      system: "strict",
+      home: "yes",
+      nnp: "yes",
+      caps: "",
+      writes: "/var/lib/securemesh",
+      reload: "/bin/kill -HUP $MAINPID",
+      restart: "on-failure",
+      env: "/etc/securemesh/%N.env",
+      umask: "0077",
     });
     // Secrets come as credentials, never on the command line or in the environment file.
     const needsSecret = /server|keyserver|marketplace/.test(unit);
     expect(keys.has("LoadCredential")).toBe(needsSecret);
+    // biome-ignore lint/suspicious/noTemplateCurlyInString: systemd's own ${...}, which the unit file must hold as written
     if (needsSecret) expect(keys.get("ExecStart")).toContain("${CREDENTIALS_DIRECTORY}/");
   });
 });
@@ -65,13 +88,23 @@ test("the Deno unit's permission set runs a real server, which answers /health o
   mkdirSync(credentials, { recursive: true, mode: 0o700 });
   cpSync(await testPki(), pki, { recursive: true });
   writeFileSync(join(credentials, "db-url"), join(root, "state", "records.db"), { mode: 0o600 });
+  // biome-ignore lint/suspicious/noTemplateCurlyInString: systemd's own ${...}, replaced as systemd would
   const execStart = /^ExecStart=(.*)$/m.exec(installed(text, root))![1]!.replaceAll("${CREDENTIALS_DIRECTORY}", credentials).split(/\s+/);
   expect(execStart).not.toContain("-A");
-  expect(execStart.filter((a) => a.startsWith("--allow-"))).toEqual(["--allow-net", "--allow-env", "--allow-sys=hostname", expect.stringMatching(/^--allow-read=/), `--allow-write=${join(root, "state")}`]);
+  expect(execStart.filter((a) => a.startsWith("--allow-"))).toEqual([
+    "--allow-net",
+    "--allow-env",
+    "--allow-sys=hostname",
+    expect.stringMatching(/^--allow-read=/),
+    `--allow-write=${join(root, "state")}`,
+  ]);
   // The unit's deno is node_modules/.bin/deno; npm ci leaves that a wrapper, so the platform binary runs it here.
   const deno = readdirSync(join(REPO_ROOT, "node_modules", "@deno")).map((p) => join(REPO_ROOT, "node_modules", "@deno", p, "deno"))[0]!;
   const proc = Bun.spawn([deno, ...execStart.slice(1)], {
-    cwd: REPO_ROOT, env: { ...process.env, SECUREMESH_PKI: pki, PORT: "0", NO_COLOR: "1" }, stdout: "pipe", stderr: "pipe",
+    cwd: REPO_ROOT,
+    env: { ...process.env, SECUREMESH_PKI: pki, PORT: "0", NO_COLOR: "1" },
+    stdout: "pipe",
+    stderr: "pipe",
   });
   processes.push(proc);
   let output = "";

@@ -5,9 +5,9 @@ import { cropLines, parseAnsi, renderTerminals, visibleText } from "./terminal-s
 const SERVER_LOG = [
   "server listening on https://127.0.0.1:5001 (store: sqlite data/records.db)",
   '127.0.0.1 - - [22/Nov/2026 10:00:00] "GET /health HTTP/1.1" 200 -',
-  "Decrypted data: Hello <world> & \"friends\" (from client1)",
+  'Decrypted data: Hello <world> & "friends" (from client1)',
   "\x1b[33mServer https://127.0.0.1:5002 failed: connection refused (ECONNREFUSED)\x1b[0m",
-  "\x1b[31m127.0.0.1 - - [22/Nov/2026 10:00:01] \"POST /api/data HTTP/1.1\" 500 -\x1b[0m",
+  '\x1b[31m127.0.0.1 - - [22/Nov/2026 10:00:01] "POST /api/data HTTP/1.1" 500 -\x1b[0m',
 ];
 
 describe("parseAnsi", () => {
@@ -17,7 +17,10 @@ describe("parseAnsi", () => {
       { text: "b", color: "#e5c07b", bold: false },
       { text: "c", color: null, bold: false },
     ]);
-    expect(parseAnsi("\x1b[1;31mX\x1b[2Ky")).toEqual([{ text: "X", color: "#f14c4c", bold: true }, { text: "y", color: "#f14c4c", bold: true }]);
+    expect(parseAnsi("\x1b[1;31mX\x1b[2Ky")).toEqual([
+      { text: "X", color: "#f14c4c", bold: true },
+      { text: "y", color: "#f14c4c", bold: true },
+    ]);
     expect(visibleText("\x1b[33mwarn\x1b[0m")).toBe("warn");
   });
 });
@@ -29,7 +32,13 @@ describe("cropLines", () => {
 
   test("long logs keep the start, the end and the lines that matter, with a marker for each cut", () => {
     const access = (i: number) => `127.0.0.1 - - [22/Nov/2026 10:00:00] "GET /health HTTP/1.1" 200 - #${i}`;
-    const lines = ["server listening on https://127.0.0.1:5001", ...Array.from({ length: 50 }, (_, i) => access(i)), "\x1b[33mServer failed: timeout\x1b[0m", ...Array.from({ length: 50 }, (_, i) => access(50 + i)), "last line"];
+    const lines = [
+      "server listening on https://127.0.0.1:5001",
+      ...Array.from({ length: 50 }, (_, i) => access(i)),
+      "\x1b[33mServer failed: timeout\x1b[0m",
+      ...Array.from({ length: 50 }, (_, i) => access(50 + i)),
+      "last line",
+    ];
     const out = cropLines(lines, 12);
     expect(out.length).toBeLessThanOrEqual(12);
     expect(out[0]).toBe(lines[0]);
@@ -41,10 +50,13 @@ describe("cropLines", () => {
 });
 
 describe("renderTerminals", () => {
-  const svg = renderTerminals([
-    { title: "server1 :5001", lines: SERVER_LOG },
-    { title: "coordinator :8000", lines: Array.from({ length: 40 }, (_, i) => `line ${i}`) },
-  ], { maxLines: 10, maxColumns: 60 });
+  const svg = renderTerminals(
+    [
+      { title: "server1 :5001", lines: SERVER_LOG },
+      { title: "coordinator :8000", lines: Array.from({ length: 40 }, (_, i) => `line ${i}`) },
+    ],
+    { maxLines: 10, maxColumns: 60 },
+  );
 
   test("draws one titled pane per role, side by side", () => {
     expect(svg).toStartWith("<svg ");

@@ -20,8 +20,22 @@ export function escapeXml(text: string): string {
 }
 
 const ANSI_COLORS: Record<number, string> = {
-  30: "#3b3b3b", 31: "#f14c4c", 32: "#23d18b", 33: "#e5c07b", 34: "#3b8eea", 35: "#d670d6", 36: "#29b8db", 37: "#e5e5e5",
-  90: "#767676", 91: "#f14c4c", 92: "#23d18b", 93: "#f5f543", 94: "#3b8eea", 95: "#d670d6", 96: "#29b8db", 97: "#ffffff",
+  30: "#3b3b3b",
+  31: "#f14c4c",
+  32: "#23d18b",
+  33: "#e5c07b",
+  34: "#3b8eea",
+  35: "#d670d6",
+  36: "#29b8db",
+  37: "#e5e5e5",
+  90: "#767676",
+  91: "#f14c4c",
+  92: "#23d18b",
+  93: "#f5f543",
+  94: "#3b8eea",
+  95: "#d670d6",
+  96: "#29b8db",
+  97: "#ffffff",
 };
 const DEFAULT_FG = "#d4d4d4";
 

@@ -54,8 +54,13 @@ for _ in range(int(os.environ["TIMES"])):
 
 function originalFormatClient(keyserver: string, options: { replayFields: boolean; times: number }) {
   return runPython(PYTHON_ORIGINAL_FORMAT, "", {
-    URL: keyserver, CERT: join(pki, "secureproxy_cert.pem"), KEY: join(pki, "secureproxy_key.pem"), CA: join(pki, "ca_cert.pem"),
-    ON_BEHALF_OF: CLIENT1_ID, REPLAY: options.replayFields ? "1" : "0", TIMES: String(options.times),
+    URL: keyserver,
+    CERT: join(pki, "secureproxy_cert.pem"),
+    KEY: join(pki, "secureproxy_key.pem"),
+    CA: join(pki, "ca_cert.pem"),
+    ON_BEHALF_OF: CLIENT1_ID,
+    REPLAY: options.replayFields ? "1" : "0",
+    TIMES: String(options.times),
   });
 }
 
@@ -76,15 +81,24 @@ describe("KeyServer", () => {
     expect(once.map((l) => l.slice(0, 3))).toEqual(["200", "401", "401"]);
 
     await using lenient = await stack({ keyserverArgs: ["--legacy-replay", "allow"] });
-    expect((await originalFormatClient(lenient.keyserver, { replayFields: false, times: 2 })).split("\n")).toEqual([`200 ${lenient.token}`, `200 ${lenient.token}`]);
+    expect((await originalFormatClient(lenient.keyserver, { replayFields: false, times: 2 })).split("\n")).toEqual([
+      `200 ${lenient.token}`,
+      `200 ${lenient.token}`,
+    ]);
   });
 
   test("a client1 certificate calling the KeyServer directly gets 403", async () => {
     await using tokens = await stack();
     const { keyserver } = tokens;
-    const response = await fetch(`${keyserver}/`, { method: "POST", headers: { "content-type": "application/json" }, body: "{}", tls: mutualTlsClientOptions(loadIdentity(pki, "client1")) });
+    const response = await fetch(`${keyserver}/`, {
+      method: "POST",
+      headers: { "content-type": "application/json" },
+      body: "{}",
+      tls: mutualTlsClientOptions(loadIdentity(pki, "client1")),
+    });
     expect({ status: response.status, body: await response.json() }).toEqual({
-      status: 403, body: { error: `${CLIENT1_ID} lacks permission tokens.fetch`, code: "ERR_FORBIDDEN" },
+      status: 403,
+      body: { error: `${CLIENT1_ID} lacks permission tokens.fetch`, code: "ERR_FORBIDDEN" },
     });
   });
 
@@ -142,22 +156,34 @@ describe("SecureProxy", () => {
     const { cluster, requestApi } = tokens;
     const body = { ClientId: "client1", TokenType: "marketplace", ApiUri: tokens.itemUri };
     expect(await requestApi(body, "client1")).toEqual({ status: 200, body: ITEM });
-    for (const [caller, id] of [["client2", "spiffe://securemesh/client/client2"], ["coordinator", "spiffe://securemesh/coordinator/coordinator"]]) {
+    for (const [caller, id] of [
+      ["client2", "spiffe://securemesh/client/client2"],
+      ["coordinator", "spiffe://securemesh/coordinator/coordinator"],
+    ]) {
       expect(await requestApi(body, caller)).toEqual({
-        status: 403, body: { error: `${id} lacks permission proxy.use:client1/marketplace`, code: "ERR_FORBIDDEN" },
+        status: 403,
+        body: { error: `${id} lacks permission proxy.use:client1/marketplace`, code: "ERR_FORBIDDEN" },
       });
     }
     expect(cluster.role("marketplace").lines.filter((l) => l.includes("/api/item"))).toHaveLength(1);
     const audit = cluster.role("keyserver").lines.filter((l) => l.startsWith("AUDIT "));
-    expect(audit).toEqual([expect.stringMatching(new RegExp(`caller=${PROXY_ID} on_behalf_of=${CLIENT1_ID} client=client1 type=marketplace outcome=released$`))]);
+    expect(audit).toEqual([
+      expect.stringMatching(new RegExp(`caller=${PROXY_ID} on_behalf_of=${CLIENT1_ID} client=client1 type=marketplace outcome=released$`)),
+    ]);
   });
 
   test("unknown client 404, off-allowlist 403 with nothing sent; KeyServer down 503; API down 502", async () => {
     // client1 may use any ClientId here, so an unknown one reaches the KeyServer and gets its 404.
     const policy = join(mkdtempSync(join(tmpdir(), "securemesh-policy-")), "policy.json");
-    writeFileSync(policy, JSON.stringify({ rules: [
-      { identity: CLIENT1_ID, allow: ["proxy.use:*"] }, { identity: PROXY_ID, allow: ["tokens.fetch"] },
-    ] }));
+    writeFileSync(
+      policy,
+      JSON.stringify({
+        rules: [
+          { identity: CLIENT1_ID, allow: ["proxy.use:*"] },
+          { identity: PROXY_ID, allow: ["tokens.fetch"] },
+        ],
+      }),
+    );
     await using tokens = await stack({ env: { SECUREMESH_POLICY: policy } });
     const { cluster, requestApi, itemUri: uri, token } = tokens;
     expect((await requestApi({ ClientId: "nobody", TokenType: "marketplace", ApiUri: uri })).status).toBe(404);
@@ -170,7 +196,8 @@ describe("SecureProxy", () => {
     await cluster.kill("keyserver");
     // The proxy's 503, which the application's ProxyClient takes to every proxy it knows before it gives up.
     expect(await requestApi({ ClientId: "client1", TokenType: "marketplace", ApiUri: uri })).toMatchObject({
-      status: 503, body: { code: "ERR_UNREACHABLE", error: expect.stringContaining("answered 503: KeyServer 127.0.0.1:") },
+      status: 503,
+      body: { code: "ERR_UNREACHABLE", error: expect.stringContaining("answered 503: KeyServer 127.0.0.1:") },
     });
 
     for (const file of readdirSync(cluster.logDir).filter((f) => f.endsWith(".log"))) {
@@ -205,8 +232,11 @@ describe("without a restart", () => {
     const { requestApi, itemUri: uri } = tokens;
     // client2 may use its own ClientId; there is no token for it, so the KeyServer's 404 shows it got through.
     // Once revoked, the gate answers 403 ERR_REVOKED before it closes (issue 23: refusals say why).
-    const asClient2 = () => requestApi({ ClientId: "client2", TokenType: "marketplace", ApiUri: uri }, "client2")
-      .then((a) => (a.status === 403 && a.body.code === "ERR_REVOKED" ? "revoked" : a.status), () => "connection failed");
+    const asClient2 = () =>
+      requestApi({ ClientId: "client2", TokenType: "marketplace", ApiUri: uri }, "client2").then(
+        (a) => (a.status === 403 && a.body.code === "ERR_REVOKED" ? "revoked" : a.status),
+        () => "connection failed",
+      );
     expect(await asClient2()).toBe(404);
 
     await runPkiSh(own, "revoke", "client2");
@@ -225,22 +255,24 @@ function keepCalling(tokens: Awaited<ReturnType<typeof stack>>, loops = 4) {
   const call = { ClientId: "client1", TokenType: "marketplace", ApiUri: tokens.itemUri };
   const state = { released: 0, failures: [] as string[], byProxy: new Map<string, number>(), running: true };
   const proxies = [...tokens.secureproxies.values()];
-  const done = Promise.all(Array.from({ length: loops }, async (_, i) => {
-    const order = [...proxies.slice(i % proxies.length), ...proxies.slice(0, i % proxies.length)];
-    const client = new ProxyClient({ identity: loadIdentity(pki, "client1"), proxies: order, timeoutMs: 10_000, backoffMs: 50 });
-    while (state.running) {
-      try {
-        const { status, body, proxy } = await client.requestApi(call);
-        if (status === 200) {
-          state.released++;
-          state.byProxy.set(proxy, (state.byProxy.get(proxy) ?? 0) + 1);
-        } else state.failures.push(`${status} ${JSON.stringify(body)}`);
-      } catch (error) {
-        state.failures.push((error as Error).message);
+  const done = Promise.all(
+    Array.from({ length: loops }, async (_, i) => {
+      const order = [...proxies.slice(i % proxies.length), ...proxies.slice(0, i % proxies.length)];
+      const client = new ProxyClient({ identity: loadIdentity(pki, "client1"), proxies: order, timeoutMs: 10_000, backoffMs: 50 });
+      while (state.running) {
+        try {
+          const { status, body, proxy } = await client.requestApi(call);
+          if (status === 200) {
+            state.released++;
+            state.byProxy.set(proxy, (state.byProxy.get(proxy) ?? 0) + 1);
+          } else state.failures.push(`${status} ${JSON.stringify(body)}`);
+        } catch (error) {
+          state.failures.push((error as Error).message);
+        }
       }
-    }
-    client.close();
-  }));
+      client.close();
+    }),
+  );
   return Object.assign(state, {
     /** Waits until `n` more calls were released than when it was asked. */
     async more(n: number, what: string) {
@@ -272,7 +304,8 @@ describe("issue 23: the token commands act only on the KeyServer's own store", (
     const { keyring: keyringId, store } = JSON.parse(readFileSync(keyringPath, "utf8")) as { keyring: string; store: { id: string; at: string } };
     const where = describeDatabaseUrl(db.url);
     expect(store.at).toBe(where);
-    const refusal = `keyserver: keyring ${keyringPath} belongs to token store ${where} (store id ${store.id}), not to sqlite ${join(dataDir, "tokens.db")} (no such file): ` +
+    const refusal =
+      `keyserver: keyring ${keyringPath} belongs to token store ${where} (store id ${store.id}), not to sqlite ${join(dataDir, "tokens.db")} (no such file): ` +
       "give it the KeyServer's own configuration (--config FILE, or the --db or --db-file the KeyServer runs with)";
     const asPrinted: [string, string[], string?][] = [
       ["rotate-key", ["token", "rotate-key"]],
@@ -312,8 +345,14 @@ describe("issue 23: the token commands act only on the KeyServer's own store", (
     const run = await tokens.cluster.run("replacement", "keyserver", ["0", "--data", fresh, "--db", db.url]);
     expect({ exitCode: run.exitCode, lines: run.lines }).toEqual({
       exitCode: 2,
-      lines: [expect.stringMatching(new RegExp(`^keyserver: no keyring at ${fresh}/master_keys\\.json, but token store ${describeDatabaseUrl(db.url).replace(/[.]/g, "\\.")} holds 1 sealed token ` +
-        "and is bound to a keyring \\(store id [0-9a-f]{16}\\): restore that keyring with 'token keyring import BACKUP' \\(a new keyring would open none of them\\)$"))],
+      lines: [
+        expect.stringMatching(
+          new RegExp(
+            `^keyserver: no keyring at ${fresh}/master_keys\\.json, but token store ${describeDatabaseUrl(db.url).replace(/[.]/g, "\\.")} holds 1 sealed token ` +
+              "and is bound to a keyring \\(store id [0-9a-f]{16}\\): restore that keyring with 'token keyring import BACKUP' \\(a new keyring would open none of them\\)$",
+          ),
+        ),
+      ],
     });
     // Refused before it made anything: no keyring, and no RSA key either.
     expect(existsSync(fresh)).toBe(false);
@@ -345,7 +384,14 @@ describe("two KeyServers and two SecureProxies on one MariaDB store", () => {
     expect((load.byProxy.get(second) ?? 0) - viaSecond).toBeGreaterThanOrEqual(10);
     await tokens.restart("secureproxy");
 
-    const rotated = await cluster.run("rotate-on-keyserver2", "keyserver", ["token", "rotate-key", "--data", tokens.dataDirs.get("keyserver2")!, "--db", db.url]);
+    const rotated = await cluster.run("rotate-on-keyserver2", "keyserver", [
+      "token",
+      "rotate-key",
+      "--data",
+      tokens.dataDirs.get("keyserver2")!,
+      "--db",
+      db.url,
+    ]);
     expect(rotated.lines.at(-1)).toMatch(/^re-sealed 1 token\(s\) under master key v2; retired versions: 1 /);
     const [first, beforeRotation] = [released("keyserver"), released("keyserver2")];
     // Both KeyServers release after the rotation (the first once the restarted proxy is back in the applications'

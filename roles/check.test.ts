@@ -81,7 +81,9 @@ describe("the check command", () => {
     const other = await cluster.startServer("s3", 0, ["--db", join(work, "records.db"), "--policy", policy]);
     const result = await check("policy", "coordinator", ["0", "--servers", [servers[0], other].join(",")]);
     expect(result.exitCode).toBe(1);
-    expect(result.text).toMatch(new RegExp(`FAIL {2}peer .*${other.replaceAll(".", "\\.")} .*policy sha256:[0-9a-f]{16} differs from this host's sha256:[0-9a-f]{16}`));
+    expect(result.text).toMatch(
+      new RegExp(`FAIL {2}peer .*${other.replaceAll(".", "\\.")} .*policy sha256:[0-9a-f]{16} differs from this host's sha256:[0-9a-f]{16}`),
+    );
   });
 
   test("a server on the database of another cluster", async () => {

@@ -17,8 +17,24 @@ afterAll(() => temporary.forEach((dir) => rmSync(dir, { recursive: true, force: 
 
 /** GET url/health with curl, as `name` of `pki`, trusting `ca`: "STATUS BODY", or curl's own error. */
 async function curl(url: string, pki: string, name: string, ca: string): Promise<string> {
-  await using proc = Bun.spawn(["curl", "-sS", "--max-time", "10", "--cacert", ca, "--cert", join(pki, `${name}_cert.pem`), "--key", join(pki, `${name}_key.pem`),
-    "-w", " %{http_code}", `${url}/health`], { stdout: "pipe", stderr: "pipe" });
+  await using proc = Bun.spawn(
+    [
+      "curl",
+      "-sS",
+      "--max-time",
+      "10",
+      "--cacert",
+      ca,
+      "--cert",
+      join(pki, `${name}_cert.pem`),
+      "--key",
+      join(pki, `${name}_key.pem`),
+      "-w",
+      " %{http_code}",
+      `${url}/health`,
+    ],
+    { stdout: "pipe", stderr: "pipe" },
+  );
   const [out, err, code] = await Promise.all([new Response(proc.stdout).text(), new Response(proc.stderr).text(), proc.exited]);
   if (code !== 0) return `curl ${code}: ${err.trim()}`;
   const status = out.slice(out.lastIndexOf(" ") + 1);
@@ -27,7 +43,8 @@ async function curl(url: string, pki: string, name: string, ca: string): Promise
 
 /** The same with Python's requests. */
 function pythonGet(url: string, pki: string, name: string, ca: string): Promise<string> {
-  return runPython(`
+  return runPython(
+    `
 import sys, requests
 url, cert, key, ca = sys.argv[1:]
 try:
@@ -35,7 +52,11 @@ try:
     print(r.status_code, r.text)
 except requests.exceptions.RequestException as e:
     print("error", type(e).__name__)
-`, "", {}, [url, join(pki, `${name}_cert.pem`), join(pki, `${name}_key.pem`), ca]);
+`,
+    "",
+    {},
+    [url, join(pki, `${name}_cert.pem`), join(pki, `${name}_key.pem`), ca],
+  );
 }
 
 for (const runtime of ["bun", "deno"] as const) {

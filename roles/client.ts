@@ -41,16 +41,21 @@ export interface ClientConfig {
 }
 
 export function parseClientConfig(argv: string[]): ClientConfig {
-  const { values } = parseFlags("client", USAGE, {
-    name: { type: "string" },
-    message: { type: "string" },
-    count: { type: "string" },
-    coordinator: { type: "string", multiple: true },
-    "expect-coordinator": { type: "string" },
-    timeout: { type: "string" },
-    pki: { type: "string" },
-    "no-cache-check": { type: "boolean" },
-  }, argv);
+  const { values } = parseFlags(
+    "client",
+    USAGE,
+    {
+      name: { type: "string" },
+      message: { type: "string" },
+      count: { type: "string" },
+      coordinator: { type: "string", multiple: true },
+      "expect-coordinator": { type: "string" },
+      timeout: { type: "string" },
+      pki: { type: "string" },
+      "no-cache-check": { type: "boolean" },
+    },
+    argv,
+  );
   const name = values.name ?? "client1";
   if (!/^[A-Za-z0-9_-]+$/.test(name)) throw new ConfigError(`--name: '${name}' may hold letters, digits, - and _ only`);
   const count = parsePositive(values.count, "--count", 1);
@@ -120,7 +125,9 @@ async function main(): Promise<void> {
         failed += 1;
         // The error text comes from the other side: printed through printable() so it cannot drive this terminal.
         const where = server ? `server ${printable(server)}, ` : "";
-        console.log(`[${config.name}] Error ${status}: ${printable(String((body as { error?: unknown }).error ?? JSON.stringify(body)))} (${where}trace=${trace})`);
+        console.log(
+          `[${config.name}] Error ${status}: ${printable(String((body as { error?: unknown }).error ?? JSON.stringify(body)))} (${where}trace=${trace})`,
+        );
       }
     } catch (error) {
       failed += 1;

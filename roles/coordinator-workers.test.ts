@@ -83,7 +83,10 @@ describe("coordinator --workers 2", () => {
 
   test("on Deno, --workers 2 is refused in one line instead of serving one worker unnoticed", async () => {
     await using mesh = await startMesh({ pki, runtime: "deno" });
-    const started = await mesh.cluster.spawn("deno-workers", "coordinator", ["0", "--servers", mesh.servers[0]!.url, "--workers", "2"]).then(() => "listening", () => "refused");
+    const started = await mesh.cluster.spawn("deno-workers", "coordinator", ["0", "--servers", mesh.servers[0]!.url, "--workers", "2"]).then(
+      () => "listening",
+      () => "refused",
+    );
     expect(started).toBe("refused");
     expect(mesh.cluster.role("deno-workers").lines.join("\n")).toContain("--workers above 1 needs Bun");
   });

@@ -51,35 +51,45 @@ Options:
 `;
 
 export function parseCoordinatorConfig(argv: string[]): CoordinatorConfig {
-  const { values, positionals, sources } = parseFlags("coordinator", USAGE, {
-    servers: { type: "string" },
-    "servers-file": { type: "string" },
-    host: { type: "string" },
-    timeout: { type: "string" },
-    "health-interval": { type: "string" },
-    "health-timeout": { type: "string" },
-    fall: { type: "string" },
-    rise: { type: "string" },
-    "admin-port": { type: "string" },
-    "admin-host": { type: "string" },
-    pki: { type: "string" },
-    policy: { type: "string" },
-    "no-crl": { type: "boolean" },
-    port: { type: "string" },
-    "expect-server": { type: "string" },
-    workers: { type: "string" },
-    "access-log": { type: "string" },
-  }, argv);
+  const { values, positionals, sources } = parseFlags(
+    "coordinator",
+    USAGE,
+    {
+      servers: { type: "string" },
+      "servers-file": { type: "string" },
+      host: { type: "string" },
+      timeout: { type: "string" },
+      "health-interval": { type: "string" },
+      "health-timeout": { type: "string" },
+      fall: { type: "string" },
+      rise: { type: "string" },
+      "admin-port": { type: "string" },
+      "admin-host": { type: "string" },
+      pki: { type: "string" },
+      policy: { type: "string" },
+      "no-crl": { type: "boolean" },
+      port: { type: "string" },
+      "expect-server": { type: "string" },
+      workers: { type: "string" },
+      "access-log": { type: "string" },
+    },
+    argv,
+  );
   const accessLog = values["access-log"] ?? "on";
   if (accessLog !== "on" && accessLog !== "off") throw new ConfigError(`--access-log must be on or off, not '${accessLog}'`);
   const expectServer = values["expect-server"] ?? "spiffe://securemesh/server/*";
-  if (!isIdentityPattern(expectServer)) throw new ConfigError(`--expect-server: '${expectServer}' is not a SPIFFE ID such as spiffe://securemesh/server/* ("*" only as a whole last segment)`);
+  if (!isIdentityPattern(expectServer))
+    throw new ConfigError(`--expect-server: '${expectServer}' is not a SPIFFE ID such as spiffe://securemesh/server/* ("*" only as a whole last segment)`);
   // The higher source wins (argv, then --config, then SECUREMESH_*): --servers-file on the command line beats
   // SECUREMESH_SERVERS in the unit's environment file; both from one source is a mistake, said so.
   const serversFlag = chooseFlag("servers", "servers-file", sources);
   const serversFile = serversFlag === "servers-file" ? values["servers-file"]! : undefined;
-  const servers = serversFile ? readServersFile(serversFile)
-    : parseServerUrls(((serversFlag === "servers" ? values.servers : undefined) ?? process.env.SERVERS ?? "https://127.0.0.1:5001,https://127.0.0.1:5002").split(","), "--servers");
+  const servers = serversFile
+    ? readServersFile(serversFile)
+    : parseServerUrls(
+        ((serversFlag === "servers" ? values.servers : undefined) ?? process.env.SERVERS ?? "https://127.0.0.1:5001,https://127.0.0.1:5002").split(","),
+        "--servers",
+      );
   return {
     // --port (the workers' own, shared/coordinator/service.ts) or the first argument, when given on the command line,
     // beat SECUREMESH_PORT, which fills both from the --config file or the environment.
@@ -113,7 +123,8 @@ function parseWorkers(value: string | undefined): number {
 
 if (import.meta.main) {
   // `check`: this host, and every server it forwards to compared with it (policy, CRL, clock).
-  if (process.argv[2] === "check") await checkRole({ name: "coordinator", parse: parseCoordinatorConfig, check: (c) => ({ peers: c.servers }) }, process.argv.slice(3));
+  if (process.argv[2] === "check")
+    await checkRole({ name: "coordinator", parse: parseCoordinatorConfig, check: (c) => ({ peers: c.servers }) }, process.argv.slice(3));
   const config = readConfig("coordinator", parseCoordinatorConfig);
   if (config.workers > 1 && workerIndex() === null) await superviseCoordinators(config, createLogger("coordinator"));
   else await runRole({ name: "coordinator", parse: () => config, start: coordinatorService });

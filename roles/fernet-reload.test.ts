@@ -65,14 +65,27 @@ for (const runtime of ["bun", "deno"] as const) {
       const bad = "this is not a key\n";
       const before = serverLines().length;
       putKeyFile(pki, bad);
-      const refused = await waitFor("the server to refuse the bad file", () => serverLines().slice(before).find((l) => l.startsWith("Fernet keys NOT reloaded")), POLL_BOUND_MS);
-      expect(refused).toBe(`Fernet keys NOT reloaded, the previous ones stay in force (2 keys, primary ${fpOld}, decrypt-only ${fpAdded}): ${join(pki, "encryption_key.txt")} line 1: not a Fernet key (url-safe base64 of 32 bytes); fix or remove that line`);
+      const refused = await waitFor(
+        "the server to refuse the bad file",
+        () =>
+          serverLines()
+            .slice(before)
+            .find((l) => l.startsWith("Fernet keys NOT reloaded")),
+        POLL_BOUND_MS,
+      );
+      expect(refused).toBe(
+        `Fernet keys NOT reloaded, the previous ones stay in force (2 keys, primary ${fpOld}, decrypt-only ${fpAdded}): ${join(pki, "encryption_key.txt")} line 1: not a Fernet key (url-safe base64 of 32 bytes); fix or remove that line`,
+      );
       expect(await post(underAdded())).toBe("stored");
       expect(await post(new Fernet(old).encrypt("under the old primary"))).toBe("stored");
 
       // Step 2 on the same running server: the added key encrypts. Tokens under either key are still taken.
       putKeyFile(pki, `${added}  # primary\n${old}  # decrypt-only, encrypted until ${new Date().toISOString()}\n`);
-      await waitFor("the promote to be taken up", () => serverLines().includes(`Fernet keys reloaded: 2 keys, primary ${fpAdded}, decrypt-only ${fpOld} (primary was ${fpOld})`), POLL_BOUND_MS);
+      await waitFor(
+        "the promote to be taken up",
+        () => serverLines().includes(`Fernet keys reloaded: 2 keys, primary ${fpAdded}, decrypt-only ${fpOld} (primary was ${fpOld})`),
+        POLL_BOUND_MS,
+      );
       expect(await post(new Fernet(old).encrypt("under the old key, after the promote"))).toBe("stored");
 
       // One error line for the one bad file; no line of the server's log holds a key.

@@ -33,7 +33,11 @@ afterAll(() => temporary.forEach((dir) => rmSync(dir, { recursive: true, force: 
 
 /** `./pki.sh fernet ARGS` on the PKI, as an operator runs it on the CA host. */
 async function pkiFernet(pki: string, ...args: string[]): Promise<{ code: number; out: string; err: string }> {
-  await using proc = Bun.spawn(["bash", join(REPO_ROOT, "pki.sh"), "fernet", ...args], { env: { ...process.env, PKI_DIR: pki }, stdout: "pipe", stderr: "pipe" });
+  await using proc = Bun.spawn(["bash", join(REPO_ROOT, "pki.sh"), "fernet", ...args], {
+    env: { ...process.env, PKI_DIR: pki },
+    stdout: "pipe",
+    stderr: "pipe",
+  });
   const [out, err, code] = await Promise.all([new Response(proc.stdout).text(), new Response(proc.stderr).text(), proc.exited]);
   return { code, out: out.trim(), err: err.trim() };
 }
@@ -43,10 +47,12 @@ async function seedUnder(key: string, db: string): Promise<void> {
   const seeding = await openStore(db);
   const under = new Fernet(key);
   for (let start = 0; start < SEEDED; start += 2000) {
-    await seeding.insertMany(Array.from({ length: 2000 }, (_, j) => {
-      const token = under.encrypt(`seeded ${start + j}`, { now: SEEDED_AT + start + j });
-      return { sender: "client2", token, jti: randomUUID(), digest: payloadDigest(token), server: 0 };
-    }));
+    await seeding.insertMany(
+      Array.from({ length: 2000 }, (_, j) => {
+        const token = under.encrypt(`seeded ${start + j}`, { now: SEEDED_AT + start + j });
+        return { sender: "client2", token, jti: randomUUID(), digest: payloadDigest(token), server: 0 };
+      }),
+    );
   }
   await seeding.close();
 }
@@ -54,7 +60,8 @@ async function seedUnder(key: string, db: string): Promise<void> {
 /** A policy in `pki` where client2 may read its own records only: its view is the newest of the seeded records. */
 function ownViewPolicy(pki: string): string {
   const policy = JSON.parse(readFileSync(join(REPO_ROOT, "roles", "policy.json"), "utf8"));
-  for (const rule of policy.rules) if (rule.identity.endsWith("/client2")) rule.allow = rule.allow.map((a: string) => (a === "view.read:all" ? "view.read:own" : a));
+  for (const rule of policy.rules)
+    if (rule.identity.endsWith("/client2")) rule.allow = rule.allow.map((a: string) => (a === "view.read:all" ? "view.read:own" : a));
   writeFileSync(join(pki, "policy.json"), JSON.stringify(policy));
   return join(pki, "policy.json");
 }
@@ -83,16 +90,22 @@ for (const runtime of ["bun", "deno"] as const) {
       // Clients that follow the key file, as applications do, talking to the server directly over the coordinator's
       // certificate (the identity it lets forward). Their reload lines are kept.
       const clientLines: string[] = [];
-      const client = (name: string) => new MeshClient({
-        identity: loadIdentity(pki, name), coordinators: [server], tlsIdentity: loadIdentity(pki, "coordinator"), expect: "spiffe://securemesh/server/*",
-        fernet: FernetKeys.open(pki).watch(createLogger(name, { write: (l) => clientLines.push(`${name}: ${l}`), color: false, format: "text" })),
-      });
+      const client = (name: string) =>
+        new MeshClient({
+          identity: loadIdentity(pki, name),
+          coordinators: [server],
+          tlsIdentity: loadIdentity(pki, "coordinator"),
+          expect: "spiffe://securemesh/server/*",
+          fernet: FernetKeys.open(pki).watch(createLogger(name, { write: (l) => clientLines.push(`${name}: ${l}`), color: false, format: "text" })),
+        });
       const [writer, reader] = [client("client1"), client("client2")];
       const acks: number[] = [];
       let stopping = false;
       // One writer, each write sent once the last is answered: the pace is the server's own (harness/fixtures/load.ts).
       const writing = runLoad({
-        concurrency: 1, until: () => stopping, label: "writes during the rotation",
+        concurrency: 1,
+        until: () => stopping,
+        label: "writes during the rotation",
         request: async (_, i) => {
           const { status, body } = await writer.sendData(`written during the rotation ${i}`);
           if (status !== 200) return `${status} ${JSON.stringify(body)}`;
@@ -104,8 +117,14 @@ for (const runtime of ["bun", "deno"] as const) {
         const from = acks.length;
         return waitFor(`${count} acknowledged writes ${what}`, () => acks.length - from >= count, 30_000);
       };
-      const everyoneLogged = (pattern: RegExp) => waitFor(`the server and both clients to log ${pattern}`, () =>
-        serverLines().some((l) => pattern.test(l)) && ["client1", "client2"].every((c) => clientLines.some((l) => l.startsWith(`${c}: `) && pattern.test(l))), 15_000);
+      const everyoneLogged = (pattern: RegExp) =>
+        waitFor(
+          `the server and both clients to log ${pattern}`,
+          () =>
+            serverLines().some((l) => pattern.test(l)) &&
+            ["client1", "client2"].every((c) => clientLines.some((l) => l.startsWith(`${c}: `) && pattern.test(l))),
+          15_000,
+        );
 
       let oldDropped: string;
       let storeAtDrop: { id: number; token: string }[];
@@ -124,18 +143,34 @@ for (const runtime of ["bun", "deno"] as const) {
 
         // Retire OLD at once, as for a key thought exposed: the server has counted its records under OLD and begun
         // moving them, at 5,000 a second at most, so most are still under OLD.
-        await cluster.role("server").waitForLine(new RegExp(`^Fernet re-encryption: \\d+ records under ${fpOld}; moving them to the primary ${fpNew} `), 60_000);
+        await cluster
+          .role("server")
+          .waitForLine(new RegExp(`^Fernet re-encryption: \\d+ records under ${fpOld}; moving them to the primary ${fpNew} `), 60_000);
         const retire = await pkiFernet(pki, "retire", "--key", fpOld, "--force");
-        expect(retire).toMatchObject({ code: 0, out: expect.stringContaining(`A server whose stored records are still under ${fpOld} keeps that key in memory and in its --state-dir`) });
+        expect(retire).toMatchObject({
+          code: 0,
+          out: expect.stringContaining(`A server whose stored records are still under ${fpOld} keeps that key in memory and in its --state-dir`),
+        });
         const kept = await cluster.role("server").waitForLine(new RegExp(`^Fernet key ${fpOld} is no longer in `), 15_000);
-        expect(kept).toMatch(new RegExp(`^Fernet key ${fpOld} is no longer in .*encryption_key\\.txt, but \\d+ stored records still use it: kept \\(in memory and in its state folder\\) to read them \\(never for a new request\\) while they are re-encrypted to ${fpNew}; it is dropped once none do \\(/health fernet_rewrap\\)$`));
+        expect(kept).toMatch(
+          new RegExp(
+            `^Fernet key ${fpOld} is no longer in .*encryption_key\\.txt, but \\d+ stored records still use it: kept \\(in memory and in its state folder\\) to read them \\(never for a new request\\) while they are re-encrypted to ${fpNew}; it is dropped once none do \\(/health fernet_rewrap\\)$`,
+          ),
+        );
         expect(serverLines()).toContain(`Fernet keys reloaded: 1 key, primary ${fpNew} (kept ${fpOld} for stored records)`);
         const during = await health();
         // (pending read first: Bun 1.4.5's toMatchObject writes an asymmetric matcher into the object it checks)
-        expect({ kept: during?.kept, state: during?.state, pendingAboveZero: Number(during?.pending) > 0 }).toEqual({ kept: [fpOld], state: "re-encrypting", pendingAboveZero: true });
+        expect({ kept: during?.kept, state: during?.state, pendingAboveZero: Number(during?.pending) > 0 }).toEqual({
+          kept: [fpOld],
+          state: "re-encrypting",
+          pendingAboveZero: true,
+        });
         // Meanwhile the records under OLD read: the newest seeded ones are the last the walk reaches.
         const own = await reader.readCachedData(true);
-        expect({ total: own.snapshot.total, unreadable: own.snapshot.latest.filter((r) => !r.text.startsWith("seeded ")).map((r) => r.text) }).toEqual({ total: SEEDED, unreadable: [] });
+        expect({ total: own.snapshot.total, unreadable: own.snapshot.latest.filter((r) => !r.text.startsWith("seeded ")).map((r) => r.text) }).toEqual({
+          total: SEEDED,
+          unreadable: [],
+        });
 
         oldDropped = await cluster.role("server").waitForLine(new RegExp(`^Fernet key ${fpOld} dropped: `), 120_000);
         const raw = new (await import("bun:sqlite")).Database(db, { readonly: true });
@@ -153,23 +188,35 @@ for (const runtime of ["bun", "deno"] as const) {
       const underNew = new Fernet(NEW!);
       // Dropped only after re-encrypting: when the line came, no record was under OLD, and each seeded one kept its stamp.
       const opens = (key: Fernet, token: string) => key.keyIndex(token) === 0;
-      expect({ records: storeAtDrop!.length >= SEEDED, underOld: storeAtDrop!.filter((r) => opens(underOld, r.token)).length, underNew: storeAtDrop!.every((r) => opens(underNew, r.token)) })
-        .toEqual({ records: true, underOld: 0, underNew: true });
+      expect({
+        records: storeAtDrop!.length >= SEEDED,
+        underOld: storeAtDrop!.filter((r) => opens(underOld, r.token)).length,
+        underNew: storeAtDrop!.every((r) => opens(underNew, r.token)),
+      }).toEqual({ records: true, underOld: 0, underNew: true });
       const stamp = (token: string) => Number(Buffer.from(token, "base64url").readBigUInt64BE(1));
       expect(storeAtDrop!.slice(0, SEEDED).every((r, i) => stamp(r.token) === SEEDED_AT + i && underNew.decryptText(r.token) === `seeded ${i}`)).toBe(true);
       const lines = serverLines();
       const movedLine = lines.find((l) => /^Fernet re-encryption: moved \d+ records to the primary /.test(l));
-      expect(oldDropped!).toMatch(new RegExp(`^Fernet key ${fpOld} dropped: no stored record uses it any more \\(\\d+ records moved off it by this server, to ${fpNew}\\); 1 key, primary ${fpNew}$`));
+      expect(oldDropped!).toMatch(
+        new RegExp(
+          `^Fernet key ${fpOld} dropped: no stored record uses it any more \\(\\d+ records moved off it by this server, to ${fpNew}\\); 1 key, primary ${fpNew}$`,
+        ),
+      );
       expect(lines.findIndex((l) => l.startsWith(`Fernet key ${fpOld} is no longer in`))).toBeLessThan(lines.indexOf(movedLine!));
       expect(lines.indexOf(movedLine!)).toBeLessThan(lines.indexOf(oldDropped!));
 
       // Every record reads through get_cached_data, by clients that hold NEW alone (the file's only key now).
       expect(keyFile()).toEqual([NEW!]);
       const own = await reader.readCachedData(true);
-      expect({ total: own.snapshot.total, texts: own.snapshot.latest.map((r) => r.text) }).toEqual({ total: SEEDED, texts: Array.from({ length: 20 }, (_, i) => `seeded ${SEEDED - 1 - i}`) });
+      expect({ total: own.snapshot.total, texts: own.snapshot.latest.map((r) => r.text) }).toEqual({
+        total: SEEDED,
+        texts: Array.from({ length: 20 }, (_, i) => `seeded ${SEEDED - 1 - i}`),
+      });
       const all = await writer.readCachedData(true);
-      expect({ total: all.snapshot.total, unreadable: all.snapshot.latest.filter((r) => !r.text.startsWith("written during the rotation ")).length })
-        .toEqual({ total: SEEDED + acks.length, unreadable: 0 });
+      expect({ total: all.snapshot.total, unreadable: all.snapshot.latest.filter((r) => !r.text.startsWith("written during the rotation ")).length }).toEqual({
+        total: SEEDED + acks.length,
+        unreadable: 0,
+      });
       expect({ failures: written.errorSamples.slice(0, 3), failed: written.errors }).toEqual({ failures: [], failed: 0 });
       const after = await health();
       expect(after).toMatchObject({ state: "idle", pending: 0, kept: [], unreadable: 0 });
@@ -201,7 +248,7 @@ async function retireThenKill(cluster: Cluster, pki: string) {
   const retire = await pkiFernet(pki, "retire", "--key", fpOld, "--force");
   expect(retire).toMatchObject({ code: 0, out: expect.stringContaining(`./pki.sh fernet restore ${fpOld} puts the key back`) });
   await cluster.role("server").waitForLine(new RegExp(`^Fernet key ${fpOld} is no longer in `), 15_000);
-  expect(await cluster.health(first).then((h) => (h?.body.fernet_rewrap as { kept: string[] }).kept)).toEqual([fpOld]);
+  expect(await cluster.health(first).then((h) => (h?.body.fernet_rewrap as { kept: string[] } | undefined)?.kept)).toEqual([fpOld]);
   await cluster.kill("server");
   return { db, NEW: NEW!, fpOld, fpNew };
 }
@@ -227,7 +274,9 @@ describe("a server killed mid re-encryption, after OLD was retired", () => {
     expect(statSync(kept).mode & 0o777).toBe(0o600);
 
     const server = await cluster.startServer("server-restarted", 0, ["--db", db]);
-    expect(cluster.role("server-restarted").lines).toContainEqual(expect.stringMatching(new RegExp(`^Fernet key ${fpOld} is not in .*, but was kept for stored records before this restart `)));
+    expect(cluster.role("server-restarted").lines).toContainEqual(
+      expect.stringMatching(new RegExp(`^Fernet key ${fpOld} is not in .*, but was kept for stored records before this restart `)),
+    );
     const reader = cluster.client("client2", [server], { direct: true });
     try {
       const own = await reader.readCachedData(true);
@@ -255,13 +304,19 @@ describe("a server killed mid re-encryption, after OLD was retired", () => {
       // restore OLD: the archive kept it; the server takes it up live, reads every record, and moves them to NEW.
       const restore = await pkiFernet(pki, "restore", fpOld);
       expect(restore).toMatchObject({ code: 0, out: expect.stringContaining(`restored key ${fpOld} from `) });
-      await cluster.role("server-restarted").waitForLine(new RegExp(`^Fernet keys reloaded: 2 keys, primary ${fpNew}, decrypt-only ${fpOld} \\(added ${fpOld}\\)$`));
+      await cluster
+        .role("server-restarted")
+        .waitForLine(new RegExp(`^Fernet keys reloaded: 2 keys, primary ${fpNew}, decrypt-only ${fpOld} \\(added ${fpOld}\\)$`));
       const after = await reader.readCachedData(true);
       expect({ total: after.snapshot.total, texts: after.snapshot.latest.map((r) => r.text) }).toEqual({ total: SEEDED, texts: newestSeeded });
-      await waitFor("the restarted server to move every record off OLD", async () => {
-        const rewrap = (await cluster.health(server))?.body.fernet_rewrap as { pending: number | null; unreadable: number | null } | undefined;
-        return rewrap?.pending === 0 && rewrap.unreadable === 0;
-      }, 120_000);
+      await waitFor(
+        "the restarted server to move every record off OLD",
+        async () => {
+          const rewrap = (await cluster.health(server))?.body.fernet_rewrap as { pending: number | null; unreadable: number | null } | undefined;
+          return rewrap?.pending === 0 && rewrap.unreadable === 0;
+        },
+        120_000,
+      );
 
       // Now OLD goes for good, by name (--force again: it stopped encrypting less than TTL + skew ago): no record is
       // under it, so the server drops it at once, and every record reads under NEW alone.

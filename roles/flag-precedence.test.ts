@@ -26,7 +26,11 @@ afterAll(() => rmSync(dir, { recursive: true, force: true }));
  * Starts `roles/<role>.ts` on Bun with `args` and `env` added, and waits until it listens or exits: the URL it
  * listens on and the rest of its "listening on" line, or its exit code and the lines it printed.
  */
-async function start(role: string, args: string[], env: Record<string, string>): Promise<{ listening: string; said: string } | { exitCode: number; lines: string[] }> {
+async function start(
+  role: string,
+  args: string[],
+  env: Record<string, string>,
+): Promise<{ listening: string; said: string } | { exitCode: number; lines: string[] }> {
   const inherited = { ...process.env };
   for (const name of Object.keys(inherited)) if (name.startsWith("SECUREMESH_") || name === "PORT" || name === "SERVERS") delete inherited[name];
   await using proc = Bun.spawn(roleCommand("bun", role, args), { env: { ...inherited, NO_COLOR: "1", PKI_DIR: pki, ...env }, stdout: "pipe", stderr: "pipe" });
@@ -35,15 +39,21 @@ async function start(role: string, args: string[], env: Record<string, string>):
     for await (const chunk of stream) output += new TextDecoder().decode(chunk);
   };
   const reading = Promise.all([read(proc.stdout), read(proc.stderr)]);
-  const outcome = await waitFor(`${role} to listen or exit`, () => {
-    const listening = / listening on (https:\/\/\S+?:\d+)(.*)\n/.exec(output);
-    if (listening) return { listening: listening[1]!, said: listening[2]!.trim() };
-    return proc.exitCode !== null ? { exitCode: proc.exitCode } : false;
-  }, 30_000);
+  const outcome = await waitFor(
+    `${role} to listen or exit`,
+    () => {
+      const listening = / listening on (https:\/\/\S+?:\d+)(.*)\n/.exec(output);
+      if (listening) return { listening: listening[1]!, said: listening[2]!.trim() };
+      return proc.exitCode !== null ? { exitCode: proc.exitCode } : false;
+    },
+    30_000,
+  );
   proc.kill("SIGTERM");
   await proc.exited;
   await reading;
-  return outcome.listening !== undefined ? { listening: outcome.listening, said: outcome.said } : { exitCode: outcome.exitCode!, lines: output.trim().split("\n") };
+  return outcome.listening !== undefined
+    ? { listening: outcome.listening, said: outcome.said }
+    : { exitCode: outcome.exitCode!, lines: output.trim().split("\n") };
 }
 
 describe("a port on the command line beats SECUREMESH_PORT in the environment and in the --config file", () => {
@@ -60,7 +70,8 @@ describe("a port on the command line beats SECUREMESH_PORT in the environment an
     const [fromArgv, fromEnv, fromFile] = await Promise.all([freePort(), freePort(), freePort()]);
     const config = join(dir, `${role}.conf`);
     writeFileSync(config, `SECUREMESH_PORT=${fromFile}\n`);
-    const listening = async (argv: string[]) => ((outcome) => ("listening" in outcome ? outcome.listening : outcome))(await start(role, [...argv, ...fill(args)], { SECUREMESH_PORT: String(fromEnv) }));
+    const listening = async (argv: string[]) =>
+      ((outcome) => ("listening" in outcome ? outcome.listening : outcome))(await start(role, [...argv, ...fill(args)], { SECUREMESH_PORT: String(fromEnv) }));
     expect(await listening([String(fromArgv)])).toBe(`https://127.0.0.1:${fromArgv}`);
     expect(await listening([String(fromArgv), "--config", config])).toBe(`https://127.0.0.1:${fromArgv}`);
     // Without one on the command line, the file's.
@@ -69,7 +80,9 @@ describe("a port on the command line beats SECUREMESH_PORT in the environment an
 
   test("the coordinator's --port (its workers') beats SECUREMESH_PORT too", async () => {
     const [fromArgv, fromEnv] = await Promise.all([freePort(), freePort()]);
-    expect(await start("coordinator", ["--port", String(fromArgv), "--servers", "https://127.0.0.1:1"], { SECUREMESH_PORT: String(fromEnv) })).toMatchObject({ listening: `https://127.0.0.1:${fromArgv}` });
+    expect(await start("coordinator", ["--port", String(fromArgv), "--servers", "https://127.0.0.1:1"], { SECUREMESH_PORT: String(fromEnv) })).toMatchObject({
+      listening: `https://127.0.0.1:${fromArgv}`,
+    });
   });
 });
 
@@ -98,7 +111,8 @@ describe("the coordinator's --servers-file on the command line beats SECUREMESH_
 
   test("both on the command line is still a mistake, said in one line", async () => {
     expect(await serversOf(["--servers", "https://127.0.0.1:5998", "--servers-file", serversFile()], {})).toEqual({
-      exitCode: 2, lines: ["coordinator: --servers and --servers-file both come from the command line: give one of them"],
+      exitCode: 2,
+      lines: ["coordinator: --servers and --servers-file both come from the command line: give one of them"],
     });
   });
 });

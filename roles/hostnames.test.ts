@@ -6,7 +6,7 @@ import { afterAll, beforeAll, describe, expect, setDefaultTimeout, test } from "
 import { mkdtempSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { Cluster, temporaryCluster, waitFor } from "../harness/fixtures/index.ts";
+import { type Cluster, temporaryCluster, waitFor } from "../harness/fixtures/index.ts";
 import { tlsPeerIdentity } from "../shared/authz/expect-peer.ts";
 import { createLogger } from "../shared/ops/log.ts";
 import { createApp, listenReloadable, type ReloadableListener } from "../shared/platform/http.ts";
@@ -16,7 +16,13 @@ import { issueIdentity, newPki, type IdentityKind } from "../shared/testing/pki.
 
 setDefaultTimeout(120_000);
 
-const SERVING: [string, IdentityKind][] = [["server", "server"], ["coordinator", "coordinator"], ["keyserver", "keyserver"], ["secureproxy", "secureproxy"], ["marketplace", "marketplace"]];
+const SERVING: [string, IdentityKind][] = [
+  ["server", "server"],
+  ["coordinator", "coordinator"],
+  ["keyserver", "keyserver"],
+  ["secureproxy", "secureproxy"],
+  ["marketplace", "marketplace"],
+];
 const url = (host: string, port: number) => `https://${host}:${port}`;
 
 let pki: string;
@@ -50,9 +56,11 @@ const impostorUrl = (name: string) => url(OTHER_HOST, impostors.get(name)!.port)
 /** POST /request_api on a SecureProxy as client1, the way the harness's token stack calls it. */
 async function requestApi(proxy: string, apiUri: string): Promise<{ status: number; body: Record<string, unknown> }> {
   const response = await fetch(`${proxy}/request_api`, {
-    method: "POST", headers: { "content-type": "application/json" },
+    method: "POST",
+    headers: { "content-type": "application/json" },
     body: JSON.stringify({ ClientId: "client1", TokenType: "marketplace", ApiUri: apiUri }),
-    tls: mutualTlsClientOptions(loadIdentity(pki, "client1")), signal: AbortSignal.timeout(15_000),
+    tls: mutualTlsClientOptions(loadIdentity(pki, "client1")),
+    signal: AbortSignal.timeout(15_000),
   });
   return { status: response.status, body: (await response.json()) as Record<string, unknown> };
 }
@@ -76,7 +84,12 @@ for (const runtime of ["bun", "deno"] as const) {
       const tokenFile = join(secrets, "marketplace_token");
       writeFileSync(tokenFile, "mkt_hostnames_token", { mode: 0o600 });
       const tokenDb = join(cluster.logDir, "tokens.db");
-      const seeded = await cluster.run("keyserver-admin", "keyserver", ["token", "add", "--client", "client1", "--type", "marketplace", "--token", "-", "--data", secrets, "--db", tokenDb], { stdin: "mkt_hostnames_token" });
+      const seeded = await cluster.run(
+        "keyserver-admin",
+        "keyserver",
+        ["token", "add", "--client", "client1", "--type", "marketplace", "--token", "-", "--data", secrets, "--db", tokenDb],
+        { stdin: "mkt_hostnames_token" },
+      );
       expect(seeded.exitCode).toBe(0);
       const [server, keyserver, marketplace] = await Promise.all([
         start("server", "server", ["--db", join(cluster.logDir, "records.db")]),
@@ -100,7 +113,9 @@ for (const runtime of ["bun", "deno"] as const) {
       expect({ exitCode: right.exitCode, success: right.lines.some((l) => l.startsWith("[client1] Success: ")) }).toEqual({ exitCode: 0, success: true });
       const wrong = await cluster.runClient("client-wrong", ["--coordinator", impostorUrl("coordinator"), "--no-cache-check", "--timeout", "3000"]);
       expect(wrong.exitCode).toBe(1);
-      expect(wrong.lines.find((l) => l.startsWith("[client1] Error"))).toContain(`${impostorUrl("coordinator")}: TLS certificate does not name this host (ERR_TLS_HOSTNAME)`);
+      expect(wrong.lines.find((l) => l.startsWith("[client1] Error"))).toContain(
+        `${impostorUrl("coordinator")}: TLS certificate does not name this host (ERR_TLS_HOSTNAME)`,
+      );
     });
 
     test("coordinator → servers: health probes keep the server on the wrong host out; the status page names each host", async () => {
@@ -128,14 +143,22 @@ for (const runtime of ["bun", "deno"] as const) {
       const item = `${at.marketplace}/api/item`;
       expect(await requestApi(at.secureproxy!, item)).toMatchObject({ status: 200, body: { item: { id: 1 } } });
       expect(await requestApi(at["secureproxy-to-impostor"]!, item)).toEqual({
-        status: 503, body: { error: expect.stringMatching(/^KeyServer \S+ unavailable \(TLS certificate does not name this host \(ERR_TLS_HOSTNAME\)\)$/), code: "ERR_UNAVAILABLE" },
+        status: 503,
+        body: {
+          error: expect.stringMatching(/^KeyServer \S+ unavailable \(TLS certificate does not name this host \(ERR_TLS_HOSTNAME\)\)$/),
+          code: "ERR_UNAVAILABLE",
+        },
       });
     });
 
     test("SecureProxy → API: the marketplace's certificate on the wrong host is refused, so the token is never sent", async () => {
       const answer = await requestApi(at.secureproxy!, `${impostorUrl("marketplace")}/api/item`);
       expect(answer).toEqual({
-        status: 502, body: { error: `the API at ${new URL(impostorUrl("marketplace")).host} failed (TLS certificate does not name this host (ERR_TLS_HOSTNAME))`, code: "ERR_UPSTREAM" },
+        status: 502,
+        body: {
+          error: `the API at ${new URL(impostorUrl("marketplace")).host} failed (TLS certificate does not name this host (ERR_TLS_HOSTNAME))`,
+          code: "ERR_UPSTREAM",
+        },
       });
     });
   });
@@ -150,5 +173,11 @@ test("client → SecureProxy and the harness's own clients (Bun's fetch): refuse
   const cluster = await temporaryCluster({ label: "hostnames-harness", pki });
   expect(await cluster.health(impostorUrl("secureproxy"))).toBeUndefined();
   // Nothing any hop above sent got through to a certificate on the wrong host.
-  expect(Object.fromEntries([...impostors].map(([name, i]) => [name, i.requests]))).toEqual({ server: 0, coordinator: 0, keyserver: 0, secureproxy: 0, marketplace: 0 });
+  expect(Object.fromEntries([...impostors].map(([name, i]) => [name, i.requests]))).toEqual({
+    server: 0,
+    coordinator: 0,
+    keyserver: 0,
+    secureproxy: 0,
+    marketplace: 0,
+  });
 });

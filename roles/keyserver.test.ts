@@ -11,7 +11,14 @@ import { Metrics } from "../shared/ops/metrics.ts";
 import { bindPeer } from "../shared/platform/runtime/peer.ts";
 import { NonceMemory } from "../shared/token-path/replay.ts";
 import {
-  EcdhKeyPair, ON_BEHALF_OF_HEADER, openJoseResponse, openLegacyResponse, prepareEcdhRequest, prepareJoseRequest, prepareLegacyRequest, RsaKeyPair,
+  EcdhKeyPair,
+  ON_BEHALF_OF_HEADER,
+  openJoseResponse,
+  openLegacyResponse,
+  prepareEcdhRequest,
+  prepareJoseRequest,
+  prepareLegacyRequest,
+  RsaKeyPair,
   type PreparedRequest,
 } from "../shared/token-path/token-exchange.ts";
 import type { TokenVault } from "../shared/token-path/token-store.ts";
@@ -39,7 +46,14 @@ function keyserverApp(lines: string[], options: Partial<KeyserverDeps> = {}) {
   const logger = createLogger("keyserver", { format: "text", color: false, write: (l) => lines.push(l) });
   const metrics = new Metrics();
   return createKeyserverApp({
-    vault, keys, nonces: new NonceMemory(), logger, authz: new Authorizer(policyPath(), logger, metrics), legacyReplay: "require", metrics, ...options,
+    vault,
+    keys,
+    nonces: new NonceMemory(),
+    logger,
+    authz: new Authorizer(policyPath(), logger, metrics),
+    legacyReplay: "require",
+    metrics,
+    ...options,
   });
 }
 
@@ -58,11 +72,17 @@ interface As {
   onBehalfOf?: string | null;
 }
 
-function sendTo(target: { handle(r: Request): Promise<Response> }, prepared: Pick<PreparedRequest, "body" | "contentType">, { caller = PROXY, onBehalfOf = CLIENT1 }: As = {}) {
+function sendTo(
+  target: { handle(r: Request): Promise<Response> },
+  prepared: Pick<PreparedRequest, "body" | "contentType">,
+  { caller = PROXY, onBehalfOf = CLIENT1 }: As = {},
+) {
   const headers: Record<string, string> = { "content-type": prepared.contentType };
   if (onBehalfOf !== null) headers[ON_BEHALF_OF_HEADER] = onBehalfOf;
   // What the listener does: the caller is the connection's verified certificate, never a header.
-  return target.handle(bindPeer(new Request("http://localhost/", { method: "POST", headers, body: prepared.body }), { address: "127.0.0.1", identity: caller, serial: "01" }));
+  return target.handle(
+    bindPeer(new Request("http://localhost/", { method: "POST", headers, body: prepared.body }), { address: "127.0.0.1", identity: caller, serial: "01" }),
+  );
 }
 
 const send = (prepared: Pick<PreparedRequest, "body" | "contentType">, as?: As) => sendTo(app, prepared, as);
@@ -87,13 +107,22 @@ async function undecryptable(): Promise<Pick<PreparedRequest, "body" | "contentT
   const wrapped = Buffer.from(body.sessionKey, "base64");
   wrapped[10]! ^= 0xff;
   const tamperedSessionKey = { contentType: "application/json" as const, body: JSON.stringify({ ...body, sessionKey: wrapped.toString("base64") }) };
-  const shortKeyCipher = await crypto.subtle.encrypt({ name: "RSA-OAEP" },
+  const shortKeyCipher = await crypto.subtle.encrypt(
+    { name: "RSA-OAEP" },
     await crypto.subtle.importKey("spki", keys.publicKey.export({ type: "spki", format: "der" }), { name: "RSA-OAEP", hash: "SHA-256" }, false, ["encrypt"]),
-    new Uint8Array(16));
-  const shortSessionKey = { contentType: "application/json" as const, body: JSON.stringify({ ...body, sessionKey: Buffer.from(shortKeyCipher).toString("base64") }) };
+    new Uint8Array(16),
+  );
+  const shortSessionKey = {
+    contentType: "application/json" as const,
+    body: JSON.stringify({ ...body, sessionKey: Buffer.from(shortKeyCipher).toString("base64") }),
+  };
   const jose = await prepareJoseRequest(keys.publicKey, "client1", "marketplace");
   const parts = jose.body.split(".");
-  const flip = (part: string) => { const b = Buffer.from(part, "base64url"); b[3]! ^= 1; return b.toString("base64url"); };
+  const flip = (part: string) => {
+    const b = Buffer.from(part, "base64url");
+    b[3]! ^= 1;
+    return b.toString("base64url");
+  };
   const tamperedCiphertext = { contentType: "application/jose" as const, body: [parts[0], parts[1], parts[2], flip(parts[3]!), parts[4]].join(".") };
   const tamperedEncryptedKey = { contentType: "application/jose" as const, body: [parts[0], flip(parts[1]!), parts[2], parts[3], parts[4]].join(".") };
   const garbage = { contentType: "application/jose" as const, body: "not.a.jwe.at.all" };
@@ -142,7 +171,8 @@ describe("token release", () => {
   test("only identities with tokens.fetch may ask: a client1 certificate gets 403", async () => {
     const prepared = await prepareJoseRequest(keys.publicKey, "client1", "marketplace");
     expect(await errorOf(await send(prepared, { caller: CLIENT1, onBehalfOf: null }))).toEqual({
-      status: 403, body: { error: `${CLIENT1} lacks permission tokens.fetch`, code: "ERR_FORBIDDEN" },
+      status: 403,
+      body: { error: `${CLIENT1} lacks permission tokens.fetch`, code: "ERR_FORBIDDEN" },
     });
     expect((await send(prepared, { caller: "" })).status).toBe(403);
   });
@@ -150,12 +180,23 @@ describe("token release", () => {
   test("unknown clientId/tokenType gets 404, bad format 400, wrong type 415", async () => {
     // client1 may use only client1/marketplace, so an unknown token is asked for on behalf of a wider grant.
     const wide = join(dir, "wide-policy.json");
-    writeFileSync(wide, JSON.stringify({ rules: [{ identity: PROXY, allow: ["tokens.fetch"] }, { identity: CLIENT1, allow: ["proxy.use:*"] }] }));
+    writeFileSync(
+      wide,
+      JSON.stringify({
+        rules: [
+          { identity: PROXY, allow: ["tokens.fetch"] },
+          { identity: CLIENT1, allow: ["proxy.use:*"] },
+        ],
+      }),
+    );
     const lines: string[] = [];
     const logger = createLogger("keyserver", { write: (l) => lines.push(l) });
     const wideApp = keyserverApp(lines, { authz: new Authorizer(wide, logger), logger });
     expect((await sendTo(wideApp, await prepareJoseRequest(keys.publicKey, "nobody", "marketplace"))).status).toBe(404);
-    expect(await errorOf(await send({ contentType: "application/json", body: "{nope" }))).toEqual({ status: 400, body: { error: "request body is not valid JSON", code: "ERR_BAD_REQUEST" } });
+    expect(await errorOf(await send({ contentType: "application/json", body: "{nope" }))).toEqual({
+      status: 400,
+      body: { error: "request body is not valid JSON", code: "ERR_BAD_REQUEST" },
+    });
     expect((await send({ contentType: "application/json", body: JSON.stringify({ clientId: "client1" }) })).status).toBe(400);
     expect((await send({ contentType: "text/plain" as "application/json", body: "x" })).status).toBe(415);
   });
@@ -204,29 +245,38 @@ describe("on behalf of whom", () => {
   test("the identity the proxy asks for needs proxy.use on that token: client2 cannot get client1's", async () => {
     const prepared = await prepareJoseRequest(keys.publicKey, "client1", "marketplace");
     expect(await errorOf(await send(prepared, { onBehalfOf: CLIENT2 }))).toEqual({
-      status: 403, body: { error: `${CLIENT2} lacks permission proxy.use:client1/marketplace`, code: "ERR_FORBIDDEN" },
+      status: 403,
+      body: { error: `${CLIENT2} lacks permission proxy.use:client1/marketplace`, code: "ERR_FORBIDDEN" },
     });
   });
 
   test("without the header the caller itself needs proxy.use: the proxy alone has only tokens.fetch", async () => {
     const prepared = await prepareJoseRequest(keys.publicKey, "client1", "marketplace");
     expect(await errorOf(await send(prepared, { onBehalfOf: null }))).toEqual({
-      status: 403, body: { error: `${PROXY} lacks permission proxy.use:client1/marketplace`, code: "ERR_FORBIDDEN" },
+      status: 403,
+      body: { error: `${PROXY} lacks permission proxy.use:client1/marketplace`, code: "ERR_FORBIDDEN" },
     });
     // A caller that holds both may ask for itself.
     const both = join(dir, "both-policy.json");
     writeFileSync(both, JSON.stringify({ rules: [{ identity: PROXY, allow: ["tokens.fetch", "proxy.use:client1/marketplace"] }] }));
     const lines: string[] = [];
     const logger = createLogger("keyserver", { write: (l) => lines.push(l) });
-    const answer = await sendTo(keyserverApp(lines, { authz: new Authorizer(both, logger), logger }), await prepareJoseRequest(keys.publicKey, "client1", "marketplace"), { onBehalfOf: null });
+    const answer = await sendTo(
+      keyserverApp(lines, { authz: new Authorizer(both, logger), logger }),
+      await prepareJoseRequest(keys.publicKey, "client1", "marketplace"),
+      { onBehalfOf: null },
+    );
     expect(answer.status).toBe(200);
-    expect(lines.filter((l) => l.startsWith("AUDIT "))).toEqual([expect.stringMatching(new RegExp(`caller=${PROXY} on_behalf_of=${PROXY} client=client1 type=marketplace outcome=released$`))]);
+    expect(lines.filter((l) => l.startsWith("AUDIT "))).toEqual([
+      expect.stringMatching(new RegExp(`caller=${PROXY} on_behalf_of=${PROXY} client=client1 type=marketplace outcome=released$`)),
+    ]);
   });
 
   test("an on-behalf-of header that is not a SPIFFE ID is a 400", async () => {
     const prepared = await prepareJoseRequest(keys.publicKey, "client1", "marketplace");
     expect(await errorOf(await send(prepared, { onBehalfOf: "client1" }))).toEqual({
-      status: 400, body: { error: `${ON_BEHALF_OF_HEADER} must be a SPIFFE ID such as spiffe://securemesh/client/client1`, code: "ERR_BAD_REQUEST" },
+      status: 400,
+      body: { error: `${ON_BEHALF_OF_HEADER} must be a SPIFFE ID such as spiffe://securemesh/client/client1`, code: "ERR_BAD_REQUEST" },
     });
   });
 
@@ -250,7 +300,8 @@ test("a flooding identity hits its own nonce quota (429); another identity is st
     expect((await sendTo(quotaApp, await prepareJoseRequest(keys.publicKey, "client2", "marketplace"), { onBehalfOf: CLIENT2 })).status).toBe(404);
   }
   expect(await errorOf(await sendTo(quotaApp, await prepareJoseRequest(keys.publicKey, "client2", "marketplace"), { onBehalfOf: CLIENT2 }))).toEqual({
-    status: 429, body: { error: `too many token requests from ${CLIENT2} in the replay window; retry later`, code: "ERR_REPLAY_QUOTA" },
+    status: 429,
+    body: { error: `too many token requests from ${CLIENT2} in the replay window; retry later`, code: "ERR_REPLAY_QUOTA" },
   });
   expect((await sendTo(quotaApp, await prepareJoseRequest(keys.publicKey, "client1", "marketplace"))).status).toBe(200);
   expect(lines.filter((l) => l.endsWith(" outcome=replay_quota"))).toHaveLength(1);
@@ -262,7 +313,8 @@ describe("the original format's replay fields", () => {
     const oldClient = await legacyWithoutReplayFields();
     for (let i = 0; i < 3; i++) {
       expect(await errorOf(await send(oldClient))).toEqual({
-        status: 401, body: { error: "timestamp and nonce are required (old clients need the KeyServer's --legacy-replay allow)", code: "ERR_REPLAY" },
+        status: 401,
+        body: { error: "timestamp and nonce are required (old clients need the KeyServer's --legacy-replay allow)", code: "ERR_REPLAY" },
       });
     }
   });
@@ -355,20 +407,33 @@ describe.each(["bun", "deno"] as const)("a KeyServer process on %s", (runtime) =
     expect(await tokens.cluster.role("keyserver").waitForLine(/keyserver listening/)).toEndWith("; ECDH-ES (X25519) too)");
     const tls = mutualTlsClientOptions(loadIdentity(pki, "secureproxy"));
     const publicKey = createPublicKey(((await (await fetch(`${tokens.keyserver}/public_key`, { tls })).json()) as { public_key: string }).public_key);
-    const post = (prepared: Pick<PreparedRequest, "body" | "contentType">) => fetch(tokens.keyserver, {
-      method: "POST", headers: { "content-type": prepared.contentType, [ON_BEHALF_OF_HEADER]: CLIENT1 }, body: prepared.body, tls,
-    });
+    const post = (prepared: Pick<PreparedRequest, "body" | "contentType">) =>
+      fetch(tokens.keyserver, {
+        method: "POST",
+        headers: { "content-type": prepared.contentType, [ON_BEHALF_OF_HEADER]: CLIENT1 },
+        body: prepared.body,
+        tls,
+      });
 
     // 24 at once: below the cap on handshakes from one address (32), which a burst of new connections would meet.
     const jwks = (await (await fetch(`${tokens.keyserver}/.well-known/jwks.json`, { tls })).json()) as { keys: JWK[] };
     const x25519 = createPublicKey({ key: jwks.keys.find((k) => k.crv === "X25519")!, format: "jwk" });
-    const requests = await Promise.all(Array.from({ length: 24 }, (_, i) => (i % 4 === 0 ? prepareLegacyRequest(publicKey, "client1", "marketplace")
-      : i % 4 === 1 ? prepareEcdhRequest(x25519, "client1", "marketplace") : prepareJoseRequest(publicKey, "client1", "marketplace"))));
-    const released = await Promise.all(requests.map(async (prepared) => {
-      const response = await post(prepared);
-      if (prepared.contentType === "application/jose") return openJoseResponse(await response.text(), prepared.sessionKey);
-      return openLegacyResponse(((await response.json()) as { token: string }).token, prepared.sessionKey);
-    }));
+    const requests = await Promise.all(
+      Array.from({ length: 24 }, (_, i) =>
+        i % 4 === 0
+          ? prepareLegacyRequest(publicKey, "client1", "marketplace")
+          : i % 4 === 1
+            ? prepareEcdhRequest(x25519, "client1", "marketplace")
+            : prepareJoseRequest(publicKey, "client1", "marketplace"),
+      ),
+    );
+    const released = await Promise.all(
+      requests.map(async (prepared) => {
+        const response = await post(prepared);
+        if (prepared.contentType === "application/jose") return openJoseResponse(await response.text(), prepared.sessionKey);
+        return openLegacyResponse(((await response.json()) as { token: string }).token, prepared.sessionKey);
+      }),
+    );
     expect(released).toEqual(requests.map(() => tokens.token));
 
     expect(await errorOf(await post(requests[1]!))).toEqual({ status: 401, body: { error: "nonce already used", code: "ERR_REPLAY" } });

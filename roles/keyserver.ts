@@ -64,12 +64,27 @@ export interface KeyserverConfig extends ServingConfig, VaultConfig {
 }
 
 export function parseKeyserverConfig(argv: string[]): KeyserverConfig {
-  const { values, positionals, sources } = parseFlags("keyserver", USAGE, {
-    db: { type: "string" }, "db-file": { type: "string" }, data: { type: "string" }, policy: { type: "string" }, "legacy-replay": { type: "string" },
-    "replay-quota": { type: "string" }, "ecdh-es": { type: "boolean" }, host: { type: "string" }, pki: { type: "string" }, "no-crl": { type: "boolean" },
-    client: { type: "string" },
-    type: { type: "string" }, token: { type: "string" }, "passphrase-file": { type: "string" },
-  }, argv);
+  const { values, positionals, sources } = parseFlags(
+    "keyserver",
+    USAGE,
+    {
+      db: { type: "string" },
+      "db-file": { type: "string" },
+      data: { type: "string" },
+      policy: { type: "string" },
+      "legacy-replay": { type: "string" },
+      "replay-quota": { type: "string" },
+      "ecdh-es": { type: "boolean" },
+      host: { type: "string" },
+      pki: { type: "string" },
+      "no-crl": { type: "boolean" },
+      client: { type: "string" },
+      type: { type: "string" },
+      token: { type: "string" },
+      "passphrase-file": { type: "string" },
+    },
+    argv,
+  );
   refuseSecretOnArgv("db", values.db, sources.db);
   if (values.token !== undefined && values.token !== "-" && sources.token === "argv") {
     throw new ConfigError("--token on the command line shows in ps: give --token - and the token on stdin");
@@ -82,10 +97,14 @@ export function parseKeyserverConfig(argv: string[]): KeyserverConfig {
   const replayQuota = parsePositive(values["replay-quota"], "--replay-quota", 10_000);
   if (!Number.isInteger(replayQuota)) throw new ConfigError(`--replay-quota must be a whole number, not '${values["replay-quota"]}'`);
   const dbFlag = chooseFlag("db", "db-file", sources);
-  const [db, dbSource] = dbFlag === "db" ? [values.db!, describeFlagSource("db", sources.db)]
-    : dbFlag === "db-file" ? [readDbFile(values["db-file"]!), `${describeFlagSource("db-file", sources["db-file"])} (${values["db-file"]})`]
-    : process.env.KEYSERVER_DB ? [process.env.KEYSERVER_DB, "$KEYSERVER_DB"]
-    : [join(dataDir, "tokens.db"), "the default: no --db, --db-file, --config or $SECUREMESH_DB"];
+  const [db, dbSource] =
+    dbFlag === "db"
+      ? [values.db!, describeFlagSource("db", sources.db)]
+      : dbFlag === "db-file"
+        ? [readDbFile(values["db-file"]!), `${describeFlagSource("db-file", sources["db-file"])} (${values["db-file"]})`]
+        : process.env.KEYSERVER_DB
+          ? [process.env.KEYSERVER_DB, "$KEYSERVER_DB"]
+          : [join(dataDir, "tokens.db"), "the default: no --db, --db-file, --config or $SECUREMESH_DB"];
   return {
     command,
     port: command === "serve" ? parsePort(positionals[0] ?? process.env.PORT, "PORT", 5003) : 0,
@@ -112,25 +131,26 @@ if (import.meta.main) {
   const config = readConfig("keyserver", parseKeyserverConfig);
   // The admin commands read the master keys too: after the same guard, they act and exit.
   if (config.command !== "serve") await runTokenCommand(config).catch((error) => exitWithConfigError("keyserver", error));
-  else await runRole({
-    name: "keyserver",
-    parse: () => config,
-    async start({ logger, metrics, authz, limiter }) {
-      // The keyring and the store first: a pair that does not belong together stops the role before it makes a file.
-      const { vault, notes } = await openVault(config, "serve");
-      for (const note of notes) logger.info(note);
-      const keys = await RsaKeyPair.loadOrCreate(join(config.dataDir, "rsa_key.pem"));
-      const ecdh = config.ecdhEs ? await EcdhKeyPair.loadOrCreate(join(config.dataDir, "ecdh_key.pem")) : undefined;
-      const nonces = new NonceMemory({ maxPerCaller: config.replayQuota });
-      const keyring = keepKeyringFresh(vault, logger);
-      return {
-        app: createKeyserverApp({ vault, keys, ecdh, nonces, logger, authz, legacyReplay: config.legacyReplay, metrics, limiter }),
-        describe: `tokens: ${vault.store.description} (store id ${vault.keyring.storeId}), keyring ${vault.keyring.id} v${vault.keyring.currentVersion}; policy: ${displayPath(config.policy)}; legacy replay: ${config.legacyReplay}${ecdh ? "; ECDH-ES (X25519) too" : ""}`,
-        async close() {
-          keyring.stop();
-          await vault.store.close().catch((error) => logger.warn(`closing the token store: ${describeError(error)}`));
-        },
-      };
-    },
-  });
+  else
+    await runRole({
+      name: "keyserver",
+      parse: () => config,
+      async start({ logger, metrics, authz, limiter }) {
+        // The keyring and the store first: a pair that does not belong together stops the role before it makes a file.
+        const { vault, notes } = await openVault(config, "serve");
+        for (const note of notes) logger.info(note);
+        const keys = await RsaKeyPair.loadOrCreate(join(config.dataDir, "rsa_key.pem"));
+        const ecdh = config.ecdhEs ? await EcdhKeyPair.loadOrCreate(join(config.dataDir, "ecdh_key.pem")) : undefined;
+        const nonces = new NonceMemory({ maxPerCaller: config.replayQuota });
+        const keyring = keepKeyringFresh(vault, logger);
+        return {
+          app: createKeyserverApp({ vault, keys, ecdh, nonces, logger, authz, legacyReplay: config.legacyReplay, metrics, limiter }),
+          describe: `tokens: ${vault.store.description} (store id ${vault.keyring.storeId}), keyring ${vault.keyring.id} v${vault.keyring.currentVersion}; policy: ${displayPath(config.policy)}; legacy replay: ${config.legacyReplay}${ecdh ? "; ECDH-ES (X25519) too" : ""}`,
+          async close() {
+            keyring.stop();
+            await vault.store.close().catch((error) => logger.warn(`closing the token store: ${describeError(error)}`));
+          },
+        };
+      },
+    });
 }

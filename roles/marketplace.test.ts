@@ -4,8 +4,7 @@ import { scrape } from "../shared/testing/prometheus.ts";
 import { createMarketplaceApp, ITEM } from "./marketplace.ts";
 
 const app = createMarketplaceApp({ token: "right-token", logger: createLogger("marketplace", { write: () => {} }) });
-const get = (authorization?: string) =>
-  app.handle(new Request("http://localhost/api/item", { headers: authorization ? { authorization } : {} }));
+const get = (authorization?: string) => app.handle(new Request("http://localhost/api/item", { headers: authorization ? { authorization } : {} }));
 
 test("401 without a Bearer token or with a wrong one, the item with the right one", async () => {
   for (const header of [undefined, "Bearer wrong-token", "Basic right-token", "Bearer right-tokenX"]) {

@@ -70,8 +70,9 @@ async function main(): Promise<void> {
     exitWithConfigError("marketplace", error);
   }
   // Server TLS only: a public API asks for no client certificate.
-  const listener = await listenReloadable(app, { port, hostname: host, tls: { cert: identity.cert, key: identity.key } })
-    .catch((error) => exitWithConfigError("marketplace", error));
+  const listener = await listenReloadable(app, { port, hostname: host, tls: { cert: identity.cert, key: identity.key } }).catch((error) =>
+    exitWithConfigError("marketplace", error),
+  );
   logger.info(`marketplace listening on https://${host}:${listener.port}`);
   exitOnSignals(() => listener.stop());
 }

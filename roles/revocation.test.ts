@@ -25,7 +25,11 @@ const folder = (label: string) => {
 /** What a caller gets from GET /health: the status, or "refused" when the handshake or the request was refused. */
 async function healthAs(url: string, pki: string, name: string): Promise<string> {
   try {
-    const response = await fetch(`${url}/health`, { tls: mutualTlsClientOptions(loadIdentity(pki, name)), keepalive: false, signal: AbortSignal.timeout(5000) });
+    const response = await fetch(`${url}/health`, {
+      tls: mutualTlsClientOptions(loadIdentity(pki, name)),
+      keepalive: false,
+      signal: AbortSignal.timeout(5000),
+    });
     const body = await response.text();
     // The peer-identity listener refuses a revoked certificate per request too (403 ERR_REVOKED).
     return response.status === 403 && body.includes("ERR_REVOKED") ? "refused" : String(response.status);
@@ -50,8 +54,19 @@ async function startRoles(cluster: Cluster, extra: string[] = []): Promise<Recor
 
 /** Waits until every role has logged, since `marks`, a line matching `pattern`: its reload of crl.pem has run. */
 async function reloaded(cluster: Cluster, marks: Map<string, number>, pattern: RegExp): Promise<string[]> {
-  return Promise.all([...marks].map(([name, mark]) =>
-    waitFor(`${name} to log ${pattern}`, () => cluster.role(name).lines.slice(mark).find((line) => pattern.test(line)), 10_000)));
+  return Promise.all(
+    [...marks].map(([name, mark]) =>
+      waitFor(
+        `${name} to log ${pattern}`,
+        () =>
+          cluster
+            .role(name)
+            .lines.slice(mark)
+            .find((line) => pattern.test(line)),
+        10_000,
+      ),
+    ),
+  );
 }
 
 const mark = (cluster: Cluster) => new Map(["keyserver", "secureproxy"].map((name) => [name, cluster.role(name).lines.length]));
@@ -63,8 +78,14 @@ for (const runtime of RUNTIMES) {
       temporary.push(dir);
       await using cluster = await temporaryCluster({ label: `revocation-${runtime}`, pki: dir, runtime });
       const urls = await startRoles(cluster);
-      const seen = async () => Object.fromEntries(await Promise.all(Object.entries(urls).map(async ([name, url]) =>
-        [name, { x: await healthAs(url, dir, "x"), client1: await healthAs(url, dir, "client1") }] as const)));
+      const seen = async () =>
+        Object.fromEntries(
+          await Promise.all(
+            Object.entries(urls).map(
+              async ([name, url]) => [name, { x: await healthAs(url, dir, "x"), client1: await healthAs(url, dir, "client1") }] as const,
+            ),
+          ),
+        );
       const expected = { keyserver: { x: "refused", client1: "200" }, secureproxy: { x: "refused", client1: "200" } };
       expect(await seen()).toEqual(expected);
 
@@ -73,7 +94,8 @@ for (const runtime of RUNTIMES) {
       renameSync(join(dir, "crl.pem"), join(dir, "crl.pem.aside"));
       const missing = await reloaded(cluster, since, /^(TLS material reloaded|CRL NOT reloaded)/);
       expect({ phase: "crl.pem moved aside", seen: await seen() }).toEqual({ phase: "crl.pem moved aside", seen: expected });
-      for (const line of missing) expect(line).toMatch(/^CRL NOT reloaded, the previous one stays in force \(CRL number 0x[0-9A-F]+, 1 revoked, .*\): .*crl\.pem is missing$/);
+      for (const line of missing)
+        expect(line).toMatch(/^CRL NOT reloaded, the previous one stays in force \(CRL number 0x[0-9A-F]+, 1 revoked, .*\): .*crl\.pem is missing$/);
 
       // An older CRL, signed by our CA, that does not list x yet.
       since = mark(cluster);
@@ -97,11 +119,16 @@ for (const runtime of RUNTIMES) {
       const args = ["0", "--data", join(data, "keyserver"), "--db", join(data, "tokens.db")];
       // Bounded: a role that starts after all (as on main) is killed, and the exit code below says so.
       await using refused = Bun.spawn(roleCommand(runtime, "keyserver", args), {
-        env: { ...process.env, PKI_DIR: dir, NO_COLOR: "1" }, stdout: "pipe", stderr: "pipe", timeout: 20_000,
+        env: { ...process.env, PKI_DIR: dir, NO_COLOR: "1" },
+        stdout: "pipe",
+        stderr: "pipe",
+        timeout: 20_000,
       });
       const [stdout, stderr, code] = await Promise.all([new Response(refused.stdout).text(), new Response(refused.stderr).text(), refused.exited]);
       expect({ code, stdout, stderr }).toEqual({
-        code: 2, stdout: "", stderr: `keyserver: no usable CRL, so this role will not start: ${join(dir, "crl.pem")} is missing: ${CRL_FIX}\n`,
+        code: 2,
+        stdout: "",
+        stderr: `keyserver: no usable CRL, so this role will not start: ${join(dir, "crl.pem")} is missing: ${CRL_FIX}\n`,
       });
 
       await using cluster = await temporaryCluster({ label: `revocation-off-${runtime}`, pki: dir, runtime });

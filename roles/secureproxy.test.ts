@@ -27,12 +27,17 @@ let pki: string;
 let keys: RsaKeyPair;
 
 /** A stand-in KeyServer serving with `name`'s certificate; it records what the proxy sends and answers `answer`. */
-function fakeKeyserver(name: string, answer: () => Response = () => Response.json({ error: "no token for that clientId and tokenType", code: "ERR_NOT_FOUND" }, { status: 404 }), own = keys) {
+function fakeKeyserver(
+  name: string,
+  answer: () => Response = () => Response.json({ error: "no token for that clientId and tokenType", code: "ERR_NOT_FOUND" }, { status: 404 }),
+  own = keys,
+) {
   const identity = loadIdentity(pki, name);
   const seen: { method: string; path: string; onBehalfOf: string | null }[] = [];
   const bodies: string[] = [];
   const server = Bun.serve({
-    port: 0, hostname: "127.0.0.1",
+    port: 0,
+    hostname: "127.0.0.1",
     tls: { cert: identity.cert, key: identity.key, ca: identity.ca, requestCert: true, rejectUnauthorized: true },
     async fetch(request) {
       seen.push({ method: request.method, path: new URL(request.url).pathname, onBehalfOf: request.headers.get(ON_BEHALF_OF_HEADER) });
@@ -58,8 +63,14 @@ const hopsMade: ProxyHops[] = [];
 function proxy(keyserver: string | string[] = "https://127.0.0.1:1", lines: string[] = [], isRevoked?: (serialHex: string) => boolean, metrics?: Metrics) {
   const logger = createLogger("secureproxy", { format: "text", color: false, write: (l) => lines.push(l) });
   return createProxyApp({
-    keyservers: typeof keyserver === "string" ? [keyserver] : keyserver, allow, metrics, format: "jose", timeoutMs: 5000, logger,
-    hops: proxyHops(isRevoked), authz: new Authorizer(policyPath(), logger),
+    keyservers: typeof keyserver === "string" ? [keyserver] : keyserver,
+    allow,
+    metrics,
+    format: "jose",
+    timeoutMs: 5000,
+    logger,
+    hops: proxyHops(isRevoked),
+    authz: new Authorizer(policyPath(), logger),
   });
 }
 
@@ -102,7 +113,10 @@ test("a disallowed ApiUri is refused before the KeyServer is asked", async () =>
   const keyserver = fakeKeyserver("keyserver");
   const app = proxy(keyserver.url);
   const response = await requestApi(app, { ClientId: "client1", TokenType: "marketplace", ApiUri: "https://evil.example/" });
-  expect(await answerOf(response)).toEqual({ status: 403, body: { error: "ApiUri host evil.example:443 is not allowed for token type 'marketplace'", code: "ERR_FORBIDDEN" } });
+  expect(await answerOf(response)).toEqual({
+    status: 403,
+    body: { error: "ApiUri host evil.example:443 is not allowed for token type 'marketplace'", code: "ERR_FORBIDDEN" },
+  });
   expect(keyserver.seen).toEqual([]);
   const metrics = await scrape(app);
   expect(metrics.value("securemesh_http_requests_total", { route: "/request_api", method: "POST", status: "403" })).toBe(1);
@@ -120,7 +134,9 @@ describe("the caller's identity decides which token it may use", () => {
     const response = await requestApi(proxy(keyserver.url, lines), { ClientId: "client1", TokenType: "marketplace", ApiUri: ITEM }, caller);
     expect(await answerOf(response)).toEqual({ status: 403, body: { error, code: "ERR_FORBIDDEN" } });
     expect(keyserver.seen).toEqual([]);
-    expect(lines.filter((l) => l.startsWith("AUTHZ "))).toEqual([expect.stringMatching(/^AUTHZ deny identity=\S+ action=proxy\.use resource=client1\/marketplace /)]);
+    expect(lines.filter((l) => l.startsWith("AUTHZ "))).toEqual([
+      expect.stringMatching(/^AUTHZ deny identity=\S+ action=proxy\.use resource=client1\/marketplace /),
+    ]);
   });
 
   test("a client with the permission gets through, and the KeyServer is told on whose behalf", async () => {
@@ -136,7 +152,11 @@ describe("the caller's identity decides which token it may use", () => {
 
   test("a ClientId holding control characters is refused and logged escaped", async () => {
     const lines: string[] = [];
-    const response = await requestApi(proxy(undefined, lines), { ClientId: "client1\nAUTHZ allow identity=x\u001b[2J", TokenType: "marketplace", ApiUri: ITEM });
+    const response = await requestApi(proxy(undefined, lines), {
+      ClientId: "client1\nAUTHZ allow identity=x\u001b[2J",
+      TokenType: "marketplace",
+      ApiUri: ITEM,
+    });
     expect(response.status).toBe(400); // not a plain name: refused before the policy is even asked
     for (const line of lines) expect(line).not.toMatch(/[\n\u001b]/);
   });
@@ -155,19 +175,33 @@ test("a KeyServer address answered by another identity is refused before anythin
   // The right identity, but its certificate is on the CRL, which the TLS stack itself does not read.
   const revoked = fakeKeyserver("keyserver");
   const serial = new X509Certificate(loadIdentity(pki, "keyserver").cert).serialNumber;
-  const answer = await answerOf(await requestApi(proxy(revoked.url, [], (s) => s.toUpperCase() === serial.toUpperCase()), { ClientId: "client1", TokenType: "marketplace", ApiUri: ITEM }));
+  const answer = await answerOf(
+    await requestApi(
+      proxy(revoked.url, [], (s) => s.toUpperCase() === serial.toUpperCase()),
+      { ClientId: "client1", TokenType: "marketplace", ApiUri: ITEM },
+    ),
+  );
   expect(answer).toMatchObject({ status: 502, body: { code: "ERR_KEYSERVER_IDENTITY", error: expect.stringContaining("whose certificate is revoked") } });
   expect(revoked.seen).toEqual([]);
 });
 
 test("the KeyServer's answers mean the same at the proxy: 429 quota, 403, and 502 naming the code", async () => {
   const cases: [() => Response, number, Record<string, string>][] = [
-    [() => Response.json({ error: `too many token requests from ${CLIENT1} in the replay window; retry later`, code: "ERR_REPLAY_QUOTA" }, { status: 429 }), 429,
-      { error: `too many token requests from ${CLIENT1} in the replay window; retry later`, code: "ERR_REPLAY_QUOTA" }],
-    [() => Response.json({ error: `${CLIENT1} lacks permission proxy.use:client1/marketplace`, code: "ERR_FORBIDDEN" }, { status: 403 }), 403,
-      { error: `the KeyServer refused: ${CLIENT1} lacks permission proxy.use:client1/marketplace`, code: "ERR_FORBIDDEN" }],
-    [() => Response.json({ error: "stored secret cannot be opened", code: "ERR_SEAL" }, { status: 500 }), 502,
-      { error: "KeyServer refused the token request (500 ERR_SEAL)", code: "ERR_KEYSERVER" }],
+    [
+      () => Response.json({ error: `too many token requests from ${CLIENT1} in the replay window; retry later`, code: "ERR_REPLAY_QUOTA" }, { status: 429 }),
+      429,
+      { error: `too many token requests from ${CLIENT1} in the replay window; retry later`, code: "ERR_REPLAY_QUOTA" },
+    ],
+    [
+      () => Response.json({ error: `${CLIENT1} lacks permission proxy.use:client1/marketplace`, code: "ERR_FORBIDDEN" }, { status: 403 }),
+      403,
+      { error: `the KeyServer refused: ${CLIENT1} lacks permission proxy.use:client1/marketplace`, code: "ERR_FORBIDDEN" },
+    ],
+    [
+      () => Response.json({ error: "stored secret cannot be opened", code: "ERR_SEAL" }, { status: 500 }),
+      502,
+      { error: "KeyServer refused the token request (500 ERR_SEAL)", code: "ERR_KEYSERVER" },
+    ],
   ];
   for (const [answer, status, body] of cases) {
     const keyserver = fakeKeyserver("keyserver", answer);
@@ -178,7 +212,13 @@ test("the KeyServer's answers mean the same at the proxy: 429 quota, 403, and 50
 test("M1: an API under the mesh's CA is pinned to one identity per token type, by default too; a foreign CA is not", () => {
   const ca = loadIdentity(pki, "secureproxy").ca;
   const foreign = loadIdentity(pki, "client1").cert; // any PEM certificate that is not the mesh's CA
-  const pins = { apiIdentities: new Map([["weather", "spiffe://securemesh/marketplace/wx"]]), apiCas: new Map([["external", foreign], ["mixed", `${foreign}\n${ca}`]]) };
+  const pins = {
+    apiIdentities: new Map([["weather", "spiffe://securemesh/marketplace/wx"]]),
+    apiCas: new Map([
+      ["external", foreign],
+      ["mixed", `${foreign}\n${ca}`],
+    ]),
+  };
   expect(["marketplace", "weather", "external", "mixed"].map((type) => apiTrust(type, ca, pins))).toEqual([
     { ca, identity: "spiffe://securemesh/marketplace/marketplace" },
     { ca, identity: "spiffe://securemesh/marketplace/wx" },
@@ -192,7 +232,9 @@ test("F4: an --api-ca bundle with any block but CERTIFICATE is refused, so the m
   const ca = loadIdentity(pki, "secureproxy").ca;
   expect(certificateBundle(ca, "--api-ca ca.pem")).toBe(ca);
   const relabelled = ca.replace(/BEGIN CERTIFICATE/, "BEGIN X509 CERTIFICATE").replace(/END CERTIFICATE/, "END X509 CERTIFICATE");
-  expect(() => certificateBundle(relabelled, "--api-ca ca.pem")).toThrow("--api-ca ca.pem: a PEM block labelled 'X509 CERTIFICATE': only CERTIFICATE blocks are accepted");
+  expect(() => certificateBundle(relabelled, "--api-ca ca.pem")).toThrow(
+    "--api-ca ca.pem: a PEM block labelled 'X509 CERTIFICATE': only CERTIFICATE blocks are accepted",
+  );
   expect(() => certificateBundle(ca.replaceAll("CERTIFICATE", "TRUSTED CERTIFICATE"), "--api-ca x")).toThrow("only CERTIFICATE blocks");
   expect(() => certificateBundle("", "--api-ca x")).toThrow("no CERTIFICATE block");
 });
@@ -226,7 +268,9 @@ function droppingKeyserver(own: RsaKeyPair) {
     socket.on("error", () => {});
   });
   tlsServers.push(server);
-  return new Promise<{ url: string; bodies: string[] }>((resolve) => server.listen(0, "127.0.0.1", () => resolve({ url: `https://127.0.0.1:${(server.address() as { port: number }).port}`, bodies })));
+  return new Promise<{ url: string; bodies: string[] }>((resolve) =>
+    server.listen(0, "127.0.0.1", () => resolve({ url: `https://127.0.0.1:${(server.address() as { port: number }).port}`, bodies })),
+  );
 }
 const tlsServers: tls.Server[] = [];
 afterAll(() => {
@@ -247,9 +291,14 @@ describe("several KeyServers", () => {
     expect(await answerOf(await requestApi(app, CALL))).toEqual(NOT_FOUND);
     expect(second.seen.filter((s) => s.method === "POST")).toHaveLength(2);
     expect((await scrape(app)).value("securemesh_keyserver_failovers_total", { reason: "unavailable" })).toBe(1);
-    expect(lines.filter((l) => l.includes("a new request goes to the next"))).toEqual([expect.stringMatching(/^KeyServer 127\.0\.0\.1:1 failed \(KeyServer 127\.0\.0\.1:1 unavailable \(/)]);
+    expect(lines.filter((l) => l.includes("a new request goes to the next"))).toEqual([
+      expect.stringMatching(/^KeyServer 127\.0\.0\.1:1 failed \(KeyServer 127\.0\.0\.1:1 unavailable \(/),
+    ]);
     const health = (await (await app.handle(new Request("http://localhost/health"))).json()) as { keyservers: unknown };
-    expect(health.keyservers).toEqual([{ url: "https://127.0.0.1:1", failedRecently: true }, { url: second.url, failedRecently: false }]);
+    expect(health.keyservers).toEqual([
+      { url: "https://127.0.0.1:1", failedRecently: true },
+      { url: second.url, failedRecently: false },
+    ]);
   });
 
   test("one that may have received the request is never sent that body again: the next gets a new request, sealed to its own key", async () => {
@@ -272,7 +321,11 @@ describe("several KeyServers", () => {
     expect(await answerOf(await requestApi(proxy([unavailable.url, sealBroken.url, last.url]), CALL))).toEqual(NOT_FOUND);
     expect([unavailable.bodies.length, sealBroken.bodies.length, last.bodies.length]).toEqual([1, 1, 1]);
 
-    for (const [status, code] of [[404, "ERR_NOT_FOUND"], [403, "ERR_FORBIDDEN"], [429, "ERR_REPLAY_QUOTA"]] as const) {
+    for (const [status, code] of [
+      [404, "ERR_NOT_FOUND"],
+      [403, "ERR_FORBIDDEN"],
+      [429, "ERR_REPLAY_QUOTA"],
+    ] as const) {
       const first = fakeKeyserver("keyserver", () => Response.json({ error: "no", code }, { status }));
       const next = fakeKeyserver("keyserver");
       expect((await requestApi(proxy([first.url, next.url]), CALL)).status).toBe(status);
@@ -282,13 +335,21 @@ describe("several KeyServers", () => {
 
   test("every KeyServer failing is a 503 naming the last failure", async () => {
     const answer = await answerOf(await requestApi(proxy(["https://127.0.0.1:1", "https://127.0.0.1:2"]), CALL));
-    expect(answer).toMatchObject({ status: 503, body: { code: "ERR_UNAVAILABLE", error: expect.stringMatching(/^no KeyServer could release the token \(last: KeyServer 127\.0\.0\.1:2 unavailable \(/) } });
+    expect(answer).toMatchObject({
+      status: 503,
+      body: { code: "ERR_UNAVAILABLE", error: expect.stringMatching(/^no KeyServer could release the token \(last: KeyServer 127\.0\.0\.1:2 unavailable \(/) },
+    });
   });
 
   test("--keyserver takes a comma-separated list of https://HOST:PORT", () => {
     expect(parseKeyservers("https://10.0.0.7:5003, https://10.0.0.8:5003/")).toEqual(["https://10.0.0.7:5003", "https://10.0.0.8:5003"]);
-    expect(parseProxyConfig(["--keyserver", "https://a.example:5003,https://b.example:5003"]).keyservers).toEqual(["https://a.example:5003", "https://b.example:5003"]);
-    expect(() => parseKeyservers("http://10.0.0.7:5003")).toThrow("--keyserver 'http://10.0.0.7:5003' must be https://HOST:PORT, without a path, query or credentials");
+    expect(parseProxyConfig(["--keyserver", "https://a.example:5003,https://b.example:5003"]).keyservers).toEqual([
+      "https://a.example:5003",
+      "https://b.example:5003",
+    ]);
+    expect(() => parseKeyservers("http://10.0.0.7:5003")).toThrow(
+      "--keyserver 'http://10.0.0.7:5003' must be https://HOST:PORT, without a path, query or credentials",
+    );
     expect(() => parseKeyservers("https://10.0.0.7:5003/keys")).toThrow("without a path");
     expect(() => parseKeyservers(" , ")).toThrow("--keyserver needs at least one URL");
   });

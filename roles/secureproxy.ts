@@ -62,7 +62,10 @@ function typedEntries(flag: string, entries: readonly string[], bare?: string): 
 
 /** `--keyserver URL[,URL…]`: https URLs without a path, in the order they are tried. */
 export function parseKeyservers(value: string): string[] {
-  const urls = value.split(",").map((u) => u.trim()).filter(Boolean);
+  const urls = value
+    .split(",")
+    .map((u) => u.trim())
+    .filter(Boolean);
   if (urls.length === 0) throw new ConfigError("--keyserver needs at least one URL such as https://10.0.0.7:5003");
   return urls.map((raw) => {
     let url: URL;
@@ -79,19 +82,34 @@ export function parseKeyservers(value: string): string[] {
 }
 
 export function parseProxyConfig(argv: string[]): ProxyConfig {
-  const { values, positionals } = parseFlags("secureproxy", USAGE, {
-    keyserver: { type: "string" }, allow: { type: "string", multiple: true }, format: { type: "string" },
-    "api-ca": { type: "string", multiple: true }, "api-identity": { type: "string", multiple: true }, timeout: { type: "string" },
-    host: { type: "string" }, pki: { type: "string" }, policy: { type: "string" }, "no-crl": { type: "boolean" },
-  }, argv);
+  const { values, positionals } = parseFlags(
+    "secureproxy",
+    USAGE,
+    {
+      keyserver: { type: "string" },
+      allow: { type: "string", multiple: true },
+      format: { type: "string" },
+      "api-ca": { type: "string", multiple: true },
+      "api-identity": { type: "string", multiple: true },
+      timeout: { type: "string" },
+      host: { type: "string" },
+      pki: { type: "string" },
+      policy: { type: "string" },
+      "no-crl": { type: "boolean" },
+    },
+    argv,
+  );
   const format = values.format ?? "jose";
   if (format !== "jose" && format !== "legacy") throw new ConfigError("--format must be jose or legacy");
   const apiIdentities = typedEntries("--api-identity", values["api-identity"] ?? []);
   for (const [type, id] of apiIdentities) {
     if (!parseSpiffeId(id)) throw new ConfigError(`--api-identity ${type}=${id}: not a SPIFFE ID such as spiffe://securemesh/marketplace/${type}`);
   }
-  const apiCas = new Map([...typedEntries("--api-ca", values["api-ca"] ?? [], "*")].map(([type, file]) =>
-    [type, certificateBundle(readPkiFile(dirname(resolve(file)), basename(file)), `--api-ca ${file}`)] as const));
+  const apiCas = new Map(
+    [...typedEntries("--api-ca", values["api-ca"] ?? [], "*")].map(
+      ([type, file]) => [type, certificateBundle(readPkiFile(dirname(resolve(file)), basename(file)), `--api-ca ${file}`)] as const,
+    ),
+  );
   return {
     port: parsePort(positionals[0] ?? process.env.PORT, "PORT", 5004),
     host: values.host ?? "127.0.0.1",
@@ -112,11 +130,22 @@ if (import.meta.main) {
     name: "secureproxy",
     parse: parseProxyConfig,
     start({ config, logger, metrics, trust, authz, limiter }) {
-      const hops = new ProxyHops(trust.identity, (type) => apiTrust(type, trust.identity.ca, config), (serial) => trust.isRevoked(serial));
+      const hops = new ProxyHops(
+        trust.identity,
+        (type) => apiTrust(type, trust.identity.ca, config),
+        (serial) => trust.isRevoked(serial),
+      );
       const { keyservers, allow, format, timeoutMs } = config;
       return {
         app: createProxyApp({
-          keyservers, allow, format, timeoutMs, logger, metrics, hops, authz,
+          keyservers,
+          allow,
+          format,
+          timeoutMs,
+          logger,
+          metrics,
+          hops,
+          authz,
           limiter,
         }),
         describe: `keyserver${keyservers.length > 1 ? "s" : ""} ${keyservers.join(", ")}, format ${format}, policy ${displayPath(config.policy)}`,

@@ -36,13 +36,20 @@ test("two server hosts on one port: the client's cache lines, successes and erro
 
   const run = await cluster.runClient("client", ["--coordinator", coordinator, "--count", "6", "--message", "which host?"]);
   const lines = run.lines.filter((l) => l.startsWith("[client1] "));
-  const named = (pattern: RegExp) => lines.filter((l) => pattern.test(l)).map((l) => (l.includes(fresh) ? fresh : l.includes(behind) ? behind : `no host in: ${l}`));
+  const named = (pattern: RegExp) =>
+    lines.filter((l) => pattern.test(l)).map((l) => (l.includes(fresh) ? fresh : l.includes(behind) ? behind : `no host in: ${l}`));
   const cacheLines = named(/^\[client1\] Cache (hit|miss) \(server /);
   const successes = named(/^\[client1\] Success: /);
   const refusals = named(/^\[client1\] Error 403: /);
-  expect({ exitCode: run.exitCode, cacheLines: cacheLines.length, hostsInCacheLines: [...new Set(cacheLines)].sort() })
-    .toEqual({ exitCode: 1, cacheLines: 6, hostsInCacheLines: [fresh, behind].sort() });
+  expect({ exitCode: run.exitCode, cacheLines: cacheLines.length, hostsInCacheLines: [...new Set(cacheLines)].sort() }).toEqual({
+    exitCode: 1,
+    cacheLines: 6,
+    hostsInCacheLines: [fresh, behind].sort(),
+  });
   // Round-robin over the two: the fresh host wrote, the one behind refused, and each line says which.
-  expect({ successes: [...new Set(successes)], refusals: [...new Set(refusals)], total: successes.length + refusals.length })
-    .toEqual({ successes: [fresh], refusals: [behind], total: 6 });
+  expect({ successes: [...new Set(successes)], refusals: [...new Set(refusals)], total: successes.length + refusals.length }).toEqual({
+    successes: [fresh],
+    refusals: [behind],
+    total: 6,
+  });
 });

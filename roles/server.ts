@@ -57,18 +57,23 @@ export interface ServerConfig extends ServingConfig {
 }
 
 export function parseServerConfig(argv: string[]): ServerConfig {
-  const { values, positionals, sources } = parseFlags("server", USAGE, {
-    host: { type: "string" },
-    db: { type: "string" },
-    "db-file": { type: "string" },
-    pki: { type: "string" },
-    policy: { type: "string" },
-    ttl: { type: "string" },
-    "cache-ttl": { type: "string" },
-    "cache-entries": { type: "string" },
-    "no-crl": { type: "boolean" },
-    "state-dir": { type: "string" },
-  }, argv);
+  const { values, positionals, sources } = parseFlags(
+    "server",
+    USAGE,
+    {
+      host: { type: "string" },
+      db: { type: "string" },
+      "db-file": { type: "string" },
+      pki: { type: "string" },
+      policy: { type: "string" },
+      ttl: { type: "string" },
+      "cache-ttl": { type: "string" },
+      "cache-entries": { type: "string" },
+      "no-crl": { type: "boolean" },
+      "state-dir": { type: "string" },
+    },
+    argv,
+  );
   refuseSecretOnArgv("db", values.db, sources.db);
   const dbFile = values["db-file"];
   const dbFlag = chooseFlag("db", "db-file", sources);
@@ -106,15 +111,27 @@ if (import.meta.main) {
       const view = new CachedDataView({ store, fernet: keys.records, logger, ttlMs: config.cacheTtlMs, maxEntries: config.cacheEntries });
       let port = config.port;
       const app = createServerApp({
-        port: () => port, store, view, fernet, verifier, authz, logger, ttl: config.ttl, metrics,
-        fernetKeys: () => keys.fingerprints, fernetRewrap: () => rewrap.status(), facts,
+        port: () => port,
+        store,
+        view,
+        fernet,
+        verifier,
+        authz,
+        logger,
+        ttl: config.ttl,
+        metrics,
+        fernetKeys: () => keys.fingerprints,
+        fernetRewrap: () => rewrap.status(),
+        facts,
         limiter,
       });
       return {
         app,
         describe: `store: ${describeStoreUrl(config.db)}; policy: ${displayPath(config.policy)}`,
         // With port 0 the bound port is only known once listening; records name the real one.
-        listening: (bound) => void (port = bound),
+        listening: (bound) => {
+          port = bound;
+        },
         // Proofs follow a new CA at once (before, a verifier built at start kept the old CA until a restart).
         onCertificate: (identity) => verifier.setCa(identity.ca),
         close: async () => {

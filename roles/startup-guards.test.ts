@@ -45,7 +45,12 @@ interface Outcome {
  * `whileListening` runs, then the role is stopped.
  */
 async function startRole(
-  runtime: "bun" | "deno", role: string, args: string[], env: Record<string, string>, cwd: string, whileListening: () => unknown = () => {},
+  runtime: "bun" | "deno",
+  role: string,
+  args: string[],
+  env: Record<string, string>,
+  cwd: string,
+  whileListening: () => unknown = () => {},
 ): Promise<Outcome> {
   const inherited = { ...process.env };
   delete inherited.FERNET_KEY; // the Fernet key must come from the PKI's file here
@@ -55,12 +60,18 @@ async function startRole(
     for await (const chunk of proc.stdout) stdout += new TextDecoder().decode(chunk);
   })();
   const stderr = new Response(proc.stderr).text();
-  const port = await waitFor(`${role} on ${runtime} to exit or listen`, () => {
-    const listening = /listening on https:\/\/[^ ]+:(\d+)/.exec(stdout);
-    return listening ? Number(listening[1]) : proc.exitCode !== null ? -1 : false;
-  }, 30_000);
+  const port = await waitFor(
+    `${role} on ${runtime} to exit or listen`,
+    () => {
+      const listening = /listening on https:\/\/[^ ]+:(\d+)/.exec(stdout);
+      return listening ? Number(listening[1]) : proc.exitCode !== null ? -1 : false;
+    },
+    30_000,
+  );
   if (port > 0) {
-    await fetch(`https://127.0.0.1:${port}/api/cache_stats`, { tls: mutualTlsClientOptions(loadIdentity(pki, "client1")) }).then((r) => r.text()).catch(() => "");
+    await fetch(`https://127.0.0.1:${port}/api/cache_stats`, { tls: mutualTlsClientOptions(loadIdentity(pki, "client1")) })
+      .then((r) => r.text())
+      .catch(() => "");
     try {
       await whileListening();
     } finally {
@@ -73,11 +84,11 @@ async function startRole(
   return { exitCode, roleLines, listened: port > 0 };
 }
 
-const escape = (s: string) => s.replace(/[.*+?^${}()|[\]\\]/g, "\\$&");
+const escapeRegExp = (s: string) => s.replace(/[.*+?^${}()|[\]\\]/g, "\\$&");
 
 /** The one line a refusal prints: the role, what is set and why, and the fix. */
 const refusalLine = (role: string, starts: string, variable: string) =>
-  expect.stringMatching(new RegExp(`^${role}: ${escape(starts)}.*, so this role will not start; unset ${variable}$`));
+  expect.stringMatching(new RegExp(`^${role}: ${escapeRegExp(starts)}.*, so this role will not start; unset ${variable}$`));
 
 /**
  * What the key log in `dir` holds. Deno creates SSLKEYLOGFILE, empty, as it starts, before any of our code runs
@@ -98,7 +109,12 @@ function emptyScript(dir: string): string {
  */
 function handshakeServer() {
   const id = loadIdentity(pki, "server");
-  return Bun.serve({ port: 0, hostname: "127.0.0.1", tls: { cert: id.cert, key: id.key, ca: id.ca, requestCert: true, rejectUnauthorized: true }, fetch: () => Response.json({}) });
+  return Bun.serve({
+    port: 0,
+    hostname: "127.0.0.1",
+    tls: { cert: id.cert, key: id.key, ca: id.ca, requestCert: true, rejectUnauthorized: true },
+    fetch: () => Response.json({}),
+  });
 }
 
 type Role = "server" | "client" | "keyserver";
@@ -118,10 +134,34 @@ describe("an environment switch that writes secrets or weakens TLS stops the rol
     ["bun", "keyserver", "BUN_OPTIONS=--tls-keylog", (dir) => ({ BUN_OPTIONS: `--tls-keylog=${keyLog(dir)}` }), "BUN_OPTIONS is set: --tls-keylog="],
     ["bun", "server", "BUN_CONFIG_VERBOSE_FETCH=curl", () => ({ BUN_CONFIG_VERBOSE_FETCH: "curl" }), "BUN_CONFIG_VERBOSE_FETCH=curl is set: Bun logs"],
     ["bun", "client", "BUN_CONFIG_VERBOSE_FETCH=1", () => ({ BUN_CONFIG_VERBOSE_FETCH: "1" }), "BUN_CONFIG_VERBOSE_FETCH=1 is set: Bun logs"],
-    ["bun", "server", "NODE_TLS_REJECT_UNAUTHORIZED=0", () => ({ NODE_TLS_REJECT_UNAUTHORIZED: "0" }), "NODE_TLS_REJECT_UNAUTHORIZED=0 is set: it turns certificate checks off"],
-    ["deno", "server", "NODE_TLS_REJECT_UNAUTHORIZED=0", () => ({ NODE_TLS_REJECT_UNAUTHORIZED: "0" }), "NODE_TLS_REJECT_UNAUTHORIZED=0 is set: it turns certificate checks off"],
-    ["deno", "server", "NODE_OPTIONS=--inspect", () => ({ NODE_OPTIONS: "--inspect=127.0.0.1:0" }), "NODE_OPTIONS is set: --inspect=127.0.0.1:0 opens a debugger"],
-    ["bun", "server", "NODE_OPTIONS=--inspect", () => ({ NODE_OPTIONS: "--inspect=127.0.0.1:0" }), "NODE_OPTIONS is set: --inspect=127.0.0.1:0 opens a debugger"],
+    [
+      "bun",
+      "server",
+      "NODE_TLS_REJECT_UNAUTHORIZED=0",
+      () => ({ NODE_TLS_REJECT_UNAUTHORIZED: "0" }),
+      "NODE_TLS_REJECT_UNAUTHORIZED=0 is set: it turns certificate checks off",
+    ],
+    [
+      "deno",
+      "server",
+      "NODE_TLS_REJECT_UNAUTHORIZED=0",
+      () => ({ NODE_TLS_REJECT_UNAUTHORIZED: "0" }),
+      "NODE_TLS_REJECT_UNAUTHORIZED=0 is set: it turns certificate checks off",
+    ],
+    [
+      "deno",
+      "server",
+      "NODE_OPTIONS=--inspect",
+      () => ({ NODE_OPTIONS: "--inspect=127.0.0.1:0" }),
+      "NODE_OPTIONS is set: --inspect=127.0.0.1:0 opens a debugger",
+    ],
+    [
+      "bun",
+      "server",
+      "NODE_OPTIONS=--inspect",
+      () => ({ NODE_OPTIONS: "--inspect=127.0.0.1:0" }),
+      "NODE_OPTIONS is set: --inspect=127.0.0.1:0 opens a debugger",
+    ],
     ["deno", "server", "NODE_OPTIONS=--require", (dir) => ({ NODE_OPTIONS: `--require ${emptyScript(dir)}` }), "NODE_OPTIONS is set: --require runs code"],
     ["bun", "server", "BUN_OPTIONS=--inspect", () => ({ BUN_OPTIONS: "--inspect=127.0.0.1:0" }), "BUN_OPTIONS is set: --inspect=127.0.0.1:0 opens a debugger"],
     ["bun", "server", "BUN_INSPECT", () => ({ BUN_INSPECT: "127.0.0.1:0" }), "BUN_INSPECT is set: Bun opens a debugger"],
@@ -132,9 +172,18 @@ describe("an environment switch that writes secrets or weakens TLS stops the rol
   test.each(cases)("on %s, the %s with %s: exit 2, one line, no key log", async (runtime, role, label, env, starts) => {
     const dir = tempDir("env");
     using server = handshakeServer();
-    const outcome = await startRole(runtime, role, roleArgs(role, dir, server.port!), { PKI_DIR: pki, DATABASE_URL: join(dir, "records.db"), ...env(dir) }, dir);
+    const outcome = await startRole(
+      runtime,
+      role,
+      roleArgs(role, dir, server.port!),
+      { PKI_DIR: pki, DATABASE_URL: join(dir, "records.db"), ...env(dir) },
+      dir,
+    );
     expect({ ...outcome, keyLogBytes: keyLogBytes(dir) }).toEqual({
-      exitCode: 2, roleLines: [refusalLine(role, starts, label.split("=")[0]!)], listened: false, keyLogBytes: 0,
+      exitCode: 2,
+      roleLines: [refusalLine(role, starts, label.split("=")[0]!)],
+      listened: false,
+      keyLogBytes: 0,
     });
   });
 });
@@ -142,11 +191,18 @@ describe("an environment switch that writes secrets or weakens TLS stops the rol
 test("the KeyServer's token commands, which read the master keys, are guarded too", async () => {
   const dir = tempDir("admin");
   await using proc = Bun.spawn(roleCommand("bun", "keyserver", ["token", "list", "--data", join(dir, "keyserver")]), {
-    env: { ...process.env, PKI_DIR: pki, BUN_INSPECT: "127.0.0.1:0" }, cwd: dir, stdout: "pipe", stderr: "pipe",
+    env: { ...process.env, PKI_DIR: pki, BUN_INSPECT: "127.0.0.1:0" },
+    cwd: dir,
+    stdout: "pipe",
+    stderr: "pipe",
   });
   const [stdout, stderr, exitCode] = await Promise.all([new Response(proc.stdout).text(), new Response(proc.stderr).text(), proc.exited]);
-  expect({ exitCode, stdout, roleLines: stderr.split("\n").filter((l) => l.startsWith("keyserver: ")), keyring: existsSync(join(dir, "keyserver", "master_keys.json")) })
-    .toEqual({ exitCode: 2, stdout: "", roleLines: [refusalLine("keyserver", "BUN_INSPECT is set: ", "BUN_INSPECT")], keyring: false });
+  expect({
+    exitCode,
+    stdout,
+    roleLines: stderr.split("\n").filter((l) => l.startsWith("keyserver: ")),
+    keyring: existsSync(join(dir, "keyserver", "master_keys.json")),
+  }).toEqual({ exitCode: 2, stdout: "", roleLines: [refusalLine("keyserver", "BUN_INSPECT is set: ", "BUN_INSPECT")], keyring: false });
 });
 
 describe.each(["bun", "deno"] as const)("secret files, roles on %s", (runtime) => {
@@ -184,22 +240,34 @@ describe.each(["bun", "deno"] as const)("secret files, roles on %s", (runtime) =
 
   test("what a KeyServer and a server create is 0600, in folders 0700", async () => {
     const dir = tempDir("created");
-    const modes = (base: string, files: string[]) => Object.fromEntries(files.map((f) => [f, existsSync(join(base, f)) ? (statSync(join(base, f)).mode & 0o777).toString(8) : "missing"]));
+    const modes = (base: string, files: string[]) =>
+      Object.fromEntries(files.map((f) => [f, existsSync(join(base, f)) ? (statSync(join(base, f)).mode & 0o777).toString(8) : "missing"]));
     let keyserverFiles: Record<string, string> = {};
     let serverFiles: Record<string, string> = {};
     const keyserver = await startRole(runtime, "keyserver", ["0", "--data", join(dir, "fresh", "keyserver"), "--ecdh-es"], { PKI_DIR: pki }, dir, () => {
-      keyserverFiles = modes(dir, ["fresh", "fresh/keyserver", ...["master_keys.json", "rsa_key.pem", "ecdh_key.pem", "tokens.db", "tokens.db-wal", "tokens.db-shm"].map((f) => `fresh/keyserver/${f}`)]);
+      keyserverFiles = modes(dir, [
+        "fresh",
+        "fresh/keyserver",
+        ...["master_keys.json", "rsa_key.pem", "ecdh_key.pem", "tokens.db", "tokens.db-wal", "tokens.db-shm"].map((f) => `fresh/keyserver/${f}`),
+      ]);
     });
     const server = await startRole(runtime, "server", ["0"], { PKI_DIR: pki, DATABASE_URL: join(dir, "db", "records.db") }, dir, () => {
       serverFiles = modes(dir, ["db", "db/records.db", "db/records.db-wal", "db/records.db-shm"]);
     });
     expect({ keyserver: keyserver.listened, server: server.listened, keyserverFiles, serverFiles }).toEqual({
-      keyserver: true, server: true,
+      keyserver: true,
+      server: true,
       keyserverFiles: {
-        "fresh": "700", "fresh/keyserver": "700", "fresh/keyserver/master_keys.json": "600", "fresh/keyserver/rsa_key.pem": "600",
-        "fresh/keyserver/ecdh_key.pem": "600", "fresh/keyserver/tokens.db": "600", "fresh/keyserver/tokens.db-wal": "600", "fresh/keyserver/tokens.db-shm": "600",
+        fresh: "700",
+        "fresh/keyserver": "700",
+        "fresh/keyserver/master_keys.json": "600",
+        "fresh/keyserver/rsa_key.pem": "600",
+        "fresh/keyserver/ecdh_key.pem": "600",
+        "fresh/keyserver/tokens.db": "600",
+        "fresh/keyserver/tokens.db-wal": "600",
+        "fresh/keyserver/tokens.db-shm": "600",
       },
-      serverFiles: { "db": "700", "db/records.db": "600", "db/records.db-wal": "600", "db/records.db-shm": "600" },
+      serverFiles: { db: "700", "db/records.db": "600", "db/records.db-wal": "600", "db/records.db-shm": "600" },
     });
   });
 });

@@ -54,9 +54,11 @@ test("a broadcast carries the trace to every server", async () => {
 test("client → SecureProxy → KeyServer → marketplace: each access line names the caller's trace", async () => {
   const trace = startTrace();
   const response = await fetch(`${tokens.secureproxy}/request_api`, {
-    method: "POST", headers: { "content-type": "application/json", ...trace.outbound },
+    method: "POST",
+    headers: { "content-type": "application/json", ...trace.outbound },
     body: JSON.stringify({ ClientId: "client1", TokenType: "marketplace", ApiUri: tokens.itemUri }),
-    tls: mutualTlsClientOptions(loadIdentity(mesh.cluster.pki, "client1")), signal: AbortSignal.timeout(15_000),
+    tls: mutualTlsClientOptions(loadIdentity(mesh.cluster.pki, "client1")),
+    signal: AbortSignal.timeout(15_000),
   });
   expect(response.status).toBe(200);
   const id = `trace=${trace.id}`;
@@ -68,9 +70,12 @@ test("client → SecureProxy → KeyServer → marketplace: each access line nam
 
 test("without a traceparent, a request is followed by its X-Request-Id; a malformed traceparent is replaced, never logged", async () => {
   const client = mesh.client();
-  const read = (headers: Record<string, string>) => fetch(`${mesh.coordinator}/api/get_cached_data`, {
-    headers, tls: mutualTlsClientOptions(loadIdentity(mesh.cluster.pki, "client1")), signal: AbortSignal.timeout(10_000),
-  });
+  const read = (headers: Record<string, string>) =>
+    fetch(`${mesh.coordinator}/api/get_cached_data`, {
+      headers,
+      tls: mutualTlsClientOptions(loadIdentity(mesh.cluster.pki, "client1")),
+      signal: AbortSignal.timeout(10_000),
+    });
   const proof = await client.readProof("/api/get_cached_data");
   expect((await read({ ...proof, "x-request-id": "follow-req-7" })).status).toBe(200);
   expect(await logged("coordinator", access("GET", "/api/get_cached_data", 200, "request_id=follow-req-7"))).toBeTruthy();

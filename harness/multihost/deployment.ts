@@ -67,7 +67,11 @@ const KEYRING_BACKUP_PASSPHRASE = "multihost keyring backup passphrase";
  * mesh's policy allows admin.drain, as docs/operations.md "Drain one server from a coordinator" says to add.
  */
 export const OPERATOR = "operator";
-const OPERATOR_RULE = { identity: `spiffe://securemesh/client/${OPERATOR}`, allow: ["admin.drain"], comment: "the runbooks' operator: drains a server at a coordinator" };
+const OPERATOR_RULE = {
+  identity: `spiffe://securemesh/client/${OPERATOR}`,
+  allow: ["admin.drain"],
+  comment: "the runbooks' operator: drains a server at a coordinator",
+};
 
 /** The repository's policy with the operator's rule added: every serving host gets the same file, as one mesh should. */
 function meshPolicy(): string {
@@ -113,7 +117,10 @@ export interface HostConfig {
  * @example writeHostConfig(etc, "server", { port: "5001", ttl: "5" }, { "server-db-url": url }, (c) => ["--db-file", c["server-db-url"]!])
  */
 export function writeHostConfig(
-  etc: string, role: RoleScript, flags: Record<string, string>, credentials: Record<string, string> = {},
+  etc: string,
+  role: RoleScript,
+  flags: Record<string, string>,
+  credentials: Record<string, string> = {},
   execStart: (paths: Record<string, string>) => string[] = () => [],
 ): HostConfig {
   mkdirSync(join(etc, "credentials"), { recursive: true, mode: 0o700 });
@@ -188,7 +195,16 @@ export interface DeploymentOptions {
 export async function startDeployment(options: DeploymentOptions): Promise<Deployment> {
   const { cluster } = options;
   const step = options.step ?? (() => {});
-  const allHosts = [...HOSTS.galera, ...HOSTS.servers, ...HOSTS.spareServers, ...HOSTS.coordinators, ...HOSTS.clients, ...HOSTS.keyservers, ...HOSTS.secureproxies, HOSTS.marketplace];
+  const allHosts = [
+    ...HOSTS.galera,
+    ...HOSTS.servers,
+    ...HOSTS.spareServers,
+    ...HOSTS.coordinators,
+    ...HOSTS.clients,
+    ...HOSTS.keyservers,
+    ...HOSTS.secureproxies,
+    HOSTS.marketplace,
+  ];
   step(`making ${allHosts.length} test hosts (network namespaces on one bridge)`);
   const network = await createTestNetwork({ hosts: allHosts });
   const started: string[] = [];
@@ -241,23 +257,69 @@ export async function startDeployment(options: DeploymentOptions): Promise<Deplo
     }
     const token = `mkt_${randomBytes(18).toString("base64url")}`;
     const configs = new Map<string, HostConfig>([
-      ...[...HOSTS.servers, ...HOSTS.spareServers].map((host) => [host, writeHostConfig(etcOf(host), "server",
-        // Its own /var/lib/securemesh (the unit's $STATE_DIRECTORY): Fernet keys kept for stored records are per host.
-        { ...common(host, PORTS.server), ttl: String(SERVER_TOKEN_TTL_S), "state-dir": stateOf(host) },
-        { "server-db-url": databaseUrl }, (c) => ["--db-file", c["server-db-url"]!])] as const),
-      ...HOSTS.coordinators.map((host) => [host, writeHostConfig(etcOf(host), "coordinator",
-        { ...common(host, PORTS.coordinator), "servers-file": serversFileOf(host), "health-interval": healthInterval, timeout: String(COORDINATOR_TIMEOUT_MS) })] as const),
+      ...[...HOSTS.servers, ...HOSTS.spareServers].map(
+        (host) =>
+          [
+            host,
+            writeHostConfig(
+              etcOf(host),
+              "server",
+              // Its own /var/lib/securemesh (the unit's $STATE_DIRECTORY): Fernet keys kept for stored records are per host.
+              { ...common(host, PORTS.server), ttl: String(SERVER_TOKEN_TTL_S), "state-dir": stateOf(host) },
+              { "server-db-url": databaseUrl },
+              (c) => ["--db-file", c["server-db-url"]!],
+            ),
+          ] as const,
+      ),
+      ...HOSTS.coordinators.map(
+        (host) =>
+          [
+            host,
+            writeHostConfig(etcOf(host), "coordinator", {
+              ...common(host, PORTS.coordinator),
+              "servers-file": serversFileOf(host),
+              "health-interval": healthInterval,
+              timeout: String(COORDINATOR_TIMEOUT_MS),
+            }),
+          ] as const,
+      ),
       // The token commands run with the same file (--config), so it names the store too: the credential's path.
-      ...HOSTS.keyservers.map((host) => [host, writeHostConfig(etcOf(host), "keyserver",
-        { ...common(host, PORTS.keyserver), data: join(stateOf(host), "keyserver"), "db-file": join(etcOf(host), "credentials", "keyserver-db-url") },
-        { "keyserver-db-url": databaseUrl }, (c) => ["--data", join(stateOf(host), "keyserver"), "--db-file", c["keyserver-db-url"]!])] as const),
+      ...HOSTS.keyservers.map(
+        (host) =>
+          [
+            host,
+            writeHostConfig(
+              etcOf(host),
+              "keyserver",
+              { ...common(host, PORTS.keyserver), data: join(stateOf(host), "keyserver"), "db-file": join(etcOf(host), "credentials", "keyserver-db-url") },
+              { "keyserver-db-url": databaseUrl },
+              (c) => ["--data", join(stateOf(host), "keyserver"), "--db-file", c["keyserver-db-url"]!],
+            ),
+          ] as const,
+      ),
       // The n-th proxy starts from the n-th KeyServer: the load is spread, and each order is exercised.
-      ...HOSTS.secureproxies.map((host, i) => [host, writeHostConfig(etcOf(host), "secureproxy", {
-        ...common(host, PORTS.secureproxy), keyserver: [...keyservers.slice(i), ...keyservers.slice(0, i)].join(","),
-        allow: `marketplace=${addressOf(HOSTS.marketplace)}:${PORTS.marketplace}`, timeout: String(PROXY_TIMEOUT_MS),
-      })] as const),
-      [HOSTS.marketplace, writeHostConfig(etcOf(HOSTS.marketplace), "marketplace", { port: String(PORTS.marketplace), host: addressOf(HOSTS.marketplace), pki: pkiOf(HOSTS.marketplace) },
-        { "marketplace-token": token }, (c) => ["--token-file", c["marketplace-token"]!])],
+      ...HOSTS.secureproxies.map(
+        (host, i) =>
+          [
+            host,
+            writeHostConfig(etcOf(host), "secureproxy", {
+              ...common(host, PORTS.secureproxy),
+              keyserver: [...keyservers.slice(i), ...keyservers.slice(0, i)].join(","),
+              allow: `marketplace=${addressOf(HOSTS.marketplace)}:${PORTS.marketplace}`,
+              timeout: String(PROXY_TIMEOUT_MS),
+            }),
+          ] as const,
+      ),
+      [
+        HOSTS.marketplace,
+        writeHostConfig(
+          etcOf(HOSTS.marketplace),
+          "marketplace",
+          { port: String(PORTS.marketplace), host: addressOf(HOSTS.marketplace), pki: pkiOf(HOSTS.marketplace) },
+          { "marketplace-token": token },
+          (c) => ["--token-file", c["marketplace-token"]!],
+        ),
+      ],
     ]);
     const configOf = (host: string) => {
       const config = configs.get(host);
@@ -269,28 +331,46 @@ export async function startDeployment(options: DeploymentOptions): Promise<Deplo
     const [first, ...others] = HOSTS.keyservers;
     step(`seeding the marketplace token for client1 and client2 in the token store on Galera (token add --config on ${first})`);
     for (const client of Object.values(CLIENT_OF)) {
-      const seeded = await cluster.run(`keyserver-admin-${client}`, "keyserver", ["token", "add", "--client", client, "--type", "marketplace", "--token", "-", "--config", keyserverConfig(first).file], { stdin: token });
+      const seeded = await cluster.run(
+        `keyserver-admin-${client}`,
+        "keyserver",
+        ["token", "add", "--client", client, "--type", "marketplace", "--token", "-", "--config", keyserverConfig(first).file],
+        { stdin: token },
+      );
       expectThat(seeded.exitCode === 0, `token add for ${client} failed:\n${seeded.lines.join("\n")}`);
     }
     step(`taking the keyring to ${others.join(", ")}: token keyring export on ${first}, import on each`);
     const backup = join(pkiRoot, "keyring.backup");
-    const exported = await cluster.run("keyserver-export", "keyserver", ["token", "keyring", "export", backup, "--config", keyserverConfig(first).file], { stdin: KEYRING_BACKUP_PASSPHRASE });
+    const exported = await cluster.run("keyserver-export", "keyserver", ["token", "keyring", "export", backup, "--config", keyserverConfig(first).file], {
+      stdin: KEYRING_BACKUP_PASSPHRASE,
+    });
     expectThat(exported.exitCode === 0, `token keyring export failed:\n${exported.lines.join("\n")}`);
     for (const host of others) {
-      const imported = await cluster.run(`keyserver-import-${host}`, "keyserver", ["token", "keyring", "import", backup, "--config", keyserverConfig(host).file], { stdin: KEYRING_BACKUP_PASSPHRASE });
+      const imported = await cluster.run(
+        `keyserver-import-${host}`,
+        "keyserver",
+        ["token", "keyring", "import", backup, "--config", keyserverConfig(host).file],
+        { stdin: KEYRING_BACKUP_PASSPHRASE },
+      );
       expectThat(imported.exitCode === 0, `token keyring import on ${host} failed:\n${imported.lines.join("\n")}`);
     }
 
     const roleOf = (host: string): [RoleScript, number] =>
-      (HOSTS.servers as readonly string[]).includes(host) || (HOSTS.spareServers as readonly string[]).includes(host) ? ["server", PORTS.server]
-        : (HOSTS.coordinators as readonly string[]).includes(host) ? ["coordinator", PORTS.coordinator]
-        : (HOSTS.keyservers as readonly string[]).includes(host) ? ["keyserver", PORTS.keyserver]
-        : (HOSTS.secureproxies as readonly string[]).includes(host) ? ["secureproxy", PORTS.secureproxy]
-        : ["marketplace", PORTS.marketplace];
-    const specs = new Map<string, RoleSpec>([...configs.keys()].map((host) => {
-      const [script, port] = roleOf(host);
-      return [host, { host, script, port, config: configOf(host) }];
-    }));
+      (HOSTS.servers as readonly string[]).includes(host) || (HOSTS.spareServers as readonly string[]).includes(host)
+        ? ["server", PORTS.server]
+        : (HOSTS.coordinators as readonly string[]).includes(host)
+          ? ["coordinator", PORTS.coordinator]
+          : (HOSTS.keyservers as readonly string[]).includes(host)
+            ? ["keyserver", PORTS.keyserver]
+            : (HOSTS.secureproxies as readonly string[]).includes(host)
+              ? ["secureproxy", PORTS.secureproxy]
+              : ["marketplace", PORTS.marketplace];
+    const specs = new Map<string, RoleSpec>(
+      [...configs.keys()].map((host) => {
+        const [script, port] = roleOf(host);
+        return [host, { host, script, port, config: configOf(host) }];
+      }),
+    );
 
     const start = async (host: string): Promise<void> => {
       const spec = specs.get(host);
@@ -303,7 +383,9 @@ export async function startDeployment(options: DeploymentOptions): Promise<Deplo
       await cluster.waitHealthy(url(host, spec.port), 30_000);
     };
 
-    step(`starting ${HOSTS.servers.length} servers, ${HOSTS.keyservers.length} KeyServers and the marketplace, then ${HOSTS.coordinators.length} coordinators and ${HOSTS.secureproxies.length} SecureProxies, each on its host`);
+    step(
+      `starting ${HOSTS.servers.length} servers, ${HOSTS.keyservers.length} KeyServers and the marketplace, then ${HOSTS.coordinators.length} coordinators and ${HOSTS.secureproxies.length} SecureProxies, each on its host`,
+    );
     await Promise.all([...HOSTS.servers, ...HOSTS.keyservers, HOSTS.marketplace].map(start));
     await Promise.all([...HOSTS.coordinators, ...HOSTS.secureproxies].map(start));
 
@@ -316,7 +398,11 @@ export async function startDeployment(options: DeploymentOptions): Promise<Deplo
           if (!health) gaps.push(`${HOSTS.coordinators[i]} does not answer`);
           else for (const server of servers) if (!listed.find((s) => s.url === server)?.up) gaps.push(`${HOSTS.coordinators[i]} has ${server} out of rotation`);
         }),
-        ...[...HOSTS.keyservers.map((h, i) => [h, keyservers[i]]), ...HOSTS.secureproxies.map((h, i) => [h, secureproxies[i]]), [HOSTS.marketplace, marketplace]].map(async ([host, base]) => {
+        ...[
+          ...HOSTS.keyservers.map((h, i) => [h, keyservers[i]]),
+          ...HOSTS.secureproxies.map((h, i) => [h, secureproxies[i]]),
+          [HOSTS.marketplace, marketplace],
+        ].map(async ([host, base]) => {
           if ((await cluster.health(base!))?.status !== 200) gaps.push(`${host} not healthy`);
         }),
         ...galera!.nodes.map(async (node) => {
@@ -330,14 +416,31 @@ export async function startDeployment(options: DeploymentOptions): Promise<Deplo
     };
 
     const deployment: Deployment = {
-      network, galera, cluster, databaseUrl, servers, spareServers, coordinators, keyservers, secureproxies, marketplace,
+      network,
+      galera,
+      cluster,
+      databaseUrl,
+      servers,
+      spareServers,
+      coordinators,
+      keyservers,
+      secureproxies,
+      marketplace,
       itemUri: `${marketplace}/api/item`,
       host: (name) => network.host(name),
-      pkiOf, clientOf: (host) => CLIENT_OF[host]!, keyserverConfig, configOf, serversFileOf, caDir: cluster.pki,
+      pkiOf,
+      clientOf: (host) => CLIENT_OF[host]!,
+      keyserverConfig,
+      configOf,
+      serversFileOf,
+      caDir: cluster.pki,
       async operatorDrain(coordinator, action, server) {
         const response = await fetch(`${coordinator}/admin/${action}`, {
-          method: "POST", headers: { "content-type": "application/json" }, body: JSON.stringify({ server }),
-          tls: operatorTls, signal: AbortSignal.timeout(60_000),
+          method: "POST",
+          headers: { "content-type": "application/json" },
+          body: JSON.stringify({ server }),
+          tls: operatorTls,
+          signal: AbortSignal.timeout(60_000),
         });
         const body = (await response.json()) as Record<string, unknown>;
         if (response.status !== 200) throw new Error(`POST ${coordinator}/admin/${action} ${server} answered ${response.status}: ${JSON.stringify(body)}`);
@@ -349,10 +452,14 @@ export async function startDeployment(options: DeploymentOptions): Promise<Deplo
       async waitInRotation(timeoutMs = 120_000) {
         const t0 = performance.now();
         let last: string[] = [];
-        await waitFor("every host back in rotation", async () => {
-          last = await rotationGaps();
-          return last.length === 0;
-        }, timeoutMs).catch((error: Error) => {
+        await waitFor(
+          "every host back in rotation",
+          async () => {
+            last = await rotationGaps();
+            return last.length === 0;
+          },
+          timeoutMs,
+        ).catch((error: Error) => {
           throw new Error(`${error.message}; not back: ${last.join("; ")}`);
         });
         return performance.now() - t0;

@@ -30,6 +30,7 @@ export interface Fault {
   /** The fault has taken effect (a coordinator saw the server go, Galera shrank); a description of what is awaited. */
   effect: { what: string; seen(d: Deployment, load: ClientLoad): Promise<boolean> };
   /** Undoes the fault; may return what it did, for the row (how a restarted node caught up, say). */
+  // biome-ignore lint/suspicious/noConfusingVoidType: a repair that has nothing to report returns nothing
   repair(d: Deployment, load: ClientLoad): Promise<string | void>;
   /**
    * The clients' retry window for this row, when not the libraries' defaults (MeshClient 3 rounds, ProxyClient 2,
@@ -90,8 +91,24 @@ export class ClientLoad {
       const coordinators = i % 2 === 0 ? d.coordinators : [...d.coordinators].reverse();
       const proxies = [...d.secureproxies.slice(i % d.secureproxies.length), ...d.secureproxies.slice(0, i % d.secureproxies.length)];
       const argv = [
-        process.execPath, LOAD_AGENT, "--name", d.clientOf(host), "--pki", d.pkiOf(host), "--workers", String(shape.workers), "--interval", String(shape.intervalMs), "--timeout", String(shape.clientTimeoutMs),
-        ...coordinators.flatMap((c) => ["--coordinator", c]), ...proxies.flatMap((p) => ["--proxy", p]), "--proxy-timeout", String(PROXY_CLIENT_TIMEOUT_MS), "--api-uri", d.itemUri,
+        process.execPath,
+        LOAD_AGENT,
+        "--name",
+        d.clientOf(host),
+        "--pki",
+        d.pkiOf(host),
+        "--workers",
+        String(shape.workers),
+        "--interval",
+        String(shape.intervalMs),
+        "--timeout",
+        String(shape.clientTimeoutMs),
+        ...coordinators.flatMap((c) => ["--coordinator", c]),
+        ...proxies.flatMap((p) => ["--proxy", p]),
+        "--proxy-timeout",
+        String(PROXY_CLIENT_TIMEOUT_MS),
+        "--api-uri",
+        d.itemUri,
         ...(retry ? ["--attempts", String(retry.attempts), "--backoff", String(retry.backoffMs)] : []),
       ];
       return d.cluster.startCommand(`${host}-${label}`, d.host(host).exec(argv));
@@ -117,10 +134,15 @@ export class ClientLoad {
 
   /** Token calls that went through so far; with `proxy`, only those through it; with `failover`, only those that needed another proxy. */
   tokenOks(options: { proxy?: string; failover?: boolean } = {}): number {
-    return this.#agents.reduce((n, a) => n + a.lines.filter((l) => {
-      const [kind, outcome, proxy, failover] = l.split(" ");
-      return kind === "token" && outcome === "ok" && (!options.proxy || proxy === options.proxy) && (!options.failover || failover === "failover");
-    }).length, 0);
+    return this.#agents.reduce(
+      (n, a) =>
+        n +
+        a.lines.filter((l) => {
+          const [kind, outcome, proxy, failover] = l.split(" ");
+          return kind === "token" && outcome === "ok" && (!options.proxy || proxy === options.proxy) && (!options.failover || failover === "failover");
+        }).length,
+      0,
+    );
   }
 
   /** Waits until `count` more writes than `from` were acknowledged. */
@@ -129,14 +151,26 @@ export class ClientLoad {
   }
 
   /** SIGTERM: every agent finishes the requests in flight, prints its totals and exits. */
-  async stop(): Promise<{ acks: number[]; slowestMs: number; failures: string[]; failedOver: number; tokenCalls: number; tokenFailed: number; tokenFailedOver: number; tokenFailures: string[]; sent: number }> {
+  async stop(): Promise<{
+    acks: number[];
+    slowestMs: number;
+    failures: string[];
+    failedOver: number;
+    tokenCalls: number;
+    tokenFailed: number;
+    tokenFailedOver: number;
+    tokenFailures: string[];
+    sent: number;
+  }> {
     for (const agent of this.#agents) agent.signal("SIGTERM");
-    await Promise.all(this.#agents.map(async (agent) => {
-      const timer = setTimeout(() => agent.signal("SIGKILL"), 60_000);
-      await agent.proc.exited;
-      clearTimeout(timer);
-      await agent.drained;
-    }));
+    await Promise.all(
+      this.#agents.map(async (agent) => {
+        const timer = setTimeout(() => agent.signal("SIGKILL"), 60_000);
+        await agent.proc.exited;
+        clearTimeout(timer);
+        await agent.drained;
+      }),
+    );
     const lines = this.#agents.flatMap((a) => a.lines);
     const done = this.#agents.map((a) => a.lines.find((l) => l.startsWith("done ")));
     if (done.some((l) => !l)) throw new Error(`a load agent ended without its totals:\n${this.#agents.map((a) => a.tail()).join("\n")}`);
@@ -188,10 +222,12 @@ async function countRecords(d: Deployment, ids?: readonly number[]): Promise<num
 export async function runFault(d: Deployment, fault: Fault, shape: LoadShape, label: string, note: (m: string) => void): Promise<FaultRow> {
   const before = await countRecords(d);
   const keyserverFailoversBefore = keyserverFailovers(d);
-  const marks = new Map(HOSTS.coordinators.map((host) => {
-    const role = d.cluster.role(host);
-    return [host, { role, at: role.lines.length }] as const;
-  }));
+  const marks = new Map(
+    HOSTS.coordinators.map((host) => {
+      const role = d.cluster.role(host);
+      return [host, { role, at: role.lines.length }] as const;
+    }),
+  );
   const load = await ClientLoad.start(d, label, shape, fault.clientRetry);
   let result: Awaited<ReturnType<ClientLoad["stop"]>> | undefined;
   let backInRotationMs = 0;
@@ -218,11 +254,21 @@ export async function runFault(d: Deployment, fault: Fault, shape: LoadShape, la
   const found = await countRecords(d, distinct);
   const retried = result.failedOver + coordinatorRetries(coordinatorLogSince(d, marks));
   return {
-    fault: fault.name, repairedBy, sent: result.sent, failed: result.failures.length, retried,
-    acknowledged: result.acks.length, slowestMs: result.slowestMs, stored, lost: distinct.length - found,
+    fault: fault.name,
+    repairedBy,
+    sent: result.sent,
+    failed: result.failures.length,
+    retried,
+    acknowledged: result.acks.length,
+    slowestMs: result.slowestMs,
+    stored,
+    lost: distinct.length - found,
     duplicates: result.acks.length - distinct.length + Math.max(0, stored - distinct.length),
     // A proxy rebooted mid-row starts a new log: its count before the fault is then not subtracted from it.
-    tokenCalls: result.tokenCalls, tokenFailed: result.tokenFailed, tokenRetried: result.tokenFailedOver + Math.max(0, keyserverFailovers(d) - keyserverFailoversBefore), backInRotationMs,
+    tokenCalls: result.tokenCalls,
+    tokenFailed: result.tokenFailed,
+    tokenRetried: result.tokenFailedOver + Math.max(0, keyserverFailovers(d) - keyserverFailoversBefore),
+    backInRotationMs,
     errors: [...result.failures, ...result.tokenFailures].slice(0, 3),
   };
 }
@@ -270,7 +316,8 @@ export function killGaleraNode(node: string): Fault {
     inject: async (d) => void (await d.network.killAll(node)),
     effect: {
       what: `the other Galera nodes formed a cluster of ${HOSTS.galera.length - 1}`,
-      seen: async (d) => (await Promise.all(HOSTS.galera.filter((n) => n !== node).map((n) => d.galera.status(n)))).every((s) => s?.clusterSize === HOSTS.galera.length - 1),
+      seen: async (d) =>
+        (await Promise.all(HOSTS.galera.filter((n) => n !== node).map((n) => d.galera.status(n)))).every((s) => s?.clusterSize === HOSTS.galera.length - 1),
     },
     repair: async (d) => `the fault restarts ${node}'s mariadbd; it rejoined by ${await d.galera.restart(node)}`,
   };
@@ -297,8 +344,13 @@ const otherOf = (hosts: readonly string[], host: string) => hosts.find((h) => h 
 /** The SecureProxies' log lines of a token request made again at the next KeyServer (secureproxy-app.ts). */
 function keyserverFailovers(d: Deployment, keyserver?: string): number {
   const host = keyserver && new URL(keyserver).host;
-  return HOSTS.secureproxies.reduce((n, proxy) => n + (d.cluster.roles.get(proxy)?.lines.filter((l) =>
-    l.includes("; a new request goes to the next") && (!host || l.startsWith(`KeyServer ${host} failed`))).length ?? 0), 0);
+  return HOSTS.secureproxies.reduce(
+    (n, proxy) =>
+      n +
+      (d.cluster.roles.get(proxy)?.lines.filter((l) => l.includes("; a new request goes to the next") && (!host || l.startsWith(`KeyServer ${host} failed`)))
+        .length ?? 0),
+    0,
+  );
 }
 
 export function killKeyServerHost(host: string): Fault {
@@ -367,7 +419,10 @@ export function rotateMasterKey(host: string): Fault {
     inject: async (d) => {
       const { file, dataDir } = d.keyserverConfig(host);
       const wrong = await tokenCommandOn(d, host, "rotate-no-db", ["token", "rotate-key", "--data", dataDir]);
-      if (wrong.exitCode !== 2 || !/^keyserver: keyring \S+ belongs to token store mysql \S+ \(store id [0-9a-f]+\), not to sqlite \S+ \(no such file\): /.test(wrong.lines[0] ?? "")) {
+      if (
+        wrong.exitCode !== 2 ||
+        !/^keyserver: keyring \S+ belongs to token store mysql \S+ \(store id [0-9a-f]+\), not to sqlite \S+ \(no such file\): /.test(wrong.lines[0] ?? "")
+      ) {
         throw new Error(`token rotate-key without --db was not refused naming both stores: exit ${wrong.exitCode}: ${wrong.lines.join(" | ")}`);
       }
       const proper = await tokenCommandOn(d, host, "rotate-config", ["token", "rotate-key", "--config", file]);
@@ -390,10 +445,33 @@ const seconds = (ms: number) => `${(ms / 1000).toFixed(1)} s`;
 /** The fault table, in the repository's one table builder. */
 export function faultTable(rows: readonly FaultRow[]): string[] {
   return renderTable(
-    ["fault", "sent", "failed", "retried", "slowest", "acknowledged", "stored", "lost", "duplicates", "token calls (failed, retried)", "back in rotation", "restarted"],
+    [
+      "fault",
+      "sent",
+      "failed",
+      "retried",
+      "slowest",
+      "acknowledged",
+      "stored",
+      "lost",
+      "duplicates",
+      "token calls (failed, retried)",
+      "back in rotation",
+      "restarted",
+    ],
     rows.map((r) => [
-      r.fault, String(r.sent), String(r.failed), String(r.retried), seconds(r.slowestMs), String(r.acknowledged), String(r.stored), String(r.lost), String(r.duplicates),
-      `${r.tokenCalls} (${r.tokenFailed}, ${r.tokenRetried})`, seconds(r.backInRotationMs), r.repairedBy,
+      r.fault,
+      String(r.sent),
+      String(r.failed),
+      String(r.retried),
+      seconds(r.slowestMs),
+      String(r.acknowledged),
+      String(r.stored),
+      String(r.lost),
+      String(r.duplicates),
+      `${r.tokenCalls} (${r.tokenFailed}, ${r.tokenRetried})`,
+      seconds(r.backInRotationMs),
+      r.repairedBy,
     ]),
   );
 }

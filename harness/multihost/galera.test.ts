@@ -60,7 +60,10 @@ describe("Galera on loopback", () => {
     await galera.setIsolated("db3", true);
     await galera.waitUntil("db3", (s) => s.clusterStatus === "non-Primary", 30_000);
     expect((await galera.status("db3"))?.ready).toBe(false);
-    const refused = await sql("db3", "INSERT INTO t VALUES (3, 'minority')").then(() => undefined, (e: { errno?: number }) => e.errno);
+    const refused = await sql("db3", "INSERT INTO t VALUES (3, 'minority')").then(
+      () => undefined,
+      (e: { errno?: number }) => e.errno,
+    );
     expect(refused).toBe(1047); // ER_UNKNOWN_COM_ERROR: "WSREP has not yet prepared node for application use"
     await galera.waitUntil("db1", (s) => s.clusterSize === 2 && s.clusterStatus === "Primary", 30_000);
     await sql("db1", "INSERT INTO t VALUES (4, 'majority')");

@@ -54,9 +54,14 @@ export interface GaleraNode {
 /** The options that keep a node small and quick to start, and a partition quick to notice. */
 function nodeConfig(node: GaleraNode, peers: readonly string[]): string {
   const provider = [
-    `gmcast.listen_addr=tcp://${node.address}:4567`, `ist.recv_addr=${node.address}:4568`, "gcache.size=64M",
+    `gmcast.listen_addr=tcp://${node.address}:4567`,
+    `ist.recv_addr=${node.address}:4568`,
+    "gcache.size=64M",
     // Seconds, not Galera's default 15 s and more, so the minority notices a partition within a short test.
-    "evs.keepalive_period=PT1S", "evs.suspect_timeout=PT3S", "evs.inactive_timeout=PT6S", "evs.install_timeout=PT6S",
+    "evs.keepalive_period=PT1S",
+    "evs.suspect_timeout=PT3S",
+    "evs.inactive_timeout=PT6S",
+    "evs.install_timeout=PT6S",
   ].join(";");
   return `[mariadbd]
 datadir=${node.dir}/data
@@ -100,7 +105,9 @@ function chownTree(path: string, uid: number, gid: number): void {
 }
 
 function serverUser(): { uid: number; gid: number } {
-  const line = readFileSync("/etc/passwd", "utf8").split("\n").find((l) => l.startsWith(`${SERVER_USER}:`));
+  const line = readFileSync("/etc/passwd", "utf8")
+    .split("\n")
+    .find((l) => l.startsWith(`${SERVER_USER}:`));
   if (!line) throw new Error(`no '${SERVER_USER}' user: install Debian's mariadb-server (apt-get install mariadb-server galera-4)`);
   const [, , uid, gid] = line.split(":");
   return { uid: Number(uid), gid: Number(gid) };
@@ -117,7 +124,12 @@ function signalGroup(leader: number, signal: NodeJS.Signals): void {
 /** A node's last error-log lines, for a failure message. */
 function tail(file: string, lines = 6): string {
   try {
-    return readFileSync(file, "utf8").trimEnd().split("\n").slice(-lines).map((l) => `    ${l}`).join("\n");
+    return readFileSync(file, "utf8")
+      .trimEnd()
+      .split("\n")
+      .slice(-lines)
+      .map((l) => `    ${l}`)
+      .join("\n");
   } catch {
     return "    (no log)";
   }
@@ -156,19 +168,32 @@ export class GaleraCluster implements AsyncDisposable {
     const { uid, gid } = serverUser();
     const lease = RunLease.acquire();
     const count = options.hosts?.length ?? options.nodes ?? 3;
-    const hosts = options.hosts ?? Array.from({ length: count }, (_, i) => ({
-      name: `db${i + 1}`, address: options.loopbackAddresses?.[i] ?? `127.0.${lease.slot - 1}.${11 + i}`,
-    }));
+    const hosts =
+      options.hosts ??
+      Array.from({ length: count }, (_, i) => ({
+        name: `db${i + 1}`,
+        address: options.loopbackAddresses?.[i] ?? `127.0.${lease.slot - 1}.${11 + i}`,
+      }));
     const base = mkdtempSync(join(tmpdir(), "securemesh-galera-"));
     lease.record("dirs", base);
     const nodes: GaleraNode[] = hosts.map((h) => ({
-      name: h.name, address: h.address, url: `mysql://root@${h.address}:${GALERA_PORT}/test`, dir: join(base, h.name), running: false,
+      name: h.name,
+      address: h.address,
+      url: `mysql://root@${h.address}:${GALERA_PORT}/test`,
+      dir: join(base, h.name),
+      running: false,
     }));
     const cluster = new GaleraCluster(base, nodes, hosts, lease, options.syncTimeoutMs ?? 90_000);
     try {
       for (const node of nodes) {
         mkdirSync(join(node.dir, "data"), { recursive: true });
-        writeFileSync(join(node.dir, "my.cnf"), nodeConfig(node, nodes.map((n) => n.address)));
+        writeFileSync(
+          join(node.dir, "my.cnf"),
+          nodeConfig(
+            node,
+            nodes.map((n) => n.address),
+          ),
+        );
       }
       await cluster.#installFirst(nodes[0]!);
       chownTree(base, uid, gid);
@@ -196,10 +221,19 @@ export class GaleraCluster implements AsyncDisposable {
 
   async #installFirst(node: GaleraNode): Promise<void> {
     const log = openSync(join(node.dir, "install.log"), "a");
-    const proc = Bun.spawn([
-      "mariadb-install-db", "--no-defaults", `--datadir=${node.dir}/data`, "--user=root", "--auth-root-authentication-method=normal",
-      "--skip-test-db", "--innodb-log-file-size=8M", "--innodb-buffer-pool-size=32M",
-    ], { stdio: ["ignore", log, log] });
+    const proc = Bun.spawn(
+      [
+        "mariadb-install-db",
+        "--no-defaults",
+        `--datadir=${node.dir}/data`,
+        "--user=root",
+        "--auth-root-authentication-method=normal",
+        "--skip-test-db",
+        "--innodb-log-file-size=8M",
+        "--innodb-buffer-pool-size=32M",
+      ],
+      { stdio: ["ignore", log, log] },
+    );
     const code = await proc.exited;
     closeSync(log);
     if (code !== 0) throw new Error(`mariadb-install-db failed for ${node.name}:\n${tail(join(node.dir, "install.log"))}`);
@@ -255,10 +289,17 @@ export class GaleraCluster implements AsyncDisposable {
   /** The node's wsrep status, or undefined while it does not answer (starting, killed). */
   async status(name: string): Promise<GaleraStatus | undefined> {
     try {
-      const rows = await this.query<{ Variable_name: string; Value: string }>(name,
-        "SHOW GLOBAL STATUS WHERE Variable_name IN ('wsrep_cluster_size', 'wsrep_cluster_status', 'wsrep_local_state_comment', 'wsrep_ready')");
+      const rows = await this.query<{ Variable_name: string; Value: string }>(
+        name,
+        "SHOW GLOBAL STATUS WHERE Variable_name IN ('wsrep_cluster_size', 'wsrep_cluster_status', 'wsrep_local_state_comment', 'wsrep_ready')",
+      );
       const value = (key: string) => rows.find((r) => r.Variable_name.toLowerCase() === key)?.Value ?? "";
-      return { clusterSize: Number(value("wsrep_cluster_size")), clusterStatus: value("wsrep_cluster_status"), state: value("wsrep_local_state_comment"), ready: value("wsrep_ready") === "ON" };
+      return {
+        clusterSize: Number(value("wsrep_cluster_size")),
+        clusterStatus: value("wsrep_cluster_status"),
+        state: value("wsrep_local_state_comment"),
+        ready: value("wsrep_ready") === "ON",
+      };
     } catch {
       return undefined;
     }
@@ -273,14 +314,19 @@ export class GaleraCluster implements AsyncDisposable {
       if (!node.running) throw new Error(`Galera node ${name} exited; its log ends:\n${tail(join(node.dir, "error.log"))}`);
       last = await this.status(name);
       if (last && condition(last)) return last;
-      if (Date.now() > deadline) throw new Error(`Galera node ${name} did not get there within ${timeoutMs} ms; last status ${JSON.stringify(last)}; its log ends:\n${tail(join(node.dir, "error.log"))}`);
+      if (Date.now() > deadline)
+        throw new Error(
+          `Galera node ${name} did not get there within ${timeoutMs} ms; last status ${JSON.stringify(last)}; its log ends:\n${tail(join(node.dir, "error.log"))}`,
+        );
       await Bun.sleep(delay); // the interval between polls of a condition
     }
   }
 
   /** Waits until every running node (or those named) is Synced, Primary and sees all of them. */
   async waitSynced(names: readonly string[] = this.nodes.map((n) => n.name), timeoutMs = this.#syncTimeoutMs): Promise<void> {
-    await Promise.all(names.map((name) => this.waitUntil(name, (s) => s.state === "Synced" && s.clusterStatus === "Primary" && s.clusterSize === names.length, timeoutMs)));
+    await Promise.all(
+      names.map((name) => this.waitUntil(name, (s) => s.state === "Synced" && s.clusterStatus === "Primary" && s.clusterSize === names.length, timeoutMs)),
+    );
   }
 
   /** SIGKILLs a node (and its process group) and waits until it is gone. */
@@ -362,14 +408,16 @@ export class GaleraCluster implements AsyncDisposable {
 
   /** Stops every node (SIGTERM, then SIGKILL after 10 s) and waits until all are gone. */
   async stop(): Promise<void> {
-    await Promise.all(this.nodes.map(async (node) => {
-      const proc = this.#procs.get(node.name);
-      if (!proc || !node.running) return;
-      signalGroup(proc.pid, "SIGTERM");
-      const timer = setTimeout(() => signalGroup(proc.pid, "SIGKILL"), 10_000);
-      await proc.exited;
-      clearTimeout(timer);
-    }));
+    await Promise.all(
+      this.nodes.map(async (node) => {
+        const proc = this.#procs.get(node.name);
+        if (!proc || !node.running) return;
+        signalGroup(proc.pid, "SIGTERM");
+        const timer = setTimeout(() => signalGroup(proc.pid, "SIGKILL"), 10_000);
+        await proc.exited;
+        clearTimeout(timer);
+      }),
+    );
   }
 
   /** Stops every node and removes the datadirs. */

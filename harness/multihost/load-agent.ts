@@ -17,9 +17,17 @@ import { ProxyClient } from "../../shared/token-path/proxy-client.ts";
 
 const { values } = parseArgs({
   options: {
-    name: { type: "string" }, pki: { type: "string" }, coordinator: { type: "string", multiple: true },
-    workers: { type: "string" }, interval: { type: "string" }, timeout: { type: "string" }, proxy: { type: "string", multiple: true }, "api-uri": { type: "string" },
-    "proxy-timeout": { type: "string" }, attempts: { type: "string" }, backoff: { type: "string" },
+    name: { type: "string" },
+    pki: { type: "string" },
+    coordinator: { type: "string", multiple: true },
+    workers: { type: "string" },
+    interval: { type: "string" },
+    timeout: { type: "string" },
+    proxy: { type: "string", multiple: true },
+    "api-uri": { type: "string" },
+    "proxy-timeout": { type: "string" },
+    attempts: { type: "string" },
+    backoff: { type: "string" },
   },
 });
 const name = values.name ?? "client1";
@@ -33,16 +41,29 @@ const timeoutMs = Number(values.timeout ?? 5000);
 /** The clients' rounds over every coordinator (MeshClient) and every proxy (ProxyClient), and the first backoff (doubled each round); their defaults when not given. */
 const attempts = values.attempts === undefined ? undefined : Number(values.attempts);
 const backoffMs = values.backoff === undefined ? undefined : Number(values.backoff);
-if (coordinators.length === 0 || !(workers > 0) || !(intervalMs >= 0) || !(timeoutMs > 0) || (attempts !== undefined && !(attempts >= 1)) || (backoffMs !== undefined && !(backoffMs >= 0))) {
-  console.error("load-agent: needs --coordinator URL (repeatable), --workers N > 0, --interval MS >= 0, --timeout MS > 0; --attempts N >= 1, --backoff MS >= 0");
+if (
+  coordinators.length === 0 ||
+  !(workers > 0) ||
+  !(intervalMs >= 0) ||
+  !(timeoutMs > 0) ||
+  (attempts !== undefined && !(attempts >= 1)) ||
+  (backoffMs !== undefined && !(backoffMs >= 0))
+) {
+  console.error(
+    "load-agent: needs --coordinator URL (repeatable), --workers N > 0, --interval MS >= 0, --timeout MS > 0; --attempts N >= 1, --backoff MS >= 0",
+  );
   process.exit(2);
 }
 
 const identity = loadIdentity(pki, name);
 // The keys follow the host's encryption_key.txt: a "rotate the Fernet key" row changes it under load.
 const client = new MeshClient({
-  identity, fernet: FernetKeys.open(pki).watch(createLogger(name)), coordinators, timeoutMs,
-  ...(attempts === undefined ? {} : { attempts }), ...(backoffMs === undefined ? {} : { backoffMs }),
+  identity,
+  fernet: FernetKeys.open(pki).watch(createLogger(name)),
+  coordinators,
+  timeoutMs,
+  ...(attempts === undefined ? {} : { attempts }),
+  ...(backoffMs === undefined ? {} : { backoffMs }),
 });
 const totals = { sent: 0, acknowledged: 0, failed: 0, failedOver: 0, tokenCalls: 0, tokenFailed: 0, tokenFailedOver: 0 };
 let stopping = false;
@@ -80,11 +101,14 @@ async function write(worker: number, i: number): Promise<void> {
 }
 
 const proxies = values.proxy?.length
-  // Above a proxy's own budget for its KeyServers, so a slow release is the proxy's to report, not ours.
-  ? new ProxyClient({
-    identity, proxies: values.proxy, timeoutMs: Number(values["proxy-timeout"] ?? 20_000),
-    ...(attempts === undefined ? {} : { attempts }), ...(backoffMs === undefined ? {} : { backoffMs }),
-  })
+  ? // Above a proxy's own budget for its KeyServers, so a slow release is the proxy's to report, not ours.
+    new ProxyClient({
+      identity,
+      proxies: values.proxy,
+      timeoutMs: Number(values["proxy-timeout"] ?? 20_000),
+      ...(attempts === undefined ? {} : { attempts }),
+      ...(backoffMs === undefined ? {} : { backoffMs }),
+    })
   : undefined;
 async function tokenCall(): Promise<void> {
   totals.tokenCalls += 1;

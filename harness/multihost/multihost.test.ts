@@ -18,17 +18,24 @@ function requireNamespaces(): void {
   if (reason) throw new Error(`multihost needs network namespaces: ${reason}`);
 }
 
-const namespacesOfSlot = (slot: number) => ip(["netns", "list"]).split("\n").map((l) => l.split(" ")[0]!).filter((n) => n.startsWith(`${NAME_PREFIX}${slot}-`));
+const namespacesOfSlot = (slot: number) =>
+  ip(["netns", "list"])
+    .split("\n")
+    .map((l) => l.split(" ")[0]!)
+    .filter((n) => n.startsWith(`${NAME_PREFIX}${slot}-`));
 
 /** Processes whose command line names `dir` (a Galera node's config in it, say). */
 function processesUsing(dir: string): number[] {
-  return readdirSync("/proc").filter((p) => /^\d+$/.test(p)).filter((pid) => {
-    try {
-      return readFileSync(`/proc/${pid}/cmdline`, "utf8").includes(dir);
-    } catch {
-      return false;
-    }
-  }).map(Number);
+  return readdirSync("/proc")
+    .filter((p) => /^\d+$/.test(p))
+    .filter((pid) => {
+      try {
+        return readFileSync(`/proc/${pid}/cmdline`, "utf8").includes(dir);
+      } catch {
+        return false;
+      }
+    })
+    .map(Number);
 }
 
 describe("multihost", () => {
@@ -41,8 +48,13 @@ describe("multihost", () => {
     expect(result.misses).toEqual([]);
     expect(result.rows.map((r) => r.fault)).toEqual(SHORT_PLAN.faults.map((f) => f.name));
     for (const row of result.rows) {
-      expect({ fault: row.fault, failed: row.failed, lost: row.lost, duplicates: row.duplicates, stored: row.stored })
-        .toEqual({ fault: row.fault, failed: 0, lost: 0, duplicates: 0, stored: row.acknowledged });
+      expect({ fault: row.fault, failed: row.failed, lost: row.lost, duplicates: row.duplicates, stored: row.stored }).toEqual({
+        fault: row.fault,
+        failed: 0,
+        lost: 0,
+        duplicates: 0,
+        stored: row.acknowledged,
+      });
       expect(row.acknowledged).toBeGreaterThanOrEqual(SHORT_PLAN.load.acksBefore + SHORT_PLAN.load.acksDuring + SHORT_PLAN.load.acksAfter);
     }
   });
@@ -52,7 +64,10 @@ describe("multihost", () => {
     // Its own log folder: a run of `bun harness multihost` at the same time keeps harness/logs/multihost.
     const logs = mkdtempSync(join(tmpdir(), "securemesh-multihost-interrupted-"));
     const proc = Bun.spawn([process.execPath, join(REPO_ROOT, "harness", "index.ts"), "multihost", "--short"], {
-      cwd: REPO_ROOT, stdout: "pipe", stderr: "pipe", env: { ...process.env, NO_COLOR: "1", HARNESS_LOGS: logs },
+      cwd: REPO_ROOT,
+      stdout: "pipe",
+      stderr: "pipe",
+      env: { ...process.env, NO_COLOR: "1", HARNESS_LOGS: logs },
     });
     try {
       await interruptMidRun(proc);

@@ -8,7 +8,11 @@ import { ip } from "./run-lease.ts";
 
 setDefaultTimeout(60_000);
 
-const netnsNames = () => ip(["netns", "list"]).split("\n").map((l) => l.split(" ")[0]!).filter(Boolean);
+const netnsNames = () =>
+  ip(["netns", "list"])
+    .split("\n")
+    .map((l) => l.split(" ")[0]!)
+    .filter(Boolean);
 
 /** An echo listener on port 0 inside `host`; resolves with its port once it listens. */
 async function echoServer(host: TestHost): Promise<{ port: number; proc: Bun.Subprocess }> {

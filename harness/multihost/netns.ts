@@ -117,13 +117,19 @@ export async function createTestNetwork(options: TestNetworkOptions): Promise<Te
   const pids = (name: string) => namespacePids(host(name).ns);
 
   const network: TestNetwork = {
-    hosts, gateway: `${subnet}.1`, slot: lease.slot, host,
+    hosts,
+    gateway: `${subnet}.1`,
+    slot: lease.slot,
+    host,
     cutLink: (name) => void ip(["link", "set", vethOf(host(name).name), "down"]),
     healLink: (name) => void ip(["link", "set", vethOf(host(name).name), "up"]),
     isolate(name, from) {
       const isolated = host(name);
       for (const other of from.map(host)) {
-        for (const [a, b] of [[isolated, other], [other, isolated]] as const) {
+        for (const [a, b] of [
+          [isolated, other],
+          [other, isolated],
+        ] as const) {
           ip(["-n", a.ns, "route", "add", "blackhole", `${b.address}/32`]);
           partitions.push({ ns: a.ns, address: b.address, about: isolated.name });
         }

@@ -102,7 +102,9 @@ export function cleanupStaleRuns(): string[] {
     if (lease) removeResources(lease.resources);
     rmSync(file, { force: true });
     const r = lease?.resources;
-    removed.push(`${entry} (owner PID ${lease?.owner.pid ?? "?"} is gone): ${r ? `${r.namespaces.length} namespaces, ${r.links.length} links, ${r.groups.length} process groups, ${r.dirs.length} folders` : "unreadable"}`);
+    removed.push(
+      `${entry} (owner PID ${lease?.owner.pid ?? "?"} is gone): ${r ? `${r.namespaces.length} namespaces, ${r.links.length} links, ${r.groups.length} process groups, ${r.dirs.length} folders` : "unreadable"}`,
+    );
   }
   return removed;
 }

@@ -2,8 +2,20 @@
 import type { Cluster } from "../cluster.ts";
 import { HOSTS, startDeployment } from "./deployment.ts";
 import {
-  cutServerLink, faultTable, goalMisses, isolateGaleraNode, killCoordinatorHost, killGaleraNode, killKeyServerHost, killSecureProxyHost, killServerHost, rotateMasterKey, runFault,
-  type Fault, type FaultRow, type LoadShape,
+  cutServerLink,
+  faultTable,
+  goalMisses,
+  isolateGaleraNode,
+  killCoordinatorHost,
+  killGaleraNode,
+  killKeyServerHost,
+  killSecureProxyHost,
+  killServerHost,
+  rotateMasterKey,
+  runFault,
+  type Fault,
+  type FaultRow,
+  type LoadShape,
 } from "./faults.ts";
 import { cleanupStaleNetworks } from "./netns.ts";
 import { addAndRemoveServerHost, restartGaleraCluster, rotateFernetKey, upgradeMeshHostByHost } from "./runbooks.ts";
@@ -26,9 +38,16 @@ export interface MultihostPlan {
 export const SHORT_PLAN: MultihostPlan = {
   faults: [
     rotateFernetKey("add, promote"),
-    killServerHost("srv1"), cutServerLink("srv2"), killCoordinatorHost("coord1"), killGaleraNode("db1"), isolateGaleraNode("db1"),
-    killKeyServerHost("keys1"), killSecureProxyHost("proxy1"), rotateMasterKey("keys1"),
-    addAndRemoveServerHost("srv4"), restartGaleraCluster(["db3", "db2", "db1"]),
+    killServerHost("srv1"),
+    cutServerLink("srv2"),
+    killCoordinatorHost("coord1"),
+    killGaleraNode("db1"),
+    isolateGaleraNode("db1"),
+    killKeyServerHost("keys1"),
+    killSecureProxyHost("proxy1"),
+    rotateMasterKey("keys1"),
+    addAndRemoveServerHost("srv4"),
+    restartGaleraCluster(["db3", "db2", "db1"]),
     upgradeMeshHostByHost({ servers: ["srv2"], coordinators: ["coord2"], keyservers: ["keys2"], secureproxies: ["proxy2"] }),
     rotateFernetKey("retire"),
   ],
@@ -38,18 +57,27 @@ export const SHORT_PLAN: MultihostPlan = {
 /** Each kind of fault twice, on different hosts, under more load. */
 export const FULL_PLAN: MultihostPlan = {
   faults: [
-    killServerHost("srv1"), killServerHost("srv3"),
-    cutServerLink("srv2"), cutServerLink("srv1"),
-    killCoordinatorHost("coord1"), killCoordinatorHost("coord2"),
-    killGaleraNode("db1"), killGaleraNode("db3"),
-    isolateGaleraNode("db1"), isolateGaleraNode("db2"),
-    killKeyServerHost("keys1"), killKeyServerHost("keys2"),
-    killSecureProxyHost("proxy1"), killSecureProxyHost("proxy2"),
-    rotateMasterKey("keys1"), rotateMasterKey("keys2"),
+    killServerHost("srv1"),
+    killServerHost("srv3"),
+    cutServerLink("srv2"),
+    cutServerLink("srv1"),
+    killCoordinatorHost("coord1"),
+    killCoordinatorHost("coord2"),
+    killGaleraNode("db1"),
+    killGaleraNode("db3"),
+    isolateGaleraNode("db1"),
+    isolateGaleraNode("db2"),
+    killKeyServerHost("keys1"),
+    killKeyServerHost("keys2"),
+    killSecureProxyHost("proxy1"),
+    killSecureProxyHost("proxy2"),
+    rotateMasterKey("keys1"),
+    rotateMasterKey("keys2"),
     addAndRemoveServerHost("srv4"),
     rotateFernetKey("all"),
     // Each order bootstraps another node: db1 is the servers' first database node, db3 their last.
-    restartGaleraCluster(["db3", "db2", "db1"]), restartGaleraCluster(["db1", "db2", "db3"]),
+    restartGaleraCluster(["db3", "db2", "db1"]),
+    restartGaleraCluster(["db1", "db2", "db3"]),
     upgradeMeshHostByHost({ servers: HOSTS.servers, coordinators: HOSTS.coordinators, keyservers: HOSTS.keyservers, secureproxies: HOSTS.secureproxies }),
   ],
   load: { workers: 4, intervalMs: 25, clientTimeoutMs: CLIENT_TIMEOUT_MS, acksBefore: 100, acksDuring: 200, acksAfter: 100 },
@@ -87,7 +115,9 @@ export async function runMultihost(cluster: Cluster, plan: MultihostPlan, step: 
     }
     rows.push(row);
     const misses = goalMisses(row);
-    step(`    ${misses.length ? "MISSED" : "ok"}: ${row.sent} sent, ${row.failed} failed, ${row.retried} retried; ${row.acknowledged} acknowledged, ${row.stored} stored; back in rotation ${(row.backInRotationMs / 1000).toFixed(1)} s after the repair; the row took ${((performance.now() - rowStarted) / 1000).toFixed(1)} s${misses.length ? ` — ${misses.join("; ")}` : ""}`);
+    step(
+      `    ${misses.length ? "MISSED" : "ok"}: ${row.sent} sent, ${row.failed} failed, ${row.retried} retried; ${row.acknowledged} acknowledged, ${row.stored} stored; back in rotation ${(row.backInRotationMs / 1000).toFixed(1)} s after the repair; the row took ${((performance.now() - rowStarted) / 1000).toFixed(1)} s${misses.length ? ` — ${misses.join("; ")}` : ""}`,
+    );
   }
   const misses = [...rows.flatMap((row) => goalMisses(row).map((m) => `${row.fault}: ${m}`)), ...broken];
   return { rows, table: faultTable(rows), misses };

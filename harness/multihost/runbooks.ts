@@ -42,7 +42,8 @@ function storedBy(d: Deployment, host: string): number {
 export function addAndRemoveServerHost(host: string): Fault {
   const url = (d: Deployment) => d.spareServers[HOSTS.spareServers.indexOf(host as never)]!;
   const writeServersFiles = (d: Deployment, servers: readonly string[]) => {
-    for (const coordinator of HOSTS.coordinators) copyOnto(d.serversFileOf(coordinator), `# the servers ${coordinator} forwards to; re-read on change\n${servers.join("\n")}\n`);
+    for (const coordinator of HOSTS.coordinators)
+      copyOnto(d.serversFileOf(coordinator), `# the servers ${coordinator} forwards to; re-read on change\n${servers.join("\n")}\n`);
   };
   return {
     name: `add server host ${host} to every coordinator's --servers-file, then remove it`,
@@ -61,10 +62,14 @@ export function addAndRemoveServerHost(host: string): Fault {
     },
     repair: async (d) => {
       writeServersFiles(d, d.servers);
-      await waitFor(`no coordinator lists ${host}`, async () => {
-        const views = await Promise.all(d.coordinators.map((c) => coordinatorView(d, c)));
-        return views.every((v) => v !== undefined && !v.some((s) => s.url === url(d)));
-      }, 15_000);
+      await waitFor(
+        `no coordinator lists ${host}`,
+        async () => {
+          const views = await Promise.all(d.coordinators.map((c) => coordinatorView(d, c)));
+          return views.every((v) => v !== undefined && !v.some((s) => s.url === url(d)));
+        },
+        15_000,
+      );
       const stored = storedBy(d, host);
       await d.stopRole(host);
       return `nothing restarted: ${host} stored ${stored} writes, left both files, then stopped (SIGTERM)`;
@@ -103,16 +108,21 @@ interface RewrapView {
 
 /** Every running server's /health: its Fernet keys in force (fingerprints, the primary first) and its re-encryption. */
 async function serverKeys(d: Deployment): Promise<{ keys: string[]; rewrap: RewrapView }[]> {
-  return Promise.all(d.servers.map(async (server) => {
-    const body = (await d.cluster.health(server))?.body ?? {};
-    return { keys: (body.fernet_keys ?? []) as string[], rewrap: (body.fernet_rewrap ?? { pending: null, kept: [], unreadable: null }) as RewrapView };
-  }));
+  return Promise.all(
+    d.servers.map(async (server) => {
+      const body = (await d.cluster.health(server))?.body ?? {};
+      return { keys: (body.fernet_keys ?? []) as string[], rewrap: (body.fernet_rewrap ?? { pending: null, kept: [], unreadable: null }) as RewrapView };
+    }),
+  );
 }
 
 /** Waits until every server's /health shows `keys` and every client host's load has logged `reloaded`. */
 async function everyHostTookUp(d: Deployment, load: ClientLoad, keys: readonly string[], reloaded: RegExp, what: string): Promise<void> {
-  await waitFor(`every server and client host took up ${what}`, async () =>
-    (await serverKeys(d)).every((s) => s.keys.join(" ") === keys.join(" ")) && load.everyAgentLogged(reloaded), 30_000);
+  await waitFor(
+    `every server and client host took up ${what}`,
+    async () => (await serverKeys(d)).every((s) => s.keys.join(" ") === keys.join(" ")) && load.everyAgentLogged(reloaded),
+    30_000,
+  );
 }
 
 /** Shared by the steps of one rotation: the keys before and after, when the add happened. */
@@ -129,12 +139,24 @@ async function addAndPromote(d: Deployment, load: ClientLoad, label: string): Pr
   const addedAt = performance.now();
   copyKeyFile(d);
   const next = keyFingerprints(d.caDir).find((k) => k !== old)!;
-  await everyHostTookUp(d, load, [old!, next], new RegExp(`Fernet keys reloaded: 2 keys, primary ${old}, decrypt-only ${next} \\(added ${next}\\)`), `the added key ${next}`);
+  await everyHostTookUp(
+    d,
+    load,
+    [old!, next],
+    new RegExp(`Fernet keys reloaded: 2 keys, primary ${old}, decrypt-only ${next} \\(added ${next}\\)`),
+    `the added key ${next}`,
+  );
   // pki.sh refuses a promote sooner than this after the add: every host has had time to reload.
   await waitFor("the promote's minimum time after the add", () => performance.now() - addedAt >= PROMOTE_AFTER_ADD_MS, PROMOTE_AFTER_ADD_MS + 1000);
   await pkiFernet(d, "promote", label);
   copyKeyFile(d);
-  await everyHostTookUp(d, load, [next, old!], new RegExp(`Fernet keys reloaded: 2 keys, primary ${next}, decrypt-only ${old} \\(primary was ${old}\\)`), `${next} as the primary`);
+  await everyHostTookUp(
+    d,
+    load,
+    [next, old!],
+    new RegExp(`Fernet keys reloaded: 2 keys, primary ${next}, decrypt-only ${old} \\(primary was ${old}\\)`),
+    `${next} as the primary`,
+  );
   return { old: old!, next, addedAt };
 }
 
@@ -152,12 +174,20 @@ async function retire(d: Deployment, load: ClientLoad, label: string): Promise<{
   const safeAt = retireSafeAt(demoted.encryptedUntil, SERVER_TOKEN_TTL_S).getTime();
   const waitedMs = Math.max(0, safeAt - Date.now());
   // The runbook's wait: the command refuses before this; under load, writes go on meanwhile.
-  await waitFor(`the retire-safe time of ${old} (TTL ${SERVER_TOKEN_TTL_S} s + clock skew after the promote)`, () => Date.now() >= safeAt + 1000, waitedMs + 5000);
+  await waitFor(
+    `the retire-safe time of ${old} (TTL ${SERVER_TOKEN_TTL_S} s + clock skew after the promote)`,
+    () => Date.now() >= safeAt + 1000,
+    waitedMs + 5000,
+  );
   await pkiFernet(d, "retire", label);
   copyKeyFile(d);
-  await waitFor(`every server holds ${next} only and re-encrypted every record, every client dropped ${old}`, async () =>
-    (await serverKeys(d)).every((s) => s.keys.join(" ") === next && s.rewrap.pending === 0 && s.rewrap.kept.length === 0)
-      && load.everyAgentLogged(new RegExp(`Fernet keys reloaded: 1 key, primary ${next} \\(dropped ${old}\\)`)), 60_000);
+  await waitFor(
+    `every server holds ${next} only and re-encrypted every record, every client dropped ${old}`,
+    async () =>
+      (await serverKeys(d)).every((s) => s.keys.join(" ") === next && s.rewrap.pending === 0 && s.rewrap.kept.length === 0) &&
+      load.everyAgentLogged(new RegExp(`Fernet keys reloaded: 1 key, primary ${next} \\(dropped ${old}\\)`)),
+    60_000,
+  );
   return { old, next, waitedMs };
 }
 
@@ -210,7 +240,10 @@ export function rotateFernetKey(steps: FernetSteps = "all"): Fault {
       // inject waited for it: every server's /health and every client's reload line.
       seen: async (d) => (await serverKeys(d)).every((s) => s.keys[0] === state?.next),
     },
-    repair: async (d) => (steps === "add, promote" ? `nothing restarted: ${state!.next} encrypts, ${state!.old} decrypt-only until the retire` : checkedRecords(d, state!.old, state!.next, state!.waitedMs)),
+    repair: async (d) =>
+      steps === "add, promote"
+        ? `nothing restarted: ${state!.next} encrypts, ${state!.old} decrypt-only until the retire`
+        : checkedRecords(d, state!.old, state!.next, state!.waitedMs),
   };
 }
 
@@ -305,7 +338,12 @@ async function restartDraining(d: Deployment, host: string, role: string): Promi
  * throughout: callers fail over between coordinators, KeyServers and SecureProxies.
  */
 export function upgradeMeshHostByHost(hosts: UpgradeHosts): Fault {
-  const order: [role: string, hosts: readonly string[]][] = [["server", hosts.servers], ["coordinator", hosts.coordinators], ["keyserver", hosts.keyservers], ["secureproxy", hosts.secureproxies]];
+  const order: [role: string, hosts: readonly string[]][] = [
+    ["server", hosts.servers],
+    ["coordinator", hosts.coordinators],
+    ["keyserver", hosts.keyservers],
+    ["secureproxy", hosts.secureproxies],
+  ];
   const restarted: { host: string; drainMs: number; backMs: number; drained: string }[] = [];
   let tookMs = 0;
   return {
@@ -326,8 +364,11 @@ export function upgradeMeshHostByHost(hosts: UpgradeHosts): Fault {
           const back = performance.now();
           if (url) {
             await Promise.all(d.coordinators.map((c) => d.operatorDrain(c, "undrain", url)));
-            await waitFor(`every coordinator has ${host} in rotation again`, async () =>
-              (await Promise.all(d.coordinators.map((c) => coordinatorView(d, c)))).every((v) => v?.find((s) => s.url === url)?.up === true), 30_000);
+            await waitFor(
+              `every coordinator has ${host} in rotation again`,
+              async () => (await Promise.all(d.coordinators.map((c) => coordinatorView(d, c)))).every((v) => v?.find((s) => s.url === url)?.up === true),
+              30_000,
+            );
           }
           restarted.push({ host, drainMs, backMs: performance.now() - back, drained });
         }
@@ -341,9 +382,11 @@ export function upgradeMeshHostByHost(hosts: UpgradeHosts): Fault {
     repair: async () => {
       const slowest = restarted.reduce((a, b) => (b.drainMs > a.drainMs ? b : a));
       const cut = restarted.filter((r) => !r.drained.startsWith("every request in flight finished"));
-      return `the fault restarts each host: ${restarted.length} drained and back one at a time in ${(tookMs / 1000).toFixed(1)} s (servers drained at both coordinators first); `
-        + `longest drain ${(slowest.drainMs / 1000).toFixed(1)} s (${slowest.host}), longest wait back ${(Math.max(...restarted.map((r) => r.backMs)) / 1000).toFixed(1)} s; `
-        + (cut.length ? `requests cut on ${cut.map((r) => `${r.host} (${r.drained})`).join(", ")}` : "every request in flight finished");
+      return (
+        `the fault restarts each host: ${restarted.length} drained and back one at a time in ${(tookMs / 1000).toFixed(1)} s (servers drained at both coordinators first); ` +
+        `longest drain ${(slowest.drainMs / 1000).toFixed(1)} s (${slowest.host}), longest wait back ${(Math.max(...restarted.map((r) => r.backMs)) / 1000).toFixed(1)} s; ` +
+        (cut.length ? `requests cut on ${cut.map((r) => `${r.host} (${r.drained})`).join(", ")}` : "every request in flight finished")
+      );
     },
   };
 }

@@ -10,10 +10,15 @@ const TIMED_READS = 200;
 async function readBoth(client: MeshClient, expected: "hit" | "miss", summary: string[]) {
   const answers = [await client.readCachedData(), await client.readCachedData()];
   for (const a of answers) {
-    summary.push(`read via coordinator: server ${a.server} ${a.cached ? `hit (age ${(a.ageMs / 1000).toFixed(1)} s)` : "miss"}, ${a.snapshot.total} records, generation ${a.generation}`);
+    summary.push(
+      `read via coordinator: server ${a.server} ${a.cached ? `hit (age ${(a.ageMs / 1000).toFixed(1)} s)` : "miss"}, ${a.snapshot.total} records, generation ${a.generation}`,
+    );
   }
   expectThat(new Set(answers.map((a) => a.server)).size === 2, `expected both servers to answer, got ${answers.map((a) => a.server)}`);
-  expectThat(answers.every((a) => a.cached === (expected === "hit")), `expected two ${expected}es, got ${answers.map((a) => (a.cached ? "hit" : "miss"))}`);
+  expectThat(
+    answers.every((a) => a.cached === (expected === "hit")),
+    `expected two ${expected}es, got ${answers.map((a) => (a.cached ? "hit" : "miss"))}`,
+  );
   return answers;
 }
 
@@ -58,7 +63,10 @@ export const cache: Scenario = {
 
     step("reads miss again, see the write, then hit");
     const fresh = await readBoth(client, "miss", summary);
-    expectThat(fresh.every((a) => a.snapshot.latest.some((r) => r.id === written.id)), "a read after the write did not include it");
+    expectThat(
+      fresh.every((a) => a.snapshot.latest.some((r) => r.id === written.id)),
+      "a read after the write did not include it",
+    );
     await readBoth(client, "hit", summary);
 
     step(`partition: server 2 is stopped (SIGSTOP), client1 writes and invalidates, server 2 resumes`);
@@ -74,7 +82,10 @@ export const cache: Scenario = {
     const direct = cluster.client("client1", [url(ports.server2)], { direct: true });
     const afterPartition = await direct.readCachedData();
     summary.push(`read from server 2 after SIGCONT: ${afterPartition.cached ? "hit" : "miss"}, newest #${afterPartition.snapshot.latest[0]?.id}`);
-    expectThat(afterPartition.snapshot.latest.some((r) => r.id === hidden.id), `server 2 served a view without record ${hidden.id}: stale read after partition`);
+    expectThat(
+      afterPartition.snapshot.latest.some((r) => r.id === hidden.id),
+      `server 2 served a view without record ${hidden.id}: stale read after partition`,
+    );
     await cluster.role("server2").waitForLine(/Cache miss/);
 
     step(`seeding ${SEEDED_RECORDS} records, then timing ${TIMED_READS} uncached and ${TIMED_READS} cached reads, interleaved`);
@@ -89,7 +100,9 @@ export const cache: Scenario = {
       cached += await timeReads(client, false, TIMED_READS / rounds);
     }
     const ratio = uncached / cached;
-    summary.push(`median read through the coordinator over ${SEEDED_RECORDS}+ records: uncached ${(uncached / rounds).toFixed(2)} ms, cached ${(cached / rounds).toFixed(2)} ms (${ratio.toFixed(2)}x)`);
+    summary.push(
+      `median read through the coordinator over ${SEEDED_RECORDS}+ records: uncached ${(uncached / rounds).toFixed(2)} ms, cached ${(cached / rounds).toFixed(2)} ms (${ratio.toFixed(2)}x)`,
+    );
     expectThat(ratio > 1, `a cached read should be cheaper than an uncached one (ratio ${ratio.toFixed(2)})`);
   },
 };

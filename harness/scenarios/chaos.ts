@@ -1,6 +1,19 @@
 // Faults on a bad day: kill -9 and SIGSTOP under load, every server down, a database outage, a coordinator lost, an
 // impostor with a valid certificate on a dead server's port, a noisy neighbour, and a brown-out of every server at once.
-import { allServersDown, brownOut, coordinatorFailover, databaseOutage, faultTable, hangUnderLoad, impostorUnderLoad, killNineUnderLoad, noisyNeighbour, noisyNeighbourPolicy, type ChaosMesh, type FaultRow } from "../chaos-checks.ts";
+import {
+  allServersDown,
+  brownOut,
+  coordinatorFailover,
+  databaseOutage,
+  faultTable,
+  hangUnderLoad,
+  impostorUnderLoad,
+  killNineUnderLoad,
+  noisyNeighbour,
+  noisyNeighbourPolicy,
+  type ChaosMesh,
+  type FaultRow,
+} from "../chaos-checks.ts";
 import { startMesh, startTokenStack } from "../fixtures/index.ts";
 import { Progress } from "../progress.ts";
 import { startScenarioMesh, type Scenario } from "../scenario.ts";
@@ -12,11 +25,15 @@ const MARIADB = { host: "127.0.0.1", port: 3306 };
 
 export const chaos: Scenario = {
   name: "chaos",
-  description: "kill -9 and SIGSTOP under load, every server down, an impostor on a dead server's port, two coordinators, a noisy neighbour, a database outage, a brown-out",
+  description:
+    "kill -9 and SIGSTOP under load, every server down, an impostor on a dead server's port, two coordinators, a noisy neighbour, a database outage, a brown-out",
   async run(ctx) {
     const { cluster, ports, step, summary } = ctx;
     const progress = new Progress();
-    const mesh: ChaosMesh = { ...(await startScenarioMesh(ctx, ["--health-interval", "500"])), progress: { status: (text) => progress.status(() => `    ${text()}`) } };
+    const mesh: ChaosMesh = {
+      ...(await startScenarioMesh(ctx, ["--health-interval", "500"])),
+      progress: { status: (text) => progress.status(() => `    ${text()}`) },
+    };
     const rows: FaultRow[] = [];
     const record = (row: FaultRow) => {
       rows.push(row);
@@ -35,12 +52,21 @@ export const chaos: Scenario = {
     const impostorMesh: ChaosMesh = { ...(await startMesh({ cluster, db: mesh.db, namePrefix: "impostor-" })), progress: mesh.progress };
     record(await impostorUnderLoad(impostorMesh, 4, 200));
     step("two coordinators: kill -9 the first while 4 clients send 200 requests each");
-    const second = await cluster.startCoordinator("coordinator2", ports.coordinator + 1, mesh.servers.map((s) => s.url));
+    const second = await cluster.startCoordinator(
+      "coordinator2",
+      ports.coordinator + 1,
+      mesh.servers.map((s) => s.url),
+    );
     record(await coordinatorFailover(mesh, second, 4, 200));
 
     step("noisy neighbour: client1 writes with 4 workers for 10 s alone, then 10 s while client2 floods with 64 (the policy holds client2 to 1 in flight)");
     const neighbourMesh: ChaosMesh = {
-      ...(await startMesh({ cluster, db: mesh.db, namePrefix: "neighbour-", coordinatorArgs: ["--policy", noisyNeighbourPolicy(cluster.logDir, { noisyInFlight: 1, clientInFlight: 16 })] })),
+      ...(await startMesh({
+        cluster,
+        db: mesh.db,
+        namePrefix: "neighbour-",
+        coordinatorArgs: ["--policy", noisyNeighbourPolicy(cluster.logDir, { noisyInFlight: 1, clientInFlight: 16 })],
+      })),
       progress: mesh.progress,
     };
     record(await noisyNeighbour(neighbourMesh, { quiet: 4, noisy: 64, durationMs: 10_000 }));

@@ -25,7 +25,10 @@ export const failover: Scenario = {
 
     step("the next requests still succeed, through server 2");
     const after = await send("after the failure", 2);
-    expectThat(after.every((b) => b.server === ports.server2), `expected server 2 to serve, got ${JSON.stringify(after)}`);
+    expectThat(
+      after.every((b) => b.server === ports.server2),
+      `expected server 2 to serve, got ${JSON.stringify(after)}`,
+    );
     const failed = await cluster.role("coordinator").waitForLine(new RegExp(`Server ${url(ports.server1).replace(/\./g, "\\.")} failed: `));
     summary.push(`coordinator: ${failed}`);
 
@@ -33,7 +36,10 @@ export const failover: Scenario = {
     await mesh.restartServer(mesh.servers[0]!);
     await waitUntilInRotation(cluster, coordinator, url(ports.server1));
     const rejoined = await send("after the restart", 2);
-    expectThat(rejoined.some((b) => b.server === ports.server1), `server 1 served none of ${JSON.stringify(rejoined)}`);
+    expectThat(
+      rejoined.some((b) => b.server === ports.server1),
+      `server 1 served none of ${JSON.stringify(rejoined)}`,
+    );
     summary.push(`server 1 is back in rotation and served record ${rejoined.find((b) => b.server === ports.server1)!.id}`);
   },
 };

@@ -22,7 +22,10 @@ export const security: Scenario = {
 
     step("hostile cases (TLS 200 times each on every mutual-TLS role), the authorization matrix, a case per finding of #11");
     const progress = new Progress();
-    const tally = new Tally((line) => progress.line(`    ${line}  (${progress.elapsed()})`), (text) => progress.status(() => `    ${text()}`));
+    const tally = new Tally(
+      (line) => progress.line(`    ${line}  (${progress.elapsed()})`),
+      (text) => progress.status(() => `    ${text()}`),
+    );
     const { matrix, measurements } = await runSecuritySuite(targets, tally, { tlsAttempts: 200, httpAttempts: 20, matrixAttempts: 3, full: true });
 
     step("NODE_TLS_REJECT_UNAUTHORIZED=0 in a role's environment: the role refuses to start");
@@ -37,7 +40,11 @@ export const security: Scenario = {
 
     step("every role is still up and healthy; no log holds a secret, a 5xx, an escape sequence or a forged line");
     const sick = await rolesHealthy(cluster, [...servers, coordinator, stack.keyserver, stack.secureproxy, stack.marketplace]);
-    const findings = scanLogs(cluster.logDir, { fernetKeys: loadFernetKeys(cluster.pki), apiToken: stack.token, otherTokens: [client2Token] }, { allow5xx: REFUSING_ROLES });
+    const findings = scanLogs(
+      cluster.logDir,
+      { fernetKeys: loadFernetKeys(cluster.pki), apiToken: stack.token, otherTokens: [client2Token] },
+      { allow5xx: REFUSING_ROLES },
+    );
 
     progress.clear();
     summary.push(...tally.table().split("\n"), "");
@@ -46,11 +53,16 @@ export const security: Scenario = {
     summary.push("M3 and M4 are also covered by bun test: roles/keyserver.test.ts (per-identity nonce quota), harness/tokens.test.ts (rotate-key under load)");
     const attempts = tally.results.reduce((n, r) => n + r.attempts, 0);
     const matrixUnexpected = matrix.cells.filter((c) => c.asExpected !== c.attempts);
-    summary.push(`${tally.results.length} cases, ${attempts} attempts, ${tally.failures.length} cases with unexpected outcomes; ` +
-      `matrix: ${matrix.cells.length} cells, ${matrix.cells.length - matrixUnexpected.length} as expected, ${matrixUnexpected.length} unexpected; ` +
-      `roles unhealthy afterwards: ${sick.length}; log findings: ${findings.length}`);
+    summary.push(
+      `${tally.results.length} cases, ${attempts} attempts, ${tally.failures.length} cases with unexpected outcomes; ` +
+        `matrix: ${matrix.cells.length} cells, ${matrix.cells.length - matrixUnexpected.length} as expected, ${matrixUnexpected.length} unexpected; ` +
+        `roles unhealthy afterwards: ${sick.length}; log findings: ${findings.length}`,
+    );
     if (tally.failures.length || matrixUnexpected.length || sick.length || findings.length) for (const line of summary) console.log(`  ${line}`);
-    expectThat(tally.failures.length === 0, `unexpected outcomes:\n${tally.failures.map((f) => `  ${f.role} ${f.name}: ${f.unexpected.join("; ")}`).join("\n")}`);
+    expectThat(
+      tally.failures.length === 0,
+      `unexpected outcomes:\n${tally.failures.map((f) => `  ${f.role} ${f.name}: ${f.unexpected.join("; ")}`).join("\n")}`,
+    );
     expectThat(matrixUnexpected.length === 0, `unexpected matrix cells:\n${matrixSummary(matrix).slice(1).join("\n")}`);
     expectThat(sick.length === 0, `roles not healthy afterwards: ${sick.join(", ")}`);
     expectThat(findings.length === 0, `secrets, 5xx, escapes or forged lines in the logs:\n${findings.slice(0, 10).join("\n")}`);

@@ -39,7 +39,9 @@ export const tokens: Scenario = {
 
     step("client1's certificate, calling the KeyServer directly, is refused");
     const direct = await fetch(`${stack.keyserver}/`, {
-      method: "POST", headers: { "content-type": "application/json" }, body: "{}",
+      method: "POST",
+      headers: { "content-type": "application/json" },
+      body: "{}",
       tls: mutualTlsClientOptions(loadIdentity(cluster.pki, "client1")),
     });
     summary.push(`client1 → KeyServer: ${direct.status} ${await direct.text()}`);
@@ -48,8 +50,10 @@ export const tokens: Scenario = {
     step("token rotate-key without the KeyServer's --db (as the old docs printed it) is refused, naming both; nothing is lost (issue 23)");
     const wrongStore = await cluster.run("keyserver-rotate-no-db", "keyserver", ["token", "rotate-key", "--data", stack.dataDir]);
     summary.push(`token rotate-key without --db: exit ${wrongStore.exitCode}: ${wrongStore.lines.join(" ")}`);
-    expectThat(wrongStore.exitCode === 2 && /^keyserver: keyring .* belongs to token store .*, not to sqlite .* \(no such file\)/.test(wrongStore.lines[0] ?? ""),
-      `expected rotate-key without --db to be refused naming both stores, got exit ${wrongStore.exitCode}: ${wrongStore.lines.join(" | ")}`);
+    expectThat(
+      wrongStore.exitCode === 2 && /^keyserver: keyring .* belongs to token store .*, not to sqlite .* \(no such file\)/.test(wrongStore.lines[0] ?? ""),
+      `expected rotate-key without --db to be refused naming both stores, got exit ${wrongStore.exitCode}: ${wrongStore.lines.join(" | ")}`,
+    );
     const still = await stack.requestApi(item);
     expectThat(still.status === 200, `a release after the refused rotation: expected 200, got ${still.status} ${JSON.stringify(still.body)}`);
 

@@ -29,7 +29,11 @@ export class Authorizer {
     this.#path = path;
     this.#logger = logger;
     ({ policy: this.#policy, hash: this.#hash } = Authorizer.#read(path));
-    this.#decisions = metrics.counter("securemesh_authz_decisions_total", "Authorization decisions, by identity, action and outcome.", ["identity", "action", "decision"]);
+    this.#decisions = metrics.counter("securemesh_authz_decisions_total", "Authorization decisions, by identity, action and outcome.", [
+      "identity",
+      "action",
+      "decision",
+    ]);
   }
 
   static #read(path: string): { policy: Policy; hash: string } {
@@ -108,7 +112,9 @@ export class Authorizer {
     this.#decisions.inc({ identity: identity || "-", action, decision: outcome });
     // Identity and resource can be caller-supplied text (a ClientId, an on-behalf-of header): escaped here, once.
     const fields = { identity: printable(identity || "-"), action, resource: printable(resource || "-"), decision: outcome };
-    this.#logger.info(`AUTHZ ${outcome} identity=${fields.identity} action=${action} resource=${fields.resource} (${printable(decision.reason)})`, { authz: fields });
+    this.#logger.info(`AUTHZ ${outcome} identity=${fields.identity} action=${action} resource=${fields.resource} (${printable(decision.reason)})`, {
+      authz: fields,
+    });
     return decision;
   }
 

@@ -53,7 +53,8 @@ export function readCrlFile(dir: string, caPem: string, now: number): CrlReading
   }
   if (list.number === null) return { refused: `${shown} has no CRL number, so an older CRL could not be told from a newer one` };
   if (list.nextUpdate === null) return { refused: `${shown} has no nextUpdate, so it never goes stale` };
-  if (now > list.nextUpdate.getTime()) return { refused: `${shown} (CRL number ${formatCrlNumber(list.number)}) expired at ${list.nextUpdate.toISOString()} (its nextUpdate)` };
+  if (now > list.nextUpdate.getTime())
+    return { refused: `${shown} (CRL number ${formatCrlNumber(list.number)}) expired at ${list.nextUpdate.toISOString()} (its nextUpdate)` };
   if (list.thisUpdate.getTime() > now + CLOCK_SKEW_MS) {
     return { refused: `${shown} is not valid until ${list.thisUpdate.toISOString()} (its thisUpdate; is this host's clock behind?)` };
   }
@@ -83,6 +84,7 @@ export function readNextCrl(dir: string, caPem: string, inForce: CrlInForce | nu
   const [n, m] = [reading.crl.list.number!, inForce.list.number!];
   if (n > m) return { crl: reading.crl, changed: true };
   if (n < m) return { refused: `${shown} has CRL number ${formatCrlNumber(n)}, lower than the ${formatCrlNumber(m)} in force (an older CRL put back?)` };
-  if (!sameBytes(reading.crl.list.tbs, inForce.list.tbs)) return { refused: `${shown} has CRL number ${formatCrlNumber(n)}, the one in force, but other content` };
+  if (!sameBytes(reading.crl.list.tbs, inForce.list.tbs))
+    return { refused: `${shown} has CRL number ${formatCrlNumber(n)}, the one in force, but other content` };
   return { crl: inForce, changed: false };
 }

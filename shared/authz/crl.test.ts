@@ -14,11 +14,7 @@ setDefaultTimeout(30_000); // building three PKIs (one RSA) takes a few seconds 
 /** Runs a command, failing the test with its stderr unless it exits 0; returns stdout. */
 async function run(cmd: string[], env: Record<string, string> = {}): Promise<Buffer> {
   await using proc = Bun.spawn(cmd, { env: { ...process.env, ...env }, stdout: "pipe", stderr: "pipe" });
-  const [stdout, stderr, exitCode] = await Promise.all([
-    new Response(proc.stdout).arrayBuffer(),
-    new Response(proc.stderr).text(),
-    proc.exited,
-  ]);
+  const [stdout, stderr, exitCode] = await Promise.all([new Response(proc.stdout).arrayBuffer(), new Response(proc.stderr).text(), proc.exited]);
   if (exitCode !== 0) throw new Error(`${cmd.join(" ")} exited ${exitCode}: ${stderr.trim()}`);
   return Buffer.from(stdout);
 }
@@ -94,7 +90,16 @@ print(json.dumps({
 }))
 `;
 
-let python: { empty: PythonView; revoked: PythonView; rsa: PythonView; ecdsaSha384: string; rsaSha512: string; delta: string; otherIssuer: string; ecdsaSha224: string };
+let python: {
+  empty: PythonView;
+  revoked: PythonView;
+  rsa: PythonView;
+  ecdsaSha384: string;
+  rsaSha512: string;
+  delta: string;
+  otherIssuer: string;
+  ecdsaSha224: string;
+};
 
 /** Expects `parse` to throw CrlInvalid (and nothing else); returns its message. */
 function rejection(parse: () => unknown): string {
@@ -178,7 +183,10 @@ describe("parseCrl on pki.sh's CRLs", () => {
 
 describe("CRLs signed by Python's cryptography", () => {
   test("ECDSA-SHA384 and RSA-SHA512 signatures, GeneralizedTime, serials with a leading zero, entry extensions", () => {
-    for (const [dir, pem] of [[pki, python.ecdsaSha384], [rsa, python.rsaSha512]] as const) {
+    for (const [dir, pem] of [
+      [pki, python.ecdsaSha384],
+      [rsa, python.rsaSha512],
+    ] as const) {
       const list = parseCrl(pem, read(dir, "ca_cert.pem"));
       expect([...list.revoked].sort()).toEqual(["80", "ff00"]);
       expect(list.thisUpdate.toISOString()).toBe("2049-12-31T23:59:59.000Z");
@@ -254,7 +262,14 @@ describe("parseCrl refuses what it cannot trust", () => {
     expect(rejection(() => parseCrl("-----BEGIN X509 CRL-----\nnot base64 at all!\n-----END X509 CRL-----\n", ca))).toBe("invalid CRL: not a PEM X509 CRL");
     expect(rejection(() => parseCrl("-----BEGIN X509 CRL-----\nAAAAAAAA\n-----END X509 CRL-----\n", ca))).toBe("invalid CRL: not a well-formed CRL");
     expect(rejection(() => parseCrl(ca, ca))).toBe("invalid CRL: not a PEM X509 CRL"); // a certificate, not a CRL
-    expect(rejection(() => parseCrl(Uint8Array.from({ length: 512 }, (_, i) => (i * 151 + 7) & 0xff), ca))).toBe("invalid CRL: not a well-formed CRL");
+    expect(
+      rejection(() =>
+        parseCrl(
+          Uint8Array.from({ length: 512 }, (_, i) => (i * 151 + 7) & 0xff),
+          ca,
+        ),
+      ),
+    ).toBe("invalid CRL: not a well-formed CRL");
     expect(rejection(() => parseCrl(crl, "not a certificate"))).toBe("invalid CRL: the CA certificate cannot be read");
   });
 
@@ -316,13 +331,27 @@ const tlv = (tag: number, ...parts: Uint8Array[]): Buffer => {
 };
 
 describe("CRL numbers", () => {
-  let oracle: { pkiSh: Record<string, string>; numbered: Record<string, string>; critical: string; negative: string; notMinimal: string; notAnInteger: string; trailingByte: string };
+  let oracle: {
+    pkiSh: Record<string, string>;
+    numbered: Record<string, string>;
+    critical: string;
+    negative: string;
+    notMinimal: string;
+    notAnInteger: string;
+    trailingByte: string;
+  };
   beforeAll(async () => {
     oracle = JSON.parse(await runPython(NUMBER_ORACLE, "", {}, [pki, ...NUMBERS]));
   });
 
   test("pki.sh's CRLs carry the number openssl and Python read, one higher per revocation", async () => {
-    const openssl = async (file: string) => BigInt((await run(["openssl", "crl", "-in", join(pki, file), "-noout", "-crlnumber"])).toString().trim().replace(/^crlNumber=/, ""));
+    const openssl = async (file: string) =>
+      BigInt(
+        (await run(["openssl", "crl", "-in", join(pki, file), "-noout", "-crlnumber"]))
+          .toString()
+          .trim()
+          .replace(/^crlNumber=/, ""),
+      );
     for (const file of ["crl-empty.pem", "crl.pem"]) {
       const number = crlOf(pki, file).number;
       expect({ file, number }).toEqual({ file, number: BigInt(oracle.pkiSh[file]!) });
@@ -356,12 +385,23 @@ describe("CRL numbers", () => {
     const crlWith = (...extensions: Buffer[]) => {
       const algorithm = tlv(Tag.SEQUENCE, Buffer.from("06082a8648ce3d040302", "hex"));
       const time = tlv(Tag.UTC_TIME, Buffer.from("490101000000Z"));
-      const tbs = tlv(Tag.SEQUENCE, tlv(Tag.INTEGER, Buffer.from([1])), algorithm, tlv(Tag.SEQUENCE), time, time,
-        tlv(contextTag(0), tlv(Tag.SEQUENCE, ...extensions)));
+      const tbs = tlv(
+        Tag.SEQUENCE,
+        tlv(Tag.INTEGER, Buffer.from([1])),
+        algorithm,
+        tlv(Tag.SEQUENCE),
+        time,
+        time,
+        tlv(contextTag(0), tlv(Tag.SEQUENCE, ...extensions)),
+      );
       return tlv(Tag.SEQUENCE, tbs, algorithm, tlv(Tag.BIT_STRING, Buffer.from([0, 1, 2])));
     };
-    expect(rejection(() => parseCrl(crlWith(crlNumber(Buffer.from([0x01, ...Buffer.alloc(20)]))), ca))).toBe("invalid CRL: CRL number is longer than 20 octets");
-    expect(rejection(() => parseCrl(crlWith(crlNumber(Buffer.from([5])), crlNumber(Buffer.from([6]))), ca))).toBe("invalid CRL: CRL has the same extension twice");
+    expect(rejection(() => parseCrl(crlWith(crlNumber(Buffer.from([0x01, ...Buffer.alloc(20)]))), ca))).toBe(
+      "invalid CRL: CRL number is longer than 20 octets",
+    );
+    expect(rejection(() => parseCrl(crlWith(crlNumber(Buffer.from([5])), crlNumber(Buffer.from([6]))), ca))).toBe(
+      "invalid CRL: CRL has the same extension twice",
+    );
     // The same CRL with one number gets past the extensions, to the checks after them.
     expect(rejection(() => parseCrl(crlWith(crlNumber(Buffer.from([5]))), ca))).toBe("invalid CRL: issuer is not our CA");
   });

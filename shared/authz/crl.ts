@@ -3,8 +3,20 @@
 import { X509Certificate, verify } from "node:crypto";
 import { MeshError } from "../platform/errors.ts";
 import {
-  children, contextTag, DerError, expectTag, isTime, readBitStringBytes, readDer, readInteger, readIntegerHex, readOid, readTime,
-  sameBytes, Tag, type Tlv,
+  children,
+  contextTag,
+  DerError,
+  expectTag,
+  isTime,
+  readBitStringBytes,
+  readDer,
+  readInteger,
+  readIntegerHex,
+  readOid,
+  readTime,
+  sameBytes,
+  Tag,
+  type Tlv,
 } from "./der.ts";
 
 /** A CRL that cannot be trusted or read: malformed, badly signed, not from our CA. The message never quotes it. */

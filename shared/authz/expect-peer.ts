@@ -1,10 +1,9 @@
 // Internal hops check whom they reached, not only that the CA signed it: any certificate of our CA with the
 // right address would otherwise pass as a server or the KeyServer (#11, hardening; issue 18 H1).
-import tls from "node:tls";
+import type tls from "node:tls";
 import { CLIENT_AUTH_OID, SERVER_AUTH_OID } from "../platform/tls.ts";
 import { identityOf } from "./identity.ts";
 import { hostnameRefusal } from "../platform/runtime/hostname-check.ts";
-
 
 /** Why a hop refused the identity it reached; the pool treats it like a failed handshake (never reached). */
 export class UnexpectedPeer extends Error {
@@ -15,8 +14,10 @@ export class UnexpectedPeer extends Error {
 export function tlsPeerIdentity(peer: tls.PeerCertificate): string {
   const usages = peer.ext_key_usage ?? [];
   return identityOf({
-    subject: peer.subject as unknown as Record<string, unknown> | undefined, subjectaltname: peer.subjectaltname,
-    clientAuth: usages.includes(CLIENT_AUTH_OID), serverAuth: usages.includes(SERVER_AUTH_OID),
+    subject: peer.subject as unknown as Record<string, unknown> | undefined,
+    subjectaltname: peer.subjectaltname,
+    clientAuth: usages.includes(CLIENT_AUTH_OID),
+    serverAuth: usages.includes(SERVER_AUTH_OID),
   });
 }
 

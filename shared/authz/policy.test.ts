@@ -24,7 +24,11 @@ describe("the repository's default policy", () => {
   test("keeps the demo working: clients write and read the shared view, only the coordinator forwards, only the proxy fetches tokens", () => {
     const table = [client1, client2, coordinator, secureproxy, server].map((id) => [
       id.split("/").pop(),
-      allowed(id, "records.write"), allowed(id, "view.read", "all"), allowed(id, "cache.invalidate"), allowed(id, "forward"), allowed(id, "tokens.fetch"),
+      allowed(id, "records.write"),
+      allowed(id, "view.read", "all"),
+      allowed(id, "cache.invalidate"),
+      allowed(id, "forward"),
+      allowed(id, "tokens.fetch"),
     ]);
     expect(table).toEqual([
       ["client1", true, true, true, false, false],
@@ -79,7 +83,8 @@ describe("policy format", () => {
 });
 
 const STAR_IN_IDENTITY = (i: number) => `rules[${i}].identity: "*" only as a whole last segment, e.g. spiffe://securemesh/client/*`;
-const STAR_IN_RESOURCE = (i: number, j: number) => `rules[${i}].allow[${j}]: "*" only as a whole last segment or the whole resource, e.g. proxy.use:client1/* or proxy.use:*`;
+const STAR_IN_RESOURCE = (i: number, j: number) =>
+  `rules[${i}].allow[${j}]: "*" only as a whole last segment or the whole resource, e.g. proxy.use:client1/* or proxy.use:*`;
 
 describe("a * is a whole last path segment, never part of a name", () => {
   const refusal = (rules: unknown[]) => {
@@ -93,26 +98,39 @@ describe("a * is a whole last path segment, never part of a name", () => {
   };
 
   test("an identity with * inside a name is refused at parse time with its place", () => {
-    const rules = (identity: string) => [{ identity: client2, allow: [] }, { identity: coordinator, allow: ["forward"] }, { identity, allow: ["records.write"] }];
-    expect(["client/client1*", "client/clie*t1", "client*", "client/**", "*/client1", "client/*/x"].map((tail) => refusal(rules(`spiffe://securemesh/${tail}`)))).toEqual(Array(6).fill(STAR_IN_IDENTITY(2)));
+    const rules = (identity: string) => [
+      { identity: client2, allow: [] },
+      { identity: coordinator, allow: ["forward"] },
+      { identity, allow: ["records.write"] },
+    ];
+    expect(
+      ["client/client1*", "client/clie*t1", "client*", "client/**", "*/client1", "client/*/x"].map((tail) => refusal(rules(`spiffe://securemesh/${tail}`))),
+    ).toEqual(Array(6).fill(STAR_IN_IDENTITY(2)));
     expect(["client/*", "*"].map((tail) => refusal(rules(`spiffe://securemesh/${tail}`)))).toEqual(["accepted", "accepted"]);
   });
 
   test("a resource with * inside a name is refused; * after / or as the whole resource is accepted", () => {
     const rules = (permission: string) => [{ identity: client1, allow: ["records.write", permission] }];
-    expect(["proxy.use:client1*", "proxy.use:client1/market*", "proxy.use:*/marketplace", "proxy.use:client1/*/x", "proxy.use:**", "view.read:a*"].map((p) => refusal(rules(p))))
-      .toEqual(Array(6).fill(STAR_IN_RESOURCE(0, 1)));
-    expect(["proxy.use:client1/*", "proxy.use:*", "view.read:*", "proxy.use:client1/marketplace"].map((p) => refusal(rules(p)))).toEqual(Array(4).fill("accepted"));
+    expect(
+      ["proxy.use:client1*", "proxy.use:client1/market*", "proxy.use:*/marketplace", "proxy.use:client1/*/x", "proxy.use:**", "view.read:a*"].map((p) =>
+        refusal(rules(p)),
+      ),
+    ).toEqual(Array(6).fill(STAR_IN_RESOURCE(0, 1)));
+    expect(["proxy.use:client1/*", "proxy.use:*", "view.read:*", "proxy.use:client1/marketplace"].map((p) => refusal(rules(p)))).toEqual(
+      Array(4).fill("accepted"),
+    );
   });
 
   test("client/* grants client10, but client/client1 and a client1/* resource do not reach client10", () => {
-    const policy = parsePolicy(JSON.stringify({
-      rules: [
-        { identity: "spiffe://securemesh/client/*", allow: ["view.read:own"] },
-        { identity: client1, allow: ["proxy.use:client1/*"] },
-        { identity: "spiffe://securemesh/coordinator/*", allow: ["forward"] },
-      ],
-    }));
+    const policy = parsePolicy(
+      JSON.stringify({
+        rules: [
+          { identity: "spiffe://securemesh/client/*", allow: ["view.read:own"] },
+          { identity: client1, allow: ["proxy.use:client1/*"] },
+          { identity: "spiffe://securemesh/coordinator/*", allow: ["forward"] },
+        ],
+      }),
+    );
     const client10 = "spiffe://securemesh/client/client10";
     expect({
       client10ReadsOwn: decide(policy, client10, "view.read", "own").allow,
@@ -184,7 +202,11 @@ describe("Authorizer", () => {
     writeFileSync(path, JSON.stringify({ rules: [], limits: [{ identity: client2, inFlight: 3 }] }));
     expect(authz.limits(client2).inFlight).toBe(DEFAULT_IN_FLIGHT); // the file alone changes nothing in force
     expect(authz.reload()).toBe(true);
-    expect([authz.limits(client2).inFlight, authz.connectionLimit(client2), authz.limits(client1).inFlight]).toEqual([3, DEFAULT_CONNECTIONS, DEFAULT_IN_FLIGHT]);
+    expect([authz.limits(client2).inFlight, authz.connectionLimit(client2), authz.limits(client1).inFlight]).toEqual([
+      3,
+      DEFAULT_CONNECTIONS,
+      DEFAULT_IN_FLIGHT,
+    ]);
   });
 
   test("watch(): a file change is picked up without a restart", async () => {
@@ -207,7 +229,9 @@ describe("Authorizer", () => {
 
 describe("identityOf", () => {
   test("the SPIFFE URI SAN names the identity; more than one is ambiguous", () => {
-    expect(identityOf({ subject: "O=securemesh\nCN=x", subjectAltName: "URI:spiffe://securemesh/client/client1, DNS:client1", clientAuth: true })).toBe(client1);
+    expect(identityOf({ subject: "O=securemesh\nCN=x", subjectAltName: "URI:spiffe://securemesh/client/client1, DNS:client1", clientAuth: true })).toBe(
+      client1,
+    );
     expect(identityOf({ subjectaltname: "URI:spiffe://securemesh/client/a, URI:spiffe://securemesh/client/b", clientAuth: true })).toBe("");
     expect(identityOf({ subjectaltname: "URI:spiffe://securemesh/client/a b", clientAuth: true })).toBe("");
   });
@@ -219,7 +243,9 @@ describe("identityOf", () => {
     // Found by attack: a client certificate named after a role stays a client, and a certificate with a URI SAN
     // of another trust domain is not read through its CN at all.
     expect(identityOf({ subject: { CN: "secureproxy" }, clientAuth: true })).toBe("spiffe://securemesh/client/secureproxy");
-    expect(identityOf({ subject: { CN: "coordinator" }, subjectaltname: "URI:spiffe://partner.example/client/x", clientAuth: true, serverAuth: true })).toBe("");
+    expect(identityOf({ subject: { CN: "coordinator" }, subjectaltname: "URI:spiffe://partner.example/client/x", clientAuth: true, serverAuth: true })).toBe(
+      "",
+    );
     expect(identityOf({ subject: { CN: ["a", "b"] }, clientAuth: true })).toBe("");
     expect(identityOf({ subject: "CN=evil/../x", clientAuth: true })).toBe("");
   });
@@ -233,7 +259,9 @@ describe("limits (issue 18, L2)", () => {
       { identity: "spiffe://securemesh/client/client2", connections: 4, comment: "a noisy one" },
       { identity: "*", connections: 64 },
     ]);
-    expect(["coordinator/coordinator", "client/client2", "client/client1"].map((id) => limitsOf(policy, `spiffe://securemesh/${id}`).connections)).toEqual([1024, 4, 64]);
+    expect(["coordinator/coordinator", "client/client2", "client/client1"].map((id) => limitsOf(policy, `spiffe://securemesh/${id}`).connections)).toEqual([
+      1024, 4, 64,
+    ]);
     expect(limitsOf(policyWith([]), "spiffe://securemesh/client/client1").connections).toBe(DEFAULT_CONNECTIONS);
   });
 
@@ -247,7 +275,9 @@ describe("limits (issue 18, L2)", () => {
       }
     };
     expect(bad({})).toBe('"limits" must be an array');
-    expect(bad([{ identity: "spiffe://securemesh/client/client1*", connections: 1 }])).toBe('limits[0].identity must be a SPIFFE ID, a prefix ending in /*, or "*"');
+    expect(bad([{ identity: "spiffe://securemesh/client/client1*", connections: 1 }])).toBe(
+      'limits[0].identity must be a SPIFFE ID, a prefix ending in /*, or "*"',
+    );
     expect(bad([{ identity: "*", connections: 0 }])).toBe("limits[0].connections must be a whole number from 1 to 1000000");
     expect(bad([{ identity: "*", connections: 1.5 }])).toBe("limits[0].connections must be a whole number from 1 to 1000000");
     expect(bad([{ identity: "*", rate: 1 }])).toBe('limits[0].rate must be an object { "perSecond": N, "burst": N }');
@@ -262,7 +292,11 @@ describe("limits (issue 18, L2)", () => {
       { identity: "spiffe://securemesh/client/client2", rate: { perSecond: 50, burst: 100 } },
       { identity: "spiffe://securemesh/client/*", inFlight: 16 },
     ]);
-    expect(limitsOf(policy, "spiffe://securemesh/client/client2")).toEqual({ connections: DEFAULT_CONNECTIONS, inFlight: 16, rate: { perSecond: 50, burst: 100 } });
+    expect(limitsOf(policy, "spiffe://securemesh/client/client2")).toEqual({
+      connections: DEFAULT_CONNECTIONS,
+      inFlight: 16,
+      rate: { perSecond: 50, burst: 100 },
+    });
     expect(limitsOf(policy, "spiffe://securemesh/client/client1")).toEqual({ connections: DEFAULT_CONNECTIONS, inFlight: 16, rate: null });
     expect(limitsOf(policy, "spiffe://securemesh/server/server1")).toEqual({ connections: DEFAULT_CONNECTIONS, inFlight: DEFAULT_IN_FLIGHT, rate: null });
   });

@@ -40,7 +40,6 @@ export interface Decision {
   reason: string;
 }
 
-
 /** An authenticated caller without the permission: 403, naming the identity and what it lacks. */
 export class PermissionDenied extends MeshError {
   constructor(decision: Decision) {
@@ -72,7 +71,7 @@ export function parsePolicy(text: string): Policy {
     throw new PolicyInvalid(`policy is not valid JSON (${(error as Error).message})`);
   }
   if (typeof raw !== "object" || raw === null || !Array.isArray((raw as { rules?: unknown }).rules)) {
-    throw new PolicyInvalid("policy must be a JSON object with a \"rules\" array");
+    throw new PolicyInvalid('policy must be a JSON object with a "rules" array');
   }
   const topLevelExtra = Object.keys(raw).find((k) => k !== "rules" && k !== "limits" && k !== "comment");
   if (topLevelExtra) throw new PolicyInvalid(`unknown top-level key ${JSON.stringify(topLevelExtra.slice(0, 32))} (expected "rules", "limits", "comment")`);

@@ -41,7 +41,11 @@ export class RequestLimiter {
     this.#limits = limits;
     this.#logger = logger;
     this.#now = now;
-    this.#refusals = metrics.counter("securemesh_limit_refusals_total", "Requests refused with 429 because their identity was over a policy limit, by identity and limit.", ["identity", "limit"]);
+    this.#refusals = metrics.counter(
+      "securemesh_limit_refusals_total",
+      "Requests refused with 429 because their identity was over a policy limit, by identity and limit.",
+      ["identity", "limit"],
+    );
   }
 
   /**
@@ -102,13 +106,16 @@ export class RequestLimiter {
       release();
       return Promise.reject(error);
     }
-    return Promise.resolve(pending).then((value) => {
-      release();
-      return value;
-    }, (error: unknown) => {
-      release();
-      throw error;
-    });
+    return Promise.resolve(pending).then(
+      (value) => {
+        release();
+        return value;
+      },
+      (error: unknown) => {
+        release();
+        throw error;
+      },
+    );
   }
 
   /** Every identity seen lately: its requests in flight and its refusals, for the status page. */

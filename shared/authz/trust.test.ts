@@ -70,7 +70,13 @@ describe("at start", () => {
     expect([trust.isRevoked(xSerial), trust.isRevoked(serialOf(dir, "client1")), trust.identity.crl === pem]).toEqual([true, false, true]);
     const status = trust.crlStatus();
     expect(status).toEqual({
-      enabled: true, number: status.number, thisUpdate: status.thisUpdate, nextUpdate: status.nextUpdate, revoked: 1, stale: false, lastError: null,
+      enabled: true,
+      number: status.number,
+      thisUpdate: status.thisUpdate,
+      nextUpdate: status.nextUpdate,
+      revoked: 1,
+      stale: false,
+      lastError: null,
     });
     // The number and dates as openssl reads them.
     const openssl = Bun.spawnSync(["openssl", "crl", "-in", join(dir, "crl.pem"), "-noout", "-crlnumber", "-lastupdate", "-nextupdate"]).stdout.toString();
@@ -82,14 +88,23 @@ describe("at start", () => {
   test("no usable crl.pem: the role refuses to start with one line naming the file, what is wrong, and the fix", async () => {
     const dir = copyOf(pki);
     const now = Date.now();
+    // biome-ignore lint/suspicious/noConfusingVoidType: a case is a check that throws or rejects, sync or async
     const cases: [string, () => Promise<unknown> | void, RegExp][] = [
       ["missing", () => rmSync(join(dir, "crl.pem")), /crl\.pem is missing/],
       ["another CA's", () => copyFileSync(join(other, "crl.pem"), join(dir, "crl.pem")), /crl\.pem: invalid CRL: signature does not verify with our CA/],
       ["not a CRL", () => writeFileSync(join(dir, "crl.pem"), "not a CRL\n"), /crl\.pem: invalid CRL: not a PEM X509 CRL/],
       ["unreadable", () => (rmSync(join(dir, "crl.pem")), mkdirSync(join(dir, "crl.pem"))), /cannot read .*crl\.pem: EISDIR/],
       ["number-less", () => signCrl(dir, { number: null }), /crl\.pem has no CRL number/],
-      ["expired", () => signCrl(dir, { thisUpdate: new Date(now - 31 * DAY), nextUpdate: new Date(now - 60_000) }), /crl\.pem \(CRL number 0x[0-9A-F]+\) expired at .* \(its nextUpdate\)/],
-      ["not yet valid", () => signCrl(dir, { thisUpdate: new Date(now + 2 * CLOCK_SKEW_MS) }), /crl\.pem is not valid until .* \(its thisUpdate; is this host's clock behind\?\)/],
+      [
+        "expired",
+        () => signCrl(dir, { thisUpdate: new Date(now - 31 * DAY), nextUpdate: new Date(now - 60_000) }),
+        /crl\.pem \(CRL number 0x[0-9A-F]+\) expired at .* \(its nextUpdate\)/,
+      ],
+      [
+        "not yet valid",
+        () => signCrl(dir, { thisUpdate: new Date(now + 2 * CLOCK_SKEW_MS) }),
+        /crl\.pem is not valid until .* \(its thisUpdate; is this host's clock behind\?\)/,
+      ],
     ];
     for (const [what, breakIt, reason] of cases) {
       rmSync(join(dir, "crl.pem"), { recursive: true, force: true });
@@ -102,8 +117,14 @@ describe("at start", () => {
         error = caught;
       }
       const message = (error as Error | undefined)?.message ?? "it started";
-      expect({ what, configError: error instanceof ConfigError, oneLine: !message.includes("\n"), reason: reason.test(message), names: message.includes(join(dir, "crl.pem")), fix: message.endsWith(`: ${CRL_FIX}`) })
-        .toEqual({ what, configError: true, oneLine: true, reason: true, names: true, fix: true });
+      expect({
+        what,
+        configError: error instanceof ConfigError,
+        oneLine: !message.includes("\n"),
+        reason: reason.test(message),
+        names: message.includes(join(dir, "crl.pem")),
+        fix: message.endsWith(`: ${CRL_FIX}`),
+      }).toEqual({ what, configError: true, oneLine: true, reason: true, names: true, fix: true });
       expect(message).toStartWith("no usable CRL, so this role will not start: ");
     }
     // A thisUpdate a little ahead of this clock (the CA host's runs fast) is fine.
@@ -127,7 +148,11 @@ describe("at start", () => {
     writeFileSync(join(dir, "crl.pem"), "not a CRL\n");
     const reload = recorder();
     expect(await trust.reload(reload.logger)).toBe(true);
-    expect([trust.isRevoked(xSerial), reload.at("error"), reload.at("info")]).toEqual([false, [], ["TLS material reloaded: 0 revoked certificate(s) on the CRL"]]);
+    expect([trust.isRevoked(xSerial), reload.at("error"), reload.at("info")]).toEqual([
+      false,
+      [],
+      ["TLS material reloaded: 0 revoked certificate(s) on the CRL"],
+    ]);
   });
 });
 
@@ -150,7 +175,12 @@ describe("reload", () => {
   async function expectKept(reason: RegExp): Promise<void> {
     const before = trust.crlStatus();
     expect(await trust.reload(log.logger)).toBe(false);
-    expect({ revoked: trust.isRevoked(xSerial), pem: trust.identity.crl === inForce, changes, lines: log.lines.length }).toEqual({ revoked: true, pem: true, changes: [], lines: 1 });
+    expect({ revoked: trust.isRevoked(xSerial), pem: trust.identity.crl === inForce, changes, lines: log.lines.length }).toEqual({
+      revoked: true,
+      pem: true,
+      changes: [],
+      lines: 1,
+    });
     const [line] = log.at("error");
     expect(line).toMatch(/^CRL NOT reloaded, the previous one stays in force \(CRL number 0x[0-9A-F]+, 1 revoked, next update \S+Z\): /);
     expect(line).toMatch(reason);
@@ -213,7 +243,10 @@ describe("reload", () => {
     log = recorder();
     expect(await trust.reload(log.logger)).toBe(true);
     expect({ revoked: trust.isRevoked(xSerial), error: trust.crlStatus().lastError, errors: log.at("error"), changes }).toEqual({
-      revoked: true, error: null, errors: [], changes: [{ certificate: false, revocations: false }],
+      revoked: true,
+      error: null,
+      errors: [],
+      changes: [{ certificate: false, revocations: false }],
     });
   });
 
@@ -222,28 +255,47 @@ describe("reload", () => {
     await issueIdentity(dir, "y", "client");
     await runPkiSh(dir, "revoke", "y");
     expect(await trust.reload(log.logger)).toBe(true);
-    expect({ y: trust.isRevoked(serialOf(dir, "y")), x: trust.isRevoked(xSerial), number: trust.crlStatus().number, pem: trust.identity.crl, changes, errors: log.at("error") })
-      .toEqual({ y: true, x: true, number: before + 1n, pem: read(dir, "crl.pem"), changes: [{ certificate: false, revocations: true }], errors: [] });
-    expect(log.at("info")).toEqual([`TLS material reloaded: 2 revoked certificate(s) on the CRL (CRL number 0x${(before + 1n).toString(16).toUpperCase()}, 2 revoked, next update ${trust.crlStatus().nextUpdate!.toISOString()})`]);
+    expect({
+      y: trust.isRevoked(serialOf(dir, "y")),
+      x: trust.isRevoked(xSerial),
+      number: trust.crlStatus().number,
+      pem: trust.identity.crl,
+      changes,
+      errors: log.at("error"),
+    }).toEqual({ y: true, x: true, number: before + 1n, pem: read(dir, "crl.pem"), changes: [{ certificate: false, revocations: true }], errors: [] });
+    expect(log.at("info")).toEqual([
+      `TLS material reloaded: 2 revoked certificate(s) on the CRL (CRL number 0x${(before + 1n).toString(16).toUpperCase()}, 2 revoked, next update ${trust.crlStatus().nextUpdate!.toISOString()})`,
+    ]);
   });
 
   test("a renewed certificate with a refused CRL: the certificate is applied, the CRL in force kept", async () => {
     await issueIdentity(dir, "keyserver", "keyserver", { force: true });
     rmSync(join(dir, "crl.pem"));
     expect(await trust.reload(log.logger)).toBe(true);
-    expect({ cert: trust.identity.cert === read(dir, "keyserver_cert.pem"), pem: trust.identity.crl === inForce, revoked: trust.isRevoked(xSerial), changes, errors: log.at("error").length })
-      .toEqual({ cert: true, pem: true, revoked: true, changes: [{ certificate: true, revocations: false }], errors: 1 });
+    expect({
+      cert: trust.identity.cert === read(dir, "keyserver_cert.pem"),
+      pem: trust.identity.crl === inForce,
+      revoked: trust.isRevoked(xSerial),
+      changes,
+      errors: log.at("error").length,
+    }).toEqual({ cert: true, pem: true, revoked: true, changes: [{ certificate: true, revocations: false }], errors: 1 });
   });
 
   test("a new CA needs a CRL of its own: without one nothing is reloaded; with one, its own numbering counts", async () => {
     for (const file of ["ca_cert.pem", "keyserver_cert.pem", "keyserver_key.pem"]) copyFileSync(join(other, file), join(dir, file));
     rmSync(join(dir, "crl.pem"));
     expect(await trust.reload(log.logger)).toBe(false);
-    expect(log.at("error")).toEqual([expect.stringMatching(/^TLS material NOT reloaded, the previous one stays in force: the new CA needs a valid CRL of its own: .*crl\.pem is missing$/)]);
+    expect(log.at("error")).toEqual([
+      expect.stringMatching(/^TLS material NOT reloaded, the previous one stays in force: the new CA needs a valid CRL of its own: .*crl\.pem is missing$/),
+    ]);
     expect(trust.identity.ca).not.toBe(read(other, "ca_cert.pem"));
     copyFileSync(join(other, "crl.pem"), join(dir, "crl.pem"));
     expect(await trust.reload(log.logger)).toBe(true);
-    expect([trust.identity.ca === read(other, "ca_cert.pem"), trust.isRevoked(xSerial), changes]).toEqual([true, false, [{ certificate: true, revocations: true }]]);
+    expect([trust.identity.ca === read(other, "ca_cert.pem"), trust.isRevoked(xSerial), changes]).toEqual([
+      true,
+      false,
+      [{ certificate: true, revocations: true }],
+    ]);
   });
 });
 

@@ -158,7 +158,10 @@ export class TrustMaterial {
       this.#freshness = setInterval(() => this.#reportIfStale(logger), RELOAD_INTERVAL_MS);
       this.#freshness.unref?.();
     }
-    this.#watch = watchFiles(files.map((file) => join(this.#dir, file)), () => this.reload(logger));
+    this.#watch = watchFiles(
+      files.map((file) => join(this.#dir, file)),
+      () => this.reload(logger),
+    );
     return this;
   }
 

@@ -25,21 +25,35 @@ class HeldTransport implements UpstreamTransport {
     await this.gate;
     const { status, headers = {} } = this.answer();
     const body = new TextEncoder().encode(JSON.stringify(status === 200 ? { result: "ok" } : { error: "over", code: "ERR_RATE_LIMITED" }));
-    return { status, body, header: (name) => (name === "content-type" ? "application/json" : headers[name] ?? null) };
+    return { status, body, header: (name) => (name === "content-type" ? "application/json" : (headers[name] ?? null)) };
   }
 }
 
-function coordinator(transport: HeldTransport, options: { limits?: unknown[]; rules?: unknown[]; servers?: string[]; logs?: string[]; drainable?: boolean } = {}) {
+function coordinator(
+  transport: HeldTransport,
+  options: { limits?: unknown[]; rules?: unknown[]; servers?: string[]; logs?: string[]; drainable?: boolean } = {},
+) {
   const logger = createLogger("coordinator", { format: "text", color: false, write: (line) => options.logs?.push(line) });
   const dir = mkdtempSync(join(tmpdir(), "securemesh-coordinator-app-"));
   writeFileSync(join(dir, "policy.json"), JSON.stringify({ rules: options.rules ?? [], limits: options.limits ?? [] }));
   const authz = new Authorizer(join(dir, "policy.json"), logger);
   const pool = new UpstreamPool({ servers: options.servers ?? [SERVER], transport, logger });
-  const app = createCoordinatorApp({ pool, logger, authz, drainable: options.drainable, limiter: new RequestLimiter({ limits: (id) => authz.limits(id), logger }) });
+  const app = createCoordinatorApp({
+    pool,
+    logger,
+    authz,
+    drainable: options.drainable,
+    limiter: new RequestLimiter({ limits: (id) => authz.limits(id), logger }),
+  });
   return (identity: string) => handledAs(app, identity);
 }
 
-const write = () => new Request("http://localhost/api/data", { method: "POST", headers: { "content-type": "application/json", "idempotency-key": crypto.randomUUID() }, body: "{}" });
+const write = () =>
+  new Request("http://localhost/api/data", {
+    method: "POST",
+    headers: { "content-type": "application/json", "idempotency-key": crypto.randomUUID() },
+    body: "{}",
+  });
 
 describe("per-identity limits at the coordinator (issue 20)", () => {
   test("an identity over its requests in flight gets 429 with Retry-After, and nothing is forwarded; another is served", async () => {
@@ -49,7 +63,11 @@ describe("per-identity limits at the coordinator (issue 20)", () => {
     transport.gate = open.promise;
     const held = [as(CLIENT2).handle(write()), as(CLIENT2).handle(write())];
     const over = await as(CLIENT2).handle(write());
-    expect([over.status, over.headers.get("retry-after"), await over.json()]).toEqual([429, "1", { error: `${CLIENT2} already has 2 requests in flight, its limit`, code: "ERR_IN_FLIGHT_LIMIT" }]);
+    expect([over.status, over.headers.get("retry-after"), await over.json()]).toEqual([
+      429,
+      "1",
+      { error: `${CLIENT2} already has 2 requests in flight, its limit`, code: "ERR_IN_FLIGHT_LIMIT" },
+    ]);
     expect(transport.forwards).toBe(2);
     const other = as(CLIENT1).handle(write());
     open.resolve();

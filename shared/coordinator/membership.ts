@@ -30,7 +30,10 @@ export function readServersFile(path: string): string[] {
   } catch (error) {
     throw new ConfigError(`cannot read --servers-file ${path}: ${(error as NodeJS.ErrnoException).code ?? (error as Error).message}`);
   }
-  return parseServerUrls(text.split("\n").map((line) => line.replace(/#.*/, "")), path);
+  return parseServerUrls(
+    text.split("\n").map((line) => line.replace(/#.*/, "")),
+    path,
+  );
 }
 
 /**
@@ -41,7 +44,9 @@ export function watchMembership(path: string, pool: UpstreamPool, logger: Logger
   return watchFiles([path], () => {
     try {
       const { added, removed } = pool.setServers(readServersFile(path));
-      logger.info(`servers reloaded from ${path}: ${pool.servers.length} (added ${added.length ? added.join(", ") : "none"}; removed ${removed.length ? removed.join(", ") : "none"})`);
+      logger.info(
+        `servers reloaded from ${path}: ${pool.servers.length} (added ${added.length ? added.join(", ") : "none"}; removed ${removed.length ? removed.join(", ") : "none"})`,
+      );
     } catch (error) {
       logger.error(`servers NOT reloaded, the membership stays as it is: ${describeError(error).replace(/^ERR_CONFIG: /, "")}`);
     }

@@ -36,7 +36,8 @@ export interface CoordinatorConfig extends ServingConfig {
 export function coordinatorService({ config, logger, metrics, trust, authz, limiter }: RoleContext<CoordinatorConfig>): RoleService {
   const worker = workerIndex();
   const serverTls = (identity: Identity) => ({
-    ...mutualTlsClientOptions(identity), checkServerIdentity: expectPeer(config.expectServer, { isRevoked: (serial) => trust.isRevoked(serial) }),
+    ...mutualTlsClientOptions(identity),
+    checkServerIdentity: expectPeer(config.expectServer, { isRevoked: (serial) => trust.isRevoked(serial) }),
   });
   const servers = new HttpsClient({ tls: serverTls(trust.identity), isRevoked: (serial) => trust.isRevoked(serial) });
   const pool = new UpstreamPool({ servers: config.servers, transport: servers, logger, timeoutMs: config.timeoutMs, health: config.health });
@@ -78,7 +79,8 @@ export function coordinatorService({ config, logger, metrics, trust, authz, limi
  * for up to a probe interval. The status page and /metrics here merge the workers' own.
  */
 export async function superviseCoordinators(config: CoordinatorConfig, logger: Logger): Promise<void> {
-  if (!runtime.sharesPorts) exitWithConfigError("coordinator", new ConfigError("--workers above 1 needs Bun: Deno's node:https listener cannot share a port (SO_REUSEPORT)"));
+  if (!runtime.sharesPorts)
+    exitWithConfigError("coordinator", new ConfigError("--workers above 1 needs Bun: Deno's node:https listener cannot share a port (SO_REUSEPORT)"));
   const group = await WorkerGroup.start({
     count: config.workers,
     port: config.port,
@@ -90,15 +92,25 @@ export async function superviseCoordinators(config: CoordinatorConfig, logger: L
   let admin: ReloadableListener | null = null;
   if (config.admin) {
     view.start(); // read the workers only for a page that shows them
-    const adminApp = createAdminApp({ pool: view, logger, metrics: new Metrics(), allowedHosts: [config.admin.host], metricsResponse: () => view.metricsResponse() });
-    admin = await listenReloadable(adminApp, { port: config.admin.port, hostname: config.admin.host })
-      .catch(async (error) => {
-        await group.stop();
-        return exitWithConfigError("coordinator", error);
-      });
+    const adminApp = createAdminApp({
+      pool: view,
+      logger,
+      metrics: new Metrics(),
+      allowedHosts: [config.admin.host],
+      metricsResponse: () => view.metricsResponse(),
+    });
+    admin = await listenReloadable(adminApp, { port: config.admin.port, hostname: config.admin.host }).catch(async (error) => {
+      await group.stop();
+      return exitWithConfigError("coordinator", error);
+    });
     logger.info(`coordinator admin (status page, /metrics) on http://${config.admin.host}:${admin.port}/`);
   }
-  logger.info(`coordinator listening on https://${config.host}:${group.port} with ${config.workers} workers (pids ${group.states().map((w) => w.pid).join(", ")}), servers: ${config.servers.join(", ")}`);
+  logger.info(
+    `coordinator listening on https://${config.host}:${group.port} with ${config.workers} workers (pids ${group
+      .states()
+      .map((w) => w.pid)
+      .join(", ")}), servers: ${config.servers.join(", ")}`,
+  );
   // Certificates, the CRL and the policy reload in each worker; SIGHUP asks them all at once.
   process.on("SIGHUP", () => group.signal("SIGHUP"));
   exitOnSignals(async () => {

@@ -23,7 +23,14 @@ test("a MySQL URL may name several nodes: each keeps the credentials, database a
   expect(describeDatabaseUrl(url)).toBe("mysql 10.1.0.11:3306,10.1.0.12:3306,[fd00::13]:3307/test");
   expect(describeDatabaseUrl("mysql://root:hunter2@a:1,,b/x")).toBe("mysql (unparseable URL)");
   // A password with an unencoded / ? or # ends the authority early: what is left of it must not be quoted either.
-  for (const bad of ["mysql://root:hunter2@a:1,b:notaport/x", "mysql://root:hunter2@a,/x", "postgres://a/x", "mysql://root:hunt/er2@127.0.0.1:3306/test", "mysql://root:hunt#er2@h/test", "mysql://root:hunt?er2@h/test"]) {
+  for (const bad of [
+    "mysql://root:hunter2@a:1,b:notaport/x",
+    "mysql://root:hunter2@a,/x",
+    "postgres://a/x",
+    "mysql://root:hunt/er2@127.0.0.1:3306/test",
+    "mysql://root:hunt#er2@h/test",
+    "mysql://root:hunt?er2@h/test",
+  ]) {
     let error: unknown;
     try {
       mysqlNodeUrls(bad);
@@ -45,7 +52,9 @@ test("unavailable keeps the driver's reason out of request-time messages and in 
   const cause = Object.assign(new Error(""), { code: "ECONNREFUSED" });
   expect(unavailable("token store", cause)).toMatchObject({ message: "token store unavailable", cause, status: 503 });
   expect(unavailable("token store", cause, "mysql h:3306/db").message).toBe("cannot open token store at mysql h:3306/db: ECONNREFUSED");
-  const failed = await orUnavailable("record store", () => { throw cause; }).catch((error: unknown) => error);
+  const failed = await orUnavailable("record store", () => {
+    throw cause;
+  }).catch((error: unknown) => error);
   expect(failed).toBeInstanceOf(Unavailable);
   expect(failed).toMatchObject({ message: "record store unavailable", cause });
   expect(await orUnavailable("record store", async () => 7)).toBe(7);

@@ -54,19 +54,21 @@ interface LoadResult {
 /** `workers` loops inserting new records until `done()`; every outcome kept. */
 async function load(store: MysqlStore, workers: number, done: () => boolean): Promise<LoadResult> {
   const result: LoadResult = { acknowledged: new Map(), failures: [], slowestMs: 0 };
-  await Promise.all(Array.from({ length: workers }, async () => {
-    while (!done()) {
-      const next = record();
-      const started = performance.now();
-      try {
-        const { id } = await store.insert(next);
-        result.acknowledged.set(next.jti, id);
-      } catch (error) {
-        result.failures.push(`${(error as Error).constructor.name} ${(error as { code?: string }).code}`);
+  await Promise.all(
+    Array.from({ length: workers }, async () => {
+      while (!done()) {
+        const next = record();
+        const started = performance.now();
+        try {
+          const { id } = await store.insert(next);
+          result.acknowledged.set(next.jti, id);
+        } catch (error) {
+          result.failures.push(`${(error as Error).constructor.name} ${(error as { code?: string }).code}`);
+        }
+        result.slowestMs = Math.max(result.slowestMs, performance.now() - started);
       }
-      result.slowestMs = Math.max(result.slowestMs, performance.now() - started);
-    }
-  }));
+    }),
+  );
   return result;
 }
 
@@ -93,13 +95,21 @@ describe("the stores on a 3-node Galera cluster", () => {
     toClose.push(tokens);
     // A causal read: db2 applies the DDL db1 ran in the same total order, but may not have applied the last of it
     // yet when db1 returns (CI once saw one table short).
-    const tables = await galera.read<{ name: string; engine: string; keyed: number }>("db2", `
+    const tables = await galera.read<{ name: string; engine: string; keyed: number }>(
+      "db2",
+      `
       SELECT t.TABLE_NAME AS name, t.ENGINE AS engine,
         (SELECT COUNT(*) FROM information_schema.TABLE_CONSTRAINTS c
           WHERE c.TABLE_SCHEMA = t.TABLE_SCHEMA AND c.TABLE_NAME = t.TABLE_NAME AND c.CONSTRAINT_TYPE = 'PRIMARY KEY') AS keyed
-      FROM information_schema.TABLES t WHERE t.TABLE_SCHEMA = 'test' AND t.TABLE_NAME LIKE ? ORDER BY name`, [`${table}%`]);
+      FROM information_schema.TABLES t WHERE t.TABLE_SCHEMA = 'test' AND t.TABLE_NAME LIKE ? ORDER BY name`,
+      [`${table}%`],
+    );
     expect(tables.map((t) => ({ ...t, keyed: Number(t.keyed) }))).toEqual(
-      ["", "_generation", "_meta", "_senders", "_tokens", "_tokens_keyring", "_tokens_meta", "_used_proofs"].map((suffix) => ({ name: `${table}${suffix}`, engine: "InnoDB", keyed: 1 })),
+      ["", "_generation", "_meta", "_senders", "_tokens", "_tokens_keyring", "_tokens_meta", "_used_proofs"].map((suffix) => ({
+        name: `${table}${suffix}`,
+        engine: "InnoDB",
+        keyed: 1,
+      })),
     );
   });
 
@@ -153,7 +163,9 @@ describe("the stores on a 3-node Galera cluster", () => {
     writing = false;
     const { acknowledged } = await writes;
     const ms = (x: number) => Math.round(x * 1000) / 1000;
-    console.log(`causal read cost (ms a read): idle plain ${ms(idle.plain)}, causal ${ms(idle.causal)}; with ${acknowledged.size} writes on another node meanwhile: plain ${ms(busy.plain)}, causal ${ms(busy.causal)}`);
+    console.log(
+      `causal read cost (ms a read): idle plain ${ms(idle.plain)}, causal ${ms(idle.causal)}; with ${acknowledged.size} writes on another node meanwhile: plain ${ms(busy.plain)}, causal ${ms(busy.causal)}`,
+    );
     // A bound, not a benchmark: a causal read waits for applies (about a millisecond), not for a timeout (seconds).
     expect(busy.causal).toBeLessThan(lateBound(100));
   });
@@ -179,7 +191,9 @@ describe("the stores on a 3-node Galera cluster", () => {
     const started = Date.now();
     const [a, b] = await Promise.all([load(on1, 4, () => Date.now() - started > 3000), load(on2, 4, () => Date.now() - started > 3000)]);
     const retries = on1.stats.conflictRetries + on2.stats.conflictRetries;
-    console.log(`certification: ${a.acknowledged.size + b.acknowledged.size} inserts through db1 and db2 at once in 3 s, ${retries} transactions retried after 1213, ${a.failures.length + b.failures.length} failed`);
+    console.log(
+      `certification: ${a.acknowledged.size + b.acknowledged.size} inserts through db1 and db2 at once in 3 s, ${retries} transactions retried after 1213, ${a.failures.length + b.failures.length} failed`,
+    );
     // Flat out through two nodes is the worst case, which ORDER avoids: a transaction that loses more than 20 times
     // in a row is a 503 (never acknowledged), which clients retry.
     expect([...a.failures, ...b.failures].filter((f) => !f.startsWith(Unavailable.name))).toEqual([]);
@@ -199,7 +213,9 @@ describe("the stores on a 3-node Galera cluster", () => {
     await galera.kill("db1");
     stopAt = Date.now() + 6000;
     const result = await running;
-    console.log(`db1 killed under load: ${result.acknowledged.size} inserts acknowledged, ${result.failures.length} failed, slowest ${Math.round(result.slowestMs)} ms; store stats ${JSON.stringify(store.stats)}`);
+    console.log(
+      `db1 killed under load: ${result.acknowledged.size} inserts acknowledged, ${result.failures.length} failed, slowest ${Math.round(result.slowestMs)} ms; store stats ${JSON.stringify(store.stats)}`,
+    );
     expect(result.failures.every((f) => f.startsWith(Unavailable.name))).toBe(true);
     expect(result.failures).toEqual([]);
     expect(result.slowestMs).toBeLessThan(12_000);
@@ -228,11 +244,16 @@ describe("the stores on a 3-node Galera cluster", () => {
     await galera.setIsolated("db3", true);
     await galera.waitUntil("db3", (s) => s.clusterStatus === "non-Primary", 30_000);
     await waitFor("the store off db3", () => store.currentNode !== `${galera.node("db3").address}:3306`);
-    const refused = await galera.query("db3", `INSERT INTO test.${table}_senders (sender, n) VALUES ('minority', 1)`).then(() => "accepted", (e: { errno?: number }) => e.errno);
+    const refused = await galera.query("db3", `INSERT INTO test.${table}_senders (sender, n) VALUES ('minority', 1)`).then(
+      () => "accepted",
+      (e: { errno?: number }) => e.errno,
+    );
     expect(refused).toBe(1047);
     stopAt = Date.now() + 2000;
     const result = await running;
-    console.log(`db3 isolated under load: ${result.acknowledged.size} inserts acknowledged, ${result.failures.length} failed, slowest ${Math.round(result.slowestMs)} ms; store stats ${JSON.stringify(store.stats)}`);
+    console.log(
+      `db3 isolated under load: ${result.acknowledged.size} inserts acknowledged, ${result.failures.length} failed, slowest ${Math.round(result.slowestMs)} ms; store stats ${JSON.stringify(store.stats)}`,
+    );
     expect(result.failures.every((f) => f.startsWith(Unavailable.name))).toBe(true);
     expectAllStored(result.acknowledged, await storedOn("db1", table));
 
@@ -257,7 +278,9 @@ describe("the stores on a 3-node Galera cluster", () => {
     const causalMs = await causal;
     writing = false;
     const result = await writes;
-    console.log(`db3 killed: plain generation read ${Math.round(plainMs)} ms, causal ${Math.round(causalMs)} ms, slowest insert ${Math.round(result.slowestMs)} ms`);
+    console.log(
+      `db3 killed: plain generation read ${Math.round(plainMs)} ms, causal ${Math.round(causalMs)} ms, slowest insert ${Math.round(result.slowestMs)} ms`,
+    );
     expect(result.slowestMs).toBeGreaterThan(2000); // the stall was there to be waited out
     expect(plainMs).toBeLessThan(lateBound(500));
     expect(await galera.restart("db3")).toBe("IST");
@@ -278,7 +301,8 @@ describe("the stores on a 3-node Galera cluster", () => {
           if ((await tokens.get("client1", "marketplace"))?.keyVersion === 1) outcomes.read += 1;
         } catch (error) {
           outcomes.failures += 1;
-          if (outcomes.samples.length < 10) outcomes.samples.push(`${(error as Error).message} (${String((error as { cause?: { code?: string } }).cause?.code)})`);
+          if (outcomes.samples.length < 10)
+            outcomes.samples.push(`${(error as Error).message} (${String((error as { cause?: { code?: string } }).cause?.code)})`);
         }
       }
     });

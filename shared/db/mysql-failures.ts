@@ -19,12 +19,23 @@ const NODE = new Set([
   1180, // ER_ERROR_DURING_COMMIT: Galera lost the Primary Component while committing
   1290, // ER_OPTION_PREVENTS_STATEMENT: read-only
   1927, // ER_CONNECTION_KILLED
-  2006, 2013, // CR_SERVER_GONE_ERROR, CR_SERVER_LOST
+  2006,
+  2013, // CR_SERVER_GONE_ERROR, CR_SERVER_LOST
 ]);
 /** Driver and socket codes that mean the connection, not the statement, failed. */
 const NODE_CODES = new Set([
-  "ECONNREFUSED", "ECONNRESET", "EPIPE", "ETIMEDOUT", "EHOSTUNREACH", "ENETUNREACH", "ENOTFOUND", "EAI_AGAIN",
-  "PROTOCOL_CONNECTION_LOST", "PROTOCOL_SEQUENCE_TIMEOUT", "ERR_STATEMENT_TIMEOUT", "ERR_CAUSAL_READ_FAILED",
+  "ECONNREFUSED",
+  "ECONNRESET",
+  "EPIPE",
+  "ETIMEDOUT",
+  "EHOSTUNREACH",
+  "ENETUNREACH",
+  "ENOTFOUND",
+  "EAI_AGAIN",
+  "PROTOCOL_CONNECTION_LOST",
+  "PROTOCOL_SEQUENCE_TIMEOUT",
+  "ERR_STATEMENT_TIMEOUT",
+  "ERR_CAUSAL_READ_FAILED",
 ]);
 
 /** ER_LOCK_WAIT_TIMEOUT: what Galera answers a causal read (wsrep_sync_wait) that cannot catch up with the cluster. */

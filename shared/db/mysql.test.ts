@@ -25,24 +25,36 @@ afterAll(async () => {
 });
 
 /** What `promise` rejected with. */
-const rejection = (promise: Promise<unknown>) => promise.then(() => { throw new Error("expected a rejection"); }, (error: unknown) => error);
+const rejection = (promise: Promise<unknown>) =>
+  promise.then(
+    () => {
+      throw new Error("expected a rejection");
+    },
+    (error: unknown) => error,
+  );
 const count = async (where: string) => Number((await db.rows<{ n: number }>(`SELECT COUNT(*) AS n FROM ${table} WHERE ${where}`))[0]!.n);
 
 describe("mysql helpers", () => {
   test("a transaction commits what fn did and returns its result", async () => {
-    expect(await db.transaction(async (sql) => {
-      await sql.run(`INSERT INTO ${table} (id, u) VALUES (1, 'a')`);
-      return "done";
-    })).toBe("done");
+    expect(
+      await db.transaction(async (sql) => {
+        await sql.run(`INSERT INTO ${table} (id, u) VALUES (1, 'a')`);
+        return "done";
+      }),
+    ).toBe("done");
     expect(await db.rows(`SELECT id, u FROM ${table} WHERE id = ?`, [1])).toEqual([{ id: 1, u: "a" }]);
   });
 
   test("a transaction rolls back on a throw and rethrows the original error", async () => {
     const boom = new Error("boom");
-    expect(await rejection(db.transaction(async (sql) => {
-      await sql.run(`INSERT INTO ${table} (id, u) VALUES (2, 'b')`);
-      throw boom;
-    }))).toBe(boom);
+    expect(
+      await rejection(
+        db.transaction(async (sql) => {
+          await sql.run(`INSERT INTO ${table} (id, u) VALUES (2, 'b')`);
+          throw boom;
+        }),
+      ),
+    ).toBe(boom);
     expect(await db.rows(`SELECT id FROM ${table} WHERE id = 2`)).toEqual([]);
   });
 
@@ -64,7 +76,9 @@ describe("mysql helpers", () => {
   });
 
   test("a cluster none of whose nodes answers is Unavailable at open, naming every node", async () => {
-    const error = await rejection(openMysql("mysql://root:hunter2@127.0.0.1:1,127.0.0.1:2/test", { what: "test store", connectionLimit: 1, schema: ["SELECT 1"] }));
+    const error = await rejection(
+      openMysql("mysql://root:hunter2@127.0.0.1:1,127.0.0.1:2/test", { what: "test store", connectionLimit: 1, schema: ["SELECT 1"] }),
+    );
     expect((error as Error).message).toStartWith("cannot open test store at mysql 127.0.0.1:1,127.0.0.1:2/test: ");
     expect((error as Error).message).not.toContain("hunter2");
   });
@@ -127,18 +141,24 @@ describe("transactions run again", () => {
     const before = db.stats.conflictRetries;
     // Two transactions lock the same two rows in opposite orders; InnoDB refuses one of them with 1213.
     let bothHoldOne!: () => void;
-    const held = new Promise<void>((resolve) => { let n = 0; bothHoldOne = () => { if (++n === 2) resolve(); }; });
-    const runs: number[] = [];
-    const writer = (first: number, second: number) => db.transaction(async (sql, attempt) => {
-      runs.push(first);
-      await sql.run(`UPDATE ${table} SET u = CONCAT(u, '+') WHERE id = ?`, [first]);
-      if (runs.length <= 2) {
-        bothHoldOne();
-        await held;
-      }
-      await sql.run(`UPDATE ${table} SET u = CONCAT(u, '+') WHERE id = ?`, [second]);
-      return attempt.afterUncertainCommit;
+    const held = new Promise<void>((resolve) => {
+      let n = 0;
+      bothHoldOne = () => {
+        if (++n === 2) resolve();
+      };
     });
+    const runs: number[] = [];
+    const writer = (first: number, second: number) =>
+      db.transaction(async (sql, attempt) => {
+        runs.push(first);
+        await sql.run(`UPDATE ${table} SET u = CONCAT(u, '+') WHERE id = ?`, [first]);
+        if (runs.length <= 2) {
+          bothHoldOne();
+          await held;
+        }
+        await sql.run(`UPDATE ${table} SET u = CONCAT(u, '+') WHERE id = ?`, [second]);
+        return attempt.afterUncertainCommit;
+      });
     expect(await Promise.all([writer(20, 21), writer(21, 20)])).toEqual([false, false]);
     expect(db.stats.conflictRetries - before).toBe(1);
     expect(runs).toHaveLength(3);
@@ -161,7 +181,10 @@ describe("transactions run again", () => {
       }
     });
     expect({ lost: relay.lost, attempts, outcome, stats: cluster.stats }).toEqual({
-      lost: 1, attempts: [false, true], outcome: "found the first attempt's row", stats: { conflictRetries: 0, failovers: 1, uncertainCommits: 1 },
+      lost: 1,
+      attempts: [false, true],
+      outcome: "found the first attempt's row",
+      stats: { conflictRetries: 0, failovers: 1, uncertainCommits: 1 },
     });
     expect(await count("id = 30")).toBe(1);
   });

@@ -116,7 +116,10 @@ export class MysqlDatabase {
     this.#attemptTimeoutMs = options.attemptTimeoutMs ?? 6000;
     this.#restoreAfterMs = options.restoreAfterMs ?? 1000;
     this.#nodes = mysqlNodeUrls(url).map(({ url: uri, hostPort }) => ({
-      hostPort, failed: false, retryAt: 0, probing: false,
+      hostPort,
+      failed: false,
+      retryAt: 0,
+      probing: false,
       pool: createPool({ uri, connectionLimit: options.connectionLimit, connectTimeout: CONNECT_TIMEOUT_MS, enableKeepAlive: true }),
     }));
   }
@@ -135,20 +138,26 @@ export class MysqlDatabase {
   async rows<T>(sql: string, params: SqlValue[] = [], options: ReadOptions = {}): Promise<T[]> {
     const causal = options.causal === true && this.#galera;
     const statement = causal ? `SET STATEMENT wsrep_sync_wait = 1 FOR ${sql}` : sql;
-    return this.#withFailover(async (conn) => {
-      try {
-        return (await conn.execute(statement, params))[0] as T[];
-      } catch (error) {
-        // A plain read takes no locks, so a lock wait timeout here can only be the causal wait failing: the node's fault.
-        if (causal && (error as { errno?: unknown }).errno === LOCK_WAIT_TIMEOUT) throw new CausalReadFailed(error);
-        throw error;
-      }
-    }, () => {});
+    return this.#withFailover(
+      async (conn) => {
+        try {
+          return (await conn.execute(statement, params))[0] as T[];
+        } catch (error) {
+          // A plain read takes no locks, so a lock wait timeout here can only be the causal wait failing: the node's fault.
+          if (causal && (error as { errno?: unknown }).errno === LOCK_WAIT_TIMEOUT) throw new CausalReadFailed(error);
+          throw error;
+        }
+      },
+      () => {},
+    );
   }
 
   /** One statement in the text protocol (DDL), on the first node that answers; for idempotent statements only. */
   async exec(sql: string): Promise<void> {
-    await this.#withFailover((conn) => conn.query(sql), () => {});
+    await this.#withFailover(
+      (conn) => conn.query(sql),
+      () => {},
+    );
   }
 
   /**
@@ -160,26 +169,29 @@ export class MysqlDatabase {
   async transaction<T>(fn: (sql: SqlSession, attempt: TransactionAttempt) => Promise<T>): Promise<T> {
     const attempt: TransactionAttempt = { afterUncertainCommit: false };
     let committing = false;
-    return this.#withFailover(async (conn) => {
-      committing = false;
-      await conn.beginTransaction();
-      try {
-        const result = await fn(session(conn), { ...attempt });
-        committing = true;
-        await conn.commit();
-        return result;
-      } catch (error) {
-        // A dead connection cannot roll back, and the server discards its uncommitted work anyway.
-        if (!committing && classifyMysqlError(error) !== "node") await conn.rollback().catch(() => {});
-        throw error;
-      }
-    }, (failure) => {
-      if (failure === "node" && committing) {
-        attempt.afterUncertainCommit = true;
-        this.stats.uncertainCommits += 1;
-      }
-      committing = false; // the next attempt may fail before it reaches its own COMMIT
-    });
+    return this.#withFailover(
+      async (conn) => {
+        committing = false;
+        await conn.beginTransaction();
+        try {
+          const result = await fn(session(conn), { ...attempt });
+          committing = true;
+          await conn.commit();
+          return result;
+        } catch (error) {
+          // A dead connection cannot roll back, and the server discards its uncommitted work anyway.
+          if (!committing && classifyMysqlError(error) !== "node") await conn.rollback().catch(() => {});
+          throw error;
+        }
+      },
+      (failure) => {
+        if (failure === "node" && committing) {
+          attempt.afterUncertainCommit = true;
+          this.stats.uncertainCommits += 1;
+        }
+        committing = false; // the next attempt may fail before it reaches its own COMMIT
+      },
+    );
   }
 
   async end(): Promise<void> {
@@ -287,8 +299,14 @@ export class MysqlDatabase {
   async #probe(node: MysqlNode): Promise<void> {
     node.probing = true;
     try {
-      const rows = await this.#attempt(node, async (conn) => (await conn.query(
-        "SHOW GLOBAL STATUS WHERE Variable_name IN ('wsrep_ready', 'wsrep_local_state_comment')"))[0] as { Variable_name: string; Value: string }[]);
+      const rows = await this.#attempt(
+        node,
+        async (conn) =>
+          (await conn.query("SHOW GLOBAL STATUS WHERE Variable_name IN ('wsrep_ready', 'wsrep_local_state_comment')"))[0] as {
+            Variable_name: string;
+            Value: string;
+          }[],
+      );
       const status = Object.fromEntries(rows.map((r) => [r.Variable_name.toLowerCase(), r.Value]));
       // MariaDB without Galera reports wsrep_ready OFF: only a Galera node's status says anything.
       const ready = !this.#galera || (status.wsrep_ready === "ON" && status.wsrep_local_state_comment === "Synced");

@@ -14,7 +14,10 @@ function check(condition: boolean, what: string): void {
 }
 
 async function rejectsWith(promise: Promise<unknown>, type: new (...args: never[]) => Error, what: string): Promise<void> {
-  const outcome = await promise.then(() => undefined, (error: unknown) => error);
+  const outcome = await promise.then(
+    () => undefined,
+    (error: unknown) => error,
+  );
   check(outcome instanceof type, `${what}: expected ${type.name}, got ${String(outcome)}`);
 }
 
@@ -38,7 +41,10 @@ try {
   // Re-encryption's compare-and-set (fernet-rewrap.ts): it takes where the token is the one read, and only there.
   const [page] = await store.tokensAfter(0, 10);
   check(page?.id === created.id && page.token === "token-1", "tokensAfter pages the records");
-  const swapped = await store.replaceTokens([{ id: created.id, previous: "token-1", next: "token-1b" }, { id: created.id, previous: "token-1", next: "token-1c" }]);
+  const swapped = await store.replaceTokens([
+    { id: created.id, previous: "token-1", next: "token-1b" },
+    { id: created.id, previous: "token-1", next: "token-1c" },
+  ]);
   check(swapped[0] === true && swapped[1] === false && (await store.latest(1))[0]!.token === "token-1b", `replaceTokens is a compare-and-set (got ${swapped})`);
 
   // Another process holding the write lock: a write here is busy, a read (ping) is not.

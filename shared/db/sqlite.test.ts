@@ -69,18 +69,24 @@ describe("immediate", () => {
     const db = new DatabaseSync(":memory:");
     createTable(db);
     const boom = new Error("boom");
-    expect(() => immediate(db, () => {
-      db.prepare("INSERT INTO t (u) VALUES ('a')").run();
-      throw boom;
-    })).toThrow(boom);
+    expect(() =>
+      immediate(db, () => {
+        db.prepare("INSERT INTO t (u) VALUES ('a')").run();
+        throw boom;
+      }),
+    ).toThrow(boom);
     expect(db.isTransaction).toBe(false);
     expect(db.prepare("SELECT COUNT(*) AS n FROM t").get()).toEqual({ n: 0 });
     // A statement's own failure rolls back the earlier statements too.
     db.prepare("INSERT INTO t (u) VALUES ('b')").run();
-    expect(failureOf(() => immediate(db, () => {
-      db.prepare("INSERT INTO t (u) VALUES ('c')").run();
-      db.prepare("INSERT INTO t (u) VALUES ('b')").run();
-    }))).toBe("unique");
+    expect(
+      failureOf(() =>
+        immediate(db, () => {
+          db.prepare("INSERT INTO t (u) VALUES ('c')").run();
+          db.prepare("INSERT INTO t (u) VALUES ('b')").run();
+        }),
+      ),
+    ).toBe("unique");
     expect(db.prepare("SELECT u FROM t").all()).toEqual([{ u: "b" }]);
   });
 
@@ -124,7 +130,9 @@ describe("openSqlite", () => {
     }
     db.prepare("INSERT INTO t (u) VALUES ('x')").run();
     // SQLite gives the journal files the database file's mode (measured on Bun and Deno), so creating that 0600 is enough.
-    const modes = Object.fromEntries(["new", "new/records.db", "new/records.db-wal", "new/records.db-shm"].map((p) => [p, statSync(join(path, "..", "..", p)).mode & 0o777]));
+    const modes = Object.fromEntries(
+      ["new", "new/records.db", "new/records.db-wal", "new/records.db-shm"].map((p) => [p, statSync(join(path, "..", "..", p)).mode & 0o777]),
+    );
     db.close();
     expect(modes).toEqual({ "new": 0o700, "new/records.db": 0o600, "new/records.db-wal": 0o600, "new/records.db-shm": 0o600 });
   });
@@ -137,11 +145,16 @@ describe("openSqlite", () => {
       db.prepare("INSERT INTO t DEFAULT VALUES").run();
       db.close();`;
     const openers = Array.from({ length: 6 }, () => spawn(process.execPath, ["-e", opener], { stdio: ["ignore", "ignore", "pipe"] }));
-    const exits = await Promise.all(openers.map((child) => new Promise<string>((done) => {
-      let stderr = "";
-      child.stderr!.on("data", (chunk) => (stderr += chunk));
-      child.on("close", (code) => done(`${code} ${stderr.trim()}`.trim()));
-    })));
+    const exits = await Promise.all(
+      openers.map(
+        (child) =>
+          new Promise<string>((done) => {
+            let stderr = "";
+            child.stderr!.on("data", (chunk) => (stderr += chunk));
+            child.on("close", (code) => done(`${code} ${stderr.trim()}`.trim()));
+          }),
+      ),
+    );
     expect(exits).toEqual(Array(6).fill("0"));
     const db = new DatabaseSync(path);
     expect(db.prepare("SELECT COUNT(*) AS n FROM t").get()).toEqual({ n: 6 });

@@ -89,7 +89,8 @@ function defaultColor(): boolean {
 export function createLogger(role: string, options: LoggerOptions = {}): Logger {
   const format = options.format ?? (process.env.LOG_FORMAT === "json" ? "json" : "text");
   const color = options.color ?? defaultColor();
-  const write = options.write ?? (processStdout ??= batchedStdout());
+  if (!options.write) processStdout ??= batchedStdout();
+  const write = options.write ?? processStdout!;
   const now = options.now ?? (() => new Date());
   const dateOf = cachedAccessDate();
 
@@ -138,7 +139,6 @@ export function describeError(error: unknown): string {
   }
   return String(error);
 }
-
 
 /**
  * Why a fetch failed, short enough for a log line or an error: "timeout", "connection refused (ECONNREFUSED)", …

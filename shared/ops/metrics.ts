@@ -34,7 +34,11 @@ interface Family {
 
 export class Counter<L extends string = never> implements Family {
   readonly #series = new Map<string, { labels: Labels; value: number }>();
-  constructor(readonly name: string, readonly help: string, readonly labelNames: readonly L[] = []) {}
+  constructor(
+    readonly name: string,
+    readonly help: string,
+    readonly labelNames: readonly L[] = [],
+  ) {}
 
   inc(labels: Record<L, string> = {} as Record<L, string>, by = 1): void {
     const key = seriesKey(this.labelNames, labels);
@@ -50,7 +54,12 @@ export class Counter<L extends string = never> implements Family {
 
 export class Histogram<L extends string = never> implements Family {
   readonly #series = new Map<string, { labels: Labels; counts: number[]; sum: number; count: number }>();
-  constructor(readonly name: string, readonly help: string, readonly labelNames: readonly L[] = [], readonly buckets: readonly number[] = LATENCY_BUCKETS) {}
+  constructor(
+    readonly name: string,
+    readonly help: string,
+    readonly labelNames: readonly L[] = [],
+    readonly buckets: readonly number[] = LATENCY_BUCKETS,
+  ) {}
 
   observe(labels: Record<L, string>, value: number): void {
     const key = seriesKey(this.labelNames, labels);
@@ -84,7 +93,12 @@ export class Histogram<L extends string = never> implements Family {
 
 /** Values owned elsewhere (a cache's counters, a pool's state), read when scraped rather than copied on change. */
 export class Collected implements Family {
-  constructor(readonly name: string, readonly help: string, readonly type: "gauge" | "counter", readonly read: () => { labels?: Labels; value: number }[]) {}
+  constructor(
+    readonly name: string,
+    readonly help: string,
+    readonly type: "gauge" | "counter",
+    readonly read: () => { labels?: Labels; value: number }[],
+  ) {}
 
   render(): string[] {
     return this.read().map((s) => `${this.name}${formatLabels(s.labels ?? {})} ${formatValue(s.value)}`);
@@ -106,7 +120,8 @@ export class Metrics {
     if (!/^[a-zA-Z_:][a-zA-Z0-9_:]*$/.test(name)) throw new TypeError(`bad metric name: ${name}`);
     const existing = this.#families.find((f) => f.name === name);
     if (existing) {
-      if (existing.type !== type || !(existing.family instanceof Counter || existing.family instanceof Histogram)) throw new TypeError(`metric registered twice: ${name}`);
+      if (existing.type !== type || !(existing.family instanceof Counter || existing.family instanceof Histogram))
+        throw new TypeError(`metric registered twice: ${name}`);
       return existing.family as unknown as F;
     }
     const family = make();

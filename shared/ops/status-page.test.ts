@@ -43,7 +43,9 @@ test("the configured admin host is allowed as well, with its port when given", a
 
 test("each server's row names its host (#14)", async () => {
   const hosts = new UpstreamPool({
-    servers: ["https://10.77.0.11:5001", "https://server2.mesh.test:5001", "https://[fd00::13]:5001"], transport, logger,
+    servers: ["https://10.77.0.11:5001", "https://server2.mesh.test:5001", "https://[fd00::13]:5001"],
+    transport,
+    logger,
   });
   expect(clusterStatus(hosts).servers.map((s) => s.host)).toEqual(["10.77.0.11", "server2.mesh.test", "fd00::13"]);
   const page = await (await get(createAdminApp({ pool: hosts, logger, metrics: new Metrics() }), "localhost", "/")).text();

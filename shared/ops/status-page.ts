@@ -31,7 +31,11 @@ export interface LimitStatus {
  * The pool's view of a server, with the cache counters picked out of its last /health answer, and the host it runs
  * on (its URL's host name or address: with each role on its own machine, which machine a row is about, #14).
  */
-export type ServerStatus = Omit<UpstreamState, "health"> & { host: string; cache: { hits: number; misses: number; hitRatio: number } | null; facts: ServerFacts | null };
+export type ServerStatus = Omit<UpstreamState, "health"> & {
+  host: string;
+  cache: { hits: number; misses: number; hitRatio: number } | null;
+  facts: ServerFacts | null;
+};
 
 /** What a server says of itself on /health (shared/service/host-facts.ts), as the page shows it. */
 export interface ServerFacts {
@@ -100,7 +104,8 @@ export function fleetWarnings(servers: readonly ServerStatus[], now: number): st
   differing("CRL number", (f) => f.crl);
   differing("database (store id)", (f) => f.store);
   for (const s of servers) {
-    if (s.clockSkewMs !== null && Math.abs(s.clockSkewMs) > SKEW_WARNING_MS) warnings.push(`${s.url}: clock ${(s.clockSkewMs / 1000).toFixed(1)} s off this coordinator's`);
+    if (s.clockSkewMs !== null && Math.abs(s.clockSkewMs) > SKEW_WARNING_MS)
+      warnings.push(`${s.url}: clock ${(s.clockSkewMs / 1000).toFixed(1)} s off this coordinator's`);
     const expires = s.facts ? Date.parse(s.facts.certificateExpires) : NaN;
     if (expires - now < EXPIRY_WARNING_MS) warnings.push(`${s.url}: certificate ${expires < now ? "expired" : "expires"} ${s.facts!.certificateExpires}`);
   }
@@ -109,7 +114,8 @@ export function fleetWarnings(servers: readonly ServerStatus[], now: number): st
 
 export function clusterStatus(pool: PoolView, now = Date.now()): ClusterStatus {
   const servers = pool.snapshot().map(({ health, ...state }) => ({ ...state, host: hostOf(state.url), cache: cacheOf(health), facts: factsOf(health) }));
-  const limited = (pool.limits?.() ?? []).filter((l) => l.refused.inFlight + l.refused.rate > 0)
+  const limited = (pool.limits?.() ?? [])
+    .filter((l) => l.refused.inFlight + l.refused.rate > 0)
     .sort((a, b) => b.refused.inFlight + b.refused.rate - (a.refused.inFlight + a.refused.rate));
   return { now, serversUp: servers.filter((s) => s.up).length, servers, warnings: fleetWarnings(servers, now), routing: pool.routing(), limited };
 }
@@ -179,7 +185,14 @@ function hostAllowed(host: string, allowedHosts: readonly string[]): boolean {
   });
 }
 
-export function createAdminApp({ pool, logger, metrics, allowedHosts = [], metricsResponse, accessLog = true }: {
+export function createAdminApp({
+  pool,
+  logger,
+  metrics,
+  allowedHosts = [],
+  metricsResponse,
+  accessLog = true,
+}: {
   pool: PoolView;
   logger: Logger;
   metrics: Metrics;

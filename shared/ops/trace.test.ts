@@ -16,7 +16,12 @@ test("a well-formed traceparent is continued: same trace id and flags, this hop 
 
 test("a malformed traceparent is replaced by a new trace, and nothing of it is kept", () => {
   const malformed = [
-    "", "garbage", VALID.toUpperCase(), VALID + "-extra", VALID.slice(0, -1), ` ${VALID}x`,
+    "",
+    "garbage",
+    VALID.toUpperCase(),
+    VALID + "-extra",
+    VALID.slice(0, -1),
+    ` ${VALID}x`,
     "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01", // a later version is not parsed
     "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
     "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
@@ -30,16 +35,23 @@ test("a malformed traceparent is replaced by a new trace, and nothing of it is k
     const headers = new Headers();
     headers.append(TRACEPARENT_HEADER, value);
     const trace = traceOf(headers);
-    expect({ value, field: trace.field, fresh: /^[0-9a-f]{32}$/.test(trace.id) && trace.id !== "4bf92f3577b34da6a3ce929d0e0e4736" })
-      .toEqual({ value, field: "trace", fresh: true });
+    expect({ value, field: trace.field, fresh: /^[0-9a-f]{32}$/.test(trace.id) && trace.id !== "4bf92f3577b34da6a3ce929d0e0e4736" }).toEqual({
+      value,
+      field: "trace",
+      fresh: true,
+    });
     expect(parseTraceparent(trace.outbound[TRACEPARENT_HEADER]!)?.traceId).toBe(trace.id);
   }
 });
 
 test("without a traceparent, a well-formed X-Request-Id is kept and sent on; any other is replaced", () => {
   const kept = traceOf(new Headers({ [REQUEST_ID_HEADER]: "req-42.a:b_c" }));
-  expect({ field: kept.field, id: kept.id, outbound: kept.outbound }).toEqual({ field: "request_id", id: "req-42.a:b_c", outbound: { [REQUEST_ID_HEADER]: "req-42.a:b_c" } });
-  for (const value of ["", "has space", "x".repeat(129), "a\u001b[2Jb", "a/b", "ünïcode", "a\"b"]) {
+  expect({ field: kept.field, id: kept.id, outbound: kept.outbound }).toEqual({
+    field: "request_id",
+    id: "req-42.a:b_c",
+    outbound: { [REQUEST_ID_HEADER]: "req-42.a:b_c" },
+  });
+  for (const value of ["", "has space", "x".repeat(129), "a\u001b[2Jb", "a/b", "ünïcode", 'a"b']) {
     const headers = new Headers();
     try {
       headers.set(REQUEST_ID_HEADER, value);
@@ -47,7 +59,11 @@ test("without a traceparent, a well-formed X-Request-Id is kept and sent on; any
       continue; // not even a header value
     }
     const trace = traceOf(headers);
-    expect({ value, field: trace.field, replaced: trace.id !== value && /^[0-9a-f-]{36}$/.test(trace.id) }).toEqual({ value, field: "request_id", replaced: true });
+    expect({ value, field: trace.field, replaced: trace.id !== value && /^[0-9a-f-]{36}$/.test(trace.id) }).toEqual({
+      value,
+      field: "request_id",
+      replaced: true,
+    });
   }
   const none = traceOf(new Headers());
   expect(none.field).toBe("request_id");

@@ -39,7 +39,10 @@ function hex(bytes: number): string {
 class TraceContext implements Trace {
   readonly field = "trace";
   #outbound: Record<string, string> | undefined;
-  constructor(readonly id: string, readonly flags: string) {}
+  constructor(
+    readonly id: string,
+    readonly flags: string,
+  ) {}
   get outbound(): Record<string, string> {
     // Made on first use: a hop that calls nothing onward (a server) spends no random bytes on it.
     this.#outbound ??= { [TRACEPARENT_HEADER]: `00-${this.id}-${hex(8)}-${this.flags}` };

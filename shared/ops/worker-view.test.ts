@@ -5,16 +5,52 @@ import type { RoutingState } from "../request-path/upstream.ts";
 import { fleetWarnings, type ClusterStatus, type ServerFacts } from "./status-page.ts";
 
 const server = (url: string, fields: Partial<ClusterStatus["servers"][number]> = {}): ClusterStatus["servers"][number] => ({
-  url, host: new URL(url).hostname, up: true, lastCheckedAt: 1000, latencyMs: 1, requests: 0, failures: 0, lastError: null, cache: null, facts: null, clockSkewMs: null, draining: false, inFlight: 0, reachable: true, storeStatus: null, ejection: null, ...fields,
+  url,
+  host: new URL(url).hostname,
+  up: true,
+  lastCheckedAt: 1000,
+  latencyMs: 1,
+  requests: 0,
+  failures: 0,
+  lastError: null,
+  cache: null,
+  facts: null,
+  clockSkewMs: null,
+  draining: false,
+  inFlight: 0,
+  reachable: true,
+  storeStatus: null,
+  ejection: null,
+  ...fields,
 });
 
 describe("mergeServerViews", () => {
   test("a server is up only when every worker has it up; counts add up; the newest probe's details win", () => {
     const merged = mergeServerViews([
-      { now: 0, serversUp: 2, warnings: [], routing: null, limited: [], servers: [server("https://a", { requests: 5, failures: 1, lastCheckedAt: 1000, latencyMs: 3 }), server("https://b", { requests: 2 })] },
-      { now: 0, serversUp: 1, warnings: [], routing: null, limited: [], servers: [server("https://a", { requests: 7, lastCheckedAt: 2000, latencyMs: 9, cache: { hits: 4, misses: 1, hitRatio: 0.8 } }), server("https://b", { up: false, lastError: "timeout", requests: 1 })] },
+      {
+        now: 0,
+        serversUp: 2,
+        warnings: [],
+        routing: null,
+        limited: [],
+        servers: [server("https://a", { requests: 5, failures: 1, lastCheckedAt: 1000, latencyMs: 3 }), server("https://b", { requests: 2 })],
+      },
+      {
+        now: 0,
+        serversUp: 1,
+        warnings: [],
+        routing: null,
+        limited: [],
+        servers: [
+          server("https://a", { requests: 7, lastCheckedAt: 2000, latencyMs: 9, cache: { hits: 4, misses: 1, hitRatio: 0.8 } }),
+          server("https://b", { up: false, lastError: "timeout", requests: 1 }),
+        ],
+      },
     ]);
-    expect(merged.map((s) => [s.url, s.up, s.requests, s.failures])).toEqual([["https://a", true, 12, 1], ["https://b", false, 3, 0]]);
+    expect(merged.map((s) => [s.url, s.up, s.requests, s.failures])).toEqual([
+      ["https://a", true, 12, 1],
+      ["https://b", false, 3, 0],
+    ]);
     expect(merged[0]!.latencyMs).toBe(9);
     expect(merged[0]!.health).toEqual({ cache: { hits: 4, misses: 1, hitRatio: 0.8 } });
     // The worker that took it out of rotation says why, whichever probed last.
@@ -25,31 +61,65 @@ describe("mergeServerViews", () => {
 describe("mergeRouting (issue 20)", () => {
   test("in panic while any worker is, since the earliest; the fewest in rotation; counts added up", () => {
     const routing = (over: Partial<RoutingState>, queue: Partial<RoutingState["queue"]> = {}, exhausted = 0): RoutingState => ({
-      panic: false, panicSince: null, panicEntries: 0, inRotation: 2, total: 2, panicThreshold: 0.5, maxEjected: 1, ejections: 0, ejectionsRefused: 0,
+      panic: false,
+      panicSince: null,
+      panicEntries: 0,
+      inRotation: 2,
+      total: 2,
+      panicThreshold: 0.5,
+      maxEjected: 1,
+      ejections: 0,
+      ejectionsRefused: 0,
       queue: { waiting: 0, maxWaiting: 64, timeoutMs: 500, queued: 0, timedOut: 0, full: 0, ...queue },
-      retryBudget: { ratio: 0.2, minPerSecond: 3, windowMs: 10_000, requests: 10, retries: 1, exhausted }, ...over,
+      retryBudget: { ratio: 0.2, minPerSecond: 3, windowMs: 10_000, requests: 10, retries: 1, exhausted },
+      ...over,
     });
     expect(mergeRouting([])).toBeNull();
-    expect(mergeRouting([
-      routing({ ejections: 1 }, { queued: 2, timedOut: 1 }, 1),
-      routing({ panic: true, panicSince: 500, panicEntries: 1, inRotation: 0 }, { waiting: 3 }),
-      routing({ panic: true, panicSince: 200, panicEntries: 2, inRotation: 1, ejectionsRefused: 4 }),
-    ])).toMatchObject({
-      panic: true, panicSince: 200, panicEntries: 3, inRotation: 0, ejections: 1, ejectionsRefused: 4,
-      queue: { waiting: 3, queued: 2, timedOut: 1 }, retryBudget: { requests: 30, retries: 3, exhausted: 1 },
+    expect(
+      mergeRouting([
+        routing({ ejections: 1 }, { queued: 2, timedOut: 1 }, 1),
+        routing({ panic: true, panicSince: 500, panicEntries: 1, inRotation: 0 }, { waiting: 3 }),
+        routing({ panic: true, panicSince: 200, panicEntries: 2, inRotation: 1, ejectionsRefused: 4 }),
+      ]),
+    ).toMatchObject({
+      panic: true,
+      panicSince: 200,
+      panicEntries: 3,
+      inRotation: 0,
+      ejections: 1,
+      ejectionsRefused: 4,
+      queue: { waiting: 3, queued: 2, timedOut: 1 },
+      retryBudget: { requests: 30, retries: 3, exhausted: 1 },
     });
   });
 });
 
 describe("fleetWarnings (issue 23)", () => {
-  const facts = (over: Partial<ServerFacts> = {}): ServerFacts => ({ hostname: "h", policy: "sha256:aaaa", crl: "0x1001", certificateExpires: "2030-01-01T00:00:00.000Z", store: "s1", ...over });
+  const facts = (over: Partial<ServerFacts> = {}): ServerFacts => ({
+    hostname: "h",
+    policy: "sha256:aaaa",
+    crl: "0x1001",
+    certificateExpires: "2030-01-01T00:00:00.000Z",
+    store: "s1",
+    ...over,
+  });
   test("quiet when the servers agree; one line for each mismatch, clock apart or certificate about to expire", () => {
     const now = Date.parse("2029-12-25T00:00:00.000Z");
-    expect(fleetWarnings([server("https://a", { facts: facts(), clockSkewMs: 3 }), server("https://b", { facts: facts(), clockSkewMs: -4000 })], Date.parse("2029-01-01T00:00:00Z"))).toEqual([]);
-    expect(fleetWarnings([
-      server("https://a", { facts: facts() }),
-      server("https://b", { facts: facts({ policy: "sha256:bbbb", crl: "0x1000", store: "s2" }), clockSkewMs: 120_000 }),
-    ], now)).toEqual([
+    expect(
+      fleetWarnings(
+        [server("https://a", { facts: facts(), clockSkewMs: 3 }), server("https://b", { facts: facts(), clockSkewMs: -4000 })],
+        Date.parse("2029-01-01T00:00:00Z"),
+      ),
+    ).toEqual([]);
+    expect(
+      fleetWarnings(
+        [
+          server("https://a", { facts: facts() }),
+          server("https://b", { facts: facts({ policy: "sha256:bbbb", crl: "0x1000", store: "s2" }), clockSkewMs: 120_000 }),
+        ],
+        now,
+      ),
+    ).toEqual([
       "policy differs between servers: sha256:aaaa on https://a; sha256:bbbb on https://b",
       "CRL number differs between servers: 0x1001 on https://a; 0x1000 on https://b",
       "database (store id) differs between servers: s1 on https://a; s2 on https://b",
@@ -62,19 +132,23 @@ describe("fleetWarnings (issue 23)", () => {
 
 describe("mergeMetrics", () => {
   test("one valid exposition: each family's HELP and TYPE once, every sample labelled with its worker", () => {
-    const worker = (n: number) => [
-      "# HELP securemesh_http_requests_total HTTP requests answered.",
-      "# TYPE securemesh_http_requests_total counter",
-      `securemesh_http_requests_total{route="/health",method="GET",status="200"} ${n}`,
-      "# HELP securemesh_http_request_duration_seconds Time.",
-      "# TYPE securemesh_http_request_duration_seconds histogram",
-      `securemesh_http_request_duration_seconds_bucket{route="/health",le="+Inf"} ${n}`,
-      `securemesh_http_request_duration_seconds_sum{route="/health"} 0.5`,
-      `securemesh_http_request_duration_seconds_count{route="/health"} ${n}`,
-      "# TYPE up gauge",
-      "up 1",
-    ].join("\n");
-    const text = mergeMetrics([{ worker: 1, text: worker(3) }, { worker: 2, text: worker(4) }]);
+    const worker = (n: number) =>
+      [
+        "# HELP securemesh_http_requests_total HTTP requests answered.",
+        "# TYPE securemesh_http_requests_total counter",
+        `securemesh_http_requests_total{route="/health",method="GET",status="200"} ${n}`,
+        "# HELP securemesh_http_request_duration_seconds Time.",
+        "# TYPE securemesh_http_request_duration_seconds histogram",
+        `securemesh_http_request_duration_seconds_bucket{route="/health",le="+Inf"} ${n}`,
+        `securemesh_http_request_duration_seconds_sum{route="/health"} 0.5`,
+        `securemesh_http_request_duration_seconds_count{route="/health"} ${n}`,
+        "# TYPE up gauge",
+        "up 1",
+      ].join("\n");
+    const text = mergeMetrics([
+      { worker: 1, text: worker(3) },
+      { worker: 2, text: worker(4) },
+    ]);
     expect(text.match(/^# TYPE securemesh_http_requests_total /gm)).toHaveLength(1);
     // Read back by the tests' parser (an independent one, plus the grammar and histogram checks it lacks).
     const exposition = parsePrometheus(text);

@@ -76,12 +76,25 @@ export function mergeServerViews(views: ClusterStatus[]): UpstreamState[] {
   const merged = new Map<string, UpstreamState>();
   for (const view of views) {
     for (const server of view.servers) {
-      const health = server.cache || server.facts ? { ...(server.cache ? { cache: server.cache } : {}), ...(server.facts ? { facts: server.facts } : {}) } : null;
+      const health =
+        server.cache || server.facts ? { ...(server.cache ? { cache: server.cache } : {}), ...(server.facts ? { facts: server.facts } : {}) } : null;
       const seen = merged.get(server.url);
       if (!seen) {
         merged.set(server.url, {
-          url: server.url, up: server.up, lastCheckedAt: server.lastCheckedAt, latencyMs: server.latencyMs, requests: server.requests, failures: server.failures, lastError: server.lastError, health, clockSkewMs: server.clockSkewMs,
-          draining: server.draining, inFlight: server.inFlight, reachable: server.reachable, storeStatus: server.storeStatus, ejection: server.ejection,
+          url: server.url,
+          up: server.up,
+          lastCheckedAt: server.lastCheckedAt,
+          latencyMs: server.latencyMs,
+          requests: server.requests,
+          failures: server.failures,
+          lastError: server.lastError,
+          health,
+          clockSkewMs: server.clockSkewMs,
+          draining: server.draining,
+          inFlight: server.inFlight,
+          reachable: server.reachable,
+          storeStatus: server.storeStatus,
+          ejection: server.ejection,
         });
         continue;
       }
@@ -94,7 +107,15 @@ export function mergeServerViews(views: ClusterStatus[]): UpstreamState[] {
       seen.ejection ??= server.ejection;
       seen.requests += server.requests;
       seen.failures += server.failures;
-      if (newer) Object.assign(seen, { lastCheckedAt: server.lastCheckedAt, latencyMs: server.latencyMs, lastError: server.lastError ?? seen.lastError, health: health ?? seen.health, clockSkewMs: server.clockSkewMs ?? seen.clockSkewMs, storeStatus: server.storeStatus ?? seen.storeStatus });
+      if (newer)
+        Object.assign(seen, {
+          lastCheckedAt: server.lastCheckedAt,
+          latencyMs: server.latencyMs,
+          lastError: server.lastError ?? seen.lastError,
+          health: health ?? seen.health,
+          clockSkewMs: server.clockSkewMs ?? seen.clockSkewMs,
+          storeStatus: server.storeStatus ?? seen.storeStatus,
+        });
       // A worker that has the server out of rotation says why, whichever probed last.
       if (!server.up && server.lastError) seen.lastError = server.lastError;
     }

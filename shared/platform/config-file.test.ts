@@ -20,8 +20,10 @@ afterEach(() => {
 
 describe("the file", () => {
   test("reads a systemd EnvironmentFile: comments, blanks, quotes, export; a malformed line names its number", () => {
-    expect([...parseConfigText('# c\n\nSECUREMESH_HOST=10.0.0.5\nexport SECUREMESH_TTL="60"\nSECUREMESH_POLICY=\'/etc/p.json\'\n', "f")]).toEqual([
-      ["SECUREMESH_HOST", "10.0.0.5"], ["SECUREMESH_TTL", "60"], ["SECUREMESH_POLICY", "/etc/p.json"],
+    expect([...parseConfigText("# c\n\nSECUREMESH_HOST=10.0.0.5\nexport SECUREMESH_TTL=\"60\"\nSECUREMESH_POLICY='/etc/p.json'\n", "f")]).toEqual([
+      ["SECUREMESH_HOST", "10.0.0.5"],
+      ["SECUREMESH_TTL", "60"],
+      ["SECUREMESH_POLICY", "/etc/p.json"],
     ]);
     expect(() => parseConfigText("SECUREMESH_HOST=1\nhost 10.0.0.5\n", "f.env")).toThrow("f.env:2: expected NAME=value, such as SECUREMESH_HOST=10.0.0.5");
     expect(flagVariable("cache-ttl")).toBe("SECUREMESH_CACHE_TTL");
@@ -32,7 +34,9 @@ describe("the file", () => {
     expect(holdsSecret("SECUREMESH_DB", "mysql://app@db:3306/test")).toBe(false);
     expect(holdsSecret("SECUREMESH_API_TOKEN", "x")).toBe(true);
     const open = file("open.env", "SECUREMESH_DB=mysql://app:s3cret@db:3306/test\n", 0o644);
-    expect(() => readConfigFile(open)).toThrow(`--config ${open} holds a secret (SECUREMESH_DB): ${open} is readable by group or others (mode 0644); run chmod 600 ${open}`);
+    expect(() => readConfigFile(open)).toThrow(
+      `--config ${open} holds a secret (SECUREMESH_DB): ${open} is readable by group or others (mode 0644); run chmod 600 ${open}`,
+    );
     expect(readConfigFile(file("closed.env", "SECUREMESH_DB=mysql://app:s3cret@db:3306/test\n")).get("SECUREMESH_DB")).toBe("mysql://app:s3cret@db:3306/test");
     expect(readConfigFile(file("plain.env", "SECUREMESH_HOST=10.0.0.5\n", 0o644)).get("SECUREMESH_HOST")).toBe("10.0.0.5");
   });
@@ -50,7 +54,9 @@ describe("which source wins", () => {
     expect(chooseFlag("db", "db-file", { db: "file", "db-file": "argv" })).toBe("db-file");
     expect(chooseFlag("db", "db-file", { db: "argv", "db-file": "env" })).toBe("db");
     expect(chooseFlag("db", "db-file", { db: "env", "db-file": "file" })).toBe("db-file");
-    expect(() => chooseFlag("db", "db-file", { db: "file", "db-file": "file" })).toThrow("--db and --db-file both come from the --config file: give one of them");
+    expect(() => chooseFlag("db", "db-file", { db: "file", "db-file": "file" })).toThrow(
+      "--db and --db-file both come from the --config file: give one of them",
+    );
   });
 
   test("the server: --db-file on the command line beats SECUREMESH_DB in the environment and in the --config file", () => {
@@ -59,7 +65,10 @@ describe("which source wins", () => {
     expect(parseServerConfig(["5001", "--db-file", dbFile]).db).toBe("sqlite:/var/lib/securemesh/from-db-file.db");
     const config = file("server.env", "SECUREMESH_DB=/tmp/from-config-file.db\nSECUREMESH_HOST=10.0.0.5\n");
     expect(parseServerConfig(["5001", "--config", config]).db).toBe("/tmp/from-config-file.db");
-    expect(parseServerConfig(["5001", "--config", config, "--db-file", dbFile])).toMatchObject({ db: "sqlite:/var/lib/securemesh/from-db-file.db", host: "10.0.0.5" });
+    expect(parseServerConfig(["5001", "--config", config, "--db-file", dbFile])).toMatchObject({
+      db: "sqlite:/var/lib/securemesh/from-db-file.db",
+      host: "10.0.0.5",
+    });
     expect(parseServerConfig(["5001", "--config", config, "--host", "127.0.0.1"]).host).toBe("127.0.0.1");
   });
 

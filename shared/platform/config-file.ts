@@ -71,7 +71,9 @@ export function describeFlagSource(flag: string, source: FlagSource | undefined)
 export function refuseSecretOnArgv(flag: string, value: string | undefined, source: FlagSource | undefined): void {
   if (value === undefined || source !== "argv") return;
   if (/^mysql:\/\/[^/@]*:[^/@]*@/i.test(value)) {
-    throw new ConfigError(`--${flag} holds a password, which every user of this host can read in ps: put the URL in --${flag}-file FILE (0600), in the --config file, or in $${flagVariable(flag)}`);
+    throw new ConfigError(
+      `--${flag} holds a password, which every user of this host can read in ps: put the URL in --${flag}-file FILE (0600), in the --config file, or in $${flagVariable(flag)}`,
+    );
   }
 }
 
@@ -86,7 +88,10 @@ export function chooseFlag<A extends string, B extends string>(a: A, b: B, sourc
   const [sa, sb] = [sources[a], sources[b]];
   if (sa === undefined) return sb === undefined ? null : b;
   if (sb === undefined) return a;
-  if (sa === sb) throw new ConfigError(`--${a} and --${b} both come from ${sa === "argv" ? "the command line" : sa === "file" ? "the --config file" : "the environment"}: give one of them`);
+  if (sa === sb)
+    throw new ConfigError(
+      `--${a} and --${b} both come from ${sa === "argv" ? "the command line" : sa === "file" ? "the --config file" : "the environment"}: give one of them`,
+    );
   return PRECEDENCE[sa] > PRECEDENCE[sb] ? a : b;
 }
 

@@ -31,7 +31,13 @@ export const CONFIG_HELP = `
  * multi-valued flag lists its values there separated by spaces.
  * @example const { values } = parseFlags("server", usage, { port: { type: "string" } });
  */
-export function parseFlags<T extends FlagSpec>(role: string, usage: string, spec: T, argv = process.argv.slice(2), env: Record<string, string | undefined> = process.env): Parsed<T> {
+export function parseFlags<T extends FlagSpec>(
+  role: string,
+  usage: string,
+  spec: T,
+  argv = process.argv.slice(2),
+  env: Record<string, string | undefined> = process.env,
+): Parsed<T> {
   try {
     const { values, positionals } = parseArgs({
       args: argv,
@@ -171,7 +177,8 @@ export function loadFernetKeyFile(dir: string): FernetKeyFile {
   const text = fromEnv ?? readPrivatePkiFile(dir, FERNET_KEY_FILE);
   const where = fromEnv === undefined ? join(dir, FERNET_KEY_FILE) : "$FERNET_KEY";
   if (!/[^\s,]/.test(text.replace(/#.*/g, ""))) {
-    if (fromEnv !== undefined) throw new ConfigError(`FERNET_KEY is set but holds no Fernet key: give the key, or unset it to read ${join(dir, FERNET_KEY_FILE)}`);
+    if (fromEnv !== undefined)
+      throw new ConfigError(`FERNET_KEY is set but holds no Fernet key: give the key, or unset it to read ${join(dir, FERNET_KEY_FILE)}`);
     throw new ConfigError(`no Fernet key in ${where}: ${missingPkiFileFix(FERNET_KEY_FILE)}`);
   }
   return parseFernetKeyFile(text, where);

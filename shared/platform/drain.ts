@@ -53,7 +53,11 @@ async function waitUntil(condition: () => boolean, timeoutMs: number): Promise<b
 }
 
 /** Drains `listener` and stops it; the role closes its own resources afterwards. */
-export async function drain(listener: Drainable, logger: Logger, times: DrainTimes = { graceMs: DRAIN_GRACE_MS, quietMs: DRAIN_QUIET_MS, deadlineMs: DRAIN_DEADLINE_MS }): Promise<DrainReport> {
+export async function drain(
+  listener: Drainable,
+  logger: Logger,
+  times: DrainTimes = { graceMs: DRAIN_GRACE_MS, quietMs: DRAIN_QUIET_MS, deadlineMs: DRAIN_DEADLINE_MS },
+): Promise<DrainReport> {
   const started = performance.now();
   listener.startDraining();
   logger.info(`draining: /health answers 503 so that callers take this process out; accepting for up to ${times.graceMs} ms more`);
@@ -63,7 +67,9 @@ export async function drain(listener: Drainable, logger: Logger, times: DrainTim
   // Stopping without closing: requests in flight finish; Bun's promise waits for them, so it is not awaited here.
   const stopped = listener.stop(false);
   const acceptedForMs = performance.now() - started;
-  logger.info(`draining: no longer accepting (${quiet ? `no request for ${times.quietMs} ms` : `callers still sending after ${times.graceMs} ms`}); ${inFlightAtStop} requests in flight, up to ${times.deadlineMs} ms to finish`);
+  logger.info(
+    `draining: no longer accepting (${quiet ? `no request for ${times.quietMs} ms` : `callers still sending after ${times.graceMs} ms`}); ${inFlightAtStop} requests in flight, up to ${times.deadlineMs} ms to finish`,
+  );
   const finished = await waitUntil(() => listener.inFlight() === 0, times.deadlineMs);
   const cut = finished ? 0 : listener.inFlight();
   await Promise.race([stopped, sleep(finished ? times.deadlineMs : 0)]);

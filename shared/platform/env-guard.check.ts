@@ -14,7 +14,10 @@ const server = https.createServer({ cert: foreign.cert, key: foreign.key }, (_re
 await new Promise<void>((resolve) => server.listen(0, "127.0.0.1", resolve));
 const url = `https://127.0.0.1:${(server.address() as AddressInfo).port}/`;
 const client = new HttpsClient({ tls: mutualTlsClientOptions(loadIdentity(process.env.PKI_DIR!, "client1")) });
-const outcome = await client.request(url, { timeoutMs: 5000 }).then((response) => `accepted (${response.text()})`, () => "refused");
+const outcome = await client.request(url, { timeoutMs: 5000 }).then(
+  (response) => `accepted (${response.text()})`,
+  () => "refused",
+);
 client.close();
 server.close();
 console.log(JSON.stringify({ cleared, outcome }));

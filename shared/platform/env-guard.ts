@@ -41,7 +41,10 @@ const FLAG_HARMS: readonly [RegExp, string][] = [
   [/^--tls-keylog$/, "writes every TLS session's secrets to a file"],
   [/heap-?snapshot|^--heap-prof|^--cpu-prof|^--prof$|^--report/, "writes the process's memory or profile to disk"],
   [/^--insecure-http-parser$/, "accepts malformed HTTP (request smuggling)"],
-  [/^--(tls-min-v1\.[01]|tls-max-v1\.2|tls-cipher-list|security-revert|openssl-|use-system-ca|use-openssl-ca|use-bundled-ca|enable-fips|force-fips)/, "changes what TLS accepts"],
+  [
+    /^--(tls-min-v1\.[01]|tls-max-v1\.2|tls-cipher-list|security-revert|openssl-|use-system-ca|use-openssl-ca|use-bundled-ca|enable-fips|force-fips)/,
+    "changes what TLS accepts",
+  ],
 ];
 
 /**
@@ -64,7 +67,10 @@ function unsafeFlag(list: string, separators: RegExp): string | false {
  */
 export const ENVIRONMENT_SWITCHES: readonly EnvironmentSwitch[] = [
   {
-    name: "NODE_TLS_REJECT_UNAUTHORIZED", runtimes: "bun, deno", action: "refuse", showValue: true,
+    name: "NODE_TLS_REJECT_UNAUTHORIZED",
+    runtimes: "bun, deno",
+    action: "refuse",
+    showValue: true,
     does: "it turns certificate checks off (Bun: fetch and node:https, and client certificates on a server, oven-sh/bun#35240; Deno: node:https, without a warning)",
     // Only "0" does anything on either runtime ("false", "no", "00" are ignored); any value but "1" still asks
     // for the checks to be off, so it is refused too, with what it asks for.
@@ -72,46 +78,69 @@ export const ENVIRONMENT_SWITCHES: readonly EnvironmentSwitch[] = [
   },
   {
     // Refused, not cleared: Deno opens the file as it starts, before any of our code (measured with `deno eval 1`).
-    name: "SSLKEYLOGFILE", runtimes: "deno", action: "refuse",
+    name: "SSLKEYLOGFILE",
+    runtimes: "deno",
+    action: "refuse",
     does: "Deno writes the secrets of every TLS connection a role opens to that file, mode 0644 (Bun 1.4.5 ignores it)",
   },
   {
-    name: "BUN_CONFIG_VERBOSE_FETCH", runtimes: "bun", action: "refuse", showValue: true,
+    name: "BUN_CONFIG_VERBOSE_FETCH",
+    runtimes: "bun",
+    action: "refuse",
+    showValue: true,
     does: "Bun logs every outgoing request before our code runs: curl prints the Authorization header in clear, 1 and true every other header (sender proofs, forwarder assertions)",
   },
   {
-    name: "NODE_DEBUG", runtimes: "deno", action: "refuse", showValue: true,
+    name: "NODE_DEBUG",
+    runtimes: "deno",
+    action: "refuse",
+    showValue: true,
     does: "Deno's node:http debug log prints each request's headers, bearer tokens included (net and tls their connections; Bun only warns)",
   },
   {
-    name: "NODE_OPTIONS", runtimes: "deno", action: "refuse",
+    name: "NODE_OPTIONS",
+    runtimes: "deno",
+    action: "refuse",
     does: "Deno reads Node's flags from it (--inspect opens a debugger, --require runs code); Bun 1.4.5 ignores it",
     unsafe: (value) => unsafeFlag(value, /\s+/),
   },
   {
-    name: "BUN_OPTIONS", runtimes: "bun", action: "refuse",
+    name: "BUN_OPTIONS",
+    runtimes: "bun",
+    action: "refuse",
     does: "Bun reads its command-line flags from it (--inspect, --preload, --tls-keylog, --insecure-http-parser)",
     unsafe: (value) => unsafeFlag(value, /\s+/),
   },
   {
-    name: "DENO_V8_FLAGS", runtimes: "deno", action: "refuse",
+    name: "DENO_V8_FLAGS",
+    runtimes: "deno",
+    action: "refuse",
     does: "Deno passes it to V8: --heap-snapshot-on-gc writes the heap, private keys included, to 0644 files",
     unsafe: (value) => unsafeFlag(value, /[\s,]+/),
   },
   {
-    name: "BUN_INSPECT", runtimes: "bun", action: "refuse",
+    name: "BUN_INSPECT",
+    runtimes: "bun",
+    action: "refuse",
     does: "Bun opens a debugger that can read every key in memory, without a word, before any of our code runs",
   },
   {
-    name: "BUN_INSPECT_CONNECT_TO", runtimes: "bun", action: "refuse",
+    name: "BUN_INSPECT_CONNECT_TO",
+    runtimes: "bun",
+    action: "refuse",
     does: "Bun hands a debugger at that address every key in memory, before any of our code runs",
   },
   {
-    name: "DENO_CERT", runtimes: "deno", action: "refuse",
+    name: "DENO_CERT",
+    runtimes: "deno",
+    action: "refuse",
     does: "Deno's fetch trusts that file's CAs besides ours, even on a hop pinned to our CA (a server of another CA was accepted)",
   },
   {
-    name: "DENO_TLS_CA_STORE", runtimes: "deno", action: "refuse", showValue: true,
+    name: "DENO_TLS_CA_STORE",
+    runtimes: "deno",
+    action: "refuse",
+    showValue: true,
     does: "Deno's fetch trusts the system store (and SSL_CERT_FILE) besides our CA, even on a hop pinned to it (a server of another CA was accepted)",
     unsafe: (value) => value !== "mozilla", // Deno's default
   },
@@ -119,7 +148,9 @@ export const ENVIRONMENT_SWITCHES: readonly EnvironmentSwitch[] = [
     // Refusing would stop every role on hosts that set it for all programs (CI images; this project's own test
     // machine sets it to the system bundle). Deno reads it at its first connection, so deleting it first works.
     // Bun reads it at start, before our code, but adds it only where no CA is pinned, as SSL_CERT_FILE does.
-    name: "NODE_EXTRA_CA_CERTS", runtimes: "deno", action: "clear",
+    name: "NODE_EXTRA_CA_CERTS",
+    runtimes: "deno",
+    action: "clear",
     does: "Deno's fetch trusts that file's CAs besides ours, even on a hop pinned to our CA (a server of another CA was accepted)",
   },
 ];
@@ -127,10 +158,18 @@ export const ENVIRONMENT_SWITCHES: readonly EnvironmentSwitch[] = [
 /** Measured and left alone: what each does to a role, so nobody measures it again. */
 export const REVIEWED: readonly { name: string; value: string; why: string }[] = [
   { name: "RUST_LOG", value: "trace", why: "Deno 2.9.6 prints nothing for it (rustls, hyper, reqwest at trace)" },
-  { name: "SSL_CERT_FILE", value: "/etc/ssl/certs/ca-certificates.crt", why: "Bun's default store only, for hops with no pinned CA (an API without --api-ca); Deno only with DENO_TLS_CA_STORE=system, refused" },
+  {
+    name: "SSL_CERT_FILE",
+    value: "/etc/ssl/certs/ca-certificates.crt",
+    why: "Bun's default store only, for hops with no pinned CA (an API without --api-ca); Deno only with DENO_TLS_CA_STORE=system, refused",
+  },
   { name: "SSL_CERT_DIR", value: "/etc/ssl/certs", why: "no effect measured on either runtime" },
   { name: "NODE_USE_SYSTEM_CA", value: "1", why: "the default store of node:https only (Deno); pinned hops unchanged" },
-  { name: "HTTPS_PROXY", value: "http://127.0.0.1:3128", why: "fetch tunnels through it with CONNECT; the pinned CA and client certificate still hold end to end (measured)" },
+  {
+    name: "HTTPS_PROXY",
+    value: "http://127.0.0.1:3128",
+    why: "fetch tunnels through it with CONNECT; the pinned CA and client certificate still hold end to end (measured)",
+  },
   { name: "NODE_USE_ENV_PROXY", value: "1", why: "Deno's node:https then tunnels through HTTPS_PROXY too; the checks hold end to end (measured)" },
   { name: "OPENSSL_CONF", value: "/etc/ssl/openssl.cnf", why: "neither runtime reads it (a broken file changed nothing)" },
   { name: "OTEL_DENO", value: "true", why: "exports spans, metrics and the role's own log lines, no request headers (measured against a collector)" },

@@ -54,7 +54,12 @@ describe("body limit counts the bytes read (#11 L6)", () => {
       reached++;
       return { ok: true };
     });
-    const types: Record<string, string>[] = [{}, { "content-type": "application/json" }, { "content-type": "text/plain" }, { "content-type": "application/octet-stream" }];
+    const types: Record<string, string>[] = [
+      {},
+      { "content-type": "application/json" },
+      { "content-type": "text/plain" },
+      { "content-type": "application/octet-stream" },
+    ];
     for (const headers of types) {
       const response = await app.handle(streamed("/x", streamOf(200 * 1024), headers));
       expect({ headers, status: response.status }).toEqual({ headers, status: 413 });
@@ -80,10 +85,22 @@ describe("body limit counts the bytes read (#11 L6)", () => {
   test("routes with { parse: 'none' } keep their body, and readBodyLimited enforces the limit for them", async () => {
     const raw = async ({ request }: { request: Request }) => new TextDecoder().decode(await readBodyLimited(request));
     const app = createApp(testLogger()).post("/raw", raw, { parse: "none" }).all("/api/*", raw, { parse: "none" });
-    for (const [method, path] of [["POST", "/raw"], ["PUT", "/api/x"]] as const) {
-      const small = await app.handle(new Request(`http://localhost${path}`, { method, headers: { "content-type": "application/json" }, body: "{not json", duplex: "half" } as RequestInit));
+    for (const [method, path] of [
+      ["POST", "/raw"],
+      ["PUT", "/api/x"],
+    ] as const) {
+      const small = await app.handle(
+        new Request(`http://localhost${path}`, { method, headers: { "content-type": "application/json" }, body: "{not json", duplex: "half" } as RequestInit),
+      );
       expect([path, small.status, await small.text()]).toEqual([path, 200, "{not json"]);
-      const large = await app.handle(new Request(`http://localhost${path}`, { method, headers: { "content-type": "application/jose" }, body: streamOf(200 * 1024), duplex: "half" } as RequestInit));
+      const large = await app.handle(
+        new Request(`http://localhost${path}`, {
+          method,
+          headers: { "content-type": "application/jose" },
+          body: streamOf(200 * 1024),
+          duplex: "half",
+        } as RequestInit),
+      );
       expect([path, large.status, await large.json()]).toEqual([path, 413, TOO_LARGE]);
     }
 
@@ -100,7 +117,10 @@ describe("body limit counts the bytes read (#11 L6)", () => {
     cleanups.push(() => app.stop(true));
     for (const path of ["/x", "/raw"]) {
       const response = await fetch(`http://127.0.0.1:${port}${path}`, {
-        method: "POST", headers: { "content-type": "application/json" }, body: streamOf(200 * 1024), duplex: "half",
+        method: "POST",
+        headers: { "content-type": "application/json" },
+        body: streamOf(200 * 1024),
+        duplex: "half",
       } as RequestInit);
       expect({ path, status: response.status }).toEqual({ path, status: 413 });
       expect(await response.json()).toEqual(TOO_LARGE);
@@ -127,16 +147,23 @@ test("a body cut short by the client is a 499 in the log, not an internal error"
     socket.destroy();
     while (!lines.some((l) => l.includes(`"POST ${path} HTTP/1.1"`))) await new Promise((resolve) => setImmediate(resolve));
   }
-  expect(lines.filter((l) => l.includes('"POST '))).toEqual([expect.stringMatching(/"POST \/x HTTP\/1\.1" 499 - request_id=\S+$/), expect.stringMatching(/"POST \/raw HTTP\/1\.1" 499 - request_id=\S+$/)]);
+  expect(lines.filter((l) => l.includes('"POST '))).toEqual([
+    expect.stringMatching(/"POST \/x HTTP\/1\.1" 499 - request_id=\S+$/),
+    expect.stringMatching(/"POST \/raw HTTP\/1\.1" 499 - request_id=\S+$/),
+  ]);
   expect(lines.filter((l) => l.includes("internal error"))).toEqual([]);
 });
 
 test("readJsonFields quotes an unexpected field name and cuts it short (#11 L1)", async () => {
   const app = createApp(testLogger()).post("/x", ({ request, body }) => readJsonFields(request, body, ["a"]));
   const name = `x\n127.0.0.1 - - [x] "GET / HTTP/1.1" 200 -\x1b[2J${"y".repeat(100)}`;
-  const response = await app.handle(new Request("http://localhost/x", {
-    method: "POST", headers: { "content-type": "application/json" }, body: JSON.stringify({ a: "1", [name]: 1 }),
-  }));
+  const response = await app.handle(
+    new Request("http://localhost/x", {
+      method: "POST",
+      headers: { "content-type": "application/json" },
+      body: JSON.stringify({ a: "1", [name]: 1 }),
+    }),
+  );
   expect(response.status).toBe(400);
   expect(((await response.json()) as { error: string }).error).toBe(`unexpected field: ${JSON.stringify(name.slice(0, 64))}`);
 });
@@ -151,7 +178,6 @@ test("a handler's own Response status reaches the access log and the metrics (#1
   expect(exposition.value("securemesh_http_requests_total", { route: "/r", method: "GET", status: "401" })).toBe(1);
   expect(exposition.value("securemesh_http_requests_total", { route: "/r", status: "200" })).toBeUndefined();
 });
-
 
 test("accessLog: false writes no access line, and the request is still counted", async () => {
   const { lines, logger } = testLogger();
@@ -182,7 +208,7 @@ test("each access line ends with the request's trace; the handler sees the same 
   expect(forged.line).not.toContain("FORGED");
   expect(forged.onward.traceparent).toStartWith(`00-${newId}-`);
   expect(await call({ "x-request-id": "req-7" })).toEqual({ onward: { "x-request-id": "req-7" }, line: expect.stringMatching(/ 200 - request_id=req-7$/) });
-  const replaced = await call({ "x-request-id": "req 7\" 200 - FORGED" });
+  const replaced = await call({ "x-request-id": 'req 7" 200 - FORGED' });
   expect(replaced.line).not.toContain("FORGED");
   expect(replaced.line).toEndWith(` 200 - request_id=${replaced.onward["x-request-id"]}`);
 });
@@ -209,7 +235,13 @@ describe("listenReloadable (#11)", () => {
         return "slow done";
       });
     let crl = parseCrl(crlBefore, server.ca);
-    const listener = await listenReloadable(app, { port: 0, hostname: "127.0.0.1", tls: tlsWith(crlBefore), identify: tlsPeerIdentity, isRevoked: (serial) => crl.isRevoked(serial) });
+    const listener = await listenReloadable(app, {
+      port: 0,
+      hostname: "127.0.0.1",
+      tls: tlsWith(crlBefore),
+      identify: tlsPeerIdentity,
+      isRevoked: (serial) => crl.isRevoked(serial),
+    });
     cleanups.push(() => listener.stop());
     const url = `https://127.0.0.1:${listener.port}`;
 
@@ -229,7 +261,10 @@ describe("listenReloadable (#11)", () => {
     expect([slow.status, await slow.text()]).toEqual([200, "slow done"]);
     // The new server is the app's: the access log still knows the caller's address.
     while (lines.length < 3) await new Promise((resolve) => setImmediate(resolve)); // logged once each answer is sent
-    expect(lines.filter((l) => l.includes('"GET /who HTTP/1.1" 200'))).toEqual([expect.stringMatching(/^127\.0\.0\.1 /), expect.stringMatching(/^127\.0\.0\.1 /)]);
+    expect(lines.filter((l) => l.includes('"GET /who HTTP/1.1" 200'))).toEqual([
+      expect.stringMatching(/^127\.0\.0\.1 /),
+      expect.stringMatching(/^127\.0\.0\.1 /),
+    ]);
   });
 
   test("a port already in use is a ConfigError, even though the listener itself shares its port with its successor", async () => {
@@ -246,25 +281,36 @@ describe("listenReloadable (#11)", () => {
     const plain = createApp(testLogger());
     const held = listen(plain, { port: 0, hostname: "127.0.0.1" });
     cleanups.push(() => plain.stop(true));
-    await expect(listenReloadable(createApp(testLogger()), { port: held, hostname: "127.0.0.1", tls, ...gate })).rejects.toThrow(`port ${held} on 127.0.0.1 is already in use`);
+    await expect(listenReloadable(createApp(testLogger()), { port: held, hostname: "127.0.0.1", tls, ...gate })).rejects.toThrow(
+      `port ${held} on 127.0.0.1 is already in use`,
+    );
   });
 });
 
 // Found by attack on #11: Elysia's fetch reads the path at a fixed offset into the URL, so over https a Host of one
 // or two characters routed GET /zz/health to /health. Only a path routed as written is served.
 test("a request whose routed path is not its path (a 1-2 character Host over https) gets 400, never another route", async () => {
-  const app = createApp({ logger: createLogger("t", { write: () => {} }) }).get("/health", () => "health").get("/zz/health", () => "zz");
-  const listener = await listenReloadable(app, { port: 0, hostname: "127.0.0.1", tls: { cert: loadIdentity(pki, "server").cert, key: loadIdentity(pki, "server").key } });
+  const app = createApp({ logger: createLogger("t", { write: () => {} }) })
+    .get("/health", () => "health")
+    .get("/zz/health", () => "zz");
+  const listener = await listenReloadable(app, {
+    port: 0,
+    hostname: "127.0.0.1",
+    tls: { cert: loadIdentity(pki, "server").cert, key: loadIdentity(pki, "server").key },
+  });
   cleanups.push(() => listener.stop());
   const ca = loadIdentity(pki, "server").ca;
-  const get = (host: string) => new Promise<string>((resolve) => {
-    const socket = tlsConnect({ port: listener.port, host: "127.0.0.1", ca, servername: "localhost" }, () => socket.write(`GET /zz/health HTTP/1.1\r\nHost: ${host}\r\nConnection: close\r\n\r\n`));
-    let answer = "";
-    socket.on("data", (chunk) => (answer += chunk));
-    socket.on("close", () => resolve(`${answer.split("\r\n")[0]} ${answer.split("\r\n\r\n")[1]}`));
-  });
+  const get = (host: string) =>
+    new Promise<string>((resolve) => {
+      const socket = tlsConnect({ port: listener.port, host: "127.0.0.1", ca, servername: "localhost" }, () =>
+        socket.write(`GET /zz/health HTTP/1.1\r\nHost: ${host}\r\nConnection: close\r\n\r\n`),
+      );
+      let answer = "";
+      socket.on("data", (chunk) => (answer += chunk));
+      socket.on("close", () => resolve(`${answer.split("\r\n")[0]} ${answer.split("\r\n\r\n")[1]}`));
+    });
   expect(await get("localhost")).toBe("HTTP/1.1 200 OK zz");
-  expect(await get("ab")).toStartWith("HTTP/1.1 400 Bad Request {\"error\":\"request path cannot be routed as written\"");
+  expect(await get("ab")).toStartWith('HTTP/1.1 400 Bad Request {"error":"request path cannot be routed as written"');
   expect(await get("a")).toStartWith("HTTP/1.1 400 Bad Request");
 });
 
@@ -272,21 +318,26 @@ test("a request whose routed path is not its path (a 1-2 character Host over htt
 // know it, so a health check on /health/ kept answering 200 all through a drain (and counted as traffic, holding the
 // listener open for the whole grace). Every path routed to /health must answer 503 once draining; no other may.
 test("a draining listener answers 503 on every path its router serves as /health, and only there", async () => {
-  const app = createApp({ logger: createLogger("t", { write: () => {} }) }).get("/health", () => ({ status: "ok" })).get("/api/x", () => ({ ok: true }));
+  const app = createApp({ logger: createLogger("t", { write: () => {} }) })
+    .get("/health", () => ({ status: "ok" }))
+    .get("/api/x", () => ({ ok: true }));
   const listener = await listenReloadable(app, { port: 0, hostname: "127.0.0.1" });
   cleanups.push(() => listener.stop());
-  const status = (path: string) => new Promise<string>((resolve) => {
-    const socket = net.connect(listener.port, "127.0.0.1", () => socket.write(`GET ${path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n`));
-    let answer = "";
-    socket.on("data", (chunk) => (answer += chunk));
-    socket.on("close", () => resolve(`${path} ${answer.split(" ")[1]}`));
-  });
+  const status = (path: string) =>
+    new Promise<string>((resolve) => {
+      const socket = net.connect(listener.port, "127.0.0.1", () => socket.write(`GET ${path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n`));
+      let answer = "";
+      socket.on("data", (chunk) => (answer += chunk));
+      socket.on("close", () => resolve(`${path} ${answer.split(" ")[1]}`));
+    });
   const paths = ["/health", "/health/", "/health?probe=1", "/health/?probe=1", "/./health", "/api/x", "/api/x/", "/healthz"];
   const served = await Promise.all(paths.map(status));
   const healthRoute = served.filter((line) => line.endsWith(" 200") && !line.startsWith("/api/")).map((line) => line.split(" ")[0]!);
   expect(healthRoute).toEqual(["/health", "/health/", "/health?probe=1", "/health/?probe=1", "/./health"]);
   listener.startDraining();
-  expect(await Promise.all(paths.map(status))).toEqual(served.map((line) => (healthRoute.includes(line.split(" ")[0]!) ? line.replace(/ 200$/, " 503") : line)));
+  expect(await Promise.all(paths.map(status))).toEqual(
+    served.map((line) => (healthRoute.includes(line.split(" ")[0]!) ? line.replace(/ 200$/, " 503") : line)),
+  );
   // A health check is not traffic: it never holds a drain's listener open.
   const lastTraffic = listener.lastRequestAt();
   await Promise.all(healthRoute.map(status));

@@ -148,7 +148,7 @@ export function createApp({ logger, bodyLimit = DEFAULT_BODY_LIMIT, metrics = ne
       const { path } = context as unknown as { path: string };
       // Every listener binds the caller's address (and, under mutual TLS, its identity) to the request; a request
       // handed to app.handle in a test has none. Only the access line uses it.
-      const remote = !accessLog ? "-" : peerOf(request)?.address ?? (server ? server.requestIP(request)?.address : undefined) ?? "-";
+      const remote = !accessLog ? "-" : (peerOf(request)?.address ?? (server ? server.requestIP(request)?.address : undefined) ?? "-");
       // The path is parsed once here and kept for the access log: one URL parse per request, not two.
       const actual = requestPath(request);
       arrivals.set(request, { remote, at: performance.now(), path: actual, trace: traceOf(request.headers) });
@@ -183,7 +183,8 @@ export function createApp({ logger, bodyLimit = DEFAULT_BODY_LIMIT, metrics = ne
       const response = (context as { response?: unknown }).response;
       const status = response instanceof Response ? response.status : typeof set.status === "number" ? set.status : 200;
       const arrival = arrivals.get(request);
-      if (accessLog) logger.access(arrival?.remote ?? "-", request.method, arrival?.path ?? requestPath(request), status, arrival?.trace ?? requestTrace(request));
+      if (accessLog)
+        logger.access(arrival?.remote ?? "-", request.method, arrival?.path ?? requestPath(request), status, arrival?.trace ?? requestTrace(request));
       const route = "route" in context && context.route ? context.route : "unmatched";
       requests.inc({ route, method: request.method, status: String(status) });
       if (arrival) latency.observe({ route }, (performance.now() - arrival.at) / 1000);
@@ -227,7 +228,10 @@ export type { Drainable } from "./drain.ts";
  * port in use as a one-line ConfigError, and the bound port returned. Elysia's listen is Bun.serve, so this is for
  * Bun-only code (tests); the roles use listenReloadable, which runs on both runtimes.
  */
-export function listen(app: { listen: (options: object) => unknown; server: { port?: number } | null }, options: { port: number; hostname: string; tls?: ServerTls }): number {
+export function listen(
+  app: { listen: (options: object) => unknown; server: { port?: number } | null },
+  options: { port: number; hostname: string; tls?: ServerTls },
+): number {
   try {
     app.listen({ port: options.port, hostname: options.hostname, reusePort: false, tls: options.tls });
   } catch (error) {
@@ -285,12 +289,18 @@ function refusalReporter(logger: Logger, metrics: Metrics): (refusal: Refusal) =
 
 function refusalText(refusal: Refusal): string {
   switch (refusal.reason) {
-    case "identity-cap": return `${refusal.identity} already holds ${refusal.limit} connections, its limit`;
-    case "revoked": return `${refusal.identity || "a client"}'s certificate is revoked (serial ${refusal.serial}); told so`;
-    case "untrusted": return "no client certificate our CA issued";
-    case "no-client-auth": return `${refusal.identity || "its"} certificate is not for client authentication; told so`;
-    case "handshake-flood": return "too many connections from this address still in their TLS handshake (the oldest closed)";
-    case "handshake-timeout": return "no TLS handshake in time";
+    case "identity-cap":
+      return `${refusal.identity} already holds ${refusal.limit} connections, its limit`;
+    case "revoked":
+      return `${refusal.identity || "a client"}'s certificate is revoked (serial ${refusal.serial}); told so`;
+    case "untrusted":
+      return "no client certificate our CA issued";
+    case "no-client-auth":
+      return `${refusal.identity || "its"} certificate is not for client authentication; told so`;
+    case "handshake-flood":
+      return "too many connections from this address still in their TLS handshake (the oldest closed)";
+    case "handshake-timeout":
+      return "no TLS handshake in time";
   }
 }
 
@@ -371,7 +381,10 @@ class Traffic {
     const health = request.url.includes("/health") && HEALTH_PATH.test(request.url);
     if (!health) this.lastRequestAt = performance.now();
     if (this.#draining && health) {
-      return new Response(JSON.stringify({ status: "draining" }), { status: 503, headers: { "content-type": "application/json; charset=utf-8", connection: "close" } });
+      return new Response(JSON.stringify({ status: "draining" }), {
+        status: 503,
+        headers: { "content-type": "application/json; charset=utf-8", connection: "close" },
+      });
     }
     this.inFlight += 1;
     let answer: Response | Promise<Response>;

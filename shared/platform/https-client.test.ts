@@ -18,7 +18,9 @@ afterEach(async () => {
 /** A Bun.serve server with mutual TLS that answers with the client's source port, so connections can be counted. */
 function portEcho(pki: string, name = "server"): string {
   const server = Bun.serve({
-    port: 0, hostname: "127.0.0.1", tls: mutualTlsServerOptions(loadIdentity(pki, name)),
+    port: 0,
+    hostname: "127.0.0.1",
+    tls: mutualTlsServerOptions(loadIdentity(pki, name)),
     fetch: (request, srv) => new Response(String(srv.requestIP(request)?.port)),
   });
   cleanups.push(() => server.stop(true));
@@ -44,7 +46,11 @@ async function recorder(pki: string, name: string, answer?: (socket: tls.TLSSock
 
 const OK = "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: 2\r\n\r\nok";
 
-async function client(pki: string, expected = "spiffe://securemesh/server/*", extra: { isRevoked?: (s: string) => boolean; maxConnectionsPerOrigin?: number } = {}) {
+async function client(
+  pki: string,
+  expected = "spiffe://securemesh/server/*",
+  extra: { isRevoked?: (s: string) => boolean; maxConnectionsPerOrigin?: number } = {},
+) {
   let checks = 0;
   const check = expectPeer(expected, { isRevoked: extra.isRevoked });
   const c = new HttpsClient({
@@ -74,7 +80,9 @@ describe("HttpsClient", () => {
     const impostor = await recorder(pki, "keyserver", (socket) => socket.write(OK));
     const { client: c } = await client(pki);
     for (let i = 0; i < 3; i++) {
-      await expect(c.request(`${impostor.url}/api/data`, { method: "POST", body: "secret", timeoutMs: 5000 })).rejects.toMatchObject({ code: "ERR_UNEXPECTED_PEER" });
+      await expect(c.request(`${impostor.url}/api/data`, { method: "POST", body: "secret", timeoutMs: 5000 })).rejects.toMatchObject({
+        code: "ERR_UNEXPECTED_PEER",
+      });
     }
     // A raw TLS server reading the connection: the handshake completed, and nothing came after it.
     expect(impostor.seen).toEqual({ handshakes: impostor.seen.handshakes, bytes: 0 });
@@ -159,7 +167,11 @@ describe("parseAnswer", () => {
     const closing = parse("HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 0\r\n\r\n");
     const extra = parse("HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\nHTTP/1.1 200");
     const old = parse("HTTP/1.0 200 OK\r\ncontent-length: 0\r\n\r\n");
-    expect([closing, extra, old].map((a) => (a && typeof a !== "string" ? [a.keepAlive, a.rest] : a))).toEqual([[false, 0], [true, 12], [false, 0]]);
+    expect([closing, extra, old].map((a) => (a && typeof a !== "string" ? [a.keepAlive, a.rest] : a))).toEqual([
+      [false, 0],
+      [true, 12],
+      [false, 0],
+    ]);
   });
 
   test("refuses framing that could smuggle or hang", () => {

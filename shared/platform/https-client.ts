@@ -278,7 +278,12 @@ export function parseAnswer(buffer: Buffer, headOnly: boolean, cursor: ChunkCurs
         if (!/^\d{1,15}$/.test(value) || (contentLength !== null && contentLength !== Number(value))) return "a bad Content-Length";
         contentLength = Number(value);
       } else if (name === "transfer-encoding") {
-        chunked = value.toLowerCase().split(",").map((v) => v.trim()).at(-1) === "chunked";
+        chunked =
+          value
+            .toLowerCase()
+            .split(",")
+            .map((v) => v.trim())
+            .at(-1) === "chunked";
         if (!chunked) return "a Transfer-Encoding other than chunked";
       } else if (name === "connection") {
         connection = value.toLowerCase();
@@ -512,13 +517,18 @@ export class HttpsClient {
       }
       if (origin.open < this.#maxConnections) break;
       let waiter!: Waiter;
-      const freed = await withDeadline(new Promise<Connection | null>((resolve) => {
-        waiter = { take: resolve };
-        origin.waiters.push(waiter);
-      }), deadline, timeoutMs, () => {
-        const at = origin.waiters.indexOf(waiter);
-        if (at !== -1) origin.waiters.splice(at, 1);
-      });
+      const freed = await withDeadline(
+        new Promise<Connection | null>((resolve) => {
+          waiter = { take: resolve };
+          origin.waiters.push(waiter);
+        }),
+        deadline,
+        timeoutMs,
+        () => {
+          const at = origin.waiters.indexOf(waiter);
+          if (at !== -1) origin.waiters.splice(at, 1);
+        },
+      );
       if (freed && !freed.closed) return freed;
     }
     origin.open += 1;
@@ -539,45 +549,57 @@ export class HttpsClient {
   #connect(origin: Origin): { connected: Promise<Connection>; abort(): void } {
     const { cert, key, ca, checkServerIdentity } = this.#tls;
     const attempt = runtime.connectTls({
-      host: origin.host, port: origin.port, ...(isIP(origin.host) ? {} : { servername: origin.host }), ca, cert, key,
+      host: origin.host,
+      port: origin.port,
+      ...(isIP(origin.host) ? {} : { servername: origin.host }),
+      ca,
+      cert,
+      key,
     });
-    const connected = attempt.connected.then((socket) => {
-      const refuse = (error: Error) => {
-        socket.destroy();
+    const connected = attempt.connected.then(
+      (socket) => {
+        const refuse = (error: Error) => {
+          socket.destroy();
+          throw neverReached(error);
+        };
+        // Explicitly, whatever the environment says: NODE_TLS_REJECT_UNAUTHORIZED=0 overrides the option in node:tls.
+        if (!socket.authorized)
+          return refuse(new NetworkError("ERR_TLS_CERT", `${NETWORK_REASONS.ERR_TLS_CERT}: ${socket.authorizationError ?? "not authorized"}`));
+        const peer = socket.peerCertificate();
+        if (!peer?.raw) return refuse(new NetworkError("ERR_TLS_CERT", `${NETWORK_REASONS.ERR_TLS_CERT}: no peer certificate`));
+        // The host name against the SANs first, never the CN, then the hop's own check (identity, EKU, revocation).
+        // Deno's peer certificates carry no ext_key_usage: it is read from the DER.
+        const full = withExtendedKeyUsage(peer);
+        const refusal = hostnameRefusal(origin.host, full) ?? checkServerIdentity?.(origin.host, full);
+        if (refusal) return refuse(refusal);
+        const serial = peer.serialNumber ?? "";
+        if (this.#isRevoked(serial)) return refuse(new NetworkError("ERR_TLS_CERT", `${NETWORK_REASONS.ERR_TLS_CERT}: the peer's certificate is revoked`));
+        return new Connection(socket, origin, { serial, subjectaltname: peer.subjectaltname ?? "" }, this.#maxBytes);
+      },
+      (error: unknown) => {
         throw neverReached(error);
-      };
-      // Explicitly, whatever the environment says: NODE_TLS_REJECT_UNAUTHORIZED=0 overrides the option in node:tls.
-      if (!socket.authorized) return refuse(new NetworkError("ERR_TLS_CERT", `${NETWORK_REASONS.ERR_TLS_CERT}: ${socket.authorizationError ?? "not authorized"}`));
-      const peer = socket.peerCertificate();
-      if (!peer?.raw) return refuse(new NetworkError("ERR_TLS_CERT", `${NETWORK_REASONS.ERR_TLS_CERT}: no peer certificate`));
-      // The host name against the SANs first, never the CN, then the hop's own check (identity, EKU, revocation).
-      // Deno's peer certificates carry no ext_key_usage: it is read from the DER.
-      const full = withExtendedKeyUsage(peer);
-      const refusal = hostnameRefusal(origin.host, full) ?? checkServerIdentity?.(origin.host, full);
-      if (refusal) return refuse(refusal);
-      const serial = peer.serialNumber ?? "";
-      if (this.#isRevoked(serial)) return refuse(new NetworkError("ERR_TLS_CERT", `${NETWORK_REASONS.ERR_TLS_CERT}: the peer's certificate is revoked`));
-      return new Connection(socket, origin, { serial, subjectaltname: peer.subjectaltname ?? "" }, this.#maxBytes);
-    }, (error: unknown) => {
-      throw neverReached(error);
-    });
+      },
+    );
     return { connected, abort: attempt.abort };
   }
 
   #startSweeper(): void {
     if (this.#sweeper) return;
-    this.#sweeper = setInterval(() => {
-      const now = performance.now();
-      let any = false;
-      for (const origin of this.#origins.values()) {
-        for (const connection of [...origin.idle]) if (now - connection.idleSince > this.#idleMs) connection.destroy();
-        any ||= origin.open > 0;
-      }
-      if (!any && this.#sweeper) {
-        clearInterval(this.#sweeper);
-        this.#sweeper = null;
-      }
-    }, Math.max(250, this.#idleMs / 4));
+    this.#sweeper = setInterval(
+      () => {
+        const now = performance.now();
+        let any = false;
+        for (const origin of this.#origins.values()) {
+          for (const connection of [...origin.idle]) if (now - connection.idleSince > this.#idleMs) connection.destroy();
+          any ||= origin.open > 0;
+        }
+        if (!any && this.#sweeper) {
+          clearInterval(this.#sweeper);
+          this.#sweeper = null;
+        }
+      },
+      Math.max(250, this.#idleMs / 4),
+    );
     this.#sweeper.unref?.();
   }
 }
@@ -600,7 +622,8 @@ function requestHead(method: string, path: string, authority: string, headers: H
   const add = (name: string, value: string) => {
     const lower = name.toLowerCase();
     if (lower === "host" || lower === "content-length" || lower === "transfer-encoding" || lower === "connection") return;
-    if (!HEADER_NAME.test(name) || UNSAFE_VALUE.test(value)) throw new UnsendableRequest("ERR_BAD_REQUEST", `header ${JSON.stringify(name.slice(0, 40))} cannot be sent as it is`);
+    if (!HEADER_NAME.test(name) || UNSAFE_VALUE.test(value))
+      throw new UnsendableRequest("ERR_BAD_REQUEST", `header ${JSON.stringify(name.slice(0, 40))} cannot be sent as it is`);
     head += `${lower}: ${value}\r\n`;
   };
   if (headers instanceof Headers) headers.forEach((value, name) => add(name, value));
@@ -624,13 +647,16 @@ function withDeadline<T>(promise: Promise<T>, deadline: number, timeoutMs: numbe
       onTimeout();
       reject(timeoutError(timeoutMs));
     }, left);
-    promise.then((value) => {
-      clearTimeout(timer);
-      resolve(value);
-    }, (error) => {
-      clearTimeout(timer);
-      reject(error);
-    });
+    promise.then(
+      (value) => {
+        clearTimeout(timer);
+        resolve(value);
+      },
+      (error) => {
+        clearTimeout(timer);
+        reject(error);
+      },
+    );
   });
 }
 

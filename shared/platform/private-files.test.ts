@@ -50,14 +50,19 @@ async function pkiCopy(): Promise<string> {
 
 describe("a secret file group or others can read is refused, as OpenSSH refuses one", () => {
   test("the message names the file, its mode and the chmod, relative to the repository when inside it", () => {
-    expect(openToOthers(join(REPO_ROOT, "certs", "server_key.pem"), 0o100644))
-      .toBe("certs/server_key.pem is readable by group or others (mode 0644); run chmod 600 certs/server_key.pem");
+    expect(openToOthers(join(REPO_ROOT, "certs", "server_key.pem"), 0o100644)).toBe(
+      "certs/server_key.pem is readable by group or others (mode 0644); run chmod 600 certs/server_key.pem",
+    );
   });
 
   test.each([
-    [0o600, "ok"], [0o400, "ok"], [0o700, "ok"],
-    [0o640, "readable by group or others (mode 0640)"], [0o644, "readable by group or others (mode 0644)"],
-    [0o604, "readable by group or others (mode 0604)"], [0o620, "writable by group or others (mode 0620)"],
+    [0o600, "ok"],
+    [0o400, "ok"],
+    [0o700, "ok"],
+    [0o640, "readable by group or others (mode 0640)"],
+    [0o644, "readable by group or others (mode 0644)"],
+    [0o604, "readable by group or others (mode 0604)"],
+    [0o620, "writable by group or others (mode 0620)"],
     [0o601, "executable by group or others (mode 0601)"],
   ])("mode %o: %s", (mode, expected) => {
     const path = join(tempDir(), "secret_key.pem");
@@ -68,7 +73,9 @@ describe("a secret file group or others can read is refused, as OpenSSH refuses 
 
   test("a missing key says to copy it from the CA host, never to run a command that could make a CA here", () => {
     const dir = tempDir();
-    expect(outcome(() => readPrivatePkiFile(dir, "server_key.pem"))).toBe(`missing ${dir}/server_key.pem: copy this host's files from the CA host, where ./pki.sh bundle NAME DIR --as server packs this host's identity NAME (./pki.sh issue NAME --server --san … issues it), or point --pki or PKI_DIR at the folder that holds them`);
+    expect(outcome(() => readPrivatePkiFile(dir, "server_key.pem"))).toBe(
+      `missing ${dir}/server_key.pem: copy this host's files from the CA host, where ./pki.sh bundle NAME DIR --as server packs this host's identity NAME (./pki.sh issue NAME --server --san … issues it), or point --pki or PKI_DIR at the folder that holds them`,
+    );
   });
 
   test("loadIdentity refuses a 0644 private key; the certificates and the CRL stay public", async () => {
@@ -88,7 +95,9 @@ describe("a secret file group or others can read is refused, as OpenSSH refuses 
     const before = process.env.FERNET_KEY;
     delete process.env.FERNET_KEY;
     try {
-      expect(outcome(() => loadFernetKeys(pki))).toBe(`${pki}/encryption_key.txt is readable by group or others (mode 0644); run chmod 600 ${pki}/encryption_key.txt`);
+      expect(outcome(() => loadFernetKeys(pki))).toBe(
+        `${pki}/encryption_key.txt is readable by group or others (mode 0644); run chmod 600 ${pki}/encryption_key.txt`,
+      );
     } finally {
       if (before !== undefined) process.env.FERNET_KEY = before;
     }
@@ -102,8 +111,14 @@ describe("a secret file group or others can read is refused, as OpenSSH refuses 
     for (const file of ["rsa_key.pem", "ecdh_key.pem", "master_keys.json"]) chmodSync(join(dir, file), 0o640);
     const refused = (file: string) => `${dir}/${file} is readable by group or others (mode 0640); run chmod 600 ${dir}/${file}`;
     expect({
-      rsa: await RsaKeyPair.loadOrCreate(join(dir, "rsa_key.pem")).then(() => "ok", (error: Error) => error.message),
-      ecdh: await EcdhKeyPair.loadOrCreate(join(dir, "ecdh_key.pem")).then(() => "ok", (error: Error) => error.message),
+      rsa: await RsaKeyPair.loadOrCreate(join(dir, "rsa_key.pem")).then(
+        () => "ok",
+        (error: Error) => error.message,
+      ),
+      ecdh: await EcdhKeyPair.loadOrCreate(join(dir, "ecdh_key.pem")).then(
+        () => "ok",
+        (error: Error) => error.message,
+      ),
       keyring: outcome(() => readKeyringFile(join(dir, "master_keys.json"))),
       stillLoose: modeOf(join(dir, "rsa_key.pem")),
     }).toEqual({ rsa: refused("rsa_key.pem"), ecdh: refused("ecdh_key.pem"), keyring: refused("master_keys.json"), stillLoose: 0o640 });
@@ -145,7 +160,11 @@ describe("what a role creates is private", () => {
       process.umask(before);
     }
     expect(["..", ".", "rsa_key.pem", "ecdh_key.pem", "master_keys.json"].map((f) => [f, modeOf(join(data, f))])).toEqual([
-      ["..", 0o700], [".", 0o700], ["rsa_key.pem", 0o600], ["ecdh_key.pem", 0o600], ["master_keys.json", 0o600],
+      ["..", 0o700],
+      [".", 0o700],
+      ["rsa_key.pem", 0o600],
+      ["ecdh_key.pem", 0o600],
+      ["master_keys.json", 0o600],
     ]);
     expect(existsSync(join(data, "master_keys.json.tmp"))).toBe(false);
   });

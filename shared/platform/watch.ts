@@ -9,14 +9,16 @@ const hangupListeners = new Set<() => void>();
 let hangupInstalled = false;
 
 function fingerprint(paths: readonly string[]): string {
-  return paths.map((path) => {
-    try {
-      const s = statSync(path);
-      return `${s.ino}:${s.size}:${s.mtimeMs}`;
-    } catch {
-      return "missing";
-    }
-  }).join("|");
+  return paths
+    .map((path) => {
+      try {
+        const s = statSync(path);
+        return `${s.ino}:${s.size}:${s.mtimeMs}`;
+      } catch {
+        return "missing";
+      }
+    })
+    .join("|");
 }
 
 export interface Watch {

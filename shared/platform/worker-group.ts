@@ -129,7 +129,12 @@ export class WorkerGroup {
       // It joins the port only while a sibling holds it; alone (the first start, or every worker gone) it binds the
       // port as a role on its own does, checking nothing else holds it (found by attack on #14: a restart joined a
       // foreign SO_REUSEPORT listener that took the port while every worker was down).
-      env: { ...process.env, [WORKER_INDEX_ENV]: String(index), [WORKER_STATE_ENV]: stateFile, [WORKER_SHARES_PORT_ENV]: this.states().some((w) => w.index !== index) ? "1" : "0" },
+      env: {
+        ...process.env,
+        [WORKER_INDEX_ENV]: String(index),
+        [WORKER_STATE_ENV]: stateFile,
+        [WORKER_SHARES_PORT_ENV]: this.states().some((w) => w.index !== index) ? "1" : "0",
+      },
     });
     const exited = new Promise<number | null>((resolve) => child.once("exit", (code) => resolve(code)));
     const worker: Worker = { index, child, state: null, exited };
@@ -137,14 +142,18 @@ export class WorkerGroup {
     void exited.then((code) => this.#onExit(worker, code));
     let gone = false;
     void exited.then(() => (gone = true));
-    const state = await pollUntil(`worker ${index} to listen`, () => {
-      if (gone) throw new ConfigError(`worker ${index} exited before it listened`);
-      try {
-        return JSON.parse(readFileSync(stateFile, "utf8")) as WorkerState;
-      } catch {
-        return undefined;
-      }
-    }, this.#options.startTimeoutMs ?? 15_000);
+    const state = await pollUntil(
+      `worker ${index} to listen`,
+      () => {
+        if (gone) throw new ConfigError(`worker ${index} exited before it listened`);
+        try {
+          return JSON.parse(readFileSync(stateFile, "utf8")) as WorkerState;
+        } catch {
+          return undefined;
+        }
+      },
+      this.#options.startTimeoutMs ?? 15_000,
+    );
     worker.state = state;
     return state;
   }

@@ -12,11 +12,13 @@ describe("Cache", () => {
     let computations = 0;
     let release!: () => void;
     const gate = new Promise<void>((r) => (release = r));
-    const lookups = Array.from({ length: 100 }, () => cache.getOrCompute("view", async () => {
-      computations += 1;
-      await gate;
-      return 42;
-    }));
+    const lookups = Array.from({ length: 100 }, () =>
+      cache.getOrCompute("view", async () => {
+        computations += 1;
+        await gate;
+        return 42;
+      }),
+    );
     release();
     const results = await Promise.all(lookups);
     expect(computations).toBe(1);
@@ -49,7 +51,11 @@ describe("Cache", () => {
   test("a stale entry (isFresh false) is recomputed", async () => {
     const cache = new Cache<{ generation: number }>({ ttlMs: 60_000, maxEntries: 1 });
     await cache.getOrCompute("k", async () => ({ generation: 1 }));
-    const lookup = await cache.getOrCompute("k", async () => ({ generation: 2 }), (v) => v.generation === 2);
+    const lookup = await cache.getOrCompute(
+      "k",
+      async () => ({ generation: 2 }),
+      (v) => v.generation === 2,
+    );
     expect(lookup).toEqual({ value: { generation: 2 }, cached: false, ageMs: 0 });
   });
 
@@ -75,7 +81,11 @@ describe("Cache", () => {
     cache.clear();
     let computations = 0;
     let releaseNew!: () => void;
-    const compute = () => new Promise<string>((r) => { computations += 1; releaseNew = () => r("new"); });
+    const compute = () =>
+      new Promise<string>((r) => {
+        computations += 1;
+        releaseNew = () => r("new");
+      });
     const first = cache.getOrCompute("k", compute);
     await Promise.resolve(); // let the first fill start before the old one finishes
     releaseOld();
@@ -87,7 +97,11 @@ describe("Cache", () => {
 
   test("a failed computation is not cached and the next caller retries", async () => {
     const cache = new Cache<string>({ ttlMs: 60_000, maxEntries: 10 });
-    await expect(cache.getOrCompute("k", async () => { throw new Error("db down"); })).rejects.toThrow("db down");
+    await expect(
+      cache.getOrCompute("k", async () => {
+        throw new Error("db down");
+      }),
+    ).rejects.toThrow("db down");
     expect((await cache.getOrCompute("k", async () => "ok")).value).toBe("ok");
   });
 

@@ -30,7 +30,7 @@ export const LATEST_RECORDS = 20;
  */
 export async function getData(store: RecordStore, fernet: Fernet, generation: number, sender?: string): Promise<DataSnapshot> {
   const [total, bySender, latest] = await Promise.all([store.count(), store.countsBySender(), store.latest(LATEST_RECORDS, sender)]);
-  const own = sender === undefined ? null : bySender[sender] ?? 0;
+  const own = sender === undefined ? null : (bySender[sender] ?? 0);
   return {
     total: own ?? total,
     bySender: own === null ? bySender : { [sender!]: own },
@@ -90,7 +90,9 @@ export class CachedDataView {
     if (lookup.cached) {
       this.#logger.info(`Cache hit (age ${(lookup.ageMs / 1000).toFixed(1)} s, generation ${generation})`);
     } else {
-      this.#logger.info(`Cache miss: get_data() read ${lookup.value.total} records in ${(performance.now() - started).toFixed(1)} ms (generation ${lookup.value.generation})`);
+      this.#logger.info(
+        `Cache miss: get_data() read ${lookup.value.total} records in ${(performance.now() - started).toFixed(1)} ms (generation ${lookup.value.generation})`,
+      );
     }
     return { snapshot: lookup.value, cached: lookup.cached, ageMs: lookup.ageMs };
   }

@@ -66,7 +66,10 @@ const iso = (d: Date) => d.toISOString().replace(/\.\d+Z$/, "Z");
  */
 export function addKey(file: FernetKeyFile, now: Date, key = generateFernetKey()): { file: FernetKeyFile; added: FernetKeyEntry } {
   const waiting = file.decryptOnly.find(isPending);
-  if (waiting) throw new KeyRotationRefused(`key ${fp(waiting)} was added ${iso(waiting.added!)} and is not promoted yet: promote it, or retire --key ${fp(waiting)}, first`);
+  if (waiting)
+    throw new KeyRotationRefused(
+      `key ${fp(waiting)} was added ${iso(waiting.added!)} and is not promoted yet: promote it, or retire --key ${fp(waiting)}, first`,
+    );
   const added: FernetKeyEntry = { key, role: "decrypt-only", added: now };
   if ([file.primary, ...file.decryptOnly].some((e) => fp(e) === fp(added))) throw new KeyRotationRefused(`key ${fp(added)} is in the file already`);
   return { file: { primary: file.primary, decryptOnly: [added, ...file.decryptOnly] }, added };
@@ -77,7 +80,11 @@ export function addKey(file: FernetKeyFile, now: Date, key = generateFernetKey()
  * stays decrypt-only, marked "encrypted until now". Refused sooner than PROMOTE_AFTER_ADD_MS after the add unless
  * `force`.
  */
-export function promoteKey(file: FernetKeyFile, now: Date, options: { fingerprint?: string; force?: boolean } = {}): { file: FernetKeyFile; promoted: FernetKeyEntry; demoted: FernetKeyEntry } {
+export function promoteKey(
+  file: FernetKeyFile,
+  now: Date,
+  options: { fingerprint?: string; force?: boolean } = {},
+): { file: FernetKeyFile; promoted: FernetKeyEntry; demoted: FernetKeyEntry } {
   const chosen = options.fingerprint ? byFingerprint(file, options.fingerprint) : file.decryptOnly.find(isPending);
   if (!chosen) throw new KeyRotationRefused("no added key to promote: run add first (or name a decrypt-only key with --key)");
   if (chosen === file.primary) throw new KeyRotationRefused(`key ${fp(chosen)} is the primary already`);
@@ -107,7 +114,9 @@ export interface RetireResult {
 export function retireKeys(file: FernetKeyFile, now: Date, options: { ttlSeconds: number; fingerprints?: readonly string[]; force?: boolean }): RetireResult {
   const named = options.fingerprints?.map((f) => byFingerprint(file, f));
   if (named?.includes(file.primary)) {
-    throw new KeyRotationRefused(`key ${fp(file.primary)} is the primary: promote another key first (the primary is never retired, so the file always has a key to encrypt with)`);
+    throw new KeyRotationRefused(
+      `key ${fp(file.primary)} is the primary: promote another key first (the primary is never retired, so the file always has a key to encrypt with)`,
+    );
   }
   const retired: FernetKeyEntry[] = [];
   const kept: RetireResult["kept"] = [];
@@ -122,7 +131,9 @@ export function retireKeys(file: FernetKeyFile, now: Date, options: { ttlSeconds
         why = `stopped encrypting ${iso(entry.encryptedUntil)}; a token made with it may be accepted until ${iso(safeAt)} (TTL ${options.ttlSeconds} s + ${MAX_CLOCK_SKEW_S} s clock skew)`;
       }
     } else if (!asked) {
-      why = isPending(entry) ? "added, not promoted yet" : `no record of when it stopped encrypting: retire it by name (--key ${fp(entry)}) once no host has encrypted with it for the TTL`;
+      why = isPending(entry)
+        ? "added, not promoted yet"
+        : `no record of when it stopped encrypting: retire it by name (--key ${fp(entry)}) once no host has encrypted with it for the TTL`;
     }
     if (named && !asked) why ??= "not named";
     if (why) kept.push({ entry, why });
@@ -184,8 +195,11 @@ export function archiveKeys(dir: string, entries: readonly FernetKeyEntry[], now
   return entries.map((entry) => {
     const path = archivePath(dir, fp(entry));
     const dates = [entry.encryptedUntil && `encrypted until ${iso(entry.encryptedUntil)}`, `retired ${iso(now)}`].filter(Boolean).join(", ");
-    writePrivateFileAtomically(path, `# securemesh Fernet key ${fp(entry)}, retired from ${from}. Put it back with: ./pki.sh fernet restore ${fp(entry)}\n` +
-      `${entry.key}  # archived, ${dates}\n`);
+    writePrivateFileAtomically(
+      path,
+      `# securemesh Fernet key ${fp(entry)}, retired from ${from}. Put it back with: ./pki.sh fernet restore ${fp(entry)}\n` +
+        `${entry.key}  # archived, ${dates}\n`,
+    );
     return path;
   });
 }
@@ -193,7 +207,10 @@ export function archiveKeys(dir: string, entries: readonly FernetKeyEntry[], now
 /** The fingerprints in the archive, sorted. */
 export function archivedFingerprints(dir: string): string[] {
   try {
-    return readdirSync(dir).filter((name) => /^[0-9a-f]{8}\.txt$/.test(name)).map((name) => name.slice(0, 8)).sort();
+    return readdirSync(dir)
+      .filter((name) => /^[0-9a-f]{8}\.txt$/.test(name))
+      .map((name) => name.slice(0, 8))
+      .sort();
   } catch {
     return [];
   }
@@ -211,17 +228,20 @@ export function restoreKey(file: FernetKeyFile, dir: string, fingerprint: string
     throw new KeyRotationRefused(`no key ${fingerprint} in the archive ${displayPath(dir)} (${there.length ? `archived: ${there.join(" ")}` : "it is empty"})`);
   }
   const archived = readKeyFile(archivePath(openArchive(dir), wanted)).primary;
-  if (fp(archived) !== wanted) throw new ConfigError(`${displayPath(archivePath(dir, wanted))} holds key ${fp(archived)}, not ${wanted}: the archive was edited by hand`);
+  if (fp(archived) !== wanted)
+    throw new ConfigError(`${displayPath(archivePath(dir, wanted))} holds key ${fp(archived)}, not ${wanted}: the archive was edited by hand`);
   const restored: FernetKeyEntry = { key: archived.key, role: "decrypt-only", encryptedUntil: archived.encryptedUntil, restored: now };
   return { file: { primary: file.primary, decryptOnly: [...file.decryptOnly, restored] }, restored };
 }
 
 /** Where to see what the servers still hold for stored records: this command cannot see the database. */
 export function recordsAdvice(primary: string, old: readonly string[]): string {
-  return `stored records: from the promote on, each server moves records under ${old.join(" ")} to the primary ${primary} by itself, ` +
+  return (
+    `stored records: from the promote on, each server moves records under ${old.join(" ")} to the primary ${primary} by itself, ` +
     `and keeps a retired key (in memory and in its --state-dir, for stored records only) until none is under it; this host cannot see the database, ` +
     `so look at each server: /health "fernet_rewrap" (pending: records left, kept: retired keys it still holds), ` +
-    `and its log ("Fernet re-encryption: moved …", "Fernet key … dropped: no stored record uses it any more")`;
+    `and its log ("Fernet re-encryption: moved …", "Fernet key … dropped: no stored record uses it any more")`
+  );
 }
 
 /**
@@ -240,7 +260,9 @@ function describeKeys(file: FernetKeyFile, now: Date, ttlSeconds: number): strin
       e.promoted && `promoted ${iso(e.promoted)}`,
       e.encryptedUntil && `encrypted until ${iso(e.encryptedUntil)}`,
       e.restored && `restored ${iso(e.restored)} (retire it by name once no server reports records under it)`,
-      e.encryptedUntil && !e.restored && (retireSafeAt(e.encryptedUntil, ttlSeconds) <= now ? "retire: safe now" : `retire: safe from ${iso(retireSafeAt(e.encryptedUntil, ttlSeconds))}`),
+      e.encryptedUntil &&
+        !e.restored &&
+        (retireSafeAt(e.encryptedUntil, ttlSeconds) <= now ? "retire: safe now" : `retire: safe from ${iso(retireSafeAt(e.encryptedUntil, ttlSeconds))}`),
       isPending(e) && "promote: once every host has loaded it",
     ].filter(Boolean);
     return notes.length ? `${fp(e)}  ${e.role.padEnd(12)}  ${notes.join(", ")}` : `${fp(e)}  ${e.role}`;
@@ -287,7 +309,14 @@ export function main(argv: string[], out: (line: string) => void = console.log, 
     const parsed = parseArgs({
       args: argv,
       allowPositionals: true,
-      options: { file: { type: "string" }, pki: { type: "string" }, ttl: { type: "string" }, key: { type: "string", multiple: true }, force: { type: "boolean" }, help: { type: "boolean", short: "h" } },
+      options: {
+        file: { type: "string" },
+        pki: { type: "string" },
+        ttl: { type: "string" },
+        key: { type: "string", multiple: true },
+        force: { type: "boolean" },
+        help: { type: "boolean", short: "h" },
+      },
     });
     if (parsed.values.help) {
       out(USAGE.trim());
@@ -323,9 +352,13 @@ export function main(argv: string[], out: (line: string) => void = console.log, 
         const { file: next, promoted, demoted } = promoteKey(file, now, { fingerprint: values.key?.[0], force: values.force });
         writeKeyFile(path, next);
         out(`promoted key ${fp(promoted)} to primary in ${shown}; ${fp(demoted)} is decrypt-only from ${iso(now)}`);
-        out(`next: put ${shown} on every host; retire ${fp(demoted)} once every host has logged "Fernet keys reloaded: … (primary was ${fp(demoted)})" ` +
-          `and ${ttlSeconds + MAX_CLOCK_SKEW_S} s more have passed (TTL ${ttlSeconds} s + ${MAX_CLOCK_SKEW_S} s clock skew): not before ${iso(retireSafeAt(now, ttlSeconds))}`);
-        out(`meanwhile each server re-encrypts its stored records under ${fp(demoted)} to ${fp(promoted)}: /health "fernet_rewrap" pending says how many are left`);
+        out(
+          `next: put ${shown} on every host; retire ${fp(demoted)} once every host has logged "Fernet keys reloaded: … (primary was ${fp(demoted)})" ` +
+            `and ${ttlSeconds + MAX_CLOCK_SKEW_S} s more have passed (TTL ${ttlSeconds} s + ${MAX_CLOCK_SKEW_S} s clock skew): not before ${iso(retireSafeAt(now, ttlSeconds))}`,
+        );
+        out(
+          `meanwhile each server re-encrypts its stored records under ${fp(demoted)} to ${fp(promoted)}: /health "fernet_rewrap" pending says how many are left`,
+        );
         return 0;
       }
       case "retire": {
@@ -334,34 +367,51 @@ export function main(argv: string[], out: (line: string) => void = console.log, 
         if (retired.length === 0) {
           const waiting = (k: RetireResult["kept"][number]) => k.entry.encryptedUntil && !k.entry.restored;
           if (kept.some(waiting)) {
-            err(`fernet-keys: nothing retired yet: ${kept.filter(waiting).map((k) => `${fp(k.entry)} ${k.why}`).join("; ")}`);
+            err(
+              `fernet-keys: nothing retired yet: ${kept
+                .filter(waiting)
+                .map((k) => `${fp(k.entry)} ${k.why}`)
+                .join("; ")}`,
+            );
             return 1;
           }
-          out(`nothing to retire in ${shown}: the primary ${fp(file.primary)}${file.decryptOnly.length ? ` and ${file.decryptOnly.length} decrypt-only key(s) still needed` : " is the only key"}`);
+          out(
+            `nothing to retire in ${shown}: the primary ${fp(file.primary)}${file.decryptOnly.length ? ` and ${file.decryptOnly.length} decrypt-only key(s) still needed` : " is the only key"}`,
+          );
           return 0;
         }
         // The archive first: a crash before the key file is rewritten leaves the key in both, never in neither.
         const archive = archiveDirOf(path);
         archiveKeys(archive, retired, now, shown);
         writeKeyFile(path, next);
-        out(`retired key${retired.length === 1 ? "" : "s"} ${retired.map(fp).join(" ")} from ${shown}; ${1 + next.decryptOnly.length} key(s) left, primary ${fp(next.primary)}`);
+        out(
+          `retired key${retired.length === 1 ? "" : "s"} ${retired.map(fp).join(" ")} from ${shown}; ${1 + next.decryptOnly.length} key(s) left, primary ${fp(next.primary)}`,
+        );
         const gone = retired.map(fp).join(" ");
         out(`archived to ${displayPath(archive)}/ (0600 files, on this host only): ./pki.sh fernet restore FP puts a key back`);
-        out(`next: put ${shown} on every host. A server whose stored records are still under ${gone} keeps ${retired.length === 1 ? "that key" : "those keys"} ` +
-          `in memory and in its --state-dir, for those records only (never for a new request), until it has re-encrypted them to ${fp(next.primary)}; this host cannot see the database, ` +
-          `so watch each server: /health "fernet_rewrap" shows kept [${retired.map((e) => `"${fp(e)}"`).join(", ")}] and pending N until done, then kept [] and pending 0; ` +
-          `its log says "Fernet key … dropped: no stored record uses it any more" then, or "Fernet keys reloaded: … (dropped …)" at once when no record used it`);
-        out(`a server that never held ${retired.length === 1 ? "it" : "them"}, or lost its --state-dir, reads only the file: its /health "fernet_rewrap" shows unreadable N, records under a key it does not hold; ` +
-          `they are not lost: ./pki.sh fernet restore ${retired.length === 1 ? gone : "FP"} puts the key back, decrypt-only, and the server reads them and moves them to ${fp(next.primary)}`);
+        out(
+          `next: put ${shown} on every host. A server whose stored records are still under ${gone} keeps ${retired.length === 1 ? "that key" : "those keys"} ` +
+            `in memory and in its --state-dir, for those records only (never for a new request), until it has re-encrypted them to ${fp(next.primary)}; this host cannot see the database, ` +
+            `so watch each server: /health "fernet_rewrap" shows kept [${retired.map((e) => `"${fp(e)}"`).join(", ")}] and pending N until done, then kept [] and pending 0; ` +
+            `its log says "Fernet key … dropped: no stored record uses it any more" then, or "Fernet keys reloaded: … (dropped …)" at once when no record used it`,
+        );
+        out(
+          `a server that never held ${retired.length === 1 ? "it" : "them"}, or lost its --state-dir, reads only the file: its /health "fernet_rewrap" shows unreadable N, records under a key it does not hold; ` +
+            `they are not lost: ./pki.sh fernet restore ${retired.length === 1 ? gone : "FP"} puts the key back, decrypt-only, and the server reads them and moves them to ${fp(next.primary)}`,
+        );
         return 0;
       }
       case "restore": {
         const archive = archiveDirOf(path);
         const { file: next, restored } = restoreKey(file, archive, values.key![0]!, now);
         writeKeyFile(path, next);
-        out(`restored key ${fp(restored)} from ${displayPath(archive)}/ to ${shown}, decrypt-only, for stored records; the primary is still ${fp(next.primary)}`);
-        out(`next: put ${shown} on every server; each reads the records under ${fp(restored)} again and moves them to ${fp(next.primary)} ` +
-          `(/health "fernet_rewrap" unreadable 0, pending 0 when done); then retire it by name: retire --key ${fp(restored)}`);
+        out(
+          `restored key ${fp(restored)} from ${displayPath(archive)}/ to ${shown}, decrypt-only, for stored records; the primary is still ${fp(next.primary)}`,
+        );
+        out(
+          `next: put ${shown} on every server; each reads the records under ${fp(restored)} again and moves them to ${fp(next.primary)} ` +
+            `(/health "fernet_rewrap" unreadable 0, pending 0 when done); then retire it by name: retire --key ${fp(restored)}`,
+        );
         return 0;
       }
       default:

@@ -108,7 +108,12 @@ describe("FernetKeys", () => {
     const dir = keyFolder(`${B}\n${A} # decrypt-only, encrypted until 2026-01-01T00:00:00Z\n`);
     const state = join(dir, "state", "fernet-kept");
     const { logger, lines } = capturingLogger();
-    const keys = FernetKeys.open(dir).keepOnDisk(state, logger).keepWhileUsed(() => 5, () => {});
+    const keys = FernetKeys.open(dir)
+      .keepOnDisk(state, logger)
+      .keepWhileUsed(
+        () => 5,
+        () => {},
+      );
     putKeyFile(dir, `${B}\n`);
     keys.reload(logger);
     const file = join(state, `${fa}.key`);
@@ -117,9 +122,15 @@ describe("FernetKeys", () => {
 
     // A restart: the file has B alone, the state folder A, for stored records only.
     const after = FernetKeys.open(dir).keepOnDisk(state, logger);
-    expect({ kept: after.kept, records: after.records.decryptText(underA), fingerprints: after.fingerprints }).toEqual({ kept: [fa], records: "stored under A", fingerprints: [fb] });
+    expect({ kept: after.kept, records: after.records.decryptText(underA), fingerprints: after.fingerprints }).toEqual({
+      kept: [fa],
+      records: "stored under A",
+      fingerprints: [fb],
+    });
     expect(() => after.fernet.decrypt(underA)).toThrow("invalid or expired token");
-    expect(lines.at(-1)).toBe(`Fernet key ${fa} is not in ${join(dir, "encryption_key.txt")}, but was kept for stored records before this restart (${file}): kept again, for them only (never for a new request), until they are re-encrypted to ${fb}`);
+    expect(lines.at(-1)).toBe(
+      `Fernet key ${fa} is not in ${join(dir, "encryption_key.txt")}, but was kept for stored records before this restart (${file}): kept again, for them only (never for a new request), until they are re-encrypted to ${fb}`,
+    );
 
     after.release(fa, logger, "0 records moved off it by this server");
     expect({ kept: after.kept, file: existsSync(file) }).toEqual({ kept: [], file: false });
@@ -139,9 +150,16 @@ describe("FernetKeys", () => {
     const keys = FernetKeys.open(dir);
     const { logger, lines } = capturingLogger();
     // What fernet-rewrap.ts would say: 3 records under A, C not counted yet, none under D.
-    const usage = new Map<string, number | null>([[fa, 3], [fc, null], [fd, 0]]);
+    const usage = new Map<string, number | null>([
+      [fa, 3],
+      [fc, null],
+      [fd, 0],
+    ]);
     let changes = 0;
-    keys.keepWhileUsed((key) => usage.get(fernetKeyFingerprint(key)) as number | null, () => changes++);
+    keys.keepWhileUsed(
+      (key) => usage.get(fernetKeyFingerprint(key)) as number | null,
+      () => changes++,
+    );
     const storedUnderA = new Fernet(A).encrypt("stored under A");
     expect(keys.rewrappable).toEqual(new Set([fa, fc, fd]));
 
@@ -215,7 +233,9 @@ describe("MeshClient follows the key file", () => {
     // A stand-in coordinator that can read only the new key: it stores what the client encrypted under it.
     const onlyNext = new Fernet(next);
     const server = Bun.serve({
-      port: 0, hostname: "127.0.0.1", tls: mutualTlsServerOptions(loadIdentity(pki, "coordinator")),
+      port: 0,
+      hostname: "127.0.0.1",
+      tls: mutualTlsServerOptions(loadIdentity(pki, "coordinator")),
       fetch: async (request) => {
         try {
           onlyNext.decrypt(((await request.json()) as { data: string }).data);
@@ -236,7 +256,9 @@ describe("MeshClient follows the key file", () => {
     const changed = performance.now();
     await waitFor("the client to encrypt under the promoted key", async () => (await client.sendData("after")).status === 200, 10_000);
     expect({ withinPollBound: performance.now() - changed <= POLL_BOUND_MS }).toEqual({ withinPollBound: true });
-    expect(lines).toEqual([`Fernet keys reloaded: 2 keys, primary ${fernetKeyFingerprint(next)}, decrypt-only ${fernetKeyFingerprint(old)} (primary was ${fernetKeyFingerprint(old)}; added ${fernetKeyFingerprint(next)})`]);
+    expect(lines).toEqual([
+      `Fernet keys reloaded: 2 keys, primary ${fernetKeyFingerprint(next)}, decrypt-only ${fernetKeyFingerprint(old)} (primary was ${fernetKeyFingerprint(old)}; added ${fernetKeyFingerprint(next)})`,
+    ]);
 
     client.close();
     const witness = witnessWatcher();

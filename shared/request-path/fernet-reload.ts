@@ -28,7 +28,8 @@ function describeChange(before: readonly string[], after: readonly string[], kep
   const dropped = left.filter((f) => !kept.includes(f));
   const parts = [
     was[0] !== now[0] && `primary was ${was[0]}`,
-    now.some((f) => !was.includes(f)) && `added ${now.filter((f) => !was.includes(f)).join(" ")}${now.some((f) => keptBefore.includes(f)) ? " (back in the file)" : ""}`,
+    now.some((f) => !was.includes(f)) &&
+      `added ${now.filter((f) => !was.includes(f)).join(" ")}${now.some((f) => keptBefore.includes(f)) ? " (back in the file)" : ""}`,
     dropped.length > 0 && `dropped ${dropped.join(" ")}`,
     kept.length > 0 && `kept ${kept.join(" ")} for stored records`,
   ].filter(Boolean);
@@ -152,7 +153,9 @@ export class FernetKeys {
       names = readdirSync(dir).filter((name) => /^[0-9a-f]{8}\.key$/.test(name));
     } catch (error) {
       if ((error as NodeJS.ErrnoException).code === "ENOENT") return this;
-      throw new ConfigError(`cannot read ${displayPath(dir)}, where Fernet keys kept for stored records are: ${(error as NodeJS.ErrnoException).code ?? (error as Error).message}`);
+      throw new ConfigError(
+        `cannot read ${displayPath(dir)}, where Fernet keys kept for stored records are: ${(error as NodeJS.ErrnoException).code ?? (error as Error).message}`,
+      );
     }
     const inFile = new Set(this.fingerprints);
     for (const name of names) {
@@ -164,8 +167,10 @@ export class FernetKeys {
         continue;
       }
       this.#kept.push({ key, fingerprint, usedBy: null });
-      logger.warn(`Fernet key ${fingerprint} is not in ${displayPath(this.path)}, but was kept for stored records before this restart (${displayPath(path)}): ` +
-        `kept again, for them only (never for a new request), until they are re-encrypted to ${this.fingerprints[0]}`);
+      logger.warn(
+        `Fernet key ${fingerprint} is not in ${displayPath(this.path)}, but was kept for stored records before this restart (${displayPath(path)}): ` +
+          `kept again, for them only (never for a new request), until they are re-encrypted to ${this.fingerprints[0]}`,
+      );
     }
     this.#setRecordKeys();
     return this;
@@ -193,7 +198,12 @@ export class FernetKeys {
       const usedBy = this.#usage ? this.#usage(key) : 0;
       if (usedBy !== 0) newlyKept.push({ key, fingerprint, usedBy });
     }
-    const change = describeChange(this.#keys, next, newlyKept.map((k) => k.fingerprint), this.kept);
+    const change = describeChange(
+      this.#keys,
+      next,
+      newlyKept.map((k) => k.fingerprint),
+      this.kept,
+    );
     this.fernet.setKeys(next);
     this.#file = file;
     this.#keys = next;
@@ -221,7 +231,9 @@ export class FernetKeys {
     this.#kept = this.#kept.filter((other) => other !== k);
     this.#setRecordKeys();
     this.#forget(fingerprint, logger);
-    logger.info(`Fernet key ${fingerprint} dropped: no stored record uses it any more (${note}); ${describeFernetKeys(this.#keys)}${this.#kept.length ? `, kept for stored records ${this.kept.join(" ")}` : ""}`);
+    logger.info(
+      `Fernet key ${fingerprint} dropped: no stored record uses it any more (${note}); ${describeFernetKeys(this.#keys)}${this.#kept.length ? `, kept for stored records ${this.kept.join(" ")}` : ""}`,
+    );
     this.#changed();
   }
 
@@ -242,11 +254,16 @@ export class FernetKeys {
     const path = join(this.#keptDir, `${k.fingerprint}.key`);
     try {
       ensurePrivateDir(this.#keptDir);
-      writePrivateFileAtomically(path, `# Fernet key ${k.fingerprint}, retired from ${displayPath(this.path)} while stored records still used it; ` +
-        `kept for them until they are re-encrypted, then removed by the server\n${k.key}\n`);
+      writePrivateFileAtomically(
+        path,
+        `# Fernet key ${k.fingerprint}, retired from ${displayPath(this.path)} while stored records still used it; ` +
+          `kept for them until they are re-encrypted, then removed by the server\n${k.key}\n`,
+      );
     } catch (error) {
-      logger.error(`Fernet key ${k.fingerprint} NOT kept on disk (${displayPath(path)}: ${(error as NodeJS.ErrnoException).code ?? (error as Error).message}): ` +
-        `a restart before its records are re-encrypted would not read them until it is restored (./pki.sh fernet restore ${k.fingerprint} on the CA host)`);
+      logger.error(
+        `Fernet key ${k.fingerprint} NOT kept on disk (${displayPath(path)}: ${(error as NodeJS.ErrnoException).code ?? (error as Error).message}): ` +
+          `a restart before its records are re-encrypted would not read them until it is restored (./pki.sh fernet restore ${k.fingerprint} on the CA host)`,
+      );
     }
   }
 
@@ -257,7 +274,8 @@ export class FernetKeys {
     try {
       unlinkSync(path);
     } catch (error) {
-      if ((error as NodeJS.ErrnoException).code !== "ENOENT") logger.warn(`could not remove ${displayPath(path)}: ${(error as NodeJS.ErrnoException).code ?? (error as Error).message}`);
+      if ((error as NodeJS.ErrnoException).code !== "ENOENT")
+        logger.warn(`could not remove ${displayPath(path)}: ${(error as NodeJS.ErrnoException).code ?? (error as Error).message}`);
     }
   }
 

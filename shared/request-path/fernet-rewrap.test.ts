@@ -112,7 +112,12 @@ function countingReads(store: RecordStore): { store: RecordStore; reads: () => n
 const stampOf = (token: string) => Number(Buffer.from(token, "base64url").readBigUInt64BE(1));
 const opens = (key: string, token: string) => new Fernet(key).keyIndex(token) === 0;
 
-function startRewrap(store: RecordStore, keys: FernetKeys, logger: Logger, pace: { batch: number; intervalMs: number } = { batch: 100, intervalMs: 1 }): FernetRewrap {
+function startRewrap(
+  store: RecordStore,
+  keys: FernetKeys,
+  logger: Logger,
+  pace: { batch: number; intervalMs: number } = { batch: 100, intervalMs: 1 },
+): FernetRewrap {
   const rewrap = new FernetRewrap({ store, keys, logger, ...pace, restMs: 50 }).start();
   cleanups.push(() => rewrap.stop());
   return rewrap;
@@ -200,8 +205,13 @@ describe.each(testedDatabases(["sqlite", "mysql"] as const))("FernetRewrap on %s
     const dropped = await waitFor("OLD to be dropped", () => lines.find((l) => l.startsWith(`Fernet key ${fpOld} dropped`)), 30_000);
     // Dropped only once no record uses it: the store holds none under OLD, and every one reads under NEW alone.
     const after = await allTokens(store!);
-    expect({ underOld: after.filter((r) => opens(OLD, r.token)).length, underNew: after.filter((r) => opens(NEW, r.token)).length }).toEqual({ underOld: 0, underNew: 2001 });
-    expect(dropped).toBe(`Fernet key ${fpOld} dropped: no stored record uses it any more (2001 records moved off it by this server, to ${fpNew}); 1 key, primary ${fpNew}`);
+    expect({ underOld: after.filter((r) => opens(OLD, r.token)).length, underNew: after.filter((r) => opens(NEW, r.token)).length }).toEqual({
+      underOld: 0,
+      underNew: 2001,
+    });
+    expect(dropped).toBe(
+      `Fernet key ${fpOld} dropped: no stored record uses it any more (2001 records moved off it by this server, to ${fpNew}); 1 key, primary ${fpNew}`,
+    );
     expect(lines.indexOf(dropped)).toBeGreaterThan(lines.findIndex((l) => l.startsWith("Fernet re-encryption: moved")));
     expect(keys.kept).toEqual([]);
     await waitFor("the server to go idle: no old key left", () => rewrap.status().state === "idle");
@@ -221,7 +231,9 @@ describe.each(testedDatabases(["sqlite", "mysql"] as const))("FernetRewrap on %s
     expect(() => new Fernet(OLD).rotate(broken)).toThrow("invalid or expired token");
     await store!.insert({ sender: "client1", token: broken, jti: randomUUID(), digest: payloadDigest(broken), server: 0 });
     const before = await allTokens(store!);
-    const keys = FernetKeys.open(keyFolder(`${NEW}  # primary\n${added}  # decrypt-only, added 2026-01-02T00:00:00Z\n${OLD}  # decrypt-only, encrypted until 2026-01-01T00:01:00Z\n`));
+    const keys = FernetKeys.open(
+      keyFolder(`${NEW}  # primary\n${added}  # decrypt-only, added 2026-01-02T00:00:00Z\n${OLD}  # decrypt-only, encrypted until 2026-01-01T00:01:00Z\n`),
+    );
     const { logger, lines } = capturingLogger();
     const rewrap = startRewrap(store!, keys, logger);
     await waitFor("the walk to finish", () => rewrap.status().state === "watching" && rewrap.status().pending === 0);
@@ -234,7 +246,10 @@ describe.each(testedDatabases(["sqlite", "mysql"] as const))("FernetRewrap on %s
     const walked = lines.filter((l) => l.startsWith("Fernet re-encryption: moved")).length;
     await seed(store!, OLD, 1, 1_900_000_000, "late");
     await waitFor("the late record to be moved", () => rewrap.status().rewrapped === 11);
-    expect({ moves: lines.filter((l) => l.startsWith("Fernet re-encryption: moved")).length - walked, unreadable: rewrap.status().unreadable }).toEqual({ moves: 1, unreadable: 3 });
+    expect({ moves: lines.filter((l) => l.startsWith("Fernet re-encryption: moved")).length - walked, unreadable: rewrap.status().unreadable }).toEqual({
+      moves: 1,
+      unreadable: 3,
+    });
     const after = await allTokens(store!);
     expect(after.slice(10, before.length).map((r) => r.token)).toEqual(before.slice(10).map((r) => r.token));
   });
@@ -250,12 +265,21 @@ describe.each(testedDatabases(["sqlite", "mysql"] as const))("FernetRewrap on %s
     // period (it watches for newer records). Three of its reads span two rest periods at least, in which this one
     // would have read the store had it been going to.
     const witness = countingReads(store!);
-    startRewrap(witness.store, FernetKeys.open(keyFolder(`${NEW}  # primary\n${OLD}  # decrypt-only, encrypted until 2026-01-01T00:01:00Z\n`)), capturingLogger().logger);
+    startRewrap(
+      witness.store,
+      FernetKeys.open(keyFolder(`${NEW}  # primary\n${OLD}  # decrypt-only, encrypted until 2026-01-01T00:01:00Z\n`)),
+      capturingLogger().logger,
+    );
     await waitFor("the count at start", () => rewrap.status().unreadable !== null);
-    expect(lines.filter((l) => l.includes("under no Fernet key"))).toEqual([expect.stringContaining("3 stored records are under no Fernet key this server holds")]);
+    expect(lines.filter((l) => l.includes("under no Fernet key"))).toEqual([
+      expect.stringContaining("3 stored records are under no Fernet key this server holds"),
+    ]);
     const [counted, witnessed] = [counting.reads(), witness.reads()];
     await waitFor("three reads by the witness: two rest periods", () => witness.reads() - witnessed >= 3);
-    expect({ status: rewrap.status(), reads: counting.reads() - counted }).toEqual({ status: { state: "idle", pending: 0, by_key: {}, rewrapped: 0, unreadable: 3, kept: [] }, reads: 0 });
+    expect({ status: rewrap.status(), reads: counting.reads() - counted }).toEqual({
+      status: { state: "idle", pending: 0, by_key: {}, rewrapped: 0, unreadable: 3, kept: [] },
+      reads: 0,
+    });
     // The promote makes the old primary an old key: now it walks.
     putKeyFile(keys.path.slice(0, keys.path.lastIndexOf("/")), `${NEW}  # primary\n${OLD}  # decrypt-only, encrypted until 2026-01-01T00:01:00Z\n`);
     keys.reload(capturingLogger().logger);

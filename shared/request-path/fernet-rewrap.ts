@@ -143,7 +143,10 @@ export class FernetRewrap {
     this.#old = options.keys.rewrappable;
     // Keys kept from before a restart (FernetKeys.keepOnDisk): the first walk's count may release them.
     for (const key of options.keys.kept) this.#keptBefore.set(key, 1);
-    options.keys.keepWhileUsed((key) => this.usage(key), () => this.#keysChanged());
+    options.keys.keepWhileUsed(
+      (key) => this.usage(key),
+      () => this.#keysChanged(),
+    );
   }
 
   /** Begins walking (at once if old keys are held); returns this. */
@@ -255,8 +258,18 @@ export class FernetRewrap {
     // that records still need says how many it cannot read, rather than nothing.
     const cursor = full ? 0 : Math.max(0, this.#seen - REWRAP_OVERLAP_IDS);
     this.#walk = {
-      phase: "counting", full, cursor, newerThan: full ? 0 : this.#seen, counts: new Map(), unreadable: 0,
-      firstOld: Infinity, lastOld: 0, left: new Map(), started: performance.now(), moved: 0, serial: ++this.#walks,
+      phase: "counting",
+      full,
+      cursor,
+      newerThan: full ? 0 : this.#seen,
+      counts: new Map(),
+      unreadable: 0,
+      firstOld: Infinity,
+      lastOld: 0,
+      left: new Map(),
+      started: performance.now(),
+      moved: 0,
+      serial: ++this.#walks,
     };
     // A look at the newer records, every REWRAP_REST_MS, is what watching is.
     this.#state = full ? "counting" : "watching";
@@ -379,7 +392,9 @@ export class FernetRewrap {
     for (const key of this.#keys.rewrappable) counts.set(key, walk.left.get(key) ?? 0);
     const left = [...walk.left.values()].reduce((a, b) => a + b, 0);
     const seconds = ((performance.now() - walk.started) / 1000).toFixed(1);
-    this.#logger.info(`Fernet re-encryption: moved ${walk.moved} record${walk.moved === 1 ? "" : "s"} to the primary ${this.#keys.fingerprints[0]} in ${seconds} s${left ? `; ${left} changed under it by another server, checked again on the next walk` : ""}`);
+    this.#logger.info(
+      `Fernet re-encryption: moved ${walk.moved} record${walk.moved === 1 ? "" : "s"} to the primary ${this.#keys.fingerprints[0]} in ${seconds} s${left ? `; ${left} changed under it by another server, checked again on the next walk` : ""}`,
+    );
     this.#walk = null;
     if (left > 0) {
       // Walk everything again: the records another server rewrote are found, wherever they are.

@@ -35,12 +35,7 @@ describe("Fernet", () => {
     const f = new Fernet(generateFernetKey());
     const token = f.encrypt("secret");
     const tampered = token.slice(0, 40) + (token[40] === "A" ? "B" : "A") + token.slice(41);
-    const cases = [
-      "not a token",
-      tampered,
-      new Fernet(generateFernetKey()).encrypt("secret"),
-      f.encrypt("old", { now: 1000 }),
-    ];
+    const cases = ["not a token", tampered, new Fernet(generateFernetKey()).encrypt("secret"), f.encrypt("old", { now: 1000 })];
     const messages = cases.map((c) => {
       try {
         f.decrypt(c, { ttl: 60 });

@@ -20,7 +20,9 @@ afterEach(() => {
 /** A stand-in coordinator on a free port that answers every request with `status` and a JSON body. */
 function standIn(status: number): string {
   const server = Bun.serve({
-    port: 0, hostname: "127.0.0.1", tls: mutualTlsServerOptions(loadIdentity(pki, "coordinator")),
+    port: 0,
+    hostname: "127.0.0.1",
+    tls: mutualTlsServerOptions(loadIdentity(pki, "coordinator")),
     fetch: () => Response.json(status === 200 ? { result: "ok", id: 7 } : { error: "no server is up" }, { status }),
   });
   servers.push(server);
@@ -61,10 +63,13 @@ describe("MeshClient and limits (issue 20): a 429 is waited out as told, within 
   function limiting(refusals: number) {
     const bodies: string[] = [];
     const server = Bun.serve({
-      port: 0, hostname: "127.0.0.1", tls: mutualTlsServerOptions(loadIdentity(pki, "coordinator")),
+      port: 0,
+      hostname: "127.0.0.1",
+      tls: mutualTlsServerOptions(loadIdentity(pki, "coordinator")),
       fetch: async (request) => {
         bodies.push(await request.text());
-        if (bodies.length <= refusals) return Response.json({ error: "over its rate", code: "ERR_RATE_LIMITED" }, { status: 429, headers: { "retry-after": "1" } });
+        if (bodies.length <= refusals)
+          return Response.json({ error: "over its rate", code: "ERR_RATE_LIMITED" }, { status: 429, headers: { "retry-after": "1" } });
         return Response.json({ result: "ok", id: 7 });
       },
     });
@@ -87,8 +92,18 @@ describe("MeshClient and limits (issue 20): a 429 is waited out as told, within 
 
   test("a wait past the bound is not waited: the 429 is the answer", async () => {
     const limited = limiting(5);
-    const meshClient = new MeshClient({ identity: loadIdentity(pki, "client1"), fernet: new Fernet(loadFernetKeys(pki)), coordinators: [limited.url], maxLimitWaitMs: 500 });
+    const meshClient = new MeshClient({
+      identity: loadIdentity(pki, "client1"),
+      fernet: new Fernet(loadFernetKeys(pki)),
+      coordinators: [limited.url],
+      maxLimitWaitMs: 500,
+    });
     const { status, body } = await meshClient.sendData("hello");
-    expect({ status, code: body.code, sent: limited.bodies.length, limited: meshClient.limited }).toEqual({ status: 429, code: "ERR_RATE_LIMITED", sent: 1, limited: { count: 0, waitedMs: 0 } });
+    expect({ status, code: body.code, sent: limited.bodies.length, limited: meshClient.limited }).toEqual({
+      status: 429,
+      code: "ERR_RATE_LIMITED",
+      sent: 1,
+      limited: { count: 0, waitedMs: 0 },
+    });
   });
 });

@@ -44,8 +44,6 @@ export interface MeshClientOptions {
   maxLimitWaitMs?: number;
 }
 
-
-
 export interface CachedDataAnswer {
   cached: boolean;
   ageMs: number;
@@ -101,7 +99,10 @@ export class MeshClient {
     // Kept-alive connections, each used only once its handshake showed the expected identity: an impostor on a
     // coordinator's port receives nothing, and so can acknowledge nothing (issue 18).
     this.#http = new HttpsClient({
-      tls: { ...mutualTlsClientOptions(options.tlsIdentity ?? options.identity), checkServerIdentity: expectPeer(options.expect ?? COORDINATOR_IDENTITY, { isRevoked }) },
+      tls: {
+        ...mutualTlsClientOptions(options.tlsIdentity ?? options.identity),
+        checkServerIdentity: expectPeer(options.expect ?? COORDINATOR_IDENTITY, { isRevoked }),
+      },
       isRevoked,
     });
     this.name = options.identity.name;
@@ -133,7 +134,11 @@ export class MeshClient {
     const headers = { ...(await this.readProof("/api/get_cached_data")), ...(refresh ? { "cache-control": "no-cache" } : {}) };
     const { status, body, server } = await this.request<Record<string, unknown>>("GET", "/api/get_cached_data", undefined, headers);
     if (status !== 200 || typeof body.data !== "string") {
-      throw new MeshError("ERR_CACHE_READ", status, `cache read failed (${status}${server ? ` from server ${printable(server)}` : ""}): ${printable(String(body.error ?? "no data"))}`);
+      throw new MeshError(
+        "ERR_CACHE_READ",
+        status,
+        `cache read failed (${status}${server ? ` from server ${printable(server)}` : ""}): ${printable(String(body.error ?? "no data"))}`,
+      );
     }
     return {
       cached: body.cached === true,
@@ -195,7 +200,14 @@ export class MeshClient {
   }
 
   /** One attempt at one coordinator: its status, its JSON (or a note that it sent none), and the server named. */
-  async #send<T>(coordinator: string, method: string, path: string, body: unknown, headers: Record<string, string>, traceHeaders: Record<string, string>): Promise<Attempt<T>> {
+  async #send<T>(
+    coordinator: string,
+    method: string,
+    path: string,
+    body: unknown,
+    headers: Record<string, string>,
+    traceHeaders: Record<string, string>,
+  ): Promise<Attempt<T>> {
     const response = await this.#http.request(coordinator.replace(/\/+$/, "") + path, {
       method,
       headers: { ...traceHeaders, ...(body === undefined ? {} : { "content-type": "application/json" }), ...headers },
@@ -220,4 +232,3 @@ interface Attempt<T> {
   server: string | null;
   retryAfter: string | null;
 }
-

@@ -114,13 +114,20 @@ describe("revocation and lifetime (#11)", () => {
     const client1 = loadIdentity(main, "client1");
     const key = createPrivateKey(client1.key);
     const x5c = [new X509Certificate(client1.cert).raw.toString("base64")];
-    const craft = (typ: string, chain: string[]) => new SignJWT({ htm: target.method, htu: target.path, dig: payloadDigest(target.payload) })
-      .setProtectedHeader({ alg: "ES256", typ, x5c: chain }).setSubject("spiffe://securemesh/client/client1").setJti(crypto.randomUUID())
-      .setIssuedAt().setExpirationTime("60s").sign(key);
+    const craft = (typ: string, chain: string[]) =>
+      new SignJWT({ htm: target.method, htu: target.path, dig: payloadDigest(target.payload) })
+        .setProtectedHeader({ alg: "ES256", typ, x5c: chain })
+        .setSubject("spiffe://securemesh/client/client1")
+        .setJti(crypto.randomUUID())
+        .setIssuedAt()
+        .setExpirationTime("60s")
+        .sign(key);
     expect((await verifier().verify(await craft("securemesh-proof+jwt", x5c), target)).sender).toBe("spiffe://securemesh/client/client1");
     // jose alone accepts the "application/" form of a typ as the same type.
     expect(await rejection(verifier().verify(await craft("application/securemesh-proof+jwt", x5c), target))).toBe("proof signature or claims are invalid");
-    expect(await rejection(verifier().verify(await craft("securemesh-proof+jwt", [...x5c, x5c[0]!]), target))).toBe("proof must carry exactly one x5c certificate");
+    expect(await rejection(verifier().verify(await craft("securemesh-proof+jwt", [...x5c, x5c[0]!]), target))).toBe(
+      "proof must carry exactly one x5c certificate",
+    );
     const v = verifier();
     const proof = await new ProofSigner(client1).sign(target);
     await v.verify(proof, target);

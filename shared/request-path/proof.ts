@@ -53,7 +53,12 @@ export class ProofSigner {
     const cert = new X509Certificate(identity.cert);
     this.#x5c = [cert.raw.toString("base64")];
     this.#alg = algorithmFor(this.#key);
-    this.#id = identityOf({ subject: cert.subject, subjectAltName: cert.subjectAltName, clientAuth: hasUsage(cert, CLIENT_AUTH_OID), serverAuth: hasUsage(cert, SERVER_AUTH_OID) });
+    this.#id = identityOf({
+      subject: cert.subject,
+      subjectAltName: cert.subjectAltName,
+      clientAuth: hasUsage(cert, CLIENT_AUTH_OID),
+      serverAuth: hasUsage(cert, SERVER_AUTH_OID),
+    });
   }
 
   /** A proof: this identity's certificate in x5c, its ID as `sub`, a fresh jti, a bounded life, and the request. */

@@ -13,7 +13,11 @@ export interface RetryBudgetOptions {
 export const RETRY_BUDGET_PERCENT = 20;
 export const RETRY_BUDGET_MIN_PER_SECOND = 3;
 export const RETRY_BUDGET_WINDOW_MS = 10_000;
-export const DEFAULT_RETRY_BUDGET: RetryBudgetOptions = { ratio: RETRY_BUDGET_PERCENT / 100, minPerSecond: RETRY_BUDGET_MIN_PER_SECOND, windowMs: RETRY_BUDGET_WINDOW_MS };
+export const DEFAULT_RETRY_BUDGET: RetryBudgetOptions = {
+  ratio: RETRY_BUDGET_PERCENT / 100,
+  minPerSecond: RETRY_BUDGET_MIN_PER_SECOND,
+  windowMs: RETRY_BUDGET_WINDOW_MS,
+};
 
 /** Counts kept per slice of the window, so old requests drop out of it slice by slice. */
 const SLICES = 10;
@@ -25,7 +29,8 @@ export class RetryBudget {
   #exhausted = 0;
 
   constructor(options: RetryBudgetOptions, clock: PoolClock) {
-    if (!(options.ratio >= 0) || !(options.minPerSecond >= 0) || !(options.windowMs > 0)) throw new TypeError("retry budget: ratio and minPerSecond must be >= 0, windowMs > 0");
+    if (!(options.ratio >= 0) || !(options.minPerSecond >= 0) || !(options.windowMs > 0))
+      throw new TypeError("retry budget: ratio and minPerSecond must be >= 0, windowMs > 0");
     this.#options = options;
     this.#clock = clock;
   }

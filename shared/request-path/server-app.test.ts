@@ -49,11 +49,14 @@ beforeAll(async () => {
 });
 
 async function post(body: unknown, headers: Record<string, string> = {}, target = app) {
-  const response = await target.handle(new Request("http://localhost/api/data", {
-    method: "POST",
-    headers: { "content-type": "application/json", ...headers },
-    body: typeof body === "string" ? body : JSON.stringify(body),
-  }));
+  const response = await target.handle(
+    new Request("http://localhost/api/data", {
+      method: "POST",
+      headers: { "content-type": "application/json", ...headers },
+      body: typeof body === "string" ? body : JSON.stringify(body),
+    }),
+  );
+  // biome-ignore lint/suspicious/noExplicitAny: the tests read answers' fields as toMatchObject checks them
   return { status: response.status, body: (await response.json()) as Record<string, any> };
 }
 
@@ -128,7 +131,14 @@ describe("POST /api/data", () => {
 
 test("GET /health reports the server, its store and its cache", async () => {
   const res = await app.handle(new Request("http://localhost/health"));
-  expect(await res.json()).toMatchObject({ status: "ok", store_status: "ok", role: "server", server: 7001, store: "sqlite", cache: { generation: expect.any(Number) } });
+  expect(await res.json()).toMatchObject({
+    status: "ok",
+    store_status: "ok",
+    role: "server",
+    server: 7001,
+    store: "sqlite",
+    cache: { generation: expect.any(Number) },
+  });
 });
 
 test("issue 20: a store that fails or hangs its ping makes /health 200 store_status stalled, within the deadline", async () => {
@@ -140,12 +150,21 @@ test("issue 20: a store that fails or hangs its ping makes /health 200 store_sta
     const started = performance.now();
     const res = await target.handle(new Request("http://localhost/health"));
     expect(performance.now() - started).toBeLessThan(lateBound(STORE_PING_DEADLINE_MS + 400));
-    expect({ status: res.status, body: await res.json() }).toMatchObject({ status: 200, body: { status: "degraded", store_status: "stalled", role: "server" } });
+    expect({ status: res.status, body: await res.json() }).toMatchObject({
+      status: 200,
+      body: { status: "degraded", store_status: "stalled", role: "server" },
+    });
   }
 });
 
 describe("cache routes", () => {
-  interface CachedAnswer { cached: boolean; age_ms: number; server: number; generation: number; data: string }
+  interface CachedAnswer {
+    cached: boolean;
+    age_ms: number;
+    server: number;
+    generation: number;
+    data: string;
+  }
   const read = async (target = app, headers: Record<string, string> = {}) => {
     const res = await target.handle(new Request("http://localhost/api/get_cached_data", { headers: { ...(await readHeaders()), ...headers } }));
     expect(res.status).toBe(200);
@@ -153,9 +172,13 @@ describe("cache routes", () => {
     return { ...body, view: JSON.parse(fernet.decryptText(body.data)) as DataSnapshot };
   };
   const invalidate = async (proof?: string) => {
-    const res = await app.handle(new Request("http://localhost/api/invalidate_cache", {
-      method: "POST", headers: { "content-type": "application/json" }, body: JSON.stringify(proof ? { proof } : {}),
-    }));
+    const res = await app.handle(
+      new Request("http://localhost/api/invalidate_cache", {
+        method: "POST",
+        headers: { "content-type": "application/json" },
+        body: JSON.stringify(proof ? { proof } : {}),
+      }),
+    );
     return { status: res.status, body: (await res.json()) as Record<string, unknown> };
   };
 
@@ -185,10 +208,19 @@ describe("cache routes", () => {
   test("a server that missed a write (partitioned) does not serve its old copy", async () => {
     const otherLogs: string[] = [];
     const otherLogger = createLogger("server", { format: "text", color: false, write: (l) => otherLogs.push(l) });
-    const other = handledAs(createServerApp({
-      port: () => 7002, store, fernet, verifier, authz, logger: otherLogger, ttl: 300,
-      view: new CachedDataView({ store, fernet, logger: otherLogger, ttlMs: 30_000, now: clock }),
-    }), COORDINATOR_ID);
+    const other = handledAs(
+      createServerApp({
+        port: () => 7002,
+        store,
+        fernet,
+        verifier,
+        authz,
+        logger: otherLogger,
+        ttl: 300,
+        view: new CachedDataView({ store, fernet, logger: otherLogger, ttlMs: 30_000, now: clock }),
+      }),
+      COORDINATOR_ID,
+    );
     await read(other);
     expect((await read(other)).cached).toBe(true);
     const written = await post(await signed("written while 5002 was away"));
@@ -221,15 +253,23 @@ describe("cache routes", () => {
   test("GET /api/cache_stats reports hits, misses, entries and generation", async () => {
     const res = await app.handle(new Request("http://localhost/api/cache_stats", { headers: await readHeaders(signer, "/api/cache_stats") }));
     expect(await res.json()).toMatchObject({
-      server: 7001, hits: expect.any(Number), misses: expect.any(Number), entries: expect.any(Number),
-      evictions: expect.any(Number), invalidations: 1, hitRatio: expect.any(Number), generation: expect.any(Number),
+      server: 7001,
+      hits: expect.any(Number),
+      misses: expect.any(Number),
+      entries: expect.any(Number),
+      evictions: expect.any(Number),
+      invalidations: 1,
+      hitRatio: expect.any(Number),
+      generation: expect.any(Number),
     });
   });
 });
 
 describe("GET /metrics", () => {
   test("parses as Prometheus text with requests by route and status, latency and cache counters", async () => {
-    const stats = (await (await app.handle(new Request("http://localhost/api/cache_stats", { headers: await readHeaders(signer, "/api/cache_stats") }))).json()) as { hits: number; misses: number };
+    const stats = (await (
+      await app.handle(new Request("http://localhost/api/cache_stats", { headers: await readHeaders(signer, "/api/cache_stats") }))
+    ).json()) as { hits: number; misses: number };
     const metrics = await scrape(app);
     expect(metrics.value("securemesh_http_requests_total", { route: "/api/data", method: "POST", status: "200" })).toBeGreaterThan(0);
     expect(metrics.value("securemesh_http_requests_total", { route: "/api/data", status: "401" })).toBeGreaterThan(0);
@@ -246,16 +286,33 @@ describe("authorization (#11): every request decided by the policy against a ver
 
   test("L4: a request whose connection is not held by an identity allowed to forward is refused", async () => {
     const body = await signed("sent straight to a server");
-    const inner = createServerApp({ port: () => 7001, store, view: new CachedDataView({ store, fernet, logger: createLogger("server", { write: () => {} }), ttlMs: 30_000 }), fernet, verifier, authz, logger: createLogger("server", { write: () => {} }), ttl: 300 });
-    expect(await post(body, {}, handledAs(inner, ""))).toEqual({ status: 403, body: { error: "an unidentified caller lacks permission forward", code: "ERR_FORBIDDEN" } });
+    const inner = createServerApp({
+      port: () => 7001,
+      store,
+      view: new CachedDataView({ store, fernet, logger: createLogger("server", { write: () => {} }), ttlMs: 30_000 }),
+      fernet,
+      verifier,
+      authz,
+      logger: createLogger("server", { write: () => {} }),
+      ttl: 300,
+    });
+    expect(await post(body, {}, handledAs(inner, ""))).toEqual({
+      status: 403,
+      body: { error: "an unidentified caller lacks permission forward", code: "ERR_FORBIDDEN" },
+    });
     expect(await post(body, {}, handledAs(inner, "spiffe://securemesh/client/client1"))).toEqual({ status: 403, body: denied("client/client1", "forward") });
     // A request no listener accepted (no verified connection at all) names no one.
-    const unbound = await inner.handle(new Request("http://localhost/api/data", { method: "POST", headers: { "content-type": "application/json" }, body: JSON.stringify(body) }));
+    const unbound = await inner.handle(
+      new Request("http://localhost/api/data", { method: "POST", headers: { "content-type": "application/json" }, body: JSON.stringify(body) }),
+    );
     expect(unbound.status).toBe(403);
   });
 
   test("L4: identities that are not clients cannot write, even with a valid proof", async () => {
-    for (const [name, expected] of [["coordinator", "coordinator/coordinator"], ["secureproxy", "secureproxy/secureproxy"]] as const) {
+    for (const [name, expected] of [
+      ["coordinator", "coordinator/coordinator"],
+      ["secureproxy", "secureproxy/secureproxy"],
+    ] as const) {
       const body = await signed(`written by ${name}`, undefined, new ProofSigner(loadIdentity(pki, name)));
       expect(await post(body)).toEqual({ status: 403, body: denied(expected, "records.write") });
     }
@@ -270,7 +327,9 @@ describe("authorization (#11): every request decided by the policy against a ver
       "AUTHZ allow identity=spiffe://securemesh/client/client1 action=records.write resource=- (spiffe://securemesh/client/client1 may records.write)",
     ]);
     const metrics = await scrape(app);
-    expect(metrics.value("securemesh_authz_decisions_total", { identity: "spiffe://securemesh/client/client1", action: "records.write", decision: "allow" })).toBeGreaterThan(0);
+    expect(
+      metrics.value("securemesh_authz_decisions_total", { identity: "spiffe://securemesh/client/client1", action: "records.write", decision: "allow" }),
+    ).toBeGreaterThan(0);
   });
 
   test("M5: reads need a proof, and a coordinator's proof reads nothing", async () => {
@@ -284,16 +343,30 @@ describe("authorization (#11): every request decided by the policy against a ver
 
   test("M5: an identity allowed view.read:own sees only its own records", async () => {
     const policy = join(mkdtempSync(join(tmpdir(), "securemesh-policy-")), "policy.json");
-    writeFileSync(policy, JSON.stringify({ rules: [
-      { identity: "spiffe://securemesh/coordinator/coordinator", allow: ["forward"] },
-      { identity: "spiffe://securemesh/client/client1", allow: ["records.write", "view.read:all"] },
-      { identity: "spiffe://securemesh/client/client2", allow: ["records.write", "view.read:own"] },
-    ] }));
+    writeFileSync(
+      policy,
+      JSON.stringify({
+        rules: [
+          { identity: "spiffe://securemesh/coordinator/coordinator", allow: ["forward"] },
+          { identity: "spiffe://securemesh/client/client1", allow: ["records.write", "view.read:all"] },
+          { identity: "spiffe://securemesh/client/client2", allow: ["records.write", "view.read:own"] },
+        ],
+      }),
+    );
     const logger = createLogger("server", { format: "text", color: false, write: () => {} });
-    const narrow = handledAs(createServerApp({
-      port: () => 7003, store, fernet, verifier, authz: new Authorizer(policy, logger), logger, ttl: 300,
-      view: new CachedDataView({ store, fernet, logger, ttlMs: 30_000, now: clock }),
-    }), COORDINATOR_ID);
+    const narrow = handledAs(
+      createServerApp({
+        port: () => 7003,
+        store,
+        fernet,
+        verifier,
+        authz: new Authorizer(policy, logger),
+        logger,
+        ttl: 300,
+        view: new CachedDataView({ store, fernet, logger, ttlMs: 30_000, now: clock }),
+      }),
+      COORDINATOR_ID,
+    );
     const mine = await post(await signed("client2's own", undefined, client2), {}, narrow);
     await post(await signed("client1's, not for client2"), {}, narrow);
     const view = async (by: ProofSigner) => {
@@ -323,10 +396,13 @@ describe("authorization (#11): every request decided by the policy against a ver
   });
 
   test("a denial is a 403 JSON naming the identity and the permission", async () => {
-    const invalidation = await app.handle(new Request("http://localhost/api/invalidate_cache", {
-      method: "POST", headers: { "content-type": "application/json" },
-      body: JSON.stringify({ proof: await coordinator().sign({ method: "POST", path: "/api/invalidate_cache", payload: "" }) }),
-    }));
+    const invalidation = await app.handle(
+      new Request("http://localhost/api/invalidate_cache", {
+        method: "POST",
+        headers: { "content-type": "application/json" },
+        body: JSON.stringify({ proof: await coordinator().sign({ method: "POST", path: "/api/invalidate_cache", payload: "" }) }),
+      }),
+    );
     expect([invalidation.status, await invalidation.json()]).toEqual([403, denied("coordinator/coordinator", "cache.invalidate")]);
     const stats = await app.handle(new Request("http://localhost/api/cache_stats", { headers: await readHeaders(coordinator(), "/api/cache_stats") }));
     expect([stats.status, await stats.json()]).toEqual([403, denied("coordinator/coordinator", "cache.stats")]);
@@ -345,17 +421,36 @@ describe("per-sender limits (issue 20): a server knows the sender from its proof
     let nowMs = 0;
     let gate = Promise.withResolvers<void>();
     gate.resolve();
+    // Inserts waiting at the gate, and who waits for a number of them: a request is in flight once it waits there.
+    let waiting = 0;
+    const waiters: { count: number; resolve: () => void }[] = [];
     const held: RecordStore = Object.create(store, {
-      insert: { value: async (record: Parameters<RecordStore["insert"]>[0]) => (await gate.promise, store.insert(record)) },
+      insert: {
+        value: async (record: Parameters<RecordStore["insert"]>[0]) => {
+          waiting += 1;
+          for (const w of waiters.filter((w) => waiting >= w.count)) w.resolve();
+          await gate.promise;
+          return store.insert(record);
+        },
+      },
     });
     const limiter = new RequestLimiter({ limits: (id) => limitedAuthz.limits(id), logger, now: () => nowMs });
     const view = new CachedDataView({ store, fernet, logger, ttlMs: 30_000, now: clock });
-    const target = handledAs(createServerApp({ port: () => 7001, store: held, view, fernet, verifier, authz: limitedAuthz, logger, ttl: 300, limiter }), COORDINATOR_ID);
+    const target = handledAs(
+      createServerApp({ port: () => 7001, store: held, view, fernet, verifier, authz: limitedAuthz, logger, ttl: 300, limiter }),
+      COORDINATOR_ID,
+    );
     return {
       target,
       advance: (ms: number) => (nowMs += ms),
       hold: () => (gate = Promise.withResolvers<void>()),
       release: () => gate.resolve(),
+      /** Resolves once `count` inserts wait at the gate: their requests hold their places. */
+      inFlight: (count: number) =>
+        new Promise<void>((resolve) => {
+          if (waiting >= count) resolve();
+          else waiters.push({ count, resolve });
+        }),
     };
   }
 
@@ -363,9 +458,13 @@ describe("per-sender limits (issue 20): a server knows the sender from its proof
     const { target, advance } = limitedApp([{ identity: "spiffe://securemesh/client/client2", rate: { perSecond: 1, burst: 1 } }]);
     expect((await post(await signed("first", undefined, client2), {}, target)).status).toBe(200);
     const refusedBody = await signed("second", undefined, client2);
-    const response = await target.handle(new Request("http://localhost/api/data", { method: "POST", headers: { "content-type": "application/json" }, body: JSON.stringify(refusedBody) }));
+    const response = await target.handle(
+      new Request("http://localhost/api/data", { method: "POST", headers: { "content-type": "application/json" }, body: JSON.stringify(refusedBody) }),
+    );
     expect([response.status, response.headers.get("retry-after"), await response.json()]).toEqual([
-      429, "1", { error: "spiffe://securemesh/client/client2 is over its rate of 1 requests a second", code: "ERR_RATE_LIMITED" },
+      429,
+      "1",
+      { error: "spiffe://securemesh/client/client2 is over its rate of 1 requests a second", code: "ERR_RATE_LIMITED" },
     ]);
     expect((await post(await signed("client1 is untouched"), {}, target)).status).toBe(200);
     advance(1000);
@@ -373,9 +472,10 @@ describe("per-sender limits (issue 20): a server knows the sender from its proof
   });
 
   test("over its requests in flight, a sender gets 429 while its others are held; a finished one frees a place", async () => {
-    const { target, hold, release } = limitedApp([{ identity: "spiffe://securemesh/client/client2", inFlight: 2 }]);
+    const { target, hold, release, inFlight } = limitedApp([{ identity: "spiffe://securemesh/client/client2", inFlight: 2 }]);
     hold();
     const pending = [post(await signed("a", undefined, client2), {}, target), post(await signed("b", undefined, client2), {}, target)];
+    await inFlight(2); // both hold their places before the third comes (under load, it could otherwise come first)
     const over = await post(await signed("c", undefined, client2), {}, target);
     expect([over.status, over.body.code]).toEqual([429, "ERR_IN_FLIGHT_LIMIT"]);
     const client1 = post(await signed("client1 has its own places"), {}, target);

@@ -40,9 +40,17 @@ export const STORE_PING_DEADLINE_MS = 500;
 /** Whether the store answers a ping within STORE_PING_DEADLINE_MS. */
 async function storeAnswers(store: RecordStore): Promise<boolean> {
   let timer: ReturnType<typeof setTimeout> | undefined;
-  const deadline = new Promise<false>((resolve) => { timer = setTimeout(() => resolve(false), STORE_PING_DEADLINE_MS); });
+  const deadline = new Promise<false>((resolve) => {
+    timer = setTimeout(() => resolve(false), STORE_PING_DEADLINE_MS);
+  });
   try {
-    return await Promise.race([store.ping().then(() => true, () => false), deadline]);
+    return await Promise.race([
+      store.ping().then(
+        () => true,
+        () => false,
+      ),
+      deadline,
+    ]);
   } finally {
     clearTimeout(timer);
   }
@@ -87,8 +95,14 @@ export function createServerApp(deps: ServerDeps) {
       }
       // Plain reads only: on Galera a causal read waits out a lost node's eviction, and every probe would time out at once.
       return {
-        status: "ok", store_status: "ok", role: "server", server: deps.port(), store: store.kind, cache: await view.stats({ causal: false }),
-        fernet_keys: deps.fernetKeys?.(), fernet_rewrap: deps.fernetRewrap?.(),
+        status: "ok",
+        store_status: "ok",
+        role: "server",
+        server: deps.port(),
+        store: store.kind,
+        cache: await view.stats({ causal: false }),
+        fernet_keys: deps.fernetKeys?.(),
+        fernet_rewrap: deps.fernetRewrap?.(),
         ...(deps.facts ? { facts: { ...deps.facts(), store: await store.storeId() } } : {}),
       };
     })
@@ -107,12 +121,18 @@ export function createServerApp(deps: ServerDeps) {
         const name = senderName(sender);
         const started = performance.now();
         const stored = await store.insert({
-          sender: name, token: data, jti, digest: payloadDigest(data), server: deps.port(),
+          sender: name,
+          token: data,
+          jti,
+          digest: payloadDigest(data),
+          server: deps.port(),
           idempotencyKey: idempotencyKey === undefined ? undefined : senderIdempotencyKey(sender, idempotencyKey),
         });
         // The database hop of the request, under its trace id (#14).
         const { field, id } = requestTrace(request);
-        logger.info(`Store: record ${stored.id} ${stored.repeated ? "was already stored (a repeat)" : "stored"} for ${name} in ${(performance.now() - started).toFixed(1)} ms ${field}=${id}`);
+        logger.info(
+          `Store: record ${stored.id} ${stored.repeated ? "was already stored (a repeat)" : "stored"} for ${name} in ${(performance.now() - started).toFixed(1)} ms ${field}=${id}`,
+        );
         if (!stored.repeated) logger.info(`Decrypted data: ${printable(text)} (from ${name})`);
         return { result: "ok", id: stored.id, server: stored.server };
       });

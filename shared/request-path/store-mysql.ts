@@ -2,9 +2,25 @@
 import { checkTableName, orUnavailable, unavailable } from "../db/database.ts";
 import { isDuplicateEntry, openMysql, type MysqlDatabase, type MysqlStats, type SqlValue } from "../db/mysql.ts";
 import {
-  fromRow, insertParams, newStoreId, RECORD_STORE, recordSql, repeatedInsert, replayedProof, sendersCounted, sendersIn,
-  type EarlierRecord, type InsertResult, type NewRecord, type ProofUse, type RecordRow, type RecordStore, type StoreOptions, type StoredRecord,
-  type StoredToken, type TokenChange,
+  fromRow,
+  insertParams,
+  newStoreId,
+  RECORD_STORE,
+  recordSql,
+  repeatedInsert,
+  replayedProof,
+  sendersCounted,
+  sendersIn,
+  type EarlierRecord,
+  type InsertResult,
+  type NewRecord,
+  type ProofUse,
+  type RecordRow,
+  type RecordStore,
+  type StoreOptions,
+  type StoredRecord,
+  type StoredToken,
+  type TokenChange,
 } from "./record-store.ts";
 
 export class MysqlStore implements RecordStore {
@@ -69,7 +85,10 @@ export class MysqlStore implements RecordStore {
         // 500 rows (3,500 parameters) a statement: one round trip each, far below max_allowed_packet.
         for (let start = 0; start < records.length; start += 500) {
           const batch = records.slice(start, start + 500);
-          await s.runText(sql.insertRows(batch.length), batch.flatMap((record) => insertParams(record, createdAt)));
+          await s.runText(
+            sql.insertRows(batch.length),
+            batch.flatMap((record) => insertParams(record, createdAt)),
+          );
         }
         for (const [sender, n] of sendersIn(records)) await s.run(sql.countSenderBy, [sender, n]);
       });
@@ -116,9 +135,10 @@ export class MysqlStore implements RecordStore {
 
   async latest(limit: number, sender?: string): Promise<StoredRecord[]> {
     // LIMIT is bound as a string: MySQL 8.0.22+ refuses a number bound to LIMIT in a prepared statement (MariaDB takes both).
-    const rows = sender === undefined
-      ? await this.#rows<RecordRow>(this.#sql.latest, [String(limit)])
-      : await this.#rows<RecordRow>(this.#sql.latestOf, [sender, String(limit)]);
+    const rows =
+      sender === undefined
+        ? await this.#rows<RecordRow>(this.#sql.latest, [String(limit)])
+        : await this.#rows<RecordRow>(this.#sql.latestOf, [sender, String(limit)]);
     return rows.map(fromRow);
   }
 

@@ -3,9 +3,25 @@ import type { DatabaseSync, StatementSync } from "node:sqlite";
 import { checkTableName, orUnavailable, unavailable } from "../db/database.ts";
 import { execute, immediate, openSqlite, sqliteFailure } from "../db/sqlite.ts";
 import {
-  fromRow, insertParams, newStoreId, RECORD_STORE, recordSql, repeatedInsert, replayedProof, sendersCounted, sendersIn,
-  type EarlierRecord, type InsertResult, type NewRecord, type ProofUse, type RecordRow, type RecordStore, type StoreOptions, type StoredRecord,
-  type StoredToken, type TokenChange,
+  fromRow,
+  insertParams,
+  newStoreId,
+  RECORD_STORE,
+  recordSql,
+  repeatedInsert,
+  replayedProof,
+  sendersCounted,
+  sendersIn,
+  type EarlierRecord,
+  type InsertResult,
+  type NewRecord,
+  type ProofUse,
+  type RecordRow,
+  type RecordStore,
+  type StoreOptions,
+  type StoredRecord,
+  type StoredToken,
+  type TokenChange,
 } from "./record-store.ts";
 
 export class SqliteStore implements RecordStore {
@@ -155,7 +171,9 @@ type OpenOnly = "aggregatesMissing" | "fillAggregates" | "insertRows";
 
 /** Runs inside openSqlite's IMMEDIATE transaction, so no other server inserts while the aggregates are filled. */
 function createSchema(db: DatabaseSync, table: string): void {
-  execute(db, `CREATE TABLE IF NOT EXISTS ${table} (
+  execute(
+    db,
+    `CREATE TABLE IF NOT EXISTS ${table} (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     sender TEXT NOT NULL,
     token TEXT NOT NULL,
@@ -164,11 +182,15 @@ function createSchema(db: DatabaseSync, table: string): void {
     digest TEXT NOT NULL,
     server INTEGER NOT NULL,
     created_at INTEGER NOT NULL
-  )`);
+  )`,
+  );
   execute(db, `CREATE TABLE IF NOT EXISTS ${table}_generation (id INTEGER PRIMARY KEY CHECK (id = 1), value INTEGER NOT NULL)`);
   execute(db, `INSERT OR IGNORE INTO ${table}_generation (id, value) VALUES (1, 0)`);
   execute(db, `CREATE INDEX IF NOT EXISTS ${table}_by_sender ON ${table} (sender, id)`);
-  execute(db, `CREATE TABLE IF NOT EXISTS ${table}_used_proofs (jti TEXT NOT NULL, server INTEGER NOT NULL, expires_at INTEGER NOT NULL, PRIMARY KEY (jti, server))`);
+  execute(
+    db,
+    `CREATE TABLE IF NOT EXISTS ${table}_used_proofs (jti TEXT NOT NULL, server INTEGER NOT NULL, expires_at INTEGER NOT NULL, PRIMARY KEY (jti, server))`,
+  );
   execute(db, `CREATE TABLE IF NOT EXISTS ${table}_senders (sender TEXT PRIMARY KEY, n INTEGER NOT NULL)`);
   execute(db, `CREATE TABLE IF NOT EXISTS ${table}_meta (name TEXT PRIMARY KEY, value TEXT NOT NULL)`);
   db.prepare(`INSERT OR IGNORE INTO ${table}_meta (name, value) VALUES ('store_id', ?)`).run(newStoreId());

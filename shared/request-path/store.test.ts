@@ -29,7 +29,8 @@ afterAll(async () => {
   await Promise.all(rawToClose.map((raw) => raw.close()));
   if (mysqlTables.length === 0) return;
   const conn = await mysql.createConnection(TEST_MYSQL_URL);
-  for (const table of mysqlTables) await conn.query(`DROP TABLE IF EXISTS ${table}, ${table}_generation, ${table}_used_proofs, ${table}_senders, ${table}_meta`);
+  for (const table of mysqlTables)
+    await conn.query(`DROP TABLE IF EXISTS ${table}, ${table}_generation, ${table}_used_proofs, ${table}_senders, ${table}_meta`);
   await conn.end();
 });
 
@@ -54,7 +55,10 @@ describe.each(testedDatabases(Object.keys(backends)))("%s record store", (kind) 
     expect(b.id).toBeGreaterThan(a.id);
     expect(await store.count()).toBe(2);
     const latest = await store.latest(10);
-    expect(latest.map((r) => [r.id, r.sender, r.server])).toEqual([[b.id, "client2", 5002], [a.id, "client1", 5001]]);
+    expect(latest.map((r) => [r.id, r.sender, r.server])).toEqual([
+      [b.id, "client2", 5002],
+      [a.id, "client1", 5001],
+    ]);
     expect(await store.countsBySender()).toEqual({ client1: 1, client2: 1 });
     await store.ping();
   });
@@ -247,7 +251,8 @@ const rawDatabases: Record<string, () => Promise<RawDatabase>> = {
     const db = new DatabaseSync(url);
     const table = "records";
     return {
-      url, table,
+      url,
+      table,
       createOldTable: async (rows) => {
         db.exec(`CREATE TABLE ${table} (
           id INTEGER PRIMARY KEY AUTOINCREMENT, sender TEXT NOT NULL, token TEXT NOT NULL, jti TEXT NOT NULL UNIQUE,
@@ -265,7 +270,8 @@ const rawDatabases: Record<string, () => Promise<RawDatabase>> = {
     mysqlTables.push(table);
     const conn = await mysql.createConnection(TEST_MYSQL_URL);
     return {
-      url: TEST_MYSQL_URL, table,
+      url: TEST_MYSQL_URL,
+      table,
       createOldTable: async (rows) => {
         await conn.query(`CREATE TABLE ${table} (
           id BIGINT AUTO_INCREMENT PRIMARY KEY, sender VARCHAR(128) NOT NULL, token MEDIUMTEXT NOT NULL,
@@ -333,7 +339,12 @@ describe.each(testedDatabases(Object.keys(rawDatabases)))("%s record store aggre
 
   test("a store opened on a table made before the aggregates counts its records once, at open", async () => {
     const raw = await openRaw();
-    await raw.createOldTable([["client1", "old-1"], ["client2", "old-2"], ["client1", "old-3"], ["client1", "old-4"]]);
+    await raw.createOldTable([
+      ["client1", "old-1"],
+      ["client2", "old-2"],
+      ["client1", "old-3"],
+      ["client1", "old-4"],
+    ]);
     const store = await openOn(raw);
     expect({ total: await store.count(), bySender: await store.countsBySender() }).toEqual({ total: 4, bySender: { client1: 3, client2: 1 } });
     await store.insert(record({ sender: "client2" }));
@@ -351,12 +362,18 @@ describe.each(testedDatabases(Object.keys(rawDatabases)))("%s record store aggre
     for (let i = 0; i < 60; i++) await store.insert(record({ sender: `client${i % 3}` }));
     const sql = recordSql(raw.table, store.kind);
     const statements: [string, (string | number)[]][] = [
-      [sql.count, []], [sql.countsBySender, []], [sql.latest, [20]], [sql.latestOf, ["client1", 20]],
+      [sql.count, []],
+      [sql.countsBySender, []],
+      [sql.latest, [20]],
+      [sql.latestOf, ["client1", 20]],
     ];
     for (const [statement, params] of statements) {
       if (kind === "sqlite") {
         const plan = (await raw.rows<{ detail: string }>(`EXPLAIN QUERY PLAN ${statement}`, params)).map((step) => step.detail);
-        expect({ statement, scans: plan.filter((detail) => detail === `SCAN ${raw.table}` || detail.startsWith(`SCAN ${raw.table} `)) }).toEqual({ statement, scans: [] });
+        expect({ statement, scans: plan.filter((detail) => detail === `SCAN ${raw.table}` || detail.startsWith(`SCAN ${raw.table} `)) }).toEqual({
+          statement,
+          scans: [],
+        });
       } else {
         // ALL scans the table, and index walks a whole index; const, ref and range look rows up by key.
         const plan = await raw.rows<{ table: string | null; type: string | null }>(`EXPLAIN ${statement}`, params);
@@ -376,7 +393,8 @@ describe("store id (issue 23: a database of another cluster is told apart)", () 
     const dir = mkdtempSync(join(tmpdir(), "securemesh-store-id-"));
     const table = uniqueTable("records");
     if (kind === "mysql") mysqlTables.push(table);
-    const location = (name: string) => (kind === "sqlite" ? [join(dir, `${name}.db`), {}] as const : [TEST_MYSQL_URL, { table: `${table}${name}` }] as const);
+    const location = (name: string) =>
+      kind === "sqlite" ? ([join(dir, `${name}.db`), {}] as const) : ([TEST_MYSQL_URL, { table: `${table}${name}` }] as const);
     if (kind === "mysql") mysqlTables.push(`${table}a`, `${table}b`);
     const open = async (name: string) => {
       const [url, options] = location(name);
@@ -412,7 +430,7 @@ describe.skipIf(UNIT_RUN)("mysql record store when a node dies under a COMMIT (#
     const { host, port } = hostPortOf(TEST_MYSQL_URL);
     const table = uniqueTable("records");
     mysqlTables.push(table);
-    const store = await openStore(multiHostUrl(TEST_MYSQL_URL, [relay.hostPort, `${host}:${port}`]), { table }) as MysqlStore;
+    const store = (await openStore(multiHostUrl(TEST_MYSQL_URL, [relay.hostPort, `${host}:${port}`]), { table })) as MysqlStore;
     stores.push(store);
     rawToClose.push({ close: () => relay[Symbol.asyncDispose]() });
     return { relay, store };
@@ -424,7 +442,10 @@ describe.skipIf(UNIT_RUN)("mysql record store when a node dies under a COMMIT (#
     relay.armed = 1;
     const stored = await store.insert(first);
     expect({ lost: relay.lost, repeated: stored.repeated, server: stored.server, stats: store.stats }).toEqual({
-      lost: 1, repeated: false, server: 5001, stats: { conflictRetries: 0, failovers: 1, uncertainCommits: 1 },
+      lost: 1,
+      repeated: false,
+      server: 5001,
+      stats: { conflictRetries: 0, failovers: 1, uncertainCommits: 1 },
     });
     expect(await store.count()).toBe(1);
     expect((await store.latest(1))[0]?.id).toBe(stored.id);

@@ -41,7 +41,9 @@ class FakeClock implements PoolClock {
   after(ms: number, fn: () => void) {
     const timer = { at: this.#now + ms, fn };
     this.#timers.push(timer);
-    return () => { this.#timers = this.#timers.filter((t) => t !== timer); };
+    return () => {
+      this.#timers = this.#timers.filter((t) => t !== timer);
+    };
   }
   advance(ms: number): void {
     this.#now += ms;
@@ -61,7 +63,9 @@ describe("health checks", () => {
     let status = 200;
     const logs: string[] = [];
     const pool = new UpstreamPool({
-      servers: [A], transport: new FakeTransport(() => status), health: { fall: 2, rise: 2 },
+      servers: [A],
+      transport: new FakeTransport(() => status),
+      health: { fall: 2, rise: 2 },
       logger: createLogger("coordinator", { format: "text", color: false, write: (l) => logs.push(l) }),
     });
     const up = () => pool.snapshot()[0]!.up;
@@ -101,11 +105,16 @@ describe("membership changes (issue 23)", () => {
     const transport = new FakeTransport((url) => (url.startsWith(C) ? cAnswers : 200));
     const logs: string[] = [];
     const pool = new UpstreamPool({
-      servers: [A, B], transport, health: { fall: 1, rise: 1 },
+      servers: [A, B],
+      transport,
+      health: { fall: 1, rise: 1 },
       logger: createLogger("coordinator", { format: "text", color: false, write: (l) => logs.push(l) }),
     });
     expect(pool.setServers([B, C])).toEqual({ added: [C], removed: [A] });
-    expect(pool.snapshot().map((s) => [s.url, s.up])).toEqual([[B, true], [C, false]]);
+    expect(pool.snapshot().map((s) => [s.url, s.up])).toEqual([
+      [B, true],
+      [C, false],
+    ]);
     await pool.checkAll();
     expect(pool.snapshot().map((s) => s.up)).toEqual([true, false]);
     for (let i = 0; i < 4; i++) await pool.forward({ method: "GET", path: "/x", headers: new Headers() });
@@ -131,7 +140,10 @@ describe("round robin", () => {
       await pool.forward({ method: "POST", path: "/api/data", headers: new Headers({ "idempotency-key": `k${i}` }) });
     }
     const servedBy = (method: string) => transport.calls.filter((c) => c.method === method).map((c) => new URL(c.url).origin);
-    expect([servedBy("GET"), servedBy("POST")]).toEqual([[A, B, A, B], [A, B, A, B]]);
+    expect([servedBy("GET"), servedBy("POST")]).toEqual([
+      [A, B, A, B],
+      [A, B, A, B],
+    ]);
   });
 });
 
@@ -170,10 +182,23 @@ describe("retry rules", () => {
   test("only the allowlisted headers reach a server, and the checked trace", async () => {
     const sent: Record<string, string>[] = [];
     const pool = new UpstreamPool({
-      servers: [A], logger: quiet(),
-      transport: { request: async (_url, init) => (sent.push({ ...(init.headers as Record<string, string>) }), { status: 200, body: new Uint8Array(), header: () => null }) },
+      servers: [A],
+      logger: quiet(),
+      transport: {
+        request: async (_url, init) => (
+          sent.push({ ...(init.headers as Record<string, string>) }), { status: 200, body: new Uint8Array(), header: () => null }
+        ),
+      },
     });
-    const incoming = new Headers({ traceparent: "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01", "content-type": "application/json", "x-securemesh-proof": "p", "idempotency-key": "k", cookie: "c", "x-securemesh-peer": "spiffe://securemesh/coordinator/x", host: "evil" });
+    const incoming = new Headers({
+      traceparent: "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+      "content-type": "application/json",
+      "x-securemesh-proof": "p",
+      "idempotency-key": "k",
+      cookie: "c",
+      "x-securemesh-peer": "spiffe://securemesh/coordinator/x",
+      host: "evil",
+    });
     await pool.forward({ method: "POST", path: "/api/data", headers: incoming });
     expect(Object.keys(sent[0]!).sort()).toEqual(["content-type", "idempotency-key", "traceparent", "x-securemesh-proof"]);
   });
@@ -192,7 +217,9 @@ describe("through the HttpsClient, against a real server (issue 18, H1)", () => 
     return `https://127.0.0.1:${server.port}`;
   };
   const transport = async (expected: string) => {
-    const client = new HttpsClient({ tls: { ...mutualTlsClientOptions(loadIdentity(await testPki(), "coordinator")), checkServerIdentity: expectPeer(expected) } });
+    const client = new HttpsClient({
+      tls: { ...mutualTlsClientOptions(loadIdentity(await testPki(), "coordinator")), checkServerIdentity: expectPeer(expected) },
+    });
     clients.push(client);
     return client;
   };
@@ -219,18 +246,28 @@ describe("through the HttpsClient, against a real server (issue 18, H1)", () => 
     // method" counted as a gateway failure); with an Idempotency-Key each one failed over and counted on every server.
     let requests = 0;
     const answer = (request: Request) => (new URL(request.url).pathname === "/health" || requests++, Response.json({ status: "ok" }));
-    const pool = new UpstreamPool({ servers: [await serve(answer), await serve(answer)], transport: await transport("spiffe://securemesh/server/*"), logger: quiet() });
+    const pool = new UpstreamPool({
+      servers: [await serve(answer), await serve(answer)],
+      transport: await transport("spiffe://securemesh/server/*"),
+      logger: quiet(),
+    });
     await pool.checkAll();
     const outcomes = [];
     for (let i = 0; i < 4; i++) {
       for (const headers of [new Headers(), new Headers({ "idempotency-key": `k${i}` })]) {
         const request = { method: "M-SEARCH", path: "/api/data", headers, body: new Uint8Array(1) };
-        outcomes.push(await pool.forward(request).then((r) => r.status, (error: MeshError) => `${error.status} ${error.code}`));
+        outcomes.push(
+          await pool.forward(request).then(
+            (r) => r.status,
+            (error: MeshError) => `${error.status} ${error.code}`,
+          ),
+        );
       }
     }
     expect(new Set(outcomes)).toEqual(new Set(["405 ERR_METHOD_NOT_ALLOWED"]));
     expect(pool.snapshot().map(({ up, failures, ejection }) => ({ up, failures, ejection }))).toEqual([
-      { up: true, failures: 0, ejection: null }, { up: true, failures: 0, ejection: null },
+      { up: true, failures: 0, ejection: null },
+      { up: true, failures: 0, ejection: null },
     ]);
     expect(requests).toBe(0);
   });
@@ -246,7 +283,7 @@ describe("through the HttpsClient, against a real server (issue 18, H1)", () => 
     const trace = traceOf(incoming);
     await traced.forward({ method: "GET", path: "/x", headers: incoming, trace });
     await traced.broadcast("GET", "/x", {}, undefined, trace);
-    await traced.forward({ method: "GET", path: "/x", headers: new Headers({ "x-request-id": "req 1\" 200 - forged" }) });
+    await traced.forward({ method: "GET", path: "/x", headers: new Headers({ "x-request-id": 'req 1" 200 - forged' }) });
     await traced.forward({ method: "GET", path: "/x", headers: new Headers({ traceparent: "00-not-a-trace", "x-request-id": "req-2" }) });
     expect(seen.slice(0, 2)).toEqual([
       { traceparent: trace.outbound.traceparent!, requestId: null },
@@ -260,7 +297,8 @@ describe("through the HttpsClient, against a real server (issue 18, H1)", () => 
 
 describe("issue 20: never eject everything", () => {
   const get = (pool: UpstreamPool) => pool.forward({ method: "GET", path: "/api/get_cached_data", headers: new Headers() });
-  const post = (pool: UpstreamPool, key = crypto.randomUUID()) => pool.forward({ method: "POST", path: "/api/data", headers: new Headers({ "idempotency-key": key }) });
+  const post = (pool: UpstreamPool, key = crypto.randomUUID()) =>
+    pool.forward({ method: "POST", path: "/api/data", headers: new Headers({ "idempotency-key": key }) });
   const logged = () => {
     const lines: string[] = [];
     return { lines, logger: createLogger("coordinator", { format: "text", color: false, write: (l) => lines.push(l) }) };
@@ -273,7 +311,10 @@ describe("issue 20: never eject everything", () => {
     const { lines, logger } = logged();
     const C = "https://c.test:5001";
     const pool = new UpstreamPool({
-      servers: [A, B, C], logger, clock, transport: new FakeTransport((url) => (url.startsWith(A) && aFails ? "timeout" : 200)),
+      servers: [A, B, C],
+      logger,
+      clock,
+      transport: new FakeTransport((url) => (url.startsWith(A) && aFails ? "timeout" : 200)),
       outlier: { consecutiveGatewayFailures: 3, baseEjectionMs: 1000, maxEjectionMs: 2500, decayMs: 10_000 },
     });
     const ejectA = async () => {
@@ -291,7 +332,9 @@ describe("issue 20: never eject everything", () => {
       expect(state(pool, A).up).toBe(true);
     }
     expect(lengths).toEqual([1000, 2000, 2500, 2500]);
-    expect(lines.filter((l) => l.includes("ejected for"))[0]).toBe(`Server ${A} ejected for 1.0 s (ejection 1): 3 consecutive gateway failures (last: timeout)`);
+    expect(lines.filter((l) => l.includes("ejected for"))[0]).toBe(
+      `Server ${A} ejected for 1.0 s (ejection 1): 3 consecutive gateway failures (last: timeout)`,
+    );
     expect(lines.filter((l) => l === `Server ${A} is back in rotation`)).toHaveLength(4);
     const metrics = new Metrics();
     pool.exportMetrics(metrics);
@@ -308,7 +351,14 @@ describe("issue 20: never eject everything", () => {
     let down: string[] = [];
     const transport = new FakeTransport((url) => (down.includes(new URL(url).origin) ? "ECONNREFUSED" : url.endsWith("/health") ? 200 : "ECONNRESET"));
     const C = "https://c.test:5001";
-    const pool = new UpstreamPool({ servers: [A, B, C], transport, logger: quiet(), clock, health: { fall: 1, rise: 2 }, outlier: { consecutiveGatewayFailures: 1 } });
+    const pool = new UpstreamPool({
+      servers: [A, B, C],
+      transport,
+      logger: quiet(),
+      clock,
+      health: { fall: 1, rise: 2 },
+      outlier: { consecutiveGatewayFailures: 1 },
+    });
     await pool.forward({ method: "GET", path: "/x", headers: new Headers() }).catch(() => {});
     expect(pool.snapshot().map((s) => s.ejection !== null)).toEqual([true, false, false]);
     await pool.checkAll(); // its probes pass: still ejected
@@ -325,9 +375,20 @@ describe("issue 20: never eject everything", () => {
   test("ejections stop at the cap: of two servers failing alike, one stays in rotation", async () => {
     const clock = new FakeClock();
     const { lines, logger } = logged();
-    const pool = new UpstreamPool({ servers: [A, B], logger, clock, transport: new FakeTransport(() => "ECONNRESET"), outlier: { consecutiveGatewayFailures: 2 } });
+    const pool = new UpstreamPool({
+      servers: [A, B],
+      logger,
+      clock,
+      transport: new FakeTransport(() => "ECONNRESET"),
+      outlier: { consecutiveGatewayFailures: 2 },
+    });
     for (let i = 0; i < 6; i++) await get(pool).catch(() => {});
-    expect(pool.snapshot().map((s) => s.ejection !== null).sort()).toEqual([false, true]);
+    expect(
+      pool
+        .snapshot()
+        .map((s) => s.ejection !== null)
+        .sort(),
+    ).toEqual([false, true]);
     const metrics = new Metrics();
     pool.exportMetrics(metrics);
     const ejected = pool.snapshot().find((s) => s.ejection)!.url;
@@ -341,16 +402,23 @@ describe("issue 20: never eject everything", () => {
   test("the cap holds for the probes: a server that answers stays in while another is ejected; one that refuses goes out", async () => {
     const clock = new FakeClock();
     let bHealth: number | "ECONNREFUSED" = 200;
-    const transport = new FakeTransport((url) => (url.startsWith(B) ? (url.endsWith("/health") ? bHealth : 200) : url.endsWith("/health") ? 200 : "ECONNRESET"));
+    const transport = new FakeTransport((url) =>
+      url.startsWith(B) ? (url.endsWith("/health") ? bHealth : 200) : url.endsWith("/health") ? 200 : "ECONNRESET",
+    );
     const { lines, logger } = logged();
     const pool = new UpstreamPool({ servers: [A, B], transport, logger, clock, health: { fall: 1 }, outlier: { consecutiveGatewayFailures: 1 } });
     await get(pool);
-    expect(pool.snapshot().map((s) => [s.up, s.ejection !== null])).toEqual([[false, true], [true, false]]);
+    expect(pool.snapshot().map((s) => [s.up, s.ejection !== null])).toEqual([
+      [false, true],
+      [true, false],
+    ]);
     bHealth = 503;
     await pool.checkAll();
     await pool.checkAll();
     expect(pool.snapshot().map((s) => s.up)).toEqual([false, true]);
-    expect(lines.filter((l) => l.includes("(health check)"))).toEqual([`Server ${B} failed: health check answered 503 (health check); kept in rotation: 1 of 2 servers already out, the most allowed`]);
+    expect(lines.filter((l) => l.includes("(health check)"))).toEqual([
+      `Server ${B} failed: health check answered 503 (health check); kept in rotation: 1 of 2 servers already out, the most allowed`,
+    ]);
     expect(pool.routing().ejectionsRefused).toBe(2);
     bHealth = "ECONNREFUSED";
     await pool.checkAll();
@@ -368,7 +436,8 @@ describe("issue 20: never eject everything", () => {
     let aFails = true;
     let bGone = false;
     const transport = new FakeTransport((url) =>
-      url.startsWith(B) ? (bGone ? "ECONNREFUSED" : 200) : url.endsWith("/health") || !aFails ? 200 : "ECONNRESET");
+      url.startsWith(B) ? (bGone ? "ECONNREFUSED" : 200) : url.endsWith("/health") || !aFails ? 200 : "ECONNRESET",
+    );
     const { lines, logger } = logged();
     const pool = new UpstreamPool({ servers: [A, B], transport, logger, clock, health: { fall: 1, rise: 1 }, outlier: { consecutiveGatewayFailures: 1 } });
     const metrics = new Metrics();
@@ -377,7 +446,10 @@ describe("issue 20: never eject everything", () => {
     expect(state(pool, A).ejection).not.toBeNull();
     bGone = true;
     await pool.checkAll();
-    expect(pool.snapshot().map((s) => [s.up, s.reachable])).toEqual([[false, true], [false, false]]);
+    expect(pool.snapshot().map((s) => [s.up, s.reachable])).toEqual([
+      [false, true],
+      [false, false],
+    ]);
     expect(pool.routing()).toMatchObject({ panic: true, panicEntries: 1, inRotation: 0 });
     aFails = false;
     transport.calls.length = 0;
@@ -403,7 +475,11 @@ describe("issue 20: never eject everything", () => {
     const pool = new UpstreamPool({ servers: [A, B, C], transport, logger: quiet(), health: { fall: 1 } });
     await pool.checkAll();
     // A and B are gone; C answers its probes 503 but is kept in by the cap (1 of 3 may be out).
-    expect(pool.snapshot().map((s) => [s.up, s.reachable])).toEqual([[false, false], [false, false], [true, true]]);
+    expect(pool.snapshot().map((s) => [s.up, s.reachable])).toEqual([
+      [false, false],
+      [false, false],
+      [true, true],
+    ]);
     expect(pool.routing().panic).toBe(true);
     transport.calls.length = 0;
     for (let i = 0; i < 6; i++) await get(pool);
@@ -413,10 +489,20 @@ describe("issue 20: never eject everything", () => {
   test("believed reachable: a server that answers or times out is; one that refuses or shows another identity is not", async () => {
     const [C, D] = ["https://c.test:5001", "https://d.test:5001"];
     const outcome: Record<string, number | NetworkErrorCode | "timeout"> = { [A]: "ECONNREFUSED", [B]: 503, [C]: "timeout", [D]: "ERR_UNEXPECTED_PEER" };
-    const pool = new UpstreamPool({ servers: [A, B, C, D], transport: new FakeTransport((url) => outcome[new URL(url).origin]!), logger: quiet(), health: { fall: 1 } });
+    const pool = new UpstreamPool({
+      servers: [A, B, C, D],
+      transport: new FakeTransport((url) => outcome[new URL(url).origin]!),
+      logger: quiet(),
+      health: { fall: 1 },
+    });
     await pool.checkAll();
     // A and D are not there; B goes out (2 of 4 may); C, timing out, is kept in by the cap.
-    expect(pool.snapshot().map((s) => [s.up, s.reachable])).toEqual([[false, false], [false, true], [true, true], [false, false]]);
+    expect(pool.snapshot().map((s) => [s.up, s.reachable])).toEqual([
+      [false, false],
+      [false, true],
+      [true, true],
+      [false, false],
+    ]);
   });
 
   test("a stalled store: the server stays in rotation, writes go first to servers whose store is ok, reads anywhere", async () => {
@@ -426,7 +512,9 @@ describe("issue 20: never eject everything", () => {
       async request(url, init) {
         this.calls.push({ url, method: init.method ?? "GET" });
         const origin = new URL(url).origin;
-        const body = url.endsWith("/health") ? { status: stalled.includes(origin) ? "degraded" : "ok", store_status: stalled.includes(origin) ? "stalled" : "ok" } : {};
+        const body = url.endsWith("/health")
+          ? { status: stalled.includes(origin) ? "degraded" : "ok", store_status: stalled.includes(origin) ? "stalled" : "ok" }
+          : {};
         return { status: 200, body: new TextEncoder().encode(JSON.stringify(body)), header: () => null };
       },
     };
@@ -434,9 +522,13 @@ describe("issue 20: never eject everything", () => {
     const metrics = new Metrics();
     pool.exportMetrics(metrics);
     await pool.checkAll();
-    expect(pool.snapshot().map((s) => [s.up, s.storeStatus])).toEqual([[true, "stalled"], [true, "ok"]]);
+    expect(pool.snapshot().map((s) => [s.up, s.storeStatus])).toEqual([
+      [true, "stalled"],
+      [true, "ok"],
+    ]);
     expect(parsePrometheus(metrics.render()).value("securemesh_upstream_store_stalled", { upstream: A })).toBe(1);
-    const writes = [], reads = [];
+    const writes = [],
+      reads = [];
     for (let i = 0; i < 4; i++) writes.push((await post(pool)).upstream);
     for (let i = 0; i < 4; i++) reads.push((await get(pool)).upstream);
     expect(writes).toEqual([B, B, B, B]);
@@ -473,21 +565,35 @@ describe("issue 20: the retry budget", () => {
   test("retries stop at ratio × requests + the floor over the window; past it a failed attempt is answered 503; the window moves on", async () => {
     const clock = new FakeClock();
     const transport = new FakeTransport((url) => (url.startsWith(A) ? "ECONNRESET" : 200));
-    const { lines, logger } = (() => { const l: string[] = []; return { lines: l, logger: createLogger("coordinator", { format: "text", color: false, write: (x) => l.push(x) }) }; })();
+    const { lines, logger } = (() => {
+      const l: string[] = [];
+      return { lines: l, logger: createLogger("coordinator", { format: "text", color: false, write: (x) => l.push(x) }) };
+    })();
     // Never ejected here, so every other read meets A's failure and wants a retry.
     const pool = new UpstreamPool({
-      servers: [A, B], transport, logger, clock, outlier: { consecutiveGatewayFailures: 1000 },
+      servers: [A, B],
+      transport,
+      logger,
+      clock,
+      outlier: { consecutiveGatewayFailures: 1000 },
       retryBudget: { ratio: 0.2, minPerSecond: 0.1, windowMs: 10_000 },
     });
     const metrics = new Metrics();
     pool.exportMetrics(metrics);
     const outcomes: (number | string)[] = [];
     for (let i = 0; i < 20; i++) {
-      outcomes.push(await pool.forward({ method: "GET", path: "/x", headers: new Headers() }).then((r) => r.status, (e: MeshError) => e.code));
+      outcomes.push(
+        await pool.forward({ method: "GET", path: "/x", headers: new Headers() }).then(
+          (r) => r.status,
+          (e: MeshError) => e.code,
+        ),
+      );
     }
     // 20 requests, the even ones starting at A: a retry is allowed while retries ≤ 0.2 × requests so far + 1 (the
     // floor, 0.1/s over 10 s): at requests 1, 5, 11 and 15, refused at 3, 7, 9, 13, 17 and 19.
-    expect(outcomes.map((o) => (o === 200 ? "ok" : o))).toEqual(Array.from({ length: 20 }, (_, i) => ([2, 6, 8, 12, 16, 18].includes(i) ? "ERR_RETRY_BUDGET" : "ok")));
+    expect(outcomes.map((o) => (o === 200 ? "ok" : o))).toEqual(
+      Array.from({ length: 20 }, (_, i) => ([2, 6, 8, 12, 16, 18].includes(i) ? "ERR_RETRY_BUDGET" : "ok")),
+    );
     expect(pool.routing().retryBudget).toMatchObject({ requests: 20, retries: 4, exhausted: 6 });
     expect(parsePrometheus(metrics.render()).value("securemesh_upstream_retry_budget_exhausted_total")).toBe(6);
     expect(lines.filter((l) => l.startsWith("Retry budget spent: not re-sending after "))).toHaveLength(6);

@@ -145,7 +145,10 @@ export const PANIC_THRESHOLD_PERCENT = 50;
 export const QUEUE_MAX_WAITING = 64;
 export const QUEUE_TIMEOUT_MS = 500;
 export const DEFAULT_OUTLIER: OutlierOptions = {
-  consecutiveGatewayFailures: CONSECUTIVE_GATEWAY_FAILURES, baseEjectionMs: BASE_EJECTION_MS, maxEjectionMs: MAX_EJECTION_MS, decayMs: EJECTION_DECAY_MS,
+  consecutiveGatewayFailures: CONSECUTIVE_GATEWAY_FAILURES,
+  baseEjectionMs: BASE_EJECTION_MS,
+  maxEjectionMs: MAX_EJECTION_MS,
+  decayMs: EJECTION_DECAY_MS,
   maxEjectedShare: MAX_EJECTED_PERCENT / 100,
 };
 export const DEFAULT_PANIC_THRESHOLD = PANIC_THRESHOLD_PERCENT / 100;
@@ -164,7 +167,16 @@ const FORWARDED_HEADERS = ["content-type", "accept", "cache-control", "idempoten
  * transport's codes, the same on Bun and Deno. A server presenting a certificate or identity we refuse was refused
  * at the handshake: nothing was sent to it. ECONNRESET may have reached it.
  */
-const NEVER_REACHED = new Set<NetworkErrorCode>(["ECONNREFUSED", "ENOTFOUND", "EHOSTUNREACH", "ENETUNREACH", "EPROTO", "ERR_TLS_CERT", "ERR_TLS_HOSTNAME", "ERR_UNEXPECTED_PEER"]);
+const NEVER_REACHED = new Set<NetworkErrorCode>([
+  "ECONNREFUSED",
+  "ENOTFOUND",
+  "EHOSTUNREACH",
+  "ENETUNREACH",
+  "EPROTO",
+  "ERR_TLS_CERT",
+  "ERR_TLS_HOSTNAME",
+  "ERR_UNEXPECTED_PEER",
+]);
 
 interface Server extends UpstreamState {
   okStreak: number;
@@ -193,9 +205,29 @@ const normalUrl = (url: string) => url.replace(/\/+$/, "");
  */
 function newServer(url: string, up: boolean): Server {
   return {
-    url: normalUrl(url), up, joining: !up, lastCheckedAt: null, latencyMs: null, requests: 0, failures: 0, lastError: null, health: null, clockSkewMs: null,
-    draining: false, inFlight: 0, emptied: [], reachable: true, storeStatus: null, ejection: null,
-    okStreak: 0, failStreak: 0, probeUp: up, gatewayStreak: 0, ejections: 0, lastEjectionEnd: 0, refusalLogged: false,
+    url: normalUrl(url),
+    up,
+    joining: !up,
+    lastCheckedAt: null,
+    latencyMs: null,
+    requests: 0,
+    failures: 0,
+    lastError: null,
+    health: null,
+    clockSkewMs: null,
+    draining: false,
+    inFlight: 0,
+    emptied: [],
+    reachable: true,
+    storeStatus: null,
+    ejection: null,
+    okStreak: 0,
+    failStreak: 0,
+    probeUp: up,
+    gatewayStreak: 0,
+    ejections: 0,
+    lastEjectionEnd: 0,
+    refusalLogged: false,
   };
 }
 
@@ -215,7 +247,6 @@ export function ejectionMs(count: number, outlier: Pick<OutlierOptions, "baseEje
 export function neverReachedServer(error: unknown): boolean {
   return NEVER_REACHED.has((error as { code?: string }).code as NetworkErrorCode);
 }
-
 
 export class UpstreamPool {
   #servers: Server[];
@@ -288,8 +319,24 @@ export class UpstreamPool {
 
   snapshot(): UpstreamState[] {
     this.#expireEjections();
-    return this.#servers.map(({ url, up, lastCheckedAt, latencyMs, requests, failures, lastError, health, clockSkewMs, draining, inFlight, reachable, storeStatus, ejection }) =>
-      ({ url, up, lastCheckedAt, latencyMs, requests, failures, lastError, health, clockSkewMs, draining, inFlight, reachable, storeStatus, ejection: ejection && { ...ejection } }));
+    return this.#servers.map(
+      ({ url, up, lastCheckedAt, latencyMs, requests, failures, lastError, health, clockSkewMs, draining, inFlight, reachable, storeStatus, ejection }) => ({
+        url,
+        up,
+        lastCheckedAt,
+        latencyMs,
+        requests,
+        failures,
+        lastError,
+        health,
+        clockSkewMs,
+        draining,
+        inFlight,
+        reachable,
+        storeStatus,
+        ejection: ejection && { ...ejection },
+      }),
+    );
   }
 
   /** Panic, the cap, the queue and the retry budget, with the settings they work to. */
@@ -297,11 +344,23 @@ export class UpstreamPool {
     this.#expireEjections();
     const usage = this.#budget.usage();
     return {
-      panic: this.#panicSince !== null, panicSince: this.#panicSince, panicEntries: this.#panicEntries,
-      inRotation: this.#servers.filter((s) => s.up).length, total: this.#servers.length, panicThreshold: this.#panicThreshold,
+      panic: this.#panicSince !== null,
+      panicSince: this.#panicSince,
+      panicEntries: this.#panicEntries,
+      inRotation: this.#servers.filter((s) => s.up).length,
+      total: this.#servers.length,
+      panicThreshold: this.#panicThreshold,
       maxEjected: maxEjected(this.#servers.length, this.#outlier.maxEjectedShare),
-      ejections: [...this.#ejectionCounts.values()].reduce((a, b) => a + b, 0), ejectionsRefused: this.#ejectionsRefused,
-      queue: { waiting: this.#waiting.size, maxWaiting: this.#queue.maxWaiting, timeoutMs: this.#queue.timeoutMs, queued: this.#queued, timedOut: this.#queueTimedOut, full: this.#queueFull },
+      ejections: [...this.#ejectionCounts.values()].reduce((a, b) => a + b, 0),
+      ejectionsRefused: this.#ejectionsRefused,
+      queue: {
+        waiting: this.#waiting.size,
+        maxWaiting: this.#queue.maxWaiting,
+        timeoutMs: this.#queue.timeoutMs,
+        queued: this.#queued,
+        timedOut: this.#queueTimedOut,
+        full: this.#queueFull,
+      },
       retryBudget: { ...this.#budgetOptions, ...usage, exhausted: this.#budget.exhausted },
     };
   }
@@ -310,28 +369,104 @@ export class UpstreamPool {
   exportMetrics(metrics: Metrics): void {
     const perServer = (read: (s: Server) => number) => () => this.#servers.map((s) => ({ labels: { upstream: s.url }, value: read(s) }));
     const pool = (read: (r: RoutingState) => number) => () => [{ value: read(this.routing()) }];
-    metrics.collect("securemesh_upstream_up", "1 while the server is in rotation (probes pass and no ejection is in force).", "gauge", perServer((s) => (this.#expireEjections(), s.up ? 1 : 0)));
-    metrics.collect("securemesh_upstream_requests_total", "Requests a server answered.", "counter", perServer((s) => s.requests));
-    metrics.collect("securemesh_upstream_failures_total", "Requests and broadcasts to a server that failed (refused, reset, timed out).", "counter", perServer((s) => s.failures));
-    metrics.collect("securemesh_upstream_draining", "1 while an operator has the server drained (out of rotation on request).", "gauge", perServer((s) => (s.draining ? 1 : 0)));
-    metrics.collect("securemesh_upstream_in_flight", "Forwards to the server not yet answered.", "gauge", perServer((s) => s.inFlight));
+    metrics.collect(
+      "securemesh_upstream_up",
+      "1 while the server is in rotation (probes pass and no ejection is in force).",
+      "gauge",
+      perServer((s) => (this.#expireEjections(), s.up ? 1 : 0)),
+    );
+    metrics.collect(
+      "securemesh_upstream_requests_total",
+      "Requests a server answered.",
+      "counter",
+      perServer((s) => s.requests),
+    );
+    metrics.collect(
+      "securemesh_upstream_failures_total",
+      "Requests and broadcasts to a server that failed (refused, reset, timed out).",
+      "counter",
+      perServer((s) => s.failures),
+    );
+    metrics.collect(
+      "securemesh_upstream_draining",
+      "1 while an operator has the server drained (out of rotation on request).",
+      "gauge",
+      perServer((s) => (s.draining ? 1 : 0)),
+    );
+    metrics.collect(
+      "securemesh_upstream_in_flight",
+      "Forwards to the server not yet answered.",
+      "gauge",
+      perServer((s) => s.inFlight),
+    );
     metrics.collect("securemesh_upstream_retries_total", "Requests re-sent to the next server after one failed.", "counter", () => [{ value: this.#retries }]);
     metrics.collect("securemesh_upstream_check_latency_seconds", "Latency of the last health check.", "gauge", () =>
-      this.#servers.filter((s) => s.latencyMs !== null).map((s) => ({ labels: { upstream: s.url }, value: s.latencyMs! / 1000 })));
+      this.#servers.filter((s) => s.latencyMs !== null).map((s) => ({ labels: { upstream: s.url }, value: s.latencyMs! / 1000 })),
+    );
     // A fixed reason label (the only kind of ejection there is), never the error text: the series stay few and stable.
-    metrics.collect("securemesh_upstream_ejected", "1 while a passive ejection holds the server out, labelled with why.", "gauge", () =>
-      (this.#expireEjections(), this.#servers.filter((s) => s.ejection).map((s) => ({ labels: { upstream: s.url, reason: "consecutive_gateway_failures" }, value: 1 }))));
+    metrics.collect(
+      "securemesh_upstream_ejected",
+      "1 while a passive ejection holds the server out, labelled with why.",
+      "gauge",
+      () => (
+        this.#expireEjections(),
+        this.#servers.filter((s) => s.ejection).map((s) => ({ labels: { upstream: s.url, reason: "consecutive_gateway_failures" }, value: 1 }))
+      ),
+    );
     metrics.collect("securemesh_upstream_ejections_total", "Passive ejections after consecutive gateway failures.", "counter", () =>
-      [...this.#ejectionCounts].map(([url, value]) => ({ labels: { upstream: url, reason: "consecutive_gateway_failures" }, value })));
-    metrics.collect("securemesh_upstream_ejections_refused_total", "Ejections not made because the share of servers out was at its cap.", "counter", pool((r) => r.ejectionsRefused));
-    metrics.collect("securemesh_upstream_store_stalled", "1 while the server's /health says its record store stalls (alive, writes go elsewhere first).", "gauge", perServer((s) => (s.storeStatus === "stalled" ? 1 : 0)));
-    metrics.collect("securemesh_upstream_panic", "1 while too few servers are in rotation and the pool routes over every reachable one.", "gauge", pool((r) => (r.panic ? 1 : 0)));
-    metrics.collect("securemesh_upstream_panic_total", "Times the pool entered panic routing.", "counter", pool((r) => r.panicEntries));
-    metrics.collect("securemesh_upstream_queue_depth", "Requests waiting for a server to take them.", "gauge", pool((r) => r.queue.waiting));
-    metrics.collect("securemesh_upstream_queued_total", "Requests that had to wait for a server.", "counter", pool((r) => r.queue.queued));
-    metrics.collect("securemesh_upstream_queue_rejected_total", "Requests answered 503 from the queue, by why: it was full, or they waited out its timeout.", "counter", () =>
-      [{ labels: { reason: "full" }, value: this.#queueFull }, { labels: { reason: "timeout" }, value: this.#queueTimedOut }]);
-    metrics.collect("securemesh_upstream_retry_budget_exhausted_total", "Failed attempts answered rather than retried because the retry budget was spent.", "counter", pool((r) => r.retryBudget.exhausted));
+      [...this.#ejectionCounts].map(([url, value]) => ({ labels: { upstream: url, reason: "consecutive_gateway_failures" }, value })),
+    );
+    metrics.collect(
+      "securemesh_upstream_ejections_refused_total",
+      "Ejections not made because the share of servers out was at its cap.",
+      "counter",
+      pool((r) => r.ejectionsRefused),
+    );
+    metrics.collect(
+      "securemesh_upstream_store_stalled",
+      "1 while the server's /health says its record store stalls (alive, writes go elsewhere first).",
+      "gauge",
+      perServer((s) => (s.storeStatus === "stalled" ? 1 : 0)),
+    );
+    metrics.collect(
+      "securemesh_upstream_panic",
+      "1 while too few servers are in rotation and the pool routes over every reachable one.",
+      "gauge",
+      pool((r) => (r.panic ? 1 : 0)),
+    );
+    metrics.collect(
+      "securemesh_upstream_panic_total",
+      "Times the pool entered panic routing.",
+      "counter",
+      pool((r) => r.panicEntries),
+    );
+    metrics.collect(
+      "securemesh_upstream_queue_depth",
+      "Requests waiting for a server to take them.",
+      "gauge",
+      pool((r) => r.queue.waiting),
+    );
+    metrics.collect(
+      "securemesh_upstream_queued_total",
+      "Requests that had to wait for a server.",
+      "counter",
+      pool((r) => r.queue.queued),
+    );
+    metrics.collect(
+      "securemesh_upstream_queue_rejected_total",
+      "Requests answered 503 from the queue, by why: it was full, or they waited out its timeout.",
+      "counter",
+      () => [
+        { labels: { reason: "full" }, value: this.#queueFull },
+        { labels: { reason: "timeout" }, value: this.#queueTimedOut },
+      ],
+    );
+    metrics.collect(
+      "securemesh_upstream_retry_budget_exhausted_total",
+      "Failed attempts answered rather than retried because the retry budget was spent.",
+      "counter",
+      pool((r) => r.retryBudget.exhausted),
+    );
   }
 
   /**
@@ -373,7 +508,9 @@ export class UpstreamPool {
       if (attempt > 0) {
         if (!this.#budget.tryRetry()) {
           this.#logger.warn(`Retry budget spent: not re-sending after ${lastReason} ${trace.field}=${trace.id}`, { [trace.field]: trace.id });
-          throw new MeshError("ERR_RETRY_BUDGET", 503, `the server failed and the retry budget is spent (last: ${lastReason})`, { retryAfterSeconds: POOL_RETRY_AFTER_S });
+          throw new MeshError("ERR_RETRY_BUDGET", 503, `the server failed and the retry budget is spent (last: ${lastReason})`, {
+            retryAfterSeconds: POOL_RETRY_AFTER_S,
+          });
         }
         this.#retries += 1;
       }
@@ -383,15 +520,20 @@ export class UpstreamPool {
         server.requests += 1;
         if (GATEWAY_STATUSES.has(answer.status)) this.#gatewayFailure(server, `answered ${answer.status}`);
         else server.gatewayStreak = 0;
-        return { status: answer.status, contentType: answer.header("content-type"), body: answer.body, upstream: server.url, retryAfter: answer.header("retry-after") };
+        return {
+          status: answer.status,
+          contentType: answer.header("content-type"),
+          body: answer.body,
+          upstream: server.url,
+          retryAfter: answer.header("retry-after"),
+        };
       } catch (error) {
         // The caller's request, not the server: answered 4xx, counted against no server, tried on no other.
         if (error instanceof UnsendableRequest) throw error;
         lastReason = reason(error);
         this.#markFailed(server, error, trace);
         if (!replayable && !neverReachedServer(error)) {
-          throw new MeshError("ERR_UPSTREAM_UNCERTAIN", 502,
-            "the server failed after the request may have reached it; not re-sent without an Idempotency-Key");
+          throw new MeshError("ERR_UPSTREAM_UNCERTAIN", 502, "the server failed after the request may have reached it; not re-sent without an Idempotency-Key");
         }
       } finally {
         this.#forwardEnded(server);
@@ -438,7 +580,9 @@ export class UpstreamPool {
     const server = this.#known(url);
     if (!server.draining) {
       server.draining = true;
-      this.#logger.info(`Server ${server.url} draining on request of ${printable(by)}: no new requests; ${server.inFlight} in flight`, { upstream: server.url });
+      this.#logger.info(`Server ${server.url} draining on request of ${printable(by)}: no new requests; ${server.inFlight} in flight`, {
+        upstream: server.url,
+      });
       if (server.inFlight === 0) this.#emptied(server);
     }
     return this.snapshot().find((s) => s.url === server.url)!;
@@ -491,21 +635,34 @@ export class UpstreamPool {
    */
   async broadcast(method: string, path: string, headers: Record<string, string> = {}, body?: Uint8Array, trace?: Trace) {
     const outbound = { ...headers, ...trace?.outbound };
-    return Promise.all(this.#servers.map(async (server) => {
-      try {
-        const answer = await this.#send(server.url, method, path, outbound, body, method === "GET");
-        return { server: server.url, ok: answer.status < 300, status: answer.status, body: answer.body } as const;
-      } catch (error) {
-        if (error instanceof UnsendableRequest) throw error;
-        this.#markFailed(server, error, trace);
-        return { server: server.url, ok: false, status: null, error: reason(error) } as const;
-      }
-    }));
+    return Promise.all(
+      this.#servers.map(async (server) => {
+        try {
+          const answer = await this.#send(server.url, method, path, outbound, body, method === "GET");
+          return { server: server.url, ok: answer.status < 300, status: answer.status, body: answer.body } as const;
+        } catch (error) {
+          if (error instanceof UnsendableRequest) throw error;
+          this.#markFailed(server, error, trace);
+          return { server: server.url, ok: false, status: null, error: reason(error) } as const;
+        }
+      }),
+    );
   }
 
-  #send(base: string, method: string, path: string, headers: Record<string, string>, body: Uint8Array | undefined, idempotent: boolean): Promise<UpstreamAnswer> {
+  #send(
+    base: string,
+    method: string,
+    path: string,
+    headers: Record<string, string>,
+    body: Uint8Array | undefined,
+    idempotent: boolean,
+  ): Promise<UpstreamAnswer> {
     return this.#transport.request(base + path, {
-      method, headers, body: body && body.byteLength > 0 ? body : undefined, timeoutMs: this.#timeoutMs, idempotent,
+      method,
+      headers,
+      body: body && body.byteLength > 0 ? body : undefined,
+      timeoutMs: this.#timeoutMs,
+      idempotent,
     });
   }
 
@@ -515,7 +672,10 @@ export class UpstreamPool {
     server.lastError = why;
     server.okStreak = 0;
     // The request's trace, so a failover can be followed in this log as in the access lines.
-    this.#logger.warn(`Server ${server.url} failed: ${why}${trace ? ` ${trace.field}=${trace.id}` : ""}`, { upstream: server.url, ...(trace ? { [trace.field]: trace.id } : {}) });
+    this.#logger.warn(`Server ${server.url} failed: ${why}${trace ? ` ${trace.field}=${trace.id}` : ""}`, {
+      upstream: server.url,
+      ...(trace ? { [trace.field]: trace.id } : {}),
+    });
     if (isUnexpectedPeer(error)) {
       // Not a server at all: out at once, as a probe that meets it, and not "reachable" for panic routing either.
       server.reachable = false;
@@ -538,7 +698,10 @@ export class UpstreamPool {
       this.#ejectionsRefused += 1;
       if (!server.refusalLogged) {
         server.refusalLogged = true;
-        this.#logger.warn(`Server ${server.url} not ejected after ${server.gatewayStreak} consecutive failures: ${out} of ${this.#servers.length} servers already out, the most allowed`, { upstream: server.url });
+        this.#logger.warn(
+          `Server ${server.url} not ejected after ${server.gatewayStreak} consecutive failures: ${out} of ${this.#servers.length} servers already out, the most allowed`,
+          { upstream: server.url },
+        );
       }
       return this.#changed();
     }
@@ -551,7 +714,9 @@ export class UpstreamPool {
     server.gatewayStreak = 0;
     server.refusalLogged = false;
     this.#ejectionCounts.set(server.url, (this.#ejectionCounts.get(server.url) ?? 0) + 1);
-    this.#logger.warn(`Server ${server.url} ejected for ${(length / 1000).toFixed(1)} s (ejection ${count}): ${server.ejection.reason}`, { upstream: server.url });
+    this.#logger.warn(`Server ${server.url} ejected for ${(length / 1000).toFixed(1)} s (ejection ${count}): ${server.ejection.reason}`, {
+      upstream: server.url,
+    });
     this.#clock.after(length, () => this.#changed());
     this.#changed();
   }
@@ -590,7 +755,9 @@ export class UpstreamPool {
       this.#panicSince = this.#clock.now();
       this.#panicEntries += 1;
       const reachable = this.#servers.filter((s) => s.up || s.reachable).length;
-      this.#logger.warn(`Panic routing: ${inRotation} of ${total} servers in rotation, under ${Math.round(this.#panicThreshold * 100)} %; routing over every server believed reachable (${reachable})`);
+      this.#logger.warn(
+        `Panic routing: ${inRotation} of ${total} servers in rotation, under ${Math.round(this.#panicThreshold * 100)} %; routing over every server believed reachable (${reachable})`,
+      );
     } else if (!panic && this.#panicSince !== null) {
       this.#panicSince = null;
       this.#logger.info(`Panic routing over: ${inRotation} of ${total} servers in rotation`);
@@ -678,7 +845,10 @@ export class UpstreamPool {
           this.#ejectionsRefused += 1;
           if (!server.refusalLogged) {
             server.refusalLogged = true;
-            this.#logger.warn(`Server ${server.url} failed: ${failure} (health check); kept in rotation: ${out} of ${this.#servers.length} servers already out, the most allowed`, { upstream: server.url });
+            this.#logger.warn(
+              `Server ${server.url} failed: ${failure} (health check); kept in rotation: ${out} of ${this.#servers.length} servers already out, the most allowed`,
+              { upstream: server.url },
+            );
           }
         } else {
           server.probeUp = false;

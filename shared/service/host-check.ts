@@ -93,7 +93,8 @@ function checkCertificate(input: HostCheckInput, now: number, say: (s: CheckStat
     return null;
   }
   const problems: string[] = [];
-  if (!cert.checkIssued(ca) || !cert.verify(ca.publicKey)) problems.push(`${displayPath(certPath)} is not signed by ${displayPath(join(input.pki, "ca_cert.pem"))}`);
+  if (!cert.checkIssued(ca) || !cert.verify(ca.publicKey))
+    problems.push(`${displayPath(certPath)} is not signed by ${displayPath(join(input.pki, "ca_cert.pem"))}`);
   if (cert.ca) problems.push("it is a CA certificate (CA:TRUE): a leaf must say CA:FALSE");
   const id = certificateIdentity(cert);
   const kind = parseSpiffeId(id)?.kind;
@@ -118,7 +119,12 @@ function checkCertificate(input: HostCheckInput, now: number, say: (s: CheckStat
   }
   const summary = `${id}, EKU ${usages.includes(CLIENT_AUTH_OID) ? "serverAuth+clientAuth" : "serverAuth"}, SANs ${cert.subjectAltName ?? "none"}; expires ${new Date(expires).toISOString()} (${Math.floor(days)} days)`;
   if (problems.length > 0) say("FAIL", "certificate", `${summary}: ${problems.join("; ")}`);
-  else say(days < EXPIRY_WARNING_DAYS ? "warn" : "ok", "certificate", `${summary}${days < EXPIRY_WARNING_DAYS ? ": renew it soon" : ""}; chain to the CA ok; key ${displayPath(keyPath)} 0600`);
+  else
+    say(
+      days < EXPIRY_WARNING_DAYS ? "warn" : "ok",
+      "certificate",
+      `${summary}${days < EXPIRY_WARNING_DAYS ? ": renew it soon" : ""}; chain to the CA ok; key ${displayPath(keyPath)} 0600`,
+    );
   return problems.length === 0 && key ? { name: input.certificate, cert: pems.cert, key, ca: pems.ca } : null;
 }
 
@@ -150,7 +156,11 @@ function checkCrl(input: HostCheckInput, now: number, say: (s: CheckStatus, t: s
   const { list } = reading.crl;
   const number = formatCrlNumber(list.number);
   const left = ((list.nextUpdate?.getTime() ?? now) - now) / 86_400_000;
-  say(left < 7 ? "warn" : "ok", "crl", `signed by the CA, number ${number}, ${list.revoked.size} revoked, fresh until ${list.nextUpdate?.toISOString()}${left < 7 ? ": refresh it soon (./pki.sh crl)" : ""}`);
+  say(
+    left < 7 ? "warn" : "ok",
+    "crl",
+    `signed by the CA, number ${number}, ${list.revoked.size} revoked, fresh until ${list.nextUpdate?.toISOString()}${left < 7 ? ": refresh it soon (./pki.sh crl)" : ""}`,
+  );
   return number;
 }
 
@@ -174,36 +184,49 @@ function checkPolicy(path: string, say: (s: CheckStatus, t: string, x: string) =
 }
 
 /** Each peer's /health facts against ours: the same policy and CRL, and a clock within CLOCK_SKEW_LIMIT_MS. */
-async function comparePeers(input: HostCheckInput, identity: Identity, own: { policy: string; crl: string }, now: () => number, say: (s: CheckStatus, t: string, x: string) => void): Promise<void> {
+async function comparePeers(
+  input: HostCheckInput,
+  identity: Identity,
+  own: { policy: string; crl: string },
+  now: () => number,
+  say: (s: CheckStatus, t: string, x: string) => void,
+): Promise<void> {
   const client = new HttpsClient({ tls: { ...mutualTlsClientOptions(identity), checkServerIdentity: expectPeer("spiffe://securemesh/*") } });
   const stores = new Map<string, string>();
   try {
-    await Promise.all(input.peers!.map(async (peer) => {
-      const sent = now();
-      let facts: HostFacts | undefined;
-      try {
-        const answer = await client.request(`${peer.replace(/\/+$/, "")}/health`, { timeoutMs: 5000, idempotent: true });
-        facts = (JSON.parse(new TextDecoder().decode(answer.body)) as { facts?: HostFacts }).facts;
-      } catch (error) {
-        say("FAIL", "peer", `${peer}: not reached: ${(error as Error).message}`);
-        return;
-      }
-      const received = now();
-      if (!facts || typeof facts.time !== "number") {
-        say("warn", "peer", `${peer}: reports no host facts (an older version?)`);
-        return;
-      }
-      if (facts.store) stores.set(peer, facts.store);
-      const skew = facts.time - (sent + received) / 2;
-      const problems: string[] = [];
-      if (facts.policy !== own.policy) problems.push(`policy ${facts.policy} differs from this host's ${own.policy}`);
-      if (facts.crl !== own.crl && own.crl !== "none" && facts.crl !== "none") problems.push(`CRL ${facts.crl} differs from this host's ${own.crl}`);
-      if (Math.abs(skew) > CLOCK_SKEW_LIMIT_MS) problems.push(`its clock is ${(skew / 1000).toFixed(1)} s off this host's (limit ${CLOCK_SKEW_LIMIT_MS / 1000} s)`);
-      const summary = `${peer} (${facts.identity} on ${facts.hostname}): policy ${facts.policy}, CRL ${facts.crl}, clock ${skew >= 0 ? "+" : ""}${Math.round(skew)} ms`;
-      say(problems.length ? "FAIL" : "ok", "peer", problems.length ? `${summary}: ${problems.join("; ")}` : summary);
-    }));
+    await Promise.all(
+      input.peers!.map(async (peer) => {
+        const sent = now();
+        let facts: HostFacts | undefined;
+        try {
+          const answer = await client.request(`${peer.replace(/\/+$/, "")}/health`, { timeoutMs: 5000, idempotent: true });
+          facts = (JSON.parse(new TextDecoder().decode(answer.body)) as { facts?: HostFacts }).facts;
+        } catch (error) {
+          say("FAIL", "peer", `${peer}: not reached: ${(error as Error).message}`);
+          return;
+        }
+        const received = now();
+        if (!facts || typeof facts.time !== "number") {
+          say("warn", "peer", `${peer}: reports no host facts (an older version?)`);
+          return;
+        }
+        if (facts.store) stores.set(peer, facts.store);
+        const skew = facts.time - (sent + received) / 2;
+        const problems: string[] = [];
+        if (facts.policy !== own.policy) problems.push(`policy ${facts.policy} differs from this host's ${own.policy}`);
+        if (facts.crl !== own.crl && own.crl !== "none" && facts.crl !== "none") problems.push(`CRL ${facts.crl} differs from this host's ${own.crl}`);
+        if (Math.abs(skew) > CLOCK_SKEW_LIMIT_MS)
+          problems.push(`its clock is ${(skew / 1000).toFixed(1)} s off this host's (limit ${CLOCK_SKEW_LIMIT_MS / 1000} s)`);
+        const summary = `${peer} (${facts.identity} on ${facts.hostname}): policy ${facts.policy}, CRL ${facts.crl}, clock ${skew >= 0 ? "+" : ""}${Math.round(skew)} ms`;
+        say(problems.length ? "FAIL" : "ok", "peer", problems.length ? `${summary}: ${problems.join("; ")}` : summary);
+      }),
+    );
     if (new Set(stores.values()).size > 1) {
-      say("FAIL", "peers", `they write to different databases: ${[...stores].map(([peer, id]) => `${peer} store ${id}`).join(", ")}; a server of another cluster's database?`);
+      say(
+        "FAIL",
+        "peers",
+        `they write to different databases: ${[...stores].map(([peer, id]) => `${peer} store ${id}`).join(", ")}; a server of another cluster's database?`,
+      );
     }
   } finally {
     client.close();

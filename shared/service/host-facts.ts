@@ -44,5 +44,10 @@ export function hostFacts(trust: TrustMaterial, authz: Authorizer, now: () => nu
 /** The identity a peer would see in this certificate (the same rules as a listener's). */
 export function certificateIdentity(x509: X509Certificate): string {
   const usages = extendedKeyUsages(x509.raw);
-  return identityOf({ subject: x509.subject, subjectAltName: x509.subjectAltName ?? "", clientAuth: usages.includes(CLIENT_AUTH_OID), serverAuth: usages.includes(SERVER_AUTH_OID) });
+  return identityOf({
+    subject: x509.subject,
+    subjectAltName: x509.subjectAltName ?? "",
+    clientAuth: usages.includes(CLIENT_AUTH_OID),
+    serverAuth: usages.includes(SERVER_AUTH_OID),
+  });
 }

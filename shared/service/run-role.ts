@@ -82,7 +82,10 @@ function splitCheckFlags(argv: readonly string[]): { peers: string[]; rest: stri
  * `roles/<role>.ts check [--peer URL…] [the role's flags]`: the host check (host-check.ts) on the configuration the
  * role would run with. Exit 0: nothing wrong; 1: a problem; 2: the configuration does not parse.
  */
-export async function checkRole<C extends ServingConfig>(role: Pick<RoleDefinition<C>, "name" | "certificate" | "parse" | "check">, argv: readonly string[]): Promise<never> {
+export async function checkRole<C extends ServingConfig>(
+  role: Pick<RoleDefinition<C>, "name" | "certificate" | "parse" | "check">,
+  argv: readonly string[],
+): Promise<never> {
   const { peers, rest } = splitCheckFlags(argv);
   let config: C;
   try {
@@ -93,8 +96,14 @@ export async function checkRole<C extends ServingConfig>(role: Pick<RoleDefiniti
   }
   const extra = role.check?.(config) ?? {};
   const lines = await checkHost({
-    role: role.name, certificate: role.certificate ?? role.name, pki: config.pki, host: config.host, policy: config.policy, noCrl: config.noCrl,
-    ...extra, peers: [...(extra.peers ?? []), ...peers],
+    role: role.name,
+    certificate: role.certificate ?? role.name,
+    pki: config.pki,
+    host: config.host,
+    policy: config.policy,
+    noCrl: config.noCrl,
+    ...extra,
+    peers: [...(extra.peers ?? []), ...peers],
   });
   console.log(formatCheck(role.name, lines));
   process.exit(lines.some((l) => l.status === "FAIL") ? 1 : 0);
@@ -120,19 +129,33 @@ export async function runRole<C extends ServingConfig>(role: RoleDefinition<C>, 
   } catch (error) {
     exitWithConfigError(role.name, error);
   }
-  const service = await Promise.resolve(role.start({
-    config, logger, metrics, trust, authz, facts: hostFacts(trust, authz),
-    limiter: new RequestLimiter({ limits: (identity) => authz.limits(identity), logger, metrics }),
-  })).catch((error) => exitWithConfigError(role.name, error));
+  const service = await Promise.resolve(
+    role.start({
+      config,
+      logger,
+      metrics,
+      trust,
+      authz,
+      facts: hostFacts(trust, authz),
+      limiter: new RequestLimiter({ limits: (identity) => authz.limits(identity), logger, metrics }),
+    }),
+  ).catch((error) => exitWithConfigError(role.name, error));
   const listener = await listenReloadable(service.app, {
-    port: config.port, hostname: config.host, ...mutualTlsListening(trust, authz), sharePort: service.sharePort === true,
+    port: config.port,
+    hostname: config.host,
+    ...mutualTlsListening(trust, authz),
+    sharePort: service.sharePort === true,
   }).catch((error) => exitWithConfigError(role.name, error));
   // Revocation needs no swap: it is asked at every handshake and on every request.
-  trust.onReload(async (identity, changed) => {
-    if (!changed.certificate) return;
-    await service.onCertificate?.(identity);
-    await listener.reload(mutualTlsListening(trust).tls).catch((error: unknown) => logger.error(`TLS listener kept its old material: ${describeError(error)}`));
-  }).watch(logger);
+  trust
+    .onReload(async (identity, changed) => {
+      if (!changed.certificate) return;
+      await service.onCertificate?.(identity);
+      await listener
+        .reload(mutualTlsListening(trust).tls)
+        .catch((error: unknown) => logger.error(`TLS listener kept its old material: ${describeError(error)}`));
+    })
+    .watch(logger);
   authz.watch();
   // SIGTERM drains (drain.ts): health fails first, accepting stops once callers have taken this process out, requests
   // in flight finish within the deadline; then the role's own resources close.
@@ -143,8 +166,9 @@ export async function runRole<C extends ServingConfig>(role: RoleDefinition<C>, 
     await service.close?.();
     logger.info(`${service.label ?? role.name} stopped`);
   };
-  await Promise.resolve(service.listening?.(listener.port, { listener, shutdown: () => void stop().finally(() => process.exit(0)) }))
-    .catch((error) => exitWithConfigError(role.name, error));
+  await Promise.resolve(service.listening?.(listener.port, { listener, shutdown: () => void stop().finally(() => process.exit(0)) })).catch((error) =>
+    exitWithConfigError(role.name, error),
+  );
   logger.info(`${service.label ?? role.name} listening on https://${config.host}:${listener.port}${service.describe ? ` (${service.describe})` : ""}`);
   exitOnSignals(stop);
 }

@@ -31,7 +31,10 @@ export async function outboundHostChecks(client: ClientTls, ports: { sanHost: nu
     "a check that forgets the host": () => undefined,
   };
   const outcomes: Record<string, string> = {};
-  for (const [host, port] of [[SAN_HOST, ports.sanHost], [OTHER_HOST, ports.otherHost]] as const) {
+  for (const [host, port] of [
+    [SAN_HOST, ports.sanHost],
+    [OTHER_HOST, ports.otherHost],
+  ] as const) {
     for (const [name, check] of Object.entries(checks)) {
       const http = new HttpsClient({ tls: check ? { ...client, checkServerIdentity: check } : client });
       outcomes[`${host} ${name}`] = await outcomeOf(http.request(`https://${host}:${port}/who`, { timeoutMs: 10_000 }));

@@ -34,7 +34,8 @@ export async function scratchDatabase(prefix = "securemesh_scratch"): Promise<{ 
   const url = new URL(TEST_MYSQL_URL);
   url.pathname = `/${name}`;
   return {
-    url: url.toString(), name,
+    url: url.toString(),
+    name,
     /** The same database through another host:port (a relay in front of the server, say). */
     on: (hostPort) => multiHostUrl(url.toString(), [hostPort]),
     async [Symbol.asyncDispose]() {

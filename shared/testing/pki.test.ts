@@ -38,7 +38,12 @@ describe("./pki.sh issue NAME --san", () => {
     const dir = await newPki("san");
     await issueIdentity(dir, "server1", "server", { sans: ["DNS:Server1.Mesh.Test,IP:10.77.0.11", "IP:fd00::11"] });
     await issueIdentity(dir, "coord1", "coordinator", { sans: ["IP:10.77.0.21"] });
-    expect(sansOf(dir, "server1")).toEqual(["URI:spiffe://securemesh/server/server1", "DNS:server1.mesh.test", "IP Address:10.77.0.11", "IP Address:FD00:0:0:0:0:0:0:11"]);
+    expect(sansOf(dir, "server1")).toEqual([
+      "URI:spiffe://securemesh/server/server1",
+      "DNS:server1.mesh.test",
+      "IP Address:10.77.0.11",
+      "IP Address:FD00:0:0:0:0:0:0:11",
+    ]);
     // Addresses alone get one name no host can have, so no client matches a host name against the CN (coord1).
     expect(sansOf(dir, "coord1")).toEqual(["URI:spiffe://securemesh/coordinator/coord1", "IP Address:10.77.0.21", "DNS:coord1.invalid"]);
     const server1 = certificate(dir, "server1");
@@ -110,7 +115,10 @@ describe("./pki.sh issue NAME --san", () => {
 });
 
 /** crl.pem as openssl reads it (an oracle independent of shared/authz/crl.ts): number, dates, whether our CA signed it. */
-async function opensslCrl(dir: string, file = "crl.pem"): Promise<{ number: bigint | null; thisUpdate: number; nextUpdate: number; signed: boolean; entries: number }> {
+async function opensslCrl(
+  dir: string,
+  file = "crl.pem",
+): Promise<{ number: bigint | null; thisUpdate: number; nextUpdate: number; signed: boolean; entries: number }> {
   const path = join(dir, file);
   const text = async (args: string[]) => {
     await using proc = Bun.spawn(["openssl", "crl", "-in", path, "-noout", ...args], { stdout: "pipe", stderr: "pipe" });
@@ -145,8 +153,12 @@ describe("crl.pem: numbered, short-lived, refreshed", () => {
   test("a new CA gets a signed, empty, numbered CRL at once, that lives 30 days (CRL_DAYS)", async () => {
     const dir = await pki("crl-new");
     const crl = await opensslCrl(dir);
-    expect({ ...crl, number: crl.number !== null, fresh: near(crl.thisUpdate, Date.now()), lives: near(crl.nextUpdate - crl.thisUpdate, 30 * DAY) })
-      .toMatchObject({ number: true, signed: true, entries: 0, fresh: true, lives: true });
+    expect({
+      ...crl,
+      number: crl.number !== null,
+      fresh: near(crl.thisUpdate, Date.now()),
+      lives: near(crl.nextUpdate - crl.thisUpdate, 30 * DAY),
+    }).toMatchObject({ number: true, signed: true, entries: 0, fresh: true, lives: true });
     // A CA made by `issue` in an empty folder has one too: roles refuse to start without it.
     const issued = emptyDir("crl-issue");
     await issueIdentity(issued, "x", "client");
@@ -169,8 +181,13 @@ describe("crl.pem: numbered, short-lived, refreshed", () => {
     expect(aged.number).toBe(revoked.number! + 1n);
     await runPkiSh(dir, "crl");
     const fresh = await opensslCrl(dir);
-    expect({ ...fresh, nextUpdate: near(fresh.nextUpdate, Date.now() + 30 * DAY) })
-      .toEqual({ number: aged.number! + 1n, thisUpdate: fresh.thisUpdate, nextUpdate: true, signed: true, entries: 1 });
+    expect({ ...fresh, nextUpdate: near(fresh.nextUpdate, Date.now() + 30 * DAY) }).toEqual({
+      number: aged.number! + 1n,
+      thisUpdate: fresh.thisUpdate,
+      nextUpdate: true,
+      signed: true,
+      entries: 1,
+    });
     expect((await pkiShWith({ CRL_DAYS: "2" }, dir, "crl")).code).toBe(0);
     const short = await opensslCrl(dir);
     expect({ number: short.number, lives: near(short.nextUpdate, Date.now() + 2 * DAY) }).toEqual({ number: fresh.number! + 1n, lives: true });
@@ -223,7 +240,10 @@ describe("crl.pem: numbered, short-lived, refreshed", () => {
     expect(readdirSync(host).sort()).toEqual(["ca_cert.pem", "crl.pem"]);
     expect(readFileSync(join(host, "ca_cert.pem"), "utf8")).toBe(readFileSync(join(source, "ca_cert.pem"), "utf8"));
     for (const days of ["0", "x", "1.5", "-3"]) {
-      expect(await pkiShWith({ CRL_DAYS: days }, host, "crl")).toEqual({ code: 2, stderr: `pki.sh: CRL_DAYS must be a whole number of days from 1 to 99999, not '${days}'` });
+      expect(await pkiShWith({ CRL_DAYS: days }, host, "crl")).toEqual({
+        code: 2,
+        stderr: `pki.sh: CRL_DAYS must be a whole number of days from 1 to 99999, not '${days}'`,
+      });
     }
   });
 });
@@ -231,10 +251,12 @@ describe("crl.pem: numbered, short-lived, refreshed", () => {
 /** Every file under `dir` with its mode and contents, so a refusal can be shown to have touched nothing. */
 function snapshot(dir: string): Record<string, string> {
   const files = readdirSync(dir, { recursive: true, encoding: "utf8" }).sort();
-  return Object.fromEntries(files.map((file) => {
-    const path = join(dir, file);
-    return [file, statSync(path).isDirectory() ? "folder" : `${fileMode(path).toString(8)} ${readFileSync(path, "base64")}`];
-  }));
+  return Object.fromEntries(
+    files.map((file) => {
+      const path = join(dir, file);
+      return [file, statSync(path).isDirectory() ? "folder" : `${fileMode(path).toString(8)} ${readFileSync(path, "base64")}`];
+    }),
+  );
 }
 
 /** The serials crl.pem lists, as openssl prints them (upper-case hex), sorted. */
@@ -265,7 +287,8 @@ describe("a CA is made only where none is expected (issue 23)", () => {
   const roleHost = async (label: string) => {
     const source = await testPki();
     const host = emptyDir(label);
-    for (const file of ["ca_cert.pem", "crl.pem", "server_cert.pem", "server_key.pem", "encryption_key.txt"]) copyFileSync(join(source, file), join(host, file));
+    for (const file of ["ca_cert.pem", "crl.pem", "server_cert.pem", "server_key.pem", "encryption_key.txt"])
+      copyFileSync(join(source, file), join(host, file));
     return host;
   };
   const refusal = (dir: string, found: string, missing: "ca_key.pem" | "ca_cert.pem" | "both") =>
@@ -277,7 +300,14 @@ describe("a CA is made only where none is expected (issue 23)", () => {
     const before = snapshot(host);
     const line = refusal(host, "ca_cert.pem, crl.pem, server_cert.pem and 2 more", "ca_key.pem");
     // The hint a role printed before this issue (`run ./pki.sh`), the deployment's first command, and --force.
-    for (const args of [[], ["init"], ["--rsa"], ["--force"], ["issue", "server", "--server", "--force"], ["issue", "server9", "--server", "--san", "IP:10.77.0.19"]]) {
+    for (const args of [
+      [],
+      ["init"],
+      ["--rsa"],
+      ["--force"],
+      ["issue", "server", "--server", "--force"],
+      ["issue", "server9", "--server", "--san", "IP:10.77.0.19"],
+    ]) {
       expect({ args, ...(await pkiSh(host, ...args)) }).toEqual({ args, code: 2, stderr: line });
     }
     for (const args of [["crl"], ["list"], ["revoke", "server"], ["revoke", "--serial", "0A"], ["bundle", "server", join(host, "out")]]) {
@@ -304,8 +334,11 @@ describe("a CA is made only where none is expected (issue 23)", () => {
   test("an empty or missing folder still gets a CA with no flag: the demo's first run", async () => {
     const missing = join(emptyDir("first-run"), "certs");
     expect((await pkiSh(missing)).code).toBe(0);
-    expect(readdirSync(missing).filter((f) => f.endsWith("_cert.pem")).sort()).toEqual(
-      ["ca", "client1", "client2", "coordinator", "keyserver", "marketplace", "secureproxy", "server"].map((n) => `${n}_cert.pem`));
+    expect(
+      readdirSync(missing)
+        .filter((f) => f.endsWith("_cert.pem"))
+        .sort(),
+    ).toEqual(["ca", "client1", "client2", "coordinator", "keyserver", "marketplace", "secureproxy", "server"].map((n) => `${n}_cert.pem`));
     expect(certificate(missing, "server").verify(certificate(missing, "ca").publicKey)).toBe(true);
   });
 
@@ -313,13 +346,25 @@ describe("a CA is made only where none is expected (issue 23)", () => {
     const host = await roleHost("new-ca-init");
     const [oldCa, fernet] = [read(host, "ca_cert.pem"), read(host, "encryption_key.txt")];
     const init = await pkiShOut(host, ["init", "--new-ca"]);
-    expect({ ...init, stdout: init.stdout.split("\n") }).toEqual({ code: 0, stderr: "", stdout: [
-      expect.stringMatching(exactly(`pki\\.sh: created a new CA in ${escaped(host)} \\(--new-ca\\), with an empty crl\\.pem \\(${CRL_WRITTEN}\\); certificates issued before are not this CA's: issue again what a host needs`)),
-      "pki.sh: no identities issued: ./pki.sh issue NAME --KIND --san … adds one, ./pki.sh bundle NAME DIR packs what its host needs",
-    ] });
+    expect({ ...init, stdout: init.stdout.split("\n") }).toEqual({
+      code: 0,
+      stderr: "",
+      stdout: [
+        expect.stringMatching(
+          exactly(
+            `pki\\.sh: created a new CA in ${escaped(host)} \\(--new-ca\\), with an empty crl\\.pem \\(${CRL_WRITTEN}\\); certificates issued before are not this CA's: issue again what a host needs`,
+          ),
+        ),
+        "pki.sh: no identities issued: ./pki.sh issue NAME --KIND --san … adds one, ./pki.sh bundle NAME DIR packs what its host needs",
+      ],
+    });
     const ca = certificate(host, "ca");
-    expect({ newCa: read(host, "ca_cert.pem") !== oldCa, fernetKept: read(host, "encryption_key.txt") === fernet, keyMode: fileMode(join(host, "ca_key.pem")), oldLeafUntrusted: !certificate(host, "server").verify(ca.publicKey) })
-      .toEqual({ newCa: true, fernetKept: true, keyMode: 0o600, oldLeafUntrusted: true });
+    expect({
+      newCa: read(host, "ca_cert.pem") !== oldCa,
+      fernetKept: read(host, "encryption_key.txt") === fernet,
+      keyMode: fileMode(join(host, "ca_key.pem")),
+      oldLeafUntrusted: !certificate(host, "server").verify(ca.publicKey),
+    }).toEqual({ newCa: true, fernetKept: true, keyMode: 0o600, oldLeafUntrusted: true });
     expect(await opensslCrl(host)).toMatchObject({ signed: true, entries: 0 });
 
     const plain = await roleHost("new-ca-plain");
@@ -337,9 +382,18 @@ describe("a CA is made only where none is expected (issue 23)", () => {
     expect(snapshot(dir)).toEqual(before);
     const [ca, server, fernet] = [read(dir, "ca_cert.pem"), read(dir, "server_cert.pem"), read(dir, "encryption_key.txt")];
     const replaced = await pkiShOut(dir, ["--force", "--new-ca"]);
-    expect(replaced.stdout.split("\n")[0]).toMatch(exactly(`pki\\.sh: replaced the CA in ${escaped(dir)} \\(--force --new-ca\\), with an empty crl\\.pem \\(${CRL_WRITTEN}\\); no host trusts it until it gets the new ca_cert\\.pem`));
-    expect({ code: replaced.code, ca: read(dir, "ca_cert.pem") !== ca, server: read(dir, "server_cert.pem") !== server, fernet: read(dir, "encryption_key.txt") !== fernet, trusted: certificate(dir, "server").verify(certificate(dir, "ca").publicKey) })
-      .toEqual({ code: 0, ca: true, server: true, fernet: true, trusted: true });
+    expect(replaced.stdout.split("\n")[0]).toMatch(
+      exactly(
+        `pki\\.sh: replaced the CA in ${escaped(dir)} \\(--force --new-ca\\), with an empty crl\\.pem \\(${CRL_WRITTEN}\\); no host trusts it until it gets the new ca_cert\\.pem`,
+      ),
+    );
+    expect({
+      code: replaced.code,
+      ca: read(dir, "ca_cert.pem") !== ca,
+      server: read(dir, "server_cert.pem") !== server,
+      fernet: read(dir, "encryption_key.txt") !== fernet,
+      trusted: certificate(dir, "server").verify(certificate(dir, "ca").publicKey),
+    }).toEqual({ code: 0, ca: true, server: true, fernet: true, trusted: true });
   });
 
   test("no NAME can overwrite the CA's own files", async () => {
@@ -359,8 +413,15 @@ describe("each identity issued, listed and revoked on its own: by name, by seria
     for (const i of [1, 2, 3]) await issueIdentity(dir, `server${i}`, "server", { sans: [`IP:10.77.0.1${i}`, `DNS:server${i}.mesh.test`] });
     expect(sansOf(dir, "server2")).toEqual(["URI:spiffe://securemesh/server/server2", "IP Address:10.77.0.12", "DNS:server2.mesh.test"]);
     const revoked = await pkiShOut(dir, ["revoke", "server2"]);
-    expect(revoked).toEqual({ code: 0, stderr: "", stdout: expect.stringMatching(exactly(
-      `pki\\.sh: revoked server2 \\(serial ${serialOf(dir, "server2")}, its current certificate server2_cert\\.pem\\); wrote crl\\.pem, ${CRL_WRITTEN} \\(running roles reload it within seconds\\)`)) });
+    expect(revoked).toEqual({
+      code: 0,
+      stderr: "",
+      stdout: expect.stringMatching(
+        exactly(
+          `pki\\.sh: revoked server2 \\(serial ${serialOf(dir, "server2")}, its current certificate server2_cert\\.pem\\); wrote crl\\.pem, ${CRL_WRITTEN} \\(running roles reload it within seconds\\)`,
+        ),
+      ),
+    });
     expect(await crlSerials(dir)).toEqual([serialOf(dir, "server2")]);
   });
 
@@ -372,19 +433,41 @@ describe("each identity issued, listed and revoked on its own: by name, by seria
       serials.push(serialOf(dir, "server1"));
     }
     const current = await pkiShOut(dir, ["revoke", "server1"]);
-    expect(current).toEqual({ code: 0, stderr: "", stdout: expect.stringMatching(exactly(
-      `pki\\.sh: revoked server1 \\(serial ${serials[2]}, its current certificate server1_cert\\.pem\\); wrote crl\\.pem, ${CRL_WRITTEN} \\(running roles reload it within seconds\\); ` +
-      "2 earlier certificate\\(s\\) named server1 are still valid: \\./pki\\.sh revoke server1 --all revokes them too")) });
+    expect(current).toEqual({
+      code: 0,
+      stderr: "",
+      stdout: expect.stringMatching(
+        exactly(
+          `pki\\.sh: revoked server1 \\(serial ${serials[2]}, its current certificate server1_cert\\.pem\\); wrote crl\\.pem, ${CRL_WRITTEN} \\(running roles reload it within seconds\\); ` +
+            "2 earlier certificate\\(s\\) named server1 are still valid: \\./pki\\.sh revoke server1 --all revokes them too",
+        ),
+      ),
+    });
     expect(await crlSerials(dir)).toEqual([serials[2]!]);
     const all = await pkiShOut(dir, ["revoke", "server1", "--all"]);
-    expect(all).toEqual({ code: 0, stderr: "", stdout: expect.stringMatching(exactly(
-      `pki\\.sh: revoked the 2 certificate\\(s\\) named server1 that were still valid \\(serials ${serials[0]}, ${serials[1]}\\); wrote crl\\.pem, ${CRL_WRITTEN} \\(running roles reload it within seconds\\)`)) });
+    expect(all).toEqual({
+      code: 0,
+      stderr: "",
+      stdout: expect.stringMatching(
+        exactly(
+          `pki\\.sh: revoked the 2 certificate\\(s\\) named server1 that were still valid \\(serials ${serials[0]}, ${serials[1]}\\); wrote crl\\.pem, ${CRL_WRITTEN} \\(running roles reload it within seconds\\)`,
+        ),
+      ),
+    });
     expect(await crlSerials(dir)).toEqual([...serials].sort());
-    expect(await pkiSh(dir, "revoke", "server1", "--all")).toEqual({ code: 2, stderr: "pki.sh: no certificate named server1 is still valid (./pki.sh list shows them all)" });
+    expect(await pkiSh(dir, "revoke", "server1", "--all")).toEqual({
+      code: 2,
+      stderr: "pki.sh: no certificate named server1 is still valid (./pki.sh list shows them all)",
+    });
     // Revoking the current one again stays a success, as before (scripts that revoke twice keep working), and says so.
     const again = await pkiShOut(dir, ["revoke", "server1"]);
-    expect(again).toEqual({ code: 0, stderr: "", stdout: expect.stringMatching(exactly(
-      `pki\\.sh: server1's current certificate \\(serial ${serials[2]}\\) was already revoked, since ${ISO_SECOND}; wrote crl\\.pem, ${CRL_WRITTEN}`)) });
+    expect(again).toEqual({
+      code: 0,
+      stderr: "",
+      stdout: expect.stringMatching(
+        exactly(`pki\\.sh: server1's current certificate \\(serial ${serials[2]}\\) was already revoked, since ${ISO_SECOND}; wrote crl\\.pem, ${CRL_WRITTEN}`),
+      ),
+    });
     expect(await pkiSh(dir, "revoke", "nobody")).toEqual({ code: 2, stderr: `pki.sh: no certificate ${dir}/nobody_cert.pem to revoke` });
   });
 
@@ -404,18 +487,31 @@ describe("each identity issued, listed and revoked on its own: by name, by seria
     for (const [name, form, which] of forms) {
       const serial = form.replaceAll(":", "").toUpperCase();
       const out = await pkiShOut(dir, ["revoke", "--serial", form]);
-      expect(out).toEqual({ code: 0, stderr: "", stdout: expect.stringMatching(exactly(
-        `pki\\.sh: revoked serial ${serial} \\(${name}, ${which}\\); wrote crl\\.pem, ${CRL_WRITTEN} \\(running roles reload it within seconds\\)`)) });
+      expect(out).toEqual({
+        code: 0,
+        stderr: "",
+        stdout: expect.stringMatching(
+          exactly(`pki\\.sh: revoked serial ${serial} \\(${name}, ${which}\\); wrote crl\\.pem, ${CRL_WRITTEN} \\(running roles reload it within seconds\\)`),
+        ),
+      });
       const crl = await opensslCrl(dir);
       expect(crl.number).toBe(number + 1n);
       number = crl.number!;
     }
     expect(await crlSerials(dir)).toEqual([serialOf(dir, "a"), serialOf(dir, "b"), serialOf(dir, "c"), earlier].sort());
     const crlBefore = read(dir, "crl.pem");
-    expect(await pkiSh(dir, "revoke", "--serial", forms[0]![1])).toEqual({ code: 2, stderr: expect.stringMatching(exactly(
-      `pki\\.sh: serial ${serialOf(dir, "a")} \\(a\\) is already revoked, since ${ISO_SECOND}; nothing to do`)) });
-    expect(await pkiSh(dir, "revoke", "--serial", "ab:cd")).toEqual({ code: 2, stderr: `pki.sh: no certificate with serial ABCD in ${dir}/ca_db/index.txt (./pki.sh list shows every serial)` });
-    expect(await pkiSh(dir, "revoke", "--serial", "xyz")).toEqual({ code: 2, stderr: "pki.sh: --serial 'xyz' is not a hex serial such as 4A:1B:… or 4a1b… (./pki.sh list shows each one)" });
+    expect(await pkiSh(dir, "revoke", "--serial", forms[0]![1])).toEqual({
+      code: 2,
+      stderr: expect.stringMatching(exactly(`pki\\.sh: serial ${serialOf(dir, "a")} \\(a\\) is already revoked, since ${ISO_SECOND}; nothing to do`)),
+    });
+    expect(await pkiSh(dir, "revoke", "--serial", "ab:cd")).toEqual({
+      code: 2,
+      stderr: `pki.sh: no certificate with serial ABCD in ${dir}/ca_db/index.txt (./pki.sh list shows every serial)`,
+    });
+    expect(await pkiSh(dir, "revoke", "--serial", "xyz")).toEqual({
+      code: 2,
+      stderr: "pki.sh: --serial 'xyz' is not a hex serial such as 4A:1B:… or 4a1b… (./pki.sh list shows each one)",
+    });
     expect(await pkiSh(dir, "revoke", "d", "--serial", earlier)).toEqual({ code: 2, stderr: "pki.sh: revoke takes a NAME or --serial HEX, not both" });
     expect(read(dir, "crl.pem")).toBe(crlBefore);
     expect(await crlSerials(dir)).not.toContain(serialOf(dir, "d")); // d's current certificate stays valid
@@ -433,18 +529,29 @@ describe("each identity issued, listed and revoked on its own: by name, by seria
     const { code, stdout, stderr } = await pkiShOut(dir, ["list"]);
     const row = (name: string, cert: X509Certificate, status: unknown) => {
       const [uri, ...sans] = cert.subjectAltName!.split(", ");
-      return [name, cert.serialNumber, new Date(cert.validTo).toISOString().replace(".000Z", "Z"), status, uri!.replace(/^URI:/, ""), sans.map((s) => s.replace("IP Address:", "IP:")).join(",")];
+      return [
+        name,
+        cert.serialNumber,
+        new Date(cert.validTo).toISOString().replace(".000Z", "Z"),
+        status,
+        uri!.replace(/^URI:/, ""),
+        sans.map((s) => s.replace("IP Address:", "IP:")).join(","),
+      ];
     };
     const demo = ["server", "coordinator", "client1", "client2", "keyserver", "secureproxy", "marketplace"];
-    expect({ code, stderr, rows: stdout.split("\n").map((line): unknown[] => line.split(/ {2,}/)) }).toEqual({ code: 0, stderr: "", rows: [
-      ["NAME", "SERIAL", "NOT AFTER", "STATUS", "SPIFFE ID", "SANS"],
-      ...demo.map((name) => row(name, certificate(dir, name), "valid, current")),
-      row("server1", replaced, "valid"),
-      row("server1", certificate(dir, "server1"), "valid, current"),
-      row("gone", certificate(dir, "gone"), expect.stringMatching(exactly(`revoked ${ISO_SECOND}, current`))),
-      row("old", certificate(dir, "old"), "expired, current"),
-      row("later", certificate(dir, "later"), "not yet valid, current"),
-    ] });
+    expect({ code, stderr, rows: stdout.split("\n").map((line): unknown[] => line.split(/ {2,}/)) }).toEqual({
+      code: 0,
+      stderr: "",
+      rows: [
+        ["NAME", "SERIAL", "NOT AFTER", "STATUS", "SPIFFE ID", "SANS"],
+        ...demo.map((name) => row(name, certificate(dir, name), "valid, current")),
+        row("server1", replaced, "valid"),
+        row("server1", certificate(dir, "server1"), "valid, current"),
+        row("gone", certificate(dir, "gone"), expect.stringMatching(exactly(`revoked ${ISO_SECOND}, current`))),
+        row("old", certificate(dir, "old"), "expired, current"),
+        row("later", certificate(dir, "later"), "not yet valid, current"),
+      ],
+    });
     expect(stdout.split("\n")[8]!.split(/ {2,}/).slice(4)).toEqual(["spiffe://securemesh/server/server1", "IP:10.77.0.11,DNS:server1.mesh.test"]);
     const fresh = mkdtempSync(join(tmpdir(), "securemesh-pki-list-empty-"));
     await runPkiSh(fresh, "init");
@@ -465,19 +572,29 @@ describe("a deployment's CA host: init, issue, bundle", () => {
   test("init makes the CA, a signed numbered CRL and encryption_key.txt, no identities; a later plain run adds none", async () => {
     const dir = join(emptyDir("init"), "pki");
     const init = await pkiShOut(dir, ["init"]);
-    expect({ ...init, stdout: init.stdout.split("\n") }).toEqual({ code: 0, stderr: "", stdout: [
-      expect.stringMatching(exactly(`pki\\.sh: created CA in ${escaped(dir)}, with an empty crl\\.pem \\(${CRL_WRITTEN}\\)`)),
-      "pki.sh: wrote encryption_key.txt",
-      "pki.sh: no identities issued: ./pki.sh issue NAME --KIND --san … adds one, ./pki.sh bundle NAME DIR packs what its host needs",
-    ] });
+    expect({ ...init, stdout: init.stdout.split("\n") }).toEqual({
+      code: 0,
+      stderr: "",
+      stdout: [
+        expect.stringMatching(exactly(`pki\\.sh: created CA in ${escaped(dir)}, with an empty crl\\.pem \\(${CRL_WRITTEN}\\)`)),
+        "pki.sh: wrote encryption_key.txt",
+        "pki.sh: no identities issued: ./pki.sh issue NAME --KIND --san … adds one, ./pki.sh bundle NAME DIR packs what its host needs",
+      ],
+    });
     expect(readdirSync(dir).sort()).toEqual(["ca_cert.pem", "ca_db", "ca_key.pem", "crl.pem", "encryption_key.txt"]);
     const crl = await opensslCrl(dir);
     expect({ signed: crl.signed, entries: crl.entries, numbered: crl.number !== null }).toEqual({ signed: true, entries: 0, numbered: true });
-    expect({ fernet: read(dir, "encryption_key.txt"), modes: [fileMode(join(dir, "ca_key.pem")), fileMode(join(dir, "encryption_key.txt"))] })
-      .toEqual({ fernet: expect.stringMatching(/^[A-Za-z0-9_-]{43}=\n$/), modes: [0o600, 0o600] });
+    expect({ fernet: read(dir, "encryption_key.txt"), modes: [fileMode(join(dir, "ca_key.pem")), fileMode(join(dir, "encryption_key.txt"))] }).toEqual({
+      fernet: expect.stringMatching(/^[A-Za-z0-9_-]{43}=\n$/),
+      modes: [0o600, 0o600],
+    });
     expect(loadFernetKeys(dir)).toHaveLength(1);
     const before = snapshot(dir);
-    expect(await pkiShOut(dir, [])).toEqual({ code: 0, stderr: "", stdout: `pki.sh: the CA in ${dir} was made for a deployment (by pki.sh init): no demo identities issued; ./pki.sh issue NAME --KIND --san … adds one` });
+    expect(await pkiShOut(dir, [])).toEqual({
+      code: 0,
+      stderr: "",
+      stdout: `pki.sh: the CA in ${dir} was made for a deployment (by pki.sh init): no demo identities issued; ./pki.sh issue NAME --KIND --san … adds one`,
+    });
     expect(await pkiShOut(dir, ["init"])).toEqual({ code: 0, stderr: "", stdout: `pki.sh: kept the CA in ${dir}` });
     expect(snapshot(dir)).toEqual(before);
   });
@@ -487,7 +604,11 @@ describe("a deployment's CA host: init, issue, bundle", () => {
     await pkiShOut(dir, ["init"]);
     const [first] = loadFernetKeys(dir);
     const add = await pkiShOut(dir, ["fernet", "add"]);
-    expect({ code: add.code, stderr: add.stderr, stdout: add.stdout }).toMatchObject({ code: 0, stderr: "", stdout: expect.stringContaining(`to ${join(dir, "encryption_key.txt")}, decrypt-only`) });
+    expect({ code: add.code, stderr: add.stderr, stdout: add.stdout }).toMatchObject({
+      code: 0,
+      stderr: "",
+      stdout: expect.stringContaining(`to ${join(dir, "encryption_key.txt")}, decrypt-only`),
+    });
     expect({ keys: loadFernetKeys(dir).length, mode: fileMode(join(dir, "encryption_key.txt")) }).toEqual({ keys: 2, mode: 0o600 });
     // Its own refusals and exit codes come through: promote so soon after the add needs --force.
     expect((await pkiShOut(dir, ["fernet", "promote"])).code).toBe(1);
@@ -495,7 +616,9 @@ describe("a deployment's CA host: init, issue, bundle", () => {
     expect(loadFernetKeys(dir)[1]).toBe(first!);
     const status = await pkiShOut(dir, ["fernet", "status", "--ttl", "1"]);
     expect(status.stdout.split("\n")).toEqual([
-      expect.stringMatching(/^[0-9a-f]{8}  primary {7}added /), expect.stringMatching(/^[0-9a-f]{8}  decrypt-only  encrypted until /), expect.stringMatching(/^stored records: .*\/health "fernet_rewrap"/),
+      expect.stringMatching(/^[0-9a-f]{8} {2}primary {7}added /),
+      expect.stringMatching(/^[0-9a-f]{8} {2}decrypt-only {2}encrypted until /),
+      expect.stringMatching(/^stored records: .*\/health "fernet_rewrap"/),
     ]);
     expect((await pkiShOut(dir, ["fernet", "--help"])).stdout).toStartWith("Usage: fernet-keys.ts add|promote|retire|status");
     expect((await pkiShOut(dir, ["fernet"])).code).toBe(2);
@@ -526,10 +649,28 @@ describe("a deployment's CA host: init, issue, bundle", () => {
     await issueIdentity(dir, "server1", "server", { sans: ["IP:10.77.0.11"] });
     const out = join(emptyDir("bundle-out"), "srv1");
     const bundled = await pkiShOut(dir, ["bundle", "server1", out, "--fernet", "--as", "server"]);
-    expect(bundled).toEqual({ code: 0, stderr: "", stdout: `pki.sh: bundled server1 into ${out}: ca_cert.pem crl.pem server_cert.pem server_key.pem encryption_key.txt (no CA key); copy that folder to server1's host as its PKI folder (--pki or PKI_DIR)` });
-    const modes = (folder: string) => Object.fromEntries(readdirSync(folder).sort().map((file) => [file, fileMode(join(folder, file))]));
-    expect({ folder: fileMode(out), files: modes(out) }).toEqual({ folder: 0o700, files: { "ca_cert.pem": 0o644, "crl.pem": 0o644, "encryption_key.txt": 0o600, "server_cert.pem": 0o644, "server_key.pem": 0o600 } });
-    const same = [["ca_cert.pem", "ca_cert.pem"], ["crl.pem", "crl.pem"], ["server1_cert.pem", "server_cert.pem"], ["server1_key.pem", "server_key.pem"], ["encryption_key.txt", "encryption_key.txt"]];
+    expect(bundled).toEqual({
+      code: 0,
+      stderr: "",
+      stdout: `pki.sh: bundled server1 into ${out}: ca_cert.pem crl.pem server_cert.pem server_key.pem encryption_key.txt (no CA key); copy that folder to server1's host as its PKI folder (--pki or PKI_DIR)`,
+    });
+    const modes = (folder: string) =>
+      Object.fromEntries(
+        readdirSync(folder)
+          .sort()
+          .map((file) => [file, fileMode(join(folder, file))]),
+      );
+    expect({ folder: fileMode(out), files: modes(out) }).toEqual({
+      folder: 0o700,
+      files: { "ca_cert.pem": 0o644, "crl.pem": 0o644, "encryption_key.txt": 0o600, "server_cert.pem": 0o644, "server_key.pem": 0o600 },
+    });
+    const same = [
+      ["ca_cert.pem", "ca_cert.pem"],
+      ["crl.pem", "crl.pem"],
+      ["server1_cert.pem", "server_cert.pem"],
+      ["server1_key.pem", "server_key.pem"],
+      ["encryption_key.txt", "encryption_key.txt"],
+    ];
     expect(same.every(([from, to]) => read(dir, from!) === read(out, to!))).toBe(true);
     const trust = TrustMaterial.open(out, "server"); // what the server role does at start: the key fits, the CRL is this CA's
     expect(new X509Certificate(trust.identity.cert).subjectAltName).toBe("URI:spiffe://securemesh/server/server1, IP Address:10.77.0.11, DNS:server1.invalid");
@@ -546,14 +687,26 @@ describe("a deployment's CA host: init, issue, bundle", () => {
     const out = emptyDir("bundle-refused");
     await issueIdentity(dir, "x", "client");
     await runPkiSh(dir, "revoke", "x");
-    expect(await pkiSh(dir, "bundle", "x", out)).toEqual({ code: 2, stderr: `pki.sh: x's current certificate (serial ${serialOf(dir, "x")}) is revoked; issue it again (./pki.sh issue x --KIND --san … --force)` });
-    expect(await pkiSh(dir, "bundle", "nobody", out)).toEqual({ code: 2, stderr: `pki.sh: no identity nobody in ${dir} (nobody_cert.pem, nobody_key.pem) to bundle: issue it first (./pki.sh issue nobody --KIND --san …)` });
+    expect(await pkiSh(dir, "bundle", "x", out)).toEqual({
+      code: 2,
+      stderr: `pki.sh: x's current certificate (serial ${serialOf(dir, "x")}) is revoked; issue it again (./pki.sh issue x --KIND --san … --force)`,
+    });
+    expect(await pkiSh(dir, "bundle", "nobody", out)).toEqual({
+      code: 2,
+      stderr: `pki.sh: no identity nobody in ${dir} (nobody_cert.pem, nobody_key.pem) to bundle: issue it first (./pki.sh issue nobody --KIND --san …)`,
+    });
     expect(await pkiSh(dir, "bundle", "client1", dir)).toEqual({ code: 2, stderr: `pki.sh: bundle into a folder of its own, not the CA's (${dir})` });
     writeFileSync(join(out, "ca_key.pem"), "left over");
-    expect(await pkiSh(dir, "bundle", "client1", out)).toEqual({ code: 2, stderr: `pki.sh: ${out} already holds ca_key.pem, which a bundle of client1 does not: give an empty or new folder` });
+    expect(await pkiSh(dir, "bundle", "client1", out)).toEqual({
+      code: 2,
+      stderr: `pki.sh: ${out} already holds ca_key.pem, which a bundle of client1 does not: give an empty or new folder`,
+    });
     mkdirSync(join(out, "sub"));
     expect(readdirSync(out).sort()).toEqual(["ca_key.pem", "sub"]);
-    expect(await pkiSh(dir, "bundle", "client1")).toEqual({ code: 2, stderr: "pki.sh: bundle needs a NAME and a folder: ./pki.sh bundle NAME DIR [--fernet] [--as ROLE]" });
+    expect(await pkiSh(dir, "bundle", "client1")).toEqual({
+      code: 2,
+      stderr: "pki.sh: bundle needs a NAME and a folder: ./pki.sh bundle NAME DIR [--fernet] [--as ROLE]",
+    });
   });
 });
 
@@ -580,7 +733,10 @@ describe("hints never suggest a command that could make or replace a CA (issue 2
         crl: message(() => readPkiFile(dir, "crl.pem")),
         fernet: message(() => loadFernetKeys(dir)),
         emptyFernet: message(() => (writeFileSync(join(dir, "encryption_key.txt"), "\n", { mode: 0o600 }), loadFernetKeys(dir))),
-        emptyEnv: message(() => ((process.env.FERNET_KEY = ""), loadFernetKeys(dir))),
+        emptyEnv: message(() => {
+          process.env.FERNET_KEY = "";
+          return loadFernetKeys(dir);
+        }),
       }).toEqual({
         server: `missing ${dir}/server_cert.pem: copy this host's files from the CA host, where ./pki.sh bundle NAME DIR --as server packs this host's identity NAME (./pki.sh issue NAME --server --san … issues it), ${elsewhere} them`,
         coordinatorKey: `missing ${dir}/coordinator_key.pem: copy this host's files from the CA host, where ./pki.sh bundle NAME DIR --as coordinator packs this host's identity NAME (./pki.sh issue NAME --coordinator --san … issues it), ${elsewhere} them`,
@@ -615,14 +771,18 @@ describe("hints never suggest a command that could make or replace a CA (issue 2
         const path = join(REPO_ROOT, dir, file);
         // Tests and test support name commands in titles and steps, not in hints a user reads.
         if (file.endsWith(".test.ts") || relative(REPO_ROOT, path).startsWith("shared/testing/")) continue;
-        read(join(REPO_ROOT, dir), file).split("\n").forEach((line, i) => {
-          if (!/^\s*(\/\/|\*|\/\*)/.test(line)) check(relative(REPO_ROOT, path), line, i + 1);
-        });
+        read(join(REPO_ROOT, dir), file)
+          .split("\n")
+          .forEach((line, i) => {
+            if (!/^\s*(\/\/|\*|\/\*)/.test(line)) check(relative(REPO_ROOT, path), line, i + 1);
+          });
       }
     }
-    read(REPO_ROOT, "pki.sh").split("\n").forEach((line, i) => {
-      if (/\becho\b/.test(line)) check("pki.sh", line, i + 1);
-    });
+    read(REPO_ROOT, "pki.sh")
+      .split("\n")
+      .forEach((line, i) => {
+        if (/\becho\b/.test(line)) check("pki.sh", line, i + 1);
+      });
     expect({ offenders, seen: hints > 10 }).toEqual({ offenders: [], seen: true });
   });
 });

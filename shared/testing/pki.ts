@@ -84,7 +84,11 @@ export interface CrlOptions {
 export async function signCrl(dir: string, options: CrlOptions = {}): Promise<string> {
   const config = join(dir, "ca_db", "ca.cnf");
   const now = new Date();
-  const at = (date: Date) => date.toISOString().replace(/[-:T]/g, "").replace(/\.\d+Z$/, "Z"); // YYYYMMDDHHMMSSZ
+  const at = (date: Date) =>
+    date
+      .toISOString()
+      .replace(/[-:T]/g, "")
+      .replace(/\.\d+Z$/, "Z"); // YYYYMMDDHHMMSSZ
   const thisUpdate = options.thisUpdate ?? now;
   const nextUpdate = options.nextUpdate ?? new Date(thisUpdate.getTime() + 30 * 86_400_000);
   let useConfig = config;
@@ -96,7 +100,10 @@ export async function signCrl(dir: string, options: CrlOptions = {}): Promise<st
   }
   const out = join(dir, options.file ?? "crl.pem");
   try {
-    await using proc = Bun.spawn(["openssl", "ca", "-batch", "-config", useConfig, "-gencrl", "-crl_lastupdate", at(thisUpdate), "-crl_nextupdate", at(nextUpdate), "-out", out], { stdout: "pipe", stderr: "pipe" });
+    await using proc = Bun.spawn(
+      ["openssl", "ca", "-batch", "-config", useConfig, "-gencrl", "-crl_lastupdate", at(thisUpdate), "-crl_nextupdate", at(nextUpdate), "-out", out],
+      { stdout: "pipe", stderr: "pipe" },
+    );
     const [stderr, code] = await Promise.all([new Response(proc.stderr).text(), proc.exited]);
     if (code !== 0) throw new Error(`openssl ca -gencrl failed (${code}): ${stderr.trim()}`);
   } finally {
@@ -111,10 +118,15 @@ export async function signCrl(dir: string, options: CrlOptions = {}): Promise<st
  */
 export async function issueCaCertificateAsClient(dir: string, name: string): Promise<void> {
   const extensions = join(dir, `${name}.ext`);
-  writeFileSync(extensions, [
-    "basicConstraints=critical,CA:TRUE", "keyUsage=critical,digitalSignature,keyCertSign", "extendedKeyUsage=clientAuth",
-    `subjectAltName=URI:spiffe://securemesh/client/${name}`,
-  ].join("\n"));
+  writeFileSync(
+    extensions,
+    [
+      "basicConstraints=critical,CA:TRUE",
+      "keyUsage=critical,digitalSignature,keyCertSign",
+      "extendedKeyUsage=clientAuth",
+      `subjectAltName=URI:spiffe://securemesh/client/${name}`,
+    ].join("\n"),
+  );
   const run = async (...args: string[]) => {
     await using proc = Bun.spawn(["openssl", ...args], { stdout: "pipe", stderr: "pipe" });
     const [stderr, code] = await Promise.all([new Response(proc.stderr).text(), proc.exited]);
@@ -124,8 +136,22 @@ export async function issueCaCertificateAsClient(dir: string, name: string): Pro
   const csr = join(dir, `${name}.csr`);
   await run("ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", key);
   await run("req", "-new", "-key", key, "-subj", `/CN=${name}`, "-out", csr);
-  await run("x509", "-req", "-in", csr, "-CA", join(dir, "ca_cert.pem"), "-CAkey", join(dir, "ca_key.pem"), "-days", "2",
-    "-extfile", extensions, "-out", join(dir, `${name}_cert.pem`));
+  await run(
+    "x509",
+    "-req",
+    "-in",
+    csr,
+    "-CA",
+    join(dir, "ca_cert.pem"),
+    "-CAkey",
+    join(dir, "ca_key.pem"),
+    "-days",
+    "2",
+    "-extfile",
+    extensions,
+    "-out",
+    join(dir, `${name}_cert.pem`),
+  );
   rmSync(csr, { force: true });
   rmSync(extensions, { force: true });
 }

@@ -11,11 +11,7 @@ export async function runPython(code: string, stdin = "", env: Record<string, st
     stderr: "pipe",
     env: { ...process.env, ...env },
   });
-  const [stdout, stderr, exitCode] = await Promise.all([
-    new Response(proc.stdout).text(),
-    new Response(proc.stderr).text(),
-    proc.exited,
-  ]);
+  const [stdout, stderr, exitCode] = await Promise.all([new Response(proc.stdout).text(), new Response(proc.stderr).text(), proc.exited]);
   if (exitCode !== 0) throw new Error(`python exited ${exitCode}: ${stderr.trim()}`);
   return stdout.trim();
 }

@@ -12,8 +12,11 @@ const CHEAP = { N: 2 ** 14, r: 8, p: 1 };
 function backup(): KeyringBackup {
   const key = newKey();
   return {
-    keyring: "0123456789abcdef", store: { id: "fedcba9876543210", at: "mysql 10.0.0.1:3306,10.0.0.2:3306/test" }, key,
-    versions: [wrapKey(key, "fedcba9876543210", 2, newKey())], archived: [wrapKey(key, "fedcba9876543210", 1, newKey())],
+    keyring: "0123456789abcdef",
+    store: { id: "fedcba9876543210", at: "mysql 10.0.0.1:3306,10.0.0.2:3306/test" },
+    key,
+    versions: [wrapKey(key, "fedcba9876543210", 2, newKey())],
+    archived: [wrapKey(key, "fedcba9876543210", 1, newKey())],
   };
 }
 
@@ -32,7 +35,14 @@ describe("keyring backup", () => {
     const original = backup();
     const text = sealBackup(original, PASSPHRASE, CHEAP);
     for (const secret of [original.key.toString("base64"), original.versions[0]!.wrapped, original.archived[0]!.wrapped]) expect(text).not.toContain(secret);
-    expect(JSON.parse(text)).toMatchObject({ securemesh: "keyring-backup", format: 1, keyring: original.keyring, store: "mysql 10.0.0.1:3306,10.0.0.2:3306/test (store id fedcba9876543210)", cipher: "aes-256-gcm", kdf: { name: "scrypt", ...CHEAP } });
+    expect(JSON.parse(text)).toMatchObject({
+      securemesh: "keyring-backup",
+      format: 1,
+      keyring: original.keyring,
+      store: "mysql 10.0.0.1:3306,10.0.0.2:3306/test (store id fedcba9876543210)",
+      cipher: "aes-256-gcm",
+      kdf: { name: "scrypt", ...CHEAP },
+    });
     expect(openBackup(text, PASSPHRASE, "b.json")).toEqual(original);
     // The default cost is the one the docs state.
     expect(JSON.parse(sealBackup(original, PASSPHRASE)).kdf).toMatchObject({ N: 2 ** 17, r: 8, p: 1 });
@@ -58,7 +68,9 @@ describe("keyring backup", () => {
       { ...file, keyring: "ffffffffffffffff" },
     ];
     for (const changed of altered) {
-      expect(refusal(() => openBackup(JSON.stringify(changed), PASSPHRASE, "b.json"))).toBe("b.json was altered after it was exported: it does not authenticate under its passphrase; use another copy of the backup");
+      expect(refusal(() => openBackup(JSON.stringify(changed), PASSPHRASE, "b.json"))).toBe(
+        "b.json was altered after it was exported: it does not authenticate under its passphrase; use another copy of the backup",
+      );
     }
     expect(refusal(() => openBackup(text.slice(0, 100), PASSPHRASE, "b.json"))).toBe("b.json is not a securemesh keyring backup (not JSON)");
   });
@@ -66,13 +78,22 @@ describe("keyring backup", () => {
   test("a header asking for more work than this version ever writes is refused before scrypt runs", () => {
     const file = JSON.parse(sealBackup(backup(), PASSPHRASE, CHEAP)) as { kdf: Record<string, number> };
     const started = performance.now();
-    for (const kdf of [{ ...file.kdf, N: 2 ** 30 }, { ...file.kdf, N: 3 * 2 ** 14 }, { ...file.kdf, r: 64 }, { ...file.kdf, p: 1000 }]) {
-      expect(refusal(() => openBackup(JSON.stringify({ ...file, kdf }), PASSPHRASE, "b.json"))).toBe("b.json is not a securemesh keyring backup (key derivation outside the bounds this version writes)");
+    for (const kdf of [
+      { ...file.kdf, N: 2 ** 30 },
+      { ...file.kdf, N: 3 * 2 ** 14 },
+      { ...file.kdf, r: 64 },
+      { ...file.kdf, p: 1000 },
+    ]) {
+      expect(refusal(() => openBackup(JSON.stringify({ ...file, kdf }), PASSPHRASE, "b.json"))).toBe(
+        "b.json is not a securemesh keyring backup (key derivation outside the bounds this version writes)",
+      );
     }
     expect(performance.now() - started).toBeLessThan(1000);
   });
 
   test(`a passphrase shorter than ${MIN_PASSPHRASE} characters is refused at export`, () => {
-    expect(refusal(() => sealBackup(backup(), "short", CHEAP))).toBe(`the passphrase is shorter than ${MIN_PASSPHRASE} characters: a backup that may sit off the host needs a longer one`);
+    expect(refusal(() => sealBackup(backup(), "short", CHEAP))).toBe(
+      `the passphrase is shorter than ${MIN_PASSPHRASE} characters: a backup that may sit off the host needs a longer one`,
+    );
   });
 });

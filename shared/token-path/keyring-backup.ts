@@ -36,25 +36,45 @@ interface Header {
 }
 
 function derive(passphrase: string, kdf: Header["kdf"]): { encryption: Buffer; check: Buffer } {
-  const key = scryptSync(passphrase.normalize("NFC"), Buffer.from(kdf.salt, "base64"), 64, { N: kdf.N, r: kdf.r, p: kdf.p, maxmem: 128 * kdf.N * kdf.r * kdf.p + 32 * 1024 * 1024 });
+  const key = scryptSync(passphrase.normalize("NFC"), Buffer.from(kdf.salt, "base64"), 64, {
+    N: kdf.N,
+    r: kdf.r,
+    p: kdf.p,
+    maxmem: 128 * kdf.N * kdf.r * kdf.p + 32 * 1024 * 1024,
+  });
   return { encryption: key.subarray(0, 32), check: createHmac("sha256", key.subarray(32)).update(CHECK_TEXT).digest() };
 }
 
 /** The header's fields in a fixed order: the AAD, so no field of it can be changed unnoticed. */
-const aadOf = (h: Header) => JSON.stringify([h.securemesh, h.format, h.keyring, h.store, h.created, h.kdf.name, h.kdf.N, h.kdf.r, h.kdf.p, h.kdf.salt, h.check, h.cipher, h.nonce]);
+const aadOf = (h: Header) =>
+  JSON.stringify([h.securemesh, h.format, h.keyring, h.store, h.created, h.kdf.name, h.kdf.N, h.kdf.r, h.kdf.p, h.kdf.salt, h.check, h.cipher, h.nonce]);
 
 /** The backup file's text. */
 export function sealBackup(backup: KeyringBackup, passphrase: string, kdfCost: { N: number; r: number; p: number } = BACKUP_KDF): string {
-  if (passphrase.length < MIN_PASSPHRASE) throw new ConfigError(`the passphrase is shorter than ${MIN_PASSPHRASE} characters: a backup that may sit off the host needs a longer one`);
+  if (passphrase.length < MIN_PASSPHRASE)
+    throw new ConfigError(`the passphrase is shorter than ${MIN_PASSPHRASE} characters: a backup that may sit off the host needs a longer one`);
   const kdf = { name: "scrypt" as const, ...kdfCost, salt: randomBytes(16).toString("base64") };
   const { encryption, check } = derive(passphrase, kdf);
   const header: Header = {
-    securemesh: "keyring-backup", format: 1, keyring: backup.keyring, store: `${backup.store.at} (store id ${backup.store.id})`, created: new Date().toISOString(),
-    kdf, check: check.toString("base64"), cipher: "aes-256-gcm", nonce: randomBytes(12).toString("base64"),
+    securemesh: "keyring-backup",
+    format: 1,
+    keyring: backup.keyring,
+    store: `${backup.store.at} (store id ${backup.store.id})`,
+    created: new Date().toISOString(),
+    kdf,
+    check: check.toString("base64"),
+    cipher: "aes-256-gcm",
+    nonce: randomBytes(12).toString("base64"),
   };
   const cipher = createCipheriv("aes-256-gcm", encryption, Buffer.from(header.nonce, "base64"));
   cipher.setAAD(Buffer.from(aadOf(header)));
-  const body = JSON.stringify({ keyring: backup.keyring, store: backup.store, key: backup.key.toString("base64"), versions: backup.versions, archived: backup.archived });
+  const body = JSON.stringify({
+    keyring: backup.keyring,
+    store: backup.store,
+    key: backup.key.toString("base64"),
+    versions: backup.versions,
+    archived: backup.archived,
+  });
   const ciphertext = Buffer.concat([cipher.update(body, "utf8"), cipher.final(), cipher.getAuthTag()]);
   return JSON.stringify({ ...header, ciphertext: ciphertext.toString("base64") }, null, 2) + "\n";
 }
@@ -73,10 +93,12 @@ export function openBackup(text: string, passphrase: string, where: string): Key
   } catch {
     throw notABackup(where, "not JSON");
   }
-  if (file?.securemesh !== "keyring-backup" || file.format !== 1 || file.cipher !== "aes-256-gcm" || file.kdf?.name !== "scrypt") throw notABackup(where, "unknown format");
+  if (file?.securemesh !== "keyring-backup" || file.format !== 1 || file.cipher !== "aes-256-gcm" || file.kdf?.name !== "scrypt")
+    throw notABackup(where, "unknown format");
   const { N, r, p } = file.kdf;
   // Bounds before any work: an altered header must not make scrypt take gigabytes.
-  if (!Number.isInteger(Math.log2(N)) || N < 2 ** 14 || N > 2 ** 20 || r !== 8 || !(p >= 1 && p <= 4) || typeof file.kdf.salt !== "string") throw notABackup(where, "key derivation outside the bounds this version writes");
+  if (!Number.isInteger(Math.log2(N)) || N < 2 ** 14 || N > 2 ** 20 || r !== 8 || !(p >= 1 && p <= 4) || typeof file.kdf.salt !== "string")
+    throw notABackup(where, "key derivation outside the bounds this version writes");
   const { encryption, check } = derive(passphrase, file.kdf);
   const stated = Buffer.from(String(file.check), "base64");
   if (stated.length !== check.length || !timingSafeEqual(stated, check)) throw new ConfigError(`the passphrase does not open ${where} (wrong passphrase)`);

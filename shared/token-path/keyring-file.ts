@@ -133,7 +133,8 @@ export class KeyArchiveFile implements KeyArchive {
       if (file.keyring !== keyringId) {
         throw new ConfigError(`${displayPath(path)} is the archive of keyring ${String(file.keyring)}, not of keyring ${keyringId}: move it aside`);
       }
-      for (const [version, entry] of Object.entries((file.keys ?? {}) as Record<string, ArchivedKey>)) keys.set(Number(version), { ...entry, version: Number(version) });
+      for (const [version, entry] of Object.entries((file.keys ?? {}) as Record<string, ArchivedKey>))
+        keys.set(Number(version), { ...entry, version: Number(version) });
     }
     return new KeyArchiveFile(path, keyringId, storeId, keys);
   }
@@ -160,10 +161,12 @@ export class KeyArchiveFile implements KeyArchive {
       added = true;
     }
     if (!added) return;
-    const entries = Object.fromEntries(this.versions.map((v) => {
-      const { version: _v, ...entry } = this.#keys.get(v)!;
-      return [String(v), entry];
-    }));
+    const entries = Object.fromEntries(
+      this.versions.map((v) => {
+        const { version: _v, ...entry } = this.#keys.get(v)!;
+        return [String(v), entry];
+      }),
+    );
     writePrivateAtomically(this.path, JSON.stringify({ format: 2, keyring: this.#keyringId, store: this.#storeId, keys: entries }, null, 2) + "\n");
   }
 }

@@ -71,7 +71,7 @@ export function wrapKey(keyringKey: Buffer, storeId: string, version: number, ke
 /** The master key, or ConfigError when the keyring key does not open it: another keyring's, or altered. */
 export function unwrapKey(keyringKey: Buffer, storeId: string, key: WrappedKey): Buffer {
   const opened = aesGcmOpen(keyringKey, key.wrapped, key.nonce, wrapContext(storeId, key.version));
-  if (!opened || opened.length !== 32) throw new ConfigError(`master key v${key.version} in the store does not open under this keyring key`);
+  if (opened?.length !== 32) throw new ConfigError(`master key v${key.version} in the store does not open under this keyring key`);
   return opened;
 }
 

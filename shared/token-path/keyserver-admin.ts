@@ -39,14 +39,18 @@ export function parseTokenCommand(positionals: string[]): Pick<VaultConfig, "com
   if (positionals[0] !== "token") return { command: "serve" };
   const [, sub, arg, extra] = positionals;
   switch (sub) {
-    case "add": case "list": case "rotate-key":
+    case "add":
+    case "list":
+    case "rotate-key":
       if (arg !== undefined) throw new ConfigError(`token ${sub} takes no '${arg}' (see --help)`);
       return { command: sub };
     case "restore-key":
-      if (!arg || !/^[1-9]\d{0,8}$/.test(arg) || extra !== undefined) throw new ConfigError("token restore-key needs one VERSION, a number such as 1 ('token list' shows the archived ones)");
+      if (!arg || !/^[1-9]\d{0,8}$/.test(arg) || extra !== undefined)
+        throw new ConfigError("token restore-key needs one VERSION, a number such as 1 ('token list' shows the archived ones)");
       return { command: "restore-key", version: Number(arg) };
     case "keyring":
-      if ((arg !== "export" && arg !== "import") || !extra || positionals.length > 4) throw new ConfigError("token keyring needs export FILE or import FILE (see --help)");
+      if ((arg !== "export" && arg !== "import") || !extra || positionals.length > 4)
+        throw new ConfigError("token keyring needs export FILE or import FILE (see --help)");
       return { command: arg, file: extra };
     default:
       throw new ConfigError(`token needs ${TOKEN_COMMANDS} (see --help)`);
@@ -69,21 +73,30 @@ export async function runTokenCommand(config: VaultConfig, io: CommandIo = proce
   const opened = await openVault(config, config.command === "add" ? "add" : "use");
   const { vault, archive } = opened;
   try {
-    io.say(`token store ${vault.store.description} (store id ${vault.keyring.storeId}, from ${config.dbSource}); keyring ${displayPath(vault.keyring.path)} ` +
-      `(keyring ${vault.keyring.id}, master key versions ${versionList(vault.keyring.versions)}, current v${vault.keyring.currentVersion})`);
+    io.say(
+      `token store ${vault.store.description} (store id ${vault.keyring.storeId}, from ${config.dbSource}); keyring ${displayPath(vault.keyring.path)} ` +
+        `(keyring ${vault.keyring.id}, master key versions ${versionList(vault.keyring.versions)}, current v${vault.keyring.currentVersion})`,
+    );
     for (const note of opened.notes) io.say(note);
-    if (opened.missing.length) io.say(`WARNING: tokens in this store are sealed under master key version(s) ${opened.missing.join(", ")}, which the keyring lacks: 'token restore-key VERSION' brings one back from ${displayPath(archive.path)}`);
+    if (opened.missing.length)
+      io.say(
+        `WARNING: tokens in this store are sealed under master key version(s) ${opened.missing.join(", ")}, which the keyring lacks: 'token restore-key VERSION' brings one back from ${displayPath(archive.path)}`,
+      );
     switch (config.command) {
       case "add": {
         const token = config.token === "-" ? firstLine(await io.stdin()) : config.token!;
         if (!token) throw new ConfigError("the token is empty");
         await vault.add(config.client!, config.type!, token);
-        io.say(`stored token for client=${config.client} type=${config.type} in ${vault.store.description} (sealed under master key v${vault.keyring.currentVersion})`);
+        io.say(
+          `stored token for client=${config.client} type=${config.type} in ${vault.store.description} (sealed under master key v${vault.keyring.currentVersion})`,
+        );
         return;
       }
       case "list": {
         const rows = await vault.store.all();
-        io.say(`${rows.length} token(s) in ${vault.store.description}; master key versions: ${versionList(vault.keyring.versions)} (current v${vault.keyring.currentVersion}); archived: ${versionList(archive.versions)}`);
+        io.say(
+          `${rows.length} token(s) in ${vault.store.description}; master key versions: ${versionList(vault.keyring.versions)} (current v${vault.keyring.currentVersion}); archived: ${versionList(archive.versions)}`,
+        );
         for (const r of rows) io.say(`  client=${r.clientId} type=${r.tokenType} key=v${r.keyVersion} updated=${new Date(r.updatedAt).toISOString()}`);
         return;
       }
@@ -91,7 +104,8 @@ export async function runTokenCommand(config: VaultConfig, io: CommandIo = proce
         const { version, resealed, retired, unopened } = await vault.rotate(archive);
         const where = retired.length ? ` (archived in ${displayPath(archive.path)}; 'token restore-key VERSION' brings one back)` : "";
         io.say(`re-sealed ${resealed} token(s) under master key v${version}; retired versions: ${versionList(retired)}${where}`);
-        if (unopened.length) io.say(`WARNING: ${unopened.length} token(s) did not open and keep their version, which stays in the keyring: ${unopened.join(", ")}`);
+        if (unopened.length)
+          io.say(`WARNING: ${unopened.length} token(s) did not open and keep their version, which stays in the keyring: ${unopened.join(", ")}`);
         return;
       }
       case "restore-key":
@@ -114,19 +128,28 @@ async function restoreKey({ vault, archive }: OpenedVault, version: number, io: 
     return;
   }
   const archived = archive.get(version);
-  if (!archived) throw new ConfigError(`master key v${version} is not in the archive ${displayPath(archive.path)} (archived versions: ${versionList(archive.versions)}); a keyring backup that holds it can be imported on a host without this keyring`);
+  if (!archived)
+    throw new ConfigError(
+      `master key v${version} is not in the archive ${displayPath(archive.path)} (archived versions: ${versionList(archive.versions)}); a keyring backup that holds it can be imported on a host without this keyring`,
+    );
   const file = readKeyringFile(vault.keyring.path);
-  if (file?.kind !== "bound" || !opensUnder(file.key, vault.keyring.storeId, archived)) throw new ConfigError(`master key v${version} in ${displayPath(archive.path)} does not open under keyring ${vault.keyring.id}: the archive was altered`);
+  if (file?.kind !== "bound" || !opensUnder(file.key, vault.keyring.storeId, archived))
+    throw new ConfigError(`master key v${version} in ${displayPath(archive.path)} does not open under keyring ${vault.keyring.id}: the archive was altered`);
   await vault.store.addKeyVersion(archived);
   await vault.keyring.refresh();
-  io.say(`restored master key v${version} from ${displayPath(archive.path)} into ${vault.store.description}; master key versions: ${versionList(vault.keyring.versions)} (current v${vault.keyring.currentVersion}); running KeyServers pick it up within seconds`);
+  io.say(
+    `restored master key v${version} from ${displayPath(archive.path)} into ${vault.store.description}; master key versions: ${versionList(vault.keyring.versions)} (current v${vault.keyring.currentVersion}); running KeyServers pick it up within seconds`,
+  );
 }
 
 /** The passphrase: the first line of --passphrase-file (0600) or of stdin. */
 async function passphrase(config: VaultConfig, io: CommandIo): Promise<string> {
   const from = config.passphraseFile ? readPrivateFile(config.passphraseFile) : await io.stdin();
   const phrase = firstLine(from);
-  if (!phrase) throw new ConfigError(`no passphrase ${config.passphraseFile ? `in ${displayPath(config.passphraseFile)}` : "on stdin"} (give it on stdin, or --passphrase-file FILE)`);
+  if (!phrase)
+    throw new ConfigError(
+      `no passphrase ${config.passphraseFile ? `in ${displayPath(config.passphraseFile)}` : "on stdin"} (give it on stdin, or --passphrase-file FILE)`,
+    );
   return phrase;
 }
 
@@ -136,10 +159,13 @@ async function exportKeyring({ vault, archive }: OpenedVault, config: VaultConfi
   const versions = await vault.store.keyVersions();
   const archived = archive.versions.map((v) => archive.get(v)!);
   const sealed = sealBackup({ keyring: file.id, store: file.store, key: file.key, versions, archived }, await passphrase(config, io));
-  if (!createPrivateFile(config.file!, sealed)) throw new ConfigError(`${displayPath(config.file!)} exists: export to a new file (a backup is never overwritten)`);
-  io.say(`wrote an encrypted backup of keyring ${file.id} (token store ${file.store.at}, store id ${file.store.id}; master key versions ${versionList(versions.map((k) => k.version))}; ` +
-    `archived: ${versionList(archive.versions)}) to ${displayPath(config.file!)} (0600; scrypt N=2^${Math.log2(BACKUP_KDF.N)} r=${BACKUP_KDF.r} p=${BACKUP_KDF.p}, AES-256-GCM): ` +
-    "keep it and its passphrase apart, and off this host");
+  if (!createPrivateFile(config.file!, sealed))
+    throw new ConfigError(`${displayPath(config.file!)} exists: export to a new file (a backup is never overwritten)`);
+  io.say(
+    `wrote an encrypted backup of keyring ${file.id} (token store ${file.store.at}, store id ${file.store.id}; master key versions ${versionList(versions.map((k) => k.version))}; ` +
+      `archived: ${versionList(archive.versions)}) to ${displayPath(config.file!)} (0600; scrypt N=2^${Math.log2(BACKUP_KDF.N)} r=${BACKUP_KDF.r} p=${BACKUP_KDF.p}, AES-256-GCM): ` +
+      "keep it and its passphrase apart, and off this host",
+  );
 }
 
 /**
@@ -159,18 +185,25 @@ async function importKeyring(config: VaultConfig, io: CommandIo): Promise<void> 
   const here = readKeyringFile(path);
   if (here && !(here.kind === "bound" && here.id === backup.keyring)) {
     const which = here.kind === "bound" ? `keyring ${here.id}, bound to ${here.store.at}` : "a keyring file of the old format";
-    throw new ConfigError(`${displayPath(path)} holds another keyring (${which}): move it aside first if nothing needs it (an import never overwrites a keyring)`);
+    throw new ConfigError(
+      `${displayPath(path)} holds another keyring (${which}): move it aside first if nothing needs it (an import never overwrites a keyring)`,
+    );
   }
   const store = await openTokenStore(config.db);
   try {
     const storeId = await store.storeId();
     if (storeId !== backup.store.id) {
-      throw new ConfigError(`${where} is the keyring of token store ${backup.store.at} (store id ${backup.store.id}), but this configuration's token store is ${store.description} ` +
-        `(${storeId ? `store id ${storeId}` : "bound to no keyring"}): give it the KeyServer's own configuration (--config FILE, or the --db or --db-file the KeyServer runs with)`);
+      throw new ConfigError(
+        `${where} is the keyring of token store ${backup.store.at} (store id ${backup.store.id}), but this configuration's token store is ${store.description} ` +
+          `(${storeId ? `store id ${storeId}` : "bound to no keyring"}): give it the KeyServer's own configuration (--config FILE, or the --db or --db-file the KeyServer runs with)`,
+      );
     }
     const versions = await store.keyVersions();
     const foreign = versions.filter((k) => !opensUnder(backup.key, storeId, k)).map((k) => k.version);
-    if (foreign.length) throw new ConfigError(`master key version(s) ${foreign.join(", ")} in ${store.description} do not open under the keyring in ${where}: it is not this store's keyring`);
+    if (foreign.length)
+      throw new ConfigError(
+        `master key version(s) ${foreign.join(", ")} in ${store.description} do not open under the keyring in ${where}: it is not this store's keyring`,
+      );
     // The archive first: one of another keyring left here refuses the import before anything is written.
     const archive = KeyArchiveFile.open(archivePathOf(path), backup.keyring, storeId);
     if (!here) writeKeyringFile(path, { id: backup.keyring, store: backup.store, key: backup.key });
@@ -179,9 +212,14 @@ async function importKeyring(config: VaultConfig, io: CommandIo): Promise<void> 
     archive.put([...backup.archived, ...backup.versions].filter((k) => !inStore.has(k.version)));
     const inUse = await store.versionsInUse();
     const missing = [...inUse.keys()].filter((v) => !inStore.has(v));
-    io.say(`${here ? "keyring already here: kept" : "imported"} keyring ${backup.keyring} from ${where} ${here ? "in" : "into"} ${displayPath(path)} (0600), bound to ${store.description} (store id ${storeId}); ` +
-      `it opens master key versions ${versionList([...inStore].sort((a, b) => a - b))} of that store; archived versions in ${displayPath(archive.path)}: ${versionList(archive.versions)}`);
-    if (missing.length) io.say(`WARNING: tokens in this store are sealed under master key version(s) ${missing.join(", ")}, which the store's keyring lacks: 'token restore-key VERSION' brings one back`);
+    io.say(
+      `${here ? "keyring already here: kept" : "imported"} keyring ${backup.keyring} from ${where} ${here ? "in" : "into"} ${displayPath(path)} (0600), bound to ${store.description} (store id ${storeId}); ` +
+        `it opens master key versions ${versionList([...inStore].sort((a, b) => a - b))} of that store; archived versions in ${displayPath(archive.path)}: ${versionList(archive.versions)}`,
+    );
+    if (missing.length)
+      io.say(
+        `WARNING: tokens in this store are sealed under master key version(s) ${missing.join(", ")}, which the store's keyring lacks: 'token restore-key VERSION' brings one back`,
+      );
   } finally {
     await store.close();
   }
@@ -203,19 +241,25 @@ export function keepKeyringFresh(vault: OpenedVault["vault"], logger: Logger, in
     // A read stalled on a Galera node that is losing quorum may outlast the interval: one at a time.
     if (busy) return;
     busy = true;
-    vault.keyring.refresh().finally(() => {
-      busy = false;
-    }).then(() => {
-      failing = "";
-      const now = vault.keyring.versions.join(",");
-      if (now === seen) return;
-      seen = now;
-      logger.info(`master keyring reloaded: versions ${versionList(vault.keyring.versions)} (current v${vault.keyring.currentVersion})`);
-    }, (error: unknown) => {
-      const why = describeError(error);
-      if (why !== failing) logger.error(`master keyring NOT reloaded, the keys in memory stay in use: ${why}`);
-      failing = why;
-    });
+    vault.keyring
+      .refresh()
+      .finally(() => {
+        busy = false;
+      })
+      .then(
+        () => {
+          failing = "";
+          const now = vault.keyring.versions.join(",");
+          if (now === seen) return;
+          seen = now;
+          logger.info(`master keyring reloaded: versions ${versionList(vault.keyring.versions)} (current v${vault.keyring.currentVersion})`);
+        },
+        (error: unknown) => {
+          const why = describeError(error);
+          if (why !== failing) logger.error(`master keyring NOT reloaded, the keys in memory stay in use: ${why}`);
+          failing = why;
+        },
+      );
   }, intervalMs);
   timer.unref?.();
   return { stop: () => clearInterval(timer) };

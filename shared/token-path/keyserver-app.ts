@@ -8,7 +8,14 @@ import { printable, type Logger } from "../ops/log.ts";
 import { Metrics } from "../ops/metrics.ts";
 import { ReplayRejected, type NonceMemory } from "./replay.ts";
 import {
-  type EcdhKeyPair, ON_BEHALF_OF_HEADER, openJoseRequest, openLegacyRequest, proxyResource, type RsaKeyPair, sealJoseResponse, sealLegacyResponse,
+  type EcdhKeyPair,
+  ON_BEHALF_OF_HEADER,
+  openJoseRequest,
+  openLegacyRequest,
+  proxyResource,
+  type RsaKeyPair,
+  sealJoseResponse,
+  sealLegacyResponse,
   type TokenRequest,
 } from "./token-exchange.ts";
 import type { TokenVault } from "./token-store.ts";
@@ -36,14 +43,24 @@ type Outcome = "released" | "forbidden" | "not_found" | "replay" | "replay_quota
 
 function outcomeOf(error: unknown): Outcome {
   switch ((error as MeshError).code) {
-    case "ERR_FORBIDDEN": return "forbidden";
-    case "ERR_DECRYPT": return "decrypt_error";
-    case "ERR_REPLAY": return "replay";
-    case "ERR_REPLAY_QUOTA": return "replay_quota";
-    case "ERR_NOT_FOUND": return "not_found";
-    case "ERR_BAD_REQUEST": case "ERR_UNSUPPORTED_MEDIA_TYPE": return "bad_request";
-    case "ERR_RATE_LIMITED": case "ERR_IN_FLIGHT_LIMIT": return "limited";
-    default: return "error";
+    case "ERR_FORBIDDEN":
+      return "forbidden";
+    case "ERR_DECRYPT":
+      return "decrypt_error";
+    case "ERR_REPLAY":
+      return "replay";
+    case "ERR_REPLAY_QUOTA":
+      return "replay_quota";
+    case "ERR_NOT_FOUND":
+      return "not_found";
+    case "ERR_BAD_REQUEST":
+    case "ERR_UNSUPPORTED_MEDIA_TYPE":
+      return "bad_request";
+    case "ERR_RATE_LIMITED":
+    case "ERR_IN_FLIGHT_LIMIT":
+      return "limited";
+    default:
+      return "error";
   }
 }
 
@@ -64,7 +81,14 @@ export function createKeyserverApp({ vault, keys, ecdh, nonces, logger, authz, l
   const audit = (who: { caller: string; onBehalfOf: string }, request: Partial<TokenRequest>, outcome: Outcome, error?: unknown) => {
     releases.inc({ outcome });
     const code = outcome === "error" ? String((error as { code?: unknown })?.code ?? (error as Error)?.name ?? "unknown") : undefined;
-    const fields = { caller: who.caller || "-", onBehalfOf: who.onBehalfOf || "-", clientId: request.clientId ?? "-", tokenType: request.tokenType ?? "-", outcome, ...(code ? { code } : {}) };
+    const fields = {
+      caller: who.caller || "-",
+      onBehalfOf: who.onBehalfOf || "-",
+      clientId: request.clientId ?? "-",
+      tokenType: request.tokenType ?? "-",
+      outcome,
+      ...(code ? { code } : {}),
+    };
     logger.info(
       `AUDIT ${new Date().toISOString()} caller=${printable(fields.caller)} on_behalf_of=${printable(fields.onBehalfOf)} ` +
         `client=${printable(fields.clientId)} type=${printable(fields.tokenType)} outcome=${outcome}${code ? ` code=${printable(code)}` : ""}`,
@@ -80,40 +104,45 @@ export function createKeyserverApp({ vault, keys, ecdh, nonces, logger, authz, l
     .get("/public_key", () => ({ public_key: keys.publicPem }))
     .post("/public_key", () => ({ public_key: keys.publicPem }), { parse: "none" })
     .get("/.well-known/jwks.json", () => ({ keys: ecdh ? [keys.jwk, ecdh.jwk] : [keys.jwk] }))
-    .post("/", async ({ request }) => {
-      // The caller's SPIFFE ID, from this connection's verified certificate (bound by the listener).
-      const caller = peerIdentity(request);
-      // What the audit line names until the header is checked; onBehalfOf() then says whom the request is for.
-      const who = { caller, onBehalfOf: request.headers.get(ON_BEHALF_OF_HEADER) ?? caller };
-      let parsed: Partial<TokenRequest> = {};
-      let release: (() => void) | undefined;
-      try {
-        authz.require(who.caller, "tokens.fetch");
-        who.onBehalfOf = onBehalfOf(request, who.caller);
-        // Before the body is read and its RSA decryption paid for.
-        release = limiter?.admit(who.onBehalfOf);
-        const type = (request.headers.get("content-type") ?? "").toLowerCase();
-        const jose = type.startsWith("application/jose");
-        if (!jose && !type.startsWith("application/json")) throw new MeshError("ERR_UNSUPPORTED_MEDIA_TYPE", 415, "Content-Type must be application/json or application/jose");
-        const text = new TextDecoder().decode(await readBodyLimited(request));
-        parsed = jose ? await openJoseRequest(keys, text, ecdh) : await openLegacyRequest(keys, parseJson(text));
-        // Defence in depth (#11 H1): the proxy checked this too, against the same policy.
-        authz.require(who.onBehalfOf, "proxy.use", proxyResource(parsed.clientId!, parsed.tokenType!));
-        checkReplay(nonces, parsed, { jose, legacyReplay, caller: who.onBehalfOf });
-        const token = await vault.reveal(parsed.clientId!, parsed.tokenType!);
-        if (token === undefined) throw new MeshError("ERR_NOT_FOUND", 404, "no token for that clientId and tokenType");
-        const answer = jose
-          ? new Response(await sealJoseResponse(token, parsed.sessionKey!), { headers: { "content-type": "application/jose" } })
-          : Response.json({ token: sealLegacyResponse(token, parsed.sessionKey!) });
-        audit(who, parsed, "released");
-        return answer;
-      } catch (error) {
-        audit(who, parsed, outcomeOf(error), error);
-        throw error;
-      } finally {
-        release?.();
-      }
-    }, { parse: "none" });
+    .post(
+      "/",
+      async ({ request }) => {
+        // The caller's SPIFFE ID, from this connection's verified certificate (bound by the listener).
+        const caller = peerIdentity(request);
+        // What the audit line names until the header is checked; onBehalfOf() then says whom the request is for.
+        const who = { caller, onBehalfOf: request.headers.get(ON_BEHALF_OF_HEADER) ?? caller };
+        let parsed: Partial<TokenRequest> = {};
+        let release: (() => void) | undefined;
+        try {
+          authz.require(who.caller, "tokens.fetch");
+          who.onBehalfOf = onBehalfOf(request, who.caller);
+          // Before the body is read and its RSA decryption paid for.
+          release = limiter?.admit(who.onBehalfOf);
+          const type = (request.headers.get("content-type") ?? "").toLowerCase();
+          const jose = type.startsWith("application/jose");
+          if (!jose && !type.startsWith("application/json"))
+            throw new MeshError("ERR_UNSUPPORTED_MEDIA_TYPE", 415, "Content-Type must be application/json or application/jose");
+          const text = new TextDecoder().decode(await readBodyLimited(request));
+          parsed = jose ? await openJoseRequest(keys, text, ecdh) : await openLegacyRequest(keys, parseJson(text));
+          // Defence in depth (#11 H1): the proxy checked this too, against the same policy.
+          authz.require(who.onBehalfOf, "proxy.use", proxyResource(parsed.clientId!, parsed.tokenType!));
+          checkReplay(nonces, parsed, { jose, legacyReplay, caller: who.onBehalfOf });
+          const token = await vault.reveal(parsed.clientId!, parsed.tokenType!);
+          if (token === undefined) throw new MeshError("ERR_NOT_FOUND", 404, "no token for that clientId and tokenType");
+          const answer = jose
+            ? new Response(await sealJoseResponse(token, parsed.sessionKey!), { headers: { "content-type": "application/jose" } })
+            : Response.json({ token: sealLegacyResponse(token, parsed.sessionKey!) });
+          audit(who, parsed, "released");
+          return answer;
+        } catch (error) {
+          audit(who, parsed, outcomeOf(error), error);
+          throw error;
+        } finally {
+          release?.();
+        }
+      },
+      { parse: "none" },
+    );
 }
 
 /**

@@ -20,7 +20,9 @@ afterEach(() => {
 function standIn(status: number, certificate = "secureproxy") {
   const calls: unknown[] = [];
   const server = Bun.serve({
-    port: 0, hostname: "127.0.0.1", tls: mutualTlsServerOptions(loadIdentity(pki, certificate)),
+    port: 0,
+    hostname: "127.0.0.1",
+    tls: mutualTlsServerOptions(loadIdentity(pki, certificate)),
     async fetch(request) {
       calls.push(await request.json());
       return Response.json(status === 200 ? { item: { id: 1 } } : { error: "KeyServer unavailable", code: "ERR_UNAVAILABLE" }, { status });
@@ -73,7 +75,9 @@ describe("ProxyClient failover", () => {
 
   test("no proxy answering in any round: ERR_UNREACHABLE naming the last failure", async () => {
     await expect(client([nothingListening(), standIn(503).url]).requestApi(CALL)).rejects.toMatchObject({
-      code: "ERR_UNREACHABLE", status: 503, message: expect.stringMatching(/^no SecureProxy could serve the request \(https:\/\/127\.0\.0\.1:\d+ answered 503: KeyServer unavailable; trace=/),
+      code: "ERR_UNREACHABLE",
+      status: 503,
+      message: expect.stringMatching(/^no SecureProxy could serve the request \(https:\/\/127\.0\.0\.1:\d+ answered 503: KeyServer unavailable; trace=/),
     });
   });
 });
@@ -83,7 +87,9 @@ describe("ProxyClient and limits (issue 20)", () => {
     let refusals = 1;
     const calls: unknown[] = [];
     const server = Bun.serve({
-      port: 0, hostname: "127.0.0.1", tls: mutualTlsServerOptions(loadIdentity(pki, "secureproxy")),
+      port: 0,
+      hostname: "127.0.0.1",
+      tls: mutualTlsServerOptions(loadIdentity(pki, "secureproxy")),
       async fetch(request) {
         calls.push(await request.json());
         if (refusals-- > 0) return Response.json({ error: "over its rate", code: "ERR_RATE_LIMITED" }, { status: 429, headers: { "retry-after": "1" } });

@@ -114,9 +114,17 @@ export class ProxyClient {
   }
 
   /** One attempt at one proxy: its status, its JSON (or a note that it sent none), and its Retry-After. */
-  async #send(proxy: string, body: string, traceHeaders: Readonly<Record<string, string>>): Promise<{ status: number; body: Record<string, unknown>; retryAfter: string | null }> {
+  async #send(
+    proxy: string,
+    body: string,
+    traceHeaders: Readonly<Record<string, string>>,
+  ): Promise<{ status: number; body: Record<string, unknown>; retryAfter: string | null }> {
     const response = await this.#http.request(`${proxy}/request_api`, {
-      method: "POST", headers: { ...traceHeaders, "content-type": "application/json" }, body, timeoutMs: this.#timeoutMs, idempotent: true,
+      method: "POST",
+      headers: { ...traceHeaders, "content-type": "application/json" },
+      body,
+      timeoutMs: this.#timeoutMs,
+      idempotent: true,
     });
     let parsed: Record<string, unknown>;
     try {

@@ -82,7 +82,11 @@ export class ProxyHops {
   }
 
   #keyserverTls(identity: Identity) {
-    return { ...mutualTlsClientOptions(identity), rejectUnauthorized: true, checkServerIdentity: expectPeer(KEYSERVER_IDENTITY, { isRevoked: this.#isRevoked }) } as const;
+    return {
+      ...mutualTlsClientOptions(identity),
+      rejectUnauthorized: true,
+      checkServerIdentity: expectPeer(KEYSERVER_IDENTITY, { isRevoked: this.#isRevoked }),
+    } as const;
   }
 
   /** The client for `tokenType`'s API, made at its first call. */
@@ -91,7 +95,10 @@ export class ProxyHops {
     if (!client) {
       const { ca, identity } = this.#trust(tokenType);
       const check = identity === null ? hostnameRefusal : expectPeer(identity, { isRevoked: this.#isRevoked });
-      client = new HttpsClient({ tls: { ca, rejectUnauthorized: true, checkServerIdentity: check }, ...(identity === null ? {} : { isRevoked: this.#isRevoked }) });
+      client = new HttpsClient({
+        tls: { ca, rejectUnauthorized: true, checkServerIdentity: check },
+        ...(identity === null ? {} : { isRevoked: this.#isRevoked }),
+      });
       this.#apis.set(tokenType, client);
     }
     return client;

@@ -37,7 +37,8 @@ test("a caller that fills its quota gets 429; another caller is still accepted",
   }
   expect(refused).toBeInstanceOf(ReplayQuotaExceeded);
   expect((refused as MeshError).toJSON()).toEqual({
-    error: `too many token requests from ${flooder} in the replay window; retry later`, code: "ERR_REPLAY_QUOTA",
+    error: `too many token requests from ${flooder} in the replay window; retry later`,
+    code: "ERR_REPLAY_QUOTA",
   });
   expect((refused as MeshError).status).toBe(429);
   memory.accept(ts(), nonce("c1", 0), victim);

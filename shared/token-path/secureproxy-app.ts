@@ -13,9 +13,7 @@ import type { Metrics } from "../ops/metrics.ts";
 import type { Trace } from "../ops/trace.ts";
 import { FailoverOrder } from "./failover-order.ts";
 import type { ProxyHops } from "./proxy-hops.ts";
-import {
-  ON_BEHALF_OF_HEADER, openJoseResponse, openLegacyResponse, prepareJoseRequest, prepareLegacyRequest, proxyResource,
-} from "./token-exchange.ts";
+import { ON_BEHALF_OF_HEADER, openJoseResponse, openLegacyResponse, prepareJoseRequest, prepareLegacyRequest, proxyResource } from "./token-exchange.ts";
 
 export type Allowlist = ReadonlyMap<string, ReadonlySet<string>>;
 
@@ -84,16 +82,25 @@ function keyServerRefusal(response: HttpsResponse): MeshError {
   const { error, code } = answer;
   const why = typeof code === "string" ? printable(code.slice(0, 64)) : "no code";
   switch (response.status) {
-    case 404: return new MeshError("ERR_NOT_FOUND", 404, "no token for that ClientId and TokenType");
-    case 503: return new Unavailable("KeyServer unavailable (its token store is down)");
+    case 404:
+      return new MeshError("ERR_NOT_FOUND", 404, "no token for that ClientId and TokenType");
+    case 503:
+      return new Unavailable("KeyServer unavailable (its token store is down)");
     // Both roles read the same policy; the KeyServer may have reloaded an edit a moment before this proxy.
-    case 403: return new Forbidden(`the KeyServer refused: ${typeof error === "string" ? printable(error.slice(0, 300)) : "forbidden"}`);
+    case 403:
+      return new Forbidden(`the KeyServer refused: ${typeof error === "string" ? printable(error.slice(0, 300)) : "forbidden"}`);
     // The client over its limit at the KeyServer too (issue 20): told so, with the KeyServer's Retry-After.
-    case 429: if (code === "ERR_RATE_LIMITED" || code === "ERR_IN_FLIGHT_LIMIT") {
-      return new TooManyRequests(code, `the KeyServer refused: ${typeof error === "string" ? printable(error.slice(0, 300)) : "over a limit"}`, retryAfterOf(response));
-    }
+    case 429:
+      if (code === "ERR_RATE_LIMITED" || code === "ERR_IN_FLIGHT_LIMIT") {
+        return new TooManyRequests(
+          code,
+          `the KeyServer refused: ${typeof error === "string" ? printable(error.slice(0, 300)) : "over a limit"}`,
+          retryAfterOf(response),
+        );
+      }
       return new MeshError("ERR_REPLAY_QUOTA", 429, typeof error === "string" ? printable(error.slice(0, 300)) : "too many token requests; retry later");
-    default: return new MeshError("ERR_KEYSERVER", 502, `KeyServer refused the token request (${response.status} ${why})`);
+    default:
+      return new MeshError("ERR_KEYSERVER", 502, `KeyServer refused the token request (${response.status} ${why})`);
   }
 }
 
@@ -124,14 +131,26 @@ export function createProxyApp(deps: ProxyDeps) {
   const { timeoutMs, logger } = deps;
   const order = new FailoverOrder(deps.keyservers);
   const states = new Map<string, KeyServerState>(order.urls.map((url) => [url, { url }]));
-  const failovers = deps.metrics?.counter("securemesh_keyserver_failovers_total", "Token requests made again at the next KeyServer after one failed, by reason.", ["reason"]);
+  const failovers = deps.metrics?.counter(
+    "securemesh_keyserver_failovers_total",
+    "Token requests made again at the next KeyServer after one failed, by reason.",
+    ["reason"],
+  );
 
   /** A call to one KeyServer for the request `trace` belongs to, which it carries on (#14). */
-  const keyserverFetch = async (keyserver: string, path: string, trace: Trace, init: { method?: string; headers?: Record<string, string>; body?: string } = {}) => {
+  const keyserverFetch = async (
+    keyserver: string,
+    path: string,
+    trace: Trace,
+    init: { method?: string; headers?: Record<string, string>; body?: string } = {},
+  ) => {
     try {
       // Each token request is a fresh nonce and session key, sealed to this KeyServer's own key: never sent again.
       return await deps.hops.keyserver.request(keyserver + path, {
-        ...init, headers: { ...init.headers, ...trace.outbound }, timeoutMs, idempotent: (init.method ?? "GET") === "GET",
+        ...init,
+        headers: { ...init.headers, ...trace.outbound },
+        timeoutMs,
+        idempotent: (init.method ?? "GET") === "GET",
       });
     } catch (error) {
       if (error instanceof UnexpectedPeer) {
@@ -156,7 +175,9 @@ export function createProxyApp(deps: ProxyDeps) {
     const key = await keyserverPublicKey(state, trace);
     const prepared = deps.format === "jose" ? await prepareJoseRequest(key, clientId, tokenType) : await prepareLegacyRequest(key, clientId, tokenType);
     const response = await keyserverFetch(state.url, "/", trace, {
-      method: "POST", headers: { "content-type": prepared.contentType, [ON_BEHALF_OF_HEADER]: caller }, body: prepared.body,
+      method: "POST",
+      headers: { "content-type": prepared.contentType, [ON_BEHALF_OF_HEADER]: caller },
+      body: prepared.body,
     });
     if (response.status !== 200) {
       if (response.status === 400) state.publicKey = undefined; // perhaps the KeyServer's key changed
@@ -185,7 +206,8 @@ export function createProxyApp(deps: ProxyDeps) {
         if (!failsOver(error)) throw error;
         order.failed(url);
         last = error;
-        const why = (error as MeshError).code === "ERR_KEYSERVER_IDENTITY" ? "identity" : (error as MeshError).code === "ERR_KEYSERVER" ? "answer" : "unavailable";
+        const why =
+          (error as MeshError).code === "ERR_KEYSERVER_IDENTITY" ? "identity" : (error as MeshError).code === "ERR_KEYSERVER" ? "answer" : "unavailable";
         if (order.urls.length > 1) {
           failovers?.inc({ reason: why });
           logger.warn(`KeyServer ${new URL(url).host} failed (${(error as Error).message}) ${trace.field}=${trace.id}; a new request goes to the next`);
@@ -198,7 +220,9 @@ export function createProxyApp(deps: ProxyDeps) {
 
   return createApp({ logger, metrics: deps.metrics })
     .get("/health", () => ({
-      status: "ok", role: "secureproxy", tokenTypes: [...deps.allow.keys()],
+      status: "ok",
+      role: "secureproxy",
+      tokenTypes: [...deps.allow.keys()],
       keyservers: order.urls.map((url) => ({ url, failedRecently: order.isHeld(url) })),
     }))
     .post("/request_api", async ({ request, body }) => {
@@ -223,7 +247,9 @@ export function createProxyApp(deps: ProxyDeps) {
       // The client follows no redirect, so none can carry the token to another host; it is sent only over a
       // connection whose handshake showed the API's pinned identity (or its own CA and host name).
       api = await deps.hops.api(TokenType).request(url, {
-        headers: { ...trace.outbound, authorization: `Bearer ${token}`, accept: "application/json" }, timeoutMs, idempotent: true,
+        headers: { ...trace.outbound, authorization: `Bearer ${token}`, accept: "application/json" },
+        timeoutMs,
+        idempotent: true,
       });
     } catch (error) {
       throw new MeshError("ERR_UPSTREAM", 502, `the API at ${url.host} failed (${reason(error)})`);
@@ -235,7 +261,9 @@ export function createProxyApp(deps: ProxyDeps) {
     } catch {
       throw new MeshError("ERR_UPSTREAM", 502, `the API at ${url.host} answered ${api.status} without JSON`);
     }
-    logger.info(`API call by ${printable(caller)} for client=${printable(ClientId)} type=${printable(TokenType)} to ${url.host} answered ${api.status} ${trace.field}=${trace.id}`);
+    logger.info(
+      `API call by ${printable(caller)} for client=${printable(ClientId)} type=${printable(TokenType)} to ${url.host} answered ${api.status} ${trace.field}=${trace.id}`,
+    );
     return new Response(JSON.stringify(json), { status: api.status, headers: { "content-type": "application/json" } });
   }
 }

@@ -6,7 +6,16 @@ import { mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { CompactEncrypt, compactDecrypt, type CompactJWEHeaderParameters } from "jose";
-import { DecryptFailed, EcdhKeyPair, openJoseRequest, openJoseResponse, prepareEcdhRequest, prepareJoseRequest, RsaKeyPair, sealJoseResponse } from "./token-exchange.ts";
+import {
+  type DecryptFailed,
+  EcdhKeyPair,
+  openJoseRequest,
+  openJoseResponse,
+  prepareEcdhRequest,
+  prepareJoseRequest,
+  RsaKeyPair,
+  sealJoseResponse,
+} from "./token-exchange.ts";
 
 const dir = mkdtempSync(join(tmpdir(), "securemesh-jwe-"));
 afterAll(() => rmSync(dir, { recursive: true, force: true }));
@@ -14,7 +23,11 @@ const keys = await RsaKeyPair.loadOrCreate(join(dir, "rsa_key.pem"));
 const ecdh = await EcdhKeyPair.loadOrCreate(join(dir, "ecdh_key.pem"));
 /** A well-formed request payload, as prepareJoseRequest writes it. */
 const PAYLOAD = JSON.stringify({
-  clientId: "client1", tokenType: "marketplace", sessionKey: randomBytes(32).toString("base64url"), timestamp: Math.floor(Date.now() / 1000), nonce: "n1",
+  clientId: "client1",
+  tokenType: "marketplace",
+  sessionKey: randomBytes(32).toString("base64url"),
+  timestamp: Math.floor(Date.now() / 1000),
+  nonce: "n1",
 });
 const REFUSED = { name: "DecryptFailed", code: "ERR_DECRYPT", status: 400, message: "request could not be decrypted" };
 
@@ -36,9 +49,10 @@ function josed(header: CompactJWEHeaderParameters = { alg: "RSA-OAEP-256", enc: 
   return new CompactEncrypt(new TextEncoder().encode(PAYLOAD)).setProtectedHeader(header).encrypt(keys.publicKey, crit && { crit });
 }
 
-const rsaOaep = (hash: "SHA-1" | "SHA-256", usage: "encrypt" | "decrypt") => usage === "encrypt"
-  ? crypto.subtle.importKey("spki", keys.publicKey.export({ type: "spki", format: "der" }), { name: "RSA-OAEP", hash }, false, [usage])
-  : crypto.subtle.importKey("pkcs8", keys.privateKey.export({ type: "pkcs8", format: "der" }), { name: "RSA-OAEP", hash }, false, [usage]);
+const rsaOaep = (hash: "SHA-1" | "SHA-256", usage: "encrypt" | "decrypt") =>
+  usage === "encrypt"
+    ? crypto.subtle.importKey("spki", keys.publicKey.export({ type: "spki", format: "der" }), { name: "RSA-OAEP", hash }, false, [usage])
+    : crypto.subtle.importKey("pkcs8", keys.privateKey.export({ type: "pkcs8", format: "der" }), { name: "RSA-OAEP", hash }, false, [usage]);
 
 /** The five parts of a compact JWE sealed with AES-256-GCM under `cek` with any protected `header`: what jose will not make. */
 function sealedByHand(header: Record<string, unknown>, encryptedKey: Uint8Array, cek: Uint8Array): string {
@@ -74,7 +88,11 @@ describe("RSA-OAEP-256 requests", () => {
     expect(headerOf(prepared.body)).toEqual({ alg: "RSA-OAEP-256", enc: "A256GCM" });
     const opened = await openJoseRequest(keys, prepared.body);
     expect({ ...opened, sessionKey: Buffer.from(opened.sessionKey).equals(Buffer.from(prepared.sessionKey)) }).toEqual({
-      clientId: "client1", tokenType: "marketplace", sessionKey: true, timestamp: expect.any(Number), nonce: expect.any(String),
+      clientId: "client1",
+      tokenType: "marketplace",
+      sessionKey: true,
+      timestamp: expect.any(Number),
+      nonce: expect.any(String),
     });
     expect(await request(await josed({ alg: "RSA-OAEP-256", enc: "A256GCM", kid: keys.jwk.kid }))).toBe("client1");
     // The control for the refusals below: sealed this way under the right header, it opens.
@@ -121,18 +139,28 @@ describe("RSA-OAEP-256 requests", () => {
     const encryptedKey = async () => Buffer.from((await prepareJoseRequest(keys.publicKey, "client1", "marketplace")).body.split(".")[1]!, "base64url");
     const [a, b] = [await encryptedKey(), await encryptedKey()];
     await expect(crypto.subtle.decrypt({ name: "RSA-OAEP" }, await rsaOaep("SHA-1", "decrypt"), a)).rejects.toThrow();
-    const [cekA, cekB] = await Promise.all([a, b].map(async (wrapped) => Buffer.from(await crypto.subtle.decrypt({ name: "RSA-OAEP" }, await rsaOaep("SHA-256", "decrypt"), wrapped))));
+    const [cekA, cekB] = await Promise.all(
+      [a, b].map(async (wrapped) => Buffer.from(await crypto.subtle.decrypt({ name: "RSA-OAEP" }, await rsaOaep("SHA-256", "decrypt"), wrapped))),
+    );
     expect({ length: cekA!.length, fresh: !cekA!.equals(cekB!) }).toEqual({ length: 32, fresh: true });
   });
 });
 
 /** An ECDH-ES JWE from the all-zero X25519 point, sealed under the content key of the all-zero secret it would force. */
 function sealedToZeroSecret(): string {
-  const u32 = (n: number) => { const b = Buffer.alloc(4); b.writeUInt32BE(n); return b; };
+  const u32 = (n: number) => {
+    const b = Buffer.alloc(4);
+    b.writeUInt32BE(n);
+    return b;
+  };
   const prefixed = (b: Buffer) => Buffer.concat([u32(b.length), b]);
   const otherInfo = Buffer.concat([prefixed(Buffer.from("A256GCM")), prefixed(Buffer.alloc(0)), prefixed(Buffer.alloc(0)), u32(256)]);
   const cek = createHash("sha256").update(u32(1)).update(Buffer.alloc(32)).update(otherInfo).digest();
-  return sealedByHand({ alg: "ECDH-ES", enc: "A256GCM", epk: { kty: "OKP", crv: "X25519", x: Buffer.alloc(32).toString("base64url") } }, new Uint8Array(0), cek);
+  return sealedByHand(
+    { alg: "ECDH-ES", enc: "A256GCM", epk: { kty: "OKP", crv: "X25519", x: Buffer.alloc(32).toString("base64url") } },
+    new Uint8Array(0),
+    cek,
+  );
 }
 
 describe("ECDH-ES requests, the opt-in", () => {
@@ -140,8 +168,10 @@ describe("ECDH-ES requests, the opt-in", () => {
     const prepared = await prepareEcdhRequest(ecdh.publicKey, "client1", "marketplace");
     expect(headerOf(prepared.body)).toEqual({ alg: "ECDH-ES", enc: "A256GCM", epk: { kty: "OKP", crv: "X25519", x: expect.any(String) } });
     expect(await request(prepared.body, true)).toBe("client1");
-    const parties = await new CompactEncrypt(new TextEncoder().encode(PAYLOAD)).setProtectedHeader({ alg: "ECDH-ES", enc: "A256GCM" })
-      .setKeyManagementParameters({ apu: new TextEncoder().encode("proxy"), apv: new TextEncoder().encode("keyserver") }).encrypt(ecdh.publicKey);
+    const parties = await new CompactEncrypt(new TextEncoder().encode(PAYLOAD))
+      .setProtectedHeader({ alg: "ECDH-ES", enc: "A256GCM" })
+      .setKeyManagementParameters({ apu: new TextEncoder().encode("proxy"), apv: new TextEncoder().encode("keyserver") })
+      .encrypt(ecdh.publicKey);
     expect(await request(parties, true)).toBe("client1");
   });
 
@@ -182,7 +212,9 @@ describe("the answer (dir, A256GCM)", () => {
   test("under another key, altered, compressed or another algorithm: the same DecryptFailed", async () => {
     const sealed = await sealJoseResponse("mkt-token", sessionKey);
     const answer = (jwe: string, key = sessionKey) => outcome(openJoseResponse(jwe, key));
-    const zipped = await new CompactEncrypt(new TextEncoder().encode("mkt-token")).setProtectedHeader({ alg: "dir", enc: "A256GCM", zip: "DEF" }).encrypt(sessionKey);
+    const zipped = await new CompactEncrypt(new TextEncoder().encode("mkt-token"))
+      .setProtectedHeader({ alg: "dir", enc: "A256GCM", zip: "DEF" })
+      .encrypt(sessionKey);
     expect(new TextDecoder().decode((await compactDecrypt(zipped, sessionKey)).plaintext)).toBe("mkt-token");
     const refused = [
       ...[0, 2, 3, 4].map((part) => flipped(sealed, part)),

@@ -59,7 +59,13 @@ export class RsaKeyPair {
     const publicKey = createPublicKey(privateKey);
     // WebCrypto, not node:crypto's privateDecrypt: Bun's node:crypto once ignored the OAEP hash (oven-sh/bun#10247).
     // Bun and Deno run WebCrypto's RSA on their own thread pools, so both cores decrypt (#13).
-    const webPrivateKey = await crypto.subtle.importKey("pkcs8", privateKey.export({ type: "pkcs8", format: "der" }), { name: "RSA-OAEP", hash: "SHA-256" }, false, ["decrypt"]);
+    const webPrivateKey = await crypto.subtle.importKey(
+      "pkcs8",
+      privateKey.export({ type: "pkcs8", format: "der" }),
+      { name: "RSA-OAEP", hash: "SHA-256" },
+      false,
+      ["decrypt"],
+    );
     return new RsaKeyPair(privateKey, publicKey, webPrivateKey, await publishedJwk(publicKey, "RSA-OAEP-256"));
   }
 
@@ -84,14 +90,17 @@ export class EcdhKeyPair {
     const privateKey = loadOrCreatePrivateKey(path, () => generateKeyPairSync("x25519").privateKey);
     if (privateKey.asymmetricKeyType !== "x25519") throw new ConfigError(`${path} does not hold an X25519 private key`);
     const publicKey = createPublicKey(privateKey);
-    const webPrivateKey = await crypto.subtle.importKey("pkcs8", privateKey.export({ type: "pkcs8", format: "der" }), { name: "X25519" }, false, ["deriveBits"]);
+    const webPrivateKey = await crypto.subtle.importKey("pkcs8", privateKey.export({ type: "pkcs8", format: "der" }), { name: "X25519" }, false, [
+      "deriveBits",
+    ]);
     return new EcdhKeyPair(publicKey, webPrivateKey, await publishedJwk(publicKey, "ECDH-ES"));
   }
 }
 
 function requireString(body: Record<string, unknown>, field: string, max = 256): string {
   const value = body[field];
-  if (typeof value !== "string" || value.length === 0 || value.length > max) throw new BadRequest(`field '${field}' must be a non-empty string of at most ${max} characters`);
+  if (typeof value !== "string" || value.length === 0 || value.length > max)
+    throw new BadRequest(`field '${field}' must be a non-empty string of at most ${max} characters`);
   return value;
 }
 
@@ -228,14 +237,20 @@ export function prepareEcdhRequest(publicKey: KeyObject, clientId: string, token
 
 export async function prepareLegacyRequest(publicKey: KeyObject, clientId: string, tokenType: string): Promise<PreparedRequest> {
   const sessionKey = new Uint8Array(randomBytes(32));
-  const webKey = await crypto.subtle.importKey("spki", publicKey.export({ type: "spki", format: "der" }), { name: "RSA-OAEP", hash: "SHA-256" }, false, ["encrypt"]);
+  const webKey = await crypto.subtle.importKey("spki", publicKey.export({ type: "spki", format: "der" }), { name: "RSA-OAEP", hash: "SHA-256" }, false, [
+    "encrypt",
+  ]);
   const wrapped = Buffer.from(await crypto.subtle.encrypt(OAEP, webKey, sessionKey)).toString("base64");
   return { body: JSON.stringify({ sessionKey: wrapped, clientId, tokenType, ...replayFields() }), contentType: "application/json", sessionKey };
 }
 
 export async function openJoseResponse(jwe: string, sessionKey: Uint8Array): Promise<string> {
   try {
-    const { plaintext } = await compactDecrypt(jwe, sessionKey, { keyManagementAlgorithms: ["dir"], contentEncryptionAlgorithms: ["A256GCM"], maxDecompressedLength: 0 });
+    const { plaintext } = await compactDecrypt(jwe, sessionKey, {
+      keyManagementAlgorithms: ["dir"],
+      contentEncryptionAlgorithms: ["A256GCM"],
+      maxDecompressedLength: 0,
+    });
     return new TextDecoder().decode(plaintext);
   } catch {
     throw new DecryptFailed();

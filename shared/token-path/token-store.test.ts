@@ -88,7 +88,9 @@ describe.each(testedDatabases(Object.keys(backends)))("%s token vault", (kind) =
     expect(await vault.reveal("client1", "marketplace")).toBe(TOKEN);
     expect(await vault.reveal("client1", "other")).toBeUndefined();
     // One version, 32 bytes wrapped with its 16-byte tag: the key itself is not there.
-    expect((await rawKeys()).map((k) => ({ version: Number(k.version), bytes: Buffer.from(String(k.wrapped), "base64").length }))).toEqual([{ version: 1, bytes: 48 }]);
+    expect((await rawKeys()).map((k) => ({ version: Number(k.version), bytes: Buffer.from(String(k.wrapped), "base64").length }))).toEqual([
+      { version: 1, bytes: 48 },
+    ]);
   });
 
   test("master-key rotation keeps every token readable, archives the old key, and restore brings it back", async () => {
@@ -97,7 +99,11 @@ describe.each(testedDatabases(Object.keys(backends)))("%s token vault", (kind) =
     expect(await vault.rotate(archive)).toEqual({ version: 2, resealed: 5, retired: [1], unopened: [] });
     expect((await vault.store.all()).map((r) => r.keyVersion)).toEqual([2, 2, 2, 2, 2]);
     for (let i = 0; i < 5; i++) expect(await vault.reveal(`client${i}`, "marketplace")).toBe(`${TOKEN}-${i}`);
-    expect({ keyring: vault.keyring.versions, archived: archive.versions, mode: statSync(archive.path).mode & 0o777 }).toEqual({ keyring: [2], archived: [1], mode: 0o600 });
+    expect({ keyring: vault.keyring.versions, archived: archive.versions, mode: statSync(archive.path).mode & 0o777 }).toEqual({
+      keyring: [2],
+      archived: [1],
+      mode: 0o600,
+    });
     // A new version is numbered above every archived one, never reusing a number.
     expect(await vault.rotate(archive)).toEqual({ version: 3, resealed: 5, retired: [2], unopened: [] });
     expect(await vault.store.addKeyVersion(archive.get(1)!)).toBe(true);
@@ -191,7 +197,9 @@ describe("the keyring file", () => {
     const path = join(dataDir, "master_keys.json");
     const file = JSON.parse(readFileSync(path, "utf8")) as Record<string, unknown>;
     expect({ mode: statSync(path).mode & 0o777, fields: Object.keys(file).sort(), store: file.store }).toEqual({
-      mode: 0o600, fields: ["format", "key", "keyring", "store"], store: { id: await store.storeId(), at: store.description },
+      mode: 0o600,
+      fields: ["format", "key", "keyring", "store"],
+      store: { id: await store.storeId(), at: store.description },
     });
     chmodSync(path, 0o644);
     expect(() => readKeyringFile(path)).toThrow(ConfigError);

@@ -49,7 +49,12 @@ interface RawKey {
 }
 
 const fromRaw = (r: Raw): TokenRow => ({
-  clientId: r.client_id, tokenType: r.token_type, ciphertext: r.token, nonce: r.nonce, keyVersion: Number(r.key_version), updatedAt: Number(r.updated_at),
+  clientId: r.client_id,
+  tokenType: r.token_type,
+  ciphertext: r.token,
+  nonce: r.nonce,
+  keyVersion: Number(r.key_version),
+  updatedAt: Number(r.updated_at),
 });
 const toParams = (r: TokenRow): [string, string, string, string, number, number] => [r.clientId, r.tokenType, r.ciphertext, r.nonce, r.keyVersion, r.updatedAt];
 const keyFromRaw = (r: RawKey): WrappedKey => ({ version: Number(r.version), wrapped: r.wrapped, nonce: r.nonce, createdAt: Number(r.created_at) });
@@ -166,8 +171,15 @@ class MysqlTokenStore implements TokenStore {
 
   async put(row: TokenRow): Promise<void> {
     // An upsert of the whole row: run again after a certification failure or on another node, it leaves the same row.
-    await orUnavailable(TOKEN_STORE, () => this.#db.transaction((s) => s.run(`${this.#sql.insert} ON DUPLICATE KEY UPDATE token = VALUES(token),
-      nonce = VALUES(nonce), key_version = VALUES(key_version), updated_at = VALUES(updated_at)`, toParams(row))));
+    await orUnavailable(TOKEN_STORE, () =>
+      this.#db.transaction((s) =>
+        s.run(
+          `${this.#sql.insert} ON DUPLICATE KEY UPDATE token = VALUES(token),
+      nonce = VALUES(nonce), key_version = VALUES(key_version), updated_at = VALUES(updated_at)`,
+          toParams(row),
+        ),
+      ),
+    );
   }
 
   async get(clientId: string, tokenType: string): Promise<TokenRow | undefined> {
@@ -232,7 +244,8 @@ class MysqlTokenStore implements TokenStore {
 
 /** The CREATE TABLEs both dialects accept; MySQL adds its engine. Every table has a primary key, as Galera needs. */
 function schema(table: string): string[] {
-  return [`CREATE TABLE IF NOT EXISTS ${table} (
+  return [
+    `CREATE TABLE IF NOT EXISTS ${table} (
     client_id VARCHAR(128) NOT NULL,
     token_type VARCHAR(64) NOT NULL,
     token TEXT NOT NULL,
@@ -240,17 +253,20 @@ function schema(table: string): string[] {
     key_version INT NOT NULL,
     updated_at BIGINT NOT NULL,
     PRIMARY KEY (client_id, token_type)
-  )`, `CREATE TABLE IF NOT EXISTS ${table}_keyring (
+  )`,
+    `CREATE TABLE IF NOT EXISTS ${table}_keyring (
     version INT NOT NULL,
     wrapped VARCHAR(128) NOT NULL,
     nonce VARCHAR(24) NOT NULL,
     created_at BIGINT NOT NULL,
     PRIMARY KEY (version)
-  )`, `CREATE TABLE IF NOT EXISTS ${table}_meta (
+  )`,
+    `CREATE TABLE IF NOT EXISTS ${table}_meta (
     name VARCHAR(64) NOT NULL,
     value VARCHAR(255) NOT NULL,
     PRIMARY KEY (name)
-  )`];
+  )`,
+  ];
 }
 
 /** Opens `mysql://…` or a sqlite path, creating the tables if missing. */
@@ -277,7 +293,10 @@ export interface Rotation {
 
 /** Tokens sealed with the master keyring; the row's client and type are bound into each seal. */
 export class TokenVault {
-  constructor(readonly store: TokenStore, readonly keyring: MasterKeyring) {}
+  constructor(
+    readonly store: TokenStore,
+    readonly keyring: MasterKeyring,
+  ) {}
 
   static context(clientId: string, tokenType: string): string {
     return `${clientId}\u0000${tokenType}`;

@@ -51,8 +51,10 @@ describe("a keyring and a store that do not belong together", () => {
     const real = await deployed();
     const wrong = { db: join(real.dir, "elsewhere", "tokens.db"), dataDir: real.dataDir };
     for (const purpose of PURPOSES) {
-      expect(await outcome(wrong, purpose)).toBe(`keyring ${displayPath(real.keyringPath)} belongs to token store sqlite ${displayPath(real.db)} (store id ${real.storeId}), ` +
-        `not to sqlite ${displayPath(wrong.db)} (no such file): give it the KeyServer's own configuration (--config FILE, or the --db or --db-file the KeyServer runs with)`);
+      expect(await outcome(wrong, purpose)).toBe(
+        `keyring ${displayPath(real.keyringPath)} belongs to token store sqlite ${displayPath(real.db)} (store id ${real.storeId}), ` +
+          `not to sqlite ${displayPath(wrong.db)} (no such file): give it the KeyServer's own configuration (--config FILE, or the --db or --db-file the KeyServer runs with)`,
+      );
     }
     expect(existsSync(join(real.dir, "elsewhere"))).toBe(false);
   });
@@ -63,9 +65,13 @@ describe("a keyring and a store that do not belong together", () => {
     const empty = join(tmp(), "tokens.db");
     (await openTokenStore(empty)).close();
     const head = `keyring ${displayPath(real.keyringPath)} belongs to token store sqlite ${displayPath(real.db)} (store id ${real.storeId}), not to`;
-    expect(await outcome({ db: empty, dataDir: real.dataDir }, "use")).toBe(`${head} sqlite ${displayPath(empty)} (bound to no keyring): give it the KeyServer's own configuration (--config FILE, or the --db or --db-file the KeyServer runs with)`);
-    expect(await outcome({ db: other.db, dataDir: real.dataDir }, "serve")).toBe(`${head} sqlite ${displayPath(other.db)} (store id ${other.storeId}, bound to another keyring): ` +
-      "start the KeyServer with the store its keyring belongs to (--db), or import this store's keyring");
+    expect(await outcome({ db: empty, dataDir: real.dataDir }, "use")).toBe(
+      `${head} sqlite ${displayPath(empty)} (bound to no keyring): give it the KeyServer's own configuration (--config FILE, or the --db or --db-file the KeyServer runs with)`,
+    );
+    expect(await outcome({ db: other.db, dataDir: real.dataDir }, "serve")).toBe(
+      `${head} sqlite ${displayPath(other.db)} (store id ${other.storeId}, bound to another keyring): ` +
+        "start the KeyServer with the store its keyring belongs to (--db), or import this store's keyring",
+    );
     // Neither store was touched: the empty one is still bound to nothing.
     const emptyStore = await openTokenStore(empty);
     opened.push(emptyStore);
@@ -75,7 +81,9 @@ describe("a keyring and a store that do not belong together", () => {
   test("a keyring file replaced by another keyring's key, claiming the same store, is refused: its keys do not open", async () => {
     const real = await deployed();
     writeKeyringFile(real.keyringPath, { id: newId(), store: { id: real.storeId, at: "forged" }, key: newKey() });
-    expect(await outcome(real, "serve")).toMatch(/^the master keys in sqlite \S+ do not open under keyring \S+ \(keyring [0-9a-f]{16}\): the keyring file was replaced or altered; restore it from its backup \('token keyring import BACKUP'\)$/);
+    expect(await outcome(real, "serve")).toMatch(
+      /^the master keys in sqlite \S+ do not open under keyring \S+ \(keyring [0-9a-f]{16}\): the keyring file was replaced or altered; restore it from its backup \('token keyring import BACKUP'\)$/,
+    );
   });
 });
 
@@ -84,9 +92,11 @@ describe("a host without the keyring", () => {
     const real = await deployed();
     const replacementHost = join(tmp(), "keyserver");
     for (const purpose of PURPOSES) {
-      expect(await outcome({ db: real.db, dataDir: replacementHost }, purpose)).toBe(`no keyring at ${displayPath(join(replacementHost, "master_keys.json"))}, ` +
-        `but token store sqlite ${displayPath(real.db)} holds 1 sealed token and is bound to a keyring (store id ${real.storeId}): ` +
-        "restore that keyring with 'token keyring import BACKUP' (a new keyring would open none of them)");
+      expect(await outcome({ db: real.db, dataDir: replacementHost }, purpose)).toBe(
+        `no keyring at ${displayPath(join(replacementHost, "master_keys.json"))}, ` +
+          `but token store sqlite ${displayPath(real.db)} holds 1 sealed token and is bound to a keyring (store id ${real.storeId}): ` +
+          "restore that keyring with 'token keyring import BACKUP' (a new keyring would open none of them)",
+      );
     }
     expect(existsSync(replacementHost) ? readdirSync(replacementHost) : []).toEqual([]);
   });
@@ -96,18 +106,26 @@ describe("a host without the keyring", () => {
     const store = await openTokenStore(join(dir, "tokens.db"));
     await store.put(legacySeal(newKey(), "client1", "marketplace", TOKEN, 1));
     await store.close();
-    expect(await outcome({ db: join(dir, "tokens.db"), dataDir: join(dir, "k") }, "serve")).toBe(`no keyring at ${displayPath(join(dir, "k", "master_keys.json"))}, ` +
-      `but token store sqlite ${displayPath(join(dir, "tokens.db"))} holds 1 sealed token, sealed before keyrings were bound to stores: ` +
-      "put back the master_keys.json they were sealed with and start the KeyServer (it binds the two) (a new keyring would open none of them)");
+    expect(await outcome({ db: join(dir, "tokens.db"), dataDir: join(dir, "k") }, "serve")).toBe(
+      `no keyring at ${displayPath(join(dir, "k", "master_keys.json"))}, ` +
+        `but token store sqlite ${displayPath(join(dir, "tokens.db"))} holds 1 sealed token, sealed before keyrings were bound to stores: ` +
+        "put back the master_keys.json they were sealed with and start the KeyServer (it binds the two) (a new keyring would open none of them)",
+    );
   });
 
   test("on an empty store: the KeyServer and token add make the keyring; other commands have nothing to act on", async () => {
     const dir = tmp();
-    expect(await outcome({ db: join(dir, "tokens.db"), dataDir: join(dir, "k") }, "use")).toBe(`no keyring at ${displayPath(join(dir, "k", "master_keys.json"))} and no token store at ${displayPath(join(dir, "tokens.db"))}: ` +
-      "nothing to act on; give it the KeyServer's own configuration (--config FILE, or the --db or --db-file the KeyServer runs with)");
+    expect(await outcome({ db: join(dir, "tokens.db"), dataDir: join(dir, "k") }, "use")).toBe(
+      `no keyring at ${displayPath(join(dir, "k", "master_keys.json"))} and no token store at ${displayPath(join(dir, "tokens.db"))}: ` +
+        "nothing to act on; give it the KeyServer's own configuration (--config FILE, or the --db or --db-file the KeyServer runs with)",
+    );
     const made = await openVault({ db: join(dir, "tokens.db"), dataDir: join(dir, "k") }, "serve");
     opened.push(made.vault.store);
-    expect(made.notes).toEqual([expect.stringMatching(/^made keyring [0-9a-f]{16} in \S+master_keys\.json, bound to sqlite \S+ \(store id [0-9a-f]{16}\); back it up: 'token keyring export BACKUP'$/)]);
+    expect(made.notes).toEqual([
+      expect.stringMatching(
+        /^made keyring [0-9a-f]{16} in \S+master_keys\.json, bound to sqlite \S+ \(store id [0-9a-f]{16}\); back it up: 'token keyring export BACKUP'$/,
+      ),
+    ]);
     expect([made.vault.keyring.versions, readdirSync(join(dir, "k")).sort()]).toEqual([[1], ["master_keys.json"]]);
   });
 
@@ -132,9 +150,14 @@ describe("a host without the keyring", () => {
     await store.close();
     const resumed = await openVault(location, "add");
     opened.push(resumed.vault.store);
-    expect({ notes: resumed.notes, keyring: resumed.vault.keyring.id, versions: resumed.vault.keyring.versions, files: readdirSync(location.dataDir) }).toEqual({
-      notes: [`finished binding keyring ${half.id} to ${store.description} (store id ${half.store.id})`], keyring: half.id, versions: [1], files: ["master_keys.json"],
-    });
+    expect({ notes: resumed.notes, keyring: resumed.vault.keyring.id, versions: resumed.vault.keyring.versions, files: readdirSync(location.dataDir) }).toEqual(
+      {
+        notes: [`finished binding keyring ${half.id} to ${store.description} (store id ${half.store.id})`],
+        keyring: half.id,
+        versions: [1],
+        files: ["master_keys.json"],
+      },
+    );
   });
 });
 
@@ -156,19 +179,29 @@ describe("a keyring file of the old format (master keys in the file, bound to no
     await store.put(legacySeal(options.sealWith ?? keys["2"], "client1", "marketplace", TOKEN, 2));
     await store.close();
     mkdirSync(location.dataDir, { recursive: true, mode: 0o700 });
-    writeFileSync(join(location.dataDir, "master_keys.json"), JSON.stringify({ current: 2, keys: { "1": keys["1"].toString("base64"), "2": keys["2"].toString("base64") } }), { mode: 0o600 });
+    writeFileSync(
+      join(location.dataDir, "master_keys.json"),
+      JSON.stringify({ current: 2, keys: { "1": keys["1"].toString("base64"), "2": keys["2"].toString("base64") } }),
+      { mode: 0o600 },
+    );
     return location;
   }
 
   test("only the KeyServer binds it to its store: admin commands are refused until then", async () => {
     const location = await legacyDeployment();
     for (const purpose of ["add", "use"] as const) {
-      expect(await outcome(location, purpose)).toBe(`${displayPath(join(location.dataDir, "master_keys.json"))} is a keyring file of the old format, bound to no token store yet: ` +
-        "start the KeyServer once with its own configuration (it binds its keyring to its store), then run this again");
+      expect(await outcome(location, purpose)).toBe(
+        `${displayPath(join(location.dataDir, "master_keys.json"))} is a keyring file of the old format, bound to no token store yet: ` +
+          "start the KeyServer once with its own configuration (it binds its keyring to its store), then run this again",
+      );
     }
     const serve = await openVault(location, "serve");
     opened.push(serve.vault.store);
-    expect(serve.notes).toEqual([expect.stringMatching(/^bound the keyring file of the old format to sqlite \S+ \(store id [0-9a-f]{16}\): its 2 master keys now live in the store, wrapped under keyring [0-9a-f]{16}; back it up: 'token keyring export BACKUP'$/)]);
+    expect(serve.notes).toEqual([
+      expect.stringMatching(
+        /^bound the keyring file of the old format to sqlite \S+ \(store id [0-9a-f]{16}\): its 2 master keys now live in the store, wrapped under keyring [0-9a-f]{16}; back it up: 'token keyring export BACKUP'$/,
+      ),
+    ]);
     expect([await serve.vault.reveal("client1", "marketplace"), serve.vault.keyring.versions]).toEqual([TOKEN, [1, 2]]);
     const file = JSON.parse(readFileSync(join(location.dataDir, "master_keys.json"), "utf8")) as Record<string, unknown>;
     expect([file.format, "keys" in file]).toEqual([2, false]);
@@ -177,8 +210,10 @@ describe("a keyring file of the old format (master keys in the file, bound to no
 
   test("one that does not open the store's tokens is refused, and nothing is bound", async () => {
     const location = await legacyDeployment({ sealWith: newKey() });
-    expect(await outcome(location, "serve")).toBe(`${displayPath(join(location.dataDir, "master_keys.json"))} (old format) opens 0 of the 1 tokens in sqlite ${displayPath(location.db)}: ` +
-      "it is not this store's keyring; start the KeyServer on the store it belongs to, or restore this store's keyring");
+    expect(await outcome(location, "serve")).toBe(
+      `${displayPath(join(location.dataDir, "master_keys.json"))} (old format) opens 0 of the 1 tokens in sqlite ${displayPath(location.db)}: ` +
+        "it is not this store's keyring; start the KeyServer on the store it belongs to, or restore this store's keyring",
+    );
     const store = await openTokenStore(location.db);
     opened.push(store);
     expect(await store.storeId()).toBeUndefined();
@@ -194,8 +229,10 @@ describe("tokens sealed under a version the keyring lacks", () => {
     // The database restored from a dump taken before the rotation: its row is sealed under v1 again.
     await vault.store.put(v1Row);
     await vault.store.close();
-    expect(await outcome(real, "serve")).toBe(`token store sqlite ${displayPath(real.db)} holds 1 token sealed under master key version(s) 1 that its keyring lacks: ` +
-      `bring them back with 'token restore-key VERSION' (from ${displayPath(join(real.dataDir, "master_keys.archive.json"))}) or 'token keyring import BACKUP'`);
+    expect(await outcome(real, "serve")).toBe(
+      `token store sqlite ${displayPath(real.db)} holds 1 token sealed under master key version(s) 1 that its keyring lacks: ` +
+        `bring them back with 'token restore-key VERSION' (from ${displayPath(join(real.dataDir, "master_keys.archive.json"))}) or 'token keyring import BACKUP'`,
+    );
     const admin = await openVault(real, "use");
     opened.push(admin.vault.store);
     expect(admin.missing).toEqual([1]);

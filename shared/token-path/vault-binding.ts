@@ -56,7 +56,9 @@ export async function openVault(config: VaultLocation, purpose: VaultPurpose): P
   const file = readKeyringFile(path);
   const absent = config.store ? undefined : absentSqlite(config.db);
   if (absent && file?.kind === "bound") {
-    throw new ConfigError(`keyring ${displayPath(path)} belongs to token store ${file.store.at} (store id ${file.store.id}), not to sqlite ${displayPath(absent)} (no such file): ${FIX_CONFIG}`);
+    throw new ConfigError(
+      `keyring ${displayPath(path)} belongs to token store ${file.store.at} (store id ${file.store.id}), not to sqlite ${displayPath(absent)} (no such file): ${FIX_CONFIG}`,
+    );
   }
   if (absent && !file && purpose === "use") {
     throw new ConfigError(`no keyring at ${displayPath(path)} and no token store at ${displayPath(absent)}: nothing to act on; ${FIX_CONFIG}`);
@@ -89,35 +91,54 @@ async function bind(store: TokenStore, path: string, file: ReturnType<typeof rea
   if (!file) {
     if (storeId || sealed > 0) {
       const bound = storeId ? ` and is bound to a keyring (store id ${storeId})` : ", sealed before keyrings were bound to stores";
-      const fix = storeId ? "restore that keyring with 'token keyring import BACKUP'" : "put back the master_keys.json they were sealed with and start the KeyServer (it binds the two)";
-      throw new ConfigError(`no keyring at ${displayPath(path)}, but token store ${store.description} holds ${plural(sealed, "sealed token")}${bound}: ${fix} (a new keyring would open none of them)`);
+      const fix = storeId
+        ? "restore that keyring with 'token keyring import BACKUP'"
+        : "put back the master_keys.json they were sealed with and start the KeyServer (it binds the two)";
+      throw new ConfigError(
+        `no keyring at ${displayPath(path)}, but token store ${store.description} holds ${plural(sealed, "sealed token")}${bound}: ${fix} (a new keyring would open none of them)`,
+      );
     }
-    if (purpose === "use") throw new ConfigError(`no keyring at ${displayPath(path)}, and token store ${store.description} holds no token: nothing to act on ('token add' makes the keyring)`);
+    if (purpose === "use")
+      throw new ConfigError(
+        `no keyring at ${displayPath(path)}, and token store ${store.description} holds no token: nothing to act on ('token add' makes the keyring)`,
+      );
     const made = await claim(store, path, { id: newId(), store: { id: newId(), at: store.description }, key: newKey() });
-    notes.push(`made keyring ${made.id} in ${displayPath(path)}, bound to ${store.description} (store id ${made.store.id}); back it up: 'token keyring export BACKUP'`);
+    notes.push(
+      `made keyring ${made.id} in ${displayPath(path)}, bound to ${store.description} (store id ${made.store.id}); back it up: 'token keyring export BACKUP'`,
+    );
     return open(store, path, made, purpose, notes, inUse);
   }
   if (file.kind === "legacy") {
     if (storeId) {
-      throw new ConfigError(`${displayPath(path)} is a keyring file of the old format, but token store ${store.description} is bound to a keyring already (store id ${storeId}): ` +
-        "import that keyring's backup ('token keyring import BACKUP')");
+      throw new ConfigError(
+        `${displayPath(path)} is a keyring file of the old format, but token store ${store.description} is bound to a keyring already (store id ${storeId}): ` +
+          "import that keyring's backup ('token keyring import BACKUP')",
+      );
     }
     if (purpose !== "serve") {
-      throw new ConfigError(`${displayPath(path)} is a keyring file of the old format, bound to no token store yet: start the KeyServer once with its own configuration (it binds its keyring to its store), then run this again`);
+      throw new ConfigError(
+        `${displayPath(path)} is a keyring file of the old format, bound to no token store yet: start the KeyServer once with its own configuration (it binds its keyring to its store), then run this again`,
+      );
     }
     const opened = legacyOpens(file, await store.all());
     if (opened.failed > 0) {
-      throw new ConfigError(`${displayPath(path)} (old format) opens ${opened.ok} of the ${sealed} tokens in ${store.description}: it is not this store's keyring; ` +
-        "start the KeyServer on the store it belongs to, or restore this store's keyring");
+      throw new ConfigError(
+        `${displayPath(path)} (old format) opens ${opened.ok} of the ${sealed} tokens in ${store.description}: it is not this store's keyring; ` +
+          "start the KeyServer on the store it belongs to, or restore this store's keyring",
+      );
     }
     const bound = await claim(store, path, { id: newId(), store: { id: newId(), at: store.description }, key: newKey() }, file);
-    notes.push(`bound the keyring file of the old format to ${store.description} (store id ${bound.store.id}): its ${plural(file.keys.size, "master key")} now live in the store, wrapped under keyring ${bound.id}; back it up: 'token keyring export BACKUP'`);
+    notes.push(
+      `bound the keyring file of the old format to ${store.description} (store id ${bound.store.id}): its ${plural(file.keys.size, "master key")} now live in the store, wrapped under keyring ${bound.id}; back it up: 'token keyring export BACKUP'`,
+    );
     return open(store, path, bound, purpose, notes, inUse);
   }
   if (storeId !== file.store.id) {
     const what = storeId ? `store id ${storeId}, bound to another keyring` : "bound to no keyring";
     const fix = purpose === "serve" ? "start the KeyServer with the store its keyring belongs to (--db), or import this store's keyring" : FIX_CONFIG;
-    throw new ConfigError(`keyring ${displayPath(path)} belongs to token store ${file.store.at} (store id ${file.store.id}), not to ${store.description} (${what}): ${fix}`);
+    throw new ConfigError(
+      `keyring ${displayPath(path)} belongs to token store ${file.store.at} (store id ${file.store.id}), not to ${store.description} (${what}): ${fix}`,
+    );
   }
   return open(store, path, file, purpose, notes, inUse);
 }
@@ -129,7 +150,9 @@ async function claim(store: TokenStore, path: string, made: Omit<BoundKeyringFil
   const claimed = await store.claimStoreId(made.store.id);
   if (claimed !== made.store.id) {
     rmSync(pending, { force: true });
-    throw new ConfigError(`token store ${store.description} was bound to another keyring a moment ago (store id ${claimed}): import that keyring ('token keyring import BACKUP')`);
+    throw new ConfigError(
+      `token store ${store.description} was bound to another keyring a moment ago (store id ${claimed}): import that keyring ('token keyring import BACKUP')`,
+    );
   }
   const bound: BoundKeyringFile = { kind: "bound", ...made };
   if (legacy) await addLegacyVersions(store, bound, legacy);
@@ -149,14 +172,23 @@ function legacyOpens(file: LegacyKeyringFile, rows: Awaited<ReturnType<TokenStor
   return { ok, failed: rows.length - ok };
 }
 
-async function open(store: TokenStore, path: string, file: BoundKeyringFile, purpose: VaultPurpose, notes: string[], inUse: Map<number, number>): Promise<OpenedVault> {
+async function open(
+  store: TokenStore,
+  path: string,
+  file: BoundKeyringFile,
+  purpose: VaultPurpose,
+  notes: string[],
+  inUse: Map<number, number>,
+): Promise<OpenedVault> {
   const keyring = new MasterKeyring({ id: file.id, storeId: file.store.id, path, keyringKey: file.key, store });
   const archive = KeyArchiveFile.open(archivePathOf(path), file.id, file.store.id);
   try {
     await keyring.refresh();
   } catch (error) {
     if (!(error instanceof ConfigError)) throw error;
-    throw new ConfigError(`the master keys in ${store.description} do not open under keyring ${displayPath(path)} (keyring ${file.id}): the keyring file was replaced or altered; restore it from its backup ('token keyring import BACKUP')`);
+    throw new ConfigError(
+      `the master keys in ${store.description} do not open under keyring ${displayPath(path)} (keyring ${file.id}): the keyring file was replaced or altered; restore it from its backup ('token keyring import BACKUP')`,
+    );
   }
   // A store bound a moment ago, or by an opening that stopped before its first version: its first master key.
   if (keyring.versions.length === 0 && inUse.size === 0) {
@@ -166,8 +198,10 @@ async function open(store: TokenStore, path: string, file: BoundKeyringFile, pur
   const missing = [...inUse.keys()].filter((v) => !keyring.versions.includes(v)).sort((a, b) => a - b);
   if (missing.length > 0 && purpose === "serve") {
     const rows = missing.reduce((n, v) => n + inUse.get(v)!, 0);
-    throw new ConfigError(`token store ${store.description} holds ${plural(rows, "token")} sealed under master key version(s) ${missing.join(", ")} that its keyring lacks: ` +
-      `bring them back with 'token restore-key VERSION' (from ${displayPath(archive.path)}) or 'token keyring import BACKUP'`);
+    throw new ConfigError(
+      `token store ${store.description} holds ${plural(rows, "token")} sealed under master key version(s) ${missing.join(", ")} that its keyring lacks: ` +
+        `bring them back with 'token restore-key VERSION' (from ${displayPath(archive.path)}) or 'token keyring import BACKUP'`,
+    );
   }
   return { vault: new TokenVault(store, keyring), archive, notes, missing };
 }

@@ -28,8 +28,11 @@ test("a CA certificate our CA signed is refused as a client, though the TLS stac
     const decision = admission.admit("127.0.0.1", true, peerCertificate(readFileSync(join(dir, `${name}_cert.pem`), "utf8")));
     return "peer" in decision ? `admitted ${decision.peer.identity}` : `refused ${decision.refusal.reason}`;
   };
-  expect({ client1: admit("client1"), subca: admit("subca"), caItself: admit("ca") })
-    .toEqual({ client1: "admitted spiffe://securemesh/client/client1", subca: "refused untrusted", caItself: "refused untrusted" });
+  expect({ client1: admit("client1"), subca: admit("subca"), caItself: admit("ca") }).toEqual({
+    client1: "admitted spiffe://securemesh/client/client1",
+    subca: "refused untrusted",
+    caItself: "refused untrusted",
+  });
   // Refused by the stack too, a CA certificate is not "one of our serving certificates" to be told ERR_CLIENT_CERT.
   const unauthorized = admission.admit("127.0.0.1", false, peerCertificate(readFileSync(join(dir, "ca_cert.pem"), "utf8")));
   expect("refusal" in unauthorized && unauthorized.refusal.reason).toBe("untrusted");

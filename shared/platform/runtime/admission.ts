@@ -59,15 +59,33 @@ export interface RefusalAnswer {
 
 /** What a refused connection is told, or null for a refusal that is closed without a word (untrusted, a flood). */
 export function refusalAnswer(refusal: Refusal): RefusalAnswer | null {
-  const answer = (status: 403 | 429, code: RefusalAnswer["code"], error: string, headers: Record<string, string> = {}): RefusalAnswer =>
-    ({ status, code, error, headers: { ...headers, connection: "close" }, body: JSON.stringify({ error, code }) });
+  const answer = (status: 403 | 429, code: RefusalAnswer["code"], error: string, headers: Record<string, string> = {}): RefusalAnswer => ({
+    status,
+    code,
+    error,
+    headers: { ...headers, connection: "close" },
+    body: JSON.stringify({ error, code }),
+  });
   switch (refusal.reason) {
     case "identity-cap":
-      return answer(429, "ERR_CONNECTION_LIMIT", `${refusal.identity} already holds ${refusal.limit} connections, its limit: reuse one of them, or retry later`, { "retry-after": "1" });
+      return answer(
+        429,
+        "ERR_CONNECTION_LIMIT",
+        `${refusal.identity} already holds ${refusal.limit} connections, its limit: reuse one of them, or retry later`,
+        { "retry-after": "1" },
+      );
     case "revoked":
-      return answer(403, "ERR_REVOKED", `this client's certificate is revoked (${refusal.identity || "no identity"}, serial ${refusal.serial}): it needs a new one`);
+      return answer(
+        403,
+        "ERR_REVOKED",
+        `this client's certificate is revoked (${refusal.identity || "no identity"}, serial ${refusal.serial}): it needs a new one`,
+      );
     case "no-client-auth":
-      return answer(403, "ERR_CLIENT_CERT", `this certificate is not for client authentication (${refusal.identity || "no identity"}): use a client certificate`);
+      return answer(
+        403,
+        "ERR_CLIENT_CERT",
+        `this certificate is not for client authentication (${refusal.identity || "no identity"}): use a client certificate`,
+      );
     default:
       return null;
   }

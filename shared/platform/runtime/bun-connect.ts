@@ -39,7 +39,11 @@ export function connectBunTls(options: TlsConnectOptions): { connected: Promise<
           state.settled = true;
           if (!success) {
             s.terminate();
-            return reject(Object.assign(authorizationError ?? new Error("TLS handshake failed"), { code: (authorizationError as { code?: string } | null)?.code ?? "EPROTO" }));
+            return reject(
+              Object.assign(authorizationError ?? new Error("TLS handshake failed"), {
+                code: (authorizationError as { code?: string } | null)?.code ?? "EPROTO",
+              }),
+            );
           }
           const connection: TlsConnection = {
             authorized: s.authorized,
@@ -74,7 +78,11 @@ export function connectBunTls(options: TlsConnectOptions): { connected: Promise<
           }
         },
         close(s, error) {
-          settle(Object.assign(error ?? new Error("the connection closed during the TLS handshake"), { code: (error as { code?: string } | undefined)?.code ?? "ECONNRESET" }));
+          settle(
+            Object.assign(error ?? new Error("the connection closed during the TLS handshake"), {
+              code: (error as { code?: string } | undefined)?.code ?? "ECONNRESET",
+            }),
+          );
           s.data.connection?.onClose();
         },
         connectError(_s, error) {

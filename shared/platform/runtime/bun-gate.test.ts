@@ -35,8 +35,12 @@ function echoApp(lines: string[] = []) {
 
 async function gate(options: { isRevoked?: (serial: string) => boolean; connectionLimit?: (id: string) => number; lines?: string[]; dir?: string } = {}) {
   const listener = await listenReloadable(echoApp(options.lines), {
-    port: 0, hostname: "127.0.0.1", tls: mutualTlsServerOptions(loadIdentity(options.dir ?? pki, "server")),
-    identify: tlsPeerIdentity, isRevoked: options.isRevoked ?? (() => false), connectionLimit: options.connectionLimit,
+    port: 0,
+    hostname: "127.0.0.1",
+    tls: mutualTlsServerOptions(loadIdentity(options.dir ?? pki, "server")),
+    identify: tlsPeerIdentity,
+    isRevoked: options.isRevoked ?? (() => false),
+    connectionLimit: options.connectionLimit,
   });
   cleanups.push(() => listener.stop(true));
   return listener;
@@ -45,7 +49,9 @@ async function gate(options: { isRevoked?: (serial: string) => boolean; connecti
 /** A mutual-TLS socket, open once the handshake is done. */
 function connect(port: number, identity: Identity): Promise<tls.TLSSocket> {
   return new Promise((resolve, reject) => {
-    const socket = tls.connect({ host: "127.0.0.1", port, cert: identity.cert, key: identity.key, ca: identity.ca, checkServerIdentity: () => undefined }, () => resolve(socket));
+    const socket = tls.connect({ host: "127.0.0.1", port, cert: identity.cert, key: identity.key, ca: identity.ca, checkServerIdentity: () => undefined }, () =>
+      resolve(socket),
+    );
     socket.once("error", reject);
     cleanups.push(() => socket.destroy());
   });
@@ -93,7 +99,9 @@ describe("the app learns who called from the connection", () => {
     const socket = await connect(listener.port, client1);
     const answer = await exchange(socket, "GET /who HTTP/1.1\r\nHost: localhost\r\nx-securemesh-peer: spiffe://securemesh/coordinator/coordinator\r\n\r\n");
     expect(JSON.parse(answer.body)).toEqual({
-      address: "127.0.0.1", identity: "spiffe://securemesh/client/client1", serial: new X509Certificate(client1.cert).serialNumber,
+      address: "127.0.0.1",
+      identity: "spiffe://securemesh/client/client1",
+      serial: new X509Certificate(client1.cert).serialNumber,
     });
   });
 
@@ -130,9 +138,11 @@ describe("the app learns who called from the connection", () => {
     expect((await exchange(kept, GET("/who"))).status).toBe(200);
     // The relay's source port, as any local user reads it from /proc/net/tcp (world-readable).
     const hex = (n: number) => n.toString(16).toUpperCase().padStart(4, "0");
-    const relayPorts = (await Bun.file("/proc/net/tcp").text()).split("\n")
+    const relayPorts = (await Bun.file("/proc/net/tcp").text())
+      .split("\n")
       .map((line) => /^\s*\d+: 0100007F:([0-9A-F]{4}) 0100007F:([0-9A-F]{4}) 01 /.exec(line))
-      .filter((m) => m !== null && m[2] === hex(inner)).map((m) => parseInt(m![1]!, 16));
+      .filter((m) => m !== null && m[2] === hex(inner))
+      .map((m) => parseInt(m![1]!, 16));
     expect(relayPorts.length).toBeGreaterThan(0);
     const borrowed = net.connect({ host: "127.0.0.1", port: inner, localAddress: "127.0.0.2", localPort: relayPorts[0]! });
     cleanups.push(() => borrowed.destroy());
@@ -170,9 +180,13 @@ describe("per-identity connection caps (issue 18, L2)", () => {
     // One too many: a 429 the client can read and wait on, then a close; the app never sees it.
     const extra = await connect(listener.port, client2);
     const answer = await exchange(extra, GET("/health"));
-    expect([answer.status, JSON.parse(answer.body)]).toEqual([429, {
-      error: "spiffe://securemesh/client/client2 already holds 3 connections, its limit: reuse one of them, or retry later", code: "ERR_CONNECTION_LIMIT",
-    }]);
+    expect([answer.status, JSON.parse(answer.body)]).toEqual([
+      429,
+      {
+        error: "spiffe://securemesh/client/client2 already holds 3 connections, its limit: reuse one of them, or retry later",
+        code: "ERR_CONNECTION_LIMIT",
+      },
+    ]);
     await closed(extra);
     expect(await reachable(listener.port, loadIdentity(pki, "client1"))).toBe(true);
     for (const socket of open) expect((await exchange(socket, GET("/health"))).status).toBe(200);
@@ -224,7 +238,10 @@ describe("the relay", () => {
     const listener = await gate();
     const socket = await connect(listener.port, loadIdentity(pki, "client1"));
     const body = JSON.stringify("y".repeat(60_000));
-    const echoed = await exchange(socket, `POST /echo HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: ${body.length}\r\n\r\n${body}`);
+    const echoed = await exchange(
+      socket,
+      `POST /echo HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: ${body.length}\r\n\r\n${body}`,
+    );
     expect(JSON.parse(echoed.body)).toEqual({ length: 60_000 });
     const big = await exchange(socket, GET("/big"));
     expect(big.body.length).toBe(5 * 1024 * 1024);

@@ -10,7 +10,7 @@
 // about a third of what node:tls + node:http cost here, and Bun.serve still parses every request.
 import type { Server, Socket, TCPSocketListener } from "bun";
 import { ConfigError } from "../errors.ts";
-import { Admission, CAP_ANSWER_WITHIN_MS, plainAddress, refusalAnswer, type RefusalAnswer } from "./admission.ts";
+import { type Admission, CAP_ANSWER_WITHIN_MS, plainAddress, refusalAnswer, type RefusalAnswer } from "./admission.ts";
 import { bindPeer, type RequestPeer } from "./peer.ts";
 import { HANDSHAKE_DEADLINE_MS } from "./limits.ts";
 import type { ReloadableListener, ServableApp, ServerTls } from "./types.ts";
@@ -69,7 +69,8 @@ export interface GateOptions {
 
 function refusal(status: number, error: string, code: string): Response {
   return new Response(JSON.stringify({ error, code }), {
-    status, headers: { "content-type": "application/json; charset=utf-8", connection: "close" },
+    status,
+    headers: { "content-type": "application/json; charset=utf-8", connection: "close" },
   });
 }
 
@@ -235,8 +236,21 @@ export async function serveThroughGate(app: ServableApp, options: GateOptions): 
           open(outer) {
             const address = plainAddress(outer.remoteAddress);
             const relay: Relay = {
-              outer, inner: null, peer: null, address, toInner: [], toOuter: [], pendingBytes: 0,
-              leaveHandshake: () => {}, handshakeTimer: undefined, endOuter: false, awaitingAnswer: false, outerGone: false, placeReleased: false, closed: false, refused: null,
+              outer,
+              inner: null,
+              peer: null,
+              address,
+              toInner: [],
+              toOuter: [],
+              pendingBytes: 0,
+              leaveHandshake: () => {},
+              handshakeTimer: undefined,
+              endOuter: false,
+              awaitingAnswer: false,
+              outerGone: false,
+              placeReleased: false,
+              closed: false,
+              refused: null,
             };
             outer.data = relay;
             relays.add(relay);
@@ -273,7 +287,8 @@ export async function serveThroughGate(app: ServableApp, options: GateOptions): 
             if (relay.refused) {
               const { status, headers, body } = relay.refused;
               const head = Object.entries({ ...headers, "content-type": "application/json; charset=utf-8", "content-length": String(Buffer.byteLength(body)) })
-                .map(([name, value]) => `${name}: ${value}\r\n`).join("");
+                .map(([name, value]) => `${name}: ${value}\r\n`)
+                .join("");
               relay.refused = null;
               outer.end(`HTTP/1.1 ${status} ${status === 429 ? "Too Many Requests" : "Forbidden"}\r\n${head}\r\n${body}`);
               return;
@@ -305,10 +320,11 @@ export async function serveThroughGate(app: ServableApp, options: GateOptions): 
   };
 
   let currentPort = 0;
-  if (!options.sharePort) await options.probePortFree().catch((error) => {
-    inner.stop(true);
-    throw error;
-  });
+  if (!options.sharePort)
+    await options.probePortFree().catch((error) => {
+      inner.stop(true);
+      throw error;
+    });
   let outer: TCPSocketListener<Relay>;
   try {
     outer = listen(options.tls);

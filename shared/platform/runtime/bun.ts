@@ -44,12 +44,22 @@ async function serveApp(app: ServableApp, options: AppListenOptions): Promise<Re
   if (options.tls?.requestCert) {
     if (!options.identify || !options.isRevoked) throw new TypeError("mutual TLS needs identify and isRevoked: whom a certificate names, and the live CRL");
     return serveThroughGate(app, {
-      port: options.port, hostname: options.hostname, tls: options.tls, sharePort: options.sharePort === true,
+      port: options.port,
+      hostname: options.hostname,
+      tls: options.tls,
+      sharePort: options.sharePort === true,
       admission: new Admission({
-        mutual: true, ca: options.tls.ca, identify: options.identify, isRevoked: options.isRevoked, connectionLimit: options.connectionLimit, onRefused: options.onRefused,
+        mutual: true,
+        ca: options.tls.ca,
+        identify: options.identify,
+        isRevoked: options.isRevoked,
+        connectionLimit: options.connectionLimit,
+        onRefused: options.onRefused,
       }),
-      fetch: app.fetch, serve: { idleTimeout: 30, ...app.config.serve },
-      probePortFree: () => probePortFree(options), listenError: (error, port) => listenError(error, { ...options, port }),
+      fetch: app.fetch,
+      serve: { idleTimeout: 30, ...app.config.serve },
+      probePortFree: () => probePortFree(options),
+      listenError: (error, port) => listenError(error, { ...options, port }),
     });
   }
   if (!options.sharePort) await probePortFree(options);
@@ -81,7 +91,10 @@ async function serveApp(app: ServableApp, options: AppListenOptions): Promise<Re
       const previous = current;
       current = serve(tls, port); // throws before anything changed: the old TLS stays in service
       app.server = current;
-      const drained: Promise<void> = previous.stop(false).catch(() => {}).finally(() => draining.delete(drained));
+      const drained: Promise<void> = previous
+        .stop(false)
+        .catch(() => {})
+        .finally(() => draining.delete(drained));
       draining.add(drained);
     },
     async stop(closeActiveConnections = false) {

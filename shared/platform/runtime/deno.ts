@@ -22,7 +22,8 @@ async function serveApp(app: ServableApp, options: AppListenOptions): Promise<Re
   // A backstop: roles ask runtime.sharesPorts first.
   if (options.sharePort) throw new ConfigError("sharing a port with other workers needs Bun");
   const mutual = options.tls?.requestCert === true;
-  if (mutual && (!options.identify || !options.isRevoked)) throw new TypeError("mutual TLS needs identify and isRevoked: whom a certificate names, and the live CRL");
+  if (mutual && (!options.identify || !options.isRevoked))
+    throw new TypeError("mutual TLS needs identify and isRevoked: whom a certificate names, and the live CRL");
   const listener = await listenNode(app, {
     port: options.port,
     hostname: options.hostname,

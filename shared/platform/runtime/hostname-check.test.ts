@@ -11,7 +11,10 @@ import { HttpsClient } from "../https-client.ts";
 setDefaultTimeout(30_000);
 
 test("a certificate with no DNS name names no host, whatever its CN; addresses still match their IP SANs", () => {
-  const addressOnly = { subject: { CN: "localhost" }, subjectaltname: "URI:spiffe://securemesh/server/localhost, IP Address:10.9.9.9" } as unknown as tls.PeerCertificate;
+  const addressOnly = {
+    subject: { CN: "localhost" },
+    subjectaltname: "URI:spiffe://securemesh/server/localhost, IP Address:10.9.9.9",
+  } as unknown as tls.PeerCertificate;
   expect(hostnameRefusal("localhost", addressOnly)).toBeInstanceOf(Error);
   expect(hostnameRefusal("10.9.9.9", addressOnly)).toBeUndefined();
   expect(hostnameRefusal("10.9.9.8", addressOnly)).toBeInstanceOf(Error);
@@ -23,7 +26,12 @@ test("pki.sh gives an address-only identity a .invalid DNS name, so neither a ch
   const dir = await newPki("hostname-cn");
   await issueIdentity(dir, "localhost", "server", { sans: ["IP:127.0.0.1"] });
   const cert = readFileSync(`${dir}/localhost_cert.pem`, "utf8");
-  const server = Bun.serve({ port: 0, hostname: "127.0.0.1", tls: { cert, key: readFileSync(`${dir}/localhost_key.pem`, "utf8") }, fetch: () => new Response("ok") });
+  const server = Bun.serve({
+    port: 0,
+    hostname: "127.0.0.1",
+    tls: { cert, key: readFileSync(`${dir}/localhost_key.pem`, "utf8") },
+    fetch: () => new Response("ok"),
+  });
   try {
     const ca = readFileSync(`${dir}/ca_cert.pem`, "utf8");
     const reach = async (url: string, checked: boolean) => {
@@ -44,7 +52,10 @@ test("pki.sh gives an address-only identity a .invalid DNS name, so neither a ch
     expect(await reach(`https://localhost:${server.port}/`, true)).toBe("ERR_TLS_HOSTNAME");
     expect(await reach(`https://localhost:${server.port}/`, false)).toBe("ERR_TLS_HOSTNAME");
     // Bun's own fetch, which falls back to the CN when a certificate has no DNS name: the .invalid name stops it.
-    const plain = await fetch(`https://localhost:${server.port}/`, { tls: { ca } }).then((r) => r.status, (error: { code?: string }) => error.code ?? "refused");
+    const plain = await fetch(`https://localhost:${server.port}/`, { tls: { ca } }).then(
+      (r) => r.status,
+      (error: { code?: string }) => error.code ?? "refused",
+    );
     expect(plain).not.toBe(200);
   } finally {
     server.stop(true);

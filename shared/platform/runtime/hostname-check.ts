@@ -22,7 +22,10 @@ export function hostnameRefusal(hostname: string, cert: tls.PeerCertificate): Er
   const bare = hostname.replace(/^\[|\]$/g, "");
   const hasDnsSan = /(^|, )DNS:/.test(cert.subjectaltname ?? "");
   if (!isIP(bare) && !hasDnsSan) {
-    return Object.assign(new Error(`Hostname/IP does not match certificate's altnames: Host: ${hostname}. is not in the cert's altnames: ${cert.subjectaltname ?? "none"}`), { code: "ERR_TLS_CERT_ALTNAME_INVALID", reason: "no DNS name in the certificate", host: hostname, cert });
+    return Object.assign(
+      new Error(`Hostname/IP does not match certificate's altnames: Host: ${hostname}. is not in the cert's altnames: ${cert.subjectaltname ?? "none"}`),
+      { code: "ERR_TLS_CERT_ALTNAME_INVALID", reason: "no DNS name in the certificate", host: hostname, cert },
+    );
   }
   return tls.checkServerIdentity(hostname, cert);
 }

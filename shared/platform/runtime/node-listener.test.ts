@@ -48,14 +48,17 @@ async function startListener(options: ListenerOptions = {}, app = echoApp): Prom
 /** A mutual-TLS socket to the listener, open once the handshake is done. */
 function connect(port: number, identity: Identity = client1): Promise<tls.TLSSocket> {
   return new Promise((resolve, reject) => {
-    const socket = tls.connect({ host: "127.0.0.1", port, servername: "localhost", cert: identity.cert, key: identity.key, ca: identity.ca }, () => resolve(socket));
+    const socket = tls.connect({ host: "127.0.0.1", port, servername: "localhost", cert: identity.cert, key: identity.key, ca: identity.ca }, () =>
+      resolve(socket),
+    );
     socket.once("error", reject);
     socket.once("close", () => reject(new Error("closed before the handshake completed")));
     cleanups.push(() => socket.destroy());
   });
 }
 
-const closed = (socket: net.Socket) => new Promise<void>((resolve) => (socket.destroyed && !socket.connecting ? resolve() : socket.once("close", () => resolve())));
+const closed = (socket: net.Socket) =>
+  new Promise<void>((resolve) => (socket.destroyed && !socket.connecting ? resolve() : socket.once("close", () => resolve())));
 
 /** Resolves with the time the socket closed, or rejects once `limitMs` has passed (the test's failure bound). */
 function closedWithin(socket: net.Socket, limitMs: number): Promise<number> {
@@ -68,7 +71,11 @@ function closedWithin(socket: net.Socket, limitMs: number): Promise<number> {
   });
 }
 
-interface RawResponse { status: number; headers: Record<string, string>; body: string }
+interface RawResponse {
+  status: number;
+  headers: Record<string, string>;
+  body: string;
+}
 
 /** Sends one HTTP/1.1 request on an open socket and reads one response (Content-Length or chunked). */
 function exchange(socket: net.Socket, request: string): Promise<RawResponse> {
@@ -221,7 +228,9 @@ describe("a client cannot take the listener down (#11 H2)", () => {
     const { child, port } = await startChild();
     const thrown = await fetchAs(port, client1, "/throw");
     expect([thrown.status, await thrown.json()]).toEqual([500, { error: "internal error", code: "ERR_INTERNAL" }]);
-    await fetchAs(port, client1, "/broken-body").then((r) => r.text()).catch(() => "refused");
+    await fetchAs(port, client1, "/broken-body")
+      .then((r) => r.text())
+      .catch(() => "refused");
     await expectAlive(child, port);
     await expectQuietExit(child);
   });
@@ -267,7 +276,10 @@ describe("slow clients are cut off, and no address holds too many connections (#
 
   test("one identity gets at most its connection limit; a closed one frees its place; the refusal is reported", async () => {
     const refusals: string[] = [];
-    const listener = await startListener({ connectionLimit: (id) => (id === "client1" ? 3 : 100), onRefused: (r) => refusals.push(`${r.reason} ${r.identity} ${r.limit}`) });
+    const listener = await startListener({
+      connectionLimit: (id) => (id === "client1" ? 3 : 100),
+      onRefused: (r) => refusals.push(`${r.reason} ${r.identity} ${r.limit}`),
+    });
     const open = await Promise.all([connect(listener.port), connect(listener.port), connect(listener.port)]);
     for (const socket of open) expect((await exchange(socket, GET)).status).toBe(200);
 
@@ -286,24 +298,29 @@ describe("slow clients are cut off, and no address holds too many connections (#
     let accepted = false;
     for (let attempt = 0; attempt < 50 && !accepted; attempt++) {
       const socket = await connect(listener.port).catch(() => null);
-      accepted = socket !== null && (await exchange(socket, GET).then((r) => r.status === 200, () => false));
+      accepted =
+        socket !== null &&
+        (await exchange(socket, GET).then(
+          (r) => r.status === 200,
+          () => false,
+        ));
     }
     expect(accepted).toBe(true);
   });
 });
-
 
 // Found by attack on #11: counted per address at accept, bare TCP connections (no certificate, no handshake) from
 // the SecureProxy's own address held every place for 10 s each, and the proxy's calls were refused.
 test("bare TCP connections flooding from one address push out each other, not a client that completes its handshake", async () => {
   const listener = await startListener({ maxHandshakesPerAddress: 4, connectionLimit: () => 4 });
   const flood: net.Socket[] = [];
-  const openBare = () => new Promise<void>((resolve) => {
-    const socket = net.connect(listener.port, "127.0.0.1", () => resolve());
-    socket.on("error", () => {});
-    flood.push(socket);
-    cleanups.push(() => socket.destroy());
-  });
+  const openBare = () =>
+    new Promise<void>((resolve) => {
+      const socket = net.connect(listener.port, "127.0.0.1", () => resolve());
+      socket.on("error", () => {});
+      flood.push(socket);
+      cleanups.push(() => socket.destroy());
+    });
   for (let i = 0; i < 12; i++) await openBare();
   // Three times the places, and still a real client gets in and is served, while the flood goes on.
   for (let i = 0; i < 3; i++) {
@@ -354,19 +371,26 @@ describe("revocation without a restart (#11)", () => {
     await expect(fetchAs(listener.port, x).then((r) => r.text())).rejects.toThrow();
     expect(await (await fetchAs(listener.port, other)).text()).toBe("ok id:client1");
   });
-
 });
 
 describe("requests through the listener", () => {
   test("a body is passed on whole, over keep-alive too; one over the limit gets 413 JSON", async () => {
     const listener = await startListener({ bodyLimit: 1000 }, { handle: async (request) => new Response(`got ${(await request.arrayBuffer()).byteLength}`) });
     const socket = await connect(listener.port);
-    const post = (body: string, chunked = false) => exchange(socket, chunked
-      ? `POST / HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n\r\n${body.length.toString(16)}\r\n${body}\r\n0\r\n\r\n`
-      : `POST / HTTP/1.1\r\nHost: localhost\r\nContent-Length: ${body.length}\r\n\r\n${body}`);
+    const post = (body: string, chunked = false) =>
+      exchange(
+        socket,
+        chunked
+          ? `POST / HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n\r\n${body.length.toString(16)}\r\n${body}\r\n0\r\n\r\n`
+          : `POST / HTTP/1.1\r\nHost: localhost\r\nContent-Length: ${body.length}\r\n\r\n${body}`,
+      );
     expect((await post("x".repeat(1000))).body).toBe("got 1000");
     expect((await post("y".repeat(999), true)).body).toBe("got 999");
-    const fetched = await fetch(`https://127.0.0.1:${listener.port}/`, { method: "POST", body: "z".repeat(500), tls: { cert: client1.cert, key: client1.key, ca: client1.ca } });
+    const fetched = await fetch(`https://127.0.0.1:${listener.port}/`, {
+      method: "POST",
+      body: "z".repeat(500),
+      tls: { cert: client1.cert, key: client1.key, ca: client1.ca },
+    });
     expect(await fetched.text()).toBe("got 500");
     const tooLarge = await post("x".repeat(1001), true);
     expect([tooLarge.status, JSON.parse(tooLarge.body)]).toEqual([413, { error: "request body over the 1000-byte limit", code: "ERR_BODY_TOO_LARGE" }]);

@@ -7,7 +7,7 @@ import http from "node:http";
 import type net from "node:net";
 import type tls from "node:tls";
 import { ConfigError, MeshError, type ErrorCode } from "../errors.ts";
-import { Admission, CAP_ANSWER_WITHIN_MS, plainAddress, refusalAnswer, type RefusalAnswer } from "./admission.ts";
+import { type Admission, CAP_ANSWER_WITHIN_MS, plainAddress, refusalAnswer, type RefusalAnswer } from "./admission.ts";
 import { BODY_DEADLINE_MS, DEFAULT_BODY_LIMIT, HANDSHAKE_DEADLINE_MS, HEADER_DEADLINE_MS, IDLE_TIMEOUT_S } from "./limits.ts";
 import { bindPeer, type RequestPeer } from "./peer.ts";
 import type { ServerTls, TlsServerFactory } from "./types.ts";
@@ -215,7 +215,10 @@ export function listenNode(app: HandlingApp, options: NodeListenerOptions): Prom
       connection.requestsInFlight--;
       if (connection.requestsInFlight === 0 && !req.socket.destroyed) expectHeadWithin(connection, keepAliveDeadlineMs);
     };
-    res.once("finish", finished).once("close", finished).on("error", () => {});
+    res
+      .once("finish", finished)
+      .once("close", finished)
+      .on("error", () => {});
     req.on("error", () => {});
     void serve(req, res);
   };
@@ -297,9 +300,11 @@ export function listenNode(app: HandlingApp, options: NodeListenerOptions): Prom
 
   return new Promise((resolve, reject) => {
     server.once("error", (error: NodeJS.ErrnoException) => {
-      reject(error.code === "EADDRINUSE"
-        ? new ConfigError(`port ${options.port} on ${options.hostname} is already in use`)
-        : new ConfigError(`cannot listen on ${options.hostname}:${options.port}: ${error.message}`));
+      reject(
+        error.code === "EADDRINUSE"
+          ? new ConfigError(`port ${options.port} on ${options.hostname} is already in use`)
+          : new ConfigError(`cannot listen on ${options.hostname}:${options.port}: ${error.message}`),
+      );
     });
     server.listen(options.port, options.hostname, () => {
       server.on("error", () => {}); // after the bind, nothing a client does is the listener's error
@@ -314,12 +319,13 @@ export function listenNode(app: HandlingApp, options: NodeListenerOptions): Prom
             throw new ConfigError(`cannot load the new TLS material: ${error instanceof Error ? error.message : String(error)}`);
           }
         },
-        close: (closeActive = true) => new Promise<void>((done) => {
-          server.close(() => done());
-          if (!closeActive) return;
-          closeAllConnections();
-          for (const connection of connections.values()) connection.socket.destroy();
-        }),
+        close: (closeActive = true) =>
+          new Promise<void>((done) => {
+            server.close(() => done());
+            if (!closeActive) return;
+            closeAllConnections();
+            for (const connection of connections.values()) connection.socket.destroy();
+          }),
       });
     });
   });

@@ -16,13 +16,18 @@ import { runtime } from "./index.ts";
 const dir = process.env.PKI_DIR!;
 const logger = createLogger("deno-check", { write: () => {} });
 const trust = TrustMaterial.open(dir, "server");
-const app = () => createApp({ logger })
-  .get("/who", ({ request }) => ({ peer: peerOf(request)?.identity ?? null }))
-  .post("/echo", async ({ request }) => ({ bytes: (await readBodyLimited(request)).byteLength }), { parse: "none" });
+const app = () =>
+  createApp({ logger })
+    .get("/who", ({ request }) => ({ peer: peerOf(request)?.identity ?? null }))
+    .post("/echo", async ({ request }) => ({ bytes: (await readBodyLimited(request)).byteLength }), { parse: "none" });
 
 // A listener as the roles run it: the live revocation check, and whom a certificate names.
 const live = await listenReloadable(app(), {
-  port: 0, hostname: "127.0.0.1", tls: mutualTlsServerOptions(trust.identity), identify: tlsPeerIdentity, isRevoked: (serial) => trust.isRevoked(serial),
+  port: 0,
+  hostname: "127.0.0.1",
+  tls: mutualTlsServerOptions(trust.identity),
+  identify: tlsPeerIdentity,
+  isRevoked: (serial) => trust.isRevoked(serial),
 });
 
 /** What an outbound call ended with: its status, or its error's name and code. */
@@ -37,8 +42,11 @@ async function outcome(call: Promise<{ status: number; json(): unknown }>): Prom
 
 // A server certificate for SAN_HOST only (issued by the Bun test as "elsewhere"), served there and on OTHER_HOST.
 const elsewhere = mutualTlsServerOptions(TrustMaterial.open(dir, "elsewhere").identity);
-const [sanHost, otherHost] = await Promise.all([SAN_HOST, OTHER_HOST].map((hostname) =>
-  listenReloadable(app(), { port: 0, hostname, tls: elsewhere, identify: tlsPeerIdentity, isRevoked: (serial) => trust.isRevoked(serial) })));
+const [sanHost, otherHost] = await Promise.all(
+  [SAN_HOST, OTHER_HOST].map((hostname) =>
+    listenReloadable(app(), { port: 0, hostname, tls: elsewhere, identify: tlsPeerIdentity, isRevoked: (serial) => trust.isRevoked(serial) }),
+  ),
+);
 
 const client = mutualTlsClientOptions(TrustMaterial.open(dir, "coordinator").identity);
 const expecting = (expected: string) => new HttpsClient({ tls: { ...client, checkServerIdentity: expectPeer(expected) } });
@@ -55,7 +63,9 @@ const keptAlive = await (async () => {
   for (let i = 0; i < 50; i++) await server.request(`${base}/who`, { timeoutMs: 5000 });
   return server.connections()[`127.0.0.1:${live.port}`];
 })();
-const untrusted = new HttpsClient({ tls: { rejectUnauthorized: true, ca: TrustMaterial.open(process.env.OTHER_PKI_DIR!, "server").identity.ca, cert: client.cert, key: client.key } });
+const untrusted = new HttpsClient({
+  tls: { rejectUnauthorized: true, ca: TrustMaterial.open(process.env.OTHER_PKI_DIR!, "server").identity.ca, cert: client.cert, key: client.key },
+});
 const outbound = {
   rightIdentity: await outcome(server.request(`${base}/who`, { timeoutMs: 5000 })),
   wrongIdentity: await outcome(expecting("spiffe://securemesh/keyserver/*").request(`${base}/who`, { timeoutMs: 5000 })),

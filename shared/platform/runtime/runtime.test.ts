@@ -23,7 +23,6 @@ describe("on Bun", () => {
     expect(runtime.name).toBe("bun");
     expect(runtime.hmacSha256(Buffer.from("k"), Buffer.from("data")).equals(createHmac("sha256", "k").update("data").digest())).toBe(true);
   });
-
 });
 
 test("the roles' outbound client checks the host against the certificate's SANs, whatever identity check a hop brings (#14)", async () => {
@@ -31,7 +30,9 @@ test("the roles' outbound client checks the host against the certificate's SANs,
   await issueIdentity(pki, "elsewhere", "server", { sans: [`IP:${SAN_HOST}`] });
   const tls = mutualTlsServerOptions(loadIdentity(pki, "elsewhere"));
   const app = () => createApp({ logger: createLogger("t", { write: () => {} }) }).get("/who", () => "ok");
-  const [sanHost, otherHost] = await Promise.all([SAN_HOST, OTHER_HOST].map((hostname) => listenReloadable(app(), { port: 0, hostname, tls, identify: tlsPeerIdentity, isRevoked: () => false })));
+  const [sanHost, otherHost] = await Promise.all(
+    [SAN_HOST, OTHER_HOST].map((hostname) => listenReloadable(app(), { port: 0, hostname, tls, identify: tlsPeerIdentity, isRevoked: () => false })),
+  );
   try {
     const client = mutualTlsClientOptions(loadIdentity(pki, "coordinator"));
     expect(await outboundHostChecks(client, { sanHost: sanHost!.port, otherHost: otherHost!.port })).toEqual(expectedHostChecks);
@@ -41,8 +42,11 @@ test("the roles' outbound client checks the host against the certificate's SANs,
 });
 
 test("error classification: Bun's codes and Deno's messages map to the same codes", () => {
-  expect(["ConnectionRefused", "ECONNREFUSED", "ECONNRESET", "ENOTFOUND", "UNABLE_TO_VERIFY_LEAF_SIGNATURE", "ERR_TLS_CERT_ALTNAME_INVALID", "CERT_HAS_EXPIRED"].map(codeFromRuntimeCode))
-    .toEqual(["ECONNREFUSED", "ECONNREFUSED", "ECONNRESET", "ENOTFOUND", "ERR_TLS_CERT", "ERR_TLS_HOSTNAME", "ERR_TLS_CERT"]);
+  expect(
+    ["ConnectionRefused", "ECONNREFUSED", "ECONNRESET", "ENOTFOUND", "UNABLE_TO_VERIFY_LEAF_SIGNATURE", "ERR_TLS_CERT_ALTNAME_INVALID", "CERT_HAS_EXPIRED"].map(
+      codeFromRuntimeCode,
+    ),
+  ).toEqual(["ECONNREFUSED", "ECONNREFUSED", "ECONNRESET", "ENOTFOUND", "ERR_TLS_CERT", "ERR_TLS_HOSTNAME", "ERR_TLS_CERT"]);
   const deno = (reason: string) => codeFromText(`error sending request for url (https://127.0.0.1:5001/): client error (Connect): ${reason}`);
   expect([
     deno("tcp connect error: Connection refused (os error 111)"),
@@ -77,7 +81,10 @@ describe("on Deno (a real Deno process, real certificates)", () => {
     const other = await testPki("other");
     ids = { client1: loadIdentity(dir, "client1"), x: loadIdentity(dir, "x"), server: loadIdentity(dir, "server") };
     deno = Bun.spawn([join(REPO_ROOT, "node_modules", ".bin", "deno"), "run", "-A", join(import.meta.dir, "runtime.deno-check.ts")], {
-      env: { ...process.env, PKI_DIR: dir, OTHER_PKI_DIR: other, NO_COLOR: "1" }, stdin: "pipe", stdout: "pipe", stderr: "pipe",
+      env: { ...process.env, PKI_DIR: dir, OTHER_PKI_DIR: other, NO_COLOR: "1" },
+      stdin: "pipe",
+      stdout: "pipe",
+      stderr: "pipe",
     });
     const reader = deno.stdout.getReader();
     let line = "";
@@ -115,25 +122,42 @@ describe("on Deno (a real Deno process, real certificates)", () => {
   test("connections are kept alive: 500 requests in a row, none failed (node:tls + node:http on Deno lost 31%)", async () => {
     for (const [name, port] of listeners()) {
       let failed = 0;
-      for (let i = 0; i < 250; i++) await get(port, ids.client1, { keepalive: true }).then((r) => r.arrayBuffer(), () => failed++);
+      for (let i = 0; i < 250; i++)
+        await get(port, ids.client1, { keepalive: true }).then(
+          (r) => r.arrayBuffer(),
+          () => failed++,
+        );
       expect({ name, failed }).toEqual({ name, failed: 0 });
     }
   });
 
   test("no certificate is refused", async () => {
-    for (const [name, port] of listeners()) expect({ name, outcome: await get(port, null).then((r) => r.status, () => "refused") }).toEqual({ name, outcome: "refused" });
+    for (const [name, port] of listeners())
+      expect({
+        name,
+        outcome: await get(port, null).then(
+          (r) => r.status,
+          () => "refused",
+        ),
+      }).toEqual({ name, outcome: "refused" });
   });
 
   test("a revoked certificate is refused and told so (Deno's TLS ignores the CRL: checked at the handshake and per request)", async () => {
     for (const [name, port] of listeners()) {
-      const outcome = await get(port, ids.x).then(async (r) => [r.status, ((await r.json()) as { code: string }).code], () => "refused");
+      const outcome = await get(port, ids.x).then(
+        async (r) => [r.status, ((await r.json()) as { code: string }).code],
+        () => "refused",
+      );
       expect({ name, outcome }).toEqual({ name, outcome: [403, "ERR_REVOKED"] });
     }
   });
 
   test("a certificate of ours without the clientAuth EKU is refused and told so (rustls alone ended the handshake)", async () => {
     for (const [name, port] of listeners()) {
-      const outcome = await get(port, ids.server).then(async (r) => [r.status, ((await r.json()) as { code: string }).code], () => "refused");
+      const outcome = await get(port, ids.server).then(
+        async (r) => [r.status, ((await r.json()) as { code: string }).code],
+        () => "refused",
+      );
       expect({ name, outcome }).toEqual({ name, outcome: [403, "ERR_CLIENT_CERT"] });
     }
   });
@@ -168,7 +192,10 @@ describe("on Deno (a real Deno process, real certificates)", () => {
   test("outbound: the HttpsClient refuses a wrong server identity before anything is sent, and keeps one checked connection alive", () => {
     expect(outbound.rightIdentity).toEqual({ status: 200, body: { peer: "spiffe://securemesh/coordinator/coordinator" } });
     expect(outbound.postWithIdentity).toEqual({ status: 200, body: { bytes: 5 } });
-    expect(outbound.wrongIdentity).toMatchObject({ code: "ERR_UNEXPECTED_PEER", message: "reached spiffe://securemesh/server/server, expected spiffe://securemesh/keyserver/*" });
+    expect(outbound.wrongIdentity).toMatchObject({
+      code: "ERR_UNEXPECTED_PEER",
+      message: "reached spiffe://securemesh/server/server, expected spiffe://securemesh/keyserver/*",
+    });
     expect(outbound.keptAlive).toEqual({ open: 1, idle: 1 });
   });
 

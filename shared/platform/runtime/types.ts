@@ -28,7 +28,6 @@ export interface ClientTls {
   checkServerIdentity?: IdentityCheck;
 }
 
-
 /**
  * One set of codes for an outbound request that failed, whatever the runtime said (shared/platform/https-client.ts).
  * Failover depends on them: the NEVER_REACHED ones say the request cannot have reached the application
