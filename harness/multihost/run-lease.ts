@@ -3,6 +3,7 @@
 // up by the next start, and two runs at once never remove each other's.
 import { closeSync, existsSync, mkdirSync, openSync, readdirSync, readFileSync, renameSync, rmSync, unlinkSync, writeSync } from "node:fs";
 import { join } from "node:path";
+import { procStat } from "../fixtures/proc.ts";
 
 export const STATE_DIR = "/run/securemesh-netns";
 /** Every namespace and link the harness makes starts with this (links: "smb", "smv"), so `ip netns list` shows whose they are. */
@@ -30,14 +31,10 @@ interface LeaseFile {
   resources: LeaseResources;
 }
 
-/** The start time of a live process, or undefined when there is none with that PID. */
+/** The start time of a live process (field 22 of stat(5)), or undefined when there is none with that PID. */
 function startTicks(pid: number): number | undefined {
-  try {
-    const stat = readFileSync(`/proc/${pid}/stat`, "utf8");
-    return Number(stat.slice(stat.lastIndexOf(")") + 2).split(" ")[19]);
-  } catch {
-    return undefined;
-  }
+  const fields = procStat(pid);
+  return fields ? Number(fields[19]) : undefined;
 }
 
 const isAlive = (ref: ProcessRef) => startTicks(ref.pid) === ref.started;
