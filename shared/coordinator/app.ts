@@ -43,18 +43,8 @@ export function createCoordinatorApp({ pool, logger, metrics = new Metrics(), ac
   return (
     createApp({ logger, metrics, metricsRoute: false, accessLog })
       .get("/health", ({ set }) => {
-        const servers = pool.snapshot().map(({ url, up, lastCheckedAt, latencyMs, requests, failures, lastError, reachable, storeStatus, ejection }) => ({
-          url,
-          up,
-          lastCheckedAt,
-          latencyMs,
-          requests,
-          failures,
-          lastError,
-          reachable,
-          storeStatus,
-          ejection,
-        }));
+        // The pool's view without what is the admin listener's to show: a server's own /health, clock skew and drains.
+        const servers = pool.snapshot().map(({ health, clockSkewMs, draining, inFlight, ...shown }) => shown);
         const up = servers.filter((s) => s.up).length;
         // In panic the pool still routes over the servers that answer: the coordinator can serve.
         const routable = servers.filter((s) => s.up || s.reachable).length;

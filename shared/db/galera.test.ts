@@ -1,7 +1,9 @@
-// Both stores on a real 3-node Galera cluster (harness/multihost/galera.ts, on loopback): schema, cross-node reads,
-// replay and idempotency across nodes, certification conflicts retried, the current node killed under load, and a
-// node without quorum left for another (#14 part 3).
+// One real 3-node Galera cluster on loopback for the whole test run (harness/multihost/galera.ts). First the cluster
+// itself: replication, a node killed and restarted, a minority that refuses writes. Then both stores on it: schema,
+// cross-node reads, replay and idempotency across nodes, certification conflicts retried, the current node killed
+// under load, and a node without quorum left for another (#14 part 3).
 import { afterAll, beforeAll, describe, expect, setDefaultTimeout, test } from "bun:test";
+import mysql from "mysql2/promise";
 import { waitFor as waitForCondition } from "../../harness/fixtures/index.ts";
 import { GaleraCluster } from "../../harness/multihost/galera.ts";
 import { ProofRejected, Unavailable } from "../platform/errors.ts";
@@ -12,7 +14,7 @@ import { uniqueTable } from "../testing/mysql.ts";
 import { openMysql } from "./mysql.ts";
 import { lateBound } from "../testing/timing.ts";
 
-setDefaultTimeout(90_000);
+setDefaultTimeout(180_000);
 
 let galera: GaleraCluster;
 const toClose: { close(): Promise<void> }[] = [];
@@ -86,6 +88,67 @@ function expectAllStored(acknowledged: Map<string, number>, stored: Map<string, 
 
 /** The harness's condition wait, with the longer bound a cluster's failover needs. */
 const waitFor = (what: string, condition: () => boolean | Promise<boolean>) => waitForCondition(what, condition, 30_000);
+
+/**
+ * Runs one statement over TCP as the scenario's roles connect: root@'%' with no password. Reads are causal: a commit
+ * through one node is certified everywhere before it returns, but another node may still be applying it.
+ */
+async function sqlOverTcp<T = unknown>(name: string, statement: string, params: unknown[] = []): Promise<T[]> {
+  const conn = await mysql.createConnection({ uri: galera.node(name).url, connectTimeout: 2000 });
+  try {
+    await conn.query("SET SESSION wsrep_sync_wait = 1");
+    return (await conn.query(statement, params))[0] as T[];
+  } finally {
+    await conn.end();
+  }
+}
+
+const sizes = async () => Promise.all(galera.nodes.filter((n) => n.running).map(async (n) => (await galera.status(n.name))?.clusterSize));
+
+describe("the cluster itself (harness/multihost/galera.ts): what the store tests stand on", () => {
+  test("three nodes, each on its own address, Synced in one Primary component", async () => {
+    expect(new Set(galera.nodes.map((n) => n.address)).size).toBe(3);
+    for (const node of galera.nodes) {
+      expect(await galera.status(node.name)).toEqual({ clusterSize: 3, clusterStatus: "Primary", state: "Synced", ready: true });
+    }
+  });
+
+  test("a row written on node 1 is read on node 3", async () => {
+    await sqlOverTcp("db1", "CREATE TABLE IF NOT EXISTS t (id INT PRIMARY KEY, v VARCHAR(20))");
+    await sqlOverTcp("db1", "INSERT INTO t VALUES (1, 'from db1')");
+    expect(await sqlOverTcp("db3", "SELECT id, v FROM t")).toEqual([{ id: 1, v: "from db1" }]);
+  });
+
+  test("node 2 killed: size 2 and writes go on; restarted: it rejoins, size 3, and has the rows it missed", async () => {
+    await galera.kill("db2");
+    expect(galera.node("db2").running).toBe(false);
+    await galera.waitUntil("db1", (s) => s.clusterSize === 2);
+    await sqlOverTcp("db1", "INSERT INTO t VALUES (2, 'while db2 was down')");
+    expect(await sqlOverTcp("db3", "SELECT COUNT(*) AS n FROM t")).toEqual([{ n: 2 }]);
+
+    expect(await galera.restart("db2")).toBe("IST"); // its position recovered from InnoDB: only the missed writes
+    await galera.waitSynced();
+    expect(await sizes()).toEqual([3, 3, 3]);
+    expect(await sqlOverTcp("db2", "SELECT v FROM t WHERE id = 2")).toEqual([{ v: "while db2 was down" }]);
+  });
+
+  test("node 3 cut off as a minority: non-Primary, refuses writes; the majority writes on; healed, it catches up", async () => {
+    await galera.setIsolated("db3", true);
+    await galera.waitUntil("db3", (s) => s.clusterStatus === "non-Primary", 30_000);
+    expect((await galera.status("db3"))?.ready).toBe(false);
+    const refused = await sqlOverTcp("db3", "INSERT INTO t VALUES (3, 'minority')").then(
+      () => undefined,
+      (e: { errno?: number }) => e.errno,
+    );
+    expect(refused).toBe(1047); // ER_UNKNOWN_COM_ERROR: "WSREP has not yet prepared node for application use"
+    await galera.waitUntil("db1", (s) => s.clusterSize === 2 && s.clusterStatus === "Primary", 30_000);
+    await sqlOverTcp("db1", "INSERT INTO t VALUES (4, 'majority')");
+
+    await galera.setIsolated("db3", false);
+    await galera.waitSynced();
+    expect(await sqlOverTcp("db3", "SELECT id FROM t ORDER BY id")).toEqual([{ id: 1 }, { id: 2 }, { id: 4 }]);
+  });
+});
 
 describe("the stores on a 3-node Galera cluster", () => {
   test("every table of both stores is InnoDB with a primary key (Galera replicates nothing else safely)", async () => {

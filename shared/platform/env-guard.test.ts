@@ -25,82 +25,55 @@ const refusal = (label: string, name: string) =>
   expect.stringMatching(new RegExp(`^${escapeRegExp(label)} is set: .+, so this role will not start; unset ${name}$`));
 const escapeRegExp = (s: string) => s.replace(/[.*+?^${}()|[\]\\]/g, "\\$&");
 
+/** The exact refusal line: what is set, what it does, and the fix (unset the variable). */
+const refused = (label: string, reason: string) => `${label} is set: ${reason}, so this role will not start; unset ${label.split("=")[0]}`;
+
 /** One case or more per switch; the last test fails for a switch added to the table without one here. */
 const CASES: [name: string, value: string, expected: unknown][] = [
   [
     "NODE_TLS_REJECT_UNAUTHORIZED",
     "0",
-    "NODE_TLS_REJECT_UNAUTHORIZED=0 is set: it turns certificate checks off (Bun: fetch and node:https, and client certificates on a server, oven-sh/bun#35240; Deno: node:https, without a warning), so this role will not start; unset NODE_TLS_REJECT_UNAUTHORIZED",
+    refused(
+      "NODE_TLS_REJECT_UNAUTHORIZED=0",
+      "it turns certificate checks off (Bun: fetch and node:https, and client certificates on a server, oven-sh/bun#35240; Deno: node:https, without a warning)",
+    ),
   ],
   [
     "NODE_TLS_REJECT_UNAUTHORIZED",
     "false",
-    "NODE_TLS_REJECT_UNAUTHORIZED=false is set: it asks for certificate checks to be turned off (only 1 keeps them), so this role will not start; unset NODE_TLS_REJECT_UNAUTHORIZED",
+    refused("NODE_TLS_REJECT_UNAUTHORIZED=false", "it asks for certificate checks to be turned off (only 1 keeps them)"),
   ],
   ["NODE_TLS_REJECT_UNAUTHORIZED", "1", "accepted"],
   [
     "SSLKEYLOGFILE",
     "/tmp/keys.log",
-    "SSLKEYLOGFILE is set: Deno writes the secrets of every TLS connection a role opens to that file, mode 0644 (Bun 1.4.5 ignores it), so this role will not start; unset SSLKEYLOGFILE",
+    refused("SSLKEYLOGFILE", "Deno writes the secrets of every TLS connection a role opens to that file, mode 0644 (Bun 1.4.5 ignores it)"),
   ],
   [
     "BUN_CONFIG_VERBOSE_FETCH",
     "curl",
-    "BUN_CONFIG_VERBOSE_FETCH=curl is set: Bun logs every outgoing request before our code runs: curl prints the Authorization header in clear, 1 and true every other header (sender proofs, forwarder assertions), so this role will not start; unset BUN_CONFIG_VERBOSE_FETCH",
+    refused(
+      "BUN_CONFIG_VERBOSE_FETCH=curl",
+      "Bun logs every outgoing request before our code runs: curl prints the Authorization header in clear, 1 and true every other header (sender proofs, forwarder assertions)",
+    ),
   ],
   ["BUN_CONFIG_VERBOSE_FETCH", "1", refusal("BUN_CONFIG_VERBOSE_FETCH=1", "BUN_CONFIG_VERBOSE_FETCH")],
   ["BUN_CONFIG_VERBOSE_FETCH", "true", refusal("BUN_CONFIG_VERBOSE_FETCH=true", "BUN_CONFIG_VERBOSE_FETCH")],
   ["NODE_DEBUG", "http", refusal("NODE_DEBUG=http", "NODE_DEBUG")],
   ["NODE_DEBUG", "tls,net", refusal("NODE_DEBUG=tls,net", "NODE_DEBUG")],
-  [
-    "NODE_OPTIONS",
-    "--inspect=127.0.0.1:9229",
-    "NODE_OPTIONS is set: --inspect=127.0.0.1:9229 opens a debugger that can read every key in memory, so this role will not start; unset NODE_OPTIONS",
-  ],
-  [
-    "NODE_OPTIONS",
-    "--max-old-space-size=512 --inspect-brk",
-    "NODE_OPTIONS is set: --inspect-brk opens a debugger that can read every key in memory, so this role will not start; unset NODE_OPTIONS",
-  ],
-  [
-    "NODE_OPTIONS",
-    "--require /tmp/x.js",
-    "NODE_OPTIONS is set: --require runs code of its own inside the role, so this role will not start; unset NODE_OPTIONS",
-  ],
-  [
-    "NODE_OPTIONS",
-    "--tls-keylog=/tmp/k",
-    "NODE_OPTIONS is set: --tls-keylog=/tmp/k writes every TLS session's secrets to a file, so this role will not start; unset NODE_OPTIONS",
-  ],
-  [
-    "NODE_OPTIONS",
-    "--insecure-http-parser",
-    "NODE_OPTIONS is set: --insecure-http-parser accepts malformed HTTP (request smuggling), so this role will not start; unset NODE_OPTIONS",
-  ],
-  ["NODE_OPTIONS", "--tls-min-v1.0", "NODE_OPTIONS is set: --tls-min-v1.0 changes what TLS accepts, so this role will not start; unset NODE_OPTIONS"],
-  [
-    "NODE_OPTIONS",
-    "--security-revert=CVE-2023-46809",
-    "NODE_OPTIONS is set: --security-revert=CVE-2023-46809 changes what TLS accepts, so this role will not start; unset NODE_OPTIONS",
-  ],
+  ["NODE_OPTIONS", "--inspect=127.0.0.1:9229", refused("NODE_OPTIONS", "--inspect=127.0.0.1:9229 opens a debugger that can read every key in memory")],
+  ["NODE_OPTIONS", "--max-old-space-size=512 --inspect-brk", refused("NODE_OPTIONS", "--inspect-brk opens a debugger that can read every key in memory")],
+  ["NODE_OPTIONS", "--require /tmp/x.js", refused("NODE_OPTIONS", "--require runs code of its own inside the role")],
+  ["NODE_OPTIONS", "--tls-keylog=/tmp/k", refused("NODE_OPTIONS", "--tls-keylog=/tmp/k writes every TLS session's secrets to a file")],
+  ["NODE_OPTIONS", "--insecure-http-parser", refused("NODE_OPTIONS", "--insecure-http-parser accepts malformed HTTP (request smuggling)")],
+  ["NODE_OPTIONS", "--tls-min-v1.0", refused("NODE_OPTIONS", "--tls-min-v1.0 changes what TLS accepts")],
+  ["NODE_OPTIONS", "--security-revert=CVE-2023-46809", refused("NODE_OPTIONS", "--security-revert=CVE-2023-46809 changes what TLS accepts")],
   ["NODE_OPTIONS", "--use-system-ca", refusal("NODE_OPTIONS", "NODE_OPTIONS")],
-  [
-    "NODE_OPTIONS",
-    "--heapsnapshot-signal=SIGUSR2",
-    "NODE_OPTIONS is set: --heapsnapshot-signal=SIGUSR2 writes the process's memory or profile to disk, so this role will not start; unset NODE_OPTIONS",
-  ],
-  [
-    "NODE_OPTIONS",
-    "--frobnicate",
-    "NODE_OPTIONS is set: --frobnicate is not on the reviewed list (memory sizes only), so this role will not start; unset NODE_OPTIONS",
-  ],
+  ["NODE_OPTIONS", "--heapsnapshot-signal=SIGUSR2", refused("NODE_OPTIONS", "--heapsnapshot-signal=SIGUSR2 writes the process's memory or profile to disk")],
+  ["NODE_OPTIONS", "--frobnicate", refused("NODE_OPTIONS", "--frobnicate is not on the reviewed list (memory sizes only)")],
   ["NODE_OPTIONS", "--max-old-space-size=512", "accepted"],
-  [
-    "BUN_OPTIONS",
-    "--preload=/tmp/x.js",
-    "BUN_OPTIONS is set: --preload=/tmp/x.js runs code of its own inside the role, so this role will not start; unset BUN_OPTIONS",
-  ],
-  ["BUN_OPTIONS", "-r /tmp/x.js", "BUN_OPTIONS is set: -r runs code of its own inside the role, so this role will not start; unset BUN_OPTIONS"],
+  ["BUN_OPTIONS", "--preload=/tmp/x.js", refused("BUN_OPTIONS", "--preload=/tmp/x.js runs code of its own inside the role")],
+  ["BUN_OPTIONS", "-r /tmp/x.js", refused("BUN_OPTIONS", "-r runs code of its own inside the role")],
   ["BUN_OPTIONS", "--inspect-wait", refusal("BUN_OPTIONS", "BUN_OPTIONS")],
   ["BUN_OPTIONS", "--tls-keylog=/tmp/k", refusal("BUN_OPTIONS", "BUN_OPTIONS")],
   ["BUN_OPTIONS", "--smol", "accepted"],
@@ -118,13 +91,13 @@ const CASES: [name: string, value: string, expected: unknown][] = [
   [
     "BUN_INSPECT",
     "127.0.0.1:9229",
-    "BUN_INSPECT is set: Bun opens a debugger that can read every key in memory, without a word, before any of our code runs, so this role will not start; unset BUN_INSPECT",
+    refused("BUN_INSPECT", "Bun opens a debugger that can read every key in memory, without a word, before any of our code runs"),
   ],
   ["BUN_INSPECT_CONNECT_TO", "unix:///tmp/debug.sock", refusal("BUN_INSPECT_CONNECT_TO", "BUN_INSPECT_CONNECT_TO")],
   [
     "DENO_CERT",
     "/tmp/other_ca.pem",
-    "DENO_CERT is set: Deno's fetch trusts that file's CAs besides ours, even on a hop pinned to our CA (a server of another CA was accepted), so this role will not start; unset DENO_CERT",
+    refused("DENO_CERT", "Deno's fetch trusts that file's CAs besides ours, even on a hop pinned to our CA (a server of another CA was accepted)"),
   ],
   ["DENO_TLS_CA_STORE", "system", refusal("DENO_TLS_CA_STORE=system", "DENO_TLS_CA_STORE")],
   ["DENO_TLS_CA_STORE", "mozilla,system", refusal("DENO_TLS_CA_STORE=mozilla,system", "DENO_TLS_CA_STORE")],

@@ -66,6 +66,15 @@ export class MeshError extends Error {
   }
 }
 
+/** The base of a failure told apart only by its message: one code, one status. */
+function messageOnly(code: ErrorCode, status: number) {
+  return class extends MeshError {
+    constructor(message: string) {
+      super(code, status, message);
+    }
+  };
+}
+
 /** Any Fernet token that cannot be opened. One message for every cause, so no failure is an oracle. */
 export class InvalidToken extends MeshError {
   constructor() {
@@ -74,25 +83,13 @@ export class InvalidToken extends MeshError {
 }
 
 /** A request that is malformed: bad JSON, missing or extra fields, wrong types. */
-export class BadRequest extends MeshError {
-  constructor(message: string) {
-    super("ERR_BAD_REQUEST", 400, message);
-  }
-}
+export class BadRequest extends messageOnly("ERR_BAD_REQUEST", 400) {}
 
 /** The sender proof is missing, forged, expired or replayed. */
-export class ProofRejected extends MeshError {
-  constructor(message: string) {
-    super("ERR_PROOF", 401, message);
-  }
-}
+export class ProofRejected extends messageOnly("ERR_PROOF", 401) {}
 
 /** The caller is authenticated but not allowed to do this. */
-export class Forbidden extends MeshError {
-  constructor(message: string) {
-    super("ERR_FORBIDDEN", 403, message);
-  }
-}
+export class Forbidden extends messageOnly("ERR_FORBIDDEN", 403) {}
 
 /** An Idempotency-Key was reused for a different request. */
 export class IdempotencyConflict extends MeshError {
@@ -120,22 +117,10 @@ export class TooManyRequests extends MeshError {
 }
 
 /** Bad configuration found at start-up: printed as one line, then the role exits. */
-export class ConfigError extends MeshError {
-  constructor(message: string) {
-    super("ERR_CONFIG", 500, message);
-  }
-}
+export class ConfigError extends messageOnly("ERR_CONFIG", 500) {}
 
 /** A Fernet key rotation step that would lose data or lock a host out (fernet-keys.ts): what, and when it is safe. */
-export class KeyRotationRefused extends MeshError {
-  constructor(message: string) {
-    super("ERR_KEY_ROTATION", 409, message);
-  }
-}
+export class KeyRotationRefused extends messageOnly("ERR_KEY_ROTATION", 409) {}
 
 /** A policy file that does not parse or names what does not exist: where, and what to fix. */
-export class PolicyInvalid extends MeshError {
-  constructor(message: string) {
-    super("ERR_POLICY_INVALID", 500, message);
-  }
-}
+export class PolicyInvalid extends messageOnly("ERR_POLICY_INVALID", 500) {}

@@ -1,4 +1,5 @@
-import { afterEach, beforeAll, describe, expect, setDefaultTimeout, test } from "bun:test";
+import { beforeAll, describe, expect, setDefaultTimeout, test } from "bun:test";
+import { cleanupAfterEach } from "../testing/cleanups.ts";
 import net from "node:net";
 import { connect as tlsConnect } from "node:tls";
 import { parseCrl } from "../authz/crl.ts";
@@ -19,10 +20,7 @@ beforeAll(async () => {
   pki = await testPki();
 });
 
-const cleanups: (() => unknown)[] = [];
-afterEach(async () => {
-  for (const cleanup of cleanups.splice(0).reverse()) await cleanup();
-});
+const cleanups = cleanupAfterEach();
 
 function testLogger() {
   const lines: string[] = [];

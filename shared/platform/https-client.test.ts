@@ -1,6 +1,7 @@
 // The verified HTTPS client against real TLS servers with certificates from pki.sh: whom each connection reached is
 // checked once, at its handshake, and a peer that fails the check receives nothing (issue 18, H1).
-import { afterEach, describe, expect, setDefaultTimeout, test } from "bun:test";
+import { describe, expect, setDefaultTimeout, test } from "bun:test";
+import { cleanupAfterEach } from "../testing/cleanups.ts";
 import net from "node:net";
 import tls from "node:tls";
 import { expectPeer } from "../authz/expect-peer.ts";
@@ -10,10 +11,7 @@ import { loadIdentity, mutualTlsClientOptions, mutualTlsServerOptions } from "./
 
 setDefaultTimeout(30_000);
 
-const cleanups: (() => unknown)[] = [];
-afterEach(async () => {
-  for (const cleanup of cleanups.splice(0).reverse()) await cleanup();
-});
+const cleanups = cleanupAfterEach();
 
 /** A Bun.serve server with mutual TLS that answers with the client's source port, so connections can be counted. */
 function portEcho(pki: string, name = "server"): string {

@@ -1,7 +1,8 @@
 // FernetRewrap on real stores (a sqlite file, the test MariaDB): records under an old key move to the primary with
 // their timestamps, two servers on one database share the work by compare-and-set, a key retired while records still
 // use it is kept until they are moved, and /health's numbers say where it stands.
-import { afterAll, afterEach, describe, expect, setDefaultTimeout, test } from "bun:test";
+import { afterAll, describe, expect, setDefaultTimeout, test } from "bun:test";
+import { cleanupAfterEach } from "../testing/cleanups.ts";
 import { createDecipheriv, createHmac, randomUUID } from "node:crypto";
 import { chmodSync, mkdtempSync, renameSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
@@ -21,10 +22,7 @@ setDefaultTimeout(60_000);
 
 const temporary: string[] = [];
 const mysqlTables: string[] = [];
-const cleanups: (() => Promise<unknown> | unknown)[] = [];
-afterEach(async () => {
-  for (const cleanup of cleanups.splice(0).reverse()) await cleanup();
-});
+const cleanups = cleanupAfterEach();
 afterAll(async () => {
   temporary.forEach((dir) => rmSync(dir, { recursive: true, force: true }));
   if (mysqlTables.length === 0) return;

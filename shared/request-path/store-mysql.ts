@@ -1,42 +1,28 @@
 // RecordStore on MySQL/MariaDB, one node or a Galera cluster, with parameterized queries only.
 import { checkTableName, orUnavailable, unavailable } from "../db/database.ts";
 import { isDuplicateEntry, openMysql, type MysqlDatabase, type MysqlStats, type SqlValue } from "../db/mysql.ts";
-import {
-  fromRow,
-  insertParams,
-  newStoreId,
-  RECORD_STORE,
-  recordSql,
-  repeatedInsert,
-  replayedProof,
-  sendersCounted,
-  sendersIn,
-  type EarlierRecord,
-  type InsertResult,
-  type NewRecord,
-  type ProofUse,
-  type RecordRow,
-  type RecordStore,
-  type StoreOptions,
-  type StoredRecord,
-  type StoredToken,
-  type TokenChange,
-} from "./record-store.ts";
+// What every backend shares (SQL, row mapping, replay rules), as one namespace: each store reads as what it adds.
+import * as recordStore from "./record-store.ts";
 
-export class MysqlStore implements RecordStore {
+export class MysqlStore implements recordStore.RecordStore {
   readonly kind = "mysql" as const;
   readonly #db: MysqlDatabase;
-  readonly #sql: ReturnType<typeof recordSql> & { byJti: string };
+  readonly #sql: ReturnType<typeof recordStore.recordSql> & { byJti: string };
 
   private constructor(db: MysqlDatabase, table: string) {
     this.#db = db;
     // Only MySQL asks this: sqlite never loses a COMMIT's answer (see #ownCommit).
-    this.#sql = { ...recordSql(table, "mysql"), byJti: `SELECT id, sender, digest, server FROM ${table} WHERE jti = ?` };
+    this.#sql = { ...recordStore.recordSql(table, "mysql"), byJti: `SELECT id, sender, digest, server FROM ${table} WHERE jti = ?` };
   }
 
-  static async open(url: string, options: StoreOptions = {}): Promise<MysqlStore> {
+  static async open(url: string, options: recordStore.StoreOptions = {}): Promise<MysqlStore> {
     const table = checkTableName(options.table ?? "records");
-    const db = await openMysql(url, { what: RECORD_STORE, connectionLimit: 8, schema: schema(table), afterSchema: (db) => fillAggregates(db, table) });
+    const db = await openMysql(url, {
+      what: recordStore.RECORD_STORE,
+      connectionLimit: 8,
+      schema: schema(table),
+      afterSchema: (db) => fillAggregates(db, table),
+    });
     return new MysqlStore(db, table);
   }
 
@@ -50,7 +36,7 @@ export class MysqlStore implements RecordStore {
     return this.#db.currentNode;
   }
 
-  async insert(record: NewRecord): Promise<InsertResult> {
+  async insert(record: recordStore.NewRecord): Promise<recordStore.InsertResult> {
     const sql = this.#sql;
     let resumed = false;
     try {
@@ -60,21 +46,21 @@ export class MysqlStore implements RecordStore {
         // its gap locks, for a new sender) never interleaves with another writer's; and generations follow commits.
         await s.run(sql.bumpGeneration);
         // A repeat or replay fails on this insert's UNIQUE keys and rolls back, so it is never counted.
-        const result = await s.run(sql.insert, insertParams(record, Date.now()));
+        const result = await s.run(sql.insert, recordStore.insertParams(record, Date.now()));
         await s.run(sql.countSender, [record.sender]);
         return result.insertId;
       });
       return { id, server: record.server, repeated: false };
     } catch (error) {
-      if (!isDuplicateEntry(error)) throw unavailable(RECORD_STORE, error);
+      if (!isDuplicateEntry(error)) throw unavailable(recordStore.RECORD_STORE, error);
     }
     const own = resumed ? await this.#ownCommit(record) : undefined;
     if (own) return own;
-    const earlier = record.idempotencyKey ? (await this.#rows<EarlierRecord>(sql.byIdempotencyKey, [record.idempotencyKey]))[0] : undefined;
-    return repeatedInsert(record, earlier);
+    const earlier = record.idempotencyKey ? (await this.#rows<recordStore.EarlierRecord>(sql.byIdempotencyKey, [record.idempotencyKey]))[0] : undefined;
+    return recordStore.repeatedInsert(record, earlier);
   }
 
-  async insertMany(records: readonly NewRecord[]): Promise<void> {
+  async insertMany(records: readonly recordStore.NewRecord[]): Promise<void> {
     const sql = this.#sql;
     const createdAt = Date.now();
     let resumed = false;
@@ -87,14 +73,14 @@ export class MysqlStore implements RecordStore {
           const batch = records.slice(start, start + 500);
           await s.runText(
             sql.insertRows(batch.length),
-            batch.flatMap((record) => insertParams(record, createdAt)),
+            batch.flatMap((record) => recordStore.insertParams(record, createdAt)),
           );
         }
-        for (const [sender, n] of sendersIn(records)) await s.run(sql.countSenderBy, [sender, n]);
+        for (const [sender, n] of recordStore.sendersIn(records)) await s.run(sql.countSenderBy, [sender, n]);
       });
     } catch (error) {
-      if (!isDuplicateEntry(error)) throw unavailable(RECORD_STORE, error);
-      if (!(resumed && records[0] && (await this.#ownCommit(records[0])))) throw replayedProof();
+      if (!isDuplicateEntry(error)) throw unavailable(recordStore.RECORD_STORE, error);
+      if (!(resumed && records[0] && (await this.#ownCommit(records[0])))) throw recordStore.replayedProof();
     }
   }
 
@@ -103,7 +89,7 @@ export class MysqlStore implements RecordStore {
     return Number(row?.value ?? 0);
   }
 
-  async bumpGeneration(proof?: ProofUse): Promise<number> {
+  async bumpGeneration(proof?: recordStore.ProofUse): Promise<number> {
     const sql = this.#sql;
     let resumed = false;
     try {
@@ -120,12 +106,12 @@ export class MysqlStore implements RecordStore {
         return Number(row?.value ?? 0);
       });
     } catch (error) {
-      if (!isDuplicateEntry(error)) throw unavailable(RECORD_STORE, error);
+      if (!isDuplicateEntry(error)) throw unavailable(recordStore.RECORD_STORE, error);
     }
     // The proof's row is the earlier attempt's, whose COMMIT landed although its answer was lost: the invalidation
     // happened once, and is acknowledged now.
     if (resumed) return this.generation();
-    throw replayedProof();
+    throw recordStore.replayedProof();
   }
 
   async count(): Promise<number> {
@@ -133,21 +119,21 @@ export class MysqlStore implements RecordStore {
     return Number(row?.n ?? 0);
   }
 
-  async latest(limit: number, sender?: string): Promise<StoredRecord[]> {
+  async latest(limit: number, sender?: string): Promise<recordStore.StoredRecord[]> {
     // LIMIT is bound as a string: MySQL 8.0.22+ refuses a number bound to LIMIT in a prepared statement (MariaDB takes both).
     const rows =
       sender === undefined
-        ? await this.#rows<RecordRow>(this.#sql.latest, [String(limit)])
-        : await this.#rows<RecordRow>(this.#sql.latestOf, [sender, String(limit)]);
-    return rows.map(fromRow);
+        ? await this.#rows<recordStore.RecordRow>(this.#sql.latest, [String(limit)])
+        : await this.#rows<recordStore.RecordRow>(this.#sql.latestOf, [sender, String(limit)]);
+    return rows.map(recordStore.fromRow);
   }
 
-  async tokensAfter(afterId: number, limit: number): Promise<StoredToken[]> {
+  async tokensAfter(afterId: number, limit: number): Promise<recordStore.StoredToken[]> {
     const rows = await this.#rows<{ id: number | string; token: string }>(this.#sql.tokensAfter, [afterId, String(limit)], false);
     return rows.map((r) => ({ id: Number(r.id), token: r.token }));
   }
 
-  async replaceTokens(changes: readonly TokenChange[]): Promise<boolean[]> {
+  async replaceTokens(changes: readonly recordStore.TokenChange[]): Promise<boolean[]> {
     if (changes.length === 0) return [];
     const sql = this.#sql;
     // Updates in id order, as every server walks the records: two servers on one batch queue on its first row
@@ -163,23 +149,23 @@ export class MysqlStore implements RecordStore {
       });
       return changes.map((c) => taken.has(c.id));
     } catch (error) {
-      throw unavailable(RECORD_STORE, error);
+      throw unavailable(recordStore.RECORD_STORE, error);
     }
   }
 
   async countsBySender(): Promise<Record<string, number>> {
-    return sendersCounted(await this.#rows<{ sender: string; n: number | string }>(this.#sql.countsBySender));
+    return recordStore.sendersCounted(await this.#rows<{ sender: string; n: number | string }>(this.#sql.countsBySender));
   }
 
   async ping(): Promise<void> {
     // A table, not SELECT 1: a Galera node without quorum still answers SELECT 1, but refuses tables (1047), and
     // then this fails over like any read.
-    await orUnavailable(RECORD_STORE, () => this.#db.rows(this.#sql.generation));
+    await orUnavailable(recordStore.RECORD_STORE, () => this.#db.rows(this.#sql.generation));
   }
 
   async storeId(): Promise<string> {
     const [row] = await this.#rows<{ value: string }>(this.#sql.storeId, [], false);
-    if (!row) throw unavailable(RECORD_STORE, new Error("the store has no id row"));
+    if (!row) throw unavailable(recordStore.RECORD_STORE, new Error("the store has no id row"));
     return row.value;
   }
 
@@ -191,7 +177,7 @@ export class MysqlStore implements RecordStore {
    * After an attempt whose COMMIT was sent and whose node died before answering, a retry that clashes on the jti
    * finds either that attempt's own row (same sender and payload: acknowledged now, once) or a real replay.
    */
-  async #ownCommit(record: NewRecord): Promise<InsertResult | undefined> {
+  async #ownCommit(record: recordStore.NewRecord): Promise<recordStore.InsertResult | undefined> {
     const [row] = await this.#rows<{ id: number | string; sender: string; digest: string; server: number }>(this.#sql.byJti, [record.jti]);
     if (!row || row.sender !== record.sender || row.digest !== record.digest) return undefined;
     return { id: Number(row.id), server: row.server, repeated: false };
@@ -204,7 +190,7 @@ export class MysqlStore implements RecordStore {
    * check's generation read passes `causal` false.
    */
   #rows<T>(sql: string, params: SqlValue[] = [], causal = true): Promise<T[]> {
-    return orUnavailable(RECORD_STORE, () => this.#db.rows<T>(sql, params, { causal }));
+    return orUnavailable(recordStore.RECORD_STORE, () => this.#db.rows<T>(sql, params, { causal }));
   }
 }
 
@@ -214,7 +200,7 @@ export class MysqlStore implements RecordStore {
  * when servers start together; a later open finds the senders rows and scans nothing.
  */
 async function fillAggregates(db: MysqlDatabase, table: string): Promise<void> {
-  const sql = recordSql(table, "mysql");
+  const sql = recordStore.recordSql(table, "mysql");
   await db.transaction(async (s) => {
     await s.rows(`${sql.generation} FOR UPDATE`);
     const [row] = await s.rows<{ missing: number | string }>(sql.aggregatesMissing);
@@ -243,7 +229,7 @@ function schema(table: string): string[] {
     `CREATE TABLE IF NOT EXISTS ${table}_senders (sender VARCHAR(128) NOT NULL PRIMARY KEY, n BIGINT NOT NULL) ENGINE=InnoDB`,
     `CREATE TABLE IF NOT EXISTS ${table}_meta (name VARCHAR(64) NOT NULL PRIMARY KEY, value VARCHAR(255) NOT NULL) ENGINE=InnoDB`,
     // The first server to create the schema names the store; the others' INSERT IGNORE keeps that name.
-    `INSERT IGNORE INTO ${table}_meta (name, value) VALUES ('store_id', '${newStoreId()}')`,
+    `INSERT IGNORE INTO ${table}_meta (name, value) VALUES ('store_id', '${recordStore.newStoreId()}')`,
     // A table from before #11 was made without this index, and own-records reads name it (FORCE INDEX). MariaDB's
     // IF NOT EXISTS makes this a no-op on newer tables.
     `CREATE INDEX IF NOT EXISTS ${table}_by_sender ON ${table} (sender, id)`,

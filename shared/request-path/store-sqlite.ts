@@ -2,36 +2,17 @@
 import type { DatabaseSync, StatementSync } from "node:sqlite";
 import { checkTableName, orUnavailable, unavailable } from "../db/database.ts";
 import { execute, immediate, openSqlite, sqliteFailure } from "../db/sqlite.ts";
-import {
-  fromRow,
-  insertParams,
-  newStoreId,
-  RECORD_STORE,
-  recordSql,
-  repeatedInsert,
-  replayedProof,
-  sendersCounted,
-  sendersIn,
-  type EarlierRecord,
-  type InsertResult,
-  type NewRecord,
-  type ProofUse,
-  type RecordRow,
-  type RecordStore,
-  type StoreOptions,
-  type StoredRecord,
-  type StoredToken,
-  type TokenChange,
-} from "./record-store.ts";
+// What every backend shares (SQL, row mapping, replay rules), as one namespace: each store reads as what it adds.
+import * as recordStore from "./record-store.ts";
 
-export class SqliteStore implements RecordStore {
+export class SqliteStore implements recordStore.RecordStore {
   readonly kind = "sqlite" as const;
   readonly #db: DatabaseSync;
-  readonly #statements: { [name in Exclude<keyof ReturnType<typeof recordSql>, OpenOnly>]: StatementSync };
+  readonly #statements: { [name in Exclude<keyof ReturnType<typeof recordStore.recordSql>, OpenOnly>]: StatementSync };
 
   private constructor(db: DatabaseSync, table: string) {
     this.#db = db;
-    const sql = recordSql(table, "sqlite");
+    const sql = recordStore.recordSql(table, "sqlite");
     this.#statements = {
       insert: db.prepare(`${sql.insert} RETURNING id`),
       byIdempotencyKey: db.prepare(sql.byIdempotencyKey),
@@ -51,52 +32,52 @@ export class SqliteStore implements RecordStore {
     };
   }
 
-  static async open(path: string, options: StoreOptions = {}): Promise<SqliteStore> {
+  static async open(path: string, options: recordStore.StoreOptions = {}): Promise<SqliteStore> {
     const table = checkTableName(options.table ?? "records");
-    const db = await openSqlite(path, { what: RECORD_STORE, createSchema: (db) => createSchema(db, table) });
+    const db = await openSqlite(path, { what: recordStore.RECORD_STORE, createSchema: (db) => createSchema(db, table) });
     return new SqliteStore(db, table);
   }
 
-  async insert(record: NewRecord): Promise<InsertResult> {
+  async insert(record: recordStore.NewRecord): Promise<recordStore.InsertResult> {
     const s = this.#statements;
     try {
       const id = immediate(this.#db, () => {
         // A repeat or replay fails on this insert's UNIQUE keys and rolls back, so it is never counted.
-        const row = s.insert.get(...insertParams(record, Date.now())) as { id: number };
+        const row = s.insert.get(...recordStore.insertParams(record, Date.now())) as { id: number };
         s.countSender.run(record.sender);
         s.bumpGeneration.run();
         return row.id;
       });
       return { id, server: record.server, repeated: false };
     } catch (error) {
-      if (sqliteFailure(error) !== "unique") throw unavailable(RECORD_STORE, error);
+      if (sqliteFailure(error) !== "unique") throw unavailable(recordStore.RECORD_STORE, error);
     }
     const earlier = record.idempotencyKey
-      ? await orUnavailable(RECORD_STORE, () => s.byIdempotencyKey.get(record.idempotencyKey!) as EarlierRecord | undefined)
+      ? await orUnavailable(recordStore.RECORD_STORE, () => s.byIdempotencyKey.get(record.idempotencyKey!) as recordStore.EarlierRecord | undefined)
       : undefined;
-    return repeatedInsert(record, earlier);
+    return recordStore.repeatedInsert(record, earlier);
   }
 
-  async insertMany(records: readonly NewRecord[]): Promise<void> {
+  async insertMany(records: readonly recordStore.NewRecord[]): Promise<void> {
     const s = this.#statements;
     const createdAt = Date.now();
     try {
       immediate(this.#db, () => {
-        for (const record of records) s.insert.run(...insertParams(record, createdAt));
-        for (const [sender, n] of sendersIn(records)) s.countSenderBy.run(sender, n);
+        for (const record of records) s.insert.run(...recordStore.insertParams(record, createdAt));
+        for (const [sender, n] of recordStore.sendersIn(records)) s.countSenderBy.run(sender, n);
         s.bumpGeneration.run();
       });
     } catch (error) {
-      if (sqliteFailure(error) === "unique") throw replayedProof();
-      throw unavailable(RECORD_STORE, error);
+      if (sqliteFailure(error) === "unique") throw recordStore.replayedProof();
+      throw unavailable(recordStore.RECORD_STORE, error);
     }
   }
 
   async generation(): Promise<number> {
-    return orUnavailable(RECORD_STORE, () => this.#generation());
+    return orUnavailable(recordStore.RECORD_STORE, () => this.#generation());
   }
 
-  async bumpGeneration(proof?: ProofUse): Promise<number> {
+  async bumpGeneration(proof?: recordStore.ProofUse): Promise<number> {
     const s = this.#statements;
     try {
       return immediate(this.#db, () => {
@@ -108,30 +89,30 @@ export class SqliteStore implements RecordStore {
         return this.#generation();
       });
     } catch (error) {
-      if (sqliteFailure(error) === "unique") throw replayedProof();
-      throw unavailable(RECORD_STORE, error);
+      if (sqliteFailure(error) === "unique") throw recordStore.replayedProof();
+      throw unavailable(recordStore.RECORD_STORE, error);
     }
   }
 
   async count(): Promise<number> {
-    return orUnavailable(RECORD_STORE, () => (this.#statements.count.get() as { n: number }).n);
+    return orUnavailable(recordStore.RECORD_STORE, () => (this.#statements.count.get() as { n: number }).n);
   }
 
-  async latest(limit: number, sender?: string): Promise<StoredRecord[]> {
+  async latest(limit: number, sender?: string): Promise<recordStore.StoredRecord[]> {
     const s = this.#statements;
-    return orUnavailable(RECORD_STORE, () =>
-      ((sender === undefined ? s.latest.all(limit) : s.latestOf.all(sender, limit)) as unknown as RecordRow[]).map(fromRow),
+    return orUnavailable(recordStore.RECORD_STORE, () =>
+      ((sender === undefined ? s.latest.all(limit) : s.latestOf.all(sender, limit)) as unknown as recordStore.RecordRow[]).map(recordStore.fromRow),
     );
   }
 
-  async tokensAfter(afterId: number, limit: number): Promise<StoredToken[]> {
+  async tokensAfter(afterId: number, limit: number): Promise<recordStore.StoredToken[]> {
     // A WAL read: it never waits for the write lock.
-    return orUnavailable(RECORD_STORE, () =>
+    return orUnavailable(recordStore.RECORD_STORE, () =>
       (this.#statements.tokensAfter.all(afterId, limit) as unknown as { id: number; token: string }[]).map((r) => ({ id: Number(r.id), token: r.token })),
     );
   }
 
-  async replaceTokens(changes: readonly TokenChange[]): Promise<boolean[]> {
+  async replaceTokens(changes: readonly recordStore.TokenChange[]): Promise<boolean[]> {
     if (changes.length === 0) return [];
     const replace = this.#statements.replaceToken;
     try {
@@ -139,22 +120,24 @@ export class SqliteStore implements RecordStore {
       // a few hundred), and each server's changes commit whole.
       return immediate(this.#db, () => changes.map((c) => Number(replace.run(c.next, c.id, c.previous).changes) === 1));
     } catch (error) {
-      throw unavailable(RECORD_STORE, error);
+      throw unavailable(recordStore.RECORD_STORE, error);
     }
   }
 
   async countsBySender(): Promise<Record<string, number>> {
-    return orUnavailable(RECORD_STORE, () => sendersCounted(this.#statements.countsBySender.all() as unknown as { sender: string; n: number }[]));
+    return orUnavailable(recordStore.RECORD_STORE, () =>
+      recordStore.sendersCounted(this.#statements.countsBySender.all() as unknown as { sender: string; n: number }[]),
+    );
   }
 
   async ping(): Promise<void> {
     // A read, never the write lock: a health check must not wait behind another server's commit, which a frozen
     // (SIGSTOPped) server can hold indefinitely.
-    await orUnavailable(RECORD_STORE, () => this.#generation());
+    await orUnavailable(recordStore.RECORD_STORE, () => this.#generation());
   }
 
   async storeId(): Promise<string> {
-    return orUnavailable(RECORD_STORE, () => (this.#statements.storeId.get() as { value: string }).value);
+    return orUnavailable(recordStore.RECORD_STORE, () => (this.#statements.storeId.get() as { value: string }).value);
   }
 
   async close(): Promise<void> {
@@ -193,8 +176,8 @@ function createSchema(db: DatabaseSync, table: string): void {
   );
   execute(db, `CREATE TABLE IF NOT EXISTS ${table}_senders (sender TEXT PRIMARY KEY, n INTEGER NOT NULL)`);
   execute(db, `CREATE TABLE IF NOT EXISTS ${table}_meta (name TEXT PRIMARY KEY, value TEXT NOT NULL)`);
-  db.prepare(`INSERT OR IGNORE INTO ${table}_meta (name, value) VALUES ('store_id', ?)`).run(newStoreId());
+  db.prepare(`INSERT OR IGNORE INTO ${table}_meta (name, value) VALUES ('store_id', ?)`).run(recordStore.newStoreId());
   // A table made before the senders table existed: count its records once, so the first read is right.
-  const sql = recordSql(table, "sqlite");
+  const sql = recordStore.recordSql(table, "sqlite");
   if ((db.prepare(sql.aggregatesMissing).get() as { missing: number }).missing) execute(db, sql.fillAggregates);
 }

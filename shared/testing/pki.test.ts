@@ -142,13 +142,22 @@ const DAY = 86_400_000;
 const SLACK = 5 * 60_000;
 const near = (actual: number, expected: number) => Math.abs(actual - expected) < SLACK;
 
+/** Folders the tests made, removed once the file is done. */
+const made: string[] = [];
+afterAll(() => made.forEach((dir) => rmSync(dir, { recursive: true, force: true })));
+const emptyDir = (label: string) => {
+  const dir = mkdtempSync(join(tmpdir(), `securemesh-pki-${label}-`));
+  made.push(dir);
+  return dir;
+};
+
 describe("crl.pem: numbered, short-lived, refreshed", () => {
-  const made: string[] = [];
-  afterAll(() => made.forEach((dir) => rmSync(dir, { recursive: true, force: true })));
-  /** A PKI of its own (by pki.sh), or an empty folder, removed after these tests. */
-  const keep = (dir: string) => (made.push(dir), dir);
-  const pki = async (label: string) => keep(await newPki(label));
-  const emptyDir = (label: string) => keep(mkdtempSync(join(tmpdir(), `securemesh-pki-${label}-`)));
+  /** A PKI of its own (by pki.sh), removed after these tests. */
+  const pki = async (label: string) => {
+    const dir = await newPki(label);
+    made.push(dir);
+    return dir;
+  };
 
   test("a new CA gets a signed, empty, numbered CRL at once, that lives 30 days (CRL_DAYS)", async () => {
     const dir = await pki("crl-new");
@@ -273,16 +282,11 @@ const read = (dir: string, file: string) => readFileSync(join(dir, file), "utf8"
 const CRL_WRITTEN = /CRL number 0x[0-9A-F]+, next update [A-Z][a-z]{2} [ \d]\d \d\d:\d\d:\d\d \d{4} GMT/.source;
 const ISO_SECOND = /\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ/.source;
 const exactly = (pattern: string) => new RegExp(`^${pattern}$`);
+/** A pki.sh run that succeeded, printing nothing on stderr and exactly one line matching `pattern` on stdout. */
+const printedExactly = (pattern: string) => ({ code: 0, stderr: "", stdout: expect.stringMatching(exactly(pattern)) });
 const escaped = (text: string) => text.replace(/[.*+?^${}()|[\]\\]/g, "\\$&");
 
 describe("a CA is made only where none is expected (issue 23)", () => {
-  const made: string[] = [];
-  afterAll(() => made.forEach((dir) => rmSync(dir, { recursive: true, force: true })));
-  const emptyDir = (label: string) => {
-    const dir = mkdtempSync(join(tmpdir(), `securemesh-pki-${label}-`));
-    made.push(dir);
-    return dir;
-  };
   /** A role host's PKI folder: what the deployment copied there, no CA key. */
   const roleHost = async (label: string) => {
     const source = await testPki();
@@ -413,15 +417,11 @@ describe("each identity issued, listed and revoked on its own: by name, by seria
     for (const i of [1, 2, 3]) await issueIdentity(dir, `server${i}`, "server", { sans: [`IP:10.77.0.1${i}`, `DNS:server${i}.mesh.test`] });
     expect(sansOf(dir, "server2")).toEqual(["URI:spiffe://securemesh/server/server2", "IP Address:10.77.0.12", "DNS:server2.mesh.test"]);
     const revoked = await pkiShOut(dir, ["revoke", "server2"]);
-    expect(revoked).toEqual({
-      code: 0,
-      stderr: "",
-      stdout: expect.stringMatching(
-        exactly(
-          `pki\\.sh: revoked server2 \\(serial ${serialOf(dir, "server2")}, its current certificate server2_cert\\.pem\\); wrote crl\\.pem, ${CRL_WRITTEN} \\(running roles reload it within seconds\\)`,
-        ),
+    expect(revoked).toEqual(
+      printedExactly(
+        `pki\\.sh: revoked server2 \\(serial ${serialOf(dir, "server2")}, its current certificate server2_cert\\.pem\\); wrote crl\\.pem, ${CRL_WRITTEN} \\(running roles reload it within seconds\\)`,
       ),
-    });
+    );
     expect(await crlSerials(dir)).toEqual([serialOf(dir, "server2")]);
   });
 
@@ -433,27 +433,19 @@ describe("each identity issued, listed and revoked on its own: by name, by seria
       serials.push(serialOf(dir, "server1"));
     }
     const current = await pkiShOut(dir, ["revoke", "server1"]);
-    expect(current).toEqual({
-      code: 0,
-      stderr: "",
-      stdout: expect.stringMatching(
-        exactly(
-          `pki\\.sh: revoked server1 \\(serial ${serials[2]}, its current certificate server1_cert\\.pem\\); wrote crl\\.pem, ${CRL_WRITTEN} \\(running roles reload it within seconds\\); ` +
-            "2 earlier certificate\\(s\\) named server1 are still valid: \\./pki\\.sh revoke server1 --all revokes them too",
-        ),
+    expect(current).toEqual(
+      printedExactly(
+        `pki\\.sh: revoked server1 \\(serial ${serials[2]}, its current certificate server1_cert\\.pem\\); wrote crl\\.pem, ${CRL_WRITTEN} \\(running roles reload it within seconds\\); ` +
+          "2 earlier certificate\\(s\\) named server1 are still valid: \\./pki\\.sh revoke server1 --all revokes them too",
       ),
-    });
+    );
     expect(await crlSerials(dir)).toEqual([serials[2]!]);
     const all = await pkiShOut(dir, ["revoke", "server1", "--all"]);
-    expect(all).toEqual({
-      code: 0,
-      stderr: "",
-      stdout: expect.stringMatching(
-        exactly(
-          `pki\\.sh: revoked the 2 certificate\\(s\\) named server1 that were still valid \\(serials ${serials[0]}, ${serials[1]}\\); wrote crl\\.pem, ${CRL_WRITTEN} \\(running roles reload it within seconds\\)`,
-        ),
+    expect(all).toEqual(
+      printedExactly(
+        `pki\\.sh: revoked the 2 certificate\\(s\\) named server1 that were still valid \\(serials ${serials[0]}, ${serials[1]}\\); wrote crl\\.pem, ${CRL_WRITTEN} \\(running roles reload it within seconds\\)`,
       ),
-    });
+    );
     expect(await crlSerials(dir)).toEqual([...serials].sort());
     expect(await pkiSh(dir, "revoke", "server1", "--all")).toEqual({
       code: 2,
@@ -461,13 +453,11 @@ describe("each identity issued, listed and revoked on its own: by name, by seria
     });
     // Revoking the current one again stays a success, as before (scripts that revoke twice keep working), and says so.
     const again = await pkiShOut(dir, ["revoke", "server1"]);
-    expect(again).toEqual({
-      code: 0,
-      stderr: "",
-      stdout: expect.stringMatching(
-        exactly(`pki\\.sh: server1's current certificate \\(serial ${serials[2]}\\) was already revoked, since ${ISO_SECOND}; wrote crl\\.pem, ${CRL_WRITTEN}`),
+    expect(again).toEqual(
+      printedExactly(
+        `pki\\.sh: server1's current certificate \\(serial ${serials[2]}\\) was already revoked, since ${ISO_SECOND}; wrote crl\\.pem, ${CRL_WRITTEN}`,
       ),
-    });
+    );
     expect(await pkiSh(dir, "revoke", "nobody")).toEqual({ code: 2, stderr: `pki.sh: no certificate ${dir}/nobody_cert.pem to revoke` });
   });
 
@@ -487,13 +477,11 @@ describe("each identity issued, listed and revoked on its own: by name, by seria
     for (const [name, form, which] of forms) {
       const serial = form.replaceAll(":", "").toUpperCase();
       const out = await pkiShOut(dir, ["revoke", "--serial", form]);
-      expect(out).toEqual({
-        code: 0,
-        stderr: "",
-        stdout: expect.stringMatching(
-          exactly(`pki\\.sh: revoked serial ${serial} \\(${name}, ${which}\\); wrote crl\\.pem, ${CRL_WRITTEN} \\(running roles reload it within seconds\\)`),
+      expect(out).toEqual(
+        printedExactly(
+          `pki\\.sh: revoked serial ${serial} \\(${name}, ${which}\\); wrote crl\\.pem, ${CRL_WRITTEN} \\(running roles reload it within seconds\\)`,
         ),
-      });
+      );
       const crl = await opensslCrl(dir);
       expect(crl.number).toBe(number + 1n);
       number = crl.number!;
@@ -561,14 +549,6 @@ describe("each identity issued, listed and revoked on its own: by name, by seria
 });
 
 describe("a deployment's CA host: init, issue, bundle", () => {
-  const made: string[] = [];
-  afterAll(() => made.forEach((dir) => rmSync(dir, { recursive: true, force: true })));
-  const emptyDir = (label: string) => {
-    const dir = mkdtempSync(join(tmpdir(), `securemesh-pki-${label}-`));
-    made.push(dir);
-    return dir;
-  };
-
   test("init makes the CA, a signed numbered CRL and encryption_key.txt, no identities; a later plain run adds none", async () => {
     const dir = join(emptyDir("init"), "pki");
     const init = await pkiShOut(dir, ["init"]);

@@ -1,7 +1,8 @@
 // The Bun TLS gate (every mutual-TLS listener on Bun) against real clients with certificates from pki.sh: whom each
 // request came from, revocation on every request and route, per-identity caps, and nothing past it without TLS
 // (issue 18: H1, L1, L2).
-import { afterEach, beforeAll, describe, expect, setDefaultTimeout, test } from "bun:test";
+import { beforeAll, describe, expect, setDefaultTimeout, test } from "bun:test";
+import { cleanupAfterEach } from "../../testing/cleanups.ts";
 import { X509Certificate } from "node:crypto";
 import net from "node:net";
 import tls from "node:tls";
@@ -19,10 +20,7 @@ beforeAll(async () => {
   pki = await testPki();
 });
 
-const cleanups: (() => unknown)[] = [];
-afterEach(async () => {
-  for (const cleanup of cleanups.splice(0).reverse()) await cleanup();
-});
+const cleanups = cleanupAfterEach();
 
 /** The app every test serves: who called (as the listener bound it), and a large answer on demand. */
 function echoApp(lines: string[] = []) {

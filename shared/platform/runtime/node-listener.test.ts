@@ -1,7 +1,8 @@
 // The node listener (every listener on Deno), run here on Bun over node:tls + node:http: deadlines, caps, bodies,
 // revocation per request, and no client able to stop it. Its own TLS server on Deno is tested under Deno
 // (runtime.test.ts).
-import { afterEach, beforeAll, describe, expect, setDefaultTimeout, test } from "bun:test";
+import { beforeAll, describe, expect, setDefaultTimeout, test } from "bun:test";
+import { cleanupAfterEach } from "../../testing/cleanups.ts";
 import { X509Certificate } from "node:crypto";
 import net from "node:net";
 import { join } from "node:path";
@@ -30,10 +31,7 @@ const echoApp = { handle: async (request: Request) => new Response(`ok ${peerOf(
 /** The CN: short names in these tests' answers. */
 const byCommonName = (peer: tls.PeerCertificate) => String(peer.subject?.CN ?? "");
 
-const cleanups: (() => unknown)[] = [];
-afterEach(async () => {
-  for (const cleanup of cleanups.splice(0).reverse()) await cleanup();
-});
+const cleanups = cleanupAfterEach();
 
 type ListenerOptions = Partial<Omit<NodeListenerOptions, "admission">> & Partial<Omit<AdmissionOptions, "mutual">>;
 
