@@ -10,15 +10,8 @@ import { loadIdentity, mutualTlsClientOptions } from "../shared/platform/tls.ts"
 import { ON_BEHALF_OF_HEADER, prepareLegacyRequest, RsaKeyPair } from "../shared/token-path/token-exchange.ts";
 import { matrixIdentities, runAuthzMatrix, type MatrixResult } from "./authz-matrix.ts";
 import { startMesh, startTokenStack, testPki, type Cluster, type TokenStack } from "./fixtures/index.ts";
-import {
-  prepareHarnessIdentities,
-  runConnectionCapCase,
-  runFindingCases,
-  runSlowFindingCases,
-  seedClient2Token,
-  type FindingTargets,
-  type Measurement,
-} from "./findings.ts";
+import { prepareHarnessIdentities, runConnectionCapCase, runSlowFindingCases, seedClient2Token, type FindingTargets, type Measurement } from "./findings.ts";
+import { runFindingCases } from "./finding-cases.ts";
 import { clear4xx, hostileCertificates, rawHttp, slowHeadersClosed, tlsRefused, type Tally, type TlsMaterial } from "./hostile.ts";
 import type { Ports } from "./scenario.ts";
 

@@ -18,7 +18,7 @@ import type { ReloadableListener, ServableApp, ServerTls } from "./types.ts";
 /** Bytes one side of a relay may hold while the other cannot take them: past it, the connection is closed. */
 const MAX_PENDING_BYTES = 1024 * 1024;
 /** How long a request sent by a client that has gone may keep its loopback connection, waiting for the app. */
-const ANSWER_BOUND_MS = 60_000;
+export const ANSWER_BOUND_MS = 60_000;
 
 /** One TLS connection and its loopback twin. */
 interface Relay {
