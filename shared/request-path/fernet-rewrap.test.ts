@@ -234,7 +234,11 @@ describe.each(testedDatabases(["sqlite", "mysql"] as const))("FernetRewrap on %s
     );
     const { logger, lines } = capturingLogger();
     const rewrap = startRewrap(store!, keys, logger);
-    await waitFor("the walk to finish", () => rewrap.status().state === "watching" && rewrap.status().pending === 0);
+    // The count is reported on the walk after the one that found the broken token: wait for its line too.
+    await waitFor(
+      "the walk to finish and report the 3 records it cannot read",
+      () => rewrap.status().state === "watching" && rewrap.status().pending === 0 && lines.some((l) => l.startsWith("3 stored records")),
+    );
     expect(rewrap.status()).toEqual({ state: "watching", pending: 0, by_key: { [fpOld]: 0 }, rewrapped: 10, unreadable: 3, kept: [] });
     expect(lines.filter((l) => l.includes("under no Fernet key"))).toEqual([
       `2 stored records are under no Fernet key this server holds: they read as unreadable until their key is back in ${keys.path} (as a decrypt-only line), when they are re-encrypted; a retired key is in the CA host's archive: ./pki.sh fernet restore FP`,
