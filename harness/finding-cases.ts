@@ -179,20 +179,9 @@ function findingKit(t: FindingTargets, tally: Tally, options: FindingOptions) {
 }
 
 /** H1: the proxy knows who calls it. Old: ClientId came from the body, client2 and the coordinator got 200. */
-function proxyKnowsItsCaller({
-  tlsOf,
-  client1,
-  client2,
-  proxyTls,
-  n,
-  expectStatus,
-  forbidden,
-  proxyAs,
-  keyserverAs,
-  auditLines,
-  waitForAudit,
-  ids,
-}: FindingKit): FindingCase[] {
+function proxyKnowsItsCaller(kit: FindingKit): FindingCase[] {
+  const { tlsOf, client1, client2, proxyTls, n, expectStatus, forbidden, proxyAs, keyserverAs, auditLines } = kit;
+  const { waitForAudit, ids } = kit;
   return [
     finding("secureproxy", "H1: client2 asks for ClientId client1's token → 403", n, async () =>
       expectStatus(await proxyAs(client2, "client1"), 403, forbidden(ids.client2, "proxy.use:client1/marketplace")),
@@ -361,23 +350,9 @@ function invalidationProofsSingleUse({ signer, client1, n, postJson, answer, t }
 }
 
 /** L4: only clients write, only through the coordinator. Old: any clientAuth certificate wrote, to any server. */
-function onlyClientsWrite({
-  server1,
-  server2,
-  tlsOf,
-  signer,
-  fernet,
-  client1,
-  client2,
-  proxyTls,
-  n,
-  postJson,
-  answer,
-  write,
-  expectStatus,
-  forbidden,
-  ids,
-}: FindingKit): FindingCase[] {
+function onlyClientsWrite(kit: FindingKit): FindingCase[] {
+  const { server1, server2, tlsOf, signer, fernet, client1, client2, proxyTls, n, postJson, answer, write } = kit;
+  const { expectStatus, forbidden, ids } = kit;
   return [
     finding("server", "L4: the coordinator's proof cannot write → 403", n, async () =>
       expectStatus(await write(signer("coordinator"), tlsOf("coordinator")), 403, forbidden(ids.coordinator, "records.write")),
@@ -679,24 +654,9 @@ function ownProcesses({ cluster, stack, client1, proxyTls, call, proxyAs, keyser
 }
 
 /** M1, live: ./pki.sh revoke with the roles running. Old: the CRL was read only at start. */
-function liveRevocation({
-  notes,
-  cluster,
-  stack,
-  pki,
-  server1,
-  server2,
-  tlsOf,
-  signer,
-  fernet,
-  client1,
-  client2,
-  measurements,
-  write,
-  proxyAs,
-  roles,
-  t,
-}: FindingKit): FindingCase[] {
+function liveRevocation(kit: FindingKit): FindingCase[] {
+  const { notes, cluster, stack, pki, server1, server2, tlsOf, signer, fernet, client1, client2, measurements } = kit;
+  const { write, proxyAs, roles, t } = kit;
   return [
     finding("all", `M1: ./pki.sh revoke client-live with the roles running → its proofs and TLS refused within ${RELOAD_BOUND_MS / 1000} s`, 1, async () => {
       const live = tlsOf("client-live");
@@ -799,20 +759,9 @@ function liveRevocation({
 }
 
 /** Policy edits take effect live, at every role that decides. Old: there was no policy. */
-function livePolicyEdit({
-  cluster,
-  server1,
-  server2,
-  signer,
-  client2,
-  proxyTls,
-  measurements,
-  write,
-  proxyAs,
-  keyserverAs,
-  ids,
-  t,
-}: FindingKit): FindingCase[] {
+function livePolicyEdit(kit: FindingKit): FindingCase[] {
+  const { cluster, server1, server2, signer, client2, proxyTls, measurements, write, proxyAs, keyserverAs } = kit;
+  const { ids, t } = kit;
   return [
     finding("all", `policy edit: client2's records.write and proxy.use removed live → 403 within ${RELOAD_BOUND_MS / 1000} s, restored after`, 1, async () => {
       const allowed = (permission: string) => (r: Rule) => (r.identity === ids.client2 ? { ...r, allow: r.allow.filter((p) => p !== permission) } : r);
