@@ -37,9 +37,9 @@ export const PLAINTEXT_MARKER = "plaintext-marker-7f3a";
 
 type Json = Record<string, unknown>;
 
-export async function runSecurityChecks(t: SecurityTargets, tally: Tally, options: SecurityOptions): Promise<void> {
-  const { cluster } = t;
-  const pki = cluster.pki;
+/** What every group of checks works with: the targets, the TLS of the identities that send, and a POST. */
+function securityKit(t: SecurityTargets) {
+  const pki = t.cluster.pki;
   const client1 = mutualTlsClientOptions(loadIdentity(pki, "client1"));
   const proxyCert = mutualTlsClientOptions(loadIdentity(pki, "secureproxy"));
   // A server serves only connections of an identity allowed to forward (#11 L4): malformed input reaches it over
@@ -51,8 +51,15 @@ export async function runSecurityChecks(t: SecurityTargets, tally: Tally, option
     ["keyserver", t.stack.keyserver, proxyCert],
     ["secureproxy", t.stack.secureproxy, client1],
   ];
+  const post = (url: string, tls: TlsMaterial, body: string | Uint8Array, type = "application/json", headers: Record<string, string> = {}) =>
+    fetch(url, { method: "POST", headers: { "content-type": type, ...headers }, body, tls, signal: AbortSignal.timeout(10_000) });
+  return { t, pki, client1, proxyCert, coordinatorCert, roles, post };
+}
 
-  // ---- TLS: refused at the handshake, every time (oven-sh/bun#27985 once let about 20% through)
+type SecurityKit = ReturnType<typeof securityKit>;
+
+/** TLS: refused at the handshake, every time (oven-sh/bun#27985 once let about 20% through) */
+async function checkHostileCertificates({ t, roles }: SecurityKit, tally: Tally, options: SecurityOptions): Promise<void> {
   for (const [role, url, valid] of roles) {
     // The control: were every attempt failing for some other reason, this case would say so.
     await tally.run(role, "TLS control: a valid certificate connects", options.httpAttempts, async () =>
@@ -62,10 +69,10 @@ export async function runSecurityChecks(t: SecurityTargets, tally: Tally, option
       await tally.run(role, `TLS: ${name}`, options.tlsAttempts, () => tlsRefused(url, material), 4);
     }
   }
+}
 
-  // ---- HTTP: a clear 4xx JSON error for every malformed request
-  const post = (url: string, tls: TlsMaterial, body: string | Uint8Array, type = "application/json", headers: Record<string, string> = {}) =>
-    fetch(url, { method: "POST", headers: { "content-type": type, ...headers }, body, tls, signal: AbortSignal.timeout(10_000) });
+/** HTTP: a clear 4xx JSON error for every malformed request */
+async function checkMalformedRequests({ t, client1, proxyCert, coordinatorCert, post }: SecurityKit, tally: Tally, options: SecurityOptions): Promise<void> {
   const jsonRoutes: [string, string, TlsMaterial, string, Record<string, string>][] = [
     ["server", `${t.server}/api/data`, coordinatorCert, JSON.stringify({ data: "x", proof: "y", extra: 1 }), {}],
     ["coordinator", `${t.coordinator}/api/data`, client1, JSON.stringify({ data: "x", proof: "y", extra: 1 }), {}],
@@ -98,8 +105,10 @@ export async function runSecurityChecks(t: SecurityTargets, tally: Tally, option
     await tally.run(role, "HTTP: unknown route", n, async () => clear4xx(await fetch(`${base}/no/such/route`, { tls }), 404));
     await tally.run(role, "HTTP: wrong method", n, async () => clear4xx(await fetch(`${base}/health`, { method: "DELETE", tls }), 405));
   }
+}
 
-  // ---- Crypto and application, through the coordinator
+/** Crypto and application, through the coordinator */
+async function checkCryptoAndApplication({ t, pki, client1, post }: SecurityKit, tally: Tally, options: SecurityOptions): Promise<void> {
   const fernet = new Fernet(loadFernetKeys(pki));
   const signer = new ProofSigner(loadIdentity(pki, "client1"));
   const forger = new ProofSigner(loadIdentity(t.otherPki, "client1"));
@@ -151,8 +160,11 @@ export async function runSecurityChecks(t: SecurityTargets, tally: Tally, option
     const token = "gAAAAA" + "A".repeat(80 * 1024);
     return clear4xx(await send(token, "y"), 413);
   });
+}
 
-  // ---- KeyServer and SecureProxy
+/** The token path: what only the KeyServer and the SecureProxy read (names, session keys, an ApiUri). */
+async function checkTokenPath({ t, client1, proxyCert, post }: SecurityKit, tally: Tally, options: SecurityOptions): Promise<void> {
+  const n = options.httpAttempts;
   const keys = await RsaKeyPair.loadOrCreate(join(t.stack.dataDir, "rsa_key.pem"));
   const keyserverPost = (body: string, headers: Record<string, string> = {}) => post(`${t.stack.keyserver}/`, proxyCert, body, "application/json", headers);
   // sql-prober (harness policy: proxy.use:*) may ask for any token, so only the name check stands between the
@@ -207,6 +219,12 @@ export async function runSecurityChecks(t: SecurityTargets, tally: Tally, option
     );
     return status === 400 ? null : `status ${status}`;
   });
+}
+
+/** Every hostile case against every role, one group at a time. */
+export async function runSecurityChecks(t: SecurityTargets, tally: Tally, options: SecurityOptions): Promise<void> {
+  const kit = securityKit(t);
+  for (const group of [checkHostileCertificates, checkMalformedRequests, checkCryptoAndApplication, checkTokenPath]) await group(kit, tally, options);
 }
 
 export interface SuiteTargets extends SecurityTargets, Omit<FindingTargets, "cluster" | "stack" | "hostileCerts" | "coordinator"> {
