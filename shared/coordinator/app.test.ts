@@ -10,6 +10,7 @@ import { createLogger } from "../ops/log.ts";
 import { handledAs } from "../testing/peers.ts";
 import { UpstreamPool, type UpstreamAnswer, type UpstreamTransport } from "../request-path/upstream.ts";
 import { createCoordinatorApp } from "./app.ts";
+import { waitFor } from "../../harness/cluster.ts";
 
 const SERVER = "https://server.test:5001";
 const CLIENT1 = "spiffe://securemesh/client/client1";
@@ -106,7 +107,7 @@ describe("draining one server on an operator's request (issue 20, admin.drain)",
     const inFlight = [as(CLIENT1).handle(write()), as(CLIENT1).handle(write())]; // one to each server
     // Its answer waits for the request to SERVER still in flight (a drain that did not wait says empty: false).
     const drain = as(OPERATOR).handle(adminPost("/admin/drain", SERVER));
-    while (!logs.some((l) => l.includes("draining on request"))) await Bun.sleep(1);
+    await waitFor("the drain's log line", () => logs.some((l) => l.includes("draining on request")), 5000);
     transport.gate = Promise.resolve();
     const during = await Promise.all(Array.from({ length: 4 }, () => as(CLIENT1).handle(write())));
     expect(during.map((r) => r.headers.get("x-securemesh-upstream"))).toEqual([SERVER2, SERVER2, SERVER2, SERVER2]);
