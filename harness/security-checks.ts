@@ -10,7 +10,15 @@ import { loadIdentity, mutualTlsClientOptions } from "../shared/platform/tls.ts"
 import { ON_BEHALF_OF_HEADER, prepareLegacyRequest, RsaKeyPair } from "../shared/token-path/token-exchange.ts";
 import { matrixIdentities, runAuthzMatrix, type MatrixResult } from "./authz-matrix.ts";
 import { startMesh, startTokenStack, testPki, type Cluster, type TokenStack } from "./fixtures/index.ts";
-import { prepareHarnessIdentities, runConnectionCapCase, runSlowFindingCases, seedClient2Token, type FindingTargets, type Measurement } from "./findings.ts";
+import {
+  prepareHarnessIdentities,
+  runConnectionCapCase,
+  runSlowFindingCases,
+  seedClient2Token,
+  type FindingTargets,
+  type Json,
+  type Measurement,
+} from "./findings.ts";
 import { runFindingCases } from "./finding-cases.ts";
 import { clear4xx, hostileCertificates, rawHttp, slowHeadersClosed, tlsRefused, type Tally, type TlsMaterial } from "./hostile.ts";
 import type { Ports } from "./scenario.ts";
@@ -34,8 +42,6 @@ export const REFUSING_ROLES = /^(refuses-|keyserver-quota)/;
 
 /** Marks the plaintext of hostile payloads, so the log scan can tell where it appears. */
 export const PLAINTEXT_MARKER = "plaintext-marker-7f3a";
-
-type Json = Record<string, unknown>;
 
 /** What every group of checks works with: the targets, the TLS of the identities that send, and a POST. */
 function securityKit(t: SecurityTargets) {
