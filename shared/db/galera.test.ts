@@ -274,21 +274,27 @@ describe("the stores on a 3-node Galera cluster", () => {
     const running = load(store, 4, () => Date.now() > stopAt);
     await waitFor("a first write", async () => (await store.count()) > 20);
     await galera.kill("db1");
-    stopAt = Date.now() + 6000;
-    const result = await running;
-    console.log(
-      `db1 killed under load: ${result.acknowledged.size} inserts acknowledged, ${result.failures.length} failed, slowest ${Math.round(result.slowestMs)} ms; store stats ${JSON.stringify(store.stats)}`,
-    );
-    expect(result.failures.every((f) => f.startsWith(Unavailable.name))).toBe(true);
-    expect(result.failures).toEqual([]);
-    expect(result.slowestMs).toBeLessThan(12_000);
-    expect(store.currentNode).toBe(`${galera.node("db2").address}:3306`);
-    const stored = await storedOn("db2", table);
-    expectAllStored(result.acknowledged, stored);
-    expect(await store.count()).toBe(stored.size);
-
-    await galera.restart("db1");
-    await galera.waitSynced();
+    try {
+      stopAt = Date.now() + 6000;
+      const result = await running;
+      console.log(
+        `db1 killed under load: ${result.acknowledged.size} inserts acknowledged, ${result.failures.length} failed, slowest ${Math.round(result.slowestMs)} ms; store stats ${JSON.stringify(store.stats)}`,
+      );
+      expect(result.failures.every((f) => f.startsWith(Unavailable.name))).toBe(true);
+      expect(result.failures).toEqual([]);
+      expect(result.slowestMs).toBeLessThan(12_000);
+      // It fails over to a surviving node: db2 next in its list, or db3 when db2 timed out on a loaded machine (CI saw
+      // db3 after 8 failovers, with the bench running beside this file).
+      const survivor = ["db2", "db3"].find((name) => store.currentNode === `${galera.node(name).address}:3306`);
+      expect({ currentNode: store.currentNode, onASurvivor: survivor !== undefined }).toEqual({ currentNode: store.currentNode, onASurvivor: true });
+      const stored = await storedOn(survivor!, table);
+      expectAllStored(result.acknowledged, stored);
+      expect(await store.count()).toBe(stored.size);
+    } finally {
+      // Restarted even when an assertion above failed: the tests after this one need all three nodes.
+      await galera.restart("db1");
+      await galera.waitSynced();
+    }
     const restarted = Date.now();
     await waitFor("the store back on db1", async () => {
       await store.generation();
