@@ -59,3 +59,14 @@ describe("floors (docs/architecture.md)", () => {
     expect(floorOf("shared/platform/http.ts")).toBe(2);
   });
 });
+
+describe("one shape per role (docs/architecture.md)", () => {
+  test("every role script reads in one sitting: at most 150 lines, its logic in shared/", () => {
+    const roleScripts = productionModules("roles");
+    const long = roleScripts
+      .map((path) => [path, readFileSync(join(REPO_ROOT, path), "utf8").split("\n").length - 1] as const)
+      .filter(([, lines]) => lines > 150);
+    expect(long).toEqual([]);
+    expect(roleScripts).toContain("roles/server.ts");
+  });
+});

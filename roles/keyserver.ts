@@ -1,7 +1,7 @@
 // The KeyServer: releases API tokens, sealed at rest, to the callers the policy names, through a hybrid exchange.
 import { join } from "node:path";
 import { displayPath, exitWithConfigError, parseFlags, parsePort, parsePositive, pkiDir, policyPath, REPO_ROOT } from "../shared/platform/config.ts";
-import { chooseFlag, describeFlagSource, readDbFile, refuseSecretOnArgv } from "../shared/platform/config-file.ts";
+import { chooseDbUrl } from "../shared/platform/config-file.ts";
 import { ConfigError } from "../shared/platform/errors.ts";
 import { describeError } from "../shared/ops/log.ts";
 import { createKeyserverApp, type LegacyReplay } from "../shared/token-path/keyserver-app.ts";
@@ -85,7 +85,6 @@ export function parseKeyserverConfig(argv: string[]): KeyserverConfig {
     },
     argv,
   );
-  refuseSecretOnArgv("db", values.db, sources.db);
   if (values.token !== undefined && values.token !== "-" && sources.token === "argv") {
     throw new ConfigError("--token on the command line shows in ps: give --token - and the token on stdin");
   }
@@ -96,15 +95,10 @@ export function parseKeyserverConfig(argv: string[]): KeyserverConfig {
   if (legacyReplay !== "require" && legacyReplay !== "allow") throw new ConfigError("--legacy-replay must be require or allow");
   const replayQuota = parsePositive(values["replay-quota"], "--replay-quota", 10_000);
   if (!Number.isInteger(replayQuota)) throw new ConfigError(`--replay-quota must be a whole number, not '${values["replay-quota"]}'`);
-  const dbFlag = chooseFlag("db", "db-file", sources);
-  const [db, dbSource] =
-    dbFlag === "db"
-      ? [values.db!, describeFlagSource("db", sources.db)]
-      : dbFlag === "db-file"
-        ? [readDbFile(values["db-file"]!), `${describeFlagSource("db-file", sources["db-file"])} (${values["db-file"]})`]
-        : process.env.KEYSERVER_DB
-          ? [process.env.KEYSERVER_DB, "$KEYSERVER_DB"]
-          : [join(dataDir, "tokens.db"), "the default: no --db, --db-file, --config or $SECUREMESH_DB"];
+  const { url: db, source: dbSource } = chooseDbUrl(values, sources, "KEYSERVER_DB") ?? {
+    url: join(dataDir, "tokens.db"),
+    source: "the default: no --db, --db-file, --config or $SECUREMESH_DB",
+  };
   return {
     command,
     port: command === "serve" ? parsePort(positionals[0] ?? process.env.PORT, "PORT", 5003) : 0,

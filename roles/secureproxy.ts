@@ -8,8 +8,10 @@ import { ConfigError } from "../shared/platform/errors.ts";
 import { apiTrust, certificateBundle, ProxyHops, type ApiTrustConfig } from "../shared/token-path/proxy-hops.ts";
 import { createProxyApp, parseAllowlist, type Allowlist } from "../shared/token-path/secureproxy-app.ts";
 import { runRole, type ServingConfig } from "../shared/service/run-role.ts";
+import { parseKeyservers, typedEntries } from "../shared/token-path/proxy-flags.ts";
 
 export { apiTrust, defaultApiIdentity, KEYSERVER_IDENTITY, ProxyHops } from "../shared/token-path/proxy-hops.ts";
+export { parseKeyservers } from "../shared/token-path/proxy-flags.ts";
 export { checkApiUri, createProxyApp, KeyServerIdentityRefused, parseAllowlist, type Allowlist, type ProxyDeps } from "../shared/token-path/secureproxy-app.ts";
 
 const USAGE = `
@@ -47,38 +49,6 @@ export interface ProxyConfig extends ServingConfig, ApiTrustConfig {
   allow: Allowlist;
   format: "jose" | "legacy";
   timeoutMs: number;
-}
-
-/** `TYPE=VALUE` entries of a repeatable flag; `bare` names the key of an entry without `TYPE=` (or refuses it). */
-function typedEntries(flag: string, entries: readonly string[], bare?: string): Map<string, string> {
-  const out = new Map<string, string>();
-  for (const entry of entries) {
-    const match = /^([A-Za-z0-9_.-]+)=(.+)$/.exec(entry);
-    if (!match && bare === undefined) throw new ConfigError(`${flag} '${entry}': expected TYPE=VALUE`);
-    out.set(match ? match[1]! : bare!, match ? match[2]! : entry);
-  }
-  return out;
-}
-
-/** `--keyserver URL[,URL…]`: https URLs without a path, in the order they are tried. */
-export function parseKeyservers(value: string): string[] {
-  const urls = value
-    .split(",")
-    .map((u) => u.trim())
-    .filter(Boolean);
-  if (urls.length === 0) throw new ConfigError("--keyserver needs at least one URL such as https://10.0.0.7:5003");
-  return urls.map((raw) => {
-    let url: URL;
-    try {
-      url = new URL(raw);
-    } catch {
-      throw new ConfigError(`--keyserver '${raw}' is not a URL such as https://10.0.0.7:5003`);
-    }
-    if (url.protocol !== "https:" || (url.pathname !== "/" && url.pathname !== "") || url.search || url.username) {
-      throw new ConfigError(`--keyserver '${raw}' must be https://HOST:PORT, without a path, query or credentials`);
-    }
-    return url.origin;
-  });
 }
 
 export function parseProxyConfig(argv: string[]): ProxyConfig {

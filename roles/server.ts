@@ -1,7 +1,7 @@
 // A securemesh server: receives Fernet payloads with a sender proof over mutual TLS and commits them to the store.
 import { join, resolve } from "node:path";
 import { parseFlags, parsePort, parsePositive, pkiDir, policyPath, displayPath, REPO_ROOT } from "../shared/platform/config.ts";
-import { chooseFlag, readDbFile, refuseSecretOnArgv } from "../shared/platform/config-file.ts";
+import { chooseDbUrl } from "../shared/platform/config-file.ts";
 import { FernetKeys } from "../shared/request-path/fernet-reload.ts";
 import { CachedDataView } from "../shared/request-path/data-view.ts";
 import { FernetRewrap } from "../shared/request-path/fernet-rewrap.ts";
@@ -74,13 +74,10 @@ export function parseServerConfig(argv: string[]): ServerConfig {
     },
     argv,
   );
-  refuseSecretOnArgv("db", values.db, sources.db);
-  const dbFile = values["db-file"];
-  const dbFlag = chooseFlag("db", "db-file", sources);
   return {
     port: parsePort(positionals[0] ?? process.env.PORT, "PORT (first argument)"),
     host: values.host ?? "127.0.0.1",
-    db: dbFlag === "db" ? values.db : dbFlag === "db-file" ? readDbFile(dbFile!) : process.env.DATABASE_URL,
+    db: chooseDbUrl(values, sources, "DATABASE_URL")?.url,
     pki: pkiDir(values.pki),
     policy: policyPath(values.policy),
     noCrl: values["no-crl"] ?? false,

@@ -104,3 +104,23 @@ export function readDbFile(path: string): string {
     throw new ConfigError(`cannot read --db-file ${path}: ${(error as NodeJS.ErrnoException).code ?? (error as Error).message}`);
   }
 }
+
+/**
+ * The database URL from --db or --db-file, whichever came from the higher source (a password on the command line is
+ * refused), else the environment variable `envVar`; with where it came from, as the role's start line says it.
+ */
+export function chooseDbUrl(
+  values: { db?: string; "db-file"?: string },
+  sources: Partial<Record<string, FlagSource>>,
+  envVar: string,
+): { url: string; source: string } | undefined {
+  refuseSecretOnArgv("db", values.db, sources.db);
+  const flag = chooseFlag("db", "db-file", sources);
+  if (flag === "db") return { url: values.db!, source: describeFlagSource("db", sources.db) };
+  if (flag === "db-file") {
+    const file = values["db-file"]!;
+    return { url: readDbFile(file), source: `${describeFlagSource("db-file", sources["db-file"])} (${file})` };
+  }
+  const fromEnv = process.env[envVar];
+  return fromEnv ? { url: fromEnv, source: `$${envVar}` } : undefined;
+}
