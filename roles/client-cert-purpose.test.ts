@@ -9,6 +9,7 @@ import { rmSync } from "node:fs";
 import { join } from "node:path";
 import { newPki, temporaryCluster, testPki } from "../harness/fixtures/index.ts";
 import { runPython } from "../shared/testing/python.ts";
+import { testedRuntimes } from "../shared/testing/unit-run.ts";
 
 setDefaultTimeout(120_000); // Deno starts slowly on a shared two-core machine
 
@@ -59,7 +60,7 @@ except requests.exceptions.RequestException as e:
   );
 }
 
-for (const runtime of ["bun", "deno"] as const) {
+for (const runtime of testedRuntimes()) {
   describe(`a role on ${runtime}`, () => {
     test("a server certificate used as a client is told 403 ERR_CLIENT_CERT, then closed; another CA's is closed without a word", async () => {
       const pki = await newPki(`purpose-${runtime}`);

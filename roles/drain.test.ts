@@ -5,11 +5,12 @@ import { checkRecords } from "../harness/chaos-checks.ts";
 import { countRecords } from "../harness/scenario.ts";
 import { runLoad, startMesh } from "../harness/fixtures/index.ts";
 import { DRAIN_QUIET_MS } from "../shared/platform/drain.ts";
+import { testedRuntimes } from "../shared/testing/unit-run.ts";
 
 setDefaultTimeout(60_000);
 
 // On Deno the listener is node:https, whose stop without closing is Deno's own path (node-listener.ts).
-for (const runtime of ["bun", "deno"] as const)
+for (const runtime of testedRuntimes())
   test(`a server on ${runtime} sent SIGTERM under write load: 503 on /health, then no new connections, in-flight finished, exit 0; 0 failed`, async () => {
     await using mesh = await startMesh({ runtime, coordinatorArgs: ["--health-interval", "300"] });
     const victim = mesh.cluster.role(mesh.servers[0]!.name);

@@ -11,6 +11,7 @@ import { RELOAD_INTERVAL_MS } from "../shared/platform/watch.ts";
 import { Fernet, generateFernetKey } from "../shared/request-path/fernet.ts";
 import { ProofSigner } from "../shared/request-path/proof.ts";
 import { newPki, temporaryCluster, waitFor } from "../harness/fixtures/index.ts";
+import { testedRuntimes } from "../shared/testing/unit-run.ts";
 
 setDefaultTimeout(120_000); // Deno starts slowly on a shared two-core machine
 
@@ -28,7 +29,7 @@ function putKeyFile(pki: string, text: string): void {
   renameSync(next, join(pki, "encryption_key.txt"));
 }
 
-for (const runtime of ["bun", "deno"] as const) {
+for (const runtime of testedRuntimes()) {
   describe(`Fernet keys reload in a server on ${runtime}`, () => {
     test("a token under an added key: refused before the file changes, accepted within the poll bound after, no restart; a bad file keeps the keys", async () => {
       const pki = await newPki(`fernet-${runtime}`);

@@ -21,6 +21,7 @@ import { MeshClient } from "../shared/request-path/mesh-client.ts";
 import { payloadDigest } from "../shared/request-path/proof.ts";
 import { openStore } from "../shared/request-path/store.ts";
 import { newPki, runLoad, temporaryCluster, waitFor, type Cluster } from "../harness/fixtures/index.ts";
+import { testedRuntimes } from "../shared/testing/unit-run.ts";
 
 setDefaultTimeout(180_000); // Deno starts slowly on a shared two-core machine, and the walk is paced
 
@@ -66,7 +67,7 @@ function ownViewPolicy(pki: string): string {
   return join(pki, "policy.json");
 }
 
-for (const runtime of ["bun", "deno"] as const) {
+for (const runtime of testedRuntimes()) {
   describe(`a Fernet rotation on a server on ${runtime} with records under the old key`, () => {
     test("add, promote, retire --force at once: OLD kept, every record moved to NEW with its timestamp, then OLD dropped; every record reads under NEW alone", async () => {
       const pki = await newPki(`rewrap-${runtime}`);

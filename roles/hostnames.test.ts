@@ -13,6 +13,7 @@ import { createApp, listenReloadable, type ReloadableListener } from "../shared/
 import { loadIdentity, mutualTlsClientOptions, mutualTlsServerOptions } from "../shared/platform/tls.ts";
 import { OTHER_HOST, outcomeOf, SAN_HOST } from "../shared/testing/host-checks.ts";
 import { issueIdentity, newPki, type IdentityKind } from "../shared/testing/pki.ts";
+import { testedRuntimes } from "../shared/testing/unit-run.ts";
 
 setDefaultTimeout(120_000);
 
@@ -65,7 +66,7 @@ async function requestApi(proxy: string, apiUri: string): Promise<{ status: numb
   return { status: response.status, body: (await response.json()) as Record<string, unknown> };
 }
 
-for (const runtime of ["bun", "deno"] as const) {
+for (const runtime of testedRuntimes()) {
   describe(`on ${runtime}`, () => {
     let cluster: Cluster;
     const at: Record<string, string> = {};

@@ -28,6 +28,7 @@ import { testPki } from "../shared/testing/pki.ts";
 import { loadIdentity, mutualTlsClientOptions } from "../shared/platform/tls.ts";
 import { startTokenStack } from "../harness/fixtures/index.ts";
 import { createKeyserverApp, parseKeyserverConfig, type KeyserverDeps } from "./keyserver.ts";
+import { testedRuntimes } from "../shared/testing/unit-run.ts";
 
 setDefaultTimeout(30_000);
 
@@ -400,7 +401,7 @@ describe("keys", () => {
 
 // The KeyServer as a process on each runtime, with the ECDH-ES opt-in (#13): jose and WebCrypto's X25519 and
 // RSA-OAEP on Bun and on Deno, over the peer-identity listener that reads a certificate once per connection.
-describe.each(["bun", "deno"] as const)("a KeyServer process on %s", (runtime) => {
+describe.each(testedRuntimes())("a KeyServer process on %s", (runtime) => {
   test("releases over mutual TLS in both formats, RSA and ECDH-ES; a replay and a tampered JWE are refused", async () => {
     const pki = await testPki();
     await using tokens = await startTokenStack({ pki, runtime, keyserverArgs: ["--ecdh-es"] });

@@ -8,10 +8,11 @@ import { loadIdentity, mutualTlsClientOptions } from "../shared/platform/tls.ts"
 import { roleCommand, temporaryCluster, waitFor, type Cluster } from "../harness/fixtures/index.ts";
 import { revocationPki } from "../shared/testing/pki.ts";
 import { CRL_FIX } from "../shared/authz/crl-file.ts";
+import { testedRuntimes } from "../shared/testing/unit-run.ts";
 
 setDefaultTimeout(120_000); // two roles per runtime; Deno starts slowly on a shared two-core machine
 
-const RUNTIMES = ["bun", "deno"] as const;
+const RUNTIMES = testedRuntimes();
 
 /** PKIs and data folders this file made, removed when it is done (the roles' logs stay, as the harness keeps them). */
 const temporary: string[] = [];

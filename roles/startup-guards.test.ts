@@ -10,6 +10,7 @@ import { loadIdentity, mutualTlsClientOptions } from "../shared/platform/tls.ts"
 import { RsaKeyPair } from "../shared/token-path/token-exchange.ts";
 import { testPki } from "../shared/testing/pki.ts";
 import { roleCommand, waitFor } from "../harness/cluster.ts";
+import { testedRuntimes } from "../shared/testing/unit-run.ts";
 
 setDefaultTimeout(60_000);
 
@@ -169,23 +170,26 @@ describe("an environment switch that writes secrets or weakens TLS stops the rol
     ["deno", "client", "DENO_CERT", () => ({ DENO_CERT: join(otherPki, "ca_cert.pem") }), "DENO_CERT is set: Deno's fetch trusts"],
   ];
 
-  test.each(cases)("on %s, the %s with %s: exit 2, one line, no key log", async (runtime, role, label, env, starts) => {
-    const dir = tempDir("env");
-    using server = handshakeServer();
-    const outcome = await startRole(
-      runtime,
-      role,
-      roleArgs(role, dir, server.port!),
-      { PKI_DIR: pki, DATABASE_URL: join(dir, "records.db"), ...env(dir) },
-      dir,
-    );
-    expect({ ...outcome, keyLogBytes: keyLogBytes(dir) }).toEqual({
-      exitCode: 2,
-      roleLines: [refusalLine(role, starts, label.split("=")[0]!)],
-      listened: false,
-      keyLogBytes: 0,
-    });
-  });
+  test.each(cases.filter(([runtime]) => testedRuntimes().includes(runtime)))(
+    "on %s, the %s with %s: exit 2, one line, no key log",
+    async (runtime, role, label, env, starts) => {
+      const dir = tempDir("env");
+      using server = handshakeServer();
+      const outcome = await startRole(
+        runtime,
+        role,
+        roleArgs(role, dir, server.port!),
+        { PKI_DIR: pki, DATABASE_URL: join(dir, "records.db"), ...env(dir) },
+        dir,
+      );
+      expect({ ...outcome, keyLogBytes: keyLogBytes(dir) }).toEqual({
+        exitCode: 2,
+        roleLines: [refusalLine(role, starts, label.split("=")[0]!)],
+        listened: false,
+        keyLogBytes: 0,
+      });
+    },
+  );
 });
 
 test("the KeyServer's token commands, which read the master keys, are guarded too", async () => {
@@ -205,7 +209,7 @@ test("the KeyServer's token commands, which read the master keys, are guarded to
   }).toEqual({ exitCode: 2, stdout: "", roleLines: [refusalLine("keyserver", "BUN_INSPECT is set: ", "BUN_INSPECT")], keyring: false });
 });
 
-describe.each(["bun", "deno"] as const)("secret files, roles on %s", (runtime) => {
+describe.each(testedRuntimes())("secret files, roles on %s", (runtime) => {
   /** A copy of the test PKI (modes kept) with `file` loosened to 0644. */
   function pkiWithLoose(dir: string, file: string): string {
     const copy = join(dir, "pki");

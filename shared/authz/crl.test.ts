@@ -4,7 +4,7 @@ import { X509Certificate } from "node:crypto";
 import { copyFileSync, readFileSync } from "node:fs";
 import { join } from "node:path";
 import { REPO_ROOT } from "../platform/config.ts";
-import { testPki } from "../testing/pki.ts";
+import { rsaTestPki, testPki } from "../testing/pki.ts";
 import { runPython } from "../testing/python.ts";
 import { CrlInvalid, normalizeSerial, parseCrl } from "./crl.ts";
 import { contextTag, DerError, readDer, readTime, Tag } from "./der.ts";
@@ -126,7 +126,7 @@ beforeAll(async () => {
       await revoke(dir, "client2");
       return dir;
     }),
-    testPki("rsa", ["--rsa"]),
+    rsaTestPki(),
     testPki("other"),
   ]);
   let out: string;

@@ -7,6 +7,7 @@ import { testPki } from "../testing/pki.ts";
 import { assertSafeEnvironment, ENVIRONMENT_SWITCHES, REVIEWED, type Environment } from "./env-guard.ts";
 import { ConfigError } from "./errors.ts";
 import { assertSafeTlsEnvironment } from "./tls.ts";
+import { testedRuntimes } from "../testing/unit-run.ts";
 
 /** What the guard does with one variable: the refusal line, or "cleared", or "accepted". */
 function verdict(name: string, value: string): string {
@@ -134,7 +135,7 @@ describe("the environment guard, one variable at a time", () => {
   });
 });
 
-describe.each(["bun", "deno"] as const)("NODE_EXTRA_CA_CERTS naming another CA, on %s", (runtime) => {
+describe.each(testedRuntimes())("NODE_EXTRA_CA_CERTS naming another CA, on %s", (runtime) => {
   /** Runs env-guard.check.ts: a fetch pinned to our CA, to a server of the other CA. */
   async function check(guard: boolean): Promise<unknown> {
     const [pki, otherPki] = await Promise.all([testPki("main"), testPki("other")]);

@@ -6,7 +6,7 @@ import { join } from "node:path";
 import { ProofRejected } from "../platform/errors.ts";
 import { parseCrl } from "../authz/crl.ts";
 import { CLOCK_SKEW_S, payloadDigest, PROOF_LIFETIME_S, ProofSigner, ProofVerifier } from "./proof.ts";
-import { runPkiSh, testPki } from "../testing/pki.ts";
+import { rsaTestPki, runPkiSh, testPki } from "../testing/pki.ts";
 import { loadIdentity } from "../platform/tls.ts";
 
 let main: string;
@@ -38,7 +38,7 @@ describe("sender proof", () => {
   });
 
   test("RSA client keys work too", async () => {
-    const rsa = await testPki("rsa", ["--rsa"]);
+    const rsa = await rsaTestPki();
     const proof = await new ProofSigner(loadIdentity(rsa, "client2")).sign(target);
     const v = new ProofVerifier(readFileSync(join(rsa, "ca_cert.pem"), "utf8"));
     expect((await v.verify(proof, target)).sender).toBe("spiffe://securemesh/client/client2");

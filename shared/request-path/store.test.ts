@@ -7,7 +7,8 @@ import mysql from "mysql2/promise";
 import { IdempotencyConflict, ProofRejected } from "../platform/errors.ts";
 import { recordSql } from "./record-store.ts";
 import { describeStoreUrl, openStore, type NewRecord, type RecordStore } from "./store.ts";
-import { hostPortOf, LostCommitRelay, multiHostUrl, TEST_MYSQL_URL, testedDatabases, uniqueTable, UNIT_RUN } from "../testing/mysql.ts";
+import { hostPortOf, LostCommitRelay, multiHostUrl, TEST_MYSQL_URL, uniqueTable } from "../testing/mysql.ts";
+import { testedDatabases, UNIT_RUN } from "../testing/unit-run.ts";
 import type { MysqlStore } from "./store-mysql.ts";
 import { lateBound } from "../testing/timing.ts";
 

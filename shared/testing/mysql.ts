@@ -5,17 +5,6 @@ import { TcpRelay } from "./tcp-relay.ts";
 
 export const TEST_MYSQL_URL = process.env.TEST_MYSQL_URL ?? "mysql://root@127.0.0.1:3306/test";
 
-/**
- * `npm run test:unit` sets SECUREMESH_TESTS=unit: the fast loop runs with no MariaDB, so its cases on a MySQL store are
- * left out there. `npm test`, and so CI, runs every case on both stores and skips none.
- */
-export const UNIT_RUN = process.env.SECUREMESH_TESTS === "unit";
-
-/** The database kinds a table of cases runs on: sqlite always, mysql except in the unit run. */
-export function testedDatabases<Kind extends string>(kinds: readonly Kind[]): Kind[] {
-  return UNIT_RUN ? kinds.filter((kind) => kind !== "mysql") : [...kinds];
-}
-
 /** A table name no other test run uses, so runs can share the database. */
 export function uniqueTable(prefix: string): string {
   return `${prefix}_${process.pid}_${Math.random().toString(36).slice(2, 8)}`;

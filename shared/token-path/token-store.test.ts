@@ -7,7 +7,8 @@ import mysql from "mysql2/promise";
 import { ConfigError } from "../platform/errors.ts";
 import { SealBroken } from "./keyring.ts";
 import { readKeyringFile } from "./keyring-file.ts";
-import { hostPortOf, LostCommitRelay, multiHostUrl, TEST_MYSQL_URL, testedDatabases, uniqueTable, UNIT_RUN } from "../testing/mysql.ts";
+import { hostPortOf, LostCommitRelay, multiHostUrl, TEST_MYSQL_URL, uniqueTable } from "../testing/mysql.ts";
+import { testedDatabases, UNIT_RUN } from "../testing/unit-run.ts";
 import { openTokenStore, TokenVault, type TokenStore } from "./token-store.ts";
 import { openVault } from "./vault-binding.ts";
 

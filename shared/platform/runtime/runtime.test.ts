@@ -15,6 +15,7 @@ import { createLogger } from "../../ops/log.ts";
 import { runtime } from "./index.ts";
 import { codeFromRuntimeCode, codeFromText } from "./network-errors.ts";
 import { X509Certificate } from "node:crypto";
+import { testedRuntimes } from "../../testing/unit-run.ts";
 
 setDefaultTimeout(60_000);
 
@@ -68,7 +69,7 @@ test("the EKU is read from the certificate's DER", async () => {
   expect(hasExtendedKeyUsage({ raw: new Uint8Array([0x30, 0x01]) }, CLIENT_AUTH_OID)).toBe(false); // bad DER proves nothing
 });
 
-describe("on Deno (a real Deno process, real certificates)", () => {
+describe.skipIf(!testedRuntimes().includes("deno"))("on Deno (a real Deno process, real certificates)", () => {
   let dir: string;
   let deno: ReturnType<typeof Bun.spawn<"pipe", "pipe", "pipe">>;
   let ports: { live: number };
