@@ -5,7 +5,9 @@ import { hostname } from "node:os";
 import { identityOf, type Authorizer, type TrustMaterial } from "../authz/index.ts";
 import { formatCrlNumber } from "../authz/crl-file.ts";
 import { extendedKeyUsages } from "../platform/eku.ts";
-import { CLIENT_AUTH_OID, SERVER_AUTH_OID } from "../platform/tls.ts";
+import type { Metrics } from "../ops/metrics.ts";
+import { certificateBlocks } from "../platform/pem.ts";
+import { certificateName, CLIENT_AUTH_OID, SERVER_AUTH_OID, type Identity } from "../platform/tls.ts";
 
 /** Clocks further apart than this make hosts refuse each other's proofs near their edges (proof CLOCK_SKEW_S = 10 s). */
 export const SKEW_WARNING_MS = 5_000;
@@ -50,4 +52,42 @@ export function certificateIdentity(x509: X509Certificate): string {
     clientAuth: usages.includes(CLIENT_AUTH_OID),
     serverAuth: usages.includes(SERVER_AUTH_OID),
   });
+}
+
+/** One certificate a role holds (its own, "identity") or trusts (each CA of its bundle, "ca"), and when it expires. */
+export interface CertificateExpiry {
+  kind: "identity" | "ca";
+  /** The subject's CN, as pki.sh names it ("server", "securemesh CA"). */
+  name: string;
+  /** Upper-case hex, as `openssl x509 -serial` and `./pki.sh list` print it. */
+  serial: string;
+  /** notAfter, in ms since the epoch. */
+  notAfter: number;
+}
+
+/** The role's own certificate, then every CA it trusts, each with its notAfter. */
+export function certificateExpiries(identity: Identity): CertificateExpiry[] {
+  const expiry = (kind: CertificateExpiry["kind"], pem: string): CertificateExpiry => {
+    const x509 = new X509Certificate(pem);
+    return { kind, name: certificateName(x509), serial: x509.serialNumber.toUpperCase(), notAfter: Date.parse(x509.validTo) };
+  };
+  return [expiry("identity", identity.cert), ...certificateBlocks(identity.ca).map((pem) => expiry("ca", pem))];
+}
+
+/**
+ * The gauge an operator alerts on before a certificate runs out (issue 21): securemesh_certificate_expiry_timestamp_seconds,
+ * one sample per certificate the role holds or trusts, read from the material in force (so a reload shows at once).
+ */
+export function exportCertificateExpiry(metrics: Metrics, current: () => Identity): void {
+  let cached: { identity: Identity; expiries: CertificateExpiry[] } | undefined;
+  metrics.collect(
+    "securemesh_certificate_expiry_timestamp_seconds",
+    "When a certificate this role holds (kind=identity) or trusts (kind=ca) expires: its notAfter, in seconds since the Unix epoch.",
+    "gauge",
+    () => {
+      const identity = current();
+      if (cached?.identity !== identity) cached = { identity, expiries: certificateExpiries(identity) };
+      return cached.expiries.map(({ kind, name, serial, notAfter }) => ({ labels: { kind, name, serial }, value: notAfter / 1000 }));
+    },
+  );
 }

@@ -9,7 +9,7 @@ import { Metrics } from "../ops/metrics.ts";
 import { listenReloadable, type ReloadableListener, type ServableApp } from "../platform/http.ts";
 import { assertSafeTlsEnvironment, type Identity } from "../platform/tls.ts";
 import { checkHost, formatCheck, type HostCheckInput } from "./host-check.ts";
-import { hostFacts, type HostFacts } from "./host-facts.ts";
+import { exportCertificateExpiry, hostFacts, type HostFacts } from "./host-facts.ts";
 
 /** What runRole needs of every role's configuration. */
 export interface ServingConfig {
@@ -129,6 +129,7 @@ export async function runRole<C extends ServingConfig>(role: RoleDefinition<C>, 
   } catch (error) {
     exitWithConfigError(role.name, error);
   }
+  exportCertificateExpiry(metrics, () => trust.identity);
   const service = await Promise.resolve(
     role.start({
       config,

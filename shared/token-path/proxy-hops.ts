@@ -4,6 +4,7 @@ import { X509Certificate } from "node:crypto";
 import { expectPeer } from "../authz/index.ts";
 import { ConfigError } from "../platform/errors.ts";
 import { HttpsClient } from "../platform/https-client.ts";
+import { certificateBlocks } from "../platform/pem.ts";
 import { hostnameRefusal } from "../platform/runtime/hostname-check.ts";
 import { mutualTlsClientOptions, type Identity } from "../platform/tls.ts";
 
@@ -37,7 +38,7 @@ export function certificateBundle(text: string, where: string): string {
 /** Whether a PEM bundle holds the mesh's CA certificate: then it is the mesh's trust, and an identity is pinned. */
 function holdsCa(bundle: string, caPem: string): boolean {
   const ca = new X509Certificate(caPem).raw;
-  return (bundle.match(/-----BEGIN CERTIFICATE-----[^-]+-----END CERTIFICATE-----/g) ?? []).some((pem) => {
+  return certificateBlocks(bundle).some((pem) => {
     try {
       return new X509Certificate(pem).raw.equals(ca);
     } catch {

@@ -5,6 +5,7 @@
 import { X509Certificate } from "node:crypto";
 import type tls from "node:tls";
 import { hasExtendedKeyUsage, isCertificateAuthority, withExtendedKeyUsage } from "../eku.ts";
+import { certificateBlocks } from "../pem.ts";
 import { MAX_CONNECTIONS_PER_IDENTITY, MAX_HANDSHAKES_PER_ADDRESS } from "./limits.ts";
 import type { RequestPeer } from "./peer.ts";
 
@@ -110,8 +111,7 @@ export class Admission {
 
   /** The CA certificates (PEM) of the listener's TLS, from now on: at start and at every reload. */
   trust(caPem: string | undefined): void {
-    const blocks = caPem?.match(/-----BEGIN CERTIFICATE-----[\s\S]+?-----END CERTIFICATE-----/g) ?? [];
-    this.#cas = blocks.map((pem) => new X509Certificate(pem));
+    this.#cas = certificateBlocks(caPem).map((pem) => new X509Certificate(pem));
   }
 
   /**
