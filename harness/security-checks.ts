@@ -1,5 +1,6 @@
 // The hostile cases of `bun harness security`, shared with harness/security.test.ts (which runs fewer attempts):
 // hostile TLS and HTTP, crypto and application input, the authorization matrix and one case per finding of #11.
+import { X509Certificate } from "node:crypto";
 import { readdirSync, readFileSync } from "node:fs";
 import { join } from "node:path";
 import { loadFernetKeys } from "../shared/platform/config.ts";
@@ -404,4 +405,26 @@ export function scanLogs(
     }
   }
   return findings;
+}
+
+/** How long `bun harness security` may take: the certificates it runs on must outlive this (issue 21). */
+export const SECURITY_RUN_BOUND_MS = 15 * 60_000;
+
+/**
+ * The certificates of a PKI folder that run out before `deadline` (ms since the epoch), one line each: a run on
+ * them would fail half-way for a reason that is not the case under test. `files` limits it to those files
+ * (default: ca_cert.pem and every NAME_cert.pem in the folder).
+ */
+export function certificatesExpiringBefore(pki: string, deadline: number, files = pkiCertificateFiles(pki)): string[] {
+  return files.flatMap((file) => {
+    const notAfter = Date.parse(new X509Certificate(readFileSync(join(pki, file))).validTo);
+    return notAfter <= deadline ? [`${file} expires ${new Date(notAfter).toISOString()}, before ${new Date(deadline).toISOString()}`] : [];
+  });
+}
+
+/** ca_cert.pem and every NAME_cert.pem of a PKI folder, sorted. */
+export function pkiCertificateFiles(pki: string): string[] {
+  return readdirSync(pki)
+    .filter((f) => f.endsWith("_cert.pem"))
+    .sort();
 }

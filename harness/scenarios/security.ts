@@ -7,7 +7,16 @@ import { measurementLines } from "../findings.ts";
 import { Tally } from "../hostile.ts";
 import { Progress } from "../progress.ts";
 import type { Scenario } from "../scenario.ts";
-import { REFUSING_ROLES, rolesHealthy, runSecuritySuite, scanLogs, startSecurityTargets } from "../security-checks.ts";
+import {
+  certificatesExpiringBefore,
+  pkiCertificateFiles,
+  REFUSING_ROLES,
+  rolesHealthy,
+  runSecuritySuite,
+  scanLogs,
+  SECURITY_RUN_BOUND_MS,
+  startSecurityTargets,
+} from "../security-checks.ts";
 
 const ROLE_SCRIPTS = ["server", "coordinator", "keyserver", "secureproxy", "marketplace", "client"];
 
@@ -17,6 +26,11 @@ export const security: Scenario = {
   ownPki: true,
   async run(ctx) {
     const { cluster, ports, step, summary } = ctx;
+    // Before anything starts: every certificate the roles and clients run on outlives the run (issue 21). The cases
+    // issue expired, future and revoked certificates on purpose later; those are not among these files.
+    const ownCertificates = pkiCertificateFiles(cluster.pki);
+    const shortLived = certificatesExpiringBefore(cluster.pki, Date.now() + SECURITY_RUN_BOUND_MS, ownCertificates);
+    expectThat(shortLived.length === 0, `certificates that would not outlive a run of ${SECURITY_RUN_BOUND_MS / 60_000} min:\n  ${shortLived.join("\n  ")}`);
     const targets = await startSecurityTargets(cluster, { ports, db: ctx.db, tokenDb: ctx.tokenDb, step });
     const { coordinator, servers, stack, client2Token } = targets;
 
@@ -40,6 +54,7 @@ export const security: Scenario = {
 
     step("every role is still up and healthy; no log holds a secret, a 5xx, an escape sequence or a forged line");
     const sick = await rolesHealthy(cluster, [...servers, coordinator, stack.keyserver, stack.secureproxy, stack.marketplace]);
+    const expiredMidRun = certificatesExpiringBefore(cluster.pki, Date.now(), ownCertificates);
     const findings = scanLogs(
       cluster.logDir,
       { fernetKeys: loadFernetKeys(cluster.pki), apiToken: stack.token, otherTokens: [client2Token] },
@@ -56,15 +71,18 @@ export const security: Scenario = {
     summary.push(
       `${tally.results.length} cases, ${attempts} attempts, ${tally.failures.length} cases with unexpected outcomes; ` +
         `matrix: ${matrix.cells.length} cells, ${matrix.cells.length - matrixUnexpected.length} as expected, ${matrixUnexpected.length} unexpected; ` +
-        `roles unhealthy afterwards: ${sick.length}; log findings: ${findings.length}`,
+        `roles unhealthy afterwards: ${sick.length}; log findings: ${findings.length}; ` +
+        `certificates expired mid-run: ${expiredMidRun.length} of ${ownCertificates.length}`,
     );
-    if (tally.failures.length || matrixUnexpected.length || sick.length || findings.length) for (const line of summary) console.log(`  ${line}`);
+    if (tally.failures.length || matrixUnexpected.length || sick.length || findings.length || expiredMidRun.length)
+      for (const line of summary) console.log(`  ${line}`);
     expectThat(
       tally.failures.length === 0,
       `unexpected outcomes:\n${tally.failures.map((f) => `  ${f.role} ${f.name}: ${f.unexpected.join("; ")}`).join("\n")}`,
     );
     expectThat(matrixUnexpected.length === 0, `unexpected matrix cells:\n${matrixSummary(matrix).slice(1).join("\n")}`);
     expectThat(sick.length === 0, `roles not healthy afterwards: ${sick.join(", ")}`);
+    expectThat(expiredMidRun.length === 0, `certificates that expired during the run:\n  ${expiredMidRun.join("\n  ")}`);
     expectThat(findings.length === 0, `secrets, 5xx, escapes or forged lines in the logs:\n${findings.slice(0, 10).join("\n")}`);
   },
 };
