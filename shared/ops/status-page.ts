@@ -4,7 +4,7 @@ import { createApp, requestUrl } from "../platform/http.ts";
 import type { Logger } from "./log.ts";
 import type { Metrics } from "./metrics.ts";
 import type { RoutingState, UpstreamState } from "../request-path/upstream.ts";
-import { EXPIRY_WARNING_MS, SKEW_WARNING_MS } from "../service/host-facts.ts";
+import { EXPIRY_WARNING_MS, expiryWarningMs, SKEW_WARNING_MS } from "../service/host-facts.ts";
 
 /**
  * What the admin listener reads: one process's UpstreamPool (and its request limiter), or a supervisor's merged
@@ -43,6 +43,8 @@ export interface ServerFacts {
   policy: string;
   crl: string;
   certificateExpires: string;
+  /** Empty from a server that does not say it (an older version): the warning is then 14 days before the end. */
+  certificateIssued: string;
   store: string | null;
 }
 
@@ -86,7 +88,14 @@ function factsOf(health: UpstreamState["health"]): ServerFacts | null {
   const facts = health?.facts as Record<string, unknown> | undefined;
   const text = (key: string) => (typeof facts?.[key] === "string" ? (facts[key] as string) : "");
   if (!facts || !text("policy")) return null;
-  return { hostname: text("hostname"), policy: text("policy"), crl: text("crl"), certificateExpires: text("certificateExpires"), store: text("store") || null };
+  return {
+    hostname: text("hostname"),
+    policy: text("policy"),
+    crl: text("crl"),
+    certificateExpires: text("certificateExpires"),
+    certificateIssued: text("certificateIssued"),
+    store: text("store") || null,
+  };
 }
 
 /** One line per thing that differs between the servers, or is about to go wrong on one. */
@@ -107,7 +116,8 @@ export function fleetWarnings(servers: readonly ServerStatus[], now: number): st
     if (s.clockSkewMs !== null && Math.abs(s.clockSkewMs) > SKEW_WARNING_MS)
       warnings.push(`${s.url}: clock ${(s.clockSkewMs / 1000).toFixed(1)} s off this coordinator's`);
     const expires = s.facts ? Date.parse(s.facts.certificateExpires) : NaN;
-    if (expires - now < EXPIRY_WARNING_MS) warnings.push(`${s.url}: certificate ${expires < now ? "expired" : "expires"} ${s.facts!.certificateExpires}`);
+    const warnFor = expiryWarningMs(s.facts ? Date.parse(s.facts.certificateIssued) : NaN, expires);
+    if (expires - now < warnFor) warnings.push(`${s.url}: certificate ${expires < now ? "expired" : "expires"} ${s.facts!.certificateExpires}`);
   }
   return warnings;
 }

@@ -100,6 +100,7 @@ describe("fleetWarnings (issue 23)", () => {
     policy: "sha256:aaaa",
     crl: "0x1001",
     certificateExpires: "2030-01-01T00:00:00.000Z",
+    certificateIssued: "2029-01-01T00:00:00.000Z",
     store: "s1",
     ...over,
   });
@@ -126,6 +127,20 @@ describe("fleetWarnings (issue 23)", () => {
       "https://a: certificate expires 2030-01-01T00:00:00.000Z",
       "https://b: clock 120.0 s off this coordinator's",
       "https://b: certificate expires 2030-01-01T00:00:00.000Z",
+    ]);
+  });
+
+  test("a 24-hour certificate warns with a sixth of its life left (4 h), not from its start (issue 21)", () => {
+    const day = facts({ certificateIssued: "2030-01-01T00:00:00.000Z", certificateExpires: "2030-01-02T00:00:00.000Z" });
+    const at = (iso: string) => fleetWarnings([server("https://a", { facts: day })], Date.parse(iso));
+    expect(at("2030-01-01T00:00:01Z")).toEqual([]);
+    expect(at("2030-01-01T19:59:59Z")).toEqual([]);
+    expect(at("2030-01-01T20:00:01Z")).toEqual(["https://a: certificate expires 2030-01-02T00:00:00.000Z"]);
+    expect(at("2030-01-02T00:00:01Z")).toEqual(["https://a: certificate expired 2030-01-02T00:00:00.000Z"]);
+    // A server that does not say when its certificate began (an older version): 14 days, as before.
+    const unknown = facts({ certificateIssued: "", certificateExpires: "2030-01-15T00:00:00.000Z" });
+    expect(fleetWarnings([server("https://a", { facts: unknown })], Date.parse("2030-01-01T00:00:01Z"))).toEqual([
+      "https://a: certificate expires 2030-01-15T00:00:00.000Z",
     ]);
   });
 });

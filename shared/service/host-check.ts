@@ -13,11 +13,10 @@ import { extendedKeyUsages } from "../platform/eku.ts";
 import { HttpsClient } from "../platform/https-client.ts";
 import { openToOthers } from "../platform/private-files.ts";
 import { CLIENT_AUTH_OID, mutualTlsClientOptions, SERVER_AUTH_OID, type Identity } from "../platform/tls.ts";
-import { certificateIdentity, EXPIRY_WARNING_MS, SKEW_WARNING_MS, type HostFacts } from "./host-facts.ts";
+import { certificateIdentity, expiryWarningMs, SKEW_WARNING_MS, type HostFacts } from "./host-facts.ts";
 
 /** The status page's limits, so the check and the page never disagree about a host. */
 const CLOCK_SKEW_LIMIT_MS = SKEW_WARNING_MS;
-const EXPIRY_WARNING_DAYS = EXPIRY_WARNING_MS / 86_400_000;
 
 export type CheckStatus = "ok" | "warn" | "FAIL";
 export interface CheckLine {
@@ -103,6 +102,7 @@ function checkCertificate(input: HostCheckInput, now: number, say: (s: CheckStat
   if (!usages.includes(SERVER_AUTH_OID)) problems.push("its EKU lacks serverAuth, so it cannot serve");
   const expires = new Date(cert.validTo).getTime();
   const days = (expires - now) / 86_400_000;
+  const renewSoon = expires - now < expiryWarningMs(new Date(cert.validFrom).getTime(), expires);
   if (days <= 0) problems.push(`it expired at ${new Date(expires).toISOString()}`);
   if (new Date(cert.validFrom).getTime() > now) problems.push(`it is not valid until ${new Date(cert.validFrom).toISOString()} (is this host's clock behind?)`);
   const sanProblem = sanMismatch(cert, input.host);
@@ -119,12 +119,7 @@ function checkCertificate(input: HostCheckInput, now: number, say: (s: CheckStat
   }
   const summary = `${id}, EKU ${usages.includes(CLIENT_AUTH_OID) ? "serverAuth+clientAuth" : "serverAuth"}, SANs ${cert.subjectAltName ?? "none"}; expires ${new Date(expires).toISOString()} (${Math.floor(days)} days)`;
   if (problems.length > 0) say("FAIL", "certificate", `${summary}: ${problems.join("; ")}`);
-  else
-    say(
-      days < EXPIRY_WARNING_DAYS ? "warn" : "ok",
-      "certificate",
-      `${summary}${days < EXPIRY_WARNING_DAYS ? ": renew it soon" : ""}; chain to the CA ok; key ${displayPath(keyPath)} 0600`,
-    );
+  else say(renewSoon ? "warn" : "ok", "certificate", `${summary}${renewSoon ? ": renew it soon" : ""}; chain to the CA ok; key ${displayPath(keyPath)} 0600`);
   return problems.length === 0 && key ? { name: input.certificate, cert: pems.cert, key, ca: pems.ca } : null;
 }
 

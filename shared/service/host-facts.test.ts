@@ -6,7 +6,7 @@ import { Metrics } from "../ops/metrics.ts";
 import { loadIdentity, type Identity } from "../platform/tls.ts";
 import { runPkiSh, testPki } from "../testing/pki.ts";
 import { parsePrometheus } from "../testing/prometheus.ts";
-import { certificateExpiries, exportCertificateExpiry } from "./host-facts.ts";
+import { certificateExpiries, EXPIRY_WARNING_MS, expiryWarningMs, exportCertificateExpiry } from "./host-facts.ts";
 
 const GAUGE = "securemesh_certificate_expiry_timestamp_seconds";
 
@@ -60,4 +60,13 @@ describe("the gauge on /metrics", () => {
     expect(after.value(GAUGE, { kind: "identity", serial: renewed.serial })).toBe(renewed.notAfter / 1000);
     expect(after.value(GAUGE, { kind: "identity", serial: first.serial })).toBeUndefined();
   });
+});
+
+test("the expiry warning: 14 days before the end, or a sixth of the life when that is shorter", () => {
+  const hour = 3_600_000;
+  expect(expiryWarningMs(0, 397 * 24 * hour)).toBe(EXPIRY_WARNING_MS);
+  expect(expiryWarningMs(0, 24 * hour)).toBe(4 * hour);
+  expect(expiryWarningMs(0, 60_000)).toBe(10_000);
+  expect(expiryWarningMs(Number.NaN, 24 * hour)).toBe(EXPIRY_WARNING_MS);
+  expect(expiryWarningMs(24 * hour, 0)).toBe(EXPIRY_WARNING_MS);
 });

@@ -14,6 +14,15 @@ export const SKEW_WARNING_MS = 5_000;
 /** A certificate that expires sooner than this is warned about (by the host check and the status page). */
 export const EXPIRY_WARNING_MS = 14 * 86_400_000;
 
+/**
+ * How long before its end a certificate is warned about: 14 days, or a sixth of its life when that is shorter, so a
+ * 24-hour certificate warns with 4 hours left rather than from the moment it is issued (issue 21).
+ */
+export function expiryWarningMs(notBefore: number, notAfter: number): number {
+  const life = notAfter - notBefore;
+  return Number.isFinite(life) && life > 0 ? Math.min(EXPIRY_WARNING_MS, life / 6) : EXPIRY_WARNING_MS;
+}
+
 export interface HostFacts {
   hostname: string;
   identity: string;
@@ -22,6 +31,8 @@ export interface HostFacts {
   /** The CRL number in force ("0x1003"), "none" with --no-crl. */
   crl: string;
   certificateExpires: string;
+  /** When its certificate became valid (notBefore): with certificateExpires, its life, which sets the warning. */
+  certificateIssued: string;
   /** This host's clock (ms since the epoch) when it answered: a peer compares it with its own. */
   time: number;
   /** A server's record store id (RecordStore.storeId): servers of one mesh share one. */
@@ -38,6 +49,7 @@ export function hostFacts(trust: TrustMaterial, authz: Authorizer, now: () => nu
       policy: authz.hash,
       crl: trust.crlStatus().enabled ? formatCrlNumber(trust.crlStatus().number) : "none",
       certificateExpires: new Date(x509.validTo).toISOString(),
+      certificateIssued: new Date(x509.validFrom).toISOString(),
       time: now(),
     };
   };
