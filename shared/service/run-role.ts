@@ -9,6 +9,7 @@ import { Metrics } from "../ops/metrics.ts";
 import { listenReloadable, type ReloadableListener, type ServableApp } from "../platform/http.ts";
 import { assertSafeTlsEnvironment, type Identity } from "../platform/tls.ts";
 import { checkHost, formatCheck, type HostCheckInput } from "./host-check.ts";
+import { ExpiryWatch } from "./expiry-watch.ts";
 import { exportCertificateExpiry, hostFacts, type HostFacts } from "./host-facts.ts";
 
 /** What runRole needs of every role's configuration. */
@@ -147,10 +148,12 @@ export async function runRole<C extends ServingConfig>(role: RoleDefinition<C>, 
     ...mutualTlsListening(trust, authz),
     sharePort: service.sharePort === true,
   }).catch((error) => exitWithConfigError(role.name, error));
+  const expiry = new ExpiryWatch(logger).restart(trust.identity);
   // Revocation needs no swap: it is asked at every handshake and on every request.
   trust
     .onReload(async (identity, changed) => {
       if (!changed.certificate) return;
+      expiry.restart(identity);
       await service.onCertificate?.(identity);
       await listener
         .reload(mutualTlsListening(trust).tls)
@@ -161,6 +164,7 @@ export async function runRole<C extends ServingConfig>(role: RoleDefinition<C>, 
   // SIGTERM drains (drain.ts): health fails first, accepting stops once callers have taken this process out, requests
   // in flight finish within the deadline; then the role's own resources close.
   const stop = async () => {
+    expiry.stop();
     trust.stop();
     authz.stop();
     await drain(listener, logger);
