@@ -67,6 +67,8 @@ function nodeConfig(node: GaleraNode, peers: readonly string[]): string {
 datadir=${node.dir}/data
 socket=${node.dir}/mariadbd.sock
 pid-file=${node.dir}/mariadbd.pid
+# Its own temporary folder: a test run's $TMPDIR is root's (shared/testing/temp-root.ts), and mariadbd runs as mysql.
+tmpdir=${node.dir}/tmp
 log-error=${node.dir}/error.log
 bind-address=${node.address}
 port=${GALERA_PORT}
@@ -94,6 +96,11 @@ wsrep_sst_method=rsync
 wsrep_sst_receive_address=${node.address}:4444
 wsrep_provider_options="${provider}"
 `;
+}
+
+/** A node's processes (mariadbd, its SST scripts and rsync) make their temporary files in the node's own folder. */
+function nodeEnvironment(node: GaleraNode): Record<string, string | undefined> {
+  return { ...process.env, TMPDIR: join(node.dir, "tmp") };
 }
 
 function chownTree(path: string, uid: number, gid: number): void {
@@ -187,6 +194,7 @@ export class GaleraCluster implements AsyncDisposable {
     try {
       for (const node of nodes) {
         mkdirSync(join(node.dir, "data"), { recursive: true });
+        mkdirSync(join(node.dir, "tmp"));
         writeFileSync(
           join(node.dir, "my.cnf"),
           nodeConfig(
@@ -244,7 +252,7 @@ export class GaleraCluster implements AsyncDisposable {
     const argv = [MARIADBD, `--defaults-file=${node.dir}/my.cnf`, ...extra];
     const output = openSync(join(node.dir, "stderr.log"), "a");
     // Its own process group: the SST's rsync daemon and scripts go with it when a run is cleaned up.
-    const proc = Bun.spawn(host.exec ? host.exec(argv) : argv, { detached: true, stdio: ["ignore", output, output] });
+    const proc = Bun.spawn(host.exec ? host.exec(argv) : argv, { detached: true, stdio: ["ignore", output, output], env: nodeEnvironment(node) });
     closeSync(output);
     this.#lease.record("groups", processRef(proc.pid));
     this.#procs.set(node.name, proc);
@@ -360,7 +368,7 @@ export class GaleraCluster implements AsyncDisposable {
     const log = join(node.dir, "recover.log");
     rmSync(log, { force: true });
     const argv = [MARIADBD, `--defaults-file=${node.dir}/my.cnf`, "--wsrep-recover", `--log-error=${log}`];
-    const proc = Bun.spawn(host.exec ? host.exec(argv) : argv, { detached: true, stdio: ["ignore", "ignore", "ignore"] });
+    const proc = Bun.spawn(host.exec ? host.exec(argv) : argv, { detached: true, stdio: ["ignore", "ignore", "ignore"], env: nodeEnvironment(node) });
     this.#lease.record("groups", processRef(proc.pid));
     await proc.exited;
     this.#lease.forget("groups", (g) => g.pid === proc.pid);
