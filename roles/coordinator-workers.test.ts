@@ -51,8 +51,13 @@ describe("coordinator --workers 2", () => {
     expect(metrics.match(/^# TYPE securemesh_http_requests_total /gm)?.length).toBe(1);
     // Each worker's certificate and CA expiry (issue 21), from the material it loaded.
     for (const worker of ["1", "2"]) {
-      for (const [kind, name] of [["identity", "coordinator"], ["ca", ""]]) {
-        expect(metrics).toMatch(new RegExp(`securemesh_certificate_expiry_timestamp_seconds\\{worker="${worker}",kind="${kind}",name="${name}[^"]*",serial="[0-9A-F]+"\\} \\d+`));
+      for (const [kind, name] of [
+        ["identity", "coordinator"],
+        ["ca", ""],
+      ]) {
+        expect(metrics).toMatch(
+          new RegExp(`securemesh_certificate_expiry_timestamp_seconds\\{worker="${worker}",kind="${kind}",name="${name}[^"]*",serial="[0-9A-F]+"\\} \\d+`),
+        );
       }
     }
     // /status: both servers, in rotation in every worker, the forwarded writes counted over the workers.
