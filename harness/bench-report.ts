@@ -1,5 +1,5 @@
 // What `bun harness bench` prints and writes: a table with ratios to each case's baseline, and an SVG bar chart.
-import type { BenchReport, CaseResult } from "./bench.ts";
+import type { BenchReport, CaseResult, Comparison } from "./bench.ts";
 import { renderTable } from "./fixtures/index.ts";
 import { escapeXml } from "./terminal-svg.ts";
 import { renderLineChart } from "./line-chart.ts";
@@ -78,7 +78,32 @@ export function benchTable(report: BenchReport): string[] {
     "",
     "Ratios and goals:",
     ...goals,
+    ...(report.skipped.length > 0 ? ["", "Skipped (every other figure above was measured):"] : []),
+    ...report.skipped.map((s) => `  ${s.part}: ${s.reason}; lost ${s.lost}`),
+    "",
+    goalVerdict(report),
   ];
+}
+
+/** The bench's exit status when it ran whole but a goal was missed or a part skipped (1 is a failed run). */
+export const BENCH_GOAL_MISSED = 3;
+
+/** Goals that were measured and missed. */
+export function missedGoals(report: BenchReport): Comparison[] {
+  return report.comparisons.filter((c) => c.goal !== undefined && !c.met);
+}
+
+/** 0 when every goal was measured and met; BENCH_GOAL_MISSED when one was missed or a part was skipped. */
+export function benchExitStatus(report: BenchReport): number {
+  return missedGoals(report).length > 0 || report.skipped.length > 0 ? BENCH_GOAL_MISSED : 0;
+}
+
+/** One line: how many goals were met, and whether the run was whole. */
+export function goalVerdict(report: BenchReport): string {
+  const goals = report.comparisons.filter((c) => c.goal !== undefined).length;
+  const missed = missedGoals(report).length;
+  const skipped = report.skipped.length ? `; ${report.skipped.length} part(s) skipped, their goals not measured` : "";
+  return `Goals: ${goals - missed} of ${goals} met, ${missed} NOT met${skipped}.`;
 }
 
 /** The sweeps and the store sizes as small tables of their own. */

@@ -8,7 +8,6 @@ import { loadFernetKeys } from "../shared/platform/config.ts";
 import { Fernet } from "../shared/request-path/fernet.ts";
 import { payloadDigest } from "../shared/request-path/proof.ts";
 import { openStore, type NewRecord } from "../shared/request-path/store.ts";
-import { TEST_MYSQL_URL } from "../shared/testing/mysql.ts";
 import type { Cluster } from "./cluster.ts";
 import { Latencies, rssMiB } from "./fixtures/index.ts";
 import type { Progress } from "./progress.ts";
@@ -45,25 +44,27 @@ export interface StoreSizeOptions {
   readsPerSize: number;
   /** One uncached get_data() read straight to `server`; true, or why it failed. */
   readUncached: (server: string) => Promise<true | string>;
+  /** A MariaDB account that may create the bench's database, or null to measure sqlite alone. */
+  mysqlUrl: string | null;
 }
 
-/** The bench's own MariaDB database beside the tests' (`test`), its tables dropped before each run. */
-export const BENCH_MYSQL_URL = (() => {
-  const url = new URL(TEST_MYSQL_URL);
+/** The bench's own MariaDB database beside the tests' (`test`) on the same account, its tables dropped before each run. */
+export function benchMysqlUrl(mysqlUrl: string): string {
+  const url = new URL(mysqlUrl);
   url.pathname = "/securemesh_bench";
   return url.toString();
-})();
+}
 
 const FILL_BATCH = 10_000;
 const WARMUP_READS = 20;
 
 export async function measureStoreSizes(options: StoreSizeOptions): Promise<StoreSizeReport> {
-  await resetBenchDatabase();
   const report: StoreSizeReport = { points: [], memory: [] };
-  const locations: [StoreKind, string][] = [
-    ["sqlite", join(options.cluster.logDir, "bench-store.db")],
-    ["MariaDB", BENCH_MYSQL_URL],
-  ];
+  const locations: [StoreKind, string][] = [["sqlite", join(options.cluster.logDir, "bench-store.db")]];
+  if (options.mysqlUrl !== null) {
+    await resetBenchDatabase(options.mysqlUrl);
+    locations.push(["MariaDB", benchMysqlUrl(options.mysqlUrl)]);
+  }
   for (const [db, location] of locations) {
     const store = await openStore(location);
     const server = `store-${db.toLowerCase()}`;
@@ -121,8 +122,8 @@ function recordMaker(pki: string): () => NewRecord {
   };
 }
 
-async function resetBenchDatabase(): Promise<void> {
-  const conn = await mysql.createConnection(TEST_MYSQL_URL);
+async function resetBenchDatabase(mysqlUrl: string): Promise<void> {
+  const conn = await mysql.createConnection(mysqlUrl);
   try {
     await conn.query("CREATE DATABASE IF NOT EXISTS securemesh_bench");
     await conn.query(

@@ -3,7 +3,7 @@ import { expect, setDefaultTimeout, test } from "bun:test";
 import { join } from "node:path";
 import { runPython } from "../shared/testing/python.ts";
 import { runBench, type BenchReport } from "./bench.ts";
-import { benchTable, renderChart, renderSweepCharts } from "./bench-report.ts";
+import { BENCH_GOAL_MISSED, benchExitStatus, benchTable, goalVerdict, renderChart, renderSweepCharts } from "./bench-report.ts";
 import { freePort, temporaryCluster } from "./fixtures/index.ts";
 import { Progress } from "./progress.ts";
 
@@ -91,6 +91,17 @@ test("bench: every case runs with no errors, and the table, JSON and chart carry
   expect(report.versions.haproxy).toMatch(/^\d+\.\d+/);
   expect(report.machine.cpus).toBeGreaterThan(0);
   expect(report.comparisons.find((c) => c.label.startsWith("errors while a server is killed"))?.met).toBe(true);
+  // Issue 22's goals are each measured with a verdict; nothing was skipped on a machine with every part.
+  for (const label of [
+    "CPU per request, cached read: coordinator (1 process, access log) / bare Bun proxy",
+    "CPU per request, POST /api/data: coordinator (2 workers, access log) / bare Bun proxy",
+    "throughput, POST /api/data, both logging: coordinator (1 process) / HAProxy (2 threads)",
+    "p99 at concurrency 64, cached read: coordinator - HAProxy",
+    "Deno / Bun throughput, KeyServer token releases",
+    "idle RSS, deno-keyserver on deno",
+  ])
+    expect(report.comparisons.find((c) => c.label === label)?.met).toBeBoolean();
+  expect(report.skipped).toEqual([]);
   // Off a TTY, progress is plain lines with no escapes.
   expect(lines.some((l) => l.includes("round 1/1 b-read"))).toBe(true);
   expect(lines.join("")).not.toContain("\x1b");
@@ -100,6 +111,8 @@ test("bench: every case runs with no errors, and the table, JSON and chart carry
   expect(table).toMatch(/coordinator \/ HAProxy throughput, cached read, both logging: \d+\.\d\dx/);
   expect(table).toContain("Sweep: concurrency");
   expect(table).toMatch(/Deno \/ Bun throughput, coordinator \(1 process\) \+ servers, cached read: \d+\.\d\dx/);
+  expect(table).toContain(goalVerdict(report));
+  expect(table).not.toContain("Skipped");
   const charts = renderSweepCharts(report);
   expect(Object.keys(charts).sort()).toEqual(["bench-concurrency-p99.svg", "bench-concurrency.svg", "bench-servers.svg", "bench-store-size.svg"]);
   for (const svg of Object.values(charts)) {
@@ -112,4 +125,47 @@ test("bench: every case runs with no errors, and the table, JSON and chart carry
     await runPython("import sys, xml.etree.ElementTree as E; print(len(E.fromstring(sys.stdin.read()).findall('{http://www.w3.org/2000/svg}rect')))", chart),
   ).not.toBe("0");
   expect(chart).toContain(Math.round(report.results[0]!.rate).toLocaleString("en"));
+});
+
+test("bench: with HAProxy, Python and MariaDB missing, it says why, skips their cases and measures the rest", async () => {
+  await using cluster = await temporaryCluster({ label: "bench-parts" });
+  const dir = cluster.logDir;
+  cluster.addEnv({ DATABASE_URL: join(dir, "records.db") });
+  const ports = { server1: 0, server2: 0, coordinator: 0, keyserver: 0, secureproxy: 0, marketplace: 0, haproxy: await freePort(), coordinatorAdmin: 0 };
+  const lines: string[] = [];
+  const report = await runBench({
+    cluster,
+    ports,
+    db: join(dir, "records.db"),
+    tokenDb: join(dir, "tokens.db"),
+    progress: new Progress({ stream: { isTTY: false, write: (text: string) => lines.push(text) } }),
+    durationS: 1,
+    concurrency: 2,
+    only: ["b0-read", "c-read", "d-encrypt", "e-rsa-bound", "s-concurrency", "s-store"],
+    storeSizes: [100],
+    storeReads: 5,
+    sweepMs: 200,
+    // Nothing answers on port 1; the password must never reach the report.
+    parts: { haproxy: join(dir, "no-haproxy"), python: join(dir, "no-python3"), mysqlUrl: "mysql://root:s3cret@127.0.0.1:1/test" },
+  });
+  expect(report.skipped.map((s) => s.part)).toEqual(["haproxy", "python", "mariadb"]);
+  const reasons = Object.fromEntries(report.skipped.map((s) => [s.part, s.reason]));
+  expect(reasons.haproxy).toContain("no-haproxy");
+  expect(reasons.python).toContain("no-python3");
+  expect(reasons.mariadb).toBe("MariaDB at 127.0.0.1:1 did not answer (ECONNREFUSED)");
+  expect(JSON.stringify(report)).not.toContain("s3cret");
+  // What needs no missing part still ran, with no errors.
+  expect(report.results.map((r) => [r.id, r.errors])).toEqual([
+    ["b0-read", 0],
+    ["d-encrypt", 0],
+  ]);
+  expect([...new Set(report.sweeps.concurrency.map((p) => p.target))]).toEqual(["direct", "coordinator"]);
+  expect(report.storeSizes.points.map((p) => `${p.db}@${p.records}`)).toEqual(["sqlite@100"]);
+  expect(report.versions.haproxy).toBe("not run");
+  const table = benchTable(report).join("\n");
+  expect(table).toContain("Skipped (every other figure above was measured):");
+  expect(table).toContain("  mariadb: MariaDB at 127.0.0.1:1 did not answer (ECONNREFUSED); lost the MariaDB rows");
+  expect(table).toMatch(/3 part\(s\) skipped/);
+  expect(benchExitStatus(report)).toBe(BENCH_GOAL_MISSED);
+  expect(lines.some((l) => l.startsWith("bench: skipping python:"))).toBe(true);
 });

@@ -7,12 +7,13 @@ import { loadFernetKeys, REPO_ROOT } from "../shared/platform/config.ts";
 import { Fernet } from "../shared/request-path/fernet.ts";
 import { MeshClient } from "../shared/request-path/mesh-client.ts";
 import { PROOF_HEADER, PROOF_LIFETIME_S } from "../shared/request-path/proof.ts";
-import { runPython, PYTHON } from "../shared/testing/python.ts";
+import { runPython } from "../shared/testing/python.ts";
 import { loadIdentity, mutualTlsClientOptions } from "../shared/platform/tls.ts";
 import type { JWK } from "jose";
 import { ON_BEHALF_OF_HEADER, openJoseResponse, prepareEcdhRequest, prepareJoseRequest, type PreparedRequest } from "../shared/token-path/token-exchange.ts";
 import { expectThat, type Cluster } from "./cluster.ts";
-import { ensureHaproxy, startHaproxy } from "./haproxy.ts";
+import { startHaproxy } from "./haproxy.ts";
+import { DEFAULT_PART_LOCATIONS, probeBenchParts, type PartLocations, type SkippedPart } from "./bench-parts.ts";
 import { cpuSeconds, freePort, Latencies, processTree, roleCommand, rssMiB, runLoad, startTokenStack, type LatencySummary } from "./fixtures/index.ts";
 import { measureStoreSizes, type StoreSizeReport } from "./bench-store.ts";
 import type { Progress } from "./progress.ts";
@@ -34,6 +35,8 @@ export interface BenchOptions {
   storeReads?: number;
   /** How long each sweep point runs (default a fifth of --duration, at least a second). */
   sweepMs?: number;
+  /** Where HAProxy, Python and MariaDB are looked for (defaults: DEFAULT_PART_LOCATIONS). */
+  parts?: Partial<PartLocations>;
 }
 
 export interface CaseResult {
@@ -84,6 +87,8 @@ export interface BenchReport {
   storeSizes: StoreSizeReport;
   memory: RoleMemory[];
   comparisons: Comparison[];
+  /** Parts that could not run, and why; every other figure was still measured. */
+  skipped: SkippedPart[];
 }
 
 const SEEDED_RECORDS = 1000;
@@ -91,9 +96,14 @@ const SEEDED_RECORDS = 1000;
 const COORDINATOR_WORKERS = 2;
 const SWEEP_CONCURRENCY = [1, 4, 16, 64];
 const STORE_SIZES = [1000, 100_000, 1_000_000];
-/** Idle RSS each role may use (#13 Part 6). */
-const IDLE_RSS_GOAL_MIB = 60;
-const FERNET_PLAINTEXT = "x".repeat(1024);
+/** Idle RSS each role may use (#13 Part 6); a Deno role a little more (issue 22). */
+export const IDLE_RSS_GOAL_MIB = { bun: 60, deno: 64 } as const;
+/** Issue 22: the coordinator's CPU per request with its access log, at most this over the bare Bun proxy's. */
+export const CPU_OVER_FLOOR_GOAL = 1.25;
+/** Issue 22: one coordinator process against HAProxy's two threads, both logging. */
+export const THROUGHPUT_VS_HAPROXY_GOAL = 0.9;
+/** Issue 22: Deno's throughput over Bun's, per route. */
+export const DENO_OVER_BUN_GOAL = { read: 0.5, write: 0.7, releases: 0.6 } as const;
 /** The bench's own health-check settings, the same for the coordinator and HAProxy. */
 const HEALTH = { intervalMs: 1000, timeoutMs: 1000, fall: 2, rise: 2 };
 
@@ -153,23 +163,23 @@ else:
     print(rate(lambda: key.decrypt(wrapped, oaep)))
 `;
 
-async function pythonRate(what: string, ms: number, stdin: string): Promise<Slice> {
-  const out = await runPython(PYTHON_TIMERS, stdin, {}, [what, String(ms / 1000)]);
+async function pythonRate(python: string, what: string, ms: number, stdin: string): Promise<Slice> {
+  const out = await runPython(PYTHON_TIMERS, stdin, {}, [what, String(ms / 1000)], python);
   const rate = Number(out);
   return { rate, count: Math.round((rate * ms) / 1000), errors: 0, errorSamples: [] };
 }
 
-/** A tight in-process loop for `ms`, checked in batches so the clock is not read every operation. */
-function localRate(ms: number, op: () => unknown): Slice {
-  let count = 0;
-  const started = performance.now();
-  let elapsed = 0;
-  while (elapsed < ms) {
-    for (let i = 0; i < 100; i++) op();
-    count += 100;
-    elapsed = performance.now() - started;
-  }
-  return { rate: (count * 1000) / elapsed, count, errors: 0, errorSamples: [] };
+/** securemesh's Fernet timed in a process of its own (harness/fernet-timer.ts), as Python's is by PYTHON_TIMERS. */
+async function fernetRate(op: "encrypt" | "decrypt", ms: number, key: string): Promise<Slice> {
+  await using proc = Bun.spawn([process.execPath, join(REPO_ROOT, "harness", "fernet-timer.ts"), op, String(ms / 1000)], {
+    stdin: new TextEncoder().encode(key),
+    stdout: "pipe",
+    stderr: "pipe",
+  });
+  const [stdout, stderr, exitCode] = await Promise.all([new Response(proc.stdout).text(), new Response(proc.stderr).text(), proc.exited]);
+  expectThat(exitCode === 0, `fernet-timer.ts ${op} exited ${exitCode}: ${stderr.trim()}`);
+  const rate = Number(stdout);
+  return { rate, count: Math.round((rate * ms) / 1000), errors: 0, errorSamples: [] };
 }
 
 async function loadSlice(
@@ -193,11 +203,12 @@ export async function runBench(options: BenchOptions): Promise<BenchReport> {
   const only = options.only ?? [];
   const wanted = (id: string) => only.length === 0 || only.some((prefix) => id.startsWith(prefix));
 
-  const haproxyVersion = ensureHaproxy((line) => progress.line(line));
-  const pythonVersions = await runPython("import sys, cryptography; print(sys.version.split()[0], cryptography.__version__)");
-  const [pythonVersion, cryptographyVersion] = pythonVersions.split(" ");
+  const parts = await probeBenchParts({ ...DEFAULT_PART_LOCATIONS, ...options.parts }, (line) => progress.line(line));
+  const python = parts.locations.python;
 
-  progress.line(`bench: seeding ${SEEDED_RECORDS} records, starting 2 servers, the coordinators, 2 HAProxies and the KeyServer`);
+  progress.line(
+    `bench: seeding ${SEEDED_RECORDS} records, starting 2 servers, the coordinators, ${parts.has("haproxy") ? "2 HAProxies " : ""}and the KeyServer`,
+  );
   await seedRecords(options.db, cluster.pki, SEEDED_RECORDS);
   const servers = await Promise.all([cluster.startServer("server1", ports.server1), cluster.startServer("server2", ports.server2)]);
   const healthArgs = [
@@ -221,9 +232,14 @@ export async function runBench(options: BenchOptions): Promise<BenchReport> {
   // decide `forward`.
   const coordinatorIdentity = loadIdentity(cluster.pki, "coordinator");
   const coordinatorTls = mutualTlsClientOptions(coordinatorIdentity);
-  const haproxyBase = { pki: cluster.pki, dir: cluster.logDir, servers, health: HEALTH };
-  const { url: haproxy } = await startHaproxy(cluster, { ...haproxyBase, port: ports.haproxy });
-  const { url: loggingHaproxy } = await startHaproxy(cluster, { ...haproxyBase, port: await freePort(), name: "haproxy-log", accessLog: true });
+  const haproxyBase = { pki: cluster.pki, dir: cluster.logDir, servers, health: HEALTH, binary: parts.locations.haproxy };
+  // Without HAProxy its cases are filtered out below and these names are never reached.
+  const [haproxy, loggingHaproxy] = parts.has("haproxy")
+    ? [
+        (await startHaproxy(cluster, { ...haproxyBase, port: ports.haproxy })).url,
+        (await startHaproxy(cluster, { ...haproxyBase, port: await freePort(), name: "haproxy-log", accessLog: true })).url,
+      ]
+    : ["(no HAProxy)", "(no HAProxy logging)"];
   // The floor: a bare Bun.serve + HttpsClient proxy with none of the coordinator's work (harness/bare-proxy.ts).
   const bareLine = await cluster
     .startCommand("bare-proxy", [process.execPath, join(REPO_ROOT, "harness", "bare-proxy.ts"), ...servers])
@@ -235,19 +251,23 @@ export async function runBench(options: BenchOptions): Promise<BenchReport> {
 
   // The same roles on Deno beside the Bun ones (#12), on the same store, the same token table and keys: two
   // servers behind a coordinator, and a KeyServer. Each case runs alone, so the idle set costs the other little.
-  progress.line("bench: starting 2 servers, a coordinator and a KeyServer on Deno beside them");
-  for (const name of ["deno-server1", "deno-server2", "deno-coordinator", "deno-keyserver"]) cluster.pinRuntime(name, "deno");
-  const denoServers = await Promise.all([cluster.startServer("deno-server1", 0), cluster.startServer("deno-server2", 0)]);
-  const denoCoordinator = await cluster.startCoordinator("deno-coordinator", 0, denoServers, healthArgs);
-  const denoKeyserver = await cluster.startRole("deno-keyserver", "keyserver", [
-    "0",
-    "--data",
-    tokens.dataDir,
-    "--db",
-    options.tokenDb,
-    "--replay-quota",
-    "1000000",
-  ]);
+  let denoCoordinator = "(no Deno)";
+  let denoKeyserver = "(no Deno)";
+  if (parts.has("deno")) {
+    progress.line("bench: starting 2 servers, a coordinator and a KeyServer on Deno beside them");
+    for (const name of ["deno-server1", "deno-server2", "deno-coordinator", "deno-keyserver"]) cluster.pinRuntime(name, "deno");
+    const denoServers = await Promise.all([cluster.startServer("deno-server1", 0), cluster.startServer("deno-server2", 0)]);
+    denoCoordinator = await cluster.startCoordinator("deno-coordinator", 0, denoServers, healthArgs);
+    denoKeyserver = await cluster.startRole("deno-keyserver", "keyserver", [
+      "0",
+      "--data",
+      tokens.dataDir,
+      "--db",
+      options.tokenDb,
+      "--replay-quota",
+      "1000000",
+    ]);
+  }
 
   // Each worker speaks with its own client's certificate, alternating client1 and client2.
   const identities = ["client1", "client2"].map((name) => loadIdentity(cluster.pki, name));
@@ -328,7 +348,6 @@ export async function runBench(options: BenchOptions): Promise<BenchReport> {
   // Fernet(key) would refuse; padded, as it wants (the file may hold a key without its "="). The Python rows then
   // encrypt and decrypt under the key the securemesh rows use.
   const fernetKey = `${loadFernetKeys(cluster.pki)[0]!.replace(/=+$/, "")}=`;
-  const token = fernet.encrypt(FERNET_PLAINTEXT);
 
   // Idle memory of every role, before any load (#13 Part 6): the client is a one-shot command, so its peak.
   const memory: RoleMemory[] = [];
@@ -340,12 +359,13 @@ export async function runBench(options: BenchOptions): Promise<BenchReport> {
   for (const [i, pid] of processTree(pidOf("coordinator")).entries())
     idle("coordinator", i === 0 ? "coordinator (supervisor)" : `coordinator worker ${i}`, "bun", [pid]);
   for (const name of ["keyserver", "secureproxy", "marketplace"]) idle(name, name, "bun", [pidOf(name)]);
-  for (const [name, role] of [
-    ["deno-server1", "server"],
-    ["deno-coordinator", "coordinator"],
-    ["deno-keyserver", "keyserver"],
-  ] as const)
-    idle(role, name, "deno", [pidOf(name)]);
+  if (parts.has("deno"))
+    for (const [name, role] of [
+      ["deno-server1", "server"],
+      ["deno-coordinator", "coordinator"],
+      ["deno-keyserver", "keyserver"],
+    ] as const)
+      idle(role, name, "deno", [pidOf(name)]);
   memory.push(await clientPeakMemory(cluster, coordinator));
 
   /** CPU seconds the proxy under test used during a slice, per request: the cost behind its throughput. */
@@ -353,9 +373,13 @@ export async function runBench(options: BenchOptions): Promise<BenchReport> {
     [coordinator, () => processTree(pidOf("coordinator"))],
     [quietCoordinator, () => processTree(pidOf("coordinator-nolog"))],
     [singleCoordinator, () => [pidOf("coordinator-1w")]],
-    [haproxy, () => [pidOf("haproxy")]],
-    [loggingHaproxy, () => [pidOf("haproxy-log")]],
     [bareProxy, () => [pidOf("bare-proxy")]],
+    ...(parts.has("haproxy")
+      ? ([
+          [haproxy, () => [pidOf("haproxy")]],
+          [loggingHaproxy, () => [pidOf("haproxy-log")]],
+        ] as const)
+      : []),
   ]);
   const measured = async (target: string, run: () => Promise<Slice>): Promise<Slice> => {
     const pids = proxyPids.get(target)?.() ?? [];
@@ -462,10 +486,20 @@ export async function runBench(options: BenchOptions): Promise<BenchReport> {
       unit: "req/s",
       run: (ms) => loadSlice(options, "f-uncached", ms, read(coordinator, true)),
     },
-    { id: "d-encrypt", label: "d. securemesh Fernet encrypt 1 KiB", unit: "ops/s", run: async (ms) => localRate(ms, () => fernet.encrypt(FERNET_PLAINTEXT)) },
-    { id: "d-encrypt-python", label: "d. Python cryptography Fernet encrypt 1 KiB", unit: "ops/s", run: (ms) => pythonRate("fernet-encrypt", ms, fernetKey) },
-    { id: "d-decrypt", label: "d. securemesh Fernet decrypt 1 KiB", unit: "ops/s", run: async (ms) => localRate(ms, () => fernet.decrypt(token)) },
-    { id: "d-decrypt-python", label: "d. Python cryptography Fernet decrypt 1 KiB", unit: "ops/s", run: (ms) => pythonRate("fernet-decrypt", ms, fernetKey) },
+    { id: "d-encrypt", label: "d. securemesh Fernet encrypt 1 KiB (own process)", unit: "ops/s", run: (ms) => fernetRate("encrypt", ms, fernetKey) },
+    {
+      id: "d-encrypt-python",
+      label: "d. Python cryptography Fernet encrypt 1 KiB (own process)",
+      unit: "ops/s",
+      run: (ms) => pythonRate(python, "fernet-encrypt", ms, fernetKey),
+    },
+    { id: "d-decrypt", label: "d. securemesh Fernet decrypt 1 KiB (own process)", unit: "ops/s", run: (ms) => fernetRate("decrypt", ms, fernetKey) },
+    {
+      id: "d-decrypt-python",
+      label: "d. Python cryptography Fernet decrypt 1 KiB (own process)",
+      unit: "ops/s",
+      run: (ms) => pythonRate(python, "fernet-decrypt", ms, fernetKey),
+    },
     {
       id: "e-releases",
       label: "e. KeyServer token releases (JOSE, mutual TLS)",
@@ -476,7 +510,7 @@ export async function runBench(options: BenchOptions): Promise<BenchReport> {
       id: "e-rsa-bound",
       label: "e. RSA-2048 OAEP private decrypts, one core (Python/OpenSSL)",
       unit: "ops/s",
-      run: (ms) => pythonRate("rsa-decrypt", ms, rsaKeyPem),
+      run: (ms) => pythonRate(python, "rsa-decrypt", ms, rsaKeyPem),
     },
     {
       id: "e-releases-ecdh",
@@ -484,7 +518,12 @@ export async function runBench(options: BenchOptions): Promise<BenchReport> {
       unit: "req/s",
       run: (ms) => loadSlice(options, "e-releases-ecdh", ms, releaseEcdh(tokens.keyserver)),
     },
-    { id: "e-ecdh-bound", label: "e. X25519 agreements + Concat KDF, one core (Python/OpenSSL)", unit: "ops/s", run: (ms) => pythonRate("ecdh-agree", ms, "") },
+    {
+      id: "e-ecdh-bound",
+      label: "e. X25519 agreements + Concat KDF, one core (Python/OpenSSL)",
+      unit: "ops/s",
+      run: (ms) => pythonRate(python, "ecdh-agree", ms, ""),
+    },
     {
       id: "h-releases-deno",
       label: "h. KeyServer on Deno: token releases",
@@ -492,7 +531,7 @@ export async function runBench(options: BenchOptions): Promise<BenchReport> {
       run: (ms) => loadSlice(options, "h-releases-deno", ms, release(denoKeyserver)),
     },
   ];
-  const cases = allCases.filter((c) => wanted(c.id));
+  const cases = allCases.filter((c) => wanted(c.id) && parts.canRun(c.id));
 
   progress.line(`bench: warming up every case (${cases.length} cases, 300 ms each, not counted)`);
   for (const c of cases) await c.run(300);
@@ -518,7 +557,7 @@ export async function runBench(options: BenchOptions): Promise<BenchReport> {
       for (const [target, name] of [
         [direct, "direct"],
         [coordinator, "coordinator"],
-        [haproxy, "HAProxy"],
+        ...(parts.has("haproxy") ? [[haproxy, "HAProxy"] as const] : []),
       ] as const) {
         progress.status(`sweep: ${name} at concurrency ${concurrency}`);
         const slice = await cachedReads(`s-${name}-${concurrency}`, sweepMs, target, target === direct ? 1 : 2, concurrency);
@@ -555,6 +594,7 @@ export async function runBench(options: BenchOptions): Promise<BenchReport> {
       progress,
       sizes: options.storeSizes ?? STORE_SIZES,
       readsPerSize: options.storeReads ?? 200,
+      mysqlUrl: parts.has("mariadb") ? parts.locations.mysqlUrl : null,
       readUncached: async (server) => {
         directTargets.add(server);
         return read(server, true)(0);
@@ -589,13 +629,14 @@ export async function runBench(options: BenchOptions): Promise<BenchReport> {
       memoryGiB: Math.round(totalmem() / 2 ** 30),
       platform: `${process.platform} ${process.arch}`,
     },
-    versions: { bun: Bun.version, haproxy: haproxyVersion, python: pythonVersion ?? "?", cryptography: cryptographyVersion ?? "?", pythonPath: PYTHON },
+    versions: { bun: Bun.version, ...parts.versions, pythonPath: python },
     options: { durationS, concurrency: options.concurrency, rounds, records, coordinatorWorkers: COORDINATOR_WORKERS },
     results,
     sweeps,
     storeSizes,
     memory,
     comparisons: compare(results, { sweeps, storeSizes, memory }),
+    skipped: parts.skipped,
   };
 }
 
@@ -701,6 +742,35 @@ function compare(results: CaseResult[], { sweeps, storeSizes, memory }: Pick<Ben
         detail: `${(1000 * ours.cpuMsPerRequest!).toFixed(0)} / ${(1000 * floor.cpuMsPerRequest!).toFixed(0)} / ${(1000 * haproxy.cpuMsPerRequest!).toFixed(0)} µs: securemesh's own work is the first over the second, Bun's the second over the third`,
       });
     }
+    // Issue 22's goals: the coordinator close to Bun's floor, and one process near HAProxy's two threads.
+    for (const [ours, how] of [
+      [`b1-${route}`, "1 process"],
+      [`b-${route}`, `${COORDINATOR_WORKERS} workers`],
+    ] as const) {
+      if (!ran(ours, `b0-${route}`)) continue;
+      const [coordinator, floor] = [by(ours), by(`b0-${route}`)];
+      const ratio = coordinator.cpuMsPerRequest! / floor.cpuMsPerRequest!;
+      out.push({
+        label: `CPU per request, ${what}: coordinator (${how}, access log) / bare Bun proxy`,
+        value: ratio,
+        unit: "x",
+        goal: `≤ ${CPU_OVER_FLOOR_GOAL.toFixed(2)}x`,
+        met: ratio <= CPU_OVER_FLOOR_GOAL,
+        detail: `${(1000 * coordinator.cpuMsPerRequest!).toFixed(0)} vs ${(1000 * floor.cpuMsPerRequest!).toFixed(0)} µs of CPU per request`,
+      });
+    }
+    if (ran(`b1-${route}`, `c-${route}-log`)) {
+      const [coordinator, haproxy] = [by(`b1-${route}`), by(`c-${route}-log`)];
+      const ratio = coordinator.rate / haproxy.rate;
+      out.push({
+        label: `throughput, ${what}, both logging: coordinator (1 process) / HAProxy (2 threads)`,
+        value: ratio,
+        unit: "x",
+        goal: `≥ ${THROUGHPUT_VS_HAPROXY_GOAL.toFixed(2)}x`,
+        met: ratio >= THROUGHPUT_VS_HAPROXY_GOAL,
+        detail: `${fmt(coordinator.rate)} vs ${fmt(haproxy.rate)} req/s`,
+      });
+    }
     if (ran(`b-${route}`, `b-${route}-nolog`))
       out.push({
         label: `coordinator with / without access log, ${what}`,
@@ -798,16 +868,19 @@ function compare(results: CaseResult[], { sweeps, storeSizes, memory }: Pick<Ben
     });
   }
   // The roles on Deno against the same roles on Bun, in the same run (#12).
-  for (const [deno, bun, what, unit] of [
-    ["h-read-deno", "b1-read", "coordinator (1 process) + servers, cached read", "req/s"],
-    ["h-write-deno", "b1-write", "coordinator (1 process) + servers, POST /api/data", "req/s"],
-    ["h-releases-deno", "e-releases", "KeyServer token releases", "releases/s"],
+  for (const [deno, bun, what, unit, goal] of [
+    ["h-read-deno", "b1-read", "coordinator (1 process) + servers, cached read", "req/s", DENO_OVER_BUN_GOAL.read],
+    ["h-write-deno", "b1-write", "coordinator (1 process) + servers, POST /api/data", "req/s", DENO_OVER_BUN_GOAL.write],
+    ["h-releases-deno", "e-releases", "KeyServer token releases", "releases/s", DENO_OVER_BUN_GOAL.releases],
   ] as const) {
     if (!ran(deno, bun)) continue;
+    const ratio = by(deno).rate / by(bun).rate;
     out.push({
       label: `Deno / Bun throughput, ${what}`,
-      value: by(deno).rate / by(bun).rate,
+      value: ratio,
       unit: "x",
+      goal: `≥ ${goal.toFixed(2)}x`,
+      met: ratio >= goal,
       detail: `${fmt(by(deno).rate)} vs ${fmt(by(bun).rate)} ${unit}`,
     });
   }
@@ -825,12 +898,13 @@ function compare(results: CaseResult[], { sweeps, storeSizes, memory }: Pick<Ben
   }
   for (const role of memory) {
     const isIdle = role.role !== "client";
+    const goal = IDLE_RSS_GOAL_MIB[role.runtime === "deno" ? "deno" : "bun"];
     out.push({
       label: `${isIdle ? "idle" : "peak"} RSS, ${role.name} on ${role.runtime}`,
       value: role.rssMiB,
       unit: "MiB",
-      goal: `≤ ${IDLE_RSS_GOAL_MIB} MiB`,
-      met: role.rssMiB <= IDLE_RSS_GOAL_MIB,
+      goal: `≤ ${goal} MiB`,
+      met: role.rssMiB <= goal,
       detail: role.processes > 1 ? `${role.processes} processes` : "one process",
     });
   }
@@ -842,6 +916,18 @@ function compare(results: CaseResult[], { sweeps, storeSizes, memory }: Pick<Ben
       detail: `${server.afterMiB.toFixed(1)} vs ${server.idleMiB.toFixed(1)} MiB`,
     });
   }
+  // Issue 22: the coordinator's tail at concurrency 64 no worse than HAProxy's, in the concurrency sweep.
+  const at64 = (target: string) => sweeps.concurrency.find((p) => p.target === target && p.concurrency === 64);
+  const [coordinatorAt64, haproxyAt64] = [at64("coordinator"), at64("HAProxy")];
+  if (coordinatorAt64 && haproxyAt64)
+    out.push({
+      label: "p99 at concurrency 64, cached read: coordinator - HAProxy",
+      value: coordinatorAt64.p99 - haproxyAt64.p99,
+      unit: "ms",
+      goal: "coordinator ≤ HAProxy",
+      met: coordinatorAt64.p99 <= haproxyAt64.p99,
+      detail: `${coordinatorAt64.p99.toFixed(1)} vs ${haproxyAt64.p99.toFixed(1)} ms`,
+    });
   if (sweeps.servers.length > 0) {
     for (const route of ["cached read", "POST /api/data"]) {
       const points = sweeps.servers.filter((p) => p.route === route);

@@ -4,7 +4,7 @@ import { join, relative } from "node:path";
 import { parseArgs } from "node:util";
 import { REPO_ROOT, displayPath, pkiDir } from "../shared/platform/config.ts";
 import { runBench } from "./bench.ts";
-import { benchTable, renderChart, renderSweepCharts } from "./bench-report.ts";
+import { benchExitStatus, benchTable, goalVerdict, renderChart, renderSweepCharts } from "./bench-report.ts";
 import { Cluster, ExpectationFailed, ROLE_RUNTIMES, type RoleRuntime } from "./cluster.ts";
 import { Progress } from "./progress.ts";
 import { runPkiSh } from "./fixtures/index.ts";
@@ -47,6 +47,10 @@ Options:
   --only IDS         bench: run only the cases whose id starts with one of these (comma-separated, e.g. e- for the
                      KeyServer cases); the results then go to bench/partial.json and no chart is drawn
   -h, --help         show this help
+
+Exit status: 0 when the run passed (bench: and every goal was measured and met), 1 when it failed, 2 on bad
+arguments, and for the bench 3 when it ran but a goal was NOT met or a part (HAProxy, Python, Deno, MariaDB) was
+skipped; the table says which.
 
 Logs go to harness/logs/<scenario>/<role>.log ($HARNESS_LOGS replaces harness/logs, so a test's run leaves yours alone).
 `;
@@ -117,14 +121,14 @@ async function runScenario(scenario: Scenario, options: RunOptions): Promise<boo
   return true;
 }
 
-async function bench(options: RunOptions & { durationS: number; concurrency: number; json: boolean; out: string; only: string[] }): Promise<boolean> {
+async function bench(options: RunOptions & { durationS: number; concurrency: number; json: boolean; out: string; only: string[] }): Promise<number> {
   const progress = new Progress({ stream: options.json ? process.stderr : process.stdout });
   let report: Awaited<ReturnType<typeof runBench>> | undefined;
   const { ok } = await withCluster("bench", options, async ({ cluster, ports, db, tokenDb }) => {
     report = await runBench({ cluster, ports, db, tokenDb, progress, durationS: options.durationS, concurrency: options.concurrency, only: options.only });
   });
   progress.clear();
-  if (!ok || !report) return false;
+  if (!ok || !report) return 1;
   // A partial run (--only) must not overwrite the full run's results and chart that the README quotes.
   const partial = options.only.length > 0;
   const resultsFile = join(options.out, "bench", partial ? "partial.json" : "results.json");
@@ -146,7 +150,8 @@ async function bench(options: RunOptions & { durationS: number; concurrency: num
     for (const line of benchTable(report)) console.log(line);
     console.log(`\nharness: wrote ${written.join(" and ")} in ${progress.elapsed()}`);
   }
-  return true;
+  if (options.json) console.error(goalVerdict(report));
+  return benchExitStatus(report);
 }
 
 async function screenshots(options: RunOptions): Promise<boolean> {
@@ -240,7 +245,7 @@ async function main(): Promise<number> {
     console.error(`harness: ${(error as Error).message}`);
     return 2;
   }
-  return (await bench({
+  return await bench({
     ...options,
     durationS,
     concurrency,
@@ -250,9 +255,7 @@ async function main(): Promise<number> {
       .split(",")
       .map((s) => s.trim())
       .filter(Boolean),
-  }))
-    ? 0
-    : 1;
+  });
 }
 
 process.exit(await main());

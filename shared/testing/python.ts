@@ -4,8 +4,8 @@
 export const PYTHON = process.env.PYTHON ?? "python3";
 
 /** Runs a Python snippet with `stdin` (and sys.argv[1:] = args), returning trimmed stdout; throws with stderr when it exits non-zero. */
-export async function runPython(code: string, stdin = "", env: Record<string, string> = {}, args: string[] = []): Promise<string> {
-  await using proc = Bun.spawn([PYTHON, "-c", code, ...args], {
+export async function runPython(code: string, stdin = "", env: Record<string, string> = {}, args: string[] = [], python = PYTHON): Promise<string> {
+  await using proc = Bun.spawn([python, "-c", code, ...args], {
     stdin: new TextEncoder().encode(stdin),
     stdout: "pipe",
     stderr: "pipe",
