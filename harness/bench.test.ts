@@ -36,6 +36,7 @@ test("bench: every case runs with no errors, and the table, JSON and chart carry
     "b-read-nolog",
     "b1-read",
     "b0-read",
+    "b0g-read",
     "c-read",
     "c-read-log",
     "h-read-deno",
@@ -44,6 +45,7 @@ test("bench: every case runs with no errors, and the table, JSON and chart carry
     "b-write-nolog",
     "b1-write",
     "b0-write",
+    "b0g-write",
     "c-write",
     "c-write-log",
     "h-write-deno",
@@ -68,7 +70,8 @@ test("bench: every case runs with no errors, and the table, JSON and chart carry
   }
   expect(report.options.records).toBeGreaterThanOrEqual(1000);
   // The proxies' CPU per request is measured, the mixed case counts its reads' cache hits.
-  for (const id of ["b-read", "c-read", "b-write-nolog", "c-write-log"]) expect(report.results.find((r) => r.id === id)?.cpuMsPerRequest).toBeGreaterThan(0);
+  for (const id of ["b-read", "c-read", "b-write-nolog", "c-write-log", "b0g-read", "b0g-write"])
+    expect(report.results.find((r) => r.id === id)?.cpuMsPerRequest).toBeGreaterThan(0);
   const mixed = report.results.find((r) => r.id === "m-mixed")!.mixed!;
   expect(mixed.writes).toBeGreaterThan(0);
   expect(mixed.hitRatio).toBeGreaterThan(0);
@@ -102,6 +105,13 @@ test("bench: every case runs with no errors, and the table, JSON and chart carry
   ])
     expect(report.comparisons.find((c) => c.label === label)?.met).toBeBoolean();
   expect(report.skipped).toEqual([]);
+  // The gap to the floor split in two: the TLS gate's relay, and the coordinator's own work above it.
+  for (const what of ["cached read", "POST /api/data"]) {
+    expect(report.comparisons.find((c) => c.label === `CPU per request, ${what}: bare proxy behind the TLS gate / bare proxy`)?.value).toBeGreaterThan(0);
+    expect(
+      report.comparisons.find((c) => c.label === `CPU per request, ${what}: coordinator (1 process, access log) / bare proxy behind the TLS gate`)?.value,
+    ).toBeGreaterThan(0);
+  }
   // Off a TTY, progress is plain lines with no escapes.
   expect(lines.some((l) => l.includes("round 1/1 b-read"))).toBe(true);
   expect(lines.join("")).not.toContain("\x1b");

@@ -245,6 +245,11 @@ export async function runBench(options: BenchOptions): Promise<BenchReport> {
     .startCommand("bare-proxy", [process.execPath, join(REPO_ROOT, "harness", "bare-proxy.ts"), ...servers])
     .waitForLine(/listening on https:\/\/\S+/);
   const bareProxy = /https:\/\/\S+/.exec(bareLine)![0];
+  // The same behind the TLS gate the roles listen through: what the gate costs, apart from the rest of the coordinator.
+  const gatedLine = await cluster
+    .startCommand("bare-proxy-gate", [process.execPath, join(REPO_ROOT, "harness", "bare-proxy.ts"), "--gate", ...servers])
+    .waitForLine(/listening on https:\/\/\S+/);
+  const gatedBareProxy = /https:\/\/\S+/.exec(gatedLine)![0];
   // The load generator asks for client1 far faster than any real client: a per-caller nonce quota fit for it. With
   // the ECDH-ES opt-in (#13), which leaves RSA requests as they were.
   const tokens = await startTokenStack({ cluster, ports, tokenDb: options.tokenDb, keyserverArgs: ["--replay-quota", "1000000", "--ecdh-es"] });
@@ -374,6 +379,7 @@ export async function runBench(options: BenchOptions): Promise<BenchReport> {
     [quietCoordinator, () => processTree(pidOf("coordinator-nolog"))],
     [singleCoordinator, () => [pidOf("coordinator-1w")]],
     [bareProxy, () => [pidOf("bare-proxy")]],
+    [gatedBareProxy, () => [pidOf("bare-proxy-gate")]],
     ...(parts.has("haproxy")
       ? ([
           [haproxy, () => [pidOf("haproxy")]],
@@ -443,6 +449,12 @@ export async function runBench(options: BenchOptions): Promise<BenchReport> {
       unit: "req/s",
       run: (ms) => cachedReads("b0-read", ms, bareProxy, 2),
     },
+    {
+      id: "b0g-read",
+      label: "b. the same bare proxy behind the roles' TLS gate: cached read",
+      unit: "req/s",
+      run: (ms) => cachedReads("b0g-read", ms, gatedBareProxy, 2),
+    },
     { id: "c-read", label: "c. HAProxy (no access log): cached read", unit: "req/s", run: (ms) => cachedReads("c-read", ms, haproxy, 2) },
     { id: "c-read-log", label: "c. HAProxy (httplog access log): cached read", unit: "req/s", run: (ms) => cachedReads("c-read-log", ms, loggingHaproxy, 2) },
     {
@@ -470,6 +482,12 @@ export async function runBench(options: BenchOptions): Promise<BenchReport> {
       label: "b. bare Bun.serve + HttpsClient proxy (the floor): POST /api/data",
       unit: "req/s",
       run: (ms) => writes("b0-write", ms, bareProxy),
+    },
+    {
+      id: "b0g-write",
+      label: "b. the same bare proxy behind the roles' TLS gate: POST /api/data",
+      unit: "req/s",
+      run: (ms) => writes("b0g-write", ms, gatedBareProxy),
     },
     { id: "c-write", label: "c. HAProxy (no access log): POST /api/data", unit: "req/s", run: (ms) => writes("c-write", ms, haproxy) },
     { id: "c-write-log", label: "c. HAProxy (httplog access log): POST /api/data", unit: "req/s", run: (ms) => writes("c-write-log", ms, loggingHaproxy) },
@@ -757,6 +775,24 @@ function compare(results: CaseResult[], { sweeps, storeSizes, memory }: Pick<Ben
         goal: `≤ ${CPU_OVER_FLOOR_GOAL.toFixed(2)}x`,
         met: ratio <= CPU_OVER_FLOOR_GOAL,
         detail: `${(1000 * coordinator.cpuMsPerRequest!).toFixed(0)} vs ${(1000 * floor.cpuMsPerRequest!).toFixed(0)} µs of CPU per request`,
+      });
+    }
+    // Where the gap to the floor lies: the TLS gate (the bare proxy behind it, over the bare proxy), and the rest of
+    // the coordinator's work (one coordinator process over the bare proxy behind the gate).
+    if (ran(`b0-${route}`, `b0g-${route}`, `b1-${route}`)) {
+      const [floor, gated, coordinator] = [by(`b0-${route}`), by(`b0g-${route}`), by(`b1-${route}`)];
+      const us = (r: CaseResult) => (1000 * r.cpuMsPerRequest!).toFixed(0);
+      out.push({
+        label: `CPU per request, ${what}: bare proxy behind the TLS gate / bare proxy`,
+        value: gated.cpuMsPerRequest! / floor.cpuMsPerRequest!,
+        unit: "x",
+        detail: `${us(gated)} vs ${us(floor)} µs: the gate's relay`,
+      });
+      out.push({
+        label: `CPU per request, ${what}: coordinator (1 process, access log) / bare proxy behind the TLS gate`,
+        value: coordinator.cpuMsPerRequest! / gated.cpuMsPerRequest!,
+        unit: "x",
+        detail: `${us(coordinator)} vs ${us(gated)} µs: the coordinator's own work above the gate`,
       });
     }
     if (ran(`b1-${route}`, `c-${route}-log`)) {
