@@ -105,6 +105,11 @@ describe("body limit counts the bytes read (#11 L6)", () => {
     await expect(readBodyLimited(new Request("http://localhost/", { method: "POST", body: "12345" }), 4)).rejects.toBeInstanceOf(MeshError);
     expect(new TextDecoder().decode(await readBodyLimited(new Request("http://localhost/", { method: "POST", body: "1234" }), 4))).toBe("1234");
     expect(await readBodyLimited(new Request("http://localhost/"))).toEqual(new Uint8Array(0));
+    // A body read whole because it declares its length is still held to the limit by what arrived.
+    const understated = (body: string, length: string) =>
+      readBodyLimited(new Request("http://localhost/", { method: "POST", body, headers: { "content-length": length } }), 4);
+    await expect(understated("12345", "3")).rejects.toBeInstanceOf(MeshError);
+    expect(new TextDecoder().decode(await understated("1234", "4"))).toBe("1234");
   });
 
   test("a chunked upload to a real listener gets 413 JSON", async () => {
