@@ -146,19 +146,21 @@ function sweepTables(report: BenchReport): string[] {
     );
   }
   if (report.memory.length > 0) {
-    const header = ["role", "runtime", "RSS MiB"];
+    const header = ["role", "runtime", "RSS MiB", "file-backed MiB"];
     const rows = [
-      ...report.memory.map((m) => [m.name, m.runtime, m.rssMiB.toFixed(1)]),
+      ...report.memory.map((m) => [m.name, m.runtime, m.rssMiB.toFixed(1), m.fileMiB === null || m.fileMiB === undefined ? "–" : m.fileMiB.toFixed(1)]),
       ...report.storeSizes.memory.map((m) => [
         `server after ${rate(m.records)} records (${m.db}), idle before`,
         "bun",
         `${m.afterMiB.toFixed(1)} (${m.idleMiB.toFixed(1)})`,
+        "–",
       ]),
     ];
     out.push(
       "",
-      "Memory (idle, before any load; the client's peak over one message):",
-      ...renderTable(header, rows, { border: "plain", align: ["left", "left", "right"] }),
+      "Memory (idle, before any load; the client's peak over one message). File-backed pages are mostly the runtime's",
+      "executable, one copy shared by all its processes on the host; the rest is the role's own:",
+      ...renderTable(header, rows, { border: "plain", align: ["left", "left", "right", "right"] }),
     );
   }
   return out;

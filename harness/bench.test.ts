@@ -82,6 +82,8 @@ test("bench: every case runs with no errors, and the table, JSON and chart carry
   expect(report.storeSizes.memory.map((m) => m.db)).toEqual(["sqlite", "MariaDB"]);
   for (const role of ["server", "coordinator", "keyserver", "secureproxy", "marketplace", "client"])
     expect(report.memory.some((m) => m.role === role && m.rssMiB > 5)).toBe(true);
+  // An idle role's file-backed share (the runtime's executable) is read, and is a part of its RSS.
+  expect(report.memory.filter((m) => m.role !== "client").every((m) => m.fileMiB !== null && m.fileMiB > 1 && m.fileMiB < m.rssMiB)).toBe(true);
   for (const label of [
     "both logging",
     "neither logging",

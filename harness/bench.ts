@@ -14,7 +14,7 @@ import { ON_BEHALF_OF_HEADER, openJoseResponse, prepareEcdhRequest, prepareJoseR
 import { expectThat, type Cluster } from "./cluster.ts";
 import { startHaproxy } from "./haproxy.ts";
 import { DEFAULT_PART_LOCATIONS, probeBenchParts, type PartLocations, type SkippedPart } from "./bench-parts.ts";
-import { cpuSeconds, freePort, Latencies, processTree, roleCommand, rssMiB, runLoad, startTokenStack, type LatencySummary } from "./fixtures/index.ts";
+import { cpuSeconds, freePort, Latencies, processTree, residentMiB, roleCommand, runLoad, startTokenStack, type LatencySummary } from "./fixtures/index.ts";
 import { measureStoreSizes, type StoreSizeReport } from "./bench-store.ts";
 import type { Progress } from "./progress.ts";
 import { countRecords, seedRecords, type Ports } from "./scenario.ts";
@@ -59,6 +59,8 @@ export interface RoleMemory {
   name: string;
   runtime: string;
   rssMiB: number;
+  /** Of rssMiB, the file-backed pages (RssFile): the runtime's executable, shared by its every process; null if unknown. */
+  fileMiB: number | null;
   processes: number;
 }
 
@@ -356,8 +358,11 @@ export async function runBench(options: BenchOptions): Promise<BenchReport> {
 
   // Idle memory of every role, before any load (#13 Part 6): the client is a one-shot command, so its peak.
   const memory: RoleMemory[] = [];
-  const idle = (role: string, name: string, runtime: string, pids: number[]) =>
-    memory.push({ role, name, runtime, rssMiB: pids.reduce((n, pid) => n + (rssMiB(pid) ?? 0), 0), processes: pids.length });
+  const idle = (role: string, name: string, runtime: string, pids: number[]) => {
+    const parts = pids.map((pid) => residentMiB(pid) ?? { rss: 0, file: 0 });
+    const sum = (pick: (p: { rss: number; file: number }) => number) => parts.reduce((n, p) => n + pick(p), 0);
+    memory.push({ role, name, runtime, rssMiB: sum((p) => p.rss), fileMiB: sum((p) => p.file), processes: pids.length });
+  };
   const pidOf = (name: string) => cluster.role(name).proc.pid;
   idle("server", "server1", "bun", [pidOf("server1")]);
   idle("coordinator", "coordinator-1w", "bun", [pidOf("coordinator-1w")]);
@@ -664,7 +669,14 @@ async function clientPeakMemory(cluster: Cluster, coordinator: string): Promise<
   const exitCode = await client.proc.exited;
   expectThat(exitCode === 0, `the client exited ${exitCode}: ${client.tail()}`);
   // Bun gives maxRSS in bytes (getrusage(2) says KiB; measured: a 65 MiB peak read 67,731,456).
-  return { role: "client", name: "client (peak, one message)", runtime: "bun", rssMiB: (client.proc.resourceUsage()?.maxRSS ?? 0) / 2 ** 20, processes: 1 };
+  return {
+    role: "client",
+    name: "client (peak, one message)",
+    runtime: "bun",
+    rssMiB: (client.proc.resourceUsage()?.maxRSS ?? 0) / 2 ** 20,
+    fileMiB: null,
+    processes: 1,
+  };
 }
 
 function summarize(id: string, label: string, unit: CaseResult["unit"], parts: Slice[]): CaseResult {
@@ -941,7 +953,9 @@ function compare(results: CaseResult[], { sweeps, storeSizes, memory }: Pick<Ben
       unit: "MiB",
       goal: `≤ ${goal} MiB`,
       met: role.rssMiB <= goal,
-      detail: role.processes > 1 ? `${role.processes} processes` : "one process",
+      detail:
+        (role.processes > 1 ? `${role.processes} processes` : "one process") +
+        (role.fileMiB === null ? "" : `; ${role.fileMiB.toFixed(1)} MiB of it file-backed, mostly the ${role.runtime} executable's own pages`),
     });
   }
   for (const server of storeSizes.memory) {
