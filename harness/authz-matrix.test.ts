@@ -61,17 +61,16 @@ describe("expected outcomes from the repository's policy", () => {
       "keyserver.self": "deny deny deny deny refused refused refused refused",
       "keyserver.client1": "deny deny deny allow refused refused refused refused",
       "keyserver.client1.ecdh": "deny deny deny allow refused refused refused refused",
-      // Any certificate of the CA that is trusted, on every role's /health and /metrics; never a revoked one (issue 18, L1).
+      // Any certificate of the CA that is trusted, on every role's /health; never a revoked one (issue 18, L1).
       ...Object.fromEntries(
-        [
-          "coordinator.get.health",
-          "server.get.health",
-          "server.get.metrics",
-          "secureproxy.get.health",
-          "secureproxy.get.metrics",
-          "keyserver.get.health",
-          "keyserver.get.metrics",
-        ].map((key) => [key, "allow allow allow allow refused refused refused refused"]),
+        ["coordinator.get.health", "server.get.health", "secureproxy.get.health", "keyserver.get.health"].map((key) => [
+          key,
+          "allow allow allow allow refused refused refused refused",
+        ]),
+      ),
+      // /metrics names callers and their decisions: only the scraper the policy grants metrics.read, none of these.
+      ...Object.fromEntries(
+        ["server.get.metrics", "secureproxy.get.metrics", "keyserver.get.metrics"].map((key) => [key, "deny deny deny deny refused refused refused refused"]),
       ),
     });
   });

@@ -159,9 +159,10 @@ export const COLUMNS: Column[] = [
     tls: "self",
     steps: (id, h) => [step(id, "tokens.fetch"), step(h.client1, "proxy.use", "client1/marketplace")],
   },
-  // /health and /metrics answer any certificate of the CA (load balancers, scrapers), and nothing else: a revoked
-  // one was still served on Bun, where the listener could not see it (issue 18, L1). The coordinator's /metrics is
-  // on its loopback admin listener, outside mutual TLS.
+  // /health answers any certificate of the CA (load balancers, probes), and nothing else: a revoked one was still
+  // served on Bun, where the listener could not see it (issue 18, L1). /metrics names callers and their decisions, so
+  // it is an action the policy grants (metrics.read), like any other. The coordinator's /metrics is on its loopback
+  // admin listener, outside mutual TLS.
   ...(
     [
       ["coordinator", "/health"],
@@ -178,7 +179,7 @@ export const COLUMNS: Column[] = [
       role,
       label: `GET ${path}`,
       tls: "self",
-      steps: () => [],
+      steps: (id) => (path === "/metrics" ? [step(id, "metrics.read")] : []),
     }),
   ),
 ];
@@ -426,7 +427,7 @@ export async function runAuthzMatrix(
       if (connectionRefusal(response.status, text)) return { outcome: "refused", detail: `${response.status} ${text.slice(0, 120)}` };
       return response.status === 200
         ? { outcome: "allow", detail: `200 ${text.slice(0, 60)}` }
-        : { outcome: "other", detail: `${response.status} ${text.slice(0, 120)}` };
+        : classify(new Response(text, { status: response.status, headers: response.headers }));
     }
     switch (column.key.split(".").slice(0, 2).join(".")) {
       case "coordinator.write": {

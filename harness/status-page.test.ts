@@ -1,7 +1,8 @@
 // The coordinator's admin listener on real processes: /metrics on every role, and the live status page in Chromium.
 import { lateBound } from "../shared/testing/timing.ts";
 import { afterAll, beforeAll, describe, expect, setDefaultTimeout, test } from "bun:test";
-import { existsSync, readFileSync, writeFileSync } from "node:fs";
+import { existsSync, mkdtempSync, readFileSync, writeFileSync } from "node:fs";
+import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { policyPath } from "../shared/platform/config.ts";
 import { chromium, type Browser, type Locator } from "playwright-core";
@@ -9,6 +10,7 @@ import { createAdminApp, STATUS_PUSH_MS } from "../shared/ops/status-page.ts";
 import { createLogger } from "../shared/ops/log.ts";
 import { Metrics } from "../shared/ops/metrics.ts";
 import { listenReloadable } from "../shared/platform/http.ts";
+import { loadIdentity, mutualTlsClientOptions } from "../shared/platform/tls.ts";
 import { NetworkError } from "../shared/platform/runtime/types.ts";
 import { UpstreamPool } from "../shared/request-path/upstream.ts";
 import { parsePrometheus } from "../shared/testing/prometheus.ts";
@@ -25,16 +27,19 @@ let coordinator: string;
 let admin: string;
 
 beforeAll(async () => {
-  cluster = await temporaryCluster({ label: "status-page" });
-  // client2 may start one request a second here, so the page has a caller over its limit to show (issue 20).
-  const policy = JSON.parse(readFileSync(policyPath(), "utf8")) as { limits: unknown[] };
+  // Every role runs this policy: client2 may start one request a second, so the page has a caller over its limit to
+  // show (issue 20), and client1 may read the servers' /metrics (metrics.read), as a scraper would.
+  const policyFile = join(mkdtempSync(join(tmpdir(), "securemesh-status-policy-")), "policy.json");
+  const policy = JSON.parse(readFileSync(policyPath(), "utf8")) as { rules: unknown[]; limits: unknown[] };
   policy.limits.unshift({ identity: "spiffe://securemesh/client/client2", rate: { perSecond: 1, burst: 1 } });
-  writeFileSync(join(cluster.logDir, "policy.json"), JSON.stringify(policy));
+  policy.rules.push({ identity: "spiffe://securemesh/client/client1", allow: ["metrics.read"] });
+  writeFileSync(policyFile, JSON.stringify(policy));
+  cluster = await temporaryCluster({ label: "status-page", env: { SECUREMESH_POLICY: policyFile } });
   // fall 1: one failed probe takes a server out, so the page must show it within one interval.
   mesh = await startMesh({
     cluster,
     db: join(cluster.logDir, "records.db"),
-    coordinatorArgs: ["--admin-port", "0", "--health-interval", String(HEALTH_INTERVAL_MS), "--fall", "1", "--policy", join(cluster.logDir, "policy.json")],
+    coordinatorArgs: ["--admin-port", "0", "--health-interval", String(HEALTH_INTERVAL_MS), "--fall", "1", "--policy", policyFile],
   });
   ({ cluster, coordinator } = mesh);
   servers = mesh.servers.map((s) => s.url);
@@ -68,6 +73,12 @@ describe("/metrics", () => {
       expect(metrics.value("securemesh_http_request_duration_seconds", { route: "/health" })).toBeGreaterThan(0);
     }
     expect(hits).toBeGreaterThanOrEqual(1);
+    // The series name callers and their decisions: a certificate the policy does not grant metrics.read gets a 403.
+    const asClient2 = await fetch(`${servers[0]}/metrics`, { tls: mutualTlsClientOptions(loadIdentity(cluster.pki, "client2")) });
+    expect([asClient2.status, await asClient2.json()]).toEqual([
+      403,
+      { error: "spiffe://securemesh/client/client2 lacks permission metrics.read", code: "ERR_FORBIDDEN" },
+    ]);
   });
 
   test("the admin listener binds to loopback only", () => {

@@ -16,7 +16,17 @@ export { PolicyInvalid };
  * - proxy.use:CLIENT/TYPE  have the SecureProxy call an API with ClientId CLIENT's token of TokenType TYPE
  * - admin.drain            take a server out of a coordinator's rotation and put it back (an operator)
  */
-export const ACTIONS = ["records.write", "view.read", "cache.invalidate", "cache.stats", "forward", "tokens.fetch", "proxy.use", "admin.drain"] as const;
+export const ACTIONS = [
+  "records.write",
+  "view.read",
+  "cache.invalidate",
+  "cache.stats",
+  "forward",
+  "tokens.fetch",
+  "proxy.use",
+  "admin.drain",
+  "metrics.read",
+] as const;
 export type Action = (typeof ACTIONS)[number];
 
 export interface Rule {

@@ -213,7 +213,13 @@ export function createAdminApp({
   /** Off for a worker's own admin listener, which its supervisor reads four times a second. */
   accessLog?: boolean;
 }) {
-  const app = createApp({ logger, metrics, metricsRoute: !metricsResponse, accessLog })
+  const app = createApp({
+    logger,
+    metrics,
+    // The admin listener is loopback-only and outside mutual TLS: whoever reaches it may scrape it.
+    metricsRoute: metricsResponse ? false : () => {},
+    accessLog,
+  })
     .onRequest(({ request }) => {
       // An HTTP/1.0 request without Host (a health checker) cannot come from a browser, so it gets through.
       const host = request.headers.get("host") ?? requestUrl(request).host;

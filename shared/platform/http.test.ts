@@ -174,7 +174,7 @@ test("readJsonFields quotes an unexpected field name and cuts it short (#11 L1)"
 test("a handler's own Response status reaches the access log and the metrics (#11 L2)", async () => {
   const { lines, logger } = testLogger();
   const metrics = new Metrics();
-  const app = createApp({ logger, metrics }).get("/r", () => new Response("x", { status: 401 }));
+  const app = createApp({ logger, metrics, metricsRoute: () => {} }).get("/r", () => new Response("x", { status: 401 }));
   expect((await app.handle(new Request("http://localhost/r"))).status).toBe(401);
   const exposition = await scrape(app);
   expect(lines.filter((l) => l.includes('"GET /r HTTP/1.1"'))).toEqual([expect.stringMatching(/"GET \/r HTTP\/1\.1" 401 - request_id=\S+$/)]);
@@ -185,7 +185,7 @@ test("a handler's own Response status reaches the access log and the metrics (#1
 test("accessLog: false writes no access line, and the request is still counted", async () => {
   const { lines, logger } = testLogger();
   const metrics = new Metrics();
-  const app = createApp({ logger, metrics, accessLog: false }).get("/r", () => "ok");
+  const app = createApp({ logger, metrics, accessLog: false, metricsRoute: () => {} }).get("/r", () => "ok");
   expect((await app.handle(new Request("http://localhost/r"))).status).toBe(200);
   expect((await app.handle(new Request("http://localhost/nowhere"))).status).toBe(404);
   expect(lines).toEqual([]);

@@ -25,8 +25,12 @@ export interface AppOptions {
   bodyLimit?: number;
   /** Where request counts and latencies go; a role passes its own to add families of its own. */
   metrics?: Metrics;
-  /** Serve GET /metrics on this app (the coordinator serves it on its admin listener instead). */
-  metricsRoute?: boolean;
+  /**
+   * Serve GET /metrics, asking this guard first on every request (it throws a MeshError to refuse: the roles ask the
+   * policy for `metrics.read` by the caller's verified identity). Absent or false: no /metrics route. The series name
+   * callers and what was decided for them, so on a mutual-TLS listener no certificate reads them unless allowed.
+   */
+  metricsRoute?: false | ((request: Request) => void);
   /**
    * One access line per request (default true). Off, requests are still counted and timed in the metrics: for a
    * benchmark against a proxy that logs nothing, or a role whose access lines go elsewhere.
@@ -142,7 +146,7 @@ async function parseBody(request: Request, contentType: string, limit: number): 
  * the wrong method 405 JSON, and no error reaches the client as a stack trace. Each request's trace (traceparent or
  * X-Request-Id, shared/ops/trace.ts) is read on arrival, ends its access line, and is at hand as requestTrace().
  */
-export function createApp({ logger, bodyLimit = DEFAULT_BODY_LIMIT, metrics = new Metrics(), metricsRoute = true, accessLog = true }: AppOptions) {
+export function createApp({ logger, bodyLimit = DEFAULT_BODY_LIMIT, metrics = new Metrics(), metricsRoute = false, accessLog = true }: AppOptions) {
   // Labelled by route pattern, not path, so a scan of random paths cannot grow the series without bound.
   const requests = metrics.counter("securemesh_http_requests_total", "HTTP requests answered, by route, method and status.", ["route", "method", "status"]);
   const latency = metrics.histogram("securemesh_http_request_duration_seconds", "Time from request to response, by route.", ["route"]);
@@ -197,7 +201,13 @@ export function createApp({ logger, bodyLimit = DEFAULT_BODY_LIMIT, metrics = ne
       requests.inc({ route, method: request.method, status: String(status) });
       if (arrival) latency.observe({ route }, (performance.now() - arrival.at) / 1000);
     });
-  if (metricsRoute) app.get("/metrics", () => metrics.response());
+  if (metricsRoute) {
+    const guard = metricsRoute;
+    app.get("/metrics", ({ request }) => {
+      guard(request);
+      return metrics.response();
+    });
+  }
   appContexts.set(app, { bodyLimit, logger, metrics });
 
   function errorAnswer(code: string | number, error: unknown, request: Request): Response {

@@ -25,6 +25,8 @@ let signer: ProofSigner;
 let client2: ProofSigner;
 /** The server app as the coordinator's connection reaches it: the listener binds the coordinator's identity. */
 let app: ReturnType<typeof handledAs>;
+/** The same app with no caller bound: for scrape(), which reads /metrics as the scraper. */
+let serverApp: ReturnType<typeof createServerApp>;
 const COORDINATOR_ID = "spiffe://securemesh/coordinator/coordinator";
 let verifier: ProofVerifier;
 let authz: Authorizer;
@@ -45,7 +47,8 @@ beforeAll(async () => {
   authz = new Authorizer(policyPath(), logger, metrics);
   const view = new CachedDataView({ store, fernet, logger, ttlMs: 30_000, now: clock });
   // app.handle needs no socket: the port is only the server number the answers carry.
-  app = handledAs(createServerApp({ port: () => 7001, store, view, fernet, verifier, authz, logger, ttl: 300, metrics }), COORDINATOR_ID);
+  serverApp = createServerApp({ port: () => 7001, store, view, fernet, verifier, authz, logger, ttl: 300, metrics });
+  app = handledAs(serverApp, COORDINATOR_ID);
 });
 
 async function post(body: unknown, headers: Record<string, string> = {}, target = app) {
@@ -270,7 +273,7 @@ describe("GET /metrics", () => {
     const stats = (await (
       await app.handle(new Request("http://localhost/api/cache_stats", { headers: await readHeaders(signer, "/api/cache_stats") }))
     ).json()) as { hits: number; misses: number };
-    const metrics = await scrape(app);
+    const metrics = await scrape(serverApp);
     expect(metrics.value("securemesh_http_requests_total", { route: "/api/data", method: "POST", status: "200" })).toBeGreaterThan(0);
     expect(metrics.value("securemesh_http_requests_total", { route: "/api/data", status: "401" })).toBeGreaterThan(0);
     expect(metrics.value("securemesh_http_requests_total", { route: "unmatched", status: "404" })).toBeGreaterThan(0);
@@ -326,7 +329,7 @@ describe("authorization (#11): every request decided by the policy against a ver
       "AUTHZ allow identity=spiffe://securemesh/coordinator/coordinator action=forward resource=- (spiffe://securemesh/coordinator/coordinator may forward)",
       "AUTHZ allow identity=spiffe://securemesh/client/client1 action=records.write resource=- (spiffe://securemesh/client/client1 may records.write)",
     ]);
-    const metrics = await scrape(app);
+    const metrics = await scrape(serverApp);
     expect(
       metrics.value("securemesh_authz_decisions_total", { identity: "spiffe://securemesh/client/client1", action: "records.write", decision: "allow" }),
     ).toBeGreaterThan(0);

@@ -85,7 +85,7 @@ export function createServerApp(deps: ServerDeps) {
     return verifier.verify(proof, { method: "GET", path, payload: "" });
   };
 
-  return createApp({ logger, metrics })
+  return createApp({ logger, metrics, metricsRoute: (request) => authz.require(peerIdentity(request), "metrics.read") })
     .get("/health", async () => {
       // A live process whose store stalls is not a dead server (issue 20: during a Galera eviction every coordinator
       // held every server out): 200 with store_status "stalled", so the pool keeps it for what its cache can answer

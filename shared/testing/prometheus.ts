@@ -1,5 +1,6 @@
 // Reads /metrics output with a parser nobody here wrote, plus the format rules it does not check.
 import parsePrometheusTextFormat, { type MetricFamily } from "parse-prometheus-text-format";
+import { bindPeer } from "../platform/runtime/peer.ts";
 
 const SAMPLE_LINE = /^[a-zA-Z_:][a-zA-Z0-9_:]*(\{([a-zA-Z_][a-zA-Z0-9_]*="([^"\\\n]|\\["\\n])*",?)*\})? (-?[0-9.e+-]+|[+-]Inf|NaN)$/;
 
@@ -24,10 +25,16 @@ export function parsePrometheus(text: string): Exposition {
   return { families, text, value: (name, labels = {}) => sampleValue(families, text, name, labels) };
 }
 
-/** GET /metrics through app.handle, once the requests before it are counted (Elysia counts after responding). */
+/** The identity roles/policy.json lets read /metrics (metrics.read): what an operator's scraper holds. */
+export const SCRAPER_IDENTITY = "spiffe://securemesh/client/prometheus";
+
+/**
+ * GET /metrics through app.handle as SCRAPER_IDENTITY, once the requests before it are counted (Elysia counts after
+ * responding). Give it the app itself, not one wrapped by handledAs, which would bind its own caller instead.
+ */
 export async function scrape(app: { handle(request: Request): Promise<Response> }): Promise<Exposition> {
   await new Promise((resolve) => setImmediate(resolve));
-  const response = await app.handle(new Request("http://localhost/metrics"));
+  const response = await app.handle(bindPeer(new Request("http://localhost/metrics"), { address: "127.0.0.1", identity: SCRAPER_IDENTITY, serial: "01" }));
   if (response.status !== 200 || !response.headers.get("content-type")?.startsWith("text/plain; version=0.0.4")) {
     throw new Error(`/metrics answered ${response.status} ${response.headers.get("content-type")}`);
   }
