@@ -168,6 +168,8 @@ export class Cluster implements AsyncDisposable {
   readonly launched: { name: string; logFile: string; port?: number }[] = [];
   readonly #options: ClusterOptions;
   readonly #probeTls: ReturnType<typeof mutualTlsClientOptions>;
+  /** health() asks as the coordinator, which the policy grants status.read: a server's /health then has its detail. */
+  #statusTls: ReturnType<typeof mutualTlsClientOptions> | undefined;
 
   constructor(options: ClusterOptions) {
     this.#options = options;
@@ -275,10 +277,16 @@ export class Cluster implements AsyncDisposable {
     return /(http:\/\/\S+?)\/?$/.exec(line)![1]!;
   }
 
-  /** Status and body of GET <url>/health over mutual TLS, or undefined while it cannot be reached. */
+  /**
+   * Status and body of GET <url>/health over mutual TLS as the coordinator (a PKI without one: as client1), or
+   * undefined while it cannot be reached.
+   */
   async health(url: string): Promise<{ status: number; body: Record<string, unknown> } | undefined> {
+    this.#statusTls ??= existsSync(join(this.#options.pki, "coordinator_cert.pem"))
+      ? mutualTlsClientOptions(loadIdentity(this.#options.pki, "coordinator"))
+      : this.#probeTls;
     try {
-      const response = await fetch(`${url}/health`, { tls: this.#probeTls, signal: AbortSignal.timeout(2000) });
+      const response = await fetch(`${url}/health`, { tls: this.#statusTls, signal: AbortSignal.timeout(2000) });
       return { status: response.status, body: (await response.json()) as Record<string, unknown> };
     } catch {
       return undefined;

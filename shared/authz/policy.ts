@@ -26,6 +26,7 @@ export const ACTIONS = [
   "proxy.use",
   "admin.drain",
   "metrics.read",
+  "status.read",
 ] as const;
 export type Action = (typeof ACTIONS)[number];
 

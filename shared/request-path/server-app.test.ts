@@ -144,6 +144,12 @@ test("GET /health reports the server, its store and its cache", async () => {
   });
 });
 
+test("issue 22 L2: /health tells a caller without status.read that the server lives, and nothing more", async () => {
+  const res = await handledAs(serverApp, "spiffe://securemesh/client/client1").handle(new Request("http://localhost/health"));
+  // cache.stats guards the cache's counters; the facts and Fernet key state are the status page's.
+  expect(await res.json()).toEqual({ status: "ok", store_status: "ok", role: "server", server: 7001, store: "sqlite" });
+});
+
 test("issue 20: a store that fails or hangs its ping makes /health 200 store_status stalled, within the deadline", async () => {
   const logger = createLogger("server", { format: "text", color: false, write: () => {} });
   for (const ping of [() => Promise.reject(new Error("gone")), () => new Promise<void>(() => {})]) {

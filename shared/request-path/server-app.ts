@@ -86,20 +86,21 @@ export function createServerApp(deps: ServerDeps) {
   };
 
   return createApp({ logger, metrics, metricsRoute: (request) => authz.require(peerIdentity(request), "metrics.read") })
-    .get("/health", async () => {
+    .get("/health", async ({ request }) => {
       // A live process whose store stalls is not a dead server (issue 20: during a Galera eviction every coordinator
       // held every server out): 200 with store_status "stalled", so the pool keeps it for what its cache can answer
       // and sends writes elsewhere first. A hung store must not hang the probe either: it gets STORE_PING_DEADLINE_MS.
       if (!(await storeAnswers(store))) {
         return { status: "degraded", store_status: "stalled", role: "server", server: deps.port(), store: store.kind, error: "record store unavailable" };
       }
+      const alive = { status: "ok", store_status: "ok", role: "server", server: deps.port(), store: store.kind };
+      // The rest is what cache.stats guards and the coordinators' status page shows (issue 22 L2): only for a caller
+      // the policy grants status.read. Chosen with allows(), no audit line: each coordinator probes every second,
+      // and an answer without it refuses nothing.
+      if (!authz.allows(peerIdentity(request), "status.read")) return alive;
       // Plain reads only: on Galera a causal read waits out a lost node's eviction, and every probe would time out at once.
       return {
-        status: "ok",
-        store_status: "ok",
-        role: "server",
-        server: deps.port(),
-        store: store.kind,
+        ...alive,
         cache: await view.stats({ causal: false }),
         fernet_keys: deps.fernetKeys?.(),
         fernet_rewrap: deps.fernetRewrap?.(),

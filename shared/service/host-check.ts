@@ -202,7 +202,8 @@ async function comparePeers(
         }
         const received = now();
         if (!facts || typeof facts.time !== "number") {
-          say("warn", "peer", `${peer}: reports no host facts (an older version?)`);
+          // A server shows its facts only to an identity its policy grants status.read (issue 22 L2).
+          say("warn", "peer", `${peer}: shows this host no facts (an older version, or its policy grants ${identity.name} no status.read)`);
           return;
         }
         if (facts.store) stores.set(peer, facts.store);
