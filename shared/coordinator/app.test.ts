@@ -129,14 +129,3 @@ describe("draining one server on an operator's request (issue 20, admin.drain)",
     expect([answer.status, ((await answer.json()) as { code: string }).code]).toEqual([409, "ERR_CONFLICT"]);
   });
 });
-
-describe("what the coordinator's /health tells whom (issue 22 L2)", () => {
-  test("every caller gets the status; only one the policy grants status.read gets the servers behind it", async () => {
-    const operator = "spiffe://securemesh/coordinator/coordinator";
-    const as = coordinator(new HeldTransport(), { rules: [{ identity: operator, allow: ["status.read"] }] });
-    const client = (await (await as(CLIENT1).handle(new Request("http://localhost/health"))).json()) as Record<string, unknown>;
-    expect(Object.keys(client).sort()).toEqual(["panic", "role", "serversUp", "status"]);
-    const granted = (await (await as(operator).handle(new Request("http://localhost/health"))).json()) as { servers: { url: string }[] };
-    expect(granted.servers.map((s) => s.url)).toEqual([SERVER]);
-  });
-});
