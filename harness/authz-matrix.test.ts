@@ -72,6 +72,8 @@ describe("expected outcomes from the repository's policy", () => {
       ...Object.fromEntries(
         ["server.get.metrics", "secureproxy.get.metrics", "keyserver.get.metrics"].map((key) => [key, "deny deny deny deny refused refused refused refused"]),
       ),
+      // A server's /health detail (issue 22 L2): the coordinator alone.
+      "server.health.detail": "deny deny allow deny refused refused refused refused",
     });
   });
 
@@ -167,7 +169,7 @@ describe("the table", () => {
     expect(table[2]).toContain("!deny (want allow)");
     const summary = matrixSummary(result);
     expect(summary[0]).toStartWith(
-      "authorization matrix: 2 cells (2 identities × 25 actions, 2 attempts), 1 as expected, 1 unexpected; expected from policy.json: 2 allow, 0 deny, 0 401, 0 refused",
+      "authorization matrix: 2 cells (2 identities × 26 actions, 2 attempts), 1 as expected, 1 unexpected; expected from policy.json: 2 allow, 0 deny, 0 401, 0 refused",
     );
     expect(summary).toContain("UNEXPECTED client2 × coordinator records.write: expected allow, got deny: 403");
   });

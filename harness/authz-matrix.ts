@@ -182,7 +182,13 @@ export const COLUMNS: Column[] = [
       steps: (id) => (path === "/metrics" ? [step(id, "metrics.read")] : []),
     }),
   ),
+  // What a server's /health adds to "alive" (cache counters, Fernet keys, host facts): status.read (issue 22 L2).
+  // Without it the answer is still 200, only shorter: a deny here is a 200 without the detail.
+  { key: "server.health.detail", role: "server", label: "/health detail", tls: "self", steps: (id) => [step(id, "status.read")] },
 ];
+
+/** The repository policy's scraper (metrics.read): the security run issues its certificate, so /metrics has a row that may. */
+export const POLICY_SCRAPER = "prometheus";
 
 /** The 403 text a role sends for a denied step: the last resource it asked about. */
 export function denialText(s: Step): string {
@@ -275,6 +281,7 @@ export function matrixIdentities(pki: string, hostile: Record<string, TlsMateria
     own("coordinator"),
     own("secureproxy"),
     own("server"),
+    own(POLICY_SCRAPER),
     hostileOne("revoked", "revoked"),
     hostileOne("expired", "expired"),
     hostileOne("foreign", "another CA"),
@@ -428,6 +435,15 @@ export async function runAuthzMatrix(
       return response.status === 200
         ? { outcome: "allow", detail: `200 ${text.slice(0, 60)}` }
         : classify(new Response(text, { status: response.status, headers: response.headers }));
+    }
+    if (column.key === "server.health.detail") {
+      const response = await call(`${t.server}/health`, tls, {});
+      const text = await response.text();
+      if (connectionRefusal(response.status, text)) return { outcome: "refused", detail: `${response.status} ${text.slice(0, 120)}` };
+      if (response.status !== 200) return { outcome: "other", detail: `${response.status} ${text.slice(0, 120)}` };
+      return text.includes('"cache"')
+        ? { outcome: "allow", detail: "200 with its cache and facts" }
+        : { outcome: "deny", detail: `200 alive only: ${text.slice(0, 80)}` };
     }
     switch (column.key.split(".").slice(0, 2).join(".")) {
       case "coordinator.write": {

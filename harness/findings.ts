@@ -4,6 +4,7 @@ import { policyPath } from "../shared/platform/config.ts";
 import { ANSWER_BOUND_MS } from "../shared/platform/runtime/bun-gate.ts";
 import { loadIdentity, mutualTlsClientOptions } from "../shared/platform/tls.ts";
 import { runPkiSh, waitFor, type Cluster, type TokenStack } from "./fixtures/index.ts";
+import { POLICY_SCRAPER } from "./authz-matrix.ts";
 import { closedWithin, connectTls, dribbleClosedAfter, type Tally, type TlsMaterial } from "./hostile.ts";
 
 /** Marks the forged log lines of the L1 case, so the log scan can tell whether one ever started a line. */
@@ -38,7 +39,8 @@ export function writePolicy(file: string, rules: readonly Rule[]): void {
  * the repository's rules plus HARNESS_IDENTITIES. Returns the rules, for the live edit to restore.
  */
 export async function prepareHarnessIdentities(pki: string, policyFile: string): Promise<Rule[]> {
-  for (const { name } of HARNESS_IDENTITIES) await runPkiSh(pki, "issue", name, "--client"); // one at a time: each updates the CA's index
+  // One at a time: each updates the CA's index. The policy's scraper has its rule in the repository's policy already.
+  for (const name of [...HARNESS_IDENTITIES.map((h) => h.name), POLICY_SCRAPER]) await runPkiSh(pki, "issue", name, "--client");
   const rules = [
     ...parsePolicy(readFileSync(policyPath(), "utf8")).rules,
     ...HARNESS_IDENTITIES.map(({ name, allow }) => ({ identity: SPIFFE("client", name), allow })),

@@ -55,8 +55,18 @@ function expectNoUnexpectedCells(matrix: MatrixResult): void {
   const unexpected = matrix.cells.filter((c) => c.asExpected !== c.attempts);
   if (unexpected.length) console.log([...matrixTable(matrix), ...matrixSummary(matrix)].join("\n"));
   expect(unexpected.map((c) => `${c.identity} × ${c.column.role} ${c.column.label}: ${c.unexpected}`)).toEqual([]);
-  expect(matrix.identities.map((f) => f.label)).toEqual(["client1", "client2", "coordinator", "secureproxy", "server", "revoked", "expired", "foreign"]);
-  expect(matrix.cells.length).toBe(8 * 25);
+  expect(matrix.identities.map((f) => f.label)).toEqual([
+    "client1",
+    "client2",
+    "coordinator",
+    "secureproxy",
+    "server",
+    "prometheus",
+    "revoked",
+    "expired",
+    "foreign",
+  ]);
+  expect(matrix.cells.length).toBe(9 * 26);
 }
 
 async function expectHealthyAndCleanLogs({ cluster, servers, coordinator, stack, client2Token }: SuiteTargets & { client2Token: string }): Promise<void> {
