@@ -5,6 +5,7 @@ import { displayPath } from "../platform/config.ts";
 import { ConfigError } from "../platform/errors.ts";
 import { describeError, printable, type Logger } from "../ops/log.ts";
 import { Metrics } from "../ops/metrics.ts";
+import { peerIdentity } from "../platform/runtime/peer.ts";
 import { watchFiles, type Watch } from "../platform/watch.ts";
 import type { Limits } from "./limits.ts";
 import { decide, limitsOf, parsePolicy, PermissionDenied, type Action, type Decision, type Policy } from "./policy.ts";
@@ -123,5 +124,10 @@ export class Authorizer {
     const decision = this.decide(identity, action, resource);
     if (!decision.allow) throw new PermissionDenied(decision);
     return decision;
+  }
+
+  /** require() of `action` for each request's verified caller, the identity its listener bound to the connection. */
+  requirePeer(action: Action): (request: Request) => Decision {
+    return (request) => this.require(peerIdentity(request), action);
   }
 }

@@ -30,7 +30,7 @@ export interface AppOptions {
    * policy for `metrics.read` by the caller's verified identity). Absent or false: no /metrics route. The series name
    * callers and what was decided for them, so on a mutual-TLS listener no certificate reads them unless allowed.
    */
-  metricsRoute?: false | ((request: Request) => void);
+  metricsRoute?: false | ((request: Request) => unknown);
   /**
    * One access line per request (default true). Off, requests are still counted and timed in the metrics: for a
    * benchmark against a proxy that logs nothing, or a role whose access lines go elsewhere.

@@ -77,7 +77,7 @@ export function createServerApp(deps: ServerDeps) {
    * an identity that may not forward, a client calling directly among them, is served nothing (#11 L4). Nothing in
    * the request itself says who forwarded it, so nothing in it can be captured and replayed (issue 18, H1).
    */
-  const requireForwarder = (request: Request) => authz.require(peerIdentity(request), "forward");
+  const requireForwarder = authz.requirePeer("forward");
   /** Reads carry their proof in a header: a GET has no body to put it in. */
   const verifyHeaderProof = (request: Request, path: string) => {
     const proof = request.headers.get(PROOF_HEADER);
@@ -85,7 +85,7 @@ export function createServerApp(deps: ServerDeps) {
     return verifier.verify(proof, { method: "GET", path, payload: "" });
   };
 
-  return createApp({ logger, metrics, metricsRoute: (request) => authz.require(peerIdentity(request), "metrics.read") })
+  return createApp({ logger, metrics, metricsRoute: authz.requirePeer("metrics.read") })
     .get("/health", async ({ request }) => {
       // A live process whose store stalls is not a dead server (issue 20: during a Galera eviction every coordinator
       // held every server out): 200 with store_status "stalled", so the pool keeps it for what its cache can answer

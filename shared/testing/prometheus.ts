@@ -1,6 +1,6 @@
 // Reads /metrics output with a parser nobody here wrote, plus the format rules it does not check.
 import parsePrometheusTextFormat, { type MetricFamily } from "parse-prometheus-text-format";
-import { bindPeer } from "../platform/runtime/peer.ts";
+import { handledAs } from "./peers.ts";
 
 const SAMPLE_LINE = /^[a-zA-Z_:][a-zA-Z0-9_:]*(\{([a-zA-Z_][a-zA-Z0-9_]*="([^"\\\n]|\\["\\n])*",?)*\})? (-?[0-9.e+-]+|[+-]Inf|NaN)$/;
 
@@ -34,7 +34,7 @@ export const SCRAPER_IDENTITY = "spiffe://securemesh/client/prometheus";
  */
 export async function scrape(app: { handle(request: Request): Promise<Response> }): Promise<Exposition> {
   await new Promise((resolve) => setImmediate(resolve));
-  const response = await app.handle(bindPeer(new Request("http://localhost/metrics"), { address: "127.0.0.1", identity: SCRAPER_IDENTITY, serial: "01" }));
+  const response = await handledAs(app, SCRAPER_IDENTITY).handle(new Request("http://localhost/metrics"));
   if (response.status !== 200 || !response.headers.get("content-type")?.startsWith("text/plain; version=0.0.4")) {
     throw new Error(`/metrics answered ${response.status} ${response.headers.get("content-type")}`);
   }

@@ -96,7 +96,7 @@ export function createKeyserverApp({ vault, keys, ecdh, nonces, logger, authz, l
     );
   };
 
-  return createApp({ logger, metrics, metricsRoute: (request) => authz.require(peerIdentity(request), "metrics.read") })
+  return createApp({ logger, metrics, metricsRoute: authz.requirePeer("metrics.read") })
     .get("/health", async () => {
       await vault.store.ping();
       return { status: "ok", role: "keyserver", store: vault.store.kind };

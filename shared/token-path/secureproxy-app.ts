@@ -218,7 +218,7 @@ export function createProxyApp(deps: ProxyDeps) {
     throw last;
   };
 
-  return createApp({ logger, metrics: deps.metrics, metricsRoute: (request) => deps.authz.require(peerIdentity(request), "metrics.read") })
+  return createApp({ logger, metrics: deps.metrics, metricsRoute: deps.authz.requirePeer("metrics.read") })
     .get("/health", () => ({
       status: "ok",
       role: "secureproxy",
