@@ -11,6 +11,7 @@
 import type { Server, Socket, TCPSocketListener } from "bun";
 import { ConfigError } from "../errors.ts";
 import { type Admission, CAP_ANSWER_WITHIN_MS, plainAddress, refusalAnswer, type RefusalAnswer } from "./admission.ts";
+import { rawRefusal } from "./gate-answer.ts";
 import { bindPeer, type RequestPeer } from "./peer.ts";
 import { HANDSHAKE_DEADLINE_MS } from "./limits.ts";
 import type { ReloadableListener, ServableApp, ServerTls } from "./types.ts";
@@ -285,12 +286,9 @@ export async function serveThroughGate(app: ServableApp, options: GateOptions): 
           data(outer, chunk) {
             const relay = outer.data;
             if (relay.refused) {
-              const { status, headers, body } = relay.refused;
-              const head = Object.entries({ ...headers, "content-type": "application/json; charset=utf-8", "content-length": String(Buffer.byteLength(body)) })
-                .map(([name, value]) => `${name}: ${value}\r\n`)
-                .join("");
+              const answer = relay.refused;
               relay.refused = null;
-              outer.end(`HTTP/1.1 ${status} ${status === 429 ? "Too Many Requests" : "Forbidden"}\r\n${head}\r\n${body}`);
+              outer.end(rawRefusal(answer));
               return;
             }
             if (relay.inner === null) {
