@@ -60,6 +60,8 @@ test("bench: every case runs with no errors, and the table, JSON and chart carry
     "e-releases-ecdh",
     "e-ecdh-bound",
     "h-releases-deno",
+    "h-rsa-bun",
+    "h-rsa-deno",
     "g-failover",
   ]);
   for (const result of report.results) {
