@@ -81,8 +81,6 @@ interface Relay {
   requestBytes: number;
   /** Bytes went to the app and no answer byte came back yet. */
   awaitingAnswer: boolean;
-  /** The app sent at least one byte on this connection: the gate's own answer could land inside one of its own. */
-  appAnswered: boolean;
   outerGone: boolean;
   closed: boolean;
 }
@@ -156,9 +154,12 @@ export async function serveThroughDenoGate(options: DenoGateOptions): Promise<Re
     if (relay.peer) admission.released(relay.peer);
   };
 
-  /** Answers with the gate's own JSON error and closes, unless the app has spoken on this connection (then just closes). */
+  /**
+   * Answers with the gate's own JSON error, then closes. The app has finished its answer to the request before (a
+   * client that waits for each answer sends its next head only then), or has sent no more than a 100 Continue.
+   */
   const answerAndClose = (relay: Relay, status: number, error: string, code: "ERR_TIMEOUT" | "ERR_BODY_TOO_LARGE" | "ERR_BAD_REQUEST") => {
-    if (relay.outer && !relay.outerGone && !relay.appAnswered && !relay.closed) {
+    if (relay.outer && !relay.outerGone && !relay.closed) {
       relay.inner?.destroy();
       relay.outer.end(rawAnswer(status, error, code), () => close(relay));
       setTimeout(() => close(relay), CAP_ANSWER_WITHIN_MS).unref?.();
@@ -208,7 +209,6 @@ export async function serveThroughDenoGate(options: DenoGateOptions): Promise<Re
   /** The app's bytes, on their way to the client: an answer has begun, and the next head is due. */
   const watchAnswer = (relay: Relay, chunk: Buffer) => {
     relay.awaitingAnswer = false;
-    relay.appAnswered = true;
     clearTimeout(relay.answerTimer);
     // An interim answer (100 Continue) alone leaves the request's body to come.
     if (chunk.length < 64 && chunk.subarray(0, 10).toString("latin1") === "HTTP/1.1 1" && chunk.indexOf(HEAD_END) === chunk.length - 4) return;
@@ -332,7 +332,6 @@ export async function serveThroughDenoGate(options: DenoGateOptions): Promise<Re
       headTail: Buffer.alloc(0),
       requestBytes: 0,
       awaitingAnswer: false,
-      appAnswered: false,
       outerGone: false,
       closed: false,
       address,
