@@ -9,7 +9,7 @@ import { testedRuntimes } from "../shared/testing/unit-run.ts";
 
 setDefaultTimeout(60_000);
 
-// On Deno the listener is the Deno TLS gate, whose stop without closing is Deno.serve's shutdown (deno-gate.ts).
+// On Deno the listener is node:https, whose stop without closing is Deno's own path (node-listener.ts).
 for (const runtime of testedRuntimes())
   test(`a server on ${runtime} sent SIGTERM under write load: 503 on /health, then no new connections, in-flight finished, exit 0; 0 failed`, async () => {
     await using mesh = await startMesh({ runtime, coordinatorArgs: ["--health-interval", "300"] });

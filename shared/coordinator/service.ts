@@ -80,7 +80,7 @@ export function coordinatorService({ config, logger, metrics, trust, authz, limi
  */
 export async function superviseCoordinators(config: CoordinatorConfig, logger: Logger): Promise<void> {
   if (!runtime.sharesPorts)
-    exitWithConfigError("coordinator", new ConfigError("--workers above 1 needs Bun: Deno's node:tls listener cannot share a port (SO_REUSEPORT)"));
+    exitWithConfigError("coordinator", new ConfigError("--workers above 1 needs Bun: Deno's node:https listener cannot share a port (SO_REUSEPORT)"));
   const group = await WorkerGroup.start({
     count: config.workers,
     port: config.port,

@@ -1,5 +1,5 @@
 // Who may hold a connection to a listener, decided the same way by every listener on both runtimes (the Bun TLS
-// gate, the Deno TLS gate, the node listener): handshakes per address before anyone is known, then, at the handshake, a client
+// gate, the node:https listener): handshakes per address before anyone is known, then, at the handshake, a client
 // certificate of our CA with the clientAuth EKU, not revoked, and one more connection than its identity already
 // holds only while that stays under its cap (issue 18, L2).
 import { X509Certificate } from "node:crypto";

@@ -1,7 +1,7 @@
 // The Deno side of the runtime seam. Each gap it closes was measured on Deno 2.9.6 (issue 12):
-// - Elysia's listen is Bun.serve, and Deno.serve ignores client-certificate options (denoland/deno#26825): a
-//   mutual-TLS listener is node:tls (which enforces requestCert and shows the client's certificate) relaying to
-//   Deno.serve on loopback (deno-gate.ts); node:https, which parsed HTTP in JavaScript, cost twice the CPU.
+// - Elysia's listen is Bun.serve, and Deno.serve ignores client-certificate options (denoland/deno#26825): every
+//   listener is node:https (which enforces requestCert, keeps connections alive and shows the client's
+//   certificate) handing requests to app.handle.
 // - node:https ignores the `crl` option: revocation is checked at every handshake and on every request, with the
 //   role's live CRL (isRevoked), as on Bun.
 // - Peer certificates carry no ext_key_usage: the EKU is read from the DER (shared/platform/eku.ts).
@@ -11,14 +11,12 @@ import https from "node:https";
 import { ConfigError } from "../errors.ts";
 import { connectNodeTls } from "./node-connect.ts";
 import { Admission } from "./admission.ts";
-import { serveThroughDenoGate } from "./deno-gate.ts";
 import { listenNode } from "./node-listener.ts";
 import type { AppListenOptions, ReloadableListener, Runtime, ServableApp, TlsServerFactory } from "./types.ts";
 
 /**
- * Mutual TLS goes through the gate (deno-gate.ts): node:tls, where the client certificate can be read, in front of
- * Deno.serve on loopback. Server-only TLS and plain HTTP (the marketplace stand-in, an admin page) are node:https or
- * node:http. Revocation is checked at every handshake and on every request, with the role's live CRL (`isRevoked`).
+ * Every Elysia app listens through node:https (mutual TLS when asked), or node:http without TLS. Revocation is
+ * checked at every handshake and on every request, with the role's live CRL (`isRevoked`).
  */
 async function serveApp(app: ServableApp, options: AppListenOptions): Promise<ReloadableListener> {
   // A backstop: roles ask runtime.sharesPorts first.
@@ -26,21 +24,22 @@ async function serveApp(app: ServableApp, options: AppListenOptions): Promise<Re
   const mutual = options.tls?.requestCert === true;
   if (mutual && (!options.identify || !options.isRevoked))
     throw new TypeError("mutual TLS needs identify and isRevoked: whom a certificate names, and the live CRL");
-  const admission = new Admission({
-    mutual,
-    ca: options.tls?.ca,
-    identify: options.identify ?? (() => ""),
-    isRevoked: options.isRevoked,
-    connectionLimit: options.connectionLimit,
-    onRefused: options.onRefused,
+  const listener = await listenNode(app, {
+    port: options.port,
+    hostname: options.hostname,
+    tls: options.tls,
+    createTlsServer,
+    admission: new Admission({
+      mutual,
+      ca: options.tls?.ca,
+      identify: options.identify ?? (() => ""),
+      isRevoked: options.isRevoked,
+      connectionLimit: options.connectionLimit,
+      onRefused: options.onRefused,
+    }),
+    // The app answers 413 itself (JSON, in the access log); this is the backstop, as Bun.serve's maxRequestBodySize.
+    bodyLimit: options.bodyLimit * 4,
   });
-  // The app answers 413 itself (JSON, in the access log); this is the backstop, as Bun.serve's maxRequestBodySize.
-  const bodyLimit = options.bodyLimit * 4;
-  if (mutual && options.tls) {
-    const { port, hostname, tls } = options;
-    return serveThroughDenoGate({ port, hostname, tls, admission, bodyLimit, handle: (request) => app.handle(request) });
-  }
-  const listener = await listenNode(app, { port: options.port, hostname: options.hostname, tls: options.tls, createTlsServer, admission, bodyLimit });
   return {
     port: listener.port,
     reload: (tls) => listener.reload(tls),

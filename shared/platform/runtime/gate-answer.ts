@@ -1,15 +1,11 @@
-// The few answers a TLS gate writes itself, as raw HTTP/1.1 onto the client's connection, which is then closed: a
-// refused connection's reason (admission.ts), on Bun and on Deno, and on Deno the relay's own deadlines and bounds
-// (deno-gate.ts). Every other answer is the app's.
+// The answer a TLS gate writes itself, as raw HTTP/1.1 onto the client's connection, which is then closed: a refused
+// connection's reason (admission.ts). Every other answer is the app's.
 import type { ErrorCode } from "../errors.ts";
 import type { RefusalAnswer } from "./admission.ts";
 
 const REASON_PHRASES: Record<number, string> = {
   403: "Forbidden",
-  408: "Request Timeout",
-  413: "Content Too Large",
   429: "Too Many Requests",
-  431: "Request Header Fields Too Large",
 };
 
 /** A JSON error answer `{"error", "code"}` with `connection: close`, head and body in one string. */

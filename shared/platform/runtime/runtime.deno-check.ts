@@ -11,8 +11,6 @@ import { HttpsClient } from "../https-client.ts";
 import { mutualTlsClientOptions, mutualTlsServerOptions } from "../tls.ts";
 import { createLogger } from "../../ops/log.ts";
 import { OTHER_HOST, outboundHostChecks, SAN_HOST } from "../../testing/host-checks.ts";
-import { Admission } from "./admission.ts";
-import { serveThroughDenoGate } from "./deno-gate.ts";
 import { runtime } from "./index.ts";
 
 const dir = process.env.PKI_DIR!;
@@ -41,18 +39,6 @@ async function outcome(call: Promise<{ status: number; json(): unknown }>): Prom
     return { error: (error as Error).name, code: (error as { code?: unknown }).code ?? null, message: (error as Error).message };
   }
 }
-
-// The same gate with its deadlines short, so a test can wait them out: 1 s for a head, 2 s for a body.
-const quick = await serveThroughDenoGate({
-  port: 0,
-  hostname: "127.0.0.1",
-  tls: mutualTlsServerOptions(trust.identity),
-  admission: new Admission({ mutual: true, ca: trust.identity.ca, identify: tlsPeerIdentity, isRevoked: (serial) => trust.isRevoked(serial) }),
-  handle: (request) => app().handle(request),
-  bodyLimit: 256 * 1024,
-  headerDeadlineMs: 1_000,
-  bodyDeadlineMs: 2_000,
-});
 
 // A server certificate for SAN_HOST only (issued by the Bun test as "elsewhere"), served there and on OTHER_HOST.
 const elsewhere = mutualTlsServerOptions(TrustMaterial.open(dir, "elsewhere").identity);
@@ -91,7 +77,7 @@ const outbound = {
   hmacMatches: runtime.hmacSha256(Buffer.from("k"), Buffer.from("data")).equals(createHmac("sha256", "k").update("data").digest()),
   runtime: runtime.name,
 };
-console.log(JSON.stringify({ live: live.port, loopback: live.loopbackPort, quick: quick.port, outbound }));
+console.log(JSON.stringify({ live: live.port, outbound }));
 await text(process.stdin);
-await Promise.all([live.stop(true), quick.stop(true), sanHost!.stop(true), otherHost!.stop(true)]);
+await Promise.all([live.stop(true), sanHost!.stop(true), otherHost!.stop(true)]);
 process.exit(0);

@@ -72,7 +72,7 @@ export interface AppListenOptions {
   bodyLimit: number;
   /**
    * Share the port with the role's other workers (shared/platform/worker-group.ts) instead of refusing a port that
-   * is held: the supervisor has checked it is free. Bun only; Deno's node:tls listener cannot share a port.
+   * is held: the supervisor has checked it is free. Bun only; Deno's node:https listener cannot share a port.
    */
   sharePort?: boolean;
   /**
