@@ -75,9 +75,8 @@ async function load(store: MysqlStore, workers: number, done: () => boolean): Pr
 }
 
 /**
- * What a node holds: jti → id for every record, and how many rows share a jti (always 1: it is UNIQUE). A causal
- * read: a node that did not take the writes may still be applying the last of them when the writers return (a plain
- * read here is a likely cause of a CI failure of the certification test below).
+ * What a node holds: jti → id for every record (jti is UNIQUE). A causal read: a commit returns once every node has
+ * certified it, but a node that did not take the write may still be applying it.
  */
 async function storedOn(name: string, table: string): Promise<Map<string, number>> {
   const rows = await galera.read<{ jti: string; id: number }>(name, `SELECT jti, id FROM test.${table}`);
